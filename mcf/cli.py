@@ -1,0 +1,97 @@
+"""``mcf <command>``: one subcommand per pipeline stage, plus tools (bench, validate, export, report).
+
+A thin shell: a stage command validates the params file, then calls the stage's
+``main(common, config)``; a tool command hands its remaining arguments to the tool's ``cli(argv)``.
+Modules are imported only when their command runs, so ``mcf --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from mcf.errors import StageError
+from mcf.params import ParamsError, load
+
+# Stage name -> "module:function(common, config)". Names match dvc.yaml, params.yaml and the flow.
+STAGES: dict[str, tuple[str, str]] = {
+    "fetch": ("mcf.data.fetch:main", "download or render raw images and write the manifest"),
+    "crop": ("mcf.data.crop:main", "detect, filter and crop faces into webdataset shards"),
+    "subset": ("mcf.data.subset:main", "pick a deterministic subset of the crops"),
+    "teacher": ("mcf.train.teacher:main", "load or pre-train the frozen feature teacher"),
+    "pretrain": ("mcf.train.pretrain:main", "MCF pre-training of the ViT backbone"),
+    "finetune_alignment": ("mcf.train.finetune:main_alignment", "fine-tune on AFLW-19 alignment"),
+    "finetune_parsing": ("mcf.train.finetune:main_parsing", "fine-tune on LaPa parsing"),
+    "evaluate": ("mcf.evaluate.evaluate:main", "score the fine-tuned models; write metrics and plots"),
+}
+
+VARIANTS = ("mcf", "scratch")
+
+# Tool name -> "module:function(argv)". Each parses its own arguments.
+TOOLS: dict[str, tuple[str, str]] = {
+    "bench": ("mcf.bench:cli", "print throughput numbers (synth, crop, pretrain)"),
+    "validate": ("mcf.validate.gate:cli", "run a data gate by hand; --docs builds Data Docs HTML"),
+    "export": ("mcf.models.export:cli", "write the pre-trained backbone as a timm state dict"),
+    "report": ("mcf.evaluate.report:cli", "write the self-contained HTML report"),
+}
+
+log = logging.getLogger("mcf")
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The ``mcf`` argument parser (stage commands take ``--params``; tools parse the rest)."""
+    p = argparse.ArgumentParser(prog="mcf", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_) in STAGES.items():
+        sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.")
+        sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        if name.startswith("finetune_"):
+            sp.add_argument(
+                "--variant", choices=VARIANTS, default="mcf",
+                help="backbone: the MCF pre-training export, or the same ViT from scratch (default: %(default)s)",
+            )
+    for name, (_, help_) in TOOLS.items():
+        sp = sub.add_parser(name, help=help_, add_help=False)
+        sp.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser().parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command in TOOLS:
+            return int(_resolve(TOOLS[args.command][0])(args.args + rest) or 0)
+        if rest:
+            parser().error(f"unrecognized arguments: {' '.join(rest)}")
+        common, config = load(args.command, args.params)
+        extra = {"variant": args.variant} if hasattr(args, "variant") else {}
+        _resolve(STAGES[args.command][0])(common, config, **extra)
+    except ParamsError as err:
+        print(f"mcf: invalid params: {err}", file=sys.stderr)
+        return 2
+    except StageError as err:
+        print(f"mcf {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mcf: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The ViT backbone as timm builds it, and the export format that crosses pretrain → finetune.
+
+An exported backbone is a folder with
+
+- ``backbone.pth``: a ``timm.models.VisionTransformer`` state dict (timm key names);
+- ``backbone.json``: ``{"model_name": ..., "kwargs": {...}}`` such that
+  ``timm.create_model(model_name, pretrained=False, **kwargs)`` builds the matching module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from mcf.io import atomic_file
+from mcf.params import param
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """ViT size. The paper's is ViT-B/16 at 224 (embed 768, depth 12, 12 heads)."""
+
+    img_size: int = param(224, ge=16)
+    patch_size: int = param(16, ge=1)
+    embed_dim: int = param(768, ge=8)
+    depth: int = param(12, ge=1)
+    num_heads: int = param(12, ge=1)
+    mlp_ratio: float = param(4.0, gt=0)
+
+    def __post_init__(self) -> None:
+        from mcf.params import ParamsError
+
+        if self.img_size % self.patch_size:
+            raise ParamsError("img_size", f"must be a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ParamsError("embed_dim", f"must be a multiple of num_heads {self.num_heads}")
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """Arguments for ``timm.create_model('vit_base_patch16_224', **kwargs)``: the release's ViT."""
+        return {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "qkv_bias": True,
+            "num_classes": 0,
+            "global_pool": "token",
+        }
+
+
+MODEL_NAME = "vit_base_patch16_224"  # timm's ViT family; the kwargs above set the size
+
+
+def create_backbone(cfg: BackboneConfig, **overrides: Any) -> nn.Module:
+    """A randomly initialised timm ``VisionTransformer`` of the configured size."""
+    return timm.create_model(MODEL_NAME, pretrained=False, **{**cfg.timm_kwargs(), **overrides})
+
+
+def save_backbone(model: nn.Module, cfg: BackboneConfig, out_dir: str | Path) -> None:
+    """Write ``backbone.pth`` and ``backbone.json`` (atomically, each) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    with atomic_file(out_dir / "backbone.pth") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    with atomic_file(out_dir / "backbone.json") as tmp:
+        tmp.write_text(json.dumps({"model_name": MODEL_NAME, "kwargs": cfg.timm_kwargs()}, indent=2))
+
+
+def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
+    """Build the exported backbone and load its weights (strict; ``weights_only`` for safety).
+
+    ``overrides`` change construction only where the weights allow it, e.g. ``img_size`` for a
+    downstream resolution (timm resamples the position embedding on load).
+    """
+    export_dir = Path(export_dir)
+    spec = json.loads((export_dir / "backbone.json").read_text())
+    kwargs = {**spec["kwargs"], **overrides}
+    model = timm.create_model(spec["model_name"], pretrained=False, **kwargs)
+    state = torch.load(export_dir / "backbone.pth", map_location="cpu", weights_only=True)
+    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
+        from timm.layers import resample_abs_pos_embed
+
+        grid = model.patch_embed.grid_size
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=1)
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,0 +1,222 @@
+"""Typed, validated view of ``params.yaml``.
+
+Every stage reads its section into a frozen dataclass through :func:`build`. Types, ranges, choices
+and input paths are checked before any work starts, and the first problem is reported as one line
+naming the dotted key (``params.yaml: mask_ratio: must be < 1, got 1.5``), because a typo found after
+an hour of training is an hour lost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A bad params value; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, key: str, message: str, file: str | Path | None = None) -> None:
+        self.key, self.message, self.file = key, message, file
+        where = f"{file}: " if file else ""
+        super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
+
+    def under(self, prefix: str, file: str | Path | None = None) -> ParamsError:
+        """The same error with its key nested under ``prefix``."""
+        key = ".".join(p for p in (prefix, self.key) if p)
+        return ParamsError(key, self.message, file or self.file)
+
+
+def param(
+    default: Any = dataclasses.MISSING,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A dataclass field with numeric bounds checked by :func:`build`."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: default.copy(), metadata={"bounds": bounds})
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+def require_path(path: str | Path, key: str) -> None:
+    """Raise a :class:`ParamsError` naming ``key`` when an input path does not exist."""
+    if not Path(path).exists():
+        raise ParamsError(key, f"path does not exist: {path}")
+
+
+_BOUND_CHECKS = {
+    "ge": (lambda v, b: v >= b, ">="),
+    "gt": (lambda v, b: v > b, ">"),
+    "le": (lambda v, b: v <= b, "<="),
+    "lt": (lambda v, b: v < b, "<"),
+}
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in that type."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ParamsError as err:
+                errors.append(err.message)
+        raise ParamsError(key, " or ".join(errors))
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(key, f"must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ParamsError(key, f"expected a list, got {type(value).__name__} {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ParamsError(key, f"expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ParamsError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(key, f"expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(key, f"expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported params annotation {tp!r} at {key}")
+
+
+def build(cls: type[T], data: Any, prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from a params mapping, checking every field.
+
+    Unknown keys are errors (a misspelt key would otherwise be silently ignored). ``__post_init__``
+    may raise :class:`ParamsError` with a key relative to ``cls``; it is nested under ``prefix``.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ParamsError(prefix, f"expected a mapping, got {type(data).__name__} {data!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = ".".join(p for p in (prefix, str(unknown[0])) if p)
+        raise ParamsError(key, f"unknown key (valid keys: {', '.join(sorted(fields))})")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = ".".join(p for p in (prefix, name) if p)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ParamsError(key, "missing required key")
+            if dataclasses.is_dataclass(hints[name]) and f.default_factory is not dataclasses.MISSING:
+                continue
+            continue
+        value = _convert(data[name], hints[name], key)
+        for bound, limit in f.metadata.get("bounds", {}).items():
+            ok, sign = _BOUND_CHECKS[bound]
+            if value is not None and not ok(value, limit):
+                raise ParamsError(key, f"must be {sign} {limit}, got {value!r}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ParamsError as err:
+        raise err.under(prefix) from None
+
+
+def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """Read a params file, failing with one clear line when it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError("", "params file not found", path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError("", f"not valid YAML: {err}".splitlines()[0], path) from None
+    if not isinstance(data, dict):
+        raise ParamsError("", "expected a mapping at the top level", path)
+    return data
+
+
+# Stage name -> "module:ConfigClass". The section of params.yaml with the same name is parsed into it.
+SECTIONS: dict[str, str] = {
+    "fetch": "mcf.data.fetch:FetchConfig",
+    "crop": "mcf.data.crop:CropConfig",
+    "subset": "mcf.data.subset:SubsetConfig",
+    "teacher": "mcf.train.teacher:TeacherConfig",
+    "pretrain": "mcf.train.pretrain:PretrainConfig",
+    "finetune_alignment": "mcf.train.finetune:AlignmentConfig",
+    "finetune_parsing": "mcf.train.finetune:ParsingConfig",
+    "evaluate": "mcf.evaluate.evaluate:EvaluateConfig",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Common:
+    """Top-level keys shared by several stages."""
+
+    seed: int = param(0, ge=0)
+    mask_ratio: float = param(0.75, gt=0.0, lt=1.0)
+
+
+def _config_class(stage: str) -> type:
+    module, name = SECTIONS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load(stage: str | None = None, path: str | Path = DEFAULT_PARAMS) -> tuple[Common, Any]:
+    """Validate the whole params file, then return the common keys and ``stage``'s config.
+
+    Every section present is validated, not only ``stage``'s, so a bad value anywhere fails at the
+    first stage instead of an hour later.
+    """
+    data = read_yaml(path)
+    try:
+        common = build(Common, {k: data[k] for k in ("seed", "mask_ratio") if k in data})
+        unknown = sorted(set(data) - set(SECTIONS) - {"seed", "mask_ratio"})
+        if unknown:
+            raise ParamsError(str(unknown[0]), f"unknown section (valid: {', '.join(SECTIONS)})")
+        configs = {}
+        for name in SECTIONS:
+            if name in data or name == stage:
+                try:
+                    cls = _config_class(name)
+                except (ImportError, AttributeError):
+                    if name == stage:
+                        raise
+                    continue  # a stage not built yet: its section cannot be checked
+                configs[name] = build(cls, data.get(name), name)
+    except ParamsError as err:
+        raise err.under("", path) from None
+    return common, configs.get(stage) if stage else None

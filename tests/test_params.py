@@ -1,0 +1,90 @@
+"""params.yaml validation: bad values fail before any work, with one line naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from mcf.params import ParamsError, build, load, param, read_yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    size: int = param(8, ge=1)
+    kind: Literal["a", "b"] = "a"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    rate: float = param(0.5, gt=0, lt=1)
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    layers: tuple[int, ...] = (2, 5)
+    scale: float = 1.0
+
+
+def test_build_defaults_and_types() -> None:
+    cfg = build(Outer, {"rate": 0.25, "inner": {"size": 3}, "layers": [1, 2, 3]})
+    assert cfg == Outer(rate=0.25, inner=Inner(size=3), layers=(1, 2, 3))
+    assert build(Outer, {"scale": 2}).scale == 2.0  # an int is a valid float
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [
+        ({"rate": 1.5}, "outer.rate", "must be < 1"),
+        ({"rate": "fast"}, "outer.rate", "expected a number"),
+        ({"inner": {"size": 0}}, "outer.inner.size", "must be >= 1"),
+        ({"inner": {"kind": "c"}}, "outer.inner.kind", "must be one of"),
+        ({"inner": {"sise": 2}}, "outer.inner.sise", "unknown key"),
+        ({"layers": [1, "x"]}, "outer.layers[1]", "expected an integer"),
+    ],
+)
+def test_build_errors_name_the_key(data: dict, key: str, fragment: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        build(Outer, data, "outer")
+    assert err.value.key == key
+    assert fragment in str(err.value)
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_repo_params_file_is_valid() -> None:
+    root = Path(__file__).resolve().parents[1]
+    data = read_yaml(root / "params.yaml")
+    common, _ = load(None, root / "params.yaml")
+    assert common.mask_ratio == data["mask_ratio"]
+
+
+@pytest.mark.parametrize("ratio", [1.5, 1.0, 0.0, "high"])
+def test_mask_ratio_out_of_range(tmp_path: Path, ratio: object) -> None:
+    with pytest.raises(ParamsError, match="mask_ratio"):
+        load(None, _write(tmp_path, {"seed": 0, "mask_ratio": ratio}))
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="unknown section"):
+        load(None, _write(tmp_path, {"seed": 0, "mask_ratio": 0.75, "pretrian": {}}))
+
+
+def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    data = read_yaml(root / "params.yaml") | {"mask_ratio": 1.5}
+    path = _write(tmp_path, data)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcf.cli", "fetch", "--params", str(path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "mask_ratio" in lines[0] and "1.5" in lines[0]
