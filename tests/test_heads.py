@@ -1,0 +1,74 @@
+"""The dense heads: output shapes, landmark decoding and heatmap targets, the EMA rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
+from mcf.models.heads import DenseFaceModel, HeadConfig, build_backbone, gaussian_heatmaps, soft_argmax
+from mcf.train.ema import EMA
+
+TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("outputs", [19, 11])
+def test_dense_model_shapes(size: int, outputs: int) -> None:
+    torch.manual_seed(0)
+    model = DenseFaceModel(create_backbone(TINY, img_size=size), HeadConfig((0, 1, 2, 3), 16, outputs))
+    logits = model(torch.randn(2, 3, size, size))
+    grid = size // TINY.patch_size
+    assert logits.shape == (2, outputs, 4 * grid, 4 * grid)
+    groups = model.param_groups()
+    assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
+
+
+def test_dense_model_rejects_bad_blocks() -> None:
+    with pytest.raises(ValueError, match="blocks"):
+        DenseFaceModel(create_backbone(TINY), HeadConfig((0, 1, 2, 9), 16, 19))
+
+
+def test_scratch_backbone_matches_export_architecture(tmp_path: Path) -> None:
+    save_backbone(create_backbone(TINY), TINY, tmp_path)
+    mcf = build_backbone("mcf", tmp_path, img_size=48)
+    scratch = build_backbone("scratch", tmp_path, img_size=48)
+    shapes = {k: v.shape for k, v in mcf.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in scratch.state_dict().items()}
+    assert not torch.equal(mcf.blocks[0].attn.qkv.weight, scratch.blocks[0].attn.qkv.weight)
+
+
+def test_soft_argmax_finds_the_peak() -> None:
+    logits = torch.full((1, 2, 16, 20), -30.0)
+    logits[0, 0, 5, 7] = 30.0  # a single hot pixel: its centre is ((7 + .5) / 20, (5 + .5) / 16)
+    logits[0, 1, 10:12, 2:4] = 30.0  # a 2×2 block: centre at pixel (3, 11)
+    points = soft_argmax(logits)
+    torch.testing.assert_close(points[0, 0], torch.tensor([7.5 / 20, 5.5 / 16]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(points[0, 1], torch.tensor([3 / 20, 11 / 16]), atol=1e-4, rtol=0)
+
+
+def test_gaussian_target_peaks_at_the_landmark_and_decodes_back() -> None:
+    points = torch.tensor([[[0.25, 0.75], [0.53, 0.31]]])
+    maps = gaussian_heatmaps(points, size=32, sigma=1.5, radius=5.0)
+    assert maps.shape == (1, 2, 32, 32)
+    peak = maps[0, 0].flatten().argmax()
+    assert divmod(int(peak), 32) in {(23, 7), (23, 8), (24, 7), (24, 8)}  # (y, x) around (8, 24) px
+    assert maps[0, 0, 0, 0] == 0  # beyond the radius
+    logits = torch.logit(maps.clamp(1e-6, 1 - 1e-6))
+    torch.testing.assert_close(soft_argmax(logits), points, atol=2e-3, rtol=0)
+
+
+def test_ema_update_rule() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9, warmup=False)
+    before = ema.model[0].weight.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model[1].num_batches_tracked.fill_(7)
+    ema.update(model)
+    torch.testing.assert_close(ema.model[0].weight, 0.9 * before + 0.1 * model[0].weight)
+    assert int(ema.model[1].num_batches_tracked) == 7
+    warm = EMA(model, decay=0.999)
+    assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
