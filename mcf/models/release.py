@@ -1,0 +1,202 @@
+"""Interop with the official MCF release's state-dict layout, and the backbone export.
+
+Release key → MCF key (first matching prefix wins; see
+``/work/shared/reference/mcf_release_vit_b16_state_dict_keys.tsv``):
+
+=============================  ============================
+``online_encoder.fc.*``        ``projector.*``
+``online_encoder.*``           ``encoder.*`` (timm ViT)
+``target_encoder.fc.*``        ``momentum_projector.*``
+``target_encoder.*``           ``momentum_encoder.*``
+``perceptual_loss.model.*``    ``teacher.model.*`` (``head.*`` dropped)
+``predictor.*``, ``decoder_*``, ``mask_token``: unchanged
+=============================  ============================
+
+A checkpoint may hold the state dict at its top level, under ``model`` (the release, our pretrain
+checkpoints) or under ``state_dict`` (MoCo v3); a DDP ``module.`` prefix is stripped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
+
+log = logging.getLogger(__name__)
+
+RELEASE_TO_MCF: tuple[tuple[str, str], ...] = (
+    ("online_encoder.fc.", "projector."),
+    ("online_encoder.", "encoder."),
+    ("target_encoder.fc.", "momentum_projector."),
+    ("target_encoder.", "momentum_encoder."),
+    ("perceptual_loss.model.", "teacher.model."),
+    ("predictor.", "predictor."),
+    ("decoder_", "decoder_"),
+    ("mask_token", "mask_token"),
+)
+# Backbone key layouts, tried in order: (prefix, sub-prefixes that are not the backbone).
+_BACKBONE_LAYOUTS = (("encoder.", ()), ("online_encoder.", ("fc.",)), ("base_encoder.", ("head.",)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_release_state_dict` did, by key."""
+
+    loaded: list[str]
+    missing: list[str]  # MCF keys the release did not provide (e.g. none here for a full model)
+    unexpected: list[str]  # release keys with no place in this model (e.g. contrastive switched off)
+    dropped: list[str]  # release keys deliberately not used (the teacher's classifier head)
+
+
+def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file safely (``weights_only``; safetensors by suffix)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The tensor mapping inside a checkpoint (top level, ``model`` or ``state_dict``), no ``module.``."""
+    for key in ("model", "state_dict"):
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    state = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def encoder_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The online ViT's weights under timm names, from any layout this project meets."""
+    state = unwrap_state_dict(obj)
+    for prefix, skip in _BACKBONE_LAYOUTS:
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if sub:
+            return {k: v for k, v in sub.items() if not k.startswith(skip)}
+    if "patch_embed.proj.weight" in state:
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    raise ValueError(
+        "no ViT backbone in checkpoint: expected encoder.*, online_encoder.*, module.base_encoder.* "
+        f"or timm keys; found e.g. {sorted(state)[:5]}"
+    )
+
+
+def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = None) -> BackboneConfig:
+    """Read a ViT's size from its weights; heads are not in the shapes (default: 64 channels each)."""
+    for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
+        if key not in state:
+            raise ValueError(f"cannot size the ViT: weight {key!r} is missing")
+    embed, _, patch, _ = state["patch_embed.proj.weight"].shape
+    tokens = state["pos_embed"].shape[1] - 1
+    grid = math.isqrt(tokens)
+    if grid * grid != tokens:
+        raise ValueError(f"pos_embed has {tokens} patch tokens, not a square grid")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    return BackboneConfig(
+        img_size=grid * patch, patch_size=patch, embed_dim=embed, depth=depth,
+        num_heads=num_heads or max(1, embed // 64),
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed,
+    )
+
+
+def backbone_from_checkpoint(
+    obj: Mapping[str, Any], num_heads: int | None = None, like: BackboneConfig | None = None
+) -> tuple[dict[str, Tensor], BackboneConfig]:
+    """Backbone weights and size from a checkpoint.
+
+    The size comes from a ``backbone`` entry (``dataclasses.asdict(BackboneConfig)``) when the
+    checkpoint has one, else from the shapes; heads from ``num_heads``, else from ``like`` when the
+    widths match, else 64 channels per head.
+    """
+    state = encoder_state_dict(obj)
+    if isinstance(obj.get("backbone"), Mapping):
+        return state, BackboneConfig(**obj["backbone"])
+    if num_heads is None and like is not None and state["patch_embed.proj.weight"].shape[0] == like.embed_dim:
+        num_heads = like.num_heads
+    return state, infer_backbone_config(state, num_heads)
+
+
+def load_release_state_dict(model: nn.Module, obj: Mapping[str, Any]) -> LoadReport:
+    """Load a release-layout state dict into an :class:`~mcf.models.mcf.MCF` model.
+
+    The backbone must fit exactly (no missing or unexpected ``encoder.*`` weights, same shapes), or
+    this raises ``ValueError``; other parts load where the model has them and are reported otherwise.
+    """
+    own = model.state_dict()
+    loaded: dict[str, Tensor] = {}
+    unexpected, dropped = [], []
+    for key, value in unwrap_state_dict(obj).items():
+        new = _rename(key, RELEASE_TO_MCF)
+        if new is not None and new.startswith("teacher.model.head."):
+            dropped.append(key)
+        elif new is None or new not in own:
+            unexpected.append(key)
+        elif own[new].shape != value.shape:
+            raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit {new} {tuple(own[new].shape)}")
+        else:
+            loaded[new] = value
+    missing = [k for k in own if k not in loaded]
+    bad = [k for k in missing if k.startswith("encoder.")] + [k for k in unexpected if k.startswith("online_")]
+    if bad:
+        raise ValueError(f"release backbone does not match the model: {bad[:8]}")
+    model.load_state_dict(loaded, strict=False)
+    log.info("release weights: %d loaded, %d missing, %d unexpected, %d dropped",
+             len(loaded), len(missing), len(unexpected), len(dropped))
+    return LoadReport(sorted(loaded), missing, unexpected, dropped)
+
+
+def to_release_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict under the release's key names (the inverse of the table above)."""
+    inverse = tuple((new, old) for old, new in RELEASE_TO_MCF)
+    out = {}
+    for key, value in model.state_dict().items():
+        new = _rename(key, inverse)
+        if new is None:
+            raise ValueError(f"{key}: no release name for this weight")
+        out[new] = value
+    return out
+
+
+def export_backbone(
+    source: nn.Module | Mapping[str, Any] | str | Path, out_dir: str | Path, num_heads: int | None = None
+) -> BackboneConfig:
+    """Write the online encoder as a timm backbone folder (``save_backbone``) and return its size.
+
+    ``source``: an MCF model, a checkpoint mapping, or a checkpoint file (ours, the release's, MoCo
+    v3's or a plain timm state dict). The weights load strictly into ``create_backbone`` first, so a
+    written export always loads into ``timm.create_model``.
+    """
+    if isinstance(source, nn.Module):
+        cfg, encoder = source.cfg.backbone, source.encoder
+    else:
+        obj = read_weights(source) if isinstance(source, str | Path) else source
+        state, cfg = backbone_from_checkpoint(obj, num_heads)
+        encoder = create_backbone(cfg)
+        encoder.load_state_dict(state, strict=True)
+    save_backbone(encoder, cfg, out_dir)
+    log.info("exported %s backbone to %s", cfg, out_dir)
+    return cfg

@@ -1,0 +1,161 @@
+"""The frozen feature teacher of MCF's feature loss, and where it comes from.
+
+A teacher spec (params key ``teacher.spec`` or similar) is one of
+
+- ``moco_v3:<path>``: a MoCo v3 checkpoint (``state_dict`` with keys ``module.base_encoder.*``; its
+  ``head.*`` projector is dropped): the release's teacher;
+- ``timm:<model name>:<weights file>``: ``timm.create_model(name, pretrained=False)`` (never a
+  download) and the file's weights; ``timm:<model name>:random`` for a deliberately random one;
+  ``timm:<weights file>``: a timm ViT state dict, its size read from the weights;
+- ``mcf:<path>``: an exported backbone folder (``save_backbone``) or one of our checkpoints;
+- ``random``: a random ViT of the backbone's size, only when asked for by name.
+
+A name without weights is an error rather than a silent random teacher, which would train a model
+against noise and look fine until the downstream numbers come in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone
+from mcf.models.release import backbone_from_checkpoint, encoder_state_dict, read_weights
+
+log = logging.getLogger(__name__)
+
+SPEC_FORMS = ("moco_v3:<path>", "timm:<model name>:<weights file|random>", "timm:<weights file>",
+              "mcf:<path>", "random")
+
+
+class FeatureTeacher(nn.Module):
+    """A frozen timm ViT that returns the raw outputs of chosen blocks (before the final norm).
+
+    Always in eval mode with ``requires_grad`` off; gradients still flow through its activations to
+    its input, which is how the feature loss trains the decoder.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm_pre") if not hasattr(model, a)]
+        if missing:
+            raise ValueError(f"teacher must be a timm VisionTransformer; {type(model).__name__} lacks {missing}")
+        self.model = model
+        self.requires_grad_(False)
+        self.train(False)
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.img_size)
+
+    def train(self, mode: bool = True) -> FeatureTeacher:
+        """Stay in eval mode whatever the caller asks (``MCF.train()`` recurses into the teacher)."""
+        return super().train(False)
+
+    def forward(self, x: Tensor, layers: Sequence[int]) -> list[Tensor]:
+        """[N, 3, H, W] → one [N, T, C] map per index in ``layers`` (0-based blocks, CLS included).
+
+        Inputs of another size are resized (nearest, as the release's ``F.interpolate``).
+        """
+        if tuple(x.shape[-2:]) != self.img_size:
+            x = F.interpolate(x, size=self.img_size)
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        wanted, outputs = set(layers), {}
+        for i, block in enumerate(m.blocks[: max(layers) + 1]):
+            x = block(x)
+            if i in wanted:
+                outputs[i] = x
+        return [outputs[i] for i in layers]
+
+
+def _parse(spec: str) -> tuple[str, str]:
+    if spec == "random":
+        return "random", ""
+    scheme, sep, arg = spec.partition(":")
+    if not sep or not arg or scheme not in ("moco_v3", "timm", "mcf"):
+        raise ValueError(f"teacher spec {spec!r} is not valid; use one of: {', '.join(SPEC_FORMS)}")
+    return scheme, arg
+
+
+def validate_teacher_spec(spec: str) -> None:
+    """Check a spec's form (not its files, which an earlier stage may still have to write)."""
+    scheme, arg = _parse(spec)
+    if scheme != "timm" or Path(arg).is_file():
+        return
+    name, sep, weights = arg.partition(":")
+    if not timm.is_model(name):
+        raise ValueError(f"teacher spec {spec!r}: timm has no model {name!r} (and no such weights file)")
+    if not sep or not weights:
+        raise ValueError(
+            f"teacher spec {spec!r}: a timm name needs weights (timm:{name}:<file>); "
+            f"write timm:{name}:random to train against a random teacher on purpose"
+        )
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"teacher weights {source} do not fit {type(model).__name__}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return model
+
+
+def _from_weights(obj: object, backbone_cfg: BackboneConfig, source: str) -> nn.Module:
+    """A timm ViT sized from the weights themselves (heads from ``backbone_cfg`` when widths match)."""
+    state, cfg = backbone_from_checkpoint(obj, like=backbone_cfg)
+    return _load_strict(create_backbone(cfg), state, source)
+
+
+def _load_moco_v3(path: str, backbone_cfg: BackboneConfig) -> nn.Module:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    keys = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    if not any(k.startswith("module.base_encoder.") for k in keys):
+        raise ValueError(f"{path}: not a MoCo v3 checkpoint (no state_dict with module.base_encoder.* keys)")
+    base = {k: v for k, v in keys.items() if k.startswith("module.base_encoder.")}
+    return _from_weights(base, backbone_cfg, path)
+
+
+def _load_timm(arg: str, backbone_cfg: BackboneConfig) -> nn.Module:
+    if Path(arg).is_file():
+        return _from_weights(read_weights(arg), backbone_cfg, arg)
+    name, _, weights = arg.partition(":")
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    if weights == "random":
+        log.warning("teacher: random timm %s, as the spec asks", name)
+        return model
+    state = encoder_state_dict(read_weights(weights))
+    return _load_strict(model, state, weights)
+
+
+def _load_mcf(path: str, backbone_cfg: BackboneConfig) -> nn.Module:
+    if Path(path).is_dir():
+        return load_backbone(path)
+    return _from_weights(read_weights(path), backbone_cfg, path)
+
+
+def load_teacher(spec: str, backbone_cfg: BackboneConfig) -> FeatureTeacher:
+    """Build the frozen teacher named by ``spec`` (see the module docstring); never downloads."""
+    validate_teacher_spec(spec)
+    scheme, arg = _parse(spec)
+    if scheme == "random":
+        log.warning("teacher: random ViT of the backbone's size, as the spec asks")
+        model = create_backbone(backbone_cfg)
+    else:
+        loader = {"moco_v3": _load_moco_v3, "timm": _load_timm, "mcf": _load_mcf}[scheme]
+        model = loader(arg, backbone_cfg)
+    teacher = FeatureTeacher(model)
+    log.info("teacher %s: depth %d, input %s", spec, teacher.depth, teacher.img_size)
+    return teacher

@@ -1,0 +1,82 @@
+"""Process-group helpers for torchrun, with a single-process path when torchrun's env is absent.
+
+Every helper works uninitialised (rank 0 of 1), so the same training code runs on a laptop, under
+``torchrun --nproc_per_node 8`` and in tests that spawn gloo processes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def is_initialized() -> bool:
+    """True inside an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """This process's global rank (0 when not distributed)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes (1 when not distributed)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes checkpoints, logs and exports."""
+    return get_rank() == 0
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """Join torchrun's process group from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
+
+    Returns ``(rank, world_size, local_rank, device)``. NCCL on CUDA, gloo on the CPU. Without the
+    torchrun environment this is a single process on ``cuda`` (when present) or ``cpu``.
+    """
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0, torch.device("cuda" if cuda else "cpu")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if not is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
+        log.info("process group %s: rank %d of %d on %s", backend, rank, world, device)
+    return rank, world, local_rank, device
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along dim 0, in rank order; no gradient flows back.
+
+    Identity when not distributed. Rank r's rows sit at ``[r * N, (r + 1) * N)``, which is where the
+    contrastive loss looks for each rank's positives.
+    """
+    if not is_initialized():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op when not distributed)."""
+    if is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group, if any (call once at the end of a run)."""
+    if is_initialized():
+        dist.destroy_process_group()
