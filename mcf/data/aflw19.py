@@ -1,0 +1,271 @@
+"""AFLW-19 face alignment, read from the real on-disk format (PROTOCOL.md §3).
+
+``<root>/AFLWinfo_release.mat`` holds ``bbox`` [N, 4] (left, right, top, bottom), ``data`` [N, 38]
+(19 x then 19 y), ``mask_new`` [N, 19], ``nameList`` (cell of relative paths) and ``ra`` (a 1-based
+permutation); images live at ``<root>/data/flickr/<name>``.
+
+Splits: ``train`` = ``ra[:n_train - n_val]``, ``val`` = ``ra[n_train - n_val:n_train]`` (empty unless
+``n_val`` > 0: an honest split for picking an epoch), ``full`` = ``ra[n_train:]`` (the test set) and
+``frontal`` = the ``full`` rows whose 19 ``mask_new`` flags are all 1.
+
+One sample (:class:`AFLW19` item), S = ``size``:
+
+- ``image``: float32 [3, S, S], ImageNet-normalised RGB crop;
+- ``landmarks``: float32 [19, 2], (x, y) in normalised crop coordinates (0..1 inside the crop);
+- ``matrix``: float64 [2, 3], original-image pixels → crop pixels at S (augmentation included);
+- ``name``: str (the ``nameList`` entry); ``box``: float32 [4] (left, right, top, bottom), original;
+- ``gt``: float32 [19, 2] original-image landmarks; ``visible``: bool [19] (``mask_new``).
+
+The box maps exactly onto a ``crop_size``² crop (x and y scaled apart), the training augmentation
+is composed into the same affine matrix (one resampling), and the crop is resized to S.
+Coordinates follow :mod:`mcf.data.transforms` (pixel j spans [j, j+1)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pandas as pd
+import scipy.io
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mcf.data import transforms as T
+from mcf.errors import StageError
+from mcf.params import ParamsError, param
+
+Split = Literal["train", "val", "full", "frontal"]
+SPLITS: tuple[str, ...] = ("train", "val", "full", "frontal")
+N_POINTS = 19
+MAT_NAME = "AFLWinfo_release.mat"
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentAugment:
+    """Training augmentation; a magnitude or probability of 0 turns one off. No flip (the protocol)."""
+
+    shift: float = param(0.05, ge=0.0, lt=1.0)  # uniform ± share of the crop, per axis
+    rotation: float = param(10.0, ge=0.0, le=180.0)  # uniform ± degrees
+    scale_min: float = param(0.9, gt=0.0)
+    scale_max: float = param(1.1, gt=0.0)
+    occlusion_p: float = param(0.3, ge=0.0, le=1.0)  # a random black rectangle
+    occlusion_max: float = param(0.4, gt=0.05, le=1.0)  # its largest side, share of the crop
+    noise_p: float = param(0.2, ge=0.0, le=1.0)
+    noise_std: float = param(8.0, ge=0.0)  # intensity levels (0..255)
+    photometric: T.Photometric = dataclasses.field(default_factory=T.Photometric)
+
+    def __post_init__(self) -> None:
+        if self.scale_max < self.scale_min:
+            raise ParamsError("scale_max", f"must be >= scale_min ({self.scale_min}), got {self.scale_max}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AFLW19Config:
+    """Where the data is and how it is cropped (a nested section of the fine-tuning params)."""
+
+    root: str = "outputs/fetch/aflw19"
+    n_train: int = param(20000, ge=1)  # the first n_train of ``ra`` train (and val), the rest test
+    n_val: int = param(0, ge=0)  # the last n_val of those: a validation split carved from train
+    size: int = param(448, ge=8)  # model input resolution S
+    crop_size: int = param(512, ge=8)  # the box maps onto this square first (the protocol's 512)
+    augment: AlignmentAugment = dataclasses.field(default_factory=AlignmentAugment)
+
+    def __post_init__(self) -> None:
+        if self.n_val >= self.n_train:
+            raise ParamsError("n_val", f"must be < n_train ({self.n_train}), got {self.n_val}")
+
+
+def _cell_str(x: Any) -> str:
+    """One ``nameList`` entry as ``scipy.io.loadmat`` returns it (nested object/char arrays)."""
+    while isinstance(x, np.ndarray):
+        if x.size != 1:
+            if x.dtype.kind == "U":
+                return "".join(x.ravel().tolist())
+            raise ValueError(f"nameList entry is not a string: {x!r}")
+        x = x.ravel()[0]
+    return str(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotations:
+    """The arrays of ``AFLWinfo_release.mat``, in 0-based, per-sample form."""
+
+    names: list[str]
+    boxes: np.ndarray  # [N, 4] left, right, top, bottom
+    points: np.ndarray  # [N, 19, 2]
+    visible: np.ndarray  # [N, 19] bool
+    order: np.ndarray  # [N] 0-based permutation (``ra`` - 1)
+
+
+def read_mat(root: str | Path) -> Annotations:
+    """Read and check ``<root>/AFLWinfo_release.mat``; a missing or malformed file fails naming it."""
+    path = Path(root) / MAT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"AFLW-19 annotation file not found: {path}")
+    try:
+        mat = scipy.io.loadmat(str(path))
+    except (ValueError, OSError, NotImplementedError) as err:
+        raise StageError(f"{path}: cannot read as a MATLAB file: {err}") from err
+    missing = [k for k in ("bbox", "data", "mask_new", "nameList", "ra") if k not in mat]
+    if missing:
+        raise StageError(f"{path}: missing field(s) {missing}")
+    boxes = np.asarray(mat["bbox"], dtype=np.float64)
+    data = np.asarray(mat["data"], dtype=np.float64)
+    n = len(boxes)
+    names = [_cell_str(x) for x in np.asarray(mat["nameList"], dtype=object).ravel()]
+    order = np.asarray(mat["ra"]).ravel().astype(np.int64) - 1
+    mask = np.asarray(mat["mask_new"])
+    shapes = {"bbox": (boxes.shape, (n, 4)), "data": (data.shape, (n, 2 * N_POINTS)),
+              "mask_new": (mask.shape, (n, N_POINTS)), "nameList": ((len(names),), (n,))}
+    for key, (got, want) in shapes.items():
+        if got != want:
+            raise StageError(f"{path}: field {key} has shape {got}, expected {want}")
+    if not np.array_equal(np.sort(order), np.arange(n)):
+        raise StageError(f"{path}: ra is not a 1-based permutation of 1..{n}")
+    points = np.stack([data[:, :N_POINTS], data[:, N_POINTS:]], axis=-1)
+    return Annotations(names, boxes, points, mask.astype(bool), order)
+
+
+def split_indices(ann: Annotations, split: Split, n_train: int, n_val: int = 0) -> np.ndarray:
+    """0-based row indices of ``split`` (see the module docstring)."""
+    n = len(ann.names)
+    if n_train > n:
+        raise StageError(f"n_train = {n_train} exceeds the {n} samples in {MAT_NAME}")
+    if split == "train":
+        return ann.order[: n_train - n_val]
+    if split == "val":
+        return ann.order[n_train - n_val : n_train]
+    if split == "full":
+        return ann.order[n_train:]
+    if split == "frontal":
+        test = ann.order[n_train:]
+        return test[ann.visible[test].all(axis=1)]
+    raise ValueError(f"unknown AFLW-19 split {split!r} (valid: {', '.join(SPLITS)})")
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB; a missing or undecodable file fails naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise StageError(f"cannot decode image: {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def sample_augment(cfg: AlignmentAugment, crop_size: int, rng: np.random.Generator) -> np.ndarray:
+    """One random shift/rotation/scale about the crop centre, as a ``[2, 3]`` crop → crop matrix."""
+    c = crop_size / 2.0
+    angle = np.deg2rad(rng.uniform(-cfg.rotation, cfg.rotation))
+    scale = rng.uniform(cfg.scale_min, cfg.scale_max)
+    shift = rng.uniform(-cfg.shift, cfg.shift, size=2) * crop_size
+    return T.around((c, c), angle, scale, (shift[0], shift[1]))
+
+
+class AFLW19(Dataset):
+    """AFLW-19 crops for one split; ``augment=True`` for training (random per call)."""
+
+    def __init__(self, cfg: AFLW19Config, split: Split, *, augment: bool = False) -> None:
+        self.cfg, self.split, self.augment = cfg, split, augment
+        self.root = Path(cfg.root)
+        self.ann = read_mat(self.root)
+        self.indices = split_indices(self.ann, split, cfg.n_train, cfg.n_val)
+        self._rng: np.random.Generator | None = None
+        self._rng_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def rng(self) -> np.random.Generator:
+        """A generator per process, seeded from torch's seed (different in each DataLoader worker and,
+        with non-persistent workers, each epoch; reproducible after ``torch.manual_seed``)."""
+        if self._rng is None or self._rng_pid != os.getpid():
+            self._rng, self._rng_pid = np.random.default_rng(torch.initial_seed()), os.getpid()
+        return self._rng
+
+    def image_path(self, i: int) -> Path:
+        """The image file of dataset item ``i``."""
+        return self.root / "data" / "flickr" / self.ann.names[self.indices[i]]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = int(self.indices[i])
+        cfg, s = self.cfg, self.cfg.size
+        box, gt = self.ann.boxes[row], self.ann.points[row]
+        try:
+            m = T.box_matrix(box, cfg.crop_size)
+        except ValueError as err:
+            raise StageError(f"{self.ann.names[row]}: {err}") from err
+        rgb = read_rgb(self.image_path(i))
+        rng = self.rng() if self.augment else None
+        if rng is not None:
+            m = T.compose(sample_augment(cfg.augment, cfg.crop_size, rng), m)
+        crop = T.warp_affine(rgb, m, cfg.crop_size)
+        if rng is not None:
+            crop = self._photometric(crop, rng)
+        if s != cfg.crop_size:
+            interp = cv2.INTER_AREA if s < cfg.crop_size else cv2.INTER_LINEAR
+            crop = cv2.resize(crop, (s, s), interpolation=interp)
+        matrix = T.compose(np.diag([s / cfg.crop_size, s / cfg.crop_size, 1.0])[:2], m)
+        return {
+            "image": T.to_tensor(crop),
+            "landmarks": torch.from_numpy((T.apply(matrix, gt) / s).astype(np.float32)),
+            "matrix": torch.from_numpy(matrix),
+            "name": self.ann.names[row],
+            "box": torch.from_numpy(box.astype(np.float32)),
+            "gt": torch.from_numpy(gt.astype(np.float32)),
+            "visible": torch.from_numpy(self.ann.visible[row].copy()),
+        }
+
+    def _photometric(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        aug = self.cfg.augment
+        if rng.random() < aug.occlusion_p:
+            crop = T.occlude(crop, rng, aug.occlusion_max)
+        crop = T.photometric(crop, aug.photometric, rng)
+        if rng.random() < aug.noise_p and aug.noise_std > 0:
+            crop = T.add_noise(crop, rng, aug.noise_std)
+        return crop
+
+
+def to_original(
+    points: np.ndarray | torch.Tensor, matrix: np.ndarray | torch.Tensor, size: int
+) -> np.ndarray:
+    """Normalised crop points ``[B, K, 2]`` → original-image pixels, through the inverse of each
+    ``matrix`` ``[B, 2, 3]`` (the ``matrix`` key of the samples); exact (float64)."""
+    p = torch.as_tensor(points).detach().cpu().double().numpy() * size
+    m = torch.as_tensor(matrix).detach().cpu().double().numpy()
+    inv = np.linalg.inv(np.concatenate([m, np.broadcast_to([[[0.0, 0.0, 1.0]]], (len(m), 1, 3))], axis=1))
+    return T.apply(inv[:, :2], p)
+
+
+def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
+    """One row per sample of ``split`` for the ``aflw19`` data gate (image sizes read from headers).
+
+    Columns: name, split, exists, width, height, box_left/right/top/bottom, box_w, box_h,
+    x_min, x_max, y_min, y_max (landmarks ÷ image width/height: inside the image is 0..1), visible.
+    """
+    ann = read_mat(cfg.root)
+    rows = []
+    for row in tqdm(split_indices(ann, split, cfg.n_train, cfg.n_val), desc=f"aflw19 {split} table"):
+        path = Path(cfg.root) / "data" / "flickr" / ann.names[row]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except OSError:
+            w = h = 0
+        pts, box = ann.points[row], ann.boxes[row]
+        rows.append({
+            "name": ann.names[row], "split": split, "exists": w > 0, "width": w, "height": h,
+            "box_left": box[0], "box_right": box[1], "box_top": box[2], "box_bottom": box[3],
+            "box_w": box[1] - box[0], "box_h": box[3] - box[2],
+            "x_min": pts[:, 0].min() / max(w, 1), "x_max": pts[:, 0].max() / max(w, 1),
+            "y_min": pts[:, 1].min() / max(h, 1), "y_max": pts[:, 1].max() / max(h, 1),
+            "visible": int(ann.visible[row].sum()),
+        })
+    return pd.DataFrame(rows)

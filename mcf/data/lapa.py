@@ -1,0 +1,257 @@
+"""LaPa face parsing, read from the real on-disk format (PROTOCOL.md §4).
+
+``<root>/LaPa/{train,val,test}/images/<stem>.jpg``, ``labels/<stem>.png`` (one channel, values
+0..10) and ``landmarks/<stem>.txt`` (a line "106", then 106 lines "x y").
+
+Alignment: a similarity transform takes landmarks 104, 105, 54, 84, 90 (image-left eye centre,
+image-right eye centre, nose tip, image-left and image-right mouth corners) onto :data:`TEMPLATE`
+on the ``warp_size``² aligned square; the training augmentation is composed into that similarity;
+then the tanh-polar warp (:mod:`mcf.data.transforms`, factor ``warp_factor``) gives the
+``warp_size``² warped square, resized to the model resolution S. Image and label go through the
+same single resampling (the label with nearest neighbour).
+
+One sample (:class:`LaPa` item):
+
+- ``image``: float32 [3, S, S], ImageNet-normalised, warped space;
+- ``label``: int64 [S, S], classes 0..10 in warped space (0 where the warp has no source);
+- ``params``: dict of float64 tensors to invert the warp: ``matrix`` [2, 3] (original pixels →
+  aligned square, augmentation included), ``warp_factor`` [], ``warp_size`` [];
+- ``name``: str (``<split>/<stem>``); ``orig_size``: int64 [2] = (H, W) of the original image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mcf.data import transforms as T
+from mcf.data.aflw19 import read_rgb
+from mcf.errors import StageError
+from mcf.params import param
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+N_CLASSES = 11
+N_LANDMARKS = 106
+ALIGN_POINTS = (104, 105, 54, 84, 90)
+# FaRL-like 5-point template on 512² (x, y): eyes, nose tip, mouth corners. It centres the face with
+# the eyes a little above the middle, leaving room for hair and chin inside the aligned square.
+TEMPLATE = np.array([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0], [220.0, 360.4], [292.0, 360.4]])
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsingAugment:
+    """Training augmentation, composed into the similarity before the warp; 0 turns one off."""
+
+    rotation_std: float = param(0.314, ge=0.0)  # radians, normal
+    scale_std: float = param(0.1, ge=0.0, lt=0.5)  # normal around 1, clipped to 1 ± 3 std
+    shift: float = param(0.01, ge=0.0, lt=1.0)  # uniform ± share of the aligned square, per axis
+    photometric: T.Photometric = dataclasses.field(default_factory=T.Photometric)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaPaConfig:
+    """Where the data is and how it is aligned (a nested section of the fine-tuning params)."""
+
+    root: str = "outputs/fetch/lapa"  # the folder that holds ``LaPa/``
+    size: int = param(448, ge=8)  # model input resolution S
+    warp_size: int = param(512, ge=8)  # the aligned and warped squares
+    warp_factor: float = param(0.8, gt=0.0, lt=1.0)
+    augment: ParsingAugment = dataclasses.field(default_factory=ParsingAugment)
+
+
+def read_landmarks(path: Path) -> np.ndarray:
+    """``[106, 2]`` float64 from a LaPa landmark file; a missing or malformed file fails naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"landmark file not found: {path}")
+    lines = path.read_text().split("\n")
+    try:
+        n = int(lines[0].strip())
+        pts = np.array([[float(v) for v in ln.split()] for ln in lines[1 : n + 1]], dtype=np.float64)
+    except ValueError as err:
+        raise StageError(f"{path}: malformed landmark file: {err}") from err
+    if n != N_LANDMARKS or pts.shape != (N_LANDMARKS, 2):
+        raise StageError(f"{path}: expected {N_LANDMARKS} points 'x y', got header {n}, shape {pts.shape}")
+    return pts
+
+
+def read_label(path: Path) -> np.ndarray:
+    """``[H, W]`` uint8 class map; missing, undecodable or multi-channel files fail naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"label file not found: {path}")
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise StageError(f"cannot decode label: {path}")
+    if label.ndim != 2:
+        raise StageError(f"{path}: label must have one channel, got shape {label.shape}")
+    return label
+
+
+def align_matrix(landmarks: np.ndarray, warp_size: int) -> np.ndarray:
+    """Similarity ``[2, 3]``: original pixels → the aligned ``warp_size``² square."""
+    return T.similarity(landmarks[list(ALIGN_POINTS)], TEMPLATE * (warp_size / 512.0))
+
+
+def sample_augment(cfg: ParsingAugment, warp_size: int, rng: np.random.Generator) -> np.ndarray:
+    """One random rotation/scale about the square's centre plus a shift: aligned → aligned."""
+    c = warp_size / 2.0
+    scale = float(np.clip(rng.normal(1.0, cfg.scale_std), 1 - 3 * cfg.scale_std, 1 + 3 * cfg.scale_std))
+    shift = rng.uniform(-cfg.shift, cfg.shift, size=2) * warp_size
+    return T.around((c, c), rng.normal(0.0, cfg.rotation_std), scale, (shift[0], shift[1]))
+
+
+def stems(root: str | Path, split: Split) -> list[str]:
+    """Sorted image stems of ``split``; a missing split folder fails naming it."""
+    folder = Path(root) / "LaPa" / split / "images"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LaPa image folder not found: {folder}")
+    return sorted(p.stem for p in folder.glob("*.jpg"))
+
+
+class LaPa(Dataset):
+    """LaPa in warped space for one split; ``augment=True`` for training (random per call)."""
+
+    def __init__(self, cfg: LaPaConfig, split: Split, *, augment: bool = False) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown LaPa split {split!r} (valid: {', '.join(SPLITS)})")
+        self.cfg, self.split, self.augment = cfg, split, augment
+        self.dir = Path(cfg.root) / "LaPa" / split
+        self.stems = stems(cfg.root, split)
+        self._rng: np.random.Generator | None = None
+        self._rng_pid = -1
+
+    def __len__(self) -> int:
+        return len(self.stems)
+
+    def rng(self) -> np.random.Generator:
+        """A generator per process seeded from torch's seed (see :meth:`mcf.data.aflw19.AFLW19.rng`)."""
+        if self._rng is None or self._rng_pid != os.getpid():
+            self._rng, self._rng_pid = np.random.default_rng(torch.initial_seed()), os.getpid()
+        return self._rng
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image (RGB), label and landmarks of item ``i``, checked to belong together."""
+        stem = self.stems[i]
+        rgb = read_rgb(self.dir / "images" / f"{stem}.jpg")
+        label_path = self.dir / "labels" / f"{stem}.png"
+        label = read_label(label_path)
+        if label.shape != rgb.shape[:2]:
+            raise StageError(f"{label_path}: label size {label.shape} != image size {rgb.shape[:2]}")
+        return rgb, label, read_landmarks(self.dir / "landmarks" / f"{stem}.txt")
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        cfg = self.cfg
+        rgb, label, landmarks = self.read(i)
+        try:
+            matrix = align_matrix(landmarks, cfg.warp_size)
+        except ValueError as err:
+            raise StageError(f"{self.dir / 'landmarks' / self.stems[i]}.txt: {err}") from err
+        rng = self.rng() if self.augment else None
+        if rng is not None:
+            matrix = T.compose(sample_augment(cfg.augment, cfg.warp_size, rng), matrix)
+        warped = T.tanh_polar_warp(rgb, matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
+        if rng is not None:
+            warped = T.photometric(warped, cfg.augment.photometric, rng)
+        if cfg.size != cfg.warp_size:
+            interp = cv2.INTER_AREA if cfg.size < cfg.warp_size else cv2.INTER_LINEAR
+            warped = cv2.resize(warped, (cfg.size, cfg.size), interpolation=interp)
+        lab = T.tanh_polar_warp(label, matrix, cfg.warp_factor, cfg.warp_size, cfg.size, nearest=True)
+        return {
+            "image": T.to_tensor(warped),
+            "label": torch.from_numpy(lab.astype(np.int64)),
+            "params": {
+                "matrix": torch.from_numpy(matrix),
+                "warp_factor": torch.tensor(cfg.warp_factor, dtype=torch.float64),
+                "warp_size": torch.tensor(float(cfg.warp_size), dtype=torch.float64),
+            },
+            "name": f"{self.split}/{self.stems[i]}",
+            "orig_size": torch.tensor(rgb.shape[:2], dtype=torch.int64),
+        }
+
+
+def _unpack(params: dict[str, Any]) -> tuple[np.ndarray, float, int]:
+    m = torch.as_tensor(params["matrix"]).detach().cpu().double().numpy()
+    if m.shape != (2, 3):
+        raise ValueError(f"params['matrix'] must be one sample's [2, 3] (index the batch), got {m.shape}")
+    return m, float(params["warp_factor"]), int(round(float(params["warp_size"])))
+
+
+def warp_to_original(
+    logits: torch.Tensor, params: dict[str, Any], orig_size: tuple[int, int] | torch.Tensor
+) -> torch.Tensor:
+    """Warped maps ``[C, S, S]`` (any S) of ONE sample → ``[C, H, W]`` on the original image grid.
+
+    Take the argmax of the result for the protocol's test metric. ``params`` is the sample's
+    ``params`` dict (index a batched one with :func:`sample_params`).
+    """
+    m, wf, ws = _unpack(params)
+    h, w = (int(v) for v in orig_size)
+    return T.tanh_polar_unwarp(logits, m, wf, ws, (h, w))
+
+
+def sample_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Sample ``i``'s ``params`` out of a collated batch."""
+    return {k: v[i] for k, v in params.items()}
+
+
+def points_from_original(points: np.ndarray, params: dict[str, Any], size: int) -> np.ndarray:
+    """Original-image pixels ``[K, 2]`` → warped pixels at resolution ``size``."""
+    m, wf, ws = _unpack(params)
+    return T.tanh_polar_forward(T.apply(m, points), wf, ws) * (size / ws)
+
+
+def points_to_original(points: np.ndarray, params: dict[str, Any], size: int) -> np.ndarray:
+    """Warped pixels at resolution ``size`` ``[K, 2]`` → original-image pixels (exact inverse)."""
+    m, wf, ws = _unpack(params)
+    aligned = T.tanh_polar_inverse(np.asarray(points, dtype=np.float64) * (ws / size), wf, ws)
+    return T.apply(T.invert(m), aligned)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, (0, 0) when missing or unreadable."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except OSError:
+        return 0, 0
+
+
+def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
+    """One row per stem found in any of the three folders of ``split``, for the ``lapa`` data gate.
+
+    Columns: stem, split, has_image, has_label, has_landmarks, width, height, label_width,
+    label_height, size_match, label_min, label_max (-1 when unreadable), n_landmarks (-1 when
+    unreadable).
+    """
+    base = Path(cfg.root) / "LaPa" / split
+    found = {sub: {p.stem for p in (base / sub).glob(f"*.{ext}")}
+             for sub, ext in (("images", "jpg"), ("labels", "png"), ("landmarks", "txt"))}
+    rows = []
+    for stem in tqdm(sorted(set().union(*found.values())), desc=f"lapa {split} table"):
+        w, h = _size(base / "images" / f"{stem}.jpg")
+        label = cv2.imread(str(base / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        lh, lw = label.shape[:2] if label is not None else (0, 0)
+        try:
+            n_lm = len(read_landmarks(base / "landmarks" / f"{stem}.txt"))
+        except (FileNotFoundError, StageError):
+            n_lm = -1
+        ok = label is not None and label.ndim == 2
+        rows.append({
+            "stem": stem, "split": split, "has_image": stem in found["images"],
+            "has_label": stem in found["labels"], "has_landmarks": stem in found["landmarks"],
+            "width": w, "height": h, "label_width": lw, "label_height": lh,
+            "size_match": w > 0 and (w, h) == (lw, lh),
+            "label_min": int(label.min()) if ok else -1, "label_max": int(label.max()) if ok else -1,
+            "n_landmarks": n_lm,
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,222 @@
+"""Geometry and augmentations shared by the AFLW-19 and LaPa datasets.
+
+Coordinate convention, everywhere in this package: continuous pixel coordinates with pixel ``j``
+covering ``[j, j+1)`` (its centre at ``j + 0.5``). A crop of ``S`` pixels spans ``[0, S]``, so
+normalised crop coordinates are ``px / S`` and an affine matrix maps a box exactly onto a crop. OpenCV
+puts pixel centres at integers; :func:`cv_matrix` converts at the one place images are resampled.
+
+The tanh-polar warp (:func:`tanh_polar_forward` / :func:`tanh_polar_inverse`) keeps each point's
+angle around the centre of the aligned square and compresses its radius with ``tanh``:
+``rho = tanh(r * atanh(w))``, with ``r`` the distance from the centre in units of the half side of
+the aligned square (the face ROI given by the alignment template) and ``rho`` the same in the warped
+square. The ROI's inscribed circle lands on ``rho = w`` (0.8 by default), the whole plane maps into the
+disc ``rho < 1``, and the inverse ``r = atanh(rho) / atanh(w)`` is exact. Warped pixels with ``rho >= 1``
+have no source: they are filled with zeros (background).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mcf.params import ParamsError, param
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_RHO_MAX = 1.0 - 1e-7  # atanh(rho) stays finite: the warped rim maps far outside any image
+
+
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """``[H, W, 3]`` uint8 RGB to a float32 ``[3, H, W]`` ImageNet-normalised tensor."""
+    x = (rgb.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+# ---------------------------------------------------------------- affine geometry
+
+
+def homogeneous(m: np.ndarray) -> np.ndarray:
+    """``[2, 3]`` affine matrix to ``[3, 3]``."""
+    return np.vstack([np.asarray(m, dtype=np.float64), [0.0, 0.0, 1.0]])
+
+
+def compose(*ms: np.ndarray) -> np.ndarray:
+    """``compose(a, b)`` applies ``b`` first, then ``a`` (matrix product order); returns ``[2, 3]``."""
+    out = np.eye(3)
+    for m in ms:
+        out = out @ homogeneous(m)
+    return out[:2]
+
+
+def invert(m: np.ndarray) -> np.ndarray:
+    """The exact inverse of a ``[2, 3]`` affine matrix."""
+    return np.linalg.inv(homogeneous(m))[:2]
+
+
+def apply(m: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Apply a ``[2, 3]`` (or batched ``[B, 2, 3]``) affine matrix to points ``[..., K, 2]``."""
+    m = np.asarray(m, dtype=np.float64)
+    p = np.asarray(points, dtype=np.float64)
+    return p @ np.swapaxes(m[..., :2], -1, -2) + m[..., None, :, 2]
+
+
+def box_matrix(box: np.ndarray, size: int) -> np.ndarray:
+    """Map the box ``(left, right, top, bottom)`` exactly onto ``[0, size]²`` (x, y scaled apart)."""
+    left, right, top, bottom = (float(v) for v in box)
+    if not (right > left and bottom > top):
+        raise ValueError(f"degenerate box (left, right, top, bottom) = {tuple(box)}")
+    sx, sy = size / (right - left), size / (bottom - top)
+    return np.array([[sx, 0.0, -left * sx], [0.0, sy, -top * sy]])
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, shift; no reflection) taking src onto dst.
+
+    Umeyama's closed form, so the fit is exact for a rotated, scaled and shifted template.
+    """
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    var = (s**2).sum() / len(src)
+    if var <= 0:
+        raise ValueError("similarity: the source points coincide")
+    u, sig, vt = np.linalg.svd(d.T @ s / len(src))
+    fix = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
+    rot = u @ fix @ vt
+    scale = float(np.trace(np.diag(sig) @ fix)) / var
+    return np.hstack([scale * rot, (mu_d - scale * rot @ mu_s)[:, None]])
+
+
+def around(center: tuple[float, float], angle: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
+    """Rotate by ``angle`` (radians) and scale about ``center``, then shift by ``shift`` pixels."""
+    c, s = np.cos(angle) * scale, np.sin(angle) * scale
+    cx, cy = center
+    return np.array(
+        [[c, -s, cx + shift[0] - c * cx + s * cy], [s, c, cy + shift[1] - s * cx - c * cy]]
+    )
+
+
+def cv_matrix(m: np.ndarray) -> np.ndarray:
+    """The same map for OpenCV, whose pixel centres sit at integers instead of at ``j + 0.5``."""
+    m = np.asarray(m, dtype=np.float64)
+    return np.hstack([m[:, :2], (m[:, 2] + m[:, :2] @ [0.5, 0.5] - 0.5)[:, None]])
+
+
+def warp_affine(image: np.ndarray, m: np.ndarray, size: int, *, nearest: bool = False) -> np.ndarray:
+    """Resample ``image`` onto a ``size``² canvas through ``m`` (source → canvas), zeros outside."""
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.warpAffine(image, cv_matrix(m), (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT)
+
+
+# ---------------------------------------------------------------- tanh-polar warp
+
+
+def _radial(points: np.ndarray, size: float) -> tuple[np.ndarray, np.ndarray]:
+    """Offsets from the square's centre in half-side units, and their lengths."""
+    half = size / 2.0
+    d = (np.asarray(points, dtype=np.float64) - half) / half
+    return d, np.linalg.norm(d, axis=-1, keepdims=True)
+
+
+def tanh_polar_forward(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
+    """Aligned-square points ``[..., 2]`` to warped-square points (both squares ``size`` px)."""
+    k = np.arctanh(warp_factor)
+    d, r = _radial(points, size)
+    gain = np.where(r > 1e-12, np.tanh(k * r) / np.maximum(r, 1e-12), k)
+    return size / 2.0 * (1.0 + d * gain)
+
+
+def tanh_polar_inverse(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
+    """Warped-square points to aligned-square points: the exact inverse of the forward warp."""
+    k = np.arctanh(warp_factor)
+    e, rho = _radial(points, size)
+    rho_c = np.minimum(rho, _RHO_MAX)
+    gain = np.where(rho > 1e-12, np.arctanh(rho_c) / (k * np.maximum(rho, 1e-12)), 1.0 / k)
+    return size / 2.0 * (1.0 + e * gain)
+
+
+def tanh_polar_warp(
+    image: np.ndarray, matrix: np.ndarray, warp_factor: float, warp_size: int, out_size: int,
+    *, nearest: bool = False,
+) -> np.ndarray:
+    """Warp an original image to ``out_size``² through ``matrix`` (original → aligned ``warp_size``²)
+    and the tanh-polar warp, with one ``cv2.remap``.
+
+    The warped frame is ``warp_size`` px; ``out_size`` only samples it more or less densely.
+    """
+    centres = (np.arange(out_size, dtype=np.float64) + 0.5) * (warp_size / out_size)
+    grid = np.stack(np.meshgrid(centres, centres), axis=-1)  # [S, S, 2] warped coords
+    src = apply(invert(matrix), tanh_polar_inverse(grid, warp_factor, warp_size)) - 0.5
+    src = np.clip(src, -1e5, 1e5).astype(np.float32)
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.remap(image, src[..., 0], src[..., 1], flags, borderMode=cv2.BORDER_CONSTANT)
+
+
+def tanh_polar_unwarp(
+    maps: torch.Tensor, matrix: np.ndarray, warp_factor: float, warp_size: int, orig_size: tuple[int, int]
+) -> torch.Tensor:
+    """Resample warped maps ``[C, S, S]`` (logits, probabilities) onto the original ``[C, H, W]`` grid.
+
+    Every original pixel centre is sent forward (matrix, then warp) and the maps are read there
+    bilinearly, so no inverse is approximated. Runs on the device of ``maps``.
+    """
+    h, w = orig_size
+    xs, ys = np.arange(w, dtype=np.float64) + 0.5, np.arange(h, dtype=np.float64) + 0.5
+    grid = np.stack(np.meshgrid(xs, ys), axis=-1)  # [H, W, 2] original coords
+    warped = tanh_polar_forward(apply(matrix, grid), warp_factor, warp_size)
+    g = torch.from_numpy(warped / warp_size * 2.0 - 1.0).to(maps.device, torch.float32)
+    out = F.grid_sample(
+        maps[None].float(), g[None], mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return out[0].to(maps.dtype)
+
+
+# ---------------------------------------------------------------- augmentations
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+    """Colour augmentations shared by both tasks; a probability of 0 turns one off."""
+
+    gray_p: float = param(0.2, ge=0.0, le=1.0)
+    gamma_p: float = param(0.3, ge=0.0, le=1.0)
+    gamma_min: float = param(0.7, gt=0.0)
+    gamma_max: float = param(1.5, gt=0.0)
+    blur_p: float = param(0.2, ge=0.0, le=1.0)
+    blur_sigma: float = param(1.5, gt=0.0)  # the largest Gaussian sigma, in pixels of the 512² crop
+
+    def __post_init__(self) -> None:
+        if self.gamma_max < self.gamma_min:
+            raise ParamsError("gamma_max", f"must be >= gamma_min ({self.gamma_min}), got {self.gamma_max}")
+
+
+def photometric(image: np.ndarray, cfg: Photometric, rng: np.random.Generator) -> np.ndarray:
+    """Gray, gamma and blur on a uint8 RGB image; geometry is untouched."""
+    img = image
+    if rng.random() < cfg.gray_p:
+        img = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+    if rng.random() < cfg.gamma_p:
+        gamma = rng.uniform(cfg.gamma_min, cfg.gamma_max)
+        img = cv2.LUT(img, (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8))
+    if rng.random() < cfg.blur_p:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.1, cfg.blur_sigma))
+    return img
+
+
+def occlude(image: np.ndarray, rng: np.random.Generator, max_side: float) -> np.ndarray:
+    """A black rectangle at a random place, each side 5%..``max_side`` of the image's."""
+    h, w = image.shape[:2]
+    bw, bh = (max(1, int(rng.uniform(0.05, max_side) * n)) for n in (w, h))
+    x0, y0 = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+    out = image.copy()
+    out[y0 : y0 + bh, x0 : x0 + bw] = 0
+    return out
+
+
+def add_noise(image: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:
+    """Additive Gaussian noise of ``std`` intensity levels (0..255 scale)."""
+    return np.clip(image + rng.normal(0.0, std, image.shape), 0, 255).astype(np.uint8)
