@@ -67,7 +67,7 @@ class MCFConfig:
         if self.backbone.embed_dim % 4:
             raise ParamsError("backbone.embed_dim", f"must be a multiple of 4, got {self.backbone.embed_dim}")
         if not self.feature_layers or min(self.feature_layers) < 0:
-            raise ParamsError("feature_layers", f"need one or more block indices >= 0, got {self.feature_layers}")
+            raise ParamsError("feature_layers", f"need block indices >= 0, got {self.feature_layers}")
         if len(set(self.feature_layers)) != len(self.feature_layers):
             raise ParamsError("feature_layers", f"repeated block index in {self.feature_layers}")
         if self.objective == "mcf" and not (self.feature_loss or self.contrastive):

@@ -160,7 +160,8 @@ def load_release_state_dict(model: nn.Module, obj: Mapping[str, Any]) -> LoadRep
         else:
             loaded[new] = value
     missing = [k for k in own if k not in loaded]
-    bad = [k for k in missing if k.startswith("encoder.")] + [k for k in unexpected if k.startswith("online_")]
+    bad = [k for k in missing if k.startswith("encoder.")]
+    bad += [k for k in unexpected if (_rename(k, RELEASE_TO_MCF) or "").startswith("encoder.")]
     if bad:
         raise ValueError(f"release backbone does not match the model: {bad[:8]}")
     model.load_state_dict(loaded, strict=False)

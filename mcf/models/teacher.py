@@ -45,7 +45,8 @@ class FeatureTeacher(nn.Module):
         super().__init__()
         missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm_pre") if not hasattr(model, a)]
         if missing:
-            raise ValueError(f"teacher must be a timm VisionTransformer; {type(model).__name__} lacks {missing}")
+            name = type(model).__name__
+            raise ValueError(f"teacher must be a timm VisionTransformer; {name} lacks {missing}")
         self.model = model
         self.requires_grad_(False)
         self.train(False)

@@ -1,0 +1,35 @@
+"""``mcf export --checkpoint PATH --out DIR``: the pre-trained backbone as a timm state dict.
+
+Takes our pretrain checkpoint or the official release's file (state dict at the top level or under
+``model``) and writes ``backbone.pth`` + ``backbone.json`` (see :mod:`mcf.models.backbone`), which
+``timm.create_model`` and ``load_backbone`` read back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mcf.errors import StageError
+from mcf.models.release import export_backbone
+
+log = logging.getLogger(__name__)
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mcf export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="pretrain checkpoint or release state dict (.pth)")
+    p.add_argument("--out", required=True, help="output folder for backbone.pth and backbone.json")
+    p.add_argument(
+        "--num-heads", type=int, default=None,
+        help="attention heads, when the checkpoint does not record its backbone size "
+        "(default: embed_dim / 64, which is right for ViT-Ti/S/B/L)",
+    )
+    args = p.parse_args(argv)
+    try:
+        cfg = export_backbone(args.checkpoint, args.out, num_heads=args.num_heads)
+    except ValueError as err:
+        raise StageError(f"cannot export {args.checkpoint}: {err}") from err
+    log.info("wrote %s (ViT %dx%d, patch %d, %d px)", args.out, cfg.embed_dim, cfg.depth, cfg.patch_size,
+             cfg.img_size)
+    return 0

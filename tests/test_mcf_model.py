@@ -1,0 +1,217 @@
+"""MCF model: each loss term against an independent computation, masking, momentum, switches."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from mcf.models.backbone import BackboneConfig
+from mcf.models.mcf import MCF, MCFConfig, mcf_vit_tiny_patch8_64_dec128d2b, sincos_2d
+from mcf.models.teacher import load_teacher
+from mcf.params import ParamsError, build
+
+TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
+
+
+def tiny_cfg(**changes: object) -> MCFConfig:
+    base = MCFConfig(
+        backbone=TINY, decoder_dim=32, decoder_depth=1, decoder_heads=2, feature_layers=(0, 2),
+        proj_hidden=48, proj_dim=16, pred_hidden=48,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def tiny_model(seed: int = 0, **changes: object) -> MCF:
+    torch.manual_seed(seed)
+    cfg = tiny_cfg(**changes)
+    teacher = load_teacher("random", cfg.backbone) if cfg.uses_teacher else None
+    return MCF(cfg, teacher)
+
+
+def imgs(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def reference_features(model: MCF, x: torch.Tensor) -> list[torch.Tensor]:
+    """Block outputs through timm's own intermediate API: CLS + patches, before the final norm."""
+    layers = list(model.cfg.feature_layers)
+    outs = model.teacher.model.forward_intermediates(
+        x, indices=layers, norm=False, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+    )
+    return [torch.cat([prefix, patches], dim=1) for patches, prefix in outs]
+
+
+def test_config_validation_names_keys() -> None:
+    cfg = build(MCFConfig, {"backbone": {"depth": 6}, "decoder_dim": 128, "decoder_heads": 4})
+    assert (cfg.backbone.depth, cfg.decoder_dim) == (6, 128)
+    with pytest.raises(ParamsError, match="pretrain.model.decoder_dim"):
+        build(MCFConfig, {"decoder_dim": 100, "decoder_heads": 16}, "pretrain.model")
+    with pytest.raises(ParamsError, match="objective"):
+        build(MCFConfig, {"feature_loss": False, "contrastive": False})
+    with pytest.raises(ParamsError, match="feature_layers"):
+        build(MCFConfig, {"feature_layers": [2, 2]})
+    with pytest.raises(ValueError, match="out of range"):
+        MCF(tiny_cfg(feature_layers=(0, 3)), load_teacher("random", TINY))
+    assert mcf_vit_tiny_patch8_64_dec128d2b().backbone.img_size == 64
+
+
+def test_sincos_table() -> None:
+    table = sincos_2d(8, 3)  # [1, 1 + 9, 8]
+    assert table.shape == (1, 10, 8) and not table[0, 0].any()
+    row, col = 1, 2  # patch index 1 * 3 + 2 = 5
+    freqs = [1.0, 0.01]  # 1 / 10000 ** (i / 2) for a 4-channel half
+    expect = [math.sin(col * f) for f in freqs] + [math.cos(col * f) for f in freqs]
+    expect += [math.sin(row * f) for f in freqs] + [math.cos(row * f) for f in freqs]
+    torch.testing.assert_close(table[0, 6], torch.tensor(expect))
+    model = tiny_model(feature_loss=False)
+    assert not model.encoder.pos_embed.requires_grad
+    torch.testing.assert_close(model.encoder.pos_embed, sincos_2d(64, 4))
+
+
+def test_random_masking_follows_noise_and_rng() -> None:
+    model = tiny_model(feature_loss=False)
+    x = torch.arange(2 * 16 * 1, dtype=torch.float32).reshape(2, 16, 1)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
+    kept, mask, ids_restore = model.random_masking(x, 0.75, noise)
+    assert kept.shape == (2, 4, 1) and mask.sum(1).tolist() == [12, 12]
+    for n in range(2):
+        lowest = noise[n].argsort()[:4]
+        assert kept[n, :, 0].tolist() == x[n, lowest, 0].tolist()
+        assert mask[n, lowest].sum() == 0
+    torch.manual_seed(7)
+    _, mask_a, _ = model.random_masking(x, 0.75)
+    torch.manual_seed(7)
+    _, mask_b, _ = model.random_masking(x, 0.75)
+    assert torch.equal(mask_a, mask_b)
+
+
+def test_patchify_round_trip_and_pixel_loss() -> None:
+    model = tiny_model(objective="pixel_mae")
+    x = imgs(2)
+    assert torch.equal(model.unpatchify(model.patchify(x)), x)
+    pred = torch.randn(2, 16, 8 * 8 * 3, generator=torch.Generator().manual_seed(4))
+    mask = (torch.arange(16) % 3 == 0).float().expand(2, 16)
+    total, count = 0.0, 0
+    for n in range(2):
+        for i in range(16):
+            r, c = divmod(i, 4)
+            patch = x[n, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].permute(1, 2, 0).reshape(-1)
+            target = (patch - patch.mean()) / (patch.var() + 1e-6).sqrt()
+            if mask[n, i]:
+                total, count = total + ((pred[n, i] - target) ** 2).mean(), count + 1
+    torch.testing.assert_close(model.pixel_loss(x, pred, mask), total / count)
+
+
+@pytest.mark.parametrize("norm_dim", [1, 2])
+def test_feature_loss_matches_independent_computation(norm_dim: int) -> None:
+    model = tiny_model(contrastive=False, feature_norm_dim=norm_dim)
+    recon, x = imgs(3, seed=5), imgs(3, seed=6)
+    expect = 0.0
+    for p, t in zip(reference_features(model, recon), reference_features(model, x), strict=True):
+        p_n = p / p.norm(dim=norm_dim, keepdim=True)
+        t_n = t / t.norm(dim=norm_dim, keepdim=True)
+        expect = expect + ((p_n - t_n) ** 2).mean()
+    torch.testing.assert_close(model.feature_loss(recon, x), expect)
+
+
+def test_token_axis_is_the_default() -> None:
+    assert MCFConfig().feature_norm_dim == 1
+    token, channel = tiny_model(contrastive=False), tiny_model(contrastive=False, feature_norm_dim=2)
+    recon, x = imgs(2, seed=5), imgs(2, seed=6)
+    assert not torch.allclose(token.feature_loss(recon, x), channel.feature_loss(recon, x))
+
+
+def test_contrastive_loss_matches_infonce() -> None:
+    model = tiny_model(feature_loss=False, temperature=0.2)
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    qn, kn = q / q.norm(dim=1, keepdim=True), k / k.norm(dim=1, keepdim=True)
+    logits = qn @ kn.t() / 0.2
+    expect = -(logits.diag() - logits.logsumexp(dim=1)).mean() * 0.4
+    torch.testing.assert_close(model.contrastive_loss(q, k), expect)
+    _, labels = model.contrastive_logits(q, k)
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_total_is_the_weighted_sum_and_replays_from_the_rng() -> None:
+    model = tiny_model(feature_weight=10.0, contrastive_weight=0.5)
+    x = imgs()
+    torch.manual_seed(11)
+    out = model(x, 0.75)
+    assert set(out) == {"loss", "loss_feature", "loss_contrastive"}
+    torch.testing.assert_close(out["loss"], 10.0 * out["loss_feature"] + 0.5 * out["loss_contrastive"])
+    model.eval()  # the projector BN stats moved; compare two eval replays instead
+    torch.manual_seed(11)
+    first = model(x, 0.75)
+    torch.manual_seed(11)
+    second = model(x, 0.75)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    g = torch.Generator().manual_seed(2)
+    noise, key_noise = torch.rand(4, 16, generator=g), torch.rand(4, 16, generator=g)
+    replay = model(x, 0.75, noise, key_noise)["loss"]
+    torch.testing.assert_close(model(x, 0.75, noise, key_noise)["loss"], replay)
+
+
+@pytest.mark.parametrize(
+    ("changes", "terms", "modules"),
+    [
+        ({}, {"loss_feature", "loss_contrastive"},
+         {"decoder_pred", "teacher", "projector", "predictor", "momentum_encoder"}),
+        ({"contrastive": False}, {"loss_feature"}, {"decoder_pred", "teacher"}),
+        ({"feature_loss": False}, {"loss_contrastive"}, {"projector", "predictor", "momentum_encoder"}),
+        ({"objective": "pixel_mae"}, {"loss_pixel"}, {"decoder_pred"}),
+    ],
+)
+def test_ablation_switches(changes: dict, terms: set[str], modules: set[str]) -> None:
+    model = tiny_model(**changes)
+    out = model(imgs(), 0.75)
+    assert set(out) == terms | {"loss"}
+    present = {n for n in ("decoder_pred", "teacher", "projector", "predictor", "momentum_encoder")
+               if hasattr(model, n)}
+    assert present == modules
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_teacher_required_iff_feature_loss() -> None:
+    with pytest.raises(ValueError, match="needs a teacher"):
+        MCF(tiny_cfg(), None)
+    with pytest.raises(ValueError, match="takes no teacher"):
+        MCF(tiny_cfg(objective="pixel_mae"), load_teacher("random", TINY))
+
+
+def test_momentum_update_and_schedule() -> None:
+    model = tiny_model(feature_loss=False)
+    assert all(not p.requires_grad for p in model.momentum_encoder.parameters())
+    pairs = zip(model.encoder.parameters(), model.momentum_encoder.parameters(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    with torch.no_grad():
+        for p in [*model.encoder.parameters(), *model.projector.parameters()]:
+            p.add_(1.0)
+    before = [p.clone() for p in model.momentum_projector.parameters()]
+    model.update_momentum(0.99)
+    triples = zip(before, model.momentum_projector.parameters(), model.projector.parameters(), strict=True)
+    for b, p_m, p_o in triples:
+        torch.testing.assert_close(p_m, 0.99 * b + 0.01 * p_o)
+    assert model.momentum_at(500, 1000) == 0.99  # the release: constant
+    cosine = tiny_model(feature_loss=False, momentum_schedule="cosine")
+    assert cosine.momentum_at(0, 100) == pytest.approx(0.99)
+    assert cosine.momentum_at(50, 100) == pytest.approx(0.995)
+    assert cosine.momentum_at(100, 100) == pytest.approx(1.0)
+
+
+def test_keys_use_an_independent_mask() -> None:
+    model = tiny_model(feature_loss=False).eval()
+    x = imgs()
+    g = torch.Generator().manual_seed(9)
+    noise, other = torch.rand(4, 16, generator=g), torch.rand(4, 16, generator=g)
+    k_same = model.momentum_keys(x, 0.75, noise)
+    assert not torch.allclose(k_same, model.momentum_keys(x, 0.75, other))
+    torch.manual_seed(5)
+    online = torch.rand(4, 16)
+    key = torch.rand(4, 16)  # the forward draws the online mask first, then the key mask
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(x, 0.75)["loss"], model(x, 0.75, online, key)["loss"])
