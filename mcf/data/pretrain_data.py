@@ -1,0 +1,106 @@
+"""The pre-training crop dataset: random access into the subset shards, with a resumable order.
+
+The release streams crops with a shuffling loader, whose position cannot be saved. Here the order of
+an epoch is a permutation drawn from ``(seed, epoch)`` and the flip of a crop from
+``(seed, epoch, crop index)``, so the sample at any ``(epoch, position)`` is a pure function of the
+seed. A resumed run rebuilds the same epoch and starts at the saved position; worker processes and
+their RNGs play no part in what is read. Ranks read disjoint, equal-length strided slices of the same
+permutation (``DistributedSampler``'s semantics).
+
+The shards are indexed once (tar member offsets); when the whole subset fits in ``cache_mb`` at the
+training resolution it is decoded once into a uint8 tensor, otherwise each crop is decoded on access.
+"""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from mcf.data.shards import decode_jpeg, shard_urls
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def index_shards(shard_dir: str | Path) -> list[tuple[str, int, int]]:
+    """``(shard path, byte offset, byte size)`` of every crop's JPEG member, in shard order."""
+    members = []
+    for url in shard_urls(shard_dir):
+        with tarfile.open(url) as tar:
+            for info in tar:
+                if info.isfile() and info.name.endswith(".jpg"):
+                    members.append((url, info.offset_data, info.size))
+    return members
+
+
+class CropDataset(Dataset):
+    """The subset's crops as ``[3, S, S]`` uint8 tensors, resized to the backbone's input size."""
+
+    def __init__(self, shard_dir: str | Path, img_size: int, cache_mb: int) -> None:
+        self.members = index_shards(shard_dir)
+        if not self.members:
+            raise ValueError(f"no .jpg crops in the shards of {shard_dir}")
+        self.img_size = img_size
+        self.cache: torch.Tensor | None = None
+        if len(self) * 3 * img_size**2 <= cache_mb * 2**20:
+            crops = tqdm(range(len(self)), desc="decode crops", unit="crop", leave=False)
+            self.cache = torch.stack([self._decode(i) for i in crops])
+        where = "cached" if self.cache is not None else "on disk"
+        log.info("%d crops in %s (%s)", len(self), shard_dir, where)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _decode(self, index: int) -> torch.Tensor:
+        url, offset, size = self.members[index]
+        with open(url, "rb") as f:
+            f.seek(offset)
+            rgb = decode_jpeg(f.read(size))
+        if rgb.shape[:2] != (self.img_size, self.img_size):
+            image = Image.fromarray(rgb).resize((self.img_size, self.img_size), Image.BICUBIC)
+            rgb = np.asarray(image)
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # [3, S, S]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.cache[index] if self.cache is not None else self._decode(index)
+
+
+def steps_per_epoch(num_crops: int, batch_size: int, accum_steps: int, world_size: int) -> int:
+    """Optimizer steps in one epoch: each rank's slice, in whole accumulation groups (tail dropped)."""
+    return num_crops // world_size // (batch_size * accum_steps)
+
+
+class EpochView(Dataset):
+    """What one rank reads in one epoch, from ``start`` (a sample position within its slice) on.
+
+    Items are normalised ``[3, S, S]`` float tensors: ImageNet mean/std, flipped or not as drawn.
+    """
+
+    def __init__(
+        self, crops: CropDataset, seed: int, epoch: int, rank: int, world_size: int, length: int, start: int
+    ) -> None:
+        order = np.random.default_rng([seed, epoch]).permutation(len(crops))
+        self.indices = order[rank::world_size][start:length]  # [length - start]
+        self.flips = np.random.default_rng([seed, epoch, 1]).random(len(crops)) < 0.5  # keyed by crop
+        self.crops = crops
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        index = int(self.indices[i])
+        image = self.crops[index].float().div_(255)
+        if self.flips[index]:
+            image = image.flip(-1)
+        return (image - self.mean) / self.std

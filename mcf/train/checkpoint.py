@@ -1,0 +1,94 @@
+"""Resumable training state: everything that decides the next step, written atomically.
+
+A checkpoint holds the model (without the frozen teacher, which is rebuilt from its own stage's
+output), the optimizer and grad-scaler state, the step (the schedules are functions of it), the
+momentum value, the data position, the dvclive step, every rank's RNG states and the hash of the
+run's params. Loading refuses a checkpoint whose hash differs: continuing a run under other params
+would silently mix two experiments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mcf.errors import StageError
+from mcf.io import atomic_file
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+
+
+def run_hash(identity: dict[str, Any]) -> str:
+    """A stable digest of everything that defines a run (params, seed, world size, data size)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, CUDA, NumPy, Python) in a ``weights_only``-safe form."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(state: dict[str, Any], resume_dir: str | Path) -> None:
+    """Write ``state`` to ``<resume_dir>/last.pt`` in one rename: a kill leaves the previous one."""
+    with atomic_file(Path(resume_dir) / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any] | None:
+    """The checkpoint to resume from, ``None`` when there is none; a clear error when params changed."""
+    path = Path(resume_dir) / CHECKPOINT
+    for stale in Path(resume_dir).glob(f".{CHECKPOINT}.tmp-*"):
+        stale.unlink(missing_ok=True)  # left by a process killed while writing
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("run_hash") != expected_hash:
+        raise StageError(
+            f"{path} belongs to a run with other params (hash {state.get('run_hash')}, now {expected_hash}); "
+            f"delete {resume_dir} to start over, or restore the params to resume it"
+        )
+    log.info("resuming from %s at step %d", path, state["step"])
+    return state
+
+
+def clear_checkpoint(resume_dir: str | Path) -> None:
+    """Remove the resume state once the run's final outputs exist, so the next run starts afresh."""
+    (Path(resume_dir) / CHECKPOINT).unlink(missing_ok=True)

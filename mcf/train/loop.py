@@ -1,0 +1,316 @@
+"""The training loop shared by the ``teacher`` and ``pretrain`` stages.
+
+AdamW (MAE's no-decay groups), lr scaled by the effective batch, per-iteration warm-up and
+half-cosine, gradient accumulation, momentum-encoder updates, mixed precision, a non-finite-loss
+guard, dvclive logging, DDP, and checkpoints from which a killed run resumes bit for bit.
+
+A model is any module whose ``forward(imgs, mask_ratio)`` returns a dict of scalar ``loss*`` terms
+with ``"loss"`` the one to minimise, and which has ``momentum_at(step, total)`` and
+``update_momentum(m)`` (``MCF`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from dvclive import Live
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
+from mcf.errors import StageError
+from mcf.io import atomic_dir, atomic_file
+from mcf.params import ParamsError, param
+from mcf.train.checkpoint import load_checkpoint, rng_state, run_hash, save_checkpoint, set_rng_state
+from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
+from mcf.train.schedule import lr_at, scaled_lr
+
+log = logging.getLogger(__name__)
+
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "dist_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe. Defaults are the paper's (PROTOCOL.md §1) except the sizes."""
+
+    epochs: int = param(16, ge=1)
+    warmup_epochs: float = param(1.0, ge=0)
+    batch_size: int = param(64, ge=1)  # per process
+    accum_steps: int = param(1, ge=1)
+    blr: float = param(1.5e-4, gt=0)  # lr = blr × batch_size × accum_steps × world_size / 256
+    min_lr: float = param(0.0, ge=0)
+    weight_decay: float = param(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    sync_bn: bool = False  # SyncBatchNorm in the projectors (CUDA only); the release keeps per-process BN
+    num_workers: int = param(0, ge=0)
+    cache_mb: int = param(1024, ge=0)  # decode the subset once into RAM when it fits in this budget
+    ckpt_every: int = param(100, ge=1)  # optimizer steps between resumable checkpoints
+    log_every: int = param(10, ge=1)  # optimizer steps between dvclive rows
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change what is computed (not where, how often it is saved, or how fast)."""
+        skip = {"ckpt_every", "log_every", "num_workers", "cache_mb"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def __post_init__(self) -> None:
+        if self.warmup_epochs > self.epochs:
+            raise ParamsError("warmup_epochs", f"must be <= epochs ({self.epochs}), got {self.warmup_epochs}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ParamsError("betas", f"each must be in [0, 1), got {list(self.betas)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Where and under which identity a training run lives (not params: derived by the stage)."""
+
+    seed: int
+    mask_ratio: float
+    resume_dir: Path
+    identity: dict[str, Any]  # everything that defines the run; its hash guards resumption
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: decayed matrices; undecayed norms, biases and tokens (MAE)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: ``auto`` is bf16 on CUDA and fp32 (no autocast) on the CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state without the frozen teacher (rebuilt from the teacher stage's export)."""
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+
+
+class Trainer:
+    """One training run: builds the optimizer and data, restores a checkpoint, steps, checkpoints."""
+
+    def __init__(self, model: nn.Module, crops: CropDataset, cfg: TrainConfig, run: Run) -> None:
+        self.cfg, self.run, self.crops = cfg, run, crops
+        self.spe = steps_per_epoch(len(crops), cfg.batch_size, cfg.accum_steps, run.world_size)
+        if self.spe == 0:
+            raise StageError(
+                f"{len(crops)} crops are too few for one step of batch_size {cfg.batch_size} × accum_steps "
+                f"{cfg.accum_steps} × {run.world_size} processes"
+            )
+        self.total = self.spe * cfg.epochs
+        self.warmup = round(cfg.warmup_epochs * self.spe)
+        self.effective_batch = cfg.batch_size * cfg.accum_steps * run.world_size
+        self.peak_lr = scaled_lr(cfg.blr, self.effective_batch)
+        self.dtype = resolve_dtype(cfg.precision, run.device)
+        self.model = model.to(run.device)
+        if cfg.sync_bn:
+            if run.device.type != "cuda":
+                raise StageError("sync_bn: true needs CUDA; this run is on the CPU")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, cfg.weight_decay), lr=self.peak_lr, betas=cfg.betas
+        )
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.dtype == torch.float16)
+        self.hash = run_hash({**run.identity, "world_size": run.world_size, "num_crops": len(crops)})
+        self.step, self.momentum = 0, float("nan")
+        self._restore()
+        self.net = self._wrap()
+        log.info(
+            "%d steps (%d epochs × %d), effective batch %d, peak lr %.3g, warm-up %d steps, %s",
+            self.total, cfg.epochs, self.spe, self.effective_batch, self.peak_lr, self.warmup, self.dtype,
+        )
+
+    def _wrap(self) -> nn.Module:
+        if not is_initialized():
+            return self.model
+        ids = [self.run.device.index] if self.run.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=False)
+
+    def _restore(self) -> None:
+        state = load_checkpoint(self.run.resume_dir, self.hash)
+        if state is None:
+            return
+        self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.momentum = state["step"], state["momentum"]
+        if (state["epoch"], state["index"]) != divmod(self.step, self.spe):
+            raise StageError(f"checkpoint data position {state['epoch'], state['index']} != step {self.step}")
+        set_rng_state(state["rng"][self.run.rank])
+
+    def _checkpoint(self) -> None:
+        """Gather every rank's RNG state; rank 0 writes the checkpoint."""
+        states = [rng_state()]
+        if is_initialized():
+            states = [None] * self.run.world_size
+            dist.all_gather_object(states, rng_state())
+        if self.run.rank != 0:
+            return
+        epoch, index = divmod(self.step, self.spe)
+        save_checkpoint(
+            {
+                "run_hash": self.hash, "step": self.step, "epoch": epoch, "index": index,
+                "momentum": self.momentum, "live_step": self.step, "rng": states,
+                "model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            },
+            self.run.resume_dir,
+        )
+
+    def _loader(self, epoch: int, start_step: int) -> DataLoader:
+        """Batches of ``epoch`` from optimizer step ``start_step`` on; no global RNG is drawn."""
+        cfg, run = self.cfg, self.run
+        per_step = cfg.batch_size * cfg.accum_steps
+        view = EpochView(
+            self.crops, run.seed, epoch, run.rank, run.world_size, self.spe * per_step, start_step * per_step
+        )
+        return DataLoader(
+            view, batch_size=cfg.batch_size, shuffle=False, drop_last=True, num_workers=cfg.num_workers,
+            pin_memory=run.device.type == "cuda", generator=torch.Generator().manual_seed(run.seed + epoch),
+        )
+
+    def _train_step(self, batches: list[torch.Tensor]) -> dict[str, float]:
+        """One optimizer step over ``accum_steps`` micro-batches; returns the rank-averaged loss terms."""
+        lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, self.cfg.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        terms: dict[str, torch.Tensor] = {}
+        for i, imgs in enumerate(batches):
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not is_initialized() else self.net.no_sync()
+            with sync:
+                with torch.autocast(self.run.device.type, self.dtype, enabled=self.dtype != torch.float32):
+                    out = self.net(imgs.to(self.run.device, non_blocking=True), self.run.mask_ratio)
+                self.scaler.scale(out["loss"] / len(batches)).backward()
+            for k, v in out.items():
+                terms[k] = terms.get(k, 0) + v.detach().float() / len(batches)
+        names = sorted(terms)
+        values = torch.stack([terms[k] for k in names])
+        if is_initialized():
+            dist.all_reduce(values)
+            values /= self.run.world_size
+        logged = dict(zip(names, values.tolist(), strict=True))
+        if not all(torch.isfinite(values).tolist()):
+            raise StageError(f"non-finite loss at step {self.step + 1} of {self.total}: {logged}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.momentum = self.model.momentum_at(self.step, self.total)
+        self.model.update_momentum(self.momentum)
+        self.step += 1
+        return {**logged, "lr": lr, "momentum": self.momentum}
+
+    def fit(self) -> nn.Module:
+        """Train to the last step (from the checkpoint, if any); returns the unwrapped model."""
+        live = self._live()
+        self.model.train()
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", disable=self.run.rank != 0)
+        while self.step < self.total:
+            epoch, index = divmod(self.step, self.spe)
+            batches: list[torch.Tensor] = []
+            for imgs in self._loader(epoch, index):
+                batches.append(imgs)
+                if len(batches) < self.cfg.accum_steps:
+                    continue
+                metrics, batches = self._train_step(batches), []
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.2e}")
+                if live is not None and (self.step % self.cfg.log_every == 0 or self.step == self.total):
+                    live.step = self.step
+                    for name, value in metrics.items():
+                        live.log_metric(f"train/{name}", value)
+                    live.sync()
+                if self.step % self.cfg.ckpt_every == 0 or self.step == self.total:
+                    self._checkpoint()
+        bar.close()
+        if live is not None:
+            live.end()
+        return self.model
+
+    def _live(self) -> Live | None:
+        """Rank 0's dvclive logger in the resume folder; rows past the checkpoint are dropped on resume."""
+        if self.run.rank != 0:
+            return None
+        live_dir = Path(self.run.resume_dir) / "live"
+        if self.step:
+            truncate_live(live_dir, self.step)
+        return Live(dir=str(live_dir), resume=self.step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
+
+
+def truncate_live(live_dir: Path, step: int) -> None:
+    """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint)."""
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        header, *rows = tsv.read_text().splitlines()
+        column = header.split("\t").index("step")
+        kept = [r for r in rows if int(r.split("\t")[column]) <= step]
+        with atomic_file(tsv) as tmp:
+            tmp.write_text("\n".join([header, *kept]) + "\n")
+
+
+def seed_process(seed: int, rank: int) -> None:
+    """Seed torch, NumPy and Python per rank, so ranks draw different masks from the same seed."""
+    derived = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    torch.manual_seed(derived)
+    np.random.seed(derived)
+    random.seed(derived)
+
+
+def train_and_export(
+    build_model: Callable[[], nn.Module],
+    data_dir: str | Path,
+    cfg: TrainConfig,
+    run: Run,
+    out: str | Path,
+    export: Callable[[nn.Module, Path], None],
+) -> None:
+    """Train on ``<data_dir>/shards`` (alone or under torchrun), then rank 0 writes ``out`` atomically.
+
+    ``run``'s rank, world size and device are filled in here from the process group. ``export``
+    writes the trained model into the temporary output folder; the dvclive folder joins it as
+    ``live/``. The resume folder is removed once the output exists, so the next run starts afresh.
+    """
+    rank, world_size, _, device = init_distributed()
+    try:
+        torch.manual_seed(run.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's)
+        model = build_model()
+        shard_dir = Path(data_dir) / "shards"
+        crops = CropDataset(shard_dir, model.cfg.backbone.img_size, cfg.cache_mb)
+        shards = [(p.name, p.stat().st_size) for p in sorted(shard_dir.glob("crops-*.tar"))]
+        run = dataclasses.replace(
+            run, rank=rank, world_size=world_size, device=device, identity={**run.identity, "shards": shards}
+        )
+        seed_process(run.seed, rank)
+        model = Trainer(model, crops, cfg, run).fit()
+        if rank == 0:
+            with atomic_dir(out) as tmp:
+                export(model, tmp)
+                live = Path(run.resume_dir) / "live"
+                if live.is_dir():
+                    shutil.copytree(live, tmp / "live")
+            shutil.rmtree(run.resume_dir, ignore_errors=True)
+        barrier()
+    finally:
+        cleanup()

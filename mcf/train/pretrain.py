@@ -1,0 +1,85 @@
+"""Stage ``pretrain``: the MCF objective (PROTOCOL.md §1) on the subset's crops.
+
+Reads ``<data>/shards`` (the subset stage) and the frozen teacher exported by the teacher stage,
+trains with :mod:`mcf.train.loop` and writes, in one rename, ``<out>/``:
+
+- ``checkpoint.pt``: ``{"model": MCF state dict without the teacher, "backbone": BackboneConfig
+  fields, "config": MCFConfig fields}`` (``mcf export`` and ``release.py`` read it);
+- ``backbone/``: the online encoder via ``save_backbone`` (what fine-tuning loads);
+- ``live/``: the dvclive metrics and plots.
+
+Resumable state lives in ``resume_dir``, outside the DVC output: DVC deletes a stage's outputs
+before running it, which would otherwise throw away the checkpoint of a killed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mcf.models.backbone import save_backbone
+from mcf.models.mcf import MCF, MCFConfig
+from mcf.models.teacher import load_teacher
+from mcf.params import Common, require_path
+from mcf.train.loop import Run, TrainConfig, model_state, train_and_export
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """The ``pretrain`` section of params.yaml. ``mask_ratio`` and ``seed`` are top-level keys."""
+
+    data: str = "outputs/subset"  # the subset stage's output; crops are read from <data>/shards
+    teacher: str = "outputs/teacher"  # the teacher stage's output (an exported backbone folder)
+    out: str = "outputs/pretrain"
+    resume_dir: str = "outputs/.resume/pretrain"  # not a DVC output: survives DVC's cleanup
+    model: MCFConfig = dataclasses.field(default_factory=MCFConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, streamed (a ViT-B teacher is ~350 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export(model: MCF, out: Path) -> None:
+    """Write ``checkpoint.pt`` and ``backbone/`` into the temporary output folder."""
+    torch.save(
+        {
+            "model": model_state(model),
+            "backbone": dataclasses.asdict(model.cfg.backbone),
+            "config": dataclasses.asdict(model.cfg),
+        },
+        out / "checkpoint.pt",
+    )
+    save_backbone(model.encoder, model.cfg.backbone, out / "backbone")
+
+
+def main(common: Common, cfg: PretrainConfig) -> None:
+    """Pre-train with the MCF objective; resume from ``resume_dir`` when a matching checkpoint exists."""
+    require_path(Path(cfg.data) / "shards", "pretrain.data")
+    identity = {
+        "stage": "pretrain", "seed": common.seed, "mask_ratio": common.mask_ratio,
+        "model": dataclasses.asdict(cfg.model), "train": cfg.train.identity(),
+    }
+    if cfg.model.uses_teacher:
+        require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher")
+        identity["teacher"] = file_digest(Path(cfg.teacher) / "backbone.pth")
+
+    def build() -> nn.Module:
+        teacher = load_teacher(f"mcf:{cfg.teacher}", cfg.model.backbone) if cfg.model.uses_teacher else None
+        return MCF(cfg.model, teacher)
+
+    run = Run(common.seed, common.mask_ratio, Path(cfg.resume_dir), identity)
+    train_and_export(build, cfg.data, cfg.train, run, cfg.out, export)
+    log.info("pretrain: wrote %s", cfg.out)

@@ -1,0 +1,109 @@
+"""Stage ``teacher``: the frozen feature teacher that pretrain's feature loss reads, in one format.
+
+``source`` decides where it comes from:
+
+- ``train``: pre-train a ViT with the MAE objective (``pixel_mae``) on the subset, with the same
+  loop as pretrain (the CPU default, since no teacher checkpoint ships with a fresh clone);
+- a teacher spec (``moco_v3:<path>``, ``timm:...``, ``mcf:<path>``; see :mod:`mcf.models.teacher`):
+  load it and re-save it in our export format;
+- ``random``: a random ViT of ``backbone``'s size, only when asked for by name.
+
+Either way ``<out>/`` is an exported backbone (``backbone.pth`` + ``backbone.json``), plus
+``teacher.json`` (``{"source": ...}``) and, when trained, ``live/`` (dvclive), so pretrain always
+loads ``mcf:<out>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mcf.io import atomic_dir
+from mcf.models.backbone import BackboneConfig, load_backbone, save_backbone
+from mcf.models.mcf import MCF, MCFConfig
+from mcf.models.release import infer_backbone_config
+from mcf.models.teacher import load_teacher, validate_teacher_spec
+from mcf.params import Common, ParamsError, param, require_path
+from mcf.train.loop import Run, TrainConfig, train_and_export
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The ``teacher`` section of params.yaml (its own mask ratio: the top-level one is pretrain's)."""
+
+    source: str = "train"  # train | random | moco_v3:<path> | timm:... | mcf:<path>
+    data: str = "outputs/subset"  # the subset stage's output (source train only)
+    out: str = "outputs/teacher"
+    resume_dir: str = "outputs/.resume/teacher"  # not a DVC output: survives DVC's cleanup
+    backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
+    decoder_dim: int = param(512, ge=4)
+    decoder_depth: int = param(8, ge=1)
+    decoder_heads: int = param(16, ge=1)
+    norm_pix_loss: bool = True
+    mask_ratio: float = param(0.75, gt=0.0, lt=1.0)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.source != "train":
+            try:
+                validate_teacher_spec(self.source)
+            except ValueError as err:
+                raise ParamsError("source", f"{err} (or 'train' to pre-train one with MAE)") from None
+        self.mae_config()  # decoder size checks
+
+    def mae_config(self) -> MCFConfig:
+        """The MAE model that trains the teacher: pixel loss, no teacher, no contrastive branch."""
+        return MCFConfig(
+            backbone=self.backbone, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
+            decoder_heads=self.decoder_heads, objective="pixel_mae", norm_pix_loss=self.norm_pix_loss,
+        )
+
+
+def export_trained(model: MCF, out: Path) -> None:
+    """Write the MAE-trained encoder as the teacher export."""
+    save_backbone(model.encoder, model.cfg.backbone, out)
+    (out / "teacher.json").write_text(json.dumps({"source": "train"}))
+
+
+def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None:
+    """Load a given teacher and re-save it; the export is read back before the rename."""
+    model = load_teacher(spec, backbone).model
+    size = infer_backbone_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads)
+    with atomic_dir(out) as tmp:
+        save_backbone(model, size, tmp)
+        reloaded = load_backbone(tmp)
+        for key, value in model.state_dict().items():
+            if not torch.equal(reloaded.state_dict()[key], value):
+                raise ValueError(f"teacher {spec}: weight {key} does not survive the export")
+        (tmp / "teacher.json").write_text(json.dumps({"source": spec}))
+    log.info("teacher: %s re-saved to %s as ViT %s", spec, out, size)
+
+
+def main(common: Common, cfg: TeacherConfig) -> None:
+    """Produce ``<out>/`` from ``cfg.source``."""
+    if cfg.source != "train":
+        torch.manual_seed(common.seed)  # a `random` teacher is reproducible
+        import_teacher(cfg.source, cfg.backbone, cfg.out)
+        shutil.rmtree(cfg.resume_dir, ignore_errors=True)
+        return
+    require_path(Path(cfg.data) / "shards", "teacher.data")
+    mae = cfg.mae_config()
+    identity = {
+        "stage": "teacher", "seed": common.seed, "mask_ratio": cfg.mask_ratio,
+        "model": dataclasses.asdict(mae), "train": cfg.train.identity(),
+    }
+
+    def build() -> nn.Module:
+        return MCF(mae)
+
+    run = Run(common.seed, cfg.mask_ratio, Path(cfg.resume_dir), identity)
+    train_and_export(build, cfg.data, cfg.train, run, cfg.out, export_trained)
+    log.info("teacher: trained with MAE, wrote %s", cfg.out)
