@@ -1,0 +1,113 @@
+"""Teacher loading: MoCo v3 / timm / mcf / random specs, exact weights, frozen, gradients pass through."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
+from mcf.models.mcf import MCF, MCFConfig
+from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec
+
+TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
+
+
+def assert_same_weights(teacher: FeatureTeacher, reference: torch.nn.Module) -> None:
+    ours, theirs = teacher.model.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_moco_v3_checkpoint_loads_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vit = create_backbone(TINY, num_classes=10)  # a head, as MoCo v3's base encoder has
+    state = {f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()}
+    state |= {f"module.momentum_encoder.{k}": torch.zeros_like(v) for k, v in vit.state_dict().items()}
+    state["module.predictor.0.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "moco.pth.tar"
+    torch.save({"epoch": 300, "arch": "vit_tiny", "state_dict": state}, path)
+    teacher = load_teacher(f"moco_v3:{path}", TINY)
+    vit.reset_classifier(0)
+    assert_same_weights(teacher, vit)
+    assert teacher.depth == 3 and teacher.img_size == (32, 32)
+    torch.save({"state_dict": vit.state_dict()}, tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="not a MoCo v3 checkpoint"):
+        load_teacher(f"moco_v3:{tmp_path / 'plain.pth'}", TINY)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("moco:x.pth", "moco_v3:<path>"),
+        ("teacher.pth", "random"),
+        ("timm:", "is not valid"),
+        ("timm:vit_tiny_patch16_224", "needs weights"),
+        ("timm:no_such_model_xyz:w.pth", "no model"),
+    ],
+)
+def test_bad_specs_fail_early(spec: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        validate_teacher_spec(spec)
+
+
+def test_random_must_be_explicit() -> None:
+    validate_teacher_spec("random")
+    validate_teacher_spec("timm:vit_tiny_patch16_224:random")
+    assert load_teacher("random", TINY).depth == 3
+    with pytest.raises(ValueError, match="needs weights"):
+        load_teacher("timm:vit_tiny_patch16_224", TINY)
+    with pytest.raises(ValueError, match="not found"):
+        load_teacher("mcf:/nonexistent/teacher.pth", TINY)
+
+
+def test_timm_name_with_weights_file(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000)
+    torch.save(vit.state_dict(), tmp_path / "w.pth")
+    teacher = load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'w.pth'}", TINY)
+    vit.reset_classifier(0)
+    assert_same_weights(teacher, vit)
+    assert teacher.img_size == (224, 224)
+    assert [f.shape for f in teacher(torch.randn(1, 3, 32, 32), [1, 2])] == [(1, 197, 192)] * 2
+
+
+def test_mcf_folder_and_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    vit = create_backbone(TINY)
+    save_backbone(vit, TINY, tmp_path / "export")
+    assert_same_weights(load_teacher(f"mcf:{tmp_path / 'export'}", TINY), vit)
+    ckpt = {"model": {f"encoder.{k}": v for k, v in vit.state_dict().items()},
+            "backbone": dataclasses.asdict(TINY)}
+    torch.save(ckpt, tmp_path / "last.pt")
+    assert_same_weights(load_teacher(f"mcf:{tmp_path / 'last.pt'}", TINY), vit)
+
+
+def test_features_are_raw_block_outputs() -> None:
+    teacher = load_teacher("random", TINY)
+    x = torch.randn(2, 3, 32, 32)
+    vit = teacher.model
+    tokens = torch.cat([vit.cls_token.expand(2, -1, -1), vit.patch_embed(x)], dim=1) + vit.pos_embed
+    expect = []
+    for block in vit.blocks:
+        tokens = block(tokens)
+        expect.append(tokens)
+    got = teacher(x, [2, 0])
+    torch.testing.assert_close(got[0], expect[2])
+    torch.testing.assert_close(got[1], expect[0])
+
+
+def test_teacher_frozen_but_gradients_reach_the_decoder() -> None:
+    cfg = MCFConfig(backbone=TINY, decoder_dim=32, decoder_depth=1, decoder_heads=2, feature_layers=(0, 2),
+                    contrastive=False)
+    torch.manual_seed(3)
+    model = MCF(cfg, load_teacher("random", TINY)).train()
+    assert not model.teacher.training and not model.teacher.model.training
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    model(torch.randn(2, 3, 32, 32), 0.75)["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.decoder_pred.weight.grad.abs().sum() > 0
+    assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
