@@ -1,0 +1,173 @@
+"""AFLW-19 loader on a .mat fixture written in the real field layout (scipy.io.savemat, cell nameList)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from mcf.data import transforms as T
+from mcf.data.aflw19 import AFLW19, AFLW19Config, AlignmentAugment, read_mat, table, to_original
+from mcf.errors import StageError
+from mcf.validate.gate import run_gate
+
+N, N_TRAIN, SIZE = 12, 8, 64
+NO_PHOTO = T.Photometric(gray_p=0.0, gamma_p=0.0, blur_p=0.0)
+
+
+def _write_tree(root: Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """N images with a box and 19 landmarks inside it; landmark 0 is drawn as a white dot."""
+    boxes, data, names = np.zeros((N, 4)), np.zeros((N, 38)), np.empty((N, 1), dtype=object)
+    mask = np.ones((N, 19))
+    for i in range(N):
+        w, h = int(rng.integers(120, 200)), int(rng.integers(120, 200))
+        left, top = rng.uniform(10, 30), rng.uniform(10, 30)
+        right, bottom = left + rng.uniform(60, w - 50), top + rng.uniform(60, h - 50)
+        pts = np.stack([rng.uniform(left + 8, right - 8, 19), rng.uniform(top + 8, bottom - 8, 19)], 1)
+        pts[17], pts[18] = (left, top), (right, bottom)  # on the box corners
+        boxes[i], data[i] = (left, right, top, bottom), np.concatenate([pts[:, 0], pts[:, 1]])
+        names[i, 0] = f"{i % 3 * (i % 3 != 1) }/image{i:05d}.jpg"  # folders 0, 2 as in the release
+        img = np.full((h, w, 3), 20, np.uint8)
+        # a dot centred on landmark 0 (OpenCV puts pixel centres at j, this package at j + 0.5)
+        cx, cy = (int(round((v - 0.5) * 16)) for v in pts[0])
+        cv2.circle(img, (cx, cy), 3 * 16, (255, 255, 255), -1, cv2.LINE_AA, shift=4)
+        path = root / "data" / "flickr" / names[i, 0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 98])
+    mask[[N_TRAIN, N_TRAIN + 2], 5] = 0  # two test rows are not frontal
+    ra = np.concatenate([rng.permutation(N_TRAIN), N_TRAIN + np.arange(N - N_TRAIN)]) + 1.0
+    fields = {"bbox": boxes, "data": data, "mask_new": mask, "nameList": names, "ra": ra[None, :]}
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), fields)
+    return fields
+
+
+@pytest.fixture()
+def tree(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    return tmp_path, _write_tree(tmp_path, np.random.default_rng(0))
+
+
+def _cfg(root: Path, **kw: object) -> AFLW19Config:
+    return AFLW19Config(root=str(root), n_train=N_TRAIN, size=SIZE, **kw)
+
+
+def test_read_mat_and_splits(tree: tuple[Path, dict]) -> None:
+    root, fields = tree
+    ann = read_mat(root)
+    assert ann.names[3] == fields["nameList"][3, 0]
+    np.testing.assert_allclose(ann.points[4, :, 1], fields["data"][4, 19:])
+    train, full = AFLW19(_cfg(root), "train"), AFLW19(_cfg(root), "full")
+    frontal = AFLW19(_cfg(root), "frontal")
+    assert (len(train), len(full), len(frontal)) == (N_TRAIN, N - N_TRAIN, N - N_TRAIN - 2)
+    assert set(train.indices) == set(range(N_TRAIN))
+    np.testing.assert_array_equal(train.indices, fields["ra"][0, :N_TRAIN].astype(int) - 1)
+    assert set(frontal.indices) == {N_TRAIN + 1, N_TRAIN + 3}
+    val = AFLW19(_cfg(root, n_val=2), "val")
+    assert len(val) == 2 and len(AFLW19(_cfg(root, n_val=2), "train")) == N_TRAIN - 2
+
+
+def test_sample_keys_and_box_maps_to_crop(tree: tuple[Path, dict]) -> None:
+    root, _ = tree
+    ds = AFLW19(_cfg(root), "full")
+    s = ds[1]
+    assert s["image"].shape == (3, SIZE, SIZE) and s["image"].dtype == torch.float32
+    assert s["landmarks"].shape == (19, 2) and s["matrix"].dtype == torch.float64
+    assert s["gt"].shape == (19, 2) and s["visible"].shape == (19,) and s["box"].shape == (4,)
+    np.testing.assert_allclose(s["landmarks"][17:].numpy(), [[0, 0], [1, 1]], atol=1e-6)
+    left, right, top, bottom = ds.ann.boxes[ds.indices[1]]
+    corners = T.apply(s["matrix"].numpy(), np.array([[left, top], [right, bottom]])) / SIZE
+    np.testing.assert_allclose(corners, [[0, 0], [1, 1]], atol=1e-12)
+    assert 0 <= s["landmarks"].min() and s["landmarks"].max() <= 1
+
+
+def test_inverse_mapping_is_exact_with_augmentation(tree: tuple[Path, dict]) -> None:
+    root, _ = tree
+    torch.manual_seed(1)
+    ds = AFLW19(_cfg(root), "train", augment=True)
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    back = to_original(batch["landmarks"].double(), batch["matrix"], SIZE)
+    np.testing.assert_allclose(back, batch["gt"].double().numpy(), atol=1e-3)  # float32 landmarks
+    exact = to_original(T.apply(batch["matrix"].numpy(), batch["gt"].double().numpy()) / SIZE,
+                        batch["matrix"], SIZE)
+    np.testing.assert_allclose(exact, batch["gt"].double().numpy(), atol=1e-9)
+
+
+def _dot_centre(image: torch.Tensor) -> np.ndarray:
+    """Intensity-weighted centre of the bright dot, in continuous crop pixels."""
+    gray = (image * torch.tensor(T.IMAGENET_STD)[:, None, None]).sum(0).numpy()
+    weight = np.clip(gray - gray.max() / 2, 0, None)
+    ys, xs = np.mgrid[: gray.shape[0], : gray.shape[1]] + 0.5
+    return np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
+
+
+def test_augmentation_keeps_landmarks_on_the_image(tree: tuple[Path, dict]) -> None:
+    """Geometric augmentation at full strength: the drawn dot stays under landmark 0."""
+    root, _ = tree
+    aug = AlignmentAugment(shift=0.05, rotation=10.0, occlusion_p=0.0, noise_p=0.0, photometric=NO_PHOTO)
+    torch.manual_seed(3)
+    ds = AFLW19(_cfg(root, augment=aug), "train", augment=True)
+    moved = 0.0
+    for i in range(len(ds)):
+        s = ds[i]
+        plain = AFLW19(_cfg(root), "train")[i]
+        moved = max(moved, float((s["landmarks"][0] - plain["landmarks"][0]).abs().max() * SIZE))
+        err = np.abs(_dot_centre(s["image"]) - s["landmarks"][0].numpy() * SIZE).max()
+        assert err < 0.2, f"sample {i}: dot {err:.2f} px away from the transformed landmark"
+    assert moved > 1.0  # the augmentation really moved the points
+
+
+def test_photometric_augmentation_runs(tree: tuple[Path, dict]) -> None:
+    root, _ = tree
+    full = T.Photometric(gray_p=1.0, gamma_p=1.0, blur_p=1.0)
+    aug = AlignmentAugment(occlusion_p=1.0, noise_p=1.0, photometric=full)
+    torch.manual_seed(0)
+    s = AFLW19(_cfg(root, augment=aug), "train", augment=True)[0]
+    std, mean = (torch.tensor(v)[:, None, None] for v in (T.IMAGENET_STD, T.IMAGENET_MEAN))
+    img = s["image"] * std + mean
+    assert torch.isfinite(img).all() and img.shape == (3, SIZE, SIZE)
+    assert (img.max(0).values - img.min(0).values).abs().max() < 0.02  # gray: channels agree
+
+
+def test_bad_files_fail_naming_the_file(tree: tuple[Path, dict]) -> None:
+    root, fields = tree
+    ds = AFLW19(_cfg(root), "train")
+    name = ds.ann.names[ds.indices[0]]
+    (root / "data" / "flickr" / name).unlink()
+    with pytest.raises(FileNotFoundError, match=name.replace("/", ".")):
+        ds[0]
+    name = ds.ann.names[ds.indices[1]]
+    (root / "data" / "flickr" / name).write_bytes(b"not a jpeg")
+    with pytest.raises(StageError, match=name.replace("/", ".")):
+        ds[1]
+    with pytest.raises(FileNotFoundError, match="AFLWinfo_release.mat"):
+        AFLW19(_cfg(root / "nowhere"), "train")
+    bad = dict(fields, data=fields["data"][:, :30])
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), bad)
+    with pytest.raises(StageError, match="data"):
+        read_mat(root)
+
+
+def test_table_passes_the_gate_and_catches_bad_rows(tree: tuple[Path, dict]) -> None:
+    root, fields = tree
+    df = table(_cfg(root), "full")
+    assert len(df) == N - N_TRAIN and df["exists"].all()
+    run_gate(df, "aflw19", stage="test")
+    data = fields["data"].copy()
+    data[N_TRAIN:, 0] = -50.0  # landmark 0 of every test image left of the image
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, data=data))
+    with pytest.raises(StageError, match="x_min"):
+        run_gate(table(_cfg(root), "full"), "aflw19", stage="test")
+
+
+def test_config_rejects_bad_values(tmp_path: Path) -> None:
+    from mcf.params import ParamsError, build
+
+    with pytest.raises(ParamsError, match="n_val"):
+        build(AFLW19Config, {"root": str(tmp_path), "n_train": 5, "n_val": 5})
+    with pytest.raises(ParamsError, match="augment.scale_max"):
+        build(AFLW19Config, {"augment": {"scale_min": 1.2, "scale_max": 1.0}})
+    assert dataclasses.asdict(build(AFLW19Config, {}))["augment"]["rotation"] == 10.0
