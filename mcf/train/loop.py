@@ -35,7 +35,7 @@ from mcf.io import atomic_dir, atomic_file
 from mcf.params import ParamsError, param
 from mcf.train.checkpoint import load_checkpoint, rng_state, run_hash, save_checkpoint, set_rng_state
 from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
-from mcf.train.schedule import lr_at, scaled_lr
+from mcf.train.schedule import lr_at, scaled_lr, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,7 @@ class Trainer:
     def _train_step(self, batches: list[torch.Tensor]) -> dict[str, float]:
         """One optimizer step over ``accum_steps`` micro-batches; returns the rank-averaged loss terms."""
         lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, self.cfg.min_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         terms: dict[str, torch.Tensor] = {}
         for i, imgs in enumerate(batches):
             last = i == len(batches) - 1

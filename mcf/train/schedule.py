@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
     """The linear scaling rule: ``lr = blr × effective_batch / 256`` (MAE, MCF)."""
@@ -27,7 +29,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: object, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Write ``lr`` into every param group (all groups share it; only weight decay differs)."""
-    for group in optimizer.param_groups:  # type: ignore[attr-defined]
+    for group in optimizer.param_groups:
         group["lr"] = lr

@@ -1,0 +1,212 @@
+"""Pretrain and teacher stages on a tiny ViT and a few crops: schedule, data order, guards, outputs.
+
+The helpers at the top (``make_workspace``, ``write_params``) are shared with test_resume.py and
+test_ddp.py: a subset of synthetic crops in the real shard format plus a random teacher export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from mcf.cli import main as cli_main
+from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
+from mcf.data.shards import encode_jpeg, write_shards
+from mcf.errors import StageError
+from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, save_backbone
+from mcf.models.release import export_backbone
+from mcf.params import load
+from mcf.train import pretrain, teacher
+from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mcf.train.schedule import lr_at, scaled_lr
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def make_workspace(root: Path, n: int = 96) -> Path:
+    """Write ``root/subset/shards`` (``n`` 40-px crops: a coloured square on a plain ground) and a
+    random teacher export in ``root/teacher``."""
+    rng = np.random.default_rng(0)
+
+    def samples() -> Any:
+        for i in range(n):
+            img = np.full((40, 40, 3), rng.integers(0, 256, 3), np.uint8)
+            y, x = rng.integers(6, 34, 2)
+            img[y - 6 : y + 6, x - 6 : x + 6] = rng.integers(0, 256, 3)
+            yield f"crop{i:05d}", encode_jpeg(img), {"crop_id": f"crop{i:05d}"}
+
+    write_shards(samples(), root / "subset" / "shards", shard_size=40)
+    torch.manual_seed(0)
+    save_backbone(create_backbone(BackboneConfig(**TINY)), BackboneConfig(**TINY), root / "teacher")
+    return root
+
+
+def write_params(root: Path, name: str = "params.yaml", **train: Any) -> Path:
+    """A params file for both stages at the tiny size; ``train`` overrides pretrain.train keys."""
+    train_cfg = {"epochs": 2, "warmup_epochs": 1, "batch_size": 8, "ckpt_every": 1, "log_every": 1, **train}
+    decoder = {"decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
+    params = {
+        "seed": 0,
+        "mask_ratio": 0.75,
+        "teacher": {
+            "data": str(root / "subset"), "out": str(root / "teacher_trained"),
+            "resume_dir": str(root / ".resume" / "teacher"), "backbone": TINY, **decoder,
+            "train": {"epochs": 1, "warmup_epochs": 0, "batch_size": 16},
+        },
+        "pretrain": {
+            "data": str(root / "subset"), "teacher": str(root / "teacher"), "out": str(root / name[:-5]),
+            "resume_dir": str(root / ".resume" / name[:-5]),
+            "model": {
+                "backbone": TINY, **decoder, "feature_layers": [0, 1],
+                "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32,
+            },
+            "train": train_cfg,
+        },
+    }
+    path = root / name
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def tsv_column(path: Path, column: str) -> list[float]:
+    header, *rows = path.read_text().splitlines()
+    index = header.split("\t").index(column)
+    return [float(r.split("\t")[index]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("pretrain"))
+
+
+def test_lr_schedule_formula() -> None:
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)  # the paper: 8 GPUs × 64 × 8 accumulation
+    peak, total, warmup = 1e-3, 100, 10
+    assert lr_at(0, total, warmup, peak) == 0.0
+    assert lr_at(5, total, warmup, peak) == pytest.approx(5e-4)
+    assert lr_at(10, total, warmup, peak) == pytest.approx(peak)
+    assert lr_at(55, total, warmup, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(99, total, warmup, peak, min_lr=1e-5) == pytest.approx(
+        1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * 89 / 90))
+    )
+    assert lr_at(3, total, 0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 3 / 100)))
+
+
+def test_epoch_view_order_ranks_and_workers(workspace: Path) -> None:
+    crops = CropDataset(workspace / "subset" / "shards", 32, cache_mb=64)
+    assert len(crops) == 96 and crops[0].shape == (3, 32, 32) and crops[0].dtype == torch.uint8
+    on_disk = CropDataset(workspace / "subset" / "shards", 32, cache_mb=0)
+    assert on_disk.cache is None and torch.equal(on_disk[17], crops[17])
+    assert steps_per_epoch(96, 8, 2, 2) == 3
+
+    def indices(seed: int, epoch: int, rank: int, world: int, start: int = 0) -> list[int]:
+        return EpochView(crops, seed, epoch, rank, world, 96 // world, start).indices.tolist()
+
+    full = indices(0, 0, 0, 1)
+    assert sorted(full) == list(range(96)) and full == indices(0, 0, 0, 1)
+    assert full != indices(0, 1, 0, 1) and full != indices(1, 0, 0, 1)
+    ranks = [indices(0, 0, r, 2) for r in range(2)]
+    assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) == len(ranks[1]) == 48
+    assert indices(0, 0, 1, 2, start=10) == ranks[1][10:]
+    # the flip of a crop depends on (seed, epoch, crop), not on the rank split or the position
+    view1, view2 = EpochView(crops, 0, 0, 0, 1, 96, 0), EpochView(crops, 0, 0, 1, 2, 48, 5)
+    i = view2.indices[0]
+    assert torch.equal(view1[view1.indices.tolist().index(i)], view2[0])
+    flipped = [k for k in range(96) if view1.flips[k]]
+    assert 20 < len(flipped) < 76
+    serial = list(DataLoader(view2, batch_size=8))
+    parallel = list(DataLoader(view2, batch_size=8, num_workers=2))
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
+
+
+def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:
+    common, cfg = load("pretrain", write_params(workspace, "run.yaml", accum_steps=2, ckpt_every=4))
+    pretrain.main(common, cfg)
+    out = Path(cfg.out)
+    assert not Path(cfg.resume_dir).exists()  # finished runs leave no resume state
+    backbone = load_backbone(out / "backbone")
+    assert backbone.embed_dim == 32
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("teacher.") for k in ckpt["model"])
+    assert {"momentum_encoder.cls_token", "projector.0.weight", "predictor.0.weight"} <= set(ckpt["model"])
+    export_backbone(out / "checkpoint.pt", workspace / "exported")  # the model engineer's reader
+    assert torch.equal(load_backbone(workspace / "exported").pos_embed, backbone.pos_embed)
+    # lr = blr × (8 × 2 × 1) / 256, warm-up 1 epoch (6 steps of 16 crops), then the half-cosine
+    plots = out / "live" / "plots" / "metrics" / "train"
+    total, warmup, peak = 12, 6, 1.5e-4 * 16 / 256
+    assert tsv_column(plots / "lr.tsv", "step") == list(range(1, total + 1))
+    expected = [lr_at(s, total, warmup, peak) for s in range(total)]
+    assert tsv_column(plots / "lr.tsv", "lr") == pytest.approx(expected)
+    assert set(tsv_column(plots / "momentum.tsv", "momentum")) == {0.99}
+    metrics = json.loads((out / "live" / "metrics.json").read_text())
+    assert metrics["step"] == total and math.isfinite(metrics["train"]["loss_feature"])
+
+
+def test_nan_guard_names_the_step(workspace: Path) -> None:
+    common, cfg = load("pretrain", write_params(workspace, "nan.yaml", blr=1e38, warmup_epochs=0))
+    with pytest.raises(StageError, match=r"non-finite loss at step 2 of 24"):
+        pretrain.main(common, cfg)
+    assert not Path(cfg.out).exists()
+
+
+def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
+    common, cfg = load("teacher", write_params(workspace, "teach.yaml"))
+    teacher.main(common, cfg)
+    trained = load_backbone(cfg.out)
+    assert json.loads((Path(cfg.out) / "teacher.json").read_text()) == {"source": "train"}
+    assert (Path(cfg.out) / "live" / "metrics.json").is_file()
+    for spec in (f"mcf:{cfg.out}", "random"):
+        out = workspace / f"imported-{spec[:3]}"
+        teacher.import_teacher(spec, cfg.backbone, out)
+        reloaded = load_backbone(out)
+        same = torch.equal(reloaded.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
+        assert same == (spec != "random")
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        ({"mask_ratio": 1.0}, "mask_ratio: must be < 1.0"),
+        ({"teacher": {"source": "dino:weights.pth"}}, "teacher.source: teacher spec 'dino:weights.pth'"),
+        ({"teacher": {"source": "timm:vit_small_patch16_224"}}, "teacher.source: teacher spec"),
+        ({"pretrain": {"train": {"warmup_epochs": 5}}}, "pretrain.train.warmup_epochs: must be <= epochs"),
+        ({"pretrain": {"model": {"objective": "pixel"}}}, "pretrain.model.objective: must be one of"),
+    ],
+)
+def test_invalid_params_fail_before_training(
+    workspace: Path, edit: dict, fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = yaml.safe_load(write_params(workspace, "bad.yaml").read_text())
+    for key, value in edit.items():
+        if isinstance(value, dict):
+            section = params[key]
+            for sub, v in value.items():
+                section[sub] = {**section[sub], **v} if isinstance(v, dict) else v
+        else:
+            params[key] = value
+    (workspace / "bad.yaml").write_text(yaml.safe_dump(params))
+    assert cli_main(["pretrain", "--params", str(workspace / "bad.yaml")]) == 2
+    assert fragment in capsys.readouterr().err
+    assert not (workspace / "bad").exists() and not (workspace / ".resume" / "bad").exists()
+
+
+def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> None:
+    state = rng_state()
+    expected = (torch.rand(3), np.random.rand(2), random.random())
+    save_checkpoint({"run_hash": "aaaa", "step": 3, "rng": [state]}, tmp_path)
+    with pytest.raises(StageError, match="other params"):
+        load_checkpoint(tmp_path, "bbbb")
+    loaded = load_checkpoint(tmp_path, "aaaa")
+    set_rng_state(loaded["rng"][0])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(2), expected[1])
+    assert random.random() == expected[2]
