@@ -140,11 +140,12 @@ def backbone_from_checkpoint(
     return state, infer_backbone_config(state, num_heads)
 
 
-def load_release_state_dict(model: nn.Module, obj: Mapping[str, Any]) -> LoadReport:
+def load_release_state_dict(model: nn.Module, obj: Mapping[str, Any], assign: bool = False) -> LoadReport:
     """Load a release-layout state dict into an :class:`~mcf.models.mcf.MCF` model.
 
     The backbone must fit exactly (no missing or unexpected ``encoder.*`` weights, same shapes), or
     this raises ``ValueError``; other parts load where the model has them and are reported otherwise.
+    ``assign`` adopts the checkpoint's tensors (for a model built on the meta device: no wasted init).
     """
     own = model.state_dict()
     loaded: dict[str, Tensor] = {}
@@ -164,7 +165,7 @@ def load_release_state_dict(model: nn.Module, obj: Mapping[str, Any]) -> LoadRep
     bad += [k for k in unexpected if (_rename(k, RELEASE_TO_MCF) or "").startswith("encoder.")]
     if bad:
         raise ValueError(f"release backbone does not match the model: {bad[:8]}")
-    model.load_state_dict(loaded, strict=False)
+    model.load_state_dict(loaded, strict=False, assign=assign)
     log.info("release weights: %d loaded, %d missing, %d unexpected, %d dropped",
              len(loaded), len(missing), len(unexpected), len(dropped))
     return LoadReport(sorted(loaded), missing, unexpected, dropped)
@@ -196,8 +197,9 @@ def export_backbone(
     else:
         obj = read_weights(source) if isinstance(source, str | Path) else source
         state, cfg = backbone_from_checkpoint(obj, num_heads)
-        encoder = create_backbone(cfg)
-        encoder.load_state_dict(state, strict=True)
+        with torch.device("meta"):  # every weight comes from the checkpoint: skip the random init
+            encoder = create_backbone(cfg)
+        encoder.load_state_dict(state, strict=True, assign=True)
     save_backbone(encoder, cfg, out_dir)
     log.info("exported %s backbone to %s", cfg, out_dir)
     return cfg

@@ -1,0 +1,112 @@
+"""Official release layout ↔ MCF: every key of the release's ViT-B/16 file maps, and exports load in timm."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from mcf.models.backbone import BackboneConfig, load_backbone
+from mcf.models.export import cli
+from mcf.models.mcf import MCF, MCFConfig
+from mcf.models.release import export_backbone, load_release_state_dict, to_release_state_dict
+from mcf.models.teacher import FeatureTeacher, load_teacher
+
+# Every key and shape of the public release's ViT-B/16 model (a copy of the team's reference list).
+TSV = Path(__file__).parent / "data" / "mcf_release_vit_b16_state_dict_keys.tsv"
+TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+
+
+def release_keys() -> list[tuple[str, tuple[int, ...]]]:
+    rows = [line.split("\t") for line in TSV.read_text().splitlines() if line and not line.startswith("#")]
+    return [(key, tuple(ast.literal_eval(shape))) for key, shape in rows]
+
+
+@pytest.fixture(scope="module")
+def release_sd() -> dict[str, torch.Tensor]:
+    """A state dict with the release's names and shapes; tensor i holds only the value i, so placement
+    shows. Each is a broadcast view of one number: ViT-B sizes at no memory (or disk) cost."""
+    sd = {}
+    for i, (key, shape) in enumerate(release_keys()):
+        dtype = torch.long if key.endswith("num_batches_tracked") else torch.float32
+        sd[key] = torch.tensor(i, dtype=dtype).expand(shape)
+    return sd
+
+
+def meta_vit_b_mcf() -> MCF:
+    """The paper's MCF built on the meta device (shapes only), with a ViT-B teacher holding a head."""
+    with torch.device("meta"):
+        teacher = FeatureTeacher(timm.create_model("vit_base_patch16_224", num_classes=0))
+        return MCF(MCFConfig(), teacher)
+
+
+def test_release_file_loads_without_missing_or_unexpected_keys(release_sd: dict, tmp_path: Path) -> None:
+    assert len(release_sd) == 583
+    model = meta_vit_b_mcf()
+    report = load_release_state_dict(model, {"model": release_sd, "optimizer": {}}, assign=True)
+    assert report.missing == [] and report.unexpected == []
+    assert report.dropped == ["perceptual_loss.model.head.weight", "perceptual_loss.model.head.bias"]
+    back = to_release_state_dict(model)
+    assert back.keys() == release_sd.keys() - set(report.dropped)
+    assert all(torch.equal(back[k], release_sd[k]) for k in back)
+    fc2_bias = release_sd["online_encoder.blocks.11.mlp.fc2.bias"]
+    assert torch.equal(model.encoder.blocks[11].mlp.fc2.bias, fc2_bias)
+    assert torch.equal(model.projector[4].running_var, release_sd["online_encoder.fc.4.running_var"])
+    assert torch.equal(model.momentum_projector[0].weight, release_sd["target_encoder.fc.0.weight"])
+
+    export_backbone(model, tmp_path / "ours")
+    export_backbone({"model": release_sd}, tmp_path / "release")
+    for folder in ("ours", "release"):
+        state = torch.load(tmp_path / folder / "backbone.pth", weights_only=True)
+        with torch.device("meta"):
+            vit = timm.create_model("vit_base_patch16_224", num_classes=0)
+        assert state.keys() == vit.state_dict().keys()
+        vit.load_state_dict(state, strict=True, assign=True)
+        qkv = release_sd["online_encoder.blocks.3.attn.qkv.weight"]
+        assert torch.equal(state["blocks.3.attn.qkv.weight"], qkv)
+
+
+def test_backbone_mismatch_fails(release_sd: dict) -> None:
+    broken = {k: v for k, v in release_sd.items() if k != "online_encoder.blocks.4.norm1.weight"}
+    with pytest.raises(ValueError, match="encoder.blocks.4.norm1.weight"):
+        load_release_state_dict(meta_vit_b_mcf(), broken, assign=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_release_state_dict(meta_vit_b_mcf(), {"online_encoder.cls_token": torch.zeros(1, 1, 64)})
+
+
+def tiny_model(seed: int, **changes: object) -> MCF:
+    torch.manual_seed(seed)
+    cfg = MCFConfig(backbone=TINY, decoder_dim=32, decoder_depth=1, decoder_heads=2, feature_layers=(0, 1),
+                    proj_hidden=32, proj_dim=16, pred_hidden=32, **changes)
+    return MCF(cfg, load_teacher("random", TINY) if cfg.uses_teacher else None)
+
+
+def test_round_trip_between_models_and_partial_models() -> None:
+    source, target = tiny_model(0), tiny_model(1)
+    report = load_release_state_dict(target, to_release_state_dict(source))
+    assert report.missing == report.unexpected == []
+    assert all(torch.equal(v, target.state_dict()[k]) for k, v in source.state_dict().items())
+    pixel = tiny_model(2, objective="pixel_mae")
+    report = load_release_state_dict(pixel, to_release_state_dict(source))
+    assert report.missing == []
+    absent = ("online_encoder.fc.", "target_encoder.", "perceptual_loss.model.", "predictor.")
+    assert {next(p for p in absent if k.startswith(p)) for k in report.unexpected} == set(absent)
+    assert torch.equal(pixel.encoder.pos_embed, source.encoder.pos_embed)
+
+
+def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) -> None:
+    model = tiny_model(3)
+    ours = {"model": model.state_dict(), "backbone": dataclasses.asdict(TINY), "step": 10}
+    torch.save(ours, tmp_path / "last.pt")
+    torch.save({"model": to_release_state_dict(model)}, tmp_path / "release.pth")
+    # the release layout does not record the head count: 64 channels per head unless told
+    for name, extra in (("last.pt", []), ("release.pth", ["--num-heads", "2"])):
+        out = tmp_path / f"export-{name}"
+        assert cli(["--checkpoint", str(tmp_path / name), "--out", str(out), *extra]) == 0
+        exported = load_backbone(out)
+        assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in exported.state_dict().items())
+        assert exported.blocks[0].attn.num_heads == 2
