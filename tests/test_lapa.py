@@ -1,0 +1,176 @@
+"""LaPa loader and tanh-polar warp on a fixture tree written in the real LaPa layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mcf.data import transforms as T
+from mcf.data.lapa import (
+    ALIGN_POINTS,
+    TEMPLATE,
+    LaPa,
+    LaPaConfig,
+    ParsingAugment,
+    points_from_original,
+    points_to_original,
+    sample_params,
+    table,
+    warp_to_original,
+)
+from mcf.errors import StageError
+from mcf.validate.gate import run_gate
+
+SIZE = 128
+# one distinct colour per class, so an image pixel tells which label it should carry
+PALETTE = np.array([[0, 0, 0], [230, 180, 150], [120, 60, 20], [20, 60, 120], [0, 200, 0], [0, 0, 230],
+                    [230, 0, 230], [230, 0, 0], [250, 250, 0], [0, 230, 230], [120, 120, 120]], np.uint8)
+
+
+def _face(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A label map, its colour image and 106 landmarks with the 5 alignment points on the face."""
+    angle, scale = rng.uniform(-0.4, 0.4), rng.uniform(0.33, 0.4)
+    m = T.around((256, 256), angle, scale, (w / 2 - 256 + rng.uniform(-8, 8), h / 2 - 256))
+    five = T.apply(m, TEMPLATE)
+    label = np.zeros((h, w), np.uint8)
+    centre = T.apply(m, np.array([[256.0, 290.0]]))[0]
+    deg = float(np.rad2deg(angle))
+
+    def ellipse(c: np.ndarray, axes: tuple[float, float], value: int) -> None:
+        box = ((float(c[0]), float(c[1])), (2 * axes[0] * scale, 2 * axes[1] * scale), deg)
+        cv2.ellipse(label, box, value, -1)
+
+    ellipse(T.apply(m, np.array([[256.0, 170.0]]))[0], (190, 130), 10)  # hair
+    ellipse(centre, (150, 190), 1)  # skin
+    for pt, cls in zip(five, (4, 5, 6), strict=False):  # eyes, nose
+        ellipse(pt, (26, 16), cls)
+    ellipse(five[3:].mean(0) - [0, 8 * scale], (40, 9), 7)
+    ellipse(five[3:].mean(0) + [0, 8 * scale], (40, 9), 9)
+    points = rng.uniform(0, min(w, h), (106, 2))
+    points[list(ALIGN_POINTS)] = five
+    return label, PALETTE[label], points
+
+
+def _write(root: Path, split: str, stem: str, rng: np.random.Generator) -> np.ndarray:
+    w, h = int(rng.integers(220, 280)), int(rng.integers(230, 290))
+    label, rgb, points = _face(rng, w, h)
+    base = root / "LaPa" / split
+    for sub in ("images", "labels", "landmarks"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(base / "images" / f"{stem}.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 97])
+    cv2.imwrite(str(base / "labels" / f"{stem}.png"), label)
+    lines = ["106"] + [f"{x:.3f} {y:.3f}" for x, y in points]
+    (base / "landmarks" / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    return label
+
+
+@pytest.fixture()
+def root(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1), ("test", 2)):
+        for i in range(n):
+            _write(tmp_path, split, f"{split}_{i:04d}", rng)
+    return tmp_path
+
+
+def _cfg(root: Path, **kw: object) -> LaPaConfig:
+    return LaPaConfig(root=str(root), **{"size": SIZE, **kw})
+
+
+def test_sample_keys_and_alignment(root: Path) -> None:
+    ds = LaPa(_cfg(root), "test")
+    assert len(ds) == 2
+    s = ds[0]
+    assert s["image"].shape == (3, SIZE, SIZE) and s["label"].shape == (SIZE, SIZE)
+    assert s["label"].dtype == torch.int64 and s["name"] == "test/test_0000"
+    h, w = cv2.imread(str(root / "LaPa/test/labels/test_0000.png"), cv2.IMREAD_UNCHANGED).shape
+    assert tuple(s["orig_size"].tolist()) == (h, w)
+    _, _, points = ds.read(0)
+    aligned = T.apply(s["params"]["matrix"].numpy(), points[list(ALIGN_POINTS)])
+    np.testing.assert_allclose(aligned, TEMPLATE, atol=5e-3)  # the file keeps 3 decimals
+    assert set(np.unique(s["label"].numpy())) >= {0, 1, 4, 5, 6, 7, 9, 10}
+
+
+def test_point_round_trip_inside_and_at_roi_edge(root: Path) -> None:
+    s = LaPa(_cfg(root), "train")[1]
+    params = s["params"]
+    inv = T.invert(params["matrix"].numpy())
+    rng = np.random.default_rng(1)
+    inside = rng.uniform(100, 412, (200, 2))  # aligned square: the face
+    angles = rng.uniform(0, 2 * np.pi, 200)
+    edge = 256 + 256 * np.stack([np.cos(angles), np.sin(angles)], 1) * rng.uniform(0.95, 1.3, (200, 1))
+    for aligned in (inside, edge):
+        orig = T.apply(inv, aligned)
+        back = points_to_original(points_from_original(orig, params, SIZE), params, SIZE)
+        assert np.abs(back - orig).max() < 0.5
+        assert np.abs(back - orig).max() < 1e-6  # in fact analytic
+    # the ROI's inscribed circle lands on rho = warp_factor
+    warped = points_from_original(T.apply(inv, np.array([[512.0, 256.0], [256.0, 0.0]])), params, 512)
+    np.testing.assert_allclose(warped, [[256 + 0.8 * 256, 256], [256, 256 - 0.8 * 256]], atol=1e-6)
+
+
+def test_label_warp_and_back_keeps_the_face(root: Path) -> None:
+    cfg = _cfg(root, size=512)
+    ds = LaPa(cfg, "test")
+    batch = torch.utils.data.default_collate([ds[i] for i in range(2)])
+    for i in range(2):
+        label = ds.read(i)[1]
+        onehot = torch.nn.functional.one_hot(batch["label"][i], 11).permute(2, 0, 1).float()
+        back = warp_to_original(onehot, sample_params(batch["params"], i), batch["orig_size"][i])
+        assert back.shape == (11, *label.shape)
+        h, w = label.shape
+        grid = np.stack(np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5), -1)
+        aligned = T.apply(batch["params"]["matrix"][i].numpy(), grid)
+        face = (aligned > 0).all(-1) & (aligned < 512).all(-1)  # inside the aligned square
+        agree = (back.argmax(0).numpy() == label)[face].mean()
+        assert face.sum() > 10000 and agree >= 0.99, f"{agree:.4f} of {face.sum()} face pixels kept"
+
+
+def test_augmentation_moves_image_and_label_together(root: Path) -> None:
+    aug = ParsingAugment(photometric=T.Photometric(gray_p=0.0, gamma_p=0.0, blur_p=0.0))
+    torch.manual_seed(0)
+    ds = LaPa(_cfg(root, augment=aug), "train", augment=True)
+    plain = LaPa(_cfg(root), "train")
+    for i in range(len(ds)):
+        s = ds[i]
+        rgb = (s["image"] * torch.tensor(T.IMAGENET_STD)[:, None, None]
+               + torch.tensor(T.IMAGENET_MEAN)[:, None, None]).permute(1, 2, 0).numpy() * 255
+        nearest = np.linalg.norm(rgb[:, :, None] - PALETTE[None, None].astype(float), axis=-1).argmin(-1)
+        label = s["label"].numpy()
+        agree = (nearest == label)[(nearest > 0) | (label > 0)].mean()  # over the face, not the black
+        assert agree > 0.94, f"sample {i}: image colour matches its label on {agree:.3f} of the face"
+        assert not torch.equal(s["label"], plain[i]["label"])  # the augmentation did move things
+        nose = points_from_original(ds.read(i)[2][[54]], s["params"], SIZE)[0]
+        ys, xs = np.nonzero(s["label"].numpy() == 6)
+        np.testing.assert_allclose([xs.mean() + 0.5, ys.mean() + 0.5], nose, atol=1.0)
+
+
+def test_bad_files_fail_naming_the_file(root: Path) -> None:
+    ds = LaPa(_cfg(root), "train")
+    (root / "LaPa/train/images/train_0000.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="train_0000.jpg"):
+        ds[0]
+    cv2.imwrite(str(root / "LaPa/train/labels/train_0001.png"), np.zeros((10, 12), np.uint8))
+    with pytest.raises(StageError, match="train_0001.png"):
+        ds[1]
+    (root / "LaPa/train/landmarks/train_0002.txt").write_text("106\n1 2\n")
+    with pytest.raises(StageError, match="train_0002.txt"):
+        ds[2]
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        LaPa(_cfg(root / "nowhere"), "train")
+
+
+def test_table_passes_the_gate_and_catches_bad_rows(root: Path) -> None:
+    df = table(_cfg(root), "train")
+    assert len(df) == 3 and df["size_match"].all() and (df["label_max"] == 10).all()
+    run_gate(df, "lapa", stage="test")
+    cv2.imwrite(str(root / "LaPa/train/labels/train_0001.png"), np.full((40, 40), 12, np.uint8))
+    (root / "LaPa/train/landmarks/train_0002.txt").unlink()
+    with pytest.raises(StageError) as err:
+        run_gate(table(_cfg(root), "train"), "lapa", stage="test")
+    for column in ("label_max", "size_match", "has_landmarks", "n_landmarks"):
+        assert column in str(err.value)
