@@ -1,0 +1,234 @@
+"""Prefect flow ``mcf``: the DVC pipeline's stages as Prefect tasks, in dependency order.
+
+Each task runs ``dvc repro --single-item <stage>``, so a Prefect run and a plain ``dvc repro`` share one
+cache, one run-cache and one ``dvc.lock``: a stage whose deps, params and command are unchanged is
+skipped, and one that ran before with the same inputs is restored from the run-cache, whoever ran it.
+The stage list and order come from ``dvc.yaml`` (foreach/matrix stages appear as ``name@item``).
+The flow is a thin shell: what a stage does lives in ``mcf <stage>``, what it depends on in dvc.yaml.
+
+Deployments (``prefect.yaml``) run it on the ``gpu`` work pool; see the README for the set-up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+from dvc.repo import Repo
+from dvc.stage import PipelineStage
+from prefect import Task, flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
+GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing"})
+RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a transient error
+RETRY_DELAY_S = 30
+TAIL_LINES = 40
+Outcome = Literal["ran", "restored", "unchanged"]
+
+
+class StageFailed(RuntimeError):
+    """A stage's ``dvc repro`` exited non-zero; the message names the stage and ends with its log tail."""
+
+    def __init__(self, stage: str, returncode: int, tail: list[str]) -> None:
+        self.stage = stage
+        super().__init__(
+            f"stage {stage!r} failed: `dvc repro --single-item {stage}` exited {returncode}; "
+            f"last {len(tail)} lines of its output:\n" + "\n".join(tail)
+        )
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What one task did: ``ran`` the command, ``restored`` outputs from the run-cache, or nothing."""
+
+    stage: str
+    outcome: Outcome
+    seconds: float
+
+
+def _base(address: str) -> str:
+    """``finetune_alignment@mcf`` -> ``finetune_alignment`` (the name in params.yaml and the CLI)."""
+    return address.split(":")[-1].split("@")[0]
+
+
+def plan(root: Path, targets: list[str] | None = None) -> list[str]:
+    """Stage addresses in dependency order: ``targets`` plus everything upstream, or the whole pipeline.
+
+    A target is an address (``finetune_alignment@mcf``) or a stage name standing for all its
+    foreach/matrix items. Upstream stages are included as ``dvc repro <target>`` would: they cost a
+    second when up to date, and a stage never runs on inputs DVC does not know about. Ties keep the
+    order of dvc.yaml.
+    """
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edge: stage -> a stage whose output it depends on
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+        if not stages:
+            raise ValueError(f"no pipeline stages in {root}/dvc.yaml")
+        chosen = set(stages)
+        if targets:
+            chosen = set()
+            for target in targets:
+                hits = [s for s in stages if target in (s.addressing, _base(s.addressing))]
+                if not hits:
+                    valid = ", ".join(s.addressing for s in stages)
+                    raise ValueError(f"unknown stage {target!r} (valid: {valid})")
+                for stage in hits:
+                    chosen |= {stage} | (nx.descendants(graph, stage) & set(stages))
+        position = {stage: i for i, stage in enumerate(stages)}
+        order = nx.lexicographical_topological_sort(graph.subgraph(chosen).reverse(), key=position.get)
+        return [stage.addressing for stage in order]
+
+
+def _outcome(line: str, current: Outcome) -> Outcome:
+    """Read DVC's own report of what it did with a stage."""
+    if line.startswith("Running stage '"):
+        return "ran"
+    if "is cached - skipping run" in line:
+        return "restored"
+    return current
+
+
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
+def repro(stage: str) -> StageRun:
+    """Run one stage through DVC, streaming its output to the run's log."""
+    logger = get_run_logger()
+    start, outcome = time.monotonic(), "unchanged"
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    env = {"TQDM_MININTERVAL": "30", **os.environ}  # progress bars: a line every 30 s, not a flood
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        try:
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                if line:
+                    logger.info(line)
+                    tail.append(line)
+                    outcome = _outcome(line, outcome)
+        except BaseException:
+            proc.terminate()  # cancelled: the stage's atomic outputs leave nothing half-written
+            raise
+    if proc.returncode:
+        raise StageFailed(stage, proc.returncode, list(tail))
+    return StageRun(stage, outcome, round(time.monotonic() - start, 1))
+
+
+def stage_task(stage: str) -> Task[[str], StageRun]:
+    """The ``repro`` task configured for ``stage``: retries on I/O stages, tag ``gpu`` on GPU stages.
+
+    Tag concurrency limits (``prefect concurrency-limit create gpu <n>``) then bound GPU stages.
+    """
+    base = _base(stage)
+    tags = {"dvc", base} | ({"gpu"} if base in GPU_STAGES else set())
+    return repro.with_options(tags=sorted(tags), retries=RETRIES.get(base, 0), retry_delay_seconds=RETRY_DELAY_S)
+
+
+@contextmanager
+def workspace_lock(root: Path) -> Iterator[None]:
+    """Refuse a second flow run in the same checkout: they would swap params.yaml under each other."""
+    path = root / ".dvc" / "tmp" / "mcf-flow.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another mcf flow run is using {root}; give each worker its own checkout (MCF_REPO)"
+            ) from None
+        yield
+
+
+@contextmanager
+def applied_params(root: Path, params_file: str) -> Iterator[None]:
+    """Put ``params_file`` in place as params.yaml for the run, then put the original back.
+
+    DVC reads params.yaml only (dvc.yaml templating and params deps), so another profile is applied by
+    copying it there. dvc.lock then records the values that were run; the committed params.yaml is left
+    as it was, and switching back later restores outputs from the run-cache instead of recomputing.
+    """
+    source, target = (root / params_file).resolve(), root / PARAMS
+    if not source.is_file():
+        raise ValueError(f"params_file {params_file!r} not found under {root}")
+    if source == target.resolve():
+        yield
+        return
+    original = target.read_bytes()
+    shutil.copyfile(source, target)
+    try:
+        yield
+    finally:
+        target.write_bytes(original)
+
+
+def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, int | float | str | bool):
+        yield prefix, data
+
+
+def metric_rows(root: Path) -> list[dict[str, Any]]:
+    """Every metric in the workspace's metrics files (those dvc.yaml declares), one row per value."""
+    with Repo(str(root)) as repo:
+        shown = repo.metrics.show(on_error="ignore", hide_workspace=False)
+    workspace = next(iter(shown.values()), {})  # no revisions asked for: the workspace only
+    rows = []
+    for path, result in sorted(workspace.get("data", {}).items()):
+        for key, value in _flatten(result.get("data", {})):
+            rows.append({"file": path, "metric": key, "value": value})
+    return rows
+
+
+def summary(params_file: str, planned: list[str], runs: list[StageRun], error: str | None) -> str:
+    """The run as markdown: each planned stage with what DVC did, and the error when one failed."""
+    done = {run.stage: run for run in runs}
+    lines = [f"# mcf pipeline run\n\nparams file: `{params_file}`\n", "| stage | outcome | seconds |", "|---|---|---|"]
+    failed = error is not None
+    for stage in planned:
+        run = done.get(stage)
+        outcome = run.outcome if run else ("**failed**" if failed else "not run")
+        failed = failed and run is not None
+        lines.append(f"| `{stage}` | {outcome} | {run.seconds if run else ''} |")
+    if error:
+        lines.append(f"\n```\n{error}\n```")
+    return "\n".join(lines)
+
+
+@flow(name="mcf")
+def mcf(params_file: str = PARAMS, stages: list[str] | None = None) -> list[dict[str, Any]]:
+    """Reproduce the pipeline (or ``stages`` and their upstream) with DVC, one task per stage.
+
+    ``params_file`` (relative to the checkout) is applied as params.yaml for the run; ``stages`` takes
+    stage names from dvc.yaml (default: all).
+    """
+    root = Path.cwd()
+    planned = plan(root, stages)
+    get_run_logger().info("stages: %s", ", ".join(planned))
+    runs: list[StageRun] = []
+    error: str | None = None
+    with workspace_lock(root), applied_params(root, params_file):
+        try:
+            for stage in planned:
+                runs.append(stage_task(stage)(stage))
+        except Exception as err:
+            error = str(err)
+            raise
+        finally:
+            rows = metric_rows(root)
+            if rows:
+                create_table_artifact(rows, key="mcf-metrics", description="Metrics files declared in dvc.yaml")
+            create_markdown_artifact(summary(params_file, planned, runs, error), key="mcf-summary")
+    return [asdict(run) for run in runs]

@@ -1,0 +1,169 @@
+"""The ``mcf`` Prefect flow on a small real DVC project: order, skipping, params profiles, failures.
+
+The project here is a git + DVC repository in a temporary folder with three cheap stages shaped like the
+real pipeline (a foreach stage, metrics, an upstream fetch), so these tests pin the flow's behaviour
+without waiting for the real stages; tests/test_prefect_deploy.py runs the real pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.pipeline import StageFailed, mcf, plan, stage_task  # noqa: E402
+
+STAGE_SCRIPT = '''
+"""Toy stages: fetch writes n lines, train copies them per variant, evaluate counts them."""
+import json, sys
+from pathlib import Path
+import yaml
+
+params = yaml.safe_load(Path("params.yaml").read_text())
+stage = sys.argv[1]
+out = Path("out")
+out.mkdir(exist_ok=True)
+if stage == "fetch":
+    (out / "fetch.txt").write_text("".join(f"{i}\\n" for i in range(params["fetch"]["n"])))
+elif stage == "train":
+    if params["train"]["fail"]:
+        for i in range(60):
+            print(f"train log line {i}", flush=True)
+        sys.exit("train: diverged")
+    (out / f"train_{sys.argv[2]}.txt").write_text((out / "fetch.txt").read_text())
+elif stage == "evaluate":
+    counts = {v: len((out / f"train_{v}.txt").read_text().split()) for v in params["variants"]}
+    Path("metrics.json").write_text(json.dumps({"lines": counts, "total": sum(counts.values())}))
+'''
+
+# evaluate comes first in the file: the flow must take its order from the DAG.
+DVC_YAML = """
+stages:
+  evaluate:
+    cmd: python stage.py evaluate
+    deps: [stage.py, out/train_a.txt, out/train_b.txt]
+    params: [variants]
+    metrics:
+      - metrics.json:
+          cache: false
+  fetch:
+    cmd: python stage.py fetch
+    deps: [stage.py]
+    params: [fetch]
+    outs: [out/fetch.txt]
+  train:
+    foreach: ${variants}
+    do:
+      cmd: python stage.py train ${item}
+      deps: [stage.py, out/fetch.txt]
+      params: [train]
+      outs:
+        - out/train_${item}.txt
+"""
+
+PARAMS = {"variants": ["a", "b"], "fetch": {"n": 3}, "train": {"fail": False}}
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One temporary Prefect API (SQLite, 127.0.0.1) with its own PREFECT_HOME for the whole session."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}), prefect_test_harness():
+        yield
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh git + DVC project with the toy stages, as the flow's working directory."""
+    (tmp_path / "stage.py").write_text(STAGE_SCRIPT)
+    (tmp_path / "dvc.yaml").write_text(DVC_YAML)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    _git(tmp_path, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "toy")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _outcomes(runs: list[dict]) -> dict[str, str]:
+    return {run["stage"]: run["outcome"] for run in runs}
+
+
+def test_plan_follows_the_dag_and_pulls_in_upstream(project: Path) -> None:
+    assert plan(project) == ["fetch", "train@a", "train@b", "evaluate"]
+    assert plan(project, ["train@b"]) == ["fetch", "train@b"]
+    assert plan(project, ["train"]) == ["fetch", "train@a", "train@b"]
+    with pytest.raises(ValueError, match=r"unknown stage 'pretrian' \(valid: evaluate, fetch, train@a"):
+        plan(project, ["pretrian"])
+
+
+def test_stage_tasks_retry_io_and_tag_gpu() -> None:
+    fetch, finetune = stage_task("fetch"), stage_task("finetune_alignment@scratch")
+    assert fetch.retries == 2 and "gpu" not in fetch.tags
+    assert finetune.retries == 0 and {"gpu", "finetune_alignment", "dvc"} <= finetune.tags
+    assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
+
+
+def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_harness: None, project: Path) -> None:
+    from prefect.artifacts import Artifact
+
+    assert set(_outcomes(mcf()).values()) == {"ran"}
+    assert json.loads((project / "metrics.json").read_text()) == {"lines": {"a": 3, "b": 3}, "total": 6}
+    table = json.loads(Artifact.get("mcf-metrics").data)
+    assert {"file": "metrics.json", "metric": "total", "value": 6} in table
+    assert "| `train@b` | ran |" in Artifact.get("mcf-summary").data
+
+    # A second profile: applied for the run only, recorded in dvc.lock, params.yaml left as committed.
+    committed = (project / "params.yaml").read_bytes()
+    (project / "params.tiny.yaml").write_text(yaml.safe_dump({**PARAMS, "fetch": {"n": 1}}))
+    assert _outcomes(mcf(params_file="params.tiny.yaml", stages=["train@a"])) == {
+        "fetch": "ran", "train@a": "ran"}
+    assert (project / "out/fetch.txt").read_text() == "0\n"
+    assert (project / "params.yaml").read_bytes() == committed
+    assert yaml.safe_load((project / "dvc.lock").read_text())["stages"]["fetch"]["params"] == {
+        "params.yaml": {"fetch": {"n": 1}}}
+
+    # Back to the default: what ran before with these inputs comes from DVC's run-cache.
+    assert _outcomes(mcf()) == {"fetch": "restored", "train@a": "restored", "train@b": "unchanged",
+                                "evaluate": "unchanged"}
+    assert (project / "out/fetch.txt").read_text() == "0\n1\n2\n"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "-q"], cwd=project)
+    assert status.returncode == 0  # the plain DVC view agrees: nothing left to do
+
+
+def test_failed_stage_names_itself_with_its_log_tail(prefect_harness: None, project: Path) -> None:
+    (project / "params.broken.yaml").write_text(yaml.safe_dump({**PARAMS, "train": {"fail": True}}))
+    state = mcf(params_file="params.broken.yaml", return_state=True)
+    assert state.is_failed()
+    assert "stage 'train@a' failed" in state.message
+    with pytest.raises(StageFailed) as caught:
+        state.result()
+    message = str(caught.value)
+    assert "train log line 59" in message and "train: diverged" in message
+    assert "train log line 10\n" not in message  # only the tail, not the whole log
+    assert not (project / "out/train_a.txt").exists()
+    from prefect.artifacts import Artifact
+
+    assert "| `train@a` | **failed** |" in Artifact.get("mcf-summary").data
+
+
+def test_missing_params_file_is_named(prefect_harness: None, project: Path) -> None:
+    state = mcf(params_file="params.nope.yaml", return_state=True)
+    assert state.is_failed() and "params.nope.yaml" in state.message
