@@ -132,7 +132,8 @@ def stage_task(stage: str) -> Task[[str], StageRun]:
     """
     base = _base(stage)
     tags = {"dvc", base} | ({"gpu"} if base in GPU_STAGES else set())
-    return repro.with_options(tags=sorted(tags), retries=RETRIES.get(base, 0), retry_delay_seconds=RETRY_DELAY_S)
+    retries = RETRIES.get(base, 0)
+    return repro.with_options(tags=sorted(tags), retries=retries, retry_delay_seconds=RETRY_DELAY_S)
 
 
 @contextmanager
@@ -195,12 +196,12 @@ def metric_rows(root: Path) -> list[dict[str, Any]]:
 def summary(params_file: str, planned: list[str], runs: list[StageRun], error: str | None) -> str:
     """The run as markdown: each planned stage with what DVC did, and the error when one failed."""
     done = {run.stage: run for run in runs}
-    lines = [f"# mcf pipeline run\n\nparams file: `{params_file}`\n", "| stage | outcome | seconds |", "|---|---|---|"]
-    failed = error is not None
+    lines = [f"# mcf pipeline run\n\nparams file: `{params_file}`\n", "| stage | outcome | seconds |"]
+    lines.append("|---|---|---|")
+    failed = planned[len(runs)] if error and len(runs) < len(planned) else None  # stages run in order
     for stage in planned:
         run = done.get(stage)
-        outcome = run.outcome if run else ("**failed**" if failed else "not run")
-        failed = failed and run is not None
+        outcome = run.outcome if run else ("**failed**" if stage == failed else "not run")
         lines.append(f"| `{stage}` | {outcome} | {run.seconds if run else ''} |")
     if error:
         lines.append(f"\n```\n{error}\n```")
@@ -229,6 +230,6 @@ def mcf(params_file: str = PARAMS, stages: list[str] | None = None) -> list[dict
         finally:
             rows = metric_rows(root)
             if rows:
-                create_table_artifact(rows, key="mcf-metrics", description="Metrics files declared in dvc.yaml")
+                create_table_artifact(rows, key="mcf-metrics", description="metrics files from dvc.yaml")
             create_markdown_artifact(summary(params_file, planned, runs, error), key="mcf-summary")
     return [asdict(run) for run in runs]
