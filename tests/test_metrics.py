@@ -1,0 +1,79 @@
+"""Metrics on hand-built cases whose answers are known in closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mcf.evaluate.metrics import auc_fr, ced_curve, confusion_matrix, f1_mean, f1_per_class, nme
+
+
+def _landmarks() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(100, 200, (2, 19, 2))
+    gt[:, 6], gt[:, 11] = (110.0, 150.0), (130.0, 150.0)  # outer eye corners 20 px apart
+    box = np.array([[100.0, 130.0, 100.0, 140.0], [100.0, 160.0, 100.0, 180.0]])  # 30×40 and 60×80
+    return gt, box
+
+
+def test_nme_units_on_a_shifted_landmark_set() -> None:
+    gt, box = _landmarks()
+    pred = gt + np.array([3.0, 4.0])  # every point 5 px off
+    np.testing.assert_allclose(nme(pred, gt, "diag", box), [5 / 50, 5 / 100])
+    np.testing.assert_allclose(nme(pred, gt, "box", box), [5 / np.sqrt(1200), 5 / np.sqrt(4800)])
+    np.testing.assert_allclose(nme(pred, gt, "inter_ocular"), [5 / 20, 5 / 20])
+
+
+def test_nme_averages_over_all_points_ignoring_visibility() -> None:
+    gt, box = _landmarks()
+    pred = gt.copy()
+    pred[0, 3] += [0.0, 19.0]  # one point 19 px off: mean error 1 px
+    np.testing.assert_allclose(nme(pred, gt, "diag", box), [1 / 50, 0.0])
+
+
+def test_nme_rejects_bad_input() -> None:
+    gt, box = _landmarks()
+    with pytest.raises(ValueError, match="needs the GT box"):
+        nme(gt, gt, "diag")
+    with pytest.raises(ValueError, match="unknown nme unit 'pupil'"):
+        nme(gt, gt, "pupil", box)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="shape"):
+        nme(gt[:, :5], gt, "inter_ocular")
+
+
+def test_ced_auc_fr_on_a_known_distribution() -> None:
+    values = np.array([0.01, 0.05, 0.08, 0.1])
+    thresholds, fractions = ced_curve(values)
+    assert len(thresholds) == 701 and thresholds[-1] == pytest.approx(0.07)
+    assert fractions[0] == 0 and fractions[-1] == 0.5
+    auc, fr = auc_fr(values)
+    # CED: 0 below 0.01, 1/4 up to 0.05, 1/2 after: area 0.25·0.04 + 0.5·0.02 = 0.02
+    assert auc == pytest.approx(0.02 / 0.07, abs=2e-3)
+    assert fr == 0.5
+    uniform = np.linspace(0, 0.07, 100001)  # CED = t / 0.07: AUC 1/2
+    assert auc_fr(uniform)[0] == pytest.approx(0.5, abs=1e-4)
+    assert auc_fr(np.zeros(5)) == pytest.approx((1.0, 0.0))
+
+
+def test_confusion_and_f1_on_a_known_label_map() -> None:
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 10, 10], [2, 2, 10, 10]])
+    pred = gt.copy()
+    pred[0, 2] = 0  # one skin pixel predicted as background
+    pred[3, 3] = 2  # one hair pixel predicted as left brow
+    conf = confusion_matrix(pred, gt)
+    assert conf.shape == (11, 11) and conf.sum() == 16 and conf[1, 0] == 1 and conf[10, 2] == 1
+    f1 = f1_per_class(conf)
+    np.testing.assert_allclose(f1[[0, 1, 2, 10]], [2 * 4 / (4 + 5), 2 * 3 / 7, 2 * 4 / 9, 2 * 3 / 7])
+    assert np.isnan(f1[5])  # a class in neither GT nor prediction
+    both = confusion_matrix(np.stack([pred, gt]), np.stack([gt, gt]))
+    np.testing.assert_array_equal(both, conf + confusion_matrix(gt, gt))  # accumulable over images
+
+
+def test_f1_mean_skips_background_and_keeps_hair() -> None:
+    f1s = np.array([0.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.4])
+    assert f1_mean(f1s) == pytest.approx(0.85)
+
+
+def test_confusion_rejects_out_of_range_labels() -> None:
+    with pytest.raises(ValueError, match="gt labels must be in 0..10"):
+        confusion_matrix(np.zeros((2, 2), int), np.full((2, 2), 11))
