@@ -1,0 +1,1 @@
+"""Fetch sources: each turns its inputs into rows and bytes; ``image`` turns bytes into files."""

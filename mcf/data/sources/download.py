@@ -1,0 +1,201 @@
+"""The resumable fetch loop shared by the laion-face, s3 and local sources.
+
+A source gives a table of rows (``sample_id``, ``caption``, its own columns) and a function from a row
+to bytes. This module runs that function on a thread pool with retries, turns bytes into image files
+(:mod:`mcf.data.sources.image`) and returns one manifest row per input row, whatever happened.
+
+Resume. Outputs are published by one rename (:func:`mcf.io.atomic_dir`), so a killed run must not
+lose what it downloaded. New files are therefore written to a *journal folder*, a stable sibling of
+the output (``.<out>.partial/``): ``images/`` plus ``journal.jsonl``, one JSON line appended per
+success. At the end every success is hard-linked (copied across devices) from there, or from the
+previous output, into the staging folder. A later run reuses a row when the previous output's
+manifest or the journal has it as a success with the same source columns (URL, key, ...) and the
+file on disk still has the recorded sha256; everything else (missing, failed, changed) is fetched
+again. The caller deletes the journal folder once the new output is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from mcf.data.sources.image import FetchFailure, Record, file_sha256, save_image
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[dict[str, Any]], bytes]
+RECORD_COLUMNS = list(Record("success").columns())
+
+
+@dataclass(frozen=True)
+class Source:
+    """What a source hands to :func:`download`.
+
+    ``match`` names the columns that identify the remote object: a stored success is reused only
+    when they are unchanged.
+    """
+
+    name: str
+    rows: pd.DataFrame
+    fetch: Fetch
+    match: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    threads: int
+    retries: int
+    max_pixels: int
+
+
+class Journal:
+    """Append-only record of the successes of an unfinished run (thread-safe)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.path = root / "journal.jsonl"
+        self._lock = threading.Lock()
+
+    def load(self) -> list[dict[str, Any]]:
+        """The entries written so far; a line cut short by a kill is skipped."""
+        if not self.path.is_file():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+    def append(self, entry: dict[str, Any]) -> None:
+        line = json.dumps(entry, default=str) + "\n"
+        with self._lock, self.path.open("a") as f:
+            f.write(line)
+
+
+def _candidates(previous: Path, journal: Journal, match: tuple[str, ...]) -> dict[str, tuple[Path, dict]]:
+    """Stored successes by sample id, each with the folder its path is relative to."""
+    found: dict[str, tuple[Path, dict]] = {}
+    manifest = previous / "manifest.parquet"
+    if manifest.is_file():
+        try:
+            old = pd.read_parquet(manifest)
+        except Exception as err:  # a damaged previous output is only a lost shortcut
+            log.warning("ignoring unreadable previous manifest %s: %s", manifest, err)
+            old = pd.DataFrame()
+        if {"status", "sample_id", *match} <= set(old.columns):
+            for row in old[old["status"] == "success"].to_dict("records"):
+                found[str(row["sample_id"])] = (previous, row)
+    for entry in journal.load():
+        found[str(entry["sample_id"])] = (journal.root, entry)
+    return found
+
+
+def _link(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def _reuse(row: dict[str, Any], stored: tuple[Path, dict] | None, match: tuple[str, ...]) -> Record | None:
+    if stored is None:
+        return None
+    root, old = stored
+    if any(str(old.get(c)) != str(row.get(c)) for c in match) or not old.get("path"):
+        return None
+    if file_sha256(root / old["path"]) != old.get("sha256"):
+        return None
+    return Record("success", None, old["path"], old["sha256"], int(old["width"]), int(old["height"]))
+
+
+def _fetch_with_retries(fetch: Fetch, row: dict[str, Any], retries: int) -> bytes:
+    """Retry only what may pass next time (timeouts, dropped connections, HTTP 5xx/429)."""
+    attempt = 0
+    while True:
+        try:
+            return fetch(row)
+        except FetchFailure as failure:
+            if not failure.retryable or attempt >= retries:
+                raise
+        time.sleep(min(0.2 * 2**attempt, 5.0))
+        attempt += 1
+
+
+def _bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """``fn`` over ``items`` on a thread pool, at most ``4 * threads`` in flight (20M rows fit)."""
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
+    pending: set[Future] = set()
+    try:
+        for item in items:
+            pending.add(pool.submit(fn, item))
+            if len(pending) >= 4 * threads:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            yield from (f.result() for f in done)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def download(
+    source: Source, previous: Path, journal_dir: Path, staging: Path, limits: Limits
+) -> pd.DataFrame:
+    """Fetch every row of ``source`` into ``staging``; return the manifest (same rows, same order)."""
+    journal_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(journal_dir)
+    stored = _candidates(previous, journal, source.match)
+    rows = source.rows.to_dict("records")
+
+    def one(index: int) -> tuple[int, Record, bool]:
+        row = rows[index]
+        sample_id = str(row["sample_id"])
+        hit = stored.get(sample_id)
+        record = _reuse(row, hit, source.match)
+        if record is not None:
+            _link(hit[0] / record.path, staging / record.path)
+            return index, record, True
+        try:
+            data = _fetch_with_retries(source.fetch, row, limits.retries)
+            record = save_image(data, sample_id, journal_dir, limits.max_pixels)
+        except FetchFailure as failure:
+            return index, Record(failure.status, failure.error), False
+        except Exception as err:  # never lose a row to an unforeseen error
+            log.debug("unexpected error on %s", sample_id, exc_info=True)
+            return index, Record("error", f"{type(err).__name__}: {err}"), False
+        journal.append({**{c: row.get(c) for c in source.match}, "sample_id": sample_id, **record.columns()})
+        _link(journal_dir / record.path, staging / record.path)
+        return index, record, False
+
+    records: list[Record | None] = [None] * len(rows)
+    reused = 0
+    bar = tqdm(total=len(rows), desc=f"fetch {source.name}", unit="img", mininterval=1.0)
+    with bar:
+        for index, record, was_reused in _bounded_map(one, range(len(rows)), limits.threads):
+            records[index] = record
+            reused += was_reused
+            bar.update()
+    manifest = pd.DataFrame({"sample_id": source.rows["sample_id"].astype(str).to_numpy()})
+    for column in RECORD_COLUMNS:
+        manifest[column] = [getattr(r, column) for r in records]
+    manifest["source"] = source.name
+    extra = source.rows.drop(columns=["sample_id"]).reset_index(drop=True)
+    manifest = pd.concat([manifest, extra], axis=1)
+    counts = manifest["status"].value_counts().to_dict()
+    log.info("fetch %s: %d rows (%d reused), statuses %s", source.name, len(rows), reused, counts)
+    return manifest

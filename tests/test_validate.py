@@ -1,0 +1,110 @@
+"""The data gate: a good fetch manifest passes, corrupt ones fail naming the expectation, docs build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from mcf.data.sources.image import STATUSES
+from mcf.errors import StageError
+from mcf.validate import gate
+
+
+@pytest.fixture(autouse=True)
+def _results_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate keeps results relative to the working directory: keep them out of the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
+def _manifest() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "sample_id": ["a", "b", "c"],
+            "path": ["images/a.jpg", "images/b.png", None],
+            "status": ["success", "success", "http_error"],
+            "error": [None, None, "HTTP 404"],
+            "sha256": ["0" * 64, "f" * 64, None],
+            "width": [64, 32, 0],
+            "height": [48, 32, 0],
+            "caption": ["a face", "", "gone"],
+            "source": ["laion-face"] * 3,
+            "url": ["http://x/a", "http://x/b", "http://x/c"],
+        }
+    )
+
+
+def _failure(df: pd.DataFrame) -> str:
+    with pytest.raises(StageError) as err:
+        gate.run_gate(df, "fetch", stage="fetch")
+    return str(err.value)
+
+
+def test_good_manifest_passes_and_stores_result() -> None:
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    stored = json.loads((gate.RESULTS_DIR / "fetch.json").read_text())
+    assert stored["success"] is True
+    assert stored["meta"]["run_id"]["run_name"] == "fetch"
+    assert (gate.RESULTS_DIR.parent / ".gitignore").read_text().strip().endswith("*")
+
+
+def test_missing_sha256_on_success_fails() -> None:
+    df = _manifest()
+    df.loc[1, "sha256"] = None
+    msg = _failure(df)
+    assert "stage 'fetch'" in msg
+    assert "expect_column_values_to_not_be_null(column=sha256, where status == success)" in msg
+    assert "1 unexpected" in msg
+
+
+def test_duplicate_id_and_bad_status_are_each_listed() -> None:
+    df = _manifest()
+    df.loc[1, "sample_id"] = "a"
+    df.loc[2, "status"] = "exploded"
+    msg = _failure(df)
+    assert "expect_column_values_to_be_unique(column=sample_id): 2 unexpected of 3, e.g. ['a', 'a']" in msg
+    assert "expect_column_values_to_be_in_set(column=status): 1 unexpected of 3, e.g. ['exploded']" in msg
+
+
+def test_no_success_at_all_fails() -> None:
+    df = _manifest().iloc[[2]]
+    assert "expect_column_distinct_values_to_contain_set(column=status)" in _failure(df)
+
+
+def test_missing_column_is_reported_not_crashed() -> None:
+    msg = _failure(_manifest().drop(columns=["sha256"]))
+    assert "expect_table_columns_to_match_set" in msg
+    assert "sha256" in msg
+
+
+def test_suite_status_set_matches_the_code() -> None:
+    suite = json.loads((gate.SUITES_DIR / "fetch.json").read_text())
+    sets = [e["kwargs"]["value_set"] for e in suite["expectations"] if e["type"].endswith("_in_set")]
+    assert sets == [list(STATUSES)]
+
+
+def test_unknown_suite_and_invalid_expectation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown suite 'nope'"):
+        gate.load_suite("nope")
+    (tmp_path / "bad.json").write_text(json.dumps({"expectations": [{"type": "expect_it_to_work"}]}))
+    monkeypatch.setattr(gate, "SUITES_DIR", tmp_path)
+    with pytest.raises(ValueError, match="expectation 0 .*expect_it_to_work"):
+        gate.load_suite("bad")
+
+
+def test_cli_validates_a_parquet_and_builds_docs(tmp_path: Path) -> None:
+    bad = _manifest()
+    bad.loc[0, "width"] = 0
+    bad.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(StageError, match="(?s)stage 'validate'.*column=width"):
+        gate.cli(["fetch", str(tmp_path / "bad.parquet")])
+    assert gate.cli(["--docs", "--out", str(tmp_path / "docs")]) == 0
+    index = (tmp_path / "docs" / "index.html").read_text()
+    assert "fetch" in index
+    pages = list((tmp_path / "docs" / "validations" / "fetch").rglob("*.html"))
+    assert len(pages) == 1
+    page = pages[0].read_text()
+    assert "<html" in page and "values must be greater than or equal to" in page
+    assert "1 unexpected values found" in page
