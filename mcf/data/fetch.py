@@ -1,0 +1,110 @@
+"""Stage ``fetch``: a source to raw images plus ``manifest.parquet`` in ``fetch.out``.
+
+Sources (``fetch.source``), each with its own params section:
+
+- ``synthetic`` (``fetch.synthetic``): SynthFace scenes with exact detections, plus the AFLW-19- and
+  LaPa-format sets (``aflw19/``, ``lapa/``) the fine-tuning stages read.
+- ``laion-face`` (``fetch.laion_face``): LAION-Face metadata parts, downloaded (resumable).
+- ``s3`` (``fetch.s3``): the objects under an S3 prefix, any S3-compatible endpoint.
+- ``local`` (``fetch.local``): a folder of images.
+
+Outputs (schemas in CONTRACTS): ``manifest.parquet`` (one row per source image, failures included),
+``images/``, and ``detections.parquet`` where the source has detections (synthetic, laion-face with
+``detections``). Everything is written to a staging folder and published by one rename after the
+``fetch`` data gate passed; downloaded files survive a killed run in ``.<out>.partial/`` (see
+:mod:`mcf.data.sources.download`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from mcf.data.sources import laion, local, s3
+from mcf.data.sources.download import Limits, download
+from mcf.data.sources.laion import LaionFaceConfig
+from mcf.data.sources.local import LocalConfig
+from mcf.data.sources.s3 import S3Config
+from mcf.io import atomic_dir
+from mcf.params import Common, ParamsError, param
+from mcf.synth.config import SynthConfig
+from mcf.validate.gate import run_gate
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchConfig:
+    """``fetch``: the source, the output folder and the bounds every download obeys."""
+
+    source: Literal["synthetic", "laion-face", "s3", "local"] = "synthetic"
+    out: str = "outputs/fetch"
+    threads: int = param(16, ge=1)  # concurrent downloads (laion-face, s3, local)
+    retries: int = param(1, ge=0)  # extra tries after a timeout, a dropped connection, HTTP 5xx/429
+    max_bytes: int = param(20_000_000, ge=1)  # per image; more is `too_large`
+    max_pixels: int = param(50_000_000, ge=1)  # per image, from the header; more is `decompression_bomb`
+    synthetic: SynthConfig = dataclasses.field(default_factory=SynthConfig)
+    laion_face: LaionFaceConfig = dataclasses.field(default_factory=LaionFaceConfig)
+    s3: S3Config = dataclasses.field(default_factory=S3Config)
+    local: LocalConfig = dataclasses.field(default_factory=LocalConfig)
+
+    def __post_init__(self) -> None:
+        section = {"laion-face": "laion_face", "s3": "s3", "local": "local"}.get(self.source)
+        if section is not None:
+            try:
+                getattr(self, section).check_inputs()
+            except ParamsError as err:
+                raise err.under(section) from None
+
+
+def journal_dir(out: Path) -> Path:
+    """Where a download run keeps its files until the output is published (a stable name)."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def fetch_synthetic(cfg: SynthConfig, seed: int, staging: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Render SynthFace into ``staging``; return the manifest and the exact detections."""
+    from mcf.synth import write_aflw19, write_corpus, write_lapa
+
+    manifest, detections = write_corpus(cfg, seed, staging)
+    write_aflw19(cfg, seed, staging / "aflw19")
+    write_lapa(cfg, seed, staging / "lapa")
+    return manifest, detections
+
+
+def fetch_remote(cfg: FetchConfig, out: Path, staging: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Download the rows of the laion-face, s3 or local source; return the manifest and detections."""
+    if cfg.source == "laion-face":
+        src = laion.source(cfg.laion_face, cfg.max_bytes)
+    elif cfg.source == "s3":
+        src = s3.source(cfg.s3, cfg.max_bytes, cfg.threads)
+    else:
+        src = local.source(cfg.local, cfg.max_bytes)
+    limits = Limits(threads=cfg.threads, retries=cfg.retries, max_pixels=cfg.max_pixels)
+    manifest = download(src, out, journal_dir(out), staging, limits)
+    detections = None
+    if cfg.source == "laion-face" and cfg.laion_face.detections is not None:
+        fetched = set(manifest.loc[manifest["status"] == "success", "sample_id"])
+        detections = laion.read_detections(cfg.laion_face.detections, fetched)
+    return manifest, detections
+
+
+def main(common: Common, cfg: FetchConfig) -> None:
+    out = Path(cfg.out)
+    with atomic_dir(out) as staging:
+        if cfg.source == "synthetic":
+            manifest, detections = fetch_synthetic(cfg.synthetic, common.seed, staging)
+        else:
+            manifest, detections = fetch_remote(cfg, out, staging)
+        manifest.to_parquet(staging / "manifest.parquet", index=False)
+        if detections is not None:
+            detections.to_parquet(staging / "detections.parquet", index=False)
+        run_gate(manifest, "fetch", stage="fetch")
+    shutil.rmtree(journal_dir(out), ignore_errors=True)
+    ok = int((manifest["status"] == "success").sum())
+    log.info("fetch: %d of %d images fetched into %s", ok, len(manifest), out)

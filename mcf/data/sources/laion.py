@@ -1,0 +1,193 @@
+"""LAION-Face: metadata parquet parts to downloaded images, with img2dataset's settings and statuses.
+
+We do not depend on img2dataset: it pins wandb and albumentations, and gives no control over
+decompression bombs or byte bounds. This is our own downloader (``requests`` with ``stream=True``, a
+connect/read timeout, a byte bound, a total time bound per image, a thread pool; see
+:mod:`mcf.data.sources.download` for resume) that mirrors img2dataset's settings for LAION-Face:
+``input_format parquet``, ``url_col URL``, ``caption_col TEXT``, ``resize_mode no`` (bytes kept as
+received), extra columns carried through, ``X-Robots-Tag`` opt-outs honoured, and a per-row status
+instead of a fatal error.
+
+Released detections (one dict per part, ``SAMPLE_ID -> [(box, 5 landmarks, score), ...]``) are read
+from JSON, or from a parquet already in our flat schema, and written as ``detections.parquet``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pandas as pd
+import requests
+from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
+
+from mcf.data.sources.download import Source
+from mcf.data.sources.image import FetchFailure, read_bounded
+from mcf.errors import StageError
+from mcf.params import ParamsError, param, require_path
+
+log = logging.getLogger(__name__)
+DETECTION_COLUMNS = ["sample_id", "face", "box", "landmarks", "score"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaionFaceConfig:
+    """``fetch.laion_face``: where the metadata is and how to download it."""
+
+    parquet: list[str] = param([])  # LAION-Face metadata parts
+    detections: str | None = None  # released detections: .json dict or .parquet in our flat schema
+    max_rows: int | None = param(None, ge=1)  # first rows only (over all parts, in order)
+    url_col: str = "URL"
+    caption_col: str = "TEXT"
+    id_col: str = "SAMPLE_ID"
+    extra_columns: list[str] = param([])  # carried into the manifest, e.g. [NSFW, similarity, LICENSE]
+    timeout: float = param(10.0, gt=0)  # seconds, connect and between bytes
+    total_timeout: float = param(30.0, gt=0)  # seconds for a whole image
+    user_agent: str = "mcf-fetch/0.1 (research; img2dataset-compatible settings)"
+    disallowed_header_directives: list[str] = param(["noai", "noimageai", "noindex", "noimageindex"])
+
+    def check_inputs(self) -> None:
+        """Called when this source is active: its inputs must exist."""
+        if not self.parquet:
+            raise ParamsError("parquet", "give at least one LAION-Face metadata parquet file")
+        for i, path in enumerate(self.parquet):
+            require_path(path, f"parquet[{i}]")
+        if self.detections is not None:
+            require_path(self.detections, "detections")
+            if Path(self.detections).suffix not in (".json", ".parquet"):
+                raise ParamsError("detections", f"expected a .json or .parquet file, got {self.detections}")
+
+
+def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
+    """The metadata rows to fetch: ``sample_id``, ``url``, ``caption`` and the extra columns.
+
+    A missing id becomes ``<part>:<row>``; a repeated id keeps its first row (with a warning) so that
+    ids stay unique.
+    """
+    frames = []
+    wanted = [cfg.id_col, cfg.url_col, cfg.caption_col, *cfg.extra_columns]
+    for path in cfg.parquet:
+        part = pd.read_parquet(path)
+        missing = [c for c in wanted if c not in part.columns]
+        if missing:
+            raise StageError(f"fetch.laion_face.parquet: {path} lacks columns {missing}")
+        frame = pd.DataFrame(
+            {
+                "sample_id": [
+                    f"{Path(path).stem}:{i}" if pd.isna(v) else str(v) for i, v in enumerate(part[cfg.id_col])
+                ],
+                "url": part[cfg.url_col].astype(object).where(part[cfg.url_col].notna(), None),
+                "caption": part[cfg.caption_col].fillna("").astype(str),
+            }
+        )
+        for column in cfg.extra_columns:
+            frame[column] = part[column].to_numpy()
+        frames.append(frame)
+        if cfg.max_rows is not None and sum(map(len, frames)) >= cfg.max_rows:
+            break
+    rows = pd.concat(frames, ignore_index=True)
+    if cfg.max_rows is not None:
+        rows = rows.iloc[: cfg.max_rows]
+    unique = rows.drop_duplicates("sample_id", keep="first").reset_index(drop=True)
+    if len(unique) < len(rows):
+        log.warning("laion-face: %d rows repeat a sample id; kept the first", len(rows) - len(unique))
+    return unique
+
+
+class HttpFetcher:
+    """URL to bytes with bounds on time and size; one ``requests`` session per thread."""
+
+    def __init__(self, cfg: LaionFaceConfig, max_bytes: int) -> None:
+        self.cfg, self.max_bytes = cfg, max_bytes
+        self._local = threading.local()
+
+    def _session(self) -> requests.Session:
+        if not hasattr(self._local, "session"):
+            self._local.session = requests.Session()
+            self._local.session.headers["User-Agent"] = self.cfg.user_agent
+        return self._local.session
+
+    def _check_headers(self, response: requests.Response) -> None:
+        if response.status_code >= 400:
+            retry = response.status_code >= 500 or response.status_code == 429
+            raise FetchFailure("http_error", f"HTTP {response.status_code}", retryable=retry)
+        robots = response.headers.get("X-Robots-Tag", "").lower()
+        refused = [d for d in self.cfg.disallowed_header_directives if d.lower() in robots]
+        if refused:
+            raise FetchFailure("disallowed", f"X-Robots-Tag: {', '.join(refused)}")
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            raise FetchFailure("too_large", f"Content-Length {length} is over {self.max_bytes} bytes")
+
+    def __call__(self, row: dict[str, Any]) -> bytes:
+        url = row.get("url")
+        try:
+            parts = urlsplit(url) if isinstance(url, str) else None
+        except ValueError:  # e.g. an unbalanced IPv6 bracket
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+            raise FetchFailure("invalid_url", f"not an http(s) URL: {url!r}")
+        deadline = time.monotonic() + self.cfg.total_timeout
+        timeout = (self.cfg.timeout, self.cfg.timeout)
+        try:
+            with self._session().get(url, stream=True, timeout=timeout) as response:
+                self._check_headers(response)
+                # read1 returns what has arrived, so the deadline holds against a slow drip
+                chunks = iter(lambda: response.raw.read1(64 * 1024, decode_content=True), b"")
+                return read_bounded(chunks, self.max_bytes, deadline)
+        except (requests.exceptions.Timeout, ReadTimeoutError) as err:
+            raise FetchFailure("timeout", type(err).__name__, retryable=True) from None
+        except ProtocolError as err:
+            raise FetchFailure("truncated", f"body ended early: {err}"[:200], retryable=True) from None
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as err:
+            raise FetchFailure("invalid_url", str(err)[:200]) from None
+        except (requests.exceptions.RequestException, HTTPError) as err:
+            message = f"{type(err).__name__}: {err}"[:200]
+            raise FetchFailure("connection_error", message, retryable=True) from None
+
+
+def source(cfg: LaionFaceConfig, max_bytes: int) -> Source:
+    return Source("laion-face", read_rows(cfg), HttpFetcher(cfg, max_bytes), match=("url",))
+
+
+def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
+    """One released detection, as a dict or a ``(box, landmarks, score)`` sequence, flattened."""
+    try:
+        if isinstance(face, dict):
+            box, landmarks, score = face["box"], face["landmarks"], face["score"]
+        else:
+            box, landmarks, score = face
+        flat = [float(v) for p in landmarks for v in (p if isinstance(p, list | tuple) else [p])]
+        box = [float(v) for v in box]
+        if len(box) != 4 or len(flat) != 10:
+            raise ValueError("need 4 box values and 5 landmark points")
+    except (KeyError, TypeError, ValueError) as err:
+        where = f"fetch.laion_face.detections: face {index} of {sample_id!r}"
+        raise StageError(f"{where} is malformed: {err}") from None
+    return {"sample_id": sample_id, "face": index, "box": box, "landmarks": flat, "score": float(score)}
+
+
+def read_detections(path: str | Path, sample_ids: set[str]) -> pd.DataFrame:
+    """Detections for ``sample_ids`` in the flat schema of CONTRACTS (``detections.parquet``)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        table = pd.read_parquet(path)
+        missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
+        if missing:
+            raise StageError(f"fetch.laion_face.detections: {path} lacks columns {missing}")
+        table = table.assign(sample_id=table["sample_id"].astype(str))
+        return table[table["sample_id"].isin(sample_ids)][DETECTION_COLUMNS].reset_index(drop=True)
+    released = json.loads(path.read_text())
+    rows = [
+        _face(str(key), i, face)
+        for key, faces in released.items()
+        if str(key) in sample_ids
+        for i, face in enumerate(faces)
+    ]
+    return pd.DataFrame(rows, columns=DETECTION_COLUMNS)

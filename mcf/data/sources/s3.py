@@ -1,0 +1,113 @@
+"""S3 (or any S3-compatible store): the objects under ``s3://bucket/prefix`` as fetch rows.
+
+Credentials come only from boto3's own chain (environment, profile, instance role); they are never
+part of params or logs. The endpoint is configurable so that MinIO, Ceph or a local test server work.
+Objects larger than ``max_bytes`` are refused from their listed size, without a download.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import PurePosixPath
+from typing import Any
+
+import boto3
+import pandas as pd
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+
+from mcf.data.sources.download import Source
+from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, read_bounded
+from mcf.errors import StageError
+from mcf.params import ParamsError, param
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Config:
+    """``fetch.s3``: which objects, and how to reach the store."""
+
+    bucket: str = ""
+    prefix: str = ""
+    endpoint_url: str | None = None  # None: AWS; else e.g. http://127.0.0.1:9000
+    region: str | None = None
+    extensions: list[str] = param(IMAGE_EXTENSIONS)  # keys with other endings are skipped; [] keeps all
+    max_objects: int | None = param(None, ge=1)
+    timeout: float = param(10.0, gt=0)  # seconds, connect and read
+
+    def check_inputs(self) -> None:
+        """Called when this source is active."""
+        if not self.bucket:
+            raise ParamsError("bucket", "give the bucket to read from")
+
+
+def _client(cfg: S3Config, threads: int) -> Any:
+    config = Config(
+        connect_timeout=cfg.timeout,
+        read_timeout=cfg.timeout,
+        retries={"max_attempts": 1, "mode": "standard"},  # our own retry loop decides
+        max_pool_connections=max(10, threads),
+    )
+    return boto3.session.Session().client(
+        "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config
+    )
+
+
+def _keys(client: Any, cfg: S3Config) -> Any:
+    """Listed objects under the prefix whose key ends in one of ``cfg.extensions``."""
+    extensions = tuple(e.lower() for e in cfg.extensions)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=cfg.bucket, Prefix=cfg.prefix):
+        for obj in page.get("Contents", []):
+            suffix = PurePosixPath(obj["Key"]).suffix.lower()
+            if not obj["Key"].endswith("/") and (not extensions or suffix in extensions):
+                yield obj
+
+
+def list_rows(client: Any, cfg: S3Config) -> pd.DataFrame:
+    """One row per object: ``sample_id`` (the key), ``key``, ``etag``, ``size``, empty ``caption``."""
+    rows = []
+    try:
+        for obj in _keys(client, cfg):
+            if cfg.max_objects is not None and len(rows) >= cfg.max_objects:
+                break
+            key, etag, size = obj["Key"], obj.get("ETag", ""), int(obj.get("Size", 0))
+            rows.append({"sample_id": key, "caption": "", "key": key, "etag": etag, "size": size})
+    except (ClientError, BotoCoreError) as err:
+        raise StageError(f"fetch.s3: cannot list s3://{cfg.bucket}/{cfg.prefix}: {err}") from None
+    return pd.DataFrame(rows, columns=["sample_id", "caption", "key", "etag", "size"])
+
+
+class S3Fetcher:
+    """Object key to bytes, bounded by ``max_bytes`` (boto3 clients are thread-safe)."""
+
+    def __init__(self, client: Any, bucket: str, max_bytes: int) -> None:
+        self.client, self.bucket, self.max_bytes = client, bucket, max_bytes
+
+    def __call__(self, row: dict[str, Any]) -> bytes:
+        if row["size"] > self.max_bytes:
+            raise FetchFailure("too_large", f"{row['size']} bytes is over {self.max_bytes}")
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=row["key"])["Body"]
+            with body:
+                return read_bounded(iter(lambda: body.read(64 * 1024), b""), self.max_bytes)
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            code = err.response.get("Error", {}).get("Code", "")
+            raise FetchFailure("http_error", f"HTTP {status} {code}", retryable=status >= 500) from None
+        except (ConnectTimeoutError, ReadTimeoutError) as err:
+            raise FetchFailure("timeout", type(err).__name__, retryable=True) from None
+        except EndpointConnectionError as err:
+            raise FetchFailure("connection_error", str(err), retryable=True) from None
+        except BotoCoreError as err:
+            raise FetchFailure("connection_error", f"{type(err).__name__}: {err}", retryable=True) from None
+
+
+def source(cfg: S3Config, max_bytes: int, threads: int) -> Source:
+    client = _client(cfg, threads)
+    rows = list_rows(client, cfg)
+    return Source("s3", rows, S3Fetcher(client, cfg.bucket, max_bytes), match=("key", "etag"))

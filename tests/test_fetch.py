@@ -1,0 +1,310 @@
+"""The fetch stage against real servers on 127.0.0.1: per-row statuses, bounds, resume, S3, local."""
+
+from __future__ import annotations
+
+import _thread
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mcf.data.fetch import FetchConfig, journal_dir, main
+from mcf.data.sources.image import file_sha256
+from mcf.params import Common, ParamsError, build
+
+MAX_BYTES = 60_000
+MAX_PIXELS = 1_000_000
+
+
+def _image(fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
+    rng = np.random.default_rng(len(fmt) + size[0])
+    pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _png_bomb(side: int = 8_000) -> bytes:
+    """A valid 1-bit PNG of side x side black pixels: 8 KB that decodes to 64 megapixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + bytes((side + 7) // 8)
+    raw = zlib.compress(row * side, 9)
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+
+
+JPEG, PNG = _image("JPEG"), _image("PNG", (24, 36))
+BODIES = {
+    "/good.jpg": JPEG,
+    "/good.png": PNG,
+    "/truncated.jpg": JPEG[: len(JPEG) // 2],
+    "/page.html": b"<html><body>not an image</body></html>",
+    "/huge.bin": JPEG + b"\0" * (2 * MAX_BYTES),
+    "/bomb.png": _png_bomb(),
+    "/noai.jpg": JPEG,
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body)."""
+
+    counts: Counter = Counter()
+    lock = threading.Lock()
+    interrupt_once: set[str] = set()
+
+    def log_message(self, *args: Any) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        with self.lock:
+            self.counts[self.path] += 1
+            interrupt = self.path in self.interrupt_once
+            self.interrupt_once.discard(self.path)
+        if interrupt:
+            _thread.interrupt_main()  # what Ctrl-C does to the fetch stage's main thread
+        try:
+            self._respond()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _respond(self) -> None:
+        if self.path == "/broken":
+            self.send_error(500)
+        elif self.path == "/slow":
+            time.sleep(1.0)
+            self._send(JPEG)
+        elif self.path == "/drip":
+            self.send_response(200)
+            self.send_header("Content-Length", str(30 * 64))
+            self.end_headers()
+            for _ in range(30):
+                self.wfile.write(b"\xff" * 64)
+                self.wfile.flush()
+                time.sleep(0.1)
+        elif self.path in BODIES:
+            self._send(BODIES[self.path])
+        else:
+            self.send_error(404)
+
+    def _send(self, body: bytes) -> None:
+        self.send_response(200)
+        if self.path == "/noai.jpg":
+            self.send_header("X-Robots-Tag", "noai, noimageai")
+        if self.path != "/huge.bin":  # no length: the bound must hold while streaming
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server() -> Iterator[str]:
+    Handler.counts = Counter()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the gate keeps its results under the working directory
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+EXPECTED = {
+    "/good.jpg": "success",
+    "/good.png": "success",
+    "/missing": "http_error",
+    "/broken": "http_error",
+    "/slow": "timeout",
+    "/drip": "timeout",
+    "/truncated.jpg": "truncated",
+    "/page.html": "not_image",
+    "/huge.bin": "too_large",
+    "/bomb.png": "decompression_bomb",
+    "/noai.jpg": "disallowed",
+}
+
+
+def _laion_parquet(path: Path, urls: list[str | None]) -> Path:
+    pd.DataFrame(
+        {
+            "SAMPLE_ID": range(100, 100 + len(urls)),
+            "URL": urls,
+            "TEXT": [f"caption {i}" for i in range(len(urls))],
+            "NSFW": ["UNLIKELY"] * len(urls),
+        }
+    ).to_parquet(path)
+    return path
+
+
+def _config(**fetch: Any) -> FetchConfig:
+    defaults = {"out": "out", "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "retries": 1, "threads": 8}
+    return build(FetchConfig, defaults | fetch, "fetch")
+
+
+def _laion_config(parquet: Path, threads: int = 8, **laion: Any) -> FetchConfig:
+    section = {"parquet": [str(parquet)], "timeout": 0.3, "total_timeout": 1.0, "extra_columns": ["NSFW"]}
+    return _config(source="laion-face", threads=threads, laion_face=section | laion)
+
+
+def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
+    unreachable = f"http://127.0.0.1:{_closed_port()}/x.jpg"
+    urls = [server + p for p in EXPECTED] + [unreachable, "ftp://a/b.jpg", None]
+    cfg = _laion_config(_laion_parquet(tmp_path / "part-00000.parquet", urls))
+    main(Common(), cfg)
+    manifest = pd.read_parquet("out/manifest.parquet")
+    assert len(manifest) == len(urls)
+    got = dict(zip(manifest["url"].str.replace(server, ""), manifest["status"], strict=False))
+    assert {p: got[p] for p in EXPECTED} == EXPECTED
+    assert manifest["status"].tolist()[-3:] == ["connection_error", "invalid_url", "invalid_url"]
+    ok = manifest[manifest["status"] == "success"].set_index("url")
+    assert ok.loc[server + "/good.png", ["width", "height"]].tolist() == [24, 36]
+    assert Path("out", ok.loc[server + "/good.jpg", "path"]).read_bytes() == JPEG
+    assert all(file_sha256(Path("out", p)) == h for p, h in zip(ok["path"], ok["sha256"], strict=True))
+    assert manifest.loc[manifest["url"] == server + "/missing", "error"].item() == "HTTP 404"
+    assert manifest["NSFW"].eq("UNLIKELY").all() and manifest["sample_id"].iloc[0] == "100"
+    assert Handler.counts["/broken"] == 2 and Handler.counts["/missing"] == 1  # 5xx retried, 404 not
+    assert not journal_dir(Path("out")).exists()
+
+    before = Counter(Handler.counts)
+    main(Common(), cfg)
+    again = Handler.counts - before
+    assert set(again) == set(EXPECTED) - {"/good.jpg", "/good.png"}  # only failures are requested
+    rerun = pd.read_parquet("out/manifest.parquet")
+    pd.testing.assert_frame_equal(rerun.drop(columns="error"), manifest.drop(columns="error"))
+
+
+def test_killed_run_resumes_from_journal(server: str, tmp_path: Path) -> None:
+    urls = [server + "/good.jpg", server + "/good.png", server + "/crash"]
+    cfg = _laion_config(_laion_parquet(tmp_path / "part.parquet", urls), threads=1)
+    Handler.interrupt_once = {"/crash"}
+    with pytest.raises(KeyboardInterrupt):
+        main(Common(), cfg)
+    assert not Path("out").exists()
+    journal = journal_dir(Path("out"))
+    entries = [json.loads(line) for line in (journal / "journal.jsonl").read_text().splitlines()]
+    assert [e["url"] for e in entries] == urls[:2]
+    (journal / entries[1]["path"]).write_bytes(b"changed on disk")  # must not be reused
+
+    main(Common(), cfg)
+    assert Handler.counts["/good.jpg"] == 1 and Handler.counts["/good.png"] == 2
+    manifest = pd.read_parquet("out/manifest.parquet")
+    assert manifest["status"].tolist() == ["success", "success", "http_error"]
+    assert Path("out", manifest["path"][1]).read_bytes() == PNG
+    assert not journal.exists()
+
+
+def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) -> None:
+    parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/good.jpg", server + "/missing"])
+    box, points = [1, 2, 30, 28], [[5, 6], [20, 6], [12, 14], [7, 22], [19, 22]]
+    released = {"100": [[box, points, 0.99], {"box": box, "landmarks": sum(points, []), "score": 0.5}]}
+    released["101"] = [[box, points, 0.9]]
+    (tmp_path / "det.json").write_text(json.dumps(released))
+    main(Common(), _laion_config(parquet, detections=str(tmp_path / "det.json")))
+    det = pd.read_parquet("out/detections.parquet")
+    assert det["sample_id"].tolist() == ["100", "100"] and det["face"].tolist() == [0, 1]
+    assert det["box"][1].tolist() == [1.0, 2.0, 30.0, 28.0]
+    assert det["landmarks"][0].tolist() == [5.0, 6.0, 20.0, 6.0, 12.0, 14.0, 7.0, 22.0, 19.0, 22.0]
+    assert det["score"].tolist() == [0.99, 0.5]
+
+
+def test_params_check_the_active_source(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"fetch\.laion_face\.parquet\[0\]: path does not exist"):
+        _config(source="laion-face", laion_face={"parquet": ["nowhere.parquet"]})
+    with pytest.raises(ParamsError, match=r"fetch\.laion_face\.parquet: give at least one"):
+        _config(source="laion-face")
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.bucket"):
+        _config(source="s3")
+    with pytest.raises(ParamsError, match=r"fetch\.max_pixels: must be >= 1"):
+        _config(max_pixels=0)
+    with pytest.raises(ParamsError, match=r"fetch\.source: must be one of"):
+        _config(source="ftp")
+    assert _config(source="local", local={"root": str(tmp_path)}).local.root == str(tmp_path)
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def test_local_folder(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    _write(root / "a.jpg", JPEG)
+    _write(root / "sub" / "b.PNG", PNG)
+    _write(root / "sub" / "fake.jpg", b"GIF89a... or rather not")
+    _write(root / "big.jpeg", BODIES["/huge.bin"])
+    _write(root / "notes.txt", b"skipped: not an image extension")
+    _write(root / ".hidden" / "c.jpg", JPEG)
+    main(Common(), _config(source="local", local={"root": str(root)}))
+    manifest = pd.read_parquet("out/manifest.parquet").set_index("sample_id")
+    assert manifest["status"].to_dict() == {
+        "a.jpg": "success",
+        "big.jpeg": "too_large",
+        "sub/b.PNG": "success",
+        "sub/fake.jpg": "not_image",
+    }
+    assert Path("out", manifest.loc["sub/b.PNG", "path"]).read_bytes() == PNG
+    assert not Path("out/detections.parquet").exists()
+
+
+@pytest.fixture
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    host, port = moto.get_host_and_port()
+    yield f"http://{host}:{port}"
+    moto.stop()
+
+
+def test_s3_prefix(s3_endpoint: str) -> None:
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="faces")
+    objects = {
+        "raw/a.jpg": JPEG,
+        "raw/deep/b.png": PNG,
+        "raw/fake.jpg": b"plain text",
+        "raw/big.jpg": BODIES["/huge.bin"],
+        "raw/readme.txt": b"skipped",
+        "other/c.jpg": JPEG,
+    }
+    for key, body in objects.items():
+        client.put_object(Bucket="faces", Key=key, Body=body)
+    section = {"bucket": "faces", "prefix": "raw/", "endpoint_url": s3_endpoint, "region": "us-east-1"}
+    main(Common(), _config(source="s3", s3=section))
+    manifest = pd.read_parquet("out/manifest.parquet").set_index("key")
+    assert manifest["status"].to_dict() == {
+        "raw/a.jpg": "success",
+        "raw/big.jpg": "too_large",
+        "raw/deep/b.png": "success",
+        "raw/fake.jpg": "not_image",
+    }
+    assert Path("out", manifest.loc["raw/a.jpg", "path"]).read_bytes() == JPEG
+    assert (manifest["source"] == "s3").all()
