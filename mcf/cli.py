@@ -37,6 +37,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "validate": ("mcf.validate.gate:cli", "run a data gate by hand; --docs builds Data Docs HTML"),
     "export": ("mcf.models.export:cli", "write the pre-trained backbone as a timm state dict"),
     "report": ("mcf.evaluate.report:cli", "write the self-contained HTML report"),
+    "check-metrics": ("mcf.evaluate.regression:cli", "CI gate: fail when a metric moves past its tolerance"),
 }
 
 log = logging.getLogger("mcf")

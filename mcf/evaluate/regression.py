@@ -1,0 +1,78 @@
+"""``mcf check-metrics``: the CI metric gate over ``dvc metrics diff``.
+
+CI reproduces the default pipeline and compares its metrics with the committed ones. Any tracked
+metric that moves past its stated tolerance, in either direction, fails the gate: a drop is a
+regression, and a rise means the committed numbers are no longer what the pipeline produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Move:
+    """One metric's change between the committed and the reproduced run."""
+
+    name: str
+    old: float | None
+    new: float | None
+    tolerance: float
+
+    @property
+    def failed(self) -> bool:
+        if self.old is None or self.new is None:
+            return True  # a tracked metric appeared or vanished
+        return abs(self.new - self.old) > self.tolerance
+
+
+def load_tolerances(path: str | Path) -> dict[str, float]:
+    """``{glob over 'file:metric.key': absolute tolerance}``; the first matching glob wins."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    return {str(k): float(v) for k, v in data.get("tolerance", {}).items()}
+
+
+def tolerance_for(name: str, tolerances: dict[str, float]) -> float | None:
+    """The tolerance of ``name``, or ``None`` when the metric is not tracked."""
+    return next((tol for pattern, tol in tolerances.items() if fnmatch.fnmatch(name, pattern)), None)
+
+
+def compare(diff: dict, tolerances: dict[str, float]) -> list[Move]:
+    """Tracked metrics of a ``dvc metrics diff --json`` result, each with its tolerance."""
+    moves = []
+    for file, metrics in sorted(diff.items()):
+        for key, change in sorted(metrics.items()):
+            name = f"{file}:{key}"
+            tol = tolerance_for(name, tolerances)
+            if tol is not None:
+                moves.append(Move(name, change.get("old"), change.get("new"), tol))
+    return moves
+
+
+def _dvc(*args: str) -> str:
+    return subprocess.run(["dvc", *args], check=True, capture_output=True, text=True).stdout
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mcf check-metrics", description=__doc__.splitlines()[0])
+    p.add_argument("--rev", default="HEAD", help="committed revision to compare with (default: %(default)s)")
+    p.add_argument("--tolerance", default="metrics/tolerance.yaml", help="tolerance file (default: %(default)s)")
+    args = p.parse_args(argv)
+    print(_dvc("metrics", "diff", args.rev, "--md", "--all"))
+    moves = compare(json.loads(_dvc("metrics", "diff", args.rev, "--json", "--all") or "{}"),
+                    load_tolerances(args.tolerance))
+    failed = [m for m in moves if m.failed]
+    for m in failed:
+        print(f"FAIL {m.name}: {m.old} -> {m.new} (tolerance ±{m.tolerance})")
+    print(f"metric gate: {len(moves) - len(failed)} within tolerance, {len(failed)} outside")
+    return 1 if failed or not moves else 0

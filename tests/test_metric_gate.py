@@ -1,0 +1,48 @@
+"""The CI metric gate: within tolerance passes; a deliberate regression fails."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mcf.evaluate.regression import compare, tolerance_for
+
+
+def test_tolerance_globs_first_match_wins() -> None:
+    tols = {"m.json:alignment.*.nme_diag": 0.05, "m.json:*": 1.0}
+    assert tolerance_for("m.json:alignment.mcf.nme_diag", tols) == 0.05
+    assert tolerance_for("m.json:parsing.f1", tols) == 1.0
+    assert tolerance_for("other.json:x", tols) is None
+
+
+def test_compare_flags_moves_past_tolerance_both_ways() -> None:
+    diff = {"m.json": {"a": {"old": 1.0, "new": 1.04}, "b": {"old": 1.0, "new": 0.8}, "c": {"old": 1.0}}}
+    moves = {m.name: m.failed for m in compare(diff, {"m.json:*": 0.05})}
+    assert moves == {"m.json:a": False, "m.json:b": True, "m.json:c": True}
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(("new", "expected_rc"), [(0.931, 0), (1.2, 1)])
+def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int) -> None:
+    repo = tmp_path
+    _git(repo, "init", "-q")
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
+    (repo / "metrics").mkdir()
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\n")
+    (repo / "metrics" / "tolerance.yaml").write_text("tolerance:\n  'metrics/evaluate.json:*nme*': 0.01\n")
+    metrics = repo / "metrics" / "evaluate.json"
+    metrics.write_text(json.dumps({"alignment": {"mcf": {"nme_diag": 0.93}}}))
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "metrics")
+    metrics.write_text(json.dumps({"alignment": {"mcf": {"nme_diag": new}}}))
+    proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics"], cwd=repo,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == expected_rc, proc.stdout + proc.stderr
+    assert "nme_diag" in proc.stdout  # the markdown table is printed either way
