@@ -60,11 +60,11 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every rank along dim 0, in rank order; no gradient flows back.
 
-    Identity when not distributed. Rank r's rows sit at ``[r * N, (r + 1) * N)``, which is where the
-    contrastive loss looks for each rank's positives.
+    Not distributed: the tensor itself, detached. Rank r's rows sit at ``[r * N, (r + 1) * N)``,
+    which is where the contrastive loss looks for each rank's positives.
     """
     if not is_initialized():
-        return tensor
+        return tensor.detach()
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
