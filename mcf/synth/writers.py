@@ -1,0 +1,141 @@
+"""Write SynthFace sets in the real on-disk formats: LAION-Face-like scenes with detections, an
+AFLW-19 ``AFLWinfo_release.mat`` tree and a LaPa tree (PROTOCOL.md §3-4).
+
+Each image is rendered from ``default_rng([seed, kind, index])`` alone, so any image can be regenerated
+by itself and the output does not depend on how the work is split. Coordinates are 0-based pixels
+(pixel (i, j) centred at x = j, y = i); "left" means image-left. The synthetic AFLW and LaPa images
+cycle through the identity pool (image i shows identity i mod n_identities); the name → identity map
+is written to ``synthface_identities.csv`` beside each tree for identity probes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import scipy.io
+from tqdm import tqdm
+
+from mcf.synth.config import SynthConfig
+from mcf.synth.identity import KIND_AFLW, KIND_CORPUS, KIND_LAPA, KIND_SPLIT, sample_identity
+from mcf.synth.render import FaceSample, render_face, render_scene
+
+log = logging.getLogger(__name__)
+IDENTITIES_CSV = "synthface_identities.csv"
+AFLW_FOLDERS = ("0", "2", "3")  # the real tree's data/flickr sub-folders
+LAPA_SPLITS = ("train", "val", "test")
+
+
+def _jpeg(image: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"JPEG encoding failed for an image of shape {image.shape}")
+    return buf.tobytes()
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def write_corpus(cfg: SynthConfig, seed: int, out_dir: Path,
+                 image_subdir: str = "images") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Render the pre-training scenes to ``out_dir/<image_subdir>/<sample_id>.jpg``.
+
+    Returns ``(manifest, detections)``: manifest columns ``sample_id, path`` (relative to ``out_dir``),
+    ``status`` ("success"), ``error`` (None), ``sha256, width, height, caption, source`` ("synthetic"),
+    ``identities`` (list of ints, one per face, in detection ``face`` order); detections columns
+    ``sample_id, face, box`` ([x1, y1, x2, y2]), ``landmarks`` (10 floats: left eye, right eye, nose tip,
+    left and right mouth corner, x then y each), ``score`` (1.0: exact ground truth).
+    """
+    out_dir = Path(out_dir)
+    rows, dets = [], []
+    for i in tqdm(range(cfg.n_scenes), desc="synth corpus", unit="img"):
+        rng = np.random.default_rng([seed, KIND_CORPUS, i])
+        ids = rng.integers(0, cfg.n_identities, int(rng.integers(1, cfg.max_faces + 1)))
+        scene = render_scene(cfg, rng, [sample_identity(seed, int(j)) for j in ids], cfg.scene_size)
+        data = _jpeg(scene.image, scene.jpeg_quality)
+        sample_id = f"synth-{i:07d}"
+        rel = f"{image_subdir}/{sample_id}.jpg"
+        _write(out_dir / rel, data)
+        rows.append({
+            "sample_id": sample_id, "path": rel, "status": "success", "error": None,
+            "sha256": hashlib.sha256(data).hexdigest(), "width": cfg.scene_size, "height": cfg.scene_size,
+            "caption": scene.caption, "source": "synthetic", "identities": list(scene.identities),
+        })
+        for f, (box, lm5) in enumerate(zip(scene.boxes, scene.landmarks5, strict=True)):
+            dets.append({"sample_id": sample_id, "face": f, "box": [float(v) for v in box],
+                         "landmarks": [float(v) for v in lm5.reshape(-1)], "score": 1.0})
+    log.info("synthetic corpus: %d scenes, %d faces in %s", len(rows), len(dets), out_dir)
+    return pd.DataFrame(rows), pd.DataFrame(dets, columns=["sample_id", "face", "box", "landmarks", "score"])
+
+
+def _faces(cfg: SynthConfig, seed: int, kind: int, n: int, size: int,
+           desc: str) -> Iterator[tuple[int, FaceSample]]:
+    """Yield ``(index, FaceSample)`` for the ``n`` images of one set."""
+    for i in tqdm(range(n), desc=desc, unit="img"):
+        rng = np.random.default_rng([seed, kind, i])
+        yield i, render_face(cfg, rng, sample_identity(seed, i % cfg.n_identities), size)
+
+
+def write_aflw19(cfg: SynthConfig, seed: int, out_dir: Path) -> None:
+    """Write ``out_dir/AFLWinfo_release.mat`` and the images at ``out_dir/data/flickr/<nameList entry>``.
+
+    The .mat holds the real file's five fields: ``bbox`` N×4 (left, right, top, bottom), ``data`` N×38
+    (19 x, then 19 y), ``mask_new`` N×19 (1 visible), ``nameList`` N×1 cell of relative paths, ``ra``
+    1×N 1-based permutation. The first ``aflw.n_train`` entries of ``ra`` are the training rows, the
+    rest the test rows (the real file's split at 20000, scaled).
+    """
+    out_dir, a = Path(out_dir), cfg.aflw
+    n = a.n_train + a.n_test
+    bbox, data, mask = np.zeros((n, 4)), np.zeros((n, 38)), np.zeros((n, 19))
+    names = np.empty((n, 1), dtype=object)
+    ids = []
+    for i, s in _faces(cfg, seed, KIND_AFLW, n, a.image_size, "synth AFLW-19"):
+        name = f"{AFLW_FOLDERS[i % len(AFLW_FOLDERS)]}/image{i:05d}.jpg"
+        _write(out_dir / "data" / "flickr" / name, _jpeg(s.image, s.jpeg_quality))
+        bbox[i] = s.box[[0, 2, 1, 3]]
+        data[i] = np.concatenate([s.landmarks19[:, 0], s.landmarks19[:, 1]])
+        mask[i] = s.visible19
+        names[i, 0] = name
+        ids.append((name, s.identity))
+    ra = np.random.default_rng([seed, KIND_SPLIT, KIND_AFLW]).permutation(n) + 1
+    scipy.io.savemat(out_dir / "AFLWinfo_release.mat",
+                     {"bbox": bbox, "data": data, "mask_new": mask, "nameList": names,
+                      "ra": ra[None, :].astype(np.float64)})
+    pd.DataFrame(ids, columns=["name", "identity"]).to_csv(out_dir / IDENTITIES_CSV, index=False)
+    log.info("synthetic AFLW-19: %d images (%d train) in %s", n, a.n_train, out_dir)
+
+
+def _lapa_files(root: Path, split: str, stem: str, s: FaceSample) -> None:
+    _write(root / split / "images" / f"{stem}.jpg", _jpeg(s.image, s.jpeg_quality))
+    ok, png = cv2.imencode(".png", s.labels)
+    if not ok:
+        raise ValueError(f"PNG encoding failed for labels of shape {s.labels.shape}")
+    _write(root / split / "labels" / f"{stem}.png", png.tobytes())
+    lines = ["106", *(f"{x:.3f} {y:.3f}" for x, y in s.landmarks106)]
+    _write(root / split / "landmarks" / f"{stem}.txt", ("\n".join(lines) + "\n").encode())
+
+
+def write_lapa(cfg: SynthConfig, seed: int, out_dir: Path) -> None:
+    """Write ``out_dir/LaPa/{train,val,test}/{images/<stem>.jpg, labels/<stem>.png, landmarks/<stem>.txt}``.
+
+    Labels are single-channel uint8 PNGs with the 11 LaPa classes (occluders are background, 0);
+    landmark files hold "106" then 106 "x y" lines (layout in ``mcf.synth.geometry``).
+    """
+    out_dir, c = Path(out_dir), cfg.lapa
+    counts = {"train": c.n_train, "val": c.n_val, "test": c.n_test}
+    bounds = np.cumsum([0, *counts.values()])
+    ids = []
+    for i, s in _faces(cfg, seed, KIND_LAPA, int(bounds[-1]), c.image_size, "synth LaPa"):
+        split = LAPA_SPLITS[int(np.searchsorted(bounds, i, side="right")) - 1]
+        stem = f"synth_{i:06d}"
+        _lapa_files(out_dir / "LaPa", split, stem, s)
+        ids.append((f"{split}/{stem}", s.identity))
+    pd.DataFrame(ids, columns=["name", "identity"]).to_csv(out_dir / IDENTITIES_CSV, index=False)
+    log.info("synthetic LaPa: %s images in %s", counts, out_dir / "LaPa")

@@ -1,0 +1,164 @@
+"""SynthFace: determinism, ground truth that agrees with the drawn image, and the real on-disk formats."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import scipy.io
+
+from mcf.params import ParamsError, build
+from mcf.synth import (
+    AflwSynthConfig,
+    FaceSample,
+    LapaSynthConfig,
+    SynthConfig,
+    render_face,
+    sample_identity,
+    write_aflw19,
+    write_corpus,
+    write_lapa,
+)
+from mcf.synth.bench import bench_synth
+from mcf.synth.geometry import face_shapes, sample_expression
+from mcf.synth.head import Pose, project_surface
+
+SMALL = SynthConfig(
+    n_scenes=6, scene_size=128, n_identities=4, aflw=AflwSynthConfig(n_train=5, n_test=3, image_size=96),
+    lapa=LapaSynthConfig(n_train=3, n_val=2, n_test=2, image_size=96), difficulty=1.0,
+)
+
+
+def _face(seed: int, index: int, size: int = 128, cfg: SynthConfig = SMALL) -> FaceSample:
+    rng = np.random.default_rng([seed, 2, index])
+    return render_face(cfg, rng, sample_identity(seed, index % 7), size)
+
+
+def test_render_face_is_deterministic_and_seed_dependent() -> None:
+    a, b, c = _face(1, 5), _face(1, 5), _face(2, 5)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+    assert np.array_equal(a.landmarks106, b.landmarks106) and np.array_equal(a.visible19, b.visible19)
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.shape == (128, 128, 3) and a.image.dtype == np.uint8
+    assert a.labels.shape == (128, 128) and a.labels.dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", [96, 160])
+def test_ground_truth_matches_the_drawn_face(size: int) -> None:
+    eyes_checked = 0
+    for i in range(20):
+        s = _face(3, i, size)
+        for pts in (s.landmarks19, s.landmarks106, s.landmarks5, s.box.reshape(2, 2)):
+            assert (pts >= 0).all() and (pts <= size - 1).all(), f"face {i}: a point leaves the image"
+        assert set(np.unique(s.labels)) <= set(range(11))
+        assert np.array_equal(s.landmarks106[[104, 105, 54, 84, 90]], s.landmarks19[[7, 10, 13, 15, 17]])
+        assert np.array_equal(s.landmarks5, s.landmarks19[[7, 10, 13, 15, 17]])
+        eyes = ((s.landmarks19[7], 4, s.visible19[7]), (s.landmarks19[10], 5, s.visible19[10]),
+                (s.landmarks106[104], 4, s.visible19[7]), (s.landmarks106[105], 5, s.visible19[10]))
+        for pt, label, visible in eyes:
+            if visible:
+                x, y = np.round(pt).astype(int)
+                assert s.labels[y, x] == label, f"face {i}: eye centre on label {s.labels[y, x]}"
+                eyes_checked += 1
+        assert (s.box[:2] <= s.landmarks19.min(0)).all() and (s.landmarks19.max(0) <= s.box[2:]).all()
+    assert eyes_checked >= 40  # most eyes are visible even at difficulty 1
+
+
+def test_yaw_shifts_features_and_compresses_the_far_side() -> None:
+    ident = sample_identity(0, 1)
+    shapes = face_shapes(ident, sample_expression(np.random.default_rng(0), 0.0))
+    frontal = Pose(0.0, 0.0, 0.0, 50.0, 100.0, 100.0, (0.0, 0.0, 1.0), 0.6)
+    turned = Pose(np.radians(30), 0.0, 0.0, 50.0, 100.0, 100.0, (0.0, 0.0, 1.0), 0.6)
+    pix, facing = project_surface(ident, turned, shapes.lm19)
+    front, _ = project_surface(ident, frontal, shapes.lm19)
+    assert facing.all()
+    assert pix[13, 0] > (pix[6, 0] + pix[11, 0]) / 2  # the nose tip moves towards the turn
+    assert pix[11, 0] - pix[9, 0] < pix[8, 0] - pix[6, 0]  # the right eye is foreshortened
+    assert pix[11, 0] - pix[9, 0] < front[11, 0] - front[9, 0]  # it turned away from the camera
+
+
+def test_aflw19_mat_reads_like_the_real_file(tmp_path: Path) -> None:
+    write_aflw19(SMALL, 0, tmp_path)
+    mat = scipy.io.loadmat(tmp_path / "AFLWinfo_release.mat")
+    n = SMALL.aflw.n_train + SMALL.aflw.n_test
+    assert mat["bbox"].shape == (n, 4) and mat["data"].shape == (n, 38) and mat["mask_new"].shape == (n, 19)
+    assert mat["nameList"].shape == (n, 1) and mat["ra"].shape == (1, n)
+    assert sorted(mat["ra"][0].astype(int)) == list(range(1, n + 1))
+    assert set(np.unique(mat["mask_new"])) <= {0.0, 1.0}
+    for row in range(n):
+        name = str(mat["nameList"][row, 0][0])
+        assert name.split("/")[0] in {"0", "2", "3"}
+        img = cv2.imread(str(tmp_path / "data" / "flickr" / name))
+        assert img.shape == (96, 96, 3)
+        left, right, top, bottom = mat["bbox"][row]
+        xs, ys = mat["data"][row, :19], mat["data"][row, 19:]
+        assert 0 <= left < right <= 96 and 0 <= top < bottom <= 96
+        w, h = right - left, bottom - top  # the face box is tight: landmarks inside, margin under 10%
+        assert (xs >= left - 0.1 * w).all() and (xs <= right + 0.1 * w).all()
+        assert (ys >= top - 0.1 * h).all() and (ys <= bottom + 0.1 * h).all()
+    ids = (tmp_path / "synthface_identities.csv").read_text().splitlines()
+    assert ids[0] == "name,identity" and len(ids) == n + 1
+
+
+def test_lapa_tree_has_matching_files(tmp_path: Path) -> None:
+    write_lapa(SMALL, 0, tmp_path)
+    for split, count in (("train", 3), ("val", 2), ("test", 2)):
+        root = tmp_path / "LaPa" / split
+        stems = {d: sorted(p.stem for p in (root / d).iterdir()) for d in ("images", "labels", "landmarks")}
+        assert len(stems["images"]) == count and stems["images"] == stems["labels"] == stems["landmarks"]
+        for stem in stems["images"]:
+            img = cv2.imread(str(root / "images" / f"{stem}.jpg"))
+            lab = cv2.imread(str(root / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+            assert lab.ndim == 2 and lab.dtype == np.uint8 and lab.shape == img.shape[:2]
+            assert lab.max() <= 10 and (lab == 1).any()
+            lines = (root / "landmarks" / f"{stem}.txt").read_text().split("\n")
+            assert lines[0] == "106" and len([ln for ln in lines[1:] if ln]) == 106
+            pts = np.array([[float(v) for v in ln.split()] for ln in lines[1:] if ln])
+            assert (pts >= 0).all() and (pts <= 95).all()
+
+
+def test_corpus_manifest_and_detections_agree(tmp_path: Path) -> None:
+    manifest, dets = write_corpus(SMALL, 0, tmp_path)
+    assert list(manifest.columns) == ["sample_id", "path", "status", "error", "sha256", "width", "height",
+                                      "caption", "source", "identities"]
+    assert manifest.sample_id.is_unique and (manifest.status == "success").all()
+    assert set(dets.sample_id) == set(manifest.sample_id)
+    for row in manifest.itertuples():
+        data = (tmp_path / row.path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row.sha256
+        faces = dets[dets.sample_id == row.sample_id]
+        assert sorted(faces.face) == list(range(len(row.identities))) and 1 <= len(faces) <= 3
+        for box, lm in zip(faces.box, faces.landmarks, strict=True):
+            assert len(box) == 4 and len(lm) == 10 and box[0] < box[2] and box[1] < box[3]
+            assert all(0 <= v <= 127 for v in [*box, *lm])
+    assert (dets.score == 1.0).all()
+    _, _ = write_corpus(SynthConfig(n_scenes=2, scene_size=128, n_identities=4, difficulty=1.0), 0,
+                        tmp_path / "again")
+    for i in range(2):  # an image depends on (seed, index) only, not on the set size
+        name = f"images/synth-{i:07d}.jpg"
+        assert (tmp_path / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    other, _ = write_corpus(SynthConfig(n_scenes=1, scene_size=128), 1, tmp_path / "other")
+    assert other.sha256[0] != manifest.sha256[0]
+
+
+def test_config_builds_from_params_and_rejects_bad_values() -> None:
+    cfg = build(SynthConfig, {"n_scenes": 10, "aflw": {"n_train": 4}, "jpeg_quality": [60, 90]}, "synthetic")
+    assert cfg.aflw.n_train == 4 and cfg.aflw.n_test == 200 and cfg.jpeg_quality == (60, 90)
+    with pytest.raises(ParamsError, match="synthetic.jpeg_quality"):
+        build(SynthConfig, {"jpeg_quality": [95, 70]}, "synthetic")
+    with pytest.raises(ParamsError, match="synthetic.difficulty"):
+        build(SynthConfig, {"difficulty": 1.5}, "synthetic")
+
+
+def test_identities_are_stable_and_distinct() -> None:
+    assert sample_identity(0, 3) == sample_identity(0, 3)
+    assert sample_identity(0, 3) != sample_identity(0, 4) and sample_identity(0, 3) != sample_identity(1, 3)
+    with pytest.raises(ValueError, match="identity_id"):
+        sample_identity(0, -1)
+
+
+def test_bench_runs() -> None:
+    assert bench_synth(["--n", "2", "--size", "64"]) == 0
