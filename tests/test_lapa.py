@@ -78,7 +78,7 @@ def root(tmp_path: Path) -> Path:
 
 
 def _cfg(root: Path, **kw: object) -> LaPaConfig:
-    return LaPaConfig(root=str(root), **{"size": SIZE, **kw})
+    return LaPaConfig(root=str(root), **{"size": SIZE, "label_size": SIZE, **kw})
 
 
 def test_sample_keys_and_alignment(root: Path) -> None:
@@ -114,9 +114,10 @@ def test_point_round_trip_inside_and_at_roi_edge(root: Path) -> None:
 
 
 def test_label_warp_and_back_keeps_the_face(root: Path) -> None:
-    cfg = _cfg(root, size=512)
+    cfg = _cfg(root, size=64, label_size=512)
     ds = LaPa(cfg, "test")
     batch = torch.utils.data.default_collate([ds[i] for i in range(2)])
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["label"].shape == (2, 512, 512)
     for i in range(2):
         label = ds.read(i)[1]
         onehot = torch.nn.functional.one_hot(batch["label"][i], 11).permute(2, 0, 1).float()

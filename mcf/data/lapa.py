@@ -13,7 +13,8 @@ same single resampling (the label with nearest neighbour).
 One sample (:class:`LaPa` item):
 
 - ``image``: float32 [3, S, S], ImageNet-normalised, warped space;
-- ``label``: int64 [S, S], classes 0..10 in warped space (0 where the warp has no source);
+- ``label``: int64 [L, L], L = ``label_size`` (512 in the protocol, where the logits are upsampled
+  to 512² for the loss), classes 0..10 in warped space (0 where the warp has no source);
 - ``params``: dict of float64 tensors to invert the warp: ``matrix`` [2, 3] (original pixels →
   aligned square, augmentation included), ``warp_factor`` [], ``warp_size`` [];
 - ``name``: str (``<split>/<stem>``); ``orig_size``: int64 [2] = (H, W) of the original image.
@@ -65,6 +66,7 @@ class LaPaConfig:
 
     root: str = "outputs/fetch/lapa"  # the folder that holds ``LaPa/``
     size: int = param(448, ge=8)  # model input resolution S
+    label_size: int = param(512, ge=8)  # resolution L of the training label (logits upsampled to it)
     warp_size: int = param(512, ge=8)  # the aligned and warped squares
     warp_factor: float = param(0.8, gt=0.0, lt=1.0)
     augment: ParsingAugment = dataclasses.field(default_factory=ParsingAugment)
@@ -165,7 +167,7 @@ class LaPa(Dataset):
         if cfg.size != cfg.warp_size:
             interp = cv2.INTER_AREA if cfg.size < cfg.warp_size else cv2.INTER_LINEAR
             warped = cv2.resize(warped, (cfg.size, cfg.size), interpolation=interp)
-        lab = T.tanh_polar_warp(label, matrix, cfg.warp_factor, cfg.warp_size, cfg.size, nearest=True)
+        lab = T.tanh_polar_warp(label, matrix, cfg.warp_factor, cfg.warp_size, cfg.label_size, nearest=True)
         return {
             "image": T.to_tensor(warped),
             "label": torch.from_numpy(lab.astype(np.int64)),

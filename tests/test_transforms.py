@@ -1,0 +1,112 @@
+"""Geometry helpers and augmentations of mcf.data.transforms."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mcf.data import transforms as T
+from mcf.params import ParamsError, build
+
+
+def test_box_matrix_maps_the_box_onto_the_crop() -> None:
+    m = T.box_matrix(np.array([10.0, 50.0, 20.0, 100.0]), 512)  # left, right, top, bottom
+    np.testing.assert_allclose(T.apply(m, np.array([[10.0, 20.0], [50.0, 100.0], [30.0, 60.0]])),
+                               [[0, 0], [512, 512], [256, 256]])
+    with pytest.raises(ValueError, match="degenerate box"):
+        T.box_matrix(np.array([10.0, 10.0, 0.0, 5.0]), 64)
+
+
+def test_similarity_recovers_a_known_transform_and_never_reflects() -> None:
+    m = T.around((100.0, 50.0), 0.7, 1.3, (5.0, -7.0))
+    src = np.random.default_rng(0).uniform(0, 200, (5, 2))
+    np.testing.assert_allclose(T.similarity(src, T.apply(m, src)), m, atol=1e-9)
+    mirrored = src * [-1.0, 1.0]
+    assert np.linalg.det(T.similarity(src, mirrored)[:, :2]) > 0
+
+
+def test_compose_invert_apply_agree() -> None:
+    a, b = T.around((1.0, 2.0), 0.3, 2.0, (3.0, 4.0)), T.box_matrix(np.array([0, 10, 0, 20]), 64)
+    p = np.random.default_rng(1).uniform(-50, 50, (7, 2))
+    np.testing.assert_allclose(T.apply(T.compose(a, b), p), T.apply(a, T.apply(b, p)))
+    np.testing.assert_allclose(T.apply(T.invert(a), T.apply(a, p)), p, atol=1e-12)
+    batched = T.apply(np.stack([a, b]), np.stack([p, p]))
+    np.testing.assert_allclose(batched[1], T.apply(b, p))
+
+
+def test_warp_affine_follows_the_pixel_convention() -> None:
+    """A single bright pixel j (spanning [j, j+1)) lands where the matrix sends its centre j + 0.5."""
+    img = np.zeros((40, 40), np.uint8)
+    img[13, 7] = 255
+    m = T.around((20.0, 20.0), 0.3, 2.0, (20.0, 20.0))
+    out = T.warp_affine(img, m, 80).astype(float)
+    ys, xs = np.mgrid[:80, :80] + 0.5
+    centre = [(out * xs).sum() / out.sum(), (out * ys).sum() / out.sum()]
+    np.testing.assert_allclose(centre, T.apply(m, np.array([[7.5, 13.5]]))[0], atol=0.05)
+
+
+def test_tanh_polar_forward_inverse_exact_and_shape() -> None:
+    rng = np.random.default_rng(2)
+    pts = np.concatenate([rng.uniform(-1000, 1500, (500, 2)), [[256.0, 256.0]]])  # r up to ~7
+    fwd = T.tanh_polar_forward(pts, 0.8, 512)
+    assert (np.linalg.norm(fwd - 256, axis=-1) < 256).all()  # the whole plane lands inside the disc
+    np.testing.assert_allclose(T.tanh_polar_inverse(fwd, 0.8, 512), pts, atol=1e-6)
+    np.testing.assert_allclose(fwd[-1], [256, 256])
+    # warp factor: the aligned square's inscribed circle lands at rho = 0.8
+    np.testing.assert_allclose(T.tanh_polar_forward(np.array([[0.0, 256.0]]), 0.8, 512), [[51.2, 256]])
+
+
+def test_tanh_polar_warp_places_a_dot_where_the_points_go() -> None:
+    img = np.zeros((300, 260, 3), np.uint8)
+    cv2.circle(img, (int((90 - 0.5) * 16), int((140 - 0.5) * 16)), 4 * 16, (255, 255, 255), -1,
+               cv2.LINE_AA, shift=4)
+    m = T.around((130.0, 150.0), 0.2, 1.8, (126.0, 106.0))  # original → aligned 512²
+    out = T.tanh_polar_warp(img, m, 0.8, 512, 256)[..., 0].astype(float)
+    ys, xs = np.mgrid[:256, :256] + 0.5
+    centre = np.array([(out * xs).sum(), (out * ys).sum()]) / out.sum()
+    expect = T.tanh_polar_forward(T.apply(m, np.array([[90.0, 140.0]])), 0.8, 512)[0] / 2
+    np.testing.assert_allclose(centre, expect, atol=0.3)
+
+
+def test_tanh_polar_unwarp_reads_maps_back() -> None:
+    """A smooth map warped and read back reproduces itself on the original grid."""
+    h, w = 120, 100
+    ys, xs = np.mgrid[:h, :w] + 0.5
+    field = np.stack([np.sin(xs / 15.0), np.cos(ys / 11.0)]).astype(np.float32)  # [2, H, W]
+    m = T.around((50.0, 60.0), -0.3, 3.0, (206.0, 196.0))
+    warped = np.stack([T.tanh_polar_warp(f, m, 0.8, 512, 512) for f in field])
+    back = T.tanh_polar_unwarp(torch.from_numpy(warped), m, 0.8, 512, (h, w)).numpy()
+    assert back.shape == (2, h, w)
+    inner = np.s_[:, 10:-10, 10:-10]
+    assert np.abs(back - field)[inner].max() < 0.02
+
+
+def test_photometric_switches() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    off = T.Photometric(gray_p=0.0, gamma_p=0.0, blur_p=0.0)
+    np.testing.assert_array_equal(T.photometric(img, off, rng), img)
+    gray = T.photometric(img, T.Photometric(gray_p=1.0, gamma_p=0.0, blur_p=0.0), rng)
+    assert (gray[..., 0] == gray[..., 2]).all()
+    blurred = T.photometric(img, T.Photometric(gray_p=0.0, gamma_p=0.0, blur_p=1.0, blur_sigma=2.0), rng)
+    assert blurred.std() < img.std()
+    occluded = T.occlude(img, rng, 0.5)
+    assert (occluded == 0).all(-1).sum() >= 4 and img.min() >= 0
+    noisy = T.add_noise(img, rng, 10.0)
+    assert noisy.dtype == np.uint8 and 5 < np.abs(noisy.astype(float) - img).mean() < 12
+
+
+def test_photometric_params_are_checked() -> None:
+    with pytest.raises(ParamsError, match="gamma_max"):
+        build(T.Photometric, {"gamma_min": 2.0, "gamma_max": 1.0})
+    with pytest.raises(ParamsError, match="gray_p"):
+        build(T.Photometric, {"gray_p": 1.5})
+
+
+def test_to_tensor_normalises() -> None:
+    img = np.full((4, 5, 3), 255, np.uint8)
+    x = T.to_tensor(img)
+    assert x.shape == (3, 4, 5) and x.dtype == torch.float32
+    np.testing.assert_allclose(x[:, 0, 0].numpy(), (1 - T.IMAGENET_MEAN) / T.IMAGENET_STD, rtol=1e-6)
