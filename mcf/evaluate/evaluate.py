@@ -1,0 +1,267 @@
+"""Stage ``evaluate``: score the fine-tuned models (last epoch, EMA weights) by the FaRL protocol.
+
+Every variant's checkpoint (``<alignment>/<variant>/model.pt``, ``<parsing>/<variant>/model.pt``)
+is scored on its dataset's test split, rebuilt from the data config saved in the checkpoint.
+No epoch is picked on the test set.
+
+Outputs:
+
+- ``metrics`` (JSON, committed, for ``dvc metrics``), values ×100::
+
+    {"dataset": {"alignment": "SynthFace-AFLW19", "parsing": "SynthFace-LaPa"},
+     "alignment": {"<variant>": {"full": {"nme_diag", "nme_box", "nme_inter_ocular", "auc_box_0.07",
+                                          "fr_box_0.07", "images"}, "frontal": {...}}},
+     "parsing": {"<variant>": {"f1_mean", "f1": {"<class>": ...}, "pixels"}},
+     "probe": {"<variant>": {"nme_diag", "identity_accuracy"}}}
+
+- ``out``/: ``plots/ced.csv`` (threshold, one column per variant; full split), ``plots/f1.csv`` (class,
+  one column per variant), ``ced.png``, ``confusion_<variant>.png``, ``overlays/*.png``, and the
+  per-image predictions in original-image coordinates, for anyone to re-score:
+  ``predictions/alignment_<variant>.csv`` (name, x0..x18, y0..y18; pixels) and
+  ``predictions/parsing_<variant>/<split>/<stem>.png`` (class ids 0..10, original size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mcf.data import aflw19, lapa
+from mcf.data.aflw19 import AFLW19, AFLW19Config, read_rgb, to_original
+from mcf.data.lapa import LaPa, LaPaConfig, read_label, sample_params, warp_to_original
+from mcf.errors import StageError
+from mcf.evaluate import metrics as M
+from mcf.evaluate import plots
+from mcf.evaluate.probe import IDENTITIES_FILE, ProbeConfig, run_probes
+from mcf.io import atomic_dir, atomic_file
+from mcf.models.heads import DenseFaceModel, soft_argmax
+from mcf.params import Common, ParamsError, param, require_path
+from mcf.train.finetune import load_finetuned
+from mcf.validate.gate import run_gate
+
+log = logging.getLogger(__name__)
+CLASSES = ("background", "skin", "left_brow", "right_brow", "left_eye", "right_eye", "nose",
+           "upper_lip", "inner_mouth", "lower_lip", "hair")
+THRESHOLD = 0.07
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Where the fine-tuned models are, where results go, and how results are labelled."""
+
+    alignment: str = "outputs/finetune_alignment"  # holds <variant>/model.pt
+    parsing: str = "outputs/finetune_parsing"
+    backbone: str = "outputs/pretrain/backbone"  # the export the probes read
+    out: str = "outputs/evaluate"
+    metrics: str = "metrics/evaluate.json"
+    variants: list[str] = param(["mcf", "scratch"])
+    alignment_label: str = "SynthFace-AFLW19"  # the dataset name written beside the numbers
+    parsing_label: str = "SynthFace-LaPa"
+    batch_size: int = param(50, ge=1)
+    overlays: int = param(4, ge=0)  # example images drawn per task and variant
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+
+    def __post_init__(self) -> None:
+        bad = [v for v in self.variants if v not in ("mcf", "scratch")]
+        if bad or not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ParamsError("variants", f"expected distinct names of mcf, scratch; got {self.variants}")
+
+
+def check_label(label: str, key: str, synthetic: bool) -> None:
+    """Numbers measured on SynthFace must say so (a SynthFace number must never pass as AFLW-19/LaPa)."""
+    if synthetic and "synthface" not in label.lower():
+        message = f"the data is SynthFace, so the label must contain 'SynthFace', got {label!r}"
+        raise ParamsError(f"evaluate.{key}", message)
+
+
+Loaded = dict[str, tuple[DenseFaceModel, dict[str, Any]]]
+
+
+def _checkpoints(folder: str, variants: list[str], key: str) -> Loaded:
+    """Load ``<folder>/<variant>/model.pt`` for each variant; all must share one data config."""
+    loaded = {}
+    for variant in variants:
+        path = Path(folder) / variant / "model.pt"
+        require_path(path, f"evaluate.{key}")
+        loaded[variant] = load_finetuned(path)
+    datas = {json.dumps(meta["data"], sort_keys=True) for _, meta in loaded.values()}
+    if len(datas) != 1:
+        raise StageError(f"{folder}: the variants were trained on different data configs: {sorted(datas)}")
+    return loaded
+
+
+# ---------------------------------------------------------------- alignment
+
+
+@torch.no_grad()
+def predict_landmarks(model: DenseFaceModel, dataset: AFLW19, batch_size: int) -> dict[str, Any]:
+    """Original-image predictions ``[N, 19, 2]`` with the names, GT, boxes and visibility."""
+    out: dict[str, list[Any]] = {"name": [], "pred": [], "gt": [], "box": [], "visible": []}
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="alignment", leave=False):
+        points = soft_argmax(model(batch["image"]))
+        out["pred"].append(to_original(points, batch["matrix"], dataset.cfg.size))
+        out["name"] += list(batch["name"])
+        for key in ("gt", "box", "visible"):
+            out[key].append(batch[key].double().numpy() if key != "visible" else batch[key].numpy())
+    return {k: v if k == "name" else np.concatenate(v) for k, v in out.items()}
+
+
+def alignment_scores(pred: np.ndarray, gt: np.ndarray, box: np.ndarray) -> dict[str, float]:
+    """The protocol's alignment numbers (×100) for one set of images."""
+    nme_box = M.nme(pred, gt, "box", box)
+    auc, fr = M.auc_fr(nme_box, THRESHOLD)
+    return {
+        "nme_diag": 100 * float(M.nme(pred, gt, "diag", box).mean()),
+        "nme_box": 100 * float(nme_box.mean()),
+        "nme_inter_ocular": 100 * float(M.nme(pred, gt, "inter_ocular").mean()),
+        "auc_box_0.07": 100 * auc,
+        "fr_box_0.07": 100 * fr,
+        "images": len(pred),
+    }
+
+
+def landmark_table(names: list[str], pred: np.ndarray) -> pd.DataFrame:
+    """Per-image predictions keyed by image name: columns name, x0..x18, y0..y18 (pixels)."""
+    k = pred.shape[1]
+    cols = {f"x{i}": pred[:, i, 0] for i in range(k)} | {f"y{i}": pred[:, i, 1] for i in range(k)}
+    return pd.DataFrame({"name": names, **cols})
+
+
+def read_landmark_table(path: Path) -> tuple[list[str], np.ndarray]:
+    """Read back :func:`landmark_table` (exact float round trip)."""
+    df = pd.read_csv(path, float_precision="round_trip")
+    k = sum(c.startswith("x") for c in df.columns)
+    xs, ys = (df[[f"{c}{i}" for i in range(k)]].to_numpy() for c in "xy")
+    pred = np.stack([xs, ys], axis=-1)
+    return df["name"].tolist(), pred
+
+
+def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
+    """Score every alignment variant; write predictions, the CED data and plot, and overlays."""
+    models = _checkpoints(cfg.alignment, cfg.variants, "alignment")
+    data = AFLW19Config(**next(iter(models.values()))[1]["data"])
+    check_label(cfg.alignment_label, "alignment_label", (Path(data.root) / IDENTITIES_FILE).is_file())
+    run_gate(aflw19.table(data, "full"), "aflw19", stage="evaluate")
+    dataset = AFLW19(data, "full")
+    results, ced = {}, {}
+    for variant, (model, _) in models.items():
+        p = predict_landmarks(model, dataset, cfg.batch_size)
+        frontal = p["visible"].all(axis=1)
+        results[variant] = {
+            "full": alignment_scores(p["pred"], p["gt"], p["box"]),
+            "frontal": alignment_scores(p["pred"][frontal], p["gt"][frontal], p["box"][frontal]),
+        }
+        table = landmark_table(p["name"], p["pred"])
+        table.to_csv(out / "predictions" / f"alignment_{variant}.csv", index=False)
+        ced[variant] = M.ced_curve(M.nme(p["pred"], p["gt"], "box", p["box"]), THRESHOLD)
+        for i in range(min(cfg.overlays, len(dataset))):
+            image = plots.draw_landmarks(read_rgb(dataset.image_path(i)), p["pred"][i], p["gt"][i])
+            plots.write_png(out / "overlays" / f"alignment_{variant}_{i}.png", image)
+        log.info("alignment %s: %s", variant, results[variant])
+    thresholds = next(iter(ced.values()))[0]
+    pd.DataFrame({"threshold": thresholds, **{v: f for v, (_, f) in ced.items()}}).to_csv(
+        out / "plots" / "ced.csv", index=False)
+    plots.plot_ced(ced, out / "ced.png", f"CED, {cfg.alignment_label} full test")
+    return results
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@torch.no_grad()
+def predict_parsing(
+    model: DenseFaceModel, dataset: LaPa, batch_size: int, pred_dir: Path
+) -> tuple[np.ndarray, list[str]]:
+    """Argmax maps at the original size, written as PNGs; returns the summed confusion matrix and names."""
+    conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
+    names: list[str] = []
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="parsing", leave=False):
+        logits = model(batch["image"])
+        logits = F.interpolate(logits, size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)
+        for i, name in enumerate(batch["name"]):
+            orig = warp_to_original(logits[i], sample_params(batch["params"], i), batch["orig_size"][i])
+            pred = orig.argmax(dim=0).numpy().astype(np.uint8)
+            split, stem = name.split("/")
+            conf += M.confusion_matrix(pred, read_label(dataset.dir / "labels" / f"{stem}.png"), len(CLASSES))
+            (pred_dir / split).mkdir(parents=True, exist_ok=True)
+            plots.write_png(pred_dir / f"{name}.png", pred)
+            names.append(name)
+    return conf, names
+
+
+def _percent(value: float) -> float | None:
+    """×100, with NaN (a class absent from both GT and predictions) as JSON ``null``."""
+    return None if np.isnan(value) else 100 * float(value)
+
+
+def parsing_scores(conf: np.ndarray) -> dict[str, Any]:
+    """F1 per class and the mean over the 10 non-background classes (×100) from one confusion matrix."""
+    f1 = M.f1_per_class(conf)
+    return {
+        "f1_mean": _percent(M.f1_mean(f1)),
+        "f1": {c: _percent(v) for c, v in zip(CLASSES, f1, strict=True)},
+        "pixels": int(conf.sum()),
+    }
+
+
+def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
+    """Score every parsing variant; write predicted maps, the F1 data, confusion plots and overlays."""
+    models = _checkpoints(cfg.parsing, cfg.variants, "parsing")
+    data = LaPaConfig(**next(iter(models.values()))[1]["data"])
+    check_label(cfg.parsing_label, "parsing_label", _is_synthface(Path(data.root)))
+    run_gate(lapa.table(data, "test"), "lapa", stage="evaluate")
+    dataset = LaPa(data, "test")
+    results = {}
+    for variant, (model, _) in models.items():
+        pred_dir = out / "predictions" / f"parsing_{variant}"
+        conf, names = predict_parsing(model, dataset, cfg.batch_size, pred_dir)
+        results[variant] = parsing_scores(conf)
+        plots.plot_confusion(conf, CLASSES, out / f"confusion_{variant}.png",
+                             f"{cfg.parsing_label} test, {variant}")
+        for i, name in enumerate(names[: cfg.overlays]):
+            image = read_rgb(dataset.dir / "images" / f"{name.split('/')[1]}.jpg")
+            blended = plots.blend_labels(image, plots.read_png(pred_dir / f"{name}.png"))
+            plots.write_png(out / "overlays" / f"parsing_{variant}_{i}.png", blended)
+        log.info("parsing %s: F1 mean %.2f", variant, results[variant]["f1_mean"])
+    columns = {v: [r["f1"][c] for c in CLASSES[1:]] for v, r in results.items()}
+    pd.DataFrame({"class": CLASSES[1:], **columns}).to_csv(out / "plots" / "f1.csv", index=False)
+    return results
+
+
+def _is_synthface(lapa_root: Path) -> bool:
+    """SynthFace's LaPa tree sits in the fetch output beside the AFLW set with its identities file."""
+    return any((p / "aflw19" / IDENTITIES_FILE).is_file() for p in (lapa_root, lapa_root.parent))
+
+
+# ---------------------------------------------------------------- stage
+
+
+def main(common: Common, cfg: EvaluateConfig) -> None:
+    """Stage ``evaluate``: alignment, parsing and probes for every variant; outputs written atomically."""
+    with atomic_dir(cfg.out) as out:
+        for sub in ("predictions", "plots", "overlays"):
+            (out / sub).mkdir()
+        results = {
+            "dataset": {"alignment": cfg.alignment_label, "parsing": cfg.parsing_label},
+            "alignment": evaluate_alignment(cfg, out),
+            "parsing": evaluate_parsing(cfg, out),
+        }
+        if cfg.probe.enabled:
+            _, meta = load_finetuned(Path(cfg.alignment) / cfg.variants[0] / "model.pt")
+            data = AFLW19Config(**meta["data"])
+            results["probe"] = run_probes(
+                cfg.backbone, cfg.variants, data, cfg.probe, cfg.batch_size, common.seed
+            )
+        with atomic_file(cfg.metrics) as tmp:
+            tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    log.info("evaluate: metrics -> %s, outputs -> %s", cfg.metrics, cfg.out)

@@ -1,0 +1,124 @@
+"""Linear probes on frozen backbone features: how much face structure the pre-training put in them.
+
+Features are pooled once per image, ``[mean of the patch tokens, CLS]`` after the final norm
+(``[N, 2D]``), standardised on the training set, then
+
+- a scikit-learn ``Ridge`` regresses the 19 AFLW-19 landmarks (normalised crop coordinates), scored as
+  NME_diag in original-image coordinates;
+- a ``LogisticRegression`` predicts the SynthFace identity (when the identities file is present),
+  scored as accuracy on the test images whose identity occurs in training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mcf.data.aflw19 import AFLW19, AFLW19Config, to_original
+from mcf.evaluate.metrics import nme
+from mcf.models.heads import build_backbone
+from mcf.params import param
+
+log = logging.getLogger(__name__)
+IDENTITIES_FILE = "synthface_identities.csv"  # SynthFace writes it beside AFLWinfo_release.mat
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Linear probes on the frozen backbones (the ``evaluate.probe`` params)."""
+
+    enabled: bool = True
+    ridge_alpha: float = param(10.0, gt=0)
+    logreg_c: float = param(1.0, gt=0)
+
+
+@torch.no_grad()
+def pooled_features(
+    backbone: nn.Module, dataset: Dataset, batch_size: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``[N, 2D]`` float64 features (mean patch token, CLS; after the final norm) and the items' other
+    fields, batched (tensors as NumPy arrays, names as a list)."""
+    backbone.eval()
+    feats, rest = [], {}
+    prefix = getattr(backbone, "num_prefix_tokens", 1)
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="probe features", leave=False):
+        tokens = backbone.forward_features(batch.pop("image"))  # [N, 1 + L, D]
+        feats.append(torch.cat([tokens[:, prefix:].mean(dim=1), tokens[:, 0]], dim=1).double().numpy())
+        for k, v in batch.items():
+            rest.setdefault(k, []).append(v.numpy() if isinstance(v, torch.Tensor) else list(v))
+    merged = {k: np.concatenate(v) if isinstance(v[0], np.ndarray) else sum(v, []) for k, v in rest.items()}
+    return np.concatenate(feats), merged
+
+
+def fit_landmarks(
+    train_x: np.ndarray, train_points: np.ndarray, test_x: np.ndarray, alpha: float
+) -> np.ndarray:
+    """Ridge from features to ``[N, K, 2]`` points; returns the test predictions ``[M, K, 2]``."""
+    scaler = StandardScaler().fit(train_x)
+    ridge = Ridge(alpha=alpha).fit(scaler.transform(train_x), train_points.reshape(len(train_points), -1))
+    return ridge.predict(scaler.transform(test_x)).reshape(len(test_x), *train_points.shape[1:])
+
+
+def identity_accuracy(
+    train_x: np.ndarray, train_ids: np.ndarray, test_x: np.ndarray, test_ids: np.ndarray, c: float
+) -> float | None:
+    """Accuracy of a logistic regression on identity over the test images of identities seen in training.
+
+    ``None`` when no test identity occurs in training or training has a single identity.
+    """
+    seen = np.isin(test_ids, train_ids)
+    if not seen.any() or len(np.unique(train_ids)) < 2:
+        return None
+    scaler = StandardScaler().fit(train_x)
+    clf = LogisticRegression(C=c, max_iter=1000).fit(scaler.transform(train_x), train_ids)
+    pred = clf.predict(scaler.transform(test_x[seen]))
+    log.info("identity probe: %d of %d test images have a training identity", seen.sum(), len(test_ids))
+    return float((pred == test_ids[seen]).mean())
+
+
+def read_identities(root: str | Path) -> dict[str, int] | None:
+    """SynthFace's ``name → identity`` table beside the .mat, or ``None`` when the data has none."""
+    path = Path(root) / IDENTITIES_FILE
+    if not path.is_file():
+        return None
+    df = pd.read_csv(path)
+    return dict(zip(df["name"].astype(str), df["identity"].astype(int), strict=True))
+
+
+def run_probes(
+    export_dir: str, variants: list[str], data: AFLW19Config, cfg: ProbeConfig, batch_size: int, seed: int
+) -> dict[str, dict[str, float | None]]:
+    """Probe each variant's frozen backbone (``scratch``: random, seeded) on AFLW-19 train → full test.
+
+    Returns ``{variant: {"nme_diag": ×100, "identity_accuracy": ×100 or None}}``.
+    """
+    train, test = AFLW19(data, "train"), AFLW19(data, "full")
+    identities = read_identities(data.root)
+    results: dict[str, dict[str, float | None]] = {}
+    for variant in variants:
+        torch.manual_seed(seed)
+        backbone = build_backbone(variant, export_dir, data.size)  # type: ignore[arg-type]
+        x_train, tr = pooled_features(backbone, train, batch_size)
+        x_test, te = pooled_features(backbone, test, batch_size)
+        points = fit_landmarks(x_train, tr["landmarks"], x_test, cfg.ridge_alpha)
+        pred = to_original(points, te["matrix"], data.size)
+        results[variant] = {"nme_diag": 100 * float(nme(pred, te["gt"], "diag", te["box"]).mean())}
+        accuracy = None
+        if identities is not None:
+            ids_train = np.array([identities[n] for n in tr["name"]])
+            ids_test = np.array([identities[n] for n in te["name"]])
+            accuracy = identity_accuracy(x_train, ids_train, x_test, ids_test, cfg.logreg_c)
+        results[variant]["identity_accuracy"] = None if accuracy is None else 100 * accuracy
+        log.info("probe %s: %s", variant, results[variant])
+    return results

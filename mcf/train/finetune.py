@@ -1,0 +1,265 @@
+"""Stages ``finetune_alignment`` and ``finetune_parsing``: the FaRL downstream protocol (PROTOCOL.md §3–4).
+
+The same loop serves both tasks and both variants (``mcf``: the pre-trained export; ``scratch``: the same
+ViT randomly initialised), so the only difference between the variants is the backbone's weights.
+
+Output folder ``<out>/<variant>/``:
+
+- ``model.pt``: the EMA weights and everything needed to rebuild the model (:func:`load_finetuned`):
+  ``{"task", "variant", "data" (the dataset config without augmentation: root, size, ...), "backbone":
+  {"model_name", "kwargs"}, "head" (HeadConfig fields), "state_dict", "epochs", "steps", "seconds"}``;
+- ``live/``: dvclive curves (``train/loss`` and its parts, per epoch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from mcf.data import aflw19, lapa
+from mcf.data.aflw19 import AFLW19, AFLW19Config
+from mcf.data.lapa import LaPa, LaPaConfig
+from mcf.errors import StageError
+from mcf.io import atomic_dir, atomic_file
+from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, backbone_spec, build_backbone, soft_argmax
+from mcf.models.heads import gaussian_heatmaps as heatmap_targets
+from mcf.params import Common, ParamsError, param, require_path
+from mcf.train.ema import EMA
+from mcf.validate.gate import run_gate
+
+log = logging.getLogger(__name__)
+Task = Literal["alignment", "parsing"]
+LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """What both fine-tuning stages share. Defaults: the paper's optimiser, a CPU-sized model."""
+
+    backbone: str = "outputs/pretrain/backbone"  # export read by both variants (architecture, weights)
+    out: str = "outputs/finetune_alignment"  # the variant is a subfolder
+    blocks: list[int] = param([1, 2, 3, 5])  # ViT blocks (0-based) feeding the neck; paper [3, 5, 7, 11]
+    channels: int = param(64, ge=1)  # UPerNet width; paper 768
+    epochs: int = param(5, ge=1)
+    batch_size: int = param(32, ge=2)
+    lr_backbone: float = param(1e-4, ge=0)
+    lr_neck: float = param(1e-2, gt=0)
+    lr_head: float = param(1e-2, gt=0)
+    weight_decay: float = param(1e-5, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"  # per step, after the warm-up
+    warmup_steps: int = param(0, ge=0)  # linear warm-up; 0 = none
+    freeze_backbone: bool = False
+    ema_decay: float = param(0.999, ge=0, lt=1)
+    ema_warmup: bool = True  # decay min(d, (1+n)/(10+n)): short runs are not stuck near the init
+    num_workers: int = param(0, ge=0)
+
+    def __post_init__(self) -> None:
+        if len(self.blocks) != 4 or len(set(self.blocks)) != 4 or any(b < 0 for b in self.blocks):
+            raise ParamsError("blocks", f"expected 4 distinct block indices >= 0, got {self.blocks}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentConfig(FinetuneConfig):
+    """AFLW-19: 19 heatmaps; loss = L1 on soft-argmax points + weight × BCE against Gaussians."""
+
+    data: AFLW19Config = dataclasses.field(default_factory=AFLW19Config)
+    heatmap_sigma: float = param(1.25, gt=0)  # pixels on a 128² heatmap, scaled to the real size
+    heatmap_radius: float = param(5.0, gt=0)  # cut-off, pixels on a 128² heatmap, scaled likewise
+    heatmap_weight: float = param(1.0, ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsingConfig(FinetuneConfig):
+    """LaPa: 11 classes, per-pixel cross-entropy at the label size."""
+
+    data: LaPaConfig = dataclasses.field(default_factory=LaPaConfig)
+    out: str = "outputs/finetune_parsing"
+    lr_neck: float = param(1e-3, gt=0)
+    lr_head: float = param(1e-3, gt=0)
+
+
+def alignment_loss(cfg: AlignmentConfig) -> LossFn:
+    """``loss(logits, batch)`` for AFLW-19; ``batch["landmarks"]`` is ``[N, 19, 2]`` in 0..1."""
+
+    def loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        size = logits.shape[-1]
+        sigma, radius = (v * size / 128 for v in (cfg.heatmap_sigma, cfg.heatmap_radius))
+        target = heatmap_targets(batch["landmarks"], size, sigma, radius)
+        l1 = F.l1_loss(soft_argmax(logits), batch["landmarks"])
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return {"loss": l1 + cfg.heatmap_weight * bce, "l1": l1, "bce": bce}
+
+    return loss
+
+
+def parsing_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class logits upsampled (bilinear) to the label size."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def parsing_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-pixel cross-entropy at the label size; ``batch["label"]`` is ``[N, S, S]`` class ids."""
+    ce = F.cross_entropy(parsing_logits(logits, batch["label"].shape[-2:]), batch["label"].long())
+    return {"loss": ce}
+
+
+def make_optimizer(model: DenseFaceModel, cfg: FinetuneConfig) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.999) with one learning rate per part; a frozen backbone gets no group at all."""
+    lrs = {"backbone": cfg.lr_backbone, "neck": cfg.lr_neck, "head": cfg.lr_head}
+    groups = [
+        {"params": params, "lr": lrs[name], "name": name}
+        for name, params in model.param_groups().items()
+        if not (name == "backbone" and cfg.freeze_backbone)
+    ]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, total: int, cfg: FinetuneConfig) -> float:
+    """Multiplier on every group's lr at ``step``: linear warm-up, then constant or half-cosine to 0."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_model(task: Task, variant: Variant, cfg: FinetuneConfig) -> DenseFaceModel:
+    """The dense model on the chosen backbone; the backbone is frozen (eval, no grad) if asked."""
+    backbone = build_backbone(variant, cfg.backbone, cfg.data.size)
+    head = HeadConfig(blocks=tuple(cfg.blocks), channels=cfg.channels, num_outputs=NUM_OUTPUTS[task])
+    model = DenseFaceModel(backbone, head)
+    if cfg.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    return model
+
+
+NUM_OUTPUTS: dict[str, int] = {"alignment": 19, "parsing": 11}
+
+
+def _collate_tensors(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack the tensor fields of dataset items; names, boxes and other metadata are dropped."""
+    keys = [k for k, v in batch[0].items() if isinstance(v, torch.Tensor)]
+    return {k: torch.stack([item[k] for item in batch]) for k in keys}
+
+
+def train(
+    model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, live_dir: Path, seed: int
+) -> EMA:
+    """The fine-tuning loop; returns the EMA whose weights are evaluated. Deterministic for ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
+        num_workers=cfg.num_workers, generator=generator, collate_fn=_collate_tensors,
+    )
+    optimizer = make_optimizer(model, cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
+    total, step = cfg.epochs * len(loader), 0
+    from dvclive import Live
+
+    with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
+        for epoch in range(cfg.epochs):
+            model.train()
+            if cfg.freeze_backbone:
+                model.backbone.eval()
+            sums: dict[str, float] = {}
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+            for batch in bar:
+                for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                    group["lr"] = lr * lr_factor(step, total, cfg)
+                parts = loss_fn(model(batch["image"]), batch)
+                if not torch.isfinite(parts["loss"]):
+                    value = parts["loss"].item()
+                    raise StageError(f"non-finite loss {value} at epoch {epoch + 1}, step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                optimizer.step()
+                ema.update(model)
+                step += 1
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.item()
+                bar.set_postfix(loss=f"{parts['loss'].item():.4f}")
+            for k, v in sums.items():
+                live.log_metric(f"train/{k}", v / len(loader))
+            live.log_metric("lr/head", optimizer.param_groups[-1]["lr"])
+            live.next_step()
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
+                     ", ".join(f"{k} {v / len(loader):.4f}" for k, v in sums.items()))
+    return ema
+
+
+def save_finetuned(
+    ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path, seconds: float
+) -> None:
+    """Write the EMA weights with the architecture that rebuilds them (atomically)."""
+    spec = backbone_spec(cfg.backbone)
+    kwargs = {**spec["kwargs"], "img_size": cfg.data.size}
+    checkpoint = {
+        "task": task,
+        "variant": variant,
+        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "augment"},
+        "backbone": {"model_name": spec["model_name"], "kwargs": kwargs},
+        "head": dataclasses.asdict(ema.model.head_config),
+        "state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
+        "epochs": cfg.epochs,
+        "steps": ema.updates,
+        "seconds": seconds,
+    }
+    with atomic_file(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def load_finetuned(path: str | Path) -> tuple[DenseFaceModel, dict[str, Any]]:
+    """Rebuild a fine-tuned model from ``model.pt`` (eval mode) and return it with its metadata."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    spec = ckpt["backbone"]
+    backbone = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    head = ckpt["head"]
+    model = DenseFaceModel(backbone, HeadConfig(tuple(head["blocks"]), head["channels"], head["num_outputs"]))
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval(), {k: v for k, v in ckpt.items() if k != "state_dict"}
+
+
+def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, variant: Variant) -> None:
+    """Gate the training data, fine-tune, and write ``<out>/<variant>/`` atomically."""
+    stage = f"finetune_{task}"
+    require_path(cfg.backbone, f"{stage}.backbone")
+    require_path(cfg.data.root, f"{stage}.data.root")
+    if task == "alignment":
+        run_gate(aflw19.table(cfg.data, "train"), "aflw19", stage=stage)
+        dataset, loss_fn = AFLW19(cfg.data, "train", augment=True), alignment_loss(cfg)
+    else:
+        run_gate(lapa.table(cfg.data, "train"), "lapa", stage=stage)
+        dataset, loss_fn = LaPa(cfg.data, "train", augment=True), parsing_loss
+    torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
+    model = build_model(task, variant, cfg)
+    log.info("%s/%s: %d training images, %d steps", stage, variant, len(dataset),
+             cfg.epochs * max(len(dataset) // cfg.batch_size, 1))
+    start = time.perf_counter()
+    with atomic_dir(Path(cfg.out) / variant) as tmp:
+        ema = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed)
+        save_finetuned(ema, task, variant, cfg, tmp / "model.pt", time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    log.info("%s/%s: done in %.1f s -> %s", stage, variant, seconds, Path(cfg.out) / variant)
+
+
+def main_alignment(common: Common, cfg: AlignmentConfig, variant: Variant = "mcf") -> None:
+    """Stage ``finetune_alignment``."""
+    finetune("alignment", common, cfg, variant)
+
+
+def main_parsing(common: Common, cfg: ParsingConfig, variant: Variant = "mcf") -> None:
+    """Stage ``finetune_parsing``."""
+    finetune("parsing", common, cfg, variant)
