@@ -166,3 +166,34 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_harness: None, proj
 def test_missing_params_file_is_named(prefect_harness: None, project: Path) -> None:
     state = mcf(params_file="params.nope.yaml", return_state=True)
     assert state.is_failed() and "params.nope.yaml" in state.message
+
+
+def test_crop_on_dask_matches_the_serial_stage(prefect_harness: None, tmp_path: Path) -> None:
+    import dataclasses
+
+    import pandas as pd
+
+    from flows.crop_dask import crop_dask
+    from mcf.data.crop import crop
+    from mcf.params import load
+    from mcf.synth import write_corpus
+    from mcf.synth.config import SynthConfig
+
+    fetch = tmp_path / "fetch"
+    manifest, detections = write_corpus(SynthConfig(n_scenes=20, scene_size=128, n_identities=6), 0, fetch)
+    manifest.to_parquet(fetch / "manifest.parquet", index=False)
+    detections.to_parquet(fetch / "detections.parquet", index=False)
+    params = tmp_path / "params.yaml"
+    section = {"input": str(fetch), "out": str(tmp_path / "dask"), "size": 32, "min_face_size": 8.0,
+               "chunk_size": 3, "shard_size": 10}
+    params.write_text(yaml.safe_dump({"crop": section}))
+    _, cfg = load("crop", params)
+    serial = crop(dataclasses.replace(cfg, out=str(tmp_path / "serial"), workers=1))
+
+    counts = crop_dask(params_file=str(params), n_workers=2, processes=False)
+    on_dask = pd.read_parquet(tmp_path / "dask" / "manifest.parquet")
+    pd.testing.assert_frame_equal(on_dask, pd.read_parquet(tmp_path / "serial" / "manifest.parquet"))
+    assert counts == serial["reason"].fillna("kept").value_counts().to_dict() and counts["kept"] >= 10
+    shards = sorted(p.name for p in (tmp_path / "serial" / "shards").iterdir())
+    assert len(shards) >= 2 and shards == sorted(p.name for p in (tmp_path / "dask" / "shards").iterdir())
+    assert not list(tmp_path.glob(".dask*"))  # the atomic staging folder is gone

@@ -1,0 +1,65 @@
+"""Prefect flow ``crop_dask``: the ``crop`` stage fanned out over a Dask cluster, same output as ``mcf crop``.
+
+The stage's own split is reused: :func:`mcf.data.crop.crop_chunk` is a pure function of one chunk of
+source images, mapped here as Prefect tasks on prefect-dask's ``DaskTaskRunner``; :func:`merge` then
+removes near-duplicates in manifest order and re-shards, so the result does not depend on where or in
+what order the chunks ran. A local cluster is started by default; ``address`` joins a running one
+(``tcp://scheduler:8786``), whose workers must have ``mcf`` installed and see this checkout's files at
+the same absolute paths (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import cv2
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect_dask import DaskTaskRunner
+
+from mcf.data.crop import ChunkResult, CropConfig, Source, crop_chunk, finish, load_sources, merge
+from mcf.io import atomic_dir
+from mcf.params import load
+
+
+@task(task_run_name="crop-{part}", cache_policy=NO_CACHE)
+def crop_part(sources: list[Source], cfg: CropConfig, part: str) -> ChunkResult:
+    """One chunk of source images to one part shard and its manifest rows, on a Dask worker."""
+    cv2.setNumThreads(1)  # the cluster's workers are the parallelism
+    return crop_chunk(sources, cfg, part)
+
+
+def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTaskRunner:
+    """A runner on the cluster at ``address``, or on a local cluster of ``n_workers`` one-thread workers."""
+    if address:
+        return DaskTaskRunner(address=address)
+    cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes}
+    return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+@flow(name="crop_fan_out")
+def fan_out(sources: list[Source], cfg: CropConfig, parts_dir: str) -> list[ChunkResult]:
+    """Map :func:`crop_part` over chunks of ``cfg.chunk_size`` images; results in chunk order."""
+    chunks = [sources[i : i + cfg.chunk_size] for i in range(0, len(sources), cfg.chunk_size)]
+    parts = [str(Path(parts_dir) / f"part-{i:06d}") for i in range(len(chunks))]
+    return crop_part.map(chunks, unmapped(cfg), parts).result()
+
+
+@flow(name="crop_dask")
+def crop_dask(
+    params_file: str = "params.yaml", address: str | None = None, n_workers: int = 2, processes: bool = True
+) -> dict[str, int]:
+    """Run the crop stage of ``params_file`` on Dask; returns the count of crops per status/reason."""
+    _, cfg = load("crop", params_file)
+    # absolute paths: a worker on another host resolves them the same way
+    cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()))
+    sources = load_sources(cfg)
+    runner = task_runner(address, n_workers, processes)
+    with atomic_dir(cfg.out) as tmp:
+        results = fan_out.with_options(task_runner=runner)(sources, cfg, str(tmp / "parts"))
+        manifest = merge(results, cfg, tmp)
+        shutil.rmtree(tmp / "parts")
+        finish(manifest, cfg, tmp)
+    return manifest["reason"].fillna("kept").value_counts().to_dict()
