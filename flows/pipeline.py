@@ -108,6 +108,8 @@ def repro(stage: str) -> StageRun:
     start, outcome = time.monotonic(), "unchanged"
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     env = {"TQDM_MININTERVAL": "30", **os.environ}  # progress bars: a line every 30 s, not a flood
+    # stage commands (`mcf <stage>`) come from this interpreter's environment, whatever the worker's PATH
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         try:
