@@ -308,3 +308,23 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     }
     assert Path("out", manifest.loc["raw/a.jpg", "path"]).read_bytes() == JPEG
     assert (manifest["source"] == "s3").all()
+
+
+def test_synthetic_source_end_to_end() -> None:
+    tiny = {
+        "n_scenes": 4,
+        "scene_size": 96,
+        "n_identities": 3,
+        "aflw": {"n_train": 2, "n_test": 2, "image_size": 64},
+        "lapa": {"n_train": 2, "n_val": 1, "n_test": 1, "image_size": 64},
+    }
+    main(Common(seed=3), _config(synthetic=tiny))
+    manifest = pd.read_parquet("out/manifest.parquet")
+    assert len(manifest) == 4 and (manifest["status"] == "success").all()
+    assert all(
+        file_sha256(Path("out", p)) == h for p, h in zip(manifest["path"], manifest["sha256"], strict=True)
+    )
+    detections = pd.read_parquet("out/detections.parquet")
+    assert set(detections["sample_id"]) == set(manifest["sample_id"])
+    assert Path("out/aflw19/AFLWinfo_release.mat").is_file()
+    assert len(list(Path("out/lapa/LaPa/test/images").glob("*.jpg"))) == 1
