@@ -147,9 +147,9 @@ def render_scene(cfg: SynthConfig, rng: np.random.Generator, identities: list[Id
     the top down: a body only reaches below its chin, so it covers no face box drawn before it.
     """
     placed: list[_Face] = []
-    largest = 0.6 / np.sqrt(len(identities))  # leave room for every face
+    largest = 0.7 / np.sqrt(len(identities))  # leave room for every face
     for ident in identities:
-        face = _place(rng, cfg, ident, size * float(np.exp(rng.uniform(np.log(0.12), np.log(largest)))))
+        face = _place(rng, cfg, ident, size * float(np.exp(rng.uniform(np.log(0.15), np.log(largest)))))
         free = size * 0.96 - (face.box[2:] - face.box[:2])
         for _ in range(12 if (free > 0).all() else 0):
             x, y = 0.02 * size + rng.uniform(0.0, free)
