@@ -1,0 +1,82 @@
+"""A pretrain run killed with SIGKILL resumes to bitwise the same result as an uninterrupted run.
+
+The reference run is the stage called in this process; the killed run is a real
+``python -m mcf.cli pretrain`` process that checkpoints every step and is killed once its checkpoint
+has passed step 4 (so possibly while writing one); the rerun of the same command resumes.
+Accumulation (2 micro-batches) and epoch boundaries (6 steps each) are crossed after the resume.
+All three use one thread, which keeps CPU reductions in the same order (and the test fast on a
+busy machine).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain import make_workspace, tsv_column, write_params
+
+from mcf.params import load
+from mcf.train import pretrain
+
+TRAIN = {"epochs": 3, "accum_steps": 2, "batch_size": 8, "warmup_epochs": 1, "ckpt_every": 1}
+TOTAL = 18  # 96 crops / (8 × 2) = 6 steps per epoch × 3 epochs
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RUNS = ("straight", "killed")
+
+
+def command(params: Path) -> list[str]:
+    return [sys.executable, "-m", "mcf.cli", "pretrain", "--params", str(params)]
+
+
+def checkpoint_step(resume_dir: Path) -> int:
+    """The step of the checkpoint on disk, or -1 while there is none."""
+    path = resume_dir / "last.pt"
+    if not path.is_file():
+        return -1
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_exact(tmp_path: Path) -> None:
+    root = make_workspace(tmp_path)
+    killed = write_params(root, "killed.yaml", **TRAIN)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain.main(*load("pretrain", write_params(root, "straight.yaml", **TRAIN)))
+    finally:
+        torch.set_num_threads(threads)
+
+    resume_dir = root / ".resume" / "killed"
+    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    deadline = time.monotonic() + 240
+    while checkpoint_step(resume_dir) < 4:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint for step 4"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = checkpoint_step(resume_dir)
+    assert 4 <= killed_at < TOTAL and not (root / "killed").exists()
+
+    resumed = subprocess.run(command(killed), capture_output=True, text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {killed_at}" in resumed.stderr
+
+    a = torch.load(root / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(root / "killed" / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    backbone = [torch.load(root / run / "backbone" / "backbone.pth", weights_only=True) for run in RUNS]
+    assert all(torch.equal(backbone[0][k], backbone[1][k]) for k in backbone[0])
+    # the dvclive history is continuous: rows logged after the last checkpoint were dropped
+    for metric in ("loss", "loss_contrastive", "lr"):
+        tsv = [root / run / "live" / "plots" / "metrics" / "train" / f"{metric}.tsv" for run in RUNS]
+        assert tsv_column(tsv[1], "step") == list(range(1, TOTAL + 1))
+        assert tsv_column(tsv[0], metric) == tsv_column(tsv[1], metric)
