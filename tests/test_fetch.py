@@ -24,6 +24,7 @@ from PIL import Image
 
 from mcf.data.fetch import FetchConfig, journal_dir, main
 from mcf.data.sources.image import file_sha256
+from mcf.errors import StageError
 from mcf.params import Common, ParamsError, build
 
 MAX_BYTES = 60_000
@@ -232,6 +233,14 @@ def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) ->
     assert det["box"][1].tolist() == [1.0, 2.0, 30.0, 28.0]
     assert det["landmarks"][0].tolist() == [5.0, 6.0, 20.0, 6.0, 12.0, 14.0, 7.0, 22.0, 19.0, 22.0]
     assert det["score"].tolist() == [0.99, 0.5]
+
+
+def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None:
+    parquet = tmp_path / "part.parquet"
+    pd.DataFrame({"SAMPLE_ID": [1], "TEXT": ["x"], "NSFW": ["UNLIKELY"]}).to_parquet(parquet)
+    with pytest.raises(StageError, match=r"part\.parquet lacks columns \['URL'\]"):
+        main(Common(), _laion_config(parquet))
+    assert not Path("out").exists()
 
 
 def test_params_check_the_active_source(tmp_path: Path) -> None:

@@ -172,12 +172,15 @@ def download(
             return index, record, True
         try:
             data = _fetch_with_retries(source.fetch, row, limits.retries)
+        except FetchFailure as failure:
+            return index, Record(failure.status, failure.error), False
+        except Exception as err:  # never lose a row to an unforeseen source error
+            log.debug("unexpected error on %s", sample_id, exc_info=True)
+            return index, Record("error", f"{type(err).__name__}: {err}"), False
+        try:  # our own write errors (a full disk) are not row statuses: they end the stage
             record = save_image(data, sample_id, journal_dir, limits.max_pixels)
         except FetchFailure as failure:
             return index, Record(failure.status, failure.error), False
-        except Exception as err:  # never lose a row to an unforeseen error
-            log.debug("unexpected error on %s", sample_id, exc_info=True)
-            return index, Record("error", f"{type(err).__name__}: {err}"), False
         journal.append({**{c: row.get(c) for c in source.match}, "sample_id": sample_id, **record.columns()})
         _link(journal_dir / record.path, staging / record.path)
         return index, record, False

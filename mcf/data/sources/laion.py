@@ -24,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pandas as pd
+import pyarrow.parquet as pq
 import requests
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
@@ -73,10 +74,10 @@ def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     frames = []
     wanted = [cfg.id_col, cfg.url_col, cfg.caption_col, *cfg.extra_columns]
     for path in cfg.parquet:
-        part = pd.read_parquet(path)
-        missing = [c for c in wanted if c not in part.columns]
+        missing = [c for c in wanted if c not in pq.read_schema(path).names]
         if missing:
             raise StageError(f"fetch.laion_face.parquet: {path} lacks columns {missing}")
+        part = pd.read_parquet(path, columns=list(dict.fromkeys(wanted)))  # a LAION part has 15+ columns
         frame = pd.DataFrame(
             {
                 "sample_id": [
