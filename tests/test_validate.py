@@ -75,8 +75,8 @@ def test_no_success_at_all_fails() -> None:
 
 def test_missing_column_is_reported_not_crashed() -> None:
     msg = _failure(_manifest().drop(columns=["sha256"]))
-    assert "expect_table_columns_to_match_set" in msg
-    assert "sha256" in msg
+    assert "expect_table_columns_to_match_set(): observed" in msg and "'missing': ['sha256']" in msg
+    assert "column=sha256, where status == success): raised" in msg
 
 
 def test_suite_status_set_matches_the_code() -> None:
