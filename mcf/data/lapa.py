@@ -161,13 +161,16 @@ class LaPa(Dataset):
         rng = self.rng() if self.augment else None
         if rng is not None:
             matrix = T.compose(sample_augment(cfg.augment, cfg.warp_size, rng), matrix)
-        warped = T.tanh_polar_warp(rgb, matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
+        maps = T.tanh_polar_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
+        warped = T.remap(rgb, maps)
         if rng is not None:
             warped = T.photometric(warped, cfg.augment.photometric, rng)
         if cfg.size != cfg.warp_size:
             interp = cv2.INTER_AREA if cfg.size < cfg.warp_size else cv2.INTER_LINEAR
             warped = cv2.resize(warped, (cfg.size, cfg.size), interpolation=interp)
-        lab = T.tanh_polar_warp(label, matrix, cfg.warp_factor, cfg.warp_size, cfg.label_size, nearest=True)
+        if cfg.label_size != cfg.warp_size:
+            maps = T.tanh_polar_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.label_size)
+        lab = T.remap(label, maps, nearest=True)
         return {
             "image": T.to_tensor(warped),
             "label": torch.from_numpy(lab.astype(np.int64)),

@@ -116,62 +116,86 @@ def warp_affine(image: np.ndarray, m: np.ndarray, size: int, *, nearest: bool = 
 # ---------------------------------------------------------------- tanh-polar warp
 
 
-def _radial(points: np.ndarray, size: float) -> tuple[np.ndarray, np.ndarray]:
-    """Offsets from the square's centre in half-side units, and their lengths."""
-    half = size / 2.0
-    d = (np.asarray(points, dtype=np.float64) - half) / half
-    return d, np.linalg.norm(d, axis=-1, keepdims=True)
+def _polar(
+    x: np.ndarray, y: np.ndarray, warp_factor: float, size: float, *, inverse: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The warp (or its inverse) on float64 coordinate arrays ``x``, ``y`` (broadcast together).
+
+    Offsets from the centre in half-side units are scaled by ``tanh(k r) / r`` (inverse:
+    ``atanh(rho) / (k rho)``); the centre itself has offset 0, so the tiny floor never changes a result.
+    """
+    half, k = size / 2.0, float(np.arctanh(warp_factor))
+    dx, dy = (np.asarray(x, np.float64) - half) / half, (np.asarray(y, np.float64) - half) / half
+    r = np.hypot(dx, dy)
+    if inverse:
+        gain = np.arctanh(np.minimum(r, _RHO_MAX)) / (k * np.maximum(r, 1e-300))
+    else:
+        gain = np.tanh(k * r) / np.maximum(r, 1e-300)
+    gain *= half
+    return half + dx * gain, half + dy * gain
+
+
+def _polar_points(points: np.ndarray, warp_factor: float, size: float, inverse: bool) -> np.ndarray:
+    p = np.asarray(points, np.float64)
+    return np.stack(_polar(p[..., 0], p[..., 1], warp_factor, size, inverse=inverse), axis=-1)
 
 
 def tanh_polar_forward(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
     """Aligned-square points ``[..., 2]`` to warped-square points (both squares ``size`` px)."""
-    k = np.arctanh(warp_factor)
-    d, r = _radial(points, size)
-    gain = np.where(r > 1e-12, np.tanh(k * r) / np.maximum(r, 1e-12), k)
-    return size / 2.0 * (1.0 + d * gain)
+    return _polar_points(points, warp_factor, size, inverse=False)
 
 
 def tanh_polar_inverse(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
     """Warped-square points to aligned-square points: the exact inverse of the forward warp."""
-    k = np.arctanh(warp_factor)
-    e, rho = _radial(points, size)
-    rho_c = np.minimum(rho, _RHO_MAX)
-    gain = np.where(rho > 1e-12, np.arctanh(rho_c) / (k * np.maximum(rho, 1e-12)), 1.0 / k)
-    return size / 2.0 * (1.0 + e * gain)
+    return _polar_points(points, warp_factor, size, inverse=True)
+
+
+def tanh_polar_maps(
+    matrix: np.ndarray, warp_factor: float, warp_size: int, out_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``cv2.remap`` maps for an ``out_size``² output: warped pixel centres → original pixels, through
+    the inverse warp and the inverse of ``matrix`` (original → aligned ``warp_size``²).
+
+    The warped frame is ``warp_size`` px; ``out_size`` only samples it more or less densely.
+    """
+    c = (np.arange(out_size, dtype=np.float64) + 0.5) * (warp_size / out_size)
+    ax, ay = _polar(c[None, :], c[:, None], warp_factor, warp_size, inverse=True)  # [S, S] aligned
+    inv = invert(matrix)
+    maps = [inv[i, 0] * ax + inv[i, 1] * ay + (inv[i, 2] - 0.5) for i in (0, 1)]  # OpenCV centres
+    return tuple(np.clip(v, -1e5, 1e5).astype(np.float32) for v in maps)  # type: ignore[return-value]
+
+
+def remap(image: np.ndarray, maps: tuple[np.ndarray, np.ndarray], *, nearest: bool = False) -> np.ndarray:
+    """Resample ``image`` through :func:`tanh_polar_maps`, zeros where the source is outside."""
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.remap(image, maps[0], maps[1], flags, borderMode=cv2.BORDER_CONSTANT)
 
 
 def tanh_polar_warp(
     image: np.ndarray, matrix: np.ndarray, warp_factor: float, warp_size: int, out_size: int,
     *, nearest: bool = False,
 ) -> np.ndarray:
-    """Warp an original image to ``out_size``² through ``matrix`` (original → aligned ``warp_size``²)
-    and the tanh-polar warp, with one ``cv2.remap``.
-
-    The warped frame is ``warp_size`` px; ``out_size`` only samples it more or less densely.
-    """
-    centres = (np.arange(out_size, dtype=np.float64) + 0.5) * (warp_size / out_size)
-    grid = np.stack(np.meshgrid(centres, centres), axis=-1)  # [S, S, 2] warped coords
-    src = apply(invert(matrix), tanh_polar_inverse(grid, warp_factor, warp_size)) - 0.5
-    src = np.clip(src, -1e5, 1e5).astype(np.float32)
-    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
-    return cv2.remap(image, src[..., 0], src[..., 1], flags, borderMode=cv2.BORDER_CONSTANT)
+    """Warp an original image to ``out_size``² (matrix, then tanh-polar) with one ``cv2.remap``."""
+    return remap(image, tanh_polar_maps(matrix, warp_factor, warp_size, out_size), nearest=nearest)
 
 
 def tanh_polar_unwarp(
     maps: torch.Tensor, matrix: np.ndarray, warp_factor: float, warp_size: int, orig_size: tuple[int, int]
 ) -> torch.Tensor:
-    """Resample warped maps ``[C, S, S]`` (logits, probabilities) onto the original ``[C, H, W]`` grid.
+    """Resample warped maps ``[C, S, S]`` (logits, probabilities; any S) onto the original ``[C, H, W]``.
 
     Every original pixel centre is sent forward (matrix, then warp) and the maps are read there
-    bilinearly, so no inverse is approximated. Runs on the device of ``maps``.
+    bilinearly, so no inverse is approximated. The sampling runs on the device of ``maps``.
     """
     h, w = orig_size
-    xs, ys = np.arange(w, dtype=np.float64) + 0.5, np.arange(h, dtype=np.float64) + 0.5
-    grid = np.stack(np.meshgrid(xs, ys), axis=-1)  # [H, W, 2] original coords
-    warped = tanh_polar_forward(apply(matrix, grid), warp_factor, warp_size)
-    g = torch.from_numpy(warped / warp_size * 2.0 - 1.0).to(maps.device, torch.float32)
+    x, y = np.arange(w, dtype=np.float64)[None, :] + 0.5, np.arange(h, dtype=np.float64)[:, None] + 0.5
+    m = np.asarray(matrix, np.float64)
+    wx, wy = _polar(m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2],
+                    warp_factor, warp_size, inverse=False)
+    g = np.stack([wx, wy], axis=-1) * (2.0 / warp_size) - 1.0  # grid_sample's [-1, 1] pixel edges
+    grid = torch.from_numpy(g.astype(np.float32)).to(maps.device)
     out = F.grid_sample(
-        maps[None].float(), g[None], mode="bilinear", padding_mode="border", align_corners=False
+        maps[None].float(), grid[None], mode="bilinear", padding_mode="border", align_corners=False
     )
     return out[0].to(maps.dtype)
 
