@@ -1,0 +1,90 @@
+"""Pretrain under torchrun: 2 gloo processes on 127.0.0.1, killed mid-run and resumed.
+
+Each rank reads half of every epoch (6 steps of 2 × 8 crops instead of 12 of 8), rank 0 alone
+writes the checkpoint and it carries both ranks' RNG states, and the resumed run ends with the same
+weights as an uninterrupted 2-process run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain import make_workspace, tsv_column, write_params
+
+TRAIN = {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "ckpt_every": 1}
+TOTAL = 12  # 96 crops / (2 ranks × 8) = 6 steps per epoch × 2 epochs
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RUNS = ("straight", "killed")
+
+
+def torchrun(params: Path) -> list[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(port), "-m", "mcf.cli", "pretrain", "--params", str(params),
+    ]
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (torchrun starts its workers in their own sessions)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def checkpoint(resume_dir: Path) -> dict | None:
+    path = resume_dir / "last.pt"
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
+    root = make_workspace(tmp_path)
+    straight = write_params(root, "straight.yaml", **TRAIN)
+    killed = write_params(root, "killed.yaml", **TRAIN)
+    done = subprocess.run(torchrun(straight), capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "effective batch 16" in done.stderr
+
+    resume_dir = root / ".resume" / "killed"
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    launcher = subprocess.Popen(torchrun(killed), env=ENV, **quiet)
+    deadline = time.monotonic() + 240
+    while (state := checkpoint(resume_dir)) is None or state["step"] < 3:
+        assert launcher.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint for step 3"
+        time.sleep(0.01)
+    workers = children(launcher.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    launcher.kill()
+    launcher.wait(timeout=60)
+    state = checkpoint(resume_dir)
+    assert 3 <= state["step"] < TOTAL and not (root / "killed").exists()
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert sorted(p.name for p in resume_dir.iterdir() if not p.name.startswith(".")) == ["last.pt", "live"]
+
+    resumed = subprocess.run(torchrun(killed), capture_output=True, text=True, timeout=300, env=ENV)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {state['step']}" in resumed.stderr
+    a, b = (torch.load(root / r / "checkpoint.pt", weights_only=True)["model"] for r in RUNS)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    tsv = root / "killed" / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert tsv_column(tsv, "step") == list(range(1, TOTAL + 1))
