@@ -66,7 +66,8 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_two_ranks_match_one_process(tmp_path: Path) -> None:
-    mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    # fork: the ranks inherit the imported modules instead of re-importing torch and timm (seconds each)
+    mp.start_processes(_rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     imgs, noise, key_noise = global_batch()
