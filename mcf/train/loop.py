@@ -109,6 +109,32 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
 
 
+def accumulate(
+    net: nn.Module,
+    batches: list[torch.Tensor],
+    mask_ratio: float,
+    dtype: torch.dtype,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, torch.Tensor]:
+    """Forward and backward over the micro-batches of one optimizer step; the mean of each loss term.
+
+    Under DDP gradients are all-reduced on the last micro-batch only. The batches move to the
+    model's device here; autocast is on unless ``dtype`` is fp32.
+    """
+    device = next(net.parameters()).device
+    terms: dict[str, torch.Tensor] = {}
+    for i, imgs in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not is_initialized() else net.no_sync()
+        with sync:
+            with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+                out = net(imgs.to(device, non_blocking=True), mask_ratio)
+            scaler.scale(out["loss"] / len(batches)).backward()
+        for k, v in out.items():
+            terms[k] = terms.get(k, 0) + v.detach().float() / len(batches)
+    return terms
+
+
 class Trainer:
     """One training run: builds the optimizer and data, restores a checkpoint, steps, checkpoints."""
 
@@ -196,16 +222,7 @@ class Trainer:
         """One optimizer step over ``accum_steps`` micro-batches; returns the rank-averaged loss terms."""
         lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, self.cfg.min_lr)
         set_lr(self.optimizer, lr)
-        terms: dict[str, torch.Tensor] = {}
-        for i, imgs in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or not is_initialized() else self.net.no_sync()
-            with sync:
-                with torch.autocast(self.run.device.type, self.dtype, enabled=self.dtype != torch.float32):
-                    out = self.net(imgs.to(self.run.device, non_blocking=True), self.run.mask_ratio)
-                self.scaler.scale(out["loss"] / len(batches)).backward()
-            for k, v in out.items():
-                terms[k] = terms.get(k, 0) + v.detach().float() / len(batches)
+        terms = accumulate(self.net, batches, self.run.mask_ratio, self.dtype, self.scaler)
         names = sorted(terms)
         values = torch.stack([terms[k] for k in names])
         if is_initialized():
