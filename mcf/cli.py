@@ -62,21 +62,23 @@ def parser() -> argparse.ArgumentParser:
                 help="backbone: the MCF pre-training export, or the same ViT from scratch (default: %(default)s)",
             )
     for name, (_, help_) in TOOLS.items():
-        sp = sub.add_parser(name, help=help_, add_help=False)
-        sp.add_argument("args", nargs=argparse.REMAINDER)
+        sub.add_parser(name, help=help_, add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args, rest = parser().parse_known_args(argv)
+    # A tool parses its own arguments: hand them over untouched (argparse would reorder options).
+    split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    is_tool = split < len(argv) and argv[split] in TOOLS
+    args, rest = parser().parse_known_args(argv[: split + 1] if is_tool else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         if args.command in TOOLS:
-            return int(_resolve(TOOLS[args.command][0])(args.args + rest) or 0)
+            return int(_resolve(TOOLS[args.command][0])(argv[split + 1 :]) or 0)
         if rest:
             parser().error(f"unrecognized arguments: {' '.join(rest)}")
         common, config = load(args.command, args.params)
