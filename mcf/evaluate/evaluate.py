@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -42,11 +41,12 @@ from mcf.data.lapa import LaPa, LaPaConfig, read_label, sample_params, warp_to_o
 from mcf.errors import StageError
 from mcf.evaluate import metrics as M
 from mcf.evaluate import plots
-from mcf.evaluate.probe import IDENTITIES_FILE, ProbeConfig, run_probes
+from mcf.evaluate.probe import ProbeConfig, run_probes
 from mcf.io import atomic_dir, atomic_file
 from mcf.models.heads import DenseFaceModel, soft_argmax
 from mcf.params import Common, ParamsError, param, require_path
-from mcf.train.finetune import load_finetuned
+from mcf.synth.writers import IDENTITIES_CSV  # present only in SynthFace trees
+from mcf.train.finetune import load_finetuned, parsing_logits
 from mcf.validate.gate import run_gate
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     """Score every alignment variant; write predictions, the CED data and plot, and overlays."""
     models = _checkpoints(cfg.alignment, cfg.variants, "alignment")
     data = AFLW19Config(**next(iter(models.values()))[1]["data"])
-    check_label(cfg.alignment_label, "alignment_label", (Path(data.root) / IDENTITIES_FILE).is_file())
+    check_label(cfg.alignment_label, "alignment_label", (Path(data.root) / IDENTITIES_CSV).is_file())
     run_gate(aflw19.table(data, "full"), "aflw19", stage="evaluate")
     dataset = AFLW19(data, "full")
     results, ced = {}, {}
@@ -186,8 +186,7 @@ def predict_parsing(
     conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     names: list[str] = []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="parsing", leave=False):
-        logits = model(batch["image"])
-        logits = F.interpolate(logits, size=batch["image"].shape[-2:], mode="bilinear", align_corners=False)
+        logits = parsing_logits(model(batch["image"]), (dataset.cfg.label_size, dataset.cfg.label_size))
         for i, name in enumerate(batch["name"]):
             orig = warp_to_original(logits[i], sample_params(batch["params"], i), batch["orig_size"][i])
             pred = orig.argmax(dim=0).numpy().astype(np.uint8)
@@ -218,7 +217,7 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     """Score every parsing variant; write predicted maps, the F1 data, confusion plots and overlays."""
     models = _checkpoints(cfg.parsing, cfg.variants, "parsing")
     data = LaPaConfig(**next(iter(models.values()))[1]["data"])
-    check_label(cfg.parsing_label, "parsing_label", _is_synthface(Path(data.root)))
+    check_label(cfg.parsing_label, "parsing_label", (Path(data.root) / IDENTITIES_CSV).is_file())
     run_gate(lapa.table(data, "test"), "lapa", stage="evaluate")
     dataset = LaPa(data, "test")
     results = {}
@@ -236,11 +235,6 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     columns = {v: [r["f1"][c] for c in CLASSES[1:]] for v, r in results.items()}
     pd.DataFrame({"class": CLASSES[1:], **columns}).to_csv(out / "plots" / "f1.csv", index=False)
     return results
-
-
-def _is_synthface(lapa_root: Path) -> bool:
-    """SynthFace's LaPa tree sits in the fetch output beside the AFLW set with its identities file."""
-    return any((p / "aflw19" / IDENTITIES_FILE).is_file() for p in (lapa_root, lapa_root.parent))
 
 
 # ---------------------------------------------------------------- stage

@@ -29,9 +29,9 @@ from mcf.data.aflw19 import AFLW19, AFLW19Config, to_original
 from mcf.evaluate.metrics import nme
 from mcf.models.heads import build_backbone
 from mcf.params import param
+from mcf.synth.writers import IDENTITIES_CSV  # SynthFace's name → identity table
 
 log = logging.getLogger(__name__)
-IDENTITIES_FILE = "synthface_identities.csv"  # SynthFace writes it beside AFLWinfo_release.mat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ def identity_accuracy(
 
 def read_identities(root: str | Path) -> dict[str, int] | None:
     """SynthFace's ``name → identity`` table beside the .mat, or ``None`` when the data has none."""
-    path = Path(root) / IDENTITIES_FILE
+    path = Path(root) / IDENTITIES_CSV
     if not path.is_file():
         return None
     df = pd.read_csv(path)

@@ -1,0 +1,128 @@
+"""Fine-tuning on tiny SynthFace sets: params, losses, a short run that learns, checkpoints, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from mcf.data.aflw19 import AFLW19Config
+from mcf.data.lapa import LaPaConfig
+from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
+from mcf.models.heads import gaussian_heatmaps
+from mcf.params import Common, ParamsError, load
+from mcf.synth import write_aflw19, write_lapa
+from mcf.synth.config import AflwSynthConfig, LapaSynthConfig, SynthConfig
+from mcf.train.finetune import (
+    AlignmentConfig,
+    ParsingConfig,
+    alignment_loss,
+    load_finetuned,
+    main_alignment,
+    main_parsing,
+    make_optimizer,
+)
+
+TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+SYNTH = SynthConfig(
+    n_scenes=1, n_identities=6,
+    aflw=AflwSynthConfig(n_train=16, n_test=6, image_size=64),
+    lapa=LapaSynthConfig(n_train=8, n_val=1, n_test=3, image_size=64),
+)
+
+
+def write_fixture(root: Path) -> Path:
+    """Tiny SynthFace AFLW-19 and LaPa trees plus a (random, non-default-seed) exported backbone."""
+    write_aflw19(SYNTH, 0, root / "aflw19")
+    write_lapa(SYNTH, 0, root / "lapa")
+    torch.manual_seed(123)  # not the fine-tuning seed: "mcf" and "scratch" must start apart
+    save_backbone(create_backbone(TINY), TINY, root / "backbone")
+    return root
+
+
+def tiny_configs(root: Path, epochs: int = 1) -> tuple[AlignmentConfig, ParsingConfig]:
+    """CPU-tiny fine-tuning configs on the fixture under ``root``."""
+    common = {"backbone": str(root / "backbone"), "blocks": [0, 1, 2, 3], "channels": 8, "epochs": epochs,
+              "batch_size": 4}
+    aflw = AFLW19Config(root=str(root / "aflw19"), n_train=16, size=32, crop_size=48)
+    lapa = LaPaConfig(root=str(root / "lapa"), size=32, label_size=32, warp_size=64)
+    return (
+        AlignmentConfig(out=str(root / "ft_align"), data=aflw, **common),
+        ParsingConfig(out=str(root / "ft_parse"), data=lapa, **common),
+    )
+
+
+@pytest.fixture(scope="module")
+def fixture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_fixture(tmp_path_factory.mktemp("synthface"))
+
+
+def _losses(live: Path) -> list[float]:
+    return pd.read_csv(live / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")["loss"].tolist()
+
+
+def test_params_sections_build_from_yaml(tmp_path: Path) -> None:
+    aflw = {"root": "x", "size": 64, "augment": {"rotation": 5.0}}
+    data = {"finetune_alignment": {"epochs": 2, "data": aflw}, "finetune_parsing": {"lr_head": 0.01}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    _, cfg = load("finetune_alignment", tmp_path / "params.yaml")
+    assert (cfg.epochs, cfg.data.size, cfg.data.augment.rotation, cfg.lr_neck) == (2, 64, 5.0, 1e-2)
+    _, parsing = load("finetune_parsing", tmp_path / "params.yaml")
+    assert (parsing.lr_neck, parsing.lr_head, parsing.out) == (1e-3, 0.01, "outputs/finetune_parsing")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune_parsing": {"blocks": [1, 1, 2, 3]}}))
+    with pytest.raises(ParamsError, match="finetune_parsing.blocks"):
+        load("finetune_parsing", tmp_path / "params.yaml")
+
+
+def test_alignment_loss_is_small_at_the_target() -> None:
+    cfg = AlignmentConfig()
+    points = torch.rand(2, 19, 2) * 0.8 + 0.1
+    target = gaussian_heatmaps(points, 32, 1.5, 5.0)
+    good = alignment_loss(cfg)(torch.logit(target.clamp(1e-4, 1 - 1e-4)), {"landmarks": points})
+    bad = alignment_loss(cfg)(torch.zeros(2, 19, 32, 32), {"landmarks": points})
+    assert good["l1"] < 0.01 < bad["l1"] and good["loss"] < bad["loss"]
+
+
+def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
+    from mcf.train.finetune import build_model
+
+    align, _ = tiny_configs(fixture_root)
+    opt = make_optimizer(build_model("alignment", "mcf", align), align)
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == {"backbone": 1e-4, "neck": 1e-2, "head": 1e-2}
+    assert opt.defaults["betas"] == (0.9, 0.999) and opt.defaults["weight_decay"] == 1e-5
+    frozen = dataclasses.replace(align, freeze_backbone=True)
+    model = build_model("alignment", "mcf", frozen)
+    assert [g["name"] for g in make_optimizer(model, frozen).param_groups] == ["neck", "head"]
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> None:
+    align, _ = tiny_configs(fixture_root, epochs=3)
+    main_alignment(Common(seed=0), align, "mcf")
+    out = Path(align.out) / "mcf"
+    losses = _losses(out / "live")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    model, meta = load_finetuned(out / "model.pt")
+    assert (meta["task"], meta["variant"], meta["data"]["size"]) == ("alignment", "mcf", 32)
+    assert meta["steps"] == 12  # 3 epochs × 16 images / batch 4
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 19, 16, 16)
+    assert not list(out.parent.glob(".mcf.tmp-*"))  # the atomic temporary folder is gone
+    assert json.loads((out / "live" / "metrics.json").read_text())["step"] == 2
+
+
+def test_parsing_finetune_is_deterministic_and_variants_differ(fixture_root: Path) -> None:
+    _, parse = tiny_configs(fixture_root)
+    states = []
+    for out, variant in (("a", "mcf"), ("b", "mcf"), ("c", "scratch")):
+        cfg = dataclasses.replace(parse, out=str(fixture_root / out))
+        main_parsing(Common(seed=3), cfg, variant)
+        states.append(torch.load(fixture_root / out / variant / "model.pt", weights_only=True)["state_dict"])
+    key = "backbone.blocks.0.attn.qkv.weight"
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not torch.equal(states[0][key], states[2][key])
+    assert states[0]["classifier.weight"].shape[0] == 11
