@@ -1,0 +1,133 @@
+"""The evaluate stage on tiny fine-tuned models: labelled metrics, plots, overlays, and predictions that
+re-score to the same numbers with :mod:`mcf.evaluate.metrics` alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_finetune import tiny_configs, write_fixture
+
+from mcf.data.aflw19 import read_mat
+from mcf.data.lapa import read_label
+from mcf.evaluate import metrics as M
+from mcf.evaluate.evaluate import CLASSES, EvaluateConfig, main, read_landmark_table
+from mcf.evaluate.plots import read_png
+from mcf.params import Common, ParamsError
+from mcf.train.finetune import main_alignment, main_parsing
+
+VARIANTS = ("mcf", "scratch")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvaluateConfig, dict[str, Any], Path]:
+    root = write_fixture(tmp_path_factory.mktemp("eval"))
+    align, parse = tiny_configs(root)
+    for variant in VARIANTS:
+        main_alignment(Common(seed=0), align, variant)
+        main_parsing(Common(seed=0), parse, variant)
+    cfg = EvaluateConfig(
+        alignment=align.out, parsing=parse.out, backbone=str(root / "backbone"), out=str(root / "evaluate"),
+        metrics=str(root / "metrics" / "evaluate.json"), overlays=2,
+    )
+    main(Common(seed=0), cfg)
+    return cfg, json.loads(Path(cfg.metrics).read_text()), root
+
+
+def test_metrics_are_labelled_and_complete(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
+    _, metrics, _ = evaluated
+    assert metrics["dataset"] == {"alignment": "SynthFace-AFLW19", "parsing": "SynthFace-LaPa"}
+    for variant in VARIANTS:
+        for split, n in (("full", 6), ("frontal", None)):
+            scores = metrics["alignment"][variant][split]
+            assert set(scores) == {"nme_diag", "nme_box", "nme_inter_ocular", "auc_box_0.07", "fr_box_0.07",
+                                   "images"}
+            assert n is None or scores["images"] == n
+            assert 0 < scores["nme_diag"] < scores["nme_box"] and 0 <= scores["auc_box_0.07"] <= 100
+        assert list(metrics["parsing"][variant]["f1"]) == list(CLASSES)
+        f1_mean = metrics["parsing"][variant]["f1_mean"]
+        assert f1_mean is None or 0 <= f1_mean <= 100
+        probe = metrics["probe"][variant]
+        assert probe["nme_diag"] > 0 and 0 <= probe["identity_accuracy"] <= 100
+
+
+def test_plots_and_overlays_are_written(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
+    cfg, _, _ = evaluated
+    out = Path(cfg.out)
+    ced = pd.read_csv(out / "plots" / "ced.csv")
+    assert list(ced.columns) == ["threshold", *VARIANTS] and len(ced) == 701
+    assert ced["threshold"].iloc[-1] == pytest.approx(0.07) and (np.diff(ced["mcf"]) >= 0).all()
+    f1 = pd.read_csv(out / "plots" / "f1.csv")
+    assert list(f1["class"]) == list(CLASSES[1:])
+    for name in ["ced.png", *(f"confusion_{v}.png" for v in VARIANTS)]:
+        assert read_png(out / name).ndim == 3
+    overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
+    tasks = ("alignment", "parsing")
+    assert overlays == sorted(f"{t}_{v}_{i}.png" for t in tasks for v in VARIANTS for i in (0, 1))
+
+
+def test_alignment_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
+    cfg, metrics, root = evaluated
+    ann = read_mat(root / "aflw19")
+    row = {name: i for i, name in enumerate(ann.names)}
+    for variant in VARIANTS:
+        names, pred = read_landmark_table(Path(cfg.out) / "predictions" / f"alignment_{variant}.csv")
+        idx = np.array([row[n] for n in names])
+        gt, box, frontal = ann.points[idx], ann.boxes[idx], ann.visible[idx].all(axis=1)
+        for split, keep in (("full", slice(None)), ("frontal", frontal)):
+            want = metrics["alignment"][variant][split]
+            p, g, b = pred[keep], gt[keep], box[keep]
+            nme_box = M.nme(p, g, "box", b)
+            assert 100 * M.nme(p, g, "diag", b).mean() == pytest.approx(want["nme_diag"])
+            assert 100 * nme_box.mean() == pytest.approx(want["nme_box"])
+            assert 100 * M.nme(p, g, "inter_ocular").mean() == pytest.approx(want["nme_inter_ocular"])
+            auc, fr = M.auc_fr(nme_box)
+            assert (100 * auc, 100 * fr) == pytest.approx((want["auc_box_0.07"], want["fr_box_0.07"]))
+
+
+def test_parsing_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
+    cfg, metrics, root = evaluated
+    labels = sorted((root / "lapa" / "LaPa" / "test" / "labels").glob("*.png"))
+    for variant in VARIANTS:
+        conf = np.zeros((11, 11), dtype=np.int64)
+        for path in labels:
+            pred = read_png(Path(cfg.out) / "predictions" / f"parsing_{variant}" / "test" / path.name)
+            gt = read_label(path)
+            assert pred.shape == gt.shape  # original image size
+            conf += M.confusion_matrix(pred, gt)
+        want = metrics["parsing"][variant]
+        assert want["pixels"] == conf.sum()
+        f1 = M.f1_per_class(conf)
+        for c, v in zip(CLASSES, f1, strict=True):
+            assert want["f1"][c] == (None if np.isnan(v) else pytest.approx(100 * v))
+
+
+def test_synthface_numbers_cannot_be_labelled_as_the_real_dataset(
+    evaluated: tuple[EvaluateConfig, dict, Path],
+) -> None:
+    cfg, _, root = evaluated
+    bad = dataclasses.replace(
+        cfg, alignment_label="AFLW-19", out=str(root / "bad"), metrics=str(root / "bad.json")
+    )
+    with pytest.raises(ParamsError, match="SynthFace"):
+        main(Common(seed=0), bad)
+    assert not (root / "bad").exists() and not (root / "bad.json").exists()
+
+
+def test_probe_fits_recover_linear_structure() -> None:
+    from mcf.evaluate.probe import fit_landmarks, identity_accuracy
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12))
+    points = (x[:, :4] @ rng.normal(size=(4, 38))).reshape(200, 19, 2)
+    pred = fit_landmarks(x[:150], points[:150], x[150:], alpha=1e-3)
+    np.testing.assert_allclose(pred, points[150:], atol=1e-2)
+    ids = np.repeat(np.arange(4), 50)
+    feats = 0.3 * rng.normal(size=(200, 6)) + 5 * np.eye(6)[ids]
+    assert identity_accuracy(feats[::2], ids[::2], feats[1::2], ids[1::2], c=1.0) == 1.0
+    assert identity_accuracy(feats[:100], ids[:100], feats[100:], ids[100:], c=1.0) is None  # unseen ids
