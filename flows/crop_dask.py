@@ -35,7 +35,8 @@ def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTas
     """A runner on the cluster at ``address``, or on a local cluster of ``n_workers`` one-thread workers."""
     if address:
         return DaskTaskRunner(address=address)
-    cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes}
+    cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes,
+               "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}  # a local cluster stays local
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 
@@ -49,14 +50,20 @@ def fan_out(sources: list[Source], cfg: CropConfig, parts_dir: str) -> list[Chun
 
 @flow(name="crop_dask")
 def crop_dask(
-    params_file: str = "params.yaml", address: str | None = None, n_workers: int = 2, processes: bool = True
+    params_file: str = "params.yaml",
+    address: str | None = None,
+    n_workers: int | None = None,
+    processes: bool = True,
 ) -> dict[str, int]:
-    """Run the crop stage of ``params_file`` on Dask; returns the count of crops per status/reason."""
+    """Run the crop stage of ``params_file`` on Dask; returns the count of crops per status/reason.
+
+    A local cluster has ``n_workers`` workers (default: ``crop.workers``), processes or threads.
+    """
     _, cfg = load("crop", params_file)
     # absolute paths: a worker on another host resolves them the same way
     cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()))
     sources = load_sources(cfg)
-    runner = task_runner(address, n_workers, processes)
+    runner = task_runner(address, n_workers or cfg.workers, processes)
     with atomic_dir(cfg.out) as tmp:
         results = fan_out.with_options(task_runner=runner)(sources, cfg, str(tmp / "parts"))
         manifest = merge(results, cfg, tmp)
