@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 import cv2
 from prefect import flow, task, unmapped
@@ -35,8 +36,10 @@ def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTas
     """A runner on the cluster at ``address``, or on a local cluster of ``n_workers`` one-thread workers."""
     if address:
         return DaskTaskRunner(address=address)
-    cluster = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes,
-               "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}  # a local cluster stays local
+    cluster: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes,
+                               "dashboard_address": "127.0.0.1:0"}  # a local cluster stays local
+    if processes:  # threads talk in-process (inproc://); processes over TCP, on loopback only
+        cluster["host"] = "127.0.0.1"
     return DaskTaskRunner(cluster_kwargs=cluster)
 
 
