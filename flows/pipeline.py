@@ -41,14 +41,11 @@ Outcome = Literal["ran", "restored", "unchanged"]
 
 
 class StageFailed(RuntimeError):
-    """A stage's ``dvc repro`` exited non-zero; the message names the stage and ends with its log tail."""
+    """A stage failed; the message names it and says why (for ``dvc repro``, the tail of its log)."""
 
-    def __init__(self, stage: str, returncode: int, tail: list[str]) -> None:
+    def __init__(self, stage: str, detail: str) -> None:
         self.stage = stage
-        super().__init__(
-            f"stage {stage!r} failed: `dvc repro --single-item {stage}` exited {returncode}; "
-            f"last {len(tail)} lines of its output:\n" + "\n".join(tail)
-        )
+        super().__init__(f"stage {stage!r} failed: {detail}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +121,8 @@ def repro(stage: str) -> StageRun:
             proc.terminate()  # cancelled: the stage's atomic outputs leave nothing half-written
             raise
     if proc.returncode:
-        raise StageFailed(stage, proc.returncode, list(tail))
+        lines = "\n".join(tail)
+        raise StageFailed(stage, f"`dvc repro` exited {proc.returncode}; its last lines:\n{lines}")
     return StageRun(stage, outcome, round(time.monotonic() - start, 1))
 
 
@@ -158,7 +156,10 @@ def dask_crop(address: str | None) -> StageRun:
     start = time.monotonic()
     if not json.loads(_dvc("status", "--json", "crop") or "{}"):
         return StageRun("crop", "unchanged", round(time.monotonic() - start, 1))
-    crop_dask(address=address)
+    try:
+        crop_dask(address=address)
+    except Exception as err:
+        raise StageFailed("crop", f"on Dask: {type(err).__name__}: {err}") from err
     _dvc("commit", "--force", "crop")
     return StageRun("crop", "ran", round(time.monotonic() - start, 1))
 
