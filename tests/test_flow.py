@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from flows.pipeline import StageFailed, mcf, plan, stage_task  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")  # inside DVC
+
 STAGE_SCRIPT = '''
 """Toy stages: fetch writes n lines, train copies them per variant, evaluate counts them."""
 import json, sys

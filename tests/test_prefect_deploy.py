@@ -159,7 +159,8 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
             done = client.cli(*args)
             assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         # the worker runs elsewhere: the deployment's pull step finds the checkout through MCF_REPO
-        procs.append(_start([*PREFECT, "worker", "start", "--pool", "gpu"], tmp / "worker.log", env, tmp))
+        worker = [*PREFECT, "worker", "start", "--pool", "gpu", "--name", "gpu-0", "--limit", "1"]
+        procs.append(_start(worker, tmp / "worker.log", env, tmp))
         yield client
     finally:
         for proc in reversed(procs):
