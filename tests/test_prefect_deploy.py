@@ -24,6 +24,8 @@ import httpx
 import pytest
 import yaml
 
+from mcf.params import load
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 DVC = [sys.executable, "-m", "dvc"]
@@ -38,6 +40,24 @@ TINY: dict[str, Any] = {
     "fetch.synthetic.lapa": {"n_train": 8, "n_val": 4, "n_test": 4, "image_size": 64},
     "crop.size": 32,
     "crop.workers": 1,
+    "teacher.backbone": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    "teacher.decoder_dim": 32,
+    "teacher.decoder_depth": 1,
+    "teacher.decoder_heads": 2,
+    "teacher.train.epochs": 1,
+    "teacher.train.warmup_epochs": 0,
+    "teacher.train.batch_size": 16,
+    "pretrain.model.backbone": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    "pretrain.model.decoder_dim": 32,
+    "pretrain.model.decoder_depth": 1,
+    "pretrain.model.decoder_heads": 2,
+    "pretrain.model.feature_layers": [0, 1],
+    "pretrain.model.proj_hidden": 64,
+    "pretrain.model.proj_dim": 32,
+    "pretrain.model.pred_hidden": 64,
+    "pretrain.train.epochs": 1,
+    "pretrain.train.warmup_epochs": 0,
+    "pretrain.train.batch_size": 16,
 }
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -174,6 +194,7 @@ def tiny_run(prefect: Prefect) -> dict:
     """``mcf/full`` on the tiny profile: every stage of dvc.yaml, on the worker."""
     committed = yaml.safe_load((prefect.repo / "params.yaml").read_text())
     (prefect.repo / "params.tiny.yaml").write_text(yaml.safe_dump(tiny_profile(committed)))
+    load(None, prefect.repo / "params.tiny.yaml")  # a bad tiny value fails here, by name
     done, run = prefect.run_deployment("mcf/full", params_file="params.tiny.yaml")
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     return run
