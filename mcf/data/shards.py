@@ -43,7 +43,8 @@ def write_shards(
     """Write ``(crop_id, jpeg_bytes, meta)`` triples into shards of ``shard_size``; return shard names."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0) as sink:
+    # A fixed member mtime makes the shards byte-identical across reruns (same DVC hash for the same crops).
+    with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0, mtime=0.0) as sink:
         for crop_id, jpeg, meta in samples:
             sink.write({"__key__": crop_id, "jpg": jpeg, "json": json.dumps(meta).encode()})
     return sorted(p.name for p in out_dir.glob("crops-*.tar"))
@@ -62,3 +63,10 @@ def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, np.ndarray, dict[
     dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")
     for sample in dataset:
         yield sample["__key__"], sample["jpg"], sample["json"]
+
+
+def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """Stream ``(crop_id, jpeg_bytes, meta)`` without decoding, to re-shard crops with no JPEG loss."""
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+    for sample in dataset:
+        yield sample["__key__"], sample["jpg"], json.loads(sample["json"])

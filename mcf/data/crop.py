@@ -1,0 +1,399 @@
+"""Stage ``crop``: raw images plus face detections go to square face crops in webdataset shards.
+
+Output folder ``crop.out``:
+
+- ``shards/crops-*.tar``: the kept crops, ``crop.size`` pixels square (sample schema in
+  :mod:`mcf.data.shards`), in manifest order.
+- ``manifest.parquet``: one row per detected face, kept or not: ``crop_id`` (str, unique, the shard key),
+  ``sample_id``, ``face`` (int), ``status`` (``kept``/``rejected``), ``reason`` (null when kept, else
+  ``too_small``, ``low_score``, ``blurry`` or ``duplicate``), ``detector`` (``table``/``haar``/``yunet``),
+  ``box`` (x1, y1, x2, y2), ``landmarks`` (10 floats or null), ``score`` (null for Haar), ``face_size``
+  (shorter box side, source pixels), ``blur`` (variance of the Laplacian of the grey crop), ``phash``
+  (16 hex digits), and, read back from the written shards, ``shard``, ``width``, ``height``, ``mean``,
+  ``std`` (null for rejected rows).
+
+The work is split as :func:`crop_chunk` (one chunk of source images to one part shard plus manifest rows)
+and :func:`merge` (near-duplicate removal in a fixed order, re-sharding, read-back), so a serial run, the
+process pool here and a Prefect/Dask map over chunks all give the same output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from multiprocessing.context import BaseContext
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from mcf.data.detect import DetectorConfig, Face, load_detections, make_detector
+from mcf.data.quality import blur_score, duplicates, phash
+from mcf.data.shards import encode_jpeg, iter_encoded, iter_samples, write_shards
+from mcf.errors import StageError
+from mcf.io import atomic_dir
+from mcf.params import Common, param
+
+log = logging.getLogger(__name__)
+
+# The 5-point template in face-box units (0..1): eyes, nose tip, mouth corners, image-left first.
+TEMPLATE = np.array([[0.34, 0.40], [0.66, 0.40], [0.50, 0.58], [0.37, 0.76], [0.63, 0.76]])
+REASONS = ("too_small", "low_score", "blurry", "duplicate")
+ROW_COLUMNS = (
+    "crop_id sample_id face status reason detector box landmarks score face_size blur phash"
+).split()
+PART_SIZE = 1 << 30  # a chunk's crops all go to one part shard
+
+
+@dataclasses.dataclass(frozen=True)
+class CropConfig:
+    """``crop`` section of params.yaml."""
+
+    input: str = "outputs/fetch"  # the fetch stage's output folder (fetch.out)
+    out: str = "outputs/crop"
+    size: int = param(64, ge=16)  # crop side in pixels: the pre-training resolution
+    margin: float = param(0.25, ge=0.0, le=2.0)  # context added on each side, as a share of the face box
+    align: bool = False  # warp the 5 landmarks onto TEMPLATE (similarity) when the face has landmarks
+    pad: Literal["constant", "reflect"] = "constant"  # how crops reaching outside the image are filled
+    detections: Literal["auto", "table", "detector"] = "auto"  # auto: table where it has the image
+    detector: DetectorConfig = dataclasses.field(default_factory=DetectorConfig)
+    min_face_size: float = param(24.0, ge=0.0)  # shorter box side, source pixels
+    min_score: float = param(0.9, ge=0.0, le=1.0)  # not applied to detectors without a score (Haar)
+    min_blur: float = param(20.0, ge=0.0)  # variance of the Laplacian of the grey crop
+    dup_hamming: int | None = param(4, ge=0, le=31)  # pHash distance counted as a duplicate; null: off
+    jpeg_quality: int = param(95, ge=50, le=100)
+    shard_size: int = param(1000, ge=1)  # crops per output shard
+    chunk_size: int = param(32, ge=1)  # source images per work unit
+    workers: int = param(2, ge=1)  # processes; the output does not depend on it
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One source image; ``faces`` is None when the detector must find them."""
+
+    sample_id: str
+    path: str
+    faces: tuple[Face, ...] | None
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    """What :func:`crop_chunk` hands to :func:`merge`: manifest rows and the folder of its part shard."""
+
+    rows: pd.DataFrame
+    part: str
+
+
+def crop_id(sample_id: str, face: int) -> str:
+    """A shard-safe key (webdataset splits keys at dots): unsafe ids are replaced and hashed."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", sample_id)
+    if safe != sample_id:
+        safe = f"{safe}_{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
+    return f"{safe}_{face:03d}"
+
+
+def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, shift; no reflection) taking ``src`` to ``dst``."""
+    a = np.zeros((2 * len(src), 4))
+    a[0::2] = np.column_stack([src[:, 0], -src[:, 1], np.ones(len(src)), np.zeros(len(src))])
+    a[1::2] = np.column_stack([src[:, 1], src[:, 0], np.zeros(len(src)), np.ones(len(src))])
+    p, q, tx, ty = np.linalg.lstsq(a, dst.reshape(-1), rcond=None)[0]
+    return np.array([[p, -q, tx], [q, p, ty]])
+
+
+def face_transform(face: Face, cfg: CropConfig) -> np.ndarray:
+    """The ``[2, 3]`` affine from source pixels to crop pixels (continuous coordinates)."""
+    grow = 1.0 + 2.0 * cfg.margin
+    if cfg.align and face.landmarks is not None:
+        dst = ((TEMPLATE - 0.5) / grow + 0.5) * cfg.size
+        return similarity(np.asarray(face.landmarks).reshape(5, 2), dst)
+    x1, y1, x2, y2 = face.box
+    s = cfg.size / (max(x2 - x1, y2 - y1, 1.0) * grow)
+    return np.array([[s, 0.0, cfg.size / 2 - s * (x1 + x2) / 2], [0.0, s, cfg.size / 2 - s * (y1 + y2) / 2]])
+
+
+def warp_crop(rgb: np.ndarray, m: np.ndarray, size: int, pad: str) -> np.ndarray:
+    """Warp ``rgb`` by the continuous-coordinate affine ``m`` into a ``size``-square crop.
+
+    Only the region the crop sees is touched, and it is first shrunk with area averaging when the warp
+    would shrink it by 2× or more (a bilinear warp alone aliases). Outside the image: ``pad``.
+    """
+    m = m.copy()
+    m[:, 2] += m[:, :2].sum(axis=1) * 0.5 - 0.5  # OpenCV samples at pixel centres
+    edge = [-0.5, size - 0.5]  # the crop's outer pixel edges, in pixel-centre coordinates
+    corners = cv2.invertAffineTransform(m) @ np.array([[x, y, 1.0] for x in edge for y in edge]).T
+    h, w = rgb.shape[:2]
+    x0, y0 = (max(int(np.floor(v.min())) - 2, 0) for v in corners)
+    x1, y1 = (min(int(np.ceil(v.max())) + 3, n) for v, n in zip(corners, (w, h), strict=True))
+    if x0 >= x1 or y0 >= y1:  # the crop lies wholly outside the image
+        x0, y0, x1, y1 = 0, 0, w, h
+    roi = rgb[y0:y1, x0:x1]
+    m[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64)
+    scale = np.sqrt(abs(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]))
+    k = int(1.0 / scale + 1e-9)  # shrink by k first: the warp's remaining scale is then in (0.5, 1]
+    if k >= 2:
+        small = cv2.resize(roi, (-(-roi.shape[1] // k), -(-roi.shape[0] // k)), interpolation=cv2.INTER_AREA)
+        kx, ky = roi.shape[1] / small.shape[1], roi.shape[0] / small.shape[0]
+        m = m @ np.array([[kx, 0, 0.5 * kx - 0.5], [0, ky, 0.5 * ky - 0.5], [0, 0, 1]])
+        roi = small
+    border = cv2.BORDER_CONSTANT if pad == "constant" else cv2.BORDER_REFLECT_101
+    return cv2.warpAffine(roi, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
+
+
+def _crop_face(rgb: np.ndarray, face: Face, sample_id: str, cfg: CropConfig) -> tuple[dict, bytes | None]:
+    """One manifest row for ``face``, and the JPEG of its crop when it passes the per-crop filters."""
+    row: dict[str, Any] = {
+        "crop_id": crop_id(sample_id, face.face),
+        "sample_id": sample_id,
+        "face": face.face,
+        "status": "rejected",
+        "reason": None,
+        "detector": face.detector,
+        "box": list(face.box),
+        "landmarks": None if face.landmarks is None else list(face.landmarks),
+        "score": np.nan if face.score is None else face.score,
+        "face_size": face.size,
+        "blur": np.nan,
+        "phash": None,
+    }
+    if face.size < cfg.min_face_size:
+        return row | {"reason": "too_small"}, None
+    if face.score is not None and face.score < cfg.min_score:
+        return row | {"reason": "low_score"}, None
+    crop = warp_crop(rgb, face_transform(face, cfg), cfg.size, cfg.pad)
+    row |= {"blur": blur_score(crop), "phash": f"{phash(crop):016x}"}
+    if row["blur"] < cfg.min_blur:
+        return row | {"reason": "blurry"}, None
+    return row | {"status": "kept"}, encode_jpeg(crop, cfg.jpeg_quality)
+
+
+def _meta(row: dict) -> dict[str, Any]:
+    """The shard's ``json`` member for a kept row (schema in :mod:`mcf.data.shards`)."""
+    lms = row["landmarks"]
+    return {
+        "crop_id": row["crop_id"],
+        "sample_id": row["sample_id"],
+        "face": row["face"],
+        "box": row["box"],
+        "landmarks": None if lms is None else [lms[i : i + 2] for i in range(0, 10, 2)],
+        "score": None if np.isnan(row["score"]) else row["score"],
+    }
+
+
+def crop_chunk(sources: Sequence[Source], cfg: CropConfig, part: str | Path) -> ChunkResult:
+    """Crop one chunk of source images into a part shard under ``part``; a pure function of its inputs."""
+    rows: list[dict] = []
+    samples: list[tuple[str, bytes, dict]] = []
+    for src in sources:
+        bgr = cv2.imread(src.path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            log.warning("skipping %s: not a readable image (%s)", src.sample_id, src.path)
+            continue
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        faces = src.faces if src.faces is not None else make_detector(cfg.detector)(rgb)
+        for face in faces:
+            row, jpeg = _crop_face(rgb, face, src.sample_id, cfg)
+            rows.append(row)
+            if jpeg is not None:
+                samples.append((row["crop_id"], jpeg, _meta(row)))
+    write_shards(samples, part, PART_SIZE)
+    return ChunkResult(pd.DataFrame(rows, columns=ROW_COLUMNS), str(part))
+
+
+def _read_back(shard_dir: Path) -> pd.DataFrame:
+    """Per written crop: its shard, size and pixel statistics, decoded as pre-training will read it."""
+    records = []
+    for url in sorted(shard_dir.glob("crops-*.tar")):
+        for key, rgb, _ in iter_samples(str(url)):
+            records.append((key, url.name, rgb.shape[1], rgb.shape[0], float(rgb.mean()), float(rgb.std())))
+    stats = pd.DataFrame(records, columns=["crop_id", "shard", "width", "height", "mean", "std"])
+    return stats.astype({"width": "Int64", "height": "Int64"})
+
+
+def merge(results: Sequence[ChunkResult], cfg: CropConfig, out_dir: str | Path) -> pd.DataFrame:
+    """Join chunk results in order: reject near-duplicates, write the final shards, read them back.
+
+    Duplicates are decided here, after the parallel part, in manifest order (the first crop wins), so
+    the outcome does not depend on how the chunks were scheduled.
+    """
+    out_dir = Path(out_dir)
+    frames = [r.rows for r in results if len(r.rows)]
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ROW_COLUMNS)
+    kept = rows.index[rows["status"] == "kept"]
+    if cfg.dup_hamming is not None and len(kept):
+        dup = duplicates([int(h, 16) for h in rows.loc[kept, "phash"]], cfg.dup_hamming)
+        rows.loc[kept[dup], ["status", "reason"]] = ["rejected", "duplicate"]
+    keep = set(rows.loc[rows["status"] == "kept", "crop_id"])
+    parts = [str(p) for r in results for p in sorted(Path(r.part).glob("crops-*.tar"))]
+    samples = (s for s in (iter_encoded(parts) if parts else ()) if s[0] in keep)
+    write_shards(samples, out_dir / "shards", cfg.shard_size)
+    stats = _read_back(out_dir / "shards")
+    manifest = rows.merge(stats, on="crop_id", how="left")
+    strays = stats[~stats["crop_id"].isin(rows["crop_id"])]  # written but not in the manifest: gate fails
+    return pd.concat([manifest, strays], ignore_index=True) if len(strays) else manifest
+
+
+def finish(manifest: pd.DataFrame, cfg: CropConfig, out_dir: str | Path) -> None:
+    """Run the ``crop`` gate on the output, then write the manifest (before the atomic rename)."""
+    from mcf.validate.gate import run_gate
+
+    size = cfg.size
+    checked = manifest.assign(width_off=manifest["width"] - size, height_off=manifest["height"] - size)
+    run_gate(checked, "crop", stage="crop")
+    manifest.to_parquet(Path(out_dir) / "manifest.parquet", index=False)
+
+
+def load_sources(cfg: CropConfig) -> list[Source]:
+    """The fetched images (status ``success``) in ``sample_id`` order, with their table detections."""
+    fetch_dir = Path(cfg.input)
+    if not (fetch_dir / "manifest.parquet").is_file():
+        raise StageError(f"crop.input: no manifest.parquet in {fetch_dir} (run `mcf fetch` first)")
+    manifest = pd.read_parquet(fetch_dir / "manifest.parquet", columns=["sample_id", "path", "status"])
+    manifest = manifest[(manifest["status"] == "success") & manifest["path"].notna()]
+    table_path = fetch_dir / "detections.parquet"
+    table = load_detections(table_path) if cfg.detections != "detector" and table_path.is_file() else None
+    if cfg.detections == "table" and table is None:
+        raise StageError(f"crop.detections is 'table' but {table_path} does not exist")
+    sources = []
+    for sample_id, path in sorted(zip(manifest["sample_id"].astype(str), manifest["path"], strict=True)):
+        faces = None if table is None else table.get(sample_id)
+        if faces is None and cfg.detections == "table":
+            faces = []
+        sources.append(Source(sample_id, str(fetch_dir / path), None if faces is None else tuple(faces)))
+    return sources
+
+
+def _pool_context() -> BaseContext:
+    """Workers forked from a clean server process that has imported this module once.
+
+    Plain fork inherits OpenCV's thread pool in a broken state (workers can hang in OpenCV), and
+    spawn re-imports torch (via webdataset) in every worker, which takes seconds each.
+    """
+    if sys.platform != "linux":
+        return get_context("spawn")
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)  # one OpenCV thread per worker process: the pool is the parallelism
+
+
+def run_chunks(sources: Sequence[Source], cfg: CropConfig, parts_dir: str | Path) -> list[ChunkResult]:
+    """Crop all sources in chunks of ``cfg.chunk_size``, over ``cfg.workers`` processes, in chunk order."""
+    chunks = [sources[i : i + cfg.chunk_size] for i in range(0, len(sources), cfg.chunk_size)]
+    parts = [str(Path(parts_dir) / f"part-{i:06d}") for i in range(len(chunks))]
+    bar = tqdm(total=len(sources), desc="crop", unit="img")
+    results = []
+    if cfg.workers == 1 or len(chunks) <= 1:
+        mapped: Any = map(crop_chunk, chunks, [cfg] * len(chunks), parts)
+        for result, chunk in zip(mapped, chunks, strict=True):
+            results.append(result)
+            bar.update(len(chunk))
+    else:
+        ctx = _pool_context()
+        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init) as pool:
+            for result, chunk in zip(
+                pool.map(crop_chunk, chunks, [cfg] * len(chunks), parts), chunks, strict=True
+            ):
+                results.append(result)
+                bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def crop(cfg: CropConfig) -> pd.DataFrame:
+    """The whole stage: sources, chunks, merge, gate, atomic rename onto ``cfg.out``."""
+    sources = load_sources(cfg)
+    with atomic_dir(cfg.out) as tmp:
+        results = run_chunks(sources, cfg, tmp / "parts")
+        manifest = merge(results, cfg, tmp)
+        shutil.rmtree(tmp / "parts")
+        finish(manifest, cfg, tmp)
+    counts = manifest["reason"].fillna("kept").value_counts().to_dict()
+    log.info("crop: %d images, %d faces: %s -> %s", len(sources), len(manifest), counts, cfg.out)
+    return manifest
+
+
+def main(common: Common, cfg: CropConfig) -> None:
+    """``mcf crop``: crop is deterministic, so ``common.seed`` is not used."""
+    crop(cfg)
+
+
+def _bench_images(root: Path, n: int, side: int) -> Path:
+    """A fetch folder of ``n`` textured ``side``-pixel JPEGs, each with one table detection."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows, faces = [], []
+    for i in range(n):
+        base = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+        img = cv2.resize(base, (side, side), interpolation=cv2.INTER_CUBIC)
+        img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+        cv2.imwrite(str(root / f"images/{i:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        rows.append({"sample_id": f"bench-{i:06d}", "path": f"images/{i:06d}.jpg", "status": "success"})
+        w = rng.uniform(0.3, 0.6) * side
+        x, y = rng.uniform(0, side - w, 2)
+        faces.append(
+            {
+                "sample_id": f"bench-{i:06d}",
+                "face": 0,
+                "box": [x, y, x + w, y + w],
+                "landmarks": None,
+                "score": 0.99,
+            }
+        )
+    pd.DataFrame(rows).to_parquet(root / "manifest.parquet")
+    pd.DataFrame(faces).to_parquet(root / "detections.parquet")
+    return root
+
+
+def bench_crop(argv: list[str]) -> None:
+    """``mcf bench crop``: crops per second (crop_chunk over the pool, then merge), gate excluded."""
+    p = argparse.ArgumentParser(prog="mcf bench crop", description=bench_crop.__doc__)
+    p.add_argument("--input", help="a fetch output folder (default: generate --images textured images)")
+    p.add_argument("--images", type=int, default=400, help="generated images (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=320, help="generated image side (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="crop processes (default: %(default)s)")
+    p.add_argument("--size", type=int, default=64, help="crop side (default: %(default)s)")
+    p.add_argument("--detector", action="store_true", help="ignore detection tables: run the OpenCV detector")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mcf-bench-crop-") as tmp:
+        root = Path(tmp)
+        fetch = (
+            Path(args.input) if args.input else _bench_images(root / "fetch", args.images, args.image_size)
+        )
+        mode = "detector" if args.detector else "auto"
+        cfg = CropConfig(
+            input=str(fetch),
+            out=str(Path(tmp) / "crop"),
+            size=args.size,
+            workers=args.workers,
+            detections=mode,
+        )
+        sources = load_sources(cfg)
+        start = time.perf_counter()
+        results = run_chunks(sources, cfg, Path(tmp) / "parts")
+        middle = time.perf_counter()
+        manifest = merge(results, cfg, Path(tmp) / "crop")
+        seconds = time.perf_counter() - start
+    kept = int((manifest["status"] == "kept").sum())
+    print(
+        f"crop bench: {len(sources)} images, {len(manifest)} faces, {kept} crops kept, "
+        f"{args.size}px, workers={cfg.workers}, detections={mode}: {seconds:.2f} s "
+        f"(crop {middle - start:.2f} s, merge {seconds - (middle - start):.2f} s) = "
+        f"{len(manifest) / seconds:.1f} crops/s, {len(sources) / seconds:.1f} images/s"
+    )

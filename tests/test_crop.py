@@ -1,0 +1,268 @@
+"""Stage ``crop``: detections, geometry, filters with reasons, shards, determinism and the data gate.
+
+Inputs are a small fetch-like folder built here from photographs that scikit-image ships.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from pytest import MonkeyPatch
+from skimage import data as skdata
+
+from mcf.data import crop as crop_mod
+from mcf.data.crop import CropConfig, crop, crop_id, face_transform, similarity, warp_crop
+from mcf.data.detect import DetectorConfig, Face, HaarDetector
+from mcf.data.quality import duplicates, hamming, phash
+from mcf.data.shards import shard_urls
+from mcf.errors import StageError
+from mcf.params import ParamsError, build
+
+ASTRO_FACE = (175.0, 60.0, 275.0, 165.0)  # her face in skimage's 512×512 astronaut, checked by eye
+ASTRO_LANDMARKS = (204.0, 105.0, 243.0, 103.0, 224.0, 124.0, 208.0, 142.0, 243.0, 141.0)
+SIZE = 48
+
+
+def _rgb(name: str) -> np.ndarray:
+    img = getattr(skdata, name)()
+    return np.stack([img] * 3, axis=-1) if img.ndim == 2 else img[..., :3]
+
+
+def _box_face(box: tuple[float, ...], score: float = 0.99) -> dict:
+    return {"box": list(box), "landmarks": None, "score": score}
+
+
+# sample_id -> (image, detections or None when the table has no entry, expected reason or "kept")
+def _samples() -> dict[str, tuple[np.ndarray, list[dict] | None, str]]:
+    astro = _rgb("astronaut")
+    blurred = cv2.resize(cv2.resize(_rgb("chelsea"), (28, 19), interpolation=cv2.INTER_AREA), (451, 300))
+    astro_face = {"box": list(ASTRO_FACE), "landmarks": list(ASTRO_LANDMARKS), "score": 0.99}
+    return {
+        "astro": (astro, [astro_face], "kept"),
+        "astro-again": (astro, [astro_face], "duplicate"),
+        "blurry": (blurred, [_box_face((110, 40, 260, 190))], "blurry"),
+        "camera": (_rgb("camera"), [_box_face((180, 40, 330, 190))], "kept"),
+        "chelsea": (_rgb("chelsea"), [_box_face((110, 40, 260, 190))], "kept"),
+        "coffee": (_rgb("coffee"), [_box_face((200, 100, 360, 260))], "kept"),
+        "low-score": (_rgb("rocket"), [_box_face((250, 50, 400, 200), score=0.5)], "low_score"),
+        "mirror": (np.ascontiguousarray(astro[:, ::-1]), None, "kept"),  # no table entry: Haar runs
+        "tiny": (_rgb("immunohistochemistry"), [_box_face((10, 10, 20, 22))], "too_small"),
+    }
+
+
+def make_fetch_dir(root: Path, samples: dict) -> Path:
+    """A fetch output in the CONTRACTS layout: images/, manifest.parquet, detections.parquet."""
+    (root / "images").mkdir(parents=True)
+    manifest, detections = [], []
+    for sample_id, (rgb, faces, _) in samples.items():
+        path = f"images/{sample_id}.jpg"
+        cv2.imwrite(str(root / path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        manifest.append(
+            {
+                "sample_id": sample_id,
+                "path": path,
+                "status": "success",
+                "error": None,
+                "width": rgb.shape[1],
+                "height": rgb.shape[0],
+                "caption": "",
+                "source": "test",
+            }
+        )
+        for i, face in enumerate(faces or []):
+            detections.append({"sample_id": sample_id, "face": i, **face})
+    manifest.append(
+        {
+            "sample_id": "gone",
+            "path": None,
+            "status": "http_error",
+            "error": "404",
+            "width": 0,
+            "height": 0,
+            "caption": "",
+            "source": "test",
+        }
+    )
+    pd.DataFrame(manifest).to_parquet(root / "manifest.parquet")
+    pd.DataFrame(detections).to_parquet(root / "detections.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def fetch_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_fetch_dir(tmp_path_factory.mktemp("fetch"), _samples())
+
+
+def _cfg(fetch: Path, out: Path, **kw: object) -> CropConfig:
+    base = {
+        "input": str(fetch),
+        "out": str(out),
+        "size": SIZE,
+        "chunk_size": 3,
+        "workers": 1,
+        "shard_size": 4,
+        "min_blur": 50.0,
+    }
+    return CropConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def serial(fetch_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[CropConfig, pd.DataFrame]:
+    cfg = _cfg(fetch_dir, tmp_path_factory.mktemp("serial") / "crop")
+    return cfg, crop(cfg)
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])
+    return w * h / (area - w * h)
+
+
+def test_haar_finds_the_astronaut_face() -> None:
+    faces = HaarDetector(DetectorConfig())(_rgb("astronaut"))
+    assert len(faces) >= 1
+    best = max(faces, key=lambda f: _iou(f.box, ASTRO_FACE))
+    assert _iou(best.box, ASTRO_FACE) > 0.5, best.box
+    assert best.detector == "haar" and best.score is None and best.landmarks is None
+
+
+def test_yunet_model_path_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="yunet_model"):
+        build(CropConfig, {"detector": {"yunet_model": str(tmp_path / "missing.onnx")}}, "crop")
+
+
+def test_rejections_carry_reasons(serial: tuple[CropConfig, pd.DataFrame]) -> None:
+    _, manifest = serial
+    got = manifest.set_index("sample_id")["reason"].fillna("kept").to_dict()
+    assert got == {sid: expected for sid, (_, _, expected) in _samples().items()}
+    assert (manifest["status"] == "kept").eq(manifest["reason"].isna()).all()
+    mirror = manifest.set_index("sample_id").loc["mirror"]
+    assert mirror["detector"] == "haar" and np.isnan(mirror["score"])
+    assert "gone" not in set(manifest["sample_id"])  # failed fetches have no faces
+
+
+def test_shards_stream_with_webdataset(serial: tuple[CropConfig, pd.DataFrame]) -> None:
+    cfg, manifest = serial
+    out = Path(cfg.out)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.parquet", "shards"]
+    urls = shard_urls(out / "shards")
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    kept = manifest[manifest["status"] == "kept"]
+    assert [s["__key__"] for s in samples] == list(kept["crop_id"])
+    assert all(s["jpg"].shape == (SIZE, SIZE, 3) and s["jpg"].dtype == np.uint8 for s in samples)
+    assert len(urls) == -(-len(kept) // cfg.shard_size)
+    assert samples[0]["json"]["sample_id"] == kept.iloc[0]["sample_id"]
+    assert pd.read_parquet(out / "manifest.parquet")["crop_id"].tolist() == manifest["crop_id"].tolist()
+
+
+def test_parallel_run_matches_serial(fetch_dir: Path, tmp_path: Path, serial: tuple) -> None:
+    cfg, manifest = serial
+    parallel = crop(dataclasses.replace(cfg, out=str(tmp_path / "crop"), workers=2, chunk_size=2))
+    pd.testing.assert_frame_equal(parallel, manifest)
+    ours, theirs = shard_urls(tmp_path / "crop/shards"), shard_urls(Path(cfg.out) / "shards")
+    assert [Path(u).read_bytes() for u in ours] == [Path(u).read_bytes() for u in theirs]
+
+
+def _assert_no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_gate_rejects_wrong_crop_size(fetch_dir: Path, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    real = crop_mod.warp_crop
+    monkeypatch.setattr(crop_mod, "warp_crop", lambda rgb, m, size, pad: real(rgb, m, size + 1, pad))
+    cfg = _cfg(fetch_dir, tmp_path / "crop")
+    with pytest.raises(StageError, match=r"expect_column_values_to_be_between\(column=width_off\)") as err:
+        crop(cfg)
+    assert "gate 'crop' failed" in str(err.value)
+    _assert_no_output(tmp_path / "crop")
+
+
+def test_gate_rejects_nan_blur(fetch_dir: Path, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    calls = itertools.count()
+    real = crop_mod.blur_score
+    monkeypatch.setattr(crop_mod, "blur_score", lambda rgb: float("nan") if next(calls) == 0 else real(rgb))
+    failed = r"expect_column_values_to_not_be_null\(column=blur, where status == kept"
+    with pytest.raises(StageError, match=failed):
+        crop(_cfg(fetch_dir, tmp_path / "crop"))
+    _assert_no_output(tmp_path / "crop")
+
+
+def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="no manifest.parquet"):
+        crop(_cfg(tmp_path / "nowhere", tmp_path / "crop"))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.parquet").write_bytes((fetch_dir / "manifest.parquet").read_bytes())
+    with pytest.raises(StageError, match="detections.parquet"):
+        crop(_cfg(bare, tmp_path / "crop", detections="table"))
+
+
+def test_similarity_recovers_a_transform() -> None:
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (5, 2))
+    angle, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    m = similarity(src, src @ rot.T + shift)
+    np.testing.assert_allclose(m, np.column_stack([rot, shift]), atol=1e-9)
+
+
+def test_alignment_puts_landmarks_on_the_template() -> None:
+    cfg = CropConfig(size=64, margin=0.25, align=True)
+    face = Face(0, ASTRO_FACE, ASTRO_LANDMARKS, 0.99, "table")
+    m = face_transform(face, cfg)
+    mapped = np.asarray(ASTRO_LANDMARKS).reshape(5, 2) @ m[:, :2].T + m[:, 2]
+    template = ((crop_mod.TEMPLATE - 0.5) / 1.5 + 0.5) * 64
+    assert np.abs(mapped - template).max() < 4.0  # 5 points, 4 dof: close, not exact
+    assert np.linalg.det(m[:, :2]) > 0  # a similarity, no mirror
+
+
+def test_padding_outside_the_image() -> None:
+    rgb = np.full((100, 100, 3), 200, np.uint8)
+    rgb[:, :50] = 100
+    m = face_transform(Face(0, (-40.0, 20.0, 20.0, 80.0), None, None, "haar"), CropConfig(size=32, margin=0))
+    constant = warp_crop(rgb, m, 32, "constant")
+    reflect = warp_crop(rgb, m, 32, "reflect")
+    assert constant.shape == reflect.shape == (32, 32, 3)
+    assert constant[:, :10].max() == 0 and constant[:, -8:].min() == 100
+    assert reflect.min() == 100  # the left edge mirrored in
+
+
+def test_downscaled_crop_matches_area_resize() -> None:
+    rgb = _rgb("astronaut")
+    m = face_transform(Face(0, (0.0, 0.0, 512.0, 512.0), None, None, "haar"), CropConfig(size=64, margin=0))
+    expected = cv2.resize(rgb, (64, 64), interpolation=cv2.INTER_AREA).astype(float)
+    assert np.abs(warp_crop(rgb, m, 64, "constant") - expected).mean() < 2.0
+
+
+def test_phash_and_duplicates() -> None:
+    astro = cv2.resize(_rgb("astronaut"), (64, 64), interpolation=cv2.INTER_AREA)
+    noisy = np.clip(astro + np.random.default_rng(0).normal(0, 4, astro.shape), 0, 255).astype(np.uint8)
+    assert hamming(phash(astro), phash(noisy)) <= 4
+    assert hamming(phash(astro), phash(np.ascontiguousarray(astro[:, ::-1]))) > 10
+    rng = np.random.default_rng(1)
+    hashes = [int(h) for h in rng.integers(0, 2**63, 300)]
+    hashes += [h ^ (1 << int(rng.integers(64))) ^ (1 << int(rng.integers(64))) for h in hashes[:50]]
+    for d in (0, 2, 5):
+        kept: list[int] = []
+        brute = []
+        for h in hashes:
+            brute.append(any(hamming(h, k) <= d for k in kept))
+            if not brute[-1]:
+                kept.append(h)
+        assert duplicates(hashes, d) == brute
+    assert sum(duplicates(hashes, 2)) >= 50
+
+
+def test_crop_id_is_a_safe_shard_key() -> None:
+    assert crop_id("synth-000001", 2) == "synth-000001_002"
+    odd = crop_id("photos/a.b.jpg", 0)
+    assert "." not in odd and "/" not in odd and odd != crop_id("photos/a_b.jpg", 0)
