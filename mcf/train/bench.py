@@ -3,8 +3,9 @@
 Times the same optimizer step the pretrain loop takes (forward with masking, teacher feature loss,
 momentum keys, backward, AdamW, momentum update) and logs images/s, the achieved TFLOP/s (FLOPs
 of one step counted with ``FlopCounterMode``) and, on CUDA, the peak memory. ``--model tiny`` is the
-CPU default of ``params.yaml``; ``base`` is the paper's ViT-B/16 at 224 with a 512×8 decoder and a
-ViT-B teacher read at blocks 2/5/8/11. The teacher is random: its weights do not change the cost.
+CPU default of ``params.yaml`` (pretrain's model, the teacher stage's backbone); ``base`` is the
+paper's ViT-B/16 at 224 with a 512×8 decoder and a ViT-B teacher read at blocks 2/5/8/11. The
+teacher is random: its weights do not change the cost.
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def build(name: str, params: str) -> MCF:
-    """The benchmarked model with a random teacher of its own backbone's size."""
-    cfg = load("pretrain", params)[1].model if name == "tiny" else MCFConfig()
-    teacher = FeatureTeacher(create_backbone(cfg.backbone)) if cfg.uses_teacher else None
+    """The benchmarked model with a random teacher: tiny's as the teacher stage trains it, base's ViT-B."""
+    if name == "tiny":
+        cfg, teacher_size = load("pretrain", params)[1].model, load("teacher", params)[1].backbone
+    else:
+        cfg = MCFConfig()
+        teacher_size = cfg.backbone
+    teacher = FeatureTeacher(create_backbone(teacher_size)) if cfg.uses_teacher else None
     return MCF(cfg, teacher)
 
 
