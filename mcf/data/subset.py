@@ -1,0 +1,156 @@
+"""Stage ``subset``: a deterministic pick of ``n`` kept crops, "a small part of LAION-FACE-cropped".
+
+Output folder ``subset.out``:
+
+- ``shards/crops-*.tar``: only the chosen crops, copied without re-encoding, in the crop stage's order
+  (pre-training shuffles; see :mod:`mcf.data.shards` for the sample schema).
+- ``manifest.parquet``: the chosen rows of the crop manifest (same columns), with ``shard``, ``width``,
+  ``height``, ``mean`` and ``std`` read back from the new shards, plus ``face_size_bin`` (str) when
+  stratifying by face size.
+
+The pick is a function of (crop manifest, ``seed``, params) only: candidates are taken in ``crop_id``
+order, so it does not depend on how the crop stage ordered its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mcf.data.shards import iter_encoded, iter_samples, shard_urls, write_shards
+from mcf.errors import StageError
+from mcf.io import atomic_dir
+from mcf.params import Common, ParamsError, param
+
+log = logging.getLogger(__name__)
+
+FACE_SIZE_BIN = "face_size_bin"
+READ_BACK = ["shard", "width", "height", "mean", "std"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetConfig:
+    """``subset`` section of params.yaml."""
+
+    input: str = "outputs/crop"  # the crop stage's output (crop.out)
+    out: str = "outputs/subset"
+    n: int = param(1500, ge=1)  # crops to pick (all kept crops, with a warning, when fewer exist)
+    stratify: str | None = None  # face_size_bin, or a crop-manifest column; null: uniform
+    bins: list[float] = param([32.0, 48.0, 64.0])  # face_size_bin edges in source pixels, increasing
+    shard_size: int = param(1000, ge=1)  # crops per output shard
+
+    def __post_init__(self) -> None:
+        if not self.bins or any(b <= a for a, b in zip(self.bins, self.bins[1:], strict=False)):
+            raise ParamsError("bins", f"must be a non-empty increasing list, got {self.bins}")
+
+
+def face_size_bins(face_size: pd.Series, edges: list[float]) -> pd.Series:
+    """Label each face size with its half-open bin: ``<32``, ``32-48``, ..., ``>=64``."""
+    inner = [f"{a:g}-{b:g}" for a, b in zip(edges, edges[1:], strict=False)]
+    labels = [f"<{edges[0]:g}", *inner, f">={edges[-1]:g}"]
+    return pd.cut(face_size, [-np.inf, *edges, np.inf], right=False, labels=labels).astype(str)
+
+
+def quotas(counts: pd.Series, n: int) -> pd.Series:
+    """Split ``n`` over groups in proportion to ``counts`` (largest remainder; ties to the earlier group)."""
+    exact = counts * n / counts.sum()
+    share = np.floor(exact).astype(int)
+    remainder = (exact - share).sort_values(ascending=False, kind="stable")
+    share[remainder.index[: n - int(share.sum())]] += 1
+    return share
+
+
+def pick(kept: pd.DataFrame, n: int, seed: int, stratify: str | None) -> pd.Index:
+    """Index labels of ``n`` rows of ``kept`` (in ``crop_id`` order), drawn without replacement.
+
+    Stratified, each value of the ``stratify`` column gets its proportional quota, drawn in sorted-value
+    order from one generator, so (manifest, seed, params) fix the result.
+    """
+    kept = kept.sort_values("crop_id", kind="stable")
+    rng = np.random.default_rng(seed)
+    if stratify is None:
+        return kept.index[np.sort(rng.choice(len(kept), size=n, replace=False))]
+    groups = kept.groupby(stratify, sort=True).groups
+    share = quotas(pd.Series({key: len(idx) for key, idx in groups.items()}), n)
+    chosen = [
+        kept.loc[groups[key]].index[rng.choice(len(groups[key]), size=int(k), replace=False)]
+        for key, k in share.items()
+    ]
+    return pd.Index(np.concatenate(chosen)) if chosen else pd.Index([])
+
+
+def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
+    """The kept crops of the crop manifest, with the stratification column checked or derived."""
+    path = Path(cfg.input) / "manifest.parquet"
+    if not path.is_file():
+        raise StageError(f"subset.input: no manifest.parquet in {cfg.input} (run `mcf crop` first)")
+    manifest = pd.read_parquet(path)
+    kept = manifest[manifest["status"] == "kept"].copy()
+    if cfg.stratify == FACE_SIZE_BIN:
+        kept[FACE_SIZE_BIN] = face_size_bins(kept["face_size"], cfg.bins)
+    elif cfg.stratify is not None and cfg.stratify not in kept.columns:
+        valid = [FACE_SIZE_BIN, *kept.columns]
+        raise StageError(f"subset.stratify: no column {cfg.stratify!r} (valid: {', '.join(valid)})")
+    if kept.empty:
+        raise StageError(f"subset: the crop manifest {path} has no kept crops")
+    return kept
+
+
+def _read_back(shard_dir: Path) -> pd.DataFrame:
+    """Per written crop: shard, size and pixel statistics, decoded as pre-training reads them."""
+    records = [
+        (key, Path(url).name, rgb.shape[1], rgb.shape[0], float(rgb.mean()), float(rgb.std()))
+        for url in shard_urls(shard_dir)
+        for key, rgb, _ in iter_samples(url)
+    ]
+    stats = pd.DataFrame(records, columns=["crop_id", *READ_BACK])
+    return stats.astype({"width": "Int64", "height": "Int64"})
+
+
+def write_subset(rows: pd.DataFrame, cfg: SubsetConfig, out_dir: Path) -> pd.DataFrame:
+    """Copy the crops of ``rows`` into new shards (crop order); their manifest, with read-back columns.
+
+    Rows follow the written shards; a chosen crop that was not written (no shard) or a written crop that
+    was not chosen (no status) is kept in the result for the gate to fail on.
+    """
+    rows = rows.drop(columns=READ_BACK)
+    wanted = set(rows["crop_id"])
+    samples = (s for s in iter_encoded(shard_urls(Path(cfg.input) / "shards")) if s[0] in wanted)
+    write_shards(samples, out_dir / "shards", cfg.shard_size)
+    stats = _read_back(out_dir / "shards")
+    written = stats.merge(rows, on="crop_id", how="left")
+    missing = rows[~rows["crop_id"].isin(stats["crop_id"])]
+    return pd.concat([written, missing], ignore_index=True)[[*rows.columns, *READ_BACK]]
+
+
+def subset(cfg: SubsetConfig, seed: int) -> pd.DataFrame:
+    """The whole stage: pick, copy, gate, atomic rename onto ``cfg.out``."""
+    from mcf.validate.gate import run_gate
+
+    kept = _candidates(cfg)
+    n = cfg.n
+    if n > len(kept):
+        log.warning("subset.n=%d but the crop stage kept %d crops: taking them all", n, len(kept))
+        n = len(kept)
+    chosen = kept.loc[pick(kept, n, seed, cfg.stratify)]
+    crop = chosen.set_index("crop_id")
+    with atomic_dir(cfg.out) as tmp:
+        manifest = write_subset(chosen, cfg, tmp)
+        ids = manifest["crop_id"]  # the crop stage's size for each crop: the subset must not change it
+        width_off = manifest["width"] - ids.map(crop["width"]).astype("Int64")
+        height_off = manifest["height"] - ids.map(crop["height"]).astype("Int64")
+        run_gate(manifest.assign(width_off=width_off, height_off=height_off), "subset", stage="subset")
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+    if cfg.stratify:
+        log.info("subset strata: %s", manifest[cfg.stratify].value_counts().sort_index().to_dict())
+    log.info("subset: %d of %d kept crops (seed %d) -> %s", len(manifest), len(kept), seed, cfg.out)
+    return manifest
+
+
+def main(common: Common, cfg: SubsetConfig) -> None:
+    """``mcf subset``: the pick is drawn from the top-level ``seed``."""
+    subset(cfg, common.seed)

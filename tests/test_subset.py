@@ -1,0 +1,163 @@
+"""Stage ``subset``: deterministic picks, stratification, re-written shards and the data gate.
+
+The crop output is built here directly (manifest + shards in the crop stage's schema), so these tests
+need neither images nor detectors.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+import yaml
+
+from mcf.cli import main as cli_main
+from mcf.data.crop import crop_id
+from mcf.data.shards import encode_jpeg, iter_encoded, shard_urls, write_shards
+from mcf.data.subset import SubsetConfig, face_size_bins, quotas, subset
+from mcf.errors import StageError
+from mcf.params import ParamsError, build
+
+SIZE = 32
+# face sizes of the kept crops: 50 below 32 px, 30 in [32, 48), 20 at 64 px or more
+FACE_SIZES = [24.0] * 50 + [40.0] * 30 + [80.0] * 20
+
+
+def make_crop_dir(root: Path, bad_size: int | None = None, nan_blur: bool = False) -> Path:
+    """A crop output: kept crops in shards of 16 plus 10 rejected rows, in the crop manifest schema."""
+    rng = np.random.default_rng(0)
+    rows, samples = [], []
+    for i, face_size in enumerate(FACE_SIZES + [10.0] * 10):
+        kept = i < len(FACE_SIZES)
+        cid = crop_id(f"img-{i:04d}", 0)
+        rows.append({
+            "crop_id": cid, "sample_id": f"img-{i:04d}", "face": 0, "status": "kept" if kept else "rejected",
+            "reason": None if kept else "too_small", "detector": "table" if i % 2 else "haar",
+            "box": [0.0, 0.0, face_size, face_size], "landmarks": None, "score": 1.0, "face_size": face_size,
+            "blur": np.nan if nan_blur and i == 3 else 100.0 + i, "phash": f"{i:016x}",
+        })  # fmt: skip
+        if kept:
+            side = bad_size if bad_size and i == 5 else SIZE
+            rgb = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            samples.append((cid, encode_jpeg(rgb), {"crop_id": cid}))
+    write_shards(samples, root / "shards", 16)
+    manifest = pd.DataFrame(rows)
+    kept_rows = manifest["status"] == "kept"
+    manifest["shard"] = [f"crops-{i // 16:06d}.tar" if k else None for i, k in enumerate(kept_rows)]
+    manifest["width"] = pd.array([SIZE if k else None for k in kept_rows], dtype="Int64")
+    manifest["height"] = manifest["width"]
+    manifest["mean"] = np.where(kept_rows, 127.0, np.nan)
+    manifest["std"] = np.where(kept_rows, 70.0, np.nan)
+    manifest.to_parquet(root / "manifest.parquet", index=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def crop_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_crop_dir(tmp_path_factory.mktemp("crop"))
+
+
+def _cfg(crop: Path, out: Path, **kw: object) -> SubsetConfig:
+    return SubsetConfig(**({"input": str(crop), "out": str(out), "n": 20, "shard_size": 8} | kw))  # type: ignore[arg-type]
+
+
+def _shard_bytes(out: Path) -> list[bytes]:
+    return [Path(u).read_bytes() for u in shard_urls(out / "shards")]
+
+
+def test_same_seed_same_subset_other_seed_another(crop_dir: Path, tmp_path: Path) -> None:
+    first = subset(_cfg(crop_dir, tmp_path / "a"), seed=0)
+    again = subset(_cfg(crop_dir, tmp_path / "b"), seed=0)
+    other = subset(_cfg(crop_dir, tmp_path / "c"), seed=1)
+    pd.testing.assert_frame_equal(first, again)
+    assert _shard_bytes(tmp_path / "a") == _shard_bytes(tmp_path / "b")
+    assert set(first["crop_id"]) != set(other["crop_id"])
+    assert len(first) == len(other) == 20 and first["crop_id"].is_unique
+    crop = pd.read_parquet(crop_dir / "manifest.parquet")
+    assert set(first["crop_id"]) <= set(crop.loc[crop["status"] == "kept", "crop_id"])
+
+
+def test_shards_stream_the_chosen_crops_unchanged(crop_dir: Path, tmp_path: Path) -> None:
+    manifest = subset(_cfg(crop_dir, tmp_path / "s"), seed=3)
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["manifest.parquet", "shards"]
+    urls = shard_urls(tmp_path / "s/shards")
+    assert len(urls) == 3  # 20 crops in shards of 8
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode("rgb8"))
+    assert [s["__key__"] for s in samples] == list(manifest["crop_id"])
+    assert all(s["jpg"].shape == (SIZE, SIZE, 3) for s in samples)
+    original = {key: jpeg for key, jpeg, _ in iter_encoded(shard_urls(crop_dir / "shards"))}
+    assert all(original[key] == jpeg for key, jpeg, _ in iter_encoded(urls))  # copied, not re-encoded
+    assert pd.read_parquet(tmp_path / "s/manifest.parquet")["shard"].tolist() == manifest["shard"].tolist()
+
+
+def test_stratified_pick_keeps_bin_proportions(crop_dir: Path, tmp_path: Path) -> None:
+    manifest = subset(_cfg(crop_dir, tmp_path / "s", stratify="face_size_bin"), seed=0)
+    assert manifest["face_size_bin"].value_counts().to_dict() == {"<32": 10, "32-48": 6, ">=64": 4}
+    by_detector = subset(_cfg(crop_dir, tmp_path / "d", stratify="detector", n=10), seed=0)
+    assert by_detector["detector"].value_counts().to_dict() == {"haar": 5, "table": 5}
+
+
+def test_quotas_and_bins() -> None:
+    assert quotas(pd.Series({"a": 5, "b": 3, "c": 2}), 5).to_dict() == {"a": 3, "b": 1, "c": 1}
+    assert quotas(pd.Series({"a": 1, "b": 1, "c": 1}), 2).to_dict() == {"a": 1, "b": 1, "c": 0}
+    sizes = pd.Series([10.0, 32.0, 47.9, 48.0, 64.0, 500.0])
+    assert face_size_bins(sizes, [32.0, 48.0, 64.0]).tolist() == [
+        "<32",
+        "32-48",
+        "32-48",
+        "48-64",
+        ">=64",
+        ">=64",
+    ]
+    with pytest.raises(ParamsError, match="subset.bins"):
+        build(SubsetConfig, {"bins": [48.0, 32.0]}, "subset")
+
+
+def test_bad_stratify_column_names_the_choices(crop_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(StageError, match=r"no column 'nope' \(valid: face_size_bin, crop_id"):
+        subset(_cfg(crop_dir, tmp_path / "s", stratify="nope"), seed=0)
+    assert not (tmp_path / "s").exists()
+
+
+def test_n_beyond_the_kept_crops_takes_them_all(
+    crop_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="mcf.data.subset"):
+        manifest = subset(_cfg(crop_dir, tmp_path / "s", n=1000), seed=0)
+    assert len(manifest) == len(FACE_SIZES) and "taking them all" in caplog.text
+
+
+def _assert_no_output(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_gate_rejects_a_crop_of_the_wrong_size(tmp_path: Path) -> None:
+    crop = make_crop_dir(tmp_path / "crop", bad_size=SIZE - 3)
+    with pytest.raises(StageError, match=r"(?s)gate 'subset' failed.*column=width_off\): 1 unexpected"):
+        subset(_cfg(crop, tmp_path / "s", n=1000), seed=0)
+    _assert_no_output(tmp_path / "s")
+
+
+def test_gate_rejects_a_nan_in_the_manifest(tmp_path: Path) -> None:
+    crop = make_crop_dir(tmp_path / "crop", nan_blur=True)
+    with pytest.raises(StageError, match=r"expect_column_values_to_not_be_null\(column=blur\)"):
+        subset(_cfg(crop, tmp_path / "s", n=1000), seed=0)
+    _assert_no_output(tmp_path / "s")
+
+
+def test_cli_runs_the_stage_from_params(crop_dir: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    section = {"input": str(crop_dir), "out": str(tmp_path / "s"), "n": 12, "stratify": "face_size_bin"}
+    params.write_text(yaml.safe_dump({"seed": 7, "subset": section}))
+    assert cli_main(["subset", "--params", str(params)]) == 0
+    assert len(pd.read_parquet(tmp_path / "s/manifest.parquet")) == 12
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        yaml.safe_dump({"subset": {"input": str(tmp_path / "none"), "out": str(tmp_path / "t")}})
+    )
+    assert cli_main(["subset", "--params", str(missing)]) == 1
