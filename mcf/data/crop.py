@@ -73,7 +73,7 @@ class CropConfig:
     min_face_size: float = param(24.0, ge=0.0)  # shorter box side, source pixels
     min_score: float = param(0.9, ge=0.0, le=1.0)  # not applied to detectors without a score (Haar)
     min_blur: float = param(20.0, ge=0.0)  # variance of the Laplacian of the grey crop
-    dup_hamming: int | None = param(4, ge=0, le=31)  # pHash distance counted as a duplicate; null: off
+    dup_hamming: int | None = param(2, ge=0, le=31)  # pHash distance counted as a duplicate; null: off
     jpeg_quality: int = param(95, ge=50, le=100)
     shard_size: int = param(1000, ge=1)  # crops per output shard
     chunk_size: int = param(32, ge=1)  # source images per work unit
