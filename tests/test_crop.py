@@ -196,6 +196,14 @@ def test_gate_rejects_nan_blur(fetch_dir: Path, tmp_path: Path, monkeypatch: Mon
     _assert_no_output(tmp_path / "crop")
 
 
+def test_gate_rejects_dark_crops(fetch_dir: Path, tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    real = crop_mod.warp_crop
+    monkeypatch.setattr(crop_mod, "warp_crop", lambda rgb, m, size, pad: real(rgb, m, size, pad) // 64)
+    with pytest.raises(StageError, match=r"expect_column_values_to_be_between\(column=mean\)"):
+        crop(_cfg(fetch_dir, tmp_path / "crop", min_blur=0.0))
+    _assert_no_output(tmp_path / "crop")
+
+
 def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(StageError, match="no manifest.parquet"):
         crop(_cfg(tmp_path / "nowhere", tmp_path / "crop"))
