@@ -164,12 +164,16 @@ def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
     trained = load_backbone(cfg.out)
     assert json.loads((Path(cfg.out) / "teacher.json").read_text()) == {"source": "train"}
     assert (Path(cfg.out) / "live" / "metrics.json").is_file()
-    for spec in (f"mcf:{cfg.out}", "random"):
+    moco = {f"module.base_encoder.{k}": v for k, v in trained.state_dict().items()}
+    moco["module.base_encoder.head.weight"] = torch.zeros(4, 32)  # MoCo's projector head, dropped
+    torch.save({"state_dict": moco}, workspace / "moco.pth")
+    for spec in (f"mcf:{cfg.out}", f"moco_v3:{workspace / 'moco.pth'}", "random"):
         out = workspace / f"imported-{spec[:3]}"
         teacher.import_teacher(spec, cfg.backbone, out)
         reloaded = load_backbone(out)
         same = torch.equal(reloaded.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
         assert same == (spec != "random")
+        assert json.loads((out / "teacher.json").read_text()) == {"source": spec}
 
 
 @pytest.mark.parametrize(

@@ -179,7 +179,11 @@ class Trainer:
         state = load_checkpoint(self.run.resume_dir, self.hash)
         if state is None:
             return
-        self.model.load_state_dict(state["model"], strict=False)
+        result = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith("teacher.")]
+        if missing or result.unexpected_keys:
+            raise StageError(f"checkpoint does not fit the model: missing {missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.momentum = state["step"], state["momentum"]

@@ -30,6 +30,7 @@ from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import infer_backbone_config
 from mcf.models.teacher import load_teacher, validate_teacher_spec
 from mcf.params import Common, ParamsError, param, require_path
+from mcf.train.distributed import barrier, cleanup, init_distributed
 from mcf.train.loop import Run, TrainConfig, train_and_export
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,15 @@ def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None
 def main(common: Common, cfg: TeacherConfig) -> None:
     """Produce ``<out>/`` from ``cfg.source``."""
     if cfg.source != "train":
-        torch.manual_seed(common.seed)  # a `random` teacher is reproducible
-        import_teacher(cfg.source, cfg.backbone, cfg.out)
-        shutil.rmtree(cfg.resume_dir, ignore_errors=True)
+        rank = init_distributed()[0]
+        try:
+            if rank == 0:  # under torchrun, one process writes
+                torch.manual_seed(common.seed)  # a `random` teacher is reproducible
+                import_teacher(cfg.source, cfg.backbone, cfg.out)
+                shutil.rmtree(cfg.resume_dir, ignore_errors=True)
+            barrier()
+        finally:
+            cleanup()
         return
     require_path(Path(cfg.data) / "shards", "teacher.data")
     mae = cfg.mae_config()
