@@ -31,6 +31,8 @@ from dvc.stage import PipelineStage
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.futures import PrefectFuture, wait
 
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
 GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing"})
@@ -62,13 +64,13 @@ def _base(address: str) -> str:
     return address.split(":")[-1].split("@")[0]
 
 
-def plan(root: Path, targets: list[str] | None = None) -> list[str]:
-    """Stage addresses in dependency order: ``targets`` plus everything upstream, or the whole pipeline.
+def plan(root: Path, targets: list[str] | None = None) -> dict[str, list[str]]:
+    """Stage address -> the stages it directly depends on, in dependency order (ties: dvc.yaml's order).
 
-    A target is an address (``finetune_alignment@mcf``) or a stage name standing for all its
-    foreach/matrix items. Upstream stages are included as ``dvc repro <target>`` would: they cost a
-    second when up to date, and a stage never runs on inputs DVC does not know about. Ties keep the
-    order of dvc.yaml.
+    The plan is ``targets`` plus everything upstream, or the whole pipeline. A target is an address
+    (``finetune_alignment@mcf``) or a stage name standing for all its foreach/matrix items. Upstream
+    stages are included as ``dvc repro <target>`` would: they cost a second when up to date, and a
+    stage never runs on inputs DVC does not know about.
     """
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # edge: stage -> a stage whose output it depends on
@@ -85,9 +87,11 @@ def plan(root: Path, targets: list[str] | None = None) -> list[str]:
                     raise ValueError(f"unknown stage {target!r} (valid: {valid})")
                 for stage in hits:
                     chosen |= {stage} | (nx.descendants(graph, stage) & set(stages))
+        sub = graph.subgraph(chosen)
         position = {stage: i for i, stage in enumerate(stages)}
-        order = nx.lexicographical_topological_sort(graph.subgraph(chosen).reverse(), key=position.get)
-        return [stage.addressing for stage in order]
+        order = nx.lexicographical_topological_sort(sub.reverse(), key=position.get)
+        return {s.addressing: [d.addressing for d in sorted(sub.successors(s), key=position.get)]
+                for s in order}
 
 
 def _outcome(line: str, current: Outcome) -> Outcome:
@@ -108,7 +112,8 @@ def repro(stage: str) -> StageRun:
     env = {"TQDM_MININTERVAL": "30", **os.environ}  # progress bars: a line every 30 s, not a flood
     # stage commands (`mcf <stage>`) come from this interpreter's environment, whatever the worker's PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    # DVC unlocks the repository while a stage's command runs, so independent stages run side by side
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         try:
             for raw in proc.stdout:
@@ -127,12 +132,15 @@ def repro(stage: str) -> StageRun:
 
 
 def stage_task(stage: str) -> Task[[str], StageRun]:
-    """The ``repro`` task configured for ``stage``: retries on I/O stages, tag ``gpu`` on GPU stages.
+    """The ``repro`` task configured for ``stage``: retries on I/O stages, tags ``gpu`` on GPU stages.
 
-    Tag concurrency limits (``prefect concurrency-limit create gpu <n>``) then bound GPU stages.
+    A GPU stage also gets ``gpu-<CUDA_VISIBLE_DEVICES>`` (the worker's device), so tag concurrency
+    limits bound GPU stages overall (``gpu``) or per device (``gpu-0``), while CPU stages run freely.
     """
     base = _base(stage)
-    tags = {"dvc", base} | ({"gpu"} if base in GPU_STAGES else set())
+    tags = {"dvc", base}
+    if base in GPU_STAGES:
+        tags |= {"gpu", f"gpu-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"}
     retries = RETRIES.get(base, 0)
     return repro.with_options(tags=sorted(tags), retries=retries, retry_delay_seconds=RETRY_DELAY_S)
 
@@ -145,7 +153,8 @@ def _dvc(*args: str) -> str:
     return done.stdout
 
 
-def dask_crop(address: str | None) -> StageRun:
+@task(task_run_name="{stage}", cache_policy=NO_CACHE, tags=["dvc", "crop", "dask"])
+def dask_crop(stage: str, address: str | None) -> StageRun:
     """Stage ``crop`` fanned out on Dask (flows/crop_dask.py), then recorded in dvc.lock.
 
     The fan-out writes exactly what ``mcf crop`` writes (tests/test_flow.py checks it), so ``dvc commit``
@@ -154,14 +163,14 @@ def dask_crop(address: str | None) -> StageRun:
     from flows.crop_dask import crop_dask  # imports the crop stage (and torch) only when asked for
 
     start = time.monotonic()
-    if not json.loads(_dvc("status", "--json", "crop") or "{}"):
-        return StageRun("crop", "unchanged", round(time.monotonic() - start, 1))
+    if not json.loads(_dvc("status", "--json", stage) or "{}"):
+        return StageRun(stage, "unchanged", round(time.monotonic() - start, 1))
     try:
         crop_dask(address=address)
     except Exception as err:
-        raise StageFailed("crop", f"on Dask: {type(err).__name__}: {err}") from err
-    _dvc("commit", "--force", "crop")
-    return StageRun("crop", "ran", round(time.monotonic() - start, 1))
+        raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}") from err
+    _dvc("--wait-for-lock", "commit", "--force", stage)
+    return StageRun(stage, "ran", round(time.monotonic() - start, 1))
 
 
 @contextmanager
@@ -221,19 +230,40 @@ def metric_rows(root: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def summary(params_file: str, planned: list[str], runs: list[StageRun], error: str | None) -> str:
-    """The run as markdown: each planned stage with what DVC did, and the error when one failed."""
-    done = {run.stage: run for run in runs}
+def run_stages(
+    planned: dict[str, list[str]], crop_on_dask: bool, dask_address: str | None
+) -> dict[str, State]:
+    """Submit every stage once its upstream stages are done; return each stage's final state."""
+    futures: dict[str, PrefectFuture[StageRun]] = {}
+    for stage, upstream in planned.items():
+        after = [futures[u] for u in upstream]
+        if crop_on_dask and stage == "crop":
+            futures[stage] = dask_crop.submit(stage, dask_address, wait_for=after)
+        else:
+            futures[stage] = stage_task(stage).submit(stage, wait_for=after)
+    wait(list(futures.values()))
+    return {stage: future.state for stage, future in futures.items()}
+
+
+def summary(params_file: str, states: dict[str, State]) -> str:
+    """The run as markdown: each planned stage with what DVC did, or that it failed or never started."""
     lines = [f"# mcf pipeline run\n\nparams file: `{params_file}`\n", "| stage | outcome | seconds |"]
     lines.append("|---|---|---|")
-    failed = planned[len(runs)] if error and len(runs) < len(planned) else None  # stages run in order
-    for stage in planned:
-        run = done.get(stage)
-        outcome = run.outcome if run else ("**failed**" if stage == failed else "not run")
+    for stage, state in states.items():
+        run = state.result() if state.is_completed() else None
+        outcome = run.outcome if run else ("**failed**" if state.is_final() else "not run (upstream failed)")
         lines.append(f"| `{stage}` | {outcome} | {run.seconds if run else ''} |")
-    if error:
-        lines.append(f"\n```\n{error}\n```")
     return "\n".join(lines)
+
+
+def _raise_failures(states: dict[str, State]) -> None:
+    """Fail the flow run with the failed stages' errors (each names its stage)."""
+    errors = [state.result(raise_on_failure=False) for state in states.values()
+              if state.is_final() and not state.is_completed()]
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise RuntimeError("\n\n".join(str(err) for err in errors))
 
 
 @flow(name="mcf")
@@ -245,26 +275,19 @@ def mcf(
 ) -> list[dict[str, Any]]:
     """Reproduce the pipeline (or ``stages`` and their upstream) with DVC, one task per stage.
 
-    ``params_file`` (relative to the checkout) is applied as params.yaml for the run; ``stages`` takes
-    stage names from dvc.yaml (default: all). ``crop_on_dask`` fans the crop stage out on the Dask
-    cluster at ``dask_address`` (default: a local cluster of ``crop.workers`` processes).
+    Each stage starts as soon as the stages it depends on are done. ``params_file`` (relative to the
+    checkout) is applied as params.yaml for the run; ``stages`` takes stage names from dvc.yaml
+    (default: all). ``crop_on_dask`` fans the crop stage out on the Dask cluster at ``dask_address``
+    (default: a local cluster of ``crop.workers`` processes).
     """
     root = Path.cwd()
     planned = plan(root, stages)
     get_run_logger().info("stages: %s", ", ".join(planned))
-    runs: list[StageRun] = []
-    error: str | None = None
     with workspace_lock(root), applied_params(root, params_file):
-        try:
-            for stage in planned:
-                dask = crop_on_dask and stage == "crop"
-                runs.append(dask_crop(dask_address) if dask else stage_task(stage)(stage))
-        except Exception as err:
-            error = str(err)
-            raise
-        finally:
-            rows = metric_rows(root)
-            if rows:
-                create_table_artifact(rows, key="mcf-metrics", description="metrics files from dvc.yaml")
-            create_markdown_artifact(summary(params_file, planned, runs, error), key="mcf-summary")
-    return [asdict(run) for run in runs]
+        states = run_stages(planned, crop_on_dask, dask_address)
+    rows = metric_rows(root)
+    if rows:
+        create_table_artifact(rows, key="mcf-metrics", description="metrics files from dvc.yaml")
+    create_markdown_artifact(summary(params_file, states), key="mcf-summary")
+    _raise_failures(states)
+    return [asdict(state.result()) for state in states.values()]

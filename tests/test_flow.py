@@ -36,7 +36,7 @@ out.mkdir(exist_ok=True)
 if stage == "fetch":
     (out / "fetch.txt").write_text("".join(f"{i}\\n" for i in range(params["fetch"]["n"])))
 elif stage == "train":
-    if params["train"]["fail"]:
+    if sys.argv[2] in params["train"]["fail"]:
         for i in range(60):
             print(f"train log line {i}", flush=True)
         sys.exit("train: diverged")
@@ -71,7 +71,7 @@ stages:
         - out/train_${item}.txt
 """
 
-PARAMS = {"variants": ["a", "b"], "fetch": {"n": 3}, "train": {"fail": False}}
+PARAMS = {"variants": ["a", "b"], "fetch": {"n": 3}, "train": {"fail": []}}
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -108,9 +108,10 @@ def _outcomes(runs: list[dict]) -> dict[str, str]:
 
 
 def test_plan_follows_the_dag_and_pulls_in_upstream(project: Path) -> None:
-    assert plan(project) == ["fetch", "train@a", "train@b", "evaluate"]
-    assert plan(project, ["train@b"]) == ["fetch", "train@b"]
-    assert plan(project, ["train"]) == ["fetch", "train@a", "train@b"]
+    assert plan(project) == {"fetch": [], "train@a": ["fetch"], "train@b": ["fetch"],
+                             "evaluate": ["train@a", "train@b"]}
+    assert plan(project, ["train@b"]) == {"fetch": [], "train@b": ["fetch"]}
+    assert list(plan(project, ["train"])) == ["fetch", "train@a", "train@b"]
     with pytest.raises(ValueError, match=r"unknown stage 'pretrian' \(valid: evaluate, fetch, train@a"):
         plan(project, ["pretrian"])
 
@@ -120,6 +121,11 @@ def test_stage_tasks_retry_io_and_tag_gpu() -> None:
     assert fetch.retries == 2 and "gpu" not in fetch.tags
     assert finetune.retries == 0 and {"gpu", "finetune_alignment", "dvc"} <= finetune.tags
     assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
+
+
+def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert {"gpu", "gpu-3"} <= stage_task("teacher").tags
 
 
 def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_harness: None, project: Path) -> None:
@@ -150,7 +156,9 @@ def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_harness: 
 
 
 def test_failed_stage_names_itself_with_its_log_tail(prefect_harness: None, project: Path) -> None:
-    (project / "params.broken.yaml").write_text(yaml.safe_dump({**PARAMS, "train": {"fail": True}}))
+    from prefect.artifacts import Artifact
+
+    (project / "params.broken.yaml").write_text(yaml.safe_dump({**PARAMS, "train": {"fail": ["a"]}}))
     state = mcf(params_file="params.broken.yaml", return_state=True)
     assert state.is_failed()
     assert "stage 'train@a' failed" in state.message
@@ -160,9 +168,11 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_harness: None, proj
     assert "train log line 59" in message and "train: diverged" in message
     assert "train log line 10\n" not in message  # only the tail, not the whole log
     assert not (project / "out/train_a.txt").exists()
-    from prefect.artifacts import Artifact
-
-    assert "| `train@a` | **failed** |" in Artifact.get("mcf-summary").data
+    # the independent branch still ran; what needs the failed stage did not start
+    assert (project / "out/train_b.txt").exists() and not (project / "metrics.json").exists()
+    table = Artifact.get("mcf-summary").data
+    assert "| `train@a` | **failed** |" in table and "| `train@b` | ran |" in table
+    assert "| `evaluate` | not run (upstream failed) |" in table
 
 
 def test_missing_params_file_is_named(prefect_harness: None, project: Path) -> None:
