@@ -39,7 +39,9 @@ TINY: dict[str, Any] = {
     "fetch.synthetic.aflw": {"n_train": 8, "n_test": 4, "image_size": 64},
     "fetch.synthetic.lapa": {"n_train": 8, "n_val": 4, "n_test": 4, "image_size": 64},
     "crop.size": 32,
+    "crop.min_face_size": 8.0,
     "crop.workers": 1,
+    "subset.n": 32,
     "teacher.backbone": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
     "teacher.decoder_dim": 32,
     "teacher.decoder_depth": 1,
@@ -195,7 +197,8 @@ def tiny_run(prefect: Prefect) -> dict:
     committed = yaml.safe_load((prefect.repo / "params.yaml").read_text())
     (prefect.repo / "params.tiny.yaml").write_text(yaml.safe_dump(tiny_profile(committed)))
     load(None, prefect.repo / "params.tiny.yaml")  # a bad tiny value fails here, by name
-    done, run = prefect.run_deployment("mcf/full", params_file="params.tiny.yaml")
+    # crop fans out on a local Dask cluster inside the flow run, and is recorded in dvc.lock
+    done, run = prefect.run_deployment("mcf/full", params_file="params.tiny.yaml", crop_on_dask=True)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     return run
 
@@ -213,7 +216,9 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
     # the tiny profile was applied for the run only
     assert (prefect.repo / "params.yaml").read_bytes() == (ROOT / "params.yaml").read_bytes()
     summary = prefect.artifact(tiny_run, "mcf-summary")
-    assert summary and "| `fetch` | ran |" in summary["data"]
+    assert summary and "| `fetch` | ran |" in summary["data"] and "| `crop` | ran |" in summary["data"]
+    status = subprocess.run([*DVC, "status", "--json"], cwd=prefect.repo, capture_output=True, text=True)
+    assert "crop" not in json.loads(status.stdout)  # crop on Dask + `dvc commit` = what `dvc repro` records
     if "evaluate" in dvc_yaml:
         metrics = prefect.artifact(tiny_run, "mcf-metrics")
         assert metrics and "nme" in metrics["data"].lower()
