@@ -32,6 +32,7 @@ DVC = [sys.executable, "-m", "dvc"]
 
 # Dotted params keys -> tiny values, so the whole chain runs in seconds; keys the committed params.yaml
 # lacks are skipped (a stage not landed yet, or renamed: it then runs at its default size).
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2}
 TINY: dict[str, Any] = {
     "fetch.synthetic.n_scenes": 16,
     "fetch.synthetic.scene_size": 96,
@@ -42,27 +43,42 @@ TINY: dict[str, Any] = {
     "crop.min_face_size": 8.0,
     "crop.workers": 1,
     "subset.n": 32,
-    "teacher.backbone": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    "teacher.backbone": TINY_VIT,
     "teacher.decoder_dim": 32,
     "teacher.decoder_depth": 1,
     "teacher.decoder_heads": 2,
     "teacher.train.epochs": 1,
     "teacher.train.warmup_epochs": 0,
     "teacher.train.batch_size": 16,
-    "pretrain.model.backbone": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    "pretrain.model.backbone": TINY_VIT,
     "pretrain.model.decoder_dim": 32,
     "pretrain.model.decoder_depth": 1,
     "pretrain.model.decoder_heads": 2,
-    "pretrain.model.feature_layers": [0, 1],
+    "pretrain.model.feature_layers": [0, 1, 2, 3],
     "pretrain.model.proj_hidden": 64,
     "pretrain.model.proj_dim": 32,
     "pretrain.model.pred_hidden": 64,
     "pretrain.train.epochs": 1,
     "pretrain.train.warmup_epochs": 0,
     "pretrain.train.batch_size": 16,
+    "finetune_alignment.data.n_train": 8,
+    "finetune_alignment.data.size": 32,
+    "finetune_alignment.data.crop_size": 64,
+    "finetune_alignment.blocks": [0, 1, 2, 3],
+    "finetune_alignment.channels": 8,
+    "finetune_alignment.epochs": 1,
+    "finetune_alignment.batch_size": 4,
+    "finetune_parsing.data.size": 32,
+    "finetune_parsing.data.label_size": 32,
+    "finetune_parsing.data.warp_size": 64,
+    "finetune_parsing.blocks": [0, 1, 2, 3],
+    "finetune_parsing.channels": 8,
+    "finetune_parsing.epochs": 1,
+    "finetune_parsing.batch_size": 4,
+    "evaluate.overlays": 1,
 }
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def tiny_profile(params: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +158,7 @@ class Prefect:
     def run_deployment(self, name: str, **params: Any) -> tuple[subprocess.CompletedProcess, dict]:
         """``prefect deployment run <name> --watch``; returns the CLI result and the flow run record."""
         args = [f"--param={key}={json.dumps(value)}" for key, value in params.items()]
-        done = self.cli("deployment", "run", name, "--watch", "--watch-timeout", "180", *args, timeout=200)
+        done = self.cli("deployment", "run", name, "--watch", "--watch-timeout", "600", *args, timeout=660)
         found = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
         assert found, f"no flow run id in:\n{done.stdout}\n{done.stderr}"
         return done, httpx.get(f"{self.api}/flow_runs/{found[1]}", timeout=10).json()
