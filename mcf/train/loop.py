@@ -247,7 +247,8 @@ class Trainer:
         """Train to the last step (from the checkpoint, if any); returns the unwrapped model."""
         live = self._live()
         self.model.train()
-        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", disable=self.run.rank != 0)
+        quiet = {"disable": True} if self.run.rank else {}  # rank 0 alone; TQDM_DISABLE still applies
+        bar = tqdm(total=self.total, initial=self.step, desc="train", unit="step", **quiet)
         while self.step < self.total:
             epoch, index = divmod(self.step, self.spe)
             batches: list[torch.Tensor] = []
