@@ -230,7 +230,9 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
         for out in stage.get("outs", []):
             assert (prefect.repo / out["path"]).exists(), out["path"]
     # the tiny profile was applied for the run only
-    assert (prefect.repo / "params.yaml").read_bytes() == (ROOT / "params.yaml").read_bytes()
+    show = ["git", "show", "HEAD:params.yaml"]
+    committed = subprocess.run(show, cwd=prefect.repo, capture_output=True, check=True).stdout
+    assert (prefect.repo / "params.yaml").read_bytes() == committed
     summary = prefect.artifact(tiny_run, "mcf-summary")
     assert summary and "| `fetch` | ran |" in summary["data"] and "| `crop` | ran |" in summary["data"]
     # with the tiny profile back in place, plain DVC finds nothing to do (crop on Dask included)
@@ -238,7 +240,7 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
     try:
         status = subprocess.run([*DVC, "status", "--json"], cwd=prefect.repo, capture_output=True, text=True)
     finally:
-        shutil.copyfile(ROOT / "params.yaml", prefect.repo / "params.yaml")
+        (prefect.repo / "params.yaml").write_bytes(committed)
     assert set(json.loads(status.stdout)) <= {"data.dvc"}, status.stdout  # data/: user-supplied, not here
     if "evaluate" in dvc_yaml:
         metrics = prefect.artifact(tiny_run, "mcf-metrics")
