@@ -24,6 +24,7 @@ from typing import Any, Literal
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -77,6 +78,7 @@ class AlignmentConfig(FinetuneConfig):
     heatmap_sigma: float = param(1.25, gt=0)  # pixels on a 128² heatmap, scaled to the real size
     heatmap_radius: float = param(5.0, gt=0)  # cut-off, pixels on a 128² heatmap, scaled likewise
     heatmap_weight: float = param(1.0, ge=0)
+    heatmap_prior: bool = True  # classifier bias starts at -log(H·W): initial heatmap mass ~1, not H·W/2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +137,16 @@ def lr_factor(step: int, total: int, cfg: FinetuneConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_model(task: Task, variant: Variant, cfg: FinetuneConfig) -> DenseFaceModel:
+def build_model(task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig) -> DenseFaceModel:
     """The dense model on the chosen backbone; the backbone is frozen (eval, no grad) if asked."""
     backbone = build_backbone(variant, cfg.backbone, cfg.data.size)
     head = HeadConfig(blocks=tuple(cfg.blocks), channels=cfg.channels, num_outputs=NUM_OUTPUTS[task])
     model = DenseFaceModel(backbone, head)
+    if isinstance(cfg, AlignmentConfig) and cfg.heatmap_prior:
+        # Prior-probability init (as RetinaNet's): sigmoid(bias) = 1 / pixels, so the soft-argmax
+        # is not dominated by the background from the first step.
+        pixels = math.prod(4 * g for g in model.backbone.patch_embed.grid_size)
+        nn.init.constant_(model.classifier.bias, -math.log(pixels))
     if cfg.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
