@@ -210,13 +210,7 @@ def load(stage: str | None = None, path: str | Path = DEFAULT_PARAMS) -> tuple[C
         configs = {}
         for name in SECTIONS:
             if name in data or name == stage:
-                try:
-                    cls = _config_class(name)
-                except (ImportError, AttributeError):
-                    if name == stage:
-                        raise
-                    continue  # a stage not built yet: its section cannot be checked
-                configs[name] = build(cls, data.get(name), name)
+                configs[name] = build(_config_class(name), data.get(name), name)
     except ParamsError as err:
         raise err.under("", path) from None
     return common, configs.get(stage) if stage else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from mcf.params import ParamsError, build, load, param, read_yaml
+from mcf.params import SECTIONS, ParamsError, build, load, param, read_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,3 +89,22 @@ def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "mask_ratio" in lines[0] and "1.5" in lines[0]
+
+
+def test_paper_params_valid_once_data_is_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = Path(__file__).resolve().parents[1]
+    paper = read_yaml(root / "params.paper.yaml")
+    for name in paper["fetch"]["laion_face"]["parquet"] + [paper["fetch"]["laion_face"]["detections"]]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    (tmp_path / paper["teacher"]["source"].split(":", 1)[1]).parent.mkdir(parents=True)
+    (tmp_path / paper["teacher"]["source"].split(":", 1)[1]).touch()
+    (tmp_path / "data" / "AFLW").mkdir()
+    (tmp_path / "data" / "LaPa").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for stage in SECTIONS:
+        common, cfg = load(stage, root / "params.paper.yaml")
+        assert cfg is not None
+    assert cfg.alignment_label == "AFLW-19" and cfg.parsing_label == "LaPa"
+    assert "SynthFace" not in json.dumps(paper["evaluate"])
+    assert read_yaml(root / "params.paper.yaml").keys() == read_yaml(root / "params.yaml").keys()
