@@ -115,14 +115,13 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     assert json.loads((out / "live" / "metrics.json").read_text())["step"] == 2
 
 
-def test_parsing_finetune_is_deterministic_and_variants_differ(fixture_root: Path) -> None:
+def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:
     _, parse = tiny_configs(fixture_root)
     states = []
-    for out, variant in (("a", "mcf"), ("b", "mcf"), ("c", "scratch")):
-        cfg = dataclasses.replace(parse, out=str(fixture_root / out))
-        main_parsing(Common(seed=3), cfg, variant)
-        states.append(torch.load(fixture_root / out / variant / "model.pt", weights_only=True)["state_dict"])
-    key = "backbone.blocks.0.attn.qkv.weight"
+    for out in ("a", "b"):
+        main_parsing(Common(seed=3), dataclasses.replace(parse, out=str(fixture_root / out)), "scratch")
+        checkpoint = torch.load(fixture_root / out / "scratch" / "model.pt", weights_only=True)
+        states.append(checkpoint["state_dict"])
+    assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert not torch.equal(states[0][key], states[2][key])
     assert states[0]["classifier.weight"].shape[0] == 11

@@ -14,6 +14,7 @@ Output folder ``<out>/<variant>/``:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -41,6 +42,7 @@ from mcf.validate.gate import run_gate
 
 log = logging.getLogger(__name__)
 Task = Literal["alignment", "parsing"]
+NUM_OUTPUTS: dict[str, int] = {"alignment": 19, "parsing": 11}  # heatmaps / LaPa classes
 LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
@@ -152,13 +154,35 @@ def build_model(task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConf
     return model
 
 
-NUM_OUTPUTS: dict[str, int] = {"alignment": 19, "parsing": 11}
-
-
 def _collate_tensors(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack the tensor fields of dataset items; names, boxes and other metadata are dropped."""
     keys = [k for k, v in batch[0].items() if isinstance(v, torch.Tensor)]
     return {k: torch.stack([item[k] for item in batch]) for k in keys}
+
+
+def train_epoch(
+    model: DenseFaceModel, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, ema: EMA,
+    lr_at: Callable[[int], float], step: int,
+) -> tuple[dict[str, float], int]:
+    """One pass over ``loader``; returns the mean of each loss part and the next step index."""
+    base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, desc="fine-tune", leave=False)
+    for batch in bar:
+        for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+            group["lr"] = lr * lr_at(step)
+        parts = loss_fn(model(batch["image"]), batch)
+        if not torch.isfinite(parts["loss"]):
+            raise StageError(f"non-finite loss {parts['loss'].item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        optimizer.step()
+        ema.update(model)
+        step += 1
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        bar.set_postfix(loss=f"{parts['loss'].item():.4f}")
+    return {k: v / len(loader) for k, v in sums.items()}, step
 
 
 def train(
@@ -171,39 +195,25 @@ def train(
         num_workers=cfg.num_workers, generator=generator, collate_fn=_collate_tensors,
     )
     optimizer = make_optimizer(model, cfg)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     total, step = cfg.epochs * len(loader), 0
-    from dvclive import Live
+    lr_at = functools.partial(lr_factor, total=total, cfg=cfg)
+    from dvclive import Live  # imported here: it is slow to import and only this loop needs it
 
     with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
         for epoch in range(cfg.epochs):
             model.train()
             if cfg.freeze_backbone:
                 model.backbone.eval()
-            sums: dict[str, float] = {}
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-            for batch in bar:
-                for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = lr * lr_factor(step, total, cfg)
-                parts = loss_fn(model(batch["image"]), batch)
-                if not torch.isfinite(parts["loss"]):
-                    value = parts["loss"].item()
-                    raise StageError(f"non-finite loss {value} at epoch {epoch + 1}, step {step}")
-                optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                optimizer.step()
-                ema.update(model)
-                step += 1
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v.item()
-                bar.set_postfix(loss=f"{parts['loss'].item():.4f}")
-            for k, v in sums.items():
-                live.log_metric(f"train/{k}", v / len(loader))
+            means, step = train_epoch(model, loader, loss_fn, optimizer, ema, lr_at, step)
+            for k, v in means.items():
+                live.log_metric(f"train/{k}", v)
             live.log_metric("lr/head", optimizer.param_groups[-1]["lr"])
             live.next_step()
-            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs,
-                     ", ".join(f"{k} {v / len(loader):.4f}" for k, v in sums.items()))
+            parts = ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+            log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, parts)
     return ema
 
 
