@@ -1,4 +1,4 @@
-"""Prefect flow ``mcf``: the DVC pipeline's stages as Prefect tasks, in dependency order.
+"""Prefect flow ``mcf``: the DVC pipeline's stages as Prefect tasks, each started once its upstream is done.
 
 Each task runs ``dvc repro --single-item <stage>``, so a Prefect run and a plain ``dvc repro`` share one
 cache, one run-cache and one ``dvc.lock``: a stage whose deps, params and command are unchanged is
@@ -39,6 +39,9 @@ GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_p
 RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a transient error
 RETRY_DELAY_S = 30
 TAIL_LINES = 40
+# DVC unlocks the repository while a stage's command runs, so independent stages run side by side and
+# wait only for each other's short bookkeeping (checks, dvc.lock updates)
+DVC = [sys.executable, "-m", "dvc", "--wait-for-lock"]
 Outcome = Literal["ran", "restored", "unchanged"]
 
 
@@ -112,8 +115,7 @@ def repro(stage: str) -> StageRun:
     env = {"TQDM_MININTERVAL": "30", **os.environ}  # progress bars: a line every 30 s, not a flood
     # stage commands (`mcf <stage>`) come from this interpreter's environment, whatever the worker's PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    # DVC unlocks the repository while a stage's command runs, so independent stages run side by side
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
+    cmd = [*DVC, "repro", "--single-item", stage]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         try:
             for raw in proc.stdout:
@@ -147,7 +149,7 @@ def stage_task(stage: str) -> Task[[str], StageRun]:
 
 def _dvc(*args: str) -> str:
     """Run a quick DVC command (status, commit) and return its stdout."""
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=True, text=True)
+    done = subprocess.run([*DVC, *args], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"`dvc {' '.join(args)}` exited {done.returncode}: {done.stderr.strip()}")
     return done.stdout
@@ -169,7 +171,7 @@ def dask_crop(stage: str, address: str | None) -> StageRun:
         crop_dask(address=address)
     except Exception as err:
         raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}") from err
-    _dvc("--wait-for-lock", "commit", "--force", stage)
+    _dvc("commit", "--force", stage)
     return StageRun(stage, "ran", round(time.monotonic() - start, 1))
 
 

@@ -233,6 +233,10 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
     show = ["git", "show", "HEAD:params.yaml"]
     committed = subprocess.run(show, cwd=prefect.repo, capture_output=True, check=True).stdout
     assert (prefect.repo / "params.yaml").read_bytes() == committed
+    # the checkout is found on the worker when a run starts, not fixed at deploy time
+    deployment = httpx.get(f"{prefect.api}/deployments/name/mcf/full", timeout=10).json()
+    pull = deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert pull["directory"] == "{{ $MCF_REPO }}"
     summary = prefect.artifact(tiny_run, "mcf-summary")
     assert summary and "| `fetch` | ran |" in summary["data"] and "| `crop` | ran |" in summary["data"]
     # with the tiny profile back in place, plain DVC finds nothing to do (crop on Dask included)
