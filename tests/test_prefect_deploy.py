@@ -180,13 +180,14 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
-        **os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api, "MCF_REPO": str(repo),
+        **os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api,
         "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
         "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_CLI_PROMPT": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
     }
-    env.pop("PREFECT_API_KEY", None)
+    for key in ("PREFECT_API_KEY", "MCF_REPO"):
+        env.pop(key, None)
     server = _start([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                     tmp / "server.log", env, tmp)
     procs = [server]
@@ -194,11 +195,11 @@ def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
         _wait_healthy(api, server, tmp / "server.log")
         client = Prefect(api, env, repo)
         for args in (("work-pool", "create", "gpu", "--type", "process"), ("deploy", "--all", "--no-prompt")):
-            done = client.cli(*args)
+            done = client.cli(*args)  # MCF_REPO unset: `{{ $MCF_REPO }}` is kept for the worker
             assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         # the worker runs elsewhere: the deployment's pull step finds the checkout through MCF_REPO
         worker = [*PREFECT, "worker", "start", "--pool", "gpu", "--name", "gpu-0", "--limit", "1"]
-        procs.append(_start(worker, tmp / "worker.log", env, tmp))
+        procs.append(_start(worker, tmp / "worker.log", {**env, "MCF_REPO": str(repo)}, tmp))
         yield client
     finally:
         for proc in reversed(procs):
