@@ -62,7 +62,9 @@ def _write(tmp_path: Path, data: dict) -> Path:
 def test_repo_params_file_is_valid() -> None:
     root = Path(__file__).resolve().parents[1]
     data = read_yaml(root / "params.yaml")
-    common, _ = load(None, root / "params.yaml")
+    for stage in SECTIONS:
+        common, cfg = load(stage, root / "params.yaml")
+        assert cfg is not None
     assert common.mask_ratio == data["mask_ratio"]
 
 
