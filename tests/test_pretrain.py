@@ -177,30 +177,31 @@ def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("edit", "fragment"),
+    ("stage", "edit", "fragment"),
     [
-        ({"mask_ratio": 1.0}, "mask_ratio: must be < 1.0"),
-        ({"teacher": {"source": "dino:weights.pth"}}, "teacher.source: teacher spec 'dino:weights.pth'"),
-        ({"teacher": {"source": "timm:vit_small_patch16_224"}}, "teacher.source: teacher spec"),
-        ({"pretrain": {"train": {"warmup_epochs": 5}}}, "pretrain.train.warmup_epochs: must be <= epochs"),
-        ({"pretrain": {"model": {"objective": "pixel"}}}, "pretrain.model.objective: must be one of"),
+        ("pretrain", {"mask_ratio": 1.0}, "mask_ratio: must be < 1.0"),
+        ("teacher", {"teacher": {"source": "dino:w.pth"}}, "teacher.source: teacher spec 'dino:w.pth'"),
+        ("teacher", {"teacher": {"source": "timm:vit_small_patch16_224"}}, "teacher.source: teacher spec"),
+        ("pretrain", {"pretrain": {"train": {"warmup_epochs": 5}}}, "pretrain.train.warmup_epochs: must be"),
+        ("pretrain", {"pretrain": {"model": {"objective": "pixel"}}}, "pretrain.model.objective: must be"),
     ],
 )
 def test_invalid_params_fail_before_training(
-    workspace: Path, edit: dict, fragment: str, capsys: pytest.CaptureFixture[str]
+    workspace: Path, tmp_path: Path, stage: str, edit: dict, fragment: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params = yaml.safe_load(write_params(workspace, "bad.yaml").read_text())
+    for section in ("teacher", "pretrain"):  # outputs where nothing else writes
+        params[section].update(out=str(tmp_path / section), resume_dir=str(tmp_path / "resume"))
     for key, value in edit.items():
         if isinstance(value, dict):
-            section = params[key]
             for sub, v in value.items():
-                section[sub] = {**section[sub], **v} if isinstance(v, dict) else v
+                params[key][sub] = {**params[key][sub], **v} if isinstance(v, dict) else v
         else:
             params[key] = value
-    (workspace / "bad.yaml").write_text(yaml.safe_dump(params))
-    assert cli_main(["pretrain", "--params", str(workspace / "bad.yaml")]) == 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(params))
+    assert cli_main([stage, "--params", str(tmp_path / "bad.yaml")]) == 2
     assert fragment in capsys.readouterr().err
-    assert not (workspace / "bad").exists() and not (workspace / ".resume" / "bad").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
 
 
 def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> None:
