@@ -23,7 +23,9 @@ from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
 from mcf.data.shards import encode_jpeg, write_shards
 from mcf.errors import StageError
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, save_backbone
+from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import export_backbone
+from mcf.models.teacher import FeatureTeacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -215,3 +217,20 @@ def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> Non
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(2), expected[1])
     assert random.random() == expected[2]
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{}, {"contrastive": False}, {"feature_loss": False}, {"objective": "pixel_mae"}],
+)
+def test_every_trainable_parameter_gets_a_gradient(switches: dict) -> None:
+    """DDP runs with ``find_unused_parameters=False``: an unused trainable weight would hang it."""
+    cfg = MCFConfig(
+        backbone=BackboneConfig(**TINY), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+        feature_layers=(0, 1), proj_hidden=32, proj_dim=16, pred_hidden=32, **switches,
+    )
+    teacher = FeatureTeacher(create_backbone(BackboneConfig(**TINY))) if cfg.uses_teacher else None
+    model = MCF(cfg, teacher)
+    model(torch.randn(4, 3, 32, 32), 0.75)["loss"].backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
