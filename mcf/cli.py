@@ -10,7 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+
+# OpenMP threads that spin while waiting make torch ~10x slower on a shared 2-core machine; this must
+# be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from collections.abc import Callable
 from typing import Any
 
