@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
         if name.startswith("finetune_"):
             sp.add_argument(
                 "--variant", choices=VARIANTS, default="mcf",
-                help="backbone: the MCF pre-training export, or the same ViT from scratch (default: %(default)s)",
+                help="the MCF pre-training export, or the same ViT from scratch (default: %(default)s)",
             )
     for name, (_, help_) in TOOLS.items():
         sub.add_parser(name, help=help_, add_help=False)

@@ -66,7 +66,8 @@ def _dvc(*args: str) -> str:
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mcf check-metrics", description=__doc__.splitlines()[0])
     p.add_argument("--rev", default="HEAD", help="committed revision to compare with (default: %(default)s)")
-    p.add_argument("--tolerance", default="metrics/tolerance.yaml", help="tolerance file (default: %(default)s)")
+    p.add_argument("--tolerance", default="metrics/tolerance.yaml",
+                   help="tolerance file (default: %(default)s)")
     args = p.parse_args(argv)
     print(_dvc("metrics", "diff", args.rev, "--md", "--all"))
     moves = compare(json.loads(_dvc("metrics", "diff", args.rev, "--json", "--all") or "{}"),
