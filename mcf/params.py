@@ -91,7 +91,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ParamsError(key, f"expected {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in pairs)
         item = args[0] if args else Any
         items = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
