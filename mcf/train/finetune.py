@@ -54,7 +54,7 @@ class FinetuneConfig:
     out: str = "outputs/finetune_alignment"  # the variant is a subfolder
     blocks: list[int] = param([1, 2, 3, 5])  # ViT blocks (0-based) feeding the neck; paper [3, 5, 7, 11]
     channels: int = param(64, ge=1)  # UPerNet width; paper 768
-    epochs: int = param(5, ge=1)
+    epochs: int = param(3, ge=1)
     batch_size: int = param(16, ge=2)
     lr_backbone: float = param(1e-4, ge=0)
     lr_neck: float = param(1e-2, gt=0)
