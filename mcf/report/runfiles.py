@@ -1,0 +1,224 @@
+"""Find and read one run's files through its params file, and set its numbers beside the paper's.
+
+Every path comes from the params file (``evaluate.metrics``, ``evaluate.out``, ``<stage>.live``), so
+the report reads exactly what the pipeline wrote. A piece that is absent (a run stopped before
+``evaluate``, a teacher that was loaded rather than trained) raises :class:`Missing`, which the
+report shows as a note in place of that section.
+
+Labels: numbers measured by this run carry the dataset label written by ``evaluate`` (on SynthFace,
+``SynthFace-AFLW19`` / ``SynthFace-LaPa``); the paper's numbers carry AFLW-19 / LaPa. A run's number is
+never shown under the paper's dataset name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mcf.params import read_yaml
+
+VARIANTS = ("mcf", "scratch")
+PAPER_DATASET = {"alignment": "AFLW-19", "parsing": "LaPa"}
+F1_CLASSES = ("skin", "left_brow", "right_brow", "left_eye", "right_eye", "nose",
+              "upper_lip", "inner_mouth", "lower_lip", "hair")
+MISSING = "—"
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One published system: NME_diag ×100 on AFLW-19 (full, frontal) and F1 mean on LaPa."""
+
+    system: str
+    nme_full: float | None
+    nme_frontal: float | None
+    f1_mean: float | None
+
+
+# MCF paper (arXiv 2309.03575) and FaRL, as gathered in the project's protocol notes.
+PAPER: tuple[PaperRow, ...] = (
+    PaperRow("MCF ViT-B/16, 16 ep (paper)", 0.932, None, 93.96),
+    PaperRow("FaRL-B ep16 (paper)", 0.943, 0.821, 93.88),
+    PaperRow("FaRL-B ep64", 0.938, 0.818, 94.04),
+)
+# FaRL ep16 per-class F1 on LaPa.
+FARL_EP16_F1 = dict(zip(F1_CLASSES, (98.00, 92.70, 92.65, 93.97, 93.91, 97.92, 90.15, 91.74, 91.21, 96.52),
+                        strict=True))
+
+
+class Missing(Exception):
+    """A piece of the run that is not there; the message is the note the report shows instead."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run's checkout folder and its parsed params file."""
+
+    root: Path
+    params_file: Path
+    params: dict[str, Any]
+
+    def path(self, dotted: str) -> Path:
+        """The params value at ``dotted`` as a path under the checkout (absolute paths kept)."""
+        value: Any = self.params
+        for part in dotted.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise Missing(f"{self.params_file.name} has no `{dotted}`")
+            value = value[part]
+        if not isinstance(value, str):
+            raise Missing(f"{self.params_file.name}: `{dotted}` is not a path: {value!r}")
+        return self.root / value
+
+    def has(self, dotted: str) -> bool:
+        """Whether the params file sets ``dotted``."""
+        try:
+            self.path(dotted)
+        except Missing:
+            return False
+        return True
+
+    def variants(self) -> list[str]:
+        """The fine-tuned variants the evaluate stage scores."""
+        found = (self.params.get("evaluate") or {}).get("variants")
+        return [str(v) for v in found] if isinstance(found, list) else list(VARIANTS)
+
+
+def open_run(root: Path, params_file: str | Path = "params.yaml") -> Run:
+    """Read the params file (relative to ``root``); a missing file is a :class:`ParamsError`."""
+    path = root / params_file
+    return Run(root, path, read_yaml(path))
+
+
+def existing(path: Path, what: str) -> Path:
+    """``path`` if it exists, else :class:`Missing` saying what was expected there."""
+    if not path.exists():
+        raise Missing(f"no {what} at {path}")
+    return path
+
+
+def load_metrics(run: Run) -> dict[str, Any]:
+    """The evaluate stage's metrics JSON (values ×100, with its ``dataset`` labels)."""
+    path = run.path("evaluate.metrics")
+    if not path.is_file():
+        raise Missing(f"no metrics file at {path}: the run has not reached `evaluate`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise Missing(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise Missing(f"{path}: expected a JSON object")
+    return data
+
+
+def dataset_label(metrics: dict[str, Any], task: str) -> str:
+    """The dataset label ``evaluate`` wrote for ``task``; never defaults to the paper's dataset."""
+    label = (metrics.get("dataset") or {}).get(task)
+    return str(label) if label else "unlabelled data"
+
+
+def live_dirs(run: Run, stage: str) -> dict[str, Path]:
+    """``{run label: dvclive folder}`` for a training stage (fine-tunes: one folder per variant).
+
+    ``<stage>.live`` when the params file has it, else the older ``<stage>.out``-based layout.
+    """
+    per_variant = stage.startswith("finetune_")
+    if run.has(f"{stage}.live"):
+        base = run.path(f"{stage}.live")
+        return {v: base / v for v in run.variants()} if per_variant else {stage: base}
+    base = run.path(f"{stage}.out")
+    return {v: base / v / "live" for v in run.variants()} if per_variant else {stage: base / "live"}
+
+
+def read_curves(live: Path) -> dict[str, pd.DataFrame]:
+    """Every dvclive series under ``live``: ``{"train/loss": DataFrame(step, value)}``."""
+    folder = existing(live / "plots" / "metrics", "dvclive curves")
+    curves = {}
+    for tsv in sorted(folder.rglob("*.tsv")):
+        df = pd.read_csv(tsv, sep="\t")
+        if "step" in df.columns and len(df.columns) >= 2 and len(df):
+            curves[tsv.relative_to(folder).with_suffix("").as_posix()] = df
+    if not curves:
+        raise Missing(f"no dvclive series under {folder}")
+    return curves
+
+
+def read_table(path: Path, what: str) -> pd.DataFrame:
+    """A CSV written by ``evaluate`` (``plots/ced.csv``, ``plots/f1.csv``)."""
+    return pd.read_csv(existing(path, what))
+
+
+# ---------------------------------------------------------------- tables
+
+
+def fmt(value: Any, digits: int) -> str:
+    """A number to ``digits`` decimals; absent or null values as a dash."""
+    return MISSING if not isinstance(value, int | float) or isinstance(value, bool) else f"{value:.{digits}f}"
+
+
+def comparison(metrics: dict[str, Any] | None) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: this run's variants (their own dataset labels), then the paper's systems."""
+    headers = ["system", "alignment data", "NME_diag full (×100)", "NME_diag frontal (×100)",
+               "parsing data", "F1 mean (%)"]
+    rows = []
+    if metrics is not None:
+        align, parse = metrics.get("alignment") or {}, metrics.get("parsing") or {}
+        for variant in sorted(set(align) | set(parse), key=lambda v: (v != "mcf", v)):
+            a, p = align.get(variant) or {}, parse.get(variant) or {}
+            full, frontal = a.get("full") or {}, a.get("frontal") or {}
+            rows.append([
+                f"this run: {variant}", dataset_label(metrics, "alignment"),
+                fmt(full.get("nme_diag"), 3), fmt(frontal.get("nme_diag"), 3),
+                dataset_label(metrics, "parsing"), fmt(p.get("f1_mean"), 2),
+            ])
+    for row in PAPER:
+        rows.append([row.system, PAPER_DATASET["alignment"], fmt(row.nme_full, 3), fmt(row.nme_frontal, 3),
+                     PAPER_DATASET["parsing"], fmt(row.f1_mean, 2)])
+    return headers, rows
+
+
+def f1_comparison(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per-class F1: one column per variant of this run, then FaRL ep16, each headed by its dataset."""
+    parse = metrics.get("parsing") or {}
+    if not parse:
+        raise Missing("the metrics have no parsing results")
+    label = dataset_label(metrics, "parsing")
+    variants = sorted(parse, key=lambda v: (v != "mcf", v))
+    headers = ["class"] + [f"this run: {v} ({label})" for v in variants]
+    headers.append(f"FaRL-B ep16 ({PAPER_DATASET['parsing']})")
+    rows = [[c] + [fmt((parse[v].get("f1") or {}).get(c), 2) for v in variants] + [fmt(FARL_EP16_F1[c], 2)]
+            for c in F1_CLASSES]
+    return headers, rows
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured markdown table (pipes in cells escaped)."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
+
+
+LABEL_NOTE = ("Numbers from this run are labelled with the data they were measured on (SynthFace when the "
+              "run used SynthFace); the paper's numbers are on AFLW-19 and LaPa. The two are shown side "
+              "by side for scale, not as a like-for-like comparison.")
+
+
+def markdown_summary(root: Path, params_file: str = "params.yaml") -> str:
+    """A short markdown summary of a run (metrics against the paper, with dataset labels).
+
+    The Prefect flow publishes it as an artifact; ``mcf report`` holds the full picture.
+    """
+    run = open_run(Path(root), params_file)
+    lines = ["# mcf run summary", ""]
+    try:
+        metrics: dict[str, Any] | None = load_metrics(run)
+        labels = f"{dataset_label(metrics, 'alignment')}, {dataset_label(metrics, 'parsing')}"
+        lines += [f"Measured on: {labels}.", ""]
+    except Missing as gap:
+        metrics = None
+        lines += [f"No metrics yet: {gap}.", ""]
+    lines += [markdown_table(*comparison(metrics)), "", LABEL_NOTE]
+    return "\n".join(lines) + "\n"

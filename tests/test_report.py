@@ -1,0 +1,154 @@
+"""``mcf report`` and the markdown summary, on a small run written into a temporary checkout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mcf.params import ParamsError
+from mcf.report import markdown_summary
+
+PARAMS = """\
+seed: 0
+fetch:
+  out: outputs/fetch
+  s3:
+    endpoint_url: null # e.g. http://127.0.0.1:9000 for MinIO <not a tag>
+teacher:
+  source: train
+  out: outputs/teacher
+  live: metrics/teacher
+pretrain:
+  out: outputs/pretrain
+  live: metrics/pretrain
+finetune_alignment:
+  out: outputs/finetune_alignment
+  live: metrics/finetune_alignment
+finetune_parsing:
+  out: outputs/finetune_parsing
+  live: metrics/finetune_parsing
+evaluate:
+  out: outputs/evaluate
+  metrics: metrics/evaluate.json
+  variants: [mcf, scratch]
+"""
+
+CLASSES = ("skin", "left_brow", "right_brow", "left_eye", "right_eye", "nose",
+           "upper_lip", "inner_mouth", "lower_lip", "hair")
+
+
+def _metrics() -> dict:
+    """Distinctive values, so a test can find the row each one sits in."""
+    def align(nme: float) -> dict:
+        scores = {"nme_diag": nme, "nme_box": 7.0, "nme_inter_ocular": 20.0, "auc_box_0.07": 30.0,
+                  "fr_box_0.07": 40.0, "images": 200}
+        return {"full": scores, "frontal": {**scores, "nme_diag": nme - 1, "images": 50}}
+
+    def parse(mean: float) -> dict:
+        f1 = {"background": 90.0, **{c: mean + i for i, c in enumerate(CLASSES)}}
+        f1["hair"] = None  # a class absent from GT and predictions
+        return {"f1_mean": mean, "f1": f1, "pixels": 1000}
+
+    return {
+        "dataset": {"alignment": "SynthFace-AFLW19", "parsing": "SynthFace-LaPa"},
+        "alignment": {"mcf": align(5.4321), "scratch": align(6.5432)},
+        "parsing": {"mcf": parse(14.81), "scratch": parse(12.34)},
+        "probe": {"mcf": {"nme_diag": 9.87, "identity_accuracy": 45.6}},
+    }
+
+
+def _live(folder: Path, series: dict[str, list[float]]) -> None:
+    for name, values in series.items():
+        tsv = folder / "plots" / "metrics" / f"{name}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        rows = "".join(f"{5 * (i + 1)}\t{v}\n" for i, v in enumerate(values))
+        tsv.write_text(f"step\t{name.rsplit('/', 1)[-1]}\n{rows}")
+
+
+def _png(path: Path) -> None:
+    from mcf.evaluate.plots import write_png
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_png(path, np.full((8, 8, 3), 200, dtype=np.uint8))
+
+
+def _gate(folder: Path, suite: str, success: bool) -> None:
+    failed = {
+        "success": False,
+        "expectation_config": {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "path"}},
+        "result": {"unexpected_count": 3, "element_count": 10, "partial_unexpected_list": [None]},
+    }
+    passed = {"success": True, "expectation_config": {"type": "expect_table_row_count_to_be_between",
+                                                      "kwargs": {"min_value": 1}},
+              "result": {"observed_value": 10}}
+    results = [passed] if success else [passed, failed]
+    doc = {
+        "success": success, "suite_name": suite, "results": results,
+        "statistics": {"evaluated_expectations": len(results),
+                       "successful_expectations": sum(r["success"] for r in results)},
+        "meta": {"run_id": {"run_name": suite, "run_time": "2026-01-01T00:00:00+00:00"}},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{suite}.json").write_text(json.dumps(doc))
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    """A checkout holding every file a finished run leaves."""
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_text(json.dumps(_metrics()))
+    _live(tmp_path / "metrics" / "teacher", {"train/loss": [2.0, 1.0]})
+    _live(tmp_path / "metrics" / "pretrain",
+          {"train/loss": [84.3, 74.9, 67.9], "train/lr": [1e-3, 2e-3, 1e-4]})
+    for task in ("alignment", "parsing"):
+        for variant in ("mcf", "scratch"):
+            _live(tmp_path / "metrics" / f"finetune_{task}" / variant,
+                  {"train/loss": [1.0, 0.5, 0.4], "lr/head": [0.01, 0.005, 0.0]})
+    plots = tmp_path / "outputs" / "evaluate" / "plots"
+    plots.mkdir(parents=True)
+    thresholds = np.arange(0, 0.0701, 0.01)
+    ced = "\n".join(f"{t},{min(1, 10 * t)},{min(1, 8 * t)}" for t in thresholds)
+    (plots / "ced.csv").write_text(f"threshold,mcf,scratch\n{ced}\n")
+    f1 = "\n".join(f"{c},{50 + i},{40 + i}" for i, c in enumerate(CLASSES))
+    (plots / "f1.csv").write_text(f"class,mcf,scratch\n{f1}\n")
+    for name in ("alignment_mcf_0", "parsing_scratch_1"):
+        _png(tmp_path / "outputs" / "evaluate" / "overlays" / f"{name}.png")
+    _png(tmp_path / "outputs" / "evaluate" / "confusion_mcf.png")
+    _gate(tmp_path / ".mcf" / "validation", "fetch", success=True)
+    _gate(tmp_path / ".mcf" / "validation", "lapa", success=False)
+    return tmp_path
+
+
+def _row(table: str, needle: str) -> str:
+    """The line of a markdown table holding ``needle``."""
+    rows = [line for line in table.splitlines() if needle in line]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def test_markdown_summary_labels_each_number_with_its_dataset(run: Path) -> None:
+    text = markdown_summary(run)
+    mcf, scratch = _row(text, "this run: mcf"), _row(text, "this run: scratch")
+    assert "5.432" in mcf and "14.81" in mcf and "6.543" in scratch and "12.34" in scratch
+    for row in (mcf, scratch):
+        assert "SynthFace-AFLW19" in row and "SynthFace-LaPa" in row
+        assert "AFLW-19" not in row and "| LaPa |" not in row
+    paper = _row(text, "MCF ViT-B/16")
+    assert "| AFLW-19 |" in paper and "| LaPa |" in paper and "0.932" in paper and "93.96" in paper
+    assert "SynthFace" not in paper
+
+
+def test_markdown_summary_before_evaluate(run: Path) -> None:
+    (run / "metrics" / "evaluate.json").unlink()
+    text = markdown_summary(run)
+    assert "has not reached `evaluate`" in text and "this run:" not in text
+    assert "0.932" in text  # the paper's rows stay
+
+
+def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="params file not found"):
+        markdown_summary(tmp_path, "nope.yaml")
