@@ -42,6 +42,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "validate": ("mcf.validate.gate:cli", "run a data gate by hand; --docs builds Data Docs HTML"),
     "export": ("mcf.models.export:cli", "write the pre-trained backbone as a timm state dict"),
     "check-metrics": ("mcf.evaluate.regression:cli", "CI gate: fail when a metric moves past its tolerance"),
+    "report": ("mcf.report:cli", "write one self-contained HTML page of a run (plots, gates, vs the paper)"),
 }
 
 log = logging.getLogger("mcf")

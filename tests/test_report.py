@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
+import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
+from mcf.cli import main as cli_main
 from mcf.params import ParamsError
-from mcf.report import markdown_summary
+from mcf.report import build_report, markdown_summary
 
 PARAMS = """\
 seed: 0
@@ -95,8 +100,7 @@ def _gate(folder: Path, suite: str, success: bool) -> None:
     (folder / f"{suite}.json").write_text(json.dumps(doc))
 
 
-@pytest.fixture
-def run(tmp_path: Path) -> Path:
+def _write_run(tmp_path: Path) -> Path:
     """A checkout holding every file a finished run leaves."""
     (tmp_path / "params.yaml").write_text(PARAMS)
     (tmp_path / "metrics").mkdir()
@@ -121,6 +125,20 @@ def run(tmp_path: Path) -> Path:
     _gate(tmp_path / ".mcf" / "validation", "fetch", success=True)
     _gate(tmp_path / ".mcf" / "validation", "lapa", success=False)
     return tmp_path
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return _write_run(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The report of a complete run (drawn once: plotting is the slow part)."""
+    root = _write_run(tmp_path_factory.mktemp("run"))
+    path = build_report(root, out="report/index.html")
+    assert path == root / "report" / "index.html"
+    return path.read_text(encoding="utf-8")
 
 
 def _row(table: str, needle: str) -> str:
@@ -152,3 +170,78 @@ def test_markdown_summary_before_evaluate(run: Path) -> None:
 def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="params file not found"):
         markdown_summary(tmp_path, "nope.yaml")
+
+
+def _page(run: Path) -> str:
+    return build_report(run, out="report/index.html").read_text(encoding="utf-8")
+
+
+def _sections(page: str) -> dict[str, str]:
+    return dict(re.findall(r'<section id="(\w+)">(.*?)</section>', page, flags=re.S))
+
+
+def test_report_is_self_contained_and_complete(page: str) -> None:
+    # Nothing is fetched: every src is an inlined PNG, every href an anchor in the page.
+    links = re.findall(r'\b(src|href)\s*=\s*"([^"]*)"', page)
+    assert links and all(v.startswith("data:image/png;base64,") for k, v in links if k == "src")
+    assert all(v.startswith("#") for k, v in links if k == "href")
+    assert not re.search(r"<(script|link|iframe|object|embed)\b|@import|url\(", page, flags=re.I)
+    sections = _sections(page)
+    assert list(sections) == ["params", "gates", "curves", "ced", "f1", "overlays", "paper"]
+    assert not any('class="note"' in sections[k] for k in ("gates", "ced", "f1", "overlays", "paper"))
+    # Every inlined image decodes: 4 curve figures, CED, F1, a confusion matrix, 2 overlays.
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == 9
+    for data in images:
+        decoded = cv2.imdecode(np.frombuffer(base64.b64decode(data), np.uint8), cv2.IMREAD_COLOR)
+        assert decoded is not None and decoded.shape[0] > 0
+    # The params file is shown as text, escaped (its comment's URL is text, not a link).
+    assert "&lt;not a tag&gt;" in sections["params"] and "<not a tag>" not in page
+    assert "lapa failed" in sections["gates"] and "3 unexpected of 10" in sections["gates"]
+    assert "5.432" in sections["ced"] and "SynthFace-AFLW19" in sections["ced"]
+
+
+def test_report_labels_numbers_with_their_dataset(page: str) -> None:
+    sections = _sections(page)
+    rows = re.findall(r"<tr>(.*?)</tr>", sections["paper"])
+    ours = [r for r in rows if "this run: mcf" in r]
+    assert len(ours) == 1 and "5.432" in ours[0] and "14.81" in ours[0]
+    assert "SynthFace-AFLW19" in ours[0] and "SynthFace-LaPa" in ours[0]
+    assert "AFLW-19" not in ours[0] and "<td>LaPa</td>" not in ours[0]
+    paper = next(r for r in rows if "MCF ViT-B/16" in r)
+    assert "<td>AFLW-19</td>" in paper and "<td>LaPa</td>" in paper and "SynthFace" not in paper
+    f1_head = re.findall(r"<th>(.*?)</th>", sections["f1"])
+    assert "this run: mcf (SynthFace-LaPa)" in f1_head and "FaRL-B ep16 (LaPa)" in f1_head
+    assert "identity accuracy" in sections["paper"] and "45.60" in sections["paper"]
+
+
+def test_report_of_a_run_that_stopped_early(run: Path) -> None:
+    """Before evaluate (and with a teacher loaded, not trained): notes, not a crash."""
+    (run / "metrics" / "evaluate.json").unlink()
+    shutil.rmtree(run / "outputs" / "evaluate")
+    shutil.rmtree(run / "metrics" / "finetune_parsing")
+    params = run / "params.yaml"
+    params.write_text(params.read_text().replace("source: train", "source: moco_v3:data/teacher.pth"))
+    sections = _sections(_page(run))
+    for key in ("ced", "f1", "overlays", "paper"):
+        assert "has not reached `evaluate`" in sections[key]
+    assert "0.932" in sections["paper"] and "this run:" not in sections["paper"]
+    curves = sections["curves"]
+    assert "not trained" in curves and "finetune_parsing (scratch): no dvclive curves" in curves
+    assert "pretrain: training curves" in curves  # what exists is still shown
+
+
+def test_report_of_an_empty_checkout(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    sections = _sections(_page(tmp_path))
+    assert "has no `evaluate.metrics`" in sections["paper"]
+    assert "no data-gate results" in sections["gates"]
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    assert cli_main(["report", "--root", str(tmp_path), "--out", "r.html"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "r.html")
+    assert "<section id=\"paper\">" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert cli_main(["report", "--root", str(tmp_path), "--params", "missing.yaml"]) == 2
+    assert "params file not found" in capsys.readouterr().err

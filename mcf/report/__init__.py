@@ -1,10 +1,49 @@
 """``mcf report``: one run's results as a self-contained HTML page, and a markdown summary of it.
 
-``markdown_summary`` is light (no plotting) so the Prefect flow can import it.
+Everything is read from the run's own files, located through its params file: the params, the
+data-gate results, dvclive curves, the evaluate stage's metrics, CSVs and overlays, and the paper's
+numbers beside this run's. Plots and images are inlined, so the page renders offline.
+``markdown_summary`` is light (no plotting) so the Prefect flow can import it cheaply.
 """
 
 from __future__ import annotations
 
-from mcf.report.runfiles import markdown_summary
+import argparse
+import logging
+from pathlib import Path
 
-__all__ = ["markdown_summary"]
+from mcf.report.runfiles import markdown_summary, open_run
+
+__all__ = ["build_report", "cli", "markdown_summary"]
+
+log = logging.getLogger(__name__)
+
+
+def build_report(root: Path, params_file: str | Path = "params.yaml",
+                 out: str | Path = "outputs/report/index.html") -> Path:
+    """Write the report of the run in checkout ``root`` to ``out`` (relative to ``root``)."""
+    from mcf.report import page  # matplotlib: only when a page is drawn
+
+    run = open_run(Path(root), params_file)
+    path = page.write(run, Path(root) / out)
+    log.info("report written to %s", path)
+    return path
+
+
+def cli(argv: list[str]) -> int:
+    """``mcf report [--root DIR] [--params FILE] [--out FILE]``."""
+    p = argparse.ArgumentParser(
+        prog="mcf report",
+        description="Write one self-contained HTML page (no network needed to view it) with the run's "
+        "params, data-gate results, training curves, CED curve, per-class F1, overlays, and its numbers "
+        "beside the paper's, each labelled with its dataset. Missing pieces become notes in the page.",
+    )
+    p.add_argument("--root", type=Path, default=Path("."),
+                   help="the run's checkout; params paths are relative to it (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml",
+                   help="params file, relative to --root (default: %(default)s)")
+    p.add_argument("--out", default="outputs/report/index.html",
+                   help="HTML file to write, relative to --root (default: %(default)s)")
+    args = p.parse_args(argv)
+    print(build_report(args.root, args.params, args.out))
+    return 0

@@ -222,3 +222,52 @@ def markdown_summary(root: Path, params_file: str = "params.yaml") -> str:
         lines += [f"No metrics yet: {gap}.", ""]
     lines += [markdown_table(*comparison(metrics)), "", LABEL_NOTE]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- data gates
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The latest stored result of one data-gate suite."""
+
+    suite: str
+    stage: str
+    time: str
+    success: bool
+    evaluated: int
+    passed: int
+    failures: list[str]
+
+
+def _failure(item: dict[str, Any]) -> str:
+    """One line for a failed expectation: type, column, and how many rows broke it."""
+    config = item.get("expectation_config") or {}
+    column = (config.get("kwargs") or {}).get("column")
+    res = item.get("result") or {}
+    where = f"({column})" if column else ""
+    if "unexpected_count" in res:
+        count = f"{res['unexpected_count']} unexpected of {res.get('element_count')}"
+        return f"{config.get('type')}{where}: {count}"
+    return f"{config.get('type')}{where}: observed {res.get('observed_value')!r}"
+
+
+def read_gates(run: Run) -> list[GateResult]:
+    """Each suite's latest result, as :func:`mcf.validate.gate.run_gate` stores it in the checkout."""
+    from mcf.validate.gate import RESULTS_DIR
+
+    folder = existing(run.root / RESULTS_DIR, "data-gate results (no stage has run a gate here)")
+    results = []
+    for path in sorted(folder.glob("*.json")):
+        doc = json.loads(path.read_text())
+        stats, when = doc.get("statistics") or {}, (doc.get("meta") or {}).get("run_id") or {}
+        results.append(GateResult(
+            suite=str(doc.get("suite_name") or path.stem), stage=str(when.get("run_name") or "?"),
+            time=str(when.get("run_time") or "?"), success=bool(doc.get("success")),
+            evaluated=int(stats.get("evaluated_expectations", 0)),
+            passed=int(stats.get("successful_expectations", 0)),
+            failures=[_failure(r) for r in doc.get("results", []) if not r.get("success")],
+        ))
+    if not results:
+        raise Missing(f"no data-gate results in {folder}")
+    return results

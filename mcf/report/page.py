@@ -1,0 +1,231 @@
+"""The report page: one HTML file with every plot and image inlined, so it renders offline.
+
+Each section is built on its own; a piece the run lacks becomes a note in its section rather than
+a failed report, because a report is most wanted when a run stopped early. All text is escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from mcf.io import atomic_file
+from mcf.report import figures
+from mcf.report.runfiles import (
+    LABEL_NOTE,
+    Missing,
+    Run,
+    comparison,
+    dataset_label,
+    existing,
+    f1_comparison,
+    fmt,
+    live_dirs,
+    load_metrics,
+    read_curves,
+    read_gates,
+    read_table,
+)
+
+log = logging.getLogger(__name__)
+TRAINING_STAGES = ("teacher", "pretrain", "finetune_alignment", "finetune_parsing")
+ALIGNMENT_KEYS = ("nme_diag", "nme_box", "nme_inter_ocular", "auc_box_0.07", "fr_box_0.07", "images")
+STYLE = """
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
+th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; }
+th { background: #eee; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
+.note { background: #fff6d6; border-left: 4px solid #e0b000; padding: 0.5em 0.8em; }
+.fail { color: #b00000; font-weight: bold; }
+figure { display: inline-block; margin: 0.4em; vertical-align: top; }
+figcaption { font-size: 0.8em; color: #555; }
+img.thumb { width: 160px; image-rendering: pixelated; }
+"""
+
+
+def esc(text: object) -> str:
+    """Escape any value for HTML text or an attribute."""
+    return html.escape(str(text), quote=True)
+
+
+def note(text: str) -> str:
+    """A visible note standing in for a missing piece."""
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """An HTML table of plain-text cells."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def image(png: bytes, alt: str, css: str = "") -> str:
+    """An ``<img>`` with the PNG inlined as a data URI (no file or network needed to show it)."""
+    if not png.startswith(figures.PNG_SIGNATURE):
+        return note(f"{alt}: not a PNG image")
+    data = base64.b64encode(png).decode("ascii")
+    klass = f' class="{esc(css)}"' if css else ""
+    return f'<img{klass} alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def figure(png: bytes, caption: str, css: str = "") -> str:
+    """An inlined image with its caption."""
+    return f"<figure>{image(png, caption, css)}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+# ---------------------------------------------------------------- sections
+
+
+def params_section(run: Run) -> str:
+    """The params file as the run read it."""
+    return f"<p>{esc(run.params_file)}</p><pre>{esc(run.params_file.read_text())}</pre>"
+
+
+def gates_section(run: Run) -> str:
+    """The latest result of each data gate, failed expectations spelled out."""
+    gates = read_gates(run)
+    rows = [[g.suite, g.stage, g.time, "passed" if g.success else "FAILED", f"{g.passed} / {g.evaluated}"]
+            for g in gates]
+    parts = ["<p>The latest stored result of each suite, with the stage and time it ran.</p>",
+             table(["suite", "stage", "time", "result", "expectations passed"], rows)]
+    for g in (g for g in gates if g.failures):
+        items = "".join(f"<li>{esc(f)}</li>" for f in g.failures)
+        parts.append(f'<p class="fail">{esc(g.suite)} failed:</p><ul>{items}</ul>')
+    return "".join(parts)
+
+
+def _stage_curves(run: Run, stage: str) -> str:
+    """One stage's dvclive curves (every variant in one figure), or a note on what is absent."""
+    if stage == "teacher":
+        source = (run.params.get("teacher") or {}).get("source", "train")
+        if source != "train":
+            return note(f"teacher: loaded from {source!r}, not trained, so it has no curves")
+    found, gaps = {}, []
+    for label, folder in live_dirs(run, stage).items():
+        try:
+            found[label] = read_curves(folder)
+        except Missing as gap:
+            gaps.append(f"{stage} ({label}): {gap}")
+    parts = [figure(figures.curves_png(found, stage), f"{stage}: training curves")] if found else []
+    return "".join(parts + [note(g) for g in gaps])
+
+
+def curves_section(run: Run) -> str:
+    """Loss (and learning-rate) curves of every training stage, from its dvclive folder."""
+    parts = []
+    for stage in TRAINING_STAGES:
+        try:
+            parts.append(f"<h3>{esc(stage)}</h3>{_stage_curves(run, stage)}")
+        except Missing as gap:
+            parts.append(f"<h3>{esc(stage)}</h3>{note(str(gap))}")
+    return "".join(parts)
+
+
+def ced_section(run: Run) -> str:
+    """The CED plot and the alignment numbers behind it, labelled with their dataset."""
+    metrics = load_metrics(run)
+    label = dataset_label(metrics, "alignment")
+    curve = read_table(run.path("evaluate.out") / "plots" / "ced.csv", "CED data")
+    rows = [[variant, split, label, *(fmt(scores.get(k), 0 if k == "images" else 3) for k in ALIGNMENT_KEYS)]
+            for variant, result in (metrics.get("alignment") or {}).items()
+            for split, scores in result.items()]
+    headers = ["variant", "split", "data", *ALIGNMENT_KEYS]
+    numbers = table(headers, rows) if rows else note("the metrics have no alignment scores")
+    return figure(figures.ced_png(curve, label), f"CED of NME_box on {label}") + numbers
+
+
+def f1_section(run: Run) -> str:
+    """Per-class F1 bars, the table against FaRL, and the confusion matrices."""
+    metrics = load_metrics(run)
+    label = dataset_label(metrics, "parsing")
+    out = run.path("evaluate.out")
+    parts = [figure(figures.f1_png(read_table(out / "plots" / "f1.csv", "F1 data"), label),
+                    f"Per-class F1 on {label}")]
+    try:
+        parts.append(table(*f1_comparison(metrics)))
+    except Missing as gap:
+        parts.append(note(str(gap)))
+    for path in sorted(out.glob("confusion_*.png")):
+        variant = path.stem.removeprefix("confusion_")
+        parts.append(figure(path.read_bytes(), f"{variant}: confusion matrix on {label}"))
+    return "".join(parts)
+
+
+def overlays_section(run: Run) -> str:
+    """Prediction overlays written by ``evaluate`` (landmarks: red predicted, green ground truth)."""
+    metrics = load_metrics(run)
+    folder = existing(run.path("evaluate.out") / "overlays", "overlays")
+    parts = []
+    for task in ("alignment", "parsing"):
+        paths = sorted(folder.glob(f"{task}_*.png"))
+        if paths:
+            label = dataset_label(metrics, task)
+            parts.append(f"<h3>{esc(task)} ({esc(label)})</h3>")
+            parts += [figure(p.read_bytes(), f"{p.stem} ({label})", "thumb") for p in paths]
+    if not parts:
+        raise Missing(f"no overlay images in {folder}")
+    legend = "<p>Alignment: predicted points red, ground truth green. Parsing: predicted classes.</p>"
+    return legend + "".join(parts)
+
+
+def paper_section(run: Run) -> str:
+    """This run's headline numbers beside the paper's, each row labelled with its dataset."""
+    try:
+        metrics = load_metrics(run)
+        gap = ""
+    except Missing as err:
+        metrics, gap = None, note(str(err))
+    parts = [gap, table(*comparison(metrics)), f"<p>{esc(LABEL_NOTE)}</p>"]
+    probes = (metrics or {}).get("probe") or {}
+    if probes:
+        label = dataset_label(metrics or {}, "alignment")
+        rows = [[v, label, fmt(p.get("nme_diag"), 3), fmt(p.get("identity_accuracy"), 2)]
+                for v, p in probes.items()]
+        parts += ["<h3>Frozen-backbone probes</h3>",
+                  table(["backbone", "data", "NME_diag (×100)", "identity accuracy (%)"], rows)]
+    return "".join(parts)
+
+
+SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
+    ("params", "Params", params_section),
+    ("gates", "Data gates", gates_section),
+    ("curves", "Training curves", curves_section),
+    ("ced", "CED curve", ced_section),
+    ("f1", "Per-class F1", f1_section),
+    ("overlays", "Overlays", overlays_section),
+    ("paper", "This run against the paper", paper_section),
+)
+
+
+def render(run: Run) -> str:
+    """The whole page; a section whose inputs are absent shows a note instead."""
+    body = []
+    for key, title, build in SECTIONS:
+        try:
+            content = build(run)
+        except Missing as gap:
+            log.info("report: %s: %s", key, gap)
+            content = note(str(gap))
+        except (OSError, ValueError, KeyError) as err:  # a damaged file (pandas and json raise ValueError)
+            log.warning("report: %s: %s", key, err)
+            content = note(f"could not read this part of the run: {err}")
+        body.append(f'<section id="{key}"><h2>{esc(title)}</h2>{content}</section>')
+    contents = "".join(f'<li><a href="#{key}">{esc(title)}</a></li>' for key, title, _ in SECTIONS)
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>mcf run report</title><style>{STYLE}</style></head><body>"
+        f"<h1>mcf run report</h1><p>Run described by {esc(run.params_file)}.</p>"
+        f"<ul>{contents}</ul>{''.join(body)}</body></html>\n"
+    )
+
+
+def write(run: Run, out: Path) -> Path:
+    """Write the page atomically (a half-written report never replaces a complete one)."""
+    with atomic_file(out) as tmp:
+        tmp.write_text(render(run), encoding="utf-8")
+    return out
