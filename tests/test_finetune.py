@@ -52,8 +52,8 @@ def tiny_configs(root: Path, epochs: int = 1) -> tuple[AlignmentConfig, ParsingC
     aflw = AFLW19Config(root=str(root / "aflw19"), n_train=16, size=32, crop_size=48)
     lapa = LaPaConfig(root=str(root / "lapa"), size=32, label_size=32, warp_size=64)
     return (
-        AlignmentConfig(out=str(root / "ft_align"), data=aflw, **common),
-        ParsingConfig(out=str(root / "ft_parse"), data=lapa, **common),
+        AlignmentConfig(out=str(root / "ft_align"), live=str(root / "live_align"), data=aflw, **common),
+        ParsingConfig(out=str(root / "ft_parse"), live=str(root / "live_parse"), data=lapa, **common),
     )
 
 
@@ -105,14 +105,16 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     align, _ = tiny_configs(fixture_root, epochs=3)
     main_alignment(Common(seed=0), align, "mcf")
     out = Path(align.out) / "mcf"
-    losses = _losses(out / "live")
+    live = Path(align.live) / "mcf"
+    losses = _losses(live)
     assert len(losses) == 3 and losses[-1] < losses[0]
     model, meta = load_finetuned(out / "model.pt")
     assert (meta["task"], meta["variant"], meta["data"]["size"]) == ("alignment", "mcf", 32)
     assert meta["steps"] == 12  # 3 epochs × 16 images / batch 4
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 19, 16, 16)
     assert not list(out.parent.glob(".mcf.tmp-*"))  # the atomic temporary folder is gone
-    assert json.loads((out / "live" / "metrics.json").read_text())["step"] == 2
+    assert json.loads((live / "metrics.json").read_text())["step"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # curves only at the committed path
 
 
 def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:

@@ -66,7 +66,7 @@ def write_params(root: Path, name: str = "params.yaml", **train: Any) -> Path:
         },
         "pretrain": {
             "data": str(root / "subset"), "teacher": str(root / "teacher"), "out": str(root / name[:-5]),
-            "resume_dir": str(root / ".resume" / name[:-5]),
+            "live": str(root / "metrics" / name[:-5]), "resume_dir": str(root / ".resume" / name[:-5]),
             "model": {
                 "backbone": TINY, **decoder, "feature_layers": [0, 1],
                 "proj_hidden": 32, "proj_dim": 16, "pred_hidden": 32,
@@ -143,13 +143,14 @@ def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:
     export_backbone(out / "checkpoint.pt", workspace / "exported")  # the model engineer's reader
     assert torch.equal(load_backbone(workspace / "exported").pos_embed, backbone.pos_embed)
     # lr = blr × (8 × 2 × 1) / 256, warm-up 1 epoch (6 steps of 16 crops), then the half-cosine
-    plots = out / "live" / "plots" / "metrics" / "train"
+    plots = Path(cfg.live) / "plots" / "metrics" / "train"
     total, warmup, peak = 12, 6, 1.5e-4 * 16 / 256
     assert tsv_column(plots / "lr.tsv", "step") == list(range(1, total + 1))
     expected = [lr_at(s, total, warmup, peak) for s in range(total)]
     assert tsv_column(plots / "lr.tsv", "lr") == pytest.approx(expected)
     assert set(tsv_column(plots / "momentum.tsv", "momentum")) == {0.99}
-    metrics = json.loads((out / "live" / "metrics.json").read_text())
+    assert not (out / "live").exists()  # the curves sit at the committed metrics path only
+    metrics = json.loads((Path(cfg.live) / "metrics.json").read_text())
     assert metrics["step"] == total and math.isfinite(metrics["train"]["loss_feature"])
 
 

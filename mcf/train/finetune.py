@@ -8,7 +8,8 @@ Output folder ``<out>/<variant>/``:
 - ``model.pt``: the EMA weights and everything needed to rebuild the model (:func:`load_finetuned`):
   ``{"task", "variant", "data" (the dataset config without augmentation: root, size, ...), "backbone":
   {"model_name", "kwargs"}, "head" (HeadConfig fields), "state_dict", "epochs", "steps", "seconds"}``;
-- ``live/``: dvclive curves (``train/loss`` and its parts, per epoch).
+
+and ``<live>/<variant>/``: dvclive curves (``train/loss`` and its parts, per epoch), a committed path.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,6 +54,7 @@ class FinetuneConfig:
 
     backbone: str = "outputs/pretrain/backbone"  # export read by both variants (architecture, weights)
     out: str = "outputs/finetune_alignment"  # the variant is a subfolder
+    live: str = "metrics/finetune_alignment"  # dvclive curves per variant: committed, uncached
     blocks: list[int] = param([1, 2, 3, 5])  # ViT blocks (0-based) feeding the neck; paper [3, 5, 7, 11]
     channels: int = param(64, ge=1)  # UPerNet width; paper 768
     epochs: int = param(3, ge=1)
@@ -89,6 +92,7 @@ class ParsingConfig(FinetuneConfig):
 
     data: LaPaConfig = dataclasses.field(default_factory=LaPaConfig)
     out: str = "outputs/finetune_parsing"
+    live: str = "metrics/finetune_parsing"
     lr_neck: float = param(1e-3, gt=0)
     lr_head: float = param(1e-3, gt=0)
 
@@ -268,6 +272,9 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     with atomic_dir(Path(cfg.out) / variant) as tmp:
         ema = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed)
         save_finetuned(ema, task, variant, cfg, tmp / "model.pt", time.perf_counter() - start)
+        with atomic_dir(Path(cfg.live) / variant) as live:  # before the model: no model, no stale curves
+            shutil.copytree(tmp / "live", live, dirs_exist_ok=True)
+        shutil.rmtree(tmp / "live")
     seconds = time.perf_counter() - start
     log.info("%s/%s: done in %.1f s -> %s", stage, variant, seconds, Path(cfg.out) / variant)
 

@@ -306,12 +306,14 @@ def train_and_export(
     run: Run,
     out: str | Path,
     export: Callable[[nn.Module, Path], None],
+    live_out: str | Path | None = None,
 ) -> None:
     """Train on ``<data_dir>/shards`` (alone or under torchrun), then rank 0 writes ``out`` atomically.
 
     ``run``'s rank, world size and device are filled in here from the process group. ``export``
-    writes the trained model into the temporary output folder; the dvclive folder joins it as
-    ``live/``. The resume folder is removed once the output exists, so the next run starts afresh.
+    writes the trained model into the temporary output folder; the dvclive folder goes to
+    ``live_out`` (a committed metrics path) or, without one, joins the output as ``live/``. The
+    resume folder is removed once both exist, so the next run starts afresh.
     """
     rank, world_size, _, device = init_distributed()
     try:
@@ -326,10 +328,13 @@ def train_and_export(
         seed_process(run.seed, rank)
         model = Trainer(model, crops, cfg, run).fit()
         if rank == 0:
+            live = Path(run.resume_dir) / "live"
+            if live_out is not None and live.is_dir():
+                with atomic_dir(live_out) as tmp:
+                    shutil.copytree(live, tmp, dirs_exist_ok=True)
             with atomic_dir(out) as tmp:
                 export(model, tmp)
-                live = Path(run.resume_dir) / "live"
-                if live.is_dir():
+                if live_out is None and live.is_dir():
                     shutil.copytree(live, tmp / "live")
             shutil.rmtree(run.resume_dir, ignore_errors=True)
         barrier()

@@ -6,7 +6,9 @@ trains with :mod:`mcf.train.loop` and writes, in one rename, ``<out>/``:
 - ``checkpoint.pt``: ``{"model": MCF state dict without the teacher, "backbone": BackboneConfig
   fields, "config": MCFConfig fields}`` (``mcf export`` and ``release.py`` read it);
 - ``backbone/``: the online encoder via ``save_backbone`` (what fine-tuning loads);
-- ``live/``: the dvclive metrics and plots.
+
+and the dvclive metrics and plots to ``live`` (committed, so ``dvc exp show`` and ``dvc metrics diff``
+read them on a clone without the cache).
 
 Resumable state lives in ``resume_dir``, outside the DVC output: DVC deletes a stage's outputs
 before running it, which would otherwise throw away the checkpoint of a killed run.
@@ -38,6 +40,7 @@ class PretrainConfig:
     data: str = "outputs/subset"  # the subset stage's output; crops are read from <data>/shards
     teacher: str = "outputs/teacher"  # the teacher stage's output (an exported backbone folder)
     out: str = "outputs/pretrain"
+    live: str = "metrics/pretrain"  # dvclive folder: a committed, uncached DVC metrics/plots path
     resume_dir: str = "outputs/.resume/pretrain"  # not a DVC output: survives DVC's cleanup
     model: MCFConfig = dataclasses.field(default_factory=MCFConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -81,5 +84,5 @@ def main(common: Common, cfg: PretrainConfig) -> None:
         return MCF(cfg.model, teacher)
 
     run = Run(common.seed, common.mask_ratio, Path(cfg.resume_dir), identity)
-    train_and_export(build, cfg.data, cfg.train, run, cfg.out, export)
+    train_and_export(build, cfg.data, cfg.train, run, cfg.out, export, cfg.live)
     log.info("pretrain: wrote %s", cfg.out)
