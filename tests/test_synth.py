@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.io
 
@@ -162,3 +164,18 @@ def test_identities_are_stable_and_distinct() -> None:
 
 def test_bench_runs() -> None:
     assert bench_synth(["--n", "2", "--size", "64"]) == 0
+
+
+def test_any_worker_count_writes_the_same_files(tmp_path: Path) -> None:
+    outputs = []
+    for workers in (1, 2):
+        cfg = dataclasses.replace(SMALL, workers=workers)
+        out = tmp_path / f"w{workers}"
+        manifest, dets = write_corpus(cfg, 0, out)
+        write_aflw19(cfg, 0, out / "aflw19")
+        files = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        outputs.append((manifest, dets, files))
+    (m1, d1, f1), (m2, d2, f2) = outputs
+    pd.testing.assert_frame_equal(m1, m2)
+    pd.testing.assert_frame_equal(d1, d2)
+    assert f1.keys() == f2.keys() and all(f1[k] == f2[k] for k in f1)

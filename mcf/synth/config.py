@@ -41,6 +41,7 @@ class SynthConfig:
     lapa: LapaSynthConfig = field(default_factory=LapaSynthConfig)
     difficulty: float = param(0.5, ge=0.0, le=1.0)  # scales pose range, occluders, blur and noise
     jpeg_quality: tuple[int, int] = (70, 95)  # inclusive range of JPEG qualities
+    workers: int = param(2, ge=1)  # render processes; every image is the same for any count
 
     def __post_init__(self) -> None:
         lo, hi = self.jpeg_quality

@@ -10,10 +10,13 @@ is written to ``synthface_identities.csv`` beside each tree for identity probes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
-from collections.abc import Iterator
+import multiprocessing
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -23,9 +26,10 @@ from tqdm import tqdm
 
 from mcf.synth.config import SynthConfig
 from mcf.synth.identity import KIND_AFLW, KIND_CORPUS, KIND_LAPA, KIND_SPLIT, sample_identity
-from mcf.synth.render import FaceSample, render_face, render_scene
+from mcf.synth.render import FaceSample, Scene, render_face, render_scene
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 IDENTITIES_CSV = "synthface_identities.csv"
 AFLW_FOLDERS = ("0", "2", "3")  # the real tree's data/flickr sub-folders
 LAPA_SPLITS = ("train", "val", "test")
@@ -43,6 +47,23 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _ordered(render: Callable[[int], T], n: int, workers: int, desc: str) -> Iterator[T]:
+    """``render(i)`` for i in 0..n-1, in order, on ``workers`` processes (each image is independent)."""
+    bar = functools.partial(tqdm, total=n, desc=desc, unit="img")
+    if workers == 1 or n < 2:
+        yield from bar(map(render, range(n)))
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from bar(pool.imap(render, range(n), chunksize=8))
+
+
+def _render_scene(cfg: SynthConfig, seed: int, i: int) -> tuple[bytes, Scene]:
+    rng = np.random.default_rng([seed, KIND_CORPUS, i])
+    ids = rng.integers(0, cfg.n_identities, int(rng.integers(1, cfg.max_faces + 1)))
+    scene = render_scene(cfg, rng, [sample_identity(seed, int(j)) for j in ids], cfg.scene_size)
+    return _jpeg(scene.image, scene.jpeg_quality), scene
+
+
 def write_corpus(cfg: SynthConfig, seed: int, out_dir: Path,
                  image_subdir: str = "images") -> tuple[pd.DataFrame, pd.DataFrame]:
     """Render the pre-training scenes to ``out_dir/<image_subdir>/<sample_id>.jpg``.
@@ -55,11 +76,8 @@ def write_corpus(cfg: SynthConfig, seed: int, out_dir: Path,
     """
     out_dir = Path(out_dir)
     rows, dets = [], []
-    for i in tqdm(range(cfg.n_scenes), desc="synth corpus", unit="img"):
-        rng = np.random.default_rng([seed, KIND_CORPUS, i])
-        ids = rng.integers(0, cfg.n_identities, int(rng.integers(1, cfg.max_faces + 1)))
-        scene = render_scene(cfg, rng, [sample_identity(seed, int(j)) for j in ids], cfg.scene_size)
-        data = _jpeg(scene.image, scene.jpeg_quality)
+    render = functools.partial(_render_scene, cfg, seed)
+    for i, (data, scene) in enumerate(_ordered(render, cfg.n_scenes, cfg.workers, "synth corpus")):
         sample_id = f"synth-{i:07d}"
         rel = f"{image_subdir}/{sample_id}.jpg"
         _write(out_dir / rel, data)
@@ -75,12 +93,16 @@ def write_corpus(cfg: SynthConfig, seed: int, out_dir: Path,
     return pd.DataFrame(rows), pd.DataFrame(dets, columns=["sample_id", "face", "box", "landmarks", "score"])
 
 
+def _render_face(cfg: SynthConfig, seed: int, kind: int, size: int, i: int) -> FaceSample:
+    rng = np.random.default_rng([seed, kind, i])
+    return render_face(cfg, rng, sample_identity(seed, i % cfg.n_identities), size)
+
+
 def _faces(cfg: SynthConfig, seed: int, kind: int, n: int, size: int,
            desc: str) -> Iterator[tuple[int, FaceSample]]:
     """Yield ``(index, FaceSample)`` for the ``n`` images of one set."""
-    for i in tqdm(range(n), desc=desc, unit="img"):
-        rng = np.random.default_rng([seed, kind, i])
-        yield i, render_face(cfg, rng, sample_identity(seed, i % cfg.n_identities), size)
+    render = functools.partial(_render_face, cfg, seed, kind, size)
+    yield from enumerate(_ordered(render, n, cfg.workers, desc))
 
 
 def write_aflw19(cfg: SynthConfig, seed: int, out_dir: Path) -> None:
