@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,13 +32,16 @@ from dvc.stage import PipelineStage
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import State
+from prefect.client.schemas.objects import State, TaskRun
 from prefect.futures import PrefectFuture, wait
+
+from mcf.report import markdown_summary
 
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
 GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing"})
 RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a transient error
 RETRY_DELAY_S = 30
+PARAMS_ERROR = 2  # `mcf <stage>` exits 2 when it rejects its params: a rerun would fail the same way
 TAIL_LINES = 40
 # DVC unlocks the repository while a stage's command runs, so independent stages run side by side and
 # wait only for each other's short bookkeeping (checks, dvc.lock updates)
@@ -46,10 +50,13 @@ Outcome = Literal["ran", "restored", "unchanged"]
 
 
 class StageFailed(RuntimeError):
-    """A stage failed; the message names it and says why (for ``dvc repro``, the tail of its log)."""
+    """A stage failed; the message names it and says why (for ``dvc repro``, the tail of its log).
 
-    def __init__(self, stage: str, detail: str) -> None:
-        self.stage = stage
+    ``exit_code`` is the stage command's own exit status, as DVC reports it, when it got that far.
+    """
+
+    def __init__(self, stage: str, detail: str, exit_code: int | None = None) -> None:
+        self.stage, self.exit_code = stage, exit_code
         super().__init__(f"stage {stage!r} failed: {detail}")
 
 
@@ -129,8 +136,17 @@ def repro(stage: str) -> StageRun:
             raise
     if proc.returncode:
         lines = "\n".join(tail)
-        raise StageFailed(stage, f"`dvc repro` exited {proc.returncode}; its last lines:\n{lines}")
+        # DVC's StageCmdFailedError: "failed to run: <cmd>, exited with <status>"
+        status = re.findall(r"failed to run: .*, exited with (-?\d+)", lines)
+        raise StageFailed(stage, f"`dvc repro` exited {proc.returncode}; its last lines:\n{lines}",
+                          int(status[-1]) if status else None)
     return StageRun(stage, outcome, round(time.monotonic() - start, 1))
+
+
+def retry_condition(_task: Task, _task_run: TaskRun, state: State) -> bool:
+    """Retry a failed I/O stage unless its command rejected its params: a typo is not a transient error."""
+    error = state.result(raise_on_failure=False)
+    return not (isinstance(error, StageFailed) and error.exit_code == PARAMS_ERROR)
 
 
 def stage_task(stage: str) -> Task[[str], StageRun]:
@@ -144,7 +160,8 @@ def stage_task(stage: str) -> Task[[str], StageRun]:
     if base in GPU_STAGES:
         tags |= {"gpu", f"gpu-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"}
     retries = RETRIES.get(base, 0)
-    return repro.with_options(tags=sorted(tags), retries=retries, retry_delay_seconds=RETRY_DELAY_S)
+    return repro.with_options(tags=sorted(tags), retries=retries, retry_delay_seconds=RETRY_DELAY_S,
+                              retry_condition_fn=retry_condition)
 
 
 def _dvc(*args: str) -> str:
@@ -291,5 +308,8 @@ def mcf(
     if rows:
         create_table_artifact(rows, key="mcf-metrics", description="metrics files from dvc.yaml")
     create_markdown_artifact(summary(params_file, states), key="mcf-summary")
+    # the run's metrics beside the paper's, each labelled with its dataset (a note when evaluate did not run)
+    create_markdown_artifact(markdown_summary(root, params_file), key="mcf-report",
+                             description="mcf report's summary; `mcf report` draws the full page")
     _raise_failures(states)
     return [asdict(state.result()) for state in states.values()]

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
 
 for _key, _value in {
     "DVC_NO_ANALYTICS": "1",
@@ -15,3 +24,78 @@ for _key, _value in {
     "AWS_DEFAULT_REGION": "us-east-1",
 }.items():
     os.environ.setdefault(_key, _value)
+
+
+class PrefectServer:
+    """A real ``prefect server start`` on 127.0.0.1 (SQLite under ``home``), shared by all Prefect tests.
+
+    Starting one costs ~10 s of CPU (imports, database migrations), so tests/test_flow.py's in-process
+    flows and tests/test_prefect_deploy.py's CLI and workers use the same one. ``env`` reaches it from a
+    subprocess; ``start`` runs a long-lived process (a worker) that is stopped at the latest with the server.
+    """
+
+    def __init__(self, home: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.home, self.api = home, f"http://127.0.0.1:{port}/api"
+        self.env = {
+            **os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_CLI_PROMPT": "false", "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
+        }
+        for key in ("PREFECT_API_KEY", "MCF_REPO"):
+            self.env.pop(key, None)
+        self.procs: list[subprocess.Popen] = []
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+        self.server = self.start(cmd, home / "server.log", self.env)
+
+    def start(self, cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+        """``cmd`` in its own session, so that stopping it stops its children too."""
+        with log.open("w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen) -> None:
+        """SIGTERM to the process group, SIGKILL if it has not exited 15 s later."""
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+                return
+            except ProcessLookupError:
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.poll() is not None:
+                break
+            try:
+                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        log = (self.home / "server.log").read_text()[-3000:]
+        pytest.fail(f"prefect server not healthy (exit code {self.server.poll()}):\n{log}")
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """One Prefect server for the session; every process started through it is stopped at the end."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        for proc in reversed(server.procs):
+            server.stop(proc)
+    assert all(proc.poll() is not None for proc in server.procs)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import yaml
@@ -19,7 +20,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.pipeline import StageFailed, mcf, plan, stage_task  # noqa: E402
+from flows.pipeline import PARAMS_ERROR, StageFailed, mcf, plan, retry_condition, stage_task  # noqa: E402
+
+if TYPE_CHECKING:
+    from conftest import PrefectServer
 
 pytestmark = pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning")  # inside DVC
 
@@ -80,13 +84,20 @@ def _git(repo: Path, *args: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One temporary Prefect API (SQLite, 127.0.0.1) with its own PREFECT_HOME for the whole session."""
-    from prefect.settings import PREFECT_HOME, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(prefect_server: PrefectServer) -> Iterator[None]:
+    """This process's flows report to the session's Prefect server (tests/conftest.py).
 
-    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}), prefect_test_harness():
+    The server is the one tests/test_prefect_deploy.py drives: one server start (~10 s of CPU) instead
+    of a second one from ``prefect_test_harness``.
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server.api, PREFECT_HOME: prefect_server.home}):
         yield
+        APILogWorker.drain_all()  # the last logs and events reach the server before it stops
+        EventsWorker.drain_all()
 
 
 @pytest.fixture
@@ -117,8 +128,15 @@ def test_plan_follows_the_dag_and_pulls_in_upstream(project: Path) -> None:
 
 
 def test_stage_tasks_retry_io_and_tag_gpu() -> None:
+    from prefect.states import Failed
+
     fetch, finetune = stage_task("fetch"), stage_task("finetune_alignment@scratch")
     assert fetch.retries == 2 and "gpu" not in fetch.tags
+    # a transient failure is retried; rejected params (`mcf` exits 2) fail at once
+    failed = {code: Failed(data=StageFailed("fetch", "...", code)) for code in (1, PARAMS_ERROR, None)}
+    assert fetch.retry_condition_fn is retry_condition
+    assert retry_condition(fetch, None, failed[1]) and retry_condition(fetch, None, failed[None])
+    assert not retry_condition(fetch, None, failed[PARAMS_ERROR])
     assert finetune.retries == 0 and {"gpu", "finetune_alignment", "dvc"} <= finetune.tags
     assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
 
@@ -128,7 +146,7 @@ def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.Monke
     assert {"gpu", "gpu-3"} <= stage_task("teacher").tags
 
 
-def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_harness: None, project: Path) -> None:
+def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None, project: Path) -> None:
     from prefect.artifacts import Artifact
 
     assert set(_outcomes(mcf()).values()) == {"ran"}
@@ -136,6 +154,7 @@ def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_harness: 
     table = json.loads(Artifact.get("mcf-metrics").data)
     assert {"file": "metrics.json", "metric": "total", "value": 6} in table
     assert "| `train@b` | ran |" in Artifact.get("mcf-summary").data
+    assert "# mcf run summary" in Artifact.get("mcf-report").data  # mcf.report's (no evaluate metrics here)
 
     # A second profile: applied for the run only, recorded in dvc.lock, params.yaml left as committed.
     committed = (project / "params.yaml").read_bytes()
@@ -155,7 +174,7 @@ def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_harness: 
     assert status.returncode == 0  # the plain DVC view agrees: nothing left to do
 
 
-def test_failed_stage_names_itself_with_its_log_tail(prefect_harness: None, project: Path) -> None:
+def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project: Path) -> None:
     from prefect.artifacts import Artifact
 
     (project / "params.broken.yaml").write_text(yaml.safe_dump({**PARAMS, "train": {"fail": ["a"]}}))
@@ -165,6 +184,7 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_harness: None, proj
     with pytest.raises(StageFailed) as caught:
         state.result()
     message = str(caught.value)
+    assert caught.value.exit_code == 1  # the stage command's own status, read from DVC's report
     assert "train log line 59" in message and "train: diverged" in message
     assert "train log line 10\n" not in message  # only the tail, not the whole log
     assert not (project / "out/train_a.txt").exists()
@@ -175,12 +195,12 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_harness: None, proj
     assert "| `evaluate` | not run (upstream failed) |" in table
 
 
-def test_missing_params_file_is_named(prefect_harness: None, project: Path) -> None:
+def test_missing_params_file_is_named(prefect_api: None, project: Path) -> None:
     state = mcf(params_file="params.nope.yaml", return_state=True)
     assert state.is_failed() and "params.nope.yaml" in state.message
 
 
-def test_crop_on_dask_matches_the_serial_stage(prefect_harness: None, tmp_path: Path) -> None:
+def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path) -> None:
     import dataclasses
 
     import pandas as pd

@@ -1,32 +1,37 @@
-"""Deployment ``mcf/full`` end to end: real Prefect server, work pool, ``prefect deploy``, worker, runs.
+"""Deployment ``mcf/full`` end to end: real Prefect server, work pool, ``prefect deploy``, workers, runs.
 
-Everything binds 127.0.0.1 and lives in temporary folders (PREFECT_HOME with its SQLite database, a copy
-of this checkout's tracked files as the worker's MCF_REPO). The pipeline runs the real ``dvc.yaml`` on a
-tiny params profile built from the committed ``params.yaml``.
+Everything binds 127.0.0.1 and lives in temporary folders (the session's server from tests/conftest.py
+with PREFECT_HOME and its SQLite database; copies of this checkout's tracked files as each worker's
+MCF_REPO). Worker ``gpu-0`` runs the real ``dvc.yaml`` on a tiny params profile built from the committed
+``params.yaml``; meanwhile worker ``gpu-1``, in a checkout of its own as the README sets up one per GPU,
+runs a pipeline whose first stage is made to fail.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 import yaml
 
-from mcf.params import load
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flows.pipeline import RETRY_DELAY_S  # noqa: E402
+
+if TYPE_CHECKING:
+    from conftest import PrefectServer
+
 PREFECT = [sys.executable, "-m", "prefect"]
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -37,6 +42,7 @@ TINY: dict[str, Any] = {
     "fetch.synthetic.n_scenes": 16,
     "fetch.synthetic.scene_size": 96,
     "fetch.synthetic.n_identities": 8,
+    "fetch.synthetic.workers": 1,
     "fetch.synthetic.aflw": {"n_train": 8, "n_test": 4, "image_size": 64},
     "fetch.synthetic.lapa": {"n_train": 8, "n_val": 4, "n_test": 4, "image_size": 64},
     "crop.size": 32,
@@ -93,46 +99,6 @@ def tiny_profile(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    """A long-running process in its own session, so that its whole process group can be stopped."""
-    with log.open("w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_healthy(api: str, server: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"prefect server exited {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"prefect server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 def _copy_checkout(dest: Path) -> None:
     """This checkout's tracked files as they are on disk, committed into a fresh repository."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
@@ -145,23 +111,60 @@ def _copy_checkout(dest: Path) -> None:
         subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
 
 
-class Prefect:
-    """The CLI and REST API of the server started for this module."""
+class Watch:
+    """``prefect deployment run <name> --watch``, running in the background until :meth:`result`."""
 
-    def __init__(self, api: str, env: dict[str, str], repo: Path) -> None:
-        self.api, self.env, self.repo = api, env, repo
+    def __init__(self, prefect: Prefect, name: str, params: dict[str, Any]) -> None:
+        self.api = prefect.api
+        self.out = Path(tempfile.mkstemp(prefix="watch-", suffix=".log", dir=prefect.tmp)[1])
+        args = [f"--param={key}={json.dumps(value)}" for key, value in params.items()]
+        cmd = [*PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", "600", *args]
+        with self.out.open("w") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=prefect.env,
+                                         cwd=prefect.repo, text=True)
+
+    def run_id(self, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while not (found := re.search(r"UUID: ([0-9a-f-]{36})", self.out.read_text())):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.out.read_text()
+            time.sleep(0.2)
+        return found[1]
+
+    def claimed(self, timeout: float = 120) -> None:
+        """Wait until a worker has taken the run (it is no longer Scheduled)."""
+        deadline = time.monotonic() + timeout
+        while self.state()["type"] == "SCHEDULED":
+            assert time.monotonic() < deadline, f"no worker took flow run {self.run_id()}"
+            time.sleep(0.2)
+
+    def state(self) -> dict:
+        return httpx.get(f"{self.api}/flow_runs/{self.run_id()}", timeout=10).json()["state"]
+
+    def result(self) -> tuple[int, str, dict]:
+        """The CLI's exit status and output, and the flow run record, once the run is final."""
+        self.proc.wait(660)
+        run = httpx.get(f"{self.api}/flow_runs/{self.run_id()}", timeout=10).json()
+        return self.proc.returncode, self.out.read_text(), run
+
+
+class Prefect:
+    """The CLI and REST API of the session's server, with the work pool and deployments of ``repo``."""
+
+    def __init__(self, server: PrefectServer, tmp: Path) -> None:
+        self.server, self.tmp, self.api, self.repo = server, tmp, server.api, tmp / "repo"
+        self.env = {**server.env, "PREFECT_WORKER_QUERY_SECONDS": "1"}
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([*PREFECT, *args], env=self.env, cwd=self.repo, capture_output=True, text=True,
                               timeout=timeout)
 
-    def run_deployment(self, name: str, **params: Any) -> tuple[subprocess.CompletedProcess, dict]:
-        """``prefect deployment run <name> --watch``; returns the CLI result and the flow run record."""
-        args = [f"--param={key}={json.dumps(value)}" for key, value in params.items()]
-        done = self.cli("deployment", "run", name, "--watch", "--watch-timeout", "600", *args, timeout=660)
-        found = re.search(r"UUID: ([0-9a-f-]{36})", done.stdout)
-        assert found, f"no flow run id in:\n{done.stdout}\n{done.stderr}"
-        return done, httpx.get(f"{self.api}/flow_runs/{found[1]}", timeout=10).json()
+    def worker(self, name: str, repo: Path) -> subprocess.Popen:
+        """``prefect worker start`` on pool ``gpu``, one run at a time, in checkout ``repo`` (MCF_REPO)."""
+        cmd = [*PREFECT, "worker", "start", "--pool", "gpu", "--name", name, "--limit", "1"]
+        return self.server.start(cmd, self.tmp / f"{name}.log", {**self.env, "MCF_REPO": str(repo)})
+
+    def run_deployment(self, name: str, **params: Any) -> Watch:
+        return Watch(self, name, params)
 
     def artifact(self, run: dict, key: str) -> dict | None:
         """The artifact ``key`` that flow run ``run`` created, if any."""
@@ -171,57 +174,65 @@ class Prefect:
 
 
 @pytest.fixture(scope="module")
-def prefect(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
-    """Server -> pool ``gpu`` -> ``prefect deploy --all`` -> one worker, on 127.0.0.1."""
-    tmp = tmp_path_factory.mktemp("prefect-deploy")
-    repo = tmp / "repo"
-    repo.mkdir()
-    _copy_checkout(repo)
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ, "PREFECT_HOME": str(tmp / "home"), "PREFECT_API_URL": api,
-        "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_ENABLED": "false",
-        "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "PREFECT_CLI_PROMPT": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1",
-    }
-    for key in ("PREFECT_API_KEY", "MCF_REPO"):
-        env.pop(key, None)
-    server = _start([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                    tmp / "server.log", env, tmp)
-    procs = [server]
+def prefect(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
+    """Pool ``gpu`` -> ``prefect deploy --all`` -> worker ``gpu-0`` in a copy of this checkout."""
+    client = Prefect(prefect_server, tmp_path_factory.mktemp("prefect-deploy"))
+    client.repo.mkdir()
+    _copy_checkout(client.repo)
+    for args in (("work-pool", "create", "gpu", "--type", "process"), ("deploy", "--all", "--no-prompt")):
+        done = client.cli(*args)  # MCF_REPO unset: `{{ $MCF_REPO }}` is kept for the worker
+        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    # the worker runs elsewhere: the deployment's pull step finds the checkout through MCF_REPO
+    worker = client.worker("gpu-0", client.repo)
     try:
-        _wait_healthy(api, server, tmp / "server.log")
-        client = Prefect(api, env, repo)
-        for args in (("work-pool", "create", "gpu", "--type", "process"), ("deploy", "--all", "--no-prompt")):
-            done = client.cli(*args)  # MCF_REPO unset: `{{ $MCF_REPO }}` is kept for the worker
-            assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-        # the worker runs elsewhere: the deployment's pull step finds the checkout through MCF_REPO
-        worker = [*PREFECT, "worker", "start", "--pool", "gpu", "--name", "gpu-0", "--limit", "1"]
-        procs.append(_start(worker, tmp / "worker.log", {**env, "MCF_REPO": str(repo)}, tmp))
         yield client
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
-    for proc in procs:
-        assert proc.poll() is not None
+        prefect_server.stop(worker)
 
 
 @pytest.fixture(scope="module")
-def tiny_run(prefect: Prefect) -> dict:
-    """``mcf/full`` on the tiny profile: every stage of dvc.yaml, on the worker."""
+def tiny_run(prefect: Prefect) -> Iterator[Watch]:
+    """``mcf/full`` on the tiny profile (every stage of dvc.yaml), taken by worker ``gpu-0``.
+
+    It runs in the background while the failing run is checked on a second worker. A tiny value that
+    the committed params.yaml no longer accepts fails its stage, with a message naming the key.
+    """
     committed = yaml.safe_load((prefect.repo / "params.yaml").read_text())
     (prefect.repo / "params.tiny.yaml").write_text(yaml.safe_dump(tiny_profile(committed)))
-    load(None, prefect.repo / "params.tiny.yaml")  # a bad tiny value fails here, by name
     # crop fans out on a local Dask cluster inside the flow run, and is recorded in dvc.lock
-    done, run = prefect.run_deployment("mcf/full", params_file="params.tiny.yaml", crop_on_dask=True)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    return run
+    watch = prefect.run_deployment("mcf/full", params_file="params.tiny.yaml", crop_on_dask=True)
+    try:
+        watch.claimed()
+        yield watch
+    finally:
+        watch.proc.wait(660)  # a run left going would outlive the worker
 
 
-def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_run: dict) -> None:
-    assert tiny_run["state"]["type"] == "COMPLETED"
+def test_failed_stage_fails_the_run_and_names_the_stage(prefect: Prefect, tiny_run: Watch) -> None:
+    # a second worker with its own checkout (README: one per GPU) takes this run: gpu-0 is busy
+    repo = prefect.tmp / "repo-1"
+    subprocess.run(["git", "clone", "-q", str(prefect.repo), str(repo)], check=True, capture_output=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    victim = next(iter(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]))
+    # `mcf <stage>` rejects an unknown key (exit 2), which is not retried: the first stage fails at once
+    params[victim]["no_such_key"] = 1
+    (repo / "params.broken.yaml").write_text(yaml.safe_dump(params))  # only this checkout has it
+    worker = prefect.worker("gpu-1", repo)
+    try:
+        code, log, run = prefect.run_deployment("mcf/full", params_file="params.broken.yaml").result()
+    finally:
+        prefect.server.stop(worker)
+    assert code == 1, log[-4000:]
+    assert run["state"]["type"] == "FAILED"
+    message = run["state"]["message"]
+    assert f"stage '{victim}" in message and "no_such_key" in message and "exited with 2" in message, message
+    assert run["total_run_time"] < RETRY_DELAY_S, run["total_run_time"]  # no retry waited for
+    assert not (repo / "dvc.lock").exists() and tiny_run.state()["type"] != "FAILED"
+
+
+def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_run: Watch) -> None:
+    code, log, run = tiny_run.result()
+    assert code == 0 and run["state"]["type"] == "COMPLETED", log[-6000:]
     lock = yaml.safe_load((prefect.repo / "dvc.lock").read_text())
     dvc_yaml = yaml.safe_load((prefect.repo / "dvc.yaml").read_text())["stages"]
     for name in dvc_yaml:  # every stage ran (foreach/matrix stages as name@item)
@@ -238,7 +249,7 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
     deployment = httpx.get(f"{prefect.api}/deployments/name/mcf/full", timeout=10).json()
     pull = deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
     assert pull["directory"] == "{{ $MCF_REPO }}"
-    summary = prefect.artifact(tiny_run, "mcf-summary")
+    summary = prefect.artifact(run, "mcf-summary")
     assert summary and "| `fetch` | ran |" in summary["data"] and "| `crop` | ran |" in summary["data"]
     # with the tiny profile back in place, plain DVC finds nothing to do (crop on Dask included)
     shutil.copyfile(prefect.repo / "params.tiny.yaml", prefect.repo / "params.yaml")
@@ -248,20 +259,8 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
         (prefect.repo / "params.yaml").write_bytes(committed)
     assert set(json.loads(status.stdout)) <= {"data.dvc"}, status.stdout  # data/: user-supplied, not here
     if "evaluate" in dvc_yaml:
-        metrics = prefect.artifact(tiny_run, "mcf-metrics")
+        metrics = prefect.artifact(run, "mcf-metrics")
         assert metrics and "nme" in metrics["data"].lower()
+        report = prefect.artifact(run, "mcf-report")  # the metrics beside the paper's, labelled SynthFace
+        assert report and "this run: mcf" in report["data"] and "SynthFace" in report["data"], report
 
-
-def test_failed_stage_fails_the_run_and_names_the_stage(prefect: Prefect, tiny_run: dict) -> None:
-    params = yaml.safe_load((prefect.repo / "params.tiny.yaml").read_text())
-    stages = list(yaml.safe_load((prefect.repo / "dvc.yaml").read_text())["stages"])
-    victim = next((s for s in stages if s != "fetch" and isinstance(params.get(s), dict)), "fetch")
-    # `mcf <stage>` rejects unknown keys; fetch's params are unchanged, so DVC skips it and
-    # the victim is the first stage to run (and fetch's retries do not slow this test down)
-    params[victim]["no_such_key"] = 1
-    (prefect.repo / "params.broken.yaml").write_text(yaml.safe_dump(params))
-    done, run = prefect.run_deployment("mcf/full", params_file="params.broken.yaml")
-    assert done.returncode == 1, done.stdout[-4000:]
-    assert run["state"]["type"] == "FAILED"
-    message = run["state"]["message"]
-    assert f"stage '{victim}" in message and "no_such_key" in message, message
