@@ -32,7 +32,8 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvaluateConfig,
         main_alignment(Common(seed=0), align, variant)
         main_parsing(Common(seed=0), parse, variant)
     cfg = EvaluateConfig(
-        alignment=align.out, parsing=parse.out, backbone=str(root / "backbone"), out=str(root / "evaluate"),
+        alignment=align.out, parsing=parse.out, backbone=str(root / "backbone"),
+        scratch_backbone=str(root / "backbone_init"), out=str(root / "evaluate"),
         metrics=str(root / "metrics" / "evaluate.json"), overlays=2,
     )
     main(Common(seed=0), cfg)

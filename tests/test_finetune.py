@@ -42,12 +42,14 @@ def write_fixture(root: Path) -> Path:
     write_lapa(SYNTH, 0, root / "lapa")
     torch.manual_seed(123)  # not the fine-tuning seed: "mcf" and "scratch" must start apart
     save_backbone(create_backbone(TINY), TINY, root / "backbone")
+    save_backbone(create_backbone(TINY), TINY, root / "backbone_init")
     return root
 
 
 def tiny_configs(root: Path, epochs: int = 1) -> tuple[AlignmentConfig, ParsingConfig]:
     """CPU-tiny fine-tuning configs on the fixture under ``root``."""
-    common = {"backbone": str(root / "backbone"), "blocks": [0, 1, 2, 3], "channels": 8, "epochs": epochs,
+    common = {"backbone": str(root / "backbone"), "scratch_backbone": str(root / "backbone_init"),
+              "blocks": [0, 1, 2, 3], "channels": 8, "epochs": epochs,
               "batch_size": 4}
     aflw = AFLW19Config(root=str(root / "aflw19"), n_train=16, size=32, crop_size=48)
     lapa = LaPaConfig(root=str(root / "lapa"), size=32, label_size=32, warp_size=64)

@@ -25,7 +25,7 @@ from mcf.errors import StageError
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import export_backbone
-from mcf.models.teacher import FeatureTeacher
+from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -137,6 +137,12 @@ def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:
     assert not Path(cfg.resume_dir).exists()  # finished runs leave no resume state
     backbone = load_backbone(out / "backbone")
     assert backbone.embed_dim == 32
+    # the scratch baseline is the encoder exactly as pre-training initialised it (same seed, same init)
+    torch.manual_seed(common.seed)
+    start = MCF(cfg.model, load_teacher(f"mcf:{cfg.teacher}", cfg.model.backbone)).encoder
+    init = load_backbone(out / "backbone_init")
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in init.state_dict().items())
+    assert not torch.equal(init.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["model"])
     assert {"momentum_encoder.cls_token", "projector.0.weight", "predictor.0.weight"} <= set(ckpt["model"])

@@ -61,7 +61,8 @@ class EvaluateConfig:
 
     alignment: str = "outputs/finetune_alignment"  # holds <variant>/model.pt
     parsing: str = "outputs/finetune_parsing"
-    backbone: str = "outputs/pretrain/backbone"  # the export the probes read
+    backbone: str = "outputs/pretrain/backbone"  # the exports the probes read: mcf (pre-trained) ...
+    scratch_backbone: str = "outputs/pretrain/backbone_init"  # ... and scratch (pre-training's init)
     out: str = "outputs/evaluate"
     metrics: str = "metrics/evaluate.json"
     variants: list[str] = param(["mcf", "scratch"])
@@ -253,9 +254,9 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
         if cfg.probe.enabled:
             _, meta = load_finetuned(Path(cfg.alignment) / cfg.variants[0] / "model.pt")
             data = AFLW19Config(**meta["data"])
-            results["probe"] = run_probes(
-                cfg.backbone, cfg.variants, data, cfg.probe, cfg.batch_size, common.seed
-            )
+            exports = {"mcf": cfg.backbone, "scratch": cfg.scratch_backbone}
+            exports = {v: exports[v] for v in cfg.variants}
+            results["probe"] = run_probes(exports, data, cfg.probe, cfg.batch_size)
         with atomic_file(cfg.metrics) as tmp:
             tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     log.info("evaluate: metrics -> %s, outputs -> %s", cfg.metrics, cfg.out)

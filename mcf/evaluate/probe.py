@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mcf.data.aflw19 import AFLW19, AFLW19Config, to_original
 from mcf.evaluate.metrics import nme
-from mcf.models.heads import build_backbone
+from mcf.models.backbone import load_backbone
 from mcf.params import param
 from mcf.synth.writers import IDENTITIES_CSV  # SynthFace's name → identity table
 
@@ -103,18 +103,17 @@ def read_identities(root: str | Path) -> dict[str, int] | None:
 
 
 def run_probes(
-    export_dir: str, variants: list[str], data: AFLW19Config, cfg: ProbeConfig, batch_size: int, seed: int
+    exports: dict[str, str], data: AFLW19Config, cfg: ProbeConfig, batch_size: int
 ) -> dict[str, dict[str, float | None]]:
-    """Probe each variant's frozen backbone (``scratch``: random, seeded) on AFLW-19 train → full test.
+    """Probe each variant's frozen backbone (``{variant: export dir}``) on AFLW-19 train → full test.
 
     Returns ``{variant: {"nme_diag": ×100, "identity_accuracy": ×100 or None}}``.
     """
     train, test = AFLW19(data, "train"), AFLW19(data, "full")
     identities = read_identities(data.root)
     results: dict[str, dict[str, float | None]] = {}
-    for variant in variants:
-        torch.manual_seed(seed)
-        backbone = build_backbone(variant, export_dir, data.size)  # type: ignore[arg-type]
+    for variant, export_dir in exports.items():
+        backbone = load_backbone(export_dir, img_size=data.size)
         x_train, tr = pooled_features(backbone, train, batch_size)
         x_test, te = pooled_features(backbone, test, batch_size)
         points = fit_landmarks(x_train, tr["landmarks"], x_test, cfg.ridge_alpha)

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone
-
 Variant = Literal["mcf", "scratch"]
 
 
@@ -141,18 +139,6 @@ def backbone_spec(export_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no exported backbone at {path} (run the pretrain stage first)")
     return json.loads(path.read_text())
-
-
-def build_backbone(variant: Variant, export_dir: str | Path, img_size: int) -> nn.Module:
-    """The pre-trained export (``mcf``) or the same architecture randomly initialised (``scratch``)."""
-    if variant == "mcf":
-        return load_backbone(export_dir, img_size=img_size)
-    if variant == "scratch":
-        kwargs = backbone_spec(export_dir)["kwargs"]
-        names = {f.name for f in dataclasses.fields(BackboneConfig)}
-        cfg = BackboneConfig(**{k: v for k, v in kwargs.items() if k in names})
-        return create_backbone(dataclasses.replace(cfg, img_size=img_size))
-    raise ValueError(f"variant must be 'mcf' or 'scratch', got {variant!r}")
 
 
 def soft_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Stages ``finetune_alignment`` and ``finetune_parsing``: the FaRL downstream protocol (PROTOCOL.md §3–4).
 
 The same loop serves both tasks and both variants (``mcf``: the pre-trained export; ``scratch``: the same
-ViT randomly initialised), so the only difference between the variants is the backbone's weights.
+ViT as pre-training initialised it, before any step), so the only difference between the variants is
+what pre-training did to the backbone's weights.
 
 Output folder ``<out>/<variant>/``:
 
@@ -36,7 +37,8 @@ from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
 from mcf.io import atomic_dir, atomic_file
-from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, backbone_spec, build_backbone, soft_argmax
+from mcf.models.backbone import load_backbone
+from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, backbone_spec, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.ema import EMA
@@ -52,7 +54,8 @@ LossFn = Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tenso
 class FinetuneConfig:
     """What both fine-tuning stages share. Defaults: the paper's optimiser, a CPU-sized model."""
 
-    backbone: str = "outputs/pretrain/backbone"  # export read by both variants (architecture, weights)
+    backbone: str = "outputs/pretrain/backbone"  # the `mcf` variant's export (architecture, weights)
+    scratch_backbone: str = "outputs/pretrain/backbone_init"  # `scratch`: pre-training's initial weights
     out: str = "outputs/finetune_alignment"  # the variant is a subfolder
     live: str = "metrics/finetune_alignment"  # dvclive curves per variant: committed, uncached
     blocks: list[int] = param([1, 2, 3, 5])  # ViT blocks (0-based) feeding the neck; paper [3, 5, 7, 11]
@@ -143,9 +146,14 @@ def lr_factor(step: int, total: int, cfg: FinetuneConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def export_dir(variant: Variant, cfg: FinetuneConfig) -> str:
+    """The backbone export a variant starts from."""
+    return cfg.backbone if variant == "mcf" else cfg.scratch_backbone
+
+
 def build_model(task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig) -> DenseFaceModel:
     """The dense model on the chosen backbone; the backbone is frozen (eval, no grad) if asked."""
-    backbone = build_backbone(variant, cfg.backbone, cfg.data.size)
+    backbone = load_backbone(export_dir(variant, cfg), img_size=cfg.data.size)
     head = HeadConfig(blocks=tuple(cfg.blocks), channels=cfg.channels, num_outputs=NUM_OUTPUTS[task])
     model = DenseFaceModel(backbone, head)
     if isinstance(cfg, AlignmentConfig) and cfg.heatmap_prior:
@@ -256,7 +264,8 @@ def load_finetuned(path: str | Path) -> tuple[DenseFaceModel, dict[str, Any]]:
 def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, variant: Variant) -> None:
     """Gate the training data, fine-tune, and write ``<out>/<variant>/`` atomically."""
     stage = f"finetune_{task}"
-    require_path(cfg.backbone, f"{stage}.backbone")
+    key = "backbone" if variant == "mcf" else "scratch_backbone"
+    require_path(export_dir(variant, cfg), f"{stage}.{key}")
     require_path(cfg.data.root, f"{stage}.data.root")
     if task == "alignment":
         run_gate(aflw19.table(cfg.data, "train"), "aflw19", stage=stage)

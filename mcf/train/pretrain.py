@@ -6,6 +6,8 @@ trains with :mod:`mcf.train.loop` and writes, in one rename, ``<out>/``:
 - ``checkpoint.pt``: ``{"model": MCF state dict without the teacher, "backbone": BackboneConfig
   fields, "config": MCFConfig fields}`` (``mcf export`` and ``release.py`` read it);
 - ``backbone/``: the online encoder via ``save_backbone`` (what fine-tuning loads);
+- ``backbone_init/``: the same encoder as pre-training initialised it (same seed, MAE's init), the
+  ``scratch`` baseline's weights: MCF against scratch then measures what pre-training added;
 
 and the dvclive metrics and plots to ``live`` (committed, so ``dvc exp show`` and ``dvc metrics diff``
 read them on a clone without the cache).
@@ -17,6 +19,7 @@ before running it, which would otherwise throw away the checkpoint of a killed r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mcf.models.backbone import save_backbone
+from mcf.models.backbone import create_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
 from mcf.params import Common, require_path
@@ -55,8 +58,8 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def export(model: MCF, out: Path) -> None:
-    """Write ``checkpoint.pt`` and ``backbone/`` into the temporary output folder."""
+def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
+    """Write ``checkpoint.pt``, ``backbone/`` and ``backbone_init/`` into the temporary output folder."""
     torch.save(
         {
             "model": model_state(model),
@@ -66,6 +69,9 @@ def export(model: MCF, out: Path) -> None:
         out / "checkpoint.pt",
     )
     save_backbone(model.encoder, model.cfg.backbone, out / "backbone")
+    start = create_backbone(model.cfg.backbone)
+    start.load_state_dict(initial)
+    save_backbone(start, model.cfg.backbone, out / "backbone_init")
 
 
 def main(common: Common, cfg: PretrainConfig) -> None:
@@ -79,10 +85,15 @@ def main(common: Common, cfg: PretrainConfig) -> None:
         require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher")
         identity["teacher"] = file_digest(Path(cfg.teacher) / "backbone.pth")
 
+    initial: dict[str, torch.Tensor] = {}
+
     def build() -> nn.Module:
         teacher = load_teacher(f"mcf:{cfg.teacher}", cfg.model.backbone) if cfg.model.uses_teacher else None
-        return MCF(cfg.model, teacher)
+        model = MCF(cfg.model, teacher)  # built from the seed alone; a resumed run loads its state later
+        initial.update({k: v.clone() for k, v in model.encoder.state_dict().items()})
+        return model
 
     run = Run(common.seed, common.mask_ratio, Path(cfg.resume_dir), identity)
-    train_and_export(build, cfg.data, cfg.train, run, cfg.out, export, cfg.live)
+    write = functools.partial(export, initial=initial)
+    train_and_export(build, cfg.data, cfg.train, run, cfg.out, write, cfg.live)
     log.info("pretrain: wrote %s", cfg.out)
