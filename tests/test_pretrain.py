@@ -241,3 +241,14 @@ def test_every_trainable_parameter_gets_a_gradient(switches: dict) -> None:
     model(torch.randn(4, 3, 32, 32), 0.75)["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
+
+
+def test_equal_weights_export_to_equal_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DVC skips a stage whose deps hash the same: an unchanged backbone_init must not rerun scratch."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(**TINY)
+    model = create_backbone(cfg)
+    for pid, name in ((101, "a"), (202, "b")):  # two runs: their temporary files differ by process id
+        monkeypatch.setattr("os.getpid", lambda pid=pid: pid)
+        save_backbone(model, cfg, tmp_path / name)
+    assert (tmp_path / "a" / "backbone.pth").read_bytes() == (tmp_path / "b" / "backbone.pth").read_bytes()
