@@ -122,6 +122,8 @@ def repro(stage: str) -> StageRun:
     env = {"TQDM_MININTERVAL": "30", **os.environ}  # progress bars: a line every 30 s, not a flood
     # stage commands (`mcf <stage>`) come from this interpreter's environment, whatever the worker's PATH
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # ... and import this checkout's `mcf`, the code DVC hashes as their deps, not the one pip installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")]))
     cmd = [*DVC, "repro", "--single-item", stage]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         try:

@@ -1,4 +1,4 @@
-"""Test set-up: telemetry off, no network, small deterministic data."""
+"""Test set-up: telemetry off, no network, small deterministic data; one server for the Prefect tests."""
 
 from __future__ import annotations
 

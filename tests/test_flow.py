@@ -50,25 +50,27 @@ elif stage == "evaluate":
     Path("metrics.json").write_text(json.dumps({"lines": counts, "total": sum(counts.values())}))
 '''
 
-# evaluate comes first in the file: the flow must take its order from the DAG.
+# evaluate comes first in the file: the flow must take its order from the DAG. `python -P -m stage` finds
+# stage.py only through PYTHONPATH, as the `mcf` console script finds the checkout's package: the flow
+# must put the checkout there, or a stage would run the code pip installed instead of what DVC hashed.
 DVC_YAML = """
 stages:
   evaluate:
-    cmd: python stage.py evaluate
+    cmd: python -P -m stage evaluate
     deps: [stage.py, out/train_a.txt, out/train_b.txt]
     params: [variants]
     metrics:
       - metrics.json:
           cache: false
   fetch:
-    cmd: python stage.py fetch
+    cmd: python -P -m stage fetch
     deps: [stage.py]
     params: [fetch]
     outs: [out/fetch.txt]
   train:
     foreach: ${variants}
     do:
-      cmd: python stage.py train ${item}
+      cmd: python -P -m stage train ${item}
       deps: [stage.py, out/fetch.txt]
       params: [train]
       outs:

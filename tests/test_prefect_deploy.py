@@ -115,7 +115,7 @@ class Watch:
     """``prefect deployment run <name> --watch``, running in the background until :meth:`result`."""
 
     def __init__(self, prefect: Prefect, name: str, params: dict[str, Any]) -> None:
-        self.api = prefect.api
+        self.api, self._id = prefect.api, ""
         self.out = Path(tempfile.mkstemp(prefix="watch-", suffix=".log", dir=prefect.tmp)[1])
         args = [f"--param={key}={json.dumps(value)}" for key, value in params.items()]
         cmd = [*PREFECT, "deployment", "run", name, "--watch", "--watch-timeout", "600", *args]
@@ -123,28 +123,28 @@ class Watch:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=prefect.env,
                                          cwd=prefect.repo, text=True)
 
-    def run_id(self, timeout: float = 120) -> str:
+    def record(self, timeout: float = 120) -> dict:
+        """The flow run as the server has it (its id is the first thing the CLI prints)."""
         deadline = time.monotonic() + timeout
-        while not (found := re.search(r"UUID: ([0-9a-f-]{36})", self.out.read_text())):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.out.read_text()
-            time.sleep(0.2)
-        return found[1]
+        while not self._id:
+            if found := re.search(r"UUID: ([0-9a-f-]{36})", self.out.read_text()):
+                self._id = found[1]
+            else:
+                assert self.proc.poll() is None and time.monotonic() < deadline, self.out.read_text()
+                time.sleep(0.2)
+        return httpx.get(f"{self.api}/flow_runs/{self._id}", timeout=10).json()
 
     def claimed(self, timeout: float = 120) -> None:
         """Wait until a worker has taken the run (it is no longer Scheduled)."""
         deadline = time.monotonic() + timeout
-        while self.state()["type"] == "SCHEDULED":
-            assert time.monotonic() < deadline, f"no worker took flow run {self.run_id()}"
+        while self.record()["state"]["type"] == "SCHEDULED":
+            assert time.monotonic() < deadline, f"no worker took flow run {self._id}"
             time.sleep(0.2)
-
-    def state(self) -> dict:
-        return httpx.get(f"{self.api}/flow_runs/{self.run_id()}", timeout=10).json()["state"]
 
     def result(self) -> tuple[int, str, dict]:
         """The CLI's exit status and output, and the flow run record, once the run is final."""
         self.proc.wait(660)
-        run = httpx.get(f"{self.api}/flow_runs/{self.run_id()}", timeout=10).json()
-        return self.proc.returncode, self.out.read_text(), run
+        return self.proc.returncode, self.out.read_text(), self.record()
 
 
 class Prefect:
@@ -179,12 +179,13 @@ def prefect(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFact
     client = Prefect(prefect_server, tmp_path_factory.mktemp("prefect-deploy"))
     client.repo.mkdir()
     _copy_checkout(client.repo)
-    for args in (("work-pool", "create", "gpu", "--type", "process"), ("deploy", "--all", "--no-prompt")):
-        done = client.cli(*args)  # MCF_REPO unset: `{{ $MCF_REPO }}` is kept for the worker
-        assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    done = client.cli("work-pool", "create", "gpu", "--type", "process")
+    assert done.returncode == 0, f"prefect work-pool create:\n{done.stdout}\n{done.stderr}"
     # the worker runs elsewhere: the deployment's pull step finds the checkout through MCF_REPO
-    worker = client.worker("gpu-0", client.repo)
+    worker = client.worker("gpu-0", client.repo)  # it starts up while `prefect deploy` runs
     try:
+        done = client.cli("deploy", "--all", "--no-prompt")  # MCF_REPO unset: `{{ $MCF_REPO }}` is kept
+        assert done.returncode == 0, f"prefect deploy:\n{done.stdout}\n{done.stderr}"
         yield client
     finally:
         prefect_server.stop(worker)
@@ -227,7 +228,11 @@ def test_failed_stage_fails_the_run_and_names_the_stage(prefect: Prefect, tiny_r
     message = run["state"]["message"]
     assert f"stage '{victim}" in message and "no_such_key" in message and "exited with 2" in message, message
     assert run["total_run_time"] < RETRY_DELAY_S, run["total_run_time"]  # no retry waited for
-    assert not (repo / "dvc.lock").exists() and tiny_run.state()["type"] != "FAILED"
+    # nothing half-written: no output, dvc.lock and params.yaml as committed; the other run goes on
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                             capture_output=True, text=True, check=True).stdout
+    assert not (repo / params[victim]["out"]).exists() and not changed, changed
+    assert tiny_run.record()["state"]["type"] != "FAILED"
 
 
 def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_run: Watch) -> None:
