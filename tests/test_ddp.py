@@ -86,5 +86,5 @@ def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
     assert f"at step {state['step']}" in resumed.stderr
     a, b = (torch.load(root / r / "checkpoint.pt", weights_only=True)["model"] for r in RUNS)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    tsv = root / "killed" / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv = root / "metrics" / "killed" / "plots" / "metrics" / "train" / "loss.tsv"
     assert tsv_column(tsv, "step") == list(range(1, TOTAL + 1))

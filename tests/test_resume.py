@@ -77,6 +77,6 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path: Path) -> None:
     assert all(torch.equal(backbone[0][k], backbone[1][k]) for k in backbone[0])
     # the dvclive history is continuous: rows logged after the last checkpoint were dropped
     for metric in ("loss", "loss_contrastive", "lr"):
-        tsv = [root / run / "live" / "plots" / "metrics" / "train" / f"{metric}.tsv" for run in RUNS]
+        tsv = [root / "metrics" / run / "plots" / "metrics" / "train" / f"{metric}.tsv" for run in RUNS]
         assert tsv_column(tsv[1], "step") == list(range(1, TOTAL + 1))
         assert tsv_column(tsv[0], metric) == tsv_column(tsv[1], metric)
