@@ -122,14 +122,12 @@ def dataset_label(metrics: dict[str, Any], task: str) -> str:
 def live_dirs(run: Run, stage: str) -> dict[str, Path]:
     """``{run label: dvclive folder}`` for a training stage (fine-tunes: one folder per variant).
 
-    ``<stage>.live`` when the params file has it, else the older ``<stage>.out``-based layout.
+    ``<stage>.live`` when the stage has one; the teacher keeps its curves in ``<out>/live``.
     """
-    per_variant = stage.startswith("finetune_")
-    if run.has(f"{stage}.live"):
-        base = run.path(f"{stage}.live")
-        return {v: base / v for v in run.variants()} if per_variant else {stage: base}
-    base = run.path(f"{stage}.out")
-    return {v: base / v / "live" for v in run.variants()} if per_variant else {stage: base / "live"}
+    if not run.has(f"{stage}.live"):
+        return {stage: run.path(f"{stage}.out") / "live"}
+    base = run.path(f"{stage}.live")
+    return {v: base / v for v in run.variants()} if stage.startswith("finetune_") else {stage: base}
 
 
 def read_curves(live: Path) -> dict[str, pd.DataFrame]:
