@@ -173,7 +173,7 @@ class Prefect:
         return found[0] if found else None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
     """Pool ``gpu`` -> ``prefect deploy --all`` -> worker ``gpu-0`` in a copy of this checkout."""
     client = Prefect(prefect_server, tmp_path_factory.mktemp("prefect-deploy"))
@@ -191,12 +191,14 @@ def prefect(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFact
         prefect_server.stop(worker)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_run(prefect: Prefect) -> Iterator[Watch]:
     """``mcf/full`` on the tiny profile (every stage of dvc.yaml), taken by worker ``gpu-0``.
 
-    It runs in the background while the failing run is checked on a second worker. A tiny value that
-    the committed params.yaml no longer accepts fails its stage, with a message naming the key.
+    It runs in the background for the session: the failing run is checked on a second worker meanwhile,
+    and the other tests run before its result is awaited (markers ``starts_background`` and
+    ``awaits_background``, ordered by tests/conftest.py). A tiny value that the committed params.yaml no
+    longer accepts fails its stage, with a message naming the key.
     """
     committed = yaml.safe_load((prefect.repo / "params.yaml").read_text())
     (prefect.repo / "params.tiny.yaml").write_text(yaml.safe_dump(tiny_profile(committed)))
@@ -209,6 +211,7 @@ def tiny_run(prefect: Prefect) -> Iterator[Watch]:
         watch.proc.wait(660)  # a run left going would outlive the worker
 
 
+@pytest.mark.starts_background
 def test_failed_stage_fails_the_run_and_names_the_stage(prefect: Prefect, tiny_run: Watch) -> None:
     # a second worker with its own checkout (README: one per GPU) takes this run: gpu-0 is busy
     repo = prefect.tmp / "repo-1"
@@ -235,6 +238,7 @@ def test_failed_stage_fails_the_run_and_names_the_stage(prefect: Prefect, tiny_r
     assert tiny_run.record()["state"]["type"] != "FAILED"
 
 
+@pytest.mark.awaits_background
 def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_run: Watch) -> None:
     code, log, run = tiny_run.result()
     assert code == 0 and run["state"]["type"] == "COMPLETED", log[-6000:]
