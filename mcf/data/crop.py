@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from mcf.data.detect import DetectorConfig, Face, load_detections, make_detector
 from mcf.data.quality import blur_score, duplicates, phash
-from mcf.data.shards import encode_jpeg, iter_encoded, iter_samples, write_shards
+from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir
 from mcf.params import Common, param
@@ -213,16 +213,6 @@ def crop_chunk(sources: Sequence[Source], cfg: CropConfig, part: str | Path) -> 
     return ChunkResult(pd.DataFrame(rows, columns=ROW_COLUMNS), str(part))
 
 
-def _read_back(shard_dir: Path) -> pd.DataFrame:
-    """Per written crop: its shard, size and pixel statistics, decoded as pre-training will read it."""
-    records = []
-    for url in sorted(shard_dir.glob("crops-*.tar")):
-        for key, rgb, _ in iter_samples(str(url)):
-            records.append((key, url.name, rgb.shape[1], rgb.shape[0], float(rgb.mean()), float(rgb.std())))
-    stats = pd.DataFrame(records, columns=["crop_id", "shard", "width", "height", "mean", "std"])
-    return stats.astype({"width": "Int64", "height": "Int64"})
-
-
 def merge(results: Sequence[ChunkResult], cfg: CropConfig, out_dir: str | Path) -> pd.DataFrame:
     """Join chunk results in order: reject near-duplicates, write the final shards, read them back.
 
@@ -240,7 +230,7 @@ def merge(results: Sequence[ChunkResult], cfg: CropConfig, out_dir: str | Path) 
     parts = [str(p) for r in results for p in sorted(Path(r.part).glob("crops-*.tar"))]
     samples = (s for s in (iter_encoded(parts) if parts else ()) if s[0] in keep)
     write_shards(samples, out_dir / "shards", cfg.shard_size)
-    stats = _read_back(out_dir / "shards")
+    stats = read_back(out_dir / "shards")
     manifest = rows.merge(stats, on="crop_id", how="left")
     strays = stats[~stats["crop_id"].isin(rows["crop_id"])]  # written but not in the manifest: gate fails
     return pd.concat([manifest, strays], ignore_index=True) if len(strays) else manifest
@@ -280,7 +270,7 @@ def _pool_context() -> BaseContext:
     """Workers forked from a clean server process that has imported this module once.
 
     Plain fork inherits OpenCV's thread pool in a broken state (workers can hang in OpenCV), and
-    spawn re-imports torch (via webdataset) in every worker, which takes seconds each.
+    spawn re-imports this module's dependencies (OpenCV, pandas) in every worker.
     """
     if sys.platform != "linux":
         return get_context("spawn")

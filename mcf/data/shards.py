@@ -6,22 +6,27 @@ Schema of one sample (one member group in a tar, keyed by ``__key__`` = ``crop_i
 - ``json``: ``{"crop_id", "sample_id", "face", "box": [x1, y1, x2, y2], "landmarks": [[x, y] * 5],
   "score"}`` with box and landmarks in the source image's pixels.
 
-Shards are named ``crops-000000.tar`` …; they stream with ``webdataset.WebDataset`` from disk or S3.
+Shards are named ``crops-000000.tar`` …; they stream with ``webdataset.WebDataset`` from disk or S3
+(tests/test_crop.py checks it). The stages write and read them with the standard library's ``tarfile``:
+the format is plain tar, and importing webdataset would import torch, seconds of start-up in stages
+that never touch a tensor.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
+import pandas as pd
 from PIL import Image
 
 SHARD_PATTERN = "crops-%06d.tar"
+READ_BACK = ["shard", "width", "height", "mean", "std"]
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
@@ -37,17 +42,43 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One read-only member with mtime 0 and no owner, so equal crops give byte-identical shards."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
 def write_shards(
     samples: Iterable[tuple[str, bytes, dict[str, Any]]], out_dir: str | Path, shard_size: int
 ) -> list[str]:
-    """Write ``(crop_id, jpeg_bytes, meta)`` triples into shards of ``shard_size``; return shard names."""
+    """Write ``(crop_id, jpeg_bytes, meta)`` triples into shards of ``shard_size``; return shard names.
+
+    There is always at least one shard (an empty tar when there are no samples), so a reader finds the
+    folder well-formed and the gate reports the empty set.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A fixed member mtime makes the shards byte-identical across reruns (same DVC hash for the same crops).
-    with wds.ShardWriter(str(out_dir / SHARD_PATTERN), maxcount=shard_size, verbose=0, mtime=0.0) as sink:
+    names, count, tar = [], 0, None
+    try:
         for crop_id, jpeg, meta in samples:
-            sink.write({"__key__": crop_id, "jpg": jpeg, "json": json.dumps(meta).encode()})
-    return sorted(p.name for p in out_dir.glob("crops-*.tar"))
+            if tar is None or count == shard_size:
+                if tar is not None:
+                    tar.close()
+                names.append(SHARD_PATTERN % len(names))
+                tar, count = tarfile.open(out_dir / names[-1], "w"), 0
+            _add(tar, f"{crop_id}.jpg", jpeg)
+            _add(tar, f"{crop_id}.json", json.dumps(meta).encode())
+            count += 1
+        if tar is None:
+            names.append(SHARD_PATTERN % 0)
+            tar = tarfile.open(out_dir / names[-1], "w")
+    finally:
+        if tar is not None:
+            tar.close()
+    return names
 
 
 def shard_urls(shard_dir: str | Path) -> list[str]:
@@ -58,15 +89,50 @@ def shard_urls(shard_dir: str | Path) -> list[str]:
     return urls
 
 
+def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does.
+
+    The key is a member's name up to the first dot of its file name (``crop_id`` has no dots).
+    """
+    key, group = None, {}
+    with tarfile.open(url) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            name = f"{folder}/{stem}" if folder else stem
+            if not dot:
+                raise ValueError(f"{url}: member {info.name!r} has no extension")
+            if name != key and group:
+                yield key, group
+                group = {}
+            key, group[ext] = name, tar.extractfile(info).read()
+    if group:
+        yield key, group
+
+
 def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
-    """Stream ``(crop_id, rgb, meta)`` from shards with webdataset, in shard order."""
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")
-    for sample in dataset:
-        yield sample["__key__"], sample["jpg"], sample["json"]
+    """Stream ``(crop_id, rgb, meta)`` from shards, in shard order."""
+    for key, jpeg, meta in iter_encoded(urls):
+        yield key, decode_jpeg(jpeg), meta
 
 
 def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """Stream ``(crop_id, jpeg_bytes, meta)`` without decoding, to re-shard crops with no JPEG loss."""
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
-    for sample in dataset:
-        yield sample["__key__"], sample["jpg"], json.loads(sample["json"])
+    for url in [urls] if isinstance(urls, str) else urls:
+        for key, group in _iter_members(url):
+            if not {"jpg", "json"} <= group.keys():
+                raise ValueError(f"{url}: sample {key!r} lacks a jpg or json member (has {sorted(group)})")
+            yield key, group["jpg"], json.loads(group["json"])
+
+
+def read_back(shard_dir: str | Path) -> pd.DataFrame:
+    """Per written crop: its shard, size and pixel statistics, decoded as pre-training will read it."""
+    records = [
+        (key, Path(url).name, rgb.shape[1], rgb.shape[0], float(rgb.mean()), float(rgb.std()))
+        for url in shard_urls(shard_dir)
+        for key, rgb, _ in iter_samples(url)
+    ]
+    stats = pd.DataFrame(records, columns=["crop_id", *READ_BACK])
+    return stats.astype({"width": "Int64", "height": "Int64"})

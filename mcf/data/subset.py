@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mcf.data.shards import iter_encoded, iter_samples, shard_urls, write_shards
+from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir
 from mcf.params import Common, ParamsError, param
@@ -29,7 +29,6 @@ from mcf.params import Common, ParamsError, param
 log = logging.getLogger(__name__)
 
 FACE_SIZE_BIN = "face_size_bin"
-READ_BACK = ["shard", "width", "height", "mean", "std"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,17 +99,6 @@ def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
     return kept
 
 
-def _read_back(shard_dir: Path) -> pd.DataFrame:
-    """Per written crop: shard, size and pixel statistics, decoded as pre-training reads them."""
-    records = [
-        (key, Path(url).name, rgb.shape[1], rgb.shape[0], float(rgb.mean()), float(rgb.std()))
-        for url in shard_urls(shard_dir)
-        for key, rgb, _ in iter_samples(url)
-    ]
-    stats = pd.DataFrame(records, columns=["crop_id", *READ_BACK])
-    return stats.astype({"width": "Int64", "height": "Int64"})
-
-
 def write_subset(rows: pd.DataFrame, cfg: SubsetConfig, out_dir: Path) -> pd.DataFrame:
     """Copy the crops of ``rows`` into new shards (crop order); their manifest, with read-back columns.
 
@@ -121,7 +109,7 @@ def write_subset(rows: pd.DataFrame, cfg: SubsetConfig, out_dir: Path) -> pd.Dat
     wanted = set(rows["crop_id"])
     samples = (s for s in iter_encoded(shard_urls(Path(cfg.input) / "shards")) if s[0] in wanted)
     write_shards(samples, out_dir / "shards", cfg.shard_size)
-    stats = _read_back(out_dir / "shards")
+    stats = read_back(out_dir / "shards")
     written = stats.merge(rows, on="crop_id", how="left")
     missing = rows[~rows["crop_id"].isin(stats["crop_id"])]
     return pd.concat([written, missing], ignore_index=True)[[*rows.columns, *READ_BACK]]
