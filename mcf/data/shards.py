@@ -19,11 +19,13 @@ import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SHARD_PATTERN = "crops-%06d.tar"
 READ_BACK = ["shard", "width", "height", "mean", "std"]
@@ -129,6 +131,8 @@ def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, 
 
 def read_back(shard_dir: str | Path) -> pd.DataFrame:
     """Per written crop: its shard, size and pixel statistics, decoded as pre-training will read it."""
+    import pandas as pd  # here: the training path (pretrain_data) reads shards without pandas
+
     records = [
         (key, Path(url).name, rgb.shape[1], rgb.shape[0], float(rgb.mean()), float(rgb.std()))
         for url in shard_urls(shard_dir)

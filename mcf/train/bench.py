@@ -1,11 +1,24 @@
-"""``mcf bench pretrain``: training throughput of the MCF step on synthetic images.
+"""``mcf bench pretrain``: training throughput of the MCF step, fast path against our eager baseline.
 
-Times the same optimizer step the pretrain loop takes (forward with masking, teacher feature loss,
-momentum keys, backward, AdamW, momentum update) and logs images/s, the achieved TFLOP/s (FLOPs
-of one step counted with ``FlopCounterMode``) and, on CUDA, the peak memory. ``--model tiny`` is the
-CPU default of ``params.yaml`` (pretrain's model, the teacher stage's backbone); ``base`` is the
-paper's ViT-B/16 at 224 with a 512×8 decoder and a ViT-B teacher read at blocks 2/5/8/11. The
-teacher is random: its weights do not change the cost.
+Times the optimizer step the pretrain loop takes (:func:`mcf.train.loop.accumulate`: forward with
+masking, teacher feature loss, momentum keys, backward; then AdamW and the momentum update) on
+synthetic images, twice in one run:
+
+- **fast**: autocast at ``--precision`` (bf16 on CUDA), ``torch.compile`` with ``--compile``, fused
+  AdamW on CUDA (:func:`mcf.train.loop.make_optimizer`, the loop's own);
+- **baseline**: the same model eager at ``--baseline`` precision (fp32 by default), with the
+  unfused AdamW; ``--baseline none`` skips it.
+
+Each logs images/s, achieved TFLOP/s (FLOPs of one step counted with ``FlopCounterMode``) and, on
+CUDA, peak memory. Before timing, an **equivalence check** runs both paths on one batch with the same
+masks and weights and compares every loss term; the command exits 1 when a term differs by more than
+``--rtol``. ``--shards DIR`` also times the data loader alone on real JPEG shards (the loop's
+``CropDataset`` and ``EpochView``, decoded on access, ``--workers`` processes, pinned memory on CUDA).
+
+``--model tiny`` is the CPU default of ``params.yaml``; ``base`` is the paper's ViT-B/16 at 224 with a
+512×8 decoder and a ViT-B teacher read at blocks 2/5/8/11. The teacher is random: its weights do not
+change the cost. Only torch, timm, numpy, Pillow, PyYAML and tqdm are imported, so the bench runs on a
+GPU machine that has just the training stack.
 """
 
 from __future__ import annotations
@@ -13,17 +26,24 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from mcf.data.pretrain_data import CropDataset, EpochView
 from mcf.models.backbone import create_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import load
-from mcf.train.loop import accumulate, param_groups, resolve_dtype
+from mcf.train.loop import accumulate, make_optimizer, param_groups, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -31,14 +51,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", choices=("tiny", "base"), default="tiny", help="default: %(default)s")
     p.add_argument("--params", default="params.yaml", help="where tiny's size is read (default: %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="autocast dtype; auto: bf16 on CUDA, fp32 on the CPU (default: %(default)s)")
+    p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                   help="the fast path's autocast dtype; auto: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model")
+    p.add_argument("--baseline", choices=(*PRECISIONS, "none"), default="fp32",
+                   help="eager baseline's precision, or none (default: %(default)s)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help="equivalence tolerance per loss term (default: 1e-4 for fp32, 3e-2 for bf16/fp16)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="default: %(default)s")
-    return p.parse_args(argv)
+    p.add_argument("--shards", type=Path, default=None, help="time the data loader on these JPEG shards too")
+    p.add_argument("--workers", type=int, default=8, help="data-loader processes (default: %(default)s)")
+    p.add_argument("--loader-batches", type=int, default=50, help="batches timed (default: %(default)s)")
+    args = p.parse_args(argv)
+    for name in ("batch", "steps", "loader_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
 
 
 def build(name: str, params: str) -> MCF:
@@ -52,49 +83,147 @@ def build(name: str, params: str) -> MCF:
     return MCF(cfg, teacher)
 
 
-def bench_pretrain(argv: list[str]) -> int:
-    """Run the benchmark; log one line per figure."""
-    args = parse(argv)
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    model = build(args.model, args.params).to(device).train()
-    net = torch.compile(model) if args.compile else model
-    dtype = resolve_dtype(args.precision, device)
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    size = model.cfg.backbone.img_size
-    imgs = torch.randn(args.batch, 3, size, size, device=device)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def step(module: torch.nn.Module = net) -> None:
-        accumulate(module, [imgs], args.mask_ratio, dtype, scaler)
+
+def losses(net: torch.nn.Module, imgs: Tensor, mask_ratio: float, noise: tuple[Tensor, Tensor],
+           dtype: torch.dtype) -> dict[str, float]:
+    """Every loss term of one forward, with the given online and key masks, under autocast ``dtype``."""
+    with torch.autocast(imgs.device.type, dtype, enabled=dtype != torch.float32):
+        out = net(imgs, mask_ratio, *noise)
+    return {k: float(v.detach()) for k, v in out.items()}
+
+
+def equivalence(model: MCF, fast: torch.nn.Module, imgs: Tensor, mask_ratio: float, fast_dtype: torch.dtype,
+                rtol: float) -> tuple[bool, dict[str, tuple[float, float]]]:
+    """Do the fast and the eager fp32 paths give the same losses on one batch, masks and weights?
+
+    Both run in train mode (as the step does) from the same RNG state; BatchNorm statistics are put back
+    after each, so neither run sees the other's update. Returns whether every term is within ``rtol``
+    (relative) and each term's ``(eager, fast)`` pair.
+    """
+    length = model.grid**2
+    gen = torch.Generator(device=imgs.device).manual_seed(0)
+    noise = tuple(torch.rand(len(imgs), length, generator=gen, device=imgs.device) for _ in range(2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    ref = losses(model, imgs, mask_ratio, noise, torch.float32)
+    model.load_state_dict(state)
+    torch.set_rng_state(rng)
+    got = losses(fast, imgs, mask_ratio, noise, fast_dtype)
+    model.load_state_dict(state)
+    pairs = {k: (ref[k], got[k]) for k in ref}
+    ok = all(abs(b - a) <= rtol * max(abs(a), 1e-12) for a, b in pairs.values())
+    return ok, pairs
+
+
+def time_steps(
+    step: Callable[[], None], device: torch.device, steps: int, warmup: int
+) -> tuple[float, float]:
+    """Seconds for ``steps`` calls of ``step`` after ``warmup`` untimed ones, and CUDA's peak memory (GiB)."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return seconds, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def make_step(model: MCF, net: torch.nn.Module, imgs: Tensor, mask_ratio: float, dtype: torch.dtype,
+              optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One optimizer step as the pretrain loop takes it (one micro-batch)."""
+    scaler = torch.amp.GradScaler(imgs.device.type, enabled=dtype == torch.float16)
+
+    def step() -> None:
+        accumulate(net, [imgs], mask_ratio, dtype, scaler)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         model.update_momentum(model.cfg.momentum)
 
-    for _ in range(args.warmup):
-        step()
-    with FlopCounterMode(display=False) as counter:
-        step(model)  # eager: compiled kernels bypass the dispatcher that counts
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    flops = counter.get_total_flops()
+    return step
+
+
+def loader_rate(shards: Path, img_size: int, batch: int, workers: int, batches: int,
+                device: torch.device) -> float:
+    """Images/s that the pretrain loop's data path delivers from JPEG shards (decoded on every access).
+
+    One epoch's view of the crops is read round and round until ``batches`` batches past the first (which
+    pays for the workers' start) have reached the device.
+    """
+    crops = CropDataset(shards, img_size, cache_mb=0)
+    if len(crops) < batch:
+        raise ValueError(f"{shards}: {len(crops)} crops are fewer than one batch of {batch}")
+    view = EpochView(crops, 0, 0, 0, 1, len(crops), 0)
+    order = [i % len(view) for i in range(batch * (batches + 1))]
+    loader = DataLoader(view, batch_size=batch, sampler=order, num_workers=workers,
+                        pin_memory=device.type == "cuda", drop_last=True)
+    start = None
+    for imgs in loader:
+        imgs.to(device, non_blocking=True)
+        if start is None:
+            _sync(device)
+            start = time.perf_counter()
+    _sync(device)
+    return batch * batches / (time.perf_counter() - start)
+
+
+def bench_pretrain(argv: list[str]) -> int:
+    """Run the benchmark; log one line per figure. Exits 1 when the equivalence check fails."""
+    args = parse(argv)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    cpu = f"CPU, {torch.get_num_threads()} threads"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    torch.manual_seed(0)
+    model = build(args.model, args.params).to(device).train()
+    dtype = resolve_dtype(args.precision, device)
+    rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
+    fast = torch.compile(model) if args.compile else model
+    size = model.cfg.backbone.img_size
+    imgs = torch.randn(args.batch, 3, size, size, device=device)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    compiled = ", compiled" if args.compile else ""
-    log.info(
-        "model %s: %.1f M trainable params, img %d, batch %d, %s, %s%s, %d threads", args.model,
-        params / 1e6, size, args.batch, dtype, device, compiled, torch.get_num_threads(),
-    )
-    log.info("images/s: %.1f", args.batch * args.steps / seconds)
-    log.info("step: %.1f ms, %.2f GFLOP/step", 1000 * seconds / args.steps, flops / 1e9)
-    log.info("achieved TFLOP/s: %.3f", flops * args.steps / seconds / 1e12)
-    if device.type == "cuda":
-        log.info("peak memory: %.2f GiB", torch.cuda.max_memory_allocated() / 2**30)
-    return 0
+    log.info("device: %s; torch %s", card, torch.__version__)
+    log.info("model %s: %.1f M trainable params, img %d, batch %d, mask %.2f", args.model, params / 1e6, size,
+             args.batch, args.mask_ratio)
+
+    ok, pairs = equivalence(model, fast, imgs, args.mask_ratio, dtype, rtol)
+    for term, (ref, got) in pairs.items():
+        log.info("equivalence %s: eager fp32 %.6g, fast %.6g (rel. diff %.2e)", term, ref, got,
+                 abs(got - ref) / max(abs(ref), 1e-12))
+    log.info("equivalence check: %s (rtol %.0e)", "passed" if ok else "FAILED", rtol)
+
+    # torch's default AdamW (foreach on CUDA, not fused): the step as it ran before the fast path
+    baseline_optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    with FlopCounterMode(display=False) as counter:  # eager: compiled kernels bypass the counting dispatcher
+        make_step(model, model, imgs, args.mask_ratio, torch.float32, baseline_optimizer)()
+    flops = counter.get_total_flops()
+    log.info("step FLOPs: %.1f GFLOP per image", flops / args.batch / 1e9)
+
+    runs = [("fast", fast, dtype, make_optimizer(model, 0.05, 1e-4, (0.9, 0.95), device), args.compile)]
+    if args.baseline != "none":
+        runs.append(("baseline", model, resolve_dtype(args.baseline, device), baseline_optimizer, False))
+    rates = {}
+    for name, net, run_dtype, optimizer, compiled in runs:
+        step = make_step(model, net, imgs, args.mask_ratio, run_dtype, optimizer)
+        seconds, peak = time_steps(step, device, args.steps, args.warmup)
+        rates[name] = args.batch * args.steps / seconds
+        fused = "fused" if optimizer.defaults.get("fused") else "unfused"
+        how = f"{str(run_dtype).removeprefix('torch.')}, {'compiled' if compiled else 'eager'}, {fused} AdamW"
+        memory = f", peak memory {peak:.2f} GiB" if device.type == "cuda" else ""
+        log.info("%s (%s): %.1f images/s, %.1f ms/step, %.3g TFLOP/s%s", name, how, rates[name],
+                 1000 * seconds / args.steps, flops * args.steps / seconds / 1e12, memory)
+    if "baseline" in rates:
+        log.info("speed-up over the eager baseline: %.2fx", rates["fast"] / rates["baseline"])
+    if args.shards is not None:
+        rate = loader_rate(args.shards, size, args.batch, args.workers, args.loader_batches, device)
+        log.info("data loader (%s, %d workers, JPEG decode): %.1f images/s", args.shards, args.workers, rate)
+    return 0 if ok else 1
+

@@ -18,12 +18,11 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from dvclive import Live
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -36,6 +35,9 @@ from mcf.params import ParamsError, param
 from mcf.train.checkpoint import load_checkpoint, rng_state, run_hash, save_checkpoint, set_rng_state
 from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
 from mcf.train.schedule import lr_at, scaled_lr, set_lr
+
+if TYPE_CHECKING:
+    from dvclive import Live
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class TrainConfig:
     weight_decay: float = param(0.05, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the step's model (`mcf bench pretrain --compile` says if it pays)
     sync_bn: bool = False  # SyncBatchNorm in the projectors (CUDA only); the release keeps per-process BN
     num_workers: int = param(0, ge=0)
     cache_mb: int = param(1024, ge=0)  # decode the subset once into RAM when it fits in this budget
@@ -63,7 +66,7 @@ class TrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The fields that change what is computed (not where, how often it is saved, or how fast)."""
-        skip = {"ckpt_every", "log_every", "num_workers", "cache_mb"}
+        skip = {"ckpt_every", "log_every", "num_workers", "cache_mb", "compile"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def __post_init__(self) -> None:
@@ -95,6 +98,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         skip = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    model: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float], device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; on CUDA the fused kernel (one launch for all parameters)."""
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=betas, fused=device.type == "cuda" or None
+    )
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -156,9 +168,7 @@ class Trainer:
             if run.device.type != "cuda":
                 raise StageError("sync_bn: true needs CUDA; this run is on the CPU")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.weight_decay), lr=self.peak_lr, betas=cfg.betas
-        )
+        self.optimizer = make_optimizer(self.model, cfg.weight_decay, self.peak_lr, cfg.betas, run.device)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.dtype == torch.float16)
         self.hash = run_hash({**run.identity, "world_size": run.world_size, "num_crops": len(crops)})
         self.step, self.momentum = 0, float("nan")
@@ -170,10 +180,12 @@ class Trainer:
         )
 
     def _wrap(self) -> nn.Module:
-        if not is_initialized():
-            return self.model
-        ids = [self.run.device.index] if self.run.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=False)
+        """The module the step calls: DDP around the model when distributed, compiled when asked."""
+        net = self.model
+        if is_initialized():
+            ids = [self.run.device.index] if self.run.device.type == "cuda" else None
+            net = DistributedDataParallel(net, device_ids=ids, find_unused_parameters=False)
+        return torch.compile(net) if self.cfg.compile else net
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run.resume_dir, self.hash)
@@ -275,6 +287,7 @@ class Trainer:
         """Rank 0's dvclive logger in the resume folder; rows past the checkpoint are dropped on resume."""
         if self.run.rank != 0:
             return None
+        from dvclive import Live  # here: the step itself (and `mcf bench`) runs without dvclive
         live_dir = Path(self.run.resume_dir) / "live"
         if self.step:
             truncate_live(live_dir, self.step)

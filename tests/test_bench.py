@@ -1,0 +1,71 @@
+"""``mcf bench pretrain`` on the CPU: the fast path against the eager baseline, the equivalence check,
+the loader rate, and an import chain light enough for a GPU machine with only the training stack."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain import TINY, make_workspace, write_params
+
+from mcf.models.backbone import BackboneConfig
+from mcf.models.mcf import MCF, MCFConfig
+from mcf.models.teacher import load_teacher
+from mcf.train.bench import bench_pretrain, equivalence, loader_rate
+
+
+def _model() -> MCF:
+    torch.manual_seed(0)
+    cfg = MCFConfig(backbone=BackboneConfig(**TINY), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                    feature_layers=(0, 1), proj_hidden=32, proj_dim=16, pred_hidden=32)
+    return MCF(cfg, load_teacher("random", BackboneConfig(**TINY))).train()
+
+
+def test_equivalence_uses_one_set_of_masks_and_catches_a_difference() -> None:
+    model, imgs = _model(), torch.randn(4, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ok, pairs = equivalence(model, model, imgs, 0.75, torch.float32, rtol=1e-6)
+    assert ok and all(a == b for a, b in pairs.values())  # the same masks: fp32 against fp32 is exact
+    assert {"loss", "loss_feature", "loss_contrastive"} <= pairs.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN statistics put back
+    ok, pairs = equivalence(model, model, imgs, 0.75, torch.bfloat16, rtol=3e-2)
+    assert ok and any(a != b for a, b in pairs.values())  # bf16 differs, within its tolerance
+    assert not equivalence(model, model, imgs, 0.75, torch.bfloat16, rtol=1e-9)[0]
+    other = _model()
+    with torch.no_grad():  # a "fast path" that computes something else: perturbed encoder weights
+        for p in other.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert not equivalence(model, other, imgs, 0.75, torch.float32, rtol=1e-2)[0]
+
+
+def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    make_workspace(tmp_path, n=40)
+    params = write_params(tmp_path)
+    argv = ["--params", str(params), "--batch", "4", "--steps", "1", "--warmup", "1", "--precision", "bf16",
+            "--shards", str(tmp_path / "subset" / "shards"), "--workers", "1", "--loader-batches", "3"]
+    with caplog.at_level(logging.INFO, logger="mcf.train.bench"):
+        assert bench_pretrain(argv) == 0
+    text = caplog.text
+    assert "equivalence check: passed (rtol 3e-02)" in text
+    assert "fast (bfloat16, eager, unfused AdamW):" in text
+    assert "baseline (float32, eager, unfused AdamW):" in text
+    assert "speed-up over the eager baseline:" in text and "GFLOP per image" in text
+    assert "data loader (" in text and "images/s" in text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mcf.train.bench"):  # a tolerance no bf16 step meets
+        assert bench_pretrain([*argv[:10], "--baseline", "none", "--rtol", "1e-12"]) == 1
+    assert "equivalence check: FAILED" in caplog.text and "baseline (" not in caplog.text
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        loader_rate(tmp_path / "subset" / "shards", 32, 64, 0, 1, torch.device("cpu"))
+
+
+def test_bench_imports_only_the_training_stack() -> None:
+    """The GPU machines have torch and timm, not the pipeline's data and orchestration libraries."""
+    heavy = ["dvclive", "dvc", "pandas", "great_expectations", "prefect", "sklearn", "cv2", "pyarrow"]
+    code = f"import sys, mcf.cli, mcf.train.bench; print([m for m in {heavy!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
