@@ -85,6 +85,8 @@ def test_yaw_shifts_features_and_compresses_the_far_side() -> None:
 def test_aflw19_mat_reads_like_the_real_file(tmp_path: Path) -> None:
     write_aflw19(SMALL, 0, tmp_path)
     mat = scipy.io.loadmat(tmp_path / "AFLWinfo_release.mat")
+    header = (tmp_path / "AFLWinfo_release.mat").read_bytes()[:116]
+    assert header.startswith(b"MATLAB 5.0 MAT-file") and b"Created on" not in header  # no clock: same bytes
     n = SMALL.aflw.n_train + SMALL.aflw.n_test
     assert mat["bbox"].shape == (n, 4) and mat["data"].shape == (n, 38) and mat["mask_new"].shape == (n, 19)
     assert mat["nameList"].shape == (n, 1) and mat["ra"].shape == (1, n)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterator
@@ -33,6 +34,8 @@ T = TypeVar("T")
 IDENTITIES_CSV = "synthface_identities.csv"
 AFLW_FOLDERS = ("0", "2", "3")  # the real tree's data/flickr sub-folders
 LAPA_SPLITS = ("train", "val", "test")
+# a MAT v5 file opens with 116 bytes of free text (then subsystem offset, version, endianness)
+MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, written by mcf.synth (SynthFace)".ljust(116)
 
 
 def _jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -127,9 +130,12 @@ def write_aflw19(cfg: SynthConfig, seed: int, out_dir: Path) -> None:
         names[i, 0] = name
         ids.append((name, s.identity))
     ra = np.random.default_rng([seed, KIND_SPLIT, KIND_AFLW]).permutation(n) + 1
-    scipy.io.savemat(out_dir / "AFLWinfo_release.mat",
-                     {"bbox": bbox, "data": data, "mask_new": mask, "nameList": names,
-                      "ra": ra[None, :].astype(np.float64)})
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, {"bbox": bbox, "data": data, "mask_new": mask, "nameList": names,
+                           "ra": ra[None, :].astype(np.float64)})
+    # savemat stamps the creation time into the header text; a fixed text keeps the file (and DVC's
+    # hash of fetch's output) identical from run to run
+    (out_dir / "AFLWinfo_release.mat").write_bytes(MAT_HEADER + buf.getvalue()[len(MAT_HEADER):])
     pd.DataFrame(ids, columns=["name", "identity"]).to_csv(out_dir / IDENTITIES_CSV, index=False)
     log.info("synthetic AFLW-19: %d images (%d train) in %s", n, a.n_train, out_dir)
 

@@ -8,7 +8,8 @@ Output folder ``<out>/<variant>/``:
 
 - ``model.pt``: the EMA weights and everything needed to rebuild the model (:func:`load_finetuned`):
   ``{"task", "variant", "data" (the dataset config without augmentation: root, size, ...), "backbone":
-  {"model_name", "kwargs"}, "head" (HeadConfig fields), "state_dict", "epochs", "steps", "seconds"}``;
+  {"model_name", "kwargs"}, "head" (HeadConfig fields), "state_dict", "epochs", "steps"}``, with no
+  wall time or date, so that equal weights give equal bytes (and DVC skips what depends on them);
 
 and ``<live>/<variant>/``: dvclive curves (``train/loss`` and its parts, per epoch), a committed path.
 """
@@ -230,7 +231,7 @@ def train(
 
 
 def save_finetuned(
-    ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path, seconds: float
+    ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path
 ) -> None:
     """Write the EMA weights with the architecture that rebuilds them (atomically)."""
     spec = backbone_spec(cfg.backbone)
@@ -244,7 +245,6 @@ def save_finetuned(
         "state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
         "epochs": cfg.epochs,
         "steps": ema.updates,
-        "seconds": seconds,
     }
     with atomic_file(path) as tmp:
         torch.save(checkpoint, tmp)
@@ -280,7 +280,7 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     start = time.perf_counter()
     with atomic_dir(Path(cfg.out) / variant) as tmp:
         ema = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed)
-        save_finetuned(ema, task, variant, cfg, tmp / "model.pt", time.perf_counter() - start)
+        save_finetuned(ema, task, variant, cfg, tmp / "model.pt")
         with atomic_dir(Path(cfg.live) / variant) as live:  # before the model: no model, no stale curves
             shutil.copytree(tmp / "live", live, dirs_exist_ok=True)
         shutil.rmtree(tmp / "live")
