@@ -59,6 +59,8 @@ def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.INFO, logger="mcf.train.bench"):  # a tolerance no bf16 step meets
         assert bench_pretrain([*argv[:10], "--baseline", "none", "--rtol", "1e-12"]) == 1
     assert "equivalence check: FAILED" in caplog.text and "baseline (" not in caplog.text
+    with pytest.raises(SystemExit):  # checked before any work
+        bench_pretrain(["--shards", str(tmp_path / "nowhere")])
     with pytest.raises(ValueError, match="fewer than one batch"):
         loader_rate(tmp_path / "subset" / "shards", 32, 64, 0, 1, torch.device("cpu"))
 
