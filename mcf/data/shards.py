@@ -63,23 +63,19 @@ def write_shards(
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names, count, tar = [], 0, None
+    names, count = [SHARD_PATTERN % 0], 0
+    tar = tarfile.open(out_dir / names[0], "w")
     try:
         for crop_id, jpeg, meta in samples:
-            if tar is None or count == shard_size:
-                if tar is not None:
-                    tar.close()
+            if count == shard_size:
+                tar.close()
                 names.append(SHARD_PATTERN % len(names))
                 tar, count = tarfile.open(out_dir / names[-1], "w"), 0
             _add(tar, f"{crop_id}.jpg", jpeg)
             _add(tar, f"{crop_id}.json", json.dumps(meta).encode())
             count += 1
-        if tar is None:
-            names.append(SHARD_PATTERN % 0)
-            tar = tarfile.open(out_dir / names[-1], "w")
     finally:
-        if tar is not None:
-            tar.close()
+        tar.close()
     return names
 
 
