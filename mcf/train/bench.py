@@ -39,7 +39,7 @@ from mcf.models.backbone import create_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import load
-from mcf.train.loop import accumulate, make_optimizer, param_groups, resolve_dtype
+from mcf.train.loop import accumulate, compile_model, make_optimizer, param_groups, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def bench_pretrain(argv: list[str]) -> int:
     model = build(args.model, args.params).to(device).train()
     dtype = resolve_dtype(args.precision, device)
     rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
-    fast = torch.compile(model) if args.compile else model
+    fast = compile_model(model) if args.compile else model
     size = model.cfg.backbone.img_size
     imgs = torch.randn(args.batch, 3, size, size, device=device)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)

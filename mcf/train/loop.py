@@ -109,6 +109,12 @@ def make_optimizer(
     )
 
 
+def compile_model(net: nn.Module) -> nn.Module:
+    """``torch.compile`` that keeps eager's random numbers: inductor's own would draw other masks, so
+    a compiled run would train on different samples than the eager one (``fallback_random``)."""
+    return torch.compile(net, options={"fallback_random": True})
+
+
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The autocast dtype: ``auto`` is bf16 on CUDA and fp32 (no autocast) on the CPU."""
     if precision == "auto":
@@ -185,7 +191,7 @@ class Trainer:
         if is_initialized():
             ids = [self.run.device.index] if self.run.device.type == "cuda" else None
             net = DistributedDataParallel(net, device_ids=ids, find_unused_parameters=False)
-        return torch.compile(net) if self.cfg.compile else net
+        return compile_model(net) if self.cfg.compile else net
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run.resume_dir, self.hash)
