@@ -1,4 +1,5 @@
-"""``mcf <command>``: one subcommand per pipeline stage, plus tools (bench, validate, export, check-metrics).
+"""``mcf <command>``: one subcommand per pipeline stage, plus tools (bench, validate, export, predict,
+check-metrics, report).
 
 A thin shell: a stage command validates the params file, then calls the stage's
 ``main(common, config)``; a tool command hands its remaining arguments to the tool's ``cli(argv)``.
@@ -41,6 +42,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "bench": ("mcf.bench:cli", "print throughput numbers (synth, crop, pretrain)"),
     "validate": ("mcf.validate.gate:cli", "run a data gate by hand; --docs builds Data Docs HTML"),
     "export": ("mcf.models.export:cli", "write the pre-trained backbone as a timm state dict"),
+    "predict": ("mcf.predict:cli", "landmarks and parsing maps for your own images (fine-tuned models)"),
     "check-metrics": ("mcf.evaluate.regression:cli", "CI gate: fail when a metric moves past its tolerance"),
     "report": ("mcf.report:cli", "write one self-contained HTML page of a run (plots, gates, vs the paper)"),
 }

@@ -209,12 +209,9 @@ class AFLW19(Dataset):
         crop = T.warp_affine(rgb, m, cfg.crop_size)
         if rng is not None:
             crop = self._photometric(crop, rng)
-        if s != cfg.crop_size:
-            interp = cv2.INTER_AREA if s < cfg.crop_size else cv2.INTER_LINEAR
-            crop = cv2.resize(crop, (s, s), interpolation=interp)
-        matrix = T.compose(np.diag([s / cfg.crop_size, s / cfg.crop_size, 1.0])[:2], m)
+        matrix = crop_matrix(m, cfg)
         return {
-            "image": T.to_tensor(crop),
+            "image": T.to_tensor(T.resize_square(crop, s)),
             "landmarks": torch.from_numpy((T.apply(matrix, gt) / s).astype(np.float32)),
             "matrix": torch.from_numpy(matrix),
             "name": self.ann.names[row],
@@ -231,6 +228,11 @@ class AFLW19(Dataset):
         if rng.random() < aug.noise_p and aug.noise_std > 0:
             crop = T.add_noise(crop, rng, aug.noise_std)
         return crop
+
+
+def crop_matrix(m: np.ndarray, cfg: AFLW19Config) -> np.ndarray:
+    """Original pixels → crop pixels at the model's S, from ``m`` (original → ``crop_size``² crop)."""
+    return T.compose(np.diag([cfg.size / cfg.crop_size, cfg.size / cfg.crop_size, 1.0])[:2], m)
 
 
 def to_original(

@@ -99,9 +99,10 @@ def read_label(path: Path) -> np.ndarray:
     return label
 
 
-def align_matrix(landmarks: np.ndarray, warp_size: int) -> np.ndarray:
-    """Similarity ``[2, 3]``: original pixels → the aligned ``warp_size``² square."""
-    return T.similarity(landmarks[list(ALIGN_POINTS)], TEMPLATE * (warp_size / 512.0))
+def align_matrix(points5: np.ndarray, warp_size: int) -> np.ndarray:
+    """Similarity ``[2, 3]``: original pixels → the aligned ``warp_size``² square, from the five points
+    of :data:`TEMPLATE` (``landmarks[ALIGN_POINTS]`` in LaPa; a detector's or the alignment model's)."""
+    return T.similarity(points5, TEMPLATE * (warp_size / 512.0))
 
 
 def sample_augment(cfg: ParsingAugment, warp_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -155,7 +156,7 @@ class LaPa(Dataset):
         cfg = self.cfg
         rgb, label, landmarks = self.read(i)
         try:
-            matrix = align_matrix(landmarks, cfg.warp_size)
+            matrix = align_matrix(landmarks[list(ALIGN_POINTS)], cfg.warp_size)
         except ValueError as err:
             raise StageError(f"{self.dir / 'landmarks' / self.stems[i]}.txt: {err}") from err
         rng = self.rng() if self.augment else None
@@ -165,9 +166,7 @@ class LaPa(Dataset):
         warped = T.remap(rgb, maps)
         if rng is not None:
             warped = T.photometric(warped, cfg.augment.photometric, rng)
-        if cfg.size != cfg.warp_size:
-            interp = cv2.INTER_AREA if cfg.size < cfg.warp_size else cv2.INTER_LINEAR
-            warped = cv2.resize(warped, (cfg.size, cfg.size), interpolation=interp)
+        warped = T.resize_square(warped, cfg.size)
         if cfg.label_size != cfg.warp_size:
             maps = T.tanh_polar_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.label_size)
         lab = T.remap(label, maps, nearest=True)

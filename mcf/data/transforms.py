@@ -113,6 +113,14 @@ def warp_affine(image: np.ndarray, m: np.ndarray, size: int, *, nearest: bool = 
     return cv2.warpAffine(image, cv_matrix(m), (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT)
 
 
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """A square image at ``size``² (area averaging when shrinking); unchanged when already that size."""
+    if image.shape[0] == size:
+        return image
+    interp = cv2.INTER_AREA if size < image.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(image, (size, size), interpolation=interp)
+
+
 # ---------------------------------------------------------------- tanh-polar warp
 
 

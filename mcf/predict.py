@@ -1,0 +1,192 @@
+"""``mcf predict``: 19 landmarks and an 11-class parsing map for every face in your own images.
+
+The fine-tuned models' outputs come back in the image's own pixels.
+
+One face goes the way the evaluate stage takes a test image, so a prediction here is what the
+metrics scored:
+
+- **box**: ``--box`` for every image, or the crop stage's OpenCV detector (Haar; YuNet with ``--yunet``,
+  which also gives five landmarks);
+- **alignment** (``--alignment model.pt``): the box is mapped onto the model's square crop exactly as
+  an AFLW-19 box is, and the 19 points are mapped back to the image. The model learnt the framing of
+  its training boxes (AFLW-19's), so a detector box that frames the face differently costs accuracy;
+- **parsing** (``--parsing model.pt``): the face is aligned by its eye centres, nose tip and mouth
+  corners (LaPa's five points), taken from the alignment model's prediction (AFLW-19 points 7, 10,
+  13, 15, 17) or else from YuNet, then tanh-polar warped; the class map is warped back onto the image.
+
+Outputs in ``--out`` (written whole or not at all): ``faces.csv`` (image, face, detector, box_x1, box_y1,
+box_x2, box_y2, then x0..x18, y0..y18 in pixels when aligned), ``parsing/<image stem>_<face>.png`` (class ids
+0..10 at the image's size, one per face; classes in :data:`mcf.evaluate.evaluate.CLASSES`) and
+``overlays/<image stem>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from mcf.data import transforms as T
+from mcf.data.aflw19 import AFLW19Config, crop_matrix, read_rgb, to_original
+from mcf.data.detect import DetectorConfig, Face, make_detector
+from mcf.data.lapa import LaPaConfig, align_matrix, warp_to_original
+from mcf.errors import StageError
+from mcf.evaluate import plots
+from mcf.io import atomic_dir
+from mcf.models.heads import DenseFaceModel, soft_argmax
+from mcf.synth.geometry import FIVE_FROM_19
+from mcf.train.finetune import load_finetuned, parsing_logits
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
+
+
+@torch.no_grad()
+def align_face(model: DenseFaceModel, cfg: AFLW19Config, rgb: np.ndarray, box: Sequence[float]) -> np.ndarray:
+    """19 landmarks ``[19, 2]`` in image pixels for the face in ``box`` (x1, y1, x2, y2)."""
+    x1, y1, x2, y2 = box
+    m = T.box_matrix(np.array([x1, x2, y1, y2]), cfg.crop_size)  # AFLW-19's (left, right, top, bottom)
+    crop = T.resize_square(T.warp_affine(rgb, m, cfg.crop_size), cfg.size)
+    points = soft_argmax(model(T.to_tensor(crop)[None]))
+    return to_original(points, crop_matrix(m, cfg)[None], cfg.size)[0]
+
+
+@torch.no_grad()
+def parse_face(model: DenseFaceModel, cfg: LaPaConfig, rgb: np.ndarray, points5: np.ndarray) -> np.ndarray:
+    """Class ids ``[H, W]`` (uint8) on the image's grid for the face with these five points (LaPa's
+    order: image-left eye centre, image-right eye centre, nose tip, left and right mouth corners)."""
+    matrix = align_matrix(np.asarray(points5, dtype=np.float64), cfg.warp_size)
+    maps = T.tanh_polar_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
+    warped = T.resize_square(T.remap(rgb, maps), cfg.size)
+    logits = parsing_logits(model(T.to_tensor(warped)[None]), (cfg.label_size, cfg.label_size))[0]
+    params = {"matrix": matrix, "warp_factor": cfg.warp_factor, "warp_size": float(cfg.warp_size)}
+    return warp_to_original(logits, params, rgb.shape[:2]).argmax(dim=0).numpy().astype(np.uint8)
+
+
+def load_task(path: str | Path, task: str) -> tuple[DenseFaceModel, dict]:
+    """A fine-tuned ``model.pt`` that must be of ``task`` (alignment or parsing)."""
+    if not Path(path).is_file():
+        raise StageError(f"--{task} {path}: no such file (a fine-tune writes <out>/<variant>/model.pt)")
+    try:
+        model, meta = load_finetuned(path)
+    except (EOFError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        raise StageError(f"--{task} {path}: not a fine-tuned model.pt ({type(err).__name__}: {err})") from err
+    if meta.get("task") != task:
+        raise StageError(f"--{task} {path}: this model was fine-tuned for {meta.get('task')!r}, not {task!r}")
+    return model, meta
+
+
+def list_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to their images (sorted); a missing path is an error."""
+    images: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.is_file():
+            images.append(item)
+        else:
+            raise StageError(f"{item}: no such image or folder")
+    if not images:
+        raise StageError(f"no images in {', '.join(map(str, inputs))} ({', '.join(IMAGE_SUFFIXES)})")
+    stems = [p.stem for p in images]
+    if len(set(stems)) != len(stems):
+        raise StageError("two images share a file stem; their outputs would collide: "
+                         f"{sorted({s for s in stems if stems.count(s) > 1})}")
+    return images
+
+
+def predict(
+    images: Sequence[Path], out: str | Path, *, alignment: str | Path | None = None,
+    parsing: str | Path | None = None, box: Sequence[float] | None = None,
+    detector: DetectorConfig | None = None, overlays: bool = True,
+) -> pd.DataFrame:
+    """Run the models on every face of every image; write ``out`` (see the module docstring).
+
+    Returns the ``faces.csv`` table. Images without a face are logged and have no row.
+    """
+    if alignment is None and parsing is None:
+        raise StageError("nothing to predict: give --alignment and/or --parsing")
+    out = Path(out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "faces.csv").is_file()):
+        raise StageError(f"--out {out}: is not an earlier mcf predict output; refusing to replace it")
+    aligner = load_task(alignment, "alignment") if alignment is not None else None
+    parser = load_task(parsing, "parsing") if parsing is not None else None
+    detect = make_detector(detector or DetectorConfig()) if box is None else None
+    if parser is not None and aligner is None and (detector is None or detector.yunet_model is None):
+        raise StageError("parsing aligns each face by five landmarks: give --alignment MODEL (its eye, nose "
+                         "and mouth points) or a YuNet detector (--yunet FILE)")
+    rows = []
+    with atomic_dir(out) as tmp:
+        for path in tqdm(images, desc="predict", unit="image"):
+            rgb = read_rgb(path)
+            faces = detect(rgb) if detect is not None else [Face(0, tuple(box), None, None, "given")]
+            if not faces:
+                log.warning("%s: no face found", path)
+            canvas = rgb.copy()
+            for face in faces:
+                row = {"image": str(path), "face": face.face, "detector": face.detector,
+                       **dict(zip(BOX_COLUMNS, face.box, strict=True))}
+                points5 = None if face.landmarks is None else np.reshape(face.landmarks, (5, 2))
+                if aligner is not None:
+                    points = align_face(aligner[0], AFLW19Config(**aligner[1]["data"]), rgb, face.box)
+                    row |= {f"x{i}": x for i, x in enumerate(points[:, 0])}
+                    row |= {f"y{i}": y for i, y in enumerate(points[:, 1])}
+                    points5 = points[list(FIVE_FROM_19)]
+                    canvas = plots.draw_landmarks(canvas, points)
+                if parser is not None:
+                    labels = parse_face(parser[0], LaPaConfig(**parser[1]["data"]), rgb, points5)
+                    (tmp / "parsing").mkdir(exist_ok=True)
+                    plots.write_png(tmp / "parsing" / f"{path.stem}_{face.face}.png", labels)
+                    canvas = plots.blend_labels(canvas, labels)
+                rows.append(row)
+            if overlays:
+                (tmp / "overlays").mkdir(exist_ok=True)
+                plots.write_png(tmp / "overlays" / f"{path.stem}.png", canvas)
+        table = pd.DataFrame(rows, columns=["image", "face", "detector", *BOX_COLUMNS] + (
+            [f"{c}{i}" for c in "xy" for i in range(19)] if aligner is not None else []))
+        table.to_csv(tmp / "faces.csv", index=False)
+    log.info("%d faces in %d images → %s", len(table), len(images), out)
+    return table
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x1, y1, x2, y2 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x1,y1,x2,y2 in pixels, got {text!r}") from None
+    if not (x2 > x1 and y2 > y1):
+        raise argparse.ArgumentTypeError(f"need x2 > x1 and y2 > y1, got {text!r}")
+    return x1, y1, x2, y2
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="mcf predict", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  mcf predict photos/ --alignment outputs/finetune_alignment/mcf/model.pt \\\n"
+               "      --parsing outputs/finetune_parsing/mcf/model.pt --out predictions/",
+    )
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced as a whole)")
+    p.add_argument("--alignment", metavar="MODEL", help="finetune_alignment's model.pt: 19 landmarks a face")
+    p.add_argument("--parsing", metavar="MODEL", help="finetune_parsing's model.pt: a class map a face")
+    p.add_argument("--box", type=_box, metavar="X1,Y1,X2,Y2",
+                   help="one face box in pixels for every image, instead of the detector")
+    p.add_argument("--yunet", metavar="ONNX",
+                   help="detect with this YuNet model (boxes and five landmarks) instead of Haar")
+    p.add_argument("--no-overlays", action="store_true", help="skip overlays/<stem>.png")
+    args = p.parse_args(argv)
+    if args.box is not None and args.yunet is not None:
+        p.error("--box and --yunet exclude each other")
+    detector = DetectorConfig(yunet_model=args.yunet) if args.yunet is not None else None
+    predict(list_images(args.images), args.out, alignment=args.alignment, parsing=args.parsing, box=args.box,
+            detector=detector, overlays=not args.no_overlays)
+    return 0

@@ -1,0 +1,130 @@
+"""``mcf predict`` on tiny fine-tuned models: a face goes the evaluated path (same crops, same points and
+maps as the evaluate stage scores), and the command runs on a real photo with the Haar detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from skimage import data as skdata
+from test_finetune import tiny_configs, write_fixture
+
+from mcf.cli import main as cli_main
+from mcf.data.aflw19 import AFLW19, AFLW19Config, read_mat, read_rgb
+from mcf.data.lapa import ALIGN_POINTS, LaPa, LaPaConfig, read_landmarks
+from mcf.evaluate.evaluate import predict_landmarks, predict_parsing
+from mcf.evaluate.plots import read_png
+from mcf.params import Common
+from mcf.predict import align_face, load_task, parse_face
+from mcf.train.finetune import main_alignment, main_parsing
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The fixture root and the mcf variant's alignment and parsing ``model.pt``."""
+    root = write_fixture(tmp_path_factory.mktemp("predict"))
+    align, parse = tiny_configs(root)
+    main_alignment(Common(seed=0), align, "mcf")
+    main_parsing(Common(seed=0), parse, "mcf")
+    return root, Path(align.out) / "mcf" / "model.pt", Path(parse.out) / "mcf" / "model.pt"
+
+
+def test_alignment_is_the_evaluated_path(models: tuple[Path, Path, Path]) -> None:
+    _, align_pt, _ = models
+    model, meta = load_task(align_pt, "alignment")
+    cfg = AFLW19Config(**meta["data"])
+    dataset = AFLW19(cfg, "full")
+    want = predict_landmarks(model, dataset, batch_size=4)["pred"]
+    boxes = read_mat(cfg.root).boxes[dataset.indices]  # left, right, top, bottom
+    for i, (left, right, top, bottom) in enumerate(boxes):
+        got = align_face(model, cfg, read_rgb(dataset.image_path(i)), (left, top, right, bottom))
+        np.testing.assert_allclose(got, want[i], atol=1e-3)
+
+
+def test_parsing_is_the_evaluated_path(models: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, _, parse_pt = models
+    model, meta = load_task(parse_pt, "parsing")
+    cfg = LaPaConfig(**meta["data"])
+    dataset = LaPa(cfg, "test")
+    _, names = predict_parsing(model, dataset, 2, tmp_path)
+    for name in names:
+        stem = name.split("/")[1]
+        rgb = read_rgb(dataset.dir / "images" / f"{stem}.jpg")
+        points5 = read_landmarks(dataset.dir / "landmarks" / f"{stem}.txt")[list(ALIGN_POINTS)]
+        got, want = parse_face(model, cfg, rgb, points5), read_png(tmp_path / f"{name}.png")
+        assert got.shape == rgb.shape[:2]
+        assert (got == want).mean() > 0.999  # batch-size rounding may flip a tie
+
+
+def test_cli_on_a_photo_with_the_haar_detector(models: tuple[Path, Path, Path], tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    _, align_pt, parse_pt = models
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    astronaut = skdata.astronaut()
+    cv2.imwrite(str(photos / "astronaut.jpg"), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
+    cv2.imwrite(str(photos / "wall.png"), np.full((80, 120, 3), 128, np.uint8))
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    models_ = ["--alignment", str(align_pt), "--parsing", str(parse_pt)]
+    argv = ["predict", str(photos), *models_, "--out", str(out)]
+    assert cli_main(argv) == 0
+    faces = pd.read_csv(out / "faces.csv")
+    assert set(faces["image"]) == {str(photos / "astronaut.jpg")}  # the grey wall has no face
+    assert "wall.png: no face found" in caplog.text
+    best = faces[faces["face"] == 0].iloc[0]
+    assert best["detector"] == "haar" and 150 < best["box_x1"] < best["box_x2"] < 300  # her face
+    xs, ys = best[[f"x{i}" for i in range(19)]], best[[f"y{i}" for i in range(19)]]
+    assert np.isfinite(xs.to_numpy(float)).all() and np.isfinite(ys.to_numpy(float)).all()
+    labels = read_png(out / "parsing" / "astronaut_0.png")
+    assert labels.shape == astronaut.shape[:2] and labels.max() <= 10
+    assert len(list((out / "parsing").glob("astronaut_*.png"))) == len(faces)
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["astronaut.png", "wall.png"]
+
+
+def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    out = tmp_path / "out"
+    argv = ["predict", str(image), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out", str(out),
+            "--no-overlays"]
+    assert cli_main(argv) == 0 and cli_main(argv) == 0  # an earlier predict output is replaced
+    faces = pd.read_csv(out / "faces.csv")
+    assert len(faces) == 1 and faces.loc[0, "detector"] == "given" and faces.loc[0, "box_y2"] == 62
+    assert "y18" in faces.columns and not (out / "parsing").exists() and not (out / "overlays").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["IMG", "--alignment", "PARSE", "--out", "OUT"], 1, "fine-tuned for 'parsing', not 'alignment'"),
+        (["IMG", "--parsing", "PARSE", "--out", "OUT"], 1, "parsing aligns each face by five landmarks"),
+        (["IMG", "--out", "OUT"], 1, "nothing to predict"),
+        (["missing.jpg", "--alignment", "ALIGN", "--out", "OUT"], 1, "missing.jpg: no such image or folder"),
+        (["IMG", "--alignment", "missing.pt", "--out", "OUT"], 1, "missing.pt: no such file"),
+        (["IMG", "--alignment", "ALIGN", "--box", "5,5,1,9", "--out", "OUT"], 2, "need x2 > x1"),
+        (["IMG", "--alignment", "ALIGN", "--out", "PHOTOS"], 1, "is not an earlier mcf predict output"),
+    ],
+)
+def test_cli_errors_leave_no_output(
+    models: tuple[Path, Path, Path], tmp_path: Path, args: list[str], code: int, message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, align_pt, parse_pt = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    names = {"IMG": str(image), "ALIGN": str(align_pt), "PARSE": str(parse_pt), "OUT": str(tmp_path / "out"),
+             "missing.jpg": str(tmp_path / "missing.jpg"), "missing.pt": str(tmp_path / "missing.pt"),
+             "PHOTOS": str(image.parent)}
+    before = sorted(image.parent.iterdir())
+    argv = ["predict", *(names.get(a, a) for a in args)]
+    if code == 2:  # argparse's usage error
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(argv)
+        assert exit_.value.code == 2
+    else:
+        assert cli_main(argv) == code
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and sorted(image.parent.iterdir()) == before
