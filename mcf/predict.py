@@ -47,6 +47,7 @@ from mcf.train.finetune import load_finetuned, parsing_logits
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
+LANDMARK_COLUMNS = tuple(f"{c}{i}" for c in "xy" for i in range(19))  # x0..x18, then y0..y18
 
 
 @torch.no_grad()
@@ -103,6 +104,24 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     return images
 
 
+Aligner = tuple[DenseFaceModel, AFLW19Config]
+Parser = tuple[DenseFaceModel, LaPaConfig]
+
+
+def predict_face(
+    rgb: np.ndarray, face: Face, aligner: Aligner | None, parser: Parser | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One face's 19 points ``[19, 2]`` and class map ``[H, W]`` (``None`` for a model not given).
+
+    Parsing aligns by the alignment model's five points when there is one, else by the detector's.
+    """
+    points = align_face(*aligner, rgb, face.box) if aligner is not None else None
+    if parser is None:
+        return points, None
+    points5 = points[list(FIVE_FROM_19)] if points is not None else np.reshape(face.landmarks, (5, 2))
+    return points, parse_face(*parser, rgb, points5)
+
+
 def predict(
     images: Sequence[Path], out: str | Path, *, alignment: str | Path | None = None,
     parsing: str | Path | None = None, box: Sequence[float] | None = None,
@@ -117,12 +136,17 @@ def predict(
     out = Path(out)
     if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "faces.csv").is_file()):
         raise StageError(f"--out {out}: is not an earlier mcf predict output; refusing to replace it")
-    aligner = load_task(alignment, "alignment") if alignment is not None else None
-    parser = load_task(parsing, "parsing") if parsing is not None else None
-    detect = make_detector(detector or DetectorConfig()) if box is None else None
-    if parser is not None and aligner is None and (detector is None or detector.yunet_model is None):
+    if parsing is not None and alignment is None and (detector is None or detector.yunet_model is None):
         raise StageError("parsing aligns each face by five landmarks: give --alignment MODEL (its eye, nose "
                          "and mouth points) or a YuNet detector (--yunet FILE)")
+    aligner = parser = None
+    if alignment is not None:
+        model, meta = load_task(alignment, "alignment")
+        aligner = model, AFLW19Config(**meta["data"])
+    if parsing is not None:
+        model, meta = load_task(parsing, "parsing")
+        parser = model, LaPaConfig(**meta["data"])
+    detect = make_detector(detector or DetectorConfig()) if box is None else None
     rows = []
     with atomic_dir(out) as tmp:
         for path in tqdm(images, desc="predict", unit="image"):
@@ -132,26 +156,22 @@ def predict(
                 log.warning("%s: no face found", path)
             canvas = rgb.copy()
             for face in faces:
+                points, labels = predict_face(rgb, face, aligner, parser)
                 row = {"image": str(path), "face": face.face, "detector": face.detector,
                        **dict(zip(BOX_COLUMNS, face.box, strict=True))}
-                points5 = None if face.landmarks is None else np.reshape(face.landmarks, (5, 2))
-                if aligner is not None:
-                    points = align_face(aligner[0], AFLW19Config(**aligner[1]["data"]), rgb, face.box)
-                    row |= {f"x{i}": x for i, x in enumerate(points[:, 0])}
-                    row |= {f"y{i}": y for i, y in enumerate(points[:, 1])}
-                    points5 = points[list(FIVE_FROM_19)]
-                    canvas = plots.draw_landmarks(canvas, points)
-                if parser is not None:
-                    labels = parse_face(parser[0], LaPaConfig(**parser[1]["data"]), rgb, points5)
+                if labels is not None:
                     (tmp / "parsing").mkdir(exist_ok=True)
                     plots.write_png(tmp / "parsing" / f"{path.stem}_{face.face}.png", labels)
                     canvas = plots.blend_labels(canvas, labels)
+                if points is not None:
+                    row |= dict(zip(LANDMARK_COLUMNS, points.T.ravel(), strict=True))
+                    canvas = plots.draw_landmarks(canvas, points)  # over the class colours
                 rows.append(row)
             if overlays:
                 (tmp / "overlays").mkdir(exist_ok=True)
                 plots.write_png(tmp / "overlays" / f"{path.stem}.png", canvas)
-        table = pd.DataFrame(rows, columns=["image", "face", "detector", *BOX_COLUMNS] + (
-            [f"{c}{i}" for c in "xy" for i in range(19)] if aligner is not None else []))
+        landmarks = LANDMARK_COLUMNS if aligner is not None else ()
+        table = pd.DataFrame(rows, columns=["image", "face", "detector", *BOX_COLUMNS, *landmarks])
         table.to_csv(tmp / "faces.csv", index=False)
     log.info("%d faces in %d images → %s", len(table), len(images), out)
     return table
