@@ -14,8 +14,9 @@ metrics scored:
   corners (LaPa's five points), taken from the alignment model's prediction (AFLW-19 points 7, 10,
   13, 15, 17) or else from YuNet, then tanh-polar warped; the class map is warped back onto the image.
 
-Outputs in ``--out`` (written whole or not at all): ``faces.csv`` (image, face, detector, box_x1, box_y1,
-box_x2, box_y2, then x0..x18, y0..y18 in pixels when aligned), ``parsing/<image stem>_<face>.png`` (class ids
+Outputs in ``--out`` (written whole or not at all): ``images.csv`` (image, faces found, error for a file
+that cannot be decoded), ``faces.csv`` (image, face, detector, box_x1, box_y1, box_x2, box_y2, then
+x0..x18, y0..y18 in pixels when aligned), ``parsing/<image stem>_<face>.png`` (class ids
 0..10 at the image's size, one per face; classes in :data:`mcf.evaluate.evaluate.CLASSES`) and
 ``overlays/<image stem>.png``.
 """
@@ -129,7 +130,8 @@ def predict(
 ) -> pd.DataFrame:
     """Run the models on every face of every image; write ``out`` (see the module docstring).
 
-    Returns the ``faces.csv`` table. Images without a face are logged and have no row.
+    Returns the ``faces.csv`` table. An image without a face, or one that cannot be decoded, is logged,
+    has no row there and says so in ``images.csv``.
     """
     if alignment is None and parsing is None:
         raise StageError("nothing to predict: give --alignment and/or --parsing")
@@ -147,11 +149,17 @@ def predict(
         model, meta = load_task(parsing, "parsing")
         parser = model, LaPaConfig(**meta["data"])
     detect = make_detector(detector or DetectorConfig()) if box is None else None
-    rows = []
+    rows, status = [], []
     with atomic_dir(out) as tmp:
         for path in tqdm(images, desc="predict", unit="image"):
-            rgb = read_rgb(path)
+            try:
+                rgb = read_rgb(path)
+            except StageError as err:  # one bad file does not stop the rest
+                log.warning("%s", err)
+                status.append({"image": str(path), "faces": 0, "error": str(err)})
+                continue
             faces = detect(rgb) if detect is not None else [Face(0, tuple(box), None, None, "given")]
+            status.append({"image": str(path), "faces": len(faces), "error": ""})
             if not faces:
                 log.warning("%s: no face found", path)
             canvas = rgb.copy()
@@ -173,6 +181,7 @@ def predict(
         landmarks = LANDMARK_COLUMNS if aligner is not None else ()
         table = pd.DataFrame(rows, columns=["image", "face", "detector", *BOX_COLUMNS, *landmarks])
         table.to_csv(tmp / "faces.csv", index=False)
+        pd.DataFrame(status, columns=["image", "faces", "error"]).to_csv(tmp / "images.csv", index=False)
     log.info("%d faces in %d images → %s", len(table), len(images), out)
     return table
 

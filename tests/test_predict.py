@@ -68,6 +68,7 @@ def test_cli_on_a_photo_with_the_haar_detector(models: tuple[Path, Path, Path], 
     cv2.imwrite(str(photos / "astronaut.jpg"), cv2.cvtColor(astronaut, cv2.COLOR_RGB2BGR))
     cv2.imwrite(str(photos / "wall.png"), np.full((80, 120, 3), 128, np.uint8))
     (photos / "notes.txt").write_text("not an image")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
     out = tmp_path / "out"
     models_ = ["--alignment", str(align_pt), "--parsing", str(parse_pt)]
     argv = ["predict", str(photos), *models_, "--out", str(out)]
@@ -75,6 +76,10 @@ def test_cli_on_a_photo_with_the_haar_detector(models: tuple[Path, Path, Path], 
     faces = pd.read_csv(out / "faces.csv")
     assert set(faces["image"]) == {str(photos / "astronaut.jpg")}  # the grey wall has no face
     assert "wall.png: no face found" in caplog.text
+    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    assert images.loc[str(photos / "wall.png"), "faces"] == 0
+    assert images.loc[str(photos / "astronaut.jpg"), "faces"] == len(faces)
+    assert "cannot decode image" in images.loc[str(photos / "broken.jpg"), "error"]
     best = faces[faces["face"] == 0].iloc[0]
     assert best["detector"] == "haar" and 150 < best["box_x1"] < best["box_x2"] < 300  # her face
     xs, ys = best[[f"x{i}" for i in range(19)]], best[[f"y{i}" for i in range(19)]]
