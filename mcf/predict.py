@@ -204,7 +204,8 @@ def cli(argv: list[str]) -> int:
                "      --parsing outputs/finetune_parsing/mcf/model.pt --out predictions/",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced as a whole)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: new, or an earlier predict output (then replaced)")
     p.add_argument("--alignment", metavar="MODEL", help="finetune_alignment's model.pt: 19 landmarks a face")
     p.add_argument("--parsing", metavar="MODEL", help="finetune_parsing's model.pt: a class map a face")
     p.add_argument("--box", type=_box, metavar="X1,Y1,X2,Y2",
