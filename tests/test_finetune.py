@@ -90,6 +90,16 @@ def test_alignment_loss_is_small_at_the_target() -> None:
     assert good["l1"] < 0.01 < bad["l1"] and good["loss"] < bad["loss"]
 
 
+def test_alignment_l1_is_the_point_distance() -> None:
+    """PROTOCOL §3: L1 of the point distance, not of each coordinate (a 3-4-5 offset costs 5, not 3.5)."""
+    logits = torch.full((1, 19, 32, 32), -1e4)
+    logits[..., 10, 20] = 1e4  # every heatmap decodes to the centre of pixel (x 20, y 10)
+    peak = torch.tensor([20.5, 10.5]) / 32
+    points = (peak + torch.tensor([3.0, 4.0]) / 32).expand(1, 19, 2)
+    l1 = alignment_loss(AlignmentConfig())(logits, {"landmarks": points})["l1"]
+    assert l1.item() == pytest.approx(5 / 32, rel=1e-5)
+
+
 def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
     from mcf.train.finetune import build_model
 

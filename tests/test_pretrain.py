@@ -29,6 +29,7 @@ from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mcf.train.loop import accumulate, param_groups
 from mcf.train.schedule import lr_at, scaled_lr
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -241,6 +242,34 @@ def test_every_trainable_parameter_gets_a_gradient(switches: dict) -> None:
     model(torch.randn(4, 3, 32, 32), 0.75)["loss"].backward()
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert unused == []
+
+
+def test_each_micro_batch_steps_the_momentum_encoder_and_tokens_are_decayed() -> None:
+    """The release updates the momentum encoder in every forward, so 8 accumulation steps make 8
+    updates per optimizer step; and, like MAE, it decays every weight but norms and biases."""
+    cfg = MCFConfig(
+        backbone=BackboneConfig(**TINY), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+        feature_layers=(0, 1), proj_hidden=32, proj_dim=16, pred_hidden=32,
+    )
+    torch.manual_seed(0)
+    model = MCF(cfg, FeatureTeacher(create_backbone(BackboneConfig(**TINY))))
+    with torch.no_grad():
+        for p in [*model.encoder.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p))
+    online = [p.clone() for p in [*model.encoder.parameters(), *model.projector.parameters()]]
+    momentum = [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]
+    before = [p.clone() for p in momentum]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(3)]
+    accumulate(model, model, batches, 0.75, 0.9, torch.float32, scaler)
+    for o, b, a in zip(online, before, momentum, strict=True):
+        torch.testing.assert_close(a, o + 0.9**3 * (b - o))  # three lerps towards unchanged weights
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in group["params"]} for group in param_groups(model, 0.05))
+    assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.attn.qkv.weight"} <= decay
+    assert {"encoder.norm.weight", "decoder_pred.bias"} <= no_decay
+    assert len(decay | no_decay) == sum(p.requires_grad for p in model.parameters())
 
 
 def test_equal_weights_export_to_equal_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,7 +1,7 @@
 """``mcf bench pretrain``: training throughput of the MCF step, fast path against our eager baseline.
 
-Times the optimizer step the pretrain loop takes (:func:`mcf.train.loop.accumulate`: forward with
-masking, teacher feature loss, momentum keys, backward; then AdamW and the momentum update) on
+Times the optimizer step the pretrain loop takes (:func:`mcf.train.loop.accumulate`: the momentum
+update, forward with masking, teacher feature loss, momentum keys, backward; then AdamW) on
 synthetic images, twice in one run:
 
 - **fast**: autocast at ``--precision`` (bf16 on CUDA), ``torch.compile`` with ``--compile``, fused
@@ -146,11 +146,10 @@ def make_step(model: MCF, net: torch.nn.Module, imgs: Tensor, mask_ratio: float,
     scaler = torch.amp.GradScaler(imgs.device.type, enabled=dtype == torch.float16)
 
     def step() -> None:
-        accumulate(net, [imgs], mask_ratio, dtype, scaler)
+        accumulate(net, model, [imgs], mask_ratio, model.cfg.momentum, dtype, scaler)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        model.update_momentum(model.cfg.momentum)
 
     return step
 

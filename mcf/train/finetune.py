@@ -108,7 +108,7 @@ def alignment_loss(cfg: AlignmentConfig) -> LossFn:
         size = logits.shape[-1]
         sigma, radius = (v * size / 128 for v in (cfg.heatmap_sigma, cfg.heatmap_radius))
         target = heatmap_targets(batch["landmarks"], size, sigma, radius)
-        l1 = F.l1_loss(soft_argmax(logits), batch["landmarks"])
+        l1 = (soft_argmax(logits) - batch["landmarks"]).norm(dim=-1).mean()  # L1 of the point distance
         bce = F.binary_cross_entropy_with_logits(logits, target)
         return {"loss": l1 + cfg.heatmap_weight * bce, "l1": l1, "bce": bce}
 

@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed", "dist_token")
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation recipe. Defaults are the paper's (PROTOCOL.md §1) except the sizes."""
@@ -90,13 +87,13 @@ class Run:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: decayed matrices; undecayed norms, biases and tokens (MAE)."""
+    """Trainable parameters in two groups: undecayed norms and biases; everything else decayed, the cls
+    and mask tokens included, as the release and MAE do (timm's ``add_weight_decay``, no skip list)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
-        (no_decay if skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -129,13 +126,18 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def accumulate(
     net: nn.Module,
+    model: nn.Module,
     batches: list[torch.Tensor],
     mask_ratio: float,
+    momentum: float,
     dtype: torch.dtype,
     scaler: torch.amp.GradScaler,
 ) -> dict[str, torch.Tensor]:
     """Forward and backward over the micro-batches of one optimizer step; the mean of each loss term.
 
+    Before each micro-batch the momentum encoder steps towards the online one, as the release does in
+    every forward: ``accum_steps`` micro-batches make ``accum_steps`` momentum updates per optimizer step.
+    ``net`` is the module the step calls (DDP or compiled around ``model``, or ``model`` itself).
     Under DDP gradients are all-reduced on the last micro-batch only. The batches move to the
     model's device here; autocast is on unless ``dtype`` is fp32.
     """
@@ -143,6 +145,7 @@ def accumulate(
     terms: dict[str, torch.Tensor] = {}
     for i, imgs in enumerate(batches):
         last = i == len(batches) - 1
+        model.update_momentum(momentum)
         sync = contextlib.nullcontext() if last or not is_initialized() else net.no_sync()
         with sync:
             with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
@@ -244,7 +247,10 @@ class Trainer:
         """One optimizer step over ``accum_steps`` micro-batches; returns the rank-averaged loss terms."""
         lr = lr_at(self.step, self.total, self.warmup, self.peak_lr, self.cfg.min_lr)
         set_lr(self.optimizer, lr)
-        terms = accumulate(self.net, batches, self.run.mask_ratio, self.dtype, self.scaler)
+        self.momentum = self.model.momentum_at(self.step, self.total)
+        terms = accumulate(
+            self.net, self.model, batches, self.run.mask_ratio, self.momentum, self.dtype, self.scaler
+        )
         names = sorted(terms)
         values = torch.stack([terms[k] for k in names])
         if is_initialized():
@@ -256,8 +262,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.momentum = self.model.momentum_at(self.step, self.total)
-        self.model.update_momentum(self.momentum)
         self.step += 1
         return {**logged, "lr": lr, "momentum": self.momentum}
 
