@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from mcf.models.backbone import BackboneConfig, load_backbone
 from mcf.models.export import cli
 from mcf.models.mcf import MCF, MCFConfig
-from mcf.models.release import export_backbone, load_release_state_dict, to_release_state_dict
+from mcf.models.release import export_backbone, load_release_state_dict, read_weights, to_release_state_dict
 from mcf.models.teacher import FeatureTeacher, load_teacher
 
 # Every key and shape of the public release's ViT-B/16 model (a copy of the team's reference list).
@@ -76,6 +77,28 @@ def test_backbone_mismatch_fails(release_sd: dict) -> None:
         load_release_state_dict(meta_vit_b_mcf(), broken, assign=True)
     with pytest.raises(ValueError, match="does not fit"):
         load_release_state_dict(meta_vit_b_mcf(), {"online_encoder.cls_token": torch.zeros(1, 1, 64)})
+
+
+class _Exploit:
+    def __reduce__(self) -> tuple:
+        return (print, ("a checkpoint ran code",))
+
+
+def test_weights_files_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An MAE-style training checkpoint (its argparse.Namespace included) loads; a pickle that would
+    call a function, a damaged file and an empty one are refused with the path named."""
+    state = {"encoder.cls_token": torch.zeros(1, 1, 8)}
+    torch.save({"model": state, "epoch": 15, "args": argparse.Namespace(blr=1.5e-4)}, tmp_path / "mae.pth")
+    obj = read_weights(tmp_path / "mae.pth")
+    assert torch.equal(obj["model"]["encoder.cls_token"], state["encoder.cls_token"])
+    assert obj["args"].blr == 1.5e-4
+    torch.save({"model": state, "x": _Exploit()}, tmp_path / "exploit.pth")
+    (tmp_path / "damaged.pth").write_bytes((tmp_path / "mae.pth").read_bytes()[:300])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    for name in ("exploit.pth", "damaged.pth", "empty.pth"):
+        with pytest.raises(ValueError, match=f"{name}: not a weights-only PyTorch checkpoint"):
+            read_weights(tmp_path / name)
+    assert "ran code" not in capsys.readouterr().out
 
 
 def tiny_model(seed: int, **changes: object) -> MCF:

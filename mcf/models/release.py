@@ -18,6 +18,7 @@ checkpoints) or under ``state_dict`` (MoCo v3); a DDP ``module.`` prefix is stri
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -64,7 +65,11 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (``weights_only``; safetensors by suffix)."""
+    """Load a checkpoint file safely (``weights_only``; safetensors by suffix).
+
+    MAE-style training checkpoints (the release's own script writes them) also hold their
+    ``argparse.Namespace``: that plain attribute bag is allowed, and nothing else beyond tensors.
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weights file not found: {path}")
@@ -72,7 +77,17 @@ def read_weights(path: str | Path) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file fails in many ways (KeyError, EOFError, RuntimeError...)
+        text = str(err).splitlines()
+        lines = [ln.split(". Please")[0].strip() for ln in text if "Unsupported global" in ln]
+        why = lines[0] if lines else f"{type(err).__name__}: {str(err)[:200]}"
+        raise ValueError(
+            f"{path}: not a weights-only PyTorch checkpoint ({why}); it is not loaded with full "
+            "unpickling, which could run code from the file"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return obj

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import timm
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -121,8 +120,8 @@ def _from_weights(obj: object, backbone_cfg: BackboneConfig, source: str) -> nn.
 
 
 def _load_moco_v3(path: str, backbone_cfg: BackboneConfig) -> nn.Module:
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    keys = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
+    ckpt = read_weights(path)
+    keys = ckpt.get("state_dict", {})
     if not any(k.startswith("module.base_encoder.") for k in keys):
         raise ValueError(f"{path}: not a MoCo v3 checkpoint (no state_dict with module.base_encoder.* keys)")
     base = {k: v for k, v in keys.items() if k.startswith("module.base_encoder.")}
