@@ -20,9 +20,11 @@ from mcf.synth import write_aflw19, write_lapa
 from mcf.synth.config import AflwSynthConfig, LapaSynthConfig, SynthConfig
 from mcf.train.finetune import (
     AlignmentConfig,
+    FinetuneConfig,
     ParsingConfig,
     alignment_loss,
     load_finetuned,
+    lr_factor,
     main_alignment,
     main_parsing,
     make_optimizer,
@@ -98,6 +100,16 @@ def test_alignment_l1_is_the_point_distance() -> None:
     points = (peak + torch.tensor([3.0, 4.0]) / 32).expand(1, 19, 2)
     l1 = alignment_loss(AlignmentConfig())(logits, {"landmarks": points})["l1"]
     assert l1.item() == pytest.approx(5 / 32, rel=1e-5)
+
+
+def test_step_schedule_is_farls_epochwise_multistep() -> None:
+    cfg = FinetuneConfig(epochs=300, schedule="step", milestones=[200], gamma=0.1)
+    total = 300 * 7  # 7 steps per epoch
+    assert [lr_factor(s, total, cfg) for s in (0, 199 * 7 + 6)] == [1.0, 1.0]
+    assert lr_factor(200 * 7, total, cfg) == pytest.approx(0.1)
+    assert lr_factor(total - 1, total, cfg) == pytest.approx(0.1)
+    flat = FinetuneConfig(epochs=150, schedule="step", milestones=[200])  # FaRL's AFLW-19: never reached
+    assert {lr_factor(s, 150 * 7, flat) for s in range(150 * 7)} == {1.0}
 
 
 def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:

@@ -67,7 +67,9 @@ class FinetuneConfig:
     lr_neck: float = param(1e-2, gt=0)
     lr_head: float = param(1e-2, gt=0)
     weight_decay: float = param(1e-5, ge=0)
-    schedule: Literal["constant", "cosine"] = "cosine"  # per step, after the warm-up
+    schedule: Literal["constant", "cosine", "step"] = "cosine"  # after the warm-up
+    milestones: list[int] = param([200])  # `step`: epochs where the lr drops ×gamma (FaRL: [200], 0.1)
+    gamma: float = param(0.1, gt=0, le=1)
     warmup_steps: int = param(0, ge=0)  # linear warm-up; 0 = none
     freeze_backbone: bool = False
     ema_decay: float = param(0.999, ge=0, lt=1)
@@ -138,11 +140,15 @@ def make_optimizer(model: DenseFaceModel, cfg: FinetuneConfig) -> torch.optim.Ad
 
 
 def lr_factor(step: int, total: int, cfg: FinetuneConfig) -> float:
-    """Multiplier on every group's lr at ``step``: linear warm-up, then constant or half-cosine to 0."""
+    """Multiplier on every group's lr at ``step``: linear warm-up, then constant, half-cosine to 0 (per
+    step), or ×gamma at each milestone epoch passed (FaRL's epoch-wise MultiStepLR)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return 1.0
+    if cfg.schedule == "step":
+        epoch = step * cfg.epochs // max(total, 1)
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
     progress = (step - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
