@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from mcf.cli import describe
+
 BENCHES = {
     "synth": "mcf.synth.bench:bench_synth",
     "crop": "mcf.data.crop:bench_crop",
@@ -13,8 +15,10 @@ BENCHES = {
 
 
 def cli(argv: list[str]) -> int | None:
-    p = argparse.ArgumentParser(prog="mcf bench", description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
-    args, rest = p.parse_known_args(argv)
-    module, name = BENCHES[args.what].split(":")
-    return getattr(importlib.import_module(module), name)(rest)
+    if argv and argv[0] in BENCHES:  # the benchmark parses the rest, its own --help included
+        module, name = BENCHES[argv[0]].split(":")
+        return getattr(importlib.import_module(module), name)(argv[1:])
+    p = argparse.ArgumentParser(prog="mcf bench", description=describe(__doc__))
+    p.add_argument("what", choices=sorted(BENCHES), help="which benchmark (`mcf bench <what> --help`)")
+    p.parse_args(argv[:1])  # prints the help or names the unknown benchmark, and exits
+    return 2

@@ -1,7 +1,7 @@
 """``mcf <command>``: one subcommand per pipeline stage, plus tools (bench, validate, export, predict,
 check-metrics, report).
 
-A thin shell: a stage command validates the params file, then calls the stage's
+A thin shell: a stage command validates the whole params file, then calls the stage's
 ``main(common, config)``; a tool command hands its remaining arguments to the tool's ``cli(argv)``.
 Modules are imported only when their command runs, so ``mcf --help`` stays fast.
 """
@@ -55,9 +55,15 @@ def _resolve(target: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
+def describe(doc: str | None) -> str:
+    """A docstring's first paragraph as plain ``--help`` text (no reST double backquotes)."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(first.replace("``", "").split())
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``mcf`` argument parser (stage commands take ``--params``; tools parse the rest)."""
-    p = argparse.ArgumentParser(prog="mcf", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mcf", description=describe(__doc__))
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(_resolve(TOOLS[args.command][0])(argv[split + 1 :]) or 0)
         if rest:
             parser().error(f"unrecognized arguments: {' '.join(rest)}")
-        common, config = load(args.command, args.params)
+        common, config = load(args.command, args.params, every_section=True)
         extra = {"variant": args.variant} if hasattr(args, "variant") else {}
         _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:

@@ -8,6 +8,7 @@ an hour of training is an hour lost.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import importlib
 import types
@@ -50,9 +51,13 @@ def param(
     return dataclasses.field(default=default, metadata={"bounds": bounds})
 
 
+# Off while :func:`load` checks the other stages' sections: their inputs may not be written yet.
+_CHECK_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("check_paths", default=True)
+
+
 def require_path(path: str | Path, key: str) -> None:
     """Raise a :class:`ParamsError` naming ``key`` when an input path does not exist."""
-    if not Path(path).exists():
+    if _CHECK_PATHS.get() and not Path(path).exists():
         raise ParamsError(key, f"path does not exist: {path}")
 
 
@@ -196,11 +201,14 @@ def _config_class(stage: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def load(stage: str | None = None, path: str | Path = DEFAULT_PARAMS) -> tuple[Common, Any]:
+def load(
+    stage: str | None = None, path: str | Path = DEFAULT_PARAMS, every_section: bool = False
+) -> tuple[Common, Any]:
     """Validate the top-level keys and ``stage``'s section; return them as typed configs.
 
-    Only ``stage``'s section is built: the others belong to stages whose modules (and torch) this
-    stage need not import, and each stage validates its own section before it does any work.
+    ``every_section`` also builds the other sections (all but their input paths, which an earlier
+    stage may still have to write), so a typo in ``evaluate`` fails ``mcf fetch`` instead of the last
+    stage after days of training; the stage commands ask for it.
     """
     data = read_yaml(path)
     try:
@@ -208,6 +216,12 @@ def load(stage: str | None = None, path: str | Path = DEFAULT_PARAMS) -> tuple[C
         unknown = sorted(set(data) - set(SECTIONS) - {"seed", "mask_ratio"})
         if unknown:
             raise ParamsError(str(unknown[0]), f"unknown section (valid: {', '.join(SECTIONS)})")
+        token = _CHECK_PATHS.set(False)
+        try:
+            for other in SECTIONS if every_section else ():
+                build(_config_class(other), data.get(other), other)
+        finally:
+            _CHECK_PATHS.reset(token)
         config = build(_config_class(stage), data.get(stage), stage) if stage else None
     except ParamsError as err:
         raise err.under("", path) from None

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from mcf.cli import describe
 from mcf.data import transforms as T
 from mcf.data.aflw19 import AFLW19Config, crop_matrix, read_rgb, to_original
 from mcf.data.detect import DetectorConfig, Face, make_detector
@@ -198,7 +199,7 @@ def _box(text: str) -> tuple[float, float, float, float]:
 
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="mcf predict", description=__doc__.splitlines()[0],
+        prog="mcf predict", description=describe(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  mcf predict photos/ --alignment outputs/finetune_alignment/mcf/model.pt \\\n"
                "      --parsing outputs/finetune_parsing/mcf/model.pt --out predictions/",
@@ -216,6 +217,8 @@ def cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.box is not None and args.yunet is not None:
         p.error("--box and --yunet exclude each other")
+    if args.yunet is not None and (not Path(args.yunet).is_file() or not args.yunet.endswith(".onnx")):
+        p.error(f"--yunet {args.yunet}: expected an existing YuNet .onnx file")
     detector = DetectorConfig(yunet_model=args.yunet) if args.yunet is not None else None
     predict(list_images(args.images), args.out, alignment=args.alignment, parsing=args.parsing, box=args.box,
             detector=detector, overlays=not args.no_overlays)

@@ -46,3 +46,21 @@ def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int) -> None
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == expected_rc, proc.stdout + proc.stderr
     assert "nme_diag" in proc.stdout  # the markdown table is printed either way
+
+
+def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
+    """A missing or malformed tolerance file, or a revision dvc cannot read, is one clear line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tolerances:\n  '*': 0.1\n")
+    cases = [
+        (["--tolerance", str(tmp_path / "nope.yaml")], "nope.yaml: no such file"),
+        (["--tolerance", str(bad)], "expected a 'tolerance:' mapping"),
+    ]
+    good = tmp_path / "good.yaml"
+    good.write_text("tolerance:\n  '*': 0.1\n")
+    cases.append((["--tolerance", str(good)], "dvc metrics diff HEAD --md --all failed"))  # not a repo
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and message in proc.stderr, proc.stdout + proc.stderr
+        assert "Traceback" not in proc.stderr

@@ -93,6 +93,41 @@ def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
     assert "mask_ratio" in lines[0] and "1.5" in lines[0]
 
 
+def test_a_stage_command_checks_every_section(tmp_path: Path) -> None:
+    """A typo in evaluate's section stops `mcf fetch` before any work, not the last stage."""
+    root = Path(__file__).resolve().parents[1]
+    data = read_yaml(root / "params.yaml")
+    data["evaluate"] = {**data["evaluate"], "batchsize": 8}
+    path = _write(tmp_path, data)
+    with pytest.raises(ParamsError, match="evaluate.batchsize: unknown key"):
+        load("fetch", path, every_section=True)
+    assert load("fetch", path)[1] is not None  # the stage's own section alone is fine
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcf.cli", "fetch", "--params", str(path)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 2 and "evaluate.batchsize: unknown key" in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_other_sections_inputs_are_the_running_stages_business(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper's teacher runs before LAION-Face's parquet files matter: only its own inputs count,
+    and a missing teacher checkpoint is one line, not a traceback."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    load("teacher", root / "params.paper.yaml", every_section=True)
+    with pytest.raises(ParamsError, match="fetch.laion_face.parquet"):
+        load("fetch", root / "params.paper.yaml", every_section=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mcf.cli", "teacher", "--params", str(root / "params.paper.yaml")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert proc.returncode == 1 and "weights file not found" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_paper_params_valid_once_data_is_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = Path(__file__).resolve().parents[1]
     paper = read_yaml(root / "params.paper.yaml")

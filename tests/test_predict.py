@@ -111,6 +111,8 @@ def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path]
         (["missing.jpg", "--alignment", "ALIGN", "--out", "OUT"], 1, "missing.jpg: no such image or folder"),
         (["IMG", "--alignment", "missing.pt", "--out", "OUT"], 1, "missing.pt: no such file"),
         (["IMG", "--alignment", "ALIGN", "--box", "5,5,1,9", "--out", "OUT"], 2, "need x2 > x1"),
+        (["IMG", "--alignment", "ALIGN", "--yunet", "nope.onnx", "--out", "OUT"], 2,
+         "--yunet nope.onnx: expected an existing YuNet .onnx file"),
         (["IMG", "--alignment", "ALIGN", "--out", "PHOTOS"], 1, "is not an earlier mcf predict output"),
     ],
 )

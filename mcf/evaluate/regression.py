@@ -17,6 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from mcf.cli import describe
+from mcf.errors import StageError
+
 log = logging.getLogger(__name__)
 
 
@@ -38,8 +41,16 @@ class Move:
 
 def load_tolerances(path: str | Path) -> dict[str, float]:
     """``{glob over 'file:metric.key': absolute tolerance}``; the first matching glob wins."""
+    if not Path(path).is_file():
+        raise StageError(f"--tolerance {path}: no such file")
     data = yaml.safe_load(Path(path).read_text()) or {}
-    return {str(k): float(v) for k, v in data.get("tolerance", {}).items()}
+    table = data.get("tolerance") if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise StageError(f"--tolerance {path}: expected a 'tolerance:' mapping of metric globs to numbers")
+    try:
+        return {str(k): float(v) for k, v in table.items()}
+    except (TypeError, ValueError) as err:
+        raise StageError(f"--tolerance {path}: every tolerance must be a number ({err})") from None
 
 
 def tolerance_for(name: str, tolerances: dict[str, float]) -> float | None:
@@ -60,20 +71,26 @@ def compare(diff: dict, tolerances: dict[str, float]) -> list[Move]:
 
 
 def _dvc(*args: str) -> str:
-    return subprocess.run(["dvc", *args], check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if done.returncode:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise StageError(f"dvc {' '.join(args)} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
+    return done.stdout
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mcf check-metrics", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mcf check-metrics", description=describe(__doc__))
     p.add_argument("--rev", default="HEAD", help="committed revision to compare with (default: %(default)s)")
     p.add_argument("--tolerance", default="metrics/tolerance.yaml",
                    help="tolerance file (default: %(default)s)")
     args = p.parse_args(argv)
+    tolerances = load_tolerances(args.tolerance)
     print(_dvc("metrics", "diff", args.rev, "--md", "--all"))
-    moves = compare(json.loads(_dvc("metrics", "diff", args.rev, "--json", "--all") or "{}"),
-                    load_tolerances(args.tolerance))
+    moves = compare(json.loads(_dvc("metrics", "diff", args.rev, "--json", "--all") or "{}"), tolerances)
     failed = [m for m in moves if m.failed]
     for m in failed:
         print(f"FAIL {m.name}: {m.old} -> {m.new} (tolerance ±{m.tolerance})")
     print(f"metric gate: {len(moves) - len(failed)} within tolerance, {len(failed)} outside")
+    if not moves:
+        print(f"metric gate: no metric matches a glob in {args.tolerance}, so nothing was checked")
     return 1 if failed or not moves else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mcf.cli import describe
 from mcf.errors import StageError
 from mcf.models.release import export_backbone
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mcf export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mcf export", description=describe(__doc__))
     p.add_argument("--checkpoint", required=True, help="pretrain checkpoint or release state dict (.pth)")
     p.add_argument("--out", required=True, help="output folder for backbone.pth and backbone.json")
     p.add_argument(

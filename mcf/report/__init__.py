@@ -45,5 +45,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--out", default="outputs/report/index.html",
                    help="HTML file to write, relative to --root (default: %(default)s)")
     args = p.parse_args(argv)
+    if (args.root / args.out).is_dir():
+        p.error(f"--out {args.out}: is a folder; name the HTML file to write, e.g. {args.out}/index.html")
     print(build_report(args.root, args.params, args.out))
     return 0

@@ -9,6 +9,7 @@ import time
 import cv2
 import numpy as np
 
+from mcf.cli import describe
 from mcf.synth.config import SynthConfig
 from mcf.synth.identity import KIND_AFLW, sample_identity
 from mcf.synth.render import render_face
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def bench_synth(argv: list[str]) -> int:
     """Render ``--n`` faces of ``--size`` px with OpenCV on one thread and log images per second."""
-    p = argparse.ArgumentParser(prog="mcf bench synth", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mcf bench synth", description=describe(__doc__))
     p.add_argument("--n", type=int, default=500, help="images to render (default: %(default)s)")
     p.add_argument("--size", type=int, default=160, help="image side in pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="SynthFace seed (default: %(default)s)")

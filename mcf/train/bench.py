@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+from mcf.cli import describe
 from mcf.data.pretrain_data import CropDataset, EpochView
 from mcf.models.backbone import create_backbone
 from mcf.models.mcf import MCF, MCFConfig
@@ -47,7 +48,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mcf bench pretrain", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="mcf bench pretrain", description=describe(__doc__))
     p.add_argument("--model", choices=("tiny", "base"), default="tiny", help="default: %(default)s")
     p.add_argument("--params", default="params.yaml", help="where tiny's size is read (default: %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")

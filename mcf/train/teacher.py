@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mcf.errors import StageError
 from mcf.io import atomic_dir
 from mcf.models.backbone import BackboneConfig, load_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
@@ -95,7 +96,10 @@ def main(common: Common, cfg: TeacherConfig) -> None:
         try:
             if rank == 0:  # under torchrun, one process writes
                 torch.manual_seed(common.seed)  # a `random` teacher is reproducible
-                import_teacher(cfg.source, cfg.backbone, cfg.out)
+                try:
+                    import_teacher(cfg.source, cfg.backbone, cfg.out)
+                except ValueError as err:  # a missing, damaged or ill-fitting weights file
+                    raise StageError(f"teacher.source {cfg.source!r}: {err}") from None
                 shutil.rmtree(cfg.resume_dir, ignore_errors=True)
             barrier()
         finally:
