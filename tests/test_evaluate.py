@@ -89,6 +89,10 @@ def test_alignment_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateC
             assert 100 * M.nme(p, g, "inter_ocular").mean() == pytest.approx(want["nme_inter_ocular"])
             auc, fr = M.auc_fr(nme_box)
             assert (100 * auc, 100 * fr) == pytest.approx((want["auc_box_0.07"], want["fr_box_0.07"]))
+        table = pd.read_csv(Path(cfg.out) / "predictions" / f"alignment_{variant}.csv")
+        np.testing.assert_allclose(table["nme_diag"], 100 * M.nme(pred, gt, "diag", box), rtol=1e-9)
+        assert table["frontal"].tolist() == frontal.tolist()
+        assert table["nme_diag"].mean() == pytest.approx(metrics["alignment"][variant]["full"]["nme_diag"])
 
 
 def test_parsing_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:

@@ -17,7 +17,8 @@ Outputs:
 - ``out``/: ``plots/ced.csv`` (threshold, one column per variant; full split), ``plots/f1.csv`` (class,
   one column per variant), ``ced.png``, ``confusion_<variant>.png``, ``overlays/*.png``, and the
   per-image predictions in original-image coordinates, for anyone to re-score:
-  ``predictions/alignment_<variant>.csv`` (name, x0..x18, y0..y18; pixels) and
+  ``predictions/alignment_<variant>.csv`` (name, the image's NME_diag ×100, frontal, x0..x18, y0..y18;
+  pixels: the metric traced to each image) and
   ``predictions/parsing_<variant>/<split>/<stem>.png`` (class ids 0..10, original size).
 """
 
@@ -163,6 +164,8 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
             "frontal": alignment_scores(p["pred"][frontal], p["gt"][frontal], p["box"][frontal]),
         }
         table = landmark_table(p["name"], p["pred"])
+        table.insert(1, "nme_diag", 100 * M.nme(p["pred"], p["gt"], "diag", p["box"]))  # ×100, as reported
+        table.insert(2, "frontal", frontal)
         table.to_csv(out / "predictions" / f"alignment_{variant}.csv", index=False)
         ced[variant] = M.ced_curve(M.nme(p["pred"], p["gt"], "box", p["box"]), THRESHOLD)
         for i in range(min(cfg.overlays, len(dataset))):
