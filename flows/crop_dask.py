@@ -67,7 +67,7 @@ def crop_dask(
     cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()))
     sources = load_sources(cfg)
     runner = task_runner(address, n_workers or cfg.workers, processes)
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
         results = fan_out.with_options(task_runner=runner)(sources, cfg, str(tmp / "parts"))
         manifest = merge(results, cfg, tmp)
         shutil.rmtree(tmp / "parts")

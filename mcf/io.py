@@ -8,14 +8,55 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mcf.errors import StageError
 
-@contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temporary sibling of ``path``; on success it replaces ``path`` in one rename.
 
-    On an exception the temporary folder is removed and ``path`` is left as it was.
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the ``.<name>.tmp-<pid>`` siblings of killed writers; a live writer's is left alone."""
+    prefix = f".{path.name}.tmp-"
+    if path.parent.is_dir():
+        for tmp in path.parent.iterdir():
+            pid = tmp.name[len(prefix) :] if tmp.name.startswith(prefix) else ""
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(path: str | Path, sign: str) -> None:
+    """Refuse an existing ``path`` that holds files but not ``sign``, a file or folder every output of
+    this writer holds: a mistyped ``out`` must not delete a folder the pipeline did not write. Empty
+    folders do not count: ``dvc repro`` deletes a stage's declared files and may leave their folders.
     """
     path = Path(path)
+    if path.is_file() or (
+        path.is_dir() and not (path / sign).exists() and any(p.is_file() for p in path.rglob("*"))
+    ):
+        raise StageError(
+            f"{path} exists and holds no {sign}, so it is not an earlier output of this step; "
+            "refusing to replace it (name another folder, or delete it yourself)"
+        )
+
+
+@contextmanager
+def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``path``; on success it replaces ``path`` in one rename.
+
+    ``path`` must be new, empty or an earlier output (it holds ``sign``: :func:`check_replaceable`).
+    On an exception the temporary folder is removed and ``path`` is left as it was; what killed
+    writers left (``kill -9``, OOM) is removed on the next start.
+    """
+    path = Path(path)
+    check_replaceable(path, sign)
+    _remove_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

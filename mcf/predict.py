@@ -41,7 +41,7 @@ from mcf.data.detect import DetectorConfig, Face, make_detector
 from mcf.data.lapa import LaPaConfig, align_matrix, warp_to_original
 from mcf.errors import StageError
 from mcf.evaluate import plots
-from mcf.io import atomic_dir
+from mcf.io import atomic_dir, check_replaceable
 from mcf.models.heads import DenseFaceModel, soft_argmax
 from mcf.synth.geometry import FIVE_FROM_19
 from mcf.train.finetune import load_finetuned, parsing_logits
@@ -137,8 +137,7 @@ def predict(
     if alignment is None and parsing is None:
         raise StageError("nothing to predict: give --alignment and/or --parsing")
     out = Path(out)
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / "faces.csv").is_file()):
-        raise StageError(f"--out {out}: is not an earlier mcf predict output; refusing to replace it")
+    check_replaceable(out, "faces.csv")  # before any model is loaded
     if parsing is not None and alignment is None and (detector is None or detector.yunet_model is None):
         raise StageError("parsing aligns each face by five landmarks: give --alignment MODEL (its eye, nose "
                          "and mouth points) or a YuNet detector (--yunet FILE)")
@@ -151,7 +150,7 @@ def predict(
         parser = model, LaPaConfig(**meta["data"])
     detect = make_detector(detector or DetectorConfig()) if box is None else None
     rows, status = [], []
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, sign="faces.csv") as tmp:
         for path in tqdm(images, desc="predict", unit="image"):
             try:
                 rgb = read_rgb(path)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -18,12 +21,14 @@ from pytest import MonkeyPatch
 from skimage import data as skdata
 
 from mcf.data import crop as crop_mod
-from mcf.data.crop import CropConfig, crop, crop_id, face_transform, similarity, warp_crop
-from mcf.data.detect import DetectorConfig, Face, HaarDetector
+from mcf.data.crop import CropConfig, Source, crop, crop_chunk, crop_id, face_transform, warp_crop
+from mcf.data.detect import DetectorConfig, Face, HaarDetector, load_detections
 from mcf.data.quality import duplicates, hamming, phash
 from mcf.data.shards import shard_urls
 from mcf.errors import StageError
+from mcf.io import atomic_dir, check_replaceable
 from mcf.params import ParamsError, build
+from mcf.validate.gate import SUITES_DIR
 
 ASTRO_FACE = (175.0, 60.0, 275.0, 165.0)  # her face in skimage's 512×512 astronaut, checked by eye
 ASTRO_LANDMARKS = (204.0, 105.0, 243.0, 103.0, 224.0, 124.0, 208.0, 142.0, 243.0, 141.0)
@@ -39,8 +44,9 @@ def _box_face(box: tuple[float, ...], score: float = 0.99) -> dict:
     return {"box": list(box), "landmarks": None, "score": score}
 
 
-# sample_id -> (image, detections or None when the table has no entry, expected reason or "kept")
-def _samples() -> dict[str, tuple[np.ndarray, list[dict] | None, str]]:
+# sample_id -> (image or None for an undecodable file, detections or None when the table has no entry,
+# expected reason or "kept")
+def _samples() -> dict[str, tuple[np.ndarray | None, list[dict] | None, str]]:
     astro = _rgb("astronaut")
     blurred = cv2.resize(cv2.resize(_rgb("chelsea"), (28, 19), interpolation=cv2.INTER_AREA), (451, 300))
     astro_face = {"box": list(ASTRO_FACE), "landmarks": list(ASTRO_LANDMARKS), "score": 0.99}
@@ -54,6 +60,8 @@ def _samples() -> dict[str, tuple[np.ndarray, list[dict] | None, str]]:
         "low-score": (_rgb("rocket"), [_box_face((250, 50, 400, 200), score=0.5)], "low_score"),
         "mirror": (np.ascontiguousarray(astro[:, ::-1]), None, "kept"),  # no table entry: Haar runs
         "tiny": (_rgb("immunohistochemistry"), [_box_face((10, 10, 20, 22))], "too_small"),
+        "broken": (None, [_box_face((10, 10, 90, 90))], "undecodable"),
+        "broken-no-table": (None, None, "undecodable"),  # the detector would have run
     }
 
 
@@ -63,15 +71,19 @@ def make_fetch_dir(root: Path, samples: dict) -> Path:
     manifest, detections = [], []
     for sample_id, (rgb, faces, _) in samples.items():
         path = f"images/{sample_id}.jpg"
-        cv2.imwrite(str(root / path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        if rgb is None:
+            (root / path).write_bytes(b"\xff\xd8\xff not a decodable JPEG")
+        else:
+            bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+            cv2.imwrite(str(root / path), bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
         manifest.append(
             {
                 "sample_id": sample_id,
                 "path": path,
                 "status": "success",
                 "error": None,
-                "width": rgb.shape[1],
-                "height": rgb.shape[0],
+                "width": 0 if rgb is None else rgb.shape[1],
+                "height": 0 if rgb is None else rgb.shape[0],
                 "caption": "",
                 "source": "test",
             }
@@ -147,6 +159,24 @@ def test_rejections_carry_reasons(serial: tuple[CropConfig, pd.DataFrame]) -> No
     mirror = manifest.set_index("sample_id").loc["mirror"]
     assert mirror["detector"] == "haar" and np.isnan(mirror["score"])
     assert "gone" not in set(manifest["sample_id"])  # failed fetches have no faces
+    broken = manifest.set_index("sample_id").loc[["broken", "broken-no-table"]]
+    assert broken["detector"].tolist() == ["table", None] and broken["face"].tolist() == [0, 0]
+
+
+def test_reasons_match_the_gate_suite() -> None:
+    suite = json.loads((SUITES_DIR / "crop.json").read_text())["expectations"]
+    (allowed,) = [e["kwargs"]["value_set"] for e in suite if e["kwargs"].get("column") == "reason"
+                  and e["type"] == "expect_column_values_to_be_in_set"]
+    assert allowed == list(crop_mod.REASONS)
+
+
+@pytest.mark.parametrize("points", [[0.0] * 10, [30.0, 40.0] * 5, [30.0, float("nan")] + [50.0] * 8])
+def test_degenerate_landmarks_are_rejected_when_aligning(tmp_path: Path, points: list[float]) -> None:
+    cv2.imwrite(str(tmp_path / "a.jpg"), _rgb("astronaut"))
+    face = Face(0, ASTRO_FACE, tuple(points), 0.99, "table")
+    cfg = CropConfig(size=SIZE, align=True, min_blur=0.0)
+    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), (face,))], cfg, tmp_path / "part")
+    assert result.rows["reason"].tolist() == ["bad_landmarks"]
 
 
 def test_shards_stream_with_webdataset(serial: tuple[CropConfig, pd.DataFrame]) -> None:
@@ -204,6 +234,38 @@ def test_gate_rejects_dark_crops(fetch_dir: Path, tmp_path: Path, monkeypatch: M
     _assert_no_output(tmp_path / "crop")
 
 
+@pytest.mark.parametrize("bad", [{"box": [1.0, 2.0, 30.0, float("inf")]}, {"landmarks": [float("nan")] * 10}])
+def test_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: dict) -> None:
+    good = {"sample_id": "s1", "face": 0, "box": [1.0, 2.0, 30.0, 28.0], "landmarks": None, "score": 1.0}
+    pd.DataFrame([good, good | {"face": 1} | bad]).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(StageError, match="d.parquet: sample s1 face 1: box or landmarks not finite"):
+        load_detections(tmp_path / "d.parquet")
+
+
+def test_atomic_dir_removes_what_killed_writers_left(tmp_path: Path) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f".crop.tmp-{dead.pid}", tmp_path / f".crop.tmp-{os.getppid()}"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "crops-000000.tar").write_bytes(b"half written")
+    with atomic_dir(tmp_path / "crop", sign="manifest.parquet") as tmp:
+        (tmp / "manifest.parquet").write_bytes(b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["crop", live.name])
+
+
+def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
+    """dvc repro deletes a stage's declared files but may leave their folders: those are no one's data."""
+    live = tmp_path / "live"
+    (live / "plots" / "metrics").mkdir(parents=True)
+    check_replaceable(live, "metrics.json")
+    (live / "plots" / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="holds no metrics.json"):
+        check_replaceable(live, "metrics.json")
+    (live / "metrics.json").write_text("{}")
+    check_replaceable(live, "metrics.json")
+
+
 def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(StageError, match="no manifest.parquet"):
         crop(_cfg(tmp_path / "nowhere", tmp_path / "crop"))
@@ -212,15 +274,6 @@ def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
     (bare / "manifest.parquet").write_bytes((fetch_dir / "manifest.parquet").read_bytes())
     with pytest.raises(StageError, match="detections.parquet"):
         crop(_cfg(bare, tmp_path / "crop", detections="table"))
-
-
-def test_similarity_recovers_a_transform() -> None:
-    rng = np.random.default_rng(0)
-    src = rng.uniform(0, 100, (5, 2))
-    angle, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
-    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
-    m = similarity(src, src @ rot.T + shift)
-    np.testing.assert_allclose(m, np.column_stack([rot, shift]), atol=1e-9)
 
 
 def test_alignment_puts_landmarks_on_the_template() -> None:

@@ -19,11 +19,15 @@ from typing import Any
 import boto3
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from mcf.data.fetch import FetchConfig, journal_dir, main
-from mcf.data.sources.image import file_sha256
+from mcf.data.sources import laion
+from mcf.data.sources.download import Journal
+from mcf.data.sources.image import file_sha256, inspect
 from mcf.errors import StageError
 from mcf.params import Common, ParamsError, build
 
@@ -235,6 +239,44 @@ def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) ->
     assert det["score"].tolist() == [0.99, 0.5]
 
 
+def test_laion_integer_ids_with_nulls_match_detections(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = pa.array([100, None, 102], pa.int64())  # pandas reads this column back as float64
+    part, det = tmp_path / "part.parquet", tmp_path / "det.json"
+    pq.write_table(pa.table({"SAMPLE_ID": ids, "URL": ["u"] * 3, "TEXT": ["t"] * 3}), part)
+    rows = laion.read_rows(laion.LaionFaceConfig(parquet=[str(part)]))
+    assert rows["sample_id"].tolist() == ["100", "part:1", "102"]
+    det.write_text(json.dumps({"102": [[[1, 2, 30, 28], [5, 6, 20, 6, 12, 14, 7, 22, 19, 22], 0.99]]}))
+    assert laion.read_detections(det, set(rows["sample_id"]))["sample_id"].tolist() == ["102"]
+    assert "none of the 1 sample ids" not in caplog.text
+    assert laion.read_detections(det, {"102.0"}).empty
+    assert "none of the 1 sample ids" in caplog.text and "'102' there, '102.0' here" in caplog.text
+
+
+@pytest.mark.parametrize("bad", ['[1, 2, NaN, 28]', '[1, 2, 30, Infinity]'])
+def test_laion_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: str) -> None:
+    points = "[5, 6, 20, 6, 12, 14, 7, 22, 19, 22]"
+    (tmp_path / "det.json").write_text(f'{{"7": [[[1, 2, 30, 28], {points}, 0.9], [{bad}, {points}, 0.9]]}}')
+    with pytest.raises(StageError, match=r"face 1 of '7' is malformed: .* must be finite"):
+        laion.read_detections(tmp_path / "det.json", {"7"})
+
+
+def test_mpo_is_a_jpeg() -> None:
+    """Phones write JPEGs with a second (depth, preview) image; Pillow calls them MPO."""
+    first = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    first.save(buf, format="MPO", save_all=True, append_images=[first.resize((20, 15))])
+    assert inspect(buf.getvalue(), MAX_PIXELS) == (".jpg", 40, 30)
+
+
+def test_journal_survives_a_torn_last_line(tmp_path: Path) -> None:
+    first = {"sample_id": "a", "path": "images/a.jpg"}
+    (tmp_path / "journal.jsonl").write_text(json.dumps(first) + "\n" + '{"sample_id": "b", "pa')
+    Journal(tmp_path).append({"sample_id": "c", "path": "images/c.jpg"})
+    assert [e["sample_id"] for e in Journal(tmp_path).load()] == ["a", "c"]
+
+
 def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None:
     parquet = tmp_path / "part.parquet"
     pd.DataFrame({"SAMPLE_ID": [1], "TEXT": ["x"], "NSFW": ["UNLIKELY"]}).to_parquet(parquet)
@@ -282,6 +324,27 @@ def test_local_folder(tmp_path: Path) -> None:
     assert not Path("out/detections.parquet").exists()
 
 
+def test_empty_local_folder_fails_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    with pytest.raises(StageError, match=r"local source lists no rows: nothing in .*empty \(files ending in"):
+        main(Common(), _config(source="local", local={"root": str(tmp_path / "empty")}))
+    assert not Path("out").exists()
+
+
+def test_out_naming_the_photos_folder_deletes_nothing(tmp_path: Path) -> None:
+    """fetch.out = fetch.local.root would have replaced the user's photos by the fetch output."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "me.jpg").write_bytes(_image("JPEG"))
+    with pytest.raises(StageError, match="holds no manifest.parquet, so it is not an earlier output"):
+        main(Common(), _config(source="local", out=str(photos), local={"root": str(photos)}))
+    assert [p.name for p in photos.iterdir()] == ["me.jpg"]
+    main(Common(), _config(source="local", local={"root": str(photos)}))  # into out/: new
+    main(Common(), _config(source="local", local={"root": str(photos)}))  # an earlier output: replaced
+    assert (Path("out") / "manifest.parquet").is_file()
+
+
 @pytest.fixture
 def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
@@ -317,6 +380,8 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     }
     assert Path("out", manifest.loc["raw/a.jpg", "path"]).read_bytes() == JPEG
     assert (manifest["source"] == "s3").all()
+    with pytest.raises(StageError, match=r"s3 source lists no rows: nothing in s3://faces/none/ \(keys"):
+        main(Common(), _config(source="s3", s3=section | {"prefix": "none/"}))
 
 
 def test_synthetic_source_end_to_end() -> None:

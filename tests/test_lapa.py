@@ -18,6 +18,7 @@ from mcf.data.lapa import (
     ParsingAugment,
     points_from_original,
     points_to_original,
+    read_landmarks,
     sample_params,
     table,
     warp_to_original,
@@ -163,6 +164,12 @@ def test_bad_files_fail_naming_the_file(root: Path) -> None:
         ds[2]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         LaPa(_cfg(root / "nowhere"), "train")
+
+
+def test_binary_landmark_file_fails_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(StageError, match=r"x\.txt: malformed landmark file: 'utf-8' codec"):
+        read_landmarks(tmp_path / "x.txt")
 
 
 def test_table_passes_the_gate_and_catches_bad_rows(root: Path) -> None:

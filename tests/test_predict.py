@@ -113,7 +113,7 @@ def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path]
         (["IMG", "--alignment", "ALIGN", "--box", "5,5,1,9", "--out", "OUT"], 2, "need x2 > x1"),
         (["IMG", "--alignment", "ALIGN", "--yunet", "nope.onnx", "--out", "OUT"], 2,
          "--yunet nope.onnx: expected an existing YuNet .onnx file"),
-        (["IMG", "--alignment", "ALIGN", "--out", "PHOTOS"], 1, "is not an earlier mcf predict output"),
+        (["IMG", "--alignment", "ALIGN", "--out", "PHOTOS"], 1, "holds no faces.csv, so it is not"),
     ],
 )
 def test_cli_errors_leave_no_output(

@@ -18,7 +18,7 @@ import yaml
 from mcf.cli import main as cli_main
 from mcf.data.crop import crop_id
 from mcf.data.shards import encode_jpeg, iter_encoded, shard_urls, write_shards
-from mcf.data.subset import SubsetConfig, face_size_bins, quotas, subset
+from mcf.data.subset import SubsetConfig, face_size_bins, pick, quotas, subset
 from mcf.errors import StageError
 from mcf.params import ParamsError, build
 
@@ -99,6 +99,13 @@ def test_stratified_pick_keeps_bin_proportions(crop_dir: Path, tmp_path: Path) -
     assert manifest["face_size_bin"].value_counts().to_dict() == {"<32": 10, "32-48": 6, ">=64": 4}
     by_detector = subset(_cfg(crop_dir, tmp_path / "d", stratify="detector", n=10), seed=0)
     assert by_detector["detector"].value_counts().to_dict() == {"haar": 5, "table": 5}
+
+
+def test_null_is_a_stratum_of_its_own() -> None:
+    kept = pd.DataFrame({"crop_id": [f"c{i}" for i in range(10)], "tag": ["a"] * 4 + [None] * 3 + ["b"] * 3})
+    assert sorted(pick(kept, 10, 0, "tag")) == list(range(10))
+    picked = kept.loc[pick(kept, 5, 0, "tag"), "tag"].fillna("null")
+    assert picked.value_counts().to_dict() == {"a": 2, "b": 2, "null": 1}  # quotas 2, 1.5, 1.5
 
 
 def test_quotas_and_bins() -> None:

@@ -5,12 +5,13 @@ Output folder ``crop.out``:
 - ``shards/crops-*.tar``: the kept crops, ``crop.size`` pixels square (sample schema in
   :mod:`mcf.data.shards`), in manifest order.
 - ``manifest.parquet``: one row per detected face, kept or not: ``crop_id`` (str, unique, the shard key),
-  ``sample_id``, ``face`` (int), ``status`` (``kept``/``rejected``), ``reason`` (null when kept, else
-  ``too_small``, ``low_score``, ``blurry`` or ``duplicate``), ``detector`` (``table``/``haar``/``yunet``),
-  ``box`` (x1, y1, x2, y2), ``landmarks`` (10 floats or null), ``score`` (null for Haar), ``face_size``
-  (shorter box side, source pixels), ``blur`` (variance of the Laplacian of the grey crop), ``phash``
+  ``sample_id``, ``face`` (int), ``status`` (``kept``/``rejected``), ``reason`` (null when kept, else one
+  of :data:`REASONS`), ``detector`` (``table``/``haar``/``yunet``), ``box`` (x1, y1, x2, y2),
+  ``landmarks`` (10 floats or null), ``score`` (null for Haar), ``face_size`` (shorter box side, source
+  pixels), ``blur`` (variance of the Laplacian of the grey crop), ``phash``
   (16 hex digits), and, read back from the written shards, ``shard``, ``width``, ``height``, ``mean``,
-  ``std`` (null for rejected rows).
+  ``std`` (null for rejected rows). An image OpenCV cannot decode gets one ``undecodable`` row per
+  table face, or one row (face 0, no detector, box or landmarks) when the detector would have run.
 
 The work is split as :func:`crop_chunk` (one chunk of source images to one part shard plus manifest rows)
 and :func:`merge` (near-duplicate removal in a fixed order, re-sharding, read-back), so a serial run, the
@@ -51,7 +52,8 @@ log = logging.getLogger(__name__)
 
 # The 5-point template in face-box units (0..1): eyes, nose tip, mouth corners, image-left first.
 TEMPLATE = np.array([[0.34, 0.40], [0.66, 0.40], [0.50, 0.58], [0.37, 0.76], [0.63, 0.76]])
-REASONS = ("too_small", "low_score", "blurry", "duplicate")
+# undecodable: OpenCV cannot read the image; bad_landmarks: non-finite, or all five at one point
+REASONS = ("undecodable", "bad_landmarks", "too_small", "low_score", "blurry", "duplicate")
 ROW_COLUMNS = (
     "crop_id sample_id face status reason detector box landmarks score face_size blur phash"
 ).split()
@@ -105,19 +107,12 @@ def crop_id(sample_id: str, face: int) -> str:
     return f"{safe}_{face:03d}"
 
 
-def similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, shift; no reflection) taking ``src`` to ``dst``."""
-    a = np.zeros((2 * len(src), 4))
-    a[0::2] = np.column_stack([src[:, 0], -src[:, 1], np.ones(len(src)), np.zeros(len(src))])
-    a[1::2] = np.column_stack([src[:, 1], src[:, 0], np.zeros(len(src)), np.ones(len(src))])
-    p, q, tx, ty = np.linalg.lstsq(a, dst.reshape(-1), rcond=None)[0]
-    return np.array([[p, -q, tx], [q, p, ty]])
-
-
 def face_transform(face: Face, cfg: CropConfig) -> np.ndarray:
     """The ``[2, 3]`` affine from source pixels to crop pixels (continuous coordinates)."""
     grow = 1.0 + 2.0 * cfg.margin
     if cfg.align and face.landmarks is not None:
+        from mcf.data.transforms import similarity  # imported here: it loads torch, unaligned runs do not
+
         dst = ((TEMPLATE - 0.5) / grow + 0.5) * cfg.size
         return similarity(np.asarray(face.landmarks).reshape(5, 2), dst)
     x1, y1, x2, y2 = face.box
@@ -153,22 +148,34 @@ def warp_crop(rgb: np.ndarray, m: np.ndarray, size: int, pad: str) -> np.ndarray
     return cv2.warpAffine(roi, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=0)
 
 
+def _row(sample_id: str, face: Face | None) -> dict[str, Any]:
+    """A rejected manifest row for ``face``; ``None`` stands for an undecodable image's unknown faces."""
+    row: dict[str, Any] = dict.fromkeys(ROW_COLUMNS) | {
+        "sample_id": sample_id,
+        "face": 0,
+        "status": "rejected",
+        "score": np.nan,
+        "face_size": np.nan,
+        "blur": np.nan,
+    }
+    if face is not None:
+        row |= {
+            "face": face.face,
+            "detector": face.detector,
+            "box": list(face.box),
+            "landmarks": None if face.landmarks is None else list(face.landmarks),
+            "score": np.nan if face.score is None else face.score,
+            "face_size": face.size,
+        }
+    return row | {"crop_id": crop_id(sample_id, row["face"])}
+
+
 def _crop_face(rgb: np.ndarray, face: Face, sample_id: str, cfg: CropConfig) -> tuple[dict, bytes | None]:
     """One manifest row for ``face``, and the JPEG of its crop when it passes the per-crop filters."""
-    row: dict[str, Any] = {
-        "crop_id": crop_id(sample_id, face.face),
-        "sample_id": sample_id,
-        "face": face.face,
-        "status": "rejected",
-        "reason": None,
-        "detector": face.detector,
-        "box": list(face.box),
-        "landmarks": None if face.landmarks is None else list(face.landmarks),
-        "score": np.nan if face.score is None else face.score,
-        "face_size": face.size,
-        "blur": np.nan,
-        "phash": None,
-    }
+    row = _row(sample_id, face)
+    points = None if face.landmarks is None or not cfg.align else np.asarray(face.landmarks).reshape(5, 2)
+    if points is not None and not (np.isfinite(points).all() and np.ptp(points, axis=0).any()):
+        return row | {"reason": "bad_landmarks"}, None  # the face cannot be aligned by them
     if face.size < cfg.min_face_size:
         return row | {"reason": "too_small"}, None
     if face.score is not None and face.score < cfg.min_score:
@@ -200,7 +207,9 @@ def crop_chunk(sources: Sequence[Source], cfg: CropConfig, part: str | Path) -> 
     for src in sources:
         bgr = cv2.imread(src.path, cv2.IMREAD_COLOR)
         if bgr is None:
-            log.warning("skipping %s: not a readable image (%s)", src.sample_id, src.path)
+            log.warning("rejecting %s: OpenCV cannot decode %s", src.sample_id, src.path)
+            faces = src.faces if src.faces is not None else (None,)
+            rows += [_row(src.sample_id, face) | {"reason": "undecodable"} for face in faces]
             continue
         rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         faces = src.faces if src.faces is not None else make_detector(cfg.detector)(rgb)
@@ -309,7 +318,7 @@ def run_chunks(sources: Sequence[Source], cfg: CropConfig, parts_dir: str | Path
 def crop(cfg: CropConfig) -> pd.DataFrame:
     """The whole stage: sources, chunks, merge, gate, atomic rename onto ``cfg.out``."""
     sources = load_sources(cfg)
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
         results = run_chunks(sources, cfg, tmp / "parts")
         manifest = merge(results, cfg, tmp)
         shutil.rmtree(tmp / "parts")

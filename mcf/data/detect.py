@@ -70,14 +70,16 @@ def load_detections(path: str | Path) -> dict[str, list[Face]]:
     grouped: dict[str, list[Face]] = {}
     table = table.sort_values(["sample_id", "face"], kind="stable")
     for row in table.itertuples(index=False):
-        box = tuple(float(v) for v in row.box)
+        box = tuple(np.asarray(row.box, np.float64).tolist())  # a null inside becomes NaN: not finite
         lms = row.landmarks
-        landmarks = None if lms is None or len(lms) == 0 else tuple(float(v) for v in lms)
+        landmarks = None if lms is None or len(lms) == 0 else tuple(np.asarray(lms, np.float64).tolist())
         if len(box) != 4 or (landmarks is not None and len(landmarks) != 10):
             raise StageError(
                 f"{path}: sample {row.sample_id} face {row.face}: box needs 4 values and "
                 f"landmarks 10, got {len(box)} and {len(landmarks or ())}"
             )
+        if not np.isfinite([*box, *(landmarks or ())]).all():
+            raise StageError(f"{path}: sample {row.sample_id} face {row.face}: box or landmarks not finite")
         score = None if pd.isna(row.score) else float(row.score)
         face = Face(int(row.face), box, landmarks, score, "table")  # type: ignore[arg-type]
         grouped.setdefault(str(row.sample_id), []).append(face)

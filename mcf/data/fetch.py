@@ -96,7 +96,7 @@ def fetch_remote(cfg: FetchConfig, out: Path, staging: Path) -> tuple[pd.DataFra
 
 def main(common: Common, cfg: FetchConfig) -> None:
     out = Path(cfg.out)
-    with atomic_dir(out) as staging:
+    with atomic_dir(out, sign="manifest.parquet") as staging:
         if cfg.source == "synthetic":
             manifest, detections = fetch_synthetic(cfg.synthetic, common.seed, staging)
         else:

@@ -76,8 +76,8 @@ def read_landmarks(path: Path) -> np.ndarray:
     """``[106, 2]`` float64 from a LaPa landmark file; a missing or malformed file fails naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"landmark file not found: {path}")
-    lines = path.read_text().split("\n")
-    try:
+    try:  # UnicodeDecodeError (a binary file) is a ValueError too
+        lines = path.read_text().split("\n")
         n = int(lines[0].strip())
         pts = np.array([[float(v) for v in ln.split()] for ln in lines[1 : n + 1]], dtype=np.float64)
     except ValueError as err:

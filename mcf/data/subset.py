@@ -67,17 +67,18 @@ def pick(kept: pd.DataFrame, n: int, seed: int, stratify: str | None) -> pd.Inde
     """Index labels of ``n`` rows of ``kept`` (in ``crop_id`` order), drawn without replacement.
 
     Stratified, each value of the ``stratify`` column gets its proportional quota, drawn in sorted-value
-    order from one generator, so (manifest, seed, params) fix the result.
+    order from one generator, so (manifest, seed, params) fix the result. Null is a value of its own
+    (last), so every row can be picked.
     """
     kept = kept.sort_values("crop_id", kind="stable")
     rng = np.random.default_rng(seed)
     if stratify is None:
         return kept.index[np.sort(rng.choice(len(kept), size=n, replace=False))]
-    groups = kept.groupby(stratify, sort=True).groups
-    share = quotas(pd.Series({key: len(idx) for key, idx in groups.items()}), n)
+    groups = list(kept.groupby(stratify, sort=True, dropna=False).indices.values())  # positions in kept
+    share = quotas(pd.Series([len(g) for g in groups]), n)
     chosen = [
-        kept.loc[groups[key]].index[rng.choice(len(groups[key]), size=int(k), replace=False)]
-        for key, k in share.items()
+        kept.index[g[rng.choice(len(g), size=int(k), replace=False)]]
+        for g, k in zip(groups, share, strict=True)
     ]
     return pd.Index(np.concatenate(chosen)) if chosen else pd.Index([])
 
@@ -126,7 +127,7 @@ def subset(cfg: SubsetConfig, seed: int) -> pd.DataFrame:
         n = len(kept)
     chosen = kept.loc[pick(kept, n, seed, cfg.stratify)]
     crop = chosen.set_index("crop_id")
-    with atomic_dir(cfg.out) as tmp:
+    with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
         manifest = write_subset(chosen, cfg, tmp)
         ids = manifest["crop_id"]  # the crop stage's size for each crop: the subset must not change it
         width_off = manifest["width"] - ids.map(crop["width"]).astype("Int64")

@@ -246,7 +246,7 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
 
 def main(common: Common, cfg: EvaluateConfig) -> None:
     """Stage ``evaluate``: alignment, parsing and probes for every variant; outputs written atomically."""
-    with atomic_dir(cfg.out) as out:
+    with atomic_dir(cfg.out, sign="plots") as out:
         for sub in ("predictions", "plots", "overlays"):
             (out / sub).mkdir()
         results = {

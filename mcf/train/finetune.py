@@ -37,12 +37,13 @@ from mcf.data import aflw19, lapa
 from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
-from mcf.io import atomic_dir, atomic_file
+from mcf.io import atomic_dir, atomic_file, check_replaceable
 from mcf.models.backbone import load_backbone
 from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, backbone_spec, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.ema import EMA
+from mcf.train.loop import LIVE_SIGN
 from mcf.validate.gate import run_gate
 
 log = logging.getLogger(__name__)
@@ -284,10 +285,12 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     log.info("%s/%s: %d training images, %d steps", stage, variant, len(dataset),
              cfg.epochs * max(len(dataset) // cfg.batch_size, 1))
     start = time.perf_counter()
-    with atomic_dir(Path(cfg.out) / variant) as tmp:
+    check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)  # before training, not after it
+    with atomic_dir(Path(cfg.out) / variant, sign="model.pt") as tmp:
         ema = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed)
         save_finetuned(ema, task, variant, cfg, tmp / "model.pt")
-        with atomic_dir(Path(cfg.live) / variant) as live:  # before the model: no model, no stale curves
+        # before the model: no model, no stale curves
+        with atomic_dir(Path(cfg.live) / variant, LIVE_SIGN) as live:
             shutil.copytree(tmp / "live", live, dirs_exist_ok=True)
         shutil.rmtree(tmp / "live")
     seconds = time.perf_counter() - start

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
 from mcf.errors import StageError
-from mcf.io import atomic_dir, atomic_file
+from mcf.io import atomic_dir, atomic_file, check_replaceable
 from mcf.params import ParamsError, param
 from mcf.train.checkpoint import load_checkpoint, rng_state, run_hash, save_checkpoint, set_rng_state
 from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from dvclive import Live
 
 log = logging.getLogger(__name__)
+
+LIVE_SIGN = "metrics.json"  # dvclive's summary: every dvclive folder holds it
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -329,15 +331,20 @@ def train_and_export(
     run: Run,
     out: str | Path,
     export: Callable[[nn.Module, Path], None],
+    sign: str,
     live_out: str | Path | None = None,
 ) -> None:
     """Train on ``<data_dir>/shards`` (alone or under torchrun), then rank 0 writes ``out`` atomically.
 
     ``run``'s rank, world size and device are filled in here from the process group. ``export``
-    writes the trained model into the temporary output folder; the dvclive folder goes to
+    writes the trained model into the temporary output folder, and ``sign`` is a file it always
+    writes (an existing ``out`` without it is refused before training). The dvclive folder goes to
     ``live_out`` (a committed metrics path) or, without one, joins the output as ``live/``. The
     resume folder is removed once both exist, so the next run starts afresh.
     """
+    check_replaceable(out, sign)
+    if live_out is not None:
+        check_replaceable(live_out, LIVE_SIGN)
     rank, world_size, _, device = init_distributed()
     try:
         torch.manual_seed(run.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's)
@@ -353,9 +360,9 @@ def train_and_export(
         if rank == 0:
             live = Path(run.resume_dir) / "live"
             if live_out is not None and live.is_dir():
-                with atomic_dir(live_out) as tmp:
+                with atomic_dir(live_out, LIVE_SIGN) as tmp:
                     shutil.copytree(live, tmp, dirs_exist_ok=True)
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, sign) as tmp:
                 export(model, tmp)
                 if live_out is None and live.is_dir():
                     shutil.copytree(live, tmp / "live")

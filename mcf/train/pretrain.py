@@ -95,5 +95,5 @@ def main(common: Common, cfg: PretrainConfig) -> None:
 
     run = Run(common.seed, common.mask_ratio, Path(cfg.resume_dir), identity)
     write = functools.partial(export, initial=initial)
-    train_and_export(build, cfg.data, cfg.train, run, cfg.out, write, cfg.live)
+    train_and_export(build, cfg.data, cfg.train, run, cfg.out, write, "checkpoint.pt", cfg.live)
     log.info("pretrain: wrote %s", cfg.out)

@@ -79,7 +79,7 @@ def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None
     """Load a given teacher and re-save it; the export is read back before the rename."""
     model = load_teacher(spec, backbone).model
     size = infer_backbone_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, sign="teacher.json") as tmp:
         save_backbone(model, size, tmp)
         reloaded = load_backbone(tmp)
         for key, value in model.state_dict().items():
@@ -116,5 +116,5 @@ def main(common: Common, cfg: TeacherConfig) -> None:
         return MCF(mae)
 
     run = Run(common.seed, cfg.mask_ratio, Path(cfg.resume_dir), identity)
-    train_and_export(build, cfg.data, cfg.train, run, cfg.out, export_trained)
+    train_and_export(build, cfg.data, cfg.train, run, cfg.out, export_trained, "teacher.json")
     log.info("teacher: trained with MAE, wrote %s", cfg.out)

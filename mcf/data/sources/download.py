@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from mcf.data.sources.image import FetchFailure, Record, file_sha256, save_image
+from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +45,14 @@ class Source:
     """What a source hands to :func:`download`.
 
     ``match`` names the columns that identify the remote object: a stored success is reused only
-    when they are unchanged.
+    when they are unchanged. ``origin`` says where the rows were listed from, for messages.
     """
 
     name: str
     rows: pd.DataFrame
     fetch: Fetch
     match: tuple[str, ...]
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ class Journal:
         self.root = root
         self.path = root / "journal.jsonl"
         self._lock = threading.Lock()
+        self._end_torn_line()
+
+    def _end_torn_line(self) -> None:
+        """A kill mid-write leaves a last line without its newline: end it, or the next entry joins it."""
+        if self.path.is_file() and self.path.stat().st_size:
+            with self.path.open("rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
 
     def load(self) -> list[dict[str, Any]]:
         """The entries written so far; a line cut short by a kill is skipped."""
@@ -157,6 +168,8 @@ def download(
     source: Source, previous: Path, journal_dir: Path, staging: Path, limits: Limits
 ) -> pd.DataFrame:
     """Fetch every row of ``source`` into ``staging``; return the manifest (same rows, same order)."""
+    if source.rows.empty:
+        raise StageError(f"fetch: the {source.name} source lists no rows: nothing in {source.origin}")
     journal_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(journal_dir)
     stored = _candidates(previous, journal, source.match)

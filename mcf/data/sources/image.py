@@ -3,7 +3,8 @@
 Every fetched row ends as a :class:`Record`. A failure is a status with a message, never an
 exception out of the stage (link rot on LAION-Face reaches 25-99%). Statuses:
 
-- ``success``: a decodable JPEG/PNG/WebP, saved byte for byte as received.
+- ``success``: a decodable JPEG/PNG/WebP, saved byte for byte as received (an MPO, a JPEG with a second
+  image such as a phone's depth map, is a JPEG: OpenCV reads its first image).
 - ``http_error`` (``error`` holds the code), ``timeout``, ``connection_error``, ``invalid_url``: transfer.
 - ``disallowed``: the server opts out of AI use (``X-Robots-Tag: noai`` ..., as img2dataset honours).
 - ``not_image``: the bytes are not an image of a supported format.
@@ -40,7 +41,8 @@ STATUSES = (
     "decompression_bomb",
     "error",
 )
-FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}  # what OpenCV in the crop stage reads
+# what OpenCV in the crop stage reads; MPO is a JPEG with more images after the first
+FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -65,6 +66,11 @@ class LaionFaceConfig:
                 raise ParamsError("detections", f"expected a .json or .parquet file, got {self.detections}")
 
 
+def _sample_id(value: Any) -> str:
+    """``"123"`` for ``123.0``: pandas reads an int64 id column with nulls as float64."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
 def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     """The metadata rows to fetch: ``sample_id``, ``url``, ``caption`` and the extra columns.
 
@@ -81,7 +87,8 @@ def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
         frame = pd.DataFrame(
             {
                 "sample_id": [
-                    f"{Path(path).stem}:{i}" if pd.isna(v) else str(v) for i, v in enumerate(part[cfg.id_col])
+                    f"{Path(path).stem}:{i}" if pd.isna(v) else _sample_id(v)
+                    for i, v in enumerate(part[cfg.id_col])
                 ],
                 "url": part[cfg.url_col].astype(object).where(part[cfg.url_col].notna(), None),
                 "caption": part[cfg.caption_col].fillna("").astype(str),
@@ -154,7 +161,8 @@ class HttpFetcher:
 
 
 def source(cfg: LaionFaceConfig, max_bytes: int) -> Source:
-    return Source("laion-face", read_rows(cfg), HttpFetcher(cfg, max_bytes), match=("url",))
+    origin = ", ".join(cfg.parquet)
+    return Source("laion-face", read_rows(cfg), HttpFetcher(cfg, max_bytes), match=("url",), origin=origin)
 
 
 def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
@@ -168,6 +176,8 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
         box = [float(v) for v in box]
         if len(box) != 4 or len(flat) != 10:
             raise ValueError("need 4 box values and 5 landmark points")
+        if not all(math.isfinite(v) for v in [*box, *flat, float(score)]):
+            raise ValueError("box, landmarks and score must be finite (JSON allows NaN and Infinity)")
     except (KeyError, TypeError, ValueError) as err:
         where = f"fetch.laion_face.detections: face {index} of {sample_id!r}"
         raise StageError(f"{where} is malformed: {err}") from None
@@ -175,20 +185,33 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
 
 
 def read_detections(path: str | Path, sample_ids: set[str]) -> pd.DataFrame:
-    """Detections for ``sample_ids`` in the flat schema of CONTRACTS (``detections.parquet``)."""
+    """Detections for ``sample_ids`` in the flat schema of CONTRACTS (``detections.parquet``).
+
+    A file none of whose ids is fetched gets a warning: ids formatted differently look like no faces.
+    """
     path = Path(path)
     if path.suffix == ".parquet":
         table = pd.read_parquet(path)
         missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
         if missing:
             raise StageError(f"fetch.laion_face.detections: {path} lacks columns {missing}")
-        table = table.assign(sample_id=table["sample_id"].astype(str))
-        return table[table["sample_id"].isin(sample_ids)][DETECTION_COLUMNS].reset_index(drop=True)
-    released = json.loads(path.read_text())
-    rows = [
-        _face(str(key), i, face)
-        for key, faces in released.items()
-        if str(key) in sample_ids
-        for i, face in enumerate(faces)
-    ]
-    return pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+        table = table.assign(sample_id=table["sample_id"].map(_sample_id))
+        given = set(table["sample_id"])
+        found = table[table["sample_id"].isin(sample_ids)][DETECTION_COLUMNS].reset_index(drop=True)
+    else:
+        released = json.loads(path.read_text())
+        given = {str(key) for key in released}
+        rows = [
+            _face(str(key), i, face)
+            for key, faces in released.items()
+            if str(key) in sample_ids
+            for i, face in enumerate(faces)
+        ]
+        found = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
+    if given and sample_ids and given.isdisjoint(sample_ids):
+        log.warning(
+            "fetch.laion_face.detections: none of the %d sample ids in %s is a fetched sample id "
+            "(e.g. %r there, %r here): no image gets released detections",
+            len(given), path, min(given), min(sample_ids),
+        )
+    return found

@@ -70,4 +70,5 @@ class FileReader:
 
 def source(cfg: LocalConfig, max_bytes: int) -> Source:
     reader = FileReader(Path(cfg.root), max_bytes)
-    return Source("local", list_rows(cfg), reader, match=("file", "size", "mtime_ns"))
+    origin = f"{cfg.root} (files ending in {', '.join(cfg.extensions) or 'anything'})"
+    return Source("local", list_rows(cfg), reader, match=("file", "size", "mtime_ns"), origin=origin)

@@ -110,4 +110,5 @@ class S3Fetcher:
 def source(cfg: S3Config, max_bytes: int, threads: int) -> Source:
     client = _client(cfg, threads)
     rows = list_rows(client, cfg)
-    return Source("s3", rows, S3Fetcher(client, cfg.bucket, max_bytes), match=("key", "etag"))
+    origin = f"s3://{cfg.bucket}/{cfg.prefix} (keys ending in {', '.join(cfg.extensions) or 'anything'})"
+    return Source("s3", rows, S3Fetcher(client, cfg.bucket, max_bytes), match=("key", "etag"), origin=origin)
