@@ -108,3 +108,19 @@ def test_cli_validates_a_parquet_and_builds_docs(tmp_path: Path) -> None:
     page = pages[0].read_text()
     assert "<html" in page and "values must be greater than or equal to" in page
     assert "1 unexpected values found" in page
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["fetchh", "GOOD"], "unknown suite 'fetchh' (known: aflw19, crop, fetch, lapa, subset)"),
+     (["fetch", "TEXT"], "not a readable parquet file")],
+)
+def test_cli_usage_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    _manifest().to_parquet(tmp_path / "good.parquet")
+    (tmp_path / "text.parquet").write_text("not parquet")
+    names = {"GOOD": str(tmp_path / "good.parquet"), "TEXT": str(tmp_path / "text.parquet")}
+    with pytest.raises(SystemExit) as exit_:
+        gate.cli([names.get(a, a) for a in args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

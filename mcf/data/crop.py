@@ -370,6 +370,9 @@ def bench_crop(argv: list[str]) -> None:
     p.add_argument("--size", type=int, default=64, help="crop side (default: %(default)s)")
     p.add_argument("--detector", action="store_true", help="ignore detection tables: run the OpenCV detector")
     args = p.parse_args(argv)
+    for name in ("images", "image_size", "workers", "size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     with tempfile.TemporaryDirectory(prefix="mcf-bench-crop-") as tmp:
         root = Path(tmp)
         fetch = (

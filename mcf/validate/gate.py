@@ -194,7 +194,8 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
 def cli(argv: list[str]) -> int:
     """``mcf validate SUITE PARQUET`` or ``mcf validate --docs [--out DIR]``."""
     p = argparse.ArgumentParser(prog="mcf validate", description="Run a data gate or build Data Docs.")
-    p.add_argument("suite", nargs="?", help=f"suite name (a file in {SUITES_DIR})")
+    known = sorted(f.stem for f in SUITES_DIR.glob("*.json"))
+    p.add_argument("suite", nargs="?", help=f"the gate to run: {', '.join(known)}")
     p.add_argument("parquet", nargs="?", type=Path, help="parquet file to validate")
     p.add_argument("--docs", action="store_true", help="build Data Docs HTML for the latest results")
     p.add_argument("--out", type=Path, default=Path("outputs/validation_docs"), help="Data Docs folder")
@@ -204,7 +205,13 @@ def cli(argv: list[str]) -> int:
         return 0
     if not args.suite or not args.parquet:
         p.error("give SUITE and PARQUET, or --docs")
+    if args.suite not in known:
+        p.error(f"unknown suite {args.suite!r} (known: {', '.join(known)})")
     if not args.parquet.is_file():
         p.error(f"no such parquet file: {args.parquet}")
-    run_gate(pd.read_parquet(args.parquet), args.suite, stage="validate")
+    try:
+        table = pd.read_parquet(args.parquet)
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        p.error(f"{args.parquet}: not a readable parquet file ({err})")
+    run_gate(table, args.suite, stage="validate")
     return 0
