@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import _thread
 import io
 import json
+import os
+import signal
 import socket
 import struct
 import threading
@@ -82,8 +83,9 @@ class Handler(BaseHTTPRequestHandler):
             self.counts[self.path] += 1
             interrupt = self.path in self.interrupt_once
             self.interrupt_once.discard(self.path)
-        if interrupt:
-            _thread.interrupt_main()  # what Ctrl-C does to the fetch stage's main thread
+        if interrupt:  # Ctrl-C while this image downloads: a real SIGINT wakes the waiting main thread
+            os.kill(os.getpid(), signal.SIGINT)  # (interrupt_main's flag could be lost in a finaliser)
+            time.sleep(0.5)
         try:
             self._respond()
         except (BrokenPipeError, ConnectionResetError):
