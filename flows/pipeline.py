@@ -306,12 +306,13 @@ def mcf(
     get_run_logger().info("stages: %s", ", ".join(planned))
     with workspace_lock(root), applied_params(root, params_file):
         states = run_stages(planned, crop_on_dask, dask_address)
-    rows = metric_rows(root)
+        rows = metric_rows(root)  # under the run's params: dvc.yaml's metrics paths come from them
     if rows:
         create_table_artifact(rows, key="mcf-metrics", description="metrics files from dvc.yaml")
     create_markdown_artifact(summary(params_file, states), key="mcf-summary")
     # the run's metrics beside the paper's, each labelled with its dataset (a note when evaluate did not run)
-    create_markdown_artifact(markdown_summary(root, params_file), key="mcf-report",
+    evaluated = "evaluate" in states and states["evaluate"].is_completed()
+    create_markdown_artifact(markdown_summary(root, params_file, evaluated), key="mcf-report",
                              description="mcf report's summary; `mcf report` draws the full page")
     _raise_failures(states)
     return [asdict(state.result()) for state in states.values()]

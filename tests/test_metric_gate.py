@@ -42,6 +42,8 @@ def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int) -> None
     _git(repo, "add", "-A")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "metrics")
     metrics.write_text(json.dumps({"alignment": {"mcf": {"nme_diag": new}}}))
+    # a change that loosens its own tolerance does not pass: the gate reads the committed one
+    (repo / "metrics" / "tolerance.yaml").write_text("tolerance:\n  '*': 100\n")
     proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics"], cwd=repo,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == expected_rc, proc.stdout + proc.stderr
@@ -59,6 +61,7 @@ def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text("tolerance:\n  '*': 0.1\n")
     cases.append((["--tolerance", str(good)], "dvc metrics diff HEAD --md --all failed"))  # not a repo
+    cases.append(([], "metrics/tolerance.yaml at HEAD:"))  # the committed tolerances: no repository here
     for args, message in cases:
         proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics", *args], cwd=tmp_path,
                               capture_output=True, text=True, timeout=120)

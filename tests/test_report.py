@@ -167,6 +167,12 @@ def test_markdown_summary_before_evaluate(run: Path) -> None:
     assert "0.932" in text  # the paper's rows stay
 
 
+def test_markdown_summary_of_a_run_that_did_not_evaluate(run: Path) -> None:
+    """A flow run that stopped short (or ran only fetch) must not show the committed metrics as its own."""
+    text = markdown_summary(run, evaluated=False)
+    assert "this run did not get through `evaluate`" in text and "this run: mcf" not in text
+
+
 def test_missing_params_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="params file not found"):
         markdown_summary(tmp_path, "nope.yaml")

@@ -39,18 +39,33 @@ class Move:
         return abs(self.new - self.old) > self.tolerance
 
 
-def load_tolerances(path: str | Path) -> dict[str, float]:
-    """``{glob over 'file:metric.key': absolute tolerance}``; the first matching glob wins."""
-    if not Path(path).is_file():
+TOLERANCE = "metrics/tolerance.yaml"
+
+
+def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
+    """``{glob over 'file:metric.key': absolute tolerance}``; the first matching glob wins.
+
+    Without ``path`` the tolerances are :data:`TOLERANCE` as committed at ``rev``, the revision the
+    metrics are compared with: a change cannot loosen its own gate.
+    """
+    if path is None:
+        done = subprocess.run(["git", "show", f"{rev}:{TOLERANCE}"], capture_output=True, text=True)
+        if done.returncode:
+            why = (done.stderr.strip().splitlines() or ["not found"])[-1]
+            raise StageError(f"{TOLERANCE} at {rev}: {why}")
+        where, text = f"{rev}:{TOLERANCE}", done.stdout
+    elif Path(path).is_file():
+        where, text = f"--tolerance {path}", Path(path).read_text()
+    else:
         raise StageError(f"--tolerance {path}: no such file")
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = yaml.safe_load(text) or {}
     table = data.get("tolerance") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
-        raise StageError(f"--tolerance {path}: expected a 'tolerance:' mapping of metric globs to numbers")
+        raise StageError(f"{where}: expected a 'tolerance:' mapping of metric globs to numbers")
     try:
         return {str(k): float(v) for k, v in table.items()}
     except (TypeError, ValueError) as err:
-        raise StageError(f"--tolerance {path}: every tolerance must be a number ({err})") from None
+        raise StageError(f"{where}: every tolerance must be a number ({err})") from None
 
 
 def tolerance_for(name: str, tolerances: dict[str, float]) -> float | None:
@@ -81,10 +96,10 @@ def _dvc(*args: str) -> str:
 def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mcf check-metrics", description=describe(__doc__))
     p.add_argument("--rev", default="HEAD", help="committed revision to compare with (default: %(default)s)")
-    p.add_argument("--tolerance", default="metrics/tolerance.yaml",
-                   help="tolerance file (default: %(default)s)")
+    p.add_argument("--tolerance", default=None,
+                   help=f"tolerance file (default: {TOLERANCE} as committed at --rev)")
     args = p.parse_args(argv)
-    tolerances = load_tolerances(args.tolerance)
+    tolerances = load_tolerances(args.tolerance, args.rev)
     print(_dvc("metrics", "diff", args.rev, "--md", "--all"))
     moves = compare(json.loads(_dvc("metrics", "diff", args.rev, "--json", "--all") or "{}"), tolerances)
     failed = [m for m in moves if m.failed]
@@ -92,5 +107,5 @@ def cli(argv: list[str]) -> int:
         print(f"FAIL {m.name}: {m.old} -> {m.new} (tolerance ±{m.tolerance})")
     print(f"metric gate: {len(moves) - len(failed)} within tolerance, {len(failed)} outside")
     if not moves:
-        print(f"metric gate: no metric matches a glob in {args.tolerance}, so nothing was checked")
+        print(f"metric gate: no metric matches a glob in {args.tolerance or TOLERANCE}: nothing checked")
     return 1 if failed or not moves else 0

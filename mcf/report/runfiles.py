@@ -204,14 +204,18 @@ LABEL_NOTE = ("Numbers from this run are labelled with the data they were measur
               "by side for scale, not as a like-for-like comparison.")
 
 
-def markdown_summary(root: Path, params_file: str = "params.yaml") -> str:
+def markdown_summary(root: Path, params_file: str = "params.yaml", evaluated: bool = True) -> str:
     """A short markdown summary of a run (metrics against the paper, with dataset labels).
 
-    The Prefect flow publishes it as an artifact; ``mcf report`` holds the full picture.
+    The Prefect flow publishes it as an artifact, with ``evaluated`` false when its run did not get
+    through ``evaluate``: the checkout's metrics file (committed, or left by an earlier run) is then
+    not this run's. ``mcf report`` holds the full picture.
     """
     run = open_run(Path(root), params_file)
     lines = ["# mcf run summary", ""]
     try:
+        if not evaluated:
+            raise Missing("this run did not get through `evaluate`: the checkout's metrics are not its own")
         metrics: dict[str, Any] | None = load_metrics(run)
         labels = f"{dataset_label(metrics, 'alignment')}, {dataset_label(metrics, 'parsing')}"
         lines += [f"Measured on: {labels}.", ""]
