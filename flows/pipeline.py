@@ -2,7 +2,8 @@
 
 Each task runs ``dvc repro --single-item <stage>``, so a Prefect run and a plain ``dvc repro`` share one
 cache, one run-cache and one ``dvc.lock``: a stage whose deps, params and command are unchanged is
-skipped, and one that ran before with the same inputs is restored from the run-cache, whoever ran it.
+skipped, and one that ran before with the same inputs is restored from the run-cache, whoever ran it
+(except ``fetch``: DVC keeps no run-cache for its persistent output, the folder downloads resume from).
 The stage list and order come from ``dvc.yaml`` (foreach/matrix stages appear as ``name@item``).
 The flow is a thin shell: what a stage does lives in ``mcf <stage>``, what it depends on in dvc.yaml.
 
@@ -215,7 +216,8 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
 
     DVC reads params.yaml only (dvc.yaml templating and params deps), so another profile is applied by
     copying it there. dvc.lock then records the values that were run; the committed params.yaml is left
-    as it was, and switching back later restores outputs from the run-cache instead of recomputing.
+    as it was, and switching back later restores outputs from the run-cache instead of recomputing
+    (``fetch`` reruns). params.paper.yaml writes under ``outputs/paper/``, so profiles keep their outputs.
     """
     source, target = (root / params_file).resolve(), root / PARAMS
     if not source.is_file():

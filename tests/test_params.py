@@ -128,6 +128,19 @@ def test_other_sections_inputs_are_the_running_stages_business(
     assert "Traceback" not in proc.stderr
 
 
+def test_profiles_write_to_different_places() -> None:
+    """A default run after a paper run in one checkout must not replace the paper's outputs (fetch's
+    folder persists for resuming downloads, and atomic outputs replace whatever holds the same files)."""
+    root = Path(__file__).resolve().parents[1]
+    default, paper = (read_yaml(root / name) for name in ("params.yaml", "params.paper.yaml"))
+    keys = ("out", "live", "resume_dir", "metrics")
+    for section in default:
+        if isinstance(default[section], dict):
+            for key in keys:
+                if key in default[section]:
+                    assert default[section][key] != paper[section][key], f"{section}.{key}"
+
+
 def test_paper_params_valid_once_data_is_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = Path(__file__).resolve().parents[1]
     paper = read_yaml(root / "params.paper.yaml")
