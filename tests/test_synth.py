@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import scipy.io
 
+from mcf.data.aflw19 import AFLW19, AFLW19Config
+from mcf.errors import StageError
 from mcf.params import ParamsError, build
 from mcf.synth import (
     AflwSynthConfig,
@@ -103,8 +105,29 @@ def test_aflw19_mat_reads_like_the_real_file(tmp_path: Path) -> None:
         w, h = right - left, bottom - top  # the face box is tight: landmarks inside, margin under 10%
         assert (xs >= left - 0.1 * w).all() and (xs <= right + 0.1 * w).all()
         assert (ys >= top - 0.1 * h).all() and (ys <= bottom + 0.1 * h).all()
-    ids = (tmp_path / "synthface_identities.csv").read_text().splitlines()
-    assert ids[0] == "name,identity" and len(ids) == n + 1
+    ids = pd.read_csv(tmp_path / "synthface_identities.csv")
+    assert list(ids.columns) == ["name", "identity", "split"] and len(ids) == n
+    train = set(mat["ra"][0, : SMALL.aflw.n_train].astype(int) - 1)  # the first n_train of ra train
+    assert ids["split"].tolist() == ["train" if i in train else "test" for i in range(n)]
+    assert len(AFLW19(AFLW19Config(root=str(tmp_path), n_train=5, size=32, crop_size=32), "full")) == 3
+    with pytest.raises(StageError, match="n_train = 4, but .* was written with 5 training images"):
+        AFLW19(AFLW19Config(root=str(tmp_path), n_train=4), "full")  # would test on a training image
+
+
+def test_files_put_pixel_centres_where_the_loaders_do(tmp_path: Path) -> None:
+    """Pixel j spans [j, j + 1) in the files (mcf.data.transforms): an eye-centre landmark sits at the
+    centroid of its drawn eye's pixel centres j + 0.5 (the renderer's own centres are at j)."""
+    cfg = dataclasses.replace(SMALL, lapa=dataclasses.replace(SMALL.lapa, n_train=40, image_size=96))
+    write_lapa(cfg, 0, tmp_path)
+    offsets = []
+    for txt in sorted((tmp_path / "LaPa" / "train" / "landmarks").glob("*.txt")):
+        points = np.loadtxt(txt, skiprows=1)
+        labels = cv2.imread(str(txt.parent.parent / "labels" / f"{txt.stem}.png"), cv2.IMREAD_UNCHANGED)
+        for index, cls in ((104, 4), (105, 5)):  # eye centres, eye classes
+            xs = np.nonzero(labels == cls)[1]
+            if len(xs) > 20:
+                offsets.append(xs.mean() + 0.5 - points[index, 0])
+    assert len(offsets) > 10 and abs(np.mean(offsets)) < 0.25, np.mean(offsets)  # 0.55 before the shift
 
 
 def test_lapa_tree_has_matching_files(tmp_path: Path) -> None:
@@ -137,7 +160,7 @@ def test_corpus_manifest_and_detections_agree(tmp_path: Path) -> None:
         assert sorted(faces.face) == list(range(len(row.identities))) and 1 <= len(faces) <= 3
         for box, lm in zip(faces.box, faces.landmarks, strict=True):
             assert len(box) == 4 and len(lm) == 10 and box[0] < box[2] and box[1] < box[3]
-            assert all(0 <= v <= 127 for v in [*box, *lm])
+            assert all(0.5 <= v <= 127.5 for v in [*box, *lm])  # pixel centres at j + 0.5 (the loaders')
     assert (dets.score == 1.0).all()
     _, _ = write_corpus(SynthConfig(n_scenes=2, scene_size=128, n_identities=4, difficulty=1.0), 0,
                         tmp_path / "again")

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from mcf.data import transforms as T
 from mcf.errors import StageError
 from mcf.params import ParamsError, param
+from mcf.synth.writers import IDENTITIES_CSV  # present only in SynthFace trees
 
 Split = Literal["train", "val", "full", "frontal"]
 SPLITS: tuple[str, ...] = ("train", "val", "full", "frontal")
@@ -133,6 +134,20 @@ def read_mat(root: str | Path) -> Annotations:
     return Annotations(names, boxes, points, mask.astype(bool), order)
 
 
+def check_written_split(root: str | Path, n_train: int) -> None:
+    """A SynthFace tree records each image's split: an ``n_train`` other than the one it was written
+    with would test on training images (``fetch.synthetic.aflw.n_train`` and ``data.n_train`` differ)."""
+    path = Path(root) / IDENTITIES_CSV
+    if not path.is_file():
+        return  # the real AFLW-19: its split is ra's order alone
+    written = int((pd.read_csv(path, usecols=["split"])["split"] == "train").sum())
+    if written != n_train:
+        raise StageError(
+            f"n_train = {n_train}, but {root} was written with {written} training images "
+            "(fetch.synthetic.aflw.n_train): set both to the same number"
+        )
+
+
 def split_indices(ann: Annotations, split: Split, n_train: int, n_val: int = 0) -> np.ndarray:
     """0-based row indices of ``split`` (see the module docstring)."""
     n = len(ann.names)
@@ -176,6 +191,7 @@ class AFLW19(Dataset):
         self.cfg, self.split, self.augment = cfg, split, augment
         self.root = Path(cfg.root)
         self.ann = read_mat(self.root)
+        check_written_split(self.root, cfg.n_train)
         self.indices = split_indices(self.ann, split, cfg.n_train, cfg.n_val)
         self._rng: np.random.Generator | None = None
         self._rng_pid = -1
@@ -253,6 +269,7 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
     x_min, x_max, y_min, y_max (landmarks ÷ image width/height: inside the image is 0..1), visible.
     """
     ann = read_mat(cfg.root)
+    check_written_split(cfg.root, cfg.n_train)
     rows = []
     for row in tqdm(split_indices(ann, split, cfg.n_train, cfg.n_val), desc=f"aflw19 {split} table"):
         path = Path(cfg.root) / "data" / "flickr" / ann.names[row]

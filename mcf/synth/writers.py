@@ -2,10 +2,12 @@
 AFLW-19 ``AFLWinfo_release.mat`` tree and a LaPa tree (PROTOCOL.md §3-4).
 
 Each image is rendered from ``default_rng([seed, kind, index])`` alone, so any image can be regenerated
-by itself and the output does not depend on how the work is split. Coordinates are 0-based pixels
-(pixel (i, j) centred at x = j, y = i); "left" means image-left. The synthetic AFLW and LaPa images
-cycle through the identity pool (image i shows identity i mod n_identities); the name → identity map
-is written to ``synthface_identities.csv`` beside each tree for identity probes.
+by itself and the output does not depend on how the work is split. The renderer puts pixel centres at
+integers (pixel (i, j) centred at x = j, y = i); the files follow the loaders' convention
+(:mod:`mcf.data.transforms`: pixel j spans [j, j + 1)), so every coordinate written is shifted by
+:data:`PIXEL_CENTRE`. "Left" means image-left. The synthetic AFLW and LaPa images cycle through the
+identity pool (image i shows identity i mod n_identities); the name → identity map (and, for AFLW-19,
+each image's split) is written to ``synthface_identities.csv`` beside each tree.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from mcf.synth.render import FaceSample, Scene, render_face, render_scene
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 IDENTITIES_CSV = "synthface_identities.csv"
+PIXEL_CENTRE = 0.5  # renderer coordinates (centres at integers) + this = file coordinates
 AFLW_FOLDERS = ("0", "2", "3")  # the real tree's data/flickr sub-folders
 LAPA_SPLITS = ("train", "val", "test")
 # a MAT v5 file opens with 116 bytes of free text (then subsystem offset, version, endianness)
@@ -90,8 +93,8 @@ def write_corpus(cfg: SynthConfig, seed: int, out_dir: Path,
             "caption": scene.caption, "source": "synthetic", "identities": list(scene.identities),
         })
         for f, (box, lm5) in enumerate(zip(scene.boxes, scene.landmarks5, strict=True)):
-            dets.append({"sample_id": sample_id, "face": f, "box": [float(v) for v in box],
-                         "landmarks": [float(v) for v in lm5.reshape(-1)], "score": 1.0})
+            dets.append({"sample_id": sample_id, "face": f, "box": [float(v) + PIXEL_CENTRE for v in box],
+                         "landmarks": [float(v) + PIXEL_CENTRE for v in lm5.reshape(-1)], "score": 1.0})
     log.info("synthetic corpus: %d scenes, %d faces in %s", len(rows), len(dets), out_dir)
     return pd.DataFrame(rows), pd.DataFrame(dets, columns=["sample_id", "face", "box", "landmarks", "score"])
 
@@ -124,8 +127,8 @@ def write_aflw19(cfg: SynthConfig, seed: int, out_dir: Path) -> None:
     for i, s in _faces(cfg, seed, KIND_AFLW, n, a.image_size, "synth AFLW-19"):
         name = f"{AFLW_FOLDERS[i % len(AFLW_FOLDERS)]}/image{i:05d}.jpg"
         _write(out_dir / "data" / "flickr" / name, _jpeg(s.image, s.jpeg_quality))
-        bbox[i] = s.box[[0, 2, 1, 3]]
-        data[i] = np.concatenate([s.landmarks19[:, 0], s.landmarks19[:, 1]])
+        bbox[i] = s.box[[0, 2, 1, 3]] + PIXEL_CENTRE
+        data[i] = np.concatenate([s.landmarks19[:, 0], s.landmarks19[:, 1]]) + PIXEL_CENTRE
         mask[i] = s.visible19
         names[i, 0] = name
         ids.append((name, s.identity))
@@ -136,7 +139,10 @@ def write_aflw19(cfg: SynthConfig, seed: int, out_dir: Path) -> None:
     # savemat stamps the creation time into the header text; a fixed text keeps the file (and DVC's
     # hash of fetch's output) identical from run to run
     (out_dir / "AFLWinfo_release.mat").write_bytes(MAT_HEADER + buf.getvalue()[len(MAT_HEADER):])
-    pd.DataFrame(ids, columns=["name", "identity"]).to_csv(out_dir / IDENTITIES_CSV, index=False)
+    train = set(ra[: a.n_train] - 1)
+    split = ["train" if i in train else "test" for i in range(n)]
+    pd.DataFrame(ids, columns=["name", "identity"]).assign(split=split).to_csv(
+        out_dir / IDENTITIES_CSV, index=False)
     log.info("synthetic AFLW-19: %d images (%d train) in %s", n, a.n_train, out_dir)
 
 
@@ -146,7 +152,7 @@ def _lapa_files(root: Path, split: str, stem: str, s: FaceSample) -> None:
     if not ok:
         raise ValueError(f"PNG encoding failed for labels of shape {s.labels.shape}")
     _write(root / split / "labels" / f"{stem}.png", png.tobytes())
-    lines = ["106", *(f"{x:.3f} {y:.3f}" for x, y in s.landmarks106)]
+    lines = ["106", *(f"{x:.3f} {y:.3f}" for x, y in s.landmarks106 + PIXEL_CENTRE)]
     _write(root / split / "landmarks" / f"{stem}.txt", ("\n".join(lines) + "\n").encode())
 
 
