@@ -211,8 +211,13 @@ def test_killed_run_resumes_from_journal(server: str, tmp_path: Path) -> None:
     urls = [server + "/good.jpg", server + "/good.png", server + "/crash"]
     cfg = _laion_config(_laion_parquet(tmp_path / "part.parquet", urls), threads=1)
     Handler.interrupt_once = {"/crash"}
-    with pytest.raises(KeyboardInterrupt):
-        main(Common(), cfg)
+    # Ctrl-C as a terminal delivers it: a job started with `&` by a script inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(Common(), cfg)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert not Path("out").exists()
     journal = journal_dir(Path("out"))
     entries = [json.loads(line) for line in (journal / "journal.jsonl").read_text().splitlines()]
