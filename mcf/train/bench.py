@@ -14,6 +14,7 @@ CUDA, peak memory. Before timing, an **equivalence check** runs both paths on on
 masks and weights and compares every loss term; the command exits 1 when a term differs by more than
 ``--rtol``. ``--shards DIR`` also times the data loader alone on real JPEG shards (the loop's
 ``CropDataset`` and ``EpochView``, decoded on access, ``--workers`` processes, pinned memory on CUDA).
+``--profile N`` prints the fast path's N costliest kernels; ``--attention`` pins its SDPA kernel.
 
 ``--model tiny`` is the CPU default of ``params.yaml``; ``base`` is the paper's ViT-B/16 at 224 with a
 512×8 decoder and a ViT-B teacher read at blocks 2/5/8/11. The teacher is random: its weights do not
@@ -24,6 +25,7 @@ GPU machine that has just the training stack.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -45,6 +48,8 @@ from mcf.train.loop import accumulate, compile_model, make_optimizer, param_grou
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTION = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -62,10 +67,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
+    p.add_argument("--attention", choices=("auto", *ATTENTION), default="auto",
+                   help="the fast path's SDPA kernel (math where it does not apply); auto: torch's choice")
     p.add_argument("--mask-ratio", type=float, default=0.75, help="default: %(default)s")
     p.add_argument("--shards", type=Path, default=None, help="time the data loader on these JPEG shards too")
     p.add_argument("--workers", type=int, default=8, help="data-loader processes (default: %(default)s)")
     p.add_argument("--loader-batches", type=int, default=50, help="batches timed (default: %(default)s)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile 2 fast steps and print the N costliest kernels (default: off)")
     args = p.parse_args(argv)
     for name in ("batch", "steps", "loader_batches"):
         if getattr(args, name) < 1:
@@ -91,11 +100,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def losses(net: torch.nn.Module, imgs: Tensor, mask_ratio: float, noise: tuple[Tensor, Tensor],
-           dtype: torch.dtype) -> dict[str, float]:
-    """Every loss term of one forward, with the given online and key masks, under autocast ``dtype``."""
+def losses(net: torch.nn.Module, imgs: Tensor, mask_ratio: float, dtype: torch.dtype) -> dict[str, float]:
+    """Every loss term of one forward under autocast ``dtype``, its masks drawn from seed 0."""
+    torch.manual_seed(0)
     with torch.autocast(imgs.device.type, dtype, enabled=dtype != torch.float32):
-        out = net(imgs, mask_ratio, *noise)
+        out = net(imgs, mask_ratio)
     return {k: float(v.detach()) for k, v in out.items()}
 
 
@@ -103,22 +112,20 @@ def equivalence(model: MCF, fast: torch.nn.Module, imgs: Tensor, mask_ratio: flo
                 rtol: float) -> tuple[bool, dict[str, tuple[float, float]]]:
     """Do the fast and the eager fp32 paths give the same losses on one batch, masks and weights?
 
-    Both run in train mode (as the step does) from the same RNG state; BatchNorm statistics are put back
-    after each, so neither run sees the other's update. Returns whether every term is within ``rtol``
-    (relative) and each term's ``(eager, fast)`` pair. Use batches of 4 or more: with 2 images the
-    projector's BatchNorm leaves each feature at ±1 and the contrastive term swings with any rounding
-    (ViT-B, bf16: 23 % at batch 2, 0.6 % at 4, 0.04 % at 16).
+    Both run in train mode, as the step does, and draw their masks as the step draws them
+    (``torch.rand`` from one seed; a compiled model keeps eager's draws through ``fallback_random``), so
+    the check covers the compiled path's masks and exercises the very graph the step runs. BatchNorm
+    statistics and the RNG are put back after each, so neither run sees the other's update. Returns
+    whether every term is within ``rtol`` (relative) and each term's ``(eager, fast)`` pair. Use
+    batches of 4 or more: with 2 images the projector's BatchNorm leaves each feature at ±1 and the
+    contrastive term swings with any rounding (ViT-B, bf16: 23 % at batch 2, 0.6 % at 4, 0.04 % at 16).
     """
-    length = model.grid**2
-    gen = torch.Generator(device=imgs.device).manual_seed(0)
-    noise = tuple(torch.rand(len(imgs), length, generator=gen, device=imgs.device) for _ in range(2))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    rng = torch.get_rng_state()
-    ref = losses(model, imgs, mask_ratio, noise, torch.float32)
-    model.load_state_dict(state)
-    torch.set_rng_state(rng)
-    got = losses(fast, imgs, mask_ratio, noise, fast_dtype)
-    model.load_state_dict(state)
+    with torch.random.fork_rng(devices=[imgs.device] if imgs.device.type == "cuda" else []):
+        ref = losses(model, imgs, mask_ratio, torch.float32)
+        model.load_state_dict(state)
+        got = losses(fast, imgs, mask_ratio, fast_dtype)
+        model.load_state_dict(state)
     pairs = {k: (ref[k], got[k]) for k in ref}
     ok = all(abs(b - a) <= rtol * max(abs(a), 1e-12) for a, b in pairs.values())
     return ok, pairs
@@ -153,6 +160,19 @@ def make_step(model: MCF, net: torch.nn.Module, imgs: Tensor, mask_ratio: float,
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def profile(step: Callable[[], None], device: torch.device, rows: int) -> str:
+    """The ``rows`` costliest operators of two steps, by their own device (or CPU) time: where a step goes."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            step()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 def loader_rate(shards: Path, img_size: int, batch: int, workers: int, batches: int,
@@ -198,7 +218,13 @@ def bench_pretrain(argv: list[str]) -> int:
     log.info("model %s: %.1f M trainable params, img %d, batch %d, mask %.2f", args.model, params / 1e6, size,
              args.batch, args.mask_ratio)
 
-    ok, pairs = equivalence(model, fast, imgs, args.mask_ratio, dtype, rtol)
+    def attention() -> contextlib.AbstractContextManager:
+        if args.attention == "auto":
+            return contextlib.nullcontext()
+        return sdpa_kernel([ATTENTION[args.attention], SDPBackend.MATH])
+
+    with attention():
+        ok, pairs = equivalence(model, fast, imgs, args.mask_ratio, dtype, rtol)
     for term, (ref, got) in pairs.items():
         log.info("equivalence %s: eager fp32 %.6g, fast %.6g (rel. diff %.2e)", term, ref, got,
                  abs(got - ref) / max(abs(ref), 1e-12))
@@ -217,13 +243,18 @@ def bench_pretrain(argv: list[str]) -> int:
     rates = {}
     for name, net, run_dtype, optimizer, compiled in runs:
         step = make_step(model, net, imgs, args.mask_ratio, run_dtype, optimizer)
-        seconds, peak = time_steps(step, device, args.steps, args.warmup)
+        with attention() if name == "fast" else contextlib.nullcontext():
+            seconds, peak = time_steps(step, device, args.steps, args.warmup)
+            report = profile(step, device, args.profile) if args.profile and name == "fast" else ""
         rates[name] = args.batch * args.steps / seconds
         fused = "fused" if optimizer.defaults.get("fused") else "unfused"
         how = f"{str(run_dtype).removeprefix('torch.')}, {'compiled' if compiled else 'eager'}, {fused} AdamW"
+        how += f", {args.attention} attention" if name == "fast" and args.attention != "auto" else ""
         memory = f", peak memory {peak:.2f} GiB" if device.type == "cuda" else ""
         log.info("%s (%s): %.1f images/s, %.1f ms/step, %.3g TFLOP/s%s", name, how, rates[name],
                  1000 * seconds / args.steps, flops * args.steps / seconds / 1e12, memory)
+        if report:
+            log.info("profile of the fast path, 2 steps:\n%s", report)
     if "baseline" in rates:
         log.info("speed-up over the eager baseline: %.2fx", rates["fast"] / rates["baseline"])
     if args.shards is not None:
