@@ -215,3 +215,27 @@ def test_keys_use_an_independent_mask() -> None:
     key = torch.rand(4, 16)  # the forward draws the online mask first, then the key mask
     torch.manual_seed(5)
     torch.testing.assert_close(model(x, 0.75)["loss"], model(x, 0.75, online, key)["loss"])
+
+
+def test_linear_patch_embedding_is_timm_convolution() -> None:
+    """The backbone's patch embedding is a matrix product over patches: same weights, same function."""
+    import timm
+
+    from mcf.models.backbone import LinearPatchEmbed, create_backbone
+
+    cfg = BackboneConfig(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2)
+    ours = create_backbone(cfg).double()
+    conv = timm.create_model("vit_base_patch16_224", pretrained=False, **cfg.timm_kwargs()).double()
+    conv.load_state_dict(ours.state_dict())  # the same keys and shapes: exports and checkpoints unchanged
+    assert isinstance(ours.patch_embed, LinearPatchEmbed)
+    assert type(conv.patch_embed) is not LinearPatchEmbed
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(ours.patch_embed(x), conv.patch_embed(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours(x), conv(x), rtol=1e-12, atol=1e-12)
+    x.requires_grad_(True)
+    (ours.patch_embed(x) ** 2).sum().backward()
+    grad, x.grad = x.grad, None
+    (conv.patch_embed(x) ** 2).sum().backward()
+    torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(AssertionError, match="doesn't match model"):  # timm's own check still applies
+        ours.patch_embed(torch.randn(1, 3, 40, 40, dtype=torch.float64))

@@ -16,7 +16,9 @@ from typing import Any
 
 import timm
 import torch
-from torch import nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed
+from torch import Tensor, nn
 
 from mcf.io import atomic_file
 from mcf.params import param
@@ -59,9 +61,30 @@ class BackboneConfig:
 MODEL_NAME = "vit_base_patch16_224"  # timm's ViT family; the kwargs above set the size
 
 
+class LinearPatchEmbed(PatchEmbed):
+    """timm's patch embedding, computed as one matrix product over the flattened patches.
+
+    The same weights (``proj``, a ``Conv2d``) and the same function as the strided convolution, which
+    cuDNN ran at 28 TFLOP/s on an H200 for ViT-B/16's batch of 256 in bf16 (2.1 ms a call); as a matrix
+    product it runs at the other layers' rate, and the compiled pre-training step went from 142 to
+    129 ms. Inputs the fast form does not cover take timm's own path, with its checks.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        ph, pw = self.patch_size
+        strict = self.img_size is not None and self.strict_img_size and (h, w) != tuple(self.img_size)
+        if self.dynamic_img_pad or not self.flatten or h % ph or w % pw or strict:
+            return super().forward(x)
+        patches = x.reshape(n, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)  # (c, ph, pw) order, as the patches
+        return self.norm(F.linear(patches.reshape(n, -1, c * ph * pw), weight, self.proj.bias))
+
+
 def create_backbone(cfg: BackboneConfig, **overrides: Any) -> nn.Module:
     """A randomly initialised timm ``VisionTransformer`` of the configured size."""
-    return timm.create_model(MODEL_NAME, pretrained=False, **{**cfg.timm_kwargs(), **overrides})
+    kwargs = {**cfg.timm_kwargs(), "embed_layer": LinearPatchEmbed, **overrides}
+    return timm.create_model(MODEL_NAME, pretrained=False, **kwargs)
 
 
 def save_backbone(model: nn.Module, cfg: BackboneConfig, out_dir: str | Path) -> None:
@@ -81,7 +104,7 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
     """
     export_dir = Path(export_dir)
     spec = json.loads((export_dir / "backbone.json").read_text())
-    kwargs = {**spec["kwargs"], **overrides}
+    kwargs = {**spec["kwargs"], "embed_layer": LinearPatchEmbed, **overrides}
     model = timm.create_model(spec["model_name"], pretrained=False, **kwargs)
     state = torch.load(export_dir / "backbone.pth", map_location="cpu", weights_only=True)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
