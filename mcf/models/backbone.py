@@ -81,10 +81,15 @@ class LinearPatchEmbed(PatchEmbed):
         return self.norm(F.linear(patches.reshape(n, -1, c * ph * pw), weight, self.proj.bias))
 
 
+def build_vit(model_name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` (never a download) with :class:`LinearPatchEmbed`: every backbone the
+    project trains, exports or rebuilds comes from here, so all run the same patch embedding."""
+    return timm.create_model(model_name, pretrained=False, **{"embed_layer": LinearPatchEmbed, **kwargs})
+
+
 def create_backbone(cfg: BackboneConfig, **overrides: Any) -> nn.Module:
     """A randomly initialised timm ``VisionTransformer`` of the configured size."""
-    kwargs = {**cfg.timm_kwargs(), "embed_layer": LinearPatchEmbed, **overrides}
-    return timm.create_model(MODEL_NAME, pretrained=False, **kwargs)
+    return build_vit(MODEL_NAME, **{**cfg.timm_kwargs(), **overrides})
 
 
 def save_backbone(model: nn.Module, cfg: BackboneConfig, out_dir: str | Path) -> None:
@@ -104,8 +109,7 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
     """
     export_dir = Path(export_dir)
     spec = json.loads((export_dir / "backbone.json").read_text())
-    kwargs = {**spec["kwargs"], "embed_layer": LinearPatchEmbed, **overrides}
-    model = timm.create_model(spec["model_name"], pretrained=False, **kwargs)
+    model = build_vit(spec["model_name"], **{**spec["kwargs"], **overrides})
     state = torch.load(export_dir / "backbone.pth", map_location="cpu", weights_only=True)
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         from timm.layers import resample_abs_pos_embed

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,7 +37,7 @@ from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
 from mcf.io import atomic_dir, atomic_file, check_replaceable
-from mcf.models.backbone import load_backbone
+from mcf.models.backbone import build_vit, load_backbone
 from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, backbone_spec, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
@@ -261,7 +260,7 @@ def load_finetuned(path: str | Path) -> tuple[DenseFaceModel, dict[str, Any]]:
     """Rebuild a fine-tuned model from ``model.pt`` (eval mode) and return it with its metadata."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     spec = ckpt["backbone"]
-    backbone = timm.create_model(spec["model_name"], pretrained=False, **spec["kwargs"])
+    backbone = build_vit(spec["model_name"], **spec["kwargs"])
     head = ckpt["head"]
     model = DenseFaceModel(backbone, HeadConfig(tuple(head["blocks"]), head["channels"], head["num_outputs"]))
     model.load_state_dict(ckpt["state_dict"], strict=True)
