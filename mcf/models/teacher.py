@@ -27,11 +27,6 @@ from torch import Tensor, nn
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone
 from mcf.models.release import backbone_from_checkpoint, encoder_state_dict, read_weights
 
-try:
-    from mcf.models.fused_mlp import FrozenGeluMlp, fusable
-except ImportError:  # torch without Triton (macOS, some CPU builds): the teacher keeps timm's MLP
-    FrozenGeluMlp = None
-
 log = logging.getLogger(__name__)
 
 SPEC_FORMS = ("moco_v3:<path>", "timm:<model name>:<weights file|random>", "timm:<weights file>",
@@ -42,22 +37,16 @@ class FeatureTeacher(nn.Module):
     """A frozen timm ViT that returns the raw outputs of chosen blocks (before the final norm).
 
     Always in eval mode with ``requires_grad`` off; gradients still flow through its activations to
-    its input, which is how the feature loss trains the decoder. With ``fused_mlp`` (and Triton), its
-    blocks' MLPs become :class:`~mcf.models.fused_mlp.FrozenGeluMlp`: the same weights and function,
-    with the GELU folded into the matrix products on CUDA under autocast.
+    its input, which is how the feature loss trains the decoder.
     """
 
-    def __init__(self, model: nn.Module, fused_mlp: bool = True) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm_pre") if not hasattr(model, a)]
         if missing:
             name = type(model).__name__
             raise ValueError(f"teacher must be a timm VisionTransformer; {name} lacks {missing}")
         self.model = model
-        if fused_mlp and FrozenGeluMlp is not None:
-            for block in model.blocks:
-                if fusable(block.mlp):
-                    block.mlp = FrozenGeluMlp(block.mlp)
         self.requires_grad_(False)
         self.train(False)
 

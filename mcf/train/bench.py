@@ -15,10 +15,6 @@ masks and weights and compares every loss term; the command exits 1 when a term 
 ``--rtol``. ``--shards DIR`` also times the data loader alone on real JPEG shards (the loop's
 ``CropDataset`` and ``EpochView``, decoded on access, ``--workers`` processes, pinned memory on CUDA).
 ``--profile N`` prints the fast path's N costliest kernels; ``--attention`` pins its SDPA kernel.
-``--cuda-graph`` records the fast step (momentum update, forward, backward, AdamW) once as a CUDA graph
-and replays it, so no kernel waits for the CPU to launch it; ``--tune-kernels`` has inductor time
-its kernels' block sizes; ``--no-fused-mlp`` keeps the teacher's GELU out of its matrix products
-(:mod:`mcf.models.fused_mlp`), to measure what the fusion buys.
 
 ``--model tiny`` is the CPU default of ``params.yaml``; ``base`` is the paper's ViT-B/16 at 224 with a
 512×8 decoder and a ViT-B teacher read at blocks 2/5/8/11. The teacher is random: its weights do not
@@ -45,7 +41,7 @@ from mcf.cli import describe
 from mcf.data.pretrain_data import CropDataset, EpochView
 from mcf.models.backbone import create_backbone
 from mcf.models.mcf import MCF, MCFConfig
-from mcf.models.teacher import FeatureTeacher, FrozenGeluMlp
+from mcf.models.teacher import FeatureTeacher
 from mcf.params import load
 from mcf.train.loop import accumulate, compile_model, make_optimizer, param_groups, resolve_dtype
 
@@ -79,33 +75,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loader-batches", type=int, default=50, help="batches timed (default: %(default)s)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile 2 fast steps and print the N costliest kernels (default: off)")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="record the fast step as one CUDA graph and time its replays (CUDA, bf16/fp32)")
-    p.add_argument("--tune-kernels", action="store_true",
-                   help="with --compile: inductor times each kernel's block sizes (coordinate descent)")
-    p.add_argument("--no-fused-mlp", dest="fused_mlp", action="store_false",
-                   help="the teacher's MLP as timm computes it (GELU as a separate kernel)")
     args = p.parse_args(argv)
     for name in ("batch", "steps", "loader_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.cuda_graph and (args.device == "cpu" or not torch.cuda.is_available()):
-        p.error("--cuda-graph needs CUDA")
-    if args.cuda_graph and args.precision == "fp16":
-        p.error("--cuda-graph does not take fp16: its loss scaler checks for overflow on the CPU")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
         p.error(f"--shards {args.shards}: no crops-*.tar shards there (build some: tools/bench_shards.yaml)")
     return args
 
 
-def build(name: str, params: str, fused_mlp: bool = True) -> MCF:
+def build(name: str, params: str) -> MCF:
     """The benchmarked model with a random teacher: tiny's as the teacher stage trains it, base's ViT-B."""
     if name == "tiny":
         cfg, teacher_size = load("pretrain", params)[1].model, load("teacher", params)[1].backbone
     else:
         cfg = MCFConfig()
         teacher_size = cfg.backbone
-    teacher = FeatureTeacher(create_backbone(teacher_size), fused_mlp) if cfg.uses_teacher else None
+    teacher = FeatureTeacher(create_backbone(teacher_size)) if cfg.uses_teacher else None
     return MCF(cfg, teacher)
 
 
@@ -114,37 +100,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def losses(model: MCF, net: torch.nn.Module, imgs: Tensor, mask_ratio: float,
-           dtype: torch.dtype) -> dict[str, float]:
-    """Every loss term of the step's forward under autocast ``dtype``: the momentum update, then the
-    forward with its masks drawn from seed 0."""
-    model.update_momentum(model.cfg.momentum)
+def losses(net: torch.nn.Module, imgs: Tensor, mask_ratio: float, dtype: torch.dtype) -> dict[str, float]:
+    """Every loss term of one forward under autocast ``dtype``, its masks drawn from seed 0."""
     torch.manual_seed(0)
     with torch.autocast(imgs.device.type, dtype, enabled=dtype != torch.float32):
         out = net(imgs, mask_ratio)
     return {k: float(v.detach()) for k, v in out.items()}
 
 
-def equivalence(model: MCF, fast: Callable[[], dict[str, float]], imgs: Tensor, mask_ratio: float,
+def equivalence(model: MCF, fast: torch.nn.Module, imgs: Tensor, mask_ratio: float, fast_dtype: torch.dtype,
                 rtol: float) -> tuple[bool, dict[str, tuple[float, float]]]:
-    """Do the fast path and the eager fp32 one give the same losses on one batch, masks and weights?
+    """Do the fast and the eager fp32 paths give the same losses on one batch, masks and weights?
 
-    ``fast()`` returns the fast step's loss terms from the model's current state, masks drawn from seed
-    0: :func:`losses` through the (compiled) module, or a replay of the CUDA graph. Both run in train
-    mode, as the step does, and draw their masks as the step draws them (``torch.rand``; a compiled
-    model keeps eager's draws through ``fallback_random``, and a graph replays them from the
-    generator's state), so the check covers the fast path's masks and exercises the very kernels the
-    step runs. The model's state (weights, BatchNorm statistics) and the RNG are put back after each,
-    so neither run sees the other's update. Returns whether every term is within ``rtol`` (relative)
-    and each term's ``(eager, fast)`` pair. Use batches of 4 or more: with 2 images the projector's
-    BatchNorm leaves each feature at ±1 and the contrastive term swings with any rounding (ViT-B,
-    bf16: 23 % at batch 2, 0.6 % at 4, 0.04 % at 16).
+    Both run in train mode, as the step does, and draw their masks as the step draws them
+    (``torch.rand`` from one seed; a compiled model keeps eager's draws through ``fallback_random``), so
+    the check covers the compiled path's masks and exercises the very graph the step runs. BatchNorm
+    statistics and the RNG are put back after each, so neither run sees the other's update. Returns
+    whether every term is within ``rtol`` (relative) and each term's ``(eager, fast)`` pair. Use
+    batches of 4 or more: with 2 images the projector's BatchNorm leaves each feature at ±1 and the
+    contrastive term swings with any rounding (ViT-B, bf16: 23 % at batch 2, 0.6 % at 4, 0.04 % at 16).
     """
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.random.fork_rng(devices=[imgs.device] if imgs.device.type == "cuda" else []):
-        ref = losses(model, model, imgs, mask_ratio, torch.float32)
+        ref = losses(model, imgs, mask_ratio, torch.float32)
         model.load_state_dict(state)
-        got = fast()
+        got = losses(fast, imgs, mask_ratio, fast_dtype)
         model.load_state_dict(state)
     pairs = {k: (ref[k], got[k]) for k in ref}
     ok = all(abs(b - a) <= rtol * max(abs(a), 1e-12) for a, b in pairs.values())
@@ -169,46 +149,17 @@ def time_steps(
 
 
 def make_step(model: MCF, net: torch.nn.Module, imgs: Tensor, mask_ratio: float, dtype: torch.dtype,
-              optimizer: torch.optim.Optimizer) -> Callable[[], dict[str, Tensor]]:
-    """One optimizer step as the pretrain loop takes it (one micro-batch); returns its loss terms."""
+              optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """One optimizer step as the pretrain loop takes it (one micro-batch)."""
     scaler = torch.amp.GradScaler(imgs.device.type, enabled=dtype == torch.float16)
 
-    def step() -> dict[str, Tensor]:
-        terms = accumulate(net, model, [imgs], mask_ratio, model.cfg.momentum, dtype, scaler)
+    def step() -> None:
+        accumulate(net, model, [imgs], mask_ratio, model.cfg.momentum, dtype, scaler)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return terms
 
     return step
-
-
-def capture(
-    step: Callable[[], dict[str, Tensor]], warmup: int
-) -> tuple[Callable[[], None], dict[str, Tensor]]:
-    """Record one whole step as a CUDA graph; returns its replay and the loss terms each replay rewrites.
-
-    The warm-up steps run first on a side stream (as torch's graph-capture recipe asks): they compile,
-    autotune and allocate outside the graph. The optimizer must be ``capturable``.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(max(warmup, 1)):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        terms = step()
-    torch.cuda.empty_cache()  # the warm-up's blocks; the graph keeps its own pool
-    return graph.replay, terms
-
-
-def replayed_losses(replay: Callable[[], None], terms: dict[str, Tensor]) -> dict[str, float]:
-    """The loss terms of one graph replay with its masks drawn from seed 0 (the generator's state)."""
-    torch.manual_seed(0)
-    replay()
-    return {k: float(v) for k, v in terms.items()}
 
 
 def profile(step: Callable[[], None], device: torch.device, rows: int) -> str:
@@ -256,10 +207,10 @@ def bench_pretrain(argv: list[str]) -> int:
     cpu = f"CPU, {torch.get_num_threads()} threads"
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     torch.manual_seed(0)
-    model = build(args.model, args.params, args.fused_mlp).to(device).train()
+    model = build(args.model, args.params).to(device).train()
     dtype = resolve_dtype(args.precision, device)
     rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
-    fast = compile_model(model, tune=args.tune_kernels) if args.compile else model
+    fast = compile_model(model) if args.compile else model
     size = model.cfg.backbone.img_size
     imgs = torch.randn(args.batch, 3, size, size, device=device)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -272,53 +223,33 @@ def bench_pretrain(argv: list[str]) -> int:
             return contextlib.nullcontext()
         return sdpa_kernel([ATTENTION[args.attention], SDPBackend.MATH])
 
+    with attention():
+        ok, pairs = equivalence(model, fast, imgs, args.mask_ratio, dtype, rtol)
+    for term, (ref, got) in pairs.items():
+        log.info("equivalence %s: eager fp32 %.6g, fast %.6g (rel. diff %.2e)", term, ref, got,
+                 abs(got - ref) / max(abs(ref), 1e-12))
+    log.info("equivalence check: %s (rtol %.0e)", "passed" if ok else "FAILED", rtol)
+
     # torch's default AdamW (foreach on CUDA, not fused): the step as it ran before the fast path
     baseline_optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
     with FlopCounterMode(display=False) as counter:  # eager: compiled kernels bypass the counting dispatcher
         make_step(model, model, imgs, args.mask_ratio, torch.float32, baseline_optimizer)()
     flops = counter.get_total_flops()
     log.info("step FLOPs: %.1f GFLOP per image", flops / args.batch / 1e9)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the eager fp32 step's blocks: a CUDA graph takes memory of its own
 
-    fast_optimizer = make_optimizer(model, 0.05, 1e-4, (0.9, 0.95), device)
-    if args.cuda_graph:  # the fused AdamW, with its step counts on the GPU so that it can be recorded
-        fast_optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True,
-                                           capturable=True)
-    fast_step = make_step(model, fast, imgs, args.mask_ratio, dtype, fast_optimizer)
-    with attention():
-        if args.cuda_graph:
-            fast_step, terms = capture(fast_step, args.warmup)
-            ok, pairs = equivalence(model, lambda: replayed_losses(fast_step, terms), imgs, args.mask_ratio,
-                                    rtol)
-        else:
-            ok, pairs = equivalence(model, lambda: losses(model, fast, imgs, args.mask_ratio, dtype), imgs,
-                                    args.mask_ratio, rtol)
-    for term, (ref, got) in pairs.items():
-        log.info("equivalence %s: eager fp32 %.6g, fast %.6g (rel. diff %.2e)", term, ref, got,
-                 abs(got - ref) / max(abs(ref), 1e-12))
-    log.info("equivalence check: %s (rtol %.0e)", "passed" if ok else "FAILED", rtol)
-
-    runs = [("fast", fast_step, dtype, fast_optimizer, args.compile)]
+    runs = [("fast", fast, dtype, make_optimizer(model, 0.05, 1e-4, (0.9, 0.95), device), args.compile)]
     if args.baseline != "none":
-        baseline_dtype = resolve_dtype(args.baseline, device)
-        baseline_step = make_step(model, model, imgs, args.mask_ratio, baseline_dtype, baseline_optimizer)
-        runs.append(("baseline", baseline_step, baseline_dtype, baseline_optimizer, False))
-    fusing = FrozenGeluMlp is not None and device.type == "cuda" and dtype != torch.float32
-    teacher_fused = fusing and any(isinstance(m, FrozenGeluMlp) for m in model.modules())
+        runs.append(("baseline", model, resolve_dtype(args.baseline, device), baseline_optimizer, False))
     rates = {}
-    for name, step, run_dtype, optimizer, compiled in runs:
+    for name, net, run_dtype, optimizer, compiled in runs:
+        step = make_step(model, net, imgs, args.mask_ratio, run_dtype, optimizer)
         with attention() if name == "fast" else contextlib.nullcontext():
             seconds, peak = time_steps(step, device, args.steps, args.warmup)
             report = profile(step, device, args.profile) if args.profile and name == "fast" else ""
         rates[name] = args.batch * args.steps / seconds
         fused = "fused" if optimizer.defaults.get("fused") else "unfused"
         how = f"{str(run_dtype).removeprefix('torch.')}, {'compiled' if compiled else 'eager'}, {fused} AdamW"
-        if name == "fast":
-            how += f", {args.attention} attention" if args.attention != "auto" else ""
-            how += ", CUDA graph" if args.cuda_graph else ""
-            how += ", tuned kernels" if args.tune_kernels and args.compile else ""
-            how += ", teacher MLP fused" if teacher_fused else ""
+        how += f", {args.attention} attention" if name == "fast" and args.attention != "auto" else ""
         memory = f", peak memory {peak:.2f} GiB" if device.type == "cuda" else ""
         log.info("%s (%s): %.1f images/s, %.1f ms/step, %.3g TFLOP/s%s", name, how, rates[name],
                  1000 * seconds / args.steps, flops * args.steps / seconds / 1e12, memory)

@@ -108,11 +108,10 @@ def make_optimizer(
     )
 
 
-def compile_model(net: nn.Module, tune: bool = False) -> nn.Module:
+def compile_model(net: nn.Module) -> nn.Module:
     """``torch.compile`` that keeps eager's random numbers: inductor's own would draw other masks, so
-    a compiled run would train on different samples than the eager one (``fallback_random``).
-    ``tune`` times each generated kernel's block sizes at compile time (coordinate descent)."""
-    return torch.compile(net, options={"fallback_random": True, "coordinate_descent_tuning": tune})
+    a compiled run would train on different samples than the eager one (``fallback_random``)."""
+    return torch.compile(net, options={"fallback_random": True})
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
