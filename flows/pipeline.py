@@ -36,13 +36,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.futures import PrefectFuture, wait
 
+from mcf.errors import EXIT_GATE, EXIT_PARAMS
 from mcf.report import markdown_summary
 
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
 GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing"})
 RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a transient error
 RETRY_DELAY_S = 30
-PARAMS_ERROR = 2  # `mcf <stage>` exits 2 when it rejects its params: a rerun would fail the same way
+NO_RETRY = (EXIT_PARAMS, EXIT_GATE)  # `mcf <stage>`'s exits for rejected params, a failed data gate
 TAIL_LINES = 40
 # DVC unlocks the repository while a stage's command runs, so independent stages run side by side and
 # wait only for each other's short bookkeeping (checks, dvc.lock updates)
@@ -147,9 +148,10 @@ def repro(stage: str) -> StageRun:
 
 
 def retry_condition(_task: Task, _task_run: TaskRun, state: State) -> bool:
-    """Retry a failed I/O stage unless its command rejected its params: a typo is not a transient error."""
+    """Retry a failed I/O stage unless its command rejected its params or its data gate failed: a typo
+    or bad data is not a transient error."""
     error = state.result(raise_on_failure=False)
-    return not (isinstance(error, StageFailed) and error.exit_code == PARAMS_ERROR)
+    return not (isinstance(error, StageFailed) and error.exit_code in NO_RETRY)
 
 
 def stage_task(stage: str) -> Task[[str], StageRun]:

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from collections.abc import Callable
 from typing import Any
 
-from mcf.errors import StageError
+from mcf.errors import EXIT_GATE, EXIT_PARAMS, EXIT_STAGE, GateError, StageError
 from mcf.params import ParamsError, load
 
 # Stage name -> "module:function(common, config)". Names match dvc.yaml, params.yaml and the flow.
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:
         print(f"mcf: invalid params: {err}", file=sys.stderr)
-        return 2
+        return EXIT_PARAMS
     except StageError as err:
         print(f"mcf {args.command}: {err}", file=sys.stderr)
-        return 1
+        return EXIT_GATE if isinstance(err, GateError) else EXIT_STAGE
     except KeyboardInterrupt:
         print("mcf: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,8 @@
-"""Errors that end a stage with a message for the user rather than a traceback."""
+"""Errors that end a stage with a message for the user rather than a traceback, and their exit codes."""
+
+EXIT_STAGE = 1  # StageError: bad input, a non-finite loss, an unreachable source (a rerun may pass)
+EXIT_PARAMS = 2  # ParamsError: the stage rejected its params (a rerun fails the same way)
+EXIT_GATE = 3  # GateError: a data gate failed on the stage's output (a rerun fails the same way)
 
 
 class StageError(RuntimeError):
@@ -6,3 +10,8 @@ class StageError(RuntimeError):
 
     The CLI prints ``str(err)`` and exits 1; the stage has left no output that DVC could take as done.
     """
+
+
+class GateError(StageError):
+    """A data gate failed: the data is wrong, not the network, so running the stage again fails the
+    same way. The CLI exits 3, which the Prefect flow does not retry."""

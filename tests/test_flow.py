@@ -21,7 +21,7 @@ from dvc.repo import Repo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.pipeline import PARAMS_ERROR, StageFailed, mcf, plan, retry_condition, stage_task  # noqa: E402
+from flows.pipeline import StageFailed, mcf, plan, retry_condition, stage_task  # noqa: E402
 
 if TYPE_CHECKING:
     from conftest import PrefectServer
@@ -135,11 +135,11 @@ def test_stage_tasks_retry_io_and_tag_gpu() -> None:
 
     fetch, finetune = stage_task("fetch"), stage_task("finetune_alignment@scratch")
     assert fetch.retries == 2 and "gpu" not in fetch.tags
-    # a transient failure is retried; rejected params (`mcf` exits 2) fail at once
-    failed = {code: Failed(data=StageFailed("fetch", "...", code)) for code in (1, PARAMS_ERROR, None)}
+    # a transient failure is retried; rejected params (`mcf` exits 2) or a failed data gate (3) fail at once
+    failed = {code: Failed(data=StageFailed("fetch", "...", code)) for code in (1, 2, 3, None)}
     assert fetch.retry_condition_fn is retry_condition
     assert retry_condition(fetch, None, failed[1]) and retry_condition(fetch, None, failed[None])
-    assert not retry_condition(fetch, None, failed[PARAMS_ERROR])
+    assert not retry_condition(fetch, None, failed[2]) and not retry_condition(fetch, None, failed[3])
     assert finetune.retries == 0 and {"gpu", "finetune_alignment", "dvc"} <= finetune.tags
     assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
 

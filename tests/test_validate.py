@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mcf.cli import main as cli_main
 from mcf.data.sources.image import STATUSES
-from mcf.errors import StageError
+from mcf.errors import GateError, StageError
 from mcf.validate import gate
 
 
@@ -98,8 +99,9 @@ def test_cli_validates_a_parquet_and_builds_docs(tmp_path: Path) -> None:
     bad = _manifest()
     bad.loc[0, "width"] = 0
     bad.to_parquet(tmp_path / "bad.parquet")
-    with pytest.raises(StageError, match="(?s)stage 'validate'.*column=width"):
+    with pytest.raises(GateError, match="(?s)stage 'validate'.*column=width"):
         gate.cli(["fetch", str(tmp_path / "bad.parquet")])
+    assert cli_main(["validate", "fetch", str(tmp_path / "bad.parquet")]) == 3  # not retried by the flow
     assert gate.cli(["--docs", "--out", str(tmp_path / "docs")]) == 0
     index = (tmp_path / "docs" / "index.html").read_text()
     assert "fetch" in index

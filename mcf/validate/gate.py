@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from mcf.errors import StageError
+from mcf.errors import GateError, StageError
 from mcf.io import atomic_file
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -44,6 +44,11 @@ def _import_gx() -> Any:
     return great_expectations
 
 
+def suite_names() -> list[str]:
+    """The gates there are: one committed suite per ``suites/<name>.json``."""
+    return sorted(p.stem for p in SUITES_DIR.glob("*.json"))
+
+
 def load_suite(name: str) -> ExpectationSuite:
     """Read ``suites/<name>.json``; an invalid expectation is an error, not a silently dropped check."""
     _import_gx()
@@ -52,8 +57,7 @@ def load_suite(name: str) -> ExpectationSuite:
 
     path = SUITES_DIR / f"{name}.json"
     if not path.is_file():
-        known = sorted(p.stem for p in SUITES_DIR.glob("*.json"))
-        raise ValueError(f"unknown suite {name!r} (known: {', '.join(known)})")
+        raise ValueError(f"unknown suite {name!r} (known: {', '.join(suite_names())})")
     spec = json.loads(path.read_text())
     expectations = []
     for i, item in enumerate(spec["expectations"]):
@@ -131,7 +135,7 @@ def _store(result: ExpectationSuiteValidationResult, suite: str, stage: str) -> 
 
 
 def run_gate(df: pd.DataFrame, suite: str, *, stage: str) -> None:
-    """Validate a stage's output; raise :class:`StageError` listing every failed expectation."""
+    """Validate a stage's output; raise :class:`GateError` listing every failed expectation."""
     result = validate(df, suite)
     try:
         _store(result, suite, stage)
@@ -141,7 +145,7 @@ def run_gate(df: pd.DataFrame, suite: str, *, stage: str) -> None:
     if not result.success:
         failed = [_describe(r) for r in result.results if not r.success]
         lines = "\n".join(f"  - {f}" for f in failed)
-        raise StageError(
+        raise GateError(
             f"stage {stage!r}: data gate {suite!r} failed {len(failed)} of "
             f"{stats['evaluated_expectations']} expectations on {len(df)} rows:\n{lines}"
         )
@@ -194,7 +198,7 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
 def cli(argv: list[str]) -> int:
     """``mcf validate SUITE PARQUET`` or ``mcf validate --docs [--out DIR]``."""
     p = argparse.ArgumentParser(prog="mcf validate", description="Run a data gate or build Data Docs.")
-    known = sorted(f.stem for f in SUITES_DIR.glob("*.json"))
+    known = suite_names()
     p.add_argument("suite", nargs="?", help=f"the gate to run: {', '.join(known)}")
     p.add_argument("parquet", nargs="?", type=Path, help="parquet file to validate")
     p.add_argument("--docs", action="store_true", help="build Data Docs HTML for the latest results")
