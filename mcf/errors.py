@@ -8,7 +8,8 @@ EXIT_GATE = 3  # GateError: a data gate failed on the stage's output (a rerun fa
 class StageError(RuntimeError):
     """A stage cannot go on: bad input data, a failed data gate, a non-finite loss.
 
-    The CLI prints ``str(err)`` and exits 1; the stage has left no output that DVC could take as done.
+    The CLI prints ``str(err)`` and exits 1 (3 for a :class:`GateError`); the stage has left no output
+    that DVC could take as done.
     """
 
 
