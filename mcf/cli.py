@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from collections.abc import Callable
 from typing import Any
 
-from mcf.errors import EXIT_GATE, EXIT_PARAMS, EXIT_STAGE, GateError, StageError
+from mcf.errors import EXIT_PARAMS, StageError
 from mcf.params import ParamsError, load
 
 # Stage name -> "module:function(common, config)". Names match dvc.yaml, params.yaml and the flow.
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PARAMS
     except StageError as err:
         print(f"mcf {args.command}: {err}", file=sys.stderr)
-        return EXIT_GATE if isinstance(err, GateError) else EXIT_STAGE
+        return err.exit_code
     except KeyboardInterrupt:
         print("mcf: interrupted", file=sys.stderr)
         return 130

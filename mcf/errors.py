@@ -12,7 +12,11 @@ class StageError(RuntimeError):
     that DVC could take as done.
     """
 
+    exit_code = EXIT_STAGE
+
 
 class GateError(StageError):
     """A data gate failed: the data is wrong, not the network, so running the stage again fails the
     same way. The CLI exits 3, which the Prefect flow does not retry."""
+
+    exit_code = EXIT_GATE
