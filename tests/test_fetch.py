@@ -181,7 +181,8 @@ def _laion_config(parquet: Path, threads: int = 8, **laion: Any) -> FetchConfig:
 
 
 def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
-    unreachable = f"http://127.0.0.1:{_closed_port()}/x.jpg"
+    # credentials and a signature in a failing URL must not reach the manifest's error text
+    unreachable = f"http://user:pa55@127.0.0.1:{_closed_port()}/x.jpg?X-Amz-Signature=s1gnature"
     urls = [server + p for p in EXPECTED] + [unreachable, "ftp://a/b.jpg", None]
     cfg = _laion_config(_laion_parquet(tmp_path / "part-00000.parquet", urls))
     main(Common(), cfg)
@@ -190,6 +191,9 @@ def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
     got = dict(zip(manifest["url"].str.replace(server, ""), manifest["status"], strict=False))
     assert {p: got[p] for p in EXPECTED} == EXPECTED
     assert manifest["status"].tolist()[-3:] == ["connection_error", "invalid_url", "invalid_url"]
+    unreachable_error = manifest["error"].iloc[-3]
+    assert "x.jpg?<redacted>" in unreachable_error
+    assert "pa55" not in unreachable_error and "s1gnature" not in unreachable_error
     ok = manifest[manifest["status"] == "success"].set_index("url")
     assert ok.loc[server + "/good.png", ["width", "height"]].tolist() == [24, 36]
     assert Path("out", ok.loc[server + "/good.jpg", "path"]).read_bytes() == JPEG
@@ -299,6 +303,8 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
         _config(source="laion-face")
     with pytest.raises(ParamsError, match=r"fetch\.s3\.bucket"):
         _config(source="s3")
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: takes no user, password or query"):
+        _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://minio:s3cret@127.0.0.1:9000"})
     with pytest.raises(ParamsError, match=r"fetch\.max_pixels: must be >= 1"):
         _config(max_pixels=0)
     with pytest.raises(ParamsError, match=r"fetch\.source: must be one of"):
@@ -319,14 +325,21 @@ def test_local_folder(tmp_path: Path) -> None:
     _write(root / "big.jpeg", BODIES["/huge.bin"])
     _write(root / "notes.txt", b"skipped: not an image extension")
     _write(root / ".hidden" / "c.jpg", JPEG)
+    os.mkfifo(root / "pipe.jpg")  # would block a plain open until a writer came
+    (root / "zero.jpg").symlink_to("/dev/zero")  # a stat size of 0, and endless bytes
+    (root / "link.jpg").symlink_to(root / "a.jpg")  # a link to a regular file is read
     main(Common(), _config(source="local", local={"root": str(root)}))
     manifest = pd.read_parquet("out/manifest.parquet").set_index("sample_id")
     assert manifest["status"].to_dict() == {
         "a.jpg": "success",
         "big.jpeg": "too_large",
+        "link.jpg": "success",
+        "pipe.jpg": "error",
         "sub/b.PNG": "success",
         "sub/fake.jpg": "not_image",
+        "zero.jpg": "error",
     }
+    assert manifest.loc["zero.jpg", "error"] == "zero.jpg is not a regular file"
     assert Path("out", manifest.loc["sub/b.PNG", "path"]).read_bytes() == PNG
     assert not Path("out/detections.parquet").exists()
 

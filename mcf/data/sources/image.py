@@ -44,6 +44,17 @@ STATUSES = (
 # what OpenCV in the crop stage reads; MPO is a JPEG with more images after the first
 FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
+_USERINFO = re.compile(r"(?<=://)[^/\s@\"'<>]+@")
+_QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
+
+
+def redact(text: str) -> str:
+    """``text`` without URL credentials (``user:pass@``) or query strings (``?X-Amz-Signature=...``).
+
+    Transfer errors quote the URL they failed on, and their text is kept in the manifest, the gate's
+    report and stderr; a signed URL or an endpoint with a password must not travel with it.
+    """
+    return _QUERY.sub("?<redacted>", _USERINFO.sub("", text))
 
 
 class FetchFailure(Exception):
@@ -64,6 +75,10 @@ class Record:
     sha256: str | None = None
     width: int = 0
     height: int = 0
+
+    def __post_init__(self) -> None:
+        if self.error:  # the one way into the manifest's error column
+            object.__setattr__(self, "error", redact(self.error))
 
     def columns(self) -> dict[str, Any]:
         return asdict(self)

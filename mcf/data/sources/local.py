@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +53,30 @@ def list_rows(cfg: LocalConfig) -> pd.DataFrame:
 
 
 class FileReader:
-    """Relative path to bytes, refusing files over ``max_bytes`` before reading them."""
+    """Relative path to bytes, refusing files over ``max_bytes`` before reading them.
+
+    Only regular files are read (a link to one is followed): a FIFO or a device under an image name
+    (``x.jpg -> /dev/zero``) would block the worker or never end. The read stops one byte past
+    ``max_bytes``, so a file that grows after the size check is bounded too.
+    """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
         self.root, self.max_bytes = root, max_bytes
 
     def __call__(self, row: dict[str, Any]) -> bytes:
-        path = self.root / row["file"]
-        try:
-            size = path.stat().st_size
-            if size > self.max_bytes:
-                raise FetchFailure("too_large", f"{size} bytes is over {self.max_bytes}")
-            return path.read_bytes()
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            with os.fdopen(os.open(self.root / row["file"], os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                info = os.fstat(f.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise FetchFailure("error", f"{row['file']} is not a regular file")
+                if info.st_size > self.max_bytes:
+                    raise FetchFailure("too_large", f"{info.st_size} bytes is over {self.max_bytes}")
+                data = f.read(self.max_bytes + 1)
         except OSError as err:
             raise FetchFailure("error", f"cannot read {row['file']}: {err}") from None
+        if len(data) > self.max_bytes:
+            raise FetchFailure("too_large", f"more than {self.max_bytes} bytes")
+        return data
 
 
 def source(cfg: LocalConfig, max_bytes: int) -> Source:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pandas as pd
@@ -23,7 +24,7 @@ from botocore.exceptions import (
 )
 
 from mcf.data.sources.download import Source
-from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, read_bounded
+from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, read_bounded, redact
 from mcf.errors import StageError
 from mcf.params import ParamsError, param
 
@@ -44,6 +45,10 @@ class S3Config:
         """Called when this source is active."""
         if not self.bucket:
             raise ParamsError("bucket", "give the bucket to read from")
+        parts = urlsplit(self.endpoint_url or "")
+        if parts.username or parts.password or parts.query:
+            raise ParamsError("endpoint_url", "takes no user, password or query: credentials come from "
+                              "boto3's chain (AWS_ACCESS_KEY_ID ..., a profile), never from params")
 
 
 def _client(cfg: S3Config, threads: int) -> Any:
@@ -78,7 +83,8 @@ def list_rows(client: Any, cfg: S3Config) -> pd.DataFrame:
             key, etag, size = obj["Key"], obj.get("ETag", ""), int(obj.get("Size", 0))
             rows.append({"sample_id": key, "caption": "", "key": key, "etag": etag, "size": size})
     except (ClientError, BotoCoreError) as err:
-        raise StageError(f"fetch.s3: cannot list s3://{cfg.bucket}/{cfg.prefix}: {err}") from None
+        where = f"s3://{cfg.bucket}/{cfg.prefix}"
+        raise StageError(f"fetch.s3: cannot list {where}: {redact(str(err))}") from None
     return pd.DataFrame(rows, columns=["sample_id", "caption", "key", "etag", "size"])
 
 
