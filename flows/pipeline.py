@@ -220,19 +220,32 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     copying it there. dvc.lock then records the values that were run; the committed params.yaml is left
     as it was, and switching back later restores outputs from the run-cache instead of recomputing
     (``fetch`` reruns). params.paper.yaml writes under ``outputs/paper/``, so profiles keep their outputs.
+    The original waits in ``.dvc/tmp`` meanwhile: a run killed before putting it back (``kill -9``, OOM)
+    leaves it there, and the next run (the workspace lock keeps runs apart) restores it first.
     """
-    source, target = (root / params_file).resolve(), root / PARAMS
+    target, saved = root / PARAMS, root / ".dvc" / "tmp" / f"mcf-flow.{PARAMS}"
+    if saved.is_file():
+        get_run_logger().warning("%s was left swapped by a killed flow run: restoring it", target)
+        os.replace(saved, target)
+    source = (root / params_file).resolve()
     if not source.is_file():
         raise ValueError(f"params_file {params_file!r} not found under {root}")
     if source == target.resolve():
         yield
         return
-    original = target.read_bytes()
-    shutil.copyfile(source, target)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    _copy_atomic(target, saved)
+    _copy_atomic(source, target)
     try:
         yield
     finally:
-        target.write_bytes(original)
+        os.replace(saved, target)
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -306,9 +319,9 @@ def mcf(
     (default: a local cluster of ``crop.workers`` processes).
     """
     root = Path.cwd()
-    planned = plan(root, stages)
-    get_run_logger().info("stages: %s", ", ".join(planned))
     with workspace_lock(root), applied_params(root, params_file):
+        planned = plan(root, stages)  # under the run's params: dvc.yaml's foreach lists come from them
+        get_run_logger().info("stages: %s", ", ".join(planned))
         states = run_stages(planned, crop_on_dask, dask_address)
         rows = metric_rows(root)  # under the run's params: dvc.yaml's metrics paths come from them
     if rows:

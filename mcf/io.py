@@ -21,14 +21,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove_stale(path: Path) -> None:
-    """Remove the ``.<name>.tmp-<pid>`` siblings of killed writers; a live writer's is left alone."""
-    prefix = f".{path.name}.tmp-"
-    if path.parent.is_dir():
-        for tmp in path.parent.iterdir():
-            pid = tmp.name[len(prefix) :] if tmp.name.startswith(prefix) else ""
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(tmp, ignore_errors=True)
+def _recover(path: Path) -> None:
+    """Tidy what killed writers of ``path`` left (a live writer's siblings are left alone).
+
+    ``.<name>.tmp-<pid>`` folders are removed. ``.<name>.old-<pid>`` is the previous output, renamed
+    aside a moment before the new one was to take its place: it is put back when ``path`` is missing
+    (dvc.lock still describes it), else removed.
+    """
+    if not path.parent.is_dir():
+        return
+    for sibling in sorted(path.parent.iterdir()):
+        for kind in ("tmp", "old"):
+            prefix = f".{path.name}.{kind}-"
+            pid = sibling.name[len(prefix) :] if sibling.name.startswith(prefix) else ""
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not path.exists():
+                sibling.rename(path)
+            else:
+                shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_replaceable(path: str | Path, sign: str) -> None:
@@ -52,11 +71,11 @@ def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
 
     ``path`` must be new, empty or an earlier output (it holds ``sign``: :func:`check_replaceable`).
     On an exception the temporary folder is removed and ``path`` is left as it was; what killed
-    writers left (``kill -9``, OOM) is removed on the next start.
+    writers left (``kill -9``, OOM) is tidied on the next start (:func:`_recover`).
     """
     path = Path(path)
     check_replaceable(path, sign)
-    _remove_stale(path)
+    _recover(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -74,12 +93,18 @@ def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling file of ``path``; on success it is renamed over ``path``."""
+    """Yield a temporary sibling file of ``path``; on success it is renamed over ``path``.
+
+    The file and then its folder are synced around the rename, so a power cut cannot leave an empty
+    ``path`` (a checkpoint, a metrics file) where the previous one was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)

@@ -254,6 +254,24 @@ def test_atomic_dir_removes_what_killed_writers_left(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["crop", live.name])
 
 
+def test_atomic_dir_puts_back_the_output_a_writer_killed_mid_swap_had_moved_aside(tmp_path: Path) -> None:
+    """Killed between renaming the old output aside and moving the new one in: the old one returns."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    old, done = tmp_path / f".crop.old-{dead.pid}", tmp_path / f".crop.tmp-{dead.pid}"
+    for folder, content in ((old, b"previous"), (done, b"new")):
+        folder.mkdir()
+        (folder / "manifest.parquet").write_bytes(content)
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "crop", sign="manifest.parquet"):
+        raise RuntimeError("this writer fails too")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
+    assert (tmp_path / "crop" / "manifest.parquet").read_bytes() == b"previous"
+    (tmp_path / f".crop.old-{dead.pid}").mkdir()  # killed after the swap: the stale copy goes
+    with atomic_dir(tmp_path / "crop", sign="manifest.parquet") as tmp:
+        (tmp / "manifest.parquet").write_bytes(b"newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
+
+
 def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
     """dvc repro deletes a stage's declared files but may leave their folders: those are no one's data."""
     live = tmp_path / "live"

@@ -166,6 +166,7 @@ def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None
         "fetch": "ran", "train@a": "ran"}
     assert (project / "out/fetch.txt").read_text() == "0\n"
     assert (project / "params.yaml").read_bytes() == committed
+    assert not (project / ".dvc" / "tmp" / "mcf-flow.params.yaml").exists()
     assert yaml.safe_load((project / "dvc.lock").read_text())["stages"]["fetch"]["params"] == {
         "params.yaml": {"fetch": {"n": 1}}}
 
@@ -198,9 +199,14 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     assert "| `evaluate` | not run (upstream failed) |" in table
 
 
-def test_missing_params_file_is_named(prefect_api: None, project: Path) -> None:
+def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api: None, project: Path) -> None:
+    committed = (project / "params.yaml").read_bytes()
+    saved = project / ".dvc" / "tmp" / "mcf-flow.params.yaml"  # as a run killed mid-way leaves it
+    saved.write_bytes(committed)
+    (project / "params.yaml").write_text("the other profile: {}\n")
     state = mcf(params_file="params.nope.yaml", return_state=True)
     assert state.is_failed() and "params.nope.yaml" in state.message
+    assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
 
 
 def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mcf.train.loop import accumulate, param_groups
+from mcf.train.loop import accumulate, param_groups, truncate_live
 from mcf.train.schedule import lr_at, scaled_lr
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -225,6 +225,22 @@ def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> Non
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(2), expected[1])
     assert random.random() == expected[2]
+    (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:100])  # cut short
+    with pytest.raises(StageError, match=r"last.pt cannot be read .*delete .* to start over"):
+        load_checkpoint(tmp_path, "aaaa")
+
+
+def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Path) -> None:
+    metrics = tmp_path / "plots" / "metrics"
+    (metrics / "train").mkdir(parents=True)
+    rows = "".join(f"{1000 + s}\t{s}\t0.{s}\n" for s in range(1, 6))
+    (metrics / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n" + rows + "1006\t6")
+    (metrics / "lr.tsv").write_text("")  # created, then the crash
+    (metrics / "torn.tsv").write_text("timest")
+    truncate_live(tmp_path, 3)
+    assert (metrics / "train" / "loss.tsv").read_text().splitlines() == [
+        "timestamp\tstep\tloss", "1001\t1\t0.1", "1002\t2\t0.2", "1003\t3\t0.3"]
+    assert [p.name for p in metrics.rglob("*.tsv")] == ["loss.tsv"]
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,15 @@ def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any
         stale.unlink(missing_ok=True)  # left by a process killed while writing
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a cut-short or foreign file
+        raise StageError(
+            f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it was cut short or is "
+            f"not ours: delete {resume_dir} to start over"
+        ) from None
+    if not isinstance(state, dict):
+        raise StageError(f"{path} is not a checkpoint of ours: delete {resume_dir} to start over")
     if state.get("run_hash") != expected_hash:
         raise StageError(
             f"{path} belongs to a run with other params (hash {state.get('run_hash')}, now {expected_hash}); "

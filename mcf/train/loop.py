@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import shutil
 from collections.abc import Callable
@@ -307,13 +308,29 @@ class Trainer:
 
 
 def truncate_live(live_dir: Path, step: int) -> None:
-    """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint)."""
+    """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint).
+
+    A row a crash cut short (too few fields, or no step) goes too; a file torn within its header holds
+    no row and is removed, so dvclive starts it again.
+    """
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        header, *rows = tsv.read_text().splitlines()
-        column = header.split("\t").index("step")
-        kept = [r for r in rows if int(r.split("\t")[column]) <= step]
+        header, *rows = tsv.read_text().splitlines() or [""]
+        columns = header.split("\t")
+        if "step" not in columns:
+            tsv.unlink()
+            continue
+        column = columns.index("step")
+        kept = [r for r in rows if _logged_step(r, len(columns), column) <= step]
         with atomic_file(tsv) as tmp:
             tmp.write_text("\n".join([header, *kept]) + "\n")
+
+
+def _logged_step(row: str, width: int, column: int) -> float:
+    """The step a dvclive row was logged at; infinity for a row cut short."""
+    fields = row.split("\t")
+    if len(fields) != width or not fields[column].isdigit():
+        return math.inf
+    return int(fields[column])
 
 
 def seed_process(seed: int, rank: int) -> None:
