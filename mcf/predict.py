@@ -12,7 +12,7 @@ metrics scored:
   its training boxes (AFLW-19's), so a detector box that frames the face differently costs accuracy;
 - **parsing** (``--parsing model.pt``): the face is aligned by its eye centres, nose tip and mouth
   corners (LaPa's five points), taken from the alignment model's prediction (AFLW-19 points 7, 10,
-  13, 15, 17) or else from YuNet, then tanh-polar warped; the class map is warped back onto the image.
+  13, 15, 17) or else from YuNet, then tanh-warped; the class map is warped back onto the image.
 
 Outputs in ``--out`` (written whole or not at all): ``images.csv`` (image, faces found, error for a file
 that cannot be decoded), ``faces.csv`` (image, face, detector, box_x1, box_y1, box_x2, box_y2, then
@@ -67,7 +67,7 @@ def parse_face(model: DenseFaceModel, cfg: LaPaConfig, rgb: np.ndarray, points5:
     """Class ids ``[H, W]`` (uint8) on the image's grid for the face with these five points (LaPa's
     order: image-left eye centre, image-right eye centre, nose tip, left and right mouth corners)."""
     matrix = align_matrix(np.asarray(points5, dtype=np.float64), cfg.warp_size)
-    maps = T.tanh_polar_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
+    maps = T.tanh_warp_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
     warped = T.resize_square(T.remap(rgb, maps), cfg.size)
     logits = parsing_logits(model(T.to_tensor(warped)[None]), (cfg.label_size, cfg.label_size))[0]
     params = {"matrix": matrix, "warp_factor": cfg.warp_factor, "warp_size": float(cfg.warp_size)}

@@ -1,4 +1,4 @@
-"""LaPa loader and tanh-polar warp on a fixture tree written in the real LaPa layout."""
+"""LaPa loader and tanh warp on a fixture tree written in the real LaPa layout."""
 
 from __future__ import annotations
 
@@ -109,9 +109,10 @@ def test_point_round_trip_inside_and_at_roi_edge(root: Path) -> None:
         back = points_to_original(points_from_original(orig, params, SIZE), params, SIZE)
         assert np.abs(back - orig).max() < 0.5
         assert np.abs(back - orig).max() < 1e-6  # in fact analytic
-    # the ROI's inscribed circle lands on rho = warp_factor
+    # the ROI's edges land at 1 - w + w tanh(1) half sides (FaRL's warp, w = 0.8)
     warped = points_from_original(T.apply(inv, np.array([[512.0, 256.0], [256.0, 0.0]])), params, 512)
-    np.testing.assert_allclose(warped, [[256 + 0.8 * 256, 256], [256, 256 - 0.8 * 256]], atol=1e-6)
+    reach = 256 * (0.2 + 0.8 * np.tanh(1.0))
+    np.testing.assert_allclose(warped, [[256 + reach, 256], [256, 256 - reach]], atol=1e-6)
 
 
 def test_label_warp_and_back_keeps_the_face(root: Path) -> None:

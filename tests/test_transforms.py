@@ -47,37 +47,43 @@ def test_warp_affine_follows_the_pixel_convention() -> None:
     np.testing.assert_allclose(centre, T.apply(m, np.array([[7.5, 13.5]]))[0], atol=0.05)
 
 
-def test_tanh_polar_forward_inverse_exact_and_shape() -> None:
+def test_tanh_warp_forward_inverse_exact_and_shape() -> None:
     rng = np.random.default_rng(2)
-    pts = np.concatenate([rng.uniform(-1000, 1500, (500, 2)), [[256.0, 256.0]]])  # r up to ~7
-    fwd = T.tanh_polar_forward(pts, 0.8, 512)
-    assert (np.linalg.norm(fwd - 256, axis=-1) < 256).all()  # the whole plane lands inside the disc
-    np.testing.assert_allclose(T.tanh_polar_inverse(fwd, 0.8, 512), pts, atol=1e-6)
+    pts = np.concatenate([rng.uniform(-1000, 1500, (500, 2)), [[256.0, 256.0]]])  # up to ~7 half sides
+    fwd = T.tanh_warp_forward(pts, 0.8, 512)
+    assert ((fwd > 0) & (fwd < 512)).all()  # the whole plane lands inside the warped square
+    np.testing.assert_allclose(T.tanh_warp_inverse(fwd, 0.8, 512), pts, atol=1e-6)
     np.testing.assert_allclose(fwd[-1], [256, 256])
-    # warp factor: the aligned square's inscribed circle lands at rho = 0.8
-    np.testing.assert_allclose(T.tanh_polar_forward(np.array([[0.0, 256.0]]), 0.8, 512), [[51.2, 256]])
+    # FaRL's warp, each axis on its own: linear within 0.2 half sides of the centre, then tanh
+    inner = np.array([[256.0 + 0.19 * 256, 256.0 - 0.1 * 256]])
+    np.testing.assert_allclose(T.tanh_warp_forward(inner, 0.8, 512), inner)
+    edge = 256 * (1 - (0.2 + 0.8 * np.tanh(1.0)))  # the aligned square's left edge, at 0.81 half sides
+    np.testing.assert_allclose(T.tanh_warp_forward(np.array([[0.0, 256.0]]), 0.8, 512), [[edge, 256]])
+    v = 256 * (0.2 + 0.8 * np.tanh(0.375))  # half way out, by hand: 0.2 + 0.8 tanh((0.5 - 0.2) / 0.8)
+    half_way = T.tanh_warp_forward(np.array([[384.0, 128.0]]), 0.8, 512)
+    np.testing.assert_allclose(half_way, [[256 + v, 256 - v]])
 
 
-def test_tanh_polar_warp_places_a_dot_where_the_points_go() -> None:
+def test_tanh_warp_warp_places_a_dot_where_the_points_go() -> None:
     img = np.zeros((300, 260, 3), np.uint8)
     cv2.circle(img, (int((90 - 0.5) * 16), int((140 - 0.5) * 16)), 4 * 16, (255, 255, 255), -1,
                cv2.LINE_AA, shift=4)
     m = T.around((130.0, 150.0), 0.2, 1.8, (126.0, 106.0))  # original → aligned 512²
-    out = T.tanh_polar_warp(img, m, 0.8, 512, 256)[..., 0].astype(float)
+    out = T.tanh_warp_warp(img, m, 0.8, 512, 256)[..., 0].astype(float)
     ys, xs = np.mgrid[:256, :256] + 0.5
     centre = np.array([(out * xs).sum(), (out * ys).sum()]) / out.sum()
-    expect = T.tanh_polar_forward(T.apply(m, np.array([[90.0, 140.0]])), 0.8, 512)[0] / 2
+    expect = T.tanh_warp_forward(T.apply(m, np.array([[90.0, 140.0]])), 0.8, 512)[0] / 2
     np.testing.assert_allclose(centre, expect, atol=0.3)
 
 
-def test_tanh_polar_unwarp_reads_maps_back() -> None:
+def test_tanh_warp_unwarp_reads_maps_back() -> None:
     """A smooth map warped and read back reproduces itself on the original grid."""
     h, w = 120, 100
     ys, xs = np.mgrid[:h, :w] + 0.5
     field = np.stack([np.sin(xs / 15.0), np.cos(ys / 11.0)]).astype(np.float32)  # [2, H, W]
     m = T.around((50.0, 60.0), -0.3, 3.0, (206.0, 196.0))
-    warped = np.stack([T.tanh_polar_warp(f, m, 0.8, 512, 512) for f in field])
-    back = T.tanh_polar_unwarp(torch.from_numpy(warped), m, 0.8, 512, (h, w)).numpy()
+    warped = np.stack([T.tanh_warp_warp(f, m, 0.8, 512, 512) for f in field])
+    back = T.tanh_warp_unwarp(torch.from_numpy(warped), m, 0.8, 512, (h, w)).numpy()
     assert back.shape == (2, h, w)
     inner = np.s_[:, 10:-10, 10:-10]
     assert np.abs(back - field)[inner].max() < 0.02

@@ -6,7 +6,7 @@
 Alignment: a similarity transform takes landmarks 104, 105, 54, 84, 90 (image-left eye centre,
 image-right eye centre, nose tip, image-left and image-right mouth corners) onto :data:`TEMPLATE`
 on the ``warp_size``² aligned square; the training augmentation is composed into that similarity;
-then the tanh-polar warp (:mod:`mcf.data.transforms`, factor ``warp_factor``) gives the
+then the tanh warp (:mod:`mcf.data.transforms`, factor ``warp_factor``) gives the
 ``warp_size``² warped square, resized to the model resolution S. Image and label go through the
 same single resampling (the label with nearest neighbour).
 
@@ -14,7 +14,7 @@ One sample (:class:`LaPa` item):
 
 - ``image``: float32 [3, S, S], ImageNet-normalised, warped space;
 - ``label``: int64 [L, L], L = ``label_size`` (512 in the protocol, where the logits are upsampled
-  to 512² for the loss), classes 0..10 in warped space (0 where the warp has no source);
+  to 512² for the loss), classes 0..10 in warped space (0 where the warp reaches outside the image);
 - ``params``: dict of float64 tensors to invert the warp: ``matrix`` [2, 3] (original pixels →
   aligned square, augmentation included), ``warp_factor`` [], ``warp_size`` [];
 - ``name``: str (``<split>/<stem>``); ``orig_size``: int64 [2] = (H, W) of the original image.
@@ -162,13 +162,13 @@ class LaPa(Dataset):
         rng = self.rng() if self.augment else None
         if rng is not None:
             matrix = T.compose(sample_augment(cfg.augment, cfg.warp_size, rng), matrix)
-        maps = T.tanh_polar_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
+        maps = T.tanh_warp_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
         warped = T.remap(rgb, maps)
         if rng is not None:
             warped = T.photometric(warped, cfg.augment.photometric, rng)
         warped = T.resize_square(warped, cfg.size)
         if cfg.label_size != cfg.warp_size:
-            maps = T.tanh_polar_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.label_size)
+            maps = T.tanh_warp_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.label_size)
         lab = T.remap(label, maps, nearest=True)
         return {
             "image": T.to_tensor(warped),
@@ -200,7 +200,7 @@ def warp_to_original(
     """
     m, wf, ws = _unpack(params)
     h, w = (int(v) for v in orig_size)
-    return T.tanh_polar_unwarp(logits, m, wf, ws, (h, w))
+    return T.tanh_warp_unwarp(logits, m, wf, ws, (h, w))
 
 
 def sample_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
@@ -211,13 +211,13 @@ def sample_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Te
 def points_from_original(points: np.ndarray, params: dict[str, Any], size: int) -> np.ndarray:
     """Original-image pixels ``[K, 2]`` → warped pixels at resolution ``size``."""
     m, wf, ws = _unpack(params)
-    return T.tanh_polar_forward(T.apply(m, points), wf, ws) * (size / ws)
+    return T.tanh_warp_forward(T.apply(m, points), wf, ws) * (size / ws)
 
 
 def points_to_original(points: np.ndarray, params: dict[str, Any], size: int) -> np.ndarray:
     """Warped pixels at resolution ``size`` ``[K, 2]`` → original-image pixels (exact inverse)."""
     m, wf, ws = _unpack(params)
-    aligned = T.tanh_polar_inverse(np.asarray(points, dtype=np.float64) * (ws / size), wf, ws)
+    aligned = T.tanh_warp_inverse(np.asarray(points, dtype=np.float64) * (ws / size), wf, ws)
     return T.apply(T.invert(m), aligned)
 
 

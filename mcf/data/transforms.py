@@ -5,14 +5,16 @@ covering ``[j, j+1)`` (its centre at ``j + 0.5``). A crop of ``S`` pixels spans 
 normalised crop coordinates are ``px / S`` and an affine matrix maps a box exactly onto a crop. OpenCV
 puts pixel centres at integers; :func:`cv_matrix` converts at the one place images are resampled.
 
-The tanh-polar warp (:func:`tanh_polar_forward` / :func:`tanh_polar_inverse`) keeps each point's
-angle around the centre of the aligned square and compresses its radius with ``tanh``:
-``rho = tanh(r * atanh(w))``, with ``r`` the distance from the centre in units of the half side of
-the aligned square (the face ROI given by the alignment template) and ``rho`` the same in the warped
-square. The ROI's inscribed circle lands on ``rho = w`` (0.8 by default), the whole plane maps into the
-disc ``rho < 1``, and the inverse ``r = atanh(rho) / atanh(w)`` is exact (to 1e-6 px in float64 out to
-about 7 half-sides from the centre, where tanh saturates). Warped pixels with ``rho >= 1`` have no
-source: they are filled with zeros (background).
+The tanh warp (:func:`tanh_warp_forward` / :func:`tanh_warp_inverse`) is FaRL's, per axis: with
+``u`` a coordinate's offset from the centre of the aligned square in half sides, the central band
+``|u| <= 1 - w`` stays linear and the rest is compressed by ``tanh``:
+``v = sign(u) * (1 - w + w * tanh((|u| - 1 + w) / w))``, ``w`` the warp factor (0.8 for LaPa). The
+aligned square (the face ROI given by the template) lands within ``|v| <= 1 - w + w tanh(1)`` (0.81 of
+the warped half side at 0.8) and the whole plane within ``|v| < 1``, so the rim of the warped square
+shows ever more distant context; ``w -> 0`` is a plain crop. The inverse replaces ``tanh`` by
+``atanh`` and is exact (to 1e-6 px in float64 out to about 7 half sides from the centre, where tanh
+saturates). PROTOCOL.md calls this step a "tanh-polar warp"; FaRL's code, which produced the LaPa
+numbers we compare with, warps each axis like this, so this is the warp we run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from mcf.params import ParamsError, param
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-_RHO_MAX = 1.0 - 1e-12  # atanh(rho) stays finite: the warped rim maps far outside any image
+_TANH_MAX = 1.0 - 1e-12  # atanh stays finite: the warped rim maps far outside any image
 
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
@@ -121,44 +123,47 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=interp)
 
 
-# ---------------------------------------------------------------- tanh-polar warp
+# ---------------------------------------------------------------- tanh warp
 
 
-def _polar(
+def _tanh_axis(c: np.ndarray, warp_factor: float, half: float, *, inverse: bool) -> np.ndarray:
+    """The warp (or its inverse) of one axis's float64 pixel coordinates ``c`` (size ``2 * half``)."""
+    u = (np.asarray(c, np.float64) - half) / half
+    linear = 1.0 - warp_factor
+    beyond = np.maximum(np.abs(u) - linear, 0.0) / warp_factor
+    if inverse:
+        bent = np.arctanh(np.minimum(beyond, _TANH_MAX))
+    else:
+        bent = np.tanh(beyond)
+    out = np.where(np.abs(u) > linear, np.sign(u) * (linear + warp_factor * bent), u)
+    return half + out * half
+
+
+def _tanh_warp(
     x: np.ndarray, y: np.ndarray, warp_factor: float, size: float, *, inverse: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The warp (or its inverse) on float64 coordinate arrays ``x``, ``y`` (broadcast together).
-
-    Offsets from the centre in half-side units are scaled by ``tanh(k r) / r`` (inverse:
-    ``atanh(rho) / (k rho)``); the centre itself has offset 0, so the tiny floor never changes a result.
-    """
-    half, k = size / 2.0, float(np.arctanh(warp_factor))
-    dx, dy = (np.asarray(x, np.float64) - half) / half, (np.asarray(y, np.float64) - half) / half
-    r = np.hypot(dx, dy)
-    if inverse:
-        gain = np.arctanh(np.minimum(r, _RHO_MAX)) / (k * np.maximum(r, 1e-300))
-    else:
-        gain = np.tanh(k * r) / np.maximum(r, 1e-300)
-    gain *= half
-    return half + dx * gain, half + dy * gain
+    """The warp (or its inverse) on coordinate arrays ``x``, ``y``: each axis on its own."""
+    half = size / 2.0
+    return (_tanh_axis(x, warp_factor, half, inverse=inverse),
+            _tanh_axis(y, warp_factor, half, inverse=inverse))
 
 
-def _polar_points(points: np.ndarray, warp_factor: float, size: float, inverse: bool) -> np.ndarray:
+def _warp_points(points: np.ndarray, warp_factor: float, size: float, inverse: bool) -> np.ndarray:
     p = np.asarray(points, np.float64)
-    return np.stack(_polar(p[..., 0], p[..., 1], warp_factor, size, inverse=inverse), axis=-1)
+    return np.stack(_tanh_warp(p[..., 0], p[..., 1], warp_factor, size, inverse=inverse), axis=-1)
 
 
-def tanh_polar_forward(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
+def tanh_warp_forward(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
     """Aligned-square points ``[..., 2]`` to warped-square points (both squares ``size`` px)."""
-    return _polar_points(points, warp_factor, size, inverse=False)
+    return _warp_points(points, warp_factor, size, inverse=False)
 
 
-def tanh_polar_inverse(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
+def tanh_warp_inverse(points: np.ndarray, warp_factor: float, size: float) -> np.ndarray:
     """Warped-square points to aligned-square points: the exact inverse of the forward warp."""
-    return _polar_points(points, warp_factor, size, inverse=True)
+    return _warp_points(points, warp_factor, size, inverse=True)
 
 
-def tanh_polar_maps(
+def tanh_warp_maps(
     matrix: np.ndarray, warp_factor: float, warp_size: int, out_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``cv2.remap`` maps for an ``out_size``² output: warped pixel centres → original pixels, through
@@ -167,27 +172,27 @@ def tanh_polar_maps(
     The warped frame is ``warp_size`` px; ``out_size`` only samples it more or less densely.
     """
     c = (np.arange(out_size, dtype=np.float64) + 0.5) * (warp_size / out_size)
-    ax, ay = _polar(c[None, :], c[:, None], warp_factor, warp_size, inverse=True)  # [S, S] aligned
+    ax, ay = _tanh_warp(c[None, :], c[:, None], warp_factor, warp_size, inverse=True)  # [S, S] aligned
     inv = invert(matrix)
     maps = [inv[i, 0] * ax + inv[i, 1] * ay + (inv[i, 2] - 0.5) for i in (0, 1)]  # OpenCV centres
     return tuple(np.clip(v, -1e5, 1e5).astype(np.float32) for v in maps)  # type: ignore[return-value]
 
 
 def remap(image: np.ndarray, maps: tuple[np.ndarray, np.ndarray], *, nearest: bool = False) -> np.ndarray:
-    """Resample ``image`` through :func:`tanh_polar_maps`, zeros where the source is outside."""
+    """Resample ``image`` through :func:`tanh_warp_maps`, zeros where the source is outside."""
     flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
     return cv2.remap(image, maps[0], maps[1], flags, borderMode=cv2.BORDER_CONSTANT)
 
 
-def tanh_polar_warp(
+def tanh_warp_warp(
     image: np.ndarray, matrix: np.ndarray, warp_factor: float, warp_size: int, out_size: int,
     *, nearest: bool = False,
 ) -> np.ndarray:
-    """Warp an original image to ``out_size``² (matrix, then tanh-polar) with one ``cv2.remap``."""
-    return remap(image, tanh_polar_maps(matrix, warp_factor, warp_size, out_size), nearest=nearest)
+    """Warp an original image to ``out_size``² (matrix, then tanh warp) with one ``cv2.remap``."""
+    return remap(image, tanh_warp_maps(matrix, warp_factor, warp_size, out_size), nearest=nearest)
 
 
-def tanh_polar_unwarp(
+def tanh_warp_unwarp(
     maps: torch.Tensor, matrix: np.ndarray, warp_factor: float, warp_size: int, orig_size: tuple[int, int]
 ) -> torch.Tensor:
     """Resample warped maps ``[C, S, S]`` (logits, probabilities; any S) onto the original ``[C, H, W]``.
@@ -198,7 +203,7 @@ def tanh_polar_unwarp(
     h, w = orig_size
     x, y = np.arange(w, dtype=np.float64)[None, :] + 0.5, np.arange(h, dtype=np.float64)[:, None] + 0.5
     m = np.asarray(matrix, np.float64)
-    wx, wy = _polar(m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2],
+    wx, wy = _tanh_warp(m[0, 0] * x + m[0, 1] * y + m[0, 2], m[1, 0] * x + m[1, 1] * y + m[1, 2],
                     warp_factor, warp_size, inverse=False)
     g = np.stack([wx, wy], axis=-1) * (2.0 / warp_size) - 1.0  # grid_sample's [-1, 1] pixel edges
     grid = torch.from_numpy(g.astype(np.float32)).to(maps.device)
