@@ -10,6 +10,8 @@ from pathlib import Path
 
 from mcf.errors import StageError
 
+LIVE_SIGN = "metrics.json"  # dvclive's summary: every dvclive folder holds it (check_replaceable's sign)
+
 
 def _alive(pid: int) -> bool:
     try:

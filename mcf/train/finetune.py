@@ -36,13 +36,12 @@ from mcf.data import aflw19, lapa
 from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
-from mcf.io import atomic_dir, atomic_file, check_replaceable
+from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable
 from mcf.models.backbone import build_vit, load_backbone
 from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, backbone_spec, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.ema import EMA
-from mcf.train.loop import LIVE_SIGN
 from mcf.validate.gate import run_gate
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
 from mcf.errors import StageError
-from mcf.io import atomic_dir, atomic_file, check_replaceable
+from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable
 from mcf.params import ParamsError, param
 from mcf.train.checkpoint import load_checkpoint, rng_state, run_hash, save_checkpoint, set_rng_state
 from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LIVE_SIGN = "metrics.json"  # dvclive's summary: every dvclive folder holds it
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:

@@ -1,0 +1,87 @@
+"""Every module a stage runs is one of its DVC deps, so an edit reruns the stages it can change.
+
+dvc.yaml lists each stage's code by hand; this test follows the stage function's imports (static, any
+depth, function-level imports included) and fails on a module, or a data-gate suite it runs, missing
+from the stage's ``deps``. Plumbing that cannot change an output (errors, atomic writes, params
+parsing) is exempt.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mcf.cli import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUMBING = {"mcf/__init__.py", "mcf/errors.py", "mcf/io.py", "mcf/params.py"}
+
+
+def _file(module: str) -> Path | None:
+    for path in (ROOT / f"{module.replace('.', '/')}.py", ROOT / module.replace(".", "/") / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """The ``mcf`` modules ``path`` imports, with the packages Python runs on the way."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names if _file(f"{node.module}.{a.name}")}
+    mcf = {m for m in found if m.split(".")[0] == "mcf"}
+    return mcf | {".".join(m.split(".")[:i]) for m in mcf for i in range(1, m.count(".") + 1)}
+
+
+def _closure(module: str) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        name = todo.pop()
+        path = _file(name)
+        if name in seen or path is None:
+            continue
+        seen.add(name)
+        todo.extend(_imports(path))
+    return {_file(m).relative_to(ROOT).as_posix() for m in seen}
+
+
+def _suites(files: set[str]) -> set[str]:
+    """The data-gate suites these files run: ``run_gate(table, "<suite>", ...)`` with a literal name."""
+    calls = (n for f in files for n in ast.walk(ast.parse((ROOT / f).read_text())) if isinstance(n, ast.Call))
+    named = (c for c in calls if getattr(c.func, "id", None) == "run_gate" and len(c.args) > 1)
+    names = {c.args[1].value for c in named if isinstance(c.args[1], ast.Constant)}
+    return {f"mcf/validate/suites/{name}.json" for name in names}
+
+
+def _has_code(path: str) -> bool:
+    body = ast.parse((ROOT / path).read_text()).body
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
+
+
+STAGE_SPECS = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SPECS))
+def test_stage_deps_cover_the_code_it_runs(stage: str) -> None:
+    spec = STAGE_SPECS[stage].get("do", STAGE_SPECS[stage])
+    deps = [d.rstrip("/") for d in spec["deps"] if not d.startswith("$")]
+    ran = _closure(STAGES[stage][0].split(":")[0]) - PLUMBING
+    ran |= _suites(ran)
+    listed = {f for f in ran if any(f == d or f.startswith(f"{d}/") for d in deps)}
+    missing = sorted(f for f in ran - listed if _has_code(f))
+    assert not missing, f"dvc.yaml stage {stage!r} runs these modules but does not depend on them: {missing}"
+
+
+def test_closure_follows_function_level_imports() -> None:
+    """The check itself: the CLI imports stage modules by name only, inside functions."""
+    assert "mcf/data/sources/s3.py" in _closure("mcf.data.fetch")
+    assert "mcf/data/transforms.py" in _closure("mcf.evaluate.evaluate")
+    assert _suites(_closure("mcf.evaluate.evaluate")) == {
+        "mcf/validate/suites/aflw19.json", "mcf/validate/suites/lapa.json"}
