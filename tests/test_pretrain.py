@@ -194,6 +194,8 @@ def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
         ("teacher", {"teacher": {"source": "timm:vit_small_patch16_224"}}, "teacher.source: teacher spec"),
         ("pretrain", {"pretrain": {"train": {"warmup_epochs": 5}}}, "pretrain.train.warmup_epochs: must be"),
         ("pretrain", {"pretrain": {"model": {"objective": "pixel"}}}, "pretrain.model.objective: must be"),
+        ("pretrain", {"pretrain": {"train": {"effective_batch": 4096}}},
+         "effective_batch: 4096 asked, but batch_size 8 × accum_steps 1 × 1 process(es) is 8: accum_steps"),
     ],
 )
 def test_invalid_params_fail_before_training(

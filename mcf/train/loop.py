@@ -62,11 +62,28 @@ class TrainConfig:
     cache_mb: int = param(1024, ge=0)  # decode the subset once into RAM when it fits in this budget
     ckpt_every: int = param(100, ge=1)  # optimizer steps between resumable checkpoints
     log_every: int = param(10, ge=1)  # optimizer steps between dvclive rows
+    effective_batch: int | None = param(None, ge=1)  # when set, the run must reach it (check_processes)
 
     def identity(self) -> dict[str, Any]:
         """The fields that change what is computed (not where, how often it is saved, or how fast)."""
-        skip = {"ckpt_every", "log_every", "num_workers", "cache_mb", "compile"}
+        skip = {"ckpt_every", "log_every", "num_workers", "cache_mb", "compile", "effective_batch"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+    def check_processes(self, world_size: int) -> None:
+        """Refuse ``world_size`` processes when they miss ``effective_batch``: a recipe's lr and schedule
+        assume its batch, and the paper's 64 × 8 × 8 GPUs run as one process would be another recipe."""
+        got = self.batch_size * self.accum_steps * world_size
+        if self.effective_batch is None or got == self.effective_batch:
+            return
+        per_step = self.batch_size * world_size
+        fix = (f"accum_steps: {self.effective_batch // per_step} reaches it with {world_size} process(es)"
+               if self.effective_batch % per_step == 0 else "pick a batch_size and accum_steps that reach it")
+        raise ParamsError(
+            "train.effective_batch",
+            f"{self.effective_batch} asked, but batch_size {self.batch_size} × accum_steps "
+            f"{self.accum_steps} × {world_size} process(es) is {got}: {fix}, or start the stage under "
+            "torchrun (README)",
+        )
 
     def __post_init__(self) -> None:
         if self.warmup_epochs > self.epochs:
@@ -363,6 +380,7 @@ def train_and_export(
         check_replaceable(live_out, LIVE_SIGN)
     rank, world_size, _, device = init_distributed()
     try:
+        cfg.check_processes(world_size)
         torch.manual_seed(run.seed)  # identical initial weights on every rank (DDP broadcasts rank 0's)
         model = build_model()
         shard_dir = Path(data_dir) / "shards"
