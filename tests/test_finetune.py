@@ -143,6 +143,7 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
 
 def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:
     _, parse = tiny_configs(fixture_root)
+    parse = dataclasses.replace(parse, backbone=str(fixture_root / "nowhere"))  # scratch never reads mcf's
     states = []
     for out in ("a", "b"):
         main_parsing(Common(seed=3), dataclasses.replace(parse, out=str(fixture_root / out)), "scratch")

@@ -239,7 +239,7 @@ def save_finetuned(
     ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path
 ) -> None:
     """Write the EMA weights with the architecture that rebuilds them (atomically)."""
-    spec = backbone_spec(cfg.backbone)
+    spec = backbone_spec(export_dir(variant, cfg))
     kwargs = {**spec["kwargs"], "img_size": cfg.data.size}
     checkpoint = {
         "task": task,
