@@ -20,3 +20,10 @@ class GateError(StageError):
     same way. The CLI exits 3, which the Prefect flow does not retry."""
 
     exit_code = EXIT_GATE
+
+
+class WeightsError(StageError, ValueError):
+    """A weights file that is missing, cut short or not a weights-only checkpoint (exit 1).
+
+    Also a ``ValueError``, which the teacher loaders report as a bad ``teacher.source``.
+    """

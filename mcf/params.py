@@ -169,7 +169,10 @@ def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError("", f"not valid YAML: {err}".splitlines()[0], path) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError("", f"not valid YAML{where}: {problem}", path) from None
     if not isinstance(data, dict):
         raise ParamsError("", "expected a mapping at the top level", path)
     return data
@@ -215,7 +218,8 @@ def load(
         common = build(Common, {k: data[k] for k in ("seed", "mask_ratio") if k in data})
         unknown = sorted(set(data) - set(SECTIONS) - {"seed", "mask_ratio"})
         if unknown:
-            raise ParamsError(str(unknown[0]), f"unknown section (valid: {', '.join(SECTIONS)})")
+            valid = ", ".join(["seed", "mask_ratio", *SECTIONS])
+            raise ParamsError(str(unknown[0]), f"unknown top-level key (valid: {valid})")
         token = _CHECK_PATHS.set(False)
         try:
             for other in SECTIONS if every_section else ():

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from mcf.evaluate import plots
 from mcf.io import atomic_dir, check_replaceable
 from mcf.models.heads import DenseFaceModel, soft_argmax
 from mcf.synth.geometry import FIVE_FROM_19
-from mcf.train.finetune import load_finetuned, parsing_logits
+from mcf.train.finetune import Task, load_finetuned, parsing_logits
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -74,17 +73,11 @@ def parse_face(model: DenseFaceModel, cfg: LaPaConfig, rgb: np.ndarray, points5:
     return warp_to_original(logits, params, rgb.shape[:2]).argmax(dim=0).numpy().astype(np.uint8)
 
 
-def load_task(path: str | Path, task: str) -> tuple[DenseFaceModel, dict]:
+def load_task(path: str | Path, task: Task) -> tuple[DenseFaceModel, dict]:
     """A fine-tuned ``model.pt`` that must be of ``task`` (alignment or parsing)."""
     if not Path(path).is_file():
         raise StageError(f"--{task} {path}: no such file (a fine-tune writes <out>/<variant>/model.pt)")
-    try:
-        model, meta = load_finetuned(path)
-    except (EOFError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        raise StageError(f"--{task} {path}: not a fine-tuned model.pt ({type(err).__name__}: {err})") from err
-    if meta.get("task") != task:
-        raise StageError(f"--{task} {path}: this model was fine-tuned for {meta.get('task')!r}, not {task!r}")
-    return model, meta
+    return load_finetuned(path, task)
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:

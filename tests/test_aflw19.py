@@ -142,7 +142,7 @@ def test_bad_files_fail_naming_the_file(tree: tuple[Path, dict]) -> None:
     (root / "data" / "flickr" / name).write_bytes(b"not a jpeg")
     with pytest.raises(StageError, match=name.replace("/", ".")):
         ds[1]
-    with pytest.raises(FileNotFoundError, match="AFLWinfo_release.mat"):
+    with pytest.raises(StageError, match="AFLWinfo_release.mat .is data.root an AFLW-19 tree"):
         AFLW19(_cfg(root / "nowhere"), "train")
     bad = dict(fields, data=fields["data"][:, :30])
     scipy.io.savemat(str(root / "AFLWinfo_release.mat"), bad)

@@ -15,6 +15,7 @@ from test_finetune import tiny_configs, write_fixture
 
 from mcf.data.aflw19 import read_mat
 from mcf.data.lapa import read_label
+from mcf.errors import StageError
 from mcf.evaluate import metrics as M
 from mcf.evaluate.evaluate import CLASSES, EvaluateConfig, main, read_landmark_table
 from mcf.evaluate.plots import read_png
@@ -121,6 +122,15 @@ def test_synthface_numbers_cannot_be_labelled_as_the_real_dataset(
     )
     with pytest.raises(ParamsError, match="SynthFace"):
         main(Common(seed=0), bad)
+    assert not (root / "bad").exists() and not (root / "bad.json").exists()
+
+
+def test_models_of_the_other_task_are_refused_by_name(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
+    cfg, _, root = evaluated
+    swapped = dataclasses.replace(cfg, alignment=cfg.parsing, out=str(root / "bad"),
+                                  metrics=str(root / "bad.json"))
+    with pytest.raises(StageError, match=r"mcf/model.pt: this model was fine-tuned for 'parsing', not 'alig"):
+        main(Common(seed=0), swapped)
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
 
 

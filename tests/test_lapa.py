@@ -165,6 +165,8 @@ def test_bad_files_fail_naming_the_file(root: Path) -> None:
         ds[2]
     with pytest.raises(FileNotFoundError, match="nowhere"):
         LaPa(_cfg(root / "nowhere"), "train")
+    with pytest.raises(StageError, match=r"no LaPa train split at .*nowhere/LaPa/train"):
+        table(_cfg(root / "nowhere"), "train")  # what the fine-tune's gate reads first
 
 
 def test_binary_landmark_file_fails_naming_it(tmp_path: Path) -> None:

@@ -74,9 +74,15 @@ def test_mask_ratio_out_of_range(tmp_path: Path, ratio: object) -> None:
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": ratio}))
 
 
-def test_unknown_section(tmp_path: Path) -> None:
-    with pytest.raises(ParamsError, match="unknown section"):
+def test_unknown_top_level_key_lists_every_valid_one(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"pretrian: unknown top-level key \(valid: seed, mask_ratio, fet"):
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": 0.75, "pretrian": {}}))
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("seed: 0\nmask_ratio: [0.75\nfetch: {}\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml: not valid YAML at line 3, column 6: expected ','"):
+        read_yaml(tmp_path / "bad.yaml")
 
 
 def test_cli_reports_one_clear_line(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from skimage import data as skdata
 from test_finetune import tiny_configs, write_fixture
 
@@ -110,6 +111,8 @@ def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path]
         (["IMG", "--out", "OUT"], 1, "nothing to predict"),
         (["missing.jpg", "--alignment", "ALIGN", "--out", "OUT"], 1, "missing.jpg: no such image or folder"),
         (["IMG", "--alignment", "missing.pt", "--out", "OUT"], 1, "missing.pt: no such file"),
+        (["IMG", "--alignment", "CUT", "--out", "OUT"], 1, "cut.pt: cannot be read as a PyTorch checkpoint"),
+        (["IMG", "--alignment", "OTHER", "--out", "OUT"], 1, "other.pt: not a fine-tuned model.pt (KeyError"),
         (["IMG", "--alignment", "ALIGN", "--box", "5,5,1,9", "--out", "OUT"], 2, "need x2 > x1"),
         (["IMG", "--alignment", "ALIGN", "--yunet", "nope.onnx", "--out", "OUT"], 2,
          "--yunet nope.onnx: expected an existing YuNet .onnx file"),
@@ -124,7 +127,10 @@ def test_cli_errors_leave_no_output(
     image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
     names = {"IMG": str(image), "ALIGN": str(align_pt), "PARSE": str(parse_pt), "OUT": str(tmp_path / "out"),
              "missing.jpg": str(tmp_path / "missing.jpg"), "missing.pt": str(tmp_path / "missing.pt"),
-             "PHOTOS": str(image.parent)}
+             "PHOTOS": str(image.parent), "CUT": str(tmp_path / "cut.pt"),
+             "OTHER": str(tmp_path / "other.pt")}
+    (tmp_path / "cut.pt").write_bytes(align_pt.read_bytes()[:1000])
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
     before = sorted(image.parent.iterdir())
     argv = ["predict", *(names.get(a, a) for a in args)]
     if code == 2:  # argparse's usage error

@@ -228,7 +228,7 @@ def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> Non
     assert np.array_equal(np.random.rand(2), expected[1])
     assert random.random() == expected[2]
     (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:100])  # cut short
-    with pytest.raises(StageError, match=r"last.pt cannot be read .*delete .* to start over"):
+    with pytest.raises(StageError, match=r"last.pt: cannot be read .*cut short.*; delete .* to start over"):
         load_checkpoint(tmp_path, "aaaa")
 
 

@@ -11,10 +11,11 @@ import pytest
 import timm
 import torch
 
-from mcf.models.backbone import BackboneConfig, load_backbone
+from mcf.errors import WeightsError
+from mcf.models.backbone import BackboneConfig, load_backbone, read_weights
 from mcf.models.export import cli
 from mcf.models.mcf import MCF, MCFConfig
-from mcf.models.release import export_backbone, load_release_state_dict, read_weights, to_release_state_dict
+from mcf.models.release import export_backbone, load_release_state_dict, to_release_state_dict
 from mcf.models.teacher import FeatureTeacher, load_teacher
 
 # Every key and shape of the public release's ViT-B/16 model (a copy of the team's reference list).
@@ -95,8 +96,10 @@ def test_weights_files_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture
     torch.save({"model": state, "x": _Exploit()}, tmp_path / "exploit.pth")
     (tmp_path / "damaged.pth").write_bytes((tmp_path / "mae.pth").read_bytes()[:300])
     (tmp_path / "empty.pth").write_bytes(b"")
-    for name in ("exploit.pth", "damaged.pth", "empty.pth"):
-        with pytest.raises(ValueError, match=f"{name}: not a weights-only PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="exploit.pth: not a weights-only PyTorch checkpoint"):
+        read_weights(tmp_path / "exploit.pth")
+    for name in ("damaged.pth", "empty.pth"):  # a stage error too: the CLI prints it without a traceback
+        with pytest.raises(WeightsError, match=f"{name}: cannot be read as a PyTorch checkpoint .*cut short"):
             read_weights(tmp_path / name)
     assert "ran code" not in capsys.readouterr().out
 

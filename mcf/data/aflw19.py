@@ -109,7 +109,7 @@ def read_mat(root: str | Path) -> Annotations:
     """Read and check ``<root>/AFLWinfo_release.mat``; a missing or malformed file fails naming it."""
     path = Path(root) / MAT_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"AFLW-19 annotation file not found: {path}")
+        raise StageError(f"AFLW-19 annotation file not found: {path} (is data.root an AFLW-19 tree?)")
     try:
         mat = scipy.io.loadmat(str(path))
     except (ValueError, OSError, NotImplementedError) as err:

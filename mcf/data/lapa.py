@@ -238,6 +238,8 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
     unreadable).
     """
     base = Path(cfg.root) / "LaPa" / split
+    if not base.is_dir():
+        raise StageError(f"no LaPa {split} split at {base} (is data.root a LaPa tree?)")
     found = {sub: {p.stem for p in (base / sub).glob(f"*.{ext}")}
              for sub, ext in (("images", "jpg"), ("labels", "png"), ("landmarks", "txt"))}
     rows = []

@@ -47,7 +47,7 @@ from mcf.io import atomic_dir, atomic_file
 from mcf.models.heads import DenseFaceModel, soft_argmax
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.synth.writers import IDENTITIES_CSV  # present only in SynthFace trees
-from mcf.train.finetune import load_finetuned, parsing_logits
+from mcf.train.finetune import Task, load_finetuned, parsing_logits
 from mcf.validate.gate import run_gate
 
 log = logging.getLogger(__name__)
@@ -89,13 +89,14 @@ def check_label(label: str, key: str, synthetic: bool) -> None:
 Loaded = dict[str, tuple[DenseFaceModel, dict[str, Any]]]
 
 
-def _checkpoints(folder: str, variants: list[str], key: str) -> Loaded:
-    """Load ``<folder>/<variant>/model.pt`` for each variant; all must share one data config."""
+def _checkpoints(folder: str, variants: list[str], key: Task) -> Loaded:
+    """Load ``<folder>/<variant>/model.pt`` for each variant, fine-tuned for ``key`` (the task); all must
+    share one data config."""
     loaded = {}
     for variant in variants:
         path = Path(folder) / variant / "model.pt"
         require_path(path, f"evaluate.{key}")
-        loaded[variant] = load_finetuned(path)
+        loaded[variant] = load_finetuned(path, key)
     datas = {json.dumps(meta["data"], sort_keys=True) for _, meta in loaded.values()}
     if len(datas) != 1:
         raise StageError(f"{folder}: the variants were trained on different data configs: {sorted(datas)}")

@@ -9,6 +9,7 @@ An exported backbone is a folder with
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
+from mcf.errors import WeightsError
 from mcf.io import atomic_file
 from mcf.params import param
 
@@ -101,16 +103,56 @@ def save_backbone(model: nn.Module, cfg: BackboneConfig, out_dir: str | Path) ->
         tmp.write_text(json.dumps({"model_name": MODEL_NAME, "kwargs": cfg.timm_kwargs()}, indent=2))
 
 
+def read_weights(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file safely (``weights_only``; safetensors by suffix): every weights file the
+    project reads comes through here, so each failure names its file.
+
+    MAE-style training checkpoints (the release's own script writes them) also hold their
+    ``argparse.Namespace``: that plain attribute bag is allowed, and nothing else beyond tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged file fails in many ways (KeyError, EOFError, RuntimeError...)
+        lines = str(err).splitlines()
+        foreign = [ln.split(". Please")[0].strip() for ln in lines if "Unsupported global" in ln]
+        if foreign:
+            raise WeightsError(
+                f"{path}: not a weights-only PyTorch checkpoint ({foreign[0]}); it is not loaded with full "
+                "unpickling, which could run code from the file"
+            ) from None
+        why = f"{type(err).__name__}: {str(err)[:160]}"
+        raise WeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({why}): cut short, damaged, "
+                           "or another format") from None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def read_spec(export_dir: str | Path) -> dict[str, Any]:
+    """The ``backbone.json`` of an export: ``{"model_name": ..., "kwargs": {...}}``."""
+    path = Path(export_dir) / "backbone.json"
+    if not path.is_file():
+        raise WeightsError(f"no exported backbone at {path} (run the stage that writes it first)")
+    return json.loads(path.read_text())
+
+
 def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
     """Build the exported backbone and load its weights (strict; ``weights_only`` for safety).
 
     ``overrides`` change construction only where the weights allow it, e.g. ``img_size`` for a
     downstream resolution (timm resamples the position embedding on load).
     """
-    export_dir = Path(export_dir)
-    spec = json.loads((export_dir / "backbone.json").read_text())
+    spec = read_spec(export_dir)
     model = build_vit(spec["model_name"], **{**spec["kwargs"], **overrides})
-    state = torch.load(export_dir / "backbone.pth", map_location="cpu", weights_only=True)
+    state = read_weights(Path(export_dir) / "backbone.pth")
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         from timm.layers import resample_abs_pos_embed
 

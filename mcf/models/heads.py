@@ -13,13 +13,13 @@ Alignment reads ``K = 19`` heatmaps through :func:`soft_argmax`; parsing reads `
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mcf.params import ParamsError
 
 Variant = Literal["mcf", "scratch"]
 
@@ -105,9 +105,9 @@ class DenseFaceModel(nn.Module):
     def __init__(self, backbone: nn.Module, head: HeadConfig) -> None:
         super().__init__()
         depth = len(backbone.blocks)
-        bad = [b for b in head.blocks if not 0 <= b < depth]
-        if len(head.blocks) != 4 or bad:
-            raise ValueError(f"blocks must be 4 indices in 0..{depth - 1}, got {list(head.blocks)}")
+        blocks = list(head.blocks)
+        if len(blocks) != 4 or not all(0 <= b < depth for b in blocks):
+            raise ParamsError("blocks", f"must be 4 indices in 0..{depth - 1} (the backbone's), got {blocks}")
         dim = backbone.embed_dim
         self.head_config = head
         self.backbone = backbone
@@ -131,14 +131,6 @@ class DenseFaceModel(nn.Module):
             "neck": list(self.neck.parameters()),
             "head": [*self.decode.parameters(), *self.classifier.parameters()],
         }
-
-
-def backbone_spec(export_dir: str | Path) -> dict[str, Any]:
-    """The ``backbone.json`` of an export: ``{"model_name": ..., "kwargs": {...}}``."""
-    path = Path(export_dir) / "backbone.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no exported backbone at {path} (run the pretrain stage first)")
-    return json.loads(path.read_text())
 
 
 def soft_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -155,7 +155,8 @@ class MCF(nn.Module):
         if teacher is not None:
             bad = [i for i in cfg.feature_layers if i >= teacher.depth]
             if bad:
-                raise ValueError(f"feature_layers {bad} out of range for a teacher of depth {teacher.depth}")
+                depth = teacher.depth
+                raise ParamsError("feature_layers", f"{bad} out of range for a teacher of depth {depth}")
             self.teacher = teacher
 
     def _build_decoder(self, cfg: MCFConfig) -> None:

@@ -18,7 +18,6 @@ checkpoints) or under ``state_dict`` (MoCo v3); a DDP ``module.`` prefix is stri
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
+from mcf.models.backbone import BackboneConfig, create_backbone, read_weights, save_backbone
 
 log = logging.getLogger(__name__)
 
@@ -62,35 +61,6 @@ def _rename(key: str, table: tuple[tuple[str, str], ...]) -> str | None:
         if key.startswith(old):
             return new + key[len(old):]
     return None
-
-
-def read_weights(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (``weights_only``; safetensors by suffix).
-
-    MAE-style training checkpoints (the release's own script writes them) also hold their
-    ``argparse.Namespace``: that plain attribute bag is allowed, and nothing else beyond tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file fails in many ways (KeyError, EOFError, RuntimeError...)
-        text = str(err).splitlines()
-        lines = [ln.split(". Please")[0].strip() for ln in text if "Unsupported global" in ln]
-        why = lines[0] if lines else f"{type(err).__name__}: {str(err)[:200]}"
-        raise ValueError(
-            f"{path}: not a weights-only PyTorch checkpoint ({why}); it is not loaded with full "
-            "unpickling, which could run code from the file"
-        ) from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
-    return obj
 
 
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:

@@ -24,8 +24,8 @@ import timm
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone
-from mcf.models.release import backbone_from_checkpoint, encoder_state_dict, read_weights
+from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, read_weights
+from mcf.models.release import backbone_from_checkpoint, encoder_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mcf.errors import StageError
+from mcf.errors import StageError, WeightsError
 from mcf.io import atomic_file
+from mcf.models.backbone import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +81,9 @@ def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a cut-short or foreign file
-        raise StageError(
-            f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]}); it was cut short or is "
-            f"not ours: delete {resume_dir} to start over"
-        ) from None
-    if not isinstance(state, dict):
-        raise StageError(f"{path} is not a checkpoint of ours: delete {resume_dir} to start over")
+        state = read_weights(path)
+    except WeightsError as err:
+        raise StageError(f"{err}; delete {resume_dir} to start over") from None
     if state.get("run_hash") != expected_hash:
         raise StageError(
             f"{path} belongs to a run with other params (hash {state.get('run_hash')}, now {expected_hash}); "

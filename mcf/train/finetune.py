@@ -37,8 +37,8 @@ from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
 from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable
-from mcf.models.backbone import build_vit, load_backbone
-from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, backbone_spec, soft_argmax
+from mcf.models.backbone import build_vit, load_backbone, read_spec, read_weights
+from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.ema import EMA
@@ -239,7 +239,7 @@ def save_finetuned(
     ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path
 ) -> None:
     """Write the EMA weights with the architecture that rebuilds them (atomically)."""
-    spec = backbone_spec(export_dir(variant, cfg))
+    spec = read_spec(export_dir(variant, cfg))
     kwargs = {**spec["kwargs"], "img_size": cfg.data.size}
     checkpoint = {
         "task": task,
@@ -255,14 +255,22 @@ def save_finetuned(
         torch.save(checkpoint, tmp)
 
 
-def load_finetuned(path: str | Path) -> tuple[DenseFaceModel, dict[str, Any]]:
-    """Rebuild a fine-tuned model from ``model.pt`` (eval mode) and return it with its metadata."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    spec = ckpt["backbone"]
-    backbone = build_vit(spec["model_name"], **spec["kwargs"])
-    head = ckpt["head"]
-    model = DenseFaceModel(backbone, HeadConfig(tuple(head["blocks"]), head["channels"], head["num_outputs"]))
-    model.load_state_dict(ckpt["state_dict"], strict=True)
+def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFaceModel, dict[str, Any]]:
+    """Rebuild a fine-tuned model from ``model.pt`` (eval mode) and return it with its metadata.
+
+    With ``task``, a model fine-tuned for the other task is refused; every failure names the file.
+    """
+    ckpt = read_weights(path)
+    try:
+        spec, head = ckpt["backbone"], ckpt["head"]
+        head_cfg = HeadConfig(tuple(head["blocks"]), head["channels"], head["num_outputs"])
+        model = DenseFaceModel(build_vit(spec["model_name"], **spec["kwargs"]), head_cfg)
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (KeyError, TypeError, RuntimeError) as err:
+        why = f"{type(err).__name__}: {str(err)[:200]}"
+        raise StageError(f"{path}: not a fine-tuned model.pt ({why})") from None
+    if task is not None and ckpt.get("task") != task:
+        raise StageError(f"{path}: this model was fine-tuned for {ckpt.get('task')!r}, not {task!r}")
     return model.eval(), {k: v for k, v in ckpt.items() if k != "state_dict"}
 
 
