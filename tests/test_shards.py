@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from mcf.data.pretrain_data import CropDataset
 from mcf.data.shards import encode_jpeg, iter_encoded, iter_samples, read_back, shard_urls, write_shards
+from mcf.errors import StageError
 
 
 def _samples(n: int) -> list[tuple[str, bytes, dict]]:
@@ -66,5 +68,24 @@ def test_no_samples_is_one_empty_shard_and_bad_input_is_named(tmp_path: Path) ->
         info = tarfile.TarInfo("k.jpg")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ValueError, match="sample 'k' lacks a jpg or json member"):
+    with pytest.raises(StageError, match="sample 'k' lacks a jpg or json member"):
         list(iter_encoded(str(broken)))
+
+
+def test_damaged_shards_and_crops_fail_naming_them(tmp_path: Path) -> None:
+    rgb = np.full((8, 8, 3), 128, np.uint8)
+    samples = [(f"c{i}", encode_jpeg(rgb), {"crop_id": f"c{i}"}) for i in range(3)]
+    write_shards(samples, tmp_path / "ok", 10)
+    shard = tmp_path / "ok" / "crops-000000.tar"
+    cut = tmp_path / "cut" / "crops-000000.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(shard.read_bytes()[:700])  # a copy that stopped half way through the first member
+    with pytest.raises(StageError, match=r"cut/crops-000000.tar: not a readable crop shard"):
+        list(iter_encoded(str(cut)))
+    with pytest.raises(StageError, match=r"cut/crops-000000.tar: not a readable crop shard"):
+        CropDataset(cut.parent, 8, cache_mb=0)
+    write_shards([("c0", b"no jpeg here", {"crop_id": "c0"})], tmp_path / "junk", 10)
+    with pytest.raises(StageError, match="crop c0: not a decodable image"):
+        list(iter_samples(shard_urls(tmp_path / "junk")))
+    with pytest.raises(StageError, match=r"junk/crops-000000.tar \(member at byte 512\): not a decodable"):
+        CropDataset(tmp_path / "junk", 8, cache_mb=1)

@@ -14,7 +14,6 @@ training resolution it is decoded once into a uint8 tensor, otherwise each crop 
 from __future__ import annotations
 
 import logging
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mcf.data.shards import decode_jpeg, shard_urls
+from mcf.data.shards import decode_jpeg, open_shard, shard_urls
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def index_shards(shard_dir: str | Path) -> list[tuple[str, int, int]]:
     """``(shard path, byte offset, byte size)`` of every crop's JPEG member, in shard order."""
     members = []
     for url in shard_urls(shard_dir):
-        with tarfile.open(url) as tar:
+        with open_shard(url) as tar:
             for info in tar:
                 if info.isfile() and info.name.endswith(".jpg"):
                     members.append((url, info.offset_data, info.size))
@@ -64,7 +63,7 @@ class CropDataset(Dataset):
         url, offset, size = self.members[index]
         with open(url, "rb") as f:
             f.seek(offset)
-            rgb = decode_jpeg(f.read(size))
+            rgb = decode_jpeg(f.read(size), f"{url} (member at byte {offset})")
         if rgb.shape[:2] != (self.img_size, self.img_size):
             image = Image.fromarray(rgb).resize((self.img_size, self.img_size), Image.BICUBIC)
             rgb = np.asarray(image)

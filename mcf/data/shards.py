@@ -18,11 +18,14 @@ import io
 import json
 import tarfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+from mcf.errors import StageError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -38,10 +41,13 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def decode_jpeg(data: bytes) -> np.ndarray:
-    """``[H, W, 3]`` uint8 RGB array from image bytes."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
+def decode_jpeg(data: bytes, name: str = "crop") -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB array from image bytes; a damaged image fails naming ``name``."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for bytes that do not decode
+        raise StageError(f"{name}: not a decodable image ({type(err).__name__}: {err})") from None
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -87,13 +93,25 @@ def shard_urls(shard_dir: str | Path) -> list[str]:
     return urls
 
 
+@contextmanager
+def open_shard(url: str | Path) -> Iterator[tarfile.TarFile]:
+    """A shard opened for reading; a cut-short or foreign file, read now or while iterating, fails
+    naming the shard."""
+    try:
+        with tarfile.open(url) as tar:
+            yield tar
+    except (tarfile.TarError, OSError) as err:
+        raise StageError(f"{url}: not a readable crop shard ({type(err).__name__}: {err}); "
+                         "rerun the stage that wrote it") from None
+
+
 def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does.
 
     The key is a member's name up to the first dot of its file name (``crop_id`` has no dots).
     """
     key, group = None, {}
-    with tarfile.open(url) as tar:
+    with open_shard(url) as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -101,7 +119,7 @@ def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             stem, dot, ext = base.partition(".")
             name = f"{folder}/{stem}" if folder else stem
             if not dot:
-                raise ValueError(f"{url}: member {info.name!r} has no extension")
+                raise StageError(f"{url}: member {info.name!r} has no extension")
             if name != key and group:
                 yield key, group
                 group = {}
@@ -113,7 +131,7 @@ def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
 def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
     """Stream ``(crop_id, rgb, meta)`` from shards, in shard order."""
     for key, jpeg, meta in iter_encoded(urls):
-        yield key, decode_jpeg(jpeg), meta
+        yield key, decode_jpeg(jpeg, f"crop {key}"), meta
 
 
 def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
@@ -121,7 +139,7 @@ def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, 
     for url in [urls] if isinstance(urls, str) else urls:
         for key, group in _iter_members(url):
             if not {"jpg", "json"} <= group.keys():
-                raise ValueError(f"{url}: sample {key!r} lacks a jpg or json member (has {sorted(group)})")
+                raise StageError(f"{url}: sample {key!r} lacks a jpg or json member (has {sorted(group)})")
             yield key, group["jpg"], json.loads(group["json"])
 
 
