@@ -67,8 +67,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
-        sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.")
+        epilog = (
+            f"Settings: section `{name}` of the params file, with the top-level seed and mask_ratio; the "
+            "whole file is checked before any work. Paths in it are relative to the working directory; the "
+            "section's input keys name what it reads and `out` what it writes (dvc.yaml lists them as the "
+            "stage's deps and outs). Exit status: 0 done, 1 the stage failed, 2 params rejected, 3 a data "
+            "gate failed."
+        )
+        sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.", epilog=epilog)
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging")
         if name.startswith("finetune_"):
             sp.add_argument(
                 "--variant", choices=VARIANTS, default="mcf",

@@ -69,6 +69,9 @@ def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.
     assert "_scaled_dot_product_attention_math" in table and "flash_attention" not in table
     with pytest.raises(SystemExit):  # checked before any work
         bench_pretrain(["--shards", str(tmp_path / "nowhere")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):  # a usage error, not torch's traceback
+            bench_pretrain(["--device", "cuda"])
     with pytest.raises(ValueError, match="fewer than one batch"):
         loader_rate(tmp_path / "subset" / "shards", 32, 64, 0, 1, torch.device("cpu"))
 

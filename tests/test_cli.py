@@ -17,3 +17,16 @@ def test_tool_receives_its_options_in_order(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(cli, "_resolve", lambda target: lambda argv: seen.append(argv) or 0)
     assert cli.main(["-v", "export", "--checkpoint", "a.pt", "--out", "b"]) == 0
     assert seen == [["--checkpoint", "a.pt", "--out", "b"]]
+
+
+@pytest.mark.parametrize("argv", [["-v", "subset"], ["subset", "-v"], ["subset"]])
+def test_verbose_before_or_after_the_stage(argv: list[str]) -> None:
+    args = cli.parser().parse_args(argv)
+    assert args.command == "subset" and args.verbose == ("-v" in argv)
+
+
+def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["crop", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "section `crop` of the params file" in text and "2 params rejected, 3 a data gate failed" in text

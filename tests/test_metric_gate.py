@@ -58,6 +58,9 @@ def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
         (["--tolerance", str(tmp_path / "nope.yaml")], "nope.yaml: no such file"),
         (["--tolerance", str(bad)], "expected a 'tolerance:' mapping"),
     ]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tolerance: {'*': 0.1\n")
+    cases.append((["--tolerance", str(broken)], "broken.yaml: not valid YAML"))
     good = tmp_path / "good.yaml"
     good.write_text("tolerance:\n  '*': 0.1\n")
     cases.append((["--tolerance", str(good)], "dvc metrics diff HEAD --md --all failed"))  # not a repo

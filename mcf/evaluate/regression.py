@@ -58,7 +58,10 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
         where, text = f"--tolerance {path}", Path(path).read_text()
     else:
         raise StageError(f"--tolerance {path}: no such file")
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise StageError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
     table = data.get("tolerance") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
         raise StageError(f"{where}: expected a 'tolerance:' mapping of metric globs to numbers")

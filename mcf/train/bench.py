@@ -79,6 +79,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for name in ("batch", "steps", "loader_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
         p.error(f"--shards {args.shards}: no crops-*.tar shards there (build some: tools/bench_shards.yaml)")
     return args
