@@ -17,7 +17,7 @@ metrics scored:
 Outputs in ``--out`` (written whole or not at all): ``images.csv`` (image, faces found, error for a file
 that cannot be decoded), ``faces.csv`` (image, face, detector, box_x1, box_y1, box_x2, box_y2, then
 x0..x18, y0..y18 in pixels when aligned), ``parsing/<image stem>_<face>.png`` (class ids
-0..10 at the image's size, one per face; classes in :data:`mcf.evaluate.evaluate.CLASSES`) and
+0..10 at the image's size, one per face; classes in :data:`mcf.evaluate.scoring.CLASSES`) and
 ``overlays/<image stem>.png``.
 """
 
@@ -41,9 +41,9 @@ from mcf.data.lapa import LaPaConfig, align_matrix, warp_to_original
 from mcf.errors import StageError
 from mcf.evaluate import plots
 from mcf.io import atomic_dir, check_replaceable
-from mcf.models.heads import DenseFaceModel, soft_argmax
+from mcf.models.heads import DenseFaceModel, parsing_logits, soft_argmax
 from mcf.synth.geometry import FIVE_FROM_19
-from mcf.train.finetune import Task, load_finetuned, parsing_logits
+from mcf.train.finetune import Task, load_finetuned
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

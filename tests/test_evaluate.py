@@ -17,8 +17,9 @@ from mcf.data.aflw19 import read_mat
 from mcf.data.lapa import read_label
 from mcf.errors import StageError
 from mcf.evaluate import metrics as M
-from mcf.evaluate.evaluate import CLASSES, EvaluateConfig, main, read_landmark_table
+from mcf.evaluate.evaluate import EvaluateConfig, main, read_landmark_table
 from mcf.evaluate.plots import read_png
+from mcf.evaluate.scoring import CLASSES
 from mcf.params import Common, ParamsError
 from mcf.train.finetune import main_alignment, main_parsing
 
@@ -123,6 +124,20 @@ def test_synthface_numbers_cannot_be_labelled_as_the_real_dataset(
     with pytest.raises(ParamsError, match="SynthFace"):
         main(Common(seed=0), bad)
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
+
+
+def test_best_epoch_on_test_is_labelled_beside_the_last_epoch(evaluated: tuple[EvaluateConfig, dict, Path],
+                                                               ) -> None:
+    """FaRL's selection (PROTOCOL §3): one fine-tuning epoch here, so its best is the last epoch's score,
+    which the fine-tune computed with evaluate's own functions on the same EMA weights."""
+    _, metrics, _ = evaluated
+    for variant in VARIANTS:
+        align = metrics["alignment"][variant]
+        assert align["best_epoch_on_test"] == {
+            "nme_diag_full": pytest.approx(align["full"]["nme_diag"]), "epoch": 1, "epochs": 1}
+        parse = metrics["parsing"][variant]
+        best = {"f1_mean": pytest.approx(parse["f1_mean"]), "epoch": 1, "epochs": 1}
+        assert parse["best_epoch_on_test"] == best
 
 
 def test_models_of_the_other_task_are_refused_by_name(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:

@@ -144,11 +144,14 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
 def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:
     _, parse = tiny_configs(fixture_root)
     parse = dataclasses.replace(parse, backbone=str(fixture_root / "nowhere"))  # scratch never reads mcf's
-    states = []
-    for out in ("a", "b"):
-        main_parsing(Common(seed=3), dataclasses.replace(parse, out=str(fixture_root / out)), "scratch")
+    states, scores = [], []
+    for out, test_each_epoch in (("a", True), ("b", False)):  # scoring on the test split changes nothing
+        cfg = dataclasses.replace(parse, out=str(fixture_root / out), test_each_epoch=test_each_epoch)
+        main_parsing(Common(seed=3), cfg, "scratch")
         checkpoint = torch.load(fixture_root / out / "scratch" / "model.pt", weights_only=True)
         states.append(checkpoint["state_dict"])
+        scores.append(checkpoint["test_by_epoch"])
+    assert len(scores[0]) == parse.epochs and 0 <= scores[0][0] <= 100 and scores[1] == []
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert states[0]["classifier.weight"].shape[0] == 11

@@ -16,8 +16,8 @@ from test_finetune import tiny_configs, write_fixture
 from mcf.cli import main as cli_main
 from mcf.data.aflw19 import AFLW19, AFLW19Config, read_mat, read_rgb
 from mcf.data.lapa import ALIGN_POINTS, LaPa, LaPaConfig, read_landmarks
-from mcf.evaluate.evaluate import predict_landmarks, predict_parsing
 from mcf.evaluate.plots import read_png
+from mcf.evaluate.scoring import predict_landmarks, predict_parsing
 from mcf.params import Common
 from mcf.predict import align_face, load_task, parse_face
 from mcf.train.finetune import main_alignment, main_parsing

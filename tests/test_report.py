@@ -59,8 +59,12 @@ def _metrics() -> dict:
 
     return {
         "dataset": {"alignment": "SynthFace-AFLW19", "parsing": "SynthFace-LaPa"},
-        "alignment": {"mcf": align(5.4321), "scratch": align(6.5432)},
-        "parsing": {"mcf": parse(14.81), "scratch": parse(12.34)},
+        "alignment": {"mcf": {**align(5.4321), "best_epoch_on_test": {"nme_diag_full": 5.1234, "epoch": 2,
+                                                                       "epochs": 3}},
+                      "scratch": align(6.5432)},
+        "parsing": {"mcf": {**parse(14.81), "best_epoch_on_test": {"f1_mean": 15.55, "epoch": 3,
+                                                                    "epochs": 3}},
+                    "scratch": parse(12.34)},
         "probe": {"mcf": {"nme_diag": 9.87, "identity_accuracy": 45.6}},
     }
 
@@ -155,6 +159,9 @@ def test_markdown_summary_labels_each_number_with_its_dataset(run: Path) -> None
     for row in (mcf, scratch):
         assert "SynthFace-AFLW19" in row and "SynthFace-LaPa" in row
         assert "AFLW-19" not in row and "| LaPa |" not in row
+    best = _row(text, "this run, best epoch on test: mcf")  # FaRL's selection, labelled; scratch has none
+    assert "5.123" in best and "15.55" in best and "SynthFace-AFLW19" in best
+    assert "best epoch on test: scratch" not in text
     paper = _row(text, "MCF ViT-B/16")
     assert "| AFLW-19 |" in paper and "| LaPa |" in paper and "0.932" in paper and "93.96" in paper
     assert "SynthFace" not in paper

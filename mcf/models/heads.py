@@ -160,3 +160,8 @@ def gaussian_heatmaps(points: torch.Tensor, size: int, sigma: float, radius: flo
     dy2 = (centres.view(1, 1, -1, 1) - px[..., 1, None, None]) ** 2  # [N, K, H, 1]
     d2 = dx2 + dy2
     return torch.exp(-d2 / (2 * sigma**2)) * (d2 <= radius**2)
+
+
+def parsing_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Class logits upsampled (bilinear) to the label size."""
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)

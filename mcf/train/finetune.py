@@ -36,9 +36,10 @@ from mcf.data import aflw19, lapa
 from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
+from mcf.evaluate.scoring import alignment_scores, parsing_scores, predict_landmarks, predict_parsing
 from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable
 from mcf.models.backbone import build_vit, load_backbone, read_spec, read_weights
-from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, soft_argmax
+from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, parsing_logits, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.ema import EMA
@@ -74,6 +75,9 @@ class FinetuneConfig:
     ema_decay: float = param(0.999, ge=0, lt=1)
     ema_warmup: bool = True  # decay min(d, (1+n)/(10+n)): short runs are not stuck near the init
     num_workers: int = param(0, ge=0)
+    # FaRL picks its epoch on the test set: score the EMA model there after each epoch, so evaluate can
+    # report that optimistic number beside the last epoch's, labelled (PROTOCOL §3); training is unchanged
+    test_each_epoch: bool = True
 
     def __post_init__(self) -> None:
         if len(self.blocks) != 4 or len(set(self.blocks)) != 4 or any(b < 0 for b in self.blocks):
@@ -114,11 +118,6 @@ def alignment_loss(cfg: AlignmentConfig) -> LossFn:
         return {"loss": l1 + cfg.heatmap_weight * bce, "l1": l1, "bce": bce}
 
     return loss
-
-
-def parsing_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Class logits upsampled (bilinear) to the label size."""
-    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
 def parsing_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -203,10 +202,30 @@ def train_epoch(
     return {k: v / len(loader) for k, v in sums.items()}, step
 
 
+def test_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig) -> Callable[[DenseFaceModel], float | None]:
+    """The number FaRL selects its epoch by, on the test split: NME_diag (full, ×100) or F1 mean (×100).
+
+    Computed with the evaluate stage's own functions (:mod:`mcf.evaluate.scoring`); it reads the model
+    and no random state, so the run trains exactly as without it.
+    """
+    if task == "alignment":
+        full = AFLW19(cfg.data, "full")
+
+        def nme_diag(model: DenseFaceModel) -> float:
+            p = predict_landmarks(model, full, cfg.batch_size)
+            return alignment_scores(p["pred"], p["gt"], p["box"])["nme_diag"]
+
+        return nme_diag
+    test = LaPa(cfg.data, "test")
+    return lambda model: parsing_scores(predict_parsing(model, test, cfg.batch_size)[0])["f1_mean"]
+
+
 def train(
-    model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, live_dir: Path, seed: int
-) -> EMA:
-    """The fine-tuning loop; returns the EMA whose weights are evaluated. Deterministic for ``seed``."""
+    model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, live_dir: Path, seed: int,
+    score: Callable[[DenseFaceModel], float | None] | None = None,
+) -> tuple[EMA, list[float | None]]:
+    """The fine-tuning loop; returns the EMA whose weights are evaluated, and ``score`` of the EMA model
+    after each epoch (empty without one). Deterministic for ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
@@ -220,6 +239,7 @@ def train(
     lr_at = functools.partial(lr_factor, total=total, cfg=cfg)
     from dvclive import Live  # imported here: it is slow to import and only this loop needs it
 
+    scores: list[float | None] = []
     with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
         for epoch in range(cfg.epochs):
             model.train()
@@ -229,16 +249,23 @@ def train(
             for k, v in means.items():
                 live.log_metric(f"train/{k}", v)
             live.log_metric("lr/head", optimizer.param_groups[-1]["lr"])
+            if score is not None:
+                scores.append(score(ema.model))
+                if scores[-1] is not None:
+                    live.log_metric("test/score", scores[-1])
+                means = {**means, "test score": scores[-1]}
             live.next_step()
-            parts = ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+            parts = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in means.items())
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, parts)
-    return ema
+    return ema, scores
 
 
 def save_finetuned(
-    ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path
+    ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path,
+    test_by_epoch: list[float | None],
 ) -> None:
-    """Write the EMA weights with the architecture that rebuilds them (atomically)."""
+    """Write the EMA weights with the architecture that rebuilds them (atomically), and the test score
+    after each epoch (:func:`test_scorer`)."""
     spec = read_spec(export_dir(variant, cfg))
     kwargs = {**spec["kwargs"], "img_size": cfg.data.size}
     checkpoint = {
@@ -250,6 +277,7 @@ def save_finetuned(
         "state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
         "epochs": cfg.epochs,
         "steps": ema.updates,
+        "test_by_epoch": test_by_epoch,
     }
     with atomic_file(path) as tmp:
         torch.save(checkpoint, tmp)
@@ -293,8 +321,9 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     start = time.perf_counter()
     check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)  # before training, not after it
     with atomic_dir(Path(cfg.out) / variant, sign="model.pt") as tmp:
-        ema = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed)
-        save_finetuned(ema, task, variant, cfg, tmp / "model.pt")
+        score = test_scorer(task, cfg) if cfg.test_each_epoch else None
+        ema, test_by_epoch = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed, score)
+        save_finetuned(ema, task, variant, cfg, tmp / "model.pt", test_by_epoch)
         # before the model: no model, no stale curves
         with atomic_dir(Path(cfg.live) / variant, LIVE_SIGN) as live:
             shutil.copytree(tmp / "live", live, dirs_exist_ok=True)
