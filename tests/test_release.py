@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 
-from mcf.errors import WeightsError
+from mcf.errors import StageError, WeightsError
 from mcf.models.backbone import BackboneConfig, load_backbone, read_weights
 from mcf.models.export import cli
 from mcf.models.mcf import MCF, MCFConfig
@@ -136,3 +136,11 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
         exported = load_backbone(out)
         assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in exported.state_dict().items())
         assert exported.blocks[0].attn.num_heads == 2
+    assert cli(["--checkpoint", str(tmp_path / "last.pt"), "--out", str(out)]) == 0  # an export: replaced
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "me.jpg").write_bytes(b"mine")
+    with pytest.raises(StageError, match="holds no backbone.json"):  # nothing of ours: left alone
+        cli(["--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "photos")])
+    with pytest.raises(StageError, match="cannot export"):  # a failed export writes nothing
+        cli(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()

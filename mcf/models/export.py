@@ -12,6 +12,7 @@ import logging
 
 from mcf.cli import describe
 from mcf.errors import StageError
+from mcf.io import atomic_dir
 from mcf.models.release import export_backbone
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ def cli(argv: list[str]) -> int:
     )
     args = p.parse_args(argv)
     try:
-        cfg = export_backbone(args.checkpoint, args.out, num_heads=args.num_heads)
+        with atomic_dir(args.out, sign="backbone.json") as tmp:  # both files or neither
+            cfg = export_backbone(args.checkpoint, tmp, num_heads=args.num_heads)
     except ValueError as err:
         raise StageError(f"cannot export {args.checkpoint}: {err}") from err
     log.info("wrote %s (ViT %dx%d, patch %d, %d px)", args.out, cfg.embed_dim, cfg.depth, cfg.patch_size,
