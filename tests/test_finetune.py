@@ -138,6 +138,8 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 19, 16, 16)
     assert not list(out.parent.glob(".mcf.tmp-*"))  # the atomic temporary folder is gone
     assert json.loads((live / "metrics.json").read_text())["step"] == 2
+    test_curve = pd.read_csv(live / "plots" / "metrics" / "test" / "nme_diag_full.tsv", sep="\t")
+    assert test_curve["nme_diag_full"].tolist() == pytest.approx(meta["test_by_epoch"])  # one per epoch, 3
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # curves only at the committed path
 
 

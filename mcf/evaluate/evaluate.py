@@ -57,7 +57,7 @@ from mcf.io import atomic_dir, atomic_file
 from mcf.models.heads import DenseFaceModel
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.synth.writers import IDENTITIES_CSV  # present only in SynthFace trees
-from mcf.train.finetune import Task, load_finetuned
+from mcf.train.finetune import TEST_SCORE, Task, load_finetuned
 from mcf.validate.gate import run_gate
 
 log = logging.getLogger(__name__)
@@ -110,17 +110,18 @@ def _checkpoints(folder: str, variants: list[str], key: Task) -> Loaded:
     return loaded
 
 
-def best_epoch_on_test(meta: dict[str, Any], name: str, best: Callable[..., Any]) -> dict[str, Any]:
+def best_epoch_on_test(meta: dict[str, Any], best: Callable[..., Any]) -> dict[str, Any]:
     """FaRL's number: the best of the test scores the fine-tune recorded after each epoch (PROTOCOL §3).
 
     The epoch is chosen on the test set itself, so this is optimistic; the honest number is the last
-    epoch's, which this stage scores itself. Returns ``{"best_epoch_on_test": {name, "epoch",
-    "epochs"}}``, or nothing when the fine-tune recorded no scores (``test_each_epoch: false``).
+    epoch's, which this stage scores itself. Returns ``{"best_epoch_on_test": {TEST_SCORE[task],
+    "epoch", "epochs"}}``, or nothing when the fine-tune recorded no scores (``test_each_epoch: false``).
     """
     scored = [(v, epoch) for epoch, v in enumerate(meta.get("test_by_epoch") or [], 1) if v is not None]
     if not scored:
         return {}
     value, epoch = best(scored, key=lambda pair: pair[0])
+    name = TEST_SCORE[meta["task"]]
     return {"best_epoch_on_test": {name: value, "epoch": epoch, "epochs": len(meta["test_by_epoch"])}}
 
 
@@ -157,7 +158,7 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
         results[variant] = {
             "full": alignment_scores(p["pred"], p["gt"], p["box"]),
             "frontal": alignment_scores(p["pred"][frontal], p["gt"][frontal], p["box"][frontal]),
-            **best_epoch_on_test(meta, "nme_diag_full", min),
+            **best_epoch_on_test(meta, min),
         }
         table = landmark_table(p["name"], p["pred"])
         table.insert(1, "nme_diag", 100 * M.nme(p["pred"], p["gt"], "diag", p["box"]))  # ×100, as reported
@@ -189,7 +190,7 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     for variant, (model, meta) in models.items():
         pred_dir = out / "predictions" / f"parsing_{variant}"
         conf, names = predict_parsing(model, dataset, cfg.batch_size, pred_dir)
-        results[variant] = {**parsing_scores(conf), **best_epoch_on_test(meta, "f1_mean", max)}
+        results[variant] = {**parsing_scores(conf), **best_epoch_on_test(meta, max)}
         plots.plot_confusion(conf, CLASSES, out / f"confusion_{variant}.png",
                              f"{cfg.parsing_label} test, {variant}")
         for i, name in enumerate(names[: cfg.overlays]):

@@ -202,8 +202,13 @@ def train_epoch(
     return {k: v / len(loader) for k, v in sums.items()}, step
 
 
-def test_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig) -> Callable[[DenseFaceModel], float | None]:
-    """The number FaRL selects its epoch by, on the test split: NME_diag (full, ×100) or F1 mean (×100).
+TEST_SCORE: dict[str, str] = {"alignment": "nme_diag_full", "parsing": "f1_mean"}  # what FaRL selects by
+Scorer = tuple[str, Callable[[DenseFaceModel], float | None]]
+
+
+def test_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig) -> Scorer:
+    """The number FaRL selects its epoch by, on the test split, and its name (:data:`TEST_SCORE`):
+    NME_diag on AFLW-19's full test set or LaPa's F1 mean, both ×100.
 
     Computed with the evaluate stage's own functions (:mod:`mcf.evaluate.scoring`); it reads the model
     and no random state, so the run trains exactly as without it.
@@ -215,17 +220,22 @@ def test_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig) -> Callable[[D
             p = predict_landmarks(model, full, cfg.batch_size)
             return alignment_scores(p["pred"], p["gt"], p["box"])["nme_diag"]
 
-        return nme_diag
+        return TEST_SCORE[task], nme_diag
     test = LaPa(cfg.data, "test")
-    return lambda model: parsing_scores(predict_parsing(model, test, cfg.batch_size)[0])["f1_mean"]
+
+    def f1_mean(model: DenseFaceModel) -> float | None:
+        return parsing_scores(predict_parsing(model, test, cfg.batch_size)[0])["f1_mean"]
+
+    return TEST_SCORE[task], f1_mean
 
 
 def train(
     model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, live_dir: Path, seed: int,
-    score: Callable[[DenseFaceModel], float | None] | None = None,
+    scorer: Scorer | None = None,
 ) -> tuple[EMA, list[float | None]]:
-    """The fine-tuning loop; returns the EMA whose weights are evaluated, and ``score`` of the EMA model
-    after each epoch (empty without one). Deterministic for ``seed``."""
+    """The fine-tuning loop; returns the EMA whose weights are evaluated, and the ``scorer``'s score of
+    the EMA model after each epoch (empty without one), logged as ``test/<name>``. Deterministic for
+    ``seed``."""
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
@@ -249,11 +259,12 @@ def train(
             for k, v in means.items():
                 live.log_metric(f"train/{k}", v)
             live.log_metric("lr/head", optimizer.param_groups[-1]["lr"])
-            if score is not None:
+            if scorer is not None:
+                name, score = scorer
                 scores.append(score(ema.model))
                 if scores[-1] is not None:
-                    live.log_metric("test/score", scores[-1])
-                means = {**means, "test score": scores[-1]}
+                    live.log_metric(f"test/{name}", scores[-1])
+                means = {**means, f"test {name}": scores[-1]}
             live.next_step()
             parts = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in means.items())
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, parts)
@@ -277,7 +288,7 @@ def save_finetuned(
         "state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
         "epochs": cfg.epochs,
         "steps": ema.updates,
-        "test_by_epoch": test_by_epoch,
+        "test_by_epoch": test_by_epoch,  # TEST_SCORE[task] after each epoch
     }
     with atomic_file(path) as tmp:
         torch.save(checkpoint, tmp)
@@ -321,8 +332,8 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     start = time.perf_counter()
     check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)  # before training, not after it
     with atomic_dir(Path(cfg.out) / variant, sign="model.pt") as tmp:
-        score = test_scorer(task, cfg) if cfg.test_each_epoch else None
-        ema, test_by_epoch = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed, score)
+        scorer = test_scorer(task, cfg) if cfg.test_each_epoch else None
+        ema, test_by_epoch = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed, scorer)
         save_finetuned(ema, task, variant, cfg, tmp / "model.pt", test_by_epoch)
         # before the model: no model, no stale curves
         with atomic_dir(Path(cfg.live) / variant, LIVE_SIGN) as live:
