@@ -237,17 +237,20 @@ def test_killed_run_resumes_from_journal(server: str, tmp_path: Path) -> None:
 
 
 def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) -> None:
-    parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/good.jpg", server + "/missing"])
+    urls = [server + "/good.jpg", server + "/missing", server + "/good.png"]
+    parquet = _laion_parquet(tmp_path / "part.parquet", urls)
     box, points = [1, 2, 30, 28], [[5, 6], [20, 6], [12, 14], [7, 22], [19, 22]]
     released = {"100": [[box, points, 0.99], {"box": box, "landmarks": sum(points, []), "score": 0.5}]}
     released["101"] = [[box, points, 0.9]]
     (tmp_path / "det.json").write_text(json.dumps(released))
-    main(Common(), _laion_config(parquet, detections=str(tmp_path / "det.json")))
+    (tmp_path / "det2.json").write_text(json.dumps({"102": [[box, points, 0.8]], "999": []}))  # another part
+    parts = [str(tmp_path / "det.json"), str(tmp_path / "det2.json")]
+    main(Common(), _laion_config(parquet, detections=parts))
     det = pd.read_parquet("out/detections.parquet")
-    assert det["sample_id"].tolist() == ["100", "100"] and det["face"].tolist() == [0, 1]
+    assert det["sample_id"].tolist() == ["100", "100", "102"] and det["face"].tolist() == [0, 1, 0]
     assert det["box"][1].tolist() == [1.0, 2.0, 30.0, 28.0]
     assert det["landmarks"][0].tolist() == [5.0, 6.0, 20.0, 6.0, 12.0, 14.0, 7.0, 22.0, 19.0, 22.0]
-    assert det["score"].tolist() == [0.99, 0.5]
+    assert det["score"].tolist() == [0.99, 0.5, 0.8]
 
 
 def test_laion_integer_ids_with_nulls_match_detections(
@@ -259,9 +262,9 @@ def test_laion_integer_ids_with_nulls_match_detections(
     rows = laion.read_rows(laion.LaionFaceConfig(parquet=[str(part)]))
     assert rows["sample_id"].tolist() == ["100", "part:1", "102"]
     det.write_text(json.dumps({"102": [[[1, 2, 30, 28], [5, 6, 20, 6, 12, 14, 7, 22, 19, 22], 0.99]]}))
-    assert laion.read_detections(det, set(rows["sample_id"]))["sample_id"].tolist() == ["102"]
+    assert laion.read_detections([det], set(rows["sample_id"]))["sample_id"].tolist() == ["102"]
     assert "none of the 1 sample ids" not in caplog.text
-    assert laion.read_detections(det, {"102.0"}).empty
+    assert laion.read_detections([det], {"102.0"}).empty
     assert "none of the 1 sample ids" in caplog.text and "'102' there, '102.0' here" in caplog.text
 
 
@@ -270,7 +273,7 @@ def test_laion_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: s
     points = "[5, 6, 20, 6, 12, 14, 7, 22, 19, 22]"
     (tmp_path / "det.json").write_text(f'{{"7": [[[1, 2, 30, 28], {points}, 0.9], [{bad}, {points}, 0.9]]}}')
     with pytest.raises(StageError, match=r"face 1 of '7' is malformed: .* must be finite"):
-        laion.read_detections(tmp_path / "det.json", {"7"})
+        laion.read_detections([tmp_path / "det.json"], {"7"})
 
 
 def test_mpo_is_a_jpeg() -> None:

@@ -150,7 +150,7 @@ def test_profiles_write_to_different_places() -> None:
 def test_paper_params_valid_once_data_is_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = Path(__file__).resolve().parents[1]
     paper = read_yaml(root / "params.paper.yaml")
-    for name in paper["fetch"]["laion_face"]["parquet"] + [paper["fetch"]["laion_face"]["detections"]]:
+    for name in paper["fetch"]["laion_face"]["parquet"] + paper["fetch"]["laion_face"]["detections"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
     (tmp_path / paper["teacher"]["source"].split(":", 1)[1]).parent.mkdir(parents=True)

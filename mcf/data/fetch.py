@@ -88,7 +88,7 @@ def fetch_remote(cfg: FetchConfig, out: Path, staging: Path) -> tuple[pd.DataFra
     limits = Limits(threads=cfg.threads, retries=cfg.retries, max_pixels=cfg.max_pixels)
     manifest = download(src, out, journal_dir(out), staging, limits)
     detections = None
-    if cfg.source == "laion-face" and cfg.laion_face.detections is not None:
+    if cfg.source == "laion-face" and cfg.laion_face.detections:
         fetched = set(manifest.loc[manifest["status"] == "success", "sample_id"])
         detections = laion.read_detections(cfg.laion_face.detections, fetched)
     return manifest, detections

@@ -9,7 +9,8 @@ received), extra columns carried through, ``X-Robots-Tag`` opt-outs honoured, an
 instead of a fatal error.
 
 Released detections (one dict per part, ``SAMPLE_ID -> [(box, 5 landmarks, score), ...]``) are read
-from JSON, or from a parquet already in our flat schema, and written as ``detections.parquet``.
+from the JSON files as released, or from parquet files already in our flat schema, and written
+together as ``detections.parquet``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class LaionFaceConfig:
     """``fetch.laion_face``: where the metadata is and how to download it."""
 
     parquet: list[str] = param([])  # LAION-Face metadata parts
-    detections: str | None = None  # released detections: .json dict or .parquet in our flat schema
+    detections: list[str] = param([])  # released detections, one file per part: .json dict or our .parquet
     max_rows: int | None = param(None, ge=1)  # first rows only (over all parts, in order)
     url_col: str = "URL"
     caption_col: str = "TEXT"
@@ -60,10 +61,10 @@ class LaionFaceConfig:
             raise ParamsError("parquet", "give at least one LAION-Face metadata parquet file")
         for i, path in enumerate(self.parquet):
             require_path(path, f"parquet[{i}]")
-        if self.detections is not None:
-            require_path(self.detections, "detections")
-            if Path(self.detections).suffix not in (".json", ".parquet"):
-                raise ParamsError("detections", f"expected a .json or .parquet file, got {self.detections}")
+        for i, path in enumerate(self.detections):
+            require_path(path, f"detections[{i}]")
+            if Path(path).suffix not in (".json", ".parquet"):
+                raise ParamsError(f"detections[{i}]", f"expected a .json or .parquet file, got {path}")
 
 
 def _sample_id(value: Any) -> str:
@@ -184,12 +185,18 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
     return {"sample_id": sample_id, "face": index, "box": box, "landmarks": flat, "score": float(score)}
 
 
-def read_detections(path: str | Path, sample_ids: set[str]) -> pd.DataFrame:
-    """Detections for ``sample_ids`` in the flat schema of CONTRACTS (``detections.parquet``).
+def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFrame:
+    """Detections for ``sample_ids`` from every file (one per part), in the flat schema of CONTRACTS
+    (``detections.parquet``), in the files' order."""
+    tables = [_read_detections(Path(path), sample_ids) for path in paths]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DETECTION_COLUMNS)
+
+
+def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
+    """One file's detections for ``sample_ids``.
 
     A file none of whose ids is fetched gets a warning: ids formatted differently look like no faces.
     """
-    path = Path(path)
     if path.suffix == ".parquet":
         table = pd.read_parquet(path)
         missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
