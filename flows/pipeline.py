@@ -37,6 +37,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.futures import PrefectFuture, wait
 
 from mcf.errors import EXIT_GATE, EXIT_PARAMS
+from mcf.io import atomic_file
 from mcf.report import markdown_summary
 
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
@@ -233,19 +234,13 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     if source == target.resolve():
         yield
         return
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    _copy_atomic(target, saved)
-    _copy_atomic(source, target)
+    for src, dest in ((target, saved), (source, target)):
+        with atomic_file(dest) as tmp:
+            shutil.copyfile(src, tmp)
     try:
         yield
     finally:
         os.replace(saved, target)
-
-
-def _copy_atomic(source: Path, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

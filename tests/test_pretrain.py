@@ -239,7 +239,9 @@ def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Pa
     (metrics / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n" + rows + "1006\t6")
     (metrics / "lr.tsv").write_text("")  # created, then the crash
     (metrics / "torn.tsv").write_text("timest")
+    (tmp_path / "metrics.json").write_text("")  # the summary, killed while dvclive rewrote it
     truncate_live(tmp_path, 3)
+    assert not (tmp_path / "metrics.json").exists()
     assert (metrics / "train" / "loss.tsv").read_text().splitlines() == [
         "timestamp\tstep\tloss", "1001\t1\t0.1", "1002\t2\t0.2", "1003\t3\t0.3"]
     assert [p.name for p in metrics.rglob("*.tsv")] == ["loss.tsv"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import random
@@ -327,8 +328,15 @@ def truncate_live(live_dir: Path, step: int) -> None:
     """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint).
 
     A row a crash cut short (too few fields, or no step) goes too; a file torn within its header holds
-    no row and is removed, so dvclive starts it again.
+    no row and is removed, so dvclive starts it again. So is a summary (``metrics.json``) a kill cut
+    short: dvclive reads it on resume, and rewrites it at the next sync.
     """
+    summary = live_dir / "metrics.json"
+    if summary.is_file():
+        try:
+            json.loads(summary.read_text())
+        except ValueError:
+            summary.unlink()
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
         header, *rows = tsv.read_text().splitlines() or [""]
         columns = header.split("\t")
