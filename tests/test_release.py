@@ -98,7 +98,8 @@ def test_weights_files_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(ValueError, match="exploit.pth: not a weights-only PyTorch checkpoint"):
         read_weights(tmp_path / "exploit.pth")
-    for name in ("damaged.pth", "empty.pth"):  # a stage error too: the CLI prints it without a traceback
+    (tmp_path / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    for name in ("damaged.pth", "empty.pth", "damaged.safetensors"):  # a stage error: no traceback
         with pytest.raises(WeightsError, match=f"{name}: cannot be read as a PyTorch checkpoint .*cut short"):
             read_weights(tmp_path / name)
     assert "ran code" not in capsys.readouterr().out
