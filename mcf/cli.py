@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser().error(f"unrecognized arguments: {' '.join(rest)}")
         common, config = load(args.command, args.params, every_section=True)
+        processes = getattr(getattr(config, "train", None), "processes", 1)
+        if processes > 1:  # train.processes: this stage's own torchrun, unless already under one
+            from mcf.train.distributed import launch, under_torchrun
+
+            if not under_torchrun():
+                return launch(argv, processes)
         extra = {"variant": args.variant} if hasattr(args, "variant") else {}
         _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:

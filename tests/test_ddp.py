@@ -1,4 +1,5 @@
-"""Pretrain under torchrun: 2 gloo processes on 127.0.0.1, killed mid-run and resumed.
+"""Pretrain under torchrun: 2 gloo processes on 127.0.0.1, killed mid-run and resumed, against a run
+that started its own torchrun (``train.processes: 2``).
 
 Each rank reads half of every epoch (6 steps of 2 × 8 crops instead of 12 of 8), rank 0 alone
 writes the checkpoint and it carries both ranks' RNG states, and the resumed run ends with the same
@@ -56,11 +57,13 @@ def checkpoint(resume_dir: Path) -> dict | None:
 @pytest.mark.slow
 def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
     root = make_workspace(tmp_path)
-    straight = write_params(root, "straight.yaml", **TRAIN)
+    # the uninterrupted run starts its own torchrun (train.processes), as `dvc repro` would; the guard holds
+    straight = write_params(root, "straight.yaml", **TRAIN, processes=2, effective_batch=16)
     killed = write_params(root, "killed.yaml", **TRAIN)
-    done = subprocess.run(torchrun(straight), capture_output=True, text=True, timeout=300, env=ENV)
+    command = [sys.executable, "-m", "mcf.cli", "pretrain", "--params", str(straight)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "effective batch 16" in done.stderr
+    assert "starting 2 processes under torchrun" in done.stderr and "effective batch 16" in done.stderr
 
     resume_dir = root / ".resume" / "killed"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}

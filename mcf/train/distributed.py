@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
+
+from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,29 @@ def barrier() -> None:
     """Wait for every rank (no-op when not distributed)."""
     if is_initialized():
         dist.barrier()
+
+
+def launch(argv: list[str], processes: int) -> int:
+    """Run ``mcf <argv>`` again as ``processes`` torchrun workers on this machine; their exit status.
+
+    ``train.processes`` asks for it, so that ``dvc repro`` and the Prefect flow, which start each stage
+    as one command, train with DDP: one worker per GPU (NCCL), or gloo processes on the CPU. The
+    rendezvous stays on 127.0.0.1 with a free port.
+    """
+    gpus = torch.cuda.device_count()
+    if gpus and processes > gpus:
+        raise StageError(f"train.processes is {processes}, but this process sees {gpus} GPU(s)")
+    log.info("starting %d processes under torchrun", processes)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mcf.cli", *argv,
+    ]
+    return subprocess.run(command, check=False).returncode
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (its environment is set)."""
+    return "LOCAL_RANK" in os.environ
 
 
 def cleanup() -> None:

@@ -64,10 +64,12 @@ class TrainConfig:
     ckpt_every: int = param(100, ge=1)  # optimizer steps between resumable checkpoints
     log_every: int = param(10, ge=1)  # optimizer steps between dvclive rows
     effective_batch: int | None = param(None, ge=1)  # when set, the run must reach it (check_processes)
+    processes: int = param(1, ge=1)  # above 1, the stage starts itself under torchrun (one per GPU)
 
     def identity(self) -> dict[str, Any]:
         """The fields that change what is computed (not where, how often it is saved, or how fast)."""
-        skip = {"ckpt_every", "log_every", "num_workers", "cache_mb", "compile", "effective_batch"}
+        skip = {"ckpt_every", "log_every", "num_workers", "cache_mb", "compile", "effective_batch",
+                "processes"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def check_processes(self, world_size: int) -> None:
@@ -82,8 +84,8 @@ class TrainConfig:
         raise ParamsError(
             "train.effective_batch",
             f"{self.effective_batch} asked, but batch_size {self.batch_size} × accum_steps "
-            f"{self.accum_steps} × {world_size} process(es) is {got}: {fix}, or start the stage under "
-            "torchrun (README)",
+            f"{self.accum_steps} × {world_size} process(es) is {got}: {fix}, or set train.processes (or "
+            "start the stage under torchrun)",
         )
 
     def __post_init__(self) -> None:
