@@ -161,6 +161,14 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
         raise err.under(prefix) from None
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error, with its line and column when PyYAML knows them."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"not valid YAML{where}: {problem}"
+
+
 def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read a params file, failing with one clear line when it is missing or not a mapping."""
     path = Path(path)
@@ -169,10 +177,7 @@ def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ParamsError("", f"not valid YAML{where}: {problem}", path) from None
+        raise ParamsError("", yaml_problem(err), path) from None
     if not isinstance(data, dict):
         raise ParamsError("", "expected a mapping at the top level", path)
     return data

@@ -19,6 +19,7 @@ import yaml
 
 from mcf.cli import describe
 from mcf.errors import StageError
+from mcf.params import yaml_problem
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise StageError(f"{where}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise StageError(f"{where}: {yaml_problem(err)}") from None
     table = data.get("tolerance") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
         raise StageError(f"{where}: expected a 'tolerance:' mapping of metric globs to numbers")

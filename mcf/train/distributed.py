@@ -19,6 +19,11 @@ from mcf.errors import StageError
 log = logging.getLogger(__name__)
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process (its environment is set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 def is_initialized() -> bool:
     """True inside an initialised process group."""
     return dist.is_available() and dist.is_initialized()
@@ -46,7 +51,7 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     torchrun environment this is a single process on ``cuda`` (when present) or ``cpu``.
     """
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    if not under_torchrun():
         return 0, 1, 0, torch.device("cuda" if cuda else "cpu")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -96,11 +101,6 @@ def launch(argv: list[str], processes: int) -> int:
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mcf.cli", *argv,
     ]
     return subprocess.run(command, check=False).returncode
-
-
-def under_torchrun() -> bool:
-    """Whether torchrun started this process (its environment is set)."""
-    return "LOCAL_RANK" in os.environ
 
 
 def cleanup() -> None:
