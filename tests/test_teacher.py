@@ -11,7 +11,9 @@ import torch
 
 from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
-from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec
+from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec, weights_path
+from mcf.params import ParamsError
+from mcf.train.teacher import TeacherConfig
 
 TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
 
@@ -62,6 +64,23 @@ def test_random_must_be_explicit() -> None:
         load_teacher("timm:vit_tiny_patch16_224", TINY)
     with pytest.raises(ValueError, match="not found"):
         load_teacher("mcf:/nonexistent/teacher.pth", TINY)
+
+
+def test_the_stage_input_is_the_specs_weights(tmp_path: Path) -> None:
+    """dvc.yaml's teacher dep is ``teacher.data``: it must be the file a spec reads, or a replaced
+    checkpoint would leave the old teacher in place as up to date."""
+    (tmp_path / "w.pth").touch()
+    expected = {
+        "random": None, "timm:vit_tiny_patch16_224:random": None,
+        "moco_v3:data/teacher/m.pth": "data/teacher/m.pth", "mcf:outputs/run/backbone": "outputs/run/backbone",
+        "timm:vit_tiny_patch16_224:data/w.pth": "data/w.pth", f"timm:{tmp_path / 'w.pth'}": str(tmp_path / "w.pth"),
+    }
+    assert {spec: weights_path(spec) for spec in expected} == expected
+    TeacherConfig(source="moco_v3:data/teacher/m.pth", data="data/teacher/m.pth")
+    TeacherConfig(source="moco_v3:data/teacher/m.pth", data="./data/teacher/m.pth")
+    TeacherConfig(source="random", data="outputs/subset")
+    with pytest.raises(ParamsError, match=r"data: must name the weights .* 'data/teacher/m.pth' \(not 'outputs/subset'"):
+        TeacherConfig(source="moco_v3:data/teacher/m.pth", data="outputs/subset")
 
 
 def test_timm_name_with_weights_file(tmp_path: Path) -> None:

@@ -103,6 +103,21 @@ def validate_teacher_spec(spec: str) -> None:
         )
 
 
+def weights_path(spec: str) -> str | None:
+    """The file or folder ``spec`` reads its weights from (None for a random teacher).
+
+    The teacher stage names it as its DVC input (``teacher.data``), so a replaced checkpoint reruns it.
+    """
+    scheme, arg = _parse(spec)
+    if scheme == "random":
+        return None
+    if scheme == "timm":
+        name, sep, weights = arg.partition(":")
+        if sep and timm.is_model(name) and not Path(arg).is_file():
+            return None if weights == "random" else weights
+    return arg
+
+
 def _load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

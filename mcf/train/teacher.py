@@ -5,7 +5,8 @@
 - ``train``: pre-train a ViT with the MAE objective (``pixel_mae``) on the subset, with the same
   loop as pretrain (the CPU default, since no teacher checkpoint ships with a fresh clone);
 - a teacher spec (``moco_v3:<path>``, ``timm:...``, ``mcf:<path>``; see :mod:`mcf.models.teacher`):
-  load it and re-save it in our export format;
+  load it and re-save it in our export format. ``data`` then names the spec's weights file: it is the
+  stage's DVC dependency, and DVC cannot read a path out of the spec string;
 - ``random``: a random ViT of ``backbone``'s size, only when asked for by name.
 
 Either way ``<out>/`` is an exported backbone (``backbone.pth`` + ``backbone.json``), plus
@@ -29,7 +30,7 @@ from mcf.io import atomic_dir
 from mcf.models.backbone import BackboneConfig, load_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import infer_backbone_config
-from mcf.models.teacher import load_teacher, validate_teacher_spec
+from mcf.models.teacher import load_teacher, validate_teacher_spec, weights_path
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.distributed import barrier, cleanup, init_distributed
 from mcf.train.loop import Run, TrainConfig, train_and_export
@@ -42,7 +43,7 @@ class TeacherConfig:
     """The ``teacher`` section of params.yaml (its own mask ratio: the top-level one is pretrain's)."""
 
     source: str = "train"  # train | random | moco_v3:<path> | timm:... | mcf:<path>
-    data: str = "outputs/subset"  # the subset stage's output (source train only)
+    data: str = "outputs/subset"  # the stage's DVC input: the subset (train) or the spec's weights
     out: str = "outputs/teacher"
     resume_dir: str = "outputs/.resume/teacher"  # not a DVC output: survives DVC's cleanup
     backbone: BackboneConfig = dataclasses.field(default_factory=BackboneConfig)
@@ -59,6 +60,12 @@ class TeacherConfig:
                 validate_teacher_spec(self.source)
             except ValueError as err:
                 raise ParamsError("source", f"{err} (or 'train' to pre-train one with MAE)") from None
+            weights = weights_path(self.source)
+            if weights is not None and Path(weights) != Path(self.data):
+                raise ParamsError(
+                    "data", f"must name the weights that source {self.source!r} reads, {weights!r} "
+                    f"(not {self.data!r}): dvc.yaml watches teacher.data, so a new checkpoint reruns teacher",
+                )
         self.mae_config()  # decoder size checks
 
     def mae_config(self) -> MCFConfig:
