@@ -72,14 +72,17 @@ def test_the_stage_input_is_the_specs_weights(tmp_path: Path) -> None:
     (tmp_path / "w.pth").touch()
     expected = {
         "random": None, "timm:vit_tiny_patch16_224:random": None,
-        "moco_v3:data/teacher/m.pth": "data/teacher/m.pth", "mcf:outputs/run/backbone": "outputs/run/backbone",
-        "timm:vit_tiny_patch16_224:data/w.pth": "data/w.pth", f"timm:{tmp_path / 'w.pth'}": str(tmp_path / "w.pth"),
+        "moco_v3:data/teacher/m.pth": "data/teacher/m.pth",
+        "mcf:outputs/run/backbone": "outputs/run/backbone",
+        "timm:vit_tiny_patch16_224:data/w.pth": "data/w.pth",
+        f"timm:{tmp_path / 'w.pth'}": str(tmp_path / "w.pth"),
     }
     assert {spec: weights_path(spec) for spec in expected} == expected
     TeacherConfig(source="moco_v3:data/teacher/m.pth", data="data/teacher/m.pth")
     TeacherConfig(source="moco_v3:data/teacher/m.pth", data="./data/teacher/m.pth")
     TeacherConfig(source="random", data="outputs/subset")
-    with pytest.raises(ParamsError, match=r"data: must name the weights .* 'data/teacher/m.pth' \(not 'outputs/subset'"):
+    wrong = r"data: must name the weights .* 'data/teacher/m.pth' \(not 'outputs/subset'"
+    with pytest.raises(ParamsError, match=wrong):
         TeacherConfig(source="moco_v3:data/teacher/m.pth", data="outputs/subset")
 
 
