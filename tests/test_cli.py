@@ -29,4 +29,5 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     with pytest.raises(SystemExit):
         cli.main(["crop", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "section `crop` of the params file" in text and "2 params rejected, 3 a data gate failed" in text
+    assert "section `crop` of the params file" in text
+    assert "2 params rejected or an input missing, 3 a data gate failed" in text

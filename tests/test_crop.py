@@ -285,7 +285,8 @@ def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
 
 
 def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(StageError, match="no manifest.parquet"):
+    missing = r"crop.input: path does not exist: .*manifest.parquet \(run `mcf fetch` first\)"
+    with pytest.raises(ParamsError, match=missing):
         crop(_cfg(tmp_path / "nowhere", tmp_path / "crop"))
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -116,6 +116,31 @@ def test_a_stage_command_checks_every_section(tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize(
+    ("argv", "key", "made_by"),
+    [
+        (["crop"], "crop.input", "fetch"),
+        (["subset"], "subset.input", "crop"),
+        (["pretrain"], "pretrain.data", "subset"),
+        (["finetune_parsing", "--variant", "scratch"], "finetune_parsing.scratch_backbone", "pretrain"),
+        (["evaluate"], "evaluate.alignment", "finetune_alignment --variant mcf"),
+    ],
+)
+def test_a_missing_upstream_output_is_exit_2_naming_its_stage(
+    argv: list[str], key: str, made_by: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every stage run before its input exists says which key and which stage, with one exit status."""
+    from mcf.cli import main as cli_main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # a checkout with nothing run yet
+    assert cli_main([*argv, "--params", str(root / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}: path does not exist" in err and f"(run `mcf {made_by}` first)" in err, err
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_other_sections_inputs_are_the_running_stages_business(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

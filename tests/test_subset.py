@@ -167,4 +167,4 @@ def test_cli_runs_the_stage_from_params(crop_dir: Path, tmp_path: Path) -> None:
     missing.write_text(
         yaml.safe_dump({"subset": {"input": str(tmp_path / "none"), "out": str(tmp_path / "t")}})
     )
-    assert cli_main(["subset", "--params", str(missing)]) == 1
+    assert cli_main(["subset", "--params", str(missing)]) == 2  # an input missing, as for every stage

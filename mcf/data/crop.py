@@ -46,7 +46,7 @@ from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir
-from mcf.params import Common, param
+from mcf.params import Common, param, require_path
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,7 @@ def finish(manifest: pd.DataFrame, cfg: CropConfig, out_dir: str | Path) -> None
 def load_sources(cfg: CropConfig) -> list[Source]:
     """The fetched images (status ``success``) in ``sample_id`` order, with their table detections."""
     fetch_dir = Path(cfg.input)
-    if not (fetch_dir / "manifest.parquet").is_file():
-        raise StageError(f"crop.input: no manifest.parquet in {fetch_dir} (run `mcf fetch` first)")
+    require_path(fetch_dir / "manifest.parquet", "crop.input", made_by="fetch")
     manifest = pd.read_parquet(fetch_dir / "manifest.parquet", columns=["sample_id", "path", "status"])
     manifest = manifest[(manifest["status"] == "success") & manifest["path"].notna()]
     table_path = fetch_dir / "detections.parquet"

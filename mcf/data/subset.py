@@ -24,7 +24,7 @@ import pandas as pd
 from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir
-from mcf.params import Common, ParamsError, param
+from mcf.params import Common, ParamsError, param, require_path
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ def pick(kept: pd.DataFrame, n: int, seed: int, stratify: str | None) -> pd.Inde
 def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
     """The kept crops of the crop manifest, with the stratification column checked or derived."""
     path = Path(cfg.input) / "manifest.parquet"
-    if not path.is_file():
-        raise StageError(f"subset.input: no manifest.parquet in {cfg.input} (run `mcf crop` first)")
+    require_path(path, "subset.input", made_by="crop")
     manifest = pd.read_parquet(path)
     kept = manifest[manifest["status"] == "kept"].copy()
     if cfg.stratify == FACE_SIZE_BIN:

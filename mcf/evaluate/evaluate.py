@@ -33,7 +33,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -102,7 +102,6 @@ def _checkpoints(folder: str, variants: list[str], key: Task) -> Loaded:
     loaded = {}
     for variant in variants:
         path = Path(folder) / variant / "model.pt"
-        require_path(path, f"evaluate.{key}")
         loaded[variant] = load_finetuned(path, key)
     datas = {json.dumps(meta["data"], sort_keys=True) for _, meta in loaded.values()}
     if len(datas) != 1:
@@ -208,6 +207,10 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
 
 def main(common: Common, cfg: EvaluateConfig) -> None:
     """Stage ``evaluate``: alignment, parsing and probes for every variant; outputs written atomically."""
+    for task in get_args(Task):  # every input is there before anything is written
+        for variant in cfg.variants:
+            path = Path(getattr(cfg, task)) / variant / "model.pt"
+            require_path(path, f"evaluate.{task}", made_by=f"finetune_{task} --variant {variant}")
     with atomic_dir(cfg.out, sign="plots") as out:
         for sub in ("predictions", "plots", "overlays"):
             (out / sub).mkdir()

@@ -317,7 +317,7 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     """Gate the training data, fine-tune, and write ``<out>/<variant>/`` atomically."""
     stage = f"finetune_{task}"
     key = "backbone" if variant == "mcf" else "scratch_backbone"
-    require_path(export_dir(variant, cfg), f"{stage}.{key}")
+    require_path(export_dir(variant, cfg), f"{stage}.{key}", made_by="pretrain")
     require_path(cfg.data.root, f"{stage}.data.root")
     if task == "alignment":
         run_gate(aflw19.table(cfg.data, "train"), "aflw19", stage=stage)

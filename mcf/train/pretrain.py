@@ -76,13 +76,13 @@ def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
 
 def main(common: Common, cfg: PretrainConfig) -> None:
     """Pre-train with the MCF objective; resume from ``resume_dir`` when a matching checkpoint exists."""
-    require_path(Path(cfg.data) / "shards", "pretrain.data")
+    require_path(Path(cfg.data) / "shards", "pretrain.data", made_by="subset")
     identity = {
         "stage": "pretrain", "seed": common.seed, "mask_ratio": common.mask_ratio,
         "model": dataclasses.asdict(cfg.model), "train": cfg.train.identity(),
     }
     if cfg.model.uses_teacher:
-        require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher")
+        require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher", made_by="teacher")
         identity["teacher"] = file_digest(Path(cfg.teacher) / "backbone.pth")
 
     initial: dict[str, torch.Tensor] = {}

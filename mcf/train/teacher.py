@@ -112,7 +112,7 @@ def main(common: Common, cfg: TeacherConfig) -> None:
         finally:
             cleanup()
         return
-    require_path(Path(cfg.data) / "shards", "teacher.data")
+    require_path(Path(cfg.data) / "shards", "teacher.data", made_by="subset")
     mae = cfg.mae_config()
     identity = {
         "stage": "teacher", "seed": common.seed, "mask_ratio": cfg.mask_ratio,
