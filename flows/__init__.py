@@ -1,6 +1,7 @@
-"""Prefect flows over the DVC pipeline: ``mcf`` (every stage, for GPU work pools) and ``crop_dask``.
+"""Prefect flows over the DVC pipeline: ``mcf`` (every stage, for GPU work pools), and ``fetch_dask``
+and ``crop_dask`` (one stage fanned out over a Dask cluster, on ``dask_runner``'s task runner).
 
-The flow files are not named after the ``mcf`` package on purpose: Prefect loads an entrypoint
+The flow files are not named after the packages they use on purpose: Prefect loads an entrypoint
 ``flows/<file>.py`` under the module name ``<file>`` with ``flows/`` first on ``sys.path``, so a
-``flows/mcf.py`` would shadow the package for everything imported in the flow-run process.
+``flows/mcf.py`` (or ``flows/dask.py``) would shadow that package in the flow-run process.
 """

@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import Any
 
 import cv2
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from prefect_dask import DaskTaskRunner
 
+from flows.dask_runner import task_runner
 from mcf.data.crop import ChunkResult, CropConfig, Source, crop_chunk, finish, load_sources, merge
 from mcf.io import atomic_dir
 from mcf.params import load
@@ -30,17 +29,6 @@ def crop_part(sources: list[Source], cfg: CropConfig, part: str) -> ChunkResult:
     """One chunk of source images to one part shard and its manifest rows, on a Dask worker."""
     cv2.setNumThreads(1)  # the cluster's workers are the parallelism
     return crop_chunk(sources, cfg, part)
-
-
-def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTaskRunner:
-    """A runner on the cluster at ``address``, or on a local cluster of ``n_workers`` one-thread workers."""
-    if address:
-        return DaskTaskRunner(address=address)
-    cluster: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes,
-                               "dashboard_address": "127.0.0.1:0"}  # a local cluster stays local
-    if processes:  # threads talk in-process (inproc://); processes over TCP, on loopback only
-        cluster["host"] = "127.0.0.1"
-    return DaskTaskRunner(cluster_kwargs=cluster)
 
 
 @flow(name="crop_fan_out")

@@ -178,20 +178,25 @@ def _dvc(*args: str) -> str:
     return done.stdout
 
 
-@task(task_run_name="{stage}", cache_policy=NO_CACHE, tags=["dvc", "crop", "dask"])
-def dask_crop(stage: str, address: str | None) -> StageRun:
-    """Stage ``crop`` fanned out on Dask (flows/crop_dask.py), then recorded in dvc.lock.
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
+def dask_stage(stage: str, address: str | None) -> StageRun:
+    """Stage ``fetch`` or ``crop`` fanned out on Dask (flows/fetch_dask.py, flows/crop_dask.py), then
+    recorded in dvc.lock.
 
-    The fan-out writes exactly what ``mcf crop`` writes (tests/test_flow.py checks it), so ``dvc commit``
-    records what ``dvc repro`` would have; an up-to-date crop is skipped as usual.
+    A fan-out writes exactly what its stage's command writes (tests/test_flow.py checks both), so
+    ``dvc commit`` records what ``dvc repro`` would have; an up-to-date stage is skipped as usual.
     """
-    from flows.crop_dask import crop_dask  # imports the crop stage (and torch) only when asked for
+    # imported only when asked for: the crop stage imports torch
+    if stage == "fetch":
+        from flows.fetch_dask import fetch_dask as fan_out
+    else:
+        from flows.crop_dask import crop_dask as fan_out
 
     start = time.monotonic()
     if not json.loads(_dvc("status", "--json", stage) or "{}"):
         return StageRun(stage, "unchanged", round(time.monotonic() - start, 1))
     try:
-        crop_dask(address=address)
+        fan_out(address=address)
     except Exception as err:
         raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}") from err
     _dvc("commit", "--force", stage)
@@ -264,14 +269,18 @@ def metric_rows(root: Path) -> list[dict[str, Any]]:
 
 
 def run_stages(
-    planned: dict[str, list[str]], crop_on_dask: bool, dask_address: str | None
+    planned: dict[str, list[str]], on_dask: set[str], dask_address: str | None
 ) -> dict[str, State]:
-    """Submit every stage once its upstream stages are done; return each stage's final state."""
+    """Submit every stage once its upstream stages are done; return each stage's final state.
+
+    The stages in ``on_dask`` (fetch, crop) fan out on the Dask cluster at ``dask_address``.
+    """
     futures: dict[str, PrefectFuture[StageRun]] = {}
     for stage, upstream in planned.items():
         after = [futures[u] for u in upstream]
-        if crop_on_dask and stage == "crop":
-            futures[stage] = dask_crop.submit(stage, dask_address, wait_for=after)
+        if stage in on_dask:
+            tagged = dask_stage.with_options(tags=["dvc", "dask", stage])
+            futures[stage] = tagged.submit(stage, dask_address, wait_for=after)
         else:
             futures[stage] = stage_task(stage).submit(stage, wait_for=after)
     wait(list(futures.values()))
@@ -303,6 +312,7 @@ def _raise_failures(states: dict[str, State]) -> None:
 def mcf(
     params_file: str = PARAMS,
     stages: list[str] | None = None,
+    fetch_on_dask: bool = False,
     crop_on_dask: bool = False,
     dask_address: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -310,14 +320,15 @@ def mcf(
 
     Each stage starts as soon as the stages it depends on are done. ``params_file`` (relative to the
     checkout) is applied as params.yaml for the run; ``stages`` takes stage names from dvc.yaml
-    (default: all). ``crop_on_dask`` fans the crop stage out on the Dask cluster at ``dask_address``
-    (default: a local cluster of ``crop.workers`` processes).
+    (default: all). ``fetch_on_dask`` and ``crop_on_dask`` fan those stages out on the Dask cluster at
+    ``dask_address`` (default: a local cluster; fetch's downloads only, not SynthFace's rendering).
     """
     root = Path.cwd()
     with workspace_lock(root), applied_params(root, params_file):
         planned = plan(root, stages)  # under the run's params: dvc.yaml's foreach lists come from them
         get_run_logger().info("stages: %s", ", ".join(planned))
-        states = run_stages(planned, crop_on_dask, dask_address)
+        on_dask = {stage for stage, asked in (("fetch", fetch_on_dask), ("crop", crop_on_dask)) if asked}
+        states = run_stages(planned, on_dask, dask_address)
         rows = metric_rows(root)  # under the run's params: dvc.yaml's metrics paths come from them
     if rows:
         create_table_artifact(rows, key="mcf-metrics", description="metrics files from dvc.yaml")

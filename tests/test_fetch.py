@@ -28,7 +28,7 @@ from PIL import Image
 from mcf.data.fetch import FetchConfig, journal_dir, main
 from mcf.data.sources import laion
 from mcf.data.sources.download import Journal
-from mcf.data.sources.image import file_sha256, inspect
+from mcf.data.sources.image import Record, file_sha256, inspect
 from mcf.errors import StageError
 from mcf.params import Common, ParamsError, build
 
@@ -208,7 +208,7 @@ def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
     again = Handler.counts - before
     assert set(again) == set(EXPECTED) - {"/good.jpg", "/good.png"}  # only failures are requested
     rerun = pd.read_parquet("out/manifest.parquet")
-    pd.testing.assert_frame_equal(rerun.drop(columns="error"), manifest.drop(columns="error"))
+    pd.testing.assert_frame_equal(rerun, manifest)  # error texts too: no memory addresses in them
 
 
 def test_killed_run_resumes_from_journal(server: str, tmp_path: Path) -> None:
@@ -289,6 +289,17 @@ def test_journal_survives_a_torn_last_line(tmp_path: Path) -> None:
     (tmp_path / "journal.jsonl").write_text(json.dumps(first) + "\n" + '{"sample_id": "b", "pa')
     Journal(tmp_path).append({"sample_id": "c", "path": "images/c.jpg"})
     assert [e["sample_id"] for e in Journal(tmp_path).load()] == ["a", "c"]
+    Journal(tmp_path, "part-000001").append({"sample_id": "d", "path": "images/d.jpg"})  # a Dask slice's
+    assert [e["sample_id"] for e in Journal(tmp_path).load()] == ["d", "a", "c"]  # every writer's file
+
+
+def test_error_texts_are_the_same_every_run() -> None:
+    """An object's memory address in an exception text would make each run's manifest (and its DVC
+    hash) differ."""
+    pil = "UnidentifiedImageError: cannot identify image file <_io.BytesIO object at 0x7f3b2ffb3380>"
+    assert Record("not_image", pil).error.endswith("cannot identify image file <_io.BytesIO>")
+    urllib3 = "NewConnectionError('<urllib3.connection.HTTPConnection object at 0x7f0e1c2d3a90>: refused')"
+    assert Record("connection_error", urllib3).error.endswith("HTTPConnection>: refused')")
 
 
 def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None:

@@ -241,3 +241,83 @@ def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path
     for rel in files:  # byte for byte: DVC records the same hash either way
         assert (tmp_path / "dask" / rel).read_bytes() == (tmp_path / "serial" / rel).read_bytes(), rel
     assert not list(tmp_path.glob(".dask*"))  # the atomic staging folder is gone
+
+
+def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
+    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LAION-style rows over HTTP on 127.0.0.1, in slices of 3 on a local Dask cluster: the serial
+    stage's manifest and files, then a rerun that reuses every success, whichever way it was split."""
+    import dataclasses
+    import functools
+    import io
+    import threading
+    from collections import Counter
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from flows.fetch_dask import fetch_dask
+    from mcf.data.fetch import journal_dir, main
+    from mcf.params import Common, load
+
+    site = tmp_path / "site"
+    site.mkdir()
+    rng = np.random.default_rng(0)
+    names = []
+    for i in range(7):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (20 + i, 30, 3), dtype=np.uint8)).save(buf, format="PNG")
+        (site / f"{i}.png").write_bytes(buf.getvalue())
+        names.append(f"{i}.png")
+    (site / "page.html").write_text("<html>not an image</html>")
+    requests: Counter = Counter()
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            requests[self.path] += 1
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(site)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        urls = [url + n for n in [*names[:4], "missing.jpg", "page.html", *names[4:]]]
+        parquet = tmp_path / "part-00000.parquet"
+        rows = {"SAMPLE_ID": range(len(urls)), "URL": urls, "TEXT": ["a face"] * len(urls)}
+        pd.DataFrame(rows).to_parquet(parquet)
+        section = {"source": "laion-face", "out": str(tmp_path / "dask"), "threads": 2,
+                   "laion_face": {"parquet": [str(parquet)], "timeout": 5.0}}
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump({"fetch": section}))
+        monkeypatch.chdir(tmp_path)  # the gate keeps its results under the working directory
+        _, cfg = load("fetch", params)
+        main(Common(), dataclasses.replace(cfg, out=str(tmp_path / "serial")))
+        serial = pd.read_parquet(tmp_path / "serial" / "manifest.parquet")
+        assert serial["status"].value_counts().to_dict() == {"success": 7, "http_error": 1, "not_image": 1}
+
+        counts = fetch_dask(params_file=str(params), n_workers=2, processes=False, rows_per_task=3)
+        assert counts == {"success": 7, "http_error": 1, "not_image": 1}
+        on_dask = pd.read_parquet(tmp_path / "dask" / "manifest.parquet")
+        pd.testing.assert_frame_equal(on_dask, serial)
+        def tree(root: Path) -> set[Path]:
+            return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+
+        files = tree(tmp_path / "serial")
+        assert files == tree(tmp_path / "dask") and len(files) == 7 + 1  # images and the manifest
+        for rel in files:
+            assert (tmp_path / "dask" / rel).read_bytes() == (tmp_path / "serial" / rel).read_bytes(), rel
+        assert not journal_dir(tmp_path / "dask").exists() and not list(tmp_path.glob(".dask*"))
+
+        before = Counter(requests)
+        assert fetch_dask(params_file=str(params), n_workers=2, processes=False, rows_per_task=4) == counts
+        assert set(requests - before) == {"/missing.jpg", "/page.html"}  # successes reused, failures retried
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "dask" / "manifest.parquet"), serial)
+
+        params.write_text(yaml.safe_dump({"fetch": {"out": str(tmp_path / "synth")}}))
+        with pytest.raises(ValueError, match="fetch_dask fans out downloads"):
+            fetch_dask(params_file=str(params), processes=False)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -26,7 +26,7 @@ from typing import Literal
 import pandas as pd
 
 from mcf.data.sources import laion, local, s3
-from mcf.data.sources.download import Limits, download
+from mcf.data.sources.download import Limits, Source, download
 from mcf.data.sources.laion import LaionFaceConfig
 from mcf.data.sources.local import LocalConfig
 from mcf.data.sources.s3 import S3Config
@@ -77,21 +77,39 @@ def fetch_synthetic(cfg: SynthConfig, seed: int, staging: Path) -> tuple[pd.Data
     return manifest, detections
 
 
+def remote_source(cfg: FetchConfig, rows: pd.DataFrame | None = None) -> Source:
+    """The laion-face, s3 or local source: its rows listed (or ``rows``, a slice listed elsewhere)."""
+    if cfg.source == "laion-face":
+        return laion.source(cfg.laion_face, cfg.max_bytes, rows)
+    if cfg.source == "s3":
+        return s3.source(cfg.s3, cfg.max_bytes, cfg.threads, rows)
+    return local.source(cfg.local, cfg.max_bytes, rows)
+
+
+def limits(cfg: FetchConfig) -> Limits:
+    return Limits(threads=cfg.threads, retries=cfg.retries, max_pixels=cfg.max_pixels)
+
+
+def remote_detections(cfg: FetchConfig, manifest: pd.DataFrame) -> pd.DataFrame | None:
+    """LAION-Face's released detections of the images that arrived (None for the other sources)."""
+    if cfg.source != "laion-face" or not cfg.laion_face.detections:
+        return None
+    fetched = set(manifest.loc[manifest["status"] == "success", "sample_id"])
+    return laion.read_detections(cfg.laion_face.detections, fetched)
+
+
 def fetch_remote(cfg: FetchConfig, out: Path, staging: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Download the rows of the laion-face, s3 or local source; return the manifest and detections."""
-    if cfg.source == "laion-face":
-        src = laion.source(cfg.laion_face, cfg.max_bytes)
-    elif cfg.source == "s3":
-        src = s3.source(cfg.s3, cfg.max_bytes, cfg.threads)
-    else:
-        src = local.source(cfg.local, cfg.max_bytes)
-    limits = Limits(threads=cfg.threads, retries=cfg.retries, max_pixels=cfg.max_pixels)
-    manifest = download(src, out, journal_dir(out), staging, limits)
-    detections = None
-    if cfg.source == "laion-face" and cfg.laion_face.detections:
-        fetched = set(manifest.loc[manifest["status"] == "success", "sample_id"])
-        detections = laion.read_detections(cfg.laion_face.detections, fetched)
-    return manifest, detections
+    manifest = download(remote_source(cfg), out, journal_dir(out), staging, limits(cfg))
+    return manifest, remote_detections(cfg, manifest)
+
+
+def publish(manifest: pd.DataFrame, detections: pd.DataFrame | None, staging: Path) -> None:
+    """Write the tables beside the images and gate them, inside the staging folder."""
+    manifest.to_parquet(staging / "manifest.parquet", index=False)
+    if detections is not None:
+        detections.to_parquet(staging / "detections.parquet", index=False)
+    run_gate(manifest, "fetch", stage="fetch")
 
 
 def main(common: Common, cfg: FetchConfig) -> None:
@@ -101,10 +119,7 @@ def main(common: Common, cfg: FetchConfig) -> None:
             manifest, detections = fetch_synthetic(cfg.synthetic, common.seed, staging)
         else:
             manifest, detections = fetch_remote(cfg, out, staging)
-        manifest.to_parquet(staging / "manifest.parquet", index=False)
-        if detections is not None:
-            detections.to_parquet(staging / "detections.parquet", index=False)
-        run_gate(manifest, "fetch", stage="fetch")
+        publish(manifest, detections, staging)
     shutil.rmtree(journal_dir(out), ignore_errors=True)
     ok = int((manifest["status"] == "success").sum())
     log.info("fetch: %d of %d images fetched into %s", ok, len(manifest), out)

@@ -7,11 +7,13 @@ to bytes. This module runs that function on a thread pool with retries, turns by
 Resume. Outputs are published by one rename (:func:`mcf.io.atomic_dir`), so a killed run must not
 lose what it downloaded. New files are therefore written to a *journal folder*, a stable sibling of
 the output (``.<out>.partial/``): ``images/`` plus ``journal.jsonl``, one JSON line appended per
-success. At the end every success is hard-linked (copied across devices) from there, or from the
-previous output, into the staging folder. A later run reuses a row when the previous output's
-manifest or the journal has it as a success with the same source columns (URL, key, ...) and the
-file on disk still has the recorded sha256; everything else (missing, failed, changed) is fetched
-again. The caller deletes the journal folder once the new output is published.
+success (``journal-<part>.jsonl``, one per slice, when flows/fetch_dask.py splits the rows over Dask
+workers; a run reads them all, so a resumed run may split the rows differently or not at all). At the
+end every success is hard-linked (copied across devices) from there, or from the previous output, into
+the staging folder. A later run reuses a row when the previous output's manifest or the journal has it
+as a success with the same source columns (URL, key, ...) and the file on disk still has the recorded
+sha256; everything else (missing, failed, changed) is fetched again. The caller deletes the journal
+folder once the new output is published.
 """
 
 from __future__ import annotations
@@ -63,11 +65,11 @@ class Limits:
 
 
 class Journal:
-    """Append-only record of the successes of an unfinished run (thread-safe)."""
+    """Append-only record of the successes of an unfinished run (thread-safe); one file per writer."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, part: str | None = None) -> None:
         self.root = root
-        self.path = root / "journal.jsonl"
+        self.path = root / (f"journal-{part}.jsonl" if part else "journal.jsonl")
         self._lock = threading.Lock()
         self._end_torn_line()
 
@@ -80,15 +82,14 @@ class Journal:
                     f.write(b"\n")
 
     def load(self) -> list[dict[str, Any]]:
-        """The entries written so far; a line cut short by a kill is skipped."""
-        if not self.path.is_file():
-            return []
+        """The entries every writer in the folder wrote so far; a line cut short by a kill is skipped."""
         entries = []
-        for line in self.path.read_text().splitlines():
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        for path in sorted(self.root.glob("journal*.jsonl")):
+            for line in path.read_text().splitlines():
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
         return entries
 
     def append(self, entry: dict[str, Any]) -> None:
@@ -168,10 +169,25 @@ def download(
     source: Source, previous: Path, journal_dir: Path, staging: Path, limits: Limits
 ) -> pd.DataFrame:
     """Fetch every row of ``source`` into ``staging``; return the manifest (same rows, same order)."""
+    return to_manifest(source, fetch_records(source, previous, journal_dir, staging, limits))
+
+
+def require_rows(source: Source) -> None:
+    """An empty listing is a stage error that names where it looked, not an empty output."""
     if source.rows.empty:
         raise StageError(f"fetch: the {source.name} source lists no rows: nothing in {source.origin}")
+
+
+def fetch_records(
+    source: Source, previous: Path, journal_dir: Path, staging: Path, limits: Limits, part: str | None = None
+) -> list[Record]:
+    """One record per row of ``source``, in order, each success's file in ``staging``.
+
+    ``part`` names one slice of a split run (flows/fetch_dask.py): its own journal file, same folders.
+    """
+    require_rows(source)
     journal_dir.mkdir(parents=True, exist_ok=True)
-    journal = Journal(journal_dir)
+    journal = Journal(journal_dir, part)
     stored = _candidates(previous, journal, source.match)
     rows = source.rows.to_dict("records")
 
@@ -200,12 +216,19 @@ def download(
 
     records: list[Record | None] = [None] * len(rows)
     reused = 0
-    bar = tqdm(total=len(rows), desc=f"fetch {source.name}", unit="img", mininterval=1.0)
+    desc = f"fetch {source.name}" + (f" {part}" if part else "")
+    bar = tqdm(total=len(rows), desc=desc, unit="img", mininterval=1.0)
     with bar:
         for index, record, was_reused in _bounded_map(one, range(len(rows)), limits.threads):
             records[index] = record
             reused += was_reused
             bar.update()
+    log.info("%s: %d rows, %d reused from an earlier run", desc, len(rows), reused)
+    return records  # type: ignore[return-value]  # every index was filled
+
+
+def to_manifest(source: Source, records: list[Record]) -> pd.DataFrame:
+    """The manifest: a row's record, then the source's own columns."""
     manifest = pd.DataFrame({"sample_id": source.rows["sample_id"].astype(str).to_numpy()})
     for column in RECORD_COLUMNS:
         manifest[column] = [getattr(r, column) for r in records]
@@ -213,5 +236,5 @@ def download(
     extra = source.rows.drop(columns=["sample_id"]).reset_index(drop=True)
     manifest = pd.concat([manifest, extra], axis=1)
     counts = manifest["status"].value_counts().to_dict()
-    log.info("fetch %s: %d rows (%d reused), statuses %s", source.name, len(rows), reused, counts)
+    log.info("fetch %s: %d rows, statuses %s", source.name, len(manifest), counts)
     return manifest

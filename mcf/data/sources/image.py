@@ -46,6 +46,7 @@ FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
 _USERINFO = re.compile(r"(?<=://)[^/\s@\"'<>]+@")
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
+_ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f3b2ffb3380>"
 
 
 def redact(text: str) -> str:
@@ -77,8 +78,10 @@ class Record:
     height: int = 0
 
     def __post_init__(self) -> None:
-        if self.error:  # the one way into the manifest's error column
-            object.__setattr__(self, "error", redact(self.error))
+        if self.error:  # the one way into the manifest's error column: no secrets, and no memory
+            # addresses (PIL's and urllib3's messages quote objects), which would change the manifest
+            # from run to run and so its DVC hash
+            object.__setattr__(self, "error", _ADDRESS.sub("", redact(self.error)))
 
     def columns(self) -> dict[str, Any]:
         return asdict(self)

@@ -161,9 +161,11 @@ class HttpFetcher:
             raise FetchFailure("connection_error", message, retryable=True) from None
 
 
-def source(cfg: LaionFaceConfig, max_bytes: int) -> Source:
+def source(cfg: LaionFaceConfig, max_bytes: int, rows: pd.DataFrame | None = None) -> Source:
+    """The parquet parts' rows (or ``rows``, a slice of them listed elsewhere) and their fetcher."""
     origin = ", ".join(cfg.parquet)
-    return Source("laion-face", read_rows(cfg), HttpFetcher(cfg, max_bytes), match=("url",), origin=origin)
+    rows = read_rows(cfg) if rows is None else rows
+    return Source("laion-face", rows, HttpFetcher(cfg, max_bytes), match=("url",), origin=origin)
 
 
 def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:

@@ -79,7 +79,9 @@ class FileReader:
         return data
 
 
-def source(cfg: LocalConfig, max_bytes: int) -> Source:
+def source(cfg: LocalConfig, max_bytes: int, rows: pd.DataFrame | None = None) -> Source:
+    """The folder's files (or ``rows``, a slice of them listed elsewhere) and their reader."""
     reader = FileReader(Path(cfg.root), max_bytes)
     origin = f"{cfg.root} (files ending in {', '.join(cfg.extensions) or 'anything'})"
-    return Source("local", list_rows(cfg), reader, match=("file", "size", "mtime_ns"), origin=origin)
+    rows = list_rows(cfg) if rows is None else rows
+    return Source("local", rows, reader, match=("file", "size", "mtime_ns"), origin=origin)

@@ -113,8 +113,9 @@ class S3Fetcher:
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}", retryable=True) from None
 
 
-def source(cfg: S3Config, max_bytes: int, threads: int) -> Source:
+def source(cfg: S3Config, max_bytes: int, threads: int, rows: pd.DataFrame | None = None) -> Source:
+    """The objects under the prefix (or ``rows``, a slice of them listed elsewhere) and their fetcher."""
     client = _client(cfg, threads)
-    rows = list_rows(client, cfg)
+    rows = list_rows(client, cfg) if rows is None else rows
     origin = f"s3://{cfg.bucket}/{cfg.prefix} (keys ending in {', '.join(cfg.extensions) or 'anything'})"
     return Source("s3", rows, S3Fetcher(client, cfg.bucket, max_bytes), match=("key", "etag"), origin=origin)

@@ -1,0 +1,82 @@
+"""Prefect flow ``fetch_dask``: the ``fetch`` stage's downloads fanned out over a Dask cluster.
+
+The rows (LAION-Face parquet rows, S3 keys, local files) are listed once, here, and cut into slices of
+``rows_per_task``; each slice is a Prefect task on prefect-dask's ``DaskTaskRunner`` that builds its own
+fetcher and runs the stage's download loop (:func:`mcf.data.sources.download.fetch_records`) with its
+own journal file. The records come back in row order and the manifest, detections and gate are the
+stage's own (:func:`mcf.data.fetch.publish`), so the output is what ``mcf fetch`` writes, and a run
+killed half-way resumes from the journal folder, split or not. Workers write into the shared staging
+and journal folders: on a cluster (``address``) they must see this checkout's files at the same
+absolute paths (a shared filesystem). SynthFace renders on ``fetch.synthetic.workers`` processes;
+there is nothing to download, so it is refused here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE
+
+from flows.dask_runner import task_runner
+from mcf.data.fetch import FetchConfig, journal_dir, limits, publish, remote_detections, remote_source
+from mcf.data.sources.download import Record, fetch_records, require_rows, to_manifest
+from mcf.io import atomic_dir
+from mcf.params import load
+
+
+@task(task_run_name="fetch-{part}", cache_policy=NO_CACHE)
+def fetch_part(cfg: FetchConfig, rows: pd.DataFrame, part: str, staging: str) -> list[Record]:
+    """One slice of rows into the shared staging folder, on a Dask worker; its records in row order."""
+    out = Path(cfg.out)
+    return fetch_records(remote_source(cfg, rows), out, journal_dir(out), Path(staging), limits(cfg), part)
+
+
+@flow(name="fetch_fan_out")
+def fan_out(cfg: FetchConfig, slices: list[pd.DataFrame], staging: str) -> list[list[Record]]:
+    """Map :func:`fetch_part` over the slices; results in slice order."""
+    parts = [f"part-{i:06d}" for i in range(len(slices))]
+    return fetch_part.map(unmapped(cfg), slices, parts, unmapped(staging)).result()
+
+
+def absolute(cfg: FetchConfig) -> FetchConfig:
+    """The paths a worker reads or writes, made absolute: a worker on another host resolves them alike."""
+    local = dataclasses.replace(cfg.local, root=str(Path(cfg.local.root).resolve()))
+    return dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()), local=local)
+
+
+@flow(name="fetch_dask")
+def fetch_dask(
+    params_file: str = "params.yaml",
+    address: str | None = None,
+    n_workers: int | None = None,
+    processes: bool = True,
+    rows_per_task: int = 10_000,
+) -> dict[str, int]:
+    """Run the fetch stage of ``params_file`` on Dask; returns the count of rows per status.
+
+    A local cluster has ``n_workers`` workers (default: one per CPU), processes or threads; each
+    worker downloads its slice on ``fetch.threads`` threads.
+    """
+    if rows_per_task < 1:
+        raise ValueError(f"rows_per_task must be at least 1, not {rows_per_task}")
+    _, cfg = load("fetch", params_file)
+    if cfg.source == "synthetic":
+        raise ValueError("fetch.source is synthetic: SynthFace renders on fetch.synthetic.workers processes "
+                         "(`mcf fetch`); fetch_dask fans out downloads (laion-face, s3, local)")
+    cfg = absolute(cfg)
+    source = remote_source(cfg)  # the listing, once
+    require_rows(source)
+    slices = [source.rows.iloc[i : i + rows_per_task] for i in range(0, len(source.rows), rows_per_task)]
+    runner = task_runner(address, n_workers or os.cpu_count() or 1, processes)
+    out = Path(cfg.out)
+    with atomic_dir(out, sign="manifest.parquet") as staging:
+        parts = fan_out.with_options(task_runner=runner)(cfg, slices, str(staging))
+        manifest = to_manifest(source, [record for part in parts for record in part])
+        publish(manifest, remote_detections(cfg, manifest), staging)
+    shutil.rmtree(journal_dir(out), ignore_errors=True)
+    return manifest["status"].value_counts().to_dict()
