@@ -199,6 +199,16 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     assert "| `evaluate` | not run (upstream failed) |" in table
 
 
+def test_fetch_on_dask_runs_the_fan_out_flow_for_fetch(prefect_api: None, project: Path) -> None:
+    """``fetch_on_dask`` routes the fetch stage to flows/fetch_dask.py, which reads mcf's params: the
+    toy project's params.yaml is not an mcf one, and the failure says so."""
+    state = mcf(fetch_on_dask=True, return_state=True)
+    assert state.is_failed() and "stage 'fetch' failed" in state.message
+    with pytest.raises(StageFailed, match="on Dask: ParamsError: params.yaml: train: unknown top-level key"):
+        state.result()
+    assert not (project / "out").exists()
+
+
 def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api: None, project: Path) -> None:
     committed = (project / "params.yaml").read_bytes()
     saved = project / ".dvc" / "tmp" / "mcf-flow.params.yaml"  # as a run killed mid-way leaves it
