@@ -87,6 +87,7 @@ def remote_source(cfg: FetchConfig, rows: pd.DataFrame | None = None) -> Source:
 
 
 def limits(cfg: FetchConfig) -> Limits:
+    """The bounds every download obeys, serial or on a Dask worker."""
     return Limits(threads=cfg.threads, retries=cfg.retries, max_pixels=cfg.max_pixels)
 
 

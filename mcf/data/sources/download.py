@@ -98,8 +98,11 @@ class Journal:
             f.write(line)
 
 
-def _candidates(previous: Path, journal: Journal, match: tuple[str, ...]) -> dict[str, tuple[Path, dict]]:
-    """Stored successes by sample id, each with the folder its path is relative to."""
+def _candidates(
+    previous: Path, journal: Journal, match: tuple[str, ...], wanted: set[str]
+) -> dict[str, tuple[Path, dict]]:
+    """Stored successes of the ``wanted`` sample ids, each with the folder its path is relative to
+    (a Dask slice keeps its own rows only, not the whole run's)."""
     found: dict[str, tuple[Path, dict]] = {}
     manifest = previous / "manifest.parquet"
     if manifest.is_file():
@@ -109,10 +112,12 @@ def _candidates(previous: Path, journal: Journal, match: tuple[str, ...]) -> dic
             log.warning("ignoring unreadable previous manifest %s: %s", manifest, err)
             old = pd.DataFrame()
         if {"status", "sample_id", *match} <= set(old.columns):
-            for row in old[old["status"] == "success"].to_dict("records"):
+            old = old[(old["status"] == "success") & old["sample_id"].astype(str).isin(wanted)]
+            for row in old.to_dict("records"):
                 found[str(row["sample_id"])] = (previous, row)
     for entry in journal.load():
-        found[str(entry["sample_id"])] = (journal.root, entry)
+        if str(entry["sample_id"]) in wanted:
+            found[str(entry["sample_id"])] = (journal.root, entry)
     return found
 
 
@@ -188,8 +193,8 @@ def fetch_records(
     require_rows(source)
     journal_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(journal_dir, part)
-    stored = _candidates(previous, journal, source.match)
     rows = source.rows.to_dict("records")
+    stored = _candidates(previous, journal, source.match, {str(row["sample_id"]) for row in rows})
 
     def one(index: int) -> tuple[int, Record, bool]:
         row = rows[index]
