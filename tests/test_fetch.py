@@ -69,7 +69,8 @@ BODIES = {
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body)."""
+    """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body),
+    /a<n> and /b<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png) and /loop (to itself)."""
 
     counts: Counter = Counter()
     lock = threading.Lock()
@@ -92,7 +93,14 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _respond(self) -> None:
-        if self.path == "/broken":
+        if self.path == "/loop" or (self.path[1:2] in ("a", "b") and self.path[2:].isdigit()):
+            hops = int(self.path[2:]) if self.path[2:].isdigit() else 0
+            self.send_response(302)
+            chain = f"{self.path[:2]}{hops - 1}" if hops else "/good.png"
+            self.send_header("Location", self.path if self.path == "/loop" else chain)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/broken":
             self.send_error(500)
         elif self.path == "/slow":
             time.sleep(1.0)
@@ -155,6 +163,9 @@ EXPECTED = {
     "/huge.bin": "too_large",
     "/bomb.png": "decompression_bomb",
     "/noai.jpg": "disallowed",
+    "/a4": "success",  # 5 redirects: the bound
+    "/b5": "http_error",  # 6
+    "/loop": "http_error",
 }
 
 
@@ -206,7 +217,8 @@ def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
     before = Counter(Handler.counts)
     main(Common(), cfg)
     again = Handler.counts - before
-    assert set(again) == set(EXPECTED) - {"/good.jpg", "/good.png"}  # only failures are requested
+    retried = set(EXPECTED) - {"/good.jpg", "/good.png", "/a4"}  # only failures are requested
+    assert set(again) == retried | {"/b4", "/b3", "/b2", "/b1", "/b0"}
     rerun = pd.read_parquet("out/manifest.parquet")
     pd.testing.assert_frame_equal(rerun, manifest)  # error texts too: no memory addresses in them
 

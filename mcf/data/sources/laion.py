@@ -52,6 +52,7 @@ class LaionFaceConfig:
     extra_columns: list[str] = param([])  # carried into the manifest, e.g. [NSFW, similarity, LICENSE]
     timeout: float = param(10.0, gt=0)  # seconds, connect and between bytes
     total_timeout: float = param(30.0, gt=0)  # seconds for a whole image
+    max_redirects: int = param(5, ge=0)  # more is `http_error` (requests would follow 30, a loop included)
     user_agent: str = "mcf-fetch/0.1 (research; img2dataset-compatible settings)"
     disallowed_header_directives: list[str] = param(["noai", "noimageai", "noindex", "noimageindex"])
 
@@ -120,6 +121,7 @@ class HttpFetcher:
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
             self._local.session.headers["User-Agent"] = self.cfg.user_agent
+            self._local.session.max_redirects = self.cfg.max_redirects
         return self._local.session
 
     def _check_headers(self, response: requests.Response) -> None:
@@ -156,6 +158,8 @@ class HttpFetcher:
             raise FetchFailure("truncated", f"body ended early: {err}"[:200], retryable=True) from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as err:
             raise FetchFailure("invalid_url", str(err)[:200]) from None
+        except requests.exceptions.TooManyRedirects:  # a loop or a chain: trying again will not help
+            raise FetchFailure("http_error", f"more than {self.cfg.max_redirects} redirects") from None
         except (requests.exceptions.RequestException, HTTPError) as err:
             message = f"{type(err).__name__}: {err}"[:200]
             raise FetchFailure("connection_error", message, retryable=True) from None
