@@ -29,6 +29,7 @@ from mcf.synth import (
 from mcf.synth.bench import bench_synth
 from mcf.synth.geometry import face_shapes, sample_expression
 from mcf.synth.head import Pose, project_surface
+from mcf.synth.writers import is_synthface
 
 SMALL = SynthConfig(
     n_scenes=6, scene_size=128, n_identities=4, aflw=AflwSynthConfig(n_train=5, n_test=3, image_size=96),
@@ -145,6 +146,25 @@ def test_lapa_tree_has_matching_files(tmp_path: Path) -> None:
             assert lines[0] == "106" and len([ln for ln in lines[1:] if ln]) == 106
             pts = np.array([[float(v) for v in ln.split()] for ln in lines[1:] if ln])
             assert (pts >= 0).all() and (pts <= 95).all()
+
+
+def test_a_tree_that_lost_its_identities_table_is_still_synthface(tmp_path: Path) -> None:
+    """evaluate refuses a SynthFace number labelled AFLW-19 or LaPa: the .mat header and LaPa's names
+    keep saying SynthFace when the table is gone, and AFLW-19 then refuses to guess its split."""
+    aflw, lapa = tmp_path / "aflw", tmp_path / "lapa"
+    write_aflw19(SMALL, 0, aflw)
+    write_lapa(SMALL, 0, lapa)
+    for root in (aflw, lapa):
+        (root / "synthface_identities.csv").unlink()
+        assert is_synthface(root)
+    with pytest.raises(StageError, match="without its synthface_identities.csv"):
+        AFLW19(AFLW19Config(root=str(aflw), n_train=5), "full")
+    real = tmp_path / "real"  # scipy's own header and real LaPa names: not SynthFace
+    real.mkdir()
+    scipy.io.savemat(real / "AFLWinfo_release.mat", {"bbox": np.zeros((1, 4))})
+    (real / "LaPa" / "test" / "images").mkdir(parents=True)
+    (real / "LaPa" / "test" / "images" / "10042.jpg").write_bytes(b"")
+    assert not is_synthface(real) and not is_synthface(tmp_path / "missing")
 
 
 def test_corpus_manifest_and_detections_agree(tmp_path: Path) -> None:

@@ -40,12 +40,12 @@ from tqdm import tqdm
 from mcf.data import transforms as T
 from mcf.errors import StageError
 from mcf.params import ParamsError, param
-from mcf.synth.writers import IDENTITIES_CSV  # present only in SynthFace trees
+from mcf.synth.writers import AFLW_MAT, IDENTITIES_CSV, is_synthface
 
 Split = Literal["train", "val", "full", "frontal"]
 SPLITS: tuple[str, ...] = ("train", "val", "full", "frontal")
 N_POINTS = 19
-MAT_NAME = "AFLWinfo_release.mat"
+MAT_NAME = AFLW_MAT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +138,11 @@ def check_written_split(root: str | Path, n_train: int) -> None:
     """A SynthFace tree records each image's split: an ``n_train`` other than the one it was written
     with would test on training images (``fetch.synthetic.aflw.n_train`` and ``data.n_train`` differ)."""
     path = Path(root) / IDENTITIES_CSV
-    if not path.is_file():
+    if not is_synthface(root):
         return  # the real AFLW-19: its split is ra's order alone
+    if not path.is_file():
+        raise StageError(f"{root} is a SynthFace tree without its {IDENTITIES_CSV}: its split cannot be "
+                         "checked (run `mcf fetch` again)")
     written = int((pd.read_csv(path, usecols=["split"])["split"] == "train").sum())
     if written != n_train:
         raise StageError(

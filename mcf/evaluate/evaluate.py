@@ -56,7 +56,7 @@ from mcf.evaluate.scoring import (
 from mcf.io import atomic_dir, atomic_file
 from mcf.models.heads import DenseFaceModel
 from mcf.params import Common, ParamsError, param, require_path
-from mcf.synth.writers import IDENTITIES_CSV  # present only in SynthFace trees
+from mcf.synth.writers import is_synthface
 from mcf.train.finetune import TEST_SCORE, Task, load_finetuned
 from mcf.validate.gate import run_gate
 
@@ -147,7 +147,7 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     """Score every alignment variant; write predictions, the CED data and plot, and overlays."""
     models = _checkpoints(cfg.alignment, cfg.variants, "alignment")
     data = AFLW19Config(**next(iter(models.values()))[1]["data"])
-    check_label(cfg.alignment_label, "alignment_label", (Path(data.root) / IDENTITIES_CSV).is_file())
+    check_label(cfg.alignment_label, "alignment_label", is_synthface(data.root))
     run_gate(aflw19.table(data, "full"), "aflw19", stage="evaluate")
     dataset = AFLW19(data, "full")
     results, ced = {}, {}
@@ -182,7 +182,7 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     """Score every parsing variant; write predicted maps, the F1 data, confusion plots and overlays."""
     models = _checkpoints(cfg.parsing, cfg.variants, "parsing")
     data = LaPaConfig(**next(iter(models.values()))[1]["data"])
-    check_label(cfg.parsing_label, "parsing_label", (Path(data.root) / IDENTITIES_CSV).is_file())
+    check_label(cfg.parsing_label, "parsing_label", is_synthface(data.root))
     run_gate(lapa.table(data, "test"), "lapa", stage="evaluate")
     dataset = LaPa(data, "test")
     results = {}
@@ -196,7 +196,11 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
             image = read_rgb(dataset.dir / "images" / f"{name.split('/')[1]}.jpg")
             blended = plots.blend_labels(image, plots.read_png(pred_dir / f"{name}.png"))
             plots.write_png(out / "overlays" / f"parsing_{variant}_{i}.png", blended)
-        log.info("parsing %s: F1 mean %.2f", variant, results[variant]["f1_mean"])
+        absent = [c for c, v in results[variant]["f1"].items() if v is None]
+        if absent:
+            log.warning("parsing %s: %s absent from the test labels and predictions, so out of the F1 mean",
+                        variant, ", ".join(absent))
+        log.info("parsing %s: F1 mean %s", variant, results[variant]["f1_mean"])
     columns = {v: [r["f1"][c] for c in CLASSES[1:]] for v, r in results.items()}
     pd.DataFrame({"class": CLASSES[1:], **columns}).to_csv(out / "plots" / "f1.csv", index=False)
     return results

@@ -37,8 +37,24 @@ IDENTITIES_CSV = "synthface_identities.csv"
 PIXEL_CENTRE = 0.5  # renderer coordinates (centres at integers) + this = file coordinates
 AFLW_FOLDERS = ("0", "2", "3")  # the real tree's data/flickr sub-folders
 LAPA_SPLITS = ("train", "val", "test")
+AFLW_MAT = "AFLWinfo_release.mat"
 # a MAT v5 file opens with 116 bytes of free text (then subsystem offset, version, endianness)
 MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, written by mcf.synth (SynthFace)".ljust(116)
+
+
+def is_synthface(root: str | Path) -> bool:
+    """Whether the AFLW-19 or LaPa data root ``root`` was written by SynthFace. Three marks say so (the
+    identities table, the AFLW-19 file's header text, LaPa's ``synth_`` names), so a tree that lost its
+    table still cannot pass for the real dataset."""
+    root = Path(root)
+    if (root / IDENTITIES_CSV).is_file():
+        return True
+    mat = root / AFLW_MAT
+    if mat.is_file():
+        with mat.open("rb") as f:
+            if f.read(len(MAT_HEADER)) == MAT_HEADER:
+                return True
+    return any(next((root / "LaPa" / s / "images").glob("synth_*"), None) for s in LAPA_SPLITS)
 
 
 def _jpeg(image: np.ndarray, quality: int) -> bytes:
@@ -138,7 +154,7 @@ def write_aflw19(cfg: SynthConfig, seed: int, out_dir: Path) -> None:
                            "ra": ra[None, :].astype(np.float64)})
     # savemat stamps the creation time into the header text; a fixed text keeps the file (and DVC's
     # hash of fetch's output) identical from run to run
-    (out_dir / "AFLWinfo_release.mat").write_bytes(MAT_HEADER + buf.getvalue()[len(MAT_HEADER):])
+    (out_dir / AFLW_MAT).write_bytes(MAT_HEADER + buf.getvalue()[len(MAT_HEADER):])
     train = set(ra[: a.n_train] - 1)
     split = ["train" if i in train else "test" for i in range(n)]
     pd.DataFrame(ids, columns=["name", "identity"]).assign(split=split).to_csv(
