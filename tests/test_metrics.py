@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mcf.evaluate.metrics import auc_fr, ced_curve, confusion_matrix, f1_mean, f1_per_class, nme
+from mcf.evaluate.scoring import alignment_scores
 
 
 def _landmarks() -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +73,18 @@ def test_confusion_and_f1_on_a_known_label_map() -> None:
 def test_f1_mean_skips_background_and_keeps_hair() -> None:
     f1s = np.array([0.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.4])
     assert f1_mean(f1s) == pytest.approx(0.85)
+
+
+def test_f1_mean_leaves_out_a_class_absent_from_labels_and_predictions() -> None:
+    f1s = np.array([0.0, 0.9, np.nan, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.0])
+    assert f1_mean(f1s) == pytest.approx(0.8)  # the 9 classes present, not NaN for all
+    assert np.isnan(f1_mean(np.array([1.0] + [np.nan] * 10)))
+
+
+def test_an_empty_subset_has_only_its_count() -> None:
+    gt, box = _landmarks()
+    assert alignment_scores(gt[:0], gt[:0], box[:0]) == {"images": 0}
+    assert alignment_scores(gt, gt, box)["nme_diag"] == 0.0
 
 
 def test_confusion_rejects_out_of_range_labels() -> None:

@@ -212,6 +212,8 @@ def test_report_is_self_contained_and_complete(page: str) -> None:
     assert "&lt;not a tag&gt;" in sections["params"] and "<not a tag>" not in page
     assert "lapa failed" in sections["gates"] and "3 unexpected of 10" in sections["gates"]
     assert "5.432" in sections["ced"] and "SynthFace-AFLW19" in sections["ced"]
+    splits = re.findall(r"<tr><td>(\w+)</td><td>(\w+)</td>", sections["ced"])
+    assert sorted(splits) == [(v, s) for v in ("mcf", "scratch") for s in ("frontal", "full")]
 
 
 def test_report_labels_numbers_with_their_dataset(page: str) -> None:

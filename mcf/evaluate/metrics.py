@@ -97,8 +97,13 @@ def f1_per_class(conf: np.ndarray) -> np.ndarray:
 
 
 def f1_mean(f1s: np.ndarray) -> float:
-    """Mean F1 over the non-background classes 1..10 (hair included), as LaPa papers report it."""
+    """Mean F1 over the non-background classes 1..10 (hair included), as LaPa papers report it.
+
+    A class absent from both GT and predictions (NaN) is left out of the mean rather than blanking it:
+    the real LaPa test set holds every class, a small one may not. NaN only when every class is absent.
+    """
     f1s = np.asarray(f1s, dtype=np.float64)
     if f1s.ndim != 1 or f1s.size < 2:
         raise ValueError(f"f1_mean: expected per-class F1 [n_classes], got shape {f1s.shape}")
-    return float(np.mean(f1s[1:]))
+    scored = f1s[1:][~np.isnan(f1s[1:])]
+    return float(scored.mean()) if scored.size else float("nan")

@@ -33,6 +33,7 @@ from mcf.report.runfiles import (
 log = logging.getLogger(__name__)
 TRAINING_STAGES = ("teacher", "pretrain", "finetune_alignment", "finetune_parsing")
 ALIGNMENT_KEYS = ("nme_diag", "nme_box", "nme_inter_ocular", "auc_box_0.07", "fr_box_0.07", "images")
+ALIGNMENT_SPLITS = ("full", "frontal")  # the scored splits; best_epoch_on_test has its own row
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
@@ -133,7 +134,7 @@ def ced_section(run: Run) -> str:
     curve = read_table(run.path("evaluate.out") / "plots" / "ced.csv", "CED data")
     rows = [[variant, split, label, *(fmt(scores.get(k), 0 if k == "images" else 3) for k in ALIGNMENT_KEYS)]
             for variant, result in (metrics.get("alignment") or {}).items()
-            for split, scores in result.items()]
+            for split, scores in result.items() if split in ALIGNMENT_SPLITS]
     headers = ["variant", "split", "data", *ALIGNMENT_KEYS]
     numbers = table(headers, rows) if rows else note("the metrics have no alignment scores")
     return figure(figures.ced_png(curve, label), f"CED of NME_box on {label}") + numbers
