@@ -370,6 +370,21 @@ def test_local_folder(tmp_path: Path) -> None:
     assert not Path("out/detections.parquet").exists()
 
 
+def test_a_stored_file_over_lowered_limits_is_not_reused(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    _write(root / "small.png", _image("PNG", (10, 10)))
+    flat = io.BytesIO()
+    Image.new("RGB", (200, 10)).save(flat, "PNG")
+    _write(root / "wide.png", flat.getvalue())  # 2,000 pixels in a few bytes
+    _write(root / "heavy.jpg", _image("JPEG", (40, 40)))
+    main(Common(), _config(source="local", local={"root": str(root)}))
+    assert set(pd.read_parquet("out/manifest.parquet")["status"]) == {"success"}
+    heavy = (root / "heavy.jpg").stat().st_size
+    main(Common(), _config(source="local", local={"root": str(root)}, max_pixels=1_000, max_bytes=heavy - 1))
+    status = pd.read_parquet("out/manifest.parquet").set_index("sample_id")["status"].to_dict()
+    assert status == {"small.png": "success", "wide.png": "decompression_bomb", "heavy.jpg": "too_large"}
+
+
 def test_empty_local_folder_fails_naming_it(tmp_path: Path) -> None:
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "notes.txt").write_text("not an image")

@@ -88,7 +88,7 @@ def remote_source(cfg: FetchConfig, rows: pd.DataFrame | None = None) -> Source:
 
 def limits(cfg: FetchConfig) -> Limits:
     """The bounds every download obeys, serial or on a Dask worker."""
-    return Limits(threads=cfg.threads, retries=cfg.retries, max_pixels=cfg.max_pixels)
+    return Limits(cfg.threads, cfg.retries, max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels)
 
 
 def remote_detections(cfg: FetchConfig, manifest: pd.DataFrame) -> pd.DataFrame | None:

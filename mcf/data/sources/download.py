@@ -62,6 +62,7 @@ class Source:
 class Limits:
     threads: int
     retries: int
+    max_bytes: int
     max_pixels: int
 
 
@@ -134,13 +135,20 @@ def _link(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def _reuse(row: dict[str, Any], stored: tuple[Path, dict] | None, match: tuple[str, ...]) -> Record | None:
+def _reuse(
+    row: dict[str, Any], stored: tuple[Path, dict] | None, match: tuple[str, ...], limits: Limits
+) -> Record | None:
+    """A stored success, when its source columns, its file's sha256 and today's limits still hold
+    (a file over a lowered bound is fetched again, and the fetch records why it fails)."""
     if stored is None:
         return None
     root, old = stored
     if any(str(old.get(c)) != str(row.get(c)) for c in match) or not old.get("path"):
         return None
-    if file_sha256(root / old["path"]) != old.get("sha256"):
+    if int(old["width"]) * int(old["height"]) > limits.max_pixels:
+        return None
+    path = root / old["path"]
+    if not path.is_file() or path.stat().st_size > limits.max_bytes or file_sha256(path) != old.get("sha256"):
         return None
     return Record("success", None, old["path"], old["sha256"], int(old["width"]), int(old["height"]))
 
@@ -205,7 +213,7 @@ def fetch_records(
         row = rows[index]
         sample_id = str(row["sample_id"])
         hit = stored.get(sample_id)
-        record = _reuse(row, hit, source.match)
+        record = _reuse(row, hit, source.match, limits)
         if record is not None:
             _link(hit[0] / record.path, staging / record.path)
             return index, record, True
