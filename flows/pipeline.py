@@ -12,11 +12,13 @@ Deployments (``prefect.yaml``) run it on the ``gpu`` work pool; see the README f
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +48,7 @@ RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a trans
 RETRY_DELAY_S = 30
 NO_RETRY = (EXIT_PARAMS, EXIT_GATE)  # `mcf <stage>`'s exits for rejected params, a failed data gate
 TAIL_LINES = 40
+STOP_GRACE_S = 60  # a cancelled stage's group gets this long to stop after SIGTERM (torchrun: 30 s)
 # DVC unlocks the repository while a stage's command runs, so independent stages run side by side and
 # wait only for each other's short bookkeeping (checks, dvc.lock updates)
 DVC = [sys.executable, "-m", "dvc", "--wait-for-lock"]
@@ -116,6 +119,30 @@ def _outcome(line: str, current: Outcome) -> Outcome:
     return current
 
 
+def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to ``proc``'s whole process group, SIGKILL to what is left after ``grace`` seconds.
+
+    ``dvc repro`` passes no signal on to the stage's command, which would train on unseen (and a rerun
+    would meet it); torchrun, in the group too, stops its workers itself on SIGTERM within 30 s.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)  # anyone left in the group?
+        except ProcessLookupError:
+            break
+        proc.poll()  # reap the leader, or it stays a zombie member
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
 def repro(stage: str) -> StageRun:
     """Run one stage through DVC, streaming its output to the run's log."""
@@ -128,7 +155,9 @@ def repro(stage: str) -> StageRun:
     # ... and import this checkout's `mcf`, the code DVC hashes as their deps, not the one pip installed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")]))
     cmd = [*DVC, "repro", "--single-item", stage]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+    # a session of its own: a cancelled stage is stopped as a whole process group (below)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          start_new_session=True) as proc:
         try:
             for raw in proc.stdout:
                 line = raw.rstrip()
@@ -137,7 +166,7 @@ def repro(stage: str) -> StageRun:
                     tail.append(line)
                     outcome = _outcome(line, outcome)
         except BaseException:
-            proc.terminate()  # cancelled: the stage's atomic outputs leave nothing half-written
+            stop_group(proc)  # cancelled: the stage's atomic outputs leave nothing half-written
             raise
     if proc.returncode:
         lines = "\n".join(tail)

@@ -91,3 +91,24 @@ def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     tsv = root / "metrics" / "killed" / "plots" / "metrics" / "train" / "loss.tsv"
     assert tsv_column(tsv, "step") == list(range(1, TOTAL + 1))
+
+
+def test_sigterm_to_the_launcher_reaches_torchrun(tmp_path: Path) -> None:
+    """`train.processes` re-runs the stage under torchrun: stopping the parent stops the child too."""
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"p = pathlib.Path({str(tmp_path)!r})\n"
+        "signal.signal(signal.SIGTERM, lambda *_: (p.joinpath('stopped').touch(), sys.exit(7)))\n"
+        "p.joinpath('ready').touch()\n"
+        "time.sleep(60)\n"
+    )
+    parent = (
+        "import sys\nfrom mcf.train.distributed import run_forwarding_sigterm\n"
+        f"sys.exit(run_forwarding_sigterm([sys.executable, '-c', {child!r}]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 7 and (tmp_path / "stopped").exists()

@@ -8,8 +8,10 @@ without waiting for the real stages; tests/test_prefect_deploy.py runs the real 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +23,7 @@ from dvc.repo import Repo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.pipeline import StageFailed, mcf, plan, retry_condition, stage_task  # noqa: E402
+from flows.pipeline import StageFailed, mcf, plan, retry_condition, stage_task, stop_group  # noqa: E402
 
 if TYPE_CHECKING:
     from conftest import PrefectServer
@@ -147,6 +149,31 @@ def test_stage_tasks_retry_io_and_tag_gpu() -> None:
 def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert {"gpu", "gpu-3"} <= stage_task("teacher").tags
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its exit status left (a zombie its new parent has not reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_cancelled_stage_is_stopped_with_its_whole_process_group(tmp_path: Path) -> None:
+    """dvc passes no signal on to the stage's command: SIGTERM goes to the group, SIGKILL to what stays."""
+    pids = tmp_path / "pids"
+    script = f"sleep 300 & echo $! > {pids}; trap '' TERM; sleep 300 & echo $! >> {pids}; wait"
+    proc = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while len(pids.read_text().split() if pids.exists() else []) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    polite, stubborn = map(int, pids.read_text().split())
+    stop_group(proc, grace=1.0)
+    assert proc.returncode == -signal.SIGKILL  # the leader ignored SIGTERM
+    deadline = time.monotonic() + 5
+    while not (_gone(polite) and _gone(stubborn)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(polite) and _gone(stubborn)
 
 
 def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None, project: Path) -> None:

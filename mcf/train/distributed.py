@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -100,7 +101,18 @@ def launch(argv: list[str], processes: int) -> int:
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mcf.cli", *argv,
     ]
-    return subprocess.run(command, check=False).returncode
+    return run_forwarding_sigterm(command)
+
+
+def run_forwarding_sigterm(command: list[str]) -> int:
+    """Run ``command`` and wait; a SIGTERM to this process is passed on, so the child (torchrun, which
+    stops its workers in turn) is not left training on its own when only the parent is stopped."""
+    with subprocess.Popen(command) as proc:
+        previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
+        try:
+            return proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cleanup() -> None:
