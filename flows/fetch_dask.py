@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.dask_runner import task_runner
 from mcf.data.fetch import FetchConfig, journal_dir, limits, publish, remote_detections, remote_source
 from mcf.data.sources.download import Record, fetch_records, require_rows, to_manifest
-from mcf.io import atomic_dir
+from mcf.io import atomic_dir, stage_lock
 from mcf.params import load
 
 
@@ -74,9 +74,10 @@ def fetch_dask(
     slices = [source.rows.iloc[i : i + rows_per_task] for i in range(0, len(source.rows), rows_per_task)]
     runner = task_runner(address, n_workers or os.cpu_count() or 1, processes)
     out = Path(cfg.out)
-    with atomic_dir(out, sign="manifest.parquet") as staging:
-        parts = fan_out.with_options(task_runner=runner)(cfg, slices, str(staging))
-        manifest = to_manifest(source, [record for part in parts for record in part])
-        publish(manifest, remote_detections(cfg, manifest), staging)
-    shutil.rmtree(journal_dir(out), ignore_errors=True)
+    with stage_lock("fetch"):  # `mcf fetch` and this flow share the output and its journal
+        with atomic_dir(out, sign="manifest.parquet") as staging:
+            parts = fan_out.with_options(task_runner=runner)(cfg, slices, str(staging))
+            manifest = to_manifest(source, [record for part in parts for record in part])
+            publish(manifest, remote_detections(cfg, manifest), staging)
+        shutil.rmtree(journal_dir(out), ignore_errors=True)
     return manifest["status"].value_counts().to_dict()

@@ -9,6 +9,7 @@ Modules are imported only when their command runs, so ``mcf --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mcf.errors import EXIT_PARAMS, StageError
+from mcf.io import stage_lock
 from mcf.params import ParamsError, load
 
 # Stage name -> "module:function(common, config)". Names match dvc.yaml, params.yaml and the flow.
@@ -104,14 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         if rest:
             parser().error(f"unrecognized arguments: {' '.join(rest)}")
         common, config = load(args.command, args.params, every_section=True)
-        processes = getattr(getattr(config, "train", None), "processes", 1)
-        if processes > 1:  # train.processes: this stage's own torchrun, unless already under one
-            from mcf.train.distributed import launch, under_torchrun
-
-            if not under_torchrun():
-                return launch(argv, processes)
         extra = {"variant": args.variant} if hasattr(args, "variant") else {}
-        _resolve(STAGES[args.command][0])(common, config, **extra)
+        distributed = hasattr(config, "train")  # teacher and pretrain: train.processes, torchrun
+        if distributed:
+            from mcf.train.distributed import launch, under_torchrun
+        # one run of a stage at a time here; torchrun's workers run under their launcher's lock
+        worker = distributed and under_torchrun()
+        with contextlib.nullcontext() if worker else stage_lock("@".join([args.command, *extra.values()])):
+            if distributed and config.train.processes > 1 and not worker:  # the stage's own torchrun
+                return launch(argv, config.train.processes)
+            _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:
         print(f"mcf: invalid params: {err}", file=sys.stderr)
         return EXIT_PARAMS

@@ -1,7 +1,9 @@
-"""Atomic outputs: a stage killed half-way must leave nothing that DVC could take as complete."""
+"""Atomic outputs: a stage killed half-way must leave nothing that DVC could take as complete; and one
+run of a stage at a time in a checkout."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
@@ -11,6 +13,38 @@ from pathlib import Path
 from mcf.errors import StageError
 
 LIVE_SIGN = "metrics.json"  # dvclive's summary: every dvclive folder holds it (check_replaceable's sign)
+LOCAL_DIR = Path(".mcf")  # this checkout's own state (validation results, stage locks), kept out of git
+
+
+def local_dir(name: str) -> Path:
+    """``.mcf/<name>``, created with the ``.gitignore`` that keeps all of ``.mcf`` out of git."""
+    path = LOCAL_DIR / name
+    path.mkdir(parents=True, exist_ok=True)
+    ignore = LOCAL_DIR / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# written by mcf: this checkout's local state\n*\n")
+    return path
+
+
+@contextmanager
+def stage_lock(name: str) -> Iterator[None]:
+    """Hold ``.mcf/locks/<name>.lock`` while stage ``name`` runs here, or refuse at once.
+
+    A second run would resume from the first's live checkpoint and delete its resume folder and journal
+    when done. The kernel drops the lock with its holder, so a killed run never leaves a stale one.
+    """
+    with (local_dir("locks") / f"{name}.lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise StageError(f"`mcf {name}` is already running in this folder ({holder}): wait for it, "
+                             "or stop it") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def _alive(pid: int) -> bool:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from mcf import cli
+from mcf.io import stage_lock
 from mcf.params import SECTIONS
 
 
@@ -31,3 +35,19 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     text = " ".join(capsys.readouterr().out.split())
     assert "section `crop` of the params file" in text
     assert "2 params rejected or an input missing, 3 a data gate failed" in text
+
+
+def test_a_second_run_of_a_stage_is_refused_while_one_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It would resume from the first's live checkpoint and delete its resume folder when done."""
+    params = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    scratch = ["finetune_parsing", "--variant", "scratch", "--params", params]
+    with stage_lock("finetune_parsing@scratch"):
+        assert cli.main(scratch) == 1
+        err = capsys.readouterr().err
+        assert f"`mcf finetune_parsing@scratch` is already running in this folder (pid {os.getpid()})" in err
+        assert cli.main([*scratch[:2], "mcf", *scratch[3:]]) == 2  # another variant runs: input missing
+    assert cli.main(scratch) == 2  # the lock went with its holder
+    assert (tmp_path / ".mcf" / ".gitignore").read_text().endswith("*\n")

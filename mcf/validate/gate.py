@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from mcf.errors import GateError, StageError
-from mcf.io import atomic_file
+from mcf.io import LOCAL_DIR, atomic_file, local_dir
 
 SUITES_DIR = Path(__file__).parent / "suites"
-RESULTS_DIR = Path(".mcf/validation")
+RESULTS_DIR = LOCAL_DIR / "validation"
 EXAMPLES = 5
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,7 @@ def _describe(result: ExpectationValidationResult) -> str:
 
 def _store(result: ExpectationSuiteValidationResult, suite: str, stage: str) -> Path:
     """Keep the latest result of ``suite`` for ``mcf validate --docs``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    ignore = RESULTS_DIR.parent / ".gitignore"
-    if not ignore.exists():
-        ignore.write_text("# written by mcf.validate.gate: local validation results\n*\n")
+    local_dir(RESULTS_DIR.name)
     result.meta["run_id"] = {"run_name": stage, "run_time": datetime.now(UTC).isoformat()}
     path = RESULTS_DIR / f"{suite}.json"
     with atomic_file(path) as tmp:
