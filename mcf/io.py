@@ -4,6 +4,7 @@ run of a stage at a time in a checkout."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -45,6 +46,12 @@ def stage_lock(name: str) -> Iterator[None]:
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
         yield
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, streamed (a ViT-B teacher is ~350 MB)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _alive(pid: int) -> bool:

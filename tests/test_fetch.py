@@ -28,8 +28,9 @@ from PIL import Image
 from mcf.data.fetch import FetchConfig, journal_dir, main
 from mcf.data.sources import laion
 from mcf.data.sources.download import Journal
-from mcf.data.sources.image import Record, file_sha256, inspect
+from mcf.data.sources.image import Record, inspect
 from mcf.errors import StageError
+from mcf.io import file_sha256
 from mcf.params import Common, ParamsError, build
 
 MAX_BYTES = 60_000
@@ -70,7 +71,8 @@ BODIES = {
 
 class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body),
-    /a<n> and /b<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png) and /loop (to itself)."""
+    /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png; /c<n> hops take
+    0.3 s each) and /loop (to itself)."""
 
     counts: Counter = Counter()
     lock = threading.Lock()
@@ -93,8 +95,10 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def _respond(self) -> None:
-        if self.path == "/loop" or (self.path[1:2] in ("a", "b") and self.path[2:].isdigit()):
+        if self.path == "/loop" or (self.path[1:2] in ("a", "b", "c") and self.path[2:].isdigit()):
             hops = int(self.path[2:]) if self.path[2:].isdigit() else 0
+            if self.path[1] == "c":
+                time.sleep(0.3)
             self.send_response(302)
             chain = f"{self.path[:2]}{hops - 1}" if hops else "/good.png"
             self.send_header("Location", self.path if self.path == "/loop" else chain)
@@ -246,6 +250,14 @@ def test_killed_run_resumes_from_journal(server: str, tmp_path: Path) -> None:
     assert manifest["status"].tolist() == ["success", "success", "http_error"]
     assert Path("out", manifest["path"][1]).read_bytes() == PNG
     assert not journal.exists()
+
+
+def test_total_timeout_holds_across_redirects(server: str, tmp_path: Path) -> None:
+    """Each hop is within the read timeout, the chain is not: no hop starts once the image's time is up."""
+    parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/c4", server + "/good.jpg"])
+    main(Common(), _laion_config(parquet, timeout=1.0, total_timeout=0.5))
+    assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["timeout", "success"]
+    assert Handler.counts["/c1"] == 0 and Handler.counts["/c4"] == 2  # two tries, each stopped early
 
 
 def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) -> None:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -29,7 +31,7 @@ from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mcf.train.loop import accumulate, param_groups, truncate_live
+from mcf.train.loop import accumulate, data_identity, param_groups, truncate_live
 from mcf.train.schedule import lr_at, scaled_lr
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -230,6 +232,20 @@ def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> Non
     (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:100])  # cut short
     with pytest.raises(StageError, match=r"last.pt: cannot be read .*cut short.*; delete .* to start over"):
         load_checkpoint(tmp_path, "aaaa")
+
+
+def test_the_data_manifest_is_part_of_the_run_identity(tmp_path: Path) -> None:
+    """tar pads to 10 KiB blocks, so other crops often give shards of the same names and sizes: the
+    manifest beside them (crop ids, perceptual hashes, pixel statistics) tells the data apart."""
+    a = make_workspace(tmp_path / "a") / "subset"
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert data_identity(a) == data_identity(b) and data_identity(a)["manifest"] is None
+    for root, first in ((a, 0), (b, 1)):
+        pd.DataFrame({"crop_id": [f"crop{i:05d}" for i in range(first, first + 96)]}).to_parquet(
+            root / "manifest.parquet")
+    assert data_identity(a)["shards"] == data_identity(b)["shards"]
+    assert data_identity(a) != data_identity(b)
 
 
 def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Path) -> None:

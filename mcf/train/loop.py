@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
 from mcf.errors import StageError
-from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable
+from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable, file_sha256
 from mcf.params import ParamsError, param
 from mcf.train.checkpoint import load_checkpoint, rng_state, run_hash, save_checkpoint, set_rng_state
 from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
@@ -201,7 +201,8 @@ class Trainer:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = make_optimizer(self.model, cfg.weight_decay, self.peak_lr, cfg.betas, run.device)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.dtype == torch.float16)
-        self.hash = run_hash({**run.identity, "world_size": run.world_size, "num_crops": len(crops)})
+        self.hash = run_hash({**run.identity, "world_size": run.world_size, "num_crops": len(crops),
+                              "dtype": str(self.dtype)})
         self.step, self.momentum = 0, float("nan")
         self._restore()
         self.net = self._wrap()
@@ -367,6 +368,15 @@ def seed_process(seed: int, rank: int) -> None:
     random.seed(derived)
 
 
+def data_identity(data_dir: str | Path) -> dict[str, Any]:
+    """What names the training data in the run hash, so a resume on other crops is refused: the shards'
+    names and sizes (sizes alone repeat: tar pads to 10 KiB blocks) and the sha256 of the manifest
+    beside them (each crop's id, perceptual hash and pixel statistics)."""
+    shards = [(p.name, p.stat().st_size) for p in sorted((Path(data_dir) / "shards").glob("crops-*.tar"))]
+    manifest = Path(data_dir) / "manifest.parquet"
+    return {"shards": shards, "manifest": file_sha256(manifest) if manifest.is_file() else None}
+
+
 def train_and_export(
     build_model: Callable[[], nn.Module],
     data_dir: str | Path,
@@ -395,9 +405,9 @@ def train_and_export(
         model = build_model()
         shard_dir = Path(data_dir) / "shards"
         crops = CropDataset(shard_dir, model.cfg.backbone.img_size, cfg.cache_mb)
-        shards = [(p.name, p.stat().st_size) for p in sorted(shard_dir.glob("crops-*.tar"))]
         run = dataclasses.replace(
-            run, rank=rank, world_size=world_size, device=device, identity={**run.identity, "shards": shards}
+            run, rank=rank, world_size=world_size, device=device,
+            identity={**run.identity, **data_identity(data_dir)},
         )
         seed_process(run.seed, rank)
         model = Trainer(model, crops, cfg, run).fit()

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mcf.io import file_sha256
 from mcf.models.backbone import create_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
@@ -47,15 +47,6 @@ class PretrainConfig:
     resume_dir: str = "outputs/.resume/pretrain"  # not a DVC output: survives DVC's cleanup
     model: MCFConfig = dataclasses.field(default_factory=MCFConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file, streamed (a ViT-B teacher is ~350 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
@@ -83,7 +74,7 @@ def main(common: Common, cfg: PretrainConfig) -> None:
     }
     if cfg.model.uses_teacher:
         require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher", made_by="teacher")
-        identity["teacher"] = file_digest(Path(cfg.teacher) / "backbone.pth")
+        identity["teacher"] = file_sha256(Path(cfg.teacher) / "backbone.pth")
 
     initial: dict[str, torch.Tensor] = {}
 

@@ -34,7 +34,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mcf.data.sources.image import FetchFailure, Record, file_sha256, save_image
+from mcf.data.sources.image import FetchFailure, Record, save_image, stored_sha256
 from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ def _reuse(
     if int(old["width"]) * int(old["height"]) > limits.max_pixels:
         return None
     path = root / old["path"]
-    if not path.is_file() or path.stat().st_size > limits.max_bytes or file_sha256(path) != old.get("sha256"):
+    if not path.is_file() or path.stat().st_size > limits.max_bytes:
+        return None
+    if stored_sha256(path) != old.get("sha256"):
         return None
     return Record("success", None, old["path"], old["sha256"], int(old["width"]), int(old["height"]))
 

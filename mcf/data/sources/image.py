@@ -28,6 +28,8 @@ from typing import Any
 
 from PIL import Image
 
+from mcf.io import file_sha256
+
 STATUSES = (
     "success",
     "http_error",
@@ -87,6 +89,12 @@ class Record:
         return asdict(self)
 
 
+def check_deadline(deadline: float) -> None:
+    """Fail once the image's total time (``deadline``, monotonic) has passed."""
+    if time.monotonic() > deadline:
+        raise FetchFailure("timeout", "total time per image exceeded", retryable=True)
+
+
 def read_bounded(chunks: Iterable[bytes], max_bytes: int, deadline: float | None = None) -> bytes:
     """Join ``chunks``, failing as soon as they pass ``max_bytes`` or ``deadline`` (monotonic)."""
     buf, size = [], 0
@@ -94,8 +102,8 @@ def read_bounded(chunks: Iterable[bytes], max_bytes: int, deadline: float | None
         size += len(chunk)
         if size > max_bytes:
             raise FetchFailure("too_large", f"more than {max_bytes} bytes")
-        if deadline is not None and time.monotonic() > deadline:
-            raise FetchFailure("timeout", "total time per image exceeded", retryable=True)
+        if deadline is not None:
+            check_deadline(deadline)
         buf.append(chunk)
     return b"".join(buf)
 
@@ -149,10 +157,9 @@ def save_image(data: bytes, sample_id: str, root: Path, max_pixels: int) -> Reco
     return Record("success", None, rel, hashlib.sha256(data).hexdigest(), width, height)
 
 
-def file_sha256(path: Path) -> str | None:
-    """The sha256 of a file, or None when it cannot be read."""
+def stored_sha256(path: Path) -> str | None:
+    """The sha256 of a stored file, or None when it cannot be read (then it is fetched again)."""
     try:
-        with path.open("rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        return file_sha256(path)
     except OSError:
         return None

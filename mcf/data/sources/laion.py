@@ -31,7 +31,7 @@ import requests
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
 from mcf.data.sources.download import Source
-from mcf.data.sources.image import FetchFailure, read_bounded
+from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded
 from mcf.errors import StageError
 from mcf.params import ParamsError, param, require_path
 
@@ -145,9 +145,18 @@ class HttpFetcher:
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise FetchFailure("invalid_url", f"not an http(s) URL: {url!r}")
         deadline = time.monotonic() + self.cfg.total_timeout
-        timeout = (self.cfg.timeout, self.cfg.timeout)
+
+        def in_time(response: requests.Response, *_: Any, **__: Any) -> None:
+            """Each response of a redirect chain: no further hop once the image's time is up."""
+            try:
+                check_deadline(deadline)
+            except FetchFailure:
+                response.close()
+                raise
+
+        timeout, hooks = (self.cfg.timeout, self.cfg.timeout), {"response": in_time}
         try:
-            with self._session().get(url, stream=True, timeout=timeout) as response:
+            with self._session().get(url, stream=True, timeout=timeout, hooks=hooks) as response:
                 self._check_headers(response)
                 # read1 returns what has arrived, so the deadline holds against a slow drip
                 chunks = iter(lambda: response.raw.read1(64 * 1024, decode_content=True), b"")
