@@ -114,9 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         worker = distributed and under_torchrun()
         with contextlib.nullcontext() if worker else stage_lock("@".join([args.command, *extra.values()])):
             if distributed and config.train.processes > 1 and not worker:  # the stage's own torchrun
+                # what each worker would refuse, refused once here: exit 2, not one traceback per worker
+                _resolve(STAGES[args.command][0].split(":")[0] + ":check_inputs")(config)
+                config.train.check_processes(config.train.processes)
                 return launch(argv, config.train.processes)
             _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:
+        if err.file is None:  # raised once the stage ran: name the file, and the section when missing
+            section = "" if err.key.startswith(f"{args.command}.") else args.command
+            err = err.under(section, args.params)
         print(f"mcf: invalid params: {err}", file=sys.stderr)
         return EXIT_PARAMS
     except StageError as err:

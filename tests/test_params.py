@@ -141,11 +141,40 @@ def test_a_missing_upstream_output_is_exit_2_naming_its_stage(
     assert not (tmp_path / "outputs").exists()
 
 
+def test_a_torchrun_stage_is_checked_once_before_its_workers_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """train.processes > 1: a missing input or a missed effective batch is one exit 2, not a traceback
+    per worker (and one from torchrun, exit 1) after every worker has started."""
+    from mcf import cli
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["pretrain"]["train"].update(processes=2, effective_batch=64)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mcf.train.distributed.launch", lambda *_: pytest.fail("torchrun started"))
+    assert cli.main(["pretrain", "--params", "p.yaml"]) == 2
+    assert "p.yaml: pretrain.data: path does not exist" in capsys.readouterr().err
+    Path(params["pretrain"]["data"], "shards").mkdir(parents=True)
+    Path(params["pretrain"]["teacher"]).mkdir(parents=True)
+    Path(params["pretrain"]["teacher"], "backbone.pth").touch()
+    assert cli.main(["pretrain", "--params", "p.yaml"]) == 2
+    assert "p.yaml: pretrain.train.effective_batch: 64 asked" in capsys.readouterr().err
+
+
+def test_the_contrastive_branch_needs_two_images_per_step() -> None:
+    from mcf.train.pretrain import PretrainConfig
+
+    with pytest.raises(ParamsError, match="pretrain.train.batch_size: the contrastive projector's BatchNorm"):
+        build(PretrainConfig, {"train": {"batch_size": 1}}, "pretrain")
+    build(PretrainConfig, {"train": {"batch_size": 1}, "model": {"contrastive": False}}, "pretrain")
+
+
 def test_other_sections_inputs_are_the_running_stages_business(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The paper's teacher runs before LAION-Face's parquet files matter: only its own inputs count,
-    and a missing teacher checkpoint is one line, not a traceback."""
+    and a missing teacher checkpoint is one line (exit 2, an input missing), not a traceback."""
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)  # no data/ here
     load("teacher", root / "params.paper.yaml", every_section=True)
@@ -155,7 +184,8 @@ def test_other_sections_inputs_are_the_running_stages_business(
         [sys.executable, "-m", "mcf.cli", "teacher", "--params", str(root / "params.paper.yaml")],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
-    assert proc.returncode == 1 and "weights file not found" in proc.stderr, proc.stderr
+    missing = "teacher.data: path does not exist: data/teacher/mocov3_vit_base.pth"
+    assert proc.returncode == 2 and missing in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -155,8 +155,8 @@ class MCF(nn.Module):
         if teacher is not None:
             bad = [i for i in cfg.feature_layers if i >= teacher.depth]
             if bad:
-                depth = teacher.depth
-                raise ParamsError("feature_layers", f"{bad} out of range for a teacher of depth {depth}")
+                message = f"{bad} out of range for a teacher of depth {teacher.depth}"
+                raise ParamsError("model.feature_layers", message)
             self.teacher = teacher
 
     def _build_decoder(self, cfg: MCFConfig) -> None:

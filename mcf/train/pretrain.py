@@ -30,7 +30,7 @@ from mcf.io import file_sha256
 from mcf.models.backbone import create_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
-from mcf.params import Common, require_path
+from mcf.params import Common, ParamsError, require_path
 from mcf.train.loop import Run, TrainConfig, model_state, train_and_export
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ class PretrainConfig:
     resume_dir: str = "outputs/.resume/pretrain"  # not a DVC output: survives DVC's cleanup
     model: MCFConfig = dataclasses.field(default_factory=MCFConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.uses_contrastive and self.train.batch_size < 2:
+            raise ParamsError("train.batch_size", "the contrastive projector's BatchNorm needs at least 2 "
+                              f"images per step, got {self.train.batch_size}")
 
 
 def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
@@ -65,15 +70,21 @@ def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
     save_backbone(start, model.cfg.backbone, out / "backbone_init")
 
 
+def check_inputs(cfg: PretrainConfig) -> None:
+    """The subset and the teacher export exist (exit 2 otherwise); `mcf` checks before torchrun starts."""
+    require_path(Path(cfg.data) / "shards", "pretrain.data", made_by="subset")
+    if cfg.model.uses_teacher:
+        require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher", made_by="teacher")
+
+
 def main(common: Common, cfg: PretrainConfig) -> None:
     """Pre-train with the MCF objective; resume from ``resume_dir`` when a matching checkpoint exists."""
-    require_path(Path(cfg.data) / "shards", "pretrain.data", made_by="subset")
+    check_inputs(cfg)
     identity = {
         "stage": "pretrain", "seed": common.seed, "mask_ratio": common.mask_ratio,
         "model": dataclasses.asdict(cfg.model), "train": cfg.train.identity(),
     }
     if cfg.model.uses_teacher:
-        require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher", made_by="teacher")
         identity["teacher"] = file_sha256(Path(cfg.teacher) / "backbone.pth")
 
     initial: dict[str, torch.Tensor] = {}

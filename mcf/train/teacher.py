@@ -96,8 +96,18 @@ def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None
     log.info("teacher: %s re-saved to %s as ViT %s", spec, out, size)
 
 
+def check_inputs(cfg: TeacherConfig) -> None:
+    """The subset, or the checkpoint a spec names, exists (exit 2 otherwise); `mcf` checks before
+    torchrun starts."""
+    if cfg.source == "train":
+        require_path(Path(cfg.data) / "shards", "teacher.data", made_by="subset")
+    elif cfg.source.split(":")[0] in ("moco_v3", "mcf"):  # a file or folder you supply (data.dvc)
+        require_path(cfg.data, "teacher.data")
+
+
 def main(common: Common, cfg: TeacherConfig) -> None:
     """Produce ``<out>/`` from ``cfg.source``."""
+    check_inputs(cfg)
     if cfg.source != "train":
         rank = init_distributed()[0]
         try:
@@ -112,7 +122,6 @@ def main(common: Common, cfg: TeacherConfig) -> None:
         finally:
             cleanup()
         return
-    require_path(Path(cfg.data) / "shards", "teacher.data", made_by="subset")
     mae = cfg.mae_config()
     identity = {
         "stage": "teacher", "seed": common.seed, "mask_ratio": cfg.mask_ratio,
