@@ -22,7 +22,7 @@ from skimage import data as skdata
 
 from mcf.data import crop as crop_mod
 from mcf.data.crop import CropConfig, Source, crop, crop_chunk, crop_id, face_transform, warp_crop
-from mcf.data.detect import DetectorConfig, Face, HaarDetector, load_detections
+from mcf.data.detect import DetectorConfig, Face, HaarDetector, YuNetDetector, load_detections
 from mcf.data.quality import duplicates, hamming, phash
 from mcf.data.shards import shard_urls
 from mcf.errors import StageError
@@ -149,6 +149,10 @@ def test_haar_finds_the_astronaut_face() -> None:
 def test_yunet_model_path_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="yunet_model"):
         build(CropConfig, {"detector": {"yunet_model": str(tmp_path / "missing.onnx")}}, "crop")
+    (tmp_path / "damaged.onnx").write_bytes(b"not a model")
+    cfg = build(CropConfig, {"detector": {"yunet_model": str(tmp_path / "damaged.onnx")}}, "crop")
+    with pytest.raises(StageError, match=r"damaged.onnx: not a YuNet model OpenCV can load \(Failed to"):
+        YuNetDetector(cfg.detector)
 
 
 def test_rejections_carry_reasons(serial: tuple[CropConfig, pd.DataFrame]) -> None:

@@ -343,6 +343,8 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
         _config(source="s3")
     with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: takes no user, password or query"):
         _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://minio:s3cret@127.0.0.1:9000"})
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: expected http\(s\)://host\[:port\]"):
+        _config(source="s3", s3={"bucket": "b", "endpoint_url": "127.0.0.1:9000"})
     with pytest.raises(ParamsError, match=r"fetch\.max_pixels: must be >= 1"):
         _config(max_pixels=0)
     with pytest.raises(ParamsError, match=r"fetch\.source: must be one of"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -139,7 +140,11 @@ class YuNetDetector:
 
     def __init__(self, cfg: DetectorConfig) -> None:
         self.cfg = cfg
-        self.model = cv2.FaceDetectorYN.create(str(cfg.yunet_model), "", (320, 320), cfg.yunet_score)
+        try:
+            self.model = cv2.FaceDetectorYN.create(str(cfg.yunet_model), "", (320, 320), cfg.yunet_score)
+        except cv2.error as err:  # a damaged or foreign .onnx file
+            reason = re.sub(r"^.*error: \([^)]*\) ", "", str(err).strip().splitlines()[-1])[:200]
+            raise StageError(f"{cfg.yunet_model}: not a YuNet model OpenCV can load ({reason})") from None
 
     def __call__(self, rgb: np.ndarray) -> list[Face]:
         small, scale = _downscale(rgb, self.cfg.max_side)
