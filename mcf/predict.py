@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def predict(
         for path in tqdm(images, desc="predict", unit="image"):
             try:
                 rgb = read_rgb(path)
-            except StageError as err:  # one bad file does not stop the rest
+            except (StageError, OSError) as err:  # one bad entry (undecodable, a dead link) spares the rest
                 log.warning("%s", err)
                 status.append({"image": str(path), "faces": 0, "error": str(err)})
                 continue
@@ -184,6 +185,8 @@ def _box(text: str) -> tuple[float, float, float, float]:
         x1, y1, x2, y2 = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected x1,y1,x2,y2 in pixels, got {text!r}") from None
+    if not all(map(math.isfinite, (x1, y1, x2, y2))):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
     if not (x2 > x1 and y2 > y1):
         raise argparse.ArgumentTypeError(f"need x2 > x1 and y2 > y1, got {text!r}")
     return x1, y1, x2, y2
@@ -202,7 +205,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--alignment", metavar="MODEL", help="finetune_alignment's model.pt: 19 landmarks a face")
     p.add_argument("--parsing", metavar="MODEL", help="finetune_parsing's model.pt: a class map a face")
     p.add_argument("--box", type=_box, metavar="X1,Y1,X2,Y2",
-                   help="one face box in pixels for every image, instead of the detector")
+                   help="one face box in pixels for every image, instead of the detector "
+                        "(a negative first value needs the = form: --box=-5,10,90,120)")
     p.add_argument("--yunet", metavar="ONNX",
                    help="detect with this YuNet model (boxes and five landmarks) instead of Haar")
     p.add_argument("--no-overlays", action="store_true", help="skip overlays/<stem>.png")

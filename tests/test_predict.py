@@ -70,6 +70,8 @@ def test_cli_on_a_photo_with_the_haar_detector(models: tuple[Path, Path, Path], 
     cv2.imwrite(str(photos / "wall.png"), np.full((80, 120, 3), 128, np.uint8))
     (photos / "notes.txt").write_text("not an image")
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    (photos / "dead.jpg").symlink_to(tmp_path / "gone.jpg")  # odd entries are listed, not fatal
+    (photos / "folder.png").mkdir()
     out = tmp_path / "out"
     models_ = ["--alignment", str(align_pt), "--parsing", str(parse_pt)]
     argv = ["predict", str(photos), *models_, "--out", str(out)]
@@ -81,6 +83,8 @@ def test_cli_on_a_photo_with_the_haar_detector(models: tuple[Path, Path, Path], 
     assert images.loc[str(photos / "wall.png"), "faces"] == 0
     assert images.loc[str(photos / "astronaut.jpg"), "faces"] == len(faces)
     assert "cannot decode image" in images.loc[str(photos / "broken.jpg"), "error"]
+    for odd in ("dead.jpg", "folder.png"):
+        assert "image not found" in images.loc[str(photos / odd), "error"]
     best = faces[faces["face"] == 0].iloc[0]
     assert best["detector"] == "haar" and 150 < best["box_x1"] < best["box_x2"] < 300  # her face
     xs, ys = best[[f"x{i}" for i in range(19)]], best[[f"y{i}" for i in range(19)]]
@@ -114,6 +118,7 @@ def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path]
         (["IMG", "--alignment", "CUT", "--out", "OUT"], 1, "cut.pt: cannot be read as a PyTorch checkpoint"),
         (["IMG", "--alignment", "OTHER", "--out", "OUT"], 1, "other.pt: not a fine-tuned model.pt (KeyError"),
         (["IMG", "--alignment", "ALIGN", "--box", "5,5,1,9", "--out", "OUT"], 2, "need x2 > x1"),
+        (["IMG", "--alignment", "ALIGN", "--box", "0,0,inf,9", "--out", "OUT"], 2, "expected finite numbers"),
         (["IMG", "--alignment", "ALIGN", "--yunet", "nope.onnx", "--out", "OUT"], 2,
          "--yunet nope.onnx: expected an existing YuNet .onnx file"),
         (["IMG", "--alignment", "ALIGN", "--out", "PHOTOS"], 1, "holds no faces.csv, so it is not"),
