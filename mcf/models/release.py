@@ -101,9 +101,11 @@ def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = N
     if grid * grid != tokens:
         raise ValueError(f"pos_embed has {tokens} patch tokens, not a square grid")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    heads = max(1, embed // 64) if num_heads is None else num_heads
+    if heads < 1 or embed % heads:
+        raise ValueError(f"{heads} attention heads do not divide the embedding width {embed}")
     return BackboneConfig(
-        img_size=grid * patch, patch_size=patch, embed_dim=embed, depth=depth,
-        num_heads=num_heads or max(1, embed // 64),
+        img_size=grid * patch, patch_size=patch, embed_dim=embed, depth=depth, num_heads=heads,
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed,
     )
 
