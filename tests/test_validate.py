@@ -99,6 +99,12 @@ def test_cli_validates_a_parquet_and_builds_docs(tmp_path: Path) -> None:
     bad = _manifest()
     bad.loc[0, "width"] = 0
     bad.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(GateError):
+        gate.run_gate(bad, "fetch", stage="fetch")  # the pipeline's record, for the report and the docs
+    _manifest().to_parquet(tmp_path / "good.parquet")
+    assert gate.cli(["fetch", str(tmp_path / "good.parquet")]) == 0  # a run by hand does not replace it
+    stored = json.loads((gate.RESULTS_DIR / "fetch.json").read_text())
+    assert stored["success"] is False and stored["meta"]["run_id"]["run_name"] == "fetch"
     with pytest.raises(GateError, match="(?s)stage 'validate'.*column=width"):
         gate.cli(["fetch", str(tmp_path / "bad.parquet")])
     assert cli_main(["validate", "fetch", str(tmp_path / "bad.parquet")]) == 3  # not retried by the flow
