@@ -120,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                 return launch(argv, config.train.processes)
             _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:
-        if err.file is None:  # raised once the stage ran: name the file, and the section when missing
-            section = "" if err.key.startswith(f"{args.command}.") else args.command
-            err = err.under(section, args.params)
+        if err.file is None and args.command in STAGES:  # raised as the stage ran: name file and section
+            top_level = err.key.startswith(f"{args.command}.") or err.key in ("seed", "mask_ratio")
+            err = err.under("" if top_level else args.command, args.params)
         print(f"mcf: invalid params: {err}", file=sys.stderr)
         return EXIT_PARAMS
     except StageError as err:

@@ -15,7 +15,7 @@ from test_pretrain import TINY, make_workspace, write_params
 from mcf.models.backbone import BackboneConfig
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
-from mcf.train.bench import bench_pretrain, equivalence, loader_rate
+from mcf.train.bench import bench_pretrain, equivalence, loader_rate, parse
 
 
 def _model() -> MCF:
@@ -82,3 +82,10 @@ def test_bench_imports_only_the_training_stack() -> None:
     code = f"import sys, mcf.cli, mcf.train.bench; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "1"])
+def test_a_mask_ratio_outside_0_1_is_a_usage_error(ratio: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(["--mask-ratio", ratio])
+    assert f"expected a ratio in [0, 1), got {ratio}" in capsys.readouterr().err

@@ -162,6 +162,24 @@ def test_a_torchrun_stage_is_checked_once_before_its_workers_start(
     assert "p.yaml: pretrain.train.effective_batch: 64 asked" in capsys.readouterr().err
 
 
+def test_a_mask_ratio_that_hides_every_patch_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mcf import cli
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["mask_ratio"] = 0.999  # 64 patches at the CPU size: int(64 × 0.001) = 0 kept
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mcf.train.pretrain.check_inputs", lambda cfg: None)
+    assert cli.main(["pretrain", "--params", "p.yaml"]) == 2
+    assert "p.yaml: mask_ratio: 0.999 hides all 64 patches from the encoder" in capsys.readouterr().err
+    from mcf.train.teacher import TeacherConfig
+
+    with pytest.raises(ParamsError, match="teacher.mask_ratio: 0.999 hides all 64 patches"):
+        build(TeacherConfig, {**params["teacher"], "mask_ratio": 0.999}, "teacher")
+
+
 def test_the_contrastive_branch_needs_two_images_per_step() -> None:
     from mcf.train.pretrain import PretrainConfig
 

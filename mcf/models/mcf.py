@@ -73,6 +73,12 @@ class MCFConfig:
         if self.objective == "mcf" and not (self.feature_loss or self.contrastive):
             raise ParamsError("objective", "mcf needs feature_loss or contrastive on (or use pixel_mae)")
 
+    def check_mask_ratio(self, mask_ratio: float) -> None:
+        """At least one patch stays visible to the encoder (a keep count of 0 would train on nothing)."""
+        patches = (self.backbone.img_size // self.backbone.patch_size) ** 2
+        if int(patches * (1 - mask_ratio)) < 1:
+            raise ParamsError("mask_ratio", f"{mask_ratio} hides all {patches} patches from the encoder")
+
     @property
     def uses_teacher(self) -> bool:
         return self.objective == "mcf" and self.feature_loss

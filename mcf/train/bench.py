@@ -52,6 +52,13 @@ ATTENTION = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTE
              "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text}")
+    return value
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="mcf bench pretrain", description=describe(__doc__))
     p.add_argument("--model", choices=("tiny", "base"), default="tiny", help="default: %(default)s")
@@ -69,7 +76,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
     p.add_argument("--attention", choices=("auto", *ATTENTION), default="auto",
                    help="the fast path's SDPA kernel (math where it does not apply); auto: torch's choice")
-    p.add_argument("--mask-ratio", type=float, default=0.75, help="default: %(default)s")
+    p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="in [0, 1) (default: %(default)s)")
     p.add_argument("--shards", type=Path, default=None, help="time the data loader on these JPEG shards too")
     p.add_argument("--workers", type=int, default=8, help="data-loader processes (default: %(default)s)")
     p.add_argument("--loader-batches", type=int, default=50, help="batches timed (default: %(default)s)")

@@ -80,6 +80,7 @@ def check_inputs(cfg: PretrainConfig) -> None:
 def main(common: Common, cfg: PretrainConfig) -> None:
     """Pre-train with the MCF objective; resume from ``resume_dir`` when a matching checkpoint exists."""
     check_inputs(cfg)
+    cfg.model.check_mask_ratio(common.mask_ratio)
     identity = {
         "stage": "pretrain", "seed": common.seed, "mask_ratio": common.mask_ratio,
         "model": dataclasses.asdict(cfg.model), "train": cfg.train.identity(),

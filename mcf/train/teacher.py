@@ -66,7 +66,7 @@ class TeacherConfig:
                     "data", f"must name the weights that source {self.source!r} reads, {weights!r} "
                     f"(not {self.data!r}): dvc.yaml watches teacher.data, so a new checkpoint reruns teacher",
                 )
-        self.mae_config()  # decoder size checks
+        self.mae_config().check_mask_ratio(self.mask_ratio)  # and the decoder size checks
 
     def mae_config(self) -> MCFConfig:
         """The MAE model that trains the teacher: pixel loss, no teacher, no contrastive branch."""
