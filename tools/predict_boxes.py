@@ -9,7 +9,7 @@ where Haar finds a face. On the default run this is SynthFace, and the numbers a
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 
@@ -43,4 +43,7 @@ def main(model_path: str = "outputs/finetune_alignment/mcf/model.pt") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", default="outputs/finetune_alignment/mcf/model.pt",
+                        help="finetune_alignment's model.pt (default: %(default)s)")
+    main(parser.parse_args().model)
