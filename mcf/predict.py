@@ -197,7 +197,9 @@ def cli(argv: list[str]) -> int:
         prog="mcf predict", description=describe(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  mcf predict photos/ --alignment outputs/finetune_alignment/mcf/model.pt \\\n"
-               "      --parsing outputs/finetune_parsing/mcf/model.pt --out predictions/",
+               "      --parsing outputs/finetune_parsing/mcf/model.pt --out predictions/\n\n"
+               "exit status: 0 done (an unreadable image is listed in images.csv),\n"
+               "  1 a model or the output folder refused, 2 a usage error",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, metavar="DIR",

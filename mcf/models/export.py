@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mcf export", description=describe(__doc__))
+    p = argparse.ArgumentParser(prog="mcf export", description=describe(__doc__),
+                                epilog="Exit status: 0 written, 1 the checkpoint or output folder refused, "
+                                "2 a usage error.")
     p.add_argument("--checkpoint", required=True, help="pretrain checkpoint or release state dict (.pth)")
     p.add_argument("--out", required=True, help="output folder for backbone.pth and backbone.json")
     p.add_argument(
