@@ -39,7 +39,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.futures import PrefectFuture, wait
 
 from mcf.errors import EXIT_GATE, EXIT_PARAMS
-from mcf.io import atomic_file
+from mcf.io import atomic_file, file_sha256
 from mcf.report import markdown_summary
 
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
@@ -256,25 +256,37 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     as it was, and switching back later restores outputs from the run-cache instead of recomputing
     (``fetch`` reruns). params.paper.yaml writes under ``outputs/paper/``, so profiles keep their outputs.
     The original waits in ``.dvc/tmp`` meanwhile: a run killed before putting it back (``kill -9``, OOM)
-    leaves it there, and the next run (the workspace lock keeps runs apart) restores it first.
+    leaves it there, and the next run (the workspace lock keeps runs apart) restores it first, unless
+    params.yaml was edited since: then the run stops and says where the original is.
     """
     target, saved = root / PARAMS, root / ".dvc" / "tmp" / f"mcf-flow.{PARAMS}"
+    placed = saved.with_name(f"{saved.name}.sha256")  # what the swap put in place
     if saved.is_file():
+        now = file_sha256(target)
+        if placed.is_file() and now not in (placed.read_text().strip(), file_sha256(saved)):
+            # edited since the swap: putting the original back would lose the edit
+            raise RuntimeError(f"{target} was edited after a killed flow run swapped it; the original "
+                               f"waits in {saved}: put it back or delete it, then run again")
         get_run_logger().warning("%s was left swapped by a killed flow run: restoring it", target)
         os.replace(saved, target)
+        placed.unlink(missing_ok=True)
     source = (root / params_file).resolve()
     if not source.is_file():
         raise ValueError(f"params_file {params_file!r} not found under {root}")
     if source == target.resolve():
         yield
         return
-    for src, dest in ((target, saved), (source, target)):
-        with atomic_file(dest) as tmp:
-            shutil.copyfile(src, tmp)
+    with atomic_file(saved) as tmp:
+        shutil.copyfile(target, tmp)
+    with atomic_file(placed) as tmp:
+        tmp.write_text(file_sha256(source))
+    with atomic_file(target) as tmp:
+        shutil.copyfile(source, tmp)
     try:
         yield
     finally:
         os.replace(saved, target)
+        placed.unlink(missing_ok=True)
 
 
 def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -7,6 +7,7 @@ without waiting for the real stages; tests/test_prefect_deploy.py runs the real 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -244,6 +245,16 @@ def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api:
     state = mcf(params_file="params.nope.yaml", return_state=True)
     assert state.is_failed() and "params.nope.yaml" in state.message
     assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
+    # a swap left by a killed run, then params.yaml edited by hand: the edit is not overwritten
+    saved.write_bytes(committed)
+    other = b"the other profile: {}\n"
+    saved.with_name(f"{saved.name}.sha256").write_text(hashlib.sha256(other).hexdigest())
+    (project / "params.yaml").write_text("edited by hand: {}\n")
+    state = mcf(return_state=True)
+    assert state.is_failed() and "was edited after a killed flow run swapped it" in state.message
+    assert (project / "params.yaml").read_text() == "edited by hand: {}\n" and saved.read_bytes() == committed
+    saved.unlink()
+    (project / "params.yaml").write_bytes(committed)
 
 
 def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path) -> None:
