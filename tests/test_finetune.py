@@ -13,11 +13,13 @@ import yaml
 
 from mcf.data.aflw19 import AFLW19Config
 from mcf.data.lapa import LaPaConfig
+from mcf.errors import StageError
 from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
 from mcf.models.heads import gaussian_heatmaps
 from mcf.params import Common, ParamsError, load
 from mcf.synth import write_aflw19, write_lapa
 from mcf.synth.config import AflwSynthConfig, LapaSynthConfig, SynthConfig
+from mcf.train import finetune
 from mcf.train.finetune import (
     AlignmentConfig,
     FinetuneConfig,
@@ -56,8 +58,10 @@ def tiny_configs(root: Path, epochs: int = 1) -> tuple[AlignmentConfig, ParsingC
     aflw = AFLW19Config(root=str(root / "aflw19"), n_train=16, size=32, crop_size=48)
     lapa = LaPaConfig(root=str(root / "lapa"), size=32, label_size=32, warp_size=64)
     return (
-        AlignmentConfig(out=str(root / "ft_align"), live=str(root / "live_align"), data=aflw, **common),
-        ParsingConfig(out=str(root / "ft_parse"), live=str(root / "live_parse"), data=lapa, **common),
+        AlignmentConfig(out=str(root / "ft_align"), live=str(root / "live_align"),
+                        resume_dir=str(root / "resume_align"), data=aflw, **common),
+        ParsingConfig(out=str(root / "ft_parse"), live=str(root / "live_parse"),
+                      resume_dir=str(root / "resume_parse"), data=lapa, **common),
     )
 
 
@@ -141,6 +145,49 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     test_curve = pd.read_csv(live / "plots" / "metrics" / "test" / "nme_diag_full.tsv", sep="\t")
     assert test_curve["nme_diag_full"].tolist() == pytest.approx(meta["test_by_epoch"])  # one per epoch, 3
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # curves only at the committed path
+
+
+def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
+    fixture_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed in epoch 2 of 3 (after its training rows were logged): the rerun redoes epochs 2 and 3 and
+    writes what an uninterrupted run writes, curves included; a changed config does not resume."""
+    align, _ = tiny_configs(fixture_root, epochs=3)
+    runs = {name: dataclasses.replace(align, out=str(fixture_root / f"ft_{name}"),
+                                      live=str(fixture_root / f"live_{name}"),
+                                      resume_dir=str(fixture_root / f"resume_{name}"))
+            for name in ("whole", "killed")}
+    main_alignment(Common(seed=0), runs["whole"], "mcf")
+    real, calls = finetune.test_scorer, []
+
+    def killed_in_epoch_2(task: str, cfg: AlignmentConfig) -> finetune.Scorer:
+        name, score = real(task, cfg)
+
+        def once(model: torch.nn.Module) -> float | None:
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return score(model)
+
+        return name, once
+
+    with monkeypatch.context() as m:
+        m.setattr(finetune, "test_scorer", killed_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            main_alignment(Common(seed=0), runs["killed"], "mcf")
+    resume = Path(runs["killed"].resume_dir) / "mcf"
+    assert torch.load(resume / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (Path(runs["killed"].out) / "mcf").exists()
+    with pytest.raises(StageError, match="belongs to a run with other params"):
+        main_alignment(Common(seed=0), dataclasses.replace(runs["killed"], lr_head=0.5), "mcf")
+    main_alignment(Common(seed=0), runs["killed"], "mcf")
+    whole, killed = (torch.load(Path(r.out) / "mcf" / "model.pt", weights_only=True) for r in runs.values())
+    assert whole["test_by_epoch"] == killed["test_by_epoch"] and whole["steps"] == killed["steps"]
+    assert all(torch.equal(v, killed["state_dict"][k]) for k, v in whole["state_dict"].items())
+    curves = [pd.read_csv(Path(r.live) / "mcf" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
+              for r in runs.values()]
+    assert curves[0][["step", "loss"]].equals(curves[1][["step", "loss"]]) and len(curves[0]) == 3
+    assert not resume.exists()
 
 
 def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:

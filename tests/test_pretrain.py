@@ -30,8 +30,8 @@ from mcf.models.release import export_backbone
 from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
-from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mcf.train.loop import accumulate, data_identity, param_groups, truncate_live
+from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_live
+from mcf.train.loop import accumulate, data_identity, param_groups
 from mcf.train.schedule import lr_at, scaled_lr
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}

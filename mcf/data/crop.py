@@ -41,7 +41,6 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mcf.cli import describe
 from mcf.data.detect import DetectorConfig, Face, load_detections, make_detector
 from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_shards
@@ -361,8 +360,8 @@ def _bench_images(root: Path, n: int, side: int) -> Path:
 
 
 def bench_crop(argv: list[str]) -> None:
-    """``mcf bench crop``: crops per second (crop_chunk over the pool, then merge), gate excluded."""
-    p = argparse.ArgumentParser(prog="mcf bench crop", description=describe(bench_crop.__doc__))
+    """Crops per second: crop_chunk over the pool, then merge; the gate excluded."""
+    p = argparse.ArgumentParser(prog="mcf bench crop", description=bench_crop.__doc__)
     p.add_argument("--input", help="a fetch output folder (default: generate --images textured images)")
     p.add_argument("--images", type=int, default=400, help="generated images (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=320, help="generated image side (default: %(default)s)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,36 @@ def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any
 def clear_checkpoint(resume_dir: str | Path) -> None:
     """Remove the resume state once the run's final outputs exist, so the next run starts afresh."""
     (Path(resume_dir) / CHECKPOINT).unlink(missing_ok=True)
+
+
+def truncate_live(live_dir: Path, step: int) -> None:
+    """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint).
+
+    A row a crash cut short (too few fields, or no step) goes too; a file torn within its header holds
+    no row and is removed, so dvclive starts it again. So is a summary (``metrics.json``) a kill cut
+    short: dvclive reads it on resume, and rewrites it at the next sync.
+    """
+    summary = live_dir / "metrics.json"
+    if summary.is_file():
+        try:
+            json.loads(summary.read_text())
+        except ValueError:
+            summary.unlink()
+    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+        header, *rows = tsv.read_text().splitlines() or [""]
+        columns = header.split("\t")
+        if "step" not in columns:
+            tsv.unlink()
+            continue
+        column = columns.index("step")
+        kept = [r for r in rows if _logged_step(r, len(columns), column) <= step]
+        with atomic_file(tsv) as tmp:
+            tmp.write_text("\n".join([header, *kept]) + "\n")
+
+
+def _logged_step(row: str, width: int, column: int) -> float:
+    """The step a dvclive row was logged at; infinity for a row cut short."""
+    fields = row.split("\t")
+    if len(fields) != width or not fields[column].isdigit():
+        return math.inf
+    return int(fields[column])

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,11 +38,19 @@ from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
 from mcf.evaluate.scoring import alignment_scores, parsing_scores, predict_landmarks, predict_parsing
-from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable
+from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable, file_sha256
 from mcf.models.backbone import build_vit, load_backbone, read_spec, read_weights
 from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, parsing_logits, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
+from mcf.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    run_hash,
+    save_checkpoint,
+    set_rng_state,
+    truncate_live,
+)
 from mcf.train.ema import EMA
 from mcf.validate.gate import run_gate
 
@@ -59,6 +68,7 @@ class FinetuneConfig:
     scratch_backbone: str = "outputs/pretrain/backbone_init"  # `scratch`: pre-training's initial weights
     out: str = "outputs/finetune_alignment"  # the variant is a subfolder
     live: str = "metrics/finetune_alignment"  # dvclive curves per variant: committed, uncached
+    resume_dir: str = "outputs/.resume/finetune_alignment"  # a checkpoint per epoch, per variant
     blocks: list[int] = param([1, 2, 3, 5])  # ViT blocks (0-based) feeding the neck; paper [3, 5, 7, 11]
     channels: int = param(64, ge=1)  # UPerNet width; paper 768
     epochs: int = param(3, ge=1)
@@ -102,6 +112,7 @@ class ParsingConfig(FinetuneConfig):
     data: LaPaConfig = dataclasses.field(default_factory=LaPaConfig)
     out: str = "outputs/finetune_parsing"
     live: str = "metrics/finetune_parsing"
+    resume_dir: str = "outputs/.resume/finetune_parsing"
     lr_neck: float = param(1e-3, gt=0)
     lr_head: float = param(1e-3, gt=0)
 
@@ -230,12 +241,17 @@ def test_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig) -> Scorer:
 
 
 def train(
-    model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, live_dir: Path, seed: int,
-    scorer: Scorer | None = None,
+    model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, resume_dir: Path,
+    seed: int, run_id: str, scorer: Scorer | None = None,
 ) -> tuple[EMA, list[float | None]]:
     """The fine-tuning loop; returns the EMA whose weights are evaluated, and the ``scorer``'s score of
     the EMA model after each epoch (empty without one), logged as ``test/<name>``. Deterministic for
-    ``seed``."""
+    ``seed``.
+
+    After each epoch the whole state (weights, EMA, optimizer, data order, RNGs, scores) goes to
+    ``resume_dir/last.pt`` and the curves to ``resume_dir/live``: a killed run resumes at its last
+    finished epoch, exactly, when ``run_id`` (the hash of what defines the run) is unchanged.
+    """
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
@@ -245,13 +261,26 @@ def train(
     for group in optimizer.param_groups:
         group["initial_lr"] = group["lr"]
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
-    total, step = cfg.epochs * len(loader), 0
+    total, step, first = cfg.epochs * len(loader), 0, 0
     lr_at = functools.partial(lr_factor, total=total, cfg=cfg)
+    scores: list[float | None] = []
+    state = load_checkpoint(resume_dir, run_id)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        ema.updates = state["ema_updates"]
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        if state["data_rng"] is not None:  # augmentation draws in this process (num_workers 0)
+            dataset.rng().bit_generator.state = state["data_rng"]
+        first, step, scores = state["epoch"], state["step"], list(state["scores"])
+        truncate_live(resume_dir / "live", first - 1)  # rows of an epoch the kill cut short go
     from dvclive import Live  # imported here: it is slow to import and only this loop needs it
 
-    scores: list[float | None] = []
-    with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False) as live:
-        for epoch in range(cfg.epochs):
+    with Live(dir=str(resume_dir / "live"), resume=first > 0, dvcyaml=None, save_dvc_exp=False) as live:
+        live.step = first  # one dvclive step per epoch
+        for epoch in range(first, cfg.epochs):
             model.train()
             if cfg.freeze_backbone:
                 model.backbone.eval()
@@ -266,6 +295,12 @@ def train(
                     live.log_metric(f"test/{name}", scores[-1])
                 means = {**means, f"test {name}": scores[-1]}
             live.next_step()
+            save_checkpoint({
+                "run_hash": run_id, "epoch": epoch + 1, "step": step, "scores": scores,
+                "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
+                "data_rng": dataset.rng().bit_generator.state if hasattr(dataset, "rng") else None,
+            }, resume_dir)
             parts = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in means.items())
             log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, parts)
     return ema, scores
@@ -320,10 +355,12 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     require_path(export_dir(variant, cfg), f"{stage}.{key}", made_by="pretrain")
     require_path(cfg.data.root, f"{stage}.data.root")
     if task == "alignment":
-        run_gate(aflw19.table(cfg.data, "train"), "aflw19", stage=stage)
+        table = aflw19.table(cfg.data, "train")
+        run_gate(table, "aflw19", stage=stage)
         dataset, loss_fn = AFLW19(cfg.data, "train", augment=True), alignment_loss(cfg)
     else:
-        run_gate(lapa.table(cfg.data, "train"), "lapa", stage=stage)
+        table = lapa.table(cfg.data, "train")
+        run_gate(table, "lapa", stage=stage)
         dataset, loss_fn = LaPa(cfg.data, "train", augment=True), parsing_loss
     torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
     model = build_model(task, variant, cfg)
@@ -331,14 +368,23 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
              cfg.epochs * max(len(dataset) // cfg.batch_size, 1))
     start = time.perf_counter()
     check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)  # before training, not after it
+    resume_dir = Path(cfg.resume_dir) / variant
+    # what defines the run: a checkpoint of another is refused, not resumed
+    where = {"out", "live", "resume_dir", "num_workers"}
+    run_id = run_hash({
+        "stage": stage, "variant": variant, "seed": common.seed,
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in where},
+        "backbone": file_sha256(Path(export_dir(variant, cfg)) / "backbone.pth"),
+        "data": int(pd.util.hash_pandas_object(table, index=False).sum()),
+    })
+    scorer = test_scorer(task, cfg) if cfg.test_each_epoch else None
+    ema, test_by_epoch = train(model, dataset, loss_fn, cfg, resume_dir, common.seed, run_id, scorer)
     with atomic_dir(Path(cfg.out) / variant, sign="model.pt") as tmp:
-        scorer = test_scorer(task, cfg) if cfg.test_each_epoch else None
-        ema, test_by_epoch = train(model, dataset, loss_fn, cfg, tmp / "live", common.seed, scorer)
         save_finetuned(ema, task, variant, cfg, tmp / "model.pt", test_by_epoch)
         # before the model: no model, no stale curves
         with atomic_dir(Path(cfg.live) / variant, LIVE_SIGN) as live:
-            shutil.copytree(tmp / "live", live, dirs_exist_ok=True)
-        shutil.rmtree(tmp / "live")
+            shutil.copytree(resume_dir / "live", live, dirs_exist_ok=True)
+    shutil.rmtree(resume_dir)  # published: the next run starts afresh
     seconds = time.perf_counter() - start
     log.info("%s/%s: done in %.1f s -> %s", stage, variant, seconds, Path(cfg.out) / variant)
 

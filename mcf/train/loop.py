@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import random
 import shutil
 from collections.abc import Callable
@@ -32,9 +30,16 @@ from tqdm import tqdm
 
 from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
 from mcf.errors import StageError
-from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable, file_sha256
+from mcf.io import LIVE_SIGN, atomic_dir, check_replaceable, file_sha256
 from mcf.params import ParamsError, param
-from mcf.train.checkpoint import load_checkpoint, rng_state, run_hash, save_checkpoint, set_rng_state
+from mcf.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    run_hash,
+    save_checkpoint,
+    set_rng_state,
+    truncate_live,
+)
 from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
 from mcf.train.schedule import lr_at, scaled_lr, set_lr
 
@@ -325,39 +330,6 @@ class Trainer:
         if self.step:
             truncate_live(live_dir, self.step)
         return Live(dir=str(live_dir), resume=self.step > 0, dvcyaml=None, save_dvc_exp=False, report=None)
-
-
-def truncate_live(live_dir: Path, step: int) -> None:
-    """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint).
-
-    A row a crash cut short (too few fields, or no step) goes too; a file torn within its header holds
-    no row and is removed, so dvclive starts it again. So is a summary (``metrics.json``) a kill cut
-    short: dvclive reads it on resume, and rewrites it at the next sync.
-    """
-    summary = live_dir / "metrics.json"
-    if summary.is_file():
-        try:
-            json.loads(summary.read_text())
-        except ValueError:
-            summary.unlink()
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        header, *rows = tsv.read_text().splitlines() or [""]
-        columns = header.split("\t")
-        if "step" not in columns:
-            tsv.unlink()
-            continue
-        column = columns.index("step")
-        kept = [r for r in rows if _logged_step(r, len(columns), column) <= step]
-        with atomic_file(tsv) as tmp:
-            tmp.write_text("\n".join([header, *kept]) + "\n")
-
-
-def _logged_step(row: str, width: int, column: int) -> float:
-    """The step a dvclive row was logged at; infinity for a row cut short."""
-    fields = row.split("\t")
-    if len(fields) != width or not fields[column].isdigit():
-        return math.inf
-    return int(fields[column])
 
 
 def seed_process(seed: int, rank: int) -> None:
