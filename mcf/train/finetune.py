@@ -354,6 +354,8 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     key = "backbone" if variant == "mcf" else "scratch_backbone"
     require_path(export_dir(variant, cfg), f"{stage}.{key}", made_by="pretrain")
     require_path(cfg.data.root, f"{stage}.data.root")
+    torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
+    model = build_model(task, variant, cfg)  # before the gate: a bad `blocks` fails at once
     if task == "alignment":
         table = aflw19.table(cfg.data, "train")
         run_gate(table, "aflw19", stage=stage)
@@ -362,8 +364,6 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
         table = lapa.table(cfg.data, "train")
         run_gate(table, "lapa", stage=stage)
         dataset, loss_fn = LaPa(cfg.data, "train", augment=True), parsing_loss
-    torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
-    model = build_model(task, variant, cfg)
     log.info("%s/%s: %d training images, %d steps", stage, variant, len(dataset),
              cfg.epochs * max(len(dataset) // cfg.batch_size, 1))
     start = time.perf_counter()
