@@ -71,8 +71,8 @@ BODIES = {
 
 class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body),
-    /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png; /c<n> hops take
-    0.3 s each) and /loop (to itself)."""
+    /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and
+    from /a0 to /good.png; /c<n> hops take 0.3 s each) and /loop (to itself)."""
 
     counts: Counter = Counter()
     lock = threading.Lock()
@@ -109,6 +109,15 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/slow":
             time.sleep(1.0)
             self._send(JPEG)
+        elif self.path == "/drip-head":  # the headers a byte at a time: each read is in time, the whole not
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+            for _ in range(200):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                with self.lock:
+                    self.counts["/drip-head bytes"] += 1
+                time.sleep(0.05)
+            self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
         elif self.path == "/drip":
             self.send_response(200)
             self.send_header("Content-Length", str(30 * 64))
@@ -258,6 +267,15 @@ def test_total_timeout_holds_across_redirects(server: str, tmp_path: Path) -> No
     main(Common(), _laion_config(parquet, timeout=1.0, total_timeout=0.5))
     assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["timeout", "success"]
     assert Handler.counts["/c1"] == 0 and Handler.counts["/c4"] == 2  # two tries, each stopped early
+
+
+def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path) -> None:
+    """A byte every 50 ms never trips the read timeout: the deadline cuts the connection itself."""
+    parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/drip-head", server + "/good.jpg"])
+    main(Common(), _laion_config(parquet, timeout=1.0, total_timeout=0.5))
+    assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["timeout", "success"]
+    assert Handler.counts["/drip-head"] == 2  # retried once, as a timeout is
+    assert Handler.counts["/drip-head bytes"] < 100  # of 2 × 200: both tries were cut off near 0.5 s
 
 
 def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) -> None:

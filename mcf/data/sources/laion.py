@@ -15,10 +15,12 @@ together as ``detections.parquet``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import socket
 import threading
 import time
 from pathlib import Path
@@ -28,6 +30,9 @@ from urllib.parse import urlsplit
 import pandas as pd
 import pyarrow.parquet as pq
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
 from mcf.data.sources.download import Source
@@ -110,6 +115,57 @@ def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     return unique
 
 
+_DEADLINE = threading.local()  # this thread's download deadline (monotonic), for the connections below
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _DeadlineConnection:
+    """While the response head arrives, a timer shuts the socket at the download's deadline: the read
+    timeout restarts with every byte, so a server dripping its headers would hold a thread for ever.
+    (The body is bounded in :func:`read_bounded`, between the redirect hops in the response hook.)"""
+
+    sock: socket.socket | None
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = getattr(_DEADLINE, "value", None)
+        timer = None
+        if deadline is not None and self.sock is not None:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), _shut, (self.sock,))
+            timer.daemon = True
+            timer.start()
+        try:
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+class _HTTPConnection(_DeadlineConnection, HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineConnection, HTTPSConnection):
+    pass
+
+
+class _HTTPPool(HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _DeadlineAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 class HttpFetcher:
     """URL to bytes with bounds on time and size; one ``requests`` session per thread."""
 
@@ -120,6 +176,8 @@ class HttpFetcher:
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
             self._local.session = requests.Session()
+            for scheme in ("http://", "https://"):
+                self._local.session.mount(scheme, _DeadlineAdapter())
             self._local.session.headers["User-Agent"] = self.cfg.user_agent
             self._local.session.max_redirects = self.cfg.max_redirects
         return self._local.session
@@ -155,6 +213,7 @@ class HttpFetcher:
                 raise
 
         timeout, hooks = (self.cfg.timeout, self.cfg.timeout), {"response": in_time}
+        _DEADLINE.value = deadline
         try:
             with self._session().get(url, stream=True, timeout=timeout, hooks=hooks) as response:
                 self._check_headers(response)
@@ -170,8 +229,11 @@ class HttpFetcher:
         except requests.exceptions.TooManyRedirects:  # a loop or a chain: trying again will not help
             raise FetchFailure("http_error", f"more than {self.cfg.max_redirects} redirects") from None
         except (requests.exceptions.RequestException, HTTPError) as err:
+            check_deadline(deadline)  # the deadline's timer cut a dripping server off: a timeout
             message = f"{type(err).__name__}: {err}"[:200]
             raise FetchFailure("connection_error", message, retryable=True) from None
+        finally:
+            _DEADLINE.value = None
 
 
 def source(cfg: LaionFaceConfig, max_bytes: int, rows: pd.DataFrame | None = None) -> Source:
