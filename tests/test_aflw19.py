@@ -14,6 +14,7 @@ import torch
 from mcf.data import transforms as T
 from mcf.data.aflw19 import AFLW19, AFLW19Config, AlignmentAugment, read_mat, table, to_original
 from mcf.errors import StageError
+from mcf.params import ParamsError
 from mcf.validate.gate import run_gate
 
 N, N_TRAIN, SIZE = 12, 8, 64
@@ -68,6 +69,8 @@ def test_read_mat_and_splits(tree: tuple[Path, dict]) -> None:
     assert set(frontal.indices) == {N_TRAIN + 1, N_TRAIN + 3}
     val = AFLW19(_cfg(root, n_val=2), "val")
     assert len(val) == 2 and len(AFLW19(_cfg(root, n_val=2), "train")) == N_TRAIN - 2
+    with pytest.raises(ParamsError, match=f"data.n_train: {N + 1} exceeds the {N} samples"):  # exit 2
+        AFLW19(dataclasses.replace(_cfg(root), n_train=N + 1), "train")
 
 
 def test_sample_keys_and_box_maps_to_crop(tree: tuple[Path, dict]) -> None:

@@ -155,7 +155,7 @@ def split_indices(ann: Annotations, split: Split, n_train: int, n_val: int = 0) 
     """0-based row indices of ``split`` (see the module docstring)."""
     n = len(ann.names)
     if n_train > n:
-        raise StageError(f"n_train = {n_train} exceeds the {n} samples in {MAT_NAME}")
+        raise ParamsError("data.n_train", f"{n_train} exceeds the {n} samples in {MAT_NAME}")
     if split == "train":
         return ann.order[: n_train - n_val]
     if split == "val":
