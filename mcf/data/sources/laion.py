@@ -124,9 +124,9 @@ def _shut(sock: socket.socket) -> None:
 
 
 class _DeadlineConnection:
-    """While the response head arrives, a timer shuts the socket at the download's deadline: the read
-    timeout restarts with every byte, so a server dripping its headers would hold a thread for ever.
-    (The body is bounded in :func:`read_bounded`, between the redirect hops in the response hook.)"""
+    """While a response head arrives, a timer shuts the socket at the download's deadline: the read
+    timeout restarts with every byte, so a server dripping its headers (or a chain of slow redirects,
+    each hop in time) would hold a thread for ever. The body is bounded in :func:`read_bounded`."""
 
     sock: socket.socket | None
 
@@ -203,19 +203,11 @@ class HttpFetcher:
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
             raise FetchFailure("invalid_url", f"not an http(s) URL: {url!r}")
         deadline = time.monotonic() + self.cfg.total_timeout
-
-        def in_time(response: requests.Response, *_: Any, **__: Any) -> None:
-            """Each response of a redirect chain: no further hop once the image's time is up."""
-            try:
-                check_deadline(deadline)
-            except FetchFailure:
-                response.close()
-                raise
-
-        timeout, hooks = (self.cfg.timeout, self.cfg.timeout), {"response": in_time}
+        timeout = (self.cfg.timeout, self.cfg.timeout)
         _DEADLINE.value = deadline
         try:
-            with self._session().get(url, stream=True, timeout=timeout, hooks=hooks) as response:
+            with self._session().get(url, stream=True, timeout=timeout) as response:
+                check_deadline(deadline)  # a head the timer cut short parses as a (wrong) response
                 self._check_headers(response)
                 # read1 returns what has arrived, so the deadline holds against a slow drip
                 chunks = iter(lambda: response.raw.read1(64 * 1024, decode_content=True), b"")
