@@ -122,8 +122,8 @@ def _outcome(line: str, current: Outcome) -> Outcome:
 def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     """SIGTERM to ``proc``'s whole process group, SIGKILL to what is left after ``grace`` seconds.
 
-    ``dvc repro`` passes no signal on to the stage's command, which would train on unseen (and a rerun
-    would meet it); torchrun, in the group too, stops its workers itself on SIGTERM within 30 s.
+    ``dvc repro`` passes no signal on to the stage's command, which would go on training unseen (and a
+    rerun would run beside it); torchrun, in the group too, stops its workers itself within 30 s.
     """
     try:
         os.killpg(proc.pid, signal.SIGTERM)
