@@ -204,3 +204,18 @@ def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert states[0]["classifier.weight"].shape[0] == 11
+
+
+def test_bf16_autocast_trains_the_same_model_approximately(fixture_root: Path) -> None:
+    """``precision: bf16`` (CUDA's ``auto``) runs the forward under autocast, here on the CPU: the first
+    loss agrees with fp32's to bf16 precision, and the weights differ, so autocast really was on."""
+    align, _ = tiny_configs(fixture_root)
+    states, losses = [], []
+    for precision in ("fp32", "bf16"):
+        cfg = dataclasses.replace(align, out=str(fixture_root / f"ft_{precision}"), precision=precision,
+                                  live=str(fixture_root / f"live_{precision}"), test_each_epoch=False)
+        main_alignment(Common(seed=0), cfg, "mcf")
+        states.append(torch.load(Path(cfg.out) / "mcf" / "model.pt", weights_only=True)["state_dict"])
+        losses.append(_losses(Path(cfg.live) / "mcf")[0])
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    assert not torch.equal(states[0]["classifier.weight"], states[1]["classifier.weight"])

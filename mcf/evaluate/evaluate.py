@@ -57,6 +57,7 @@ from mcf.io import atomic_dir, atomic_file
 from mcf.models.heads import DenseFaceModel
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.synth.writers import is_synthface
+from mcf.train.distributed import default_device
 from mcf.train.finetune import TEST_SCORE, Task, load_finetuned
 from mcf.validate.gate import run_gate
 
@@ -97,12 +98,12 @@ Loaded = dict[str, tuple[DenseFaceModel, dict[str, Any]]]
 
 
 def _checkpoints(folder: str, variants: list[str], key: Task) -> Loaded:
-    """Load ``<folder>/<variant>/model.pt`` for each variant, fine-tuned for ``key`` (the task); all must
-    share one data config."""
+    """Load ``<folder>/<variant>/model.pt`` for each variant, fine-tuned for ``key`` (the task), onto the
+    GPU when there is one; all must share one data config."""
     loaded = {}
     for variant in variants:
-        path = Path(folder) / variant / "model.pt"
-        loaded[variant] = load_finetuned(path, key)
+        model, meta = load_finetuned(Path(folder) / variant / "model.pt", key)
+        loaded[variant] = model.to(default_device()), meta
     datas = {json.dumps(meta["data"], sort_keys=True) for _, meta in loaded.values()}
     if len(datas) != 1:
         raise StageError(f"{folder}: the variants were trained on different data configs: {sorted(datas)}")

@@ -32,6 +32,7 @@ from mcf.evaluate.metrics import nme
 from mcf.models.backbone import load_backbone
 from mcf.params import param
 from mcf.synth.writers import IDENTITIES_CSV  # SynthFace's name → identity table
+from mcf.train.distributed import default_device
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,12 @@ def pooled_features(
     """``[N, 2D]`` float64 features (mean patch token, CLS; after the final norm) and the items' other
     fields, batched (tensors as NumPy arrays, names as a list)."""
     backbone.eval()
+    device = next(backbone.parameters()).device
     feats, rest = [], {}
     prefix = getattr(backbone, "num_prefix_tokens", 1)
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="probe features", leave=False):
-        tokens = backbone.forward_features(batch.pop("image"))  # [N, 1 + L, D]
-        feats.append(torch.cat([tokens[:, prefix:].mean(dim=1), tokens[:, 0]], dim=1).double().numpy())
+        tokens = backbone.forward_features(batch.pop("image").to(device))  # [N, 1 + L, D]
+        feats.append(torch.cat([tokens[:, prefix:].mean(dim=1), tokens[:, 0]], dim=1).double().cpu().numpy())
         for k, v in batch.items():
             rest.setdefault(k, []).append(v.numpy() if isinstance(v, torch.Tensor) else list(v))
     merged = {k: np.concatenate(v) if isinstance(v[0], np.ndarray) else sum(v, []) for k, v in rest.items()}
@@ -113,7 +115,7 @@ def run_probes(
     identities = read_identities(data.root)
     results: dict[str, dict[str, float | None]] = {}
     for variant, export_dir in exports.items():
-        backbone = load_backbone(export_dir, img_size=data.size)
+        backbone = load_backbone(export_dir, img_size=data.size).to(default_device())
         x_train, tr = pooled_features(backbone, train, batch_size)
         x_test, te = pooled_features(backbone, test, batch_size)
         points = fit_landmarks(x_train, tr["landmarks"], x_test, cfg.ridge_alpha)

@@ -29,10 +29,12 @@ THRESHOLD = 0.07
 
 @torch.no_grad()
 def predict_landmarks(model: DenseFaceModel, dataset: AFLW19, batch_size: int) -> dict[str, Any]:
-    """Original-image predictions ``[N, 19, 2]`` with the names, GT, boxes and visibility."""
+    """Original-image predictions ``[N, 19, 2]`` with the names, GT, boxes and visibility; the model
+    runs on its own device, in fp32."""
+    device = next(model.parameters()).device
     out: dict[str, list[Any]] = {"name": [], "pred": [], "gt": [], "box": [], "visible": []}
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="alignment", leave=False):
-        points = soft_argmax(model(batch["image"]))
+        points = soft_argmax(model(batch["image"].to(device))).cpu()
         out["pred"].append(to_original(points, batch["matrix"], dataset.cfg.size))
         out["name"] += list(batch["name"])
         for key in ("gt", "box", "visible"):
@@ -63,11 +65,14 @@ def predict_parsing(
     model: DenseFaceModel, dataset: LaPa, batch_size: int, pred_dir: Path | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """Argmax maps at the original size, written as PNGs under ``pred_dir`` when given; returns the
-    summed confusion matrix and the names."""
+    summed confusion matrix and the names. The model runs on its own device, in fp32; the warp back to
+    each original size on the CPU."""
+    device = next(model.parameters()).device
+    size = (dataset.cfg.label_size, dataset.cfg.label_size)
     conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     names: list[str] = []
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="parsing", leave=False):
-        logits = parsing_logits(model(batch["image"]), (dataset.cfg.label_size, dataset.cfg.label_size))
+        logits = parsing_logits(model(batch["image"].to(device)), size).cpu()
         for i, name in enumerate(batch["name"]):
             orig = warp_to_original(logits[i], sample_params(batch["params"], i), batch["orig_size"][i])
             pred = orig.argmax(dim=0).numpy().astype(np.uint8)

@@ -43,7 +43,8 @@ from mcf.models.backbone import create_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import load
-from mcf.train.loop import accumulate, compile_model, make_optimizer, param_groups, resolve_dtype
+from mcf.train.distributed import resolve_dtype
+from mcf.train.loop import accumulate, compile_model, make_optimizer, param_groups
 
 log = logging.getLogger(__name__)
 

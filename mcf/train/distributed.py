@@ -1,4 +1,5 @@
-"""Process-group helpers for torchrun, with a single-process path when torchrun's env is absent.
+"""Process-group helpers for torchrun, with a single-process path when torchrun's env is absent, and
+where (device) and in which precision (autocast dtype) a process computes.
 
 Every helper works uninitialised (rank 0 of 1), so the same training code runs on a laptop, under
 ``torchrun --nproc_per_node 8`` and in tests that spawn gloo processes on 127.0.0.1.
@@ -45,6 +46,18 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+def default_device() -> torch.device:
+    """Where a single-process stage runs: the (first) GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: ``auto`` is bf16 on CUDA and fp32 (no autocast) on the CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def init_distributed() -> tuple[int, int, int, torch.device]:
     """Join torchrun's process group from ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``.
 
@@ -53,7 +66,7 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     """
     cuda = torch.cuda.is_available()
     if not under_torchrun():
-        return 0, 1, 0, torch.device("cuda" if cuda else "cpu")
+        return 0, 1, 0, default_device()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:

@@ -51,6 +51,7 @@ from mcf.train.checkpoint import (
     set_rng_state,
     truncate_live,
 )
+from mcf.train.distributed import default_device, resolve_dtype
 from mcf.train.ema import EMA
 from mcf.validate.gate import run_gate
 
@@ -85,6 +86,7 @@ class FinetuneConfig:
     ema_decay: float = param(0.999, ge=0, lt=1)
     ema_warmup: bool = True  # decay min(d, (1+n)/(10+n)): short runs are not stuck near the init
     num_workers: int = param(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # autocast in training; auto: bf16 on CUDA
     # FaRL picks its epoch on the test set: score the EMA model there after each epoch, so evaluate can
     # report that optimistic number beside the last epoch's, labelled (PROTOCOL §3); training is unchanged
     test_each_epoch: bool = True
@@ -190,16 +192,21 @@ def _collate_tensors(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def train_epoch(
     model: DenseFaceModel, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, ema: EMA,
-    lr_at: Callable[[int], float], step: int,
+    lr_at: Callable[[int], float], step: int, dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, float], int]:
-    """One pass over ``loader``; returns the mean of each loss part and the next step index."""
+    """One pass over ``loader`` on the model's device, the forward under autocast unless ``dtype`` is
+    fp32 (the loss always in fp32); returns the mean of each loss part and the next step index."""
+    device = next(model.parameters()).device
     base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     sums: dict[str, float] = {}
     bar = tqdm(loader, desc="fine-tune", leave=False)
     for batch in bar:
         for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = lr * lr_at(step)
-        parts = loss_fn(model(batch["image"]), batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
+            logits = model(batch["image"])
+        parts = loss_fn(logits.float(), batch)
         if not torch.isfinite(parts["loss"]):
             raise StageError(f"non-finite loss {parts['loss'].item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -244,18 +251,21 @@ def train(
     model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, resume_dir: Path,
     seed: int, run_id: str, scorer: Scorer | None = None,
 ) -> tuple[EMA, list[float | None]]:
-    """The fine-tuning loop; returns the EMA whose weights are evaluated, and the ``scorer``'s score of
-    the EMA model after each epoch (empty without one), logged as ``test/<name>``. Deterministic for
-    ``seed``.
+    """The fine-tuning loop, on the model's device; returns the EMA whose weights are evaluated, and the
+    ``scorer``'s score of the EMA model after each epoch (empty without one), logged as
+    ``test/<name>``. Deterministic for ``seed`` (bit for bit on the CPU).
 
     After each epoch the whole state (weights, EMA, optimizer, data order, RNGs, scores) goes to
     ``resume_dir/last.pt`` and the curves to ``resume_dir/live``: a killed run resumes at its last
     finished epoch, exactly, when ``run_id`` (the hash of what defines the run) is unchanged.
     """
+    device = next(model.parameters()).device
+    dtype = resolve_dtype(cfg.precision, device)
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
         num_workers=cfg.num_workers, generator=generator, collate_fn=_collate_tensors,
+        pin_memory=device.type == "cuda",
     )
     optimizer = make_optimizer(model, cfg)
     for group in optimizer.param_groups:
@@ -284,7 +294,7 @@ def train(
             model.train()
             if cfg.freeze_backbone:
                 model.backbone.eval()
-            means, step = train_epoch(model, loader, loss_fn, optimizer, ema, lr_at, step)
+            means, step = train_epoch(model, loader, loss_fn, optimizer, ema, lr_at, step, dtype)
             for k, v in means.items():
                 live.log_metric(f"train/{k}", v)
             live.log_metric("lr/head", optimizer.param_groups[-1]["lr"])
@@ -355,7 +365,8 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     require_path(export_dir(variant, cfg), f"{stage}.{key}", made_by="pretrain")
     require_path(cfg.data.root, f"{stage}.data.root")
     torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
-    model = build_model(task, variant, cfg)  # before the gate: a bad `blocks` fails at once
+    device = default_device()  # initialised on the CPU, then moved: the same start on any device
+    model = build_model(task, variant, cfg).to(device)  # before the gate: a bad `blocks` fails at once
     if task == "alignment":
         table = aflw19.table(cfg.data, "train")
         run_gate(table, "aflw19", stage=stage)
@@ -364,15 +375,16 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
         table = lapa.table(cfg.data, "train")
         run_gate(table, "lapa", stage=stage)
         dataset, loss_fn = LaPa(cfg.data, "train", augment=True), parsing_loss
-    log.info("%s/%s: %d training images, %d steps", stage, variant, len(dataset),
-             cfg.epochs * max(len(dataset) // cfg.batch_size, 1))
+    dtype = resolve_dtype(cfg.precision, device)
+    log.info("%s/%s: %d training images, %d steps, on %s in %s", stage, variant, len(dataset),
+             cfg.epochs * max(len(dataset) // cfg.batch_size, 1), device, str(dtype).removeprefix("torch."))
     start = time.perf_counter()
     check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)  # before training, not after it
     resume_dir = Path(cfg.resume_dir) / variant
     # what defines the run: a checkpoint of another is refused, not resumed
     where = {"out", "live", "resume_dir", "num_workers"}
     run_id = run_hash({
-        "stage": stage, "variant": variant, "seed": common.seed,
+        "stage": stage, "variant": variant, "seed": common.seed, "dtype": str(dtype),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in where},
         "backbone": file_sha256(Path(export_dir(variant, cfg)) / "backbone.pth"),
         "data": int(pd.util.hash_pandas_object(table, index=False).sum()),

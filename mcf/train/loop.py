@@ -40,7 +40,7 @@ from mcf.train.checkpoint import (
     set_rng_state,
     truncate_live,
 )
-from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized
+from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized, resolve_dtype
 from mcf.train.schedule import lr_at, scaled_lr, set_lr
 
 if TYPE_CHECKING:
@@ -137,13 +137,6 @@ def compile_model(net: nn.Module) -> nn.Module:
     """``torch.compile`` that keeps eager's random numbers: inductor's own would draw other masks, so
     a compiled run would train on different samples than the eager one (``fallback_random``)."""
     return torch.compile(net, options={"fallback_random": True})
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: ``auto`` is bf16 on CUDA and fp32 (no autocast) on the CPU."""
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
