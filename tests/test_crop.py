@@ -17,9 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
+import yaml
 from pytest import MonkeyPatch
 from skimage import data as skdata
 
+from mcf.cli import main as cli_main
 from mcf.data import crop as crop_mod
 from mcf.data.crop import CropConfig, Source, crop, crop_chunk, crop_id, face_transform, warp_crop
 from mcf.data.detect import DetectorConfig, Face, HaarDetector, YuNetDetector, load_detections
@@ -195,6 +197,14 @@ def test_shards_stream_with_webdataset(serial: tuple[CropConfig, pd.DataFrame]) 
     assert len(urls) == -(-len(kept) // cfg.shard_size)
     assert samples[0]["json"]["sample_id"] == kept.iloc[0]["sample_id"]
     assert pd.read_parquet(out / "manifest.parquet")["crop_id"].tolist() == manifest["crop_id"].tolist()
+
+
+def test_validate_by_hand_passes_the_output(serial: tuple[CropConfig, pd.DataFrame], tmp_path: Path) -> None:
+    cfg, _ = serial
+    manifest = str(Path(cfg.out) / "manifest.parquet")
+    for size, status in ((SIZE, 0), (SIZE + 1, 3)):  # width_off/height_off come from crop.size
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": {"size": size}}))
+        assert cli_main(["validate", "--params", str(tmp_path / "params.yaml"), "crop", manifest]) == status
 
 
 def test_parallel_run_matches_serial(fetch_dir: Path, tmp_path: Path, serial: tuple) -> None:

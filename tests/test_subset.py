@@ -163,6 +163,8 @@ def test_cli_runs_the_stage_from_params(crop_dir: Path, tmp_path: Path) -> None:
     params.write_text(yaml.safe_dump({"seed": 7, "subset": section}))
     assert cli_main(["subset", "--params", str(params)]) == 0
     assert len(pd.read_parquet(tmp_path / "s/manifest.parquet")) == 12
+    by_hand = ["validate", "--params", str(params), "subset", str(tmp_path / "s/manifest.parquet")]
+    assert cli_main(by_hand) == 0  # the gate by hand derives the columns the stage's gate did
     missing = tmp_path / "missing.yaml"
     missing.write_text(
         yaml.safe_dump({"subset": {"input": str(tmp_path / "none"), "out": str(tmp_path / "t")}})

@@ -132,3 +132,11 @@ def test_cli_usage_errors_are_one_line(
     with pytest.raises(SystemExit) as exit_:
         gate.cli([names.get(a, a) for a in args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_suite_says_what_it_checks_and_derived_columns_are_kept() -> None:
+    assert set(gate.TARGETS) == set(gate.suite_names())
+    given = pd.DataFrame({"width": [64], "height": [64], "width_off": [5], "height_off": [5]})
+    assert gate.derive(given, "crop") is given  # no config needed: nothing is recomputed
+    with pytest.raises(ValueError, match="needs the crop section"):
+        gate.derive(given.drop(columns=["width_off"]), "crop")

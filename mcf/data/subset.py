@@ -125,13 +125,9 @@ def subset(cfg: SubsetConfig, seed: int) -> pd.DataFrame:
         log.warning("subset.n=%d but the crop stage kept %d crops: taking them all", n, len(kept))
         n = len(kept)
     chosen = kept.loc[pick(kept, n, seed, cfg.stratify)]
-    crop = chosen.set_index("crop_id")
     with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
         manifest = write_subset(chosen, cfg, tmp)
-        ids = manifest["crop_id"]  # the crop stage's size for each crop: the subset must not change it
-        width_off = manifest["width"] - ids.map(crop["width"]).astype("Int64")
-        height_off = manifest["height"] - ids.map(crop["height"]).astype("Int64")
-        run_gate(manifest.assign(width_off=width_off, height_off=height_off), "subset", stage="subset")
+        run_gate(manifest, "subset", stage="subset", config=cfg)  # sizes must be the crop stage's
         manifest.to_parquet(tmp / "manifest.parquet", index=False)
     if cfg.stratify:
         log.info("subset strata: %s", manifest[cfg.stratify].value_counts().sort_index().to_dict())

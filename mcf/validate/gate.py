@@ -2,10 +2,10 @@
 
 Suites are hand-written JSON files in ``mcf/validate/suites/<name>.json`` (a list of ``{"type",
 "kwargs"}`` expectations, with ``row_condition`` in GX's dict form where a check applies to some rows
-only). The gate is generic: a check that needs a per-row derived value (say "landmark inside the
-image") is expressed by the caller adding that column before validating. GX runs in an ephemeral
-context, so nothing is written into the repository except the latest result per suite, kept under
-``.mcf/validation/`` (self git-ignored) for ``mcf validate --docs``.
+only). A check that needs a per-row value the table does not store (a crop's size minus the size it
+should have) reads a column that :func:`derive` adds, here, so a stage and ``mcf validate`` check the
+same thing. GX runs in an ephemeral context, so nothing is written into the repository except the
+latest result per suite, kept under ``.mcf/validation/`` (self git-ignored) for ``mcf validate --docs``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +22,22 @@ import pandas as pd
 
 from mcf.errors import GateError, StageError
 from mcf.io import LOCAL_DIR, atomic_file, local_dir
+from mcf.params import DEFAULT_PARAMS, load, require_path
 
 SUITES_DIR = Path(__file__).parent / "suites"
 RESULTS_DIR = LOCAL_DIR / "validation"
 EXAMPLES = 5
+SIZE_CHECKED = ("crop", "subset")  # suites that check width_off/height_off, which derive() adds
+# Suite -> what it is meant for, for `mcf validate --help` (tests check every suite has one).
+TARGETS = {
+    "aflw19": "no file on disk: finetune_alignment and evaluate run it on the table that "
+    "mcf.data.aflw19.table(data, split) builds; write that to parquet to run it by hand",
+    "crop": "<crop.out>/manifest.parquet, with crop.size from --params",
+    "fetch": "<fetch.out>/manifest.parquet",
+    "lapa": "no file on disk: finetune_parsing and evaluate run it on the table that "
+    "mcf.data.lapa.table(data, split) builds; write that to parquet to run it by hand",
+    "subset": "<subset.out>/manifest.parquet, with the crop manifest named by subset.input in --params",
+}
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +144,36 @@ def _store(result: ExpectationSuiteValidationResult, suite: str, stage: str) -> 
     return path
 
 
-def run_gate(df: pd.DataFrame, suite: str, *, stage: str, keep: bool = True) -> None:
+def _expected_size(df: pd.DataFrame, suite: str, config: Any) -> tuple[Any, Any]:
+    """What ``width``/``height`` should be: ``crop.size`` for a crop; for a subset, what the crop stage
+    wrote for the same ``crop_id`` (``config`` is that stage's section)."""
+    if suite == "crop":
+        return config.size, config.size
+    path = Path(config.input) / "manifest.parquet"
+    require_path(path, "subset.input", made_by="crop")
+    crop = pd.read_parquet(path, columns=["crop_id", "width", "height"])
+    ids, crop = df["crop_id"], crop.set_index("crop_id")
+    return ids.map(crop["width"]).astype("Int64"), ids.map(crop["height"]).astype("Int64")
+
+
+def derive(df: pd.DataFrame, suite: str, config: Any = None) -> pd.DataFrame:
+    """``df`` with the columns ``suite`` checks but no stage stores: ``width_off``/``height_off``, the
+    size read back minus the expected size (0 when right). Columns already there are kept as given."""
+    if suite not in SIZE_CHECKED or {"width_off", "height_off"} <= set(df.columns):
+        return df
+    if config is None:
+        raise ValueError(f"suite {suite!r} needs the {suite} section of the params to derive width_off")
+    width, height = _expected_size(df, suite, config)
+    return df.assign(width_off=df["width"] - width, height_off=df["height"] - height)
+
+
+def run_gate(df: pd.DataFrame, suite: str, *, stage: str, config: Any = None, keep: bool = True) -> None:
     """Validate a stage's output; raise :class:`GateError` listing every failed expectation.
 
-    ``keep`` stores the result for the report and Data Docs; a gate run by hand leaves the pipeline's
-    record alone.
+    ``config`` is the section of the params :func:`derive` needs (crop, subset). ``keep`` stores the
+    result for the report and Data Docs; a gate run by hand leaves the pipeline's record alone.
     """
+    df = derive(df, suite, config)
     result = validate(df, suite)
     try:
         if keep:
@@ -199,13 +236,30 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
 
 def cli(argv: list[str]) -> int:
     """``mcf validate SUITE PARQUET`` or ``mcf validate --docs [--out DIR]``."""
-    p = argparse.ArgumentParser(prog="mcf validate", description="Run a data gate or build Data Docs.")
     known = suite_names()
+    targets = "\n".join(
+        textwrap.fill(TARGETS[name], 100, initial_indent=f"  {name:8} ", subsequent_indent=" " * 11)
+        for name in known
+    )
+    p = argparse.ArgumentParser(
+        prog="mcf validate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run a data gate on a parquet file by hand (the pipeline's stored results stay as they\n"
+        "are), or build Data Docs HTML from the results the stages stored.",
+        epilog=f"suites, and the table each is meant for:\n{targets}\n\nexit status: 0 passed (or docs "
+        "written), 1 no stored results for --docs,\n2 bad arguments or params, 3 the gate failed",
+    )
     p.add_argument("suite", nargs="?", help=f"the gate to run: {', '.join(known)}")
     p.add_argument("parquet", nargs="?", type=Path, help="parquet file to validate")
+    p.add_argument("--params", default=str(DEFAULT_PARAMS),
+                   help="params file the crop and subset suites read (default: %(default)s)")
     p.add_argument("--docs", action="store_true", help="build Data Docs HTML for the latest results")
-    p.add_argument("--out", type=Path, default=Path("outputs/validation_docs"), help="Data Docs folder")
+    p.add_argument("--out", type=Path, default=Path("outputs/validation_docs"),
+                   help="Data Docs folder (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     args = p.parse_args(argv)
+    if args.verbose:
+        logging.getLogger().setLevel(logging.DEBUG)
     if args.docs:
         build_docs(args.out)
         return 0
@@ -219,5 +273,6 @@ def cli(argv: list[str]) -> int:
         table = pd.read_parquet(args.parquet)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         p.error(f"{args.parquet}: not a readable parquet file ({err})")
-    run_gate(table, args.suite, stage="validate", keep=False)  # the pipeline's record stays its own
+    config = load(args.suite, args.params)[1] if args.suite in SIZE_CHECKED else None
+    run_gate(table, args.suite, stage="validate", config=config, keep=False)  # the pipeline's record stays
     return 0
