@@ -68,7 +68,7 @@ def _samples() -> dict[str, tuple[np.ndarray | None, list[dict] | None, str]]:
 
 
 def make_fetch_dir(root: Path, samples: dict) -> Path:
-    """A fetch output in the CONTRACTS layout: images/, manifest.parquet, detections.parquet."""
+    """A fetch output in the docs/CONTRACTS.md layout: images/, manifest.parquet, detections.parquet."""
     (root / "images").mkdir(parents=True)
     manifest, detections = [], []
     for sample_id, (rgb, faces, _) in samples.items():

@@ -63,7 +63,7 @@ class Face:
 
 
 def load_detections(path: str | Path) -> dict[str, list[Face]]:
-    """The detections table (CONTRACTS schema) grouped by ``sample_id``, faces in ``face`` order."""
+    """The detections table (docs/CONTRACTS.md) grouped by ``sample_id``, faces in ``face`` order."""
     table = pd.read_parquet(path)
     missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
     if missing:

@@ -8,7 +8,7 @@ Sources (``fetch.source``), each with its own params section:
 - ``s3`` (``fetch.s3``): the objects under an S3 prefix, any S3-compatible endpoint.
 - ``local`` (``fetch.local``): a folder of images.
 
-Outputs (schemas in CONTRACTS): ``manifest.parquet`` (one row per source image, failures included),
+Outputs (schemas in docs/CONTRACTS.md): ``manifest.parquet`` (one row per source image, failures included),
 ``images/``, and ``detections.parquet`` where the source has detections (synthetic, laion-face with
 ``detections``). Everything is written to a staging folder and published by one rename after the
 ``fetch`` data gate passed; downloaded files survive a killed run in ``.<out>.partial/`` (see
