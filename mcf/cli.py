@@ -37,6 +37,18 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("mcf.evaluate.evaluate:main", "score the fine-tuned models; write metrics and plots"),
 }
 
+# Stage name -> the top-level params its code reads (each is in the stage's dvc.yaml params, tested).
+TOP_LEVEL: dict[str, tuple[str, ...]] = {
+    "fetch": ("seed",),  # SynthFace's scenes
+    "crop": (),
+    "subset": ("seed",),
+    "teacher": ("seed",),  # its MAE uses its own teacher.mask_ratio
+    "pretrain": ("seed", "mask_ratio"),
+    "finetune_alignment": ("seed",),
+    "finetune_parsing": ("seed",),
+    "evaluate": (),
+}
+
 VARIANTS = ("mcf", "scratch")
 
 # Tool name -> "module:function(argv)". Each parses its own arguments.
@@ -69,12 +81,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
+        keys = " and ".join(f"`{key}`" for key in TOP_LEVEL[name])
+        top = f" plus the top-level {keys}" if keys else " (it reads no top-level key)"
         epilog = (
-            f"Settings: section `{name}` of the params file, with the top-level seed and mask_ratio; the "
-            "whole file is checked before any work. Paths in it are relative to the working directory; the "
-            "section's input keys name what it reads and `out` what it writes (dvc.yaml lists them as the "
-            "stage's deps and outs). Exit status: 0 done, 1 the stage failed, 2 params rejected or an input "
-            "missing, 3 a data gate failed."
+            f"Settings: section `{name}` of the params file{top}; the whole file is checked before any "
+            "work. Paths in it are relative to the working directory; the section's input keys name what it "
+            "reads and `out` what it writes (dvc.yaml lists them as the stage's deps and outs). Exit status: "
+            "0 done, 1 the stage failed, 2 params rejected or an input missing, 3 a data gate failed."
         )
         sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.", epilog=epilog)
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")

@@ -13,7 +13,7 @@ from mcf.params import SECTIONS
 
 
 def test_every_params_section_is_a_stage_command() -> None:
-    assert set(cli.STAGES) == set(SECTIONS)
+    assert set(cli.STAGES) == set(SECTIONS) == set(cli.TOP_LEVEL)
 
 
 def test_tool_receives_its_options_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,7 +33,7 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     with pytest.raises(SystemExit):
         cli.main(["crop", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "section `crop` of the params file" in text
+    assert "section `crop` of the params file (it reads no top-level key)" in text
     assert "2 params rejected or an input missing, 3 a data gate failed" in text
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mcf.cli import STAGES
+from mcf.cli import STAGES, TOP_LEVEL
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUMBING = {"mcf/__init__.py", "mcf/errors.py", "mcf/io.py", "mcf/params.py"}
@@ -77,6 +77,13 @@ def test_stage_deps_cover_the_code_it_runs(stage: str) -> None:
     listed = {f for f in ran if any(f == d or f.startswith(f"{d}/") for d in deps)}
     missing = sorted(f for f in ran - listed if _has_code(f))
     assert not missing, f"dvc.yaml stage {stage!r} runs these modules but does not depend on them: {missing}"
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_SPECS))
+def test_stage_params_cover_the_top_level_keys_it_reads(stage: str) -> None:
+    """The top-level keys ``mcf <stage> --help`` names are in its dvc.yaml ``params``: a change reruns it."""
+    spec = STAGE_SPECS[stage].get("do", STAGE_SPECS[stage])
+    assert set(TOP_LEVEL[stage]) <= set(spec["params"])
 
 
 def test_closure_follows_function_level_imports() -> None:
