@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.dask_runner import task_runner
 from mcf.data.crop import ChunkResult, CropConfig, Source, crop_chunk, finish, load_sources, merge
-from mcf.io import atomic_dir
+from mcf.io import atomic_dir, stage_lock
 from mcf.params import load
 
 
@@ -55,7 +55,7 @@ def crop_dask(
     cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()))
     sources = load_sources(cfg)
     runner = task_runner(address, n_workers or cfg.workers, processes)
-    with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
+    with stage_lock("crop"), atomic_dir(cfg.out, sign="manifest.parquet") as tmp:  # shared with `mcf crop`
         results = fan_out.with_options(task_runner=runner)(sources, cfg, str(tmp / "parts"))
         manifest = merge(results, cfg, tmp)
         shutil.rmtree(tmp / "parts")

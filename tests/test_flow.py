@@ -291,6 +291,24 @@ def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path
     assert not list(tmp_path.glob(".dask*"))  # the atomic staging folder is gone
 
 
+def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flow and `mcf crop` write the same output: one holds the crop lock, the other is refused."""
+    import pandas as pd
+
+    from flows.crop_dask import crop_dask
+    from mcf.errors import StageError
+    from mcf.io import stage_lock
+
+    monkeypatch.chdir(tmp_path)  # the lock lives under the working directory, as for `mcf crop`
+    (tmp_path / "fetch").mkdir()
+    pd.DataFrame({"sample_id": ["a"], "path": [None], "status": ["http_error"]}).to_parquet(
+        tmp_path / "fetch" / "manifest.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": {"input": "fetch", "out": "crop"}}))
+    with stage_lock("crop"), pytest.raises(StageError, match="`mcf crop` is already running"):
+        crop_dask.fn(params_file="params.yaml", processes=False)  # the flow's body, no Prefect server
+    assert not list(tmp_path.glob("*crop*"))
+
+
 def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
     prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
