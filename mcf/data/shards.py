@@ -6,8 +6,9 @@ Schema of one sample (one member group in a tar, keyed by ``__key__`` = ``crop_i
 - ``json``: ``{"crop_id", "sample_id", "face", "box": [x1, y1, x2, y2], "landmarks": [[x, y] * 5],
   "score"}`` with box and landmarks in the source image's pixels.
 
-Shards are named ``crops-000000.tar`` …; they stream with ``webdataset.WebDataset`` from disk or S3
-(tests/test_crop.py checks it). The stages write and read them with the standard library's ``tarfile``:
+Shards are named ``crops-000000.tar`` …; ``webdataset.WebDataset`` streams them as they are from local
+disk (tests/test_shards.py and tests/test_crop.py check it; the stages read local disk only, and streaming
+from S3 is not tested). The stages write and read them with the standard library's ``tarfile``:
 the format is plain tar, and importing webdataset would import torch, seconds of start-up in stages
 that never touch a tensor.
 """

@@ -1,6 +1,7 @@
 """The frozen feature teacher of MCF's feature loss, and where it comes from.
 
-A teacher spec (params key ``teacher.spec`` or similar) is one of
+A teacher spec (the teacher stage's ``teacher.source`` other than ``train``; pretrain loads
+``mcf:<pretrain.teacher>``) is one of
 
 - ``moco_v3:<path>``: a MoCo v3 checkpoint (``state_dict`` with keys ``module.base_encoder.*``; its
   ``head.*`` projector is dropped): the release's teacher;

@@ -95,7 +95,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def build(name: str, params: str) -> MCF:
-    """The benchmarked model with a random teacher: tiny's as the teacher stage trains it, base's ViT-B."""
+    """The benchmarked model with a random teacher: tiny's of ``teacher.backbone``'s size, base's ViT-B."""
     if name == "tiny":
         cfg, teacher_size = load("pretrain", params)[1].model, load("teacher", params)[1].backbone
     else:

@@ -2,12 +2,13 @@
 
 ``source`` decides where it comes from:
 
-- ``train``: pre-train a ViT with the MAE objective (``pixel_mae``) on the subset, with the same
-  loop as pretrain (the CPU default, since no teacher checkpoint ships with a fresh clone);
+- ``train`` (when ``source`` is not given): pre-train a ViT with the MAE objective (``pixel_mae``) on
+  the subset, with the same loop as pretrain;
 - a teacher spec (``moco_v3:<path>``, ``timm:...``, ``mcf:<path>``; see :mod:`mcf.models.teacher`):
   load it and re-save it in our export format. ``data`` then names the spec's weights file: it is the
   stage's DVC dependency, and DVC cannot read a path out of the spec string;
-- ``random``: a random ViT of ``backbone``'s size, only when asked for by name.
+- ``random``: a seeded random ViT of ``backbone``'s size, only when asked for by name, as params.yaml's
+  CPU default does (a teacher MAE-trained for the steps that budget allows was worse; see params.yaml).
 
 Either way ``<out>/`` is an exported backbone (``backbone.pth`` + ``backbone.json``), plus
 ``teacher.json`` (``{"source": ...}``) and, when trained, ``live/`` (dvclive), so pretrain always
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 class TeacherConfig:
     """The ``teacher`` section of params.yaml (its own mask ratio: the top-level one is pretrain's)."""
 
-    source: str = "train"  # train | random | moco_v3:<path> | timm:... | mcf:<path>
+    source: str = "train"  # train | random (params.yaml's) | moco_v3:<path> | timm:... | mcf:<path>
     data: str = "outputs/subset"  # the stage's DVC input: the subset (train) or the spec's weights
     out: str = "outputs/teacher"
     resume_dir: str = "outputs/.resume/teacher"  # not a DVC output: survives DVC's cleanup
