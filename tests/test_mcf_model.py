@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mcf.models.backbone import BackboneConfig
-from mcf.models.mcf import MCF, MCFConfig, mcf_vit_tiny_patch8_64_dec128d2b, sincos_2d
+from mcf.models.mcf import MCF, MCFConfig, sincos_2d
 from mcf.models.teacher import load_teacher
 from mcf.params import ParamsError, build
 
@@ -55,7 +55,6 @@ def test_config_validation_names_keys() -> None:
         build(MCFConfig, {"feature_layers": [2, 2]})
     with pytest.raises(ValueError, match="out of range"):
         MCF(tiny_cfg(feature_layers=(0, 3)), load_teacher("random", TINY))
-    assert mcf_vit_tiny_patch8_64_dec128d2b().backbone.img_size == 64
 
 
 def test_sincos_table() -> None:

@@ -92,20 +92,6 @@ class MCFConfig:
         return self.objective == "pixel_mae" or self.feature_loss
 
 
-def mcf_vit_base_patch16_dec512d8b() -> MCFConfig:
-    """The paper's model: ViT-B/16 at 224, decoder 512 wide × 8 blocks."""
-    return MCFConfig()
-
-
-def mcf_vit_tiny_patch8_64_dec128d2b() -> MCFConfig:
-    """The CPU default (SynthFace): ViT-Ti-like 192 × 6 at 64 px, decoder 128 × 2, small heads."""
-    backbone = BackboneConfig(img_size=64, patch_size=8, embed_dim=192, depth=6, num_heads=3)
-    return MCFConfig(
-        backbone=backbone, decoder_dim=128, decoder_depth=2, decoder_heads=4, feature_layers=(1, 3, 5),
-        proj_hidden=512, proj_dim=128, pred_hidden=512,
-    )
-
-
 def sincos_1d(dim: int, pos: Tensor) -> Tensor:
     """[M] positions → [M, dim]: first half sin, second half cos, frequencies 1/10000^(i/(dim/2))."""
     freq = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
