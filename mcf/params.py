@@ -150,8 +150,6 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise ParamsError(key, "missing required key")
-            if dataclasses.is_dataclass(hints[name]) and f.default_factory is not dataclasses.MISSING:
-                continue
             continue
         value = _convert(data[name], hints[name], key)
         for bound, limit in f.metadata.get("bounds", {}).items():

@@ -42,7 +42,6 @@ from mcf.params import param
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-N_CLASSES = 11
 N_LANDMARKS = 106
 ALIGN_POINTS = (104, 105, 54, 84, 90)
 # FaRL-like 5-point template on 512² (x, y): eyes, nose tip, mouth corners. It centres the face with

@@ -94,11 +94,6 @@ def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any
     return state
 
 
-def clear_checkpoint(resume_dir: str | Path) -> None:
-    """Remove the resume state once the run's final outputs exist, so the next run starts afresh."""
-    (Path(resume_dir) / CHECKPOINT).unlink(missing_ok=True)
-
-
 def truncate_live(live_dir: Path, step: int) -> None:
     """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint).
 
