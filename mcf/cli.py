@@ -96,7 +96,8 @@ def parser() -> argparse.ArgumentParser:
         if name.startswith("finetune_"):
             sp.add_argument(
                 "--variant", choices=VARIANTS, default="mcf",
-                help="the MCF pre-training export, or the same ViT from scratch (default: %(default)s)",
+                help="mcf: the pre-trained export; scratch: the same ViT with pre-training's initial "
+                "weights, before its first step (default: %(default)s)",
             )
     for name, (_, help_) in TOOLS.items():
         sub.add_parser(name, help=help_, add_help=False)

@@ -98,7 +98,12 @@ def _dvc(*args: str) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="mcf check-metrics", description=describe(__doc__))
+    p = argparse.ArgumentParser(
+        prog="mcf check-metrics", description=describe(__doc__),
+        epilog="Exit status: 0 every tracked metric within its tolerance; 1 one moved past it, appeared or "
+        "vanished, none matched a glob of the tolerance file, or the comparison could not run (dvc or the "
+        "tolerance file failed); 2 bad arguments.",
+    )
     p.add_argument("--rev", default="HEAD", help="committed revision to compare with (default: %(default)s)")
     p.add_argument("--tolerance", default=None,
                    help=f"tolerance file (default: {TOLERANCE} as committed at --rev)")
