@@ -37,7 +37,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("mcf.evaluate.evaluate:main", "score the fine-tuned models; write metrics and plots"),
 }
 
-# Stage name -> the top-level params its code reads (each is in the stage's dvc.yaml params, tested).
+# Stage name -> the top-level params its code reads: its dvc.yaml params (tests/test_stage_deps.py).
 TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "fetch": ("seed",),  # SynthFace's scenes
     "crop": (),
