@@ -255,7 +255,7 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
 
 
 def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFrame:
-    """Detections for ``sample_ids`` from every file (one per part), in the flat schema of CONTRACTS
+    """Detections for ``sample_ids`` from every file (one per part), in the flat schema of docs/CONTRACTS.md
     (``detections.parquet``), in the files' order."""
     tables = [_read_detections(Path(path), sample_ids) for path in paths]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DETECTION_COLUMNS)
