@@ -20,6 +20,8 @@ import pytest
 import torch
 from test_pretrain import make_workspace, tsv_column, write_params
 
+from mcf import cli
+
 TRAIN = {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "ckpt_every": 1}
 TOTAL = 12  # 96 crops / (2 ranks × 8) = 6 steps per epoch × 2 epochs
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -112,3 +114,16 @@ def test_sigterm_to_the_launcher_reaches_torchrun(tmp_path: Path) -> None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 7 and (tmp_path / "stopped").exists()
+
+
+def test_more_processes_than_gpus_is_refused_as_params(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """8 processes on a machine that sees 1 GPU: exit 2 (a rerun there fails the same way, so the flow
+    does not retry it), naming the key and both counts, before torchrun starts."""
+    root = make_workspace(tmp_path)
+    params = write_params(root, processes=8, batch_size=2, accum_steps=1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cli.main(["pretrain", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "pretrain.train.processes: 8 asked, but this process sees 1 GPU(s)" in err

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from mcf.errors import StageError
+from mcf.params import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def launch(argv: list[str], processes: int) -> int:
     """
     gpus = torch.cuda.device_count()
     if gpus and processes > gpus:
-        raise StageError(f"train.processes is {processes}, but this process sees {gpus} GPU(s)")
+        # the machine, not a fault of the run: a rerun here fails the same way, so a params error (exit 2)
+        raise ParamsError("train.processes", f"{processes} asked, but this process sees {gpus} GPU(s)")
     log.info("starting %d processes under torchrun", processes)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
