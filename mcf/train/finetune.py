@@ -192,7 +192,7 @@ def _collate_tensors(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def train_epoch(
     model: DenseFaceModel, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, ema: EMA,
-    lr_at: Callable[[int], float], step: int, dtype: torch.dtype = torch.float32,
+    lr_at: Callable[[int], float], step: int, dtype: torch.dtype,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader`` on the model's device, the forward under autocast unless ``dtype`` is
     fp32 (the loss always in fp32); returns the mean of each loss part and the next step index."""
