@@ -1,0 +1,231 @@
+"""Pins each protocol component to its PROTOCOL.md literal; each test's docstring names the section.
+
+The numbers are written out here on purpose: a test that imported the constant it checks would pass
+whatever the constant became.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcf.data.crop import CropConfig, face_transform
+from mcf.data.detect import Face
+from mcf.data.lapa import ALIGN_POINTS, LaPaConfig
+from mcf.data.pretrain_data import EpochView
+from mcf.data.transforms import to_tensor
+from mcf.evaluate.metrics import auc_fr
+from mcf.evaluate.scoring import CLASSES, THRESHOLD
+from mcf.models.backbone import BackboneConfig
+from mcf.models.heads import HeadConfig, Neck, UPerHead, soft_argmax
+from mcf.models.mcf import MCF, MCFConfig
+from mcf.params import load, read_yaml
+from mcf.train.finetune import AlignmentConfig, FinetuneConfig, alignment_loss, lr_factor
+from mcf.train.loop import TrainConfig, make_optimizer, resolve_dtype
+from mcf.train.schedule import scaled_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])
+
+
+def test_mcf_config_defaults() -> None:
+    """§1: ViT-B/16 at 224; teacher blocks 2, 5, 8, 11 normalised over tokens; 1000 × feature loss;
+    T 0.2; constant m 0.99; projector 4096 → 256, predictor 4096; MAE decoder 512 wide, 8 blocks, 16 heads."""
+    cfg = MCFConfig()
+    b = cfg.backbone
+    assert (b.img_size, b.patch_size, b.embed_dim, b.depth) == (224, 16, 768, 12)
+    assert cfg.feature_layers == (2, 5, 8, 11) and cfg.feature_norm_dim == 1
+    assert (cfg.feature_weight, cfg.contrastive_weight) == (1000, 1)
+    assert cfg.temperature == 0.2
+    assert (cfg.momentum, cfg.momentum_schedule) == (0.99, "constant")
+    assert (cfg.proj_hidden, cfg.proj_dim, cfg.pred_hidden) == (4096, 256, 4096)
+    assert (cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads) == (512, 8, 16)
+
+
+def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """§1 recipe, §2 LAION-Face 20M parts, §3–4 head blocks and AFLW-19 split, as the stages load
+    params.paper.yaml."""
+    path = ROOT / "params.paper.yaml"
+    laion = read_yaml(path)["fetch"]["laion_face"]
+    for name in laion["parquet"] + laion["detections"]:  # the fetch section checks its inputs exist
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    monkeypatch.chdir(tmp_path)
+
+    common, pretrain = load("pretrain", path)
+    assert common.mask_ratio == 0.75
+    assert pretrain.model.feature_layers == (2, 5, 8, 11)
+    train = pretrain.train
+    assert train.effective_batch == 4096 == train.batch_size * train.accum_steps * train.processes
+    assert train.blr == 1.5e-4 and scaled_lr(train.blr, train.effective_batch) == pytest.approx(2.4e-3)
+    assert train.betas == (0.9, 0.95) and train.weight_decay == 0.05
+    assert (train.epochs, train.warmup_epochs, train.min_lr) == (16, 1, 0)
+
+    fetch = load("fetch", path)[1]
+    parts = [0, 2, 5, 8, 13, 15, 17, 18, 21, 22, 24, 25, 28]
+    assert fetch.source == "laion-face"
+    for files in (fetch.laion_face.parquet, fetch.laion_face.detections):
+        assert [int(re.search(r"part_(\d+)", f)[1]) for f in files] == parts
+
+    alignment, parsing = (load(stage, path)[1] for stage in ("finetune_alignment", "finetune_parsing"))
+    for cfg in (alignment, parsing):
+        assert (cfg.blocks, cfg.channels, cfg.batch_size, cfg.ema_decay) == ([3, 5, 7, 11], 768, 40, 0.999)
+    assert (alignment.epochs, parsing.epochs) == (150, 300)
+    assert alignment.data.n_train == 20000
+
+
+def test_forward_contrastive_loss_by_hand() -> None:
+    """§1: online CLS → projector → predictor against the momentum encoder's CLS under the independent
+    key mask → momentum projector; InfoNCE at T = 0.2 with the positives on the diagonal (rank 0), × 2T."""
+    torch.manual_seed(0)
+    backbone = BackboneConfig(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+    model = MCF(MCFConfig(backbone=backbone, feature_loss=False, proj_hidden=32, proj_dim=8, pred_hidden=32))
+    with torch.no_grad():  # keys from other weights than the queries'
+        for p in model.momentum_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    imgs, noise, key_noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16), torch.rand(4, 16)
+    out = model(imgs, 0.75, noise=noise, key_noise=key_noise)
+
+    latent, _, _ = model.forward_encoder(imgs, 0.75, noise)
+    key_latent, _, _ = model.forward_encoder(imgs, 0.75, key_noise, momentum=True)
+    q = F.normalize(model.predictor(model.projector(latent[:, 0])), dim=1)
+    k = F.normalize(model.momentum_projector(key_latent[:, 0]), dim=1)
+    expected = F.cross_entropy(q @ k.T / 0.2, torch.arange(4)) * 2 * 0.2
+    torch.testing.assert_close(out["loss_contrastive"], expected)
+    torch.testing.assert_close(out["loss"], expected)
+
+
+def test_auc_and_fr_at_0_07() -> None:
+    """§3: FR_box@0.07 is the share with NME > 0.07 (0.07 itself is no failure); AUC_box@0.07 is
+    Simpson's rule over the CED on 0, 1e-4, …, 0.07, divided by 0.07."""
+    auc, fr = auc_fr(np.array([0.01234, 0.03456, 0.07, 0.0912]))
+    assert THRESHOLD == 0.07 and fr == 0.25
+    # 700 intervals of h = 1e-4: composite Simpson weights 1, 4, 2, 4, …, 2, 4, 1 on the 701 thresholds.
+    # An image with NME v adds 1/4 to the CED from threshold index ceil(v / h) on: 124, 346, 700, never.
+    weights = np.ones(701)
+    weights[1:-1:2], weights[2:-1:2] = 4, 2
+    expected = sum(weights[k:].sum() for k in (124, 346, 700)) / 4 * 1e-4 / 3 / 0.07
+    assert auc == pytest.approx(expected, rel=0, abs=1e-9)
+
+
+def test_lapa_classes_alignment_and_augmentation() -> None:
+    """§4: label ids 0..10 in the protocol's order; landmarks 104, 105, 54, 84, 90 to the template;
+    tanh warp 0.8 at 512², resized to 448; rotation N(0, 0.314 rad), scale N(1, 0.1), shift ±1%, gray,
+    gamma, blur."""
+    assert CLASSES == ("background", "skin", "left_brow", "right_brow", "left_eye", "right_eye", "nose",
+                       "upper_lip", "inner_mouth", "lower_lip", "hair")
+    assert ALIGN_POINTS == (104, 105, 54, 84, 90)
+    cfg = LaPaConfig()
+    assert (cfg.warp_size, cfg.warp_factor, cfg.size, cfg.label_size) == (512, 0.8, 448, 512)
+    aug = cfg.augment
+    assert (aug.rotation_std, aug.scale_std, aug.shift) == (0.314, 0.1, 0.01)
+    assert min(aug.photometric.gray_p, aug.photometric.gamma_p, aug.photometric.blur_p) > 0
+
+
+def test_imagenet_normalisation() -> None:
+    """§1 (pre-training) and §3–4 (fine-tuning): ImageNet mean × 255 maps to 0, (mean + std) × 255 to 1."""
+    rows = torch.stack([IMAGENET_MEAN, IMAGENET_MEAN + IMAGENET_STD]).double() * 255  # [2, 3]
+    rgb = rows[:, None, :].expand(2, 5, 3)  # [H, W, 3], constant along W (flip-proof)
+    expected = torch.tensor([0.0, 1.0])[None, :, None].expand(3, 2, 5)
+    torch.testing.assert_close(to_tensor(rgb.numpy()), expected, atol=1e-5, rtol=0)
+    crop = rgb.permute(2, 0, 1).float().contiguous()  # [3, H, W] float: a pixel can hold mean × 255
+    view = EpochView([crop], seed=0, epoch=0, rank=0, world_size=1, length=1, start=0)
+    torch.testing.assert_close(view[0], expected, atol=1e-5, rtol=0)
+
+
+def test_pretrain_flip_is_horizontal() -> None:
+    """§1: RandomHorizontalFlip only: each item is the normalised crop or its flip along the width."""
+    g = torch.Generator().manual_seed(0)
+    crops = [torch.randint(0, 256, (3, 4, 6), dtype=torch.uint8, generator=g) for _ in range(16)]
+    view = EpochView(crops, seed=0, epoch=0, rank=0, world_size=1, length=16, start=0)
+    flipped = []
+    for i, index in enumerate(view.indices):
+        plain = (crops[index].float() / 255 - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+        out = view[i]
+        assert torch.allclose(out, plain) or torch.allclose(out, plain.flip(-1))
+        flipped.append(not torch.allclose(out, plain))
+    assert any(flipped) and not all(flipped)
+
+
+def test_neck_ppm_and_blocks() -> None:
+    """§3: blocks 3, 5, 7, 11 feed a neck giving ×4 (two transposed convs), ×2, ×1, ÷2 of the ViT grid;
+    UPerNet with PPM bins 1, 2, 3, 6 and 768 channels."""
+    assert HeadConfig().blocks == (3, 5, 7, 11) and HeadConfig().channels == 768
+    neck = Neck(8)
+    maps = neck([torch.randn(1, 8, 4, 4) for _ in range(4)])
+    assert [tuple(m.shape[-2:]) for m in maps] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in neck.scales[0].modules()) == 2
+    assert [branch[0].output_size for branch in UPerHead(8, 8).ppm.branches] == [1, 2, 3, 6]
+
+
+def test_soft_argmax_closed_form() -> None:
+    """§3: sigmoid, then the probability-weighted mean of the pixel centres ((j + ½) / W, (i + ½) / H)."""
+    logits = torch.full((1, 1, 4, 8), -1e4)  # sigmoid 0
+    logits[0, 0, 1, 2] = math.log(3)  # sigmoid ¾ at centre (2.5 / 8, 1.5 / 4)
+    logits[0, 0, 3, 6] = 0.0  # sigmoid ½ at centre (6.5 / 8, 3.5 / 4)
+    x = (0.75 * 2.5 / 8 + 0.5 * 6.5 / 8) / 1.25
+    y = (0.75 * 1.5 / 4 + 0.5 * 3.5 / 4) / 1.25
+    torch.testing.assert_close(soft_argmax(logits), torch.tensor([[[x, y]]]))
+
+
+def test_alignment_loss_is_l1_plus_bce_on_gaussians() -> None:
+    """§3: L1 of the point distance in 0..1 crop coordinates + 1 × BCE against Gaussians of σ 1.25 px cut
+    at 5 px on a 128² heatmap, scaled here to the protocol's 112² logits."""
+    torch.manual_seed(0)
+    size, sigma, radius = 112, 1.25 * 112 / 128, 5 * 112 / 128
+    z, points = torch.randn(2, 3, size, size, dtype=torch.float64), torch.rand(2, 3, 2, dtype=torch.float64)
+    out = alignment_loss(AlignmentConfig())(z, {"landmarks": points})
+
+    prob, centres = torch.sigmoid(z), torch.arange(size, dtype=torch.float64) + 0.5
+    mass = prob.sum(dim=(-2, -1))
+    pred = torch.stack([(prob * centres).sum(dim=(-2, -1)), (prob * centres[:, None]).sum(dim=(-2, -1))], -1)
+    l1 = (pred / mass[..., None] / size - points).norm(dim=-1).mean()
+    px = points * size
+    d2 = (centres - px[..., 0, None, None]) ** 2 + (centres[:, None] - px[..., 1, None, None]) ** 2
+    target = torch.exp(-d2 / (2 * sigma**2)) * (d2 <= radius**2)
+    bce = (z.clamp_min(0) - z * target + torch.log1p(torch.exp(-z.abs()))).mean()
+    torch.testing.assert_close(out["bce"], bce, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out["l1"].double(), l1, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["loss"].double(), l1 + bce, rtol=1e-5, atol=0)
+
+
+def test_finetune_cosine_and_ema() -> None:
+    """§3: the EMA decay is 0.999; the cosine schedule is §1's per-step half-cosine (1, ½ mid-run, 0)."""
+    cfg = FinetuneConfig(schedule="cosine", warmup_steps=0)
+    assert [lr_factor(step, 100, cfg) for step in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    assert FinetuneConfig().ema_decay == 0.999
+
+
+def test_pretrain_optimizer_and_precision() -> None:
+    """§1: AdamW (0.9, 0.95), weight decay 0.05 on weights but not on norms and biases (MAE's groups);
+    16 epochs, 1 warm-up, blr 1.5e-4; mixed precision (bf16) on CUDA, none on the CPU."""
+    cfg = TrainConfig()
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.blr) == (16, 1, 1.5e-4)
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    opt = make_optimizer(model, cfg.weight_decay, 1e-3, cfg.betas, torch.device("cpu"))
+    decay = {id(p): group["weight_decay"] for group in opt.param_groups for p in group["params"]}
+    assert [decay[id(p)] for p in model.parameters()] == [0.05, 0.0, 0.0, 0.0]  # weight, bias, LN ×2
+    assert all(group["betas"] == (0.9, 0.95) for group in opt.param_groups)
+    assert cfg.precision == "auto"
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.25, 0.5])
+def test_crop_longer_side_and_margin(margin: float) -> None:
+    """§2 gives no crop margin, so this pins the code's documented rule (``crop.margin``: context on each
+    side as a share of the box's longer side): a 60 × 100 box is scaled isotropically and centred, its
+    longer side spanning exactly 1 / (1 + 2m) of the crop."""
+    face = Face(face=0, box=(20.0, 10.0, 80.0, 110.0), landmarks=None, score=None, detector="table")
+    m = face_transform(face, CropConfig(size=224, margin=margin))
+    (x1, x2), (y1, y2) = m @ np.array([[20.0, 10.0, 1.0], [80.0, 110.0, 1.0]]).T
+    np.testing.assert_allclose([x2 - x1, y2 - y1], np.array([60 * 224 / 100, 224]) / (1 + 2 * margin))
+    np.testing.assert_allclose([(x1 + x2) / 2, (y1 + y2) / 2], [112, 112])
