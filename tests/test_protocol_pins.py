@@ -81,6 +81,9 @@ def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (alignment.epochs, parsing.epochs) == (150, 300)
     assert alignment.data.n_train == 20000
 
+    crop = load("crop", path)[1]  # §2: RetinaFace faces above 128 px and 0.98, never an unscored Haar face
+    assert (crop.detections, crop.min_score, crop.min_face_size, crop.size) == ("table", 0.98, 128, 224)
+
 
 def test_forward_contrastive_loss_by_hand() -> None:
     """§1: online CLS → projector → predictor against the momentum encoder's CLS under the independent
