@@ -43,7 +43,7 @@ from mcf.io import atomic_file, file_sha256
 from mcf.report import markdown_summary
 
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
-GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing"})
+GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing", "evaluate"})
 RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a transient error
 RETRY_DELAY_S = 30
 NO_RETRY = (EXIT_PARAMS, EXIT_GATE)  # `mcf <stage>`'s exits for rejected params, a failed data gate

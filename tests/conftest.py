@@ -24,6 +24,8 @@ for _key, _value in {
     "AWS_DEFAULT_REGION": "us-east-1",
 }.items():
     os.environ.setdefault(_key, _value)
+# The tests pin CPU results (bit-exact resumes, fp32 by `auto`): on a GPU host they stay on the CPU too.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -145,6 +145,7 @@ def test_stage_tasks_retry_io_and_tag_gpu() -> None:
     assert not retry_condition(fetch, None, failed[2]) and not retry_condition(fetch, None, failed[3])
     assert finetune.retries == 0 and {"gpu", "finetune_alignment", "dvc"} <= finetune.tags
     assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
+    assert "gpu" in stage_task("evaluate").tags  # it scores on the GPU too
 
 
 def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from mcf.cli import main as cli_main
+from mcf.data.crop import CropConfig
 from mcf.data.sources.image import STATUSES
 from mcf.errors import GateError, StageError
 from mcf.validate import gate
@@ -140,3 +141,7 @@ def test_every_suite_says_what_it_checks_and_derived_columns_are_kept() -> None:
     assert gate.derive(given, "crop") is given  # no config needed: nothing is recomputed
     with pytest.raises(ValueError, match="needs the crop section"):
         gate.derive(given.drop(columns=["width_off"]), "crop")
+    bare = pd.DataFrame({"crop_id": ["a"]})  # no sizes: left to the suite, which names the missing columns
+    assert gate.derive(bare, "crop", CropConfig()) is bare
+    with pytest.raises(GateError, match='column "width" does not exist|width'):
+        gate.run_gate(bare, "crop", stage="validate", config=CropConfig(), keep=False)

@@ -30,7 +30,7 @@ THRESHOLD = 0.07
 @torch.no_grad()
 def predict_landmarks(model: DenseFaceModel, dataset: AFLW19, batch_size: int) -> dict[str, Any]:
     """Original-image predictions ``[N, 19, 2]`` with the names, GT, boxes and visibility; the model
-    runs on its own device, in fp32."""
+    runs on its own device, without autocast."""
     device = next(model.parameters()).device
     out: dict[str, list[Any]] = {"name": [], "pred": [], "gt": [], "box": [], "visible": []}
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="alignment", leave=False):
@@ -65,8 +65,8 @@ def predict_parsing(
     model: DenseFaceModel, dataset: LaPa, batch_size: int, pred_dir: Path | None = None
 ) -> tuple[np.ndarray, list[str]]:
     """Argmax maps at the original size, written as PNGs under ``pred_dir`` when given; returns the
-    summed confusion matrix and the names. The model runs on its own device, in fp32; the warp back to
-    each original size on the CPU."""
+    summed confusion matrix and the names. The model runs on its own device, without autocast; the warp
+    back to each original size on the CPU."""
     device = next(model.parameters()).device
     size = (dataset.cfg.label_size, dataset.cfg.label_size)
     conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)

@@ -87,8 +87,9 @@ def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any
         raise StageError(f"{err}; delete {resume_dir} to start over") from None
     if state.get("run_hash") != expected_hash:
         raise StageError(
-            f"{path} belongs to a run with other params (hash {state.get('run_hash')}, now {expected_hash}); "
-            f"delete {resume_dir} to start over, or restore the params to resume it"
+            f"{path} belongs to a run with other params, data or precision (hash {state.get('run_hash')}, "
+            f"now {expected_hash}); delete {resume_dir} to start over, or restore the params (and the "
+            "device, for precision auto) to resume it"
         )
     log.info("resuming from %s at step %d", path, state["step"])
     return state
