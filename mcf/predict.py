@@ -199,7 +199,9 @@ def cli(argv: list[str]) -> int:
         epilog="example:\n  mcf predict photos/ --alignment outputs/finetune_alignment/mcf/model.pt \\\n"
                "      --parsing outputs/finetune_parsing/mcf/model.pt --out predictions/\n\n"
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
-               "  1 a model or the output folder refused, 2 a usage error",
+               "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
+               "    image path, a model missing, damaged or of the other task, an --out that is not a\n"
+               "    predict output; 2 a usage error (a bad --box or --yunet, no --out)",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, metavar="DIR",

@@ -146,3 +146,15 @@ def test_cli_errors_leave_no_output(
         assert cli_main(argv) == code
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and sorted(image.parent.iterdir()) == before
+
+
+def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """The exit codes test_cli_errors_leave_no_output pins: a missing image or no model is 1, not 2."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["predict", "--help"])
+    assert exit_.value.code == 0
+    help_ = " ".join(capsys.readouterr().out.split())
+    for case in ("no model given", "parsing without --alignment or --yunet", "a missing image path",
+                 "a model missing, damaged or of the other task", "an --out that is not a predict output",
+                 "2 a usage error"):
+        assert case in help_
