@@ -28,6 +28,21 @@ for _key, _value in {
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def outside_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Run every test from a scratch working directory, never from the checkout.
+
+    In-process stages and gates keep their state under the working directory (``.mcf/validation/``, the
+    gate results ``mcf report`` shows, and ``.mcf/locks/``). Run from the checkout, the tests' fixtures,
+    some of them failing on purpose, would replace a finished run's gate results and hold its stage
+    locks. Session-scoped, so module-scoped fixtures that train run here too; a test's own
+    ``monkeypatch.chdir`` still applies on top.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd"))
+        yield Path.cwd()
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run tests marked ``starts_background`` first and those marked ``awaits_background`` last.
 

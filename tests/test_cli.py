@@ -51,3 +51,9 @@ def test_a_second_run_of_a_stage_is_refused_while_one_runs(
         assert cli.main([*scratch[:2], "mcf", *scratch[3:]]) == 2  # another variant runs: input missing
     assert cli.main(scratch) == 2  # the lock went with its holder
     assert (tmp_path / ".mcf" / ".gitignore").read_text().endswith("*\n")
+
+
+def test_the_tests_run_outside_the_checkout() -> None:
+    """conftest.py's session fixture: a stage or gate run in-process keeps its `.mcf/` state (the gate
+    results `mcf report` shows, the stage locks) in a scratch folder, never in the checkout's."""
+    assert not Path.cwd().resolve().is_relative_to(Path(__file__).resolve().parents[1])
