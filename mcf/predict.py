@@ -197,7 +197,7 @@ def cli(argv: list[str]) -> int:
         prog="mcf predict", description=describe(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  mcf predict photos/ --alignment outputs/finetune_alignment/mcf/model.pt \\\n"
-               "      --parsing outputs/finetune_parsing/mcf/model.pt --out predictions/\n\n"
+               "      --parsing outputs/finetune_parsing/mcf/model.pt --out outputs/predict/\n\n"
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
                "    image path, a model missing, damaged or of the other task, an --out that is not a\n"
