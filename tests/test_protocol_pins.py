@@ -6,6 +6,7 @@ whatever the constant became.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcf.data.aflw19 import AFLW19Config
 from mcf.data.crop import CropConfig, face_transform
 from mcf.data.detect import Face
 from mcf.data.lapa import ALIGN_POINTS, LaPaConfig
@@ -23,9 +25,10 @@ from mcf.data.pretrain_data import EpochView
 from mcf.data.transforms import to_tensor
 from mcf.evaluate.metrics import auc_fr
 from mcf.evaluate.scoring import CLASSES, THRESHOLD
-from mcf.models.backbone import BackboneConfig
-from mcf.models.heads import HeadConfig, Neck, UPerHead, soft_argmax
+from mcf.models.backbone import BackboneConfig, create_backbone
+from mcf.models.heads import DenseFaceModel, HeadConfig, Neck, UPerHead, soft_argmax
 from mcf.models.mcf import MCF, MCFConfig
+from mcf.models.teacher import FeatureTeacher
 from mcf.params import load, read_yaml
 from mcf.train.finetune import AlignmentConfig, FinetuneConfig, alignment_loss, lr_factor
 from mcf.train.loop import TrainConfig, make_optimizer, resolve_dtype
@@ -232,3 +235,68 @@ def test_crop_longer_side_and_margin(margin: float) -> None:
     (x1, x2), (y1, y2) = m @ np.array([[20.0, 10.0, 1.0], [80.0, 110.0, 1.0]]).T
     np.testing.assert_allclose([x2 - x1, y2 - y1], np.array([60 * 224 / 100, 224]) / (1 + 2 * margin))
     np.testing.assert_allclose([(x1 + x2) / 2, (y1 + y2) / 2], [112, 112])
+
+
+def test_vit_layernorm_eps_and_keep_count() -> None:
+    """§1: every LayerNorm of the paper's MCF (encoder, momentum encoder, MAE decoder, teacher) has eps
+    1e-6, with one CLS token; mask ratio 0.75 keeps 49 of ViT-B/16's 196 patches at 224 (25%)."""
+    with torch.device("meta"):  # ViT-B shapes at no memory cost
+        model = MCF(MCFConfig(), FeatureTeacher(create_backbone(BackboneConfig())))
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 3 * (2 * 12 + 1) + (2 * 8 + 1) and all(m.eps == 1e-6 for m in norms)
+    assert model.encoder.cls_token.shape == (1, 1, 768) and model.encoder.pos_embed.shape == (1, 197, 768)
+    kept, mask, _ = model.random_masking(torch.zeros(2, 196, 1), 0.75)
+    assert kept.shape == (2, 49, 1) and mask.sum(dim=1).tolist() == [147, 147]
+
+
+def test_alignment_crop_and_augmentation_defaults() -> None:
+    """§3: the box maps onto 512², resized to 448; training rows ra[:20000]; shift ±5%, rotation ±10°,
+    scale 0.9–1.1, a black occlusion, noise, gray, gamma and blur, and no flip."""
+    cfg = AFLW19Config()
+    assert (cfg.crop_size, cfg.size, cfg.n_train, cfg.n_val) == (512, 448, 20000, 0)
+    aug = cfg.augment
+    assert (aug.shift, aug.rotation, aug.scale_min, aug.scale_max) == (0.05, 10.0, 0.9, 1.1)
+    photometric = aug.photometric
+    assert min(aug.occlusion_p, aug.noise_p, photometric.gray_p, photometric.gamma_p, photometric.blur_p) > 0
+    assert not [f.name for f in dataclasses.fields(aug) if "flip" in f.name]
+
+
+def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """§3–4 as the fine-tunes load params.paper.yaml: lrs backbone / neck / head 1e-4 / 1e-2 / 1e-2
+    (alignment) and 1e-4 / 1e-3 / 1e-3 (parsing), wd 1e-5, a constant EMA 0.999, the backbone trained;
+    AFLW-19's 512² box crop at 448, its augmentation and heatmaps; LaPa's 512² warp at 0.8, 448 input,
+    512² labels and its augmentation."""
+    monkeypatch.chdir(tmp_path)  # the stages' inputs are not checked for another stage's section
+    alignment, parsing = (load(stage, ROOT / "params.paper.yaml")[1]
+                          for stage in ("finetune_alignment", "finetune_parsing"))
+    assert (alignment.lr_backbone, alignment.lr_neck, alignment.lr_head) == (1e-4, 1e-2, 1e-2)
+    assert (parsing.lr_backbone, parsing.lr_neck, parsing.lr_head) == (1e-4, 1e-3, 1e-3)
+    for cfg in (alignment, parsing):
+        assert (cfg.weight_decay, cfg.ema_decay) == (1e-5, 0.999)
+        assert not (cfg.ema_warmup or cfg.freeze_backbone)
+    data = alignment.data
+    assert (data.crop_size, data.size, data.n_train, data.n_val) == (512, 448, 20000, 0)
+    aug = data.augment
+    assert (aug.shift, aug.rotation, aug.scale_min, aug.scale_max) == (0.05, 10.0, 0.9, 1.1)
+    assert min(aug.occlusion_p, aug.noise_p) > 0
+    assert (alignment.heatmap_sigma, alignment.heatmap_radius, alignment.heatmap_weight) == (1.25, 5.0, 1.0)
+    lapa = parsing.data
+    assert (lapa.warp_size, lapa.warp_factor, lapa.size, lapa.label_size) == (512, 0.8, 448, 512)
+    assert (lapa.augment.rotation_std, lapa.augment.scale_std, lapa.augment.shift) == (0.314, 0.1, 0.01)
+
+
+def test_dense_model_reads_raw_blocks_and_gives_112_logits() -> None:
+    """§3: the neck takes the patch tokens of blocks 3, 5, 7, 11 (0-based, before the final norm); a
+    patch-16 ViT at 448 gives 19 heatmap logits at 112²."""
+    torch.manual_seed(0)
+    vit = create_backbone(BackboneConfig(img_size=448, patch_size=16, embed_dim=16, depth=12, num_heads=2))
+    model = DenseFaceModel(vit, HeadConfig(channels=8)).eval()
+    x = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        tokens, maps = vit.norm_pre(vit._pos_embed(vit.patch_embed(x))), []
+        for block in vit.blocks:
+            tokens = block(tokens)
+            maps.append(tokens[:, 1:].transpose(1, 2).reshape(1, 16, 28, 28))  # patches, row-major
+        for got, i in zip(model.forward_features(x), (3, 5, 7, 11), strict=True):
+            torch.testing.assert_close(got, maps[i])
+        assert model(x).shape == (1, 19, 112, 112)
