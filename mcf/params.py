@@ -177,7 +177,11 @@ def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError("", "params file not found", path)
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ParamsError("", "not a UTF-8 text file (a params file is YAML)", path) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ParamsError("", yaml_problem(err), path) from None
     if not isinstance(data, dict):

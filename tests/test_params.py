@@ -84,6 +84,13 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
         read_yaml(tmp_path / "bad.yaml")
 
 
+def test_binary_params_file_is_one_clear_error(tmp_path: Path) -> None:
+    """An image or other binary file passed as --params is refused by name, not a UnicodeDecodeError."""
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)))
+    with pytest.raises(ParamsError, match=r"photo.jpg: not a UTF-8 text file"):
+        read_yaml(tmp_path / "photo.jpg")
+
+
 def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     data = read_yaml(root / "params.yaml") | {"mask_ratio": 1.5}
