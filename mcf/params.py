@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import importlib
+import re
 import types
 import typing
 from pathlib import Path
@@ -171,6 +172,30 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     return f"not valid YAML{where}: {problem}"
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats, as DVC (ruamel) reads params.yaml: ``1e-05``, which
+    ``dvc exp run -S key=1e-5`` writes, is a number, not the string YAML 1.1 makes of it."""
+
+
+_FLOAT = "tag:yaml.org,2002:float"
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(
+        r"""^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+  # 1e-05 (YAML 1.1: 1.0e-05)
+        |[-+]?[0-9][0-9_]*\.[0-9_]*
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read a params file, failing with one clear line when it is missing or not a mapping."""
     path = Path(path)
@@ -181,7 +206,7 @@ def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ParamsError("", "not a UTF-8 text file (a params file is YAML)", path) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=ParamsLoader)
     except yaml.YAMLError as err:
         raise ParamsError("", yaml_problem(err), path) from None
     if not isinstance(data, dict):

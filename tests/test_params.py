@@ -91,6 +91,16 @@ def test_binary_params_file_is_one_clear_error(tmp_path: Path) -> None:
         read_yaml(tmp_path / "photo.jpg")
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    """``dvc exp run -S finetune_alignment.weight_decay=1e-5`` writes ``1e-05``: DVC (YAML 1.2) reads a
+    number there, PyYAML's YAML 1.1 a string, which the stage then refused as 'expected a number'."""
+    (tmp_path / "p.yaml").write_text("a: 1e-05\nb: 1e-4\nc: -2E+3\nd: 1.5e-3\ne: 10\nf: '1e-05'\ng: .5\n")
+    assert read_yaml(tmp_path / "p.yaml") == {
+        "a": 1e-05, "b": 1e-4, "c": -2000.0, "d": 1.5e-3, "e": 10, "f": "1e-05", "g": 0.5,
+    }
+    assert isinstance(read_yaml(tmp_path / "p.yaml")["e"], int)
+
+
 def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     data = read_yaml(root / "params.yaml") | {"mask_ratio": 1.5}
