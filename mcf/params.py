@@ -14,6 +14,7 @@ import importlib
 import re
 import types
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -173,8 +174,24 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 
 
 class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats, as DVC (ruamel) reads params.yaml: ``1e-05``, which
-    ``dvc exp run -S key=1e-5`` writes, is a number, not the string YAML 1.1 makes of it."""
+    """PyYAML's safe loader reading params.yaml as DVC (ruamel) does: ``1e-05``, which ``dvc exp run -S
+    key=1e-5`` writes, is a number (YAML 1.2), not the string YAML 1.1 makes of it; and a key given twice
+    is an error, not the last one silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # SafeLoader's own error names it
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT = "tag:yaml.org,2002:float"

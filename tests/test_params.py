@@ -101,6 +101,16 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     assert isinstance(read_yaml(tmp_path / "p.yaml")["e"], int)
 
 
+def test_duplicate_key_is_refused(tmp_path: Path) -> None:
+    """A section given twice (a second ``crop:`` pasted at the end) silently replaced the first; DVC
+    refuses such a file, so ``mcf crop`` by hand ran settings that ``dvc repro`` never would."""
+    (tmp_path / "p.yaml").write_text("seed: 0\ncrop:\n  size: 64\n  margin: 0.1\ncrop:\n  size: 32\n")
+    with pytest.raises(ParamsError, match=r"p.yaml: not valid YAML at line 5, column 1: duplicate key 'cr"):
+        read_yaml(tmp_path / "p.yaml")
+    (tmp_path / "merge.yaml").write_text("base: &b {size: 64, margin: 0.1}\ncrop:\n  <<: *b\n  size: 32\n")
+    assert read_yaml(tmp_path / "merge.yaml")["crop"] == {"size": 32, "margin": 0.1}  # a merge key overrides
+
+
 def test_cli_reports_one_clear_line(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[1]
     data = read_yaml(root / "params.yaml") | {"mask_ratio": 1.5}
