@@ -89,3 +89,21 @@ def test_damaged_shards_and_crops_fail_naming_them(tmp_path: Path) -> None:
         list(iter_samples(shard_urls(tmp_path / "junk")))
     with pytest.raises(StageError, match=r"junk/crops-000000.tar \(member at byte 512\): not a decodable"):
         CropDataset(tmp_path / "junk", 8, cache_mb=1)
+
+
+@pytest.mark.parametrize("member", [1, 2, 3])  # cut inside a later member's header, its data, after it
+def test_shard_cut_after_its_first_member_fails_rather_than_losing_crops(tmp_path: Path, member: int) -> None:
+    """tarfile stops quietly at a cut after the first header, so a half-copied shard trained on fewer
+    crops (pretrain, teacher) without a word; the missing end-of-archive marker gives it away."""
+    write_shards(_samples(3), tmp_path / "ok", 10)
+    data = (tmp_path / "ok" / "crops-000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "ok" / "crops-000000.tar") as tar:
+        infos = tar.getmembers()
+    ends = {1: infos[2].offset + 100, 2: infos[2].offset_data + 10, 3: infos[3].offset_data + 512}
+    cut = tmp_path / "cut" / "crops-000000.tar"
+    cut.parent.mkdir()
+    cut.write_bytes(data[: ends[member]])
+    with pytest.raises(StageError, match=r"cut/crops-000000.tar: not a readable crop shard"):
+        list(iter_encoded(str(cut)))
+    with pytest.raises(StageError, match=r"cut/crops-000000.tar: not a readable crop shard"):
+        CropDataset(cut.parent, 8, cache_mb=0)

@@ -94,6 +94,18 @@ def shard_urls(shard_dir: str | Path) -> list[str]:
     return urls
 
 
+def _check_end(tar: tarfile.TarFile) -> None:
+    """Raise ``ReadError`` unless the end-of-archive marker follows the last member.
+
+    ``tarfile`` ends its iteration quietly at a cut after the first header, which would read a
+    half-copied shard as a shorter one.
+    """
+    members = tar.getmembers()  # every header (already read when the caller iterated)
+    tar.fileobj.seek(tar.offset)
+    if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"cut short: no end-of-archive marker after its {len(members)} members")
+
+
 @contextmanager
 def open_shard(url: str | Path) -> Iterator[tarfile.TarFile]:
     """A shard opened for reading; a cut-short or foreign file, read now or while iterating, fails
@@ -101,6 +113,7 @@ def open_shard(url: str | Path) -> Iterator[tarfile.TarFile]:
     try:
         with tarfile.open(url) as tar:
             yield tar
+            _check_end(tar)
     except (tarfile.TarError, OSError) as err:
         raise StageError(f"{url}: not a readable crop shard ({type(err).__name__}: {err}); "
                          "rerun the stage that wrote it") from None
