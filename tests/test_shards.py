@@ -59,7 +59,7 @@ def test_no_samples_is_one_empty_shard_and_bad_input_is_named(tmp_path: Path) ->
     assert list(iter_encoded(shard_urls(tmp_path / "empty"))) == [] and read_back(tmp_path / "empty").empty
     with pytest.raises(ValueError, match="shard_size must be at least 1"):
         write_shards([], tmp_path / "zero", 0)
-    with pytest.raises(FileNotFoundError, match="no crops-"):
+    with pytest.raises(StageError, match="no crops-"):  # one line from the CLI, not a traceback
         shard_urls(tmp_path / "zero")
     broken = tmp_path / "broken" / "crops-000000.tar"
     broken.parent.mkdir()
@@ -107,3 +107,20 @@ def test_shard_cut_after_its_first_member_fails_rather_than_losing_crops(tmp_pat
         list(iter_encoded(str(cut)))
     with pytest.raises(StageError, match=r"cut/crops-000000.tar: not a readable crop shard"):
         CropDataset(cut.parent, 8, cache_mb=0)
+
+
+def test_training_on_an_empty_shard_folder_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A subset whose shards/ folder was emptied: exit 1 and a line naming it, not a FileNotFoundError."""
+    import yaml
+
+    from mcf import cli
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    (tmp_path / "subset" / "shards").mkdir(parents=True)
+    params["teacher"] |= {"source": "train", "data": "subset", "out": "teacher", "resume_dir": "resume"}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["teacher", "--params", "p.yaml"]) == 1
+    assert "mcf teacher: no crops-*.tar shards in subset/shards" in capsys.readouterr().err

@@ -87,10 +87,10 @@ def write_shards(
 
 
 def shard_urls(shard_dir: str | Path) -> list[str]:
-    """The shard files in a folder, in order."""
+    """The shard files in a folder, in order; none is a :class:`StageError` (one line from the CLI)."""
     urls = sorted(str(p) for p in Path(shard_dir).glob("crops-*.tar"))
     if not urls:
-        raise FileNotFoundError(f"no crops-*.tar shards in {shard_dir}")
+        raise StageError(f"no crops-*.tar shards in {shard_dir}; rerun the stage that wrote it")
     return urls
 
 
