@@ -97,6 +97,14 @@ def test_timm_name_with_weights_file(tmp_path: Path) -> None:
     assert [f.shape for f in teacher(torch.randn(1, 3, 32, 32), [1, 2])] == [(1, 197, 192)] * 2
 
 
+def test_timm_name_with_weights_of_another_width_is_a_value_error(tmp_path: Path) -> None:
+    """Same keys, other shapes: torch raises RuntimeError, which reached the user as a traceback; the
+    stage turns a ValueError into one line naming teacher.source."""
+    torch.save(create_backbone(TINY).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"w.pth do not fit VisionTransformer: size mismatch for cls_token"):
+        load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'w.pth'}", TINY)
+
+
 def test_mcf_folder_and_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(2)
     vit = create_backbone(TINY)

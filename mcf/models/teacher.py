@@ -120,6 +120,15 @@ def weights_path(spec: str) -> str | None:
 
 
 def _load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:  # load_state_dict's RuntimeError would reach the user as a traceback
+        k = wrong[0]
+        raise ValueError(
+            f"teacher weights {source} do not fit {type(model).__name__}: size mismatch for {k} "
+            f"({tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model; "
+            f"{len(wrong)} weights in all)"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
