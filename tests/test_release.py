@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import timm
 import torch
 
 from mcf.errors import StageError, WeightsError
-from mcf.models.backbone import BackboneConfig, load_backbone, read_weights
+from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, read_weights, save_backbone
 from mcf.models.export import cli
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import export_backbone, load_release_state_dict, to_release_state_dict
@@ -103,6 +104,20 @@ def test_weights_files_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture
         with pytest.raises(WeightsError, match=f"{name}: cannot be read as a PyTorch checkpoint .*cut short"):
             read_weights(tmp_path / name)
     assert "ran code" not in capsys.readouterr().out
+
+
+def test_export_whose_json_and_weights_disagree_is_refused_naming_it(tmp_path: Path) -> None:
+    """A backbone.json from one export beside the backbone.pth of another, or a damaged backbone.json:
+    a WeightsError naming the folder (one line from a stage), not torch's or json's traceback."""
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "tiny")
+    save_backbone(create_backbone(dataclasses.replace(TINY, embed_dim=32)),
+                  dataclasses.replace(TINY, embed_dim=32), tmp_path / "mixed")
+    shutil.copy(tmp_path / "tiny" / "backbone.json", tmp_path / "mixed" / "backbone.json")
+    with pytest.raises(WeightsError, match=r"mixed: backbone.pth does not fit backbone.json .*size mismatch"):
+        load_backbone(tmp_path / "mixed")
+    (tmp_path / "tiny" / "backbone.json").write_text('{"model_name": "vit')
+    with pytest.raises(WeightsError, match=r"tiny/backbone.json: not a backbone spec \(JSONDecodeError"):
+        load_backbone(tmp_path / "tiny")
 
 
 def tiny_model(seed: int, **changes: object) -> MCF:

@@ -141,7 +141,13 @@ def read_spec(export_dir: str | Path) -> dict[str, Any]:
     path = Path(export_dir) / "backbone.json"
     if not path.is_file():
         raise WeightsError(f"no exported backbone at {path} (run the stage that writes it first)")
-    return json.loads(path.read_text())
+    try:
+        spec = json.loads(path.read_text())
+    except ValueError as err:  # cut short or damaged (UnicodeDecodeError is one too)
+        raise WeightsError(f"{path}: not a backbone spec ({type(err).__name__}: {err})") from None
+    if not isinstance(spec, dict) or not {"model_name", "kwargs"} <= spec.keys():
+        raise WeightsError(f"{path}: not a backbone spec (expected keys model_name and kwargs)")
+    return spec
 
 
 def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
@@ -158,5 +164,9 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
 
         grid = model.patch_embed.grid_size
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=1)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # the two files of different exports
+        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+        raise WeightsError(f"{export_dir}: backbone.pth does not fit backbone.json ({first[:200]})") from None
     return model
