@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ import yaml
 
 from mcf.data.aflw19 import AFLW19Config
 from mcf.data.lapa import LaPaConfig
-from mcf.errors import StageError
+from mcf.errors import GateError, StageError
 from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
 from mcf.models.heads import gaussian_heatmaps
 from mcf.params import Common, ParamsError, load
@@ -188,6 +189,24 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
               for r in runs.values()]
     assert curves[0][["step", "loss"]].equals(curves[1][["step", "loss"]]) and len(curves[0]) == 3
     assert not resume.exists()
+
+
+def test_a_damaged_test_split_fails_before_training(fixture_root: Path, tmp_path: Path) -> None:
+    """The test split is scored after every epoch: a bad file there stops the run before its first epoch
+    (an epoch of training lost on each rerun at the paper's scale), and only when it is scored."""
+    copy = tmp_path / "lapa"
+    shutil.copytree(fixture_root / "lapa", copy)
+    _, parse = tiny_configs(fixture_root)
+    parse = dataclasses.replace(parse, data=dataclasses.replace(parse.data, root=str(copy)),
+                                out=str(tmp_path / "out"), live=str(tmp_path / "live"),
+                                resume_dir=str(tmp_path / "resume"))
+    bad = next((copy / "LaPa" / "test" / "landmarks").glob("*.txt"))
+    bad.write_text("not landmarks\n")
+    with pytest.raises(GateError, match="'lapa' failed"):
+        main_parsing(Common(seed=0), parse, "scratch")
+    assert not (tmp_path / "resume").exists()  # no epoch was trained
+    main_parsing(Common(seed=0), dataclasses.replace(parse, test_each_epoch=False), "scratch")
+    assert (tmp_path / "out" / "scratch" / "model.pt").is_file()
 
 
 def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:

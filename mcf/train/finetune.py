@@ -359,7 +359,8 @@ def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFac
 
 
 def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, variant: Variant) -> None:
-    """Gate the training data, fine-tune, and write ``<out>/<variant>/`` atomically."""
+    """Gate the training data (and the test split scored after each epoch), fine-tune, and write
+    ``<out>/<variant>/`` atomically."""
     stage = f"finetune_{task}"
     key = "backbone" if variant == "mcf" else "scratch_backbone"
     require_path(export_dir(variant, cfg), f"{stage}.{key}", made_by="pretrain")
@@ -367,13 +368,14 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
     device = default_device()  # initialised on the CPU, then moved: the same start on any device
     model = build_model(task, variant, cfg).to(device)  # before the gate: a bad `blocks` fails at once
+    reader, suite, test_split = (aflw19, "aflw19", "full") if task == "alignment" else (lapa, "lapa", "test")
+    table = reader.table(cfg.data, "train")
+    run_gate(table, suite, stage=stage)
+    if cfg.test_each_epoch:  # scored after every epoch: a damaged test file fails now, not an epoch in
+        run_gate(reader.table(cfg.data, test_split), suite, stage=stage)
     if task == "alignment":
-        table = aflw19.table(cfg.data, "train")
-        run_gate(table, "aflw19", stage=stage)
         dataset, loss_fn = AFLW19(cfg.data, "train", augment=True), alignment_loss(cfg)
     else:
-        table = lapa.table(cfg.data, "train")
-        run_gate(table, "lapa", stage=stage)
         dataset, loss_fn = LaPa(cfg.data, "train", augment=True), parsing_loss
     dtype = resolve_dtype(cfg.precision, device)
     log.info("%s/%s: %d training images, %d steps, on %s in %s", stage, variant, len(dataset),
