@@ -13,7 +13,7 @@ import torch
 
 from mcf.data import transforms as T
 from mcf.data.aflw19 import AFLW19, AFLW19Config, AlignmentAugment, read_mat, table, to_original
-from mcf.errors import StageError
+from mcf.errors import GateError, StageError
 from mcf.params import ParamsError
 from mcf.validate.gate import run_gate
 
@@ -163,6 +163,16 @@ def test_table_passes_the_gate_and_catches_bad_rows(tree: tuple[Path, dict]) -> 
     scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, data=data))
     with pytest.raises(StageError, match="x_min"):
         run_gate(table(_cfg(root), "full"), "aflw19", stage="test")
+
+
+def test_gate_names_a_missing_image(tree: tuple[Path, dict]) -> None:
+    root, _ = tree
+    name = read_mat(root).names[N_TRAIN + 1]
+    (root / "data" / "flickr" / name).unlink()
+    with pytest.raises(GateError) as err:
+        run_gate(table(_cfg(root), "full"), "aflw19", stage="test")
+    msg = str(err.value)
+    assert f"(column=exists): 1 unexpected of {N - N_TRAIN}, e.g. [False] (name: ['{name}'])" in msg
 
 
 def test_config_rejects_bad_values(tmp_path: Path) -> None:

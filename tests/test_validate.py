@@ -70,6 +70,23 @@ def test_duplicate_id_and_bad_status_are_each_listed() -> None:
     assert "expect_column_values_to_be_in_set(column=status): 1 unexpected of 3, e.g. ['exploded']" in msg
 
 
+def test_failed_checks_name_their_rows_by_id() -> None:
+    df = _manifest()
+    df.loc[1, "sha256"] = None
+    msg = _failure(df)
+    check = "(column=sha256, where status == success): 1 unexpected of 2, e.g. [None]"
+    assert f"{check} (sample_id: ['b'])" in msg
+    msg = _failure(df.drop(columns=["sample_id"]))  # no id column: the other checks still run
+    assert msg.endswith(check)
+
+
+def test_every_suite_has_an_id_column_it_expects() -> None:
+    for name in gate.suite_names():
+        spec = json.loads((gate.SUITES_DIR / f"{name}.json").read_text())
+        columns = next(e for e in spec["expectations"] if e["type"] == "expect_table_columns_to_match_set")
+        assert gate.ID_COLUMNS[name] in columns["kwargs"]["column_set"], name
+
+
 def test_no_success_at_all_fails() -> None:
     df = _manifest().iloc[[2]]
     assert "expect_column_distinct_values_to_contain_set(column=status)" in _failure(df)

@@ -38,6 +38,9 @@ TARGETS = {
     "mcf.data.lapa.table(data, split) builds; write that to parquet to run it by hand",
     "subset": "<subset.out>/manifest.parquet, with the crop manifest named by subset.input in --params",
 }
+# Suite -> the column that names a row, so a failed check on another column (``exists: False``) says
+# which image or crop broke it (tests check every suite has one among the columns it expects).
+ID_COLUMNS = {"aflw19": "name", "crop": "crop_id", "fetch": "sample_id", "lapa": "stem", "subset": "crop_id"}
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +96,11 @@ def _context() -> Any:
 
 
 def validate(df: pd.DataFrame, suite: str) -> ExpectationSuiteValidationResult:
-    """Run the suite ``suite`` on ``df`` and return GX's result (no exception on failure)."""
+    """Run the suite ``suite`` on ``df`` and return GX's result (no exception on failure).
+
+    Failed column checks carry the id (:data:`ID_COLUMNS`) of their first failing rows; only when ``df``
+    has that column, as GX fails every column check of a table that lacks it.
+    """
     batch = (
         _context()
         .data_sources.add_pandas("mcf")
@@ -101,7 +108,9 @@ def validate(df: pd.DataFrame, suite: str) -> ExpectationSuiteValidationResult:
         .add_batch_definition_whole_dataframe("all")
         .get_batch(batch_parameters={"dataframe": df})
     )
-    fmt = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
+    fmt: dict[str, Any] = {"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES}
+    if ID_COLUMNS.get(suite) in df.columns:
+        fmt["unexpected_index_column_names"] = [ID_COLUMNS[suite]]
     return batch.validate(load_suite(suite), result_format=fmt)
 
 
@@ -112,8 +121,18 @@ def _condition(cond: Any) -> str:
     return str(cond)
 
 
+def _rows(res: dict[str, Any], column: str | None) -> str:
+    """`` (name: ['0/a.jpg'])``: the ids of the examples' rows, since a flag's value (False) names no
+    file. Nothing for a check on the id column itself, whose examples are the ids."""
+    ids, rows = res.get("unexpected_index_column_names") or [], res.get("partial_unexpected_index_list")
+    if len(ids) != 1 or ids[0] == column or not rows:
+        return ""
+    return f" ({ids[0]}: {[str(row.get(ids[0])) for row in rows[:EXAMPLES]]})"
+
+
 def _describe(result: ExpectationValidationResult) -> str:
-    """One line for a failed expectation: type, column, condition, unexpected count and examples."""
+    """One line for a failed expectation: type, column, condition, unexpected count, examples and
+    the ids of their rows."""
     config = result.expectation_config
     where = [f"column={config.kwargs['column']}"] if config.kwargs.get("column") else []
     if config.kwargs.get("row_condition"):
@@ -129,7 +148,8 @@ def _describe(result: ExpectationValidationResult) -> str:
     res = result.result or {}
     if "unexpected_count" in res:
         examples = res.get("partial_unexpected_list", [])[:EXAMPLES]
-        return f"{line}: {res['unexpected_count']} unexpected of {res.get('element_count')}, e.g. {examples}"
+        count = f"{res['unexpected_count']} unexpected of {res.get('element_count')}"
+        return f"{line}: {count}, e.g. {examples}{_rows(res, config.kwargs.get('column'))}"
     details = f", details {res['details']}" if res.get("details") else ""
     return f"{line}: observed {res.get('observed_value')!r}{details}"
 
