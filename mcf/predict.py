@@ -15,10 +15,10 @@ metrics scored:
   13, 15, 17) or else from YuNet, then tanh-warped; the class map is warped back onto the image.
 
 Outputs in ``--out`` (written whole or not at all): ``images.csv`` (image, faces found, error for a file
-that cannot be decoded), ``faces.csv`` (image, face, detector, box_x1, box_y1, box_x2, box_y2, then
-x0..x18, y0..y18 in pixels when aligned), ``parsing/<image stem>_<face>.png`` (class ids
-0..10 at the image's size, one per face; classes in :data:`mcf.evaluate.scoring.CLASSES`) and
-``overlays/<image stem>.png``.
+that cannot be decoded whole, a JPEG cut short included), ``faces.csv`` (image, face, detector, box_x1,
+box_y1, box_x2, box_y2, then x0..x18, y0..y18 in pixels when aligned), ``parsing/<image stem>_<face>.png``
+(class ids 0..10 at the image's size, one per face; classes in :data:`mcf.evaluate.scoring.CLASSES`)
+and ``overlays/<image stem>.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from mcf.data import transforms as T
 from mcf.data.aflw19 import AFLW19Config, crop_matrix, read_rgb, to_original
 from mcf.data.detect import DetectorConfig, Face, make_detector
 from mcf.data.lapa import LaPaConfig, align_matrix, warp_to_original
+from mcf.data.shards import decode_jpeg
 from mcf.errors import StageError
 from mcf.evaluate import plots
 from mcf.io import atomic_dir, check_replaceable
@@ -100,6 +101,14 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     return images
 
 
+def read_image(path: Path) -> np.ndarray:
+    """:func:`read_rgb`'s pixels (as evaluate reads them) of a file Pillow decodes whole: OpenCV decodes a
+    JPEG cut short in part, with only libjpeg's warning on stderr, so it would pass for a whole image."""
+    rgb = read_rgb(path)  # names a missing or undecodable file as evaluate does
+    decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"
+    return rgb
+
+
 Aligner = tuple[DenseFaceModel, AFLW19Config]
 Parser = tuple[DenseFaceModel, LaPaConfig]
 
@@ -125,7 +134,7 @@ def predict(
 ) -> pd.DataFrame:
     """Run the models on every face of every image; write ``out`` (see the module docstring).
 
-    Returns the ``faces.csv`` table. An image without a face, or one that cannot be decoded, is logged,
+    Returns the ``faces.csv`` table. An image without a face, or one that cannot be decoded whole, is logged,
     has no row there and says so in ``images.csv``.
     """
     if alignment is None and parsing is None:
@@ -147,7 +156,7 @@ def predict(
     with atomic_dir(out, sign="faces.csv") as tmp:
         for path in tqdm(images, desc="predict", unit="image"):
             try:
-                rgb = read_rgb(path)
+                rgb = read_image(path)
             except (StageError, OSError) as err:  # one bad entry (undecodable, a dead link) spares the rest
                 log.warning("%s", err)
                 status.append({"image": str(path), "faces": 0, "error": str(err)})

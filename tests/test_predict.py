@@ -107,6 +107,22 @@ def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path]
     assert "y18" in faces.columns and not (out / "parsing").exists() and not (out / "overlays").exists()
 
 
+def test_a_jpeg_cut_short_is_listed_as_unreadable(models: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """OpenCV decodes the part of a truncated JPEG there is (grey below it) and only warns on stderr."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    out = tmp_path / "out"
+    argv = ["predict", str(image), str(cut), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out",
+            str(out), "--no-overlays"]
+    assert cli_main(argv) == 0  # the other image is still predicted
+    assert set(pd.read_csv(out / "faces.csv")["image"]) == {str(image)}
+    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    assert images.loc[str(cut), "faces"] == 0 and "image file is truncated" in images.loc[str(cut), "error"]
+    assert images.loc[str(image), "error"] == ""
+
+
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
