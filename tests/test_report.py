@@ -263,3 +263,14 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         cli_main(["report", "--root", str(tmp_path), "--out", "."])
     assert exit_.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_help_states_the_exit_codes_test_cli_pins(capsys: pytest.CaptureFixture[str]) -> None:
+    """0 even when parts of the run are missing; 2 for a bad --out or params file, as the other tools."""
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["report", "--help"])
+    assert exit_.value.code == 0
+    help_ = " ".join(capsys.readouterr().out.split())
+    for part in ("Exit status: 0 written (a part of the run that is missing or unreadable is a note",
+                 "2 bad arguments (an --out that is a folder) or a params file that is missing or not YAML"):
+        assert part in help_

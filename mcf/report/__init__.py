@@ -37,6 +37,8 @@ def cli(argv: list[str]) -> int:
         description="Write one self-contained HTML page (no network needed to view it) with the run's "
         "params, data-gate results, training curves, CED curve, per-class F1, overlays, and its numbers "
         "beside the paper's, each labelled with its dataset. Missing pieces become notes in the page.",
+        epilog="Exit status: 0 written (a part of the run that is missing or unreadable is a note in the "
+        "page); 2 bad arguments (an --out that is a folder) or a params file that is missing or not YAML.",
     )
     p.add_argument("--root", type=Path, default=Path("."),
                    help="the run's checkout; params paths are relative to it (default: %(default)s)")
