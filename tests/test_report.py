@@ -272,5 +272,18 @@ def test_help_states_the_exit_codes_test_cli_pins(capsys: pytest.CaptureFixture[
     assert exit_.value.code == 0
     help_ = " ".join(capsys.readouterr().out.split())
     for part in ("Exit status: 0 written (a part of the run that is missing or unreadable is a note",
-                 "2 bad arguments (an --out that is a folder) or a params file that is missing or not YAML"):
+                 "2 bad arguments (an --out that is a folder or cannot be written) or a params file that is "
+                 "missing or not YAML"):
         assert part in help_
+
+
+def test_an_out_that_cannot_be_written_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An --out under a file fails before the page is drawn, in one line, not a NotADirectoryError."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["report", "--root", str(tmp_path), "--out", "params.yaml/x.html"])
+    assert exit_.value.code == 2
+    assert f"--out params.yaml/x.html: cannot be written there ({tmp_path}/params.yaml is a file)" in (
+        capsys.readouterr().err)

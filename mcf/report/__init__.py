@@ -38,7 +38,8 @@ def cli(argv: list[str]) -> int:
         "params, data-gate results, training curves, CED curve, per-class F1, overlays, and its numbers "
         "beside the paper's, each labelled with its dataset. Missing pieces become notes in the page.",
         epilog="Exit status: 0 written (a part of the run that is missing or unreadable is a note in the "
-        "page); 2 bad arguments (an --out that is a folder) or a params file that is missing or not YAML.",
+        "page); 2 bad arguments (an --out that is a folder or cannot be written) or a params file that is "
+        "missing or not YAML.",
     )
     p.add_argument("--root", type=Path, default=Path("."),
                    help="the run's checkout; params paths are relative to it (default: %(default)s)")
@@ -49,5 +50,12 @@ def cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if (args.root / args.out).is_dir():
         p.error(f"--out {args.out}: is a folder; name the HTML file to write, e.g. {args.out}/index.html")
+    folder = (args.root / args.out).parent
+    try:  # before the page is drawn: a path under a file, or a read-only folder, is the caller's to fix
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        p.error(f"--out {args.out}: cannot be written there ({folder} is a file)")
+    except OSError as err:
+        p.error(f"--out {args.out}: cannot be written there ({err.strerror})")
     print(build_report(args.root, args.params, args.out))
     return 0
