@@ -24,6 +24,7 @@ and ``overlays/<image stem>.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from mcf.cli import describe
@@ -105,7 +107,8 @@ def read_image(path: Path) -> np.ndarray:
     """:func:`read_rgb`'s pixels (as evaluate reads them) of a file Pillow decodes whole: OpenCV decodes a
     JPEG cut short in part, with only libjpeg's warning on stderr, so it would pass for a whole image."""
     rgb = read_rgb(path)  # names a missing or undecodable file as evaluate does
-    decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"
+    with contextlib.suppress(Image.DecompressionBombError):  # past Pillow's size limit OpenCV's read stands
+        decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"
     return rgb
 
 

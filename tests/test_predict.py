@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from skimage import data as skdata
 from test_finetune import tiny_configs, write_fixture
 
@@ -121,6 +122,21 @@ def test_a_jpeg_cut_short_is_listed_as_unreadable(models: tuple[Path, Path, Path
     images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
     assert images.loc[str(cut), "faces"] == 0 and "image file is truncated" in images.loc[str(cut), "error"]
     assert images.loc[str(image), "error"] == ""
+
+
+def test_an_image_past_pillows_size_limit_is_still_predicted(
+    models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The strict truncation check decodes with Pillow, which refuses images over ~179 MP that OpenCV
+    reads: such an image keeps OpenCV's pixels instead of stopping the run (the limit lowered here)."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    out = tmp_path / "out"
+    argv = ["predict", str(image), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out", str(out),
+            "--no-overlays"]
+    assert cli_main(argv) == 0
+    assert list(pd.read_csv(out / "faces.csv")["image"]) == [str(image)]
 
 
 @pytest.mark.parametrize(
