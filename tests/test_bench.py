@@ -15,7 +15,7 @@ from test_pretrain import TINY, make_workspace, write_params
 from mcf.models.backbone import BackboneConfig
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
-from mcf.train.bench import bench_pretrain, equivalence, loader_rate, parse
+from mcf.train.bench import bench_pretrain, equivalence, loader_rate, parse, use_flex_attention
 
 
 def _model() -> MCF:
@@ -67,6 +67,10 @@ def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.
     table = caplog.text.split("profile of the fast path, 2 steps:")[1]  # every operator
     # the CPU has no memory-efficient kernel, so the pin leaves math, not torch's own choice (flash)
     assert "_scaled_dot_product_attention_math" in table and "flash_attention" not in table
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mcf.train.bench"):  # the teacher as plain autocast runs it
+        assert bench_pretrain([*argv[:10], "--baseline", "none", "--teacher-residual", "fp32"]) == 0
+    assert "fast (bfloat16, eager, unfused AdamW, teacher residual fp32):" in caplog.text
     with pytest.raises(SystemExit):  # checked before any work
         bench_pretrain(["--shards", str(tmp_path / "nowhere")])
     if not torch.cuda.is_available():
@@ -82,6 +86,23 @@ def test_bench_imports_only_the_training_stack() -> None:
     code = f"import sys, mcf.cli, mcf.train.bench; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_flex_attention_is_timm_attention_with_other_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    """The swap keeps every weight and the function (forward on the CPU: flex has no CPU backward)."""
+    model, imgs = _model(), torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        ref = model(imgs, 0.75)
+    assert use_flex_attention(model) == 2 * 2 + 1 + 2  # encoder, momentum encoder, decoder, teacher
+    torch.manual_seed(1)
+    with torch.no_grad():
+        got = model(imgs, 0.75)
+    assert all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-6) for k in ref)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            parse(["--attention", "flex"])
+        assert "flex_attention has no backward on the CPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ratio", ["1.5", "-0.1", "1"])

@@ -141,3 +141,20 @@ def test_teacher_frozen_but_gradients_reach_the_decoder() -> None:
     assert all(p.grad is None for p in model.teacher.parameters())
     assert model.decoder_pred.weight.grad.abs().sum() > 0
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_under_autocast_the_residual_stream_is_carried_in_its_dtype() -> None:
+    """The frozen teacher's blocks pass bf16 under bf16 autocast (fp32 position embeddings would lift every
+    block to fp32); the maps stay within bf16 rounding of fp32, and without autocast nothing changes."""
+    torch.manual_seed(0)
+    teacher = load_teacher("random", TINY)
+    x = torch.randn(4, 3, 32, 32)
+    exact = teacher(x, [0, 2])
+    assert all(t.dtype == torch.float32 for t in exact)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = teacher(x, [0, 2])
+        teacher.low_precision_residual = False
+        wide = teacher(x, [0, 2])
+    assert all(t.dtype == torch.bfloat16 for t in low) and all(t.dtype == torch.float32 for t in wide)
+    for a, b in zip(low, exact, strict=True):
+        assert (a.float() - b).norm() / b.norm() < 2e-2

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,7 +40,14 @@ class FeatureTeacher(nn.Module):
 
     Always in eval mode with ``requires_grad`` off; gradients still flow through its activations to
     its input, which is how the feature loss trains the decoder.
+
+    Under autocast its residual stream is carried in the autocast dtype (``low_precision_residual``):
+    fp32 position embeddings would otherwise lift it to fp32 for all blocks, and with two forward
+    passes and one backward at full resolution, this frozen network's elementwise traffic is the
+    step's largest. The teacher has no weights to update, so nothing accumulates the rounding.
     """
+
+    low_precision_residual: bool = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -72,6 +80,8 @@ class FeatureTeacher(nn.Module):
             x = F.interpolate(x, size=self.img_size)
         m = self.model
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        if self.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         wanted, outputs = set(layers), {}
         for i, block in enumerate(m.blocks[: max(layers) + 1]):
             x = block(x)
