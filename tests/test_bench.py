@@ -15,7 +15,7 @@ from test_pretrain import TINY, make_workspace, write_params
 from mcf.models.backbone import BackboneConfig
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
-from mcf.train.bench import bench_pretrain, equivalence, loader_rate, parse, use_flex_attention
+from mcf.train.bench import bench_pretrain, equivalence, loader_rate, parse
 
 
 def _model() -> MCF:
@@ -86,23 +86,6 @@ def test_bench_imports_only_the_training_stack() -> None:
     code = f"import sys, mcf.cli, mcf.train.bench; print([m for m in {heavy!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
-
-
-def test_flex_attention_is_timm_attention_with_other_kernels(capsys: pytest.CaptureFixture[str]) -> None:
-    """The swap keeps every weight and the function (forward on the CPU: flex has no CPU backward)."""
-    model, imgs = _model(), torch.randn(4, 3, 32, 32)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        ref = model(imgs, 0.75)
-    assert use_flex_attention(model) == 2 * 2 + 1 + 2  # encoder, momentum encoder, decoder, teacher
-    torch.manual_seed(1)
-    with torch.no_grad():
-        got = model(imgs, 0.75)
-    assert all(torch.allclose(got[k], ref[k], rtol=1e-5, atol=1e-6) for k in ref)
-    if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            parse(["--attention", "flex"])
-        assert "flex_attention has no backward on the CPU" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("ratio", ["1.5", "-0.1", "1"])

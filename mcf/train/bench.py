@@ -14,9 +14,8 @@ CUDA, peak memory. Before timing, an **equivalence check** runs both paths on on
 masks and weights and compares every loss term; the command exits 1 when a term differs by more than
 ``--rtol``. ``--shards DIR`` also times the data loader alone on real JPEG shards (the loop's
 ``CropDataset`` and ``EpochView``, decoded on access, ``--workers`` processes, pinned memory on CUDA).
-``--profile N`` prints the fast path's N costliest kernels; ``--attention`` pins its SDPA kernel, or
-swaps every attention for ``flex_attention`` (kernels Inductor generates for the shape; eager runs it
-unfused); ``--teacher-residual fp32`` times the teacher as plain autocast runs it (FeatureTeacher).
+``--profile N`` prints the fast path's N costliest kernels; ``--attention`` pins its SDPA kernel;
+``--teacher-residual fp32`` times the teacher as plain autocast runs it (see FeatureTeacher).
 
 ``--model tiny`` is the CPU default of ``params.yaml``; ``base`` is the paper's ViT-B/16 at 224 with a
 512×8 decoder and a ViT-B teacher read at blocks 2/5/8/11. The teacher is random: its weights do not
@@ -34,10 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timm.models.vision_transformer import Attention
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import flex_attention
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -79,9 +76,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
-    p.add_argument("--attention", choices=("auto", *ATTENTION, "flex"), default="auto",
-                   help="the fast path's SDPA kernel (math where it does not apply); auto: torch's choice; "
-                        "flex: flex_attention in every block, the baseline's too")
+    p.add_argument("--attention", choices=("auto", *ATTENTION), default="auto",
+                   help="the fast path's SDPA kernel (math where it does not apply); auto: torch's choice")
     p.add_argument("--teacher-residual", choices=("autocast", "fp32"), default="autocast",
                    help="the teacher's residual stream under autocast (default: %(default)s)")
     p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="in [0, 1) (default: %(default)s)")
@@ -96,8 +92,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
-    if args.attention == "flex" and (args.device == "cpu" or not torch.cuda.is_available()):
-        p.error("--attention flex needs CUDA: flex_attention has no backward on the CPU")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
         p.error(f"--shards {args.shards}: no crops-*.tar shards there (build some: tools/bench_shards.yaml)")
     return args
@@ -112,27 +106,6 @@ def build(name: str, params: str) -> MCF:
         teacher_size = cfg.backbone
     teacher = FeatureTeacher(create_backbone(teacher_size)) if cfg.uses_teacher else None
     return MCF(cfg, teacher)
-
-
-class FlexAttention(Attention):
-    """timm's attention with ``flex_attention`` in place of SDPA: the same function, other kernels."""
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError("FlexAttention takes no mask")
-        n, length, dim = x.shape
-        qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        x = flex_attention(self.q_norm(q), self.k_norm(k), v).transpose(1, 2).reshape(n, length, dim)
-        return self.proj_drop(self.proj(self.norm(x)))
-
-
-def use_flex_attention(model: torch.nn.Module) -> int:
-    """Swap every timm attention of ``model`` (weights untouched) for :class:`FlexAttention`; how many."""
-    found = [m for m in model.modules() if type(m) is Attention]
-    for m in found:
-        m.__class__ = FlexAttention
-    return len(found)
 
 
 def _sync(device: torch.device) -> None:
@@ -252,13 +225,6 @@ def bench_pretrain(argv: list[str]) -> int:
     rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
     size = model.cfg.backbone.img_size
     imgs = torch.randn(args.batch, 3, size, size, device=device)
-    # torch's default AdamW (foreach on CUDA, not fused): the step as it ran before the fast path
-    baseline_optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
-    with FlopCounterMode(display=False) as counter:  # eager SDPA: compiled kernels bypass the counter
-        make_step(model, model, imgs, args.mask_ratio, torch.float32, baseline_optimizer)()
-    flops = counter.get_total_flops()
-    if args.attention == "flex":
-        log.info("flex_attention in %d attention layers", use_flex_attention(model))
     if model.cfg.uses_teacher:
         model.teacher.low_precision_residual = args.teacher_residual == "autocast"
     fast = compile_model(model) if args.compile else model
@@ -268,7 +234,7 @@ def bench_pretrain(argv: list[str]) -> int:
              args.batch, args.mask_ratio)
 
     def attention() -> contextlib.AbstractContextManager:
-        if args.attention in ("auto", "flex"):
+        if args.attention == "auto":
             return contextlib.nullcontext()
         return sdpa_kernel([ATTENTION[args.attention], SDPBackend.MATH])
 
@@ -279,6 +245,11 @@ def bench_pretrain(argv: list[str]) -> int:
                  abs(got - ref) / max(abs(ref), 1e-12))
     log.info("equivalence check: %s (rtol %.0e)", "passed" if ok else "FAILED", rtol)
 
+    # torch's default AdamW (foreach on CUDA, not fused): the step as it ran before the fast path
+    baseline_optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
+    with FlopCounterMode(display=False) as counter:  # eager: compiled kernels bypass the counting dispatcher
+        make_step(model, model, imgs, args.mask_ratio, torch.float32, baseline_optimizer)()
+    flops = counter.get_total_flops()
     log.info("step FLOPs: %.1f GFLOP per image", flops / args.batch / 1e9)
 
     runs = [("fast", fast, dtype, make_optimizer(model, 0.05, 1e-4, (0.9, 0.95), device), args.compile)]
