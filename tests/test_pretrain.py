@@ -234,6 +234,36 @@ def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> Non
         load_checkpoint(tmp_path, "aaaa")
 
 
+def fake_cuda(monkeypatch: pytest.MonkeyPatch, gpus: int) -> tuple[torch.Generator, ...]:
+    """torch.cuda's own RNG functions over ``gpus`` CPU generators standing in for the GPUs' (GPU 0 the
+    current one), so a CPU machine runs the CUDA branch of the checkpoint's RNG state."""
+    import torch.cuda.random as cuda_random
+
+    generators = tuple(torch.Generator().manual_seed(100 + i) for i in range(gpus))
+    for module in (torch.cuda, cuda_random):
+        monkeypatch.setattr(module, "is_initialized", lambda: True)
+    monkeypatch.setattr(cuda_random, "_lazy_init", lambda: None)
+    monkeypatch.setattr(cuda_random, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda_random, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    return generators
+
+
+def test_cuda_rng_resumes_where_fewer_gpus_are_visible(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process draws on its current GPU alone: a checkpoint written where 2 GPUs were visible resumes
+    where 1 is (another allocation, CUDA_VISIBLE_DEVICES), that GPU's stream restored."""
+    with monkeypatch.context() as m:
+        gpu = fake_cuda(m, gpus=2)[0]
+        save_checkpoint({"run_hash": "aaaa", "step": 0, "rng": [rng_state()]}, tmp_path)
+        expected = torch.rand(3, generator=gpu)
+    with monkeypatch.context() as m:
+        gpu = fake_cuda(m, gpus=1)[0]
+        set_rng_state(load_checkpoint(tmp_path, "aaaa")["rng"][0])
+        assert torch.equal(torch.rand(3, generator=gpu), expected)
+
+
 def test_the_data_manifest_is_part_of_the_run_identity(tmp_path: Path) -> None:
     """tar pads to 10 KiB blocks, so other crops often give shards of the same names and sizes: the
     manifest beside them (crop ids, perceptual hashes, pixel statistics) tells the data apart."""

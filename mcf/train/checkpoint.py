@@ -35,11 +35,15 @@ def run_hash(identity: dict[str, Any]) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, CUDA, NumPy, Python) in a ``weights_only``-safe form."""
+    """This process's RNG states (torch CPU, CUDA, NumPy, Python) in a ``weights_only``-safe form.
+
+    CUDA's is the current GPU's alone, the one this process draws on: every visible GPU's would tie the
+    checkpoint to the count visible when it was written, and a resume that sees fewer would fail.
+    """
     np_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
         "numpy": {
             "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
             "pos": int(np_state["state"]["pos"]),
@@ -54,7 +58,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(state["torch"])
     if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
     np_state = state["numpy"]
     np.random.set_state(
         {
