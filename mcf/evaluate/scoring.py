@@ -8,12 +8,13 @@ both, so the two agree to the last digit.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from mcf.data.aflw19 import AFLW19, to_original
@@ -27,13 +28,20 @@ CLASSES = ("background", "skin", "left_brow", "right_brow", "left_eye", "right_e
 THRESHOLD = 0.07
 
 
+def in_order(dataset: Dataset, batch_size: int, desc: str) -> Iterable[dict[str, Any]]:
+    """The dataset's batches in order. The loader has a generator of its own: iterating a DataLoader
+    otherwise draws from torch's global one, which a fine-tune scoring each epoch must leave as it is."""
+    loader = DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
+    return tqdm(loader, desc=desc, leave=False)
+
+
 @torch.no_grad()
 def predict_landmarks(model: DenseFaceModel, dataset: AFLW19, batch_size: int) -> dict[str, Any]:
     """Original-image predictions ``[N, 19, 2]`` with the names, GT, boxes and visibility; the model
     runs on its own device, without autocast."""
     device = next(model.parameters()).device
     out: dict[str, list[Any]] = {"name": [], "pred": [], "gt": [], "box": [], "visible": []}
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="alignment", leave=False):
+    for batch in in_order(dataset, batch_size, "alignment"):
         points = soft_argmax(model(batch["image"].to(device))).cpu()
         out["pred"].append(to_original(points, batch["matrix"], dataset.cfg.size))
         out["name"] += list(batch["name"])
@@ -71,7 +79,7 @@ def predict_parsing(
     size = (dataset.cfg.label_size, dataset.cfg.label_size)
     conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     names: list[str] = []
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="parsing", leave=False):
+    for batch in in_order(dataset, batch_size, "parsing"):
         logits = parsing_logits(model(batch["image"].to(device)), size).cpu()
         for i, name in enumerate(batch["name"]):
             orig = warp_to_original(logits[i], sample_params(batch["params"], i), batch["orig_size"][i])
