@@ -148,6 +148,15 @@ def test_haar_finds_the_astronaut_face() -> None:
     assert best.detector == "haar" and best.score is None and best.landmarks is None
 
 
+def test_detector_runs_on_a_thin_strip(tmp_path: Path) -> None:
+    """A 3000x2 banner is a valid image: downscaled to 640 wide it must keep a pixel row, not crash
+    the stage in cv2.resize (its height rounded to 0)."""
+    cv2.imwrite(str(tmp_path / "strip.png"), np.full((2, 3000, 3), 128, np.uint8))
+    result = crop_chunk([Source("strip", str(tmp_path / "strip.png"), None)], _cfg(tmp_path, tmp_path / "o"),
+                        tmp_path / "part")
+    assert result.rows.empty
+
+
 def test_yunet_model_path_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="yunet_model"):
         build(CropConfig, {"detector": {"yunet_model": str(tmp_path / "missing.onnx")}}, "crop")

@@ -96,7 +96,7 @@ def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     scale = max(rgb.shape[:2]) / max_side
     if scale <= 1.0:
         return rgb, 1.0
-    h, w = round(rgb.shape[0] / scale), round(rgb.shape[1] / scale)
+    h, w = (max(1, round(n / scale)) for n in rgb.shape[:2])  # a thin strip keeps one pixel row
     return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA), scale
 
 
