@@ -265,6 +265,25 @@ def test_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: dict) -
         load_detections(tmp_path / "d.parquet")
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"box": [30.0, 2.0, 1.0, 28.0]}, r"box \[30.0, 2.0, 1.0, 28.0\] is not x1, y1, x2, y2"),
+        ({"score": 1.5}, "score 1.5 is outside 0..1"),
+        ({"box": None}, "box needs 4 values and landmarks 10, got 0"),
+        ({"face": 0}, "face indices must be unique"),
+        ({"face": -1}, "face indices must be unique"),
+    ],
+)
+def test_detection_the_gate_would_reject_fails_at_load(tmp_path: Path, bad: dict, message: str) -> None:
+    """The crop gate rejects these rows (face_size < 0, score, crop_id unique, face >= 0), but only
+    after every image was cropped: loading the table refuses them, naming the face."""
+    good = {"sample_id": "s1", "face": 0, "box": [1.0, 2.0, 30.0, 28.0], "landmarks": None, "score": 1.0}
+    pd.DataFrame([good, good | {"face": 1} | bad]).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(StageError, match=f"d.parquet: sample s1 face -?[01]: {message}"):
+        load_detections(tmp_path / "d.parquet")
+
+
 def test_atomic_dir_removes_what_killed_writers_left(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()

@@ -70,18 +70,29 @@ def load_detections(path: str | Path) -> dict[str, list[Face]]:
         raise StageError(f"{path}: missing detection columns {missing} (expected {list(DETECTION_COLUMNS)})")
     grouped: dict[str, list[Face]] = {}
     table = table.sort_values(["sample_id", "face"], kind="stable")
+    # what the crop gate would reject only after every image was cropped is refused here, naming the row
+    bad_index = table[table.duplicated(["sample_id", "face"]) | (table["face"] < 0)]
+    if len(bad_index):
+        row = bad_index.iloc[0]
+        raise StageError(f"{path}: sample {row.sample_id} face {row.face}: face indices must be unique "
+                         "within a sample and >= 0")
     for row in table.itertuples(index=False):
-        box = tuple(np.asarray(row.box, np.float64).tolist())  # a null inside becomes NaN: not finite
+        where = f"{path}: sample {row.sample_id} face {row.face}"
+        # a null inside becomes NaN: not finite; a null box has no values
+        box = () if row.box is None else tuple(np.asarray(row.box, np.float64).tolist())
         lms = row.landmarks
         landmarks = None if lms is None or len(lms) == 0 else tuple(np.asarray(lms, np.float64).tolist())
         if len(box) != 4 or (landmarks is not None and len(landmarks) != 10):
             raise StageError(
-                f"{path}: sample {row.sample_id} face {row.face}: box needs 4 values and "
-                f"landmarks 10, got {len(box)} and {len(landmarks or ())}"
+                f"{where}: box needs 4 values and landmarks 10, got {len(box)} and {len(landmarks or ())}"
             )
         if not np.isfinite([*box, *(landmarks or ())]).all():
-            raise StageError(f"{path}: sample {row.sample_id} face {row.face}: box or landmarks not finite")
+            raise StageError(f"{where}: box or landmarks not finite")
+        if box[2] < box[0] or box[3] < box[1]:
+            raise StageError(f"{where}: box {list(box)} is not x1, y1, x2, y2 with x1 <= x2 and y1 <= y2")
         score = None if pd.isna(row.score) else float(row.score)
+        if score is not None and not 0.0 <= score <= 1.0:
+            raise StageError(f"{where}: score {score} is outside 0..1")
         face = Face(int(row.face), box, landmarks, score, "table")  # type: ignore[arg-type]
         grouped.setdefault(str(row.sample_id), []).append(face)
     return grouped
