@@ -367,6 +367,12 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
         _config(max_pixels=0)
     with pytest.raises(ParamsError, match=r"fetch\.source: must be one of"):
         _config(source="ftp")
+    # "jpg" matches no Path.suffix: the run would end in "lists no rows ... (files ending in jpg)"
+    with pytest.raises(ParamsError, match=r"fetch\.local\.extensions: each must be one suffix .*\['jpg'\]"):
+        _config(source="local", local={"root": str(tmp_path), "extensions": [".png", "jpg"]})
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.extensions: each must be one suffix .*\['.tar.gz'\]"):
+        _config(source="s3", s3={"bucket": "b", "extensions": [".tar.gz"]})
+    assert _config(source="local", local={"root": str(tmp_path), "extensions": []}).local.extensions == []
     assert _config(source="local", local={"root": str(tmp_path)}).local.root == str(tmp_path)
 
 

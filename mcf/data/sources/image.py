@@ -23,12 +23,13 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from PIL import Image
 
 from mcf.io import file_sha256
+from mcf.params import ParamsError
 
 STATUSES = (
     "success",
@@ -49,6 +50,14 @@ IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and l
 _USERINFO = re.compile(r"(?<=://)[^/\s@\"'<>]+@")
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
 _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f3b2ffb3380>"
+
+
+def check_extensions(extensions: list[str]) -> None:
+    """Endings are compared with a name's last suffix (``.jpg``): ``jpg`` or ``.tar.gz`` would match no
+    file, and the run would end in an empty listing that quotes them as if they had been looked for."""
+    bad = [e for e in extensions if PurePosixPath(f"x{e}").suffix != e]
+    if bad:
+        raise ParamsError("extensions", f"each must be one suffix with its dot, as in .jpg; got {bad}")
 
 
 def redact(text: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from mcf.data.sources.download import Source
-from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure
+from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions
 from mcf.params import param, require_path
 
 
@@ -29,6 +29,7 @@ class LocalConfig:
     def check_inputs(self) -> None:
         """Called when this source is active."""
         require_path(self.root, "root")
+        check_extensions(self.extensions)
 
 
 def list_rows(cfg: LocalConfig) -> pd.DataFrame:

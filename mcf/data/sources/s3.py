@@ -24,7 +24,7 @@ from botocore.exceptions import (
 )
 
 from mcf.data.sources.download import Source
-from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, read_bounded, redact
+from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions, read_bounded, redact
 from mcf.errors import StageError
 from mcf.params import ParamsError, param
 
@@ -45,6 +45,7 @@ class S3Config:
         """Called when this source is active."""
         if not self.bucket:
             raise ParamsError("bucket", "give the bucket to read from")
+        check_extensions(self.extensions)
         parts = urlsplit(self.endpoint_url or "")
         if self.endpoint_url and (parts.scheme not in ("http", "https") or not parts.hostname):
             raise ParamsError("endpoint_url", f"expected http(s)://host[:port], got {self.endpoint_url!r}")
