@@ -152,7 +152,8 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     fixture_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed in epoch 2 of 3 (after its training rows were logged): the rerun redoes epochs 2 and 3 and
-    writes what an uninterrupted run writes, curves included; a changed config does not resume."""
+    writes what an uninterrupted run writes, curves included; a changed config does not resume, nor does
+    another ``num_workers``: the augmentation is drawn in the workers, so their count changes the model."""
     align, _ = tiny_configs(fixture_root, epochs=3)
     runs = {name: dataclasses.replace(align, out=str(fixture_root / f"ft_{name}"),
                                       live=str(fixture_root / f"live_{name}"),
@@ -179,8 +180,9 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     resume = Path(runs["killed"].resume_dir) / "mcf"
     assert torch.load(resume / "last.pt", weights_only=True)["epoch"] == 1
     assert not (Path(runs["killed"].out) / "mcf").exists()
-    with pytest.raises(StageError, match="belongs to a run with other params"):
-        main_alignment(Common(seed=0), dataclasses.replace(runs["killed"], lr_head=0.5), "mcf")
+    for changed in ({"lr_head": 0.5}, {"num_workers": 1}):
+        with pytest.raises(StageError, match="belongs to a run with other params"):
+            main_alignment(Common(seed=0), dataclasses.replace(runs["killed"], **changed), "mcf")
     main_alignment(Common(seed=0), runs["killed"], "mcf")
     whole, killed = (torch.load(Path(r.out) / "mcf" / "model.pt", weights_only=True) for r in runs.values())
     assert whole["test_by_epoch"] == killed["test_by_epoch"] and whole["steps"] == killed["steps"]

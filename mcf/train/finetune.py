@@ -383,8 +383,9 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     start = time.perf_counter()
     check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)  # before training, not after it
     resume_dir = Path(cfg.resume_dir) / variant
-    # what defines the run: a checkpoint of another is refused, not resumed
-    where = {"out", "live", "resume_dir", "num_workers"}
+    # what defines the run: a checkpoint of another is refused, not resumed. num_workers belongs to it:
+    # each worker draws the augmentation from a seed of its own, so the worker count changes the model
+    where = {"out", "live", "resume_dir"}
     run_id = run_hash({
         "stage": stage, "variant": variant, "seed": common.seed, "dtype": str(dtype),
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in where},
