@@ -165,6 +165,19 @@ def test_table_passes_the_gate_and_catches_bad_rows(tree: tuple[Path, dict]) -> 
         run_gate(table(_cfg(root), "full"), "aflw19", stage="test")
 
 
+def test_gate_fails_a_nan_landmark_or_box(tree: tuple[Path, dict]) -> None:
+    """A NaN passes every range check (GX skips nulls), so the gate names it as a null."""
+    root, fields = tree
+    data, boxes = fields["data"].copy(), fields["bbox"].copy()
+    data[N_TRAIN, 3], boxes[N_TRAIN + 1, 1] = np.nan, np.nan  # one landmark x, one box right
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, data=data, bbox=boxes))
+    with pytest.raises(GateError) as err:
+        run_gate(table(_cfg(root), "full"), "aflw19", stage="test")
+    msg = str(err.value)
+    assert "expect_column_values_to_not_be_null(column=x_min): 1 unexpected" in msg
+    assert "expect_column_values_to_not_be_null(column=box_w): 1 unexpected" in msg
+
+
 def test_gate_names_a_missing_image(tree: tuple[Path, dict]) -> None:
     root, _ = tree
     name = read_mat(root).names[N_TRAIN + 1]
