@@ -21,6 +21,7 @@ from mcf.data.shards import encode_jpeg, iter_encoded, shard_urls, write_shards
 from mcf.data.subset import SubsetConfig, face_size_bins, pick, quotas, subset
 from mcf.errors import StageError
 from mcf.params import ParamsError, build
+from mcf.validate.gate import run_gate
 
 SIZE = 32
 # face sizes of the kept crops: 50 below 32 px, 30 in [32, 48), 20 at 64 px or more
@@ -155,6 +156,16 @@ def test_gate_rejects_a_nan_in_the_manifest(tmp_path: Path) -> None:
     with pytest.raises(StageError, match=r"expect_column_values_to_not_be_null\(column=blur\)"):
         subset(_cfg(crop, tmp_path / "s", n=1000), seed=0)
     _assert_no_output(tmp_path / "s")
+
+
+def test_gate_fails_a_crop_the_crop_manifest_lacks(crop_dir: Path, tmp_path: Path) -> None:
+    """Its size cannot be compared with the crop stage's (width_off is null): checked against another
+    crop manifest (a wrong --params by hand), the gate fails instead of passing with nothing compared."""
+    cfg = _cfg(crop_dir, tmp_path / "s")
+    manifest = subset(cfg, seed=0)
+    manifest.loc[2, "crop_id"] = "not_a_crop_of_this_run"
+    with pytest.raises(StageError, match=r"not_be_null\(column=width_off\): 1 unexpected of 20"):
+        run_gate(manifest, "subset", stage="validate", config=cfg, keep=False)
 
 
 def test_cli_runs_the_stage_from_params(crop_dir: Path, tmp_path: Path) -> None:
