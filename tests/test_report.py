@@ -115,7 +115,8 @@ def _write_run(tmp_path: Path) -> Path:
     for task in ("alignment", "parsing"):
         for variant in ("mcf", "scratch"):
             _live(tmp_path / "metrics" / f"finetune_{task}" / variant,
-                  {"train/loss": [1.0, 0.5, 0.4], "lr/head": [0.01, 0.005, 0.0]})
+                  {"train/loss": [1.0, 0.5, 0.4], "lr/head": [0.01, 0.005, 0.0],
+                   f"test/{'nme_diag_full' if task == 'alignment' else 'f1_mean'}": [7.0, 6.0, 5.5]})
     plots = tmp_path / "outputs" / "evaluate" / "plots"
     plots.mkdir(parents=True)
     thresholds = np.arange(0, 0.0701, 0.01)
@@ -228,6 +229,17 @@ def test_report_labels_numbers_with_their_dataset(page: str) -> None:
     f1_head = re.findall(r"<th>(.*?)</th>", sections["f1"])
     assert "this run: mcf (SynthFace-LaPa)" in f1_head and "FaRL-B ep16 (LaPa)" in f1_head
     assert "identity accuracy" in sections["paper"] and "45.60" in sections["paper"]
+
+
+def test_report_labels_the_fine_tunes_test_curves_with_their_dataset(page: str, run: Path) -> None:
+    """Each fine-tune's curves hold its test scores on SynthFace: they say so, as the tables do."""
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", _sections(page)["curves"])
+    assert "finetune_alignment: training curves, test scores on SynthFace-AFLW19" in captions
+    assert "finetune_parsing: training curves, test scores on SynthFace-LaPa" in captions
+    assert "pretrain: training curves" in captions
+    (run / "metrics" / "evaluate.json").unlink()  # before evaluate: no label to give, none invented
+    html = build_report(run, out="report/index.html").read_text(encoding="utf-8")
+    assert "finetune_parsing: training curves, test scores on unlabelled data" in html
 
 
 def test_report_of_a_run_that_stopped_early(run: Path) -> None:

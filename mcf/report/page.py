@@ -32,6 +32,7 @@ from mcf.report.runfiles import (
 
 log = logging.getLogger(__name__)
 TRAINING_STAGES = ("teacher", "pretrain", "finetune_alignment", "finetune_parsing")
+FINETUNE_TASKS = {"finetune_alignment": "alignment", "finetune_parsing": "parsing"}
 ALIGNMENT_KEYS = ("nme_diag", "nme_box", "nme_inter_ocular", "auc_box_0.07", "fr_box_0.07", "images")
 ALIGNMENT_SPLITS = ("full", "frontal")  # the scored splits; best_epoch_on_test has its own row
 STYLE = """
@@ -100,6 +101,19 @@ def gates_section(run: Run) -> str:
     return "".join(parts)
 
 
+def _curves_title(run: Run, stage: str) -> str:
+    """A fine-tune's curves hold its test scores (``test_each_epoch``): they name their data as the
+    evaluate stage labels it, so a SynthFace score never reads as an AFLW-19 or LaPa one."""
+    task = FINETUNE_TASKS.get(stage)
+    if task is None:
+        return f"{stage}: training curves"
+    try:
+        label = dataset_label(load_metrics(run), task)
+    except Missing:
+        label = dataset_label({}, task)
+    return f"{stage}: training curves, test scores on {label}"
+
+
 def _stage_curves(run: Run, stage: str) -> str:
     """One stage's dvclive curves (every variant in one figure), or a note on what is absent."""
     if stage == "teacher":
@@ -112,7 +126,8 @@ def _stage_curves(run: Run, stage: str) -> str:
             found[label] = read_curves(folder)
         except Missing as gap:
             gaps.append(f"{stage} ({label}): {gap}")
-    parts = [figure(figures.curves_png(found, stage), f"{stage}: training curves")] if found else []
+    title = _curves_title(run, stage)
+    parts = [figure(figures.curves_png(found, title), title)] if found else []
     return "".join(parts + [note(g) for g in gaps])
 
 
