@@ -136,6 +136,16 @@ def test_cli_validates_a_parquet_and_builds_docs(tmp_path: Path) -> None:
     assert "1 unexpected values found" in page
 
 
+def test_docs_without_stored_results_say_what_stores_one(tmp_path: Path) -> None:
+    """A gate run by hand stores nothing (the pipeline's record stays), so the hint names the stages."""
+    _manifest().to_parquet(tmp_path / "good.parquet")
+    assert gate.cli(["fetch", str(tmp_path / "good.parquet")]) == 0
+    with pytest.raises(StageError, match=r"run a stage \(mcf fetch, crop, subset, finetune_\*, evaluate\) "
+                       r"first; `mcf validate SUITE PARQUET` stores no result") as err:
+        gate.cli(["--docs", "--out", str(tmp_path / "docs")])
+    assert "or `mcf validate` first" not in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["fetchh", "GOOD"], "unknown suite 'fetchh' (known: aflw19, crop, fetch, lapa, subset)"),

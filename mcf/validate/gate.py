@@ -233,7 +233,8 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
 
     paths = sorted(results_dir.glob("*.json"))
     if not paths:
-        raise StageError(f"no validation results under {results_dir}: run a stage or `mcf validate` first")
+        raise StageError(f"no validation results under {results_dir}: run a stage (mcf fetch, crop, subset, "
+                         "finetune_*, evaluate) first; `mcf validate SUITE PARQUET` stores no result")
     context = _context()
     context.variables.data_docs_sites = {
         "mcf": {
