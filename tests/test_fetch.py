@@ -27,7 +27,7 @@ from PIL import Image
 
 from mcf.data.fetch import FetchConfig, journal_dir, main
 from mcf.data.sources import laion
-from mcf.data.sources.download import Journal
+from mcf.data.sources.download import Journal, Limits, Source, fetch_records
 from mcf.data.sources.image import Record, inspect
 from mcf.errors import StageError
 from mcf.io import file_sha256
@@ -501,3 +501,22 @@ def test_synthetic_source_end_to_end() -> None:
     assert set(detections["sample_id"]) == set(manifest["sample_id"])
     assert Path("out/aflw19/AFLWinfo_release.mat").is_file()
     assert len(list(Path("out/lapa/LaPa/test/images").glob("*.jpg"))) == 1
+
+
+def test_an_unforeseen_source_error_reaches_the_debug_log_redacted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The row keeps a redacted error (Record); the debug log's traceback must not quote the signature."""
+    signed = "https://user:pw@bucket.example/a.jpg?X-Amz-Signature=s3cr3t"
+
+    def fetch(row: dict[str, Any]) -> bytes:
+        raise RuntimeError(f"surprise on {signed}")
+
+    rows = pd.DataFrame({"sample_id": ["a"], "url": [signed]})
+    source = Source("test", rows, fetch, ("url",), "a test")
+    limits = Limits(threads=1, retries=0, max_bytes=1 << 20, max_pixels=1 << 20)
+    with caplog.at_level("DEBUG", logger="mcf.data.sources.download"):
+        (record,) = fetch_records(source, tmp_path / "old", tmp_path / "journal", tmp_path / "new", limits)
+    assert record.status == "error" and "s3cr3t" not in record.error
+    assert "unexpected error on a" in caplog.text and "RuntimeError: surprise on" in caplog.text
+    assert "s3cr3t" not in caplog.text and "pw@" not in caplog.text

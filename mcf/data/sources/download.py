@@ -24,6 +24,7 @@ import os
 import shutil
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mcf.data.sources.image import FetchFailure, Record, save_image, stored_sha256
+from mcf.data.sources.image import FetchFailure, Record, redact, save_image, stored_sha256
 from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,9 @@ def fetch_records(
         except FetchFailure as failure:
             return index, Record(failure.status, failure.error), False
         except Exception as err:  # never lose a row to an unforeseen source error
-            log.debug("unexpected error on %s", sample_id, exc_info=True)
+            # the traceback quotes what the error quotes: a signed URL must not reach a verbose log either
+            trace = redact("".join(traceback.format_exception(err)))
+            log.debug("unexpected error on %s:\n%s", sample_id, trace)
             return index, Record("error", f"{type(err).__name__}: {err}"), False
         try:  # our own write errors (a full disk) are not row statuses: they end the stage
             record = save_image(data, sample_id, journal_dir, limits.max_pixels)
