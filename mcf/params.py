@@ -174,9 +174,10 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 
 
 class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader reading params.yaml as DVC (ruamel) does: ``1e-05``, which ``dvc exp run -S
-    key=1e-5`` writes, is a number (YAML 1.2), not the string YAML 1.1 makes of it; and a key given twice
-    is an error, not the last one silently winning."""
+    """PyYAML's safe loader reading params.yaml as DVC (ruamel, YAML 1.2) does, where YAML 1.1 differs:
+    ``1e-05``, which ``dvc exp run -S key=1e-5`` writes, is a number, not a string; ``010`` is ten, not
+    eight; ``yes``, ``off`` and ``1:30`` are strings, not a bool or ninety. A key given twice is an
+    error, not the last one silently winning."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = set()
@@ -194,11 +195,25 @@ class ParamsLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_FLOAT = "tag:yaml.org,2002:float"
+_FLOAT, _INT, _BOOL = (f"tag:yaml.org,2002:{name}" for name in ("float", "int", "bool"))
 ParamsLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_FLOAT, _INT, _BOOL)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+ParamsLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_PREFIXED_INT = re.compile(r"^[-+]?0(?:b[01_]+|o[0-7_]+|x[0-9a-fA-F_]+)$")
+ParamsLoader.add_implicit_resolver(
+    _INT, re.compile(rf"{_PREFIXED_INT.pattern}|^[-+]?[0-9][0-9_]*$"), list("-+0123456789")
+)
+
+
+def _construct_int(loader: ParamsLoader, node: yaml.ScalarNode) -> int:
+    """Decimal unless prefixed (``0b``, ``0o``, ``0x``): a leading zero does not make octal in YAML 1.2."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    return int(text, 0) if _PREFIXED_INT.match(text) else int(text, 10)
+
+
+ParamsLoader.add_constructor(_INT, _construct_int)
 ParamsLoader.add_implicit_resolver(
     _FLOAT,
     re.compile(

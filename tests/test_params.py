@@ -101,6 +101,22 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     assert isinstance(read_yaml(tmp_path / "p.yaml")["e"], int)
 
 
+SCALARS = ["010", "-007", "1_000", "0x1F", "0o17", "0b101", "yes", "off", "NO", "y", "True", "FALSE", "1:30",
+           "1e-05", ".5", "1.", "~", "'010'"]
+
+
+@pytest.mark.parametrize("scalar", SCALARS)
+def test_scalars_read_as_dvc_reads_them(tmp_path: Path, scalar: str) -> None:
+    """``seed: 010`` trained with seed 8 (YAML 1.1's octal) while dvc.lock recorded 10; ``yes`` became
+    True where DVC keeps the string. Each scalar must come out as DVC's own parser gives it."""
+    from dvc.utils.serialize import parse_yaml
+
+    text = f"a: {scalar}\n"
+    (tmp_path / "p.yaml").write_text(text)
+    want, got = parse_yaml(text, "p.yaml")["a"], read_yaml(tmp_path / "p.yaml")["a"]
+    assert (got, type(got)) == (want, type(want))
+
+
 def test_duplicate_key_is_refused(tmp_path: Path) -> None:
     """A section given twice (a second ``crop:`` pasted at the end) silently replaced the first; DVC
     refuses such a file, so ``mcf crop`` by hand ran settings that ``dvc repro`` never would."""
