@@ -18,9 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import make_workspace, tsv_column, write_params
+import torch.multiprocessing as mp
+from test_pretrain import TINY, make_workspace, tsv_column, write_params
 
 from mcf import cli
+from mcf.data.pretrain_data import CropDataset
+from mcf.errors import StageError
+from mcf.models.backbone import BackboneConfig
+from mcf.models.mcf import MCF, MCFConfig
+from mcf.train import distributed
+from mcf.train.loop import Run, TrainConfig, Trainer
 
 TRAIN = {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "ckpt_every": 1}
 TOTAL = 12  # 96 crops / (2 ranks × 8) = 6 steps per epoch × 2 epochs
@@ -127,3 +134,41 @@ def test_more_processes_than_gpus_is_refused_as_params(
     assert cli.main(["pretrain", "--params", str(params)]) == 2
     err = capsys.readouterr().err
     assert "pretrain.train.processes: 8 asked, but this process sees 1 GPU(s)" in err
+
+
+def _node_local_rank(rank: int, port: int, root: str) -> None:
+    """One rank whose resume_dir is its own folder, as on a disk local to its node."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    distributed.init_distributed()
+    try:
+        cfg = MCFConfig(backbone=BackboneConfig(**TINY), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                        feature_loss=False, proj_hidden=32, proj_dim=16, pred_hidden=32)
+        crops = CropDataset(Path(root) / "subset" / "shards", TINY["img_size"], 64)
+        train = TrainConfig(epochs=1, warmup_epochs=0, batch_size=8, ckpt_every=1)
+        run = Run(0, 0.75, Path(root) / f"node{rank}", {}, rank=rank, world_size=2)
+        Trainer(MCF(cfg), crops, train, run).fit()  # rank 0 leaves a checkpoint in node0/ alone
+        try:
+            Trainer(MCF(cfg), crops, train, run)
+            outcome = "resumed"
+        except StageError as err:
+            outcome = str(err)
+        (Path(root) / f"rank{rank}.txt").write_text(outcome)
+    finally:
+        distributed.cleanup()
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_find_different_checkpoints_refuse_to_train(tmp_path: Path) -> None:
+    """A resume_dir each node reads on its own disk: rank 0 finds the last step's checkpoint, rank 1 none.
+    Both refuse, instead of training replicas from different steps (which drift apart, then hang)."""
+    root = make_workspace(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_node_local_rank, args=(port, str(root)), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        outcome = (root / f"rank{rank}.txt").read_text()
+        assert "the ranks disagree on where to start" in outcome, outcome
+        assert "0: (" in outcome and ", 6), 1: (" in outcome and ", None)}" in outcome

@@ -219,6 +219,7 @@ class Trainer:
 
     def _restore(self) -> None:
         state = load_checkpoint(self.run.resume_dir, self.hash)
+        self._check_ranks_agree(None if state is None else state["step"])
         if state is None:
             return
         result = self.model.load_state_dict(state["model"], strict=False)
@@ -232,6 +233,25 @@ class Trainer:
         if (state["epoch"], state["index"]) != divmod(self.step, self.spe):
             raise StageError(f"checkpoint data position {state['epoch'], state['index']} != step {self.step}")
         set_rng_state(state["rng"][self.run.rank])
+
+    def _check_ranks_agree(self, step: int | None) -> None:
+        """Refuse to train unless every rank has the same run hash and resumes from the same step.
+
+        Each rank reads ``resume_dir`` itself: on disks local to each node, the other nodes find no
+        checkpoint (or an old one) and would train from another step, with another lr, optimizer state
+        and step count; DDP does not re-sync the weights, so the replicas drift apart, and the ranks
+        that finish first leave the others waiting in a collective.
+        """
+        if not is_initialized():
+            return
+        found: list[Any] = [None] * self.run.world_size
+        dist.all_gather_object(found, (self.hash, step))
+        if len(set(found)) > 1:
+            raise StageError(
+                f"the ranks disagree on where to start (rank: (run hash, checkpoint step)): "
+                f"{dict(enumerate(found))}; resume_dir {self.run.resume_dir} and the data must be the "
+                "same for every rank (shared storage across nodes)"
+            )
 
     def _checkpoint(self) -> None:
         """Gather every rank's RNG state; rank 0 writes the checkpoint."""
