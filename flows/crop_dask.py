@@ -32,8 +32,13 @@ def crop_part(sources: list[Source], cfg: CropConfig, part: str) -> ChunkResult:
 
 
 @flow(name="crop_fan_out")
-def fan_out(sources: list[Source], cfg: CropConfig, parts_dir: str) -> list[ChunkResult]:
-    """Map :func:`crop_part` over chunks of ``cfg.chunk_size`` images; results in chunk order."""
+def fan_out(cfg: CropConfig, parts_dir: str) -> list[ChunkResult]:
+    """Map :func:`crop_part` over chunks of ``cfg.chunk_size`` images; results in chunk order.
+
+    The images are listed here, not passed in: a flow's parameters go to the Prefect API, which refuses
+    them past 512 KB (the default run's 1,200 images are 750 KB); the tasks' go to the Dask workers.
+    """
+    sources = load_sources(cfg)
     chunks = [sources[i : i + cfg.chunk_size] for i in range(0, len(sources), cfg.chunk_size)]
     parts = [str(Path(parts_dir) / f"part-{i:06d}") for i in range(len(chunks))]
     return crop_part.map(chunks, unmapped(cfg), parts).result()
@@ -53,10 +58,9 @@ def crop_dask(
     _, cfg = load("crop", params_file)
     # absolute paths: a worker on another host resolves them the same way
     cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()))
-    sources = load_sources(cfg)
     runner = task_runner(address, n_workers or cfg.workers, processes)
     with stage_lock("crop"), atomic_dir(cfg.out, sign="manifest.parquet") as tmp:  # shared with `mcf crop`
-        results = fan_out.with_options(task_runner=runner)(sources, cfg, str(tmp / "parts"))
+        results = fan_out.with_options(task_runner=runner)(cfg, str(tmp / "parts"))
         manifest = merge(results, cfg, tmp)
         shutil.rmtree(tmp / "parts")
         finish(manifest, cfg, tmp)

@@ -1,6 +1,6 @@
 """Prefect flow ``fetch_dask``: the ``fetch`` stage's downloads fanned out over a Dask cluster.
 
-The rows (LAION-Face parquet rows, S3 keys, local files) are listed once, here, and cut into slices of
+The rows (LAION-Face parquet rows, S3 keys, local files) are listed once and cut into slices of
 ``rows_per_task``; each slice is a Prefect task on prefect-dask's ``DaskTaskRunner`` that builds its own
 fetcher and runs the stage's download loop (:func:`mcf.data.sources.download.fetch_records`) with its
 own journal file. The records come back in row order and the manifest, detections and gate are the
@@ -37,10 +37,18 @@ def fetch_part(cfg: FetchConfig, rows: pd.DataFrame, part: str, staging: str) ->
 
 
 @flow(name="fetch_fan_out")
-def fan_out(cfg: FetchConfig, slices: list[pd.DataFrame], staging: str) -> list[list[Record]]:
-    """Map :func:`fetch_part` over the slices; results in slice order."""
+def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> pd.DataFrame:
+    """List the rows once, map :func:`fetch_part` over slices of ``rows_per_task``; the manifest.
+
+    The rows are listed here, not passed in: a flow's parameters go to the Prefect API, which refuses
+    them past 512 KB (a few thousand rows); the tasks' go to the Dask workers.
+    """
+    source = remote_source(cfg)
+    require_rows(source)
+    slices = [source.rows.iloc[i : i + rows_per_task] for i in range(0, len(source.rows), rows_per_task)]
     parts = [f"part-{i:06d}" for i in range(len(slices))]
-    return fetch_part.map(unmapped(cfg), slices, parts, unmapped(staging)).result()
+    records = fetch_part.map(unmapped(cfg), slices, parts, unmapped(staging)).result()
+    return to_manifest(source, [record for part in records for record in part])
 
 
 def absolute(cfg: FetchConfig) -> FetchConfig:
@@ -69,15 +77,11 @@ def fetch_dask(
         raise ValueError("fetch.source is synthetic: SynthFace renders on fetch.synthetic.workers processes "
                          "(`mcf fetch`); fetch_dask fans out downloads (laion-face, s3, local)")
     cfg = absolute(cfg)
-    source = remote_source(cfg)  # the listing, once
-    require_rows(source)
-    slices = [source.rows.iloc[i : i + rows_per_task] for i in range(0, len(source.rows), rows_per_task)]
     runner = task_runner(address, n_workers or os.cpu_count() or 1, processes)
     out = Path(cfg.out)
     with stage_lock("fetch"):  # `mcf fetch` and this flow share the output and its journal
         with atomic_dir(out, sign="manifest.parquet") as staging:
-            parts = fan_out.with_options(task_runner=runner)(cfg, slices, str(staging))
-            manifest = to_manifest(source, [record for part in parts for record in part])
+            manifest = fan_out.with_options(task_runner=runner)(cfg, str(staging), rows_per_task)
             publish(manifest, remote_detections(cfg, manifest), staging)
         shutil.rmtree(journal_dir(out), ignore_errors=True)
     return manifest["status"].value_counts().to_dict()

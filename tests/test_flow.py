@@ -258,6 +258,20 @@ def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api:
     (project / "params.yaml").write_bytes(committed)
 
 
+def _fan_out_parameters(flow_name: str) -> list[dict]:
+    """The parameters the Prefect API recorded for each run of ``flow_name``.
+
+    They must not grow with the data: the API refuses a flow run's parameters past 512 KB, which the
+    default run's 1,200 crop sources (750 KB) passed when the images were handed to the fan-out flow.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return [run.parameters for run in runs]
+
+
 def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path) -> None:
     import dataclasses
 
@@ -290,6 +304,8 @@ def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path
     for rel in files:  # byte for byte: DVC records the same hash either way
         assert (tmp_path / "dask" / rel).read_bytes() == (tmp_path / "serial" / rel).read_bytes(), rel
     assert not list(tmp_path.glob(".dask*"))  # the atomic staging folder is gone
+    recorded = _fan_out_parameters("crop_fan_out")
+    assert recorded and all(set(p) == {"cfg", "parts_dir"} for p in recorded), recorded
 
 
 def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -381,6 +397,8 @@ def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
         assert fetch_dask(params_file=str(params), n_workers=2, processes=False, rows_per_task=4) == counts
         assert set(requests - before) == {"/missing.jpg", "/page.html"}  # successes reused, failures retried
         pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "dask" / "manifest.parquet"), serial)
+        recorded = _fan_out_parameters("fetch_fan_out")
+        assert recorded and all(set(p) == {"cfg", "staging", "rows_per_task"} for p in recorded), recorded
 
         params.write_text(yaml.safe_dump({"fetch": {"out": str(tmp_path / "synth")}}))
         with pytest.raises(ValueError, match="fetch_dask fans out downloads"):
