@@ -10,25 +10,11 @@
 #   control  batch 256 with the teacher's residual stream in fp32 (plain autocast), the step before it.
 # Each run's full log goes to $OUT (the device tool brings it back); the last lines sum them up.
 set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_bench}
-mkdir -p "$OUT"
+source "$(dirname "$0")/bench_lib.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
-bench() {
-  local limit=$1 name=$2; shift 2
-  echo "+ mcf bench pretrain $*" | tee "$OUT/$name.log"
-  timeout "$limit" python3 -m mcf.cli bench pretrain --model base --device cuda "$@" 2>&1 | tee -a "$OUT/$name.log"
-  echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
-}
-common=(--precision bf16 --compile --steps 15 --warmup 3)
 bench 200 main --batch 256 "${common[@]}" --baseline fp32 --profile 45 \
   --shards outputs/bench/crop/shards --workers 14 --loader-batches 80
 bench 170 b512 --batch 512 "${common[@]}" --baseline none
 bench 150 control --batch 256 "${common[@]}" --baseline none --teacher-residual fp32
-echo "== summary"
-for name in main b512 control; do
-  [ -f "$OUT/$name.log" ] || continue
-  grep -h -a -E "^\+ |device:|equivalence check|GFLOP per image|images/s|speed-up|^exit" "$OUT/$name.log" \
-    | sed -E 's/^[0-9-]+ [0-9:,]+ INFO mcf.train.bench: //'
-done
+summary main b512 control

@@ -8,16 +8,8 @@
 # Together with the machine's start they fit one session's 15 device minutes. Each run's full log goes to
 # $OUT (the device tool brings it back); the last lines sum them up.
 set -uo pipefail
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/gpu_bench}
-mkdir -p "$OUT"
-bench() {
-  local limit=$1 name=$2; shift 2
-  echo "+ mcf bench pretrain $*" | tee "$OUT/$name.log"
-  timeout "$limit" python3 -m mcf.cli bench pretrain --model base --device cuda "$@" 2>&1 | tee -a "$OUT/$name.log"
-  echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
-}
-common=(--precision bf16 --compile --steps 15 --warmup 3 --baseline none)
+source "$(dirname "$0")/bench_lib.sh"
+common+=(--baseline none)
 case "${1:-}" in
   reference)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -37,8 +29,4 @@ case "${1:-}" in
     names=(fa4 fa4_b512) ;;
   *) echo "usage: $0 reference|fa4"; exit 2 ;;
 esac
-echo "== summary"
-for name in "${names[@]}"; do
-  grep -h -a -E "^\+ |device:|FlashAttention-4 in|equivalence check|GFLOP per image|images/s|^exit" \
-    "$OUT/$name.log" | sed -E 's/^[0-9-]+ [0-9:,]+ INFO mcf.train.bench: //'
-done
+summary "${names[@]}"
