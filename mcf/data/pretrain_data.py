@@ -14,6 +14,7 @@ training resolution it is decoded once into a uint8 tensor, otherwise each crop 
 from __future__ import annotations
 
 import logging
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -30,23 +31,32 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def index_shards(shard_dir: str | Path) -> list[tuple[str, int, int]]:
-    """``(shard path, byte offset, byte size)`` of every crop's JPEG member, in shard order."""
-    members = []
-    for url in shard_urls(shard_dir):
+def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The shard paths, and per crop's JPEG member (in shard order) its shard's position in them, byte
+    offset and byte size.
+
+    Arrays, not a Python tuple per crop: a DataLoader worker forked from the process that indexed the
+    shards writes the reference count of every object it reads, so it copied the whole index (136 bytes
+    a crop, 2.5 GiB at 20M) into each of a rank's workers at every epoch.
+    """
+    urls = shard_urls(shard_dir)
+    shard, offset, size = array("i"), array("q"), array("q")
+    for i, url in enumerate(urls):
         with open_shard(url) as tar:
             for info in tar:
                 if info.isfile() and info.name.endswith(".jpg"):
-                    members.append((url, info.offset_data, info.size))
-    return members
+                    shard.append(i)
+                    offset.append(info.offset_data)
+                    size.append(info.size)
+    return urls, np.asarray(shard), np.asarray(offset), np.asarray(size)
 
 
 class CropDataset(Dataset):
     """The subset's crops as ``[3, S, S]`` uint8 tensors, resized to the backbone's input size."""
 
     def __init__(self, shard_dir: str | Path, img_size: int, cache_mb: int) -> None:
-        self.members = index_shards(shard_dir)
-        if not self.members:
+        self.urls, self.shard, self.offset, self.size = index_shards(shard_dir)
+        if not len(self.shard):
             raise ValueError(f"no .jpg crops in the shards of {shard_dir}")
         self.img_size = img_size
         self.cache: torch.Tensor | None = None
@@ -57,10 +67,10 @@ class CropDataset(Dataset):
         log.info("%d crops in %s (%s)", len(self), shard_dir, where)
 
     def __len__(self) -> int:
-        return len(self.members)
+        return len(self.shard)
 
     def _decode(self, index: int) -> torch.Tensor:
-        url, offset, size = self.members[index]
+        url, offset, size = self.urls[self.shard[index]], int(self.offset[index]), int(self.size[index])
         with open(url, "rb") as f:
             f.seek(offset)
             rgb = decode_jpeg(f.read(size), f"{url} (member at byte {offset})")
