@@ -102,10 +102,11 @@ class Journal:
 
 
 def _candidates(
-    previous: Path, journal: Journal, match: tuple[str, ...], wanted: set[str]
+    previous: Path, journal_dir: Path, entries: list[dict[str, Any]], match: tuple[str, ...], wanted: set[str]
 ) -> dict[str, tuple[Path, dict]]:
-    """Stored successes of the ``wanted`` sample ids, each with the folder its path is relative to
-    (a Dask slice reads its own rows only, filtered inside the parquet reader)."""
+    """Stored successes of the ``wanted`` sample ids among the previous manifest and the journal
+    ``entries`` of ``journal_dir``, each with the folder its path is relative to (a Dask slice reads its
+    own rows only, filtered inside the parquet reader)."""
     found: dict[str, tuple[Path, dict]] = {}
     manifest = previous / "manifest.parquet"
     if wanted and manifest.is_file():
@@ -122,9 +123,9 @@ def _candidates(
                     found[str(row["sample_id"])] = (previous, row)
         except Exception as err:  # a damaged or foreign previous output is only a lost shortcut
             log.warning("not reusing the previous manifest %s: %s", manifest, err)
-    for entry in journal.load():
+    for entry in entries:
         if str(entry["sample_id"]) in wanted:
-            found[str(entry["sample_id"])] = (journal.root, entry)
+            found[str(entry["sample_id"])] = (journal_dir, entry)
     return found
 
 
@@ -200,17 +201,28 @@ def require_rows(source: Source) -> None:
 
 
 def fetch_records(
-    source: Source, previous: Path, journal_dir: Path, staging: Path, limits: Limits, part: str | None = None
+    source: Source,
+    previous: Path,
+    journal_dir: Path,
+    staging: Path,
+    limits: Limits,
+    part: str | None = None,
+    journaled: list[dict[str, Any]] | None = None,
 ) -> list[Record]:
     """One record per row of ``source``, in order, each success's file in ``staging``.
 
     ``part`` names one slice of a split run (flows/fetch_dask.py): its own journal file, same folders.
+    ``journaled`` is the slice's share of the journal, which the caller read once for all slices (every
+    slice reading the whole folder, earlier runs' files and the growing files of the slices before it,
+    is quadratic); None reads the journal here.
     """
     require_rows(source)
     journal_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(journal_dir, part)
     rows = source.rows.to_dict("records")
-    stored = _candidates(previous, journal, source.match, {str(row["sample_id"]) for row in rows})
+    entries = journal.load() if journaled is None else journaled
+    wanted = {str(row["sample_id"]) for row in rows}
+    stored = _candidates(previous, journal_dir, entries, source.match, wanted)
 
     def one(index: int) -> tuple[int, Record, bool]:
         row = rows[index]
