@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import webdataset as wds
 
@@ -54,6 +55,15 @@ def test_webdataset_reads_them_as_we_do(tmp_path: Path) -> None:
     stats = read_back(tmp_path)
     assert stats["shard"].tolist() == ["crops-000000.tar"] * 2 + ["crops-000001.tar"]
     assert stats["width"].tolist() == [8, 9, 10] and stats["mean"].iloc[0] == pytest.approx(ours[0][1].mean())
+
+
+def test_read_back_on_several_processes_is_the_serial_read_back(tmp_path: Path) -> None:
+    """The crop and subset stages read their shards back on ``workers`` processes (20M crops take hours
+    on one core); the table is the same, in shard order."""
+    write_shards(_samples(7), tmp_path, 2)
+    serial = read_back(tmp_path)
+    assert serial["shard"].nunique() == 4
+    pd.testing.assert_frame_equal(read_back(tmp_path, workers=3), serial)
 
 
 def test_no_samples_is_one_empty_shard_and_bad_input_is_named(tmp_path: Path) -> None:

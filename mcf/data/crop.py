@@ -239,7 +239,7 @@ def merge(results: Sequence[ChunkResult], cfg: CropConfig, out_dir: str | Path) 
     parts = [str(p) for r in results for p in sorted(Path(r.part).glob("crops-*.tar"))]
     samples = (s for s in (iter_encoded(parts) if parts else ()) if s[0] in keep)
     write_shards(samples, out_dir / "shards", cfg.shard_size)
-    stats = read_back(out_dir / "shards")
+    stats = read_back(out_dir / "shards", cfg.workers)
     manifest = rows.merge(stats, on="crop_id", how="left")
     strays = stats[~stats["crop_id"].isin(rows["crop_id"])]  # written but not in the manifest: gate fails
     return pd.concat([manifest, strays], ignore_index=True) if len(strays) else manifest

@@ -15,16 +15,20 @@ that never touch a tensor.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from mcf.errors import StageError
 
@@ -157,14 +161,27 @@ def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, 
             yield key, group["jpg"], json.loads(group["json"])
 
 
-def read_back(shard_dir: str | Path) -> pd.DataFrame:
-    """Per written crop: its shard, size and pixel statistics, decoded as pre-training will read it."""
-    import pandas as pd  # here: the training path (pretrain_data) reads shards without pandas
-
-    records = [
+def _shard_stats(url: str) -> list[tuple[str, str, int, int, float, float]]:
+    return [
         (key, Path(url).name, rgb.shape[1], rgb.shape[0], float(rgb.mean()), float(rgb.std()))
-        for url in shard_urls(shard_dir)
         for key, rgb, _ in iter_samples(url)
     ]
-    stats = pd.DataFrame(records, columns=["crop_id", *READ_BACK])
+
+
+def read_back(shard_dir: str | Path, workers: int = 1) -> pd.DataFrame:
+    """Per written crop: its shard, size and pixel statistics, decoded as pre-training will read it.
+
+    Shards are decoded on ``workers`` processes, results in shard order: one core takes ~1 ms a crop,
+    over 5 hours at the paper's 20M crops.
+    """
+    import pandas as pd  # here: the training path (pretrain_data) reads shards without pandas
+
+    urls = shard_urls(shard_dir)
+    with contextlib.ExitStack() as stack:
+        mapped: Iterable[list] = map(_shard_stats, urls)
+        if workers > 1 and len(urls) > 1:  # spawn: the stages' OpenCV thread pools must not be forked
+            pool = ProcessPoolExecutor(min(workers, len(urls)), mp_context=get_context("spawn"))
+            mapped = stack.enter_context(pool).map(_shard_stats, urls)
+        per_shard = list(tqdm(mapped, total=len(urls), desc="read back", unit="shard"))
+    stats = pd.DataFrame([r for rows in per_shard for r in rows], columns=["crop_id", *READ_BACK])
     return stats.astype({"width": "Int64", "height": "Int64"})

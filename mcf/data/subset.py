@@ -41,6 +41,7 @@ class SubsetConfig:
     stratify: str | None = None  # face_size_bin, or a crop-manifest column; null: uniform
     bins: list[float] = param([32.0, 48.0, 64.0])  # face_size_bin edges in source pixels, increasing
     shard_size: int = param(1000, ge=1)  # crops per output shard
+    workers: int = param(2, ge=1)  # processes reading the new shards back; the output does not depend on it
 
     def __post_init__(self) -> None:
         if not self.bins or any(b <= a for a, b in zip(self.bins, self.bins[1:], strict=False)):
@@ -109,7 +110,7 @@ def write_subset(rows: pd.DataFrame, cfg: SubsetConfig, out_dir: Path) -> pd.Dat
     wanted = set(rows["crop_id"])
     samples = (s for s in iter_encoded(shard_urls(Path(cfg.input) / "shards")) if s[0] in wanted)
     write_shards(samples, out_dir / "shards", cfg.shard_size)
-    stats = read_back(out_dir / "shards")
+    stats = read_back(out_dir / "shards", cfg.workers)
     written = stats.merge(rows, on="crop_id", how="left")
     missing = rows[~rows["crop_id"].isin(stats["crop_id"])]
     return pd.concat([written, missing], ignore_index=True)[[*rows.columns, *READ_BACK]]
