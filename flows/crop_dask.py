@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 
 import cv2
-from prefect import flow, task, unmapped
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.dask_runner import task_runner
+from flows.dask_runner import submit_in_order, task_runner
 from mcf.data.crop import ChunkResult, CropConfig, Source, crop_chunk, finish, load_sources, merge
 from mcf.io import atomic_dir, stage_lock
 from mcf.params import load
@@ -33,7 +33,7 @@ def crop_part(sources: list[Source], cfg: CropConfig, part: str) -> ChunkResult:
 
 @flow(name="crop_fan_out")
 def fan_out(cfg: CropConfig, parts_dir: str) -> list[ChunkResult]:
-    """Map :func:`crop_part` over chunks of ``cfg.chunk_size`` images; results in chunk order.
+    """:func:`crop_part` over chunks of ``cfg.chunk_size`` images (:func:`submit_in_order`).
 
     The images are listed here, not passed in: a flow's parameters go to the Prefect API, which refuses
     them past 512 KB (the default run's 1,200 images are 750 KB); the tasks' go to the Dask workers.
@@ -41,7 +41,7 @@ def fan_out(cfg: CropConfig, parts_dir: str) -> list[ChunkResult]:
     sources = load_sources(cfg)
     chunks = [sources[i : i + cfg.chunk_size] for i in range(0, len(sources), cfg.chunk_size)]
     parts = [str(Path(parts_dir) / f"part-{i:06d}") for i in range(len(chunks))]
-    return crop_part.map(chunks, unmapped(cfg), parts).result()
+    return submit_in_order(crop_part, ((chunk, cfg, part) for chunk, part in zip(chunks, parts, strict=True)))
 
 
 @flow(name="crop_dask")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
+from prefect import Task
 from prefect_dask import DaskTaskRunner
+
+WINDOW = 256  # tasks submitted and unfinished at once: twice the workers of a 128-core cluster
 
 
 def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTaskRunner:
@@ -16,3 +21,19 @@ def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTas
     if processes:  # threads talk in-process (inproc://); processes over TCP, on loopback only
         cluster["host"] = "127.0.0.1"
     return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+def submit_in_order(task: Task, calls: Iterable[tuple], window: int = WINDOW) -> list:
+    """``task(*args)`` for each of ``calls`` on the flow's task runner, at most ``window`` submitted and
+    unfinished at once; the results in call order.
+
+    Dask's scheduler keeps a task's arguments until it has run: mapping the paper's 20M images at once,
+    in 625,000 chunks, would hold every chunk there (about 30 GiB), and register as many task runs.
+    """
+    results, inflight = [], deque()
+    for args in calls:
+        if len(inflight) == window:
+            results.append(inflight.popleft().result())
+        inflight.append(task.submit(*args))
+    results.extend(future.result() for future in inflight)
+    return results

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from prefect import flow, task, unmapped
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.dask_runner import task_runner
+from flows.dask_runner import submit_in_order, task_runner
 from mcf.data.fetch import FetchConfig, journal_dir, limits, publish, remote_detections, remote_source
 from mcf.data.sources.download import Journal, Record, fetch_records, require_rows, to_manifest
 from mcf.io import atomic_dir, stage_lock
@@ -62,7 +62,8 @@ def journal_by_slice(entries: list[dict[str, Any]], sample_ids: pd.Series, rows_
 
 @flow(name="fetch_fan_out")
 def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> pd.DataFrame:
-    """List the rows once, map :func:`fetch_part` over slices of ``rows_per_task``; the manifest.
+    """List the rows once, run :func:`fetch_part` on slices of ``rows_per_task`` (:func:`submit_in_order`);
+    the manifest.
 
     The rows are listed here, not passed in: a flow's parameters go to the Prefect API, which refuses
     them past 512 KB (a few thousand rows); the tasks' go to the Dask workers.
@@ -73,7 +74,8 @@ def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> pd.DataFrame:
     parts = [f"part-{i:06d}" for i in range(len(slices))]
     journaled = journal_by_slice(Journal(journal_dir(Path(cfg.out))).load(), source.rows["sample_id"],
                                  rows_per_task)
-    records = fetch_part.map(unmapped(cfg), slices, parts, journaled, unmapped(staging)).result()
+    calls = zip([cfg] * len(slices), slices, parts, journaled, [staging] * len(slices), strict=True)
+    records = submit_in_order(fetch_part, calls)
     return to_manifest(source, [record for part in records for record in part])
 
 

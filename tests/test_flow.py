@@ -308,6 +308,41 @@ def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path
     assert recorded and all(set(p) == {"cfg", "parts_dir"} for p in recorded), recorded
 
 
+_SPANS: list[tuple[float, float]] = []  # (start, end) of each _slow_square call: module state, by name
+
+
+def _slow_square(i: int) -> int:
+    """A task body Dask ships by reference (a closure's state would travel as a copy)."""
+    import time
+
+    began = time.perf_counter()
+    time.sleep(1.0)  # long enough that a loaded machine still starts every worker's task within it
+    _SPANS.append((began, time.perf_counter()))
+    return i * i
+
+
+def test_fan_out_keeps_a_bounded_window_of_tasks_in_flight(prefect_api: None) -> None:
+    """The fan-out flows submit at most ``window`` tasks at once (Dask's scheduler holds a task's
+    arguments until it has run), on every worker the window allows, and return results in call order."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.dask_runner import submit_in_order, task_runner
+
+    slow = task(_slow_square, cache_policy=NO_CACHE)
+
+    @flow
+    def fan(window: int) -> list[int]:
+        return submit_in_order(slow, [(i,) for i in range(7)], window)
+
+    for window, expected in ((2, 2), (7, 4)):  # 4 one-thread workers
+        _SPANS.clear()
+        runner = task_runner(None, n_workers=4, processes=False)
+        assert fan.with_options(task_runner=runner)(window) == [i * i for i in range(7)]
+        most = max(sum(a < end and start < b for a, b in _SPANS) for start, end in _SPANS)
+        assert len(_SPANS) == 7 and most == expected, (window, most)
+
+
 def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flow and `mcf crop` write the same output: one holds the crop lock, the other is refused."""
     import pandas as pd
