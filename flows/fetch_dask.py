@@ -74,7 +74,9 @@ def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> pd.DataFrame:
     parts = [f"part-{i:06d}" for i in range(len(slices))]
     journaled = journal_by_slice(Journal(journal_dir(Path(cfg.out))).load(), source.rows["sample_id"],
                                  rows_per_task)
-    calls = zip([cfg] * len(slices), slices, parts, journaled, [staging] * len(slices), strict=True)
+    calls = (
+        (cfg, rows, part, share, staging) for rows, part, share in zip(slices, parts, journaled, strict=True)
+    )
     records = submit_in_order(fetch_part, calls)
     return to_manifest(source, [record for part in records for record in part])
 
