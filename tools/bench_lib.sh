@@ -18,7 +18,7 @@ summary() {
   local name
   for name in "$@"; do
     [ -f "$OUT/$name.log" ] || continue
-    grep -h -a -E "^\+ |device:|FlashAttention-4 in|equivalence check|GFLOP per image|images/s|speed-up|^exit" \
+    grep -h -a -E "^\+ |device:|equivalence check|GFLOP per image|images/s|speed-up|^exit" \
       "$OUT/$name.log" | sed -E 's/^[0-9-]+ [0-9:,]+ INFO mcf.train.bench: //'
   done
 }

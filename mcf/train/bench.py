@@ -14,9 +14,8 @@ CUDA, peak memory. Before timing, an **equivalence check** runs both paths on on
 masks and weights and compares every loss term; the command exits 1 when a term differs by more than
 ``--rtol``. ``--shards DIR`` also times the data loader alone on real JPEG shards (the loop's
 ``CropDataset`` and ``EpochView``, decoded on access, ``--workers`` processes, pinned memory on CUDA).
-``--profile N`` prints the fast path's N costliest kernels; ``--attention`` pins its SDPA kernel, or
-swaps every attention for FlashAttention-4 (``fa4``: :mod:`mcf.models.fa4`; the fp32 baseline keeps
-SDPA); ``--teacher-residual fp32`` times the teacher as plain autocast runs it (see FeatureTeacher).
+``--profile N`` prints the fast path's N costliest kernels; ``--attention`` pins its SDPA kernel;
+``--teacher-residual fp32`` times the teacher as plain autocast runs it (see FeatureTeacher).
 
 ``--model tiny`` is the CPU default of ``params.yaml``; ``base`` is the paper's ViT-B/16 at 224 with a
 512×8 decoder and a ViT-B teacher read at blocks 2/5/8/11. The teacher is random: its weights do not
@@ -42,7 +41,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from mcf.cli import describe
 from mcf.data.pretrain_data import CropDataset, EpochView
 from mcf.models.backbone import create_backbone
-from mcf.models.fa4 import use_fa4_attention
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import load
@@ -78,9 +76,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: %(default)s)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: %(default)s")
-    p.add_argument("--attention", choices=("auto", *ATTENTION, "fa4"), default="auto",
-                   help="the fast path's SDPA kernel (math where it does not apply); auto: torch's choice; "
-                        "fa4: FlashAttention-4 in every block (needs sm90/sm100 and the flash-attn-4 wheel)")
+    p.add_argument("--attention", choices=("auto", *ATTENTION), default="auto",
+                   help="the fast path's SDPA kernel (math where it does not apply); auto: torch's choice")
     p.add_argument("--teacher-residual", choices=("autocast", "fp32"), default="autocast",
                    help="the teacher's residual stream under autocast (default: %(default)s)")
     p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="in [0, 1) (default: %(default)s)")
@@ -95,26 +92,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
-    if args.attention == "fa4":
-        fa4_error = _fa4_unavailable(args.device)
-        if fa4_error:
-            p.error(f"--attention fa4: {fa4_error}")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
         p.error(f"--shards {args.shards}: no crops-*.tar shards there (build some: tools/bench_shards.yaml)")
     return args
-
-
-def _fa4_unavailable(device: str) -> str | None:
-    """Why FlashAttention-4 cannot run here, or None."""
-    if device == "cpu" or not torch.cuda.is_available():
-        return "needs a CUDA device (the CPU would time a reference, not FlashAttention-4)"
-    if torch.cuda.get_device_capability()[0] not in (9, 10):
-        return f"needs compute capability 9.x or 10.x, not {torch.cuda.get_device_capability()}"
-    try:
-        import flash_attn.cute.interface  # noqa: F401
-    except ImportError as err:
-        return f"flash-attn-4 does not import ({err})"
-    return None
 
 
 def build(name: str, params: str) -> MCF:
@@ -245,8 +225,6 @@ def bench_pretrain(argv: list[str]) -> int:
     rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
     size = model.cfg.backbone.img_size
     imgs = torch.randn(args.batch, 3, size, size, device=device)
-    if args.attention == "fa4":
-        log.info("FlashAttention-4 in %d attention layers", use_fa4_attention(model))
     if model.cfg.uses_teacher:
         model.teacher.low_precision_residual = args.teacher_residual == "autocast"
     fast = compile_model(model) if args.compile else model
@@ -256,7 +234,7 @@ def bench_pretrain(argv: list[str]) -> int:
              args.batch, args.mask_ratio)
 
     def attention() -> contextlib.AbstractContextManager:
-        if args.attention in ("auto", "fa4"):
+        if args.attention == "auto":
             return contextlib.nullcontext()
         return sdpa_kernel([ATTENTION[args.attention], SDPBackend.MATH])
 
