@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+import cv2
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -324,6 +325,21 @@ def test_mpo_is_a_jpeg() -> None:
     buf = io.BytesIO()
     first.save(buf, format="MPO", save_all=True, append_images=[first.resize((20, 15))])
     assert inspect(buf.getvalue(), MAX_PIXELS) == (".jpg", 40, 30)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_size_is_the_upright_size_the_crop_stage_decodes(tmp_path: Path, fmt: str, orientation: int) -> None:
+    """A phone photo stores its pixels sideways with an EXIF orientation; OpenCV turns it upright."""
+    im = Image.new("RGB", (40, 30), (200, 10, 10))
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, exif=exif.tobytes())
+    (tmp_path / "img").write_bytes(buf.getvalue())
+    height, width = cv2.imread(str(tmp_path / "img"), cv2.IMREAD_COLOR).shape[:2]
+    upright = (40, 30) if orientation == 1 else (30, 40)
+    assert inspect(buf.getvalue(), MAX_PIXELS)[1:] == (width, height) == upright
 
 
 def test_journal_survives_a_torn_last_line(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from PIL import Image
+from PIL import ExifTags, Image
 
 from mcf.io import file_sha256
 from mcf.params import ParamsError
@@ -46,6 +46,7 @@ STATUSES = (
 )
 # what OpenCV in the crop stage reads; MPO is a JPEG with more images after the first
 FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
 _USERINFO = re.compile(r"(?<=://)[^/\s@\"'<>]+@")
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
@@ -130,12 +131,17 @@ def image_path(sample_id: str, suffix: str) -> str:
 def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """Return (suffix, width, height) of a fully decodable image, else raise :class:`FetchFailure`.
 
+    The size is the upright one that OpenCV decodes in the crop stage (EXIF orientation applied), so
+    the manifest and detection boxes share the crop stage's frame.
+
     The pixel bound is checked on the header before anything is decoded; ``verify`` catches
     structural damage and a full ``load`` catches truncated pixel data.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
+            if im.getexif().get(ExifTags.Base.Orientation) in TRANSPOSED:  # the crop stage's decoder turns it
+                width, height = height, width
     except Image.DecompressionBombError as err:
         raise FetchFailure("decompression_bomb", str(err)) from None
     except Exception as err:  # PIL raises UnidentifiedImageError and others for garbage
