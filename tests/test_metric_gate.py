@@ -25,6 +25,16 @@ def test_compare_flags_moves_past_tolerance_both_ways() -> None:
     assert moves == {"m.json:a": False, "m.json:b": True, "m.json:c": True}
 
 
+def test_a_catch_all_glob_compares_text_metrics_exactly() -> None:
+    """dvc reports evaluate.json's dataset labels (strings) as metrics too: a glob over the whole file
+    must not subtract them (it raised TypeError), and a changed label fails."""
+    diff = {"m.json": {"dataset.alignment": {"old": "SynthFace-AFLW19", "new": "SynthFace-AFLW19"},
+                       "dataset.parsing": {"old": "SynthFace-LaPa", "new": "LaPa"},
+                       "nme": {"old": 1.0, "new": 1.1}}}
+    moves = {m.name: m.failed for m in compare(diff, {"m.json:*": 0.25})}
+    assert moves == {"m.json:dataset.alignment": False, "m.json:dataset.parsing": True, "m.json:nme": False}
+
+
 def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 

@@ -29,14 +29,16 @@ class Move:
     """One metric's change between the committed and the reproduced run."""
 
     name: str
-    old: float | None
-    new: float | None
+    old: float | str | None
+    new: float | str | None
     tolerance: float
 
     @property
     def failed(self) -> bool:
         if self.old is None or self.new is None:
             return True  # a tracked metric appeared or vanished
+        if isinstance(self.old, str) or isinstance(self.new, str):
+            return self.old != self.new  # a label (evaluate's dataset names) has no tolerance: equal or not
         return abs(self.new - self.old) > self.tolerance
 
 
