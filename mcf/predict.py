@@ -104,9 +104,10 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """:func:`read_rgb`'s pixels (as evaluate reads them) of a file Pillow decodes whole: OpenCV decodes a
-    JPEG cut short in part, with only libjpeg's warning on stderr, so it would pass for a whole image."""
-    rgb = read_rgb(path)  # names a missing or undecodable file as evaluate does
+    """:func:`read_rgb`'s pixels, turned upright by EXIF as a viewer shows them, of a file Pillow decodes
+    whole: OpenCV decodes a JPEG cut short in part, with only libjpeg's warning on stderr, so it would
+    pass for a whole image."""
+    rgb = read_rgb(path, exif_orientation=True)  # names a missing or undecodable file as evaluate does
     with contextlib.suppress(Image.DecompressionBombError):  # past Pillow's size limit OpenCV's read stands
         decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"
     return rgb

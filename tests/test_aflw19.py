@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from PIL import Image
 
 from mcf.data import transforms as T
 from mcf.data.aflw19 import AFLW19, AFLW19Config, AlignmentAugment, read_mat, table, to_original
@@ -120,6 +121,21 @@ def test_augmentation_keeps_landmarks_on_the_image(tree: tuple[Path, dict]) -> N
         err = np.abs(_dot_centre(s["image"]) - s["landmarks"][0].numpy() * SIZE).max()
         assert err < 0.2, f"sample {i}: dot {err:.2f} px away from the transformed landmark"
     assert moved > 1.0  # the augmentation really moved the points
+
+
+def test_an_exif_orientation_tag_leaves_the_stored_pixels_as_annotated(tree: tuple[Path, dict]) -> None:
+    """The .mat's boxes and points are on the JPEG's stored grid (MATLAB's imread ignores EXIF, as does
+    the gate's header size): with a rotate-180 tag OpenCV turned the image, so the crop showed the
+    wrong part of the picture under correct-looking landmarks."""
+    root, _ = tree
+    ds = AFLW19(_cfg(root), "full")
+    path = ds.image_path(0)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # the EXIF Orientation tag: rotate 180°
+    Image.fromarray(cv2.imread(str(path))[..., ::-1]).save(path, quality=98, exif=exif.tobytes())
+    s = ds[0]
+    err = np.abs(_dot_centre(s["image"]) - s["landmarks"][0].numpy() * SIZE).max()
+    assert err < 0.3, f"the dot is {err:.2f} px away from its landmark"
 
 
 def test_photometric_augmentation_runs(tree: tuple[Path, dict]) -> None:

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mcf.data import transforms as T
 from mcf.data.lapa import (
@@ -150,6 +151,29 @@ def test_augmentation_moves_image_and_label_together(root: Path) -> None:
         nose = points_from_original(ds.read(i)[2][[54]], s["params"], SIZE)[0]
         ys, xs = np.nonzero(s["label"].numpy() == 6)
         np.testing.assert_allclose([xs.mean() + 0.5, ys.mean() + 0.5], nose, atol=1.0)
+
+
+def _save_jpeg(path: Path, rgb: np.ndarray, orientation: int | None) -> None:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation  # the EXIF Orientation tag
+    Image.fromarray(rgb).save(path, quality=97, exif=exif.tobytes())
+
+
+def test_an_exif_orientation_tag_leaves_the_stored_pixels_as_labelled(root: Path) -> None:
+    """The label PNG and the landmarks are on the JPEG's stored grid (as the gate's header sizes): a
+    rotate-90 tag made OpenCV turn the image, so the sample failed with a size mismatch after the
+    gate had passed the tree (and a rotate-180 tag would have paired a turned image with its label)."""
+    path = root / "LaPa/train/images/train_0000.jpg"
+    rgb = cv2.imread(str(path))[..., ::-1]
+    ds = LaPa(_cfg(root), "train")
+    _save_jpeg(path, rgb, None)
+    plain = ds[0]
+    for orientation in (6, 3):
+        _save_jpeg(path, rgb, orientation)
+        run_gate(table(_cfg(root), "train"), "lapa", stage="test")
+        s = ds[0]
+        assert torch.equal(s["image"], plain["image"]) and torch.equal(s["label"], plain["label"])
 
 
 def test_bad_files_fail_naming_the_file(root: Path) -> None:

@@ -20,7 +20,7 @@ from mcf.data.lapa import ALIGN_POINTS, LaPa, LaPaConfig, read_landmarks
 from mcf.evaluate.plots import read_png
 from mcf.evaluate.scoring import predict_landmarks, predict_parsing
 from mcf.params import Common
-from mcf.predict import align_face, load_task, parse_face
+from mcf.predict import align_face, load_task, parse_face, read_image
 from mcf.train.finetune import main_alignment, main_parsing
 
 
@@ -198,3 +198,12 @@ def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -
                  "a model missing, damaged or of the other task", "an --out that is not a predict output",
                  "2 a usage error"):
         assert case in help_
+
+
+def test_a_photo_is_read_upright_by_its_exif_tag(tmp_path: Path) -> None:
+    """Your own photo is predicted as a viewer shows it; the datasets' files are read as stored."""
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the EXIF Orientation tag: rotate 90° clockwise to view
+    Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(path, exif=exif.tobytes())
+    assert read_image(path).shape == (40, 20, 3) and read_rgb(path).shape == (20, 40, 3)

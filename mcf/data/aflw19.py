@@ -168,11 +168,17 @@ def split_indices(ann: Annotations, split: Split, n_train: int, n_val: int = 0) 
     raise ValueError(f"unknown AFLW-19 split {split!r} (valid: {', '.join(SPLITS)})")
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """``[H, W, 3]`` uint8 RGB; a missing or undecodable file fails naming it."""
+def read_rgb(path: Path, *, exif_orientation: bool = False) -> np.ndarray:
+    """``[H, W, 3]`` uint8 RGB; a missing or undecodable file fails naming it.
+
+    The pixels as stored: AFLW-19's and LaPa's annotations (and LaPa's label PNGs, and the data gates'
+    header sizes) are on the stored pixel grid, so a JPEG's EXIF orientation tag is ignored unless
+    ``exif_orientation`` (a photo of one's own, shown as a viewer shows it).
+    """
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
+    bgr = cv2.imread(str(path), flags)
     if bgr is None:
         raise StageError(f"cannot decode image: {path}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
