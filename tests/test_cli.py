@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mcf import cli
 from mcf.io import stage_lock
@@ -57,3 +58,18 @@ def test_the_tests_run_outside_the_checkout() -> None:
     """conftest.py's session fixture: a stage or gate run in-process keeps its `.mcf/` state (the gate
     results `mcf report` shows, the stage locks) in a scratch folder, never in the checkout's."""
     assert not Path.cwd().resolve().is_relative_to(Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("spec", ["moco_v3:{}", "mcf:{}", "timm:vit_tiny_patch16_224:{}"])
+def test_a_missing_teacher_checkpoint_is_an_input_missing_whatever_the_spec(
+    spec: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every spec that names a weights file you supply (teacher.data) refuses a missing one as the help
+    says, exit 2 naming the key, before any import: not a stage failure (exit 1)."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["teacher"] |= {"source": spec.format("data/w.pth"), "data": "data/w.pth"}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    assert cli.main(["teacher", "--params", "p.yaml"]) == 2
+    assert "teacher.data: path does not exist: data/w.pth" in capsys.readouterr().err
+    assert not (tmp_path / "outputs").exists()

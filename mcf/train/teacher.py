@@ -102,7 +102,7 @@ def check_inputs(cfg: TeacherConfig) -> None:
     torchrun starts."""
     if cfg.source == "train":
         require_path(Path(cfg.data) / "shards", "teacher.data", made_by="subset")
-    elif cfg.source.split(":")[0] in ("moco_v3", "mcf"):  # a file or folder you supply (data.dvc)
+    elif weights_path(cfg.source) is not None:  # a file or folder you supply (data.dvc), = teacher.data
         require_path(cfg.data, "teacher.data")
 
 
