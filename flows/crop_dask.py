@@ -57,7 +57,9 @@ def crop_dask(
     """
     _, cfg = load("crop", params_file)
     # absolute paths: a worker on another host resolves them the same way
-    cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()))
+    yunet = cfg.detector.yunet_model and str(Path(cfg.detector.yunet_model).resolve())
+    cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()),
+                              detector=dataclasses.replace(cfg.detector, yunet_model=yunet))
     runner = task_runner(address, n_workers or cfg.workers, processes)
     with stage_lock("crop"), atomic_dir(cfg.out, sign="manifest.parquet") as tmp:  # shared with `mcf crop`
         results = fan_out.with_options(task_runner=runner)(cfg, str(tmp / "parts"))

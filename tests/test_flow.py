@@ -361,6 +361,32 @@ def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch
     assert not list(tmp_path.glob("*crop*"))
 
 
+def test_crop_on_dask_hands_its_workers_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker of a cluster (``address``) sees the checkout at the same absolute path, not in the flow's
+    working directory: every path a chunk reads, YuNet's model included, reaches it absolute."""
+    import flows.crop_dask
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yunet.onnx").touch()
+    section = {"input": "fetch", "out": "crop", "detector": {"yunet_model": "yunet.onnx"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": section}))
+    seen = []
+
+    def fan_out(cfg: object, parts_dir: str) -> None:
+        seen.append((cfg, parts_dir))
+        raise RuntimeError("stop before cropping")
+
+    monkeypatch.setattr(flows.crop_dask.fan_out, "with_options", lambda **_: fan_out)
+    with pytest.raises(RuntimeError, match="stop before cropping"):
+        flows.crop_dask.crop_dask.fn(params_file="params.yaml", processes=False)  # no Prefect server
+    (cfg, parts_dir), = seen
+    assert [cfg.input, cfg.out, cfg.detector.yunet_model] == [
+        str(tmp_path / "fetch"), str(tmp_path / "crop"), str(tmp_path / "yunet.onnx")]
+    assert Path(parts_dir).is_absolute()
+
+
 def test_fetch_on_dask_reads_a_killed_runs_journal_once(
     prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
