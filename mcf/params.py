@@ -142,7 +142,7 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
         raise ParamsError(prefix, f"expected a mapping, got {type(data).__name__} {data!r}")
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be numbers too: sorted as text
     if unknown:
         key = ".".join(p for p in (prefix, str(unknown[0])) if p)
         raise ParamsError(key, f"unknown key (valid keys: {', '.join(sorted(fields))})")
@@ -284,7 +284,7 @@ def load(
     data = read_yaml(path)
     try:
         common = build(Common, {k: data[k] for k in ("seed", "mask_ratio") if k in data})
-        unknown = sorted(set(data) - set(SECTIONS) - {"seed", "mask_ratio"})
+        unknown = sorted(set(data) - set(SECTIONS) - {"seed", "mask_ratio"}, key=str)
         if unknown:
             valid = ", ".join(["seed", "mask_ratio", *SECTIONS])
             raise ParamsError(str(unknown[0]), f"unknown top-level key (valid: {valid})")

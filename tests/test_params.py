@@ -78,6 +78,15 @@ def test_unknown_top_level_key_lists_every_valid_one(tmp_path: Path) -> None:
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": 0.75, "pretrian": {}}))
 
 
+@pytest.mark.parametrize("text", ["seed: 0\n1: a\nsede: 0\n", "seed: 0\ncrop:\n  64: 1\n  sise: 64\n"])
+def test_unknown_keys_of_mixed_types_are_one_clear_error(tmp_path: Path, text: str) -> None:
+    """A number key beside a misspelt one (``64: 1``, a slip of the colon) is a params error naming a key,
+    not a TypeError from comparing an int with a str."""
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"1: unknown (top-level )?key|64: unknown key"):
+        load("crop", tmp_path / "params.yaml")
+
+
 def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("seed: 0\nmask_ratio: [0.75\nfetch: {}\n")
     with pytest.raises(ParamsError, match=r"bad.yaml: not valid YAML at line 3, column 6: expected ','"):
