@@ -57,12 +57,17 @@ def param(
 _CHECK_PATHS: contextvars.ContextVar[bool] = contextvars.ContextVar("check_paths", default=True)
 
 
+def checking_paths() -> bool:
+    """Whether input paths count now: not while :func:`load` builds the sections of the other stages."""
+    return _CHECK_PATHS.get()
+
+
 def require_path(path: str | Path, key: str, made_by: str | None = None) -> None:
     """Raise a :class:`ParamsError` naming ``key`` when an input path does not exist.
 
     ``made_by`` names the stage that writes it, for the hint (every missing input is exit 2).
     """
-    if _CHECK_PATHS.get() and not Path(path).exists():
+    if checking_paths() and not Path(path).exists():
         hint = f" (run `mcf {made_by}` first)" if made_by else ""
         raise ParamsError(key, f"path does not exist: {path}{hint}")
 

@@ -260,6 +260,20 @@ def test_other_sections_inputs_are_the_running_stages_business(
     assert "Traceback" not in proc.stderr
 
 
+def test_a_timm_teacher_file_is_the_teacher_stages_input_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``timm:<weights file>`` is a teacher input like moco_v3's: a missing file does not stop the stages
+    that never read it, and stops teacher itself with exit 2."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["teacher"] |= {"source": "timm:data/w.pth", "data": "data/w.pth"}
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    path = _write(tmp_path, params)
+    load("crop", path, every_section=True)
+    with pytest.raises(ParamsError, match="teacher.source: teacher spec 'timm:data/w.pth': timm has no"):
+        load("teacher", path, every_section=True)
+
+
 def test_profiles_write_to_different_places() -> None:
     """A default run after a paper run in one checkout must not replace the paper's outputs (fetch's
     folder persists for resuming downloads, and atomic outputs replace whatever holds the same files)."""

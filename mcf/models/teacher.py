@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, read_weights
 from mcf.models.release import backbone_from_checkpoint, encoder_state_dict
+from mcf.params import checking_paths
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def validate_teacher_spec(spec: str) -> None:
         return
     name, sep, weights = arg.partition(":")
     if not timm.is_model(name):
+        if not sep and not checking_paths():  # timm:<weights file> while another stage runs: not its input
+            return
         raise ValueError(f"teacher spec {spec!r}: timm has no model {name!r} (and no such weights file)")
     if not sep or not weights:
         raise ValueError(
