@@ -135,6 +135,20 @@ def test_contrastive_loss_matches_infonce() -> None:
     assert labels.tolist() == [0, 1, 2, 3, 4]
 
 
+def test_contrastive_logits_stay_fp32_under_autocast() -> None:
+    """The logits q·kᵀ/T are formed in fp32 under bf16 autocast too: autocast would round the matmul to
+    bf16, whose step near 1/T = 5 is 1/32, so the loss would differ from the fp32 one in the third digit."""
+    model = tiny_model(feature_loss=False)
+    g = torch.Generator().manual_seed(8)
+    q, k = torch.randn(64, 16, generator=g), torch.randn(64, 16, generator=g)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits, _ = model.contrastive_logits(q, k)
+        loss = model.contrastive_loss(q, k)
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, model.contrastive_logits(q, k)[0], rtol=0, atol=0)
+    torch.testing.assert_close(loss, model.contrastive_loss(q, k), rtol=0, atol=0)
+
+
 def test_total_is_the_weighted_sum_and_replays_from_the_rng() -> None:
     model = tiny_model(feature_weight=10.0, contrastive_weight=0.5)
     x = imgs()

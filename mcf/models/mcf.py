@@ -258,10 +258,14 @@ class MCF(nn.Module):
         )
 
     def contrastive_logits(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits [N, world*N] of local queries against all ranks' keys, and the positives' indices."""
-        q = F.normalize(q.float(), dim=1)
-        k = concat_all_gather(F.normalize(k.float(), dim=1))
-        logits = q @ k.t() / self.cfg.temperature
+        """Logits [N, world*N] of local queries against all ranks' keys, and the positives' indices.
+
+        In fp32 under autocast too: autocast runs the matmul in bf16, whose step near 1/T = 5 is 1/32.
+        """
+        with torch.autocast(q.device.type, enabled=False):
+            q = F.normalize(q.float(), dim=1)
+            k = concat_all_gather(F.normalize(k.float(), dim=1))
+            logits = q @ k.t() / self.cfg.temperature
         labels = torch.arange(q.shape[0], device=q.device) + get_rank() * q.shape[0]
         return logits, labels
 
