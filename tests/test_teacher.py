@@ -105,6 +105,17 @@ def test_timm_name_with_weights_of_another_width_is_a_value_error(tmp_path: Path
         load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'w.pth'}", TINY)
 
 
+def test_weights_without_a_vit_are_a_value_error(tmp_path: Path) -> None:
+    """A state dict with ``encoder.*`` keys that hold no timm ViT (a Hugging Face ViT's, say): the loaders
+    size the ViT from the weights and say which one is missing, as a ValueError the teacher stage reports
+    in one line; reading the patch embedding's width to pick the head count raised a bare KeyError."""
+    hf = {"embeddings.cls_token": torch.zeros(1, 1, 8), "encoder.layer.0.output.dense.weight": torch.zeros(8)}
+    torch.save(hf, tmp_path / "hf.pth")
+    for spec in (f"timm:{tmp_path / 'hf.pth'}", f"mcf:{tmp_path / 'hf.pth'}"):
+        with pytest.raises(ValueError, match="cannot size the ViT: weight 'patch_embed.proj.weight'"):
+            load_teacher(spec, TINY)
+
+
 def test_mcf_folder_and_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(2)
     vit = create_backbone(TINY)

@@ -122,7 +122,8 @@ def backbone_from_checkpoint(
     state = encoder_state_dict(obj)
     if isinstance(obj.get("backbone"), Mapping):
         return state, BackboneConfig(**obj["backbone"])
-    if num_heads is None and like is not None and state["patch_embed.proj.weight"].shape[0] == like.embed_dim:
+    patch = state.get("patch_embed.proj.weight")  # absent: infer_backbone_config says so
+    if num_heads is None and like is not None and patch is not None and patch.shape[0] == like.embed_dim:
         num_heads = like.num_heads
     return state, infer_backbone_config(state, num_heads)
 
