@@ -165,3 +165,17 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
             cli(["--checkpoint", str(tmp_path / "release.pth"), "--out", str(tmp_path / "bad"),
                  "--num-heads", heads])
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_of_a_backbone_missing_weights_is_refused_in_one_line(tmp_path: Path) -> None:
+    """A checkpoint whose encoder lacks a weight or holds a classifier head: a StageError naming the key
+    (exit 1, one line), not the RuntimeError traceback of ``load_state_dict``; nothing is written."""
+    state = create_backbone(TINY).state_dict()
+    partial = {f"encoder.{k}": v for k, v in state.items() if k != "norm.weight"}
+    headed = {f"online_encoder.{k}": v for k, v in create_backbone(TINY, num_classes=3).state_dict().items()}
+    for name, model, key in (("partial.pth", partial, "Missing key.*norm.weight"),
+                             ("headed.pth", headed, "Unexpected key.*head.weight")):
+        torch.save({"model": model}, tmp_path / name)
+        with pytest.raises(StageError, match=f"cannot export .*{name}: .*{key}"):
+            cli(["--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -187,7 +187,11 @@ def export_backbone(
         state, cfg = backbone_from_checkpoint(obj, num_heads)
         with torch.device("meta"):  # every weight comes from the checkpoint: skip the random init
             encoder = create_backbone(cfg)
-        encoder.load_state_dict(state, strict=True, assign=True)
+        try:
+            encoder.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:  # a weight missing or extra: one line for the user, not a traceback
+            first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
+            raise ValueError(f"its backbone does not fit a timm ViT ({first[:200]})") from None
     save_backbone(encoder, cfg, out_dir)
     log.info("exported %s backbone to %s", cfg, out_dir)
     return cfg
