@@ -10,6 +10,7 @@ from mcf.cli import describe
 BENCHES = {
     "synth": "mcf.synth.bench:bench_synth",
     "crop": "mcf.data.crop:bench_crop",
+    "duplicates": "mcf.data.quality:bench_duplicates",
     "pretrain": "mcf.train.bench:bench_pretrain",
 }
 

@@ -25,7 +25,7 @@ from mcf.cli import main as cli_main
 from mcf.data import crop as crop_mod
 from mcf.data.crop import CropConfig, Source, crop, crop_chunk, crop_id, face_transform, warp_crop
 from mcf.data.detect import DetectorConfig, Face, HaarDetector, YuNetDetector, load_detections
-from mcf.data.quality import duplicates, hamming, phash
+from mcf.data.quality import bench_duplicates, duplicates, hamming, phash
 from mcf.data.shards import shard_urls
 from mcf.errors import StageError
 from mcf.io import atomic_dir, check_replaceable
@@ -374,14 +374,45 @@ def test_phash_and_duplicates() -> None:
     hashes = [int(h) for h in rng.integers(0, 2**63, 300)]
     hashes += [h ^ (1 << int(rng.integers(64))) ^ (1 << int(rng.integers(64))) for h in hashes[:50]]
     for d in (0, 2, 5):
-        kept: list[int] = []
-        brute = []
-        for h in hashes:
-            brute.append(any(hamming(h, k) <= d for k in kept))
-            if not brute[-1]:
-                kept.append(h)
-        assert duplicates(hashes, d) == brute
+        assert duplicates(hashes, d) == _greedy(hashes, d)
     assert sum(duplicates(hashes, 2)) >= 50
+
+
+def _greedy(hashes: list[int], d: int) -> list[bool]:
+    """The definition: a duplicate is within ``d`` bits of an earlier kept hash (a quadratic scan)."""
+    kept: list[int] = []
+    flags = []
+    for h in hashes:
+        flags.append(any(hamming(h, k) <= d for k in kept))
+        if not flags[-1]:
+            kept.append(h)
+    return flags
+
+
+@pytest.mark.parametrize("d", [0, 1, 2, 3, 7])
+def test_duplicates_in_clusters_and_chains(d: int) -> None:
+    """Face hashes cluster: crowded blocks, exact repeats, chains (A kept, B near A dropped, C near B
+    but not A kept), and the full 64-bit range."""
+    rng = np.random.default_rng(d)
+    centres = [int(c) for c in rng.integers(0, 2**64, 12, dtype=np.uint64)]
+    hashes = []
+    for _ in range(1500):
+        h = centres[int(rng.integers(len(centres)))]
+        for bit in rng.integers(0, 64, int(rng.integers(0, 6))):
+            h ^= 1 << int(bit)
+        hashes.append(h)
+    hashes += hashes[:40]  # exact repeats, late
+    flags = duplicates(hashes, d)
+    assert flags == _greedy(hashes, d)
+    assert 0 < sum(flags) < len(hashes)
+
+
+def test_duplicates_bench_prints_its_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    bench_duplicates(["--hashes", "3000", "--spread", "0.05"])
+    out = capsys.readouterr().out
+    assert out.startswith("duplicates bench: 3000 hashes from 2000 parents") and "hashes/s" in out
+    with pytest.raises(SystemExit):
+        bench_duplicates(["--spread", "0.7"])
 
 
 def test_crop_id_is_a_safe_shard_key() -> None:
