@@ -8,10 +8,13 @@ Output folder ``<out>/<variant>/``:
 
 - ``model.pt``: the EMA weights and everything needed to rebuild the model (:func:`load_finetuned`):
   ``{"task", "variant", "data" (the dataset config without augmentation: root, size, ...), "backbone":
-  {"model_name", "kwargs"}, "head" (HeadConfig fields), "state_dict", "epochs", "steps"}``, with no
-  wall time or date, so that equal weights give equal bytes (and DVC skips what depends on them);
+  {"model_name", "kwargs"}, "head" (HeadConfig fields), "state_dict", "epochs", "steps",
+  "test_by_epoch"}`` (with ``test_each_epoch``, the :data:`TEST_SCORE` after each epoch, from which the
+  evaluate stage picks ``best_epoch_on_test``; empty without it), with no wall time or date, so that
+  equal weights give equal bytes (and DVC skips what depends on them);
 
-and ``<live>/<variant>/``: dvclive curves (``train/loss`` and its parts, per epoch), a committed path.
+and ``<live>/<variant>/``: dvclive curves per epoch (``train/loss`` and its parts, ``lr/head`` and, with
+``test_each_epoch``, ``test/<TEST_SCORE>``), a committed path.
 """
 
 from __future__ import annotations
