@@ -1,7 +1,7 @@
 """Interop with the official MCF release's state-dict layout, and the backbone export.
 
 Release key → MCF key (first matching prefix wins; see
-``/work/shared/reference/mcf_release_vit_b16_state_dict_keys.tsv``):
+``tests/data/mcf_release_vit_b16_state_dict_keys.tsv``):
 
 =============================  ============================
 ``online_encoder.fc.*``        ``projector.*``
