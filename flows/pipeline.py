@@ -215,7 +215,7 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     A fan-out writes exactly what its stage's command writes (tests/test_flow.py checks both), so
     ``dvc commit`` records what ``dvc repro`` would have; an up-to-date stage is skipped as usual.
     """
-    # imported only when asked for: the crop stage imports torch
+    # imported only when asked for: the fan-outs import Dask, OpenCV and the sources (boto3)
     if stage == "fetch":
         from flows.fetch_dask import fetch_dask as fan_out
     else:
