@@ -130,6 +130,18 @@ def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
     assert not any(p.requires_grad for p in model.backbone.parameters())
 
 
+def test_an_input_size_off_the_patch_grid_is_refused(fixture_root: Path) -> None:
+    """At 36 px a patch-8 ViT sees a 4×4 grid, 32 px: the last 4 px never reach the logits, which the
+    soft-argmax, the heatmap targets and the parsing labels all read as spanning the whole input."""
+    from mcf.train.finetune import build_model
+
+    align, parse = tiny_configs(fixture_root)
+    for task, cfg in (("alignment", align), ("parsing", parse)):
+        off = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, size=36))
+        with pytest.raises(ParamsError, match=r"data\.size: .* multiple of the backbone.s patch size 8"):
+            build_model(task, "scratch", off)
+
+
 def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> None:
     align, _ = tiny_configs(fixture_root, epochs=3)
     main_alignment(Common(seed=0), align, "mcf")

@@ -175,6 +175,10 @@ def export_dir(variant: Variant, cfg: FinetuneConfig) -> str:
 def build_model(task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig) -> DenseFaceModel:
     """The dense model on the chosen backbone; the backbone is frozen (eval, no grad) if asked."""
     backbone = load_backbone(export_dir(variant, cfg), img_size=cfg.data.size)
+    patch = backbone.patch_embed.patch_size[0]
+    if cfg.data.size % patch:  # the patch grid would drop the last pixels, which the logits are read over
+        raise ParamsError("data.size", f"must be a multiple of the backbone's patch size {patch}, got "
+                          f"{cfg.data.size}")
     head = HeadConfig(blocks=tuple(cfg.blocks), channels=cfg.channels, num_outputs=NUM_OUTPUTS[task])
     model = DenseFaceModel(backbone, head)
     if isinstance(cfg, AlignmentConfig) and cfg.heatmap_prior:
