@@ -225,7 +225,7 @@ class Photometric:
     gamma_min: float = param(0.7, gt=0.0)
     gamma_max: float = param(1.5, gt=0.0)
     blur_p: float = param(0.2, ge=0.0, le=1.0)
-    blur_sigma: float = param(1.5, gt=0.0)  # the largest Gaussian sigma, in pixels of the 512² crop
+    blur_sigma: float = param(1.5, gt=0.0)  # largest sigma, in pixels of the crop blurred (FaRL: 512²)
 
     def __post_init__(self) -> None:
         if self.gamma_max < self.gamma_min:
