@@ -433,6 +433,7 @@ def test_a_stored_file_over_lowered_limits_is_not_reused(tmp_path: Path) -> None
     _write(root / "heavy.jpg", _image("JPEG", (40, 40)))
     main(Common(), _config(source="local", local={"root": str(root)}))
     assert set(pd.read_parquet("out/manifest.parquet")["status"]) == {"success"}
+    assert pq.read_schema("out/manifest.parquet").field("error").type == pa.string()  # all null, a string
     heavy = (root / "heavy.jpg").stat().st_size
     main(Common(), _config(source="local", local={"root": str(root)}, max_pixels=1_000, max_bytes=heavy - 1))
     status = pd.read_parquet("out/manifest.parquet").set_index("sample_id")["status"].to_dict()

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Literal
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mcf.data.sources import laion, local, s3
 from mcf.data.sources.download import Limits, Source, download
@@ -107,7 +109,11 @@ def fetch_remote(cfg: FetchConfig, out: Path, staging: Path) -> tuple[pd.DataFra
 
 def publish(manifest: pd.DataFrame, detections: pd.DataFrame | None, staging: Path) -> None:
     """Write the tables beside the images and gate them, inside the staging folder."""
-    manifest.to_parquet(staging / "manifest.parquet", index=False)
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    i = table.schema.get_field_index("error")
+    if table.schema.field(i).type == pa.null():  # a run without a failure: still a string column
+        table = table.set_column(i, "error", table.column(i).cast(pa.string()))
+    pq.write_table(table, staging / "manifest.parquet")
     if detections is not None:
         detections.to_parquet(staging / "detections.parquet", index=False)
     run_gate(manifest, "fetch", stage="fetch")
