@@ -25,7 +25,7 @@ from mcf.cli import main as cli_main
 from mcf.data import crop as crop_mod
 from mcf.data.crop import CropConfig, Source, crop, crop_chunk, crop_id, face_transform, warp_crop
 from mcf.data.detect import DetectorConfig, Face, HaarDetector, YuNetDetector, load_detections
-from mcf.data.quality import bench_duplicates, duplicates, hamming, phash
+from mcf.data.quality import bench_duplicates, duplicates, phash
 from mcf.data.shards import shard_urls
 from mcf.errors import StageError
 from mcf.io import atomic_dir, check_replaceable
@@ -363,6 +363,10 @@ def test_downscaled_crop_matches_area_resize() -> None:
     m = face_transform(Face(0, (0.0, 0.0, 512.0, 512.0), None, None, "haar"), CropConfig(size=64, margin=0))
     expected = cv2.resize(rgb, (64, 64), interpolation=cv2.INTER_AREA).astype(float)
     assert np.abs(warp_crop(rgb, m, 64, "constant") - expected).mean() < 2.0
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
 
 
 def test_phash_and_duplicates() -> None:

@@ -28,11 +28,6 @@ def phash(rgb: np.ndarray) -> int:
     return int(np.packbits(bits).view(">u8")[0])
 
 
-def hamming(a: int, b: int) -> int:
-    """Number of differing bits."""
-    return (a ^ b).bit_count()
-
-
 def duplicates(hashes: Sequence[int], max_distance: int) -> list[bool]:
     """For each hash in order: is it within ``max_distance`` bits of an earlier hash that was kept?
 
