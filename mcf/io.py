@@ -69,7 +69,8 @@ def _recover(path: Path) -> None:
 
     ``.<name>.tmp-<pid>`` folders are removed. ``.<name>.old-<pid>`` is the previous output, renamed
     aside a moment before the new one was to take its place: it is put back when ``path`` is missing
-    (dvc.lock still describes it), else removed.
+    (dvc.lock still describes it), else removed. It is whole: :func:`atomic_dir` deletes it under the
+    ``tmp`` name.
     """
     if not path.parent.is_dir():
         return
@@ -131,7 +132,9 @@ def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
     if path.exists():
         path.rename(old)
     tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.exists():  # deleted as tmp: what a kill mid-way leaves must not be restored by _recover
+        old.rename(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

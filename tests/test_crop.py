@@ -9,7 +9,10 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -312,6 +315,44 @@ def test_atomic_dir_puts_back_the_output_a_writer_killed_mid_swap_had_moved_asid
     with atomic_dir(tmp_path / "crop", sign="manifest.parquet") as tmp:
         (tmp / "manifest.parquet").write_bytes(b"newer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
+
+
+KILLED_IN_CLEANUP = """
+import os, shutil, signal, sys
+from pathlib import Path
+from mcf.io import atomic_dir
+
+out = Path(sys.argv[1])
+real = shutil.rmtree
+
+def killed_half_way(path, *args, **kwargs):
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    if len(files) > 1:  # the previous output, being deleted: the kill comes after its first file
+        files[0].unlink()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(path, *args, **kwargs)
+
+shutil.rmtree = killed_half_way
+with atomic_dir(out, sign="manifest.parquet") as tmp:
+    (tmp / "manifest.parquet").write_bytes(b"new")
+"""
+
+
+def test_a_previous_output_killed_half_deleted_is_never_put_back(tmp_path: Path) -> None:
+    """Killed while deleting the previous output after the swap (minutes for a large one), then the new
+    output deleted (`dvc repro` deletes a stage's outputs before running it): what is left of the previous
+    output must not return to its name as if whole."""
+    out = tmp_path / "crop"
+    out.mkdir()
+    for name in ("a.tar", "manifest.parquet", "z.tar"):
+        (out / name).write_bytes(b"previous")
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_CLEANUP, str(out)], env=os.environ)
+    assert killed.returncode == -signal.SIGKILL
+    assert (out / "manifest.parquet").read_bytes() == b"new"
+    shutil.rmtree(out)
+    with pytest.raises(RuntimeError), atomic_dir(out, sign="manifest.parquet"):
+        raise RuntimeError("this run fails")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
