@@ -97,11 +97,14 @@ def _fsync(path: Path) -> None:
 def check_replaceable(path: str | Path, sign: str) -> None:
     """Refuse an existing ``path`` that holds files but not ``sign``, a file or folder every output of
     this writer holds: a mistyped ``out`` must not delete a folder the pipeline did not write. Empty
-    folders do not count: ``dvc repro`` deletes a stage's declared files and may leave their folders.
+    folders and ``.gitignore`` files do not count: ``dvc repro`` deletes a stage's declared files and
+    may leave their folders, and the ``.gitignore`` it wrote there to name them (pretrain's outs).
     """
     path = Path(path)
     if path.is_file() or (
-        path.is_dir() and not (path / sign).exists() and any(p.is_file() for p in path.rglob("*"))
+        path.is_dir()
+        and not (path / sign).exists()
+        and any(p.is_file() and p.name != ".gitignore" for p in path.rglob("*"))
     ):
         raise StageError(
             f"{path} exists and holds no {sign}, so it is not an earlier output of this step; "

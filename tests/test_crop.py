@@ -367,6 +367,18 @@ def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
     check_replaceable(live, "metrics.json")
 
 
+
+def test_out_guard_passes_the_gitignore_dvc_leaves(tmp_path: Path) -> None:
+    """pretrain's outs are files in its folder: where git does not ignore them already, DVC writes
+    ``<out>/.gitignore`` naming them, and leaves it when it deletes them before a rerun."""
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    (out / ".gitignore").write_text("/checkpoint.pt\n/backbone\n/backbone_init\n")
+    check_replaceable(out, "checkpoint.pt")
+    with atomic_dir(out, sign="checkpoint.pt") as tmp:
+        (tmp / "checkpoint.pt").write_bytes(b"new")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
 def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
     missing = r"crop.input: path does not exist: .*manifest.parquet \(run `mcf fetch` first\)"
     with pytest.raises(ParamsError, match=missing):
