@@ -161,3 +161,58 @@ def test_crop_index_holds_no_python_object_per_crop(tmp_path: Path) -> None:
         assert len(crops) == n and crops[n - 1].shape == (3, 8, 8)
         counts.append(_python_objects(crops))
     assert counts[0] == counts[1]
+
+
+def _sparse_member(name: str, stored: bytes, real_size: int) -> bytes:
+    """A GNU sparse member (``tarfile`` reads them, cannot write them): ``stored`` bytes at offset 0, then
+    a hole of zeros up to ``real_size``, which ``tarfile`` fills in memory when the member is read."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, len(stored)
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:410] = b"%011o\0%011o\0" % (0, len(stored))  # the first sparse map entry
+    header[483:495] = b"%011o\0" % real_size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    pad = -len(stored) % tarfile.BLOCKSIZE
+    return bytes(header) + stored + tarfile.NUL * pad
+
+
+@pytest.mark.parametrize("kind", ["gzip", "gnu-sparse", "pax-sparse"])
+def test_a_shard_that_inflates_on_reading_is_refused(tmp_path: Path, kind: str) -> None:
+    """A shard is plain tar (docs/CONTRACTS.md), and pre-training reads its members at their raw byte
+    offsets. ``tarfile.open``'s default mode also took a gzip/bz2/xz file, and ``isfile()`` a GNU or PAX
+    sparse member, both of which inflate while read into memory: a kilobyte-sized file could declare
+    gigabytes of crop (crop and subset read every member whole) and exhaust the machine before any check."""
+    samples = _samples(1)
+    write_shards(samples, tmp_path / "ok", 10)
+    plain = (tmp_path / "ok" / "crops-000000.tar").read_bytes()
+    shard = tmp_path / "bad" / "crops-000000.tar"
+    shard.parent.mkdir()
+    if kind == "gzip":
+        with tarfile.open(shard, "w:gz") as tar, tarfile.open(tmp_path / "ok" / "crops-000000.tar") as src:
+            for info in src:
+                tar.addfile(info, src.extractfile(info))
+    elif kind == "pax-sparse":  # a regular member's type, its hole declared in a PAX header
+        key, jpeg, meta = samples[0]
+        info = tarfile.TarInfo(f"{key}.jpg")
+        info.size = len(jpeg)
+        info.pax_headers = {"GNU.sparse.map": f"0,{len(jpeg)}", "GNU.sparse.size": str(len(jpeg) + 4096)}
+        with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(info, io.BytesIO(jpeg))
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(json.dumps(meta))
+            tar.addfile(info, io.BytesIO(json.dumps(meta).encode()))
+    else:
+        key, jpeg, meta = samples[0]
+        member = _sparse_member(f"{key}.jpg", jpeg, len(jpeg) + 4096)
+        with tarfile.open(shard, "w") as tar:  # the json member, after the crafted jpg member
+            info = tarfile.TarInfo(f"{key}.json")
+            info.size = len(json.dumps(meta))
+            tar.addfile(info, io.BytesIO(json.dumps(meta).encode()))
+        shard.write_bytes(member + shard.read_bytes())
+    if kind != "gzip":
+        with tarfile.open(shard) as tar:  # tarfile reads it, holes and all
+            assert len(tar.extractfile(tar.getmembers()[0]).read()) == len(jpeg) + 4096
+    assert plain != shard.read_bytes()
+    with pytest.raises(StageError, match=r"bad/crops-000000.tar: not a readable crop shard"):
+        list(iter_encoded(str(shard)))

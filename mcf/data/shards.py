@@ -113,9 +113,13 @@ def _check_end(tar: tarfile.TarFile) -> None:
 @contextmanager
 def open_shard(url: str | Path) -> Iterator[tarfile.TarFile]:
     """A shard opened for reading; a cut-short or foreign file, read now or while iterating, fails
-    naming the shard."""
+    naming the shard.
+
+    Plain tar only (``r:``): a compressed file would inflate while read, and pre-training reads members
+    at their byte offsets in the file.
+    """
     try:
-        with tarfile.open(url) as tar:
+        with tarfile.open(url, "r:") as tar:
             yield tar
             _check_end(tar)
     except (tarfile.TarError, OSError) as err:
@@ -133,6 +137,8 @@ def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
         for info in tar:
             if not info.isfile():
                 continue
+            if info.sparse is not None:  # GNU or PAX sparse: tarfile fills its holes in memory
+                raise tarfile.ReadError(f"member {info.name!r} is a sparse file")
             folder, _, base = info.name.rpartition("/")
             stem, dot, ext = base.partition(".")
             name = f"{folder}/{stem}" if folder else stem
