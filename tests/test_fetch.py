@@ -360,6 +360,18 @@ def test_error_texts_are_the_same_every_run() -> None:
     assert Record("connection_error", urllib3).error.endswith("HTTPConnection>: refused')")
 
 
+@pytest.mark.parametrize("url", ["ftp://user:pa@55word@host/x.jpg", "http://user:pa@55word@[::1/x.jpg"])
+def test_a_password_with_an_at_sign_is_redacted_whole(url: str) -> None:
+    """An invalid URL is quoted whole in the manifest's error; a password holding a raw ``@`` (URL parsers
+    split userinfo at the last one, so such URLs authenticate) lost only its part up to the first ``@``."""
+    fetcher = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    with pytest.raises(laion.FetchFailure) as failure:
+        fetcher({"url": url})
+    error = Record(failure.value.status, failure.value.error).error
+    assert failure.value.status == "invalid_url" and "55word" not in error and "user" not in error
+    assert "://host/x.jpg" in error or "://[::1/x.jpg" in error
+
+
 def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None:
     parquet = tmp_path / "part.parquet"
     pd.DataFrame({"SAMPLE_ID": [1], "TEXT": ["x"], "NSFW": ["UNLIKELY"]}).to_parquet(parquet)

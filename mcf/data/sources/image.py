@@ -48,7 +48,7 @@ STATUSES = (
 FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
-_USERINFO = re.compile(r"(?<=://)[^/\s@\"'<>]+@")
+_USERINFO = re.compile(r"(?<=://)[^/?#\s\"'<>]*@")  # to the authority's last @, as URL parsers split
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
 _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f3b2ffb3380>"
 
