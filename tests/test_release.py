@@ -18,6 +18,7 @@ from mcf.models.export import cli
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import export_backbone, load_release_state_dict, to_release_state_dict
 from mcf.models.teacher import FeatureTeacher, load_teacher
+from mcf.train.finetune import load_finetuned
 
 # Every key and shape of the public release's ViT-B/16 model (a copy of the team's reference list).
 TSV = Path(__file__).parent / "data" / "mcf_release_vit_b16_state_dict_keys.tsv"
@@ -118,6 +119,37 @@ def test_export_whose_json_and_weights_disagree_is_refused_naming_it(tmp_path: P
     (tmp_path / "tiny" / "backbone.json").write_text('{"model_name": "vit')
     with pytest.raises(WeightsError, match=r"tiny/backbone.json: not a backbone spec \(JSONDecodeError"):
         load_backbone(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("name", ["hf-hub:someone/vit_tiny", "local-dir:/somewhere"])
+def test_a_model_name_from_a_file_never_fetches_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """The model name of an export's backbone.json and of a fine-tuned model.pt (``mcf predict`` loads one
+    handed over by anyone) went to ``timm.create_model``, which fetches an ``hf-hub:`` model's config from
+    the Hugging Face hub (or reads a ``local-dir:`` folder's): builds never download, and fail naming the
+    file instead."""
+    from timm.models import _factory
+
+    fetched = []
+
+    def fetch(*args: object, **kwargs: object) -> None:
+        fetched.append(args)
+        raise OSError("offline")
+
+    monkeypatch.setattr(_factory, "load_model_config_from_hf", fetch)
+    monkeypatch.setattr(_factory, "load_model_config_from_path", fetch)
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "export")
+    spec = tmp_path / "export" / "backbone.json"
+    spec.write_text(spec.read_text().replace('"vit_base_patch16_224"', f'"{name}"'))
+    with pytest.raises(WeightsError, match=r"export/backbone.json: .* is not a timm model name"):
+        load_backbone(tmp_path / "export")
+    torch.save({"task": "alignment", "backbone": {"model_name": name, "kwargs": TINY.timm_kwargs()},
+                "head": {"blocks": [0, 1], "channels": 8, "num_outputs": 19}, "state_dict": {}},
+               tmp_path / "model.pt")
+    with pytest.raises(StageError, match=r"model.pt: not a fine-tuned model.pt .* is not a timm model name"):
+        load_finetuned(tmp_path / "model.pt")
+    assert fetched == []
 
 
 def tiny_model(seed: int, **changes: object) -> MCF:

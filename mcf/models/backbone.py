@@ -83,9 +83,18 @@ class LinearPatchEmbed(PatchEmbed):
         return self.norm(F.linear(patches.reshape(n, -1, c * ph * pw), weight, self.proj.bias))
 
 
+def check_model_name(model_name: Any) -> None:
+    """A name of timm's own registry: ``timm.create_model`` fetches an ``hf-hub:`` name's config from the
+    Hugging Face hub and reads a ``local-dir:`` one's folder, and names come from files (backbone.json,
+    a fine-tuned model.pt) that may be handed over by anyone."""
+    if not isinstance(model_name, str) or ":" in model_name or not timm.is_model(model_name):
+        raise WeightsError(f"{model_name!r} is not a timm model name (builds never fetch a model)")
+
+
 def build_vit(model_name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` (never a download) with :class:`LinearPatchEmbed`: every backbone the
     project trains, exports or rebuilds comes from here, so all run the same patch embedding."""
+    check_model_name(model_name)
     return timm.create_model(model_name, pretrained=False, **{"embed_layer": LinearPatchEmbed, **kwargs})
 
 
@@ -147,6 +156,10 @@ def read_spec(export_dir: str | Path) -> dict[str, Any]:
         raise WeightsError(f"{path}: not a backbone spec ({type(err).__name__}: {err})") from None
     if not isinstance(spec, dict) or not {"model_name", "kwargs"} <= spec.keys():
         raise WeightsError(f"{path}: not a backbone spec (expected keys model_name and kwargs)")
+    try:
+        check_model_name(spec["model_name"])
+    except WeightsError as err:
+        raise WeightsError(f"{path}: {err}") from None
     return spec
 
 
