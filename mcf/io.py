@@ -55,6 +55,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether another process ``pid`` runs: this one's pid on a sibling is a killed writer's, reused."""
+    if pid == os.getpid():
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

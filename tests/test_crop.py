@@ -317,6 +317,17 @@ def test_atomic_dir_puts_back_the_output_a_writer_killed_mid_swap_had_moved_asid
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
 
 
+def test_a_killed_writer_whose_pid_this_run_reuses_is_dead(tmp_path: Path) -> None:
+    """In a container each run can get the same pid: what the killed one left is tidied all the same."""
+    old = tmp_path / f".crop.old-{os.getpid()}"
+    old.mkdir()
+    (old / "manifest.parquet").write_bytes(b"previous")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "crop", sign="manifest.parquet"):
+        raise RuntimeError("this writer fails")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
+    assert (tmp_path / "crop" / "manifest.parquet").read_bytes() == b"previous"
+
+
 KILLED_IN_CLEANUP = """
 import os, shutil, signal, sys
 from pathlib import Path
