@@ -436,6 +436,20 @@ def test_local_folder(tmp_path: Path) -> None:
     assert not Path("out/detections.parquet").exists()
 
 
+def test_a_stored_path_outside_the_folder_is_not_reused(tmp_path: Path) -> None:
+    """An earlier manifest is data: a path in it that leaves the output folder is fetched again."""
+    _write(tmp_path / "photos" / "a.jpg", JPEG)
+    main(Common(), _config(source="local", local={"root": str(tmp_path / "photos")}))
+    manifest = pd.read_parquet("out/manifest.parquet")
+    stored = Path("out") / manifest.loc[0, "path"]
+    Path("outside.jpg").write_bytes(stored.read_bytes())  # the same bytes: the sha256 still matches
+    manifest.loc[0, "path"] = "../outside.jpg"
+    manifest.to_parquet("out/manifest.parquet", index=False)
+    main(Common(), _config(source="local", local={"root": str(tmp_path / "photos")}))
+    path = pd.read_parquet("out/manifest.parquet").loc[0, "path"]
+    assert path.startswith("images/") and (Path("out") / path).read_bytes() == JPEG
+
+
 def test_a_stored_file_over_lowered_limits_is_not_reused(tmp_path: Path) -> None:
     root = tmp_path / "photos"
     _write(root / "small.png", _image("PNG", (10, 10)))

@@ -28,14 +28,14 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mcf.data.sources.image import FetchFailure, Record, redact, save_image, stored_sha256
+from mcf.data.sources.image import FetchFailure, Record, image_path, redact, save_image, stored_sha256
 from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ def _reuse(
     root, old = stored
     if any(str(old.get(c)) != str(row.get(c)) for c in match) or not old.get("path"):
         return None
+    if old["path"] != image_path(str(row["sample_id"]), PurePosixPath(old["path"]).suffix):
+        return None  # only where this id's file is stored: an earlier manifest is data, not a pointer
     if int(old["width"]) * int(old["height"]) > limits.max_pixels:
         return None
     path = root / old["path"]
