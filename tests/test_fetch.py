@@ -73,7 +73,7 @@ BODIES = {
 class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body),
     /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and
-    from /a0 to /good.png; /c<n> hops take 0.3 s each) and /loop (to itself)."""
+    from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself) and /leak (to a long ftp URL)."""
 
     counts: Counter = Counter()
     lock = threading.Lock()
@@ -103,6 +103,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             chain = f"{self.path[:2]}{hops - 1}" if hops else "/good.png"
             self.send_header("Location", self.path if self.path == "/loop" else chain)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path == "/leak":  # to a scheme requests refuses, quoting the URL, credentials and all
+            self.send_response(302)
+            self.send_header("Location", "ftp://" + "u" * 140 + ":s3cretpassword@host/x.jpg")
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif self.path == "/broken":
@@ -370,6 +375,16 @@ def test_a_password_with_an_at_sign_is_redacted_whole(url: str) -> None:
     error = Record(failure.value.status, failure.value.error).error
     assert failure.value.status == "invalid_url" and "55word" not in error and "user" not in error
     assert "://host/x.jpg" in error or "://[::1/x.jpg" in error
+
+
+def test_a_long_url_is_redacted_before_it_is_cut_short(server: str) -> None:
+    """Error texts are cut to 200 characters; cut first, a password crossing the cut (in a redirect's
+    Location, which requests quotes) lost its ``@`` and with it the redaction."""
+    fetcher = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    with pytest.raises(laion.FetchFailure) as failure:
+        fetcher({"url": server + "/leak"})
+    error = Record(failure.value.status, failure.value.error).error
+    assert failure.value.status == "invalid_url" and "s3cret" not in error and "uuu" not in error
 
 
 def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
 from mcf.data.sources.download import Source
-from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded
+from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded, redact
 from mcf.errors import StageError
 from mcf.params import ParamsError, param, require_path
 
@@ -166,6 +166,12 @@ class _DeadlineAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
+def _short(text: str) -> str:
+    """An error text for the manifest: redacted first, then cut to 200 characters (cut first, a URL's
+    password crossing the cut would lose the ``@`` its redaction finds it by)."""
+    return redact(text)[:200]
+
+
 class HttpFetcher:
     """URL to bytes with bounds on time and size; one ``requests`` session per thread."""
 
@@ -215,14 +221,14 @@ class HttpFetcher:
         except (requests.exceptions.Timeout, ReadTimeoutError) as err:
             raise FetchFailure("timeout", type(err).__name__, retryable=True) from None
         except ProtocolError as err:
-            raise FetchFailure("truncated", f"body ended early: {err}"[:200], retryable=True) from None
+            raise FetchFailure("truncated", _short(f"body ended early: {err}"), retryable=True) from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as err:
-            raise FetchFailure("invalid_url", str(err)[:200]) from None
+            raise FetchFailure("invalid_url", _short(str(err))) from None
         except requests.exceptions.TooManyRedirects:  # a loop or a chain: trying again will not help
             raise FetchFailure("http_error", f"more than {self.cfg.max_redirects} redirects") from None
         except (requests.exceptions.RequestException, HTTPError) as err:
             check_deadline(deadline)  # the deadline's timer cut a dripping server off: a timeout
-            message = f"{type(err).__name__}: {err}"[:200]
+            message = _short(f"{type(err).__name__}: {err}")
             raise FetchFailure("connection_error", message, retryable=True) from None
         finally:
             _DEADLINE.value = None
