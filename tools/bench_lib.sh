@@ -1,4 +1,5 @@
-# Shared by tools/gpu_bench*.sh (sourced): the environment, one bench run with its log in $OUT, the summary.
+# Sourced by tools/gpu_bench.sh and by one-off device commands (`source tools/bench_lib.sh; bench 300 NAME ARGS...`):
+# the environment, one bench run with its log in $OUT, the summary.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_bench}
 mkdir -p "$OUT"
