@@ -128,6 +128,17 @@ def test_synthface_numbers_cannot_be_labelled_as_the_real_dataset(
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
 
 
+def test_real_data_numbers_cannot_be_labelled_as_synthface() -> None:
+    """params.yaml's default labels say SynthFace: a run pointed at the real AFLW-19 or LaPa with them
+    would file real numbers under SynthFace, so the check goes both ways."""
+    from mcf.evaluate.evaluate import check_label
+
+    with pytest.raises(ParamsError, match="not SynthFace, so the label must not contain"):
+        check_label("SynthFace-AFLW19", "alignment_label", synthetic=False)
+    check_label("AFLW-19", "alignment_label", synthetic=False)
+    check_label("SynthFace-LaPa", "parsing_label", synthetic=True)
+
+
 def test_best_epoch_on_test_is_labelled_beside_the_last_epoch(evaluated: tuple[EvaluateConfig, dict, Path],
                                                                ) -> None:
     """FaRL's selection (PROTOCOL §3): one fine-tuning epoch here, so its best is the last epoch's score,

@@ -88,9 +88,11 @@ class EvaluateConfig:
 
 
 def check_label(label: str, key: str, synthetic: bool) -> None:
-    """Numbers measured on SynthFace must say so (a SynthFace number must never pass as AFLW-19/LaPa)."""
-    if synthetic and "synthface" not in label.lower():
-        message = f"the data is SynthFace, so the label must contain 'SynthFace', got {label!r}"
+    """A label names the data it was measured on: a SynthFace number must never pass as AFLW-19/LaPa,
+    and a number on the real data must not be filed as SynthFace (params.yaml's default label)."""
+    if synthetic != ("synthface" in label.lower()):
+        data, need = ("SynthFace", "must") if synthetic else ("not SynthFace", "must not")
+        message = f"the data is {data}, so the label {need} contain 'SynthFace', got {label!r}"
         raise ParamsError(f"evaluate.{key}", message)
 
 
