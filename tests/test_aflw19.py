@@ -204,6 +204,23 @@ def test_gate_names_a_missing_image(tree: tuple[Path, dict]) -> None:
     assert f"(column=exists): 1 unexpected of {N - N_TRAIN}, e.g. [False] (name: ['{name}'])" in msg
 
 
+def test_gate_names_an_image_cut_short(tree: tuple[Path, dict]) -> None:
+    """OpenCV, which the loader reads with, decodes a JPEG cut short in part (grey below the cut, a
+    libjpeg warning on stderr only), and its header still gives the full size: a half-copied test image
+    was scored as a whole one."""
+    root, _ = tree
+    name = read_mat(root).names[N_TRAIN + 1]
+    path = root / "data" / "flickr" / name
+    data = path.read_bytes()
+    path.write_bytes(data[: (data.index(b"\xff\xda") + len(data)) // 2])  # half the scan
+    df = table(_cfg(root), "full")
+    assert df["exists"].all() and df["decodes"].sum() == N - N_TRAIN - 1
+    with pytest.raises(GateError) as err:
+        run_gate(df, "aflw19", stage="test")
+    msg = str(err.value)
+    assert f"(column=decodes): 1 unexpected of {N - N_TRAIN}, e.g. [False] (name: ['{name}'])" in msg
+
+
 def test_config_rejects_bad_values(tmp_path: Path) -> None:
     from mcf.params import ParamsError, build
 

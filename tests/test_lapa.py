@@ -209,3 +209,15 @@ def test_table_passes_the_gate_and_catches_bad_rows(root: Path) -> None:
         run_gate(table(_cfg(root), "train"), "lapa", stage="test")
     for column in ("label_max", "size_match", "has_landmarks", "n_landmarks"):
         assert column in str(err.value)
+
+
+def test_gate_names_an_image_cut_short(root: Path) -> None:
+    """A JPEG cut short decodes in part with OpenCV and keeps its header size, so it passed the gate and
+    was trained or scored on with grey below the cut."""
+    path = root / "LaPa/test/images/test_0001.jpg"
+    data = path.read_bytes()
+    path.write_bytes(data[: (data.index(b"\xff\xda") + len(data)) // 2])  # half the scan
+    df = table(_cfg(root), "test")
+    assert df["size_match"].all() and df["image_decodes"].tolist() == [True, False]
+    with pytest.raises(StageError, match=r"column=image_decodes\): 1 unexpected .*test_0001"):
+        run_gate(df, "lapa", stage="test")

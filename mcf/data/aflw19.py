@@ -184,6 +184,26 @@ def read_rgb(path: Path, *, exif_orientation: bool = False) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def image_size(path: Path) -> tuple[int, int, bool]:
+    """(width, height) from the header, (0, 0) when missing or unreadable, and whether the whole file
+    decodes: OpenCV (:func:`read_rgb`) decodes a JPEG cut short in part, grey below the cut with only a
+    libjpeg warning on stderr, so a half-copied image keeps its header size and reads as a whole one.
+
+    JPEGs are decoded at 1/8 scale (Pillow's draft): every coefficient is still read, at half the cost.
+    """
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            try:
+                im.draft("RGB", (w // 8, h // 8))
+                im.load()
+            except (OSError, SyntaxError, ValueError):  # Pillow's errors for bytes that do not decode
+                return w, h, False
+            return w, h, True
+    except OSError:
+        return 0, 0, False
+
+
 def sample_augment(cfg: AlignmentAugment, crop_size: int, rng: np.random.Generator) -> np.ndarray:
     """One random shift/rotation/scale about the crop centre, as a ``[2, 3]`` crop → crop matrix."""
     c = crop_size / 2.0
@@ -272,24 +292,21 @@ def to_original(
 
 
 def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
-    """One row per sample of ``split`` for the ``aflw19`` data gate (image sizes read from headers).
+    """One row per sample of ``split`` for the ``aflw19`` data gate (every image decoded once).
 
-    Columns: name, split, exists, width, height, box_left/right/top/bottom, box_w, box_h,
+    Columns: name, split, exists, decodes (the whole file, see :func:`image_size`), width, height,
+    box_left/right/top/bottom, box_w, box_h,
     x_min, x_max, y_min, y_max (landmarks ÷ image width/height: inside the image is 0..1), visible.
     """
     ann = read_mat(cfg.root)
     check_written_split(cfg.root, cfg.n_train)
     rows = []
     for row in tqdm(split_indices(ann, split, cfg.n_train, cfg.n_val), desc=f"aflw19 {split} table"):
-        path = Path(cfg.root) / "data" / "flickr" / ann.names[row]
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except OSError:
-            w = h = 0
+        w, h, decodes = image_size(Path(cfg.root) / "data" / "flickr" / ann.names[row])
         pts, box = ann.points[row], ann.boxes[row]
         rows.append({
-            "name": ann.names[row], "split": split, "exists": w > 0, "width": w, "height": h,
+            "name": ann.names[row], "split": split, "exists": w > 0, "decodes": decodes,
+            "width": w, "height": h,
             "box_left": box[0], "box_right": box[1], "box_top": box[2], "box_bottom": box[3],
             "box_w": box[1] - box[0], "box_h": box[3] - box[2],
             "x_min": pts[:, 0].min() / max(w, 1), "x_max": pts[:, 0].max() / max(w, 1),

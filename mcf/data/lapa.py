@@ -31,12 +31,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mcf.data import transforms as T
-from mcf.data.aflw19 import read_rgb
+from mcf.data.aflw19 import image_size, read_rgb
 from mcf.errors import StageError
 from mcf.params import param
 
@@ -220,21 +219,12 @@ def points_to_original(points: np.ndarray, params: dict[str, Any], size: int) ->
     return T.apply(T.invert(m), aligned)
 
 
-def _size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, (0, 0) when missing or unreadable."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except OSError:
-        return 0, 0
-
-
 def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
     """One row per stem found in any of the three folders of ``split``, for the ``lapa`` data gate.
 
-    Columns: stem, split, has_image, has_label, has_landmarks, width, height, label_width,
-    label_height, size_match, label_min, label_max (-1 when unreadable), n_landmarks (-1 when
-    unreadable).
+    Columns: stem, split, has_image, has_label, has_landmarks, image_decodes (the whole file, see
+    :func:`mcf.data.aflw19.image_size`), width, height, label_width, label_height, size_match,
+    label_min, label_max (-1 when unreadable), n_landmarks (-1 when unreadable).
     """
     base = Path(cfg.root) / "LaPa" / split
     if not base.is_dir():
@@ -243,7 +233,7 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
              for sub, ext in (("images", "jpg"), ("labels", "png"), ("landmarks", "txt"))}
     rows = []
     for stem in tqdm(sorted(set().union(*found.values())), desc=f"lapa {split} table"):
-        w, h = _size(base / "images" / f"{stem}.jpg")
+        w, h, decodes = image_size(base / "images" / f"{stem}.jpg")
         label = cv2.imread(str(base / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
         lh, lw = label.shape[:2] if label is not None else (0, 0)
         try:
@@ -254,7 +244,7 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
         rows.append({
             "stem": stem, "split": split, "has_image": stem in found["images"],
             "has_label": stem in found["labels"], "has_landmarks": stem in found["landmarks"],
-            "width": w, "height": h, "label_width": lw, "label_height": lh,
+            "image_decodes": decodes, "width": w, "height": h, "label_width": lw, "label_height": lh,
             "size_match": w > 0 and (w, h) == (lw, lh),
             "label_min": int(label.min()) if ok else -1, "label_max": int(label.max()) if ok else -1,
             "n_landmarks": n_lm,
