@@ -101,6 +101,11 @@ def test_damaged_shards_and_crops_fail_naming_them(tmp_path: Path) -> None:
         list(iter_samples(shard_urls(tmp_path / "junk")))
     with pytest.raises(StageError, match=r"junk/crops-000000.tar \(member at byte 512\): not a decodable"):
         CropDataset(tmp_path / "junk", 8, cache_mb=1)
+    shard = tmp_path / "junk" / "crops-000000.tar"  # its json member's bytes damaged in place
+    data = shard.read_bytes()
+    shard.write_bytes(data.replace(b'{"crop_id": "c0"}', b'\xff"crop_id": "c0"}'))
+    with pytest.raises(StageError, match=r"junk/crops-000000.tar: sample 'c0': json member is not JSON"):
+        read_back(tmp_path / "junk")
 
 
 @pytest.mark.parametrize("member", [1, 2, 3])  # cut inside a later member's header, its data, after it

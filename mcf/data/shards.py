@@ -164,7 +164,11 @@ def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, 
         for key, group in _iter_members(url):
             if not {"jpg", "json"} <= group.keys():
                 raise StageError(f"{url}: sample {key!r} lacks a jpg or json member (has {sorted(group)})")
-            yield key, group["jpg"], json.loads(group["json"])
+            try:
+                meta = json.loads(group["json"])
+            except ValueError as err:  # JSONDecodeError and UnicodeDecodeError: tar checks headers only
+                raise StageError(f"{url}: sample {key!r}: json member is not JSON ({err})") from None
+            yield key, group["jpg"], meta
 
 
 def _shard_stats(url: str) -> list[tuple[str, str, int, int, float, float]]:
