@@ -131,6 +131,15 @@ def test_bad_stratify_column_names_the_choices(crop_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "s").exists()
 
 
+def test_list_column_is_refused_as_stratum(crop_dir: Path, tmp_path: Path) -> None:
+    """A box or landmarks column holds arrays, which have no strata (groupby raised a bare TypeError)."""
+    with pytest.raises(StageError, match=r"a column of lists 'box' \(valid: face_size_bin, crop_id") as err:
+        subset(_cfg(crop_dir, tmp_path / "s", stratify="box"), seed=0)
+    valid = str(err.value).split("(valid: ")[1]
+    assert "box" not in valid and "detector" in valid
+    assert not (tmp_path / "s").exists()
+
+
 def test_n_beyond_the_kept_crops_takes_them_all(
     crop_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

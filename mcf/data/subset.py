@@ -38,7 +38,7 @@ class SubsetConfig:
     input: str = "outputs/crop"  # the crop stage's output (crop.out)
     out: str = "outputs/subset"
     n: int = param(1500, ge=1)  # crops to pick (all kept crops, with a warning, when fewer exist)
-    stratify: str | None = None  # face_size_bin, or a crop-manifest column; null: uniform
+    stratify: str | None = None  # face_size_bin, or a crop-manifest column (no list column); null: uniform
     bins: list[float] = param([32.0, 48.0, 64.0])  # face_size_bin edges in source pixels, increasing
     shard_size: int = param(1000, ge=1)  # crops per output shard
     workers: int = param(2, ge=1)  # processes reading the new shards back; the output does not depend on it
@@ -84,6 +84,10 @@ def pick(kept: pd.DataFrame, n: int, seed: int, stratify: str | None) -> pd.Inde
     return pd.Index(np.concatenate(chosen)) if chosen else pd.Index([])
 
 
+def _is_list(value: object) -> bool:
+    return isinstance(value, (list, np.ndarray))
+
+
 def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
     """The kept crops of the crop manifest, with the stratification column checked or derived."""
     path = Path(cfg.input) / "manifest.parquet"
@@ -92,9 +96,13 @@ def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
     kept = manifest[manifest["status"] == "kept"].copy()
     if cfg.stratify == FACE_SIZE_BIN:
         kept[FACE_SIZE_BIN] = face_size_bins(kept["face_size"], cfg.bins)
-    elif cfg.stratify is not None and cfg.stratify not in kept.columns:
-        valid = [FACE_SIZE_BIN, *kept.columns]
-        raise StageError(f"subset.stratify: no column {cfg.stratify!r} (valid: {', '.join(valid)})")
+    elif cfg.stratify is not None:
+        # list-valued columns (box, landmarks) have no strata: groupby would fail on unhashable arrays
+        scalar = [c for c in kept.columns if not kept[c].map(_is_list).any()]
+        if cfg.stratify not in scalar:
+            what = "a column of lists" if cfg.stratify in kept.columns else "no column"
+            valid = [FACE_SIZE_BIN, *scalar]
+            raise StageError(f"subset.stratify: {what} {cfg.stratify!r} (valid: {', '.join(valid)})")
     if kept.empty:
         raise StageError(f"subset: the crop manifest {path} has no kept crops")
     return kept
