@@ -83,9 +83,10 @@ def test_params_sections_build_from_yaml(tmp_path: Path) -> None:
     assert (cfg.epochs, cfg.data.size, cfg.data.augment.rotation, cfg.lr_neck) == (2, 64, 5.0, 1e-2)
     _, parsing = load("finetune_parsing", tmp_path / "params.yaml")
     assert (parsing.lr_neck, parsing.lr_head, parsing.out) == (1e-3, 0.01, "outputs/finetune_parsing")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune_parsing": {"blocks": [1, 1, 2, 3]}}))
-    with pytest.raises(ParamsError, match="finetune_parsing.blocks"):
-        load("finetune_parsing", tmp_path / "params.yaml")
+    for blocks in ([1, 1, 2, 3], [5, 3, 2, 1]):  # the neck's levels are positional: blocks go in depth order
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune_parsing": {"blocks": blocks}}))
+        with pytest.raises(ParamsError, match="finetune_parsing.blocks"):
+            load("finetune_parsing", tmp_path / "params.yaml")
 
 
 def test_alignment_loss_is_small_at_the_target() -> None:

@@ -24,9 +24,12 @@ def test_dense_model_shapes(size: int, outputs: int) -> None:
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
 
 
-def test_dense_model_rejects_bad_blocks() -> None:
+@pytest.mark.parametrize("blocks", [(0, 1, 2, 9), (3, 2, 1, 0), (0, 2, 1, 3)])
+def test_dense_model_rejects_bad_blocks(blocks: tuple[int, ...]) -> None:
+    """Out of range, or out of depth order: timm returns the blocks in depth order whatever order is
+    asked, so (3, 2, 1, 0) would silently train the same model as (0, 1, 2, 3)."""
     with pytest.raises(ValueError, match="blocks"):
-        DenseFaceModel(create_backbone(TINY), HeadConfig((0, 1, 2, 9), 16, 19))
+        DenseFaceModel(create_backbone(TINY), HeadConfig(blocks, 16, 19))
 
 
 def test_soft_argmax_finds_the_peak() -> None:

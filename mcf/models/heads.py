@@ -106,8 +106,11 @@ class DenseFaceModel(nn.Module):
         super().__init__()
         depth = len(backbone.blocks)
         blocks = list(head.blocks)
-        if len(blocks) != 4 or not all(0 <= b < depth for b in blocks):
-            raise ParamsError("blocks", f"must be 4 indices in 0..{depth - 1} (the backbone's), got {blocks}")
+        # increasing: timm returns the blocks in depth order whatever order is asked, so any other order
+        # would silently feed the neck's ×4 level the shallowest block, not the first one named
+        if len(blocks) != 4 or blocks != sorted(set(blocks)) or not all(0 <= b < depth for b in blocks):
+            raise ParamsError("blocks", f"must be 4 increasing indices in 0..{depth - 1} (the backbone's), "
+                              f"got {blocks}")
         dim = backbone.embed_dim
         self.head_config = head
         self.backbone = backbone

@@ -95,8 +95,9 @@ class FinetuneConfig:
     test_each_epoch: bool = True
 
     def __post_init__(self) -> None:
-        if len(self.blocks) != 4 or len(set(self.blocks)) != 4 or any(b < 0 for b in self.blocks):
-            raise ParamsError("blocks", f"expected 4 distinct block indices >= 0, got {self.blocks}")
+        if len(self.blocks) != 4 or self.blocks != sorted(set(self.blocks)) or self.blocks[0] < 0:
+            # the neck's levels are positional (first ×4, last ÷2), and the blocks come back in depth order
+            raise ParamsError("blocks", f"expected 4 increasing block indices >= 0, got {self.blocks}")
 
 
 @dataclasses.dataclass(frozen=True)
