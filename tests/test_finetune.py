@@ -89,6 +89,19 @@ def test_params_sections_build_from_yaml(tmp_path: Path) -> None:
             load("finetune_parsing", tmp_path / "params.yaml")
 
 
+@pytest.mark.parametrize("blocks", [[0, 1, 2, 9], [3, 2, 1, 0]])
+def test_a_model_file_with_bad_head_blocks_is_refused_naming_it(tmp_path: Path, blocks: list[int]) -> None:
+    """A model.pt whose blocks the dense model refuses (past the backbone's depth; out of depth order, as
+    an earlier version wrote) is a bad file, not bad params: ``mcf evaluate`` and ``mcf predict`` printed
+    'invalid params: ... <stage>.blocks' without the file."""
+    torch.save({"task": "alignment", "backbone": {"model_name": "vit_base_patch16_224",
+                                                  "kwargs": TINY.timm_kwargs()},
+                "head": {"blocks": blocks, "channels": 8, "num_outputs": 19}, "state_dict": {}},
+               tmp_path / "model.pt")
+    with pytest.raises(StageError, match=r"model.pt: not a fine-tuned model.pt \(ParamsError: blocks"):
+        load_finetuned(tmp_path / "model.pt")
+
+
 def test_alignment_loss_is_small_at_the_target() -> None:
     cfg = AlignmentConfig()
     points = torch.rand(2, 19, 2) * 0.8 + 0.1

@@ -358,7 +358,7 @@ def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFac
         head_cfg = HeadConfig(tuple(head["blocks"]), head["channels"], head["num_outputs"])
         model = DenseFaceModel(build_vit(spec["model_name"], **spec["kwargs"]), head_cfg)
         model.load_state_dict(ckpt["state_dict"], strict=True)
-    except (KeyError, TypeError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # ValueError: the head's blocks refused
         why = f"{type(err).__name__}: {str(err)[:200]}"
         raise StageError(f"{path}: not a fine-tuned model.pt ({why})") from None
     if task is not None and ckpt.get("task") != task:
