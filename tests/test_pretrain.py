@@ -196,6 +196,8 @@ def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
         ("teacher", {"teacher": {"source": "timm:vit_small_patch16_224"}}, "teacher.source: teacher spec"),
         ("pretrain", {"pretrain": {"train": {"warmup_epochs": 5}}}, "pretrain.train.warmup_epochs: must be"),
         ("pretrain", {"pretrain": {"model": {"objective": "pixel"}}}, "pretrain.model.objective: must be"),
+        ("pretrain", {"pretrain": {"train": {"min_lr": 1e-3}}},
+         "pretrain.train.min_lr: 0.001 is above the peak lr 4.6875e-06 (blr 0.00015 × effective batch 8"),
         ("pretrain", {"pretrain": {"train": {"effective_batch": 4096}}},
          "effective_batch: 4096 asked, but batch_size 8 × accum_steps 1 × 1 process(es) is 8: accum_steps"),
     ],

@@ -191,6 +191,9 @@ class Trainer:
         self.warmup = round(cfg.warmup_epochs * self.spe)
         self.effective_batch = cfg.batch_size * cfg.accum_steps * run.world_size
         self.peak_lr = scaled_lr(cfg.blr, self.effective_batch)
+        if cfg.min_lr > self.peak_lr:  # known only here (the batch): the "decay" would raise the lr to it
+            raise ParamsError("train.min_lr", f"{cfg.min_lr:g} is above the peak lr {self.peak_lr:g} (blr "
+                              f"{cfg.blr:g} × effective batch {self.effective_batch} / 256)")
         self.dtype = resolve_dtype(cfg.precision, run.device)
         self.model = model.to(run.device)
         if cfg.sync_bn:
