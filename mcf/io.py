@@ -128,7 +128,10 @@ def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
     _recover(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:  # a file on the way, a read-only folder: one line naming ``path``, not a traceback
+        raise StageError(f"cannot write {path}: {err.strerror}") from None
     try:
         yield tmp
     except BaseException:

@@ -214,7 +214,7 @@ def cli(argv: list[str]) -> int:
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
                "    image path, a model missing, damaged or of the other task, an --out that is not a\n"
-               "    predict output; 2 a usage error (a bad --box or --yunet, no --out)",
+               "    predict output or cannot be written; 2 a usage error (a bad --box or --yunet, no --out)",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, metavar="DIR",

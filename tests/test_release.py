@@ -192,6 +192,8 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
     with pytest.raises(StageError, match="cannot export"):  # a failed export writes nothing
         cli(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+    with pytest.raises(StageError, match="cannot write .*last.pt/out: Not a directory"):  # one line, exit 1
+        cli(["--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "last.pt" / "out")])
     for heads in ("-2", "0", "3"):  # 3 does not divide the width 64
         with pytest.raises(StageError, match=f"{heads} attention heads do not divide the embedding width 64"):
             cli(["--checkpoint", str(tmp_path / "release.pth"), "--out", str(tmp_path / "bad"),
