@@ -201,6 +201,21 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
     assert not (tmp_path / "bad").exists()
 
 
+def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
+    """MoCo v3 names its ViT in ``arch``; its ViT-S has 12 heads at width 384 (64 channels a head would
+    give 6), so the exported backbone computes the trained attention, not another one."""
+    size = BackboneConfig(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=12)
+    vit = create_backbone(size, num_classes=4)
+    state = {f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()}
+    for arch, heads in (("vit_small", 12), ("resnet50", 1)):  # unknown arch: 48 // 64 channels, at least 1
+        torch.save({"arch": arch, "state_dict": state}, tmp_path / f"{arch}.pth.tar")
+        assert cli(["--checkpoint", str(tmp_path / f"{arch}.pth.tar"), "--out", str(tmp_path / arch)]) == 0
+        assert load_backbone(tmp_path / arch).blocks[0].attn.num_heads == heads
+    assert cli(["--checkpoint", str(tmp_path / "vit_small.pth.tar"), "--out", str(tmp_path / "told"),
+                "--num-heads", "4"]) == 0  # --num-heads still wins
+    assert load_backbone(tmp_path / "told").blocks[0].attn.num_heads == 4
+
+
 def test_export_of_a_backbone_missing_weights_is_refused_in_one_line(tmp_path: Path) -> None:
     """A checkpoint whose encoder lacks a weight or holds a classifier head: a StageError naming the key
     (exit 1, one line), not the RuntimeError traceback of ``load_state_dict``; nothing is written."""

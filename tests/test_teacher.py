@@ -41,6 +41,22 @@ def test_moco_v3_checkpoint_loads_exactly(tmp_path: Path) -> None:
         load_teacher(f"moco_v3:{tmp_path / 'plain.pth'}", TINY)
 
 
+def test_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
+    """MoCo v3's ViT-S has 12 heads at width 384 (timm's has 6): its ``arch`` says so, since the
+    weights' shapes do not; 6 heads would load the same weights and compute another attention."""
+    torch.manual_seed(0)
+    size = BackboneConfig(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=12)
+    vit = create_backbone(size).eval()
+    state = {f"module.base_encoder.{k}": v for k, v in vit.state_dict().items()}
+    path = tmp_path / "moco_vits.pth.tar"
+    torch.save({"arch": "vit_small", "state_dict": state}, path)
+    teacher = load_teacher(f"moco_v3:{path}", dataclasses.replace(size, num_heads=3))
+    assert all(block.attn.num_heads == 12 for block in teacher.model.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    expected = vit.blocks(vit.norm_pre(vit._pos_embed(vit.patch_embed(x))))  # both blocks, before the norm
+    torch.testing.assert_close(teacher(x, [1])[0], expected)
+
+
 @pytest.mark.parametrize(
     ("spec", "fragment"),
     [

@@ -27,7 +27,8 @@ def cli(argv: list[str]) -> int:
     p.add_argument(
         "--num-heads", type=int, default=None,
         help="attention heads, when the checkpoint does not record its backbone size "
-        "(default: embed_dim / 64, which is right for ViT-Ti/S/B/L)",
+        "(default: 12 for a MoCo v3 checkpoint's vit_small/vit_base, else embed_dim / 64, which is "
+        "right for timm's and MAE's ViT-Ti/S/B/L)",
     )
     args = p.parse_args(argv)
     try:

@@ -110,18 +110,26 @@ def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = N
     )
 
 
+# MoCo v3's ViTs (its vits.py, named by the checkpoint's ``arch``) all have 12 heads: its ViT-S too, where
+# timm's ViT-S and the 64-channel default have 6 (heads are not in the weights' shapes)
+MOCO_V3_HEADS = {"vit_small": 12, "vit_base": 12}
+
+
 def backbone_from_checkpoint(
     obj: Mapping[str, Any], num_heads: int | None = None, like: BackboneConfig | None = None
 ) -> tuple[dict[str, Tensor], BackboneConfig]:
     """Backbone weights and size from a checkpoint.
 
     The size comes from a ``backbone`` entry (``dataclasses.asdict(BackboneConfig)``) when the
-    checkpoint has one, else from the shapes; heads from ``num_heads``, else from ``like`` when the
-    widths match, else 64 channels per head.
+    checkpoint has one, else from the shapes; heads from ``num_heads``, else from a MoCo v3 ``arch``,
+    else from ``like`` when the widths match, else 64 channels per head.
     """
     state = encoder_state_dict(obj)
     if isinstance(obj.get("backbone"), Mapping):
         return state, BackboneConfig(**obj["backbone"])
+    arch = obj.get("arch")
+    if num_heads is None and isinstance(arch, str):
+        num_heads = MOCO_V3_HEADS.get(arch)
     patch = state.get("patch_embed.proj.weight")  # absent: infer_backbone_config says so
     if num_heads is None and like is not None and patch is not None and patch.shape[0] == like.embed_dim:
         num_heads = like.num_heads

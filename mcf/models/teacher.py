@@ -163,7 +163,7 @@ def _load_moco_v3(path: str, backbone_cfg: BackboneConfig) -> nn.Module:
     if not any(k.startswith("module.base_encoder.") for k in keys):
         raise ValueError(f"{path}: not a MoCo v3 checkpoint (no state_dict with module.base_encoder.* keys)")
     base = {k: v for k, v in keys.items() if k.startswith("module.base_encoder.")}
-    return _from_weights(base, backbone_cfg, path)
+    return _from_weights({"arch": ckpt.get("arch"), "state_dict": base}, backbone_cfg, path)  # arch: heads
 
 
 def _load_timm(arg: str, backbone_cfg: BackboneConfig) -> nn.Module:
