@@ -70,10 +70,22 @@ BODIES = {
 }
 
 
+# /robots/<name>.jpg: JPEG with these X-Robots-Tag headers, one entry per header
+ROBOTS = {
+    "googlebot": ["googlebot: noindex, noimageindex"],  # Google only: fetched
+    "bing-and-all": ["bingbot: noai", "noimageai"],  # a second header addresses everyone
+    "ours": ["mcf-fetch: noai"],  # our user agent's product token
+    "img2dataset": ["img2dataset: noai"],  # the tool whose settings we follow
+    "value-rule": ["max-image-preview:large, noindex"],  # a rule's value, not a crawler
+    "substring": ["noindexnow, xnoai"],  # no directive of the list
+}
+
+
 class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body),
     /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and
-    from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself) and /leak (to a long ftp URL)."""
+    from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself), /leak (to a long ftp URL)
+    and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
 
     counts: Counter = Counter()
     lock = threading.Lock()
@@ -134,6 +146,8 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(0.1)
         elif self.path in BODIES:
             self._send(BODIES[self.path])
+        elif self.path.startswith("/robots/"):
+            self._send(JPEG)
         else:
             self.send_error(404)
 
@@ -141,6 +155,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         if self.path == "/noai.jpg":
             self.send_header("X-Robots-Tag", "noai, noimageai")
+        for value in ROBOTS.get(self.path.removeprefix("/robots/").removesuffix(".jpg"), []):
+            self.send_header("X-Robots-Tag", value)
         if self.path != "/huge.bin":  # no length: the bound must hold while streaming
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -282,6 +298,23 @@ def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path)
     assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["timeout", "success"]
     assert Handler.counts["/drip-head"] == 2  # retried once, as a timeout is
     assert Handler.counts["/drip-head bytes"] < 100  # of 2 × 200: both tries were cut off near 0.5 s
+
+
+def test_robots_directives_scoped_to_another_crawler_do_not_refuse(server: str, tmp_path: Path) -> None:
+    """img2dataset's reading of X-Robots-Tag: each header is ``[crawler:] directive, ...``; one scoped to
+    another crawler does not address us, and directives match whole, not as substrings."""
+    urls = [f"{server}/robots/{name}.jpg" for name in ROBOTS]
+    main(Common(), _laion_config(_laion_parquet(tmp_path / "part.parquet", urls)))
+    manifest = pd.read_parquet("out/manifest.parquet")
+    assert dict(zip(ROBOTS, manifest["status"], strict=True)) == {
+        "googlebot": "success",
+        "bing-and-all": "disallowed",
+        "ours": "disallowed",
+        "img2dataset": "disallowed",
+        "value-rule": "disallowed",
+        "substring": "success",
+    }
+    assert manifest["error"][1] == "X-Robots-Tag: noimageai"
 
 
 def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) -> None:

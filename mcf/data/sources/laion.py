@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import socket
 import threading
 import time
@@ -166,6 +167,29 @@ class _DeadlineAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
+# robots rules whose value follows a colon ("max-image-preview:large"): not a crawler's name
+_VALUE_RULES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
+
+
+def robots_refusals(headers: list[str], agents: set[str], directives: list[str]) -> list[str]:
+    """The ``directives`` that the X-Robots-Tag ``headers`` (one string per header) set for us.
+
+    As img2dataset reads them: a header is ``[crawler:] directive, ...``, and one naming another crawler
+    (``googlebot: noindex``) does not address us; directives match whole (``noindex``, not ``noindexnow``).
+    """
+    found: list[str] = []
+    for header in headers:
+        name, colon, rest = header.partition(":")
+        name = name.strip().lower()
+        if colon and name not in _VALUE_RULES and not re.search(r"[,\s]", name):
+            if name not in agents:
+                continue
+            header = rest
+        given = {d.strip().lower() for d in header.split(",")}
+        found += [d for d in directives if d.lower() in given and d not in found]
+    return found
+
+
 def _short(text: str) -> str:
     """An error text for the manifest: redacted first, then cut to 200 characters (cut first, a URL's
     password crossing the cut would lose the ``@`` its redaction finds it by)."""
@@ -178,6 +202,9 @@ class HttpFetcher:
     def __init__(self, cfg: LaionFaceConfig, max_bytes: int) -> None:
         self.cfg, self.max_bytes = cfg, max_bytes
         self._local = threading.local()
+        # the crawler names an X-Robots-Tag header may address us by: our product token, and the tool
+        # whose settings we follow
+        self._agents = {re.split(r"[/\s]", cfg.user_agent.strip(), maxsplit=1)[0].lower(), "img2dataset"}
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
@@ -192,8 +219,9 @@ class HttpFetcher:
         if response.status_code >= 400:
             retry = response.status_code >= 500 or response.status_code == 429
             raise FetchFailure("http_error", f"HTTP {response.status_code}", retryable=retry)
-        robots = response.headers.get("X-Robots-Tag", "").lower()
-        refused = [d for d in self.cfg.disallowed_header_directives if d.lower() in robots]
+        refused = robots_refusals(
+            response.raw.headers.getlist("X-Robots-Tag"), self._agents, self.cfg.disallowed_header_directives
+        )
         if refused:
             raise FetchFailure("disallowed", f"X-Robots-Tag: {', '.join(refused)}")
         length = response.headers.get("Content-Length", "")
