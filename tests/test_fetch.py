@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mcf.data.fetch import FetchConfig, journal_dir, main
-from mcf.data.sources import laion
+from mcf.data.fetch import FetchConfig, journal_dir, limits, main
+from mcf.data.sources import laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
 from mcf.data.sources.image import Record, inspect
 from mcf.errors import StageError
@@ -572,6 +572,41 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     assert (manifest["source"] == "s3").all()
     with pytest.raises(StageError, match=r"s3 source lists no rows: nothing in s3://faces/none/ \(keys"):
         main(Common(), _config(source="s3", s3=section | {"prefix": "none/"}))
+
+
+class Throttling(BaseHTTPRequestHandler):
+    """An S3-compatible endpoint that answers every request 429 Too Many Requests (GCS's XML API, R2)."""
+
+    requests = 0
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).requests += 1
+        body = b"<Error><Code>TooManyRequests</Code><Message>slow down</Message></Error>"
+        self.send_response(429)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_s3_throttling_is_retried(tmp_path: Path) -> None:
+    """fetch.retries covers HTTP 429 for every source: an S3 store's throttling was given up at once."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Throttling)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        section = {"bucket": "faces", "endpoint_url": f"http://127.0.0.1:{httpd.server_address[1]}"}
+        cfg = _config(source="s3", s3=section, retries=2)
+        rows = pd.DataFrame([{"sample_id": "a.jpg", "caption": "", "key": "a.jpg", "etag": "e", "size": 10}])
+        source = s3.source(cfg.s3, cfg.max_bytes, 1, rows)
+        (record,) = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert (record.status, record.error) == ("http_error", "HTTP 429 TooManyRequests")
+    assert Throttling.requests == 3
 
 
 def test_synthetic_source_end_to_end() -> None:

@@ -107,7 +107,8 @@ class S3Fetcher:
         except ClientError as err:
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             code = err.response.get("Error", {}).get("Code", "")
-            raise FetchFailure("http_error", f"HTTP {status} {code}", retryable=status >= 500) from None
+            retry = status >= 500 or status == 429  # 429: throttling on S3-compatible stores
+            raise FetchFailure("http_error", f"HTTP {status} {code}", retryable=retry) from None
         except (ConnectTimeoutError, ReadTimeoutError) as err:
             raise FetchFailure("timeout", type(err).__name__, retryable=True) from None
         except EndpointConnectionError as err:
