@@ -435,6 +435,10 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
         _config(source="laion-face")
     with pytest.raises(ParamsError, match=r"fetch\.s3\.bucket"):
         _config(source="s3")
+    # the manifest's own columns: pyarrow refused the duplicate names only after every download
+    parquet, extra = str(_laion_parquet(tmp_path / "part.parquet", ["ftp://a"])), ["NSFW", "width", "status"]
+    with pytest.raises(ParamsError, match=r"fetch\.laion_face\.extra_columns: \['status', 'width'\] are "):
+        _config(source="laion-face", laion_face={"parquet": [parquet], "extra_columns": extra})
     with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: takes no user, password or query"):
         _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://minio:s3cret@127.0.0.1:9000"})
     with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: expected http\(s\)://host\[:port\]"):

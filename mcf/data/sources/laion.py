@@ -36,7 +36,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
-from mcf.data.sources.download import Source
+from mcf.data.sources.download import RECORD_COLUMNS, Source
 from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded, redact
 from mcf.errors import StageError
 from mcf.params import ParamsError, param, require_path
@@ -68,6 +68,9 @@ class LaionFaceConfig:
             raise ParamsError("parquet", "give at least one LAION-Face metadata parquet file")
         for i, path in enumerate(self.parquet):
             require_path(path, f"parquet[{i}]")
+        taken = sorted(set(self.extra_columns) & {"sample_id", *RECORD_COLUMNS, "source", "url", "caption"})
+        if taken:  # pyarrow refuses repeated names when the manifest is written, after every download
+            raise ParamsError("extra_columns", f"{taken} are columns of the manifest itself: leave them out")
         for i, path in enumerate(self.detections):
             require_path(path, f"detections[{i}]")
             if Path(path).suffix not in (".json", ".parquet"):
