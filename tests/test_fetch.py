@@ -420,6 +420,17 @@ def test_a_long_url_is_redacted_before_it_is_cut_short(server: str) -> None:
     assert failure.value.status == "invalid_url" and "s3cret" not in error and "uuu" not in error
 
 
+@pytest.mark.parametrize("host", ["www..example.com", "a" * 64 + ".example.com"])
+def test_a_host_urllib3_cannot_parse_is_an_invalid_url(host: str) -> None:
+    """An empty or over-long DNS label fails in urllib3's parser, before any connection: not a
+    connection error, and not retried."""
+    fetcher = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    with pytest.raises(laion.FetchFailure) as failure:
+        fetcher({"url": f"http://{host}/x.jpg"})
+    assert (failure.value.status, failure.value.retryable) == ("invalid_url", False)
+    assert failure.value.error.startswith("LocationParseError: Failed to parse")
+
+
 def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None:
     parquet = tmp_path / "part.parquet"
     pd.DataFrame({"SAMPLE_ID": [1], "TEXT": ["x"], "NSFW": ["UNLIKELY"]}).to_parquet(parquet)

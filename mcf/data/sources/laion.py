@@ -34,7 +34,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import HTTPError, LocationValueError, ProtocolError, ReadTimeoutError
 
 from mcf.data.sources.download import RECORD_COLUMNS, Source
 from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded, redact
@@ -255,6 +255,8 @@ class HttpFetcher:
             raise FetchFailure("truncated", _short(f"body ended early: {err}"), retryable=True) from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as err:
             raise FetchFailure("invalid_url", _short(str(err))) from None
+        except LocationValueError as err:  # urllib3's parser refused the host (an empty or over-long label)
+            raise FetchFailure("invalid_url", _short(f"{type(err).__name__}: {err}")) from None
         except requests.exceptions.TooManyRedirects:  # a loop or a chain: trying again will not help
             raise FetchFailure("http_error", f"more than {self.cfg.max_redirects} redirects") from None
         except (requests.exceptions.RequestException, HTTPError) as err:
