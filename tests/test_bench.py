@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from test_pretrain import TINY, make_workspace, write_params
+from torch.utils.flop_counter import FlopCounterMode
 
 from mcf.models.backbone import BackboneConfig
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
-from mcf.train.bench import bench_pretrain, equivalence, loader_rate, parse
+from mcf.train.bench import bench_pretrain, equivalence, loader_rate, make_step, parse, step_flops
 
 
 def _model() -> MCF:
@@ -40,6 +41,27 @@ def test_equivalence_uses_one_set_of_masks_and_catches_a_difference() -> None:
         for p in other.encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     assert not equivalence(model, other, imgs, 0.75, torch.float32, rtol=1e-2)[0]
+
+
+def test_step_flops_count_attention_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's fused attention kernel has no FLOP formula: the count must still hold attention's matmuls
+    (QK^T and AV, 4·B·H·Lq·Lk·D a forward, three times that with its backward)."""
+    model, imgs = _model(), torch.randn(4, 3, 32, 32)
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: object, **kwargs: object
+                 ) -> torch.Tensor:
+        calls.append(4 * q.shape[:-1].numel() * k.shape[-2] * q.shape[-1] * (3 if q.requires_grad else 1))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    def optimizer() -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=0.0)
+
+    with FlopCounterMode(display=False) as counter:  # torch's own kernel choice: attention goes uncounted
+        make_step(model, model, imgs, 0.75, torch.float32, optimizer())()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    flops = step_flops(model, imgs, 0.75, optimizer())
+    assert calls and flops - counter.get_total_flops() == sum(calls)
 
 
 def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
