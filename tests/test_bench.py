@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,30 @@ def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.
             bench_pretrain(["--device", "cuda"])
     with pytest.raises(ValueError, match="fewer than one batch"):
         loader_rate(tmp_path / "subset" / "shards", 32, 64, 0, 1, torch.device("cpu"))
+
+
+class _SlowCrops(torch.utils.data.Dataset):
+    """Crops that take ``SLOW`` seconds each to decode, whatever the machine's load (a sleep)."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(SLOW)
+        return torch.zeros(3, 4, 4)
+
+
+SLOW = 0.05
+
+
+def test_loader_rate_leaves_the_workers_first_burst_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers start together, so their first batches land at once: timed from the first batch, the
+    second of 2 workers' came in that burst and the rate read far above what they deliver."""
+    monkeypatch.setattr("mcf.train.bench.CropDataset", lambda *args, **kwargs: _SlowCrops())
+    monkeypatch.setattr("mcf.train.bench.EpochView", lambda crops, *args: crops)
+    rate = loader_rate(Path("shards"), 4, 4, 2, 1, torch.device("cpu"))
+    steady = 2 / SLOW  # 2 workers, each an image every SLOW seconds
+    assert 0.5 * steady < rate < 1.5 * steady
 
 
 def test_bench_imports_only_the_training_stack() -> None:

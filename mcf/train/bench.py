@@ -83,7 +83,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="in [0, 1) (default: %(default)s)")
     p.add_argument("--shards", type=Path, default=None, help="time the data loader on these JPEG shards too")
     p.add_argument("--workers", type=int, default=8, help="data-loader processes (default: %(default)s)")
-    p.add_argument("--loader-batches", type=int, default=50, help="batches timed (default: %(default)s)")
+    p.add_argument("--loader-batches", type=int, default=50,
+                   help="batches timed, rounded up to whole rounds of the workers (default: %(default)s)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile 2 fast steps and print the N costliest kernels (default: off)")
     args = p.parse_args(argv)
@@ -205,24 +206,28 @@ def loader_rate(shards: Path, img_size: int, batch: int, workers: int, batches: 
                 device: torch.device) -> float:
     """Images/s that the pretrain loop's data path delivers from JPEG shards (decoded on every access).
 
-    One epoch's view of the crops is read round and round until ``batches`` batches past the first (which
-    pays for the workers' start) have reached the device.
+    One epoch's view of the crops is read round and round. The workers start together, so each one's
+    first batch pays for its start and they land in one burst: the clock starts once every worker has
+    delivered its first (the main process its first, with no workers), and runs over ``batches`` rounded
+    up to whole rounds of the workers.
     """
     crops = CropDataset(shards, img_size, cache_mb=0)
     if len(crops) < batch:
         raise ValueError(f"{shards}: {len(crops)} crops are fewer than one batch of {batch}")
     view = EpochView(crops, 0, 0, 0, 1, len(crops), 0)
-    order = [i % len(view) for i in range(batch * (batches + 1))]
+    warm = max(workers, 1)
+    timed = -(-batches // warm) * warm
+    order = [i % len(view) for i in range(batch * (warm + timed))]
     loader = DataLoader(view, batch_size=batch, sampler=order, num_workers=workers,
                         pin_memory=device.type == "cuda", drop_last=True)
-    start = None
-    for imgs in loader:
+    start = 0.0
+    for n, imgs in enumerate(loader, 1):
         imgs.to(device, non_blocking=True)
-        if start is None:
+        if n == warm:
             _sync(device)
             start = time.perf_counter()
     _sync(device)
-    return batch * batches / (time.perf_counter() - start)
+    return batch * timed / (time.perf_counter() - start)
 
 
 def bench_pretrain(argv: list[str]) -> int:
