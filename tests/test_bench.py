@@ -7,6 +7,7 @@ import logging
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mcf.models.backbone import BackboneConfig
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
+from mcf.train import bench
 from mcf.train.bench import bench_pretrain, equivalence, loader_rate, make_step, parse, step_flops
 
 
@@ -101,6 +103,32 @@ def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.
             bench_pretrain(["--device", "cuda"])
     with pytest.raises(ValueError, match="fewer than one batch"):
         loader_rate(tmp_path / "subset" / "shards", 32, 64, 0, 1, torch.device("cpu"))
+
+
+def test_each_timed_path_holds_no_other_optimizers_state(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's peak memory of a path must not count another AdamW's moments (ViT-B's: about 0.9 GiB):
+    when either path's clock starts, no optimizer holds state (each one's own fills in its warm-up)."""
+    make_workspace(tmp_path, n=8)
+    params = write_params(tmp_path)
+    made: list[weakref.ref] = []
+
+    class Tracked(torch.optim.AdamW):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(weakref.ref(self))
+
+    timed = bench.time_steps
+    holding = []
+
+    def checked(*args: object) -> tuple[float, float]:
+        holding.append(sum(1 for ref in made if ref() is not None and ref().state))
+        return timed(*args)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Tracked)
+    monkeypatch.setattr(bench, "time_steps", checked)
+    assert bench_pretrain(["--params", str(params), "--batch", "4", "--steps", "1", "--warmup", "1"]) == 0
+    assert holding == [0, 0]
 
 
 class _SlowCrops(torch.utils.data.Dataset):
