@@ -258,6 +258,18 @@ def test_report_of_a_run_that_stopped_early(run: Path) -> None:
     assert "pretrain: training curves" in curves  # what exists is still shown
 
 
+def test_report_of_a_checkout_whose_evaluate_outputs_were_not_pulled(run: Path) -> None:
+    """A fresh clone has the committed metrics but not the DVC-cached ``outputs/evaluate``: the plots
+    become notes, the numbers the metrics hold (alignment table, per-class F1 against FaRL) still show."""
+    shutil.rmtree(run / "outputs" / "evaluate")
+    sections = _sections(_page(run))
+    assert "no CED data" in sections["ced"] and "no F1 data" in sections["f1"]
+    splits = re.findall(r"<tr><td>(\w+)</td><td>(\w+)</td>", sections["ced"])
+    assert sorted(splits) == [(v, s) for v in ("mcf", "scratch") for s in ("frontal", "full")]
+    assert "5.432" in sections["ced"] and "SynthFace-AFLW19" in sections["ced"]
+    assert "FaRL-B ep16 (LaPa)" in sections["f1"] and "14.81" in sections["f1"]
+
+
 def test_report_of_an_empty_checkout(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     sections = _sections(_page(tmp_path))
