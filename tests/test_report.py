@@ -270,6 +270,14 @@ def test_report_of_a_checkout_whose_evaluate_outputs_were_not_pulled(run: Path) 
     assert "FaRL-B ep16 (LaPa)" in sections["f1"] and "14.81" in sections["f1"]
 
 
+def test_a_damaged_curve_file_costs_only_its_own_runs_curves(run: Path) -> None:
+    """An empty dvclive TSV (a run killed as it started) replaced every stage's curves with one note."""
+    (run / "metrics" / "teacher" / "plots" / "metrics" / "train" / "loss.tsv").write_text("")
+    curves = _sections(_page(run))["curves"]
+    assert "loss.tsv is unreadable" in curves and "pretrain: training curves" in curves
+    assert "finetune_parsing: training curves" in curves and "could not read this part" not in curves
+
+
 def test_report_of_an_empty_checkout(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     sections = _sections(_page(tmp_path))

@@ -135,7 +135,10 @@ def read_curves(live: Path) -> dict[str, pd.DataFrame]:
     folder = existing(live / "plots" / "metrics", "dvclive curves")
     curves = {}
     for tsv in sorted(folder.rglob("*.tsv")):
-        df = pd.read_csv(tsv, sep="\t")
+        try:
+            df = pd.read_csv(tsv, sep="\t")
+        except ValueError as err:  # e.g. left empty by a run killed as it began: a note for this run only
+            raise Missing(f"{tsv} is unreadable: {err}") from None
         if "step" in df.columns and len(df.columns) >= 2 and len(df):
             curves[tsv.relative_to(folder).with_suffix("").as_posix()] = df
     if not curves:
