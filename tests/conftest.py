@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,6 +56,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             2 if item.get_closest_marker("awaits_background") else 1)
 
     items.sort(key=rank)
+
+
+def contract_types(heading: str) -> dict[str, str]:
+    """docs/CONTRACTS.md's Arrow types of the table under ``## <heading>``, as pyarrow prints them
+    (``list<double>, 4`` is ``list<element: double>``): the tests pin the written files to the page."""
+    text = (Path(__file__).resolve().parents[1] / "docs/CONTRACTS.md").read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    types = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if not line.startswith("| `") or len(cells) < 2 or not cells[1]:
+            continue
+        kind = re.sub(r"list<(\w+)>.*", r"list<element: \1>", cells[1])
+        types |= dict.fromkeys(re.findall(r"`(\w+)`", cells[0]), kind)
+    return types
 
 
 class PrefectServer:

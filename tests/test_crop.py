@@ -18,9 +18,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
+from conftest import contract_types
 from pytest import MonkeyPatch
 from skimage import data as skdata
 
@@ -179,6 +181,18 @@ def test_rejections_carry_reasons(serial: tuple[CropConfig, pd.DataFrame]) -> No
     assert "gone" not in set(manifest["sample_id"])  # failed fetches have no faces
     broken = manifest.set_index("sample_id").loc[["broken", "broken-no-table"]]
     assert broken["detector"].tolist() == ["table", None] and broken["face"].tolist() == [0, 0]
+
+
+def test_manifest_keeps_its_documented_types_when_a_column_is_all_null(tmp_path: Path) -> None:
+    # all kept (no reason) and no landmarks (a box-only table face, a Haar face): pandas would write
+    # both columns with Arrow's null type
+    samples = {k: v for k, v in _samples().items() if k in ("camera", "mirror")}
+    cfg = _cfg(make_fetch_dir(tmp_path / "fetch", samples), tmp_path / "crop")
+    manifest = crop(cfg)
+    assert manifest["reason"].isna().all() and manifest["landmarks"].isna().all()
+    schema = pq.read_schema(Path(cfg.out) / "manifest.parquet")
+    documented = contract_types("crop: `manifest.parquet`")
+    assert {name: str(schema.field(name).type) for name in schema.names} == documented
 
 
 def test_reasons_match_the_gate_suite() -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
+from conftest import contract_types
 
 from mcf.cli import main as cli_main
 from mcf.data.crop import crop_id
@@ -93,6 +95,14 @@ def test_shards_stream_the_chosen_crops_unchanged(crop_dir: Path, tmp_path: Path
     original = {key: jpeg for key, jpeg, _ in iter_encoded(shard_urls(crop_dir / "shards"))}
     assert all(original[key] == jpeg for key, jpeg, _ in iter_encoded(urls))  # copied, not re-encoded
     assert pd.read_parquet(tmp_path / "s/manifest.parquet")["shard"].tolist() == manifest["shard"].tolist()
+
+
+def test_manifest_keeps_the_crop_manifests_types(crop_dir: Path, tmp_path: Path) -> None:
+    # every subset row is kept, so `reason` is all null (and `landmarks` is in this crop manifest)
+    subset(_cfg(crop_dir, tmp_path / "s", stratify="face_size_bin"), seed=0)
+    schema = pq.read_schema(tmp_path / "s/manifest.parquet")
+    documented = contract_types("crop: `manifest.parquet`") | {"face_size_bin": "string"}
+    assert {name: str(schema.field(name).type) for name in schema.names} == documented
 
 
 def test_stratified_pick_keeps_bin_proportions(crop_dir: Path, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from mcf.data.detect import DetectorConfig, Face, load_detections, make_detector
 from mcf.data.quality import blur_score, duplicates, phash
-from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_shards
+from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir
 from mcf.params import Common, param, require_path
@@ -250,7 +250,7 @@ def finish(manifest: pd.DataFrame, cfg: CropConfig, out_dir: str | Path) -> None
     from mcf.validate.gate import run_gate
 
     run_gate(manifest, "crop", stage="crop", config=cfg)  # every crop at cfg.size
-    manifest.to_parquet(Path(out_dir) / "manifest.parquet", index=False)
+    write_manifest(manifest, Path(out_dir) / "manifest.parquet")
 
 
 def load_sources(cfg: CropConfig) -> list[Source]:

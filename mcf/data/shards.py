@@ -37,6 +37,14 @@ if TYPE_CHECKING:
 
 SHARD_PATTERN = "crops-%06d.tar"
 READ_BACK = ["shard", "width", "height", "mean", "std"]
+# The Arrow type of each crop-manifest column that can be null in every row (docs/CONTRACTS.md): no
+# rejection leaves `reason` all null (always so in a subset), Haar gives no landmarks, nothing kept no
+# read-back values. pandas would write such a column with Arrow's null type.
+NULLABLE_TYPES = {
+    "reason": "string", "detector": "string", "box": "list<double>", "landmarks": "list<double>",
+    "score": "double", "face_size": "double", "blur": "double", "phash": "string", "shard": "string",
+    "width": "int64", "height": "int64", "mean": "double", "std": "double",
+}  # fmt: skip
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int = 95) -> bytes:
@@ -195,3 +203,17 @@ def read_back(shard_dir: str | Path, workers: int = 1) -> pd.DataFrame:
         per_shard = list(tqdm(mapped, total=len(urls), desc="read back", unit="shard"))
     stats = pd.DataFrame([r for rows in per_shard for r in rows], columns=["crop_id", *READ_BACK])
     return stats.astype({"width": "Int64", "height": "Int64"})
+
+
+def write_manifest(manifest: pd.DataFrame, path: str | Path) -> None:
+    """Write a crop or subset manifest with its documented column types, whatever values it holds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"string": pa.string(), "double": pa.float64(), "int64": pa.int64(),
+             "list<double>": pa.list_(pa.float64())}
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    for i, field in enumerate(table.schema):
+        if field.type == pa.null() and field.name in NULLABLE_TYPES:
+            table = table.set_column(i, field.name, table.column(i).cast(types[NULLABLE_TYPES[field.name]]))
+    pq.write_table(table, path)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_shards
+from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir
 from mcf.params import Common, ParamsError, param, require_path
@@ -137,7 +137,7 @@ def subset(cfg: SubsetConfig, seed: int) -> pd.DataFrame:
     with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
         manifest = write_subset(chosen, cfg, tmp)
         run_gate(manifest, "subset", stage="subset", config=cfg)  # sizes must be the crop stage's
-        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        write_manifest(manifest, tmp / "manifest.parquet")
     if cfg.stratify:
         log.info("subset strata: %s", manifest[cfg.stratify].value_counts().sort_index().to_dict())
     log.info("subset: %d of %d kept crops (seed %d) -> %s", len(manifest), len(kept), seed, cfg.out)
