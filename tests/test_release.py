@@ -192,6 +192,9 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
     with pytest.raises(StageError, match="cannot export"):  # a failed export writes nothing
         cli(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
+    torch.save(ours | {"backbone": dataclasses.asdict(TINY) | {"heads": 2}}, tmp_path / "foreign.pt")
+    with pytest.raises(StageError, match="backbone entry is not a ViT size .*'heads'"):  # not a TypeError
+        cli(["--checkpoint", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "never")])
     with pytest.raises(StageError, match="cannot write .*last.pt/out: Not a directory"):  # one line, exit 1
         cli(["--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "last.pt" / "out")])
     for heads in ("-2", "0", "3"):  # 3 does not divide the width 64

@@ -126,7 +126,10 @@ def backbone_from_checkpoint(
     """
     state = encoder_state_dict(obj)
     if isinstance(obj.get("backbone"), Mapping):
-        return state, BackboneConfig(**obj["backbone"])
+        try:
+            return state, BackboneConfig(**obj["backbone"])
+        except TypeError as err:  # a key this version does not know: a foreign or hand-edited checkpoint
+            raise ValueError(f"the checkpoint's backbone entry is not a ViT size ({err})") from None
     arch = obj.get("arch")
     if num_heads is None and isinstance(arch, str):
         num_heads = MOCO_V3_HEADS.get(arch)
