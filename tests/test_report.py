@@ -10,11 +10,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from mcf.cli import main as cli_main
 from mcf.params import ParamsError
 from mcf.report import build_report, markdown_summary
+from mcf.report.figures import f1_png
 
 PARAMS = """\
 seed: 0
@@ -319,3 +321,13 @@ def test_an_out_that_cannot_be_written_is_a_usage_error(
     assert exit_.value.code == 2
     assert f"--out params.yaml/x.html: cannot be written there ({tmp_path}/params.yaml is a file)" in (
         capsys.readouterr().err)
+
+
+def test_f1_bars_tell_a_class_without_f1_from_an_f1_of_zero() -> None:
+    """A class absent from labels and predictions has a null F1; drawn as a zero bar alone, the figure
+    showed it as a failed class."""
+
+    def png(value: float) -> bytes:
+        return f1_png(pd.DataFrame({"class": ["skin", "hair"], "mcf": [85.0, value]}), "SynthFace-LaPa")
+
+    assert png(float("nan")) != png(0.0)

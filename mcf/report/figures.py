@@ -71,13 +71,19 @@ def ced_png(table: pd.DataFrame, dataset: str) -> bytes:
 
 
 def f1_png(table: pd.DataFrame, dataset: str) -> bytes:
-    """Per-class F1 bars from ``plots/f1.csv`` (class, one column per variant)."""
+    """Per-class F1 bars from ``plots/f1.csv`` (class, one column per variant).
+
+    A class absent from both the labels and the predictions has no F1 (null): it is marked "n/a" at its
+    bar's place, which a zero-height bar alone would not tell from an F1 of 0.
+    """
     variants = list(table.columns.drop("class"))
     width = 0.8 / max(len(variants), 1)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for i, variant in enumerate(variants):
         xs = [x + (i - (len(variants) - 1) / 2) * width for x in range(len(table))]
         ax.bar(xs, table[variant].fillna(0), width, label=f"{variant} ({dataset})")
+        for x in (x for x, f1 in zip(xs, table[variant], strict=True) if pd.isna(f1)):
+            ax.text(x, 1, "n/a", ha="center", va="bottom", rotation=90, fontsize=6)
     ax.set_xticks(range(len(table)), table["class"], rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("F1 (%)")
     ax.set_ylim(0, 100)
