@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from skimage import data as skdata
 
 from mcf.cli import main as cli_main
 from mcf.data import crop as crop_mod
-from mcf.data.crop import CropConfig, Source, crop, crop_chunk, crop_id, face_transform, warp_crop
+from mcf.data.crop import CropConfig, Source, bench_crop, crop, crop_chunk, crop_id, face_transform, warp_crop
 from mcf.data.detect import DetectorConfig, Face, HaarDetector, YuNetDetector, load_detections
 from mcf.data.quality import bench_duplicates, duplicates, phash
 from mcf.data.shards import shard_urls
@@ -501,3 +502,12 @@ def test_crop_id_is_a_safe_shard_key() -> None:
     assert crop_id("synth-000001", 2) == "synth-000001_002"
     odd = crop_id("photos/a.b.jpg", 0)
     assert "." not in odd and "/" not in odd and odd != crop_id("photos/a_b.jpg", 0)
+
+
+def test_bench_rates_faces_and_kept_crops_apart(fetch_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """On real input some faces are rejected: the rate of faces cropped is not a rate of crops kept."""
+    bench_crop(["--input", str(fetch_dir), "--workers", "1"])
+    line = capsys.readouterr().out
+    faces, kept = map(int, re.search(r"(\d+) faces, (\d+) crops kept", line).groups())
+    face_rate, kept_rate = map(float, re.search(r"([\d.]+) faces/s \(([\d.]+) crops kept/s\)", line).groups())
+    assert 0 < kept < faces and kept_rate / face_rate == pytest.approx(kept / faces, rel=0.05)

@@ -395,5 +395,6 @@ def bench_crop(argv: list[str]) -> None:
         f"crop bench: {len(sources)} images, {len(manifest)} faces, {kept} crops kept, "
         f"{args.size}px, workers={cfg.workers}, detections={mode}: {seconds:.2f} s "
         f"(crop {middle - start:.2f} s, merge {seconds - (middle - start):.2f} s) = "
-        f"{len(manifest) / seconds:.1f} crops/s, {len(sources) / seconds:.1f} images/s"
+        f"{len(manifest) / seconds:.1f} faces/s ({kept / seconds:.1f} crops kept/s), "
+        f"{len(sources) / seconds:.1f} images/s"
     )
