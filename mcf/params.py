@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import importlib
+import math
 import re
 import types
 import typing
@@ -119,6 +120,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(key, f"expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):  # .nan passes no bound check, .inf most lower ones
+            raise ParamsError(key, f"expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -44,6 +44,8 @@ def test_build_defaults_and_types() -> None:
         ({"inner": {"kind": "c"}}, "outer.inner.kind", "must be one of"),
         ({"inner": {"sise": 2}}, "outer.inner.sise", "unknown key"),
         ({"layers": [1, "x"]}, "outer.layers[1]", "expected an integer"),
+        ({"scale": float("inf")}, "outer.scale", "expected a finite number, got inf"),  # unbounded: passed
+        ({"scale": float("nan")}, "outer.scale", "expected a finite number, got nan"),
     ],
 )
 def test_build_errors_name_the_key(data: dict, key: str, fragment: str) -> None:
