@@ -70,8 +70,8 @@ def parse_face(model: DenseFaceModel, cfg: LaPaConfig, rgb: np.ndarray, points5:
     """Class ids ``[H, W]`` (uint8) on the image's grid for the face with these five points (LaPa's
     order: image-left eye centre, image-right eye centre, nose tip, left and right mouth corners)."""
     matrix = align_matrix(np.asarray(points5, dtype=np.float64), cfg.warp_size)
-    maps = T.tanh_warp_maps(matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
-    warped = T.resize_square(T.remap(rgb, maps), cfg.size)
+    warped = T.tanh_warp_warp(rgb, matrix, cfg.warp_factor, cfg.warp_size, cfg.warp_size)
+    warped = T.resize_square(warped, cfg.size)
     logits = parsing_logits(model(T.to_tensor(warped)[None]), (cfg.label_size, cfg.label_size))[0]
     params = {"matrix": matrix, "warp_factor": cfg.warp_factor, "warp_size": float(cfg.warp_size)}
     return warp_to_original(logits, params, rgb.shape[:2]).argmax(dim=0).numpy().astype(np.uint8)
