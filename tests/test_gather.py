@@ -95,6 +95,6 @@ def test_single_process_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     t = torch.arange(3.0, requires_grad=True)
     gathered = distributed.concat_all_gather(t)
     assert torch.equal(gathered, t) and not gathered.requires_grad
-    assert distributed.is_main() and distributed.get_world_size() == 1
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
     distributed.barrier()
     distributed.cleanup()

@@ -41,11 +41,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
-def is_main() -> bool:
-    """Rank 0: the one process that writes checkpoints, logs and exports."""
-    return get_rank() == 0
-
-
 def default_device() -> torch.device:
     """Where a single-process stage runs: the (first) GPU when there is one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
