@@ -17,13 +17,20 @@ from mcf.data.aflw19 import read_mat
 from mcf.data.lapa import read_label
 from mcf.errors import StageError
 from mcf.evaluate import metrics as M
-from mcf.evaluate.evaluate import EvaluateConfig, main, read_landmark_table
+from mcf.evaluate.evaluate import EvaluateConfig, main
 from mcf.evaluate.plots import read_png
 from mcf.evaluate.scoring import CLASSES
 from mcf.params import Common, ParamsError
 from mcf.train.finetune import main_alignment, main_parsing
 
 VARIANTS = ("mcf", "scratch")
+
+
+def _read_landmark_table(path: Path) -> tuple[list[str], np.ndarray]:
+    """Names and points ``[N, 19, 2]`` from a predictions CSV (exact float round trip)."""
+    df = pd.read_csv(path, float_precision="round_trip")
+    xs, ys = (df[[f"{c}{i}" for i in range(19)]].to_numpy() for c in "xy")
+    return df["name"].tolist(), np.stack([xs, ys], axis=-1)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,7 @@ def test_alignment_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateC
     ann = read_mat(root / "aflw19")
     row = {name: i for i, name in enumerate(ann.names)}
     for variant in VARIANTS:
-        names, pred = read_landmark_table(Path(cfg.out) / "predictions" / f"alignment_{variant}.csv")
+        names, pred = _read_landmark_table(Path(cfg.out) / "predictions" / f"alignment_{variant}.csv")
         idx = np.array([row[n] for n in names])
         gt, box, frontal = ann.points[idx], ann.boxes[idx], ann.visible[idx].all(axis=1)
         for split, keep in (("full", slice(None)), ("frontal", frontal)):

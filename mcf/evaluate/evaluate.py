@@ -137,15 +137,6 @@ def landmark_table(names: list[str], pred: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"name": names, **cols})
 
 
-def read_landmark_table(path: Path) -> tuple[list[str], np.ndarray]:
-    """Read back :func:`landmark_table` (exact float round trip)."""
-    df = pd.read_csv(path, float_precision="round_trip")
-    k = sum(c.startswith("x") for c in df.columns)
-    xs, ys = (df[[f"{c}{i}" for i in range(k)]].to_numpy() for c in "xy")
-    pred = np.stack([xs, ys], axis=-1)
-    return df["name"].tolist(), pred
-
-
 def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     """Score every alignment variant; write predictions, the CED data and plot, and overlays."""
     models = _checkpoints(cfg.alignment, cfg.variants, "alignment")
