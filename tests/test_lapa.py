@@ -17,8 +17,6 @@ from mcf.data.lapa import (
     LaPa,
     LaPaConfig,
     ParsingAugment,
-    points_from_original,
-    points_to_original,
     read_landmarks,
     sample_params,
     table,
@@ -28,6 +26,22 @@ from mcf.errors import StageError
 from mcf.validate.gate import run_gate
 
 SIZE = 128
+
+
+def _unpack(params: dict[str, torch.Tensor]) -> tuple[np.ndarray, float, int]:
+    return params["matrix"].double().numpy(), float(params["warp_factor"]), round(float(params["warp_size"]))
+
+
+def points_from_original(points: np.ndarray, params: dict[str, torch.Tensor], size: int) -> np.ndarray:
+    """Original-image pixels ``[K, 2]`` → warped pixels at resolution ``size``: the sample's warp."""
+    m, wf, ws = _unpack(params)
+    return T.tanh_warp_forward(T.apply(m, points), wf, ws) * (size / ws)
+
+
+def points_to_original(points: np.ndarray, params: dict[str, torch.Tensor], size: int) -> np.ndarray:
+    """Warped pixels at resolution ``size`` ``[K, 2]`` → original-image pixels, through the inverse warp."""
+    m, wf, ws = _unpack(params)
+    return T.apply(T.invert(m), T.tanh_warp_inverse(np.asarray(points, np.float64) * (ws / size), wf, ws))
 # one distinct colour per class, so an image pixel tells which label it should carry
 PALETTE = np.array([[0, 0, 0], [230, 180, 150], [120, 60, 20], [20, 60, 120], [0, 200, 0], [0, 0, 230],
                     [230, 0, 230], [230, 0, 0], [250, 250, 0], [0, 230, 230], [120, 120, 120]], np.uint8)

@@ -206,19 +206,6 @@ def sample_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Te
     return {k: v[i] for k, v in params.items()}
 
 
-def points_from_original(points: np.ndarray, params: dict[str, Any], size: int) -> np.ndarray:
-    """Original-image pixels ``[K, 2]`` → warped pixels at resolution ``size``."""
-    m, wf, ws = _unpack(params)
-    return T.tanh_warp_forward(T.apply(m, points), wf, ws) * (size / ws)
-
-
-def points_to_original(points: np.ndarray, params: dict[str, Any], size: int) -> np.ndarray:
-    """Warped pixels at resolution ``size`` ``[K, 2]`` → original-image pixels (exact inverse)."""
-    m, wf, ws = _unpack(params)
-    aligned = T.tanh_warp_inverse(np.asarray(points, dtype=np.float64) * (ws / size), wf, ws)
-    return T.apply(T.invert(m), aligned)
-
-
 def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
     """One row per stem found in any of the three folders of ``split``, for the ``lapa`` data gate.
 
