@@ -88,6 +88,7 @@ class Handler(BaseHTTPRequestHandler):
     and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
 
     counts: Counter = Counter()
+    authorization: list[str | None] = []  # each request's Authorization header
     lock = threading.Lock()
     interrupt_once: set[str] = set()
 
@@ -97,6 +98,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         with self.lock:
             self.counts[self.path] += 1
+            self.authorization.append(self.headers.get("Authorization"))
             interrupt = self.path in self.interrupt_once
             self.interrupt_once.discard(self.path)
         if interrupt:  # Ctrl-C while this image downloads: a real SIGINT wakes the waiting main thread
@@ -165,7 +167,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    Handler.counts = Counter()
+    Handler.counts, Handler.authorization = Counter(), []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -418,6 +420,20 @@ def test_a_long_url_is_redacted_before_it_is_cut_short(server: str) -> None:
         fetcher({"url": server + "/leak"})
     error = Record(failure.value.status, failure.value.error).error
     assert failure.value.status == "invalid_url" and "s3cret" not in error and "uuu" not in error
+
+
+def test_no_netrc_login_goes_to_image_hosts(
+    server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests reads ~/.netrc (or $NETRC) for every host it is sent to, a ``default`` entry matching any:
+    the user's login went to each LAION host, and again after each redirect, over plain http too."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("default login me password s3cret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    fetcher = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    assert fetcher({"url": server + "/good.jpg"}) == JPEG
+    assert fetcher({"url": server + "/a1"}) == PNG  # /a1 -> /a0 -> /good.png
+    assert Handler.authorization == [None] * 4
 
 
 @pytest.mark.parametrize("host", ["www..example.com", "a" * 64 + ".example.com"])

@@ -24,6 +24,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -170,6 +171,33 @@ class _DeadlineAdapter(HTTPAdapter):
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
+class _Session(requests.Session):
+    """requests' session without ~/.netrc (or ``$NETRC``): with ``trust_env`` it sends the login it finds
+    there for each host a request or a redirect goes to, and a ``default`` entry's to any host, so the
+    user's credentials would reach every image host, over plain http too. Proxies and CA bundles from the
+    environment still apply; a URL's own ``user:pass@`` still authenticates as given.
+
+    ``trust_env`` is off only while these two methods run (the only two that read netrc); each thread has
+    its own session, so no request sees it off mid-way.
+    """
+
+    def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
+        with self._no_netrc():
+            return super().prepare_request(request)
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        with self._no_netrc():
+            super().rebuild_auth(prepared_request, response)
+
+    @contextlib.contextmanager
+    def _no_netrc(self) -> Iterator[None]:
+        trust, self.trust_env = self.trust_env, False
+        try:
+            yield
+        finally:
+            self.trust_env = trust
+
+
 # robots rules whose value follows a colon ("max-image-preview:large"): not a crawler's name
 _VALUE_RULES = {"max-snippet", "max-image-preview", "max-video-preview", "unavailable_after"}
 
@@ -211,7 +239,7 @@ class HttpFetcher:
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
+            self._local.session = _Session()
             for scheme in ("http://", "https://"):
                 self._local.session.mount(scheme, _DeadlineAdapter())
             self._local.session.headers["User-Agent"] = self.cfg.user_agent
