@@ -219,6 +219,36 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     assert not resume.exists()
 
 
+def test_a_kill_while_the_resume_folder_is_deleted_does_not_publish_partial_curves(
+    fixture_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after publishing, while deleting the resume folder (in directory order: the curves may go
+    before last.pt): the rerun resumed from the finished checkpoint and published the curves that were
+    left, none. The checkpoint goes first, so a rerun trains afresh and writes whole curves."""
+    align, _ = tiny_configs(fixture_root, epochs=2)
+    runs = {name: dataclasses.replace(align, out=str(fixture_root / f"ft_rm_{name}"),
+                                      live=str(fixture_root / f"live_rm_{name}"),
+                                      resume_dir=str(fixture_root / f"resume_rm_{name}"))
+            for name in ("whole", "killed")}
+    main_alignment(Common(seed=0), runs["whole"], "mcf")
+    resume, real_rmtree = Path(runs["killed"].resume_dir) / "mcf", shutil.rmtree
+
+    def killed_half_way(path: str | Path, *args: object, **kwargs: object) -> None:
+        if Path(path) == resume:
+            real_rmtree(resume / "live")
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", killed_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            main_alignment(Common(seed=0), runs["killed"], "mcf")
+    main_alignment(Common(seed=0), runs["killed"], "mcf")
+    curves = [Path(r.live) / "mcf" / "plots" / "metrics" / "train" / "loss.tsv" for r in runs.values()]
+    assert curves[1].is_file() and curves[0].read_text() == curves[1].read_text()
+    assert not resume.exists()
+
+
 def test_a_damaged_test_split_fails_before_training(fixture_root: Path, tmp_path: Path) -> None:
     """The test split is scored after every epoch: a bad file there stops the run before its first epoch
     (an epoch of training lost on each rerun at the paper's scale), and only when it is scored."""

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,13 @@ def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any
         )
     log.info("resuming from %s at step %d", path, state["step"])
     return state
+
+
+def discard_resume(resume_dir: str | Path) -> None:
+    """Delete a published run's resume folder, its checkpoint first: a kill half-way through would else
+    leave ``last.pt`` beside curves partly deleted, and a rerun would resume from it and publish them."""
+    (Path(resume_dir) / CHECKPOINT).unlink(missing_ok=True)
+    shutil.rmtree(resume_dir, ignore_errors=True)
 
 
 def truncate_live(live_dir: Path, step: int) -> None:

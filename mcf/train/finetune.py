@@ -47,6 +47,7 @@ from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, parsing_logits
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.checkpoint import (
+    discard_resume,
     load_checkpoint,
     rng_state,
     run_hash,
@@ -407,7 +408,7 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
         # before the model: no model, no stale curves
         with atomic_dir(Path(cfg.live) / variant, LIVE_SIGN) as live:
             shutil.copytree(resume_dir / "live", live, dirs_exist_ok=True)
-    shutil.rmtree(resume_dir)  # published: the next run starts afresh
+    discard_resume(resume_dir)  # published: the next run starts afresh
     seconds = time.perf_counter() - start
     log.info("%s/%s: done in %.1f s -> %s", stage, variant, seconds, Path(cfg.out) / variant)
 

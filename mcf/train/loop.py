@@ -33,6 +33,7 @@ from mcf.errors import StageError
 from mcf.io import LIVE_SIGN, atomic_dir, check_replaceable, file_sha256
 from mcf.params import ParamsError, param
 from mcf.train.checkpoint import (
+    discard_resume,
     load_checkpoint,
     rng_state,
     run_hash,
@@ -408,7 +409,7 @@ def train_and_export(
                 export(model, tmp)
                 if live_out is None and live.is_dir():
                     shutil.copytree(live, tmp / "live")
-            shutil.rmtree(run.resume_dir, ignore_errors=True)
+            discard_resume(run.resume_dir)
         barrier()
     finally:
         cleanup()

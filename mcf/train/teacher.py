@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import infer_backbone_config
 from mcf.models.teacher import load_teacher, validate_teacher_spec, weights_path
 from mcf.params import Common, ParamsError, param, require_path
+from mcf.train.checkpoint import discard_resume
 from mcf.train.distributed import barrier, cleanup, init_distributed
 from mcf.train.loop import Run, TrainConfig, train_and_export
 
@@ -118,7 +118,7 @@ def main(common: Common, cfg: TeacherConfig) -> None:
                     import_teacher(cfg.source, cfg.backbone, cfg.out)
                 except ValueError as err:  # a missing, damaged or ill-fitting weights file
                     raise StageError(f"teacher.source {cfg.source!r}: {err}") from None
-                shutil.rmtree(cfg.resume_dir, ignore_errors=True)
+                discard_resume(cfg.resume_dir)
             barrier()
         finally:
             cleanup()
