@@ -249,6 +249,20 @@ def test_a_kill_while_the_resume_folder_is_deleted_does_not_publish_partial_curv
     assert not resume.exists()
 
 
+def test_an_out_folder_of_other_files_is_refused_before_training(fixture_root: Path, tmp_path: Path) -> None:
+    """``<out>/<variant>`` that holds no model.pt is not ours to replace: refused at once, as the curves'
+    folder is, not after the whole fine-tune (no epoch ran: no resume state)."""
+    align, _ = tiny_configs(fixture_root)
+    cfg = dataclasses.replace(align, out=str(tmp_path / "out"), live=str(tmp_path / "live"),
+                              resume_dir=str(tmp_path / "resume"))
+    (tmp_path / "out" / "mcf").mkdir(parents=True)
+    (tmp_path / "out" / "mcf" / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="holds no model.pt"):
+        main_alignment(Common(seed=0), cfg, "mcf")
+    assert not (tmp_path / "resume").exists()
+    assert (tmp_path / "out" / "mcf" / "notes.txt").read_text() == "mine"
+
+
 def test_a_damaged_test_split_fails_before_training(fixture_root: Path, tmp_path: Path) -> None:
     """The test split is scored after every epoch: a bad file there stops the run before its first epoch
     (an epoch of training lost on each rerun at the paper's scale), and only when it is scored."""

@@ -390,7 +390,8 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     log.info("%s/%s: %d training images, %d steps, on %s in %s", stage, variant, len(dataset),
              cfg.epochs * max(len(dataset) // cfg.batch_size, 1), device, str(dtype).removeprefix("torch."))
     start = time.perf_counter()
-    check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)  # before training, not after it
+    check_replaceable(Path(cfg.out) / variant, "model.pt")  # before training, not after it
+    check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)
     resume_dir = Path(cfg.resume_dir) / variant
     # what defines the run: a checkpoint of another is refused, not resumed. num_workers belongs to it:
     # each worker draws the augmentation from a seed of its own, so the worker count changes the model
