@@ -123,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"variant": args.variant} if hasattr(args, "variant") else {}
         distributed = hasattr(config, "train")  # teacher and pretrain: train.processes, torchrun
         if distributed:
-            from mcf.train.distributed import launch, under_torchrun
-        # one run of a stage at a time here; torchrun's workers run under their launcher's lock
+            from mcf.train.distributed import launch, takes_stage_lock, under_torchrun
+        # one run of a stage at a time here: mcf's torchrun workers run under their launcher's lock, one
+        # started by hand under its rank 0's
         worker = distributed and under_torchrun()
-        with contextlib.nullcontext() if worker else stage_lock("@".join([args.command, *extra.values()])):
+        locked = not distributed or takes_stage_lock()
+        lock = stage_lock("@".join([args.command, *extra.values()])) if locked else contextlib.nullcontext()
+        with lock:
             if distributed and config.train.processes > 1 and not worker:  # the stage's own torchrun
                 # what each worker would refuse, refused once here: exit 2, not one traceback per worker
                 _resolve(STAGES[args.command][0].split(":")[0] + ":check_inputs")(config)

@@ -11,6 +11,7 @@ import yaml
 from mcf import cli
 from mcf.io import stage_lock
 from mcf.params import SECTIONS
+from mcf.train.distributed import LAUNCHER_ENV
 
 
 def test_every_params_section_is_a_stage_command() -> None:
@@ -52,6 +53,27 @@ def test_a_second_run_of_a_stage_is_refused_while_one_runs(
         assert cli.main([*scratch[:2], "mcf", *scratch[3:]]) == 2  # another variant runs: input missing
     assert cli.main(scratch) == 2  # the lock went with its holder
     assert (tmp_path / ".mcf" / ".gitignore").read_text().endswith("*\n")
+
+
+def test_a_torchrun_started_by_hand_holds_the_lock_in_its_rank_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README's several-node run is ``torchrun ... -m mcf.cli pretrain`` by hand: no mcf launcher holds
+    the lock for its workers, so rank 0 takes it, and a second run is refused rather than resuming from
+    its live checkpoint. The workers of mcf's own torchrun (train.processes) leave it to their launcher."""
+    params = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv(LAUNCHER_ENV, raising=False)
+    with stage_lock("pretrain"):
+        assert cli.main(["pretrain", "--params", params]) == 1
+        assert "`mcf pretrain` is already running in this folder" in capsys.readouterr().err
+        monkeypatch.setenv("RANK", "1")
+        assert cli.main(["pretrain", "--params", params]) == 2  # not rank 0: on to its missing input
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv(LAUNCHER_ENV, "1")
+        assert cli.main(["pretrain", "--params", params]) == 2  # its launcher holds the lock
 
 
 def test_the_tests_run_outside_the_checkout() -> None:

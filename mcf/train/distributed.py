@@ -20,10 +20,18 @@ from mcf.params import ParamsError
 
 log = logging.getLogger(__name__)
 
+LAUNCHER_ENV = "MCF_LAUNCHER_PID"  # set by launch() for its workers: the launcher holds the stage lock
+
 
 def under_torchrun() -> bool:
     """Whether torchrun started this process (its environment is set)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def takes_stage_lock() -> bool:
+    """Whether this process holds its stage's lock (:func:`mcf.io.stage_lock`): one outside torchrun, and
+    rank 0 of a torchrun started by hand; the workers of :func:`launch` run under their launcher's."""
+    return not under_torchrun() or (os.environ["RANK"] == "0" and LAUNCHER_ENV not in os.environ)
 
 
 def is_initialized() -> bool:
@@ -110,13 +118,13 @@ def launch(argv: list[str], processes: int) -> int:
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mcf.cli", *argv,
     ]
-    return run_forwarding_sigterm(command)
+    return run_forwarding_sigterm(command, {**os.environ, LAUNCHER_ENV: str(os.getpid())})
 
 
-def run_forwarding_sigterm(command: list[str]) -> int:
+def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None) -> int:
     """Run ``command`` and wait; a SIGTERM to this process is passed on, so the child (torchrun, which
     stops its workers in turn) is not left training on its own when only the parent is stopped."""
-    with subprocess.Popen(command) as proc:
+    with subprocess.Popen(command, env=env) as proc:
         previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
         try:
             return proc.wait()
