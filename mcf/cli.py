@@ -152,4 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if "MCF_EXIT_DIR" in os.environ:  # a worker of `train.processes`' torchrun: tell the launcher
+        from mcf.train.distributed import record_exit
+
+        record_exit(status)
+    sys.exit(status)

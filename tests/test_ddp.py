@@ -136,6 +136,19 @@ def test_more_processes_than_gpus_is_refused_as_params(
     assert "pretrain.train.processes: 8 asked, but this process sees 1 GPU(s)" in err
 
 
+def test_a_params_error_in_the_workers_exits_2_through_torchrun(tmp_path: Path) -> None:
+    """A mask ratio that hides all 16 patches, found by each worker: torchrun exits 1 for any failed
+    worker, but `mcf pretrain` keeps its exit-status contract (2: params rejected, not retried)."""
+    root = make_workspace(tmp_path, n=16)
+    params = write_params(root, processes=2)
+    params.write_text(params.read_text().replace("mask_ratio: 0.75", "mask_ratio: 0.99"))
+    command = [sys.executable, "-m", "mcf.cli", "pretrain", "--params", str(params)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+    assert "starting 2 processes under torchrun" in done.stderr
+    assert "0.99 hides all 16 patches from the encoder" in done.stderr
+    assert done.returncode == 2, done.stderr[-3000:]
+
+
 def _node_local_rank(rank: int, port: int, root: str) -> None:
     """One rank whose resume_dir is its own folder, as on a disk local to its node."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -21,6 +23,7 @@ from mcf.params import ParamsError
 log = logging.getLogger(__name__)
 
 LAUNCHER_ENV = "MCF_LAUNCHER_PID"  # set by launch() for its workers: the launcher holds the stage lock
+EXIT_DIR_ENV = "MCF_EXIT_DIR"  # set by launch() for its workers: where each leaves its exit status
 
 
 def under_torchrun() -> bool:
@@ -107,7 +110,9 @@ def launch(argv: list[str], processes: int) -> int:
 
     ``train.processes`` asks for it, so that ``dvc repro`` and the Prefect flow, which start each stage
     as one command, train with DDP: one worker per GPU (NCCL), or gloo processes on the CPU. The
-    rendezvous stays on 127.0.0.1 with a free port.
+    rendezvous stays on 127.0.0.1 with a free port. torchrun exits 1 whatever its workers' statuses
+    were, so the workers' own status (:func:`record_exit`) is returned when they agree on one: params
+    a worker rejects still exit 2, a failed data gate 3.
     """
     gpus = torch.cuda.device_count()
     if gpus and processes > gpus:
@@ -118,7 +123,18 @@ def launch(argv: list[str], processes: int) -> int:
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mcf.cli", *argv,
     ]
-    return run_forwarding_sigterm(command, {**os.environ, LAUNCHER_ENV: str(os.getpid())})
+    with tempfile.TemporaryDirectory(prefix="mcf-exit-") as exits:
+        env = {**os.environ, LAUNCHER_ENV: str(os.getpid()), EXIT_DIR_ENV: exits}
+        code = run_forwarding_sigterm(command, env)
+        failed = {int(text) for p in Path(exits).iterdir() if (text := p.read_text()).isdigit()} - {0}
+    return failed.pop() if code and len(failed) == 1 else code
+
+
+def record_exit(status: int) -> None:
+    """Leave this worker's exit status where its :func:`launch` reads it (nothing outside one)."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if folder and under_torchrun():
+        Path(folder, f"rank{os.environ['RANK']}").write_text(str(status))
 
 
 def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None) -> int:
