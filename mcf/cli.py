@@ -152,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    status = main()
-    if "MCF_EXIT_DIR" in os.environ:  # a worker of `train.processes`' torchrun: tell the launcher
-        from mcf.train.distributed import record_exit
+    status = 1  # what an uncaught exception exits with
+    try:
+        status = main()
+    finally:
+        if "MCF_EXIT_DIR" in os.environ:  # a worker of `train.processes`' torchrun: tell the launcher
+            from mcf.train.distributed import record_exit
 
-        record_exit(status)
+            record_exit(status)
     sys.exit(status)
