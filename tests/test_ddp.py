@@ -149,6 +149,19 @@ def test_a_params_error_in_the_workers_exits_2_through_torchrun(tmp_path: Path) 
     assert done.returncode == 2, done.stderr[-3000:]
 
 
+def test_resume_under_another_world_size_names_the_process_counts(tmp_path: Path) -> None:
+    """A checkpoint of 2 processes, resumed by 1 with the same params: refused (each rank's data slice,
+    lr and RNG states belong to 2), saying so rather than blaming params, data or precision."""
+    root = make_workspace(tmp_path, n=32)
+    cfg = MCFConfig(backbone=BackboneConfig(**TINY), decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                    feature_loss=False, proj_hidden=32, proj_dim=16, pred_hidden=32)
+    crops = CropDataset(root / "subset" / "shards", TINY["img_size"], 64)
+    train = TrainConfig(epochs=1, warmup_epochs=0, batch_size=8, ckpt_every=1)
+    Trainer(MCF(cfg), crops, train, Run(0, 0.75, root / "resume", {}, rank=0, world_size=2)).fit()
+    with pytest.raises(StageError, match="written by 2 processes, this run has 1: resume it with 2"):
+        Trainer(MCF(cfg), crops, train, Run(0, 0.75, root / "resume", {}, world_size=1))
+
+
 def _node_local_rank(rank: int, port: int, root: str) -> None:
     """One rank whose resume_dir is its own folder, as on a disk local to its node."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),

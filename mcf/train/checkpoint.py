@@ -2,9 +2,9 @@
 
 A checkpoint holds the model (without the frozen teacher, which is rebuilt from its own stage's
 output), the optimizer and grad-scaler state, the step (the schedules are functions of it), the
-momentum value, the data position, the dvclive step, every rank's RNG states and the hash of the
-run's params. Loading refuses a checkpoint whose hash differs: continuing a run under other params
-would silently mix two experiments.
+momentum value, the data position, the dvclive step, every rank's RNG states, the number of ranks and
+the hash of the run's params. Loading refuses a checkpoint whose hash differs: continuing a run under
+other params would silently mix two experiments.
 """
 
 from __future__ import annotations
@@ -79,8 +79,11 @@ def save_checkpoint(state: dict[str, Any], resume_dir: str | Path) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any] | None:
-    """The checkpoint to resume from, ``None`` when there is none; a clear error when params changed."""
+def load_checkpoint(
+    resume_dir: str | Path, expected_hash: str, world_size: int | None = None
+) -> dict[str, Any] | None:
+    """The checkpoint to resume from, ``None`` when there is none; a clear error when params changed,
+    or, given ``world_size``, the number of processes (part of the hash, but not of the params)."""
     path = Path(resume_dir) / CHECKPOINT
     for stale in Path(resume_dir).glob(f".{CHECKPOINT}.tmp-*"):
         stale.unlink(missing_ok=True)  # left by a process killed while writing
@@ -90,6 +93,12 @@ def load_checkpoint(resume_dir: str | Path, expected_hash: str) -> dict[str, Any
         state = read_weights(path)
     except WeightsError as err:
         raise StageError(f"{err}; delete {resume_dir} to start over") from None
+    written_by = state.get("world_size", world_size)  # checkpoints from before it was saved: the hash
+    if world_size is not None and written_by != world_size:
+        raise StageError(
+            f"{path} was written by {written_by} processes, this run has {world_size}: resume it with "
+            f"{written_by} (train.processes, or torchrun's), or delete {resume_dir} to start over"
+        )
     if state.get("run_hash") != expected_hash:
         raise StageError(
             f"{path} belongs to a run with other params, data or precision (hash {state.get('run_hash')}, "

@@ -222,7 +222,7 @@ class Trainer:
         return compile_model(net) if self.cfg.compile else net
 
     def _restore(self) -> None:
-        state = load_checkpoint(self.run.resume_dir, self.hash)
+        state = load_checkpoint(self.run.resume_dir, self.hash, self.run.world_size)
         self._check_ranks_agree(None if state is None else state["step"])
         if state is None:
             return
@@ -268,8 +268,9 @@ class Trainer:
         epoch, index = divmod(self.step, self.spe)
         save_checkpoint(
             {
-                "run_hash": self.hash, "step": self.step, "epoch": epoch, "index": index,
-                "momentum": self.momentum, "live_step": self.step, "rng": states,
+                "run_hash": self.hash, "world_size": self.run.world_size, "step": self.step,
+                "epoch": epoch, "index": index, "momentum": self.momentum, "live_step": self.step,
+                "rng": states,
                 "model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
             },
