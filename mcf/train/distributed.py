@@ -112,7 +112,7 @@ def launch(argv: list[str], processes: int) -> int:
     as one command, train with DDP: one worker per GPU (NCCL), or gloo processes on the CPU. The
     rendezvous stays on 127.0.0.1 with a free port. torchrun exits 1 whatever its workers' statuses
     were, so the workers' own status (:func:`record_exit`) is returned when they agree on one: params
-    a worker rejects still exit 2, a failed data gate 3.
+    the workers reject still exit 2.
     """
     gpus = torch.cuda.device_count()
     if gpus and processes > gpus:
