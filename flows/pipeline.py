@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -125,22 +126,68 @@ def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     ``dvc repro`` passes no signal on to the stage's command, which would go on training unseen (and a
     rerun would run beside it); torchrun, in the group too, stops its workers itself within 30 s.
     """
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    stop_groups([proc], grace)
+
+
+def stop_groups(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> None:
+    """:func:`stop_group` for several groups at once: all get SIGTERM first and share one ``grace``."""
+    left = []
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+            left.append(proc)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)  # anyone left in the group?
-        except ProcessLookupError:
-            break
-        proc.poll()  # reap the leader, or it stays a zombie member
+    while left and time.monotonic() < deadline:
+        for proc in list(left):
+            try:
+                os.killpg(proc.pid, 0)  # anyone left in the group?
+            except ProcessLookupError:
+                left.remove(proc)
+            proc.poll()  # reap the leader, or it stays a zombie member
         time.sleep(0.2)
-    else:
+    for proc in left:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    for proc in procs:
+        proc.wait()
+
+
+class _Running:
+    """The stage commands in flight in this process, so that a stopped flow run stops them too.
+
+    A cancelled run (Prefect raises ``TerminationSignal`` in the flow's thread) or an interrupted one
+    never reaches the task threads, which read on; their commands, in sessions of their own, were out of
+    reach of the worker's kill and went on training after the run was marked cancelled.
+    """
+
+    def __init__(self) -> None:
+        self.lock, self.procs, self.stopped = threading.Lock(), set[subprocess.Popen](), False
+
+    def start(self, stage: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+        """``Popen(cmd)`` in a session of its own, unless the run is being stopped."""
+        with self.lock:
+            if self.stopped:
+                raise StageFailed(stage, "the flow run was stopped before the stage started")
+            proc = subprocess.Popen(cmd, start_new_session=True, **kwargs)
+            self.procs.add(proc)
+            return proc
+
+    def done(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.stopped = False
+
+    def stop_all(self) -> None:
+        """Stop every stage command in flight, and refuse to start more."""
+        with self.lock:
+            self.stopped, procs = True, list(self.procs)
+        stop_groups(procs)
+
+
+RUNNING = _Running()
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
@@ -156,8 +203,8 @@ def repro(stage: str) -> StageRun:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")]))
     cmd = [*DVC, "repro", "--single-item", stage]
     # a session of its own: a cancelled stage is stopped as a whole process group (below)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                          start_new_session=True) as proc:
+    proc = RUNNING.start(stage, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    with proc:
         try:
             for raw in proc.stdout:
                 line = raw.rstrip()
@@ -168,6 +215,8 @@ def repro(stage: str) -> StageRun:
         except BaseException:
             stop_group(proc)  # cancelled: the stage's atomic outputs leave nothing half-written
             raise
+        finally:
+            RUNNING.done(proc)
     if proc.returncode:
         lines = "\n".join(tail)
         # DVC's StageCmdFailedError: "failed to run: <cmd>, exited with <status>"
@@ -317,14 +366,19 @@ def run_stages(
     The stages in ``on_dask`` (fetch, crop) fan out on the Dask cluster at ``dask_address``.
     """
     futures: dict[str, PrefectFuture[StageRun]] = {}
-    for stage, upstream in planned.items():
-        after = [futures[u] for u in upstream]
-        if stage in on_dask:
-            tagged = dask_stage.with_options(tags=["dvc", "dask", stage])
-            futures[stage] = tagged.submit(stage, dask_address, wait_for=after)
-        else:
-            futures[stage] = stage_task(stage).submit(stage, wait_for=after)
-    wait(list(futures.values()))
+    RUNNING.reset()
+    try:
+        for stage, upstream in planned.items():
+            after = [futures[u] for u in upstream]
+            if stage in on_dask:
+                tagged = dask_stage.with_options(tags=["dvc", "dask", stage])
+                futures[stage] = tagged.submit(stage, dask_address, wait_for=after)
+            else:
+                futures[stage] = stage_task(stage).submit(stage, wait_for=after)
+        wait(list(futures.values()))
+    except BaseException:
+        RUNNING.stop_all()  # cancelled or interrupted: the stages' threads would read on, unaware
+        raise
     return {stage: future.state for stage, future in futures.items()}
 
 

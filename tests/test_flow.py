@@ -7,6 +7,7 @@ without waiting for the real stages; tests/test_prefect_deploy.py runs the real 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import signal
@@ -44,6 +45,10 @@ out.mkdir(exist_ok=True)
 if stage == "fetch":
     (out / "fetch.txt").write_text("".join(f"{i}\\n" for i in range(params["fetch"]["n"])))
 elif stage == "train":
+    if sys.argv[2] in params["train"].get("hang", []):
+        import os, time
+        Path("hang.pid").write_text(str(os.getpid()))
+        time.sleep(300)
     if sys.argv[2] in params["train"]["fail"]:
         for i in range(60):
             print(f"train log line {i}", flush=True)
@@ -226,6 +231,38 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     table = Artifact.get("mcf-summary").data
     assert "| `train@a` | **failed** |" in table and "| `train@b` | ran |" in table
     assert "| `evaluate` | not run (upstream failed) |" in table
+
+
+def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServer, project: Path) -> None:
+    """Cancelling a run (Prefect's SIGTERM, raised in the flow's thread) stops the stage commands in flight:
+    the task threads never hear of it, and each command runs in a session of its own, out of reach of
+    the worker's kill of the flow run's process group."""
+    import os
+
+    hang = {**PARAMS, "train": {"fail": [], "hang": ["a"]}}
+    (project / "params.hang.yaml").write_text(yaml.safe_dump(hang))
+    env = {**prefect_server.env, "PYTHONPATH": str(ROOT)}
+    code = "from flows.pipeline import mcf; mcf(params_file='params.hang.yaml')"
+    flow_run = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (project / "hang.pid").exists():
+            assert flow_run.poll() is None and time.monotonic() < deadline, flow_run.returncode
+            time.sleep(0.2)
+        stage = int((project / "hang.pid").read_text())
+        flow_run.send_signal(signal.SIGTERM)
+        flow_run.wait(30)
+        deadline = time.monotonic() + 5
+        while not _gone(stage) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(stage)  # it trained on, unseen, after the run ended
+        assert (project / "params.yaml").read_text() == yaml.safe_dump(PARAMS)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow_run.pid, signal.SIGKILL)
+        if (project / "hang.pid").exists() and not _gone(stage := int((project / "hang.pid").read_text())):
+            os.kill(stage, signal.SIGKILL)
 
 
 def test_fetch_on_dask_runs_the_fan_out_flow_for_fetch(prefect_api: None, project: Path) -> None:
