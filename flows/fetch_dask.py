@@ -28,7 +28,7 @@ from flows.dask_runner import submit_in_order, task_runner
 from mcf.data.fetch import FetchConfig, journal_dir, limits, publish, remote_detections, remote_source
 from mcf.data.sources.download import Journal, Record, fetch_records, require_rows, to_manifest
 from mcf.io import atomic_dir, stage_lock
-from mcf.params import load
+from mcf.params import ParamsError, load
 
 
 @task(task_run_name="fetch-{part}", cache_policy=NO_CACHE)
@@ -104,8 +104,9 @@ def fetch_dask(
         raise ValueError(f"rows_per_task must be at least 1, not {rows_per_task}")
     _, cfg = load("fetch", params_file)
     if cfg.source == "synthetic":
-        raise ValueError("fetch.source is synthetic: SynthFace renders on fetch.synthetic.workers processes "
-                         "(`mcf fetch`); fetch_dask fans out downloads (laion-face, s3, local)")
+        # a params error (exit 2 for the flow's retries): running it again is refused the same way
+        raise ParamsError("fetch.source", "synthetic: SynthFace renders on fetch.synthetic.workers processes "
+                          "(`mcf fetch`); fetch_dask fans out downloads (laion-face, s3, local)", params_file)
     cfg = absolute(cfg)
     runner = task_runner(address, n_workers or os.cpu_count() or 1, processes)
     out = Path(cfg.out)

@@ -41,6 +41,7 @@ from prefect.futures import PrefectFuture, wait
 
 from mcf.errors import EXIT_GATE, EXIT_PARAMS
 from mcf.io import atomic_file, file_sha256
+from mcf.params import ParamsError
 from mcf.report import markdown_summary
 
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
@@ -276,7 +277,9 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     try:
         fan_out(address=address)
     except Exception as err:
-        raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}") from err
+        # the status `mcf <stage>` exits with for this error, which decides a retry (retry_condition)
+        code = EXIT_PARAMS if isinstance(err, ParamsError) else getattr(err, "exit_code", None)
+        raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}", code) from err
     _dvc("commit", "--force", stage)
     return StageRun(stage, "ran", round(time.monotonic() - start, 1))
 
@@ -370,8 +373,10 @@ def run_stages(
     try:
         for stage, upstream in planned.items():
             after = [futures[u] for u in upstream]
-            if stage in on_dask:
-                tagged = dask_stage.with_options(tags=["dvc", "dask", stage])
+            if stage in on_dask:  # retried as the stage's own task is
+                tagged = dask_stage.with_options(tags=["dvc", "dask", stage], retries=RETRIES.get(stage, 0),
+                                                 retry_delay_seconds=RETRY_DELAY_S,
+                                                 retry_condition_fn=retry_condition)
                 futures[stage] = tagged.submit(stage, dask_address, wait_for=after)
             else:
                 futures[stage] = stage_task(stage).submit(stage, wait_for=after)

@@ -275,6 +275,42 @@ def test_fetch_on_dask_runs_the_fan_out_flow_for_fetch(prefect_api: None, projec
     assert not (project / "out").exists()
 
 
+def test_fetch_on_dask_is_retried_as_fetch_is(
+    prefect_api: None, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README: fetch is retried, unless it rejects its params or its gate fails; on Dask as well."""
+    import flows.fetch_dask
+    import flows.pipeline
+    from mcf.errors import GateError
+    from mcf.params import ParamsError
+
+    monkeypatch.setattr(flows.pipeline, "RETRY_DELAY_S", 0)
+    calls: list[str] = []
+
+    def flaky(address: str | None) -> None:
+        calls.append("flaky")
+        if len(calls) == 1:
+            raise ConnectionError("the scheduler went away")
+        (project / "out").mkdir(exist_ok=True)
+        (project / "out/fetch.txt").write_text("0\n1\n2\n")
+
+    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", flaky)
+    assert _outcomes(mcf(fetch_on_dask=True, stages=["fetch"])) == {"fetch": "ran"} and len(calls) == 2
+    for error, code in ((ParamsError("fetch.source", "no"), 2), (GateError("manifest: bad rows"), 3)):
+        (project / "out/fetch.txt").unlink(missing_ok=True)  # fetch is to do again
+        calls.clear()
+
+        def refused(address: str | None, error: Exception = error) -> None:
+            calls.append("refused")
+            raise error
+
+        monkeypatch.setattr(flows.fetch_dask, "fetch_dask", refused)
+        state = mcf(fetch_on_dask=True, stages=["fetch"], return_state=True)
+        with pytest.raises(StageFailed) as caught:
+            state.result()
+        assert caught.value.exit_code == code and len(calls) == 1  # a rerun would fail the same way
+
+
 def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api: None, project: Path) -> None:
     committed = (project / "params.yaml").read_bytes()
     saved = project / ".dvc" / "tmp" / "mcf-flow.params.yaml"  # as a run killed mid-way leaves it
@@ -487,7 +523,7 @@ def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
 
     from flows.fetch_dask import fetch_dask
     from mcf.data.fetch import journal_dir, main
-    from mcf.params import Common, load
+    from mcf.params import Common, ParamsError, load
 
     site = tmp_path / "site"
     site.mkdir()
@@ -544,7 +580,7 @@ def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
         assert recorded and all(set(p) == {"cfg", "staging", "rows_per_task"} for p in recorded), recorded
 
         params.write_text(yaml.safe_dump({"fetch": {"out": str(tmp_path / "synth")}}))
-        with pytest.raises(ValueError, match="fetch_dask fans out downloads"):
+        with pytest.raises(ParamsError, match="fetch.source: synthetic: .* fetch_dask fans out downloads"):
             fetch_dask(params_file=str(params), processes=False)
     finally:
         httpd.shutdown()
