@@ -51,6 +51,9 @@ RETRY_DELAY_S = 30
 NO_RETRY = (EXIT_PARAMS, EXIT_GATE)  # `mcf <stage>`'s exits for rejected params, a failed data gate
 TAIL_LINES = 40
 STOP_GRACE_S = 60  # a cancelled stage's group gets this long to stop after SIGTERM (torchrun: 30 s)
+# ... and in a cancelled run, less than the 30 s a worker gives the run's process before its SIGKILL,
+# which would leave a stage deaf to SIGTERM running (SIGKILL to the group ends torchrun's workers too)
+RUN_STOP_GRACE_S = 20
 # DVC unlocks the repository while a stage's command runs, so independent stages run side by side and
 # wait only for each other's short bookkeeping (checks, dvc.lock updates)
 DVC = [sys.executable, "-m", "dvc", "--wait-for-lock"]
@@ -185,7 +188,7 @@ class _Running:
         """Stop every stage command in flight, and refuse to start more."""
         with self.lock:
             self.stopped, procs = True, list(self.procs)
-        stop_groups(procs)
+        stop_groups(procs, RUN_STOP_GRACE_S)
 
 
 RUNNING = _Running()

@@ -46,7 +46,8 @@ if stage == "fetch":
     (out / "fetch.txt").write_text("".join(f"{i}\\n" for i in range(params["fetch"]["n"])))
 elif stage == "train":
     if sys.argv[2] in params["train"].get("hang", []):
-        import os, time
+        import os, signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # deaf to SIGTERM, as a stuck stage is
         Path("hang.pid").write_text(str(os.getpid()))
         time.sleep(300)
     if sys.argv[2] in params["train"]["fail"]:
@@ -233,10 +234,14 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     assert "| `evaluate` | not run (upstream failed) |" in table
 
 
+PREFECT_KILL_GRACE_S = 30  # a worker SIGKILLs a cancelled flow run's process group this long after SIGTERM
+
+
 def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServer, project: Path) -> None:
     """Cancelling a run (Prefect's SIGTERM, raised in the flow's thread) stops the stage commands in flight:
     the task threads never hear of it, and each command runs in a session of its own, out of reach of
-    the worker's kill of the flow run's process group."""
+    the worker's kill of the flow run's process group. One deaf to SIGTERM is killed before the worker
+    kills the flow run (30 s after its SIGTERM), which would leave it running."""
     import os
 
     hang = {**PARAMS, "train": {"fail": [], "hang": ["a"]}}
@@ -251,8 +256,12 @@ def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServ
             assert flow_run.poll() is None and time.monotonic() < deadline, flow_run.returncode
             time.sleep(0.2)
         stage = int((project / "hang.pid").read_text())
-        flow_run.send_signal(signal.SIGTERM)
-        flow_run.wait(30)
+        flow_run.send_signal(signal.SIGTERM)  # as a worker cancels a run: SIGTERM, SIGKILL 30 s later
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            flow_run.wait(PREFECT_KILL_GRACE_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow_run.pid, signal.SIGKILL)
+        assert flow_run.wait() == -signal.SIGTERM  # it ended itself (Prefect re-raises it), not by SIGKILL
         deadline = time.monotonic() + 5
         while not _gone(stage) and time.monotonic() < deadline:
             time.sleep(0.05)
