@@ -174,6 +174,14 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # curves only at the committed path
 
 
+def _whole_and_killed(align: AlignmentConfig, root: Path, tag: str) -> dict[str, AlignmentConfig]:
+    """An uninterrupted and a killed run of ``align``, each with its own output, curves and resume folder."""
+    return {name: dataclasses.replace(align, out=str(root / f"ft_{tag}{name}"),
+                                      live=str(root / f"live_{tag}{name}"),
+                                      resume_dir=str(root / f"resume_{tag}{name}"))
+            for name in ("whole", "killed")}
+
+
 def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     fixture_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -181,10 +189,7 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     writes what an uninterrupted run writes, curves included; a changed config does not resume, nor does
     another ``num_workers``: the augmentation is drawn in the workers, so their count changes the model."""
     align, _ = tiny_configs(fixture_root, epochs=3)
-    runs = {name: dataclasses.replace(align, out=str(fixture_root / f"ft_{name}"),
-                                      live=str(fixture_root / f"live_{name}"),
-                                      resume_dir=str(fixture_root / f"resume_{name}"))
-            for name in ("whole", "killed")}
+    runs = _whole_and_killed(align, fixture_root, "")
     main_alignment(Common(seed=0), runs["whole"], "mcf")
     real, calls = finetune.test_scorer, []
 
@@ -226,10 +231,7 @@ def test_a_kill_while_the_resume_folder_is_deleted_does_not_publish_partial_curv
     before last.pt): the rerun resumed from the finished checkpoint and published the curves that were
     left, none. The checkpoint goes first, so a rerun trains afresh and writes whole curves."""
     align, _ = tiny_configs(fixture_root, epochs=2)
-    runs = {name: dataclasses.replace(align, out=str(fixture_root / f"ft_rm_{name}"),
-                                      live=str(fixture_root / f"live_rm_{name}"),
-                                      resume_dir=str(fixture_root / f"resume_rm_{name}"))
-            for name in ("whole", "killed")}
+    runs = _whole_and_killed(align, fixture_root, "rm_")
     main_alignment(Common(seed=0), runs["whole"], "mcf")
     resume, real_rmtree = Path(runs["killed"].resume_dir) / "mcf", shutil.rmtree
 
