@@ -67,8 +67,12 @@ class StageFailed(RuntimeError):
     """
 
     def __init__(self, stage: str, detail: str, exit_code: int | None = None) -> None:
-        self.stage, self.exit_code = stage, exit_code
+        self.stage, self.detail, self.exit_code = stage, detail, exit_code
         super().__init__(f"stage {stage!r} failed: {detail}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, int | None]]:
+        """Rebuilt from its parts when pickled (a result Prefect persists, a process boundary)."""
+        return StageFailed, (self.stage, self.detail, self.exit_code)
 
 
 @dataclass(frozen=True)

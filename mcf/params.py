@@ -33,6 +33,10 @@ class ParamsError(ValueError):
         where = f"{file}: " if file else ""
         super().__init__(f"{where}{key}: {message}" if key else f"{where}{message}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | Path | None]]:
+        """Rebuilt from its parts when pickled (a Dask worker's error reaching the client)."""
+        return ParamsError, (self.key, self.message, self.file)
+
     def under(self, prefix: str, file: str | Path | None = None) -> ParamsError:
         """The same error with its key nested under ``prefix``."""
         key = ".".join(p for p in (prefix, self.key) if p)

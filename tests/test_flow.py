@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -152,6 +153,9 @@ def test_stage_tasks_retry_io_and_tag_gpu() -> None:
     assert finetune.retries == 0 and {"gpu", "finetune_alignment", "dvc"} <= finetune.tags
     assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
     assert "gpu" in stage_task("evaluate").tags  # it scores on the GPU too
+    # pickled (a persisted result), a failure keeps the status its retry is decided on
+    again = pickle.loads(pickle.dumps(StageFailed("fetch", "...", 2)))
+    assert (again.stage, again.exit_code, str(again)) == ("fetch", 2, "stage 'fetch' failed: ...")
 
 
 def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -306,3 +307,11 @@ def test_paper_params_valid_once_data_is_in_place(tmp_path: Path, monkeypatch: p
     assert cfg.alignment_label == "AFLW-19" and cfg.parsing_label == "LaPa"
     assert "SynthFace" not in json.dumps(paper["evaluate"])
     assert read_yaml(root / "params.paper.yaml").keys() == read_yaml(root / "params.yaml").keys()
+
+
+def test_params_error_survives_pickling() -> None:
+    """A ParamsError raised in a Dask worker process reaches the client pickled: rebuilt from its message
+    alone, it raised a TypeError that hid the params error."""
+    err = pickle.loads(pickle.dumps(ParamsError("crop.size", "must be >= 8", "params.yaml")))
+    assert (err.key, err.message, err.file, str(err)) == ("crop.size", "must be >= 8", "params.yaml",
+                                                         "params.yaml: crop.size: must be >= 8")
