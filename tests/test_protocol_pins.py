@@ -54,8 +54,8 @@ def test_mcf_config_defaults() -> None:
 
 
 def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """§1 recipe, §2 LAION-Face 20M parts, §3–4 head blocks and AFLW-19 split, as the stages load
-    params.paper.yaml."""
+    """§1 recipe, model and MoCo v3 ViT-B/16 teacher, §2 LAION-Face 20M parts, §3–4 head blocks and
+    AFLW-19 split, as the stages load params.paper.yaml."""
     path = ROOT / "params.paper.yaml"
     laion = read_yaml(path)["fetch"]["laion_face"]
     for name in laion["parquet"] + laion["detections"]:  # the fetch section checks its inputs exist
@@ -71,6 +71,15 @@ def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert train.blr == 1.5e-4 and scaled_lr(train.blr, train.effective_batch) == pytest.approx(2.4e-3)
     assert train.betas == (0.9, 0.95) and train.weight_decay == 0.05
     assert (train.epochs, train.warmup_epochs, train.min_lr) == (16, 1, 0)
+    assert train.precision == "auto"  # mixed precision on: bf16 on CUDA
+    model = pretrain.model  # the section restates every MCFConfig default, so each is pinned here too
+    b = model.backbone
+    assert (b.img_size, b.patch_size, b.embed_dim, b.depth, b.num_heads) == (224, 16, 768, 12, 12)
+    assert (model.decoder_dim, model.decoder_depth, model.decoder_heads) == (512, 8, 16)
+    assert (model.objective, model.feature_loss, model.contrastive) == ("mcf", True, True)
+    assert model.feature_norm_dim == 1 and (model.feature_weight, model.contrastive_weight) == (1000, 1)
+    assert (model.temperature, model.momentum, model.momentum_schedule) == (0.2, 0.99, "constant")
+    assert (model.proj_hidden, model.proj_dim, model.pred_hidden) == (4096, 256, 4096)
 
     fetch = load("fetch", path)[1]
     parts = [0, 2, 5, 8, 13, 15, 17, 18, 21, 22, 24, 25, 28]
@@ -86,6 +95,14 @@ def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     crop = load("crop", path)[1]  # §2: RetinaFace faces above 128 px and 0.98, never an unscored Haar face
     assert (crop.detections, crop.min_score, crop.min_face_size, crop.size) == ("table", 0.98, 128, 224)
+
+    teacher_source = read_yaml(path)["teacher"]["source"]  # §1: the frozen ViT-B/16 is MoCo v3's
+    (tmp_path / teacher_source.split(":", 1)[1]).parent.mkdir(parents=True)
+    (tmp_path / teacher_source.split(":", 1)[1]).touch()
+    teacher = load("teacher", path)[1]
+    t = teacher.backbone
+    assert teacher.source.startswith("moco_v3:")
+    assert (t.img_size, t.patch_size, t.embed_dim, t.depth, t.num_heads) == (224, 16, 768, 12, 12)
 
 
 def test_forward_contrastive_loss_by_hand() -> None:
@@ -263,7 +280,8 @@ def test_alignment_crop_and_augmentation_defaults() -> None:
 
 def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """§3–4 as the fine-tunes load params.paper.yaml: lrs backbone / neck / head 1e-4 / 1e-2 / 1e-2
-    (alignment) and 1e-4 / 1e-3 / 1e-3 (parsing), wd 1e-5, a constant EMA 0.999, the backbone trained;
+    (alignment) and 1e-4 / 1e-3 / 1e-3 (parsing), wd 1e-5, a constant EMA 0.999, the backbone trained,
+    FaRL's epoch-wise MultiStepLR (×0.1 at epoch 200, no warm-up; README, "The paper's scale");
     AFLW-19's 512² box crop at 448, its augmentation and heatmaps; LaPa's 512² warp at 0.8, 448 input,
     512² labels and its augmentation."""
     monkeypatch.chdir(tmp_path)  # the stages' inputs are not checked for another stage's section
@@ -274,6 +292,7 @@ def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     for cfg in (alignment, parsing):
         assert (cfg.weight_decay, cfg.ema_decay) == (1e-5, 0.999)
         assert not (cfg.ema_warmup or cfg.freeze_backbone)
+        assert (cfg.schedule, cfg.milestones, cfg.gamma, cfg.warmup_steps) == ("step", [200], 0.1, 0)
     data = alignment.data
     assert (data.crop_size, data.size, data.n_train, data.n_val) == (512, 448, 20000, 0)
     aug = data.augment
