@@ -6,6 +6,7 @@ test_ddp.py: a subset of synthetic crops in the real shard format plus a random 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -367,3 +368,22 @@ def test_compiled_step_trains_as_eager(workspace: Path) -> None:
         assert "encoder.cls_token" in keys
     assert len(runs[True]) == 12
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_the_teacher_config_is_part_of_the_run_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seeded random teacher's weights do not depend on its head count: two such exports differ only
+    in backbone.json, and a resume must not take one for the other."""
+    make_workspace(tmp_path)
+    identities = []
+    monkeypatch.setattr(pretrain, "train_and_export", lambda build, data, cfg, run, *a: identities.append(
+        run.identity))
+    common, cfg = load("pretrain", write_params(tmp_path))
+    for heads in (2, 4):
+        torch.manual_seed(0)
+        size = BackboneConfig(**{**TINY, "num_heads": heads})
+        save_backbone(create_backbone(size), size, tmp_path / f"heads{heads}")
+        pretrain.main(common, dataclasses.replace(cfg, teacher=str(tmp_path / f"heads{heads}")))
+    pth = [(tmp_path / f"heads{h}" / "backbone.pth").read_bytes() for h in (2, 4)]
+    assert pth[0] == pth[1] and identities[0] != identities[1]

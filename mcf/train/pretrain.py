@@ -77,6 +77,14 @@ def check_inputs(cfg: PretrainConfig) -> None:
         require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher", made_by="teacher")
 
 
+def teacher_identity(teacher_dir: str | Path) -> list[str | None]:
+    """The sha256 of the teacher export's weights and of its ``backbone.json``: the same weights under
+    another head count compute other features (a seeded random teacher's weights do not depend on it),
+    so a resume must not take them for the teacher its checkpoint was trained against."""
+    files = [Path(teacher_dir) / name for name in ("backbone.pth", "backbone.json")]
+    return [file_sha256(f) if f.is_file() else None for f in files]
+
+
 def main(common: Common, cfg: PretrainConfig) -> None:
     """Pre-train with the MCF objective; resume from ``resume_dir`` when a matching checkpoint exists."""
     check_inputs(cfg)
@@ -86,7 +94,7 @@ def main(common: Common, cfg: PretrainConfig) -> None:
         "model": dataclasses.asdict(cfg.model), "train": cfg.train.identity(),
     }
     if cfg.model.uses_teacher:
-        identity["teacher"] = file_sha256(Path(cfg.teacher) / "backbone.pth")
+        identity["teacher"] = teacher_identity(cfg.teacher)
 
     initial: dict[str, torch.Tensor] = {}
 
