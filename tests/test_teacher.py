@@ -185,3 +185,17 @@ def test_under_autocast_the_residual_stream_is_carried_in_its_dtype() -> None:
     assert all(t.dtype == torch.bfloat16 for t in low) and all(t.dtype == torch.float32 for t in wide)
     for a, b in zip(low, exact, strict=True):
         assert (a.float() - b).norm() / b.norm() < 2e-2
+
+
+def test_a_timm_name_whose_weights_expect_other_normalisation_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """timm's vit_tiny_patch16_224 weights expect mean = std = 0.5; the teacher sees ImageNet-normalised
+    crops, so a teacher trained so would judge every image off its input range, silently."""
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=0).state_dict(), tmp_path / "w.pth")
+    load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'w.pth'}", TINY)
+    assert "expect inputs normalised with mean (0.5, 0.5, 0.5), std (0.5, 0.5, 0.5)" in caplog.text
+    caplog.clear()
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), tmp_path / "w.pth")
+    load_teacher(f"timm:vit_small_patch16_224.dino:{tmp_path / 'w.pth'}", TINY)
+    assert "normalised" not in caplog.text

@@ -11,6 +11,9 @@ A teacher spec (the teacher stage's ``teacher.source`` other than ``train``; pre
 - ``mcf:<path>``: an exported backbone folder (``save_backbone``) or one of our checkpoints;
 - ``random``: a random ViT of the backbone's size, only when asked for by name.
 
+Every teacher sees the crops as the student does, ImageNet-normalised (MoCo v3's own inputs); a timm
+name whose timm weights expect another normalisation (CLIP's, or 0.5/0.5) is warned about.
+
 A name without weights is an error rather than a silent random teacher, which would train a model
 against noise and look fine until the downstream numbers come in.
 """
@@ -26,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mcf.data.pretrain_data import IMAGENET_MEAN, IMAGENET_STD
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, read_weights
 from mcf.models.release import backbone_from_checkpoint, encoder_state_dict
 from mcf.params import checking_paths
@@ -174,6 +178,13 @@ def _load_timm(arg: str, backbone_cfg: BackboneConfig) -> nn.Module:
     if weights == "random":
         log.warning("teacher: random timm %s, as the spec asks", name)
         return model
+    expects = tuple(model.pretrained_cfg.get(k) for k in ("mean", "std"))
+    if expects != (IMAGENET_MEAN, IMAGENET_STD):  # e.g. (0.5, 0.5) for vit_base_patch16_224, CLIP's
+        log.warning(
+            "teacher: timm's weights for %s expect inputs normalised with mean %s, std %s, but the teacher "
+            "sees the crops as the student does (ImageNet mean/std): check that %s was trained on those",
+            name, *expects, weights,
+        )
     state = encoder_state_dict(read_weights(weights))
     return _load_strict(model, state, weights)
 
