@@ -30,7 +30,8 @@ def _model() -> MCF:
 
 
 def test_equivalence_uses_one_set_of_masks_and_catches_a_difference() -> None:
-    model, imgs = _model(), torch.randn(4, 3, 32, 32)
+    # batch 8: at 4 this tiny model's contrastive term moves up to 4 % in bf16, depending on the init
+    model, imgs = _model(), torch.randn(8, 3, 32, 32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ok, pairs = equivalence(model, model, imgs, 0.75, torch.float32, rtol=1e-6)
     assert ok and all(a == b for a, b in pairs.values())  # the same masks: fp32 against fp32 is exact

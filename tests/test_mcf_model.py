@@ -189,6 +189,30 @@ def test_ablation_switches(changes: dict, terms: set[str], modules: set[str]) ->
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def test_a_seed_fixes_every_initial_weight_whatever_the_stream() -> None:
+    """pretrain and the teacher stage pass their seed: then nothing a caller drew before may leak in."""
+    cfg = tiny_cfg(feature_loss=False)
+    torch.manual_seed(0)
+    a = MCF(cfg, seed=5).state_dict()
+    torch.manual_seed(1)
+    b = MCF(cfg, seed=5).state_dict()
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not torch.equal(MCF(cfg, seed=6).encoder.cls_token, b["encoder.cls_token"])
+
+
+@pytest.mark.parametrize(
+    "changes", [{"contrastive": False}, {"feature_loss": False}, {"objective": "pixel_mae"}]
+)
+def test_an_ablation_starts_every_part_it_keeps_where_the_full_model_starts(changes: dict) -> None:
+    """An ablation changes one thing: dropping the decoder, the heads or the teacher must not move the
+    encoder's (or another kept part's) initial weights, or the comparison also compares two inits."""
+    full, ablated = tiny_model().state_dict(), tiny_model(**changes).state_dict()
+    kept = [name for name in ablated if name in full]
+    assert any(name.startswith("encoder.") for name in kept)
+    for name in kept:
+        assert torch.equal(ablated[name], full[name]), name
+
+
 def test_teacher_required_iff_feature_loss() -> None:
     with pytest.raises(ValueError, match="needs a teacher"):
         MCF(tiny_cfg(), None)

@@ -142,10 +142,13 @@ def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:
     backbone = load_backbone(out / "backbone")
     assert backbone.embed_dim == 32
     # the scratch baseline is the encoder exactly as pre-training initialised it (same seed, same init)
-    torch.manual_seed(common.seed)
-    start = MCF(cfg.model, load_teacher(f"mcf:{cfg.teacher}", cfg.model.backbone)).encoder
+    start = MCF(cfg.model, load_teacher(f"mcf:{cfg.teacher}", cfg.model.backbone), common.seed).encoder
     init = load_backbone(out / "backbone_init")
     assert all(torch.equal(v, start.state_dict()[k]) for k, v in init.state_dict().items())
+    # ... and not where the teacher stage's MAE starts under the same seed
+    mae = teacher.build_mae(load("teacher", workspace / "run.yaml")[1], common.seed).encoder
+    assert mae.blocks[0].attn.qkv.weight.shape == init.blocks[0].attn.qkv.weight.shape
+    assert not torch.equal(mae.blocks[0].attn.qkv.weight, init.blocks[0].attn.qkv.weight)
     assert not torch.equal(init.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["model"])

@@ -143,6 +143,19 @@ def test_mcf_folder_and_checkpoint(tmp_path: Path) -> None:
     assert_same_weights(load_teacher(f"mcf:{tmp_path / 'last.pt'}", TINY), vit)
 
 
+@pytest.mark.parametrize("spec", ["mcf", "random"])
+def test_loading_a_teacher_leaves_the_callers_random_stream(tmp_path: Path, spec: str) -> None:
+    """The student is initialised after its teacher is loaded: a load that drew from the stream would
+    give a run with a teacher another student init than the same run without one."""
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "export")
+    spec = f"mcf:{tmp_path / 'export'}" if spec == "mcf" else spec
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_teacher(spec, TINY)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_features_are_raw_block_outputs() -> None:
     teacher = load_teacher("random", TINY)
     x = torch.randn(2, 3, 32, 32)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from mcf.models.backbone import BackboneConfig, create_backbone
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import ParamsError, param
-from mcf.train.distributed import concat_all_gather, get_rank
+from mcf.train.distributed import concat_all_gather, derive_seed, get_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,15 +122,32 @@ def mlp_head(in_dim: int, hidden: int, out_dim: int, last_bn: bool) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
+def xavier_linears(module: nn.Module, generator: torch.Generator) -> None:
+    """Xavier-uniform weights and zero biases for every Linear in ``module``; unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, generator=generator)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MCF(nn.Module):
     """MCF pre-training model. ``teacher`` is required iff the feature loss is on (objective mcf)."""
 
-    def __init__(self, cfg: MCFConfig, teacher: FeatureTeacher | None = None) -> None:
+    def __init__(
+        self, cfg: MCFConfig, teacher: FeatureTeacher | None = None, seed: int | None = None
+    ) -> None:
+        """``seed`` fixes the initial weights (see ``_init_weights``); without it one is drawn from torch's
+        stream before any part is built."""
         super().__init__()
         if cfg.uses_teacher != (teacher is not None):
             need = "needs a teacher" if cfg.uses_teacher else "takes no teacher"
             raise ValueError(f"objective {cfg.objective!r} with feature_loss={cfg.feature_loss} {need}")
         self.cfg = cfg
+        seed = int(torch.randint(2**62, (), device="cpu")) if seed is None else seed
         bb = cfg.backbone
         self.patch_size, self.grid = bb.patch_size, bb.img_size // bb.patch_size
         self.encoder = create_backbone(bb)
@@ -140,7 +157,7 @@ class MCF(nn.Module):
         if cfg.uses_contrastive:
             self.projector = mlp_head(bb.embed_dim, cfg.proj_hidden, cfg.proj_dim, last_bn=True)
             self.predictor = mlp_head(cfg.proj_dim, cfg.pred_hidden, cfg.proj_dim, last_bn=False)
-        self._init_weights()
+        self._init_weights(seed)
         if cfg.uses_contrastive:
             self.momentum_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
             self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
@@ -164,22 +181,28 @@ class MCF(nn.Module):
         self.decoder_norm = norm(dim)
         self.decoder_pred = nn.Linear(dim, self.patch_size**2 * 3)
 
-    def _init_weights(self) -> None:
-        """MAE's recipe: xavier-uniform linears (patch embedding too), N(0, .02) tokens, sin-cos pos."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        w = self.encoder.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
-        nn.init.normal_(self.encoder.cls_token, std=0.02)
+    def _init_weights(self, seed: int) -> None:
+        """MAE's recipe: xavier-uniform linears (patch embedding too), N(0, .02) tokens, sin-cos pos.
+
+        The encoder, the decoder and the contrastive heads each draw from their own generator seeded
+        from ``seed``, so an ablation that drops one part starts the parts it keeps where the full
+        model starts them; one stream would shift with every part built before the init.
+        """
+        encoder, decoder, heads = (torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(3))
+        xavier_linears(self.encoder, encoder)
+        w, b = self.encoder.patch_embed.proj.weight, self.encoder.patch_embed.proj.bias
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1), generator=encoder)
+        bound = 1 / math.sqrt(w[0].numel())  # torch's default for a convolution's bias, which MAE keeps
+        nn.init.uniform_(b, -bound, bound, generator=encoder)
+        nn.init.normal_(self.encoder.cls_token, std=0.02, generator=encoder)
         self.encoder.pos_embed.data.copy_(sincos_2d(self.cfg.backbone.embed_dim, self.grid))
         if self.cfg.uses_decoder:
-            nn.init.normal_(self.mask_token, std=0.02)
+            for part in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
+                xavier_linears(part, decoder)
+            nn.init.normal_(self.mask_token, std=0.02, generator=decoder)
+        if self.cfg.uses_contrastive:
+            xavier_linears(self.projector, heads)
+            xavier_linears(self.predictor, heads)
 
     # ---------------------------------------------------------------- masking and encoding
     def random_masking(

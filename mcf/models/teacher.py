@@ -199,12 +199,13 @@ def load_teacher(spec: str, backbone_cfg: BackboneConfig) -> FeatureTeacher:
     """Build the frozen teacher named by ``spec`` (see the module docstring); never downloads."""
     validate_teacher_spec(spec)
     scheme, arg = _parse(spec)
-    if scheme == "random":
-        log.warning("teacher: random ViT of the backbone's size, as the spec asks")
-        model = create_backbone(backbone_cfg)
-    else:
-        loader = {"moco_v3": _load_moco_v3, "timm": _load_timm, "mcf": _load_mcf}[scheme]
-        model = loader(arg, backbone_cfg)
+    with torch.random.fork_rng(devices=[]):  # the student built next starts alike with or without it
+        if scheme == "random":
+            log.warning("teacher: random ViT of the backbone's size, as the spec asks")
+            model = create_backbone(backbone_cfg)
+        else:
+            loader = {"moco_v3": _load_moco_v3, "timm": _load_timm, "mcf": _load_mcf}[scheme]
+            model = loader(arg, backbone_cfg)
     teacher = FeatureTeacher(model)
     log.info("teacher %s: depth %d, input %s", spec, teacher.depth, teacher.img_size)
     return teacher

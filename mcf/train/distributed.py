@@ -15,6 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,6 +51,12 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes (1 when not distributed)."""
     return dist.get_world_size() if is_initialized() else 1
+
+
+def derive_seed(seed: int, key: int) -> int:
+    """A seed for the stream ``key`` of a run seeded ``seed`` (NumPy's SeedSequence): streams keyed apart
+    stay independent, where ``seed + key`` would give run 0's stream 1 to run 1's stream 0."""
+    return int(np.random.SeedSequence([seed, key]).generate_state(1)[0])
 
 
 def default_device() -> torch.device:

@@ -41,7 +41,14 @@ from mcf.train.checkpoint import (
     set_rng_state,
     truncate_live,
 )
-from mcf.train.distributed import barrier, cleanup, init_distributed, is_initialized, resolve_dtype
+from mcf.train.distributed import (
+    barrier,
+    cleanup,
+    derive_seed,
+    init_distributed,
+    is_initialized,
+    resolve_dtype,
+)
 from mcf.train.schedule import lr_at, scaled_lr, set_lr
 
 if TYPE_CHECKING:
@@ -352,7 +359,7 @@ class Trainer:
 
 def seed_process(seed: int, rank: int) -> None:
     """Seed torch, NumPy and Python per rank, so ranks draw different masks from the same seed."""
-    derived = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    derived = derive_seed(seed, rank)
     torch.manual_seed(derived)
     np.random.seed(derived)
     random.seed(derived)

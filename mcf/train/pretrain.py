@@ -100,7 +100,7 @@ def main(common: Common, cfg: PretrainConfig) -> None:
 
     def build() -> nn.Module:
         teacher = load_teacher(f"mcf:{cfg.teacher}", cfg.model.backbone) if cfg.model.uses_teacher else None
-        model = MCF(cfg.model, teacher)  # built from the seed alone; a resumed run loads its state later
+        model = MCF(cfg.model, teacher, common.seed)  # a resumed run loads its state later
         initial.update({k: v.clone() for k, v in model.encoder.state_dict().items()})
         return model
 

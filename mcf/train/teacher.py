@@ -18,12 +18,12 @@ loads ``mcf:<out>``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mcf.errors import StageError
 from mcf.io import atomic_dir
@@ -33,7 +33,7 @@ from mcf.models.release import infer_backbone_config
 from mcf.models.teacher import load_teacher, validate_teacher_spec, weights_path
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.checkpoint import discard_resume
-from mcf.train.distributed import barrier, cleanup, init_distributed
+from mcf.train.distributed import barrier, cleanup, derive_seed, init_distributed
 from mcf.train.loop import Run, TrainConfig, train_and_export
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,16 @@ class TeacherConfig:
             backbone=self.backbone, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
             decoder_heads=self.decoder_heads, objective="pixel_mae", norm_pix_loss=self.norm_pix_loss,
         )
+
+
+MAE_INIT_KEY = 2**32 - 1  # derive_seed's key for the MAE's init; the ranks' streams take keys 0, 1, ...
+
+
+def build_mae(cfg: TeacherConfig, seed: int) -> MCF:
+    """The MAE that ``train`` trains, initialised from a seed keyed apart from ``seed``: pretrain
+    initialises its student from ``seed`` itself, and a teacher trained from the student's own starting
+    weights would couple the two."""
+    return MCF(cfg.mae_config(), seed=derive_seed(seed, MAE_INIT_KEY))
 
 
 def export_trained(model: MCF, out: Path) -> None:
@@ -123,15 +133,12 @@ def main(common: Common, cfg: TeacherConfig) -> None:
         finally:
             cleanup()
         return
-    mae = cfg.mae_config()
     identity = {
         "stage": "teacher", "seed": common.seed, "mask_ratio": cfg.mask_ratio,
-        "model": dataclasses.asdict(mae), "train": cfg.train.identity(),
+        "model": dataclasses.asdict(cfg.mae_config()), "train": cfg.train.identity(),
     }
 
-    def build() -> nn.Module:
-        return MCF(mae)
-
     run = Run(common.seed, cfg.mask_ratio, Path(cfg.resume_dir), identity)
+    build = functools.partial(build_mae, cfg, common.seed)
     train_and_export(build, cfg.data, cfg.train, run, cfg.out, export_trained, "teacher.json")
     log.info("teacher: trained with MAE, wrote %s", cfg.out)
