@@ -42,6 +42,21 @@ def test_nme_rejects_bad_input() -> None:
         nme(gt[:, :5], gt, "inter_ocular")
 
 
+def test_nme_refuses_boxes_not_one_row_per_image() -> None:
+    """Boxes laid out by column (``[4, N]``, as ``np.array([lefts, rights, tops, bottoms])`` gives) were
+    reshaped to ``[N, 4]`` without a word, so the NME was divided by scrambled boxes."""
+    gt, box = _landmarks()
+    for bad in (box.T, box.ravel(), box[:1]):
+        with pytest.raises(ValueError, match=r"box: expected \[2, 4\]"):
+            nme(gt + 1.0, gt, "diag", bad)
+
+
+def test_nme_inter_ocular_needs_the_eye_corners() -> None:
+    gt, _ = _landmarks()
+    with pytest.raises(ValueError, match="needs points 6 and 11"):
+        nme(gt[:, :5], gt[:, :5], "inter_ocular")
+
+
 def test_ced_auc_fr_on_a_known_distribution() -> None:
     values = np.array([0.01, 0.05, 0.08, 0.1])
     thresholds, fractions = ced_curve(values)

@@ -36,11 +36,16 @@ def nme(pred: np.ndarray, gt: np.ndarray, unit: Unit, box: np.ndarray | None = N
     err = np.linalg.norm(pred - gt, axis=-1).mean(axis=-1)
     if unit == "inter_ocular":
         a, b = OUTER_EYE_CORNERS
+        if gt.shape[1] <= max(a, b):
+            raise ValueError(f"nme unit 'inter_ocular' needs points {a} and {b} (AFLW-19's outer eye "
+                             f"corners), got {gt.shape[1]} points")
         norm = np.linalg.norm(gt[:, a] - gt[:, b], axis=-1)
     elif unit in ("diag", "box"):
         if box is None:
             raise ValueError(f"nme unit {unit!r} needs the GT box")
-        box = np.asarray(box, dtype=np.float64).reshape(len(gt), 4)
+        box = np.asarray(box, dtype=np.float64)
+        if box.shape != (len(gt), 4):  # a [4, N] table of columns must not be reshaped into boxes
+            raise ValueError(f"box: expected [{len(gt)}, 4] (left, right, top, bottom), got {box.shape}")
         w, h = box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]
         norm = np.sqrt(w**2 + h**2) if unit == "diag" else np.sqrt(w * h)
     else:
