@@ -71,6 +71,10 @@ def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("tolerance: {'*': 0.1\n")
     cases.append((["--tolerance", str(broken)], "broken.yaml: not valid YAML"))
+    for value in (".nan", "-0.1"):  # NaN passed every move (|a - b| > NaN is false); a negative failed all
+        odd = tmp_path / "odd.yaml"
+        odd.write_text(f"tolerance:\n  '*': 0.1\n  'm.json:*': {value}\n")
+        cases.append((["--tolerance", str(odd)], "m.json:*: a tolerance must be a number >= 0"))
     good = tmp_path / "good.yaml"
     good.write_text("tolerance:\n  '*': 0.1\n")
     cases.append((["--tolerance", str(good)], "dvc metrics diff HEAD --md --all failed"))  # not a repo

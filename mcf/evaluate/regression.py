@@ -69,9 +69,13 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
     if not isinstance(table, dict) or not table:
         raise StageError(f"{where}: expected a 'tolerance:' mapping of metric globs to numbers")
     try:
-        return {str(k): float(v) for k, v in table.items()}
+        tolerances = {str(k): float(v) for k, v in table.items()}
     except (TypeError, ValueError) as err:
         raise StageError(f"{where}: every tolerance must be a number ({err})") from None
+    for glob, tol in tolerances.items():
+        if not tol >= 0:  # NaN would pass every move (no difference exceeds it), a negative fail every one
+            raise StageError(f"{where}: {glob}: a tolerance must be a number >= 0, got {tol}")
+    return tolerances
 
 
 def tolerance_for(name: str, tolerances: dict[str, float]) -> float | None:
