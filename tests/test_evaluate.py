@@ -169,6 +169,23 @@ def test_models_of_the_other_task_are_refused_by_name(evaluated: tuple[EvaluateC
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
 
 
+def test_a_missing_probe_backbone_is_refused_before_scoring(evaluated: tuple[EvaluateConfig, dict, Path],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The probes read the pre-training exports; one missing failed only after every model was scored."""
+    cfg, _, root = evaluated
+    for key in ("backbone", "scratch_backbone"):
+        bad = dataclasses.replace(cfg, **{key: str(root / "nope")}, out=str(root / "bad"),
+                                  metrics=str(root / "bad.json"))
+        with caplog.at_level("INFO"), pytest.raises(ParamsError, match=f"evaluate.{key}.*nope"):
+            main(Common(seed=0), bad)
+        assert not any("alignment mcf" in r.getMessage() for r in caplog.records)
+        assert not (root / "bad").exists() and not (root / "bad.json").exists()
+    main(Common(seed=0), dataclasses.replace(  # without the probes the exports are not needed
+        cfg, backbone=str(root / "nope"), probe=dataclasses.replace(cfg.probe, enabled=False),
+        out=str(root / "noprobe"), metrics=str(root / "noprobe.json")))
+    assert "probe" not in json.loads((root / "noprobe.json").read_text())
+
+
 def test_probe_fits_recover_linear_structure() -> None:
     from mcf.evaluate.probe import fit_landmarks, identity_accuracy
 

@@ -209,6 +209,10 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
         for variant in cfg.variants:
             path = Path(getattr(cfg, task)) / variant / "model.pt"
             require_path(path, f"evaluate.{task}", made_by=f"finetune_{task} --variant {variant}")
+    if cfg.probe.enabled:  # the probes read the pre-training exports, after everything else is scored
+        for variant in cfg.variants:
+            key = "backbone" if variant == "mcf" else "scratch_backbone"
+            require_path(getattr(cfg, key), f"evaluate.{key}", made_by="pretrain")
     with atomic_dir(cfg.out, sign="plots") as out:
         for sub in ("predictions", "plots", "overlays"):
             (out / sub).mkdir()
