@@ -203,6 +203,9 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- stage
 
 
+EXPORT_KEYS = {"mcf": "backbone", "scratch": "scratch_backbone"}  # each variant's pre-training export
+
+
 def main(common: Common, cfg: EvaluateConfig) -> None:
     """Stage ``evaluate``: alignment, parsing and probes for every variant; outputs written atomically."""
     for task in get_args(Task):  # every input is there before anything is written
@@ -211,7 +214,7 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
             require_path(path, f"evaluate.{task}", made_by=f"finetune_{task} --variant {variant}")
     if cfg.probe.enabled:  # the probes read the pre-training exports, after everything else is scored
         for variant in cfg.variants:
-            key = "backbone" if variant == "mcf" else "scratch_backbone"
+            key = EXPORT_KEYS[variant]
             require_path(getattr(cfg, key), f"evaluate.{key}", made_by="pretrain")
     with atomic_dir(cfg.out, sign="plots") as out:
         for sub in ("predictions", "plots", "overlays"):
@@ -224,8 +227,7 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
         if cfg.probe.enabled:
             _, meta = load_finetuned(Path(cfg.alignment) / cfg.variants[0] / "model.pt")
             data = AFLW19Config(**meta["data"])
-            exports = {"mcf": cfg.backbone, "scratch": cfg.scratch_backbone}
-            exports = {v: exports[v] for v in cfg.variants}
+            exports = {v: getattr(cfg, EXPORT_KEYS[v]) for v in cfg.variants}
             results["probe"] = run_probes(exports, data, cfg.probe, cfg.batch_size)
         with atomic_file(cfg.metrics) as tmp:
             tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
