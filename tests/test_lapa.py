@@ -18,6 +18,7 @@ from mcf.data.lapa import (
     LaPaConfig,
     ParsingAugment,
     read_landmarks,
+    sample_augment,
     sample_params,
     table,
     warp_to_original,
@@ -235,3 +236,15 @@ def test_gate_names_an_image_cut_short(root: Path) -> None:
     assert df["size_match"].all() and df["image_decodes"].tolist() == [True, False]
     with pytest.raises(StageError, match=r"column=image_decodes\): 1 unexpected .*test_0001"):
         run_gate(df, "lapa", stage="test")
+
+
+@pytest.mark.parametrize("scale_std", [1 / 3, 0.4])
+def test_a_scale_spread_whose_clip_reaches_zero_is_refused(scale_std: float) -> None:
+    """The scale is clipped to 1 ± 3 std: at std 1/3 a draw can be 0 (a singular matrix, LinAlgError in
+    the middle of training) and above it negative (the face turned upside down), so both are bad params."""
+    from mcf.params import ParamsError, build
+
+    with pytest.raises(ParamsError, match="augment.scale_std"):
+        build(LaPaConfig, {"augment": {"scale_std": scale_std}})
+    rng, widest = np.random.default_rng(0), ParsingAugment(scale_std=0.33)
+    assert min(np.linalg.det(sample_augment(widest, 512, rng)[:, :2]) for _ in range(5000)) > 0

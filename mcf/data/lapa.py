@@ -53,7 +53,8 @@ class ParsingAugment:
     """Training augmentation, composed into the similarity before the warp; 0 turns one off."""
 
     rotation_std: float = param(0.314, ge=0.0)  # radians, normal
-    scale_std: float = param(0.1, ge=0.0, lt=0.5)  # normal around 1, clipped to 1 ± 3 std
+    # normal around 1, clipped to 1 ± 3 std: below 1/3, so no draw reaches a zero or negative scale
+    scale_std: float = param(0.1, ge=0.0, lt=1 / 3)
     shift: float = param(0.01, ge=0.0, lt=1.0)  # uniform ± share of the aligned square, per axis
     photometric: T.Photometric = dataclasses.field(default_factory=T.Photometric)
 
