@@ -109,6 +109,9 @@ def test_photometric_params_are_checked() -> None:
         build(T.Photometric, {"gamma_min": 2.0, "gamma_max": 1.0})
     with pytest.raises(ParamsError, match="gray_p"):
         build(T.Photometric, {"gray_p": 1.5})
+    # the blur draws its sigma from 0.1 up to blur_sigma: below 0.1 it blurred more than the largest asked
+    with pytest.raises(ParamsError, match="blur_sigma"):
+        build(T.Photometric, {"blur_sigma": 0.05})
 
 
 def test_to_tensor_normalises() -> None:

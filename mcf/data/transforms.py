@@ -225,7 +225,8 @@ class Photometric:
     gamma_min: float = param(0.7, gt=0.0)
     gamma_max: float = param(1.5, gt=0.0)
     blur_p: float = param(0.2, ge=0.0, le=1.0)
-    blur_sigma: float = param(1.5, gt=0.0)  # largest sigma, in pixels of the crop blurred (FaRL: 512²)
+    # largest sigma, in pixels of the crop blurred (FaRL: 512²); each blur draws it from 0.1 up to this
+    blur_sigma: float = param(1.5, ge=0.1)
 
     def __post_init__(self) -> None:
         if self.gamma_max < self.gamma_min:
