@@ -145,6 +145,9 @@ def predict(
         raise StageError("nothing to predict: give --alignment and/or --parsing")
     out = Path(out)
     check_replaceable(out, "faces.csv")  # before any model is loaded
+    if parsing is not None and alignment is None and box is not None:
+        raise StageError("parsing aligns each face by five landmarks, and a box gives no landmarks: with "
+                         "--box, parsing needs --alignment MODEL (its eye, nose and mouth points)")
     if parsing is not None and alignment is None and (detector is None or detector.yunet_model is None):
         raise StageError("parsing aligns each face by five landmarks: give --alignment MODEL (its eye, nose "
                          "and mouth points) or a YuNet detector (--yunet FILE)")

@@ -152,6 +152,8 @@ def test_an_image_past_pillows_size_limit_is_still_predicted(
     [
         (["IMG", "--alignment", "PARSE", "--out", "OUT"], 1, "fine-tuned for 'parsing', not 'alignment'"),
         (["IMG", "--parsing", "PARSE", "--out", "OUT"], 1, "parsing aligns each face by five landmarks"),
+        (["IMG", "--parsing", "PARSE", "--box", "4,6,60,62", "--out", "OUT"], 1,
+         "a box gives no landmarks: with --box, parsing needs --alignment MODEL"),
         (["IMG", "--out", "OUT"], 1, "nothing to predict"),
         (["missing.jpg", "--alignment", "ALIGN", "--out", "OUT"], 1, "missing.jpg: no such image or folder"),
         (["IMG", "--alignment", "missing.pt", "--out", "OUT"], 1, "missing.pt: no such file"),
