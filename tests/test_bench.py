@@ -71,7 +71,7 @@ def test_step_flops_count_attention_on_the_cpu(monkeypatch: pytest.MonkeyPatch) 
 def test_bench_reports_both_paths_and_the_loader(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     make_workspace(tmp_path, n=40)
     params = write_params(tmp_path)
-    argv = ["--params", str(params), "--batch", "4", "--steps", "1", "--warmup", "1", "--precision", "bf16",
+    argv = ["--params", str(params), "--batch", "8", "--steps", "1", "--warmup", "1", "--precision", "bf16",
             "--shards", str(tmp_path / "subset" / "shards"), "--workers", "1", "--loader-batches", "3"]
     with caplog.at_level(logging.INFO, logger="mcf.train.bench"):
         assert bench_pretrain(argv) == 0

@@ -12,6 +12,7 @@ from mcf.models.backbone import BackboneConfig
 from mcf.models.mcf import MCF, MCFConfig, sincos_2d
 from mcf.models.teacher import load_teacher
 from mcf.params import ParamsError, build
+from mcf.train.loop import seed_process
 
 TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
 
@@ -276,3 +277,16 @@ def test_linear_patch_embedding_is_timm_convolution() -> None:
     torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
     with pytest.raises(AssertionError, match="doesn't match model"):  # timm's own check still applies
         ours.patch_embed(torch.randn(1, 3, 40, 40, dtype=torch.float64))
+
+
+def test_the_init_draws_nothing_a_rank_draws_later() -> None:
+    """pretrain seeds its model and its ranks' streams from one seed: an init stream keyed like a rank
+    would make that rank's masks a rescaling of the initial weights."""
+    model = MCF(tiny_cfg(feature_loss=False), seed=0)
+    weights = [model.encoder.blocks[0].attn.qkv.weight, model.projector[0].weight]
+    for rank in range(3):
+        seed_process(0, rank)
+        noise = torch.rand(64)
+        for w in weights:
+            bound = math.sqrt(6 / sum(w.shape))  # xavier-uniform's: the weights are U(-bound, bound)
+            assert not torch.allclose(noise, (w.detach().flatten()[:64] + bound) / (2 * bound), atol=1e-6)

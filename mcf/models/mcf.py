@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from mcf.models.backbone import BackboneConfig, create_backbone
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import ParamsError, param
-from mcf.train.distributed import concat_all_gather, derive_seed, get_rank
+from mcf.train.distributed import INIT_KEY, concat_all_gather, derive_seed, get_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +188,8 @@ class MCF(nn.Module):
         from ``seed``, so an ablation that drops one part starts the parts it keeps where the full
         model starts them; one stream would shift with every part built before the init.
         """
-        encoder, decoder, heads = (torch.Generator().manual_seed(derive_seed(seed, i)) for i in range(3))
+        init = derive_seed(seed, INIT_KEY)  # not derive_seed(seed, i): rank i's masks come from that
+        encoder, decoder, heads = (torch.Generator().manual_seed(derive_seed(init, i)) for i in range(3))
         xavier_linears(self.encoder, encoder)
         w, b = self.encoder.patch_embed.proj.weight, self.encoder.patch_embed.proj.bias
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1), generator=encoder)

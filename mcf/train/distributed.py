@@ -53,6 +53,11 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_initialized() else 1
 
 
+# derive_seed's keys: 0, 1, ... are the ranks' streams (``seed_process``); these sit above any rank
+INIT_KEY = 2**32 - 2  # a model's initial weights (MCF's init): no rank may draw its masks from them
+MAE_INIT_KEY = 2**32 - 1  # the teacher stage's MAE, which must not start from its student's weights
+
+
 def derive_seed(seed: int, key: int) -> int:
     """A seed for the stream ``key`` of a run seeded ``seed`` (NumPy's SeedSequence): streams keyed apart
     stay independent, where ``seed + key`` would give run 0's stream 1 to run 1's stream 0."""

@@ -33,7 +33,7 @@ from mcf.models.release import infer_backbone_config
 from mcf.models.teacher import load_teacher, validate_teacher_spec, weights_path
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.checkpoint import discard_resume
-from mcf.train.distributed import barrier, cleanup, derive_seed, init_distributed
+from mcf.train.distributed import MAE_INIT_KEY, barrier, cleanup, derive_seed, init_distributed
 from mcf.train.loop import Run, TrainConfig, train_and_export
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,6 @@ class TeacherConfig:
             backbone=self.backbone, decoder_dim=self.decoder_dim, decoder_depth=self.decoder_depth,
             decoder_heads=self.decoder_heads, objective="pixel_mae", norm_pix_loss=self.norm_pix_loss,
         )
-
-
-MAE_INIT_KEY = 2**32 - 1  # derive_seed's key for the MAE's init; the ranks' streams take keys 0, 1, ...
 
 
 def build_mae(cfg: TeacherConfig, seed: int) -> MCF:
