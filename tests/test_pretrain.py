@@ -25,6 +25,7 @@ from mcf.cli import main as cli_main
 from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
 from mcf.data.shards import encode_jpeg, write_shards
 from mcf.errors import StageError
+from mcf.models import mcf as mcf_model
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import export_backbone
@@ -172,6 +173,24 @@ def test_nan_guard_names_the_step(workspace: Path) -> None:
     with pytest.raises(StageError, match=r"non-finite loss at step 2 of 24"):
         pretrain.main(common, cfg)
     assert not Path(cfg.out).exists()
+
+
+def test_a_resume_after_a_change_of_initial_weights_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pretrain exports backbone_init rebuilt from the seed: a run resumed under code that draws other
+    initial weights (same params) would export a start it never trained from, the scratch baseline."""
+    make_workspace(tmp_path)
+    common, cfg = load("pretrain", write_params(tmp_path, "nan.yaml", blr=1e38, warmup_epochs=0))
+    with pytest.raises(StageError, match="non-finite loss at step 2"):
+        pretrain.main(common, cfg)  # leaves the checkpoint of step 1
+    assert (Path(cfg.resume_dir) / "last.pt").is_file()
+    monkeypatch.setattr(mcf_model, "INIT_KEY", mcf_model.INIT_KEY - 7)
+    with pytest.raises(StageError, match="other params, data, precision or initial weights"):
+        pretrain.main(common, cfg)
+    monkeypatch.undo()
+    with pytest.raises(StageError, match="non-finite loss at step 2"):  # resumed at step 1
+        pretrain.main(common, cfg)
 
 
 def test_teacher_stage_trains_and_imports(workspace: Path) -> None:

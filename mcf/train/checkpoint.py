@@ -3,7 +3,7 @@
 A checkpoint holds the model (without the frozen teacher, which is rebuilt from its own stage's
 output), the optimizer and grad-scaler state, the step (the schedules are functions of it), the
 momentum value, the data position, the dvclive step, every rank's RNG states, the number of ranks and
-the hash of the run's params. Loading refuses a checkpoint whose hash differs: continuing a run under
+the hash of the run's params, data and initial weights. Loading refuses a checkpoint whose hash differs: continuing a run under
 other params would silently mix two experiments.
 """
 
@@ -33,6 +33,18 @@ CHECKPOINT = "last.pt"
 def run_hash(identity: dict[str, Any]) -> str:
     """A stable digest of everything that defines a run (params, seed, world size, data size)."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """The sha256 of the trainable weights as built: a run resumed under code that draws other initial
+    weights from the same params is another run (pretrain's ``backbone_init``, rebuilt from the seed,
+    would not be the start the checkpoint trained from)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def rng_state() -> dict[str, Any]:
@@ -101,9 +113,9 @@ def load_checkpoint(
         )
     if state.get("run_hash") != expected_hash:
         raise StageError(
-            f"{path} belongs to a run with other params, data or precision (hash {state.get('run_hash')}, "
-            f"now {expected_hash}); delete {resume_dir} to start over, or restore the params (and the "
-            "device, for precision auto) to resume it"
+            f"{path} belongs to a run with other params, data, precision or initial weights (hash "
+            f"{state.get('run_hash')}, now {expected_hash}); delete {resume_dir} to start over, or restore "
+            "the params (and the device, for precision auto; the code, for the initial weights) to resume it"
         )
     log.info("resuming from %s at step %d", path, state["step"])
     return state

@@ -40,6 +40,7 @@ from mcf.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
     truncate_live,
+    weights_digest,
 )
 from mcf.train.distributed import (
     barrier,
@@ -404,7 +405,7 @@ def train_and_export(
         crops = CropDataset(shard_dir, model.cfg.backbone.img_size, cfg.cache_mb)
         run = dataclasses.replace(
             run, rank=rank, world_size=world_size, device=device,
-            identity={**run.identity, **data_identity(data_dir)},
+            identity={**run.identity, **data_identity(data_dir), "init": weights_digest(model)},
         )
         seed_process(run.seed, rank)
         model = Trainer(model, crops, cfg, run).fit()
