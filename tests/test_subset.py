@@ -200,3 +200,11 @@ def test_cli_runs_the_stage_from_params(crop_dir: Path, tmp_path: Path) -> None:
         yaml.safe_dump({"subset": {"input": str(tmp_path / "none"), "out": str(tmp_path / "t")}})
     )
     assert cli_main(["subset", "--params", str(missing)]) == 2  # an input missing, as for every stage
+
+
+@pytest.mark.parametrize("stratify", [None, "tag"])
+def test_the_pick_does_not_depend_on_the_manifest_row_order(stratify: str | None) -> None:
+    """The module's promise: (manifest, seed, params) fix the pick, however the crop stage ordered rows."""
+    kept = pd.DataFrame({"crop_id": [f"c{i:02d}" for i in range(40)], "tag": ["a", "b"] * 20})
+    shuffled = kept.sample(frac=1.0, random_state=1)
+    assert sorted(pick(kept, 12, 0, stratify)) == sorted(pick(shuffled, 12, 0, stratify))
