@@ -30,9 +30,17 @@ from skimage import data as skdata
 from mcf.cli import main as cli_main
 from mcf.data import crop as crop_mod
 from mcf.data.crop import CropConfig, Source, bench_crop, crop, crop_chunk, crop_id, face_transform, warp_crop
-from mcf.data.detect import DetectorConfig, Face, HaarDetector, YuNetDetector, load_detections
+from mcf.data.detect import (
+    DetectorConfig,
+    Face,
+    HaarDetector,
+    YuNetDetector,
+    _downscale,
+    _ordered,
+    load_detections,
+)
 from mcf.data.quality import bench_duplicates, duplicates, phash
-from mcf.data.shards import shard_urls
+from mcf.data.shards import iter_samples, shard_urls
 from mcf.errors import StageError
 from mcf.io import atomic_dir, check_replaceable
 from mcf.params import ParamsError, build
@@ -201,6 +209,43 @@ def test_reasons_match_the_gate_suite() -> None:
     (allowed,) = [e["kwargs"]["value_set"] for e in suite if e["kwargs"].get("column") == "reason"
                   and e["type"] == "expect_column_values_to_be_in_set"]
     assert allowed == list(crop_mod.REASONS)
+
+
+def test_the_filters_keep_a_face_at_their_bounds(tmp_path: Path) -> None:
+    """``min_face_size`` and ``min_score`` are the smallest values kept: a face exactly at them passes."""
+    cv2.imwrite(str(tmp_path / "a.jpg"), cv2.cvtColor(_rgb("astronaut"), cv2.COLOR_RGB2BGR))
+    x1, y1 = ASTRO_FACE[:2]
+    face = Face(0, (x1, y1, x1 + 100.0, y1 + 120.0), None, 0.9, "table")  # shorter side 100
+    cfg = CropConfig(size=SIZE, min_face_size=100.0, min_score=0.9, min_blur=0.0)
+    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), (face,))], cfg, tmp_path / "part")
+    assert result.rows["status"].tolist() == ["kept"]
+
+
+def test_crops_keep_the_images_colours(tmp_path: Path) -> None:
+    """OpenCV decodes BGR: the crop in the shard must be RGB, as pre-training reads it."""
+    rgb = np.zeros((200, 200, 3), np.uint8)
+    rgb[..., 0] = np.random.default_rng(0).integers(150, 256, (200, 200))  # a textured red image
+    cv2.imwrite(str(tmp_path / "red.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    face = Face(0, (50.0, 50.0, 150.0, 150.0), None, 0.99, "table")
+    cfg = CropConfig(size=SIZE, min_blur=0.0)
+    crop_chunk([Source("red", str(tmp_path / "red.png"), (face,))], cfg, tmp_path / "part")
+    [(_, crop_rgb, _)] = list(iter_samples(shard_urls(tmp_path / "part")))
+    red, green, blue = crop_rgb.reshape(-1, 3).mean(axis=0)
+    assert red > 100 and green < 20 and blue < 20
+
+
+def test_detected_faces_are_indexed_largest_first_then_left_to_right() -> None:
+    boxes = [(0.0, 0.0, 10.0, 10.0), (50.0, 0.0, 80.0, 30.0), (20.0, 0.0, 50.0, 30.0)]
+    faces = _ordered([Face(0, box, None, None, "haar") for box in boxes])
+    assert [(f.face, f.box) for f in faces] == [(0, boxes[2]), (1, boxes[1]), (2, boxes[0])]
+
+
+def test_detection_input_is_downscaled_to_max_side() -> None:
+    small, scale = _downscale(np.zeros((1000, 500, 3), np.uint8), 640)
+    assert small.shape == (640, 320, 3) and scale == pytest.approx(1000 / 640)
+    image = np.zeros((600, 300, 3), np.uint8)
+    same, one = _downscale(image, 640)
+    assert same is image and one == 1.0
 
 
 @pytest.mark.parametrize("points", [[0.0] * 10, [30.0, 40.0] * 5, [30.0, float("nan")] + [50.0] * 8])
