@@ -135,6 +135,16 @@ def test_epoch_view_order_ranks_and_workers(workspace: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
 
 
+def test_epoch_view_drops_the_tail_and_draws_new_flips_each_epoch() -> None:
+    """A rank reads ``length`` samples of its slice (whole steps; 97 crops over 2 ranks leave one over),
+    and the flips are drawn anew each epoch, as the order is, not fixed per crop for the whole run."""
+    crops: Any = [torch.zeros(3, 2, 2, dtype=torch.uint8)] * 97
+    views = [EpochView(crops, 0, 0, rank, 2, 40, 8) for rank in range(2)]
+    assert [len(v) for v in views] == [32, 32]
+    epochs = [EpochView(crops, 0, epoch, 0, 1, 96, 0) for epoch in range(2)]
+    assert not np.array_equal(epochs[0].flips, epochs[1].flips)
+
+
 def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:
     common, cfg = load("pretrain", write_params(workspace, "run.yaml", accum_steps=2, ckpt_every=4))
     pretrain.main(common, cfg)
@@ -361,6 +371,35 @@ def test_each_micro_batch_steps_the_momentum_encoder_and_tokens_are_decayed() ->
     assert {"encoder.cls_token", "mask_token", "encoder.blocks.0.attn.qkv.weight"} <= decay
     assert {"encoder.norm.weight", "decoder_pred.bias"} <= no_decay
     assert len(decay | no_decay) == sum(p.requires_grad for p in model.parameters())
+
+
+class _Linear(torch.nn.Module):
+    """The loop's model contract at its smallest: a per-image mean loss, and a momentum hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float) -> dict[str, torch.Tensor]:
+        per_image = (imgs.flatten(1)[:, :3] * self.w).sum(1) ** 2
+        return {"loss": per_image.mean(), "loss_twice": 2 * per_image.mean()}
+
+    def update_momentum(self, m: float) -> None:
+        pass
+
+
+def test_accumulated_micro_batches_act_as_one_batch() -> None:
+    """``accum_steps`` micro-batches give the gradient and loss terms of one batch of all their images:
+    each micro-batch's loss is divided by their number (the effective batch, PROTOCOL §1)."""
+    images = torch.randn(8, 3, 2, 2)
+    whole, split = _Linear(), _Linear()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    one = accumulate(whole, whole, [images], 0.75, 0.9, torch.float32, scaler)
+    two = accumulate(split, split, list(images.chunk(4)), 0.75, 0.9, torch.float32, scaler)
+    torch.testing.assert_close(split.w.grad, whole.w.grad)
+    assert two.keys() == one.keys() == {"loss", "loss_twice"}
+    for k in one:
+        torch.testing.assert_close(two[k], one[k])
 
 
 def test_equal_weights_export_to_equal_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
