@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -131,6 +132,16 @@ def test_step_schedule_is_farls_epochwise_multistep() -> None:
     assert {lr_factor(s, 150 * 7, flat) for s in range(150 * 7)} == {1.0}
 
 
+def test_warm_up_then_cosine_over_the_steps_after_it() -> None:
+    """The warm-up's first step already trains (1/warmup_steps, not 0), it ends at the full lr, and the
+    half-cosine spans the steps after it, reaching 0 at the last."""
+    cfg = FinetuneConfig(warmup_steps=4, schedule="cosine")
+    factors = [lr_factor(s, 14, cfg) for s in (0, 1, 2, 3, 4, 9, 14)]
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.5, 0.0])
+    constant = FinetuneConfig(warmup_steps=2, schedule="constant")
+    assert [lr_factor(s, 10, constant) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
 def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
     from mcf.train.finetune import build_model
 
@@ -142,6 +153,18 @@ def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
     model = build_model("alignment", "mcf", frozen)
     assert [g["name"] for g in make_optimizer(model, frozen).param_groups] == ["neck", "head"]
     assert not any(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_heatmap_prior_is_one_over_the_logit_pixels(fixture_root: Path) -> None:
+    """The classifier bias starts at -log(H·W) of the heatmaps it scores (4× the patch grid per side),
+    so the initial heatmap mass is about 1 (AlignmentConfig.heatmap_prior)."""
+    from mcf.train.finetune import build_model
+
+    align, _ = tiny_configs(fixture_root)
+    model = build_model("alignment", "mcf", align)
+    with torch.no_grad():
+        pixels = math.prod(model(torch.zeros(1, 3, 32, 32)).shape[-2:])
+    torch.testing.assert_close(model.classifier.bias, torch.full((19,), -math.log(pixels)))
 
 
 def test_an_input_size_off_the_patch_grid_is_refused(fixture_root: Path) -> None:
