@@ -290,3 +290,48 @@ def test_the_init_draws_nothing_a_rank_draws_later() -> None:
         for w in weights:
             bound = math.sqrt(6 / sum(w.shape))  # xavier-uniform's: the weights are U(-bound, bound)
             assert not torch.allclose(noise, (w.detach().flatten()[:64] + bound) / (2 * bound), atol=1e-6)
+
+
+def test_encoder_with_nothing_masked_is_the_vits_own_forward() -> None:
+    """Unmasked and in patch order, the encoder is timm's ``forward_features``: each patch gets its own
+    position row (row 0 is CLS's) and CLS gets its own; the CLS row is perturbed from the sin-cos zeros,
+    as a loaded or other position table may have it."""
+    model = tiny_model(feature_loss=False).eval()
+    with torch.no_grad():
+        model.encoder.pos_embed.add_(torch.randn(model.encoder.pos_embed.shape))
+        x = imgs(2)
+        latent, mask, _ = model.forward_encoder(x, 0.0, torch.arange(16.0).expand(2, 16))
+        assert not mask.any()
+        torch.testing.assert_close(latent, model.encoder.forward_features(x))
+
+
+def test_decoder_row_j_predicts_patch_j() -> None:
+    """With every decoder block an identity (residual branches zeroed), row ``j`` of the prediction is
+    the decoder head on patch ``j``'s token (its latent where kept, the mask token where masked) plus
+    position row ``1 + j``: no CLS row among the outputs, no patch dropped, no patch out of place."""
+    model = tiny_model(contrastive=False)
+    with torch.no_grad():
+        for block in model.decoder_blocks:
+            for linear in (block.attn.proj, block.mlp.fc2):
+                linear.weight.zero_()
+                linear.bias.zero_()
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(11))
+    _, mask, ids_restore = model.random_masking(torch.zeros(2, 16, 1), 0.5, noise)
+    latent = torch.randn(2, 1 + 8, 64, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        pred = model.forward_decoder(latent, ids_restore)
+        assert pred.shape == (2, 16, 8 * 8 * 3)
+        for n in range(2):
+            kept = noise[n].argsort()[:8].tolist()
+            for j in range(16):
+                assert bool(mask[n, j]) == (j not in kept)
+                token = model.decoder_embed(latent[n, 1 + kept.index(j)]) if j in kept else model.mask_token
+                expect = model.decoder_pred(model.decoder_norm(token + model.decoder_pos_embed[0, 1 + j]))
+                torch.testing.assert_close(pred[n, j], expect.reshape(-1))
+
+
+def test_patch_embedding_bias_is_torchs_convolution_default() -> None:
+    """MAE keeps the convolution's default bias, uniform in ±1/√fan_in; 64 draws reach past half of it."""
+    model = tiny_model(feature_loss=False)
+    bias, bound = model.encoder.patch_embed.proj.bias, 1 / math.sqrt(3 * 8 * 8)
+    assert bias.abs().max() <= bound and bias.abs().max() > bound / 2
