@@ -212,3 +212,30 @@ def test_a_timm_name_whose_weights_expect_other_normalisation_warns(
     torch.save(timm.create_model("vit_small_patch16_224", num_classes=0).state_dict(), tmp_path / "w.pth")
     load_teacher(f"timm:vit_small_patch16_224.dino:{tmp_path / 'w.pth'}", TINY)
     assert "normalised" not in caplog.text
+
+
+def test_a_timm_weights_file_missing_a_weight_is_refused(tmp_path: Path) -> None:
+    """A weight absent from the file would keep its random init inside an otherwise loaded teacher."""
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict()
+    del state["blocks.1.attn.qkv.weight"]
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"missing \['blocks.1.attn.qkv.weight'\]"):
+        load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'w.pth'}", TINY)
+
+
+def test_a_teacher_of_another_width_takes_64_channel_heads_not_the_students(tmp_path: Path) -> None:
+    """The student's head count is borrowed only when the widths match: a 192-wide teacher (timm's
+    ViT-Ti, 3 heads) beside the 64-wide, 2-head student would otherwise run with 2 heads, which divide
+    192 too, and give other features from the same weights."""
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict(), tmp_path / "ti.pth")
+    assert load_teacher(f"timm:{tmp_path / 'ti.pth'}", TINY).model.blocks[0].attn.num_heads == 3
+    ckpt = {"model": {f"encoder.{k}": v for k, v in create_backbone(TINY).state_dict().items()}}
+    torch.save(ckpt, tmp_path / "same.pt")  # no backbone entry: the heads come from the student's size
+    assert load_teacher(f"mcf:{tmp_path / 'same.pt'}", TINY).model.blocks[0].attn.num_heads == 2
+
+
+def test_inputs_of_another_size_are_resized_nearest() -> None:
+    """The release's ``F.interpolate`` default: halving the size keeps every other pixel."""
+    teacher = load_teacher("random", TINY)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(teacher(x, [1])[0], teacher(x[..., ::2, ::2], [1])[0])
