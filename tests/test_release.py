@@ -231,3 +231,25 @@ def test_export_of_a_backbone_missing_weights_is_refused_in_one_line(tmp_path: P
         with pytest.raises(StageError, match=f"cannot export .*{name}: .*{key}"):
             cli(["--checkpoint", str(tmp_path / name), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_heads_default_to_64_channels_each() -> None:
+    """A checkpoint without a backbone entry, arch or --num-heads: timm's and MAE's ViTs' 64 per head."""
+    from mcf.models.release import infer_backbone_config
+
+    wide = dataclasses.replace(TINY, embed_dim=128, num_heads=2)
+    assert infer_backbone_config(create_backbone(wide).state_dict()) == wide
+
+
+def test_a_backbone_loaded_at_another_size_resamples_only_the_patch_positions(tmp_path: Path) -> None:
+    """Fine-tuning and the probes load the export at the data size: the position table grows to the
+    new grid and the CLS row, outside the grid, is kept as it is."""
+    torch.manual_seed(0)
+    vit = create_backbone(TINY)
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    save_backbone(vit, TINY, tmp_path / "export")
+    big = load_backbone(tmp_path / "export", img_size=64)
+    assert big.pos_embed.shape == (1, 1 + 8 * 8, 64) and tuple(big.patch_embed.img_size) == (64, 64)
+    torch.testing.assert_close(big.pos_embed[:, :1], vit.pos_embed[:, :1])
+    assert big.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 65, 64)
