@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from test_finetune import tiny_configs, write_fixture
 
 from mcf.data.aflw19 import read_mat
@@ -198,3 +199,47 @@ def test_probe_fits_recover_linear_structure() -> None:
     feats = 0.3 * rng.normal(size=(200, 6)) + 5 * np.eye(6)[ids]
     assert identity_accuracy(feats[::2], ids[::2], feats[1::2], ids[1::2], c=1.0) == 1.0
     assert identity_accuracy(feats[:100], ids[:100], feats[100:], ids[100:], c=1.0) is None  # unseen ids
+
+
+def test_best_epoch_on_test_picks_the_lowest_nme_and_the_highest_f1(
+        evaluated: tuple[EvaluateConfig, dict, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """NME is better low and F1 high: recorded scores of three epochs, the best is the middle one."""
+    import mcf.evaluate.evaluate as E
+
+    cfg, _, root = evaluated
+    recorded = {"alignment": [9.0, 1.0, 5.0], "parsing": [1.0, 9.0, 5.0]}
+    real = E.load_finetuned
+
+    def with_scores(path: Path, task: str | None = None) -> tuple[Any, dict[str, Any]]:
+        model, meta = real(path, task)
+        return model, meta | {"test_by_epoch": recorded[meta["task"]]}
+
+    monkeypatch.setattr(E, "load_finetuned", with_scores)
+    out = dataclasses.replace(cfg, out=str(root / "best"), metrics=str(root / "best.json"),
+                              probe=dataclasses.replace(cfg.probe, enabled=False), overlays=0)
+    main(Common(seed=0), out)
+    metrics = json.loads((root / "best.json").read_text())
+    for task, score in (("alignment", "nme_diag_full"), ("parsing", "f1_mean")):
+        assert metrics[task]["mcf"]["best_epoch_on_test"] == {score: 1.0 if task == "alignment" else 9.0,
+                                                              "epoch": 2, "epochs": 3}
+
+
+def test_probe_features_are_the_mean_patch_token_and_cls() -> None:
+    """The pooled mean is over the patch tokens only, CLS beside it (after the final norm)."""
+    from mcf.evaluate.probe import pooled_features
+    from mcf.models.backbone import BackboneConfig, create_backbone
+
+    backbone = create_backbone(BackboneConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2))
+    images = torch.randn(3, 3, 32, 32)
+    items = [{"image": images[i], "name": f"n{i}"} for i in range(3)]
+    feats, rest = pooled_features(backbone, items, batch_size=2)
+    tokens = backbone.eval().forward_features(images).detach().double()
+    np.testing.assert_allclose(feats, torch.cat([tokens[:, 1:].mean(1), tokens[:, 0]], 1).numpy(), rtol=1e-6)
+    assert rest == {"name": ["n0", "n1", "n2"]}
+
+
+def test_identity_probe_with_one_training_identity_is_none() -> None:
+    from mcf.evaluate.probe import identity_accuracy
+
+    x = np.random.default_rng(0).normal(size=(6, 4))
+    assert identity_accuracy(x[:4], np.zeros(4, int), x[4:], np.zeros(2, int), c=1.0) is None
