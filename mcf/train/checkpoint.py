@@ -3,8 +3,8 @@
 A checkpoint holds the model (without the frozen teacher, which is rebuilt from its own stage's
 output), the optimizer and grad-scaler state, the step (the schedules are functions of it), the
 momentum value, the data position, the dvclive step, every rank's RNG states, the number of ranks and
-the hash of the run's params, data and initial weights. Loading refuses a checkpoint whose hash differs: continuing a run under
-other params would silently mix two experiments.
+the hash of the run's params, data and initial weights. Loading refuses a checkpoint whose hash
+differs: continuing a run under other params would silently mix two experiments.
 """
 
 from __future__ import annotations
