@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -29,7 +30,8 @@ from PIL import Image
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main
 from mcf.data.sources import laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
-from mcf.data.sources.image import Record, inspect
+from mcf.data.sources.image import FetchFailure, Record, inspect, read_bounded
+from mcf.data.sources.local import FileReader
 from mcf.errors import StageError
 from mcf.io import file_sha256
 from mcf.params import Common, ParamsError, build
@@ -82,10 +84,10 @@ ROBOTS = {
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Serves BODIES, plus /missing (404), /broken (500), /slow (late headers), /drip (slow body),
-    /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and
-    from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself), /leak (to a long ftp URL)
-    and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
+    """Serves BODIES, plus /missing (404), /broken (500), /throttled (429), /slow (late headers), /drip
+    (slow body), /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to
+    /a<n-1>, and from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself), /leak (to a long
+    ftp URL) and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
 
     counts: Counter = Counter()
     authorization: list[str | None] = []  # each request's Authorization header
@@ -126,6 +128,8 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
         elif self.path == "/broken":
             self.send_error(500)
+        elif self.path == "/throttled":
+            self.send_error(429)
         elif self.path == "/slow":
             time.sleep(1.0)
             self._send(JPEG)
@@ -193,6 +197,7 @@ EXPECTED = {
     "/good.png": "success",
     "/missing": "http_error",
     "/broken": "http_error",
+    "/throttled": "http_error",
     "/slow": "timeout",
     "/drip": "timeout",
     "/truncated.jpg": "truncated",
@@ -249,6 +254,7 @@ def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
     assert manifest.loc[manifest["url"] == server + "/missing", "error"].item() == "HTTP 404"
     assert manifest["NSFW"].eq("UNLIKELY").all() and manifest["sample_id"].iloc[0] == "100"
     assert Handler.counts["/broken"] == 2 and Handler.counts["/missing"] == 1  # 5xx retried, 404 not
+    assert Handler.counts["/throttled"] == 2  # Too Many Requests: retried like a 5xx
     assert not journal_dir(Path("out")).exists()
 
     before = Counter(Handler.counts)
@@ -336,6 +342,29 @@ def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) ->
     assert det["score"].tolist() == [0.99, 0.5, 0.8]
 
 
+def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:
+    first = _laion_parquet(tmp_path / "a.parquet", ["u0", "u1"])  # ids 100, 101
+    second = tmp_path / "b.parquet"
+    pd.DataFrame({"SAMPLE_ID": [101, 102, 103], "URL": ["v1", "v2", "v3"], "TEXT": ["t"] * 3}).to_parquet(
+        second
+    )
+    cfg = laion.LaionFaceConfig(parquet=[str(first), str(second)])
+    assert laion.read_rows(cfg)["url"].tolist() == ["u0", "u1", "v2", "v3"]  # 101's first row is kept
+    capped = laion.read_rows(dataclasses.replace(cfg, max_rows=4))  # the first 4 rows, then unique ids
+    assert capped["url"].tolist() == ["u0", "u1", "v2"]
+
+
+def test_laion_detections_parquet_keep_fetched_rows(tmp_path: Path) -> None:
+    """Detections already in our flat schema are filtered to the fetched ids, as the released JSON is."""
+    box, points = [1.0, 2.0, 30.0, 28.0], [5.0, 6.0, 20.0, 6.0, 12.0, 14.0, 7.0, 22.0, 19.0, 22.0]
+    pd.DataFrame(
+        {"sample_id": [100, 101, 102], "face": [0, 0, 0], "box": [box] * 3, "landmarks": [points] * 3,
+         "score": [0.9, 0.8, 0.7]}
+    ).to_parquet(tmp_path / "det.parquet")
+    found = laion.read_detections([tmp_path / "det.parquet"], {"100", "102"})
+    assert found["sample_id"].tolist() == ["100", "102"] and found["score"].tolist() == [0.9, 0.7]
+
+
 def test_laion_integer_ids_with_nulls_match_detections(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -368,7 +397,7 @@ def test_mpo_is_a_jpeg() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-@pytest.mark.parametrize("orientation", [1, 6, 8])
+@pytest.mark.parametrize("orientation", [1, 5, 6, 7, 8])
 def test_size_is_the_upright_size_the_crop_stage_decodes(tmp_path: Path, fmt: str, orientation: int) -> None:
     """A phone photo stores its pixels sideways with an EXIF orientation; OpenCV turns it upright."""
     im = Image.new("RGB", (40, 30), (200, 10, 10))
@@ -378,8 +407,25 @@ def test_size_is_the_upright_size_the_crop_stage_decodes(tmp_path: Path, fmt: st
     im.save(buf, format=fmt, exif=exif.tobytes())
     (tmp_path / "img").write_bytes(buf.getvalue())
     height, width = cv2.imread(str(tmp_path / "img"), cv2.IMREAD_COLOR).shape[:2]
-    upright = (40, 30) if orientation == 1 else (30, 40)
+    upright = (40, 30) if orientation == 1 else (30, 40)  # 5 and 7 transpose too (mirrored)
     assert inspect(buf.getvalue(), MAX_PIXELS)[1:] == (width, height) == upright
+
+
+def test_the_byte_and_pixel_bounds_are_inclusive() -> None:
+    """``too_large`` is more than max_bytes and a bomb more than max_pixels: a file at the bound passes."""
+    assert read_bounded([b"ab", b"c"], 3) == b"abc"
+    with pytest.raises(FetchFailure, match="too_large: more than 3 bytes"):
+        read_bounded([b"ab", b"cd"], 3)
+    assert inspect(JPEG, 40 * 30) == (".jpg", 40, 30)
+    with pytest.raises(FetchFailure, match="decompression_bomb: 40x30 is over 1199 pixels"):
+        inspect(JPEG, 40 * 30 - 1)
+
+
+def test_a_file_longer_than_its_stat_size_is_still_bounded() -> None:
+    """The size check trusts st_size; a file that grows after it (here a /proc file, whose size reads 0)
+    is read one byte past max_bytes and refused, not returned cut to max_bytes."""
+    with pytest.raises(FetchFailure, match="too_large: more than 16 bytes"):
+        FileReader(Path("/proc/self"), 16)({"file": "maps"})
 
 
 def test_journal_survives_a_torn_last_line(tmp_path: Path) -> None:
@@ -515,6 +561,19 @@ def test_local_folder(tmp_path: Path) -> None:
     assert not Path("out/detections.parquet").exists()
 
 
+def test_a_local_file_replaced_in_place_is_read_again(tmp_path: Path) -> None:
+    """The stored copy's sha256 is of the old bytes: the file's size and mtime alone tell it changed."""
+    photo = tmp_path / "photos" / "a.jpg"
+    _write(photo, JPEG)
+    main(Common(), _config(source="local", local={"root": str(photo.parent)}))
+    new = _image("JPEG", (30, 20))
+    _write(photo, new)
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    main(Common(), _config(source="local", local={"root": str(photo.parent)}))
+    manifest = pd.read_parquet("out/manifest.parquet")
+    assert Path("out", manifest.loc[0, "path"]).read_bytes() == new and manifest.loc[0, "width"] == 30
+
+
 def test_a_stored_path_outside_the_folder_is_not_reused(tmp_path: Path) -> None:
     """An earlier manifest is data: a path in it that leaves the output folder is fetched again."""
     _write(tmp_path / "photos" / "a.jpg", JPEG)
@@ -535,7 +594,7 @@ def test_a_stored_file_over_lowered_limits_is_not_reused(tmp_path: Path) -> None
     flat = io.BytesIO()
     Image.new("RGB", (200, 10)).save(flat, "PNG")
     _write(root / "wide.png", flat.getvalue())  # 2,000 pixels in a few bytes
-    _write(root / "heavy.jpg", _image("JPEG", (40, 40)))
+    _write(root / "heavy.jpg", _image("JPEG", (30, 30)))  # under the lowered pixel bound: bytes alone
     main(Common(), _config(source="local", local={"root": str(root)}))
     assert set(pd.read_parquet("out/manifest.parquet")["status"]) == {"success"}
     assert pq.read_schema("out/manifest.parquet").field("error").type == pa.string()  # all null, a string
@@ -586,6 +645,7 @@ def test_s3_prefix(s3_endpoint: str) -> None:
         "raw/fake.jpg": b"plain text",
         "raw/big.jpg": BODIES["/huge.bin"],
         "raw/readme.txt": b"skipped",
+        "raw/sub/": b"",  # a "folder" as the S3 console creates one
         "other/c.jpg": JPEG,
     }
     for key, body in objects.items():
@@ -601,6 +661,10 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     }
     assert Path("out", manifest.loc["raw/a.jpg", "path"]).read_bytes() == JPEG
     assert (manifest["source"] == "s3").all()
+    everything = s3.list_rows(client, s3.S3Config(bucket="faces", prefix="raw/", extensions=[]))
+    assert everything["key"].tolist() == ["raw/a.jpg", "raw/big.jpg", "raw/deep/b.png", "raw/fake.jpg",
+                                          "raw/readme.txt"]  # no folder marker, even with every ending
+    assert len(s3.list_rows(client, s3.S3Config(bucket="faces", prefix="raw/", max_objects=2))) == 2
     with pytest.raises(StageError, match=r"s3 source lists no rows: nothing in s3://faces/none/ \(keys"):
         main(Common(), _config(source="s3", s3=section | {"prefix": "none/"}))
 
