@@ -167,12 +167,20 @@ def test_bad_files_fail_naming_the_file(tree: tuple[Path, dict]) -> None:
     scipy.io.savemat(str(root / "AFLWinfo_release.mat"), bad)
     with pytest.raises(StageError, match="data"):
         read_mat(root)
+    # ra written 0-based (or with a repeat) would silently drop a sample and train on another twice
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, ra=fields["ra"] - 1))
+    with pytest.raises(StageError, match=f"ra is not a 1-based permutation of 1..{N}"):
+        read_mat(root)
 
 
 def test_table_passes_the_gate_and_catches_bad_rows(tree: tuple[Path, dict]) -> None:
     root, fields = tree
     df = table(_cfg(root), "full")
     assert len(df) == N - N_TRAIN and df["exists"].all()
+    points = read_mat(root).points[fields["ra"][0, N_TRAIN:].astype(int) - 1]  # x over width, y over height
+    np.testing.assert_allclose(df["x_max"] * df["width"], points[:, :, 0].max(1))
+    np.testing.assert_allclose(df["y_min"] * df["height"], points[:, :, 1].min(1))
+    assert (df["width"] != df["height"]).any()
     run_gate(df, "aflw19", stage="test")
     data = fields["data"].copy()
     data[N_TRAIN:, 0] = -50.0  # landmark 0 of every test image left of the image
