@@ -17,6 +17,7 @@ from mcf.data.lapa import (
     LaPa,
     LaPaConfig,
     ParsingAugment,
+    read_label,
     read_landmarks,
     sample_augment,
     sample_params,
@@ -109,6 +110,9 @@ def test_sample_keys_and_alignment(root: Path) -> None:
     _, _, points = ds.read(0)
     aligned = T.apply(s["params"]["matrix"].numpy(), points[list(ALIGN_POINTS)])
     np.testing.assert_allclose(aligned, TEMPLATE, atol=5e-3)  # the file keeps 3 decimals
+    half = LaPa(_cfg(root, warp_size=256), "test")[0]  # the template, given on 512², scales with the square
+    aligned = T.apply(half["params"]["matrix"].numpy(), points[list(ALIGN_POINTS)])
+    np.testing.assert_allclose(aligned, TEMPLATE / 2, atol=5e-3)
     assert set(np.unique(s["label"].numpy())) >= {0, 1, 4, 5, 6, 7, 9, 10}
 
 
@@ -202,6 +206,10 @@ def test_bad_files_fail_naming_the_file(root: Path) -> None:
     (root / "LaPa/train/landmarks/train_0002.txt").write_text("106\n1 2\n")
     with pytest.raises(StageError, match="train_0002.txt"):
         ds[2]
+    path = root / "LaPa/train/labels/train_0002.png"
+    cv2.imwrite(str(path), np.dstack([cv2.imread(str(path), cv2.IMREAD_UNCHANGED)] * 3))  # scoring reads it
+    with pytest.raises(StageError, match=r"train_0002.png: label must have one channel, got shape"):
+        read_label(path)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         LaPa(_cfg(root / "nowhere"), "train")
     with pytest.raises(StageError, match=r"no LaPa train split at .*nowhere/LaPa/train"):
