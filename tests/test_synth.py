@@ -29,7 +29,8 @@ from mcf.synth import (
 from mcf.synth.bench import bench_synth
 from mcf.synth.geometry import face_shapes, sample_expression
 from mcf.synth.head import Pose, project_surface
-from mcf.synth.writers import is_synthface
+from mcf.synth.identity import KIND_AFLW
+from mcf.synth.writers import _render_face, _render_scene, is_synthface
 
 SMALL = SynthConfig(
     n_scenes=6, scene_size=128, n_identities=4, aflw=AflwSynthConfig(n_train=5, n_test=3, image_size=96),
@@ -108,6 +109,7 @@ def test_aflw19_mat_reads_like_the_real_file(tmp_path: Path) -> None:
         assert (ys >= top - 0.1 * h).all() and (ys <= bottom + 0.1 * h).all()
     ids = pd.read_csv(tmp_path / "synthface_identities.csv")
     assert list(ids.columns) == ["name", "identity", "split"] and len(ids) == n
+    assert ids["identity"].tolist() == [i % SMALL.n_identities for i in range(n)]  # the corpus's pool
     train = set(mat["ra"][0, : SMALL.aflw.n_train].astype(int) - 1)  # the first n_train of ra train
     assert ids["split"].tolist() == ["train" if i in train else "test" for i in range(n)]
     assert len(AFLW19(AFLW19Config(root=str(tmp_path), n_train=5, size=32, crop_size=32), "full")) == 3
@@ -131,12 +133,29 @@ def test_files_put_pixel_centres_where_the_loaders_do(tmp_path: Path) -> None:
     assert len(offsets) > 10 and abs(np.mean(offsets)) < 0.25, np.mean(offsets)  # 0.55 before the shift
 
 
+def test_written_coordinates_are_the_renderer_s_plus_half_a_pixel(tmp_path: Path) -> None:
+    """The AFLW-19 box and points and the corpus boxes and 5 points: the renderer's (pixel centres at j)
+    moved by PIXEL_CENTRE into the loaders' frame, each one (a box left behind sits half a pixel off)."""
+    write_aflw19(SMALL, 0, tmp_path / "aflw")
+    mat = scipy.io.loadmat(tmp_path / "aflw" / "AFLWinfo_release.mat")
+    face = _render_face(SMALL, 0, KIND_AFLW, SMALL.aflw.image_size, 1)
+    np.testing.assert_allclose(mat["bbox"][1], face.box[[0, 2, 1, 3]] + 0.5)  # left, right, top, bottom
+    np.testing.assert_allclose(mat["data"][1], np.r_[face.landmarks19[:, 0], face.landmarks19[:, 1]] + 0.5)
+    _, dets = write_corpus(SMALL, 0, tmp_path / "corpus")
+    _, scene = _render_scene(SMALL, 0, 0)
+    first = dets[dets.sample_id == "synth-0000000"]
+    np.testing.assert_allclose(np.stack(first.box), np.asarray(scene.boxes, np.float64) + 0.5)
+    points = np.stack([np.asarray(lm, np.float64).reshape(-1) for lm in scene.landmarks5])
+    np.testing.assert_allclose(np.stack(first.landmarks), points + 0.5)
+
+
 def test_lapa_tree_has_matching_files(tmp_path: Path) -> None:
     write_lapa(SMALL, 0, tmp_path)
-    for split, count in (("train", 3), ("val", 2), ("test", 2)):
+    for split, first, count in (("train", 0, 3), ("val", 3, 2), ("test", 5, 2)):  # in order, as counted
         root = tmp_path / "LaPa" / split
         stems = {d: sorted(p.stem for p in (root / d).iterdir()) for d in ("images", "labels", "landmarks")}
-        assert len(stems["images"]) == count and stems["images"] == stems["labels"] == stems["landmarks"]
+        assert stems["images"] == [f"synth_{i:06d}" for i in range(first, first + count)]
+        assert stems["images"] == stems["labels"] == stems["landmarks"]
         for stem in stems["images"]:
             img = cv2.imread(str(root / "images" / f"{stem}.jpg"))
             lab = cv2.imread(str(root / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
