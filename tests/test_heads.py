@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mcf.models.backbone import BackboneConfig, create_backbone
-from mcf.models.heads import DenseFaceModel, HeadConfig, gaussian_heatmaps, soft_argmax
+from mcf.models.heads import DenseFaceModel, HeadConfig, UPerHead, gaussian_heatmaps, soft_argmax
 from mcf.train.ema import EMA
 
 TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
@@ -64,3 +68,38 @@ def test_ema_update_rule() -> None:
     assert int(ema.model[1].num_batches_tracked) == 7
     warm = EMA(model, decay=0.999)
     assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+
+
+def test_uperhead_fuses_every_level_bilinearly_upsampled() -> None:
+    """UPerNet's data flow, pinned: top-down each level adds the coarser one bilinearly upsampled, and the
+    final fuse reads all four levels at the finest size. Shapes alone cannot see a level zeroed before the
+    fuse (its content still reaches level 0 top-down) or nearest in place of bilinear (blocky features)."""
+    torch.manual_seed(0)
+    head = UPerHead(cin=4, channels=8).eval()
+    pyramid = [torch.randn(2, 4, s, s) for s in (24, 12, 6, 3)]  # ×4, ×2, ×1, ÷2 of a 6×6 grid
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, inputs: bool = False) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            seen[name] = (args[0] if inputs else out).detach().clone()
+        return hook
+
+    for k in range(3):
+        head.lateral[k].register_forward_hook(keep(f"lateral{k}"))
+        head.smooth[k].register_forward_hook(keep(f"smooth_in{k}", inputs=True))
+        head.smooth[k].register_forward_hook(keep(f"smooth{k}"))
+    head.ppm.register_forward_hook(keep("ppm"))
+    head.fuse.register_forward_hook(keep("fuse_in", inputs=True))
+    with torch.no_grad():
+        head(pyramid)
+
+    def up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+    top = seen["ppm"]
+    for k in (2, 1, 0):
+        top = seen[f"lateral{k}"] + up(top, seen[f"lateral{k}"])
+        torch.testing.assert_close(seen[f"smooth_in{k}"], top)
+    finest = seen["smooth0"]
+    coarser = [up(seen[name], finest) for name in ("smooth1", "smooth2", "ppm")]
+    torch.testing.assert_close(seen["fuse_in"], torch.cat([finest, *coarser], dim=1))
