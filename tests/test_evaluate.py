@@ -12,15 +12,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.integrate import simpson
 from test_finetune import tiny_configs, write_fixture
 
 from mcf.data.aflw19 import read_mat
 from mcf.data.lapa import read_label
 from mcf.errors import StageError
+from mcf.evaluate import evaluate as evaluate_module
 from mcf.evaluate import metrics as M
 from mcf.evaluate.evaluate import EvaluateConfig, main
 from mcf.evaluate.plots import read_png
-from mcf.evaluate.scoring import CLASSES
+from mcf.evaluate.scoring import CLASSES, predict_landmarks
 from mcf.params import Common, ParamsError
 from mcf.train.finetune import main_alignment, main_parsing
 
@@ -105,6 +107,33 @@ def test_alignment_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateC
         np.testing.assert_allclose(table["nme_diag"], 100 * M.nme(pred, gt, "diag", box), rtol=1e-9)
         assert table["frontal"].tolist() == frontal.tolist()
         assert table["nme_diag"].mean() == pytest.approx(metrics["alignment"][variant]["full"]["nme_diag"])
+
+
+def test_ced_is_of_nme_box_the_curve_the_auc_integrates(
+    evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PROTOCOL.md: the CED (ced.csv, ced.png) is of NME_box, the curve AUC_box integrates. The tiny models
+    miss by more than 0.07, a flat zero curve under any normaliser, so predictions are set to known NME_box
+    values inside 0..0.07, where NME_diag (≤ NME_box/√2) would give another curve."""
+    cfg, _, _ = evaluated
+    wanted: list[np.ndarray] = []  # each variant's NME_box per image, in scoring order
+
+    def shifted(model: Any, dataset: Any, batch_size: int) -> dict[str, Any]:
+        p = predict_landmarks(model, dataset, batch_size)
+        one_px = M.nme(p["gt"] + np.array([1.0, 0.0]), p["gt"], "box", p["box"])  # 1 / √(w·h) per image
+        wanted.append(np.linspace(0.00505, 0.06505, len(one_px)))  # off the 1e-4 grid
+        shift = np.stack([wanted[-1] / one_px, np.zeros_like(one_px)], axis=-1)  # every point moves by it
+        return p | {"pred": p["gt"] + shift[:, None]}
+
+    monkeypatch.setattr(evaluate_module, "predict_landmarks", shifted)
+    for sub in ("predictions", "plots", "overlays"):
+        (tmp_path / sub).mkdir()
+    results = evaluate_module.evaluate_alignment(dataclasses.replace(cfg, overlays=0), tmp_path)
+    ced = pd.read_csv(tmp_path / "plots" / "ced.csv")
+    for i, variant in enumerate(VARIANTS):
+        np.testing.assert_allclose(ced[variant], M.ced_curve(wanted[i])[1])
+        auc = 100 * simpson(ced[variant], x=ced["threshold"]) / 0.07
+        assert auc == pytest.approx(results[variant]["full"]["auc_box_0.07"])
 
 
 def test_parsing_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
