@@ -331,3 +331,61 @@ def test_f1_bars_tell_a_class_without_f1_from_an_f1_of_zero() -> None:
         return f1_png(pd.DataFrame({"class": ["skin", "hair"], "mcf": [85.0, value]}), "SynthFace-LaPa")
 
     assert png(float("nan")) != png(0.0)
+
+
+def _cells(section: str) -> list[list[str]]:
+    """Every table row of a section as its cells' text (header rows included)."""
+    return [re.findall(r"<t[dh]>(.*?)</t[dh]>", row) for row in re.findall(r"<tr>(.*?)</tr>", section)]
+
+
+def test_report_tables_put_each_number_in_its_column_with_its_label(page: str) -> None:
+    """Whole rows, not substrings: a frontal column showing the full score, the scratch column showing
+    mcf's F1, a best-epoch or probe row under the paper's dataset name, each looked right piecewise."""
+    sections = _sections(page)
+    paper = _cells(sections["paper"])
+    assert ["this run: mcf", "SynthFace-AFLW19", "5.432", "4.432", "SynthFace-LaPa", "14.81"] in paper
+    assert ["this run: scratch", "SynthFace-AFLW19", "6.543", "5.543", "SynthFace-LaPa", "12.34"] in paper
+    assert ["this run, best epoch on test: mcf", "SynthFace-AFLW19", "5.123", "—", "SynthFace-LaPa",
+            "15.55"] in paper
+    assert ["mcf", "SynthFace-AFLW19", "9.870", "45.60"] in paper  # the frozen-backbone probe
+    f1 = _cells(sections["f1"])
+    assert f1[0] == ["class", "this run: mcf (SynthFace-LaPa)", "this run: scratch (SynthFace-LaPa)",
+                     "FaRL-B ep16 (LaPa)"]
+    assert ["skin", "14.81", "12.34", "98.00"] in f1 and ["nose", "19.81", "17.34", "97.92"] in f1
+    assert ["hair", "—", "—", "96.52"] in f1
+    assert ["mcf", "frontal", "SynthFace-AFLW19", "4.432", "7.000", "20.000", "30.000", "40.000",
+            "50"] in _cells(sections["ced"])
+
+
+def test_report_gate_table_shows_a_failed_suite_as_failed(page: str) -> None:
+    rows = _cells(_sections(page)["gates"])
+    when = "2026-01-01T00:00:00+00:00"
+    assert rows[1:] == [["fetch", "fetch", when, "passed", "1 / 1"],
+                        ["lapa", "lapa", when, "FAILED", "1 / 2"]]
+
+
+def test_report_captions_name_the_data_of_every_plot_and_image(page: str) -> None:
+    """Every figure of a run's result says which data it shows, so SynthFace never reads as AFLW-19/LaPa."""
+    sections = _sections(page)
+    captions = {k: re.findall(r"<figcaption>(.*?)</figcaption>", sections[k])
+                for k in ("ced", "f1", "overlays")}
+    assert captions["ced"] == ["CED of NME_box on SynthFace-AFLW19"]
+    assert captions["f1"] == ["Per-class F1 on SynthFace-LaPa", "mcf: confusion matrix on SynthFace-LaPa"]
+    assert captions["overlays"] == ["alignment_mcf_0 (SynthFace-AFLW19)",
+                                    "parsing_scratch_1 (SynthFace-LaPa)"]
+
+
+def test_each_fine_tune_variant_reads_its_own_curves(run: Path) -> None:
+    shutil.rmtree(run / "metrics" / "finetune_alignment" / "scratch")
+    curves = _sections(_page(run))["curves"]
+    assert "finetune_alignment (scratch): no dvclive curves" in curves
+    assert "finetune_alignment (mcf)" not in curves
+
+
+def test_summary_names_both_datasets_and_every_variant(run: Path) -> None:
+    assert "Measured on: SynthFace-AFLW19, SynthFace-LaPa." in markdown_summary(run)
+    metrics = _metrics()
+    del metrics["alignment"]["scratch"]  # a variant scored for parsing only still gets its row
+    (run / "metrics" / "evaluate.json").write_text(json.dumps(metrics))
+    row = _row(markdown_summary(run), "this run: scratch")
+    assert "| — | — | SynthFace-LaPa | 12.34 |" in row
