@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -11,6 +12,7 @@ import pytest
 from mcf.cli import main as cli_main
 from mcf.data.crop import CropConfig
 from mcf.data.sources.image import STATUSES
+from mcf.data.subset import SubsetConfig
 from mcf.errors import GateError, StageError
 from mcf.validate import gate
 
@@ -66,7 +68,7 @@ def test_duplicate_id_and_bad_status_are_each_listed() -> None:
     df.loc[1, "sample_id"] = "a"
     df.loc[2, "status"] = "exploded"
     msg = _failure(df)
-    assert "expect_column_values_to_be_unique(column=sample_id): 2 unexpected of 3, e.g. ['a', 'a']" in msg
+    assert "expect_column_values_to_be_unique(column=sample_id): 2 unexpected of 3, e.g. ['a', 'a']\n" in msg
     assert "expect_column_values_to_be_in_set(column=status): 1 unexpected of 3, e.g. ['exploded']" in msg
 
 
@@ -172,3 +174,88 @@ def test_every_suite_says_what_it_checks_and_derived_columns_are_kept() -> None:
     assert gate.derive(bare, "crop", CropConfig()) is bare
     with pytest.raises(GateError, match='column "width" does not exist|width'):
         gate.run_gate(bare, "crop", stage="validate", config=CropConfig(), keep=False)
+
+
+def _crop_manifest() -> pd.DataFrame:
+    """A crop manifest (with what was read back) the crop suite passes: one kept crop, one rejected."""
+    return pd.DataFrame({
+        "crop_id": ["a_0", "b_0"], "sample_id": ["a", "b"], "face": [0, 0], "status": ["kept", "rejected"],
+        "reason": [None, "blurry"], "detector": ["table", "table"], "box": ["1,2,60,62"] * 2,
+        "landmarks": ["..."] * 2, "score": [0.9, 0.8], "face_size": [60.0, 50.0], "blur": [80.0, 1.0],
+        "phash": ["0123456789abcdef", "fedcba9876543210"], "shard": ["crops-000000.tar", None],
+        "width": [64, None], "height": [64, None], "mean": [120.0, None], "std": [40.0, None],
+    })
+
+
+def _subset_manifest() -> pd.DataFrame:
+    """A subset manifest the subset suite passes (the crop manifest above has its sizes)."""
+    return _crop_manifest().iloc[[0]].drop(columns=["detector", "landmarks", "score"])
+
+
+def _aflw19_table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "name": ["0/a.jpg", "0/b.jpg"], "split": ["full"] * 2, "exists": [True] * 2, "decodes": [True] * 2,
+        "width": [100, 80], "height": [90, 80], "box_left": [10.0] * 2, "box_right": [60.0] * 2,
+        "box_top": [5.0] * 2, "box_bottom": [70.0] * 2, "box_w": [50.0] * 2, "box_h": [65.0] * 2,
+        "x_min": [0.1] * 2, "x_max": [0.6] * 2, "y_min": [0.1] * 2, "y_max": [0.7] * 2, "visible": [19, 15],
+    })
+
+
+def _lapa_table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "stem": ["a", "b"], "split": ["test"] * 2, "has_image": [True] * 2, "has_label": [True] * 2,
+        "has_landmarks": [True] * 2, "image_decodes": [True] * 2, "width": [64, 80], "height": [64, 70],
+        "label_width": [64, 80], "label_height": [64, 70], "size_match": [True] * 2, "label_min": [0, 0],
+        "label_max": [10, 9], "n_landmarks": [106, 106],
+    })
+
+
+GOOD = {"fetch": _manifest, "crop": _crop_manifest, "subset": _subset_manifest, "aflw19": _aflw19_table,
+        "lapa": _lapa_table}
+
+
+def _gate_config(suite: str, tmp_path: Path) -> CropConfig | SubsetConfig | None:
+    """The params section the size checks read; for a subset, the crop manifest it is compared with."""
+    if suite == "subset":
+        _crop_manifest().to_parquet(tmp_path / "manifest.parquet")
+        return SubsetConfig(input=str(tmp_path))
+    return CropConfig(size=64) if suite == "crop" else None
+
+
+def _set(column: str, row: int, value: object) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def change(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[row, column] = value
+        return df
+    return change
+
+
+@pytest.mark.parametrize("suite", sorted(GOOD))
+def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
+    gate.run_gate(GOOD[suite](), suite, stage="test", config=_gate_config(suite, tmp_path), keep=False)
+
+
+@pytest.mark.parametrize(
+    ("suite", "breakage", "check"),
+    [
+        ("fetch", _set("error", 0, "HTTP 500"),
+         "expect_column_values_to_be_null(column=error, where status == success)"),
+        ("crop", _set("reason", 0, "blurry"),
+         "expect_column_values_to_be_null(column=reason, where status == kept)"),
+        ("crop", lambda df: df.iloc[[1]], "expect_column_distinct_values_to_contain_set(column=status)"),
+        ("crop", _set("height", 0, 63), "expect_column_values_to_be_between(column=height_off)"),
+        ("subset", lambda df: pd.concat([df, df]), "expect_column_values_to_be_unique(column=crop_id)"),
+        ("subset", _set("status", 0, "rejected"), "expect_column_values_to_be_in_set(column=status)"),
+        ("aflw19", _set("x_max", 1, float("nan")), "expect_column_values_to_not_be_null(column=x_max)"),
+        ("lapa", _set("n_landmarks", 1, 98), "expect_column_values_to_be_between(column=n_landmarks)"),
+    ],
+)
+def test_each_suite_refuses_what_its_notes_rule_out(
+    suite: str, breakage: Callable[[pd.DataFrame], pd.DataFrame], check: str, tmp_path: Path
+) -> None:
+    """One break per case, refused by the one expectation meant for it: a success with an error, a kept
+    crop with a reason, no kept crop, a crop of the wrong height only, a crop chosen twice, a rejected crop
+    in a subset, a NaN landmark extreme (a range check skips it), a LaPa face short of 106 landmarks."""
+    with pytest.raises(GateError) as err:
+        gate.run_gate(breakage(GOOD[suite]()), suite, stage="test", config=_gate_config(suite, tmp_path),
+                      keep=False)
+    assert "failed 1 of" in str(err.value) and f"  - {check}" in str(err.value)
