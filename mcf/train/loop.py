@@ -207,7 +207,7 @@ class Trainer:
         self.model = model.to(run.device)
         if cfg.sync_bn:
             if run.device.type != "cuda":
-                raise StageError("sync_bn: true needs CUDA; this run is on the CPU")
+                raise ParamsError("train.sync_bn", "true needs CUDA; this run is on the CPU")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = make_optimizer(self.model, cfg.weight_decay, self.peak_lr, cfg.betas, run.device)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.dtype == torch.float16)
