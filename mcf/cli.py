@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import os
@@ -21,7 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from collections.abc import Callable
 from typing import Any
 
-from mcf.errors import EXIT_PARAMS, StageError
+from mcf.errors import EXIT_PARAMS, EXIT_STAGE, StageError
 from mcf.io import stage_lock
 from mcf.params import ParamsError, load
 
@@ -145,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as err:
         print(f"mcf {args.command}: {err}", file=sys.stderr)
         return err.exit_code
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" under {os.path.dirname(err.filename)}" if err.filename else ""
+        # outputs are written to temporary siblings, so the previous ones and the last checkpoint stand
+        print(f"mcf {args.command}: {err.strerror}{where}: free some space and run it again", file=sys.stderr)
+        return EXIT_STAGE
     except KeyboardInterrupt:
         print("mcf: interrupted", file=sys.stderr)
         return 130

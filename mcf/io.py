@@ -3,6 +3,7 @@ run of a stage at a time in a checkout."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -10,6 +11,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mcf.errors import StageError
 
@@ -163,3 +165,30 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, with a full disk raised as ``OSError(ENOSPC)``.
+
+    torch reports a short write only as "unexpected pos"; the CLI turns ENOSPC into one line. It is
+    taken as a full disk when the space left plus what was written is less than the tensors' bytes.
+    """
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as err:
+        written = path.stat().st_size if path.exists() else 0
+        if shutil.disk_usage(path.parent).free + written >= _tensor_bytes(obj):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a nest of dicts, lists and tuples (a lower bound on its file's size)."""
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, list | tuple):
+        return sum(_tensor_bytes(v) for v in obj)
+    nbytes = getattr(obj, "nbytes", 0)  # a tensor or a numpy array (rng states)
+    return nbytes if isinstance(nbytes, int) else 0

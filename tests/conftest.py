@@ -135,6 +135,22 @@ class PrefectServer:
         pytest.fail(f"prefect server not healthy (exit code {self.server.poll()}):\n{log}")
 
 
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real full disk: a 256 KiB tmpfs. Mounting needs root, as on CI and the dev machines; skipped
+    elsewhere."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mount_tmpfs = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]
+    done = subprocess.run(mount_tmpfs, capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)  # a test may still map a file
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """One Prefect server for the session; every process started through it is stopped at the end."""

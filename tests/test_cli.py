@@ -39,6 +39,20 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     assert "2 params rejected or an input missing, 3 a data gate failed" in text
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(
+    tmp_path: Path, full_disk: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["fetch"]["out"] = str(full_disk / "fetch")
+    params["fetch"]["synthetic"].update(n_scenes=200, workers=1)  # ~500 KiB of JPEGs
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fetch"]) == 1
+    err = capsys.readouterr().err
+    assert err.endswith("mcf fetch: No space left on device: free some space and run it again\n")
+    assert list(full_disk.iterdir()) == []
+
+
 def test_a_second_run_of_a_stage_is_refused_while_one_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -22,7 +22,7 @@ from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from mcf.errors import WeightsError
-from mcf.io import atomic_file
+from mcf.io import atomic_file, save_tensors
 from mcf.params import param
 
 
@@ -107,7 +107,7 @@ def save_backbone(model: nn.Module, cfg: BackboneConfig, out_dir: str | Path) ->
     """Write ``backbone.pth`` and ``backbone.json`` (atomically, each) into ``out_dir``."""
     out_dir = Path(out_dir)
     with atomic_file(out_dir / "backbone.pth") as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        save_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     with atomic_file(out_dir / "backbone.json") as tmp:
         tmp.write_text(json.dumps({"model_name": MODEL_NAME, "kwargs": cfg.timm_kwargs()}, indent=2))
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mcf.errors import StageError, WeightsError
-from mcf.io import atomic_file
+from mcf.io import atomic_file, save_tensors
 from mcf.models.backbone import read_weights
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], resume_dir: str | Path) -> None:
     """Write ``state`` to ``<resume_dir>/last.pt`` in one rename: a kill leaves the previous one."""
     with atomic_file(Path(resume_dir) / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+        save_tensors(state, tmp)
 
 
 def load_checkpoint(

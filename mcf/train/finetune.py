@@ -41,7 +41,7 @@ from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
 from mcf.evaluate.scoring import alignment_scores, parsing_scores, predict_landmarks, predict_parsing
-from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable, file_sha256
+from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable, file_sha256, save_tensors
 from mcf.models.backbone import build_vit, load_backbone, read_spec, read_weights
 from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, parsing_logits, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
@@ -345,7 +345,7 @@ def save_finetuned(
         "test_by_epoch": test_by_epoch,  # TEST_SCORE[task] after each epoch
     }
     with atomic_file(path) as tmp:
-        torch.save(checkpoint, tmp)
+        save_tensors(checkpoint, tmp)
 
 
 def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFaceModel, dict[str, Any]]:

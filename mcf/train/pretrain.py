@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mcf.io import file_sha256
+from mcf.io import file_sha256, save_tensors
 from mcf.models.backbone import create_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
@@ -56,7 +56,7 @@ class PretrainConfig:
 
 def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
     """Write ``checkpoint.pt``, ``backbone/`` and ``backbone_init/`` into the temporary output folder."""
-    torch.save(
+    save_tensors(
         {
             "model": model_state(model),
             "backbone": dataclasses.asdict(model.cfg.backbone),
