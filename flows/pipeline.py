@@ -57,6 +57,7 @@ RUN_STOP_GRACE_S = 20
 # DVC unlocks the repository while a stage's command runs, so independent stages run side by side and
 # wait only for each other's short bookkeeping (checks, dvc.lock updates)
 DVC = [sys.executable, "-m", "dvc", "--wait-for-lock"]
+GUARD = Path(__file__).with_name("stage_guard.py")  # leads each stage's process group (stdlib only)
 Outcome = Literal["ran", "restored", "unchanged"]
 
 
@@ -209,8 +210,10 @@ def repro(stage: str) -> StageRun:
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # ... and import this checkout's `mcf`, the code DVC hashes as their deps, not the one pip installed
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path.cwd()), env.get("PYTHONPATH")]))
-    cmd = [*DVC, "repro", "--single-item", stage]
-    # a session of its own: a cancelled stage is stopped as a whole process group (below)
+    # a session of its own: a cancelled stage is stopped as a whole process group (below), and its guard
+    # stops that group if this process is killed outright
+    guard = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace", str(STOP_GRACE_S), "--"]
+    cmd = [*guard, *DVC, "repro", "--single-item", stage]
     proc = RUNNING.start(stage, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     with proc:
         try:

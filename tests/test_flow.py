@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -26,7 +27,7 @@ from dvc.repo import Repo
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flows.pipeline import StageFailed, mcf, plan, retry_condition, stage_task, stop_group  # noqa: E402
+from flows.pipeline import GUARD, StageFailed, mcf, plan, retry_condition, stage_task, stop_group  # noqa: E402
 
 if TYPE_CHECKING:
     from conftest import PrefectServer
@@ -48,7 +49,8 @@ if stage == "fetch":
 elif stage == "train":
     if sys.argv[2] in params["train"].get("hang", []):
         import os, signal, time
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # deaf to SIGTERM, as a stuck stage is
+        if params["train"].get("deaf", True):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # deaf to SIGTERM, as a stuck stage is
         Path("hang.pid").write_text(str(os.getpid()))
         time.sleep(300)
     if sys.argv[2] in params["train"]["fail"]:
@@ -188,6 +190,40 @@ def test_a_cancelled_stage_is_stopped_with_its_whole_process_group(tmp_path: Pat
     assert _gone(polite) and _gone(stubborn)
 
 
+def _wait_gone(*pids: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not all(map(_gone, pids)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(map(_gone, pids))
+
+
+def test_a_stage_guard_stops_its_group_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """SIGTERM to the group once the parent is gone, SIGKILL to what is deaf to it ``grace`` s later."""
+    pids = tmp_path / "pids"
+    stage = f"sleep 300 & echo $! > {pids}; trap '' TERM; echo $$ >> {pids}; exec sleep 300"
+    guard = [sys.executable, str(GUARD), "--parent", "{pid}", "--grace", "1", "--", "bash", "-c", stage]
+    code = (f"import os, subprocess, time; subprocess.Popen([a.format(pid=os.getpid()) for a in {guard!r}], "
+            "start_new_session=True); time.sleep(300)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 20
+    while len(pids.read_text().split() if pids.exists() else []) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    polite, stubborn = map(int, pids.read_text().split())
+    parent.kill()
+    parent.wait()
+    assert _wait_gone(polite, timeout=5) and not _gone(stubborn)  # SIGTERM first, then the grace
+    assert _wait_gone(stubborn, timeout=5)
+
+
+def test_a_stage_guard_exits_with_its_commands_status() -> None:
+    guard = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace", "1", "--"]
+    assert subprocess.run([*guard, "bash", "-c", "exit 3"], start_new_session=True).returncode == 3
+    killed = subprocess.run([*guard, "bash", "-c", "kill -9 $$"], start_new_session=True)
+    assert killed.returncode == 128 + signal.SIGKILL
+    assert "start it as a process group leader" in subprocess.run([*guard, "true"], text=True,
+                                                                  capture_output=True).stderr
+
+
 def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None, project: Path) -> None:
     from prefect.artifacts import Artifact
 
@@ -246,8 +282,6 @@ def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServ
     the task threads never hear of it, and each command runs in a session of its own, out of reach of
     the worker's kill of the flow run's process group. One deaf to SIGTERM is killed before the worker
     kills the flow run (30 s after its SIGTERM), which would leave it running."""
-    import os
-
     hang = {**PARAMS, "train": {"fail": [], "hang": ["a"]}}
     (project / "params.hang.yaml").write_text(yaml.safe_dump(hang))
     env = {**prefect_server.env, "PYTHONPATH": str(ROOT)}
@@ -271,6 +305,31 @@ def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServ
             time.sleep(0.05)
         assert _gone(stage)  # it trained on, unseen, after the run ended
         assert (project / "params.yaml").read_text() == yaml.safe_dump(PARAMS)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow_run.pid, signal.SIGKILL)
+        if (project / "hang.pid").exists() and not _gone(stage := int((project / "hang.pid").read_text())):
+            os.kill(stage, signal.SIGKILL)
+
+
+def test_a_killed_flow_runs_stages_are_stopped(prefect_server: PrefectServer, project: Path) -> None:
+    """A flow process killed outright (SIGKILL, the OOM killer) cannot stop its stages: each one's guard
+    sees it gone and stops the stage, which would otherwise train on unseen, holding its lock."""
+    hang = {**PARAMS, "train": {"fail": [], "hang": ["a"], "deaf": False}}
+    (project / "params.hang.yaml").write_text(yaml.safe_dump(hang))
+    env = {**prefect_server.env, "PYTHONPATH": str(ROOT)}
+    code = "from flows.pipeline import mcf; mcf(params_file='params.hang.yaml')"
+    flow_run = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (project / "hang.pid").exists():
+            assert flow_run.poll() is None and time.monotonic() < deadline, flow_run.returncode
+            time.sleep(0.2)
+        stage = int((project / "hang.pid").read_text())
+        flow_run.kill()
+        assert flow_run.wait() == -signal.SIGKILL
+        assert _wait_gone(stage, timeout=10)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(flow_run.pid, signal.SIGKILL)
