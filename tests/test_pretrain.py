@@ -34,7 +34,7 @@ from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_live
-from mcf.train.loop import accumulate, data_identity, param_groups
+from mcf.train.loop import Run, TrainConfig, Trainer, accumulate, data_identity, param_groups
 from mcf.train.schedule import lr_at, scaled_lr
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -413,6 +413,35 @@ def test_accumulated_micro_batches_act_as_one_batch() -> None:
     assert two.keys() == one.keys() == {"loss", "loss_twice"}
     for k in one:
         torch.testing.assert_close(two[k], one[k])
+
+
+class _CosineRamp(_Linear):
+    """``_Linear`` with MCF's cosine momentum ramp (0.99 → 1), recording each momentum it is handed."""
+
+    momentum_at = MCF.momentum_at
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg = MCFConfig(momentum_schedule="cosine")
+        self.handed: list[float] = []
+
+    def update_momentum(self, m: float) -> None:
+        self.handed.append(m)
+
+
+def test_optimizer_step_k_uses_and_logs_the_momentum_of_step_k(workspace: Path, tmp_path: Path) -> None:
+    """The loop's step k (from 0) trains with ``momentum_at(k, total)``: the first step at the schedule's
+    start m, not one step into the ramp; every micro-batch of the step gets it, and the curve logs it."""
+    model = _CosineRamp()
+    cfg = TrainConfig(epochs=2, warmup_epochs=0, batch_size=8, accum_steps=2, log_every=1)
+    run = Run(seed=0, mask_ratio=0.75, resume_dir=tmp_path / "resume", identity={})
+    Trainer(model, CropDataset(workspace / "subset" / "shards", 32, cache_mb=64), cfg, run).fit()
+    total = 12  # 96 crops / (8 × 2) = 6 steps an epoch
+    expected = [model.momentum_at(k, total) for k in range(total)]
+    assert expected[0] == 0.99 and expected[-1] > expected[0]
+    assert model.handed == [m for m in expected for _ in range(2)]
+    plots = tmp_path / "resume" / "live" / "plots" / "metrics" / "train"
+    assert tsv_column(plots / "momentum.tsv", "momentum") == pytest.approx(expected)
 
 
 def test_equal_weights_export_to_equal_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
