@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -22,6 +23,7 @@ from mcf.params import Common, ParamsError, load
 from mcf.synth import write_aflw19, write_lapa
 from mcf.synth.config import AflwSynthConfig, LapaSynthConfig, SynthConfig
 from mcf.train import finetune
+from mcf.train.ema import EMA
 from mcf.train.finetune import (
     AlignmentConfig,
     FinetuneConfig,
@@ -140,6 +142,31 @@ def test_warm_up_then_cosine_over_the_steps_after_it() -> None:
     assert factors == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 0.5, 0.0])
     constant = FinetuneConfig(warmup_steps=2, schedule="constant")
     assert [lr_factor(s, 10, constant) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_optimizer_step_k_trains_at_the_schedule_factor_of_step_k() -> None:
+    """``train_epoch`` sets each group's lr for step k (counted across epochs) to its base lr ×
+    ``lr_factor(k)`` before that step: the first step at the warm-up's start, not one step ahead."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD([{"params": [model.weight], "lr": 0.1}, {"params": [model.bias], "lr": 0.01}])
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    used: list[float] = []  # each group's lr as each step starts
+    optimizer.register_step_pre_hook(lambda opt, *_: used.extend(g["lr"] for g in opt.param_groups))
+    cfg, total = FinetuneConfig(epochs=2, warmup_steps=2, schedule="cosine"), 6
+    lr_at = functools.partial(lr_factor, total=total, cfg=cfg)
+    batches = [{"image": torch.randn(4, 2)} for _ in range(3)]
+
+    def loss_fn(logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": logits.pow(2).mean()}
+
+    step = 0
+    for _ in range(cfg.epochs):
+        _, step = finetune.train_epoch(model, batches, loss_fn, optimizer, EMA(model, 0.9), lr_at, step,
+                                       torch.float32)
+    factors = [lr_factor(k, total, cfg) for k in range(total)]
+    assert factors[:2] == [0.5, 1.0] and step == total
+    assert used == pytest.approx([lr * f for f in factors for lr in (0.1, 0.01)])
 
 
 def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
