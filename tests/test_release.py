@@ -172,6 +172,18 @@ def test_round_trip_between_models_and_partial_models() -> None:
     assert torch.equal(pixel.encoder.pos_embed, source.encoder.pos_embed)
 
 
+def test_module_prefix_is_stripped_only_when_every_key_has_it() -> None:
+    """A DDP wrapper prefixes every key with ``module.``; where only some keys carry it, it is a name,
+    not a wrapper: nothing is cut (cutting 7 characters off every key would lose the backbone)."""
+    source, target = tiny_model(0), tiny_model(1)
+    release = to_release_state_dict(source)
+    wrapped = load_release_state_dict(target, {"model": {f"module.{k}": v for k, v in release.items()}})
+    assert wrapped.missing == wrapped.unexpected == []
+    mixed = load_release_state_dict(target, {"model": release | {"module.ema.w": torch.zeros(1)}})
+    assert mixed.missing == [] and mixed.unexpected == ["module.ema.w"]
+    assert torch.equal(target.encoder.pos_embed, source.encoder.pos_embed)
+
+
 def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) -> None:
     model = tiny_model(3)
     ours = {"model": model.state_dict(), "backbone": dataclasses.asdict(TINY), "step": 10}
