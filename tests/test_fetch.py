@@ -87,7 +87,8 @@ class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /throttled (429), /slow (late headers), /drip
     (slow body), /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to
     /a<n-1>, and from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself), /leak (to a long
-    ftp URL) and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
+    ftp URL), /hang/<port> (to that port) and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of
+    ROBOTS[name])."""
 
     counts: Counter = Counter()
     authorization: list[str | None] = []  # each request's Authorization header
@@ -119,6 +120,11 @@ class Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             chain = f"{self.path[:2]}{hops - 1}" if hops else "/good.png"
             self.send_header("Location", self.path if self.path == "/loop" else chain)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif self.path.startswith("/hang/"):  # to a port whose connects hang (the ``hung_port`` fixture)
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.path.removeprefix('/hang/')}/x.jpg")
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif self.path == "/leak":  # to a scheme requests refuses, quoting the URL, credentials and all
@@ -297,6 +303,39 @@ def test_total_timeout_holds_across_redirects(server: str, tmp_path: Path) -> No
     main(Common(), _laion_config(parquet, timeout=1.0, total_timeout=0.5))
     assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["timeout", "success"]
     assert Handler.counts["/c1"] == 0 and Handler.counts["/c4"] == 2  # two tries, each stopped early
+
+
+@pytest.fixture
+def hung_port() -> Iterator[int]:
+    """A port whose connects hang: its listener's queue is full and never accepted (the kernel drops the
+    SYNs, as a host that has gone quiet does)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port, queued = listener.getsockname()[1], []
+        while True:
+            conn = socket.socket()
+            conn.settimeout(0.2)
+            try:
+                conn.connect(("127.0.0.1", port))
+            except TimeoutError:
+                conn.close()
+                break
+            queued.append(conn)
+            assert len(queued) < 16, "the kernel accepts every connect: no hung port here"
+        yield port
+        for conn in queued:
+            conn.close()
+
+
+def test_total_timeout_bounds_the_connect_of_each_hop(server: str, hung_port: int) -> None:
+    """A hop's connect gets what is left of the image's time, not a whole connect timeout of its own."""
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"timeout": 3.0, "total_timeout": 0.5}), MAX_BYTES)
+    for url in (f"{server}/hang/{hung_port}", f"http://127.0.0.1:{hung_port}/x.jpg"):
+        start = time.monotonic()
+        with pytest.raises(FetchFailure) as failed:
+            fetch({"url": url})
+        assert failed.value.status == "timeout" and time.monotonic() - start < 1.5
 
 
 def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path) -> None:

@@ -35,7 +35,13 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import HTTPError, LocationValueError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationValueError,
+    ProtocolError,
+    ReadTimeoutError,
+)
 
 from mcf.data.sources.download import RECORD_COLUMNS, Source
 from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded, redact
@@ -129,11 +135,28 @@ def _shut(sock: socket.socket) -> None:
 
 
 class _DeadlineConnection:
-    """While a response head arrives, a timer shuts the socket at the download's deadline: the read
-    timeout restarts with every byte, so a server dripping its headers (or a chain of slow redirects,
-    each hop in time) would hold a thread for ever. The body is bounded in :func:`read_bounded`."""
+    """Holds each connection to the download's deadline. A connect gets what is left of it (a redirect's
+    hop connects anew), and while a response head arrives a timer shuts the socket at the deadline: the
+    read timeout restarts with every byte, so a server dripping its headers (or a chain of slow
+    redirects, each hop in time) would hold a thread for ever. The body is bounded in
+    :func:`read_bounded`. Not bounded: the DNS lookup, and a host with several addresses, each of which
+    gets the time left."""
 
     sock: socket.socket | None
+    timeout: Any
+
+    def _new_conn(self) -> socket.socket:
+        deadline = getattr(_DEADLINE, "value", None)
+        if deadline is None:
+            return super()._new_conn()  # type: ignore[misc]
+        timeout, left = self.timeout, deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectTimeoutError(self, "the download's total_timeout passed before this connect")
+        self.timeout = min(timeout, left) if isinstance(timeout, int | float) else left
+        try:
+            return super()._new_conn()  # type: ignore[misc]
+        finally:
+            self.timeout = timeout
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         deadline = getattr(_DEADLINE, "value", None)
