@@ -780,3 +780,17 @@ def test_an_unforeseen_source_error_reaches_the_debug_log_redacted(
     assert record.status == "error" and "s3cr3t" not in record.error
     assert "unexpected error on a" in caplog.text and "RuntimeError: surprise on" in caplog.text
     assert "s3cr3t" not in caplog.text and "pw@" not in caplog.text
+
+
+def test_detections_without_a_fetched_face_keep_the_documented_types(server: str, tmp_path: Path) -> None:
+    """No fetched image in the released detections: the table is empty, its columns still typed as
+    docs/CONTRACTS.md says (pandas would write an empty object column as Arrow's `null`)."""
+    parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/good.jpg"])
+    (tmp_path / "det.json").write_text(json.dumps({"999": [[[1, 2, 30, 28], [[5, 6]] * 5, 0.99]]}))
+    main(Common(), _laion_config(parquet, detections=[str(tmp_path / "det.json")]))
+    schema = pq.read_schema("out/detections.parquet")
+    assert pq.read_table("out/detections.parquet").num_rows == 0
+    assert {name: str(schema.field(name).type) for name in schema.names} == {
+        "sample_id": "string", "face": "int64", "box": "list<element: double>",
+        "landmarks": "list<element: double>", "score": "double",
+    }

@@ -107,15 +107,29 @@ def fetch_remote(cfg: FetchConfig, out: Path, staging: Path) -> tuple[pd.DataFra
     return manifest, remote_detections(cfg, manifest)
 
 
+def typed(frame: pd.DataFrame, types: dict[str, pa.DataType]) -> pa.Table:
+    """``frame`` as an Arrow table whose all-null columns named in ``types`` take that type: pandas
+    writes a column of nulls (or an empty one) as Arrow's ``null``, not as docs/CONTRACTS.md's type."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    for name, kind in types.items():
+        i = table.schema.get_field_index(name)
+        if i >= 0 and table.schema.field(i).type == pa.null():
+            table = table.set_column(i, name, table.column(i).cast(kind))
+    return table
+
+
+# the documented types of the columns that can hold nothing but nulls: a run without a failure's error
+# column; every column of a detections table without a face (no fetched image in the released ones)
+MANIFEST_TYPES = {"error": pa.string()}
+DETECTION_TYPES = {"sample_id": pa.string(), "face": pa.int64(), "box": pa.list_(pa.float64()),
+                   "landmarks": pa.list_(pa.float64()), "score": pa.float64()}
+
+
 def publish(manifest: pd.DataFrame, detections: pd.DataFrame | None, staging: Path) -> None:
     """Write the tables beside the images and gate them, inside the staging folder."""
-    table = pa.Table.from_pandas(manifest, preserve_index=False)
-    i = table.schema.get_field_index("error")
-    if table.schema.field(i).type == pa.null():  # a run without a failure: still a string column
-        table = table.set_column(i, "error", table.column(i).cast(pa.string()))
-    pq.write_table(table, staging / "manifest.parquet")
+    pq.write_table(typed(manifest, MANIFEST_TYPES), staging / "manifest.parquet")
     if detections is not None:
-        detections.to_parquet(staging / "detections.parquet", index=False)
+        pq.write_table(typed(detections, DETECTION_TYPES), staging / "detections.parquet")
     run_gate(manifest, "fetch", stage="fetch")
 
 
