@@ -277,14 +277,15 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
 PREFECT_KILL_GRACE_S = 30  # a worker SIGKILLs a cancelled flow run's process group this long after SIGTERM
 
 
-def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServer, project: Path) -> None:
-    """Cancelling a run (Prefect's SIGTERM, raised in the flow's thread) stops the stage commands in flight:
-    the task threads never hear of it, and each command runs in a session of its own, out of reach of
-    the worker's kill of the flow run's process group. One deaf to SIGTERM is killed before the worker
-    kills the flow run (30 s after its SIGTERM), which would leave it running."""
-    hang = {**PARAMS, "train": {"fail": [], "hang": ["a"]}}
+@contextlib.contextmanager
+def _flow_run_with_a_hung_stage(
+    server: PrefectServer, project: Path, deaf: bool
+) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A flow run in a session of its own, and the pid of its stage ``train@a`` once that hangs (``deaf``:
+    to SIGTERM too). Whatever is left of either is killed at the end."""
+    hang = {**PARAMS, "train": {"fail": [], "hang": ["a"], "deaf": deaf}}
     (project / "params.hang.yaml").write_text(yaml.safe_dump(hang))
-    env = {**prefect_server.env, "PYTHONPATH": str(ROOT)}
+    env = {**server.env, "PYTHONPATH": str(ROOT)}
     code = "from flows.pipeline import mcf; mcf(params_file='params.hang.yaml')"
     flow_run = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -293,48 +294,37 @@ def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServ
         while not (project / "hang.pid").exists():
             assert flow_run.poll() is None and time.monotonic() < deadline, flow_run.returncode
             time.sleep(0.2)
-        stage = int((project / "hang.pid").read_text())
+        yield flow_run, int((project / "hang.pid").read_text())
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow_run.pid, signal.SIGKILL)
+        if (project / "hang.pid").exists() and not _gone(stage := int((project / "hang.pid").read_text())):
+            os.kill(stage, signal.SIGKILL)
+
+
+def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServer, project: Path) -> None:
+    """Cancelling a run (Prefect's SIGTERM, raised in the flow's thread) stops the stage commands in flight:
+    the task threads never hear of it, and each command runs in a session of its own, out of reach of
+    the worker's kill of the flow run's process group. One deaf to SIGTERM is killed before the worker
+    kills the flow run (30 s after its SIGTERM), which would leave it running."""
+    with _flow_run_with_a_hung_stage(prefect_server, project, deaf=True) as (flow_run, stage):
         flow_run.send_signal(signal.SIGTERM)  # as a worker cancels a run: SIGTERM, SIGKILL 30 s later
         with contextlib.suppress(subprocess.TimeoutExpired):
             flow_run.wait(PREFECT_KILL_GRACE_S)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(flow_run.pid, signal.SIGKILL)
         assert flow_run.wait() == -signal.SIGTERM  # it ended itself (Prefect re-raises it), not by SIGKILL
-        deadline = time.monotonic() + 5
-        while not _gone(stage) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(stage)  # it trained on, unseen, after the run ended
+        assert _wait_gone(stage, timeout=5)  # it trained on, unseen, after the run ended
         assert (project / "params.yaml").read_text() == yaml.safe_dump(PARAMS)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(flow_run.pid, signal.SIGKILL)
-        if (project / "hang.pid").exists() and not _gone(stage := int((project / "hang.pid").read_text())):
-            os.kill(stage, signal.SIGKILL)
 
 
 def test_a_killed_flow_runs_stages_are_stopped(prefect_server: PrefectServer, project: Path) -> None:
     """A flow process killed outright (SIGKILL, the OOM killer) cannot stop its stages: each one's guard
     sees it gone and stops the stage, which would otherwise train on unseen, holding its lock."""
-    hang = {**PARAMS, "train": {"fail": [], "hang": ["a"], "deaf": False}}
-    (project / "params.hang.yaml").write_text(yaml.safe_dump(hang))
-    env = {**prefect_server.env, "PYTHONPATH": str(ROOT)}
-    code = "from flows.pipeline import mcf; mcf(params_file='params.hang.yaml')"
-    flow_run = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while not (project / "hang.pid").exists():
-            assert flow_run.poll() is None and time.monotonic() < deadline, flow_run.returncode
-            time.sleep(0.2)
-        stage = int((project / "hang.pid").read_text())
+    with _flow_run_with_a_hung_stage(prefect_server, project, deaf=False) as (flow_run, stage):
         flow_run.kill()
         assert flow_run.wait() == -signal.SIGKILL
         assert _wait_gone(stage, timeout=10)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(flow_run.pid, signal.SIGKILL)
-        if (project / "hang.pid").exists() and not _gone(stage := int((project / "hang.pid").read_text())):
-            os.kill(stage, signal.SIGKILL)
 
 
 def test_fetch_on_dask_runs_the_fan_out_flow_for_fetch(prefect_api: None, project: Path) -> None:
