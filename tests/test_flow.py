@@ -190,6 +190,15 @@ def test_a_cancelled_stage_is_stopped_with_its_whole_process_group(tmp_path: Pat
     assert _gone(polite) and _gone(stubborn)
 
 
+def test_a_cancelled_stage_hears_sigterm_at_once() -> None:
+    """SIGTERM first, so a stage that heeds it (torchrun stopping its workers) ends now, not when the
+    grace runs out with a SIGKILL it cannot clean up after."""
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    began = time.monotonic()
+    stop_group(proc, grace=30.0)
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - began < 10
+
+
 def _wait_gone(*pids: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not all(map(_gone, pids)) and time.monotonic() < deadline:
