@@ -382,6 +382,40 @@ def test_fetch_on_dask_is_retried_as_fetch_is(
         assert caught.value.exit_code == code and len(calls) == 1  # a rerun would fail the same way
 
 
+def test_a_stage_on_dask_is_recorded_in_dvc_lock_and_skipped_once_up_to_date(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its fan-out a stage is committed, so dvc.lock records what it wrote (plain DVC then finds
+    nothing to do); the next run finds it up to date and does not fan it out again."""
+    import flows.fetch_dask
+    from flows.pipeline import dask_stage
+
+    calls: list[str | None] = []
+
+    def fan_out(address: str | None) -> None:
+        calls.append(address)
+        (project / "out").mkdir(exist_ok=True)
+        (project / "out/fetch.txt").write_text("0\n1\n2\n")
+
+    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", fan_out)
+    assert dask_stage.fn("fetch", "tcp://scheduler:8786").outcome == "ran"  # the task's body: no server
+    outs = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["fetch"]["outs"]
+    assert outs[0]["md5"] == hashlib.md5(b"0\n1\n2\n").hexdigest()
+    assert dask_stage.fn("fetch", "tcp://scheduler:8786").outcome == "unchanged"
+    assert calls == ["tcp://scheduler:8786"]
+
+
+def test_a_second_flow_run_in_the_same_checkout_is_refused(tmp_path: Path) -> None:
+    """Two runs in one checkout would swap params.yaml under each other: the second is refused at once."""
+    from flows.pipeline import workspace_lock
+
+    with workspace_lock(tmp_path):
+        with pytest.raises(RuntimeError, match="another mcf flow run is using"), workspace_lock(tmp_path):
+            pass
+    with workspace_lock(tmp_path):  # released when the first run ends
+        pass
+
+
 def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api: None, project: Path) -> None:
     committed = (project / "params.yaml").read_bytes()
     saved = project / ".dvc" / "tmp" / "mcf-flow.params.yaml"  # as a run killed mid-way leaves it
@@ -529,6 +563,31 @@ def test_crop_on_dask_hands_its_workers_absolute_paths(
     assert [cfg.input, cfg.out, cfg.detector.yunet_model] == [
         str(tmp_path / "fetch"), str(tmp_path / "crop"), str(tmp_path / "yunet.onnx")]
     assert Path(parts_dir).is_absolute()
+
+
+def test_fetch_on_dask_hands_its_workers_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for crop: a worker of a cluster (``address``) resolves the output, staging and the local
+    source's root as the checkout's absolute paths, not against its own working directory."""
+    import flows.fetch_dask
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    section = {"source": "local", "out": "out", "local": {"root": "images"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": section}))
+    seen = []
+
+    def fan_out(cfg: object, staging: str, rows_per_task: int) -> None:
+        seen.append((cfg, staging))
+        raise RuntimeError("stop before fetching")
+
+    monkeypatch.setattr(flows.fetch_dask.fan_out, "with_options", lambda **_: fan_out)
+    with pytest.raises(RuntimeError, match="stop before fetching"):
+        flows.fetch_dask.fetch_dask.fn(params_file="params.yaml", processes=False)  # no Prefect server
+    (cfg, staging), = seen
+    assert [cfg.out, cfg.local.root] == [str(tmp_path / "out"), str(tmp_path / "images")]
+    assert Path(staging).is_absolute()
 
 
 def test_fetch_on_dask_reads_a_killed_runs_journal_once(
