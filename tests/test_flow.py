@@ -436,6 +436,43 @@ def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api:
     (project / "params.yaml").write_bytes(committed)
 
 
+def test_a_run_killed_inside_the_swap_is_undone_by_the_next_unless_edited_since(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed outright (kill -9) with another profile in place leaves the original and a record of
+    what it put there: the next run keeps a later edit of params.yaml, and otherwise puts the original
+    back, also when the kill came before the profile was in place."""
+    import logging
+
+    import flows.pipeline
+    from flows.pipeline import applied_params
+
+    monkeypatch.setattr(flows.pipeline, "get_run_logger", lambda: logging.getLogger("test"))  # no flow run
+    committed = (project / "params.yaml").read_bytes()
+    tiny = yaml.safe_dump({**PARAMS, "fetch": {"n": 1}}).encode()
+    (project / "params.tiny.yaml").write_bytes(tiny)
+    code = ("import os, pathlib, flows.pipeline as p\n"
+            "with p.applied_params(pathlib.Path.cwd(), 'params.tiny.yaml'):\n    os._exit(9)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", code], cwd=project, env=env)
+    assert killed.returncode == 9 and (project / "params.yaml").read_bytes() == tiny
+    (project / "params.yaml").write_text("edited by hand: {}\n")
+    edited = pytest.raises(RuntimeError, match="was edited after a killed flow run")
+    with edited, applied_params(project, "params.yaml"):
+        pass
+    assert (project / "params.yaml").read_text() == "edited by hand: {}\n"
+    (project / "params.yaml").write_bytes(tiny)  # the edit undone: the swap is undone as usual
+    with applied_params(project, "params.yaml"):
+        assert (project / "params.yaml").read_bytes() == committed
+    saved = project / ".dvc" / "tmp" / "mcf-flow.params.yaml"
+    assert not saved.exists()
+    # killed between recording the profile and putting it in place: params.yaml is still the original
+    saved.write_bytes(committed)
+    saved.with_name(f"{saved.name}.sha256").write_text(hashlib.sha256(tiny).hexdigest())
+    with applied_params(project, "params.yaml"):
+        assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
+
+
 def _fan_out_parameters(flow_name: str) -> list[dict]:
     """The parameters the Prefect API recorded for each run of ``flow_name``.
 
