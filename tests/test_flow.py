@@ -262,6 +262,21 @@ def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None
     assert status.returncode == 0  # the plain DVC view agrees: nothing left to do
 
 
+def test_a_run_after_a_stopped_one_runs_and_claims_no_metrics_it_did_not_evaluate(
+    prefect_api: None, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped in this process (Ctrl-C, a cancel) refuses to start stages until the next run begins;
+    a run that stops short of ``evaluate`` reports the checkout's metrics file as not its own."""
+    from prefect.artifacts import Artifact
+
+    import flows.pipeline
+
+    monkeypatch.setattr(flows.pipeline, "RUNNING", flows.pipeline._Running())
+    flows.pipeline.RUNNING.stop_all()  # as an interrupted run leaves it
+    assert _outcomes(mcf(stages=["fetch"])) == {"fetch": "ran"}
+    assert "this run did not get through `evaluate`" in Artifact.get("mcf-report").data
+
+
 def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project: Path) -> None:
     from prefect.artifacts import Artifact
 
