@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -315,3 +316,36 @@ def test_params_error_survives_pickling() -> None:
     err = pickle.loads(pickle.dumps(ParamsError("crop.size", "must be >= 8", "params.yaml")))
     assert (err.key, err.message, err.file, str(err)) == ("crop.size", "must be >= 8", "params.yaml",
                                                          "params.yaml: crop.size: must be >= 8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kinds:
+    count: int = 1
+    rate: float = 0.5
+    flag: bool = False
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        ({"count": True}, "kinds.count: expected an integer, got bool True"),
+        ({"rate": False}, "kinds.rate: expected a number, got bool False"),
+        ({"flag": 1}, "kinds.flag: expected true or false, got 1"),
+        ({"flag": 0.0}, "kinds.flag: expected true or false, got 0.0"),
+    ],
+)
+def test_a_bool_and_a_number_do_not_pass_for_each_other(data: dict, fragment: str) -> None:
+    """Python's bool is an int: unchecked, ``seed: true`` would train with seed 1 and ``flag: 1`` pass
+    as on, where DVC records a bool and a number."""
+    with pytest.raises(ParamsError, match=re.escape(fragment)):
+        build(Kinds, data, "kinds")
+
+
+def test_a_pair_given_one_value_is_a_params_error() -> None:
+    """``betas: [0.9]`` is one line naming the key, not a ValueError from zip(strict=True)."""
+    from mcf.train.loop import TrainConfig
+
+    with pytest.raises(ParamsError, match=r"^pretrain\.train\.betas: expected 2 values, got 1$"):
+        build(TrainConfig, {"betas": [0.9]}, "pretrain.train")
+    with pytest.raises(ParamsError, match="expected 2 values, got 3"):
+        build(TrainConfig, {"betas": [0.9, 0.95, 0.99]}, "pretrain.train")
