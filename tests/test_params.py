@@ -349,3 +349,24 @@ def test_a_pair_given_one_value_is_a_params_error() -> None:
         build(TrainConfig, {"betas": [0.9]}, "pretrain.train")
     with pytest.raises(ParamsError, match="expected 2 values, got 3"):
         build(TrainConfig, {"betas": [0.9, 0.95, 0.99]}, "pretrain.train")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: 0\ncrop:\n  ? [x, y]\n  : 1\n", "not valid YAML at line 3, column 5: found unhashable key"),
+        ("- seed: 0\n- mask_ratio: 0.75\n", "expected a mapping at the top level"),
+        ("", "expected a mapping at the top level"),
+    ],
+)
+def test_a_params_file_that_is_no_mapping_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    """A list key (``? [x, y]``) or a list at the top is a params error, not a TypeError later on."""
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=re.escape(f"p.yaml: {message}")):
+        read_yaml(tmp_path / "p.yaml")
+
+
+def test_a_folder_given_as_params_is_one_clear_error(tmp_path: Path) -> None:
+    """``--params outputs/`` is refused by name, not an IsADirectoryError traceback."""
+    with pytest.raises(ParamsError, match="params file not found"):
+        read_yaml(tmp_path)
