@@ -14,7 +14,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from mcf.params import SECTIONS, ParamsError, build, load, param, read_yaml
+from mcf.params import SECTIONS, Common, ParamsError, build, load, param, read_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,3 +370,31 @@ def test_a_folder_given_as_params_is_one_clear_error(tmp_path: Path) -> None:
     """``--params outputs/`` is refused by name, not an IsADirectoryError traceback."""
     with pytest.raises(ParamsError, match="params file not found"):
         read_yaml(tmp_path)
+
+
+def test_top_level_defaults_and_bounds(tmp_path: Path) -> None:
+    """A file that leaves ``mask_ratio`` out pretrains at the paper's 0.75; a negative seed, which numpy's
+    and torch's seeding refuse only mid-stage, is refused up front."""
+    assert load(None, _write(tmp_path, {"seed": 3}))[0] == Common(seed=3, mask_ratio=0.75)
+    with pytest.raises(ParamsError, match=r"params.yaml: seed: must be >= 0, got -1$"):
+        load(None, _write(tmp_path, {"seed": -1}))
+
+
+def test_another_sections_error_names_the_file_and_its_own_key_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mcf fetch` finding a typo in evaluate's section names ``evaluate.batchsize``, not
+    ``fetch.evaluate.batchsize``, in the file given."""
+    from mcf import cli
+
+    root = Path(__file__).resolve().parents[1]
+    data = read_yaml(root / "params.yaml")
+    data["evaluate"] = {**data["evaluate"], "batchsize": 8}
+    path = _write(tmp_path, data)
+    with pytest.raises(ParamsError) as err:
+        load("fetch", path, every_section=True)
+    assert (err.value.file, err.value.key) == (path, "evaluate.batchsize")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fetch", "--params", "params.yaml"]) == 2
+    err_line = capsys.readouterr().err
+    assert err_line.startswith("mcf: invalid params: params.yaml: evaluate.batchsize: unknown key"), err_line
