@@ -109,3 +109,29 @@ def test_a_missing_teacher_checkpoint_is_an_input_missing_whatever_the_spec(
     assert cli.main(["teacher", "--params", "p.yaml"]) == 2
     assert "teacher.data: path does not exist: data/w.pth" in capsys.readouterr().err
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["-v"]])
+def test_no_command_is_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``mcf`` or ``mcf -v`` alone: argparse's exit 2 naming COMMAND, not an IndexError."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+def test_a_misspelt_stage_option_is_refused_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mcf crop --parms p.yaml`` must not run crop with the default params.yaml."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "load", lambda *_, **__: pytest.fail("the stage ran"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["crop", "--parms", "p.yaml"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --parms p.yaml" in capsys.readouterr().err
+
+
+def test_a_fine_tune_by_hand_fine_tunes_the_pre_trained_export() -> None:
+    """``mcf finetune_alignment`` without --variant is the mcf variant, as its help says."""
+    for stage in ("finetune_alignment", "finetune_parsing"):
+        assert cli.parser().parse_args([stage]).variant == "mcf"
