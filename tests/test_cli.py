@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from mcf import cli
+from mcf.errors import GateError
 from mcf.io import stage_lock
 from mcf.params import SECTIONS
 from mcf.train.distributed import LAUNCHER_ENV
@@ -135,3 +137,60 @@ def test_a_fine_tune_by_hand_fine_tunes_the_pre_trained_export() -> None:
     """``mcf finetune_alignment`` without --variant is the mcf variant, as its help says."""
     for stage in ("finetune_alignment", "finetune_parsing"):
         assert cli.parser().parse_args([stage]).variant == "mcf"
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "line"),
+    [
+        (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/d/out/.x.tmp-7"), 1,
+         f"mcf fetch: {os.strerror(errno.EDQUOT)} under /d/out: free some space and run it again\n"),
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/disk/resume/.last.pt.tmp-7"), 1,
+         f"mcf fetch: {os.strerror(errno.ENOSPC)} under /disk/resume: free some space and run it again\n"),
+        (KeyboardInterrupt(), 130, "mcf: interrupted\n"),
+        (GateError("the fetch gate failed"), 3, "mcf fetch: the fetch gate failed\n"),
+    ],
+)
+def test_a_stage_stopped_by_its_disk_ctrl_c_or_a_gate_is_one_line(
+    raised: BaseException, code: int, line: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A quota is a full disk too, named with the folder it filled; Ctrl-C is the shell's 130; a failed
+    gate is 3, which the flow does not retry."""
+    def stage(*_: object, **__: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(cli, "_resolve", lambda target: stage)
+    params = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert cli.main(["fetch", "--params", params]) == code
+    assert capsys.readouterr().err == line
+
+
+def test_another_os_error_is_not_taken_for_a_full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    def stage(*_: object, **__: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", "/x")
+
+    monkeypatch.setattr(cli, "_resolve", lambda target: stage)
+    with pytest.raises(PermissionError):
+        cli.main(["fetch", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])
+
+
+def test_a_worker_of_mcfs_own_torchrun_trains_instead_of_starting_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.processes: 2 starts torchrun once; each worker it starts reads the same params and must run
+    the stage, not launch a torchrun of its own."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["pretrain"]["train"]["processes"] = 2
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    Path(params["pretrain"]["data"], "shards").mkdir(parents=True)
+    Path(params["pretrain"]["teacher"]).mkdir(parents=True)
+    Path(params["pretrain"]["teacher"], "backbone.pth").touch()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv(LAUNCHER_ENV, "1")
+    monkeypatch.setattr("mcf.train.distributed.launch", lambda *_: pytest.fail("torchrun started"))
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda *_, **__: ran.append(target))
+    assert cli.main(["pretrain", "--params", "p.yaml"]) == 0
+    assert ran == ["mcf.train.pretrain:main"]
