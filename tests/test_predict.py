@@ -17,10 +17,11 @@ from test_finetune import tiny_configs, write_fixture
 from mcf.cli import main as cli_main
 from mcf.data.aflw19 import AFLW19, AFLW19Config, read_mat, read_rgb
 from mcf.data.lapa import ALIGN_POINTS, LaPa, LaPaConfig, read_landmarks
+from mcf.errors import StageError
 from mcf.evaluate.plots import read_png
 from mcf.evaluate.scoring import predict_landmarks, predict_parsing
 from mcf.params import Common
-from mcf.predict import align_face, load_task, parse_face, read_image
+from mcf.predict import align_face, list_images, load_task, parse_face, read_image
 from mcf.train.finetune import main_alignment, main_parsing
 
 
@@ -211,3 +212,41 @@ def test_a_photo_is_read_upright_by_its_exif_tag(tmp_path: Path) -> None:
     exif[0x0112] = 6  # the EXIF Orientation tag: rotate 90° clockwise to view
     Image.fromarray(np.zeros((20, 40, 3), np.uint8)).save(path, exif=exif.tobytes())
     assert read_image(path).shape == (40, 20, 3) and read_rgb(path).shape == (20, 40, 3)
+
+
+def test_image_folders_are_listed_in_order_whatever_the_suffix_case(tmp_path: Path) -> None:
+    """A camera's ``IMG_0001.JPG`` is an image; a folder with none, or two images sharing a stem (their
+    outputs would overwrite each other), is refused before any model loads."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("b.JPG", "a.png", "c.Jpeg", "notes.txt"):
+        (photos / name).touch()
+    assert list_images([photos]) == [photos / "a.png", photos / "b.JPG", photos / "c.Jpeg"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StageError, match="no images in .*empty"):
+        list_images([tmp_path / "empty"])
+    (tmp_path / "a.jpg").touch()
+    with pytest.raises(StageError, match=r"two images share a file stem.*\['a'\]"):
+        list_images([photos, tmp_path / "a.jpg"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--box", "0,5,9,5"], "need x2 > x1 and y2 > y1"),  # no height
+        (["--box", "4,6,60,62", "--yunet", "YUNET"], "--box and --yunet exclude each other"),
+        (["--yunet", "NOT_ONNX"], "expected an existing YuNet .onnx file"),
+    ],
+)
+def test_usage_errors_are_exit_2_before_any_work(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "y.onnx").touch()
+    (tmp_path / "y.txt").touch()
+    names = {"YUNET": str(tmp_path / "y.onnx"), "NOT_ONNX": str(tmp_path / "y.txt")}
+    argv = ["predict", str(tmp_path / "x.jpg"), "--alignment", "a.pt", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main([*argv, *(names.get(a, a) for a in args)])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
