@@ -16,12 +16,13 @@ from test_finetune import tiny_configs, write_fixture
 
 from mcf.cli import main as cli_main
 from mcf.data.aflw19 import AFLW19, AFLW19Config, read_mat, read_rgb
+from mcf.data.detect import DetectorConfig, Face
 from mcf.data.lapa import ALIGN_POINTS, LaPa, LaPaConfig, read_landmarks
 from mcf.errors import StageError
 from mcf.evaluate.plots import read_png
 from mcf.evaluate.scoring import predict_landmarks, predict_parsing
 from mcf.params import Common
-from mcf.predict import align_face, list_images, load_task, parse_face, read_image
+from mcf.predict import align_face, list_images, load_task, parse_face, predict, read_image
 from mcf.train.finetune import main_alignment, main_parsing
 
 
@@ -250,3 +251,44 @@ def test_usage_errors_are_exit_2_before_any_work(
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
+
+def test_faces_csv_holds_x0_to_x18_then_y0_to_y18_and_the_overlay_draws_them(
+    models: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Each column is the point the module docstring names (x then y, not interleaved pairs), and the
+    overlay of an alignment-only run shows the points."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    out = tmp_path / "out"
+    assert cli_main(["predict", str(image), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out",
+                     str(out)]) == 0
+    model, meta = load_task(align_pt, "alignment")
+    rgb = read_image(image)
+    want = align_face(model, AFLW19Config(**meta["data"]), rgb, (4, 6, 60, 62))
+    row = pd.read_csv(out / "faces.csv").iloc[0]
+    for axis, c in enumerate("xy"):
+        got = row[[f"{c}{i}" for i in range(19)]].to_numpy(float)
+        np.testing.assert_allclose(got, want[:, axis], atol=1e-4)
+    assert (read_png(out / "overlays" / f"{image.stem}.png") != rgb).any()
+
+
+def test_parsing_alone_aligns_by_the_detectors_five_points(
+    models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --alignment, a YuNet face's five landmarks align the parsing warp, and faces.csv has no
+    landmark columns (none were predicted)."""
+    _, _, parse_pt = models
+    model, meta = load_task(parse_pt, "parsing")
+    cfg = LaPaConfig(**meta["data"])
+    dataset = LaPa(cfg, "test")
+    image = sorted((dataset.dir / "images").glob("*.jpg"))[0]
+    points5 = read_landmarks(dataset.dir / "landmarks" / f"{image.stem}.txt")[list(ALIGN_POINTS)]
+    face = Face(0, (1.0, 2.0, 30.0, 40.0), tuple(points5.ravel().tolist()), 0.9, "yunet")
+    monkeypatch.setattr("mcf.predict.make_detector", lambda _: lambda rgb: [face])
+    (tmp_path / "y.onnx").touch()
+    table = predict([image], tmp_path / "out", parsing=parse_pt,
+                    detector=DetectorConfig(yunet_model=str(tmp_path / "y.onnx")), overlays=False)
+    assert list(table.columns) == ["image", "face", "detector", "box_x1", "box_y1", "box_x2", "box_y2"]
+    assert list(pd.read_csv(tmp_path / "out" / "faces.csv").columns) == list(table.columns)
+    want = parse_face(model, cfg, read_image(image), points5)
+    assert np.array_equal(read_png(tmp_path / "out" / "parsing" / f"{image.stem}_0.png"), want)
