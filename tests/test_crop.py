@@ -42,7 +42,7 @@ from mcf.data.detect import (
 from mcf.data.quality import bench_duplicates, duplicates, phash
 from mcf.data.shards import iter_samples, shard_urls
 from mcf.errors import StageError
-from mcf.io import atomic_dir, check_replaceable
+from mcf.io import atomic_dir, atomic_file, check_replaceable
 from mcf.params import ParamsError, build
 from mcf.validate.gate import SUITES_DIR
 
@@ -449,6 +449,47 @@ def test_out_guard_passes_the_gitignore_dvc_leaves(tmp_path: Path) -> None:
     with atomic_dir(out, sign="checkpoint.pt") as tmp:
         (tmp / "checkpoint.pt").write_bytes(b"new")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt"]
+
+
+def test_a_file_where_the_output_folder_goes_is_refused_and_kept(tmp_path: Path) -> None:
+    """An ``out`` naming one of your files: refused, not renamed aside and deleted with the old output."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    with pytest.raises(StageError, match="notes.txt exists and holds no manifest.parquet"):
+        with atomic_dir(mine, sign="manifest.parquet"):
+            pass
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_outputs_in_folders_not_made_yet(tmp_path: Path) -> None:
+    """A first run writes ``outputs/<stage>/...`` and ``metrics/<file>`` where no parent exists yet."""
+    with atomic_dir(tmp_path / "outputs" / "crop", sign="manifest.parquet") as tmp:
+        (tmp / "manifest.parquet").write_bytes(b"new")
+    with atomic_file(tmp_path / "metrics" / "m.json") as tmp:
+        tmp.write_text("{}")
+    assert (tmp_path / "outputs" / "crop" / "manifest.parquet").exists()
+    assert (tmp_path / "metrics" / "m.json").read_text() == "{}"
+
+
+def test_ctrl_c_in_an_atomic_dir_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(KeyboardInterrupt), atomic_dir(tmp_path / "crop", sign="manifest.parquet") as tmp:
+        (tmp / "crops-000000.tar").write_bytes(b"half written")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_another_users_live_writer_is_left_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.kill(pid, 0) on another user's process raises PermissionError: it is alive, its folder stays."""
+    other = tmp_path / ".crop.tmp-4000000"
+    other.mkdir()
+
+    def kill(pid: int, sig: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", kill)
+    with atomic_dir(tmp_path / "crop", sign="manifest.parquet") as tmp:
+        (tmp / "manifest.parquet").write_bytes(b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["crop", other.name])
 
 def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
     missing = r"crop.input: path does not exist: .*manifest.parquet \(run `mcf fetch` first\)"
