@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from mcf import cli
-from mcf.errors import GateError
+from mcf.errors import GateError, StageError
 from mcf.io import stage_lock
 from mcf.params import SECTIONS
 from mcf.train.distributed import LAUNCHER_ENV
@@ -194,3 +194,24 @@ def test_a_worker_of_mcfs_own_torchrun_trains_instead_of_starting_another(
     monkeypatch.setattr(cli, "_resolve", lambda target: lambda *_, **__: ran.append(target))
     assert cli.main(["pretrain", "--params", "p.yaml"]) == 0
     assert ran == ["mcf.train.pretrain:main"]
+
+
+def test_the_lock_names_its_holder_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run writes its pid over the last one's; a lock file without one names no pid."""
+    import fcntl
+
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        with stage_lock("crop"):
+            pass
+    with stage_lock("crop"), pytest.raises(StageError) as err:
+        with stage_lock("crop"):
+            pass
+    assert f"(pid {os.getpid()})" in str(err.value)
+    assert (tmp_path / ".mcf" / "locks" / "crop.lock").read_text() == f"pid {os.getpid()}\n"
+    (tmp_path / ".mcf" / "locks" / "crop.lock").write_text("")
+    with open(tmp_path / ".mcf" / "locks" / "crop.lock") as held, pytest.raises(StageError) as err:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with stage_lock("crop"):
+            pass
+    assert "already running in this folder (another process)" in str(err.value)
