@@ -26,6 +26,7 @@ from mcf.cli import main as cli_main
 from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
 from mcf.data.shards import encode_jpeg, write_shards
 from mcf.errors import StageError
+from mcf.io import save_tensors
 from mcf.models import mcf as mcf_model
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
@@ -264,6 +265,23 @@ def test_a_full_disk_keeps_the_last_checkpoint(full_disk: Path) -> None:
     assert raised.value.errno == errno.ENOSPC and Path(raised.value.filename).parent == full_disk
     assert [p.name for p in full_disk.iterdir()] == ["last.pt"]
     assert load_checkpoint(full_disk, "aaaa")["step"] == 3
+
+
+def test_a_full_disk_is_found_under_tensors_in_a_list_and_other_failures_stay_themselves(
+    full_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tensors of lists and tuples count toward the bytes a save needs (optimizer param groups, rng
+    states); a RuntimeError with room to spare is torch's own, not a full disk."""
+    with pytest.raises(OSError, match="No space left on device"):
+        save_tensors({"states": [torch.ones(100_000), (torch.ones(100_000),)]}, full_disk / "x.pt")
+
+    def broken(obj: object, path: Path) -> None:
+        Path(path).write_bytes(b"x")
+        raise RuntimeError("some torch failure")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="some torch failure"):
+        save_tensors({"w": torch.ones(4)}, tmp_path / "x.pt")
 
 
 def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> None:
