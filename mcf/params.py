@@ -243,6 +243,8 @@ ParamsLoader.add_implicit_resolver(
 def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read a params file, failing with one clear line when it is missing or not a mapping."""
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError("", "is a folder: give the params file (YAML) inside it", path)
     if not path.is_file():
         raise ParamsError("", "params file not found", path)
     try:

@@ -368,7 +368,7 @@ def test_a_params_file_that_is_no_mapping_is_one_clear_error(tmp_path: Path, tex
 
 def test_a_folder_given_as_params_is_one_clear_error(tmp_path: Path) -> None:
     """``--params outputs/`` is refused by name, not an IsADirectoryError traceback."""
-    with pytest.raises(ParamsError, match="params file not found"):
+    with pytest.raises(ParamsError, match="is a folder: give the params file"):
         read_yaml(tmp_path)
 
 
