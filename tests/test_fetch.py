@@ -347,6 +347,51 @@ def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path)
     assert Handler.counts["/drip-head bytes"] < 100  # of 2 × 200: both tries were cut off near 0.5 s
 
 
+class _ForwardingProxy(Handler):
+    """A forwarding HTTP proxy in front of :class:`Handler`: it answers ``GET http://any-host/<path>`` as
+    the server would ``GET /<path>``."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.path = "/" + self.path.split("://", 1)[-1].partition("/")[2]
+        super().do_GET()
+
+
+@pytest.fixture
+def proxy(server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every http:// URL goes through a :class:`_ForwardingProxy` on 127.0.0.1 (``HTTP_PROXY``)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _ForwardingProxy)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    for name in ("NO_PROXY", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{httpd.server_address[1]}")
+    yield
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_total_timeout_holds_behind_a_proxy(
+    proxy: None, server: str, hung_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy from the environment gets requests' own proxy pools; the deadline must hold there too: a
+    head dripping through the proxy is cut at total_timeout, and a proxy whose connects hang gets the
+    time left."""
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"timeout": 3.0, "total_timeout": 0.5}), MAX_BYTES)
+    assert fetch({"url": "http://images.invalid/good.jpg"}) == BODIES["/good.jpg"]  # through the proxy
+    start = time.monotonic()
+    with pytest.raises(FetchFailure) as failed:
+        fetch({"url": "http://images.invalid/drip-head"})
+    assert failed.value.status == "timeout" and time.monotonic() - start < 1.5
+    for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{hung_port}")
+    for url in ("http://images.invalid/x.jpg", "https://images.invalid/x.jpg"):  # https: a CONNECT tunnel
+        start = time.monotonic()
+        with pytest.raises(FetchFailure) as failed:
+            fetch({"url": url})
+        assert failed.value.status == "timeout" and time.monotonic() - start < 1.5
+
+
 def test_robots_directives_scoped_to_another_crawler_do_not_refuse(server: str, tmp_path: Path) -> None:
     """img2dataset's reading of X-Robots-Tag: each header is ``[crawler:] directive, ...``; one scoped to
     another crawler does not address us, and directives match whole, not as substrings."""

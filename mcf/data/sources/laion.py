@@ -33,6 +33,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import PoolManager, ProxyManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
@@ -189,9 +190,20 @@ class _HTTPSPool(HTTPSConnectionPool):
 
 
 class _DeadlineAdapter(HTTPAdapter):
+    """Connections held to the deadline, direct or through an http(s) proxy (requests gives each proxy a
+    manager of its own, with urllib3's plain pools; a SOCKS proxy's keep their own connection classes)."""
+
+    POOLS = {"http": _HTTPPool, "https": _HTTPSPool}
+
     def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self.poolmanager.pool_classes_by_scheme = self.POOLS
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> PoolManager:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, ProxyManager):
+            manager.pool_classes_by_scheme = self.POOLS
+        return manager
 
 
 class _Session(requests.Session):
