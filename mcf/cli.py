@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        where = f" under {os.path.dirname(err.filename)}" if err.filename else ""
+        where = f" under {os.path.dirname(err.filename) or os.curdir}" if err.filename else ""
         # outputs are written to temporary siblings, so the previous ones and the last checkpoint stand
         print(f"mcf {args.command}: {err.strerror}{where}: free some space and run it again", file=sys.stderr)
         return EXIT_STAGE

@@ -146,6 +146,8 @@ def test_a_fine_tune_by_hand_fine_tunes_the_pre_trained_export() -> None:
          f"mcf fetch: {os.strerror(errno.EDQUOT)} under /d/out: free some space and run it again\n"),
         (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/disk/resume/.last.pt.tmp-7"), 1,
          f"mcf fetch: {os.strerror(errno.ENOSPC)} under /disk/resume: free some space and run it again\n"),
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), ".report.html.tmp-7"), 1,  # written in the cwd
+         f"mcf fetch: {os.strerror(errno.ENOSPC)} under .: free some space and run it again\n"),
         (KeyboardInterrupt(), 130, "mcf: interrupted\n"),
         (GateError("the fetch gate failed"), 3, "mcf fetch: the fetch gate failed\n"),
     ],
