@@ -52,7 +52,8 @@ NO_RETRY = (EXIT_PARAMS, EXIT_GATE)  # `mcf <stage>`'s exits for rejected params
 TAIL_LINES = 40
 STOP_GRACE_S = 60  # a cancelled stage's group gets this long to stop after SIGTERM (torchrun: 30 s)
 # ... and in a cancelled run, less than the 30 s a worker gives the run's process before its SIGKILL,
-# which would leave a stage deaf to SIGTERM running (SIGKILL to the group ends torchrun's workers too)
+# which would leave a stage deaf to SIGTERM running. torchrun's workers are not in the group (it starts
+# each in a session of its own): torchrun passes the SIGTERM on, so only a worker deaf to it outlives this
 RUN_STOP_GRACE_S = 20
 # DVC unlocks the repository while a stage's command runs, so independent stages run side by side and
 # wait only for each other's short bookkeeping (checks, dvc.lock updates)
