@@ -167,28 +167,31 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def save_tensors(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)``, with a full disk raised as ``OSError(ENOSPC)``.
+PROBE_BYTES = 1 << 20  # more than a file system block: the probe needs a block of its own
 
-    torch reports a short write only as "unexpected pos"; the CLI turns ENOSPC into one line. It is
-    taken as a full disk when the space left plus what was written is less than the tensors' bytes.
+
+def save_tensors(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)``, with a full disk or a spent quota raised as the ``OSError`` it is.
+
+    torch reports a short write only as "unexpected pos". A probe write to the file it left, which still
+    holds what torch wrote, gets the file system's own error (ENOSPC, EDQUOT), which the CLI turns into
+    one line; any other failure is torch's, raised as it came.
     """
     import torch
 
     try:
         torch.save(obj, path)
     except RuntimeError as err:
-        written = path.stat().st_size if path.exists() else 0
-        if shutil.disk_usage(path.parent).free + written >= _tensor_bytes(obj):
-            raise
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from err
-
-
-def _tensor_bytes(obj: Any) -> int:
-    """The bytes of the tensors in a nest of dicts, lists and tuples (a lower bound on its file's size)."""
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, list | tuple):
-        return sum(_tensor_bytes(v) for v in obj)
-    nbytes = getattr(obj, "nbytes", 0)  # a tensor or a numpy array (rng states)
-    return nbytes if isinstance(nbytes, int) else 0
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                left = memoryview(bytes(PROBE_BYTES))
+                while left:  # a write that fits only partly returns short; the next one fails
+                    left = left[os.write(fd, left):]
+                os.fsync(fd)  # a file system that reports a full disk only when the data reaches it
+            finally:
+                os.close(fd)
+        except OSError as probe:
+            if probe.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OSError(probe.errno, probe.strerror, str(path)) from err
+        raise

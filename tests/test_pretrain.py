@@ -267,11 +267,11 @@ def test_a_full_disk_keeps_the_last_checkpoint(full_disk: Path) -> None:
     assert load_checkpoint(full_disk, "aaaa")["step"] == 3
 
 
-def test_a_full_disk_is_found_under_tensors_in_a_list_and_other_failures_stay_themselves(
+def test_a_full_disk_is_the_file_systems_error_and_other_failures_stay_torchs(
     full_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The tensors of lists and tuples count toward the bytes a save needs (optimizer param groups, rng
-    states); a RuntimeError with room to spare is torch's own, not a full disk."""
+    """A save that fills the disk is raised as the file system's ENOSPC (torch says "unexpected pos");
+    a RuntimeError with room to spare is torch's own, not a full disk."""
     with pytest.raises(OSError, match="No space left on device"):
         save_tensors({"states": [torch.ones(100_000), (torch.ones(100_000),)]}, full_disk / "x.pt")
 
