@@ -105,6 +105,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(line: str) -> None:
+    """Print a stage's one-line error. A worker of mcf's own torchrun also leaves it for its launcher,
+    which repeats it after torchrun's report: the flow keeps only a failed stage's last lines."""
+    print(line, file=sys.stderr)
+    if "MCF_EXIT_DIR" in os.environ:
+        from mcf.train.distributed import record_error
+
+        record_error(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # A tool parses its own arguments: hand them over untouched (argparse would reorder options).
@@ -141,17 +151,17 @@ def main(argv: list[str] | None = None) -> int:
         if err.file is None and args.command in STAGES:  # raised as the stage ran: name file and section
             top_level = err.key.startswith(f"{args.command}.") or err.key in ("seed", "mask_ratio")
             err = err.under("" if top_level else args.command, args.params)
-        print(f"mcf: invalid params: {err}", file=sys.stderr)
+        _error(f"mcf: invalid params: {err}")
         return EXIT_PARAMS
     except StageError as err:
-        print(f"mcf {args.command}: {err}", file=sys.stderr)
+        _error(f"mcf {args.command}: {err}")
         return err.exit_code
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" under {os.path.dirname(err.filename) or os.curdir}" if err.filename else ""
         # outputs are written to temporary siblings, so the previous ones and the last checkpoint stand
-        print(f"mcf {args.command}: {err.strerror}{where}: free some space and run it again", file=sys.stderr)
+        _error(f"mcf {args.command}: {err.strerror}{where}: free some space and run it again")
         return EXIT_STAGE
     except KeyboardInterrupt:
         print("mcf: interrupted", file=sys.stderr)

@@ -147,6 +147,10 @@ def test_a_params_error_in_the_workers_exits_2_through_torchrun(tmp_path: Path) 
     assert "starting 2 processes under torchrun" in done.stderr
     assert "0.99 hides all 16 patches from the encoder" in done.stderr
     assert done.returncode == 2, done.stderr[-3000:]
+    # repeated once, last, after torchrun's report of the failure (the flow keeps a log's last 40 lines)
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("mcf: invalid params: ") and last.endswith("hides all 16 patches from the encoder "
+                                                                      "(rank 0, 1)"), last
 
 
 def test_resume_under_another_world_size_names_the_process_counts(tmp_path: Path) -> None:

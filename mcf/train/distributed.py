@@ -138,7 +138,13 @@ def launch(argv: list[str], processes: int) -> int:
     with tempfile.TemporaryDirectory(prefix="mcf-exit-") as exits:
         env = {**os.environ, LAUNCHER_ENV: str(os.getpid()), EXIT_DIR_ENV: exits}
         code = run_forwarding_sigterm(command, env)
-        failed = {int(text) for p in Path(exits).iterdir() if (text := p.read_text()).isdigit()} - {0}
+        failed = {int(p.read_text()) for p in Path(exits).glob("rank*[0-9]")} - {0}
+        ranks: dict[str, list[int]] = {}  # each worker's one-line error -> the ranks that gave it
+        for p in Path(exits).glob("rank*.err"):
+            ranks.setdefault(p.read_text(), []).append(int(p.stem.removeprefix("rank")))
+    if code:  # last, after torchrun's own report of the failure, which would bury them
+        for line, which in sorted(ranks.items(), key=lambda item: min(item[1])):
+            print(f"{line} (rank {', '.join(map(str, sorted(which)))})", file=sys.stderr)
     return failed.pop() if code and len(failed) == 1 else code
 
 
@@ -147,6 +153,13 @@ def record_exit(status: int) -> None:
     folder = os.environ.get(EXIT_DIR_ENV)
     if folder and under_torchrun():
         Path(folder, f"rank{os.environ['RANK']}").write_text(str(status))
+
+
+def record_error(line: str) -> None:
+    """Leave this worker's one-line error where its :func:`launch` repeats it (nothing outside one)."""
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if folder and under_torchrun():
+        Path(folder, f"rank{os.environ['RANK']}.err").write_text(line)
 
 
 def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None) -> int:
