@@ -141,6 +141,7 @@ def test_written_coordinates_are_the_renderer_s_plus_half_a_pixel(tmp_path: Path
     face = _render_face(SMALL, 0, KIND_AFLW, SMALL.aflw.image_size, 1)
     np.testing.assert_allclose(mat["bbox"][1], face.box[[0, 2, 1, 3]] + 0.5)  # left, right, top, bottom
     np.testing.assert_allclose(mat["data"][1], np.r_[face.landmarks19[:, 0], face.landmarks19[:, 1]] + 0.5)
+    np.testing.assert_array_equal(mat["mask_new"][1], face.visible19)  # 1 = visible, as rendered
     _, dets = write_corpus(SMALL, 0, tmp_path / "corpus")
     _, scene = _render_scene(SMALL, 0, 0)
     first = dets[dets.sample_id == "synth-0000000"]
@@ -243,3 +244,155 @@ def test_any_worker_count_writes_the_same_files(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(m1, m2)
     pd.testing.assert_frame_equal(d1, d2)
     assert f1.keys() == f2.keys() and all(f1[k] == f2[k] for k in f1)
+
+
+MIRROR19 = [5, 4, 3, 2, 1, 0, 11, 10, 9, 8, 7, 6, 14, 13, 12, 17, 16, 15, 18]
+MIRROR106 = [
+    *range(32, -1, -1),  # contour
+    *range(46, 41, -1), *range(50, 46, -1), *range(37, 32, -1), *range(41, 37, -1),  # brows
+    51, 52, 53, 54, *range(59, 54, -1),  # bridge, base
+    72, 71, 70, 69, 68, 75, 74, 73, 64, 63, 62, 61, 60, 67, 66, 65,  # eyes
+    *range(80, 84), *range(76, 80),  # nose sides
+    90, 89, 88, 87, 86, 85, 84, 95, 94, 93, 92, 91,  # outer lips
+    100, 99, 98, 97, 96, 103, 102, 101,  # inner lips
+    105, 104,  # pupils
+]
+
+
+def test_canonical_layouts_mirror_and_run_image_left_to_right() -> None:
+    """geometry's documented orders: with the gaze straight ahead a canonical face is its own mirror
+    image under the left↔right pairing of each layout, and each row of points runs image-left → right."""
+    for i in range(8):
+        ident = sample_identity(0, i)
+        expr = dataclasses.replace(sample_expression(np.random.default_rng(i), 1.0), gaze=(0.0, 0.0))
+        s = face_shapes(ident, expr)
+        for pts, mirror in ((s.lm19, MIRROR19), (s.lm106, MIRROR106)):
+            assert sorted(mirror) == list(range(len(pts)))
+            np.testing.assert_allclose(pts[mirror] * [-1.0, 1.0], pts, atol=1e-9)
+        x19 = s.lm19[:, 0]
+        for row in ((0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11), (12, 13, 14), (15, 16, 17), (2, 3)):
+            assert (np.diff(x19[list(row)]) > 0).all(), f"identity {i}: AFLW points {row} not left → right"
+        x106 = s.lm106[:, 0]
+        for row in (range(33, 38), range(42, 47), range(55, 60), range(60, 65), range(68, 73), range(84, 91),
+                    range(96, 101), (76, 80), (104, 105)):
+            assert (np.diff(x106[list(row)]) > 0).all(), f"identity {i}: 106 points {row} not left → right"
+        for row in ((37, 38, 39, 40, 41, 33), (64, 65, 66, 67, 60), (72, 73, 74, 75, 68),
+                    (90, 91, 92, 93, 94, 95, 84), (100, 101, 102, 103, 96)):  # lower edges: right → left
+            assert (np.diff(x106[list(row)]) < 0).all(), f"identity {i}: 106 points {row} not right → left"
+        assert (np.diff(x106[:17]) > -0.02).all() and s.lm106[16, 1] == s.lm106[:33, 1].max()  # chin at 16
+
+
+def test_region_labels_sit_on_their_own_side() -> None:
+    """LaPa's left brow (2) and eye (4) are image-left of the right ones (3, 5) along the face's eye axis,
+    its upper lip (7) above the lower (9) across it, whatever the pose."""
+    checked = 0
+    for i in range(24):
+        s = _face(3, i, 160)
+        across = s.landmarks19[10] - s.landmarks19[7]  # left eye → right eye
+        down = np.array([-across[1], across[0]])  # the face's down in image coordinates (y down)
+        for a, b, axis in ((2, 3, across), (4, 5, across), (7, 9, down)):
+            ya, xa = np.nonzero(s.labels == a)
+            yb, xb = np.nonzero(s.labels == b)
+            if min(len(xa), len(xb)) < 5:
+                continue  # occluded or turned away
+            gap = (np.array([xb.mean() - xa.mean(), yb.mean() - ya.mean()]) @ axis) / np.hypot(*axis)
+            assert gap > 0, f"face {i}: class {a} is not before class {b} along {axis}"
+            checked += 1
+    assert checked >= 50
+
+
+def test_difficulty_scales_pose_and_occluders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """difficulty 0: yaw within ±10°, pitch ±6°, roll ±8° and no occluder; difficulty 1 goes beyond."""
+    import mcf.synth.render as render
+
+    drawn = []
+    real = render.draw_occluder
+    monkeypatch.setattr(render, "draw_occluder", lambda *a: drawn.append(real(*a)))
+    easy, hard = (dataclasses.replace(SMALL, difficulty=d) for d in (0.0, 1.0))
+    poses = np.array([_face(4, i, 64, easy).pose for i in range(30)])
+    assert (np.abs(poses) <= [10, 6, 8]).all() and not drawn
+    poses = np.array([_face(4, i, 64, hard).pose for i in range(30)])
+    assert (np.abs(poses).max(0) > [10, 6, 8]).all() and 8 <= len(drawn) <= 28  # p = 0.6
+
+
+def test_an_occluder_is_background_and_hides_the_landmarks_under_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Occluder pixels are labelled 0 (LaPa) and every landmark under one, the chin too, is invisible."""
+    import mcf.synth.render as render
+    from mcf.synth.scenery import draw_occluder
+
+    s = _face(0, 1, 96)
+    lab, occ = np.ones((96, 96), np.uint8), np.zeros((96, 96), np.uint8)
+    for seed in range(8):
+        draw_occluder(s.image.copy(), lab, occ, s.landmarks19, s.landmarks106, s.box,
+                      np.random.default_rng(seed))
+    assert occ.any() and (lab[occ == 1] == 0).all() and (lab[occ == 0] == 1).all()
+
+    def everywhere(img: np.ndarray, lab: np.ndarray, occ: np.ndarray, *rest: object) -> str:
+        occ[:] = 1
+        return "block"
+
+    monkeypatch.setattr(render, "draw_occluder", everywhere)
+    faces = [_face(0, i, 64) for i in range(12)]
+    assert sum(1 for f in faces if not f.visible19.any()) >= 4  # each face given an occluder (p = 0.6)
+
+
+def test_lapa_split_sizes_and_identities_table(tmp_path: Path) -> None:
+    """Each split gets its own count (val and test differ here) and the table names each image's
+    identity, image i showing identity i mod n_identities."""
+    cfg = dataclasses.replace(SMALL, lapa=LapaSynthConfig(n_train=2, n_val=1, n_test=3, image_size=64))
+    write_lapa(cfg, 0, tmp_path)
+    counts = {s: len(list((tmp_path / "LaPa" / s / "images").iterdir())) for s in ("train", "val", "test")}
+    assert counts == {"train": 2, "val": 1, "test": 3}
+    ids = pd.read_csv(tmp_path / "synthface_identities.csv")
+    assert ids["name"].tolist() == ["train/synth_000000", "train/synth_000001", "val/synth_000002",
+                                    "test/synth_000003", "test/synth_000004", "test/synth_000005"]
+    assert ids["identity"].tolist() == [i % SMALL.n_identities for i in range(6)]
+
+
+def test_jpeg_quality_range_is_inclusive_and_bounded() -> None:
+    for q in ((90, 90), (70, 71)):
+        cfg = dataclasses.replace(SMALL, jpeg_quality=q)
+        assert {_face(0, i, 64, cfg).jpeg_quality for i in range(16)} == set(range(q[0], q[1] + 1))
+    for bad in ([0, 90], [70, 101]):
+        with pytest.raises(ParamsError, match="synthetic.jpeg_quality"):
+            build(SynthConfig, {"jpeg_quality": bad}, "synthetic")
+
+
+def _slow_first(i: int) -> int:
+    import time
+
+    time.sleep(0.03 if i < 8 else 0.0)
+    return i
+
+
+def test_ordered_keeps_the_order_when_later_images_finish_first() -> None:
+    from mcf.synth.writers import _ordered
+
+    assert list(_ordered(_slow_first, 24, 2, "t")) == list(range(24))
+
+
+def test_scenes_hold_one_to_max_faces() -> None:
+    """Faces per scene are drawn from 1..max_faces inclusive (a face with no free spot is left out)."""
+    one = dataclasses.replace(SMALL, max_faces=1, scene_size=64)
+    assert all(len(_render_scene(one, 0, i)[1].identities) == 1 for i in range(4))
+    three = dataclasses.replace(SMALL, scene_size=64)
+    assert {len(_render_scene(three, 0, i)[1].identities) for i in range(40)} == {1, 2, 3}
+
+
+def test_a_pose_s_centre_is_where_the_head_s_centre_lands() -> None:
+    """cx is the x and cy the y of the head centre: draw_body's layers and the landmarks use it alike."""
+    ident = sample_identity(0, 1)
+    pose = Pose(0.0, 0.0, 0.0, 50.0, 30.0, 70.0, (0.0, 0.0, 1.0), 0.6)
+    pix, _ = project_surface(ident, pose, np.array([[0.0, 0.0], [0.2, 0.1]]))
+    np.testing.assert_allclose(pix, [[30.0, 70.0], [40.0, 75.0]])
+
+
+def test_each_set_draws_from_its_own_random_stream(tmp_path: Path) -> None:
+    """AFLW-19 and LaPa image i at the same size are different pictures, not one picture twice."""
+    cfg = dataclasses.replace(SMALL, aflw=AflwSynthConfig(n_train=1, n_test=1, image_size=64),
+                              lapa=LapaSynthConfig(n_train=1, n_val=1, n_test=1, image_size=64))
+    write_aflw19(cfg, 0, tmp_path / "aflw")
+    write_lapa(cfg, 0, tmp_path / "lapa")
+    aflw = (tmp_path / "aflw" / "data" / "flickr" / "0" / "image00000.jpg").read_bytes()
+    lapa = (tmp_path / "lapa" / "LaPa" / "train" / "images" / "synth_000000.jpg").read_bytes()
+    assert aflw != lapa
