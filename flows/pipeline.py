@@ -334,6 +334,8 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
         os.replace(saved, target)
         placed.unlink(missing_ok=True)
     source = (root / params_file).resolve()
+    if source.is_dir():
+        raise ValueError(f"params_file {params_file!r} is a folder under {root}: give the YAML file in it")
     if not source.is_file():
         raise ValueError(f"params_file {params_file!r} not found under {root}")
     if source == target.resolve():

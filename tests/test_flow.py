@@ -451,6 +451,15 @@ def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api:
     (project / "params.yaml").write_bytes(committed)
 
 
+def test_a_folder_given_as_params_file_is_named_as_one(project: Path) -> None:
+    from flows.pipeline import applied_params
+
+    (project / "profiles").mkdir()
+    with pytest.raises(ValueError, match="params_file 'profiles' is a folder under"):
+        with applied_params(project, "profiles"):
+            pass
+
+
 def test_a_run_killed_inside_the_swap_is_undone_by_the_next_unless_edited_since(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
