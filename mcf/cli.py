@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = {"variant": args.variant} if hasattr(args, "variant") else {}
         distributed = hasattr(config, "train")  # teacher and pretrain: train.processes, torchrun
         if distributed:
-            from mcf.train.distributed import launch, takes_stage_lock, under_torchrun
+            from mcf.train.distributed import default_device, launch, takes_stage_lock, under_torchrun
         # one run of a stage at a time here: mcf's torchrun workers run under their launcher's lock, one
         # started by hand under its rank 0's
         worker = distributed and under_torchrun()
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 # what each worker would refuse, refused once here: exit 2, not one traceback per worker
                 _resolve(STAGES[args.command][0].split(":")[0] + ":check_inputs")(config)
                 config.train.check_processes(config.train.processes)
+                config.train.check_device(default_device())
                 return launch(argv, config.train.processes)
             _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:

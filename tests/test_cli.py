@@ -198,6 +198,23 @@ def test_a_worker_of_mcfs_own_torchrun_trains_instead_of_starting_another(
     assert ran == ["mcf.train.pretrain:main"]
 
 
+def test_sync_bn_on_the_cpu_is_refused_once_before_torchrun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each worker would refuse it, one message each amid torchrun's report: the launcher refuses it once."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["pretrain"]["train"].update(processes=2, sync_bn=True)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    Path(params["pretrain"]["data"], "shards").mkdir(parents=True)
+    Path(params["pretrain"]["teacher"]).mkdir(parents=True)
+    Path(params["pretrain"]["teacher"], "backbone.pth").touch()
+    monkeypatch.setattr("mcf.train.distributed.launch", lambda *_: pytest.fail("torchrun started"))
+    assert cli.main(["pretrain", "--params", "p.yaml"]) == 2
+    refusal = "pretrain.train.sync_bn: true needs CUDA; this run is on the CPU"
+    assert capsys.readouterr().err == f"mcf: invalid params: p.yaml: {refusal}\n"
+
+
 def test_the_lock_names_its_holder_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each run writes its pid over the last one's; a lock file without one names no pid."""
     import fcntl

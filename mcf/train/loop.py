@@ -102,6 +102,11 @@ class TrainConfig:
             "start the stage under torchrun)",
         )
 
+    def check_device(self, device: torch.device) -> None:
+        """Refuse what ``device`` cannot run: SyncBatchNorm is CUDA's (NCCL) alone."""
+        if self.sync_bn and device.type != "cuda":
+            raise ParamsError("train.sync_bn", "true needs CUDA; this run is on the CPU")
+
     def __post_init__(self) -> None:
         if self.warmup_epochs > self.epochs:
             raise ParamsError("warmup_epochs", f"must be <= epochs ({self.epochs}), got {self.warmup_epochs}")
@@ -205,9 +210,8 @@ class Trainer:
                               f"{cfg.blr:g} × effective batch {self.effective_batch} / 256)")
         self.dtype = resolve_dtype(cfg.precision, run.device)
         self.model = model.to(run.device)
+        cfg.check_device(run.device)
         if cfg.sync_bn:
-            if run.device.type != "cuda":
-                raise ParamsError("train.sync_bn", "true needs CUDA; this run is on the CPU")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.optimizer = make_optimizer(self.model, cfg.weight_decay, self.peak_lr, cfg.betas, run.device)
         self.scaler = torch.amp.GradScaler(run.device.type, enabled=self.dtype == torch.float16)
