@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
@@ -600,6 +600,20 @@ def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch
     assert not list(tmp_path.glob("*crop*"))
 
 
+def _handed_to_the_fan_out(module: Any, fan_out_flow: Any, monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """What ``fan_out_flow`` hands its first fan-out task, which stops it there (no Prefect server)."""
+    seen = []
+
+    def fan_out(*args: Any) -> None:
+        seen.append(args)
+        raise RuntimeError("stop before the fan-out")
+
+    monkeypatch.setattr(module.fan_out, "with_options", lambda **_: fan_out)
+    with pytest.raises(RuntimeError, match="stop before the fan-out"):
+        fan_out_flow.fn(params_file="params.yaml", processes=False)
+    return seen[0]
+
+
 def test_crop_on_dask_hands_its_workers_absolute_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -611,16 +625,7 @@ def test_crop_on_dask_hands_its_workers_absolute_paths(
     (tmp_path / "yunet.onnx").touch()
     section = {"input": "fetch", "out": "crop", "detector": {"yunet_model": "yunet.onnx"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": section}))
-    seen = []
-
-    def fan_out(cfg: object, parts_dir: str) -> None:
-        seen.append((cfg, parts_dir))
-        raise RuntimeError("stop before cropping")
-
-    monkeypatch.setattr(flows.crop_dask.fan_out, "with_options", lambda **_: fan_out)
-    with pytest.raises(RuntimeError, match="stop before cropping"):
-        flows.crop_dask.crop_dask.fn(params_file="params.yaml", processes=False)  # no Prefect server
-    (cfg, parts_dir), = seen
+    cfg, parts_dir = _handed_to_the_fan_out(flows.crop_dask, flows.crop_dask.crop_dask, monkeypatch)
     assert [cfg.input, cfg.out, cfg.detector.yunet_model] == [
         str(tmp_path / "fetch"), str(tmp_path / "crop"), str(tmp_path / "yunet.onnx")]
     assert Path(parts_dir).is_absolute()
@@ -637,16 +642,7 @@ def test_fetch_on_dask_hands_its_workers_absolute_paths(
     (tmp_path / "images").mkdir()
     section = {"source": "local", "out": "out", "local": {"root": "images"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": section}))
-    seen = []
-
-    def fan_out(cfg: object, staging: str, rows_per_task: int) -> None:
-        seen.append((cfg, staging))
-        raise RuntimeError("stop before fetching")
-
-    monkeypatch.setattr(flows.fetch_dask.fan_out, "with_options", lambda **_: fan_out)
-    with pytest.raises(RuntimeError, match="stop before fetching"):
-        flows.fetch_dask.fetch_dask.fn(params_file="params.yaml", processes=False)  # no Prefect server
-    (cfg, staging), = seen
+    cfg, staging, _ = _handed_to_the_fan_out(flows.fetch_dask, flows.fetch_dask.fetch_dask, monkeypatch)
     assert [cfg.out, cfg.local.root] == [str(tmp_path / "out"), str(tmp_path / "images")]
     assert Path(staging).is_absolute()
 
