@@ -8,6 +8,7 @@ weights as an uninterrupted 2-process run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -100,6 +101,33 @@ def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     tsv = root / "metrics" / "killed" / "plots" / "metrics" / "train" / "loss.tsv"
     assert tsv_column(tsv, "step") == list(range(1, TOTAL + 1))
+
+
+@pytest.mark.slow
+def test_workers_stop_when_torchrun_is_killed_outright(tmp_path: Path) -> None:
+    """torchrun starts its workers in sessions of their own: SIGKILLed (the OOM killer, a stop's last
+    resort), it cannot stop them, so each worker stops itself once its parent is gone."""
+    root = make_workspace(tmp_path)
+    params = write_params(root, **{**TRAIN, "epochs": 2000})  # minutes of training left when killed
+    agent = subprocess.Popen(torchrun(params), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while checkpoint(root / ".resume" / "params") is None:  # both workers train
+            assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        workers = children(agent.pid)
+        assert len(workers) == 2
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 15
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_to_the_launcher_reaches_torchrun(tmp_path: Path) -> None:

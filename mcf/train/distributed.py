@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +96,27 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
         backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
         log.info("process group %s: rank %d of %d on %s", backend, rank, world, device)
+        exit_with_agent(os.getppid())
     return rank, world, local_rank, device
+
+
+AGENT_POLL_S = 1.0  # how soon a worker notices that torchrun's agent is gone
+
+
+def exit_with_agent(agent: int) -> None:
+    """SIGTERM this worker once ``agent`` (torchrun, its parent) is gone.
+
+    torchrun starts each worker in a session of its own, out of reach of a stop sent to the stage's
+    process group. Killed outright (SIGKILL, the OOM killer) it stops nothing, and its workers would train
+    on unseen, to write outputs no stage records.
+    """
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(AGENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="mcf-agent-watch", daemon=True).start()
 
 
 @torch.no_grad()
