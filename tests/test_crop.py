@@ -180,6 +180,32 @@ def test_yunet_model_path_is_checked(tmp_path: Path) -> None:
         YuNetDetector(cfg.detector)
 
 
+class _FakeYuNet:
+    """What ``cv2.FaceDetectorYN.detect`` returns: one float32 row per face (box, 5 points, score)."""
+
+    def setInputSize(self, size: tuple[int, int]) -> None:  # noqa: N802 (OpenCV's name)
+        pass
+
+    def detect(self, bgr: np.ndarray) -> tuple[int, np.ndarray]:
+        x1, y1, x2, y2 = ASTRO_FACE
+        row = [x1, y1, x2 - x1, y2 - y1, *ASTRO_LANDMARKS]
+        return 1, np.array([[*row, 0.95]], np.float32)
+
+
+def test_yunet_faces_crop_and_shard(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    """YuNet gives float32 rows: its boxes must reach the manifest and the shard's json as plain floats
+    (numpy 2 keeps ``float32 * float`` a float32, which ``json.dumps`` refuses)."""
+    detector = YuNetDetector.__new__(YuNetDetector)
+    detector.cfg, detector.model = DetectorConfig(), _FakeYuNet()
+    monkeypatch.setattr(crop_mod, "make_detector", lambda cfg: detector)
+    cv2.imwrite(str(tmp_path / "a.jpg"), cv2.cvtColor(_rgb("astronaut"), cv2.COLOR_RGB2BGR))
+    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), None)], CropConfig(size=SIZE, min_blur=0.0),
+                        tmp_path / "part")
+    assert result.rows[["status", "detector"]].values.tolist() == [["kept", "yunet"]]
+    [(_, _, meta)] = list(iter_samples(shard_urls(tmp_path / "part")))
+    assert meta["box"] == list(ASTRO_FACE) and meta["score"] == pytest.approx(0.95)
+
+
 def test_rejections_carry_reasons(serial: tuple[CropConfig, pd.DataFrame]) -> None:
     _, manifest = serial
     got = manifest.set_index("sample_id")["reason"].fillna("kept").to_dict()

@@ -165,6 +165,7 @@ class YuNetDetector:
         for x, y, w, h, *rest in np.zeros((0, 15)) if found is None else found:
             if min(w, h) < self.cfg.min_size:
                 continue
+            x, y, w, h = (float(v) for v in (x, y, w, h))  # float32 stays float32 and is no JSON number
             box = (x * scale, y * scale, (x + w) * scale, (y + h) * scale)
             landmarks = tuple(float(v) * scale for v in rest[:10])
             faces.append(Face(0, box, landmarks, float(np.clip(rest[10], 0.0, 1.0)), "yunet"))
