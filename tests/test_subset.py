@@ -122,6 +122,9 @@ def test_null_is_a_stratum_of_its_own() -> None:
 def test_quotas_and_bins() -> None:
     assert quotas(pd.Series({"a": 5, "b": 3, "c": 2}), 5).to_dict() == {"a": 3, "b": 1, "c": 1}
     assert quotas(pd.Series({"a": 1, "b": 1, "c": 1}), 2).to_dict() == {"a": 1, "b": 1, "c": 0}
+    # exact shares 4/3, 20, 8/3, 52/3, 4/3, 34/3: the 1/3 tie goes to the first group, though in floats
+    # 34/3 - 11 comes out above 4/3 - 1
+    assert quotas(pd.Series([2, 30, 4, 26, 2, 17]), 54).tolist() == [2, 20, 3, 17, 1, 11]
     sizes = pd.Series([10.0, 32.0, 47.9, 48.0, 64.0, 500.0])
     assert face_size_bins(sizes, [32.0, 48.0, 64.0]).tolist() == [
         "<32",

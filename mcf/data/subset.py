@@ -56,10 +56,13 @@ def face_size_bins(face_size: pd.Series, edges: list[float]) -> pd.Series:
 
 
 def quotas(counts: pd.Series, n: int) -> pd.Series:
-    """Split ``n`` over groups in proportion to ``counts`` (largest remainder; ties to the earlier group)."""
-    exact = counts * n / counts.sum()
-    share = np.floor(exact).astype(int)
-    remainder = (exact - share).sort_values(ascending=False, kind="stable")
+    """Split ``n`` over groups in proportion to ``counts`` (largest remainder; ties to the earlier group).
+
+    Integer arithmetic: in floats, equal remainders can differ in the last bit and break the tie rule.
+    """
+    total = int(counts.sum())
+    share = counts * n // total
+    remainder = (counts * n % total).sort_values(ascending=False, kind="stable")
     share[remainder.index[: n - int(share.sum())]] += 1
     return share
 
