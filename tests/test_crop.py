@@ -549,6 +549,18 @@ def test_padding_outside_the_image() -> None:
     assert reflect.min() == 100  # the left edge mirrored in
 
 
+def test_reflect_padding_mirrors_the_image_not_the_region_cropped() -> None:
+    """A crop reaching further outside the image than inside mirrors image pixels beyond the region it
+    covers: warping only that region would bounce the mirror off a cut that is no image edge."""
+    rgb = np.repeat(np.repeat(np.arange(0, 200, 2, dtype=np.uint8)[None, :, None], 60, 0), 3, 2)
+    m = face_transform(Face(0, (80.0, 0.0, 140.0, 60.0), None, None, "haar"), CropConfig(size=60, margin=0))
+    centres = m.copy()
+    centres[:, 2] += m[:, :2].sum(axis=1) * 0.5 - 0.5
+    whole = cv2.warpAffine(rgb, centres, (60, 60), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    got = warp_crop(rgb, m, 60, "reflect")
+    assert got[0, :, 0].tolist() == whole[0, :, 0].tolist() == [*range(160, 200, 2), *range(196, 116, -2)]
+
+
 def test_downscaled_crop_matches_area_resize() -> None:
     rgb = _rgb("astronaut")
     m = face_transform(Face(0, (0.0, 0.0, 512.0, 512.0), None, None, "haar"), CropConfig(size=64, margin=0))

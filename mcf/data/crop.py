@@ -123,8 +123,10 @@ def face_transform(face: Face, cfg: CropConfig) -> np.ndarray:
 def warp_crop(rgb: np.ndarray, m: np.ndarray, size: int, pad: str) -> np.ndarray:
     """Warp ``rgb`` by the continuous-coordinate affine ``m`` into a ``size``-square crop.
 
-    Only the region the crop sees is touched, and it is first shrunk with area averaging when the warp
-    would shrink it by 2× or more (a bilinear warp alone aliases). Outside the image: ``pad``.
+    Only the region the crop sees is touched (with ``reflect``, the image's full width or height along an
+    axis where the crop reaches an edge, as the mirror reads beyond it), and it is first shrunk with area
+    averaging when the warp would shrink it by 2× or more (a bilinear warp alone aliases). Outside the
+    image: ``pad``.
     """
     m = m.copy()
     m[:, 2] += m[:, :2].sum(axis=1) * 0.5 - 0.5  # OpenCV samples at pixel centres
@@ -135,6 +137,9 @@ def warp_crop(rgb: np.ndarray, m: np.ndarray, size: int, pad: str) -> np.ndarray
     x1, y1 = (min(int(np.ceil(v.max())) + 3, n) for v, n in zip(corners, (w, h), strict=True))
     if x0 >= x1 or y0 >= y1:  # the crop lies wholly outside the image
         x0, y0, x1, y1 = 0, 0, w, h
+    if pad == "reflect":  # the mirror at an image edge reads pixels the crop does not cover
+        x0, x1 = (0, w) if x0 == 0 or x1 == w else (x0, x1)
+        y0, y1 = (0, h) if y0 == 0 or y1 == h else (y0, y1)
     roi = rgb[y0:y1, x0:x1]
     m[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64)
     scale = np.sqrt(abs(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]))
