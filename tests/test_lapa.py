@@ -222,6 +222,22 @@ def test_binary_landmark_file_fails_naming_it(tmp_path: Path) -> None:
         read_landmarks(tmp_path / "x.txt")
 
 
+def test_a_non_finite_landmark_fails_at_the_gate_naming_the_file(root: Path) -> None:
+    """``float`` reads "nan" and "inf", so such a file passed the gate's 106-point count and stopped the
+    fine-tune later, at that image, with numpy's "SVD did not converge" (the AFLW-19 gate and the
+    detections table refuse non-finite coordinates already)."""
+    path = root / "LaPa/train/landmarks/train_0001.txt"
+    lines = path.read_text().split("\n")
+    lines[1 + ALIGN_POINTS[0]] = "nan 12.5"
+    path.write_text("\n".join(lines))
+    with pytest.raises(StageError, match=r"train_0001\.txt: landmark coordinates must be finite.*\[104\]"):
+        read_landmarks(path)
+    df = table(_cfg(root), "train")
+    assert df["n_landmarks"].tolist() == [106, -1, 106]
+    with pytest.raises(StageError, match="n_landmarks"):
+        run_gate(df, "lapa", stage="test")
+
+
 def test_table_passes_the_gate_and_catches_bad_rows(root: Path) -> None:
     df = table(_cfg(root), "train")
     assert len(df) == 3 and df["size_match"].all() and (df["label_max"] == 10).all()

@@ -72,7 +72,7 @@ class LaPaConfig:
 
 
 def read_landmarks(path: Path) -> np.ndarray:
-    """``[106, 2]`` float64 from a LaPa landmark file; a missing or malformed file fails naming it."""
+    """``[106, 2]`` finite float64 from a LaPa landmark file; a missing or malformed file fails naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"landmark file not found: {path}")
     try:  # UnicodeDecodeError (a binary file) is a ValueError too
@@ -83,6 +83,9 @@ def read_landmarks(path: Path) -> np.ndarray:
         raise StageError(f"{path}: malformed landmark file: {err}") from err
     if n != N_LANDMARKS or pts.shape != (N_LANDMARKS, 2):
         raise StageError(f"{path}: expected {N_LANDMARKS} points 'x y', got header {n}, shape {pts.shape}")
+    bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
+    if bad.size:  # float() reads "nan" and "inf": the alignment's SVD would fail on them mid-training
+        raise StageError(f"{path}: landmark coordinates must be finite, not at point(s) {bad[:5].tolist()}")
     return pts
 
 
