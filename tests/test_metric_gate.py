@@ -25,6 +25,16 @@ def test_compare_flags_moves_past_tolerance_both_ways() -> None:
     assert moves == {"m.json:a": False, "m.json:b": True, "m.json:c": True}
 
 
+def test_a_nan_or_infinite_metric_fails_the_gate() -> None:
+    """|NaN - x| > tolerance is false for every tolerance: a NaN metric passed the gate with exit 0."""
+    nan, inf = float("nan"), float("inf")
+    pairs = {"a": (1.0, nan), "b": (nan, 1.0), "c": (nan, nan), "d": (1.0, inf), "e": (inf, inf),
+             "f": (1.0, 1.0)}
+    diff = {"m.json": {k: {"old": old, "new": new} for k, (old, new) in pairs.items()}}
+    moves = {m.name: m.failed for m in compare(diff, {"m.json:*": 0.05})}
+    assert moves == {f"m.json:{k}": k != "f" for k in pairs}
+
+
 def test_a_catch_all_glob_compares_text_metrics_exactly() -> None:
     """dvc reports evaluate.json's dataset labels (strings) as metrics too: a glob over the whole file
     must not subtract them (it raised TypeError), and a changed label fails."""

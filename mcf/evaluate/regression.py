@@ -39,7 +39,9 @@ class Move:
             return True  # a tracked metric appeared or vanished
         if isinstance(self.old, str) or isinstance(self.new, str):
             return self.old != self.new  # a label (evaluate's dataset names) has no tolerance: equal or not
-        return abs(self.new - self.old) > self.tolerance
+        # not `> tolerance`: every comparison with NaN is false, so a NaN metric (json and dvc pass it
+        # through) would sit within any tolerance; NaN, and infinities that differ by NaN, fail
+        return not abs(self.new - self.old) <= self.tolerance
 
 
 TOLERANCE = "metrics/tolerance.yaml"
