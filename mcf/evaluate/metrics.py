@@ -70,7 +70,12 @@ def ced_curve(
 
 
 def auc_fr(nme_box: np.ndarray, threshold: float = 0.07, step: float = 1e-4) -> tuple[float, float]:
-    """AUC@threshold (Simpson's rule over the CED, ÷ threshold) and FR@threshold (share above it)."""
+    """AUC@threshold (Simpson's rule over the CED, ÷ threshold) and FR@threshold (share above it).
+
+    The grid ends at ``threshold``, as PROTOCOL §3 says. FaRL's scorer builds it with ``np.arange(0,
+    threshold + step, step)``, which at 0.07 yields 702 points ending at 0.0701: its AUC integrates
+    one step further (up to +0.14 points ×100) and its FR counts an NME in (0.07, 0.0701] as a pass.
+    """
     thresholds, fractions = ced_curve(nme_box, threshold, step)
     auc = float(simpson(fractions, x=thresholds) / threshold)
     fr = float((np.asarray(nme_box, dtype=np.float64) > threshold).mean())
