@@ -247,6 +247,20 @@ def test_the_filters_keep_a_face_at_their_bounds(tmp_path: Path) -> None:
     assert result.rows["status"].tolist() == ["kept"]
 
 
+@pytest.mark.parametrize("pad", ["constant", "reflect"])
+def test_a_box_wholly_outside_the_image_is_rejected_as_such(tmp_path: Path, pad: str) -> None:
+    """A detection that misses the image (released for another version of it, say) is no face: constant
+    padding made it a black crop rejected as ``blurry``, reflect padding kept a mirrored crop of no face.
+    A box reaching partly outside is still cropped."""
+    cv2.imwrite(str(tmp_path / "a.jpg"), cv2.cvtColor(_rgb("astronaut"), cv2.COLOR_RGB2BGR))  # 512 × 512
+    boxes = [(600.0, 100.0, 700.0, 200.0), (-150.0, -150.0, -20.0, -20.0), (100.0, 512.0, 200.0, 600.0),
+             (-50.0, 150.0, 80.0, 280.0)]
+    faces = tuple(Face(i, box, None, 0.99, "table") for i, box in enumerate(boxes))
+    cfg = CropConfig(size=SIZE, min_blur=0.0, pad=pad)
+    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), faces)], cfg, tmp_path / "part")
+    assert result.rows["reason"].fillna("kept").tolist() == ["outside_image"] * 3 + ["kept"]
+
+
 def test_crops_keep_the_images_colours(tmp_path: Path) -> None:
     """OpenCV decodes BGR: the crop in the shard must be RGB, as pre-training reads it."""
     rgb = np.zeros((200, 200, 3), np.uint8)

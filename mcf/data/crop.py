@@ -52,8 +52,9 @@ log = logging.getLogger(__name__)
 
 # The 5-point template in face-box units (0..1): eyes, nose tip, mouth corners, image-left first.
 TEMPLATE = np.array([[0.34, 0.40], [0.66, 0.40], [0.50, 0.58], [0.37, 0.76], [0.63, 0.76]])
-# undecodable: OpenCV cannot read the image; bad_landmarks: non-finite, or all five at one point
-REASONS = ("undecodable", "bad_landmarks", "too_small", "low_score", "blurry", "duplicate")
+# undecodable: OpenCV cannot read the image; outside_image: the box misses the image (a detection for
+# another version of it); bad_landmarks: non-finite, or all five at one point
+REASONS = ("undecodable", "outside_image", "bad_landmarks", "too_small", "low_score", "blurry", "duplicate")
 ROW_COLUMNS = (
     "crop_id sample_id face status reason detector box landmarks score face_size blur phash"
 ).split()
@@ -178,6 +179,9 @@ def _row(sample_id: str, face: Face | None) -> dict[str, Any]:
 def _crop_face(rgb: np.ndarray, face: Face, sample_id: str, cfg: CropConfig) -> tuple[dict, bytes | None]:
     """One manifest row for ``face``, and the JPEG of its crop when it passes the per-crop filters."""
     row = _row(sample_id, face)
+    (h, w), (x1, y1, x2, y2) = rgb.shape[:2], face.box
+    if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:  # padding would make a crop of no face
+        return row | {"reason": "outside_image"}, None
     points = None if face.landmarks is None or not cfg.align else np.asarray(face.landmarks).reshape(5, 2)
     if points is not None and not (np.isfinite(points).all() and np.ptp(points, axis=0).any()):
         return row | {"reason": "bad_landmarks"}, None  # the face cannot be aligned by them
