@@ -202,6 +202,18 @@ def test_gate_fails_a_nan_landmark_or_box(tree: tuple[Path, dict]) -> None:
     assert "expect_column_values_to_not_be_null(column=box_w): 1 unexpected" in msg
 
 
+def test_gate_fails_an_infinite_landmark_or_box(tree: tuple[Path, dict]) -> None:
+    """An inf is no null, a box reaching to inf is wide, and a landmark at inf is one row within the
+    range checks' ``mostly``: the ``finite`` column catches them (the L1 loss would be inf)."""
+    root, fields = tree
+    data, boxes = fields["data"].copy(), fields["bbox"].copy()
+    data[N_TRAIN, 3], boxes[N_TRAIN + 1, 1] = np.inf, np.inf  # one landmark x, one box right
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, data=data, bbox=boxes))
+    with pytest.raises(GateError) as err:
+        run_gate(table(_cfg(root), "full"), "aflw19", stage="test")
+    assert "expect_column_values_to_be_in_set(column=finite): 2 unexpected" in str(err.value)
+
+
 def test_gate_names_a_missing_image(tree: tuple[Path, dict]) -> None:
     root, _ = tree
     name = read_mat(root).names[N_TRAIN + 1]

@@ -198,6 +198,7 @@ def _aflw19_table() -> pd.DataFrame:
         "width": [100, 80], "height": [90, 80], "box_left": [10.0] * 2, "box_right": [60.0] * 2,
         "box_top": [5.0] * 2, "box_bottom": [70.0] * 2, "box_w": [50.0] * 2, "box_h": [65.0] * 2,
         "x_min": [0.1] * 2, "x_max": [0.6] * 2, "y_min": [0.1] * 2, "y_max": [0.7] * 2, "visible": [19, 15],
+        "finite": [True] * 2,
     })
 
 

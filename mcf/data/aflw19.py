@@ -296,7 +296,8 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
 
     Columns: name, split, exists, decodes (the whole file, see :func:`image_size`), width, height,
     box_left/right/top/bottom, box_w, box_h,
-    x_min, x_max, y_min, y_max (landmarks ÷ image width/height: inside the image is 0..1), visible.
+    x_min, x_max, y_min, y_max (landmarks ÷ image width/height: inside the image is 0..1), visible,
+    finite (every landmark and box coordinate is: an inf passes the null and range checks).
     """
     ann = read_mat(cfg.root)
     check_written_split(cfg.root, cfg.n_train)
@@ -312,5 +313,6 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
             "x_min": pts[:, 0].min() / max(w, 1), "x_max": pts[:, 0].max() / max(w, 1),
             "y_min": pts[:, 1].min() / max(h, 1), "y_max": pts[:, 1].max() / max(h, 1),
             "visible": int(ann.visible[row].sum()),
+            "finite": bool(np.isfinite(pts).all() and np.isfinite(box).all()),
         })
     return pd.DataFrame(rows)
