@@ -180,6 +180,17 @@ def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:
     assert metrics["step"] == total and math.isfinite(metrics["train"]["loss_feature"])
 
 
+def test_a_warm_up_of_a_fraction_of_a_step_follows_the_release(workspace: Path) -> None:
+    """The release's warm-up is continuous in the epoch (lr = peak × epoch / warmup_epochs): 0.125 of an
+    epoch of 12 steps is 1.5 steps, not a step count rounded to 2 (step 1 at peak/1.5, not peak/2)."""
+    common, cfg = load("pretrain", write_params(workspace, "frac.yaml", warmup_epochs=0.125))
+    pretrain.main(common, cfg)
+    total, peak = 24, 1.5e-4 * 8 / 256
+    got = tsv_column(Path(cfg.live) / "plots" / "metrics" / "train" / "lr.tsv", "lr")
+    assert got[:2] == pytest.approx([0.0, peak / 1.5])
+    assert got == pytest.approx([lr_at(s, total, 1.5, peak) for s in range(total)])
+
+
 def test_nan_guard_names_the_step(workspace: Path) -> None:
     common, cfg = load("pretrain", write_params(workspace, "nan.yaml", blr=1e38, warmup_epochs=0))
     with pytest.raises(StageError, match=r"non-finite loss at step 2 of 24"):

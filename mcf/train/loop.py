@@ -202,7 +202,7 @@ class Trainer:
                 f"{cfg.accum_steps} × {run.world_size} processes"
             )
         self.total = self.spe * cfg.epochs
-        self.warmup = round(cfg.warmup_epochs * self.spe)
+        self.warmup = cfg.warmup_epochs * self.spe  # in steps, fractional as the release's (per epoch)
         self.effective_batch = cfg.batch_size * cfg.accum_steps * run.world_size
         self.peak_lr = scaled_lr(cfg.blr, self.effective_batch)
         if cfg.min_lr > self.peak_lr:  # known only here (the batch): the "decay" would raise the lr to it
@@ -221,7 +221,7 @@ class Trainer:
         self._restore()
         self.net = self._wrap()
         log.info(
-            "%d steps (%d epochs × %d), effective batch %d, peak lr %.3g, warm-up %d steps, %s",
+            "%d steps (%d epochs × %d), effective batch %d, peak lr %.3g, warm-up %g steps, %s",
             self.total, cfg.epochs, self.spe, self.effective_batch, self.peak_lr, self.warmup, self.dtype,
         )
 

@@ -16,11 +16,12 @@ def scaled_lr(blr: float, effective_batch: int) -> float:
     return blr * effective_batch / 256
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+def lr_at(step: int, total_steps: int, warmup_steps: float, peak_lr: float, min_lr: float = 0.0) -> float:
     """Linear warm-up to ``peak_lr`` over ``warmup_steps``, then a half-cosine down to ``min_lr``.
 
     ``step`` is the 0-based index of the optimizer step about to be taken; the curve is set per
-    iteration, as in the release (not per epoch).
+    iteration, as in the release (not per epoch), and ``warmup_steps`` may be fractional, as the release's
+    warm-up epochs times steps per epoch is.
     """
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
