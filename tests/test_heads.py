@@ -28,6 +28,25 @@ def test_dense_model_shapes(size: int, outputs: int) -> None:
     assert sum(len(v) for v in groups.values()) == len(list(model.parameters()))
 
 
+def test_the_classifier_sees_the_decoder_through_channel_dropout() -> None:
+    """FaRL's UPerHead drops whole channels (p 0.1) before its 1×1 classifier, in training only; at 0 the
+    forward draws nothing, so a run without it keeps its random stream."""
+    torch.manual_seed(0)
+    model = DenseFaceModel(create_backbone(TINY), HeadConfig((0, 1, 2, 3), 16, 11, dropout=0.5))
+    x = torch.randn(2, 3, 32, 32)
+    features = model.decode(model.neck(model.forward_features(x)))
+    kept = model.dropout(features).abs().sum(dim=(2, 3)) > 0  # [N, C]: whole channels go
+    assert 0 < kept.float().mean() < 1
+    model.eval()
+    plain = model.classifier(model.decode(model.neck(model.forward_features(x))))
+    torch.testing.assert_close(model(x), plain)
+    model.train()
+    model.dropout.p = 0.0
+    state = torch.get_rng_state()
+    model(x)
+    assert torch.equal(state, torch.get_rng_state())
+
+
 @pytest.mark.parametrize("blocks", [(0, 1, 2, 9), (3, 2, 1, 0), (0, 2, 1, 3)])
 def test_dense_model_rejects_bad_blocks(blocks: tuple[int, ...]) -> None:
     """Out of range, or out of depth order: timm returns the blocks in depth order whatever order is

@@ -281,9 +281,9 @@ def test_alignment_crop_and_augmentation_defaults() -> None:
 def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """§3–4 as the fine-tunes load params.paper.yaml: lrs backbone / neck / head 1e-4 / 1e-2 / 1e-2
     (alignment) and 1e-4 / 1e-3 / 1e-3 (parsing), wd 1e-5, a constant EMA 0.999, the backbone trained,
-    FaRL's epoch-wise MultiStepLR (×0.1 at epoch 200, no warm-up; README, "The paper's scale");
-    AFLW-19's 512² box crop at 448, its augmentation and heatmaps; LaPa's 512² warp at 0.8, 448 input,
-    512² labels and its augmentation."""
+    FaRL's epoch-wise MultiStepLR (×0.1 at epoch 200, no warm-up; README, "The paper's scale"); the
+    head's 0.1 dropout before its classifier; AFLW-19's 512² box crop at 448, its augmentation and
+    heatmaps; LaPa's 512² warp at 0.8, 448 input, 512² labels and its augmentation."""
     monkeypatch.chdir(tmp_path)  # the stages' inputs are not checked for another stage's section
     alignment, parsing = (load(stage, ROOT / "params.paper.yaml")[1]
                           for stage in ("finetune_alignment", "finetune_parsing"))
@@ -293,6 +293,7 @@ def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         assert (cfg.weight_decay, cfg.ema_decay) == (1e-5, 0.999)
         assert not (cfg.ema_warmup or cfg.freeze_backbone)
         assert (cfg.schedule, cfg.milestones, cfg.gamma, cfg.warmup_steps) == ("step", [200], 0.1, 0)
+        assert cfg.dropout == HeadConfig().dropout == 0.1  # FaRL's mmseg UPerHead, before its classifier
     data = alignment.data
     assert (data.crop_size, data.size, data.n_train, data.n_val) == (512, 448, 20000, 0)
     aug = data.augment

@@ -97,6 +97,7 @@ class HeadConfig:
     blocks: tuple[int, ...] = (3, 5, 7, 11)  # 0-based ViT blocks whose patch tokens feed the neck
     channels: int = 768  # UPerNet width
     num_outputs: int = 19  # 19 heatmaps (alignment) or 11 classes (parsing)
+    dropout: float = 0.1  # Dropout2d before the classifier: FaRL's mmseg UPerHead (dropout_ratio 0.1)
 
 
 class DenseFaceModel(nn.Module):
@@ -116,6 +117,7 @@ class DenseFaceModel(nn.Module):
         self.backbone = backbone
         self.neck = Neck(dim)
         self.decode = UPerHead(dim, head.channels)
+        self.dropout = nn.Dropout2d(head.dropout)  # no-op (and no random draw) at 0 or in eval mode
         self.classifier = nn.Conv2d(head.channels, head.num_outputs, 1)
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -125,7 +127,7 @@ class DenseFaceModel(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.decode(self.neck(self.forward_features(x))))
+        return self.classifier(self.dropout(self.decode(self.neck(self.forward_features(x)))))
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by part, for separate learning rates (backbone / neck / head)."""

@@ -76,6 +76,7 @@ class FinetuneConfig:
     resume_dir: str = "outputs/.resume/finetune_alignment"  # a checkpoint per epoch, per variant
     blocks: list[int] = param([1, 2, 3, 5])  # ViT blocks (0-based) feeding the neck; paper [3, 5, 7, 11]
     channels: int = param(64, ge=1)  # UPerNet width; paper 768
+    dropout: float = param(0.1, ge=0, lt=1)  # Dropout2d before the classifier (FaRL's UPerHead: 0.1)
     epochs: int = param(3, ge=1)
     batch_size: int = param(16, ge=2)
     lr_backbone: float = param(1e-4, ge=0)
@@ -181,7 +182,7 @@ def build_model(task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConf
     if cfg.data.size % patch:  # the patch grid would drop the last pixels, which the logits are read over
         raise ParamsError("data.size", f"must be a multiple of the backbone's patch size {patch}, got "
                           f"{cfg.data.size}")
-    head = HeadConfig(blocks=tuple(cfg.blocks), channels=cfg.channels, num_outputs=NUM_OUTPUTS[task])
+    head = HeadConfig(tuple(cfg.blocks), cfg.channels, NUM_OUTPUTS[task], cfg.dropout)
     model = DenseFaceModel(backbone, head)
     if isinstance(cfg, AlignmentConfig) and cfg.heatmap_prior:
         # Prior-probability init (as RetinaNet's): sigmoid(bias) = 1 / pixels, so the soft-argmax
