@@ -265,3 +265,17 @@ def test_a_backbone_loaded_at_another_size_resamples_only_the_patch_positions(tm
     assert big.pos_embed.shape == (1, 1 + 8 * 8, 64) and tuple(big.patch_embed.img_size) == (64, 64)
     torch.testing.assert_close(big.pos_embed[:, :1], vit.pos_embed[:, :1])
     assert big.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 65, 64)
+
+
+def test_the_position_grid_is_resampled_with_farls_plain_bicubic(tmp_path: Path) -> None:
+    """FaRL grows its 224-px table to 448 px with plain bicubic (align_corners False, no antialias);
+    timm's default antialiased bicubic is another kernel (PIL's a = -0.5, not -0.75)."""
+    torch.manual_seed(0)
+    vit = create_backbone(TINY)
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    save_backbone(vit, TINY, tmp_path / "export")
+    grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    plain = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
+    expect = plain.permute(0, 2, 3, 1).reshape(1, 64, -1)
+    torch.testing.assert_close(load_backbone(tmp_path / "export", img_size=64).pos_embed[:, 1:], expect)

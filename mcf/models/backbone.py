@@ -167,7 +167,7 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
     """Build the exported backbone and load its weights (strict; ``weights_only`` for safety).
 
     ``overrides`` change construction only where the weights allow it, e.g. ``img_size`` for a
-    downstream resolution (timm resamples the position embedding on load).
+    downstream resolution: the position grid is resampled on load as FaRL does (bicubic, CLS row kept).
     """
     spec = read_spec(export_dir)
     model = build_vit(spec["model_name"], **{**spec["kwargs"], **overrides})
@@ -175,8 +175,11 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         from timm.layers import resample_abs_pos_embed
 
+        # FaRL's kernel (plain bicubic, align_corners False); timm's default antialias=True is PIL's
         grid = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(grid), num_prefix_tokens=1)
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], list(grid), num_prefix_tokens=1, antialias=False
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # the two files of different exports
