@@ -645,6 +645,22 @@ def test_local_folder(tmp_path: Path) -> None:
     assert not Path("out/detections.parquet").exists()
 
 
+def test_a_local_name_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> None:
+    """A Latin-1 name (an old archive's) reached image_path's sha1 as a lone surrogate: the stage ended in
+    a UnicodeEncodeError traceback mid-run; the listing now names it before any work. UTF-8 names pass."""
+    root = tmp_path / "photos"
+    _write(root / "café.jpg", JPEG)
+    os.mkdir(os.fsencode(root) + b"/caf\xe9")
+    with open(os.fsencode(root) + b"/caf\xe9/a.jpg", "wb") as f:
+        f.write(JPEG)
+    with pytest.raises(StageError, match=r"1 file names under .*photos are not UTF-8.*\): caf\\xe9/a\.jpg$"):
+        main(Common(), _config(source="local", local={"root": str(root)}))
+    assert not Path("out").exists()
+    os.rename(os.fsencode(root) + b"/caf\xe9", root / "cafe")
+    main(Common(), _config(source="local", local={"root": str(root)}))
+    assert pd.read_parquet("out/manifest.parquet")["sample_id"].tolist() == ["café.jpg", "cafe/a.jpg"]
+
+
 def test_a_local_file_replaced_in_place_is_read_again(tmp_path: Path) -> None:
     """The stored copy's sha256 is of the old bytes: the file's size and mtime alone tell it changed."""
     photo = tmp_path / "photos" / "a.jpg"

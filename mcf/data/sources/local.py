@@ -1,7 +1,8 @@
 """A local folder of images as fetch rows: every file with an image extension, recursively.
 
 Hidden files and folders are skipped, and symlinked folders are not followed, so a listing cannot
-loop. A file with an image extension that does not decode gets ``not_image`` (or ``truncated``).
+loop. A file with an image extension that does not decode gets ``not_image`` (or ``truncated``). A name
+that is not UTF-8 cannot be a manifest id (a parquet string): the listing refuses it, naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pandas as pd
 
 from mcf.data.sources.download import Source
 from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions
+from mcf.errors import StageError
 from mcf.params import param, require_path
 
 
@@ -36,7 +38,7 @@ def list_rows(cfg: LocalConfig) -> pd.DataFrame:
     """One row per file: ``sample_id`` and ``file`` (relative posix path), ``size``, ``mtime_ns``."""
     root = Path(cfg.root)
     extensions = tuple(e.lower() for e in cfg.extensions)
-    rows = []
+    rows, undecodable = [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
@@ -49,8 +51,23 @@ def list_rows(cfg: LocalConfig) -> pd.DataFrame:
             except OSError:  # a broken link: kept as a row, the reader reports the error
                 size, mtime_ns = -1, 0
             rel = path.relative_to(root).as_posix()
+            if not _is_utf8(rel):
+                undecodable.append(os.fsencode(rel).decode(errors="backslashreplace"))
+                continue
             rows.append({"sample_id": rel, "caption": "", "file": rel, "size": size, "mtime_ns": mtime_ns})
+    if undecodable:  # before any work, all named at once (the sha1 of such an id cannot be taken)
+        raise StageError(f"fetch.local: {len(undecodable)} file names under {root} are not UTF-8, which "
+                         f"manifest ids must be; rename them (convmv): {', '.join(undecodable[:5])}")
     return pd.DataFrame(rows, columns=["sample_id", "caption", "file", "size", "mtime_ns"])
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether ``name`` came from UTF-8 bytes: os.walk hands other bytes over as lone surrogates."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class FileReader:
