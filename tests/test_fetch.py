@@ -661,6 +661,27 @@ def test_a_local_name_that_is_not_utf8_is_refused_naming_it(tmp_path: Path) -> N
     assert pd.read_parquet("out/manifest.parquet")["sample_id"].tolist() == ["café.jpg", "cafe/a.jpg"]
 
 
+def test_a_local_folder_that_cannot_be_listed_ends_the_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk skipped a folder it could not read (no permission, an NFS error): its images had no row and
+    the run passed. A scandir failure stands in for chmod 000, which root (CI containers) reads anyway."""
+    root = tmp_path / "photos"
+    _write(root / "a.jpg", JPEG)
+    _write(root / "locked" / "b.jpg", JPEG)
+    scandir = os.scandir
+
+    def refuse_locked(path: Any = ".") -> Any:  # shutil.rmtree passes file descriptors
+        if isinstance(path, str) and Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_locked)
+    with pytest.raises(StageError, match=r"fetch\.local: cannot list .*photos/locked: Permission denied$"):
+        main(Common(), _config(source="local", local={"root": str(root)}))
+    assert not Path("out").exists()
+
+
 def test_a_local_file_replaced_in_place_is_read_again(tmp_path: Path) -> None:
     """The stored copy's sha256 is of the old bytes: the file's size and mtime alone tell it changed."""
     photo = tmp_path / "photos" / "a.jpg"

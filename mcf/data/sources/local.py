@@ -2,7 +2,8 @@
 
 Hidden files and folders are skipped, and symlinked folders are not followed, so a listing cannot
 loop. A file with an image extension that does not decode gets ``not_image`` (or ``truncated``). A name
-that is not UTF-8 cannot be a manifest id (a parquet string): the listing refuses it, naming it.
+that is not UTF-8 cannot be a manifest id (a parquet string): the listing refuses it, naming it. A
+folder that cannot be listed (no permission, an I/O error) ends the stage: its files would have no row.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def list_rows(cfg: LocalConfig) -> pd.DataFrame:
     root = Path(cfg.root)
     extensions = tuple(e.lower() for e in cfg.extensions)
     rows, undecodable = [], []
-    for folder, dirs, files in os.walk(root):
+    for folder, dirs, files in os.walk(root, onerror=_unlistable):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             path = Path(folder) / name
@@ -59,6 +60,11 @@ def list_rows(cfg: LocalConfig) -> pd.DataFrame:
         raise StageError(f"fetch.local: {len(undecodable)} file names under {root} are not UTF-8, which "
                          f"manifest ids must be; rename them (convmv): {', '.join(undecodable[:5])}")
     return pd.DataFrame(rows, columns=["sample_id", "caption", "file", "size", "mtime_ns"])
+
+
+def _unlistable(err: OSError) -> None:
+    """os.walk's default drops a folder it cannot read, and with it every image inside, without a word."""
+    raise StageError(f"fetch.local: cannot list {err.filename}: {err.strerror}")
 
 
 def _is_utf8(name: str) -> bool:
