@@ -609,8 +609,15 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
         _config(source="local", local={"root": str(tmp_path), "extensions": [".png", "jpg"]})
     with pytest.raises(ParamsError, match=r"fetch\.s3\.extensions: each must be one suffix .*\['.tar.gz'\]"):
         _config(source="s3", s3={"bucket": "b", "extensions": [".tar.gz"]})
-    assert _config(source="local", local={"root": str(tmp_path), "extensions": []}).local.extensions == []
-    assert _config(source="local", local={"root": str(tmp_path)}).local.root == str(tmp_path)
+    photos = tmp_path / "photos"  # beside out/, not around it
+    photos.mkdir()
+    assert _config(source="local", local={"root": str(photos), "extensions": []}).local.extensions == []
+    # every rerun listed the previous output's images as photos: 1, 2, then 3 copies of one photo
+    with pytest.raises(ParamsError, match=r"fetch\.out: .*/fetched is inside local\.root .*: each run would"):
+        _config(source="local", out=str(photos / "fetched"), local={"root": str(photos)})
+    with pytest.raises(ParamsError, match=r"fetch\.out: fetched is inside local\.root \.: each run would"):
+        _config(source="local", out="fetched", local={"root": "."})
+    assert _config(source="local", local={"root": str(photos)}).local.root == str(photos)
 
 
 def _write(path: Path, data: bytes) -> None:

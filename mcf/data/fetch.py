@@ -33,7 +33,7 @@ from mcf.data.sources.laion import LaionFaceConfig
 from mcf.data.sources.local import LocalConfig
 from mcf.data.sources.s3 import S3Config
 from mcf.io import atomic_dir
-from mcf.params import Common, ParamsError, param
+from mcf.params import Common, ParamsError, checking_paths, param
 from mcf.synth.config import SynthConfig
 from mcf.validate.gate import run_gate
 
@@ -62,6 +62,11 @@ class FetchConfig:
                 getattr(self, section).check_inputs()
             except ParamsError as err:
                 raise err.under(section) from None
+        if self.source == "local" and checking_paths():
+            root, out = Path(self.local.root).resolve(), Path(self.out).resolve()
+            if root in out.parents:  # out == root is refused when writing: it holds no earlier manifest
+                raise ParamsError("out", f"{self.out} is inside local.root {self.local.root}: each run would "
+                                  "list the previous output's images as new photos")
 
 
 def journal_dir(out: Path) -> Path:
