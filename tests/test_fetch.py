@@ -6,9 +6,12 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -25,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main
@@ -230,7 +234,15 @@ def _laion_parquet(path: Path, urls: list[str | None]) -> Path:
 
 
 def _config(**fetch: Any) -> FetchConfig:
+    """``fetch.data`` as a user sets it, unless given: the photos folder, or the folder of the parts."""
     defaults = {"out": "out", "max_bytes": MAX_BYTES, "max_pixels": MAX_PIXELS, "retries": 1, "threads": 8}
+    if fetch.get("source") == "local":
+        defaults["data"] = fetch.get("local", {}).get("root", "data/images")
+    elif fetch.get("source") == "laion-face":
+        section = fetch.get("laion_face", {})
+        files = [*section.get("parquet", []), *section.get("detections", [])]
+        folders = [str(Path(f).resolve().parent) for f in files]
+        defaults["data"] = os.path.commonpath(folders) if files else "."
     return build(FetchConfig, defaults | fetch, "fetch")
 
 
@@ -583,6 +595,52 @@ def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None
     with pytest.raises(StageError, match=r"part\.parquet lacks columns \['URL'\]"):
         main(Common(), _laion_config(parquet))
     assert not Path("out").exists()
+
+
+def test_fetch_data_must_hold_what_the_source_reads(tmp_path: Path) -> None:
+    """dvc.yaml watches ``fetch.data``: a value that misses the photos or the parts would leave fetch up to
+    date in DVC's eyes after they change."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    with pytest.raises(ParamsError, match=r"fetch\.data: must be local\.root '.*photos' \(not 'mcf/synth'\)"):
+        _config(source="local", local={"root": str(photos)}, data="mcf/synth")
+    assert _config(source="local", local={"root": str(photos)}, data=f"{photos}/").data == f"{photos}/"
+    parts = tmp_path / "laion"
+    parts.mkdir()
+    part = str(_laion_parquet(parts / "part.parquet", ["ftp://a"]))
+    (tmp_path / "det.json").write_text("{}")
+    laion_face = {"parquet": [part], "detections": [str(tmp_path / "det.json")]}
+    with pytest.raises(ParamsError, match=r"fetch\.data: must hold every laion_face.* not \['.*det\.json'\]"):
+        _config(source="laion-face", laion_face=laion_face, data=str(parts))
+    assert _config(source="laion-face", laion_face=laion_face, data=str(tmp_path)).data == str(tmp_path)
+    assert _config(source="synthetic", data="anything").data == "anything"  # reads no local file
+
+
+def test_dvc_sees_a_new_photo_as_a_change_to_fetch(tmp_path: Path) -> None:
+    """The wiring itself: the repository's dvc.yaml, params with the local source, a real ``dvc repro`` of
+    fetch, then one more photo: ``dvc status`` reports fetch's input changed."""
+    repo, root = tmp_path / "repo", Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "mcf", repo / "mcf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(root / "dvc.yaml", repo / "dvc.yaml")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["fetch"] |= {"source": "local", "data": "photos", "local": {"root": "photos"}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    (repo / "photos").mkdir()
+    cv2.imwrite(str(repo / "photos" / "a.jpg"), np.full((40, 40, 3), 128, np.uint8))
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+
+    def dvc(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    dvc("init", "-q")
+    dvc("repro", "fetch")
+    assert "changed" not in dvc("status", "fetch")
+    cv2.imwrite(str(repo / "photos" / "b.jpg"), np.full((40, 40, 3), 64, np.uint8))
+    assert "modified:           photos" in dvc("status", "fetch")
 
 
 def test_params_check_the_active_source(tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ class FetchConfig:
     """``fetch``: the source, the output folder and the bounds every download obeys."""
 
     source: Literal["synthetic", "laion-face", "s3", "local"] = "synthetic"
+    # the stage's DVC input (dvc.yaml watches it): local.root, or a folder holding every LAION-Face part and
+    # detections file; synthetic and s3 read no local file (s3's objects are not watched)
+    data: str = "mcf/synth"
     out: str = "outputs/fetch"
     threads: int = param(16, ge=1)  # concurrent downloads (laion-face, s3, local)
     retries: int = param(1, ge=0)  # extra tries after a timeout, a dropped connection, HTTP 5xx/429
@@ -62,11 +65,26 @@ class FetchConfig:
                 getattr(self, section).check_inputs()
             except ParamsError as err:
                 raise err.under(section) from None
+        self._check_data()
         if self.source == "local" and checking_paths():
             root, out = Path(self.local.root).resolve(), Path(self.out).resolve()
             if root in out.parents:  # out == root is refused when writing: it holds no earlier manifest
                 raise ParamsError("out", f"{self.out} is inside local.root {self.local.root}: each run would "
                                   "list the previous output's images as new photos")
+
+
+    def _check_data(self) -> None:
+        """What the source reads lies in ``data``: else an edit to it would leave DVC's fetch up to date."""
+        data = Path(self.data).resolve()
+        if self.source == "local" and Path(self.local.root).resolve() != data:
+            raise ParamsError("data", f"must be local.root {self.local.root!r} (not {self.data!r}): dvc.yaml "
+                              "watches fetch.data, so new or changed photos rerun fetch")
+        if self.source == "laion-face":
+            files = [*self.laion_face.parquet, *self.laion_face.detections]
+            outside = [f for f in files if not Path(f).resolve().is_relative_to(data)]
+            if outside:
+                raise ParamsError("data", f"must hold every laion_face.parquet and detections file, not "
+                                  f"{outside[:3]}: dvc.yaml watches fetch.data, so a new part reruns fetch")
 
 
 def journal_dir(out: Path) -> Path:
