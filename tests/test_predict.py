@@ -193,6 +193,26 @@ def test_cli_errors_leave_no_output(
     assert not (tmp_path / "out").exists() and sorted(image.parent.iterdir()) == before
 
 
+@pytest.mark.parametrize("out", [".", ".."])
+def test_an_out_holding_the_working_folder_is_refused(
+    models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--out .`` in a new folder, or an earlier output's parent from inside it: replacing --out whole would
+    delete the folder the command runs in (``.`` was a ValueError traceback after the models loaded)."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    earlier = tmp_path / "earlier"
+    argv = ["predict", str(image), "--alignment", str(align_pt), "--box", "4,6,60,62", "--no-overlays"]
+    assert cli_main([*argv, "--out", str(earlier)]) == 0
+    (earlier / "here").mkdir()
+    monkeypatch.chdir(earlier / "here")
+    before = sorted(earlier.rglob("*"))
+    assert cli_main([*argv, "--out", out]) == 1
+    assert f"--out {out} holds the working folder" in capsys.readouterr().err
+    assert sorted(earlier.rglob("*")) == before
+
+
 def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
     """The exit codes test_cli_errors_leave_no_output pins: a missing image or no model is 1, not 2."""
     with pytest.raises(SystemExit) as exit_:
