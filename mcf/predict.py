@@ -85,11 +85,17 @@ def load_task(path: str | Path, task: Task) -> tuple[DenseFaceModel, dict]:
 
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to their images (sorted); a missing path is an error."""
+    """Files as given, folders expanded to their images (sorted; subfolders are named in a warning, not
+    searched, so a photo under one is not silently left out); a missing path is an error."""
     images: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            images += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = sorted(item.iterdir())
+            listed = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES]  # odd entries fail as rows
+            images += listed
+            if subfolders := [p.name for p in entries if p.is_dir() and p not in listed]:
+                log.warning("%s: subfolders not searched (give each as an input of its own): %s", item,
+                            ", ".join(subfolders))
         elif item.is_file():
             images.append(item)
         else:

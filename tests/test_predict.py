@@ -3,6 +3,7 @@ maps as the evaluate stage scores), and the command runs on a real photo with th
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -235,14 +236,22 @@ def test_a_photo_is_read_upright_by_its_exif_tag(tmp_path: Path) -> None:
     assert read_image(path).shape == (40, 20, 3) and read_rgb(path).shape == (20, 40, 3)
 
 
-def test_image_folders_are_listed_in_order_whatever_the_suffix_case(tmp_path: Path) -> None:
-    """A camera's ``IMG_0001.JPG`` is an image; a folder with none, or two images sharing a stem (their
-    outputs would overwrite each other), is refused before any model loads."""
+def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A camera's ``IMG_0001.JPG`` is an image; a subfolder is not searched but named (its photos were left
+    out without a word); a folder with none, or two images sharing a stem (their outputs would overwrite
+    each other), is refused before any model loads."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for name in ("b.JPG", "a.png", "c.Jpeg", "notes.txt"):
         (photos / name).touch()
     assert list_images([photos]) == [photos / "a.png", photos / "b.JPG", photos / "c.Jpeg"]
+    (photos / "2023").mkdir()
+    (photos / "2023" / "d.jpg").touch()
+    with caplog.at_level(logging.WARNING):
+        assert list_images([photos]) == [photos / "a.png", photos / "b.JPG", photos / "c.Jpeg"]
+    assert f"{photos}: subfolders not searched (give each as an input of its own): 2023" in caplog.text
     (tmp_path / "empty").mkdir()
     with pytest.raises(StageError, match="no images in .*empty"):
         list_images([tmp_path / "empty"])
