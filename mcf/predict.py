@@ -225,8 +225,9 @@ def cli(argv: list[str]) -> int:
                "      --parsing outputs/finetune_parsing/mcf/model.pt --out outputs/predict/\n\n"
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
-               "    image path, a model missing, damaged or of the other task, an --out that is not a\n"
-               "    predict output or cannot be written; 2 a usage error (a bad --box or --yunet, no --out)",
+               "    image path, a model missing, damaged or of the other task, a --yunet file OpenCV cannot\n"
+               "    load, an --out that is not a predict output or cannot be written; 2 a usage error\n"
+               "    (a bad --box, a --yunet that is no .onnx file, no --out)",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, metavar="DIR",

@@ -166,6 +166,8 @@ def test_an_image_past_pillows_size_limit_is_still_predicted(
         (["IMG", "--alignment", "ALIGN", "--box", "0,0,inf,9", "--out", "OUT"], 2, "expected finite numbers"),
         (["IMG", "--alignment", "ALIGN", "--yunet", "nope.onnx", "--out", "OUT"], 2,
          "--yunet nope.onnx: expected an existing YuNet .onnx file"),
+        (["IMG", "--alignment", "ALIGN", "--yunet", "DAMAGED.onnx", "--out", "OUT"], 1,
+         "damaged.onnx: not a YuNet model OpenCV can load"),
         (["IMG", "--alignment", "ALIGN", "--out", "PHOTOS"], 1, "holds no faces.csv, so it is not"),
         (["IMG", "--alignment", "ALIGN", "--out", "UNDER_A_FILE"], 1, "cannot write"),
     ],
@@ -179,8 +181,10 @@ def test_cli_errors_leave_no_output(
     names = {"IMG": str(image), "ALIGN": str(align_pt), "PARSE": str(parse_pt), "OUT": str(tmp_path / "out"),
              "missing.jpg": str(tmp_path / "missing.jpg"), "missing.pt": str(tmp_path / "missing.pt"),
              "PHOTOS": str(image.parent), "CUT": str(tmp_path / "cut.pt"),
-             "OTHER": str(tmp_path / "other.pt"), "UNDER_A_FILE": str(tmp_path / "cut.pt" / "out")}
+             "OTHER": str(tmp_path / "other.pt"), "UNDER_A_FILE": str(tmp_path / "cut.pt" / "out"),
+             "DAMAGED.onnx": str(tmp_path / "damaged.onnx")}
     (tmp_path / "cut.pt").write_bytes(align_pt.read_bytes()[:1000])
+    (tmp_path / "damaged.onnx").write_bytes(b"not an ONNX model")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     before = sorted(image.parent.iterdir())
     argv = ["predict", *(names.get(a, a) for a in args)]
@@ -221,9 +225,9 @@ def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -
     assert exit_.value.code == 0
     help_ = " ".join(capsys.readouterr().out.split())
     for case in ("no model given", "parsing without --alignment or --yunet", "a missing image path",
-                 "a model missing, damaged or of the other task",
+                 "a model missing, damaged or of the other task", "a --yunet file OpenCV cannot load",
                  "an --out that is not a predict output or cannot be written",
-                 "2 a usage error"):
+                 "2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)"):
         assert case in help_
 
 
