@@ -181,6 +181,10 @@ def predict(
             status.append({"image": str(path), "faces": len(faces), "error": ""})
             if not faces:
                 log.warning("%s: no face found", path)
+            h, w = rgb.shape[:2]
+            if box is not None and (box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h):
+                log.warning("%s: --box lies outside the %dx%d image; its prediction is of blank padding",
+                            path, w, h)
             canvas = rgb.copy()
             for face in faces:
                 points, labels = predict_face(rgb, face, aligner, parser)

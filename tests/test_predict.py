@@ -119,6 +119,23 @@ def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path]
     assert "y18" in faces.columns and not (out / "parsing").exists() and not (out / "overlays").exists()
 
 
+def test_a_box_outside_an_image_is_warned_of(
+    models: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One --box serves images of every size: one it misses gets points and a map of the black padding
+    around the image, which reads like any other row of faces.csv unless the log says so (a box partly
+    out, a face at the edge, is not warned of)."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    h, w = read_image(image).shape[:2]
+    for box, warned in ((f"{w},0,{w + 50},50", True), ("-50,-50,10,10", False)):
+        caplog.clear()
+        argv = ["predict", str(image), "--alignment", str(align_pt), f"--box={box}", "--out",
+                str(tmp_path / "out"), "--no-overlays"]
+        assert cli_main(argv) == 0
+        assert (f"--box lies outside the {w}x{h} image" in caplog.text) is warned
+
+
 def test_a_jpeg_cut_short_is_listed_as_unreadable(models: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """OpenCV decodes the part of a truncated JPEG there is (grey below it) and only warns on stderr."""
     root, align_pt, _ = models
