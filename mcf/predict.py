@@ -153,9 +153,6 @@ def predict(
         raise StageError("nothing to predict: give --alignment and/or --parsing")
     out = Path(out)
     check_replaceable(out, "faces.csv")  # before any model is loaded
-    if out.resolve() in (Path.cwd(), *Path.cwd().parents):  # `--out .`: the folder is replaced whole
-        raise StageError(f"--out {out} holds the working folder, which replacing it would delete; name a "
-                         "folder below it (--out predictions/)")
     if parsing is not None and alignment is None and box is not None:
         raise StageError("parsing aligns each face by five landmarks, and a box gives no landmarks: with "
                          "--box, parsing needs --alignment MODEL (its eye, nose and mouth points)")

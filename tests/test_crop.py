@@ -387,6 +387,18 @@ def test_detection_the_gate_would_reject_fails_at_load(tmp_path: Path, bad: dict
         load_detections(tmp_path / "d.parquet")
 
 
+@pytest.mark.parametrize("out", [".", "..", "../.."])
+def test_atomic_dir_refuses_the_working_folder(tmp_path: Path, monkeypatch: MonkeyPatch, out: str) -> None:
+    """An ``out`` of ``.`` (an empty new folder passes the sign check) was a ValueError traceback, and the
+    folder the command runs in would be replaced whole; each one is refused, naming the path."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    refused = pytest.raises(StageError, match=rf"^{re.escape(out)} holds the working folder")
+    with refused, atomic_dir(out, "x"):
+        pass
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+
+
 def test_atomic_dir_removes_what_killed_writers_left(tmp_path: Path) -> None:
     dead = subprocess.Popen(["true"])
     dead.wait()

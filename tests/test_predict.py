@@ -231,7 +231,7 @@ def test_an_out_holding_the_working_folder_is_refused(
     monkeypatch.chdir(earlier / "here")
     before = sorted(earlier.rglob("*"))
     assert cli_main([*argv, "--out", out]) == 1
-    assert f"--out {out} holds the working folder" in capsys.readouterr().err
+    assert f"{out} holds the working folder, which replacing it would delete" in capsys.readouterr().err
     assert sorted(earlier.rglob("*")) == before
 
 
