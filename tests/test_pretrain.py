@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from mcf.cli import main as cli_main
@@ -108,6 +109,15 @@ def test_lr_schedule_formula() -> None:
         1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * 89 / 90))
     )
     assert lr_at(3, total, 0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 3 / 100)))
+
+
+def test_crops_of_another_size_are_resized_as_the_release_resizes_them(workspace: Path) -> None:
+    """The release's ``transforms.Resize(input_size)`` on a PIL image: bilinear (PIL's, which averages
+    when shrinking), not bicubic."""
+    raw = CropDataset(workspace / "subset" / "shards", 40, cache_mb=0)[5]  # the crops are 40 px
+    want = Image.fromarray(raw.permute(1, 2, 0).numpy()).resize((24, 24), Image.BILINEAR)
+    got = CropDataset(workspace / "subset" / "shards", 24, cache_mb=0)[5]
+    assert torch.equal(got, torch.from_numpy(np.asarray(want)).permute(2, 0, 1))
 
 
 def test_epoch_view_order_ranks_and_workers(workspace: Path) -> None:

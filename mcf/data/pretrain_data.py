@@ -74,8 +74,8 @@ class CropDataset(Dataset):
         with open(url, "rb") as f:
             f.seek(offset)
             rgb = decode_jpeg(f.read(size), f"{url} (member at byte {offset})")
-        if rgb.shape[:2] != (self.img_size, self.img_size):
-            image = Image.fromarray(rgb).resize((self.img_size, self.img_size), Image.BICUBIC)
+        if rgb.shape[:2] != (self.img_size, self.img_size):  # bilinear: the release's transforms.Resize
+            image = Image.fromarray(rgb).resize((self.img_size, self.img_size), Image.BILINEAR)
             rgb = np.asarray(image)
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # [3, S, S]
 
