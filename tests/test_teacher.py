@@ -239,3 +239,25 @@ def test_inputs_of_another_size_are_resized_nearest() -> None:
     teacher = load_teacher("random", TINY)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(teacher(x, [1])[0], teacher(x[..., ::2, ::2], [1])[0])
+
+
+@pytest.mark.parametrize("weights", ["file", "random"])
+def test_a_timm_named_teacher_of_another_architecture_survives_the_teacher_stage(
+    tmp_path: Path, weights: str
+) -> None:
+    """timm's test_vit2 (no class token, a register token, layer scale, average pool) stands for the
+    architectures a name builds and the weights do not record, such as CLIP's pre-norm or a ViT without
+    qkv bias: the stage re-saved it as the plain ViT its shapes suggest, so it ended in a 'does not
+    fit' error naming its temporary folder. Its export now names the timm model and computes the same."""
+    from mcf.train.teacher import import_teacher
+
+    torch.save(timm.create_model("test_vit2", num_classes=0).state_dict(), tmp_path / "w.pth")
+    spec = f"timm:test_vit2:{tmp_path / 'w.pth' if weights == 'file' else 'random'}"
+    torch.manual_seed(0)
+    import_teacher(spec, TINY, tmp_path / "out")
+    torch.manual_seed(0)
+    given = load_teacher(spec, TINY)
+    exported = load_teacher(f"mcf:{tmp_path / 'out'}", TINY)
+    assert_same_weights(exported, given.model)
+    x = torch.randn(2, 3, *given.img_size)
+    torch.testing.assert_close(exported(x, [0, 1]), given(x, [0, 1]))

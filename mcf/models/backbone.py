@@ -104,12 +104,17 @@ def create_backbone(cfg: BackboneConfig, **overrides: Any) -> nn.Module:
 
 
 def save_backbone(model: nn.Module, cfg: BackboneConfig, out_dir: str | Path) -> None:
-    """Write ``backbone.pth`` and ``backbone.json`` (atomically, each) into ``out_dir``."""
+    """Write the export of a ViT of size ``cfg`` into ``out_dir`` (see :func:`save_export`)."""
+    save_export(model, {"model_name": MODEL_NAME, "kwargs": cfg.timm_kwargs()}, out_dir)
+
+
+def save_export(model: nn.Module, spec: dict[str, Any], out_dir: str | Path) -> None:
+    """Write ``backbone.pth`` and ``backbone.json`` (``spec``: model_name and kwargs; atomically, each)."""
     out_dir = Path(out_dir)
     with atomic_file(out_dir / "backbone.pth") as tmp:
         save_tensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     with atomic_file(out_dir / "backbone.json") as tmp:
-        tmp.write_text(json.dumps({"model_name": MODEL_NAME, "kwargs": cfg.timm_kwargs()}, indent=2))
+        tmp.write_text(json.dumps(spec, indent=2))
 
 
 def read_weights(path: str | Path) -> dict[str, Any]:

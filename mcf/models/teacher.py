@@ -129,11 +129,23 @@ def weights_path(spec: str) -> str | None:
     scheme, arg = _parse(spec)
     if scheme == "random":
         return None
-    if scheme == "timm":
-        name, sep, weights = arg.partition(":")
-        if sep and timm.is_model(name) and not Path(arg).is_file():
-            return None if weights == "random" else weights
+    if timm_name(spec) is not None:
+        weights = arg.partition(":")[2]
+        return None if weights == "random" else weights
     return arg
+
+
+def timm_name(spec: str) -> str | None:
+    """The timm model a ``timm:<model name>:<weights file|random>`` spec builds (None for other specs).
+
+    The teacher stage's export names it: what it builds beyond the shapes (CLIP's pre-norm, no qkv bias,
+    no class token, layer scale...) is not in the weights, so the plain ViT they suggest is another model.
+    """
+    scheme, arg = _parse(spec)
+    if scheme != "timm" or Path(arg).is_file():
+        return None
+    name, sep, _ = arg.partition(":")
+    return name if sep and timm.is_model(name) else None
 
 
 def _load_strict(model: nn.Module, state: dict[str, Tensor], source: str) -> nn.Module:

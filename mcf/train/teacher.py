@@ -27,10 +27,10 @@ import torch
 
 from mcf.errors import StageError
 from mcf.io import atomic_dir
-from mcf.models.backbone import BackboneConfig, load_backbone, save_backbone
+from mcf.models.backbone import MODEL_NAME, BackboneConfig, load_backbone, save_backbone, save_export
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import infer_backbone_config
-from mcf.models.teacher import load_teacher, validate_teacher_spec, weights_path
+from mcf.models.teacher import load_teacher, timm_name, validate_teacher_spec, weights_path
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.checkpoint import discard_resume
 from mcf.train.distributed import MAE_INIT_KEY, barrier, cleanup, derive_seed, init_distributed
@@ -93,15 +93,20 @@ def export_trained(model: MCF, out: Path) -> None:
 def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None:
     """Load a given teacher and re-save it; the export is read back before the rename."""
     model = load_teacher(spec, backbone).model
-    size = infer_backbone_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads)
+    name = timm_name(spec)
+    if name is None:
+        size = infer_backbone_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads)
+        export = {"model_name": MODEL_NAME, "kwargs": size.timm_kwargs()}
+    else:  # the name rebuilds timm's architecture, which the weights' shapes alone do not tell
+        export = {"model_name": name, "kwargs": {"num_classes": 0}}
     with atomic_dir(out, sign="teacher.json") as tmp:
-        save_backbone(model, size, tmp)
+        save_export(model, export, tmp)
         reloaded = load_backbone(tmp)
         for key, value in model.state_dict().items():
             if not torch.equal(reloaded.state_dict()[key], value):
                 raise ValueError(f"teacher {spec}: weight {key} does not survive the export")
         (tmp / "teacher.json").write_text(json.dumps({"source": spec}))
-    log.info("teacher: %s re-saved to %s as ViT %s", spec, out, size)
+    log.info("teacher: %s re-saved to %s as %s", spec, out, export)
 
 
 def check_inputs(cfg: TeacherConfig) -> None:
