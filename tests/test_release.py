@@ -16,7 +16,12 @@ from mcf.errors import StageError, WeightsError
 from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, read_weights, save_backbone
 from mcf.models.export import cli
 from mcf.models.mcf import MCF, MCFConfig
-from mcf.models.release import export_backbone, load_release_state_dict, to_release_state_dict
+from mcf.models.release import (
+    export_backbone,
+    infer_backbone_config,
+    load_release_state_dict,
+    to_release_state_dict,
+)
 from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.train.finetune import load_finetuned
 
@@ -279,3 +284,15 @@ def test_the_position_grid_is_resampled_with_farls_plain_bicubic(tmp_path: Path)
     plain = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
     expect = plain.permute(0, 2, 3, 1).reshape(1, 64, -1)
     torch.testing.assert_close(load_backbone(tmp_path / "export", img_size=64).pos_embed[:, 1:], expect)
+
+
+def test_a_position_table_without_a_class_token_slot_is_named_so() -> None:
+    """A timm model without class token (vit_medium_patch16_gap_256: 16 x 16 positions) was reported as
+    '255 patch tokens, not a square grid', which sent the user looking for a damaged file."""
+    state = timm.create_model("test_vit", num_classes=0).state_dict()
+    state["pos_embed"] = state["pos_embed"][:, 1:]
+    with pytest.raises(ValueError, match="pos_embed has 100 positions, a square grid with no class-token"):
+        infer_backbone_config(state)
+    state["pos_embed"] = state["pos_embed"][:, 1:]
+    with pytest.raises(ValueError, match="99 positions, not a class-token slot"):
+        infer_backbone_config(state)

@@ -99,7 +99,9 @@ def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = N
     tokens = state["pos_embed"].shape[1] - 1
     grid = math.isqrt(tokens)
     if grid * grid != tokens:
-        raise ValueError(f"pos_embed has {tokens} patch tokens, not a square grid")
+        square = math.isqrt(tokens + 1) ** 2 == tokens + 1  # e.g. a timm model without class token
+        why = "a square grid with no class-token slot" if square else "not a class-token slot + a square grid"
+        raise ValueError(f"pos_embed has {tokens + 1} positions, {why}: not a plain ViT")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     heads = max(1, embed // 64) if num_heads is None else num_heads
     if heads < 1 or embed % heads:
