@@ -102,9 +102,9 @@ def _fsync(path: Path) -> None:
 def check_replaceable(path: str | Path, sign: str) -> None:
     """Refuse an existing ``path`` that holds files but not ``sign``, a file or folder every output of
     this writer holds: a mistyped ``out`` must not delete a folder the pipeline did not write, nor the
-    working folder or one above it (even empty: the command runs in it). Empty
-    folders and ``.gitignore`` files do not count: ``dvc repro`` deletes a stage's declared files and
-    may leave their folders, and the ``.gitignore`` it wrote there to name them (pretrain's outs).
+    working folder or one above it (even empty: the command runs in it). Empty folders and ``.gitignore``
+    files do not count: ``dvc repro`` deletes a stage's declared files and may leave their folders, and
+    the ``.gitignore`` it wrote there to name them (pretrain's outs).
     """
     path = Path(path)
     if path.resolve() in (Path.cwd(), *Path.cwd().parents):  # `.` or `..`: replaced whole, from under us

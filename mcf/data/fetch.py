@@ -72,7 +72,6 @@ class FetchConfig:
                 raise ParamsError("out", f"{self.out} is inside local.root {self.local.root}: each run would "
                                   "list the previous output's images as new photos")
 
-
     def _check_data(self) -> None:
         """What the source reads lies in ``data``: else an edit to it would leave DVC's fetch up to date."""
         data = Path(self.data).resolve()
