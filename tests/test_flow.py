@@ -640,7 +640,7 @@ def test_fetch_on_dask_hands_its_workers_absolute_paths(
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "images").mkdir()
-    section = {"source": "local", "out": "out", "local": {"root": "images"}}
+    section = {"source": "local", "data": "images", "out": "out", "local": {"root": "images"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": section}))
     cfg, staging, _ = _handed_to_the_fan_out(flows.fetch_dask, flows.fetch_dask.fetch_dask, monkeypatch)
     assert [cfg.out, cfg.local.root] == [str(tmp_path / "out"), str(tmp_path / "images")]
@@ -670,7 +670,7 @@ def test_fetch_on_dask_reads_a_killed_runs_journal_once(
         Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"fetch": {"source": "local", "out": str(tmp_path / "out"),
-                                                "local": {"root": str(root)}}}))
+                                                "data": str(root), "local": {"root": str(root)}}}))
     monkeypatch.chdir(tmp_path)  # the gate keeps its results under the working directory
     _, cfg = load("fetch", params)
     out = tmp_path / "out"
@@ -736,7 +736,7 @@ def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
         parquet = tmp_path / "part-00000.parquet"
         rows = {"SAMPLE_ID": range(len(urls)), "URL": urls, "TEXT": ["a face"] * len(urls)}
         pd.DataFrame(rows).to_parquet(parquet)
-        section = {"source": "laion-face", "out": str(tmp_path / "dask"), "threads": 2,
+        section = {"source": "laion-face", "data": str(tmp_path), "out": str(tmp_path / "dask"), "threads": 2,
                    "laion_face": {"parquet": [str(parquet)], "timeout": 5.0}}
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump({"fetch": section}))
