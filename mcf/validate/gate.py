@@ -150,6 +150,8 @@ def _describe(result: ExpectationValidationResult) -> str:
         examples = res.get("partial_unexpected_list", [])[:EXAMPLES]
         count = f"{res['unexpected_count']} unexpected of {res.get('element_count')}"
         return f"{line}: {count}, e.g. {examples}{_rows(res, config.kwargs.get('column'))}"
+    if res.get("missing_count"):  # a set the column must contain: GX's observed_value is always None here
+        return f"{line}: no row has {res.get('partial_missing_list')}"
     details = f", details {res['details']}" if res.get("details") else ""
     return f"{line}: observed {res.get('observed_value')!r}{details}"
 
