@@ -177,6 +177,15 @@ def test_every_suite_says_what_it_checks_and_derived_columns_are_kept() -> None:
         gate.run_gate(bare, "crop", stage="validate", config=CropConfig(), keep=False)
 
 
+@pytest.mark.parametrize("suite", ["crop", "subset"])
+def test_sizes_stored_as_text_fail_the_gate_naming_them(suite: str, tmp_path: Path) -> None:
+    """A table written by other code (a hand-run ``mcf validate``) with sizes as strings: exit 3, one line."""
+    table = GOOD[suite]().astype({"width": str})
+    with pytest.raises(GateError, match=f"data gate '{suite}': width and height must be numbers, got "
+                       "width object, height"):
+        gate.run_gate(table, suite, stage="validate", config=_gate_config(suite, tmp_path), keep=False)
+
+
 def _crop_manifest() -> pd.DataFrame:
     """A crop manifest (with what was read back) the crop suite passes: one kept crop, one rejected."""
     return pd.DataFrame({

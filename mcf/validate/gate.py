@@ -188,7 +188,11 @@ def derive(df: pd.DataFrame, suite: str, config: Any = None) -> pd.DataFrame:
     if config is None:
         raise ValueError(f"suite {suite!r} needs the {suite} section of the params to derive width_off")
     width, height = _expected_size(df, suite, config)
-    return df.assign(width_off=df["width"] - width, height_off=df["height"] - height)
+    try:
+        return df.assign(width_off=df["width"] - width, height_off=df["height"] - height)
+    except TypeError:  # sizes stored as text by other code: one line naming them (exit 3), not a traceback
+        types = ", ".join(f"{c} {df[c].dtype}" for c in ("width", "height"))
+        raise GateError(f"data gate {suite!r}: width and height must be numbers, got {types}") from None
 
 
 def run_gate(df: pd.DataFrame, suite: str, *, stage: str, config: Any = None, keep: bool = True) -> None:
