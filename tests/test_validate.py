@@ -152,7 +152,8 @@ def test_docs_without_stored_results_say_what_stores_one(tmp_path: Path) -> None
 @pytest.mark.parametrize(
     ("args", "message"),
     [(["fetchh", "GOOD"], "unknown suite 'fetchh' (known: aflw19, crop, fetch, lapa, subset)"),
-     (["fetch", "TEXT"], "not a readable parquet file")],
+     (["fetch", "TEXT"], "not a readable parquet file"),
+     (["fetch", "GOOD", "--docs"], "--docs builds the docs alone")],  # not a skipped gate and exit 0
 )
 def test_cli_usage_errors_are_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str

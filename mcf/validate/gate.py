@@ -290,6 +290,8 @@ def cli(argv: list[str]) -> int:
     if args.verbose:
         logging.getLogger().setLevel(logging.DEBUG)
     if args.docs:
+        if args.suite or args.parquet:  # else the gate would be skipped and exit 0 read as a pass
+            p.error("--docs builds the docs alone: run SUITE PARQUET and --docs as two commands")
         build_docs(args.out)
         return 0
     if not args.suite or not args.parquet:
