@@ -139,6 +139,14 @@ def test_cli_validates_a_parquet_and_builds_docs(tmp_path: Path) -> None:
     assert "1 unexpected values found" in page
 
 
+def test_docs_out_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    (tmp_path / "docs").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        gate.cli(["--docs", "--out", str(tmp_path / "docs")])
+    assert exit_.value.code == 2 and "docs: is a file; give the folder" in capsys.readouterr().err
+
+
 def test_docs_without_stored_results_say_what_stores_one(tmp_path: Path) -> None:
     """A gate run by hand stores nothing (the pipeline's record stays), so the hint names the stages."""
     _manifest().to_parquet(tmp_path / "good.parquet")

@@ -292,6 +292,8 @@ def cli(argv: list[str]) -> int:
     if args.docs:
         if args.suite or args.parquet:  # else the gate would be skipped and exit 0 read as a pass
             p.error("--docs builds the docs alone: run SUITE PARQUET and --docs as two commands")
+        if args.out.exists() and not args.out.is_dir():
+            p.error(f"--out {args.out}: is a file; give the folder to write the Data Docs in")
         build_docs(args.out)
         return 0
     if not args.suite or not args.parquet:
