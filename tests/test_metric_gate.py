@@ -81,6 +81,8 @@ def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("tolerance: {'*': 0.1\n")
     cases.append((["--tolerance", str(broken)], "broken.yaml: not valid YAML"))
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    cases.append((["--tolerance", str(tmp_path / "binary.yaml")], "binary.yaml: not a UTF-8 text file"))
     for value in (".nan", "-0.1"):  # NaN passed every move (|a - b| > NaN is false); a negative failed all
         odd = tmp_path / "odd.yaml"
         odd.write_text(f"tolerance:\n  '*': 0.1\n  'm.json:*': {value}\n")

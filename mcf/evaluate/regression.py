@@ -60,7 +60,11 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
             raise StageError(f"{TOLERANCE} at {rev}: {why}")
         where, text = f"{rev}:{TOLERANCE}", done.stdout
     elif Path(path).is_file():
-        where, text = f"--tolerance {path}", Path(path).read_text()
+        where = f"--tolerance {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise StageError(f"{where}: not a UTF-8 text file (a tolerance file is YAML)") from None
     else:
         raise StageError(f"--tolerance {path}: no such file")
     try:
