@@ -95,6 +95,18 @@ def test_no_success_at_all_fails() -> None:
     assert msg.endswith("expect_column_distinct_values_to_contain_set(column=status): no row has ['success']")
 
 
+def test_the_report_lists_a_failed_gate_as_the_stage_said_it(tmp_path: Path) -> None:
+    """One ``describe`` for both: the stage's error lines and the report's gate table, which reads the
+    result the gate stored (a distinct-values check printed GX's "observed None" in the report)."""
+    from mcf.report.runfiles import Run, read_gates
+
+    with pytest.raises(StageError) as err:
+        gate.run_gate(_manifest().iloc[[2]].drop(columns=["sha256"]), "fetch", stage="fetch")
+    said = [line.removeprefix("  - ") for line in str(err.value).splitlines()[1:]]
+    [stored] = read_gates(Run(tmp_path, tmp_path / "params.yaml", {}))
+    assert stored.failures == said and any(f.endswith("no row has ['success']") for f in said)
+
+
 def test_missing_column_is_reported_not_crashed() -> None:
     msg = _failure(_manifest().drop(columns=["sha256"]))
     assert "expect_table_columns_to_match_set(): observed" in msg and "'missing': ['sha256']" in msg

@@ -254,21 +254,9 @@ class GateResult:
     failures: list[str]
 
 
-def _failure(item: dict[str, Any]) -> str:
-    """One line for a failed expectation: type, column, and how many rows broke it."""
-    config = item.get("expectation_config") or {}
-    column = (config.get("kwargs") or {}).get("column")
-    res = item.get("result") or {}
-    where = f"({column})" if column else ""
-    if "unexpected_count" in res:
-        count = f"{res['unexpected_count']} unexpected of {res.get('element_count')}"
-        return f"{config.get('type')}{where}: {count}"
-    return f"{config.get('type')}{where}: observed {res.get('observed_value')!r}"
-
-
 def read_gates(run: Run) -> list[GateResult]:
     """Each suite's latest result, as :func:`mcf.validate.gate.run_gate` stores it in the checkout."""
-    from mcf.validate.gate import RESULTS_DIR
+    from mcf.validate.gate import RESULTS_DIR, describe
 
     folder = existing(run.root / RESULTS_DIR, "data-gate results (no stage has run a gate here)")
     results = []
@@ -280,7 +268,7 @@ def read_gates(run: Run) -> list[GateResult]:
             time=str(when.get("run_time") or "?"), success=bool(doc.get("success")),
             evaluated=int(stats.get("evaluated_expectations", 0)),
             passed=int(stats.get("successful_expectations", 0)),
-            failures=[_failure(r) for r in doc.get("results", []) if not r.get("success")],
+            failures=[describe(r) for r in doc.get("results", []) if not r.get("success")],
         ))
     if not results:
         raise Missing(f"no data-gate results in {folder}")

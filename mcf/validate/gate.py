@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from great_expectations.core import ExpectationSuite, ExpectationSuiteValidationResult
-    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
 
 
 def _import_gx() -> Any:
@@ -130,26 +129,28 @@ def _rows(res: dict[str, Any], column: str | None) -> str:
     return f" ({ids[0]}: {[str(row.get(ids[0])) for row in rows[:EXAMPLES]]})"
 
 
-def _describe(result: ExpectationValidationResult) -> str:
-    """One line for a failed expectation: type, column, condition, unexpected count, examples and
+def describe(item: dict[str, Any]) -> str:
+    """One line for a failed expectation, from its JSON form (``ExpectationValidationResult.to_json_dict``,
+    as :func:`run_gate` stores it for the report): type, column, condition, unexpected count, examples and
     the ids of their rows."""
-    config = result.expectation_config
-    where = [f"column={config.kwargs['column']}"] if config.kwargs.get("column") else []
-    if config.kwargs.get("row_condition"):
-        where.append(f"where {_condition(config.kwargs['row_condition'])}")
-    line = f"{config.type}({', '.join(where)})"
-    info = result.exception_info or {}
+    config = item.get("expectation_config") or {}
+    kwargs = config.get("kwargs") or {}
+    where = [f"column={kwargs['column']}"] if kwargs.get("column") else []
+    if kwargs.get("row_condition"):
+        where.append(f"where {_condition(kwargs['row_condition'])}")
+    line = f"{config.get('type')}({', '.join(where)})"
+    info = item.get("exception_info") or {}
     messages = [info.get("exception_message")] + [
         v.get("exception_message") for v in info.values() if isinstance(v, dict)
     ]
     messages = [m for m in messages if m]
     if messages:
         return f"{line}: raised {messages[0]}"
-    res = result.result or {}
+    res = item.get("result") or {}
     if "unexpected_count" in res:
         examples = res.get("partial_unexpected_list", [])[:EXAMPLES]
         count = f"{res['unexpected_count']} unexpected of {res.get('element_count')}"
-        return f"{line}: {count}, e.g. {examples}{_rows(res, config.kwargs.get('column'))}"
+        return f"{line}: {count}, e.g. {examples}{_rows(res, kwargs.get('column'))}"
     if res.get("missing_count"):  # a set the column must contain: GX's observed_value is always None here
         return f"{line}: no row has {res.get('partial_missing_list')}"
     details = f", details {res['details']}" if res.get("details") else ""
@@ -210,7 +211,7 @@ def run_gate(df: pd.DataFrame, suite: str, *, stage: str, config: Any = None, ke
         log.warning("could not keep the validation result of %s: %s", suite, err)
     stats = result.statistics
     if not result.success:
-        failed = [_describe(r) for r in result.results if not r.success]
+        failed = [describe(r.to_json_dict()) for r in result.results if not r.success]
         lines = "\n".join(f"  - {f}" for f in failed)
         raise GateError(
             f"stage {stage!r}: data gate {suite!r} failed {len(failed)} of "
