@@ -372,6 +372,7 @@ def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Pa
     (metrics / "train" / "loss.tsv").write_text("timestamp\tstep\tloss\n" + rows + "1006\t6")
     (metrics / "lr.tsv").write_text("")  # created, then the crash
     (metrics / "torn.tsv").write_text("timest")
+    (metrics / "momentum.tsv").write_text("step\tmomen")  # the loop's own format, torn after "step"
     (tmp_path / "metrics.json").write_text("")  # the summary, killed while dvclive rewrote it
     truncate_live(tmp_path, 3)
     assert not (tmp_path / "metrics.json").exists()

@@ -142,9 +142,10 @@ def truncate_live(live_dir: Path, step: int) -> None:
         except ValueError:
             summary.unlink()
     for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-        header, *rows = tsv.read_text().splitlines() or [""]
+        text = tsv.read_text()
+        header, *rows = text.splitlines() or [""]
         columns = header.split("\t")
-        if "step" not in columns:
+        if "\n" not in text or "step" not in columns:  # dvclive writes the header with its first row
             tsv.unlink()
             continue
         column = columns.index("step")
