@@ -226,6 +226,21 @@ def test_a_resume_after_a_change_of_initial_weights_is_refused(
         pretrain.main(common, cfg)
 
 
+def test_a_resume_under_another_spelling_of_the_same_precision_is_taken(tmp_path: Path) -> None:
+    """The run hash holds the autocast dtype the precision resolves to: on the CPU ``auto`` is fp32, so
+    naming fp32 computes the same run and resumes it; bf16 computes another and is refused."""
+    make_workspace(tmp_path)
+    common, cfg = load("pretrain", write_params(tmp_path, "nan.yaml", blr=1e38, warmup_epochs=0))
+    with pytest.raises(StageError, match="non-finite loss at step 2"):
+        pretrain.main(common, cfg)  # precision auto; leaves the checkpoint of step 1
+    precision = {p: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=p))
+                 for p in ("fp32", "bf16")}
+    with pytest.raises(StageError, match="other params, data, precision or initial weights"):
+        pretrain.main(common, precision["bf16"])
+    with pytest.raises(StageError, match="non-finite loss at step 2"):  # resumed at step 1
+        pretrain.main(common, precision["fp32"])
+
+
 def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
     common, cfg = load("teacher", write_params(workspace, "teach.yaml"))
     teacher.main(common, cfg)

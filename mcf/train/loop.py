@@ -81,9 +81,11 @@ class TrainConfig:
     processes: int = param(1, ge=1)  # above 1, the stage starts itself under torchrun (one per GPU)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that change what is computed (not where, how often it is saved, or how fast)."""
+        """The fields that change what is computed (not where, how often it is saved, or how fast).
+        ``precision`` is left to the :class:`Trainer`, which hashes the dtype it resolves to: ``auto`` and
+        the dtype it names on this device compute the same run."""
         skip = {"ckpt_every", "log_every", "num_workers", "cache_mb", "compile", "effective_batch",
-                "processes"}
+                "processes", "precision"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def check_processes(self, world_size: int) -> None:
