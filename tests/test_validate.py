@@ -89,6 +89,14 @@ def test_every_suite_has_an_id_column_it_expects() -> None:
         assert gate.ID_COLUMNS[name] in columns["kwargs"]["column_set"], name
 
 
+@pytest.mark.parametrize("row", [1, 2])  # a success, a failure
+def test_a_null_size_fails(row: int) -> None:
+    """A range check skips nulls (GX), so a null width passed for a success and for a failure (0 there)."""
+    df = _manifest().astype({"width": "Int64"})
+    df.loc[row, "width"] = None
+    assert "expect_column_values_to_not_be_null(column=width): 1 unexpected" in _failure(df)
+
+
 def test_no_success_at_all_fails() -> None:
     df = _manifest().iloc[[2]]
     msg = _failure(df)  # says which value is missing, not GX's observed_value (always None for this check)
