@@ -11,6 +11,7 @@ busy machine).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,31 @@ def checkpoint_step(resume_dir: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=True)["step"]
 
 
+def kill_after_step_4(cmd: list[str], resume_dir: Path, outputs: list[Path], tries: int = 3) -> int:
+    """Start ``cmd``, SIGKILL it once its checkpoint has passed step 4, and return the step on disk.
+
+    The watcher can be starved on a busy machine (CI runs the Prefect pipeline beside the tests) until the
+    run has finished or written its last checkpoint: then the kill tests nothing, and the run is tidied
+    away and started again.
+    """
+    for _ in range(tries):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        deadline = time.monotonic() + 240
+        while checkpoint_step(resume_dir) < 4:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint for step 4"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        killed_at = checkpoint_step(resume_dir)
+        if proc.returncode == -signal.SIGKILL and 4 <= killed_at < TOTAL:
+            assert not any(path.exists() for path in outputs)
+            return killed_at
+        for path in (resume_dir, *outputs):
+            shutil.rmtree(path, ignore_errors=True)
+    pytest.fail(f"each of {tries} runs reached its end before the kill landed")
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path: Path) -> None:
     root = make_workspace(tmp_path)
@@ -54,16 +80,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
 
     resume_dir = root / ".resume" / "killed"
-    proc = subprocess.Popen(command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
-    deadline = time.monotonic() + 240
-    while checkpoint_step(resume_dir) < 4:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint for step 4"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = checkpoint_step(resume_dir)
-    assert 4 <= killed_at < TOTAL and not (root / "killed").exists()
+    killed_at = kill_after_step_4(command(killed), resume_dir, [root / "killed", root / "metrics" / "killed"])
 
     resumed = subprocess.run(command(killed), capture_output=True, text=True, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
