@@ -41,7 +41,7 @@ from tqdm import tqdm
 from mcf.cli import describe
 from mcf.data import transforms as T
 from mcf.data.aflw19 import AFLW19Config, crop_matrix, read_rgb, to_original
-from mcf.data.detect import DetectorConfig, Face, make_detector
+from mcf.data.detect import DetectorConfig, Face, box_misses, make_detector
 from mcf.data.lapa import LaPaConfig, align_matrix, warp_to_original
 from mcf.data.shards import decode_jpeg
 from mcf.errors import StageError
@@ -181,7 +181,7 @@ def predict(
             if not faces:
                 log.warning("%s: no face found", path)
             h, w = rgb.shape[:2]
-            if box is not None and (box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h):
+            if box is not None and box_misses(box, w, h):
                 log.warning("%s: --box lies outside the %dx%d image; its prediction is of blank padding",
                             path, w, h)
             canvas = rgb.copy()

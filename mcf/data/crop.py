@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mcf.data.detect import DetectorConfig, Face, load_detections, make_detector
+from mcf.data.detect import DetectorConfig, Face, box_misses, load_detections, make_detector
 from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest, write_shards
 from mcf.errors import StageError
@@ -179,8 +179,7 @@ def _row(sample_id: str, face: Face | None) -> dict[str, Any]:
 def _crop_face(rgb: np.ndarray, face: Face, sample_id: str, cfg: CropConfig) -> tuple[dict, bytes | None]:
     """One manifest row for ``face``, and the JPEG of its crop when it passes the per-crop filters."""
     row = _row(sample_id, face)
-    (h, w), (x1, y1, x2, y2) = rgb.shape[:2], face.box
-    if x2 <= 0 or y2 <= 0 or x1 >= w or y1 >= h:  # padding would make a crop of no face
+    if box_misses(face.box, rgb.shape[1], rgb.shape[0]):
         return row | {"reason": "outside_image"}, None
     points = None if face.landmarks is None or not cfg.align else np.asarray(face.landmarks).reshape(5, 2)
     if points is not None and not (np.isfinite(points).all() and np.ptp(points, axis=0).any()):

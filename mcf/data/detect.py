@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -60,6 +61,13 @@ class Face:
     def size(self) -> float:
         """The shorter side of the box: a face is at least ``size`` × ``size`` pixels."""
         return float(min(self.box[2] - self.box[0], self.box[3] - self.box[1]))
+
+
+def box_misses(box: Sequence[float], width: int, height: int) -> bool:
+    """Whether box (x1, y1, x2, y2) covers no pixel of a ``width`` × ``height`` image: a crop of it would
+    be padding alone (a detection made on another version of the image, a box meant for another one)."""
+    x1, y1, x2, y2 = box
+    return x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height
 
 
 def load_detections(path: str | Path) -> dict[str, list[Face]]:
