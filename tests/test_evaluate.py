@@ -21,7 +21,7 @@ from mcf.errors import StageError
 from mcf.evaluate import evaluate as evaluate_module
 from mcf.evaluate import metrics as M
 from mcf.evaluate.evaluate import EvaluateConfig, main
-from mcf.evaluate.plots import read_png
+from mcf.evaluate.plots import draw_landmarks, read_png
 from mcf.evaluate.scoring import CLASSES, predict_landmarks
 from mcf.params import Common, ParamsError
 from mcf.train.finetune import main_alignment, main_parsing
@@ -84,6 +84,13 @@ def test_plots_and_overlays_are_written(evaluated: tuple[EvaluateConfig, dict, P
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
     tasks = ("alignment", "parsing")
     assert overlays == sorted(f"{t}_{v}_{i}.png" for t in tasks for v in VARIANTS for i in (0, 1))
+
+
+def test_overlays_leave_out_points_that_have_no_pixel() -> None:
+    """A diverged model's NaN or far-off point is not drawn (OpenCV refuses it) and spares the others."""
+    image = np.zeros((40, 50, 3), np.uint8)
+    drawn = draw_landmarks(image, np.array([[np.nan, 3.0], [1e30, -1e30], [25.0, 20.0]]))
+    assert drawn[20, 25].tolist() == [255, 0, 0] and drawn[:10].max() == 0 and drawn[:, 40:].max() == 0
 
 
 def test_alignment_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:

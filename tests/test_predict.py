@@ -136,6 +136,19 @@ def test_a_box_outside_an_image_is_warned_of(
         assert (f"--box lies outside the {w}x{h} image" in caplog.text) is warned
 
 
+def test_a_box_far_beyond_an_image_still_gives_an_overlay(
+    models: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Points mapped from an absurd box are far outside the image, past what OpenCV's circle takes."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    out = tmp_path / "out"
+    assert cli_main(["predict", str(image), "--alignment", str(align_pt), "--box=-1e20,-1e20,1e20,1e20",
+                     "--out", str(out)]) == 0
+    assert np.array_equal(read_png(out / "overlays" / f"{image.stem}.png"), read_image(image))  # no dot lands
+    assert pd.read_csv(out / "faces.csv").filter(regex=r"^[xy]\d+$").abs().to_numpy().max() > 1e15
+
+
 def test_a_jpeg_cut_short_is_listed_as_unreadable(models: tuple[Path, Path, Path], tmp_path: Path) -> None:
     """OpenCV decodes the part of a truncated JPEG there is (grey below it) and only warns on stderr."""
     root, align_pt, _ = models

@@ -63,14 +63,20 @@ def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: 
 
 
 def draw_landmarks(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None) -> np.ndarray:
-    """RGB image with predicted points (red) and ground truth (green), in the image's pixel coords."""
+    """RGB image with predicted points (red) and ground truth (green), in the image's pixel coords.
+
+    A point whose dot would not touch the image (a diverged model's, or one mapped from an absurd box) is
+    left out: OpenCV takes only coordinates that fit an int, and NaN has no pixel.
+    """
     out = image.copy()
-    radius = max(1, round(max(image.shape[:2]) / 160))
+    h, w = image.shape[:2]
+    radius = max(1, round(max(h, w) / 160))
     for points, colour in ((gt, (0, 255, 0)), (pred, (255, 0, 0))):
         if points is None:
             continue
         for x, y in np.asarray(points):  # continuous coords; OpenCV's pixel centres sit at integers
-            cv2.circle(out, (int(round(x - 0.5)), int(round(y - 0.5))), radius, colour, -1, cv2.LINE_AA)
+            if -radius <= x <= w + radius and -radius <= y <= h + radius:
+                cv2.circle(out, (int(round(x - 0.5)), int(round(y - 0.5))), radius, colour, -1, cv2.LINE_AA)
     return out
 
 
