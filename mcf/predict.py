@@ -104,10 +104,10 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
             raise StageError(f"{item}: no such image or folder")
     if not images:
         raise StageError(f"no images in {', '.join(map(str, inputs))} ({', '.join(IMAGE_SUFFIXES)})")
-    stems = [p.stem for p in images]
-    if len(set(stems)) != len(stems):
-        raise StageError("two images share a file stem; their outputs would collide: "
-                         f"{sorted({s for s in stems if stems.count(s) > 1})}")
+    stems = [p.stem.casefold() for p in images]  # Face.jpg and face.png are one file on macOS and Windows
+    if clash := sorted({p.name for p, s in zip(images, stems, strict=True) if stems.count(s) > 1}):
+        raise StageError(f"images share a file stem (letter case aside); their outputs would collide: "
+                         f"{clash}")
     return images
 
 

@@ -290,8 +290,11 @@ def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
     with pytest.raises(StageError, match="no images in .*empty"):
         list_images([tmp_path / "empty"])
     (tmp_path / "a.jpg").touch()
-    with pytest.raises(StageError, match=r"two images share a file stem.*\['a'\]"):
+    with pytest.raises(StageError, match=r"images share a file stem.*\['a.jpg', 'a.png'\]"):
         list_images([photos, tmp_path / "a.jpg"])
+    (tmp_path / "B.png").touch()  # overlays/B.png and overlays/b.png are one file on a case-blind disk
+    with pytest.raises(StageError, match=r"letter case aside.*\['B.png', 'b.JPG'\]"):
+        list_images([photos, tmp_path / "B.png"])
 
 
 @pytest.mark.parametrize(
