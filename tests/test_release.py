@@ -258,6 +258,15 @@ def test_heads_default_to_64_channels_each() -> None:
     assert infer_backbone_config(create_backbone(wide).state_dict()) == wide
 
 
+@pytest.mark.parametrize(("width", "heads"), [(384, 6), (768, 12), (1024, 16), (1280, 16), (1408, 16)])
+def test_heads_of_the_published_vits_of_each_width(width: int, heads: int) -> None:
+    """ViT-H (MAE's mae_pretrain_vit_huge, timm's vit_huge_*) has 16 heads of 80 channels, not 20 of 64."""
+    shapes = {"patch_embed.proj.weight": (width, 3, 14, 14), "pos_embed": (1, 257, width),
+              "blocks.0.mlp.fc1.weight": (4 * width, width)}
+    state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    assert infer_backbone_config(state).num_heads == heads
+
+
 def test_a_backbone_loaded_at_another_size_resamples_only_the_patch_positions(tmp_path: Path) -> None:
     """Fine-tuning and the probes load the export at the data size: the position table grows to the
     new grid and the CLS row, outside the grid, is kept as it is."""

@@ -90,8 +90,14 @@ def encoder_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
     )
 
 
+# The published ViTs whose heads are wider than 64 channels: ViT-H (MAE's and timm's), ViT-g and ViT-G
+# all have 16. Width // 64 would give 20, 22 and 26: another attention, with nothing in the shapes to say so
+WIDE_VIT_HEADS = {1280: 16, 1408: 16, 1664: 16}
+
+
 def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = None) -> BackboneConfig:
-    """Read a ViT's size from its weights; heads are not in the shapes (default: 64 channels each)."""
+    """Read a ViT's size from its weights; heads are not in the shapes (default: the published ViT of that
+    width's, 64 channels each below ViT-H)."""
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
         if key not in state:
             raise ValueError(f"cannot size the ViT: weight {key!r} is missing")
@@ -103,7 +109,7 @@ def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = N
         why = "a square grid with no class-token slot" if square else "not a class-token slot + a square grid"
         raise ValueError(f"pos_embed has {tokens + 1} positions, {why}: not a plain ViT")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    heads = max(1, embed // 64) if num_heads is None else num_heads
+    heads = (WIDE_VIT_HEADS.get(embed) or max(1, embed // 64)) if num_heads is None else num_heads
     if heads < 1 or embed % heads:
         raise ValueError(f"{heads} attention heads do not divide the embedding width {embed}")
     return BackboneConfig(
@@ -124,7 +130,7 @@ def backbone_from_checkpoint(
 
     The size comes from a ``backbone`` entry (``dataclasses.asdict(BackboneConfig)``) when the
     checkpoint has one, else from the shapes; heads from ``num_heads``, else from a MoCo v3 ``arch``,
-    else from ``like`` when the widths match, else 64 channels per head.
+    else from ``like`` when the widths match, else the published ViT's of that width (infer_backbone_config).
     """
     state = encoder_state_dict(obj)
     if isinstance(obj.get("backbone"), Mapping):
