@@ -660,6 +660,8 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
         _config(source="s3", s3={"bucket": "b", "endpoint_url": "127.0.0.1:9000"})
     with pytest.raises(ParamsError, match=r"fetch\.max_pixels: must be >= 1"):
         _config(max_pixels=0)
+    with pytest.raises(ParamsError, match=r"fetch\.max_pixels: must be <= 178956970"):  # Pillow opens no more
+        _config(max_pixels=200_000_000)
     with pytest.raises(ParamsError, match=r"fetch\.source: must be one of"):
         _config(source="ftp")
     # "jpg" matches no Path.suffix: the run would end in "lists no rows ... (files ending in jpg)"

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from mcf.data.sources import laion, local, s3
 from mcf.data.sources.download import Limits, Source, download
+from mcf.data.sources.image import PILLOW_MAX_PIXELS
 from mcf.data.sources.laion import LaionFaceConfig
 from mcf.data.sources.local import LocalConfig
 from mcf.data.sources.s3 import S3Config
@@ -52,7 +53,8 @@ class FetchConfig:
     threads: int = param(16, ge=1)  # concurrent downloads (laion-face, s3, local)
     retries: int = param(1, ge=0)  # extra tries after a timeout, a dropped connection, HTTP 5xx/429
     max_bytes: int = param(20_000_000, ge=1)  # per image; more is `too_large`
-    max_pixels: int = param(50_000_000, ge=1)  # per image, from the header; more is `decompression_bomb`
+    # per image, from the header; more is `decompression_bomb` (up to Pillow's own bound, ~179 M)
+    max_pixels: int = param(50_000_000, ge=1, le=PILLOW_MAX_PIXELS)
     synthetic: SynthConfig = dataclasses.field(default_factory=SynthConfig)
     laion_face: LaionFaceConfig = dataclasses.field(default_factory=LaionFaceConfig)
     s3: S3Config = dataclasses.field(default_factory=S3Config)

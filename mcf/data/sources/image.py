@@ -47,6 +47,7 @@ STATUSES = (
 # what OpenCV in the crop stage reads; MPO is a JPEG with more images after the first
 FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open a larger image, whatever max_pixels
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
 _USERINFO = re.compile(r"(?<=://)[^/?#\s\"'<>]*@")  # to the authority's last @, as URL parsers split
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
