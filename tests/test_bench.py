@@ -47,6 +47,30 @@ def test_equivalence_uses_one_set_of_masks_and_catches_a_difference() -> None:
     assert not equivalence(model, other, imgs, 0.75, torch.float32, rtol=1e-2)[0]
 
 
+class _OwnMasks(torch.nn.Module):
+    """A "fast path" that computes the step right but draws its masks from a generator of its own (as
+    inductor's RNG does without ``fallback_random``)."""
+
+    def __init__(self, model: MCF) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float) -> dict[str, torch.Tensor]:
+        own = torch.Generator().manual_seed(1)
+        n, length = imgs.shape[0], self.model.grid**2
+        noise, key_noise = (torch.rand(n, length, generator=own) for _ in range(2))
+        return self.model(imgs, mask_ratio, noise, key_noise)
+
+
+def test_equivalence_fails_a_path_that_draws_other_masks() -> None:
+    """At batch 32 other masks move every loss term by less than bf16's 3e-2 (the contrastive term by
+    about 1 %): only the generators' states after the forward tell the paths apart."""
+    model, imgs = _model(), torch.randn(32, 3, 32, 32)
+    ok, pairs = equivalence(model, _OwnMasks(model), imgs, 0.75, torch.bfloat16, rtol=3e-2)
+    assert all(abs(b - a) <= 3e-2 * abs(a) for a, b in pairs.values())  # the losses alone would pass
+    assert not ok
+
+
 def test_step_flops_count_attention_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU's fused attention kernel has no FLOP formula: the count must still hold attention's matmuls
     (QK^T and AV, 4·B·H·Lq·Lk·D a forward, three times that with its backward)."""
