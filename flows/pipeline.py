@@ -105,6 +105,9 @@ def plan(root: Path, targets: list[str] | None = None) -> dict[str, list[str]]:
         if not stages:
             raise ValueError(f"no pipeline stages in {root}/dvc.yaml")
         chosen = set(stages)
+        if targets is not None and not targets:  # not "all": a list emptied by mistake would run everything
+            raise ValueError("no stage given (an empty list): name the stages to reach, or leave it unset "
+                             "for the whole pipeline")
         if targets:
             chosen = set()
             for target in targets:

@@ -140,6 +140,9 @@ def test_plan_follows_the_dag_and_pulls_in_upstream(project: Path) -> None:
     assert list(plan(project, ["train"])) == ["fetch", "train@a", "train@b"]
     with pytest.raises(ValueError, match=r"unknown stage 'pretrian' \(valid: evaluate, fetch, train@a"):
         plan(project, ["pretrian"])
+    # an empty list is no stage, not every stage: it would start the whole pipeline (pretraining too)
+    with pytest.raises(ValueError, match=r"no stage given \(an empty list\)"):
+        plan(project, [])
 
 
 def test_stage_tasks_retry_io_and_tag_gpu() -> None:
