@@ -300,7 +300,14 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
 
 @contextmanager
 def workspace_lock(root: Path) -> Iterator[None]:
-    """Refuse a second flow run in the same checkout: they would swap params.yaml under each other."""
+    """Refuse a second flow run in the same checkout: they would swap params.yaml under each other.
+
+    Also refuse a folder that is not a DVC checkout (MCF_REPO set wrong): creating the lock's ``.dvc/tmp``
+    there would make DVC take that folder as the repository root of everything below it.
+    """
+    if not (root / ".dvc").is_dir():
+        raise RuntimeError(f"{root} is not a DVC checkout of mcf (no .dvc folder): point the worker's "
+                           "MCF_REPO at a clone of the repository")
     path = root / ".dvc" / "tmp" / "mcf-flow.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as handle:

@@ -427,11 +427,23 @@ def test_a_second_flow_run_in_the_same_checkout_is_refused(tmp_path: Path) -> No
     """Two runs in one checkout would swap params.yaml under each other: the second is refused at once."""
     from flows.pipeline import workspace_lock
 
+    (tmp_path / ".dvc").mkdir()
     with workspace_lock(tmp_path):
         with pytest.raises(RuntimeError, match="another mcf flow run is using"), workspace_lock(tmp_path):
             pass
     with workspace_lock(tmp_path):  # released when the first run ends
         pass
+
+
+def test_a_folder_that_is_no_checkout_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """MCF_REPO pointing elsewhere: the lock's ``.dvc/tmp`` there would make DVC take the folder as the
+    repository root of every folder below it."""
+    from flows.pipeline import workspace_lock
+
+    refused = pytest.raises(RuntimeError, match="is not a DVC checkout of mcf .*MCF_REPO")
+    with refused, workspace_lock(tmp_path):
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api: None, project: Path) -> None:
