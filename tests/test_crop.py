@@ -66,9 +66,9 @@ def _samples() -> dict[str, tuple[np.ndarray | None, list[dict] | None, str]]:
     astro = _rgb("astronaut")
     blurred = cv2.resize(cv2.resize(_rgb("chelsea"), (28, 19), interpolation=cv2.INTER_AREA), (451, 300))
     astro_face = {"box": list(ASTRO_FACE), "landmarks": list(ASTRO_LANDMARKS), "score": 0.99}
-    return {
-        "astro": (astro, [astro_face], "kept"),
+    return {  # listed out of sample_id order: crop reads them sorted, so "astro" is the first copy
         "astro-again": (astro, [astro_face], "duplicate"),
+        "astro": (astro, [astro_face], "kept"),
         "blurry": (blurred, [_box_face((110, 40, 260, 190))], "blurry"),
         "camera": (_rgb("camera"), [_box_face((180, 40, 330, 190))], "kept"),
         "chelsea": (_rgb("chelsea"), [_box_face((110, 40, 260, 190))], "kept"),
@@ -207,7 +207,10 @@ def test_yunet_faces_crop_and_shard(tmp_path: Path, monkeypatch: MonkeyPatch) ->
 
 
 def test_rejections_carry_reasons(serial: tuple[CropConfig, pd.DataFrame]) -> None:
+    """Also the row order docs/CONTRACTS.md gives (sorted ``sample_id``s, not the fetch listing's), which
+    decides which of two identical crops is the duplicate."""
     _, manifest = serial
+    assert manifest["sample_id"].tolist() == sorted(manifest["sample_id"])
     got = manifest.set_index("sample_id")["reason"].fillna("kept").to_dict()
     assert got == {sid: expected for sid, (_, _, expected) in _samples().items()}
     assert (manifest["status"] == "kept").eq(manifest["reason"].isna()).all()
