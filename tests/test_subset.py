@@ -106,8 +106,14 @@ def test_manifest_keeps_the_crop_manifests_types(crop_dir: Path, tmp_path: Path)
 
 
 def test_stratified_pick_keeps_bin_proportions(crop_dir: Path, tmp_path: Path) -> None:
+    """Also the row order docs/CONTRACTS.md gives: the crop stage's, as the shards hold them, not the
+    strata's (picked bin by bin, "32-48" first)."""
     manifest = subset(_cfg(crop_dir, tmp_path / "s", stratify="face_size_bin"), seed=0)
     assert manifest["face_size_bin"].value_counts().to_dict() == {"<32": 10, "32-48": 6, ">=64": 4}
+    chosen = set(manifest["crop_id"])
+    crop_order = [c for c in pd.read_parquet(crop_dir / "manifest.parquet")["crop_id"] if c in chosen]
+    assert manifest["crop_id"].tolist() == crop_order
+    assert [key for key, _, _ in iter_encoded(shard_urls(tmp_path / "s/shards"))] == crop_order
     by_detector = subset(_cfg(crop_dir, tmp_path / "d", stratify="detector", n=10), seed=0)
     assert by_detector["detector"].value_counts().to_dict() == {"haar": 5, "table": 5}
 
