@@ -310,7 +310,16 @@ def test_shards_stream_with_webdataset(serial: tuple[CropConfig, pd.DataFrame]) 
     assert [s["__key__"] for s in samples] == list(kept["crop_id"])
     assert all(s["jpg"].shape == (SIZE, SIZE, 3) and s["jpg"].dtype == np.uint8 for s in samples)
     assert len(urls) == -(-len(kept) // cfg.shard_size)
-    assert samples[0]["json"]["sample_id"] == kept.iloc[0]["sample_id"]
+    for sample, (_, row) in zip(samples, kept.iterrows(), strict=True):  # docs/CONTRACTS.md's json member
+        lms = row["landmarks"]
+        assert sample["json"] == {
+            "crop_id": row["crop_id"], "sample_id": row["sample_id"], "face": row["face"],
+            "box": list(row["box"]),
+            "landmarks": None if lms is None else [list(lms[i:i + 2]) for i in (0, 2, 4, 6, 8)],
+            "score": None if np.isnan(row["score"]) else row["score"],
+        }, row["crop_id"]
+    metas = [s["json"] for s in samples]  # both kinds are there: a table face's landmarks, Haar's no score
+    assert any(m["landmarks"] for m in metas) and any(m["score"] is None for m in metas)
     assert pd.read_parquet(out / "manifest.parquet")["crop_id"].tolist() == manifest["crop_id"].tolist()
 
 
