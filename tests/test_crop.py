@@ -241,13 +241,17 @@ def test_reasons_match_the_gate_suite() -> None:
 
 
 def test_the_filters_keep_a_face_at_their_bounds(tmp_path: Path) -> None:
-    """``min_face_size`` and ``min_score`` are the smallest values kept: a face exactly at them passes."""
+    """``min_face_size`` and ``min_score`` are the smallest values kept: a face exactly at them passes.
+    The size is the box's shorter side (docs/CONTRACTS.md), whichever side that is."""
     cv2.imwrite(str(tmp_path / "a.jpg"), cv2.cvtColor(_rgb("astronaut"), cv2.COLOR_RGB2BGR))
     x1, y1 = ASTRO_FACE[:2]
-    face = Face(0, (x1, y1, x1 + 100.0, y1 + 120.0), None, 0.9, "table")  # shorter side 100
+    faces = (Face(0, (x1, y1, x1 + 100.0, y1 + 120.0), None, 0.9, "table"),  # shorter side 100
+             Face(1, (x1, y1, x1 + 120.0, y1 + 99.0), None, 0.9, "table"))  # shorter side 99
     cfg = CropConfig(size=SIZE, min_face_size=100.0, min_score=0.9, min_blur=0.0)
-    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), (face,))], cfg, tmp_path / "part")
-    assert result.rows["status"].tolist() == ["kept"]
+    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), faces)], cfg, tmp_path / "part")
+    assert result.rows["status"].tolist() == ["kept", "rejected"]
+    assert result.rows["reason"].tolist() == [None, "too_small"]
+    assert result.rows["face_size"].tolist() == [100.0, 99.0]
 
 
 @pytest.mark.parametrize("pad", ["constant", "reflect"])
