@@ -680,6 +680,19 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
     assert _config(source="local", local={"root": str(photos)}).local.root == str(photos)
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    ["s3://AKIAEXAMPLE:s3cret@127.0.0.1:9000", "http://AKIAEXAMPLE:s3cret@", "AKIAEXAMPLE:s3cret/x@127.0.0.1",
+     "ftp://127.0.0.1/?X-Amz-Signature=s3cret"],
+)
+def test_an_endpoint_refused_for_its_form_does_not_quote_its_credentials(endpoint: str) -> None:
+    """The scheme check ran first and quoted the whole value, password or signature included."""
+    with pytest.raises(ParamsError) as err:
+        _config(source="s3", s3={"bucket": "b", "endpoint_url": endpoint})
+    assert "s3cret" not in str(err.value) and "AKIAEXAMPLE" not in str(err.value)
+    assert "takes no user, password or query" in str(err.value)
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

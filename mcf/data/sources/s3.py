@@ -46,12 +46,14 @@ class S3Config:
         if not self.bucket:
             raise ParamsError("bucket", "give the bucket to read from")
         check_extensions(self.extensions)
-        parts = urlsplit(self.endpoint_url or "")
-        if self.endpoint_url and (parts.scheme not in ("http", "https") or not parts.hostname):
-            raise ParamsError("endpoint_url", f"expected http(s)://host[:port], got {self.endpoint_url!r}")
-        if parts.username or parts.password or parts.query:
+        url = self.endpoint_url or ""
+        # before any message quotes the value: "@" and "?" mark credentials however the rest is malformed
+        if "@" in url or "?" in url:
             raise ParamsError("endpoint_url", "takes no user, password or query: credentials come from "
                               "boto3's chain (AWS_ACCESS_KEY_ID ..., a profile), never from params")
+        parts = urlsplit(url)
+        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ParamsError("endpoint_url", f"expected http(s)://host[:port], got {url!r}")
 
 
 def _client(cfg: S3Config, threads: int) -> Any:
