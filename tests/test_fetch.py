@@ -693,6 +693,16 @@ def test_an_endpoint_refused_for_its_form_does_not_quote_its_credentials(endpoin
     assert "takes no user, password or query" in str(err.value)
 
 
+@pytest.mark.parametrize("endpoint", ["http://[::1", "http://mini o:9000", "http://127.0.0.1:9OOO",
+                                      "http://127.0.0.1:90000"])
+def test_an_endpoint_boto3_cannot_use_is_a_params_error(endpoint: str) -> None:
+    """These passed the check, then ended the stage in a ValueError traceback (exit 1, not 2) or in a
+    listing error after the stage had started."""
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: expected http\(s\)://host\[:port\]"):
+        _config(source="s3", s3={"bucket": "b", "endpoint_url": endpoint})
+    assert _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://[::1]:9000"}).s3.endpoint_url
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

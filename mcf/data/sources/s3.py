@@ -22,6 +22,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     ReadTimeoutError,
 )
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
 
 from mcf.data.sources.download import Source
 from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions, read_bounded, redact
@@ -51,9 +52,20 @@ class S3Config:
         if "@" in url or "?" in url:
             raise ParamsError("endpoint_url", "takes no user, password or query: credentials come from "
                               "boto3's chain (AWS_ACCESS_KEY_ID ..., a profile), never from params")
-        parts = urlsplit(url)
-        if url and (parts.scheme not in ("http", "https") or not parts.hostname):
+        if url and not _valid_endpoint(url):
             raise ParamsError("endpoint_url", f"expected http(s)://host[:port], got {url!r}")
+
+
+def _valid_endpoint(url: str) -> bool:
+    """An http(s) URL that botocore takes (its own host test) with a port in range: else boto3 raised a
+    bare ValueError (a traceback, not exit 2) or failed only when listing."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (parses it: a port that is no number, or is over 65535, raises)
+    except ValueError:  # an unbalanced IPv6 bracket, a bad port
+        return False
+    host_ok = is_valid_endpoint_url(url) or is_valid_ipv6_endpoint_url(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and bool(host_ok)
 
 
 def _client(cfg: S3Config, threads: int) -> Any:
