@@ -906,13 +906,71 @@ def test_s3_throttling_is_retried(tmp_path: Path) -> None:
         section = {"bucket": "faces", "endpoint_url": f"http://127.0.0.1:{httpd.server_address[1]}"}
         cfg = _config(source="s3", s3=section, retries=2)
         rows = pd.DataFrame([{"sample_id": "a.jpg", "caption": "", "key": "a.jpg", "etag": "e", "size": 10}])
-        source = s3.source(cfg.s3, cfg.max_bytes, 1, rows)
+        source = s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries, rows)
         (record,) = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
     finally:
         httpd.shutdown()
         httpd.server_close()
     assert (record.status, record.error) == ("http_error", "HTTP 429 TooManyRequests")
     assert Throttling.requests == 3
+
+
+class SlowDown(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers its first ``fail`` requests 503 SlowDown (S3's own transient throttling,
+    which botocore retries by itself), then a listing of one object."""
+
+    requests, fail = 0, 0
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).requests += 1
+        if type(self).requests <= type(self).fail:
+            status, body = 503, b"<Error><Code>SlowDown</Code><Message>Slow down</Message></Error>"
+        else:
+            status, body = 200, (
+                b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>faces</Name><Prefix></Prefix>'
+                b"<KeyCount>1</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated><Contents>"
+                b'<Key>a.jpg</Key><ETag>"e"</ETag><Size>10</Size></Contents></ListBucketResult>'
+            )
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def slow_down() -> Iterator[str]:
+    SlowDown.requests, SlowDown.fail = 0, 0
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), SlowDown)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_s3_listing_takes_fetch_retries(slow_down: str) -> None:
+    """The listing, which no loop of ours retries, is retried fetch.retries times: botocore's
+    ``max_attempts: 1`` (retries after the first try, not tries) gave it one retry whatever the params."""
+    SlowDown.fail = 2
+    cfg = _config(source="s3", s3={"bucket": "faces", "endpoint_url": slow_down}, retries=2)
+    source = s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries)
+    assert source.rows[["key", "size"]].to_dict("records") == [{"key": "a.jpg", "size": 10}]
+    assert SlowDown.requests == 3
+
+
+def test_s3_download_is_tried_once_per_fetch_retry(slow_down: str, tmp_path: Path) -> None:
+    """A download is retried by our loop only: botocore's own retry doubled each try, so fetch.retries: 0
+    still fetched a 503-ing object twice."""
+    SlowDown.fail = 10
+    cfg = _config(source="s3", s3={"bucket": "faces", "endpoint_url": slow_down}, retries=0)
+    rows = pd.DataFrame([{"sample_id": "a.jpg", "caption": "", "key": "a.jpg", "etag": "e", "size": 10}])
+    source = s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries, rows)
+    (record,) = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
+    assert (record.status, record.error) == ("http_error", "HTTP 503 SlowDown")
+    assert SlowDown.requests == 1
 
 
 def test_synthetic_source_end_to_end() -> None:

@@ -108,7 +108,7 @@ def remote_source(cfg: FetchConfig, rows: pd.DataFrame | None = None) -> Source:
     if cfg.source == "laion-face":
         return laion.source(cfg.laion_face, cfg.max_bytes, rows)
     if cfg.source == "s3":
-        return s3.source(cfg.s3, cfg.max_bytes, cfg.threads, rows)
+        return s3.source(cfg.s3, cfg.max_bytes, cfg.threads, cfg.retries, rows)
     return local.source(cfg.local, cfg.max_bytes, rows)
 
 

@@ -68,11 +68,13 @@ def _valid_endpoint(url: str) -> bool:
     return parts.scheme in ("http", "https") and bool(parts.hostname) and bool(host_ok)
 
 
-def _client(cfg: S3Config, threads: int) -> Any:
+def _client(cfg: S3Config, threads: int, retries: int) -> Any:
+    """A client that retries each call ``retries`` times (botocore's ``max_attempts`` counts the retries
+    after the first try, not the tries)."""
     config = Config(
         connect_timeout=cfg.timeout,
         read_timeout=cfg.timeout,
-        retries={"max_attempts": 1, "mode": "standard"},  # our own retry loop decides
+        retries={"max_attempts": retries, "mode": "standard"},
         max_pool_connections=max(10, threads),
     )
     return boto3.session.Session().client(
@@ -131,9 +133,15 @@ class S3Fetcher:
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}", retryable=True) from None
 
 
-def source(cfg: S3Config, max_bytes: int, threads: int, rows: pd.DataFrame | None = None) -> Source:
-    """The objects under the prefix (or ``rows``, a slice of them listed elsewhere) and their fetcher."""
-    client = _client(cfg, threads)
-    rows = list_rows(client, cfg) if rows is None else rows
+def source(
+    cfg: S3Config, max_bytes: int, threads: int, retries: int, rows: pd.DataFrame | None = None
+) -> Source:
+    """The objects under the prefix (or ``rows``, a slice of them listed elsewhere) and their fetcher.
+
+    ``fetch.retries`` holds for both: botocore retries the listing's calls, our loop the downloads
+    (:func:`mcf.data.sources.download.fetch_records`), so the fetcher's client makes each call once.
+    """
+    client = _client(cfg, threads, retries=0)
+    rows = list_rows(_client(cfg, 1, retries), cfg) if rows is None else rows
     origin = f"s3://{cfg.bucket}/{cfg.prefix} (keys ending in {', '.join(cfg.extensions) or 'anything'})"
     return Source("s3", rows, S3Fetcher(client, cfg.bucket, max_bytes), match=("key", "etag"), origin=origin)
