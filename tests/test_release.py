@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,20 @@ def test_weights_files_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture
         with pytest.raises(WeightsError, match=f"{name}: cannot be read as a PyTorch checkpoint .*cut short"):
             read_weights(tmp_path / name)
     assert "ran code" not in capsys.readouterr().out
+
+
+class _BlockedModule:
+    def __reduce__(self) -> tuple:
+        return (os.getcwd, ())  # harmless, but from os (posix), a module torch's weights-only loader blocks
+
+
+def test_a_pickle_calling_into_a_blocked_module_is_named_as_such(tmp_path: Path) -> None:
+    """torch words a global of a module it blocks (os, sys, subprocess ...) as "unsupported GLOBAL posix.x
+    whose module posix is blocked": that payload, the likeliest of a malicious file, read as "cut short,
+    damaged, or another format"."""
+    torch.save({"model": {}, "x": _BlockedModule()}, tmp_path / "exploit.pth")
+    with pytest.raises(WeightsError, match=r"exploit.pth: not a weights-only PyTorch checkpoint \(.*posix"):
+        read_weights(tmp_path / "exploit.pth")
 
 
 def test_export_whose_json_and_weights_disagree_is_refused_naming_it(tmp_path: Path) -> None:

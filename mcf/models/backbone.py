@@ -136,7 +136,11 @@ def read_weights(path: str | Path) -> dict[str, Any]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a damaged file fails in many ways (KeyError, EOFError, RuntimeError...)
         lines = str(err).splitlines()
-        foreign = [ln.split(". Please")[0].strip() for ln in lines if "Unsupported global" in ln]
+        # "Unsupported global: GLOBAL x.y ...", or for a module torch blocks (os, subprocess ...) "Trying to
+        # load unsupported GLOBAL posix.system whose module posix is blocked"
+        foreign = [
+            ln.split(". Please")[0].strip().rstrip(".") for ln in lines if "unsupported global" in ln.lower()
+        ]
         if foreign:
             raise WeightsError(
                 f"{path}: not a weights-only PyTorch checkpoint ({foreign[0]}); it is not loaded with full "
