@@ -703,6 +703,14 @@ def test_an_endpoint_boto3_cannot_use_is_a_params_error(endpoint: str) -> None:
     assert _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://[::1]:9000"}).s3.endpoint_url
 
 
+def test_a_region_boto3_refuses_is_a_params_error() -> None:
+    """A region with a space or a slash passed the params check, then boto3's InvalidRegionError ended
+    the stage in a traceback (exit 1, not 2)."""
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.region: 'us east 1' is not a region name"):
+        _config(source="s3", s3={"bucket": "b", "region": "us east 1"})
+    assert _config(source="s3", s3={"bucket": "b", "region": "auto"}).s3.region == "auto"  # R2's
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

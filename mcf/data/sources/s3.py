@@ -20,9 +20,10 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    InvalidRegionError,
     ReadTimeoutError,
 )
-from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url
+from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url, validate_region_name
 
 from mcf.data.sources.download import Source
 from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions, read_bounded, redact
@@ -54,6 +55,10 @@ class S3Config:
                               "boto3's chain (AWS_ACCESS_KEY_ID ..., a profile), never from params")
         if url and not _valid_endpoint(url):
             raise ParamsError("endpoint_url", f"expected http(s)://host[:port], got {url!r}")
+        try:
+            validate_region_name(self.region)
+        except InvalidRegionError:  # raised by boto3's client, as a traceback, once the stage ran
+            raise ParamsError("region", f"{self.region!r} is not a region name (e.g. us-east-1)") from None
 
 
 def _valid_endpoint(url: str) -> bool:
