@@ -711,6 +711,15 @@ def test_a_region_boto3_refuses_is_a_params_error() -> None:
     assert _config(source="s3", s3={"bucket": "b", "region": "auto"}).s3.region == "auto"  # R2's
 
 
+def test_an_aws_set_up_boto3_refuses_ends_the_stage_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile that no AWS config file defines made boto3's client raise ProfileNotFound outside
+    list_rows' handler: a traceback, not the one-line stage error."""
+    monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+    cfg = _config(source="s3", s3={"bucket": "b", "endpoint_url": f"http://127.0.0.1:{_closed_port()}"})
+    with pytest.raises(StageError, match=r"fetch\.s3: cannot set up an S3 client: .*\(no-such-profile\)"):
+        s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries)
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

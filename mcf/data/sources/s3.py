@@ -82,9 +82,12 @@ def _client(cfg: S3Config, threads: int, retries: int) -> Any:
         retries={"max_attempts": retries, "mode": "standard"},
         max_pool_connections=max(10, threads),
     )
-    return boto3.session.Session().client(
-        "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config
-    )
+    try:
+        return boto3.session.Session().client(
+            "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config
+        )
+    except BotoCoreError as err:  # the environment's set-up, e.g. an AWS_PROFILE that no file defines
+        raise StageError(f"fetch.s3: cannot set up an S3 client: {redact(str(err))}") from None
 
 
 def _keys(client: Any, cfg: S3Config) -> Any:
