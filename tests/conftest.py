@@ -20,11 +20,13 @@ for _key, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",
     "TQDM_DISABLE": "1",
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
 }.items():
     os.environ.setdefault(_key, _value)
+# The S3 tests sign for moto on 127.0.0.1 with fake keys, never with a developer's own (set here or not)
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1")
+for _key in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
+    os.environ.pop(_key, None)
 # The tests pin CPU results (bit-exact resumes, fp32 by `auto`): on a GPU host they stay on the CPU too.
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
