@@ -193,3 +193,15 @@ def test_a_mask_ratio_outside_0_1_is_a_usage_error(ratio: str, capsys: pytest.Ca
     with pytest.raises(SystemExit):
         parse(["--mask-ratio", ratio])
     assert f"expected a ratio in [0, 1), got {ratio}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "least"), [("--steps", 1), ("--warmup", 0), ("--workers", 0), ("--profile", 0)]
+)
+def test_counts_below_their_least_are_usage_errors(
+    flag: str, least: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A negative --warmup timed cold steps without a word; negative --workers was DataLoader's traceback."""
+    with pytest.raises(SystemExit):
+        parse([flag, str(least - 1)])
+    assert f"{flag} must be at least {least}" in capsys.readouterr().err

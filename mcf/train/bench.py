@@ -89,9 +89,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile 2 fast steps and print the N costliest kernels (default: off)")
     args = p.parse_args(argv)
-    for name in ("batch", "steps", "loader_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name, least in (("batch", 1), ("steps", 1), ("loader_batches", 1), ("warmup", 0), ("workers", 0),
+                        ("profile", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be at least {least}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
