@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from mcf.cli import main as cli_main
 from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
-from mcf.data.shards import encode_jpeg, write_shards
+from mcf.data.shards import encode_jpeg, iter_encoded, shard_urls, write_shards
 from mcf.errors import StageError
 from mcf.io import save_tensors
 from mcf.models import mcf as mcf_model
@@ -155,6 +155,25 @@ def test_epoch_view_drops_the_tail_and_draws_new_flips_each_epoch() -> None:
     assert [len(v) for v in views] == [32, 32]
     epochs = [EpochView(crops, 0, epoch, 0, 1, 96, 0) for epoch in range(2)]
     assert not np.array_equal(epochs[0].flips, epochs[1].flips)
+
+
+def test_an_undecodable_crop_read_by_a_worker_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch rebuilds a worker's exception from its text, the worker's traceback first: with
+    ``num_workers`` (10 in the paper profile) the CLI printed 20 lines of traceback for a damaged crop
+    instead of the one line that names its shard."""
+    make_workspace(tmp_path, n=32)
+    shards = tmp_path / "subset" / "shards"
+    samples = [(key, b"no jpeg" if i == 20 else jpeg, meta)
+               for i, (key, jpeg, meta) in enumerate(iter_encoded(shard_urls(shards)))]
+    shutil.rmtree(shards)
+    write_shards(samples, shards, shard_size=40)
+    params = write_params(tmp_path, num_workers=2, cache_mb=0, epochs=1, warmup_epochs=0)
+    assert cli_main(["pretrain", "--params", str(params)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mcf pretrain: ") and "\n" not in err and "Traceback" not in err, err
+    assert f"{shards / 'crops-000000.tar'} (member at byte " in err and "not a decodable image" in err
 
 
 def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from array import array
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mcf.data.shards import decode_jpeg, open_shard, shard_urls
+from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +115,18 @@ class EpochView(Dataset):
         if self.flips[index]:
             image = image.flip(-1)
         return (image - self.mean) / self.std
+
+
+def raised_as_in_workers(batches: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``batches`` (a DataLoader's); a :class:`StageError` of a worker process comes out with its message.
+
+    torch rebuilds a worker's exception from text that puts the worker's traceback before the message,
+    so with ``num_workers`` the CLI printed a traceback for a damaged crop where one line names its shard.
+    """
+    try:
+        yield from batches
+    except StageError as err:
+        text, head = str(err), f"\n{type(err).__module__}.{type(err).__qualname__}: "
+        if not text.startswith("Caught ") or head not in text:  # raised in this process: as it is
+            raise
+        raise type(err)(text.rpartition(head)[2].rstrip("\n")) from None

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
+from mcf.data.pretrain_data import CropDataset, EpochView, raised_as_in_workers, steps_per_epoch
 from mcf.errors import StageError
 from mcf.io import LIVE_SIGN, atomic_dir, check_replaceable, file_sha256
 from mcf.params import ParamsError, param
@@ -334,7 +334,7 @@ class Trainer:
         while self.step < self.total:
             epoch, index = divmod(self.step, self.spe)
             batches: list[torch.Tensor] = []
-            for imgs in self._loader(epoch, index):
+            for imgs in raised_as_in_workers(self._loader(epoch, index)):
                 batches.append(imgs)
                 if len(batches) < self.cfg.accum_steps:
                     continue
