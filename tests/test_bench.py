@@ -205,3 +205,14 @@ def test_counts_below_their_least_are_usage_errors(
     with pytest.raises(SystemExit):
         parse([flag, str(least - 1)])
     assert f"{flag} must be at least {least}" in capsys.readouterr().err
+
+
+def test_shards_too_few_for_a_batch_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The loader is timed last: this failed only after the step's figures (minutes of device time under
+    --compile), with a ValueError's traceback."""
+    make_workspace(tmp_path, n=40)
+    with pytest.raises(SystemExit):
+        parse(["--shards", str(tmp_path / "subset" / "shards"), "--batch", "64"])
+    assert "40 crops are fewer than one batch of 64" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from mcf.cli import describe
-from mcf.data.pretrain_data import CropDataset, EpochView
+from mcf.data.pretrain_data import CropDataset, EpochView, index_shards
 from mcf.models.backbone import create_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
@@ -97,6 +97,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
         p.error(f"--shards {args.shards}: no crops-*.tar shards there (build some: tools/bench_shards.yaml)")
+    if args.shards is not None and (crops := len(index_shards(args.shards)[1])) < args.batch:  # timed last
+        p.error(f"--shards {args.shards}: {crops} crops are fewer than one batch of {args.batch}")
     return args
 
 
