@@ -396,3 +396,13 @@ def test_each_set_draws_from_its_own_random_stream(tmp_path: Path) -> None:
     aflw = (tmp_path / "aflw" / "data" / "flickr" / "0" / "image00000.jpg").read_bytes()
     lapa = (tmp_path / "lapa" / "LaPa" / "train" / "images" / "synth_000000.jpg").read_bytes()
     assert aflw != lapa
+
+
+def test_a_scene_of_more_than_three_faces_gets_a_caption() -> None:
+    """render_scene takes any number of identities (max_faces only bounds the corpus); a scene that
+    placed four faces raised IndexError in its caption."""
+    from mcf.synth import render_scene
+
+    cfg = dataclasses.replace(SMALL, difficulty=0.0)
+    scene = render_scene(cfg, np.random.default_rng(8), [sample_identity(0, j) for j in range(4)], 256)
+    assert len(scene.identities) == 4 and scene.caption.startswith("a synthetic photo of four people (")

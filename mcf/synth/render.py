@@ -133,9 +133,12 @@ def _overlaps(box: np.ndarray, others: list[np.ndarray]) -> bool:
     return any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in others)
 
 
+_COUNTS = ("two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
 def _caption(faces: list[_Face]) -> str:
     n = len(faces)
-    who = "a person" if n == 1 else f"{('two', 'three')[n - 2]} people"
+    who = "a person" if n == 1 else f"{_COUNTS[n - 2] if n - 2 < len(_COUNTS) else n} people"
     hair = ", ".join(sorted({f.ident.hair_style for f in faces}))
     return f"a synthetic photo of {who} ({hair} hair)"
 
