@@ -55,10 +55,20 @@ def _closure(module: str) -> set[str]:
 
 
 def _suites(files: set[str]) -> set[str]:
-    """The data-gate suites these files run: ``run_gate(table, "<suite>", ...)`` with a literal name."""
-    calls = (n for f in files for n in ast.walk(ast.parse((ROOT / f).read_text())) if isinstance(n, ast.Call))
-    named = (c for c in calls if getattr(c.func, "id", None) == "run_gate" and len(c.args) > 1)
-    names = {c.args[1].value for c in named if isinstance(c.args[1], ast.Constant)}
+    """The data-gate suites these files run: ``run_gate(table, "<suite>", ...)`` with a literal name, or
+    with a variable, every suite name written in the function that makes the call (finetune picks
+    ``"aflw19"`` or ``"lapa"`` by task)."""
+    known = {p.stem for p in (ROOT / "mcf/validate/suites").glob("*.json")}
+    names = set()
+    for f in files:
+        for func in ast.walk(ast.parse((ROOT / f).read_text())):
+            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            calls = [n for n in ast.walk(func) if isinstance(n, ast.Call) and len(n.args) > 1
+                     and getattr(n.func, "id", None) == "run_gate"]
+            names |= {c.args[1].value for c in calls if isinstance(c.args[1], ast.Constant)}
+            if any(not isinstance(c.args[1], ast.Constant) for c in calls):
+                names |= {n.value for n in ast.walk(func) if isinstance(n, ast.Constant) and n.value in known}
     return {f"mcf/validate/suites/{name}.json" for name in names}
 
 
@@ -94,4 +104,7 @@ def test_closure_follows_function_level_imports() -> None:
     assert "mcf/data/sources/s3.py" in _closure("mcf.data.fetch")
     assert "mcf/data/transforms.py" in _closure("mcf.evaluate.evaluate")
     assert _suites(_closure("mcf.evaluate.evaluate")) == {
+        "mcf/validate/suites/aflw19.json", "mcf/validate/suites/lapa.json"}
+    # finetune names its suite through a variable: a suite dropped from its deps went unnoticed
+    assert _suites(_closure("mcf.train.finetune")) == {
         "mcf/validate/suites/aflw19.json", "mcf/validate/suites/lapa.json"}
