@@ -92,11 +92,13 @@ def test_stage_deps_cover_the_code_it_runs(stage: str) -> None:
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_SPECS))
-def test_stage_params_are_the_top_level_keys_it_reads(stage: str) -> None:
-    """The top-level keys ``mcf <stage> --help`` names are its dvc.yaml ``params``: a change to one reruns
-    the stage, and a change to another does not."""
+def test_stage_params_are_its_section_and_the_top_level_keys_it_reads(stage: str) -> None:
+    """A stage's dvc.yaml ``params`` are its own section (the only one ``mcf <stage>`` reads) and the
+    top-level keys ``mcf <stage> --help`` names: a change to one reruns the stage, and a change to
+    another does not."""
     spec = STAGE_SPECS[stage].get("do", STAGE_SPECS[stage])
     assert set(TOP_LEVEL[stage]) == set(spec["params"]) & {f.name for f in dataclasses.fields(Common)}
+    assert set(spec["params"]) == {stage, *TOP_LEVEL[stage]}
 
 
 def test_closure_follows_function_level_imports() -> None:
