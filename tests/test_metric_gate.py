@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mcf.evaluate.regression import compare, tolerance_for
+from mcf.evaluate.regression import TOLERANCE, compare, load_tolerances, tolerance_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_tolerance_globs_first_match_wins() -> None:
@@ -17,6 +20,21 @@ def test_tolerance_globs_first_match_wins() -> None:
     assert tolerance_for("m.json:alignment.mcf.nme_diag", tols) == 0.05
     assert tolerance_for("m.json:parsing.f1", tols) == 1.0
     assert tolerance_for("other.json:x", tols) is None
+
+
+def _flat(tree: dict, prefix: str = "") -> list[str]:
+    return [name for key, value in tree.items()
+            for name in (_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
+
+
+def test_every_committed_glob_gates_a_committed_metric() -> None:
+    """A metric renamed in the code and the committed files alike would leave its glob matching nothing:
+    the gate would then pass it unchecked, with no word about the glob."""
+    files = sorted((ROOT / "metrics").rglob("*.json"))
+    names = [f"{f.relative_to(ROOT).as_posix()}:{key}" for f in files
+             for key in _flat(json.loads(f.read_text()))]
+    tolerances = load_tolerances(ROOT / TOLERANCE, "HEAD")
+    assert [g for g in tolerances if not any(fnmatch.fnmatch(n, g) for n in names)] == []
 
 
 def test_compare_flags_moves_past_tolerance_both_ways() -> None:
