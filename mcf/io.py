@@ -157,10 +157,17 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling file of ``path``; on success it is renamed over ``path``.
 
     The file and then its folder are synced around the rename, so a power cut cannot leave an empty
-    ``path`` (a checkpoint, a metrics file) where the previous one was.
+    ``path`` (a checkpoint, a metrics file) where the previous one was. The temporary files of killed
+    writers of ``path`` are removed: they would gather in metrics/, and in a dvclive folder be copied
+    into the published curves.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp-"
+    for sibling in path.parent.iterdir():
+        pid = sibling.name[len(prefix) :] if sibling.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)) and sibling.is_file():
+            sibling.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp

@@ -494,6 +494,20 @@ def test_a_previous_output_killed_half_deleted_is_never_put_back(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_atomic_file_removes_the_temporary_files_killed_writers_left(tmp_path: Path) -> None:
+    """A kill between writing ``.<name>.tmp-<pid>`` and renaming it leaves it: the next write of the same
+    file removes it (metrics/ would gather one per kill), a live writer's is left alone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f".evaluate.json.tmp-{dead.pid}", tmp_path / f".evaluate.json.tmp-{os.getppid()}"
+    other = tmp_path / f".other.json.tmp-{dead.pid}"  # another file's: not this write's to judge
+    for path in (stale, live, other):
+        path.write_text('{"half')
+    with atomic_file(tmp_path / "evaluate.json") as tmp:
+        tmp.write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["evaluate.json", live.name, other.name])
+
+
 def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
     """dvc repro deletes a stage's declared files but may leave their folders: those are no one's data."""
     live = tmp_path / "live"

@@ -10,8 +10,12 @@ import dataclasses
 import errno
 import json
 import math
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -413,6 +417,35 @@ def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Pa
     assert (metrics / "train" / "loss.tsv").read_text().splitlines() == [
         "timestamp\tstep\tloss", "1001\t1\t0.1", "1002\t2\t0.2", "1003\t3\t0.3"]
     assert [p.name for p in metrics.rglob("*.tsv")] == ["loss.tsv"]
+
+
+KILLED_CUTTING_BACK = """
+import os, signal, sys
+from pathlib import Path
+from mcf import io
+from mcf.train.checkpoint import truncate_live
+
+def killed(path):  # the new rows are written beside loss.tsv, not yet renamed over it
+    os.kill(os.getpid(), signal.SIGKILL)
+
+io._fsync = killed
+truncate_live(Path(sys.argv[1]), 2)
+"""
+
+
+def test_a_run_killed_cutting_back_its_curves_leaves_no_temporary_file_in_them(tmp_path: Path) -> None:
+    """The resume folder's curves are copied whole into the committed dvclive folder: a temporary file
+    that a run killed in :func:`truncate_live` left there would become a plot DVC cannot read (``dvc plots
+    show`` fails on it) and a file in the output's hash that no clone has."""
+    train = tmp_path / "plots" / "metrics" / "train"
+    train.mkdir(parents=True)
+    (train / "loss.tsv").write_text("step\tloss\n1\t0.1\n2\t0.2\n3\t0.3\n")
+    killed = subprocess.run([sys.executable, "-c", KILLED_CUTTING_BACK, str(tmp_path)], env=os.environ)
+    assert killed.returncode == -signal.SIGKILL
+    assert len(list(train.iterdir())) == 2  # loss.tsv and the killed run's temporary file
+    truncate_live(tmp_path, 2)  # the rerun resumes from the same checkpoint
+    assert [p.name for p in train.iterdir()] == ["loss.tsv"]
+    assert tsv_column(train / "loss.tsv", "step") == [1, 2]
 
 
 @pytest.mark.parametrize(
