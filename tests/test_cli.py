@@ -234,3 +234,82 @@ def test_the_lock_names_its_holder_alone(tmp_path: Path, monkeypatch: pytest.Mon
         with stage_lock("crop"):
             pass
     assert "already running in this folder (another process)" in str(err.value)
+
+
+# Each runs a process pool of a stage, then Ctrl-C as a terminal sends it: SIGINT to the whole process
+# group, the workers too, once the parent has taken its first result (patched progress bar).
+_POOL_RUNS = {
+    "synth": """
+from mcf.synth import writers
+from mcf.synth.config import SynthConfig
+cfg = SynthConfig(n_scenes=400, scene_size=96, n_identities=10, workers=2)
+for i, _ in enumerate(writers._ordered(functools.partial(writers._render_scene, cfg, 0), 400, 2, "x")):
+    if i == 8:
+        ctrl_c()
+""",
+    "crop": """
+from mcf.data import crop
+from mcf.synth.config import SynthConfig
+from mcf.synth.writers import write_corpus
+synth = SynthConfig(n_scenes=60, scene_size=96, n_identities=10, workers=1)
+manifest, detections = write_corpus(synth, 0, tmp)
+manifest.to_parquet(tmp / "manifest.parquet")
+detections.to_parquet(tmp / "detections.parquet")
+cfg = crop.CropConfig(input=str(tmp), out=str(tmp / "crop"), chunk_size=1, workers=2)
+crop.tqdm = Bar
+crop.run_chunks(crop.load_sources(cfg), cfg, tmp / "parts")
+""",
+    "read_back": """
+from mcf.data import shards
+jpeg = shards.encode_jpeg(np.zeros((64, 64, 3), np.uint8), 95)
+shards.write_shards(((f"c{i:05d}", jpeg, {}) for i in range(4000)), tmp, 20)
+shards.tqdm = lambda mapped, **_: (ctrl_c() if i == 1 else None or r for i, r in enumerate(mapped))
+shards.read_back(tmp, 2)
+""",
+}
+_POOL_PRELUDE = """
+import functools, os, signal, sys, tempfile
+from pathlib import Path
+import numpy as np
+tmp = Path(tempfile.mkdtemp())
+def ctrl_c():
+    os.killpg(0, signal.SIGINT)
+class Bar:
+    def __init__(self, *_, **__): self.n = 0
+    def update(self, n): self.n += 1; self.n == 2 and ctrl_c()
+    def close(self): pass
+try:
+"""
+
+
+@pytest.mark.parametrize("pool", sorted(_POOL_RUNS))
+def test_ctrl_c_stops_a_stages_process_pool_at_once_with_one_line(pool: str, tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the workers must leave the stopping to the
+    parent. A worker that took it died with its own traceback, and a crop pool could hang at exit,
+    Ctrl-C again doing nothing, its workers stuck."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    body = textwrap.indent(_POOL_RUNS[pool].strip(), "    ")
+    script = _POOL_PRELUDE + body + "\nexcept KeyboardInterrupt:\n    print('interrupted', file=sys.stderr)\n"
+    script += "    sys.exit(130)\n"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"still running 90 s after Ctrl-C:\n{err[-3000:]}")
+    assert (proc.returncode, err) == (130, "interrupted\n")
+    for _ in range(50):  # a forkserver or resource tracker leaves once it sees its parent gone
+        left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left

@@ -47,6 +47,7 @@ from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest
 from mcf.errors import StageError
 from mcf.io import atomic_dir
 from mcf.params import Common, param, require_path
+from mcf.pools import cancelled_on_error, ignore_ctrl_c, workers_ignore_ctrl_c
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ def _pool_context() -> BaseContext:
 
 
 def _worker_init() -> None:
+    ignore_ctrl_c()
     cv2.setNumThreads(1)  # one OpenCV thread per worker process: the pool is the parallelism
 
 
@@ -310,10 +312,11 @@ def run_chunks(sources: Sequence[Source], cfg: CropConfig, parts_dir: str | Path
             bar.update(len(chunk))
     else:
         ctx = _pool_context()
-        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init) as pool:
-            for result, chunk in zip(
-                pool.map(crop_chunk, chunks, [cfg] * len(chunks), parts), chunks, strict=True
-            ):
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init)
+        with cancelled_on_error(pool):
+            with workers_ignore_ctrl_c():  # map starts the workers
+                mapped = pool.map(crop_chunk, chunks, [cfg] * len(chunks), parts)
+            for result, chunk in zip(mapped, chunks, strict=True):
                 results.append(result)
                 bar.update(len(chunk))
     bar.close()

@@ -27,6 +27,7 @@ import pandas as pd
 import scipy.io
 from tqdm import tqdm
 
+from mcf.pools import ignore_ctrl_c, workers_ignore_ctrl_c
 from mcf.synth.config import SynthConfig
 from mcf.synth.identity import KIND_AFLW, KIND_CORPUS, KIND_LAPA, KIND_SPLIT, sample_identity
 from mcf.synth.render import FaceSample, Scene, render_face, render_scene
@@ -75,7 +76,9 @@ def _ordered(render: Callable[[int], T], n: int, workers: int, desc: str) -> Ite
     if workers == 1 or n < 2:
         yield from bar(map(render, range(n)))
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with workers_ignore_ctrl_c():
+        pool = multiprocessing.get_context("fork").Pool(workers, initializer=ignore_ctrl_c)
+    with pool:
         yield from bar(pool.imap(render, range(n), chunksize=8))
 
 
