@@ -251,6 +251,8 @@ def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ParamsError("", "not a UTF-8 text file (a params file is YAML)", path) from None
+    except OSError as err:  # chmod 000, another user's file
+        raise ParamsError("", f"cannot read it: {err.strerror}", path) from None
     try:
         data = yaml.load(text, Loader=ParamsLoader)
     except yaml.YAMLError as err:

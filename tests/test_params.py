@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -370,6 +372,28 @@ def test_a_folder_given_as_params_is_one_clear_error(tmp_path: Path) -> None:
     """``--params outputs/`` is refused by name, not an IsADirectoryError traceback."""
     with pytest.raises(ParamsError, match="is a folder: give the params file"):
         read_yaml(tmp_path)
+
+
+def test_an_unreadable_params_file_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A params file this user may not read (chmod 000, another user's) was a PermissionError traceback
+    and exit 1, from a stage and from `mcf report` alike; it is a params error naming the file, exit 2.
+    Patched: root, as on CI, reads a chmod 000 file."""
+    from mcf import cli
+
+    params = tmp_path / "p.yaml"
+    params.write_text("seed: 0\n")
+    read_text = Path.read_text
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        if self == params:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert cli.main(["fetch", "--params", str(params)]) == 2
+    assert capsys.readouterr().err == f"mcf: invalid params: {params}: cannot read it: Permission denied\n"
 
 
 def test_top_level_defaults_and_bounds(tmp_path: Path) -> None:
