@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"mcf {args.command}: {err}")
         return err.exit_code
     except OSError as err:
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a chmod 000 input, a read-only folder
+            _error(f"mcf {args.command}: {err.strerror}" + (f": {err.filename}" if err.filename else ""))
+            return EXIT_STAGE
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         where = f" under {os.path.dirname(err.filename) or os.curdir}" if err.filename else ""

@@ -169,11 +169,28 @@ def test_a_stage_stopped_by_its_disk_ctrl_c_or_a_gate_is_one_line(
 
 def test_another_os_error_is_not_taken_for_a_full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     def stage(*_: object, **__: object) -> None:
-        raise PermissionError(errno.EACCES, "Permission denied", "/x")
+        raise OSError(errno.EIO, "Input/output error", "/x")
 
     monkeypatch.setattr(cli, "_resolve", lambda target: stage)
-    with pytest.raises(PermissionError):
+    with pytest.raises(OSError, match="Input/output error"):
         cli.main(["fetch", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(errno.EACCES, os.strerror(errno.EACCES), "outputs/crop/manifest.parquet"),
+    OSError(errno.EROFS, os.strerror(errno.EROFS), "outputs/crop/manifest.parquet"),
+])
+def test_an_input_it_may_not_read_or_a_file_it_may_not_write_is_one_line(
+    error: OSError, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A chmod 000 input (the crop manifest `mcf subset` reads) was a PermissionError traceback; it is
+    the stage failing (exit 1) on one line naming the file, which a rerun passes once it is readable."""
+    def stage(*_: object, **__: object) -> None:
+        raise error
+
+    monkeypatch.setattr(cli, "_resolve", lambda target: stage)
+    assert cli.main(["subset", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]) == 1
+    assert capsys.readouterr().err == f"mcf subset: {error.strerror}: outputs/crop/manifest.parquet\n"
 
 
 def test_a_worker_of_mcfs_own_torchrun_trains_instead_of_starting_another(
