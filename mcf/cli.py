@@ -88,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
             f"Settings: section `{name}` of the params file{top}; the whole file is checked before any "
             "work. Paths in it are relative to the working directory; the section's input keys name what it "
             "reads and `out` what it writes (dvc.yaml lists them as the stage's deps and outs). Exit status: "
-            "0 done, 1 the stage failed, 2 params rejected or an input missing, 3 a data gate failed."
+            "0 done, 1 the stage failed, 2 params rejected or an input missing, 3 a data gate failed, "
+            "130 interrupted (Ctrl-C)."
         )
         sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.", epilog=epilog)
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")

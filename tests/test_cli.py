@@ -38,7 +38,7 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
         cli.main(["crop", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "section `crop` of the params file (it reads no top-level key)" in text
-    assert "2 params rejected or an input missing, 3 a data gate failed" in text
+    assert "2 params rejected or an input missing, 3 a data gate failed, 130 interrupted (Ctrl-C)" in text
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(
