@@ -323,6 +323,29 @@ def test_an_out_that_cannot_be_written_is_a_usage_error(
         capsys.readouterr().err)
 
 
+def test_an_out_in_a_read_only_folder_is_a_usage_error_before_the_page(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder that exists but may not be written (a read-only mount; chmod 555 for a user) passed the
+    mkdir check, so the page was drawn and its write failed with a traceback, exit 1, not the help's 2.
+    Mounting needs root, as on CI; skipped elsewhere."""
+    import subprocess
+
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "ro").mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(tmp_path / "ro")],
+                          capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["report", "--root", str(tmp_path), "--out", "ro/r.html"])
+    finally:
+        subprocess.run(["umount", "--lazy", str(tmp_path / "ro")], check=True)
+    assert exit_.value.code == 2
+    assert "--out ro/r.html: cannot be written there (Read-only file system)" in capsys.readouterr().err
+
+
 def test_f1_bars_tell_a_class_without_f1_from_an_f1_of_zero() -> None:
     """A class absent from labels and predictions has a null F1; drawn as a zero bar alone, the figure
     showed it as a failed class."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from pathlib import Path
 
 from mcf.report.runfiles import markdown_summary, open_run
@@ -53,6 +54,8 @@ def cli(argv: list[str]) -> int:
     folder = (args.root / args.out).parent
     try:  # before the page is drawn: a path under a file, or a read-only folder, is the caller's to fix
         folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # one that exists but is read-only: the page's own write
+            pass
     except FileExistsError:
         p.error(f"--out {args.out}: cannot be written there ({folder} is a file)")
     except OSError as err:
