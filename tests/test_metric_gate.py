@@ -94,6 +94,7 @@ def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text("tolerances:\n  '*': 0.1\n")
     cases = [
         (["--tolerance", str(tmp_path / "nope.yaml")], "nope.yaml: no such file"),
+        (["--tolerance", str(tmp_path)], f"{tmp_path}: a folder, not a tolerance file"),
         (["--tolerance", str(bad)], "expected a 'tolerance:' mapping"),
     ]
     broken = tmp_path / "broken.yaml"

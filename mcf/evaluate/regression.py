@@ -66,7 +66,8 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
         except UnicodeDecodeError:
             raise StageError(f"{where}: not a UTF-8 text file (a tolerance file is YAML)") from None
     else:
-        raise StageError(f"--tolerance {path}: no such file")
+        raise StageError(f"--tolerance {path}: " + ("a folder, not a tolerance file" if Path(path).is_dir()
+                                                     else "no such file"))
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
