@@ -289,6 +289,7 @@ import functools, os, signal, sys, tempfile
 from pathlib import Path
 import numpy as np
 tmp = Path(tempfile.mkdtemp())
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job (CI's `cmd &`) starts it ignored
 def ctrl_c():
     os.killpg(0, signal.SIGINT)
 class Bar:
