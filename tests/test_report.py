@@ -412,3 +412,23 @@ def test_summary_names_both_datasets_and_every_variant(run: Path) -> None:
     (run / "metrics" / "evaluate.json").write_text(json.dumps(metrics))
     row = _row(markdown_summary(run), "this run: scratch")
     assert "| — | — | SynthFace-LaPa | 12.34 |" in row
+
+
+def test_the_ced_section_states_its_units_and_draws_the_curve_in_them(
+    page: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The metrics hold NME ×100 (nme_box 8.4) but ced.csv's thresholds are fractions (0 to 0.07): the
+    table's bare "nme_box" headers beside an axis ending at 0.07 read as one unit, and as the paper
+    table's ×100 neither; the headers name their units and the curve is drawn ×100."""
+    head = _cells(_sections(page)["ced"])[0]
+    assert head[3:] == ["nme_diag (×100)", "nme_box (×100)", "nme_inter_ocular (×100)",
+                        "auc_box_0.07 (×100)", "fr_box_0.07 (%)", "images"]
+    from mcf.report import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "to_png", lambda fig: drawn.append(fig.axes[0]) or b"")
+    figures.ced_png(pd.DataFrame({"threshold": [0.0, 0.035, 0.07], "mcf": [0.0, 0.5, 1.0]}), "SynthFace")
+    (line,) = drawn[0].get_lines()
+    assert list(line.get_xdata()) == pytest.approx([0.0, 3.5, 7.0])
+    assert drawn[0].get_xlabel() == "NME_box (×100)"
+    figures.plt.close("all")

@@ -35,6 +35,10 @@ TRAINING_STAGES = ("teacher", "pretrain", "finetune_alignment", "finetune_parsin
 FINETUNE_TASKS = {"finetune_alignment": "alignment", "finetune_parsing": "parsing"}
 ALIGNMENT_KEYS = ("nme_diag", "nme_box", "nme_inter_ocular", "auc_box_0.07", "fr_box_0.07", "images")
 ALIGNMENT_SPLITS = ("full", "frontal")  # the scored splits; best_epoch_on_test has its own row
+# Each column's unit, as the paper's table names it: the metrics file holds them ×100 (AUC, FR: percent),
+# while the CED curve's thresholds, and so the 0.07 in the names, are plain fractions of the box size.
+ALIGNMENT_UNITS = {"nme_diag": " (×100)", "nme_box": " (×100)", "nme_inter_ocular": " (×100)",
+                   "auc_box_0.07": " (×100)", "fr_box_0.07": " (%)", "images": ""}
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.9em; }
@@ -149,7 +153,7 @@ def ced_section(run: Run) -> str:
     rows = [[variant, split, label, *(fmt(scores.get(k), 0 if k == "images" else 3) for k in ALIGNMENT_KEYS)]
             for variant, result in (metrics.get("alignment") or {}).items()
             for split, scores in result.items() if split in ALIGNMENT_SPLITS]
-    headers = ["variant", "split", "data", *ALIGNMENT_KEYS]
+    headers = ["variant", "split", "data", *(k + ALIGNMENT_UNITS[k] for k in ALIGNMENT_KEYS)]
     numbers = table(headers, rows) if rows else note("the metrics have no alignment scores")
     try:
         curve = read_table(run.path("evaluate.out") / "plots" / "ced.csv", "CED data")
