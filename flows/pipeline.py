@@ -372,13 +372,23 @@ def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, data
 
 
-def metric_rows(root: Path) -> list[dict[str, Any]]:
-    """Every metric in the workspace's metrics files (those dvc.yaml declares), one row per value."""
+def metric_rows(root: Path, completed: set[str]) -> list[dict[str, Any]]:
+    """Every metric in the workspace's metrics files (those dvc.yaml declares), one row per value.
+
+    Only the files of the ``completed`` stages (ran, restored or up to date in this run) and those no
+    stage writes: a stage that failed or was not reached leaves an earlier run's file there (the
+    committed ``metrics/evaluate.json``, say), whose numbers are not this run's.
+    """
     with Repo(str(root)) as repo:
         shown = repo.metrics.show(on_error="ignore", hide_workspace=False)
+        owners = {Path(os.path.relpath(out.fs_path, repo.root_dir)).as_posix(): stage.addressing
+                  for stage in repo.index.stages for out in stage.outs if out.metric}
     workspace = next(iter(shown.values()), {})  # no revisions asked for: the workspace only
     rows = []
     for path, result in sorted(workspace.get("data", {}).items()):
+        owner = next((owners[p] for p in (path, *map(str, Path(path).parents)) if p in owners), None)
+        if owner is not None and owner not in completed:
+            continue
         for key, value in _flatten(result.get("data", {})):
             rows.append({"file": path, "metric": key, "value": value})
     return rows
@@ -452,9 +462,10 @@ def mcf(
         get_run_logger().info("stages: %s", ", ".join(planned))
         on_dask = {stage for stage, asked in (("fetch", fetch_on_dask), ("crop", crop_on_dask)) if asked}
         states = run_stages(planned, on_dask, dask_address)
-        rows = metric_rows(root)  # under the run's params: dvc.yaml's metrics paths come from them
-    if rows:
-        create_table_artifact(rows, key="mcf-metrics", description="metrics files from dvc.yaml")
+        completed = {stage for stage, state in states.items() if state.is_completed()}
+        rows = metric_rows(root, completed)  # under the run's params: dvc.yaml's metrics paths come from them
+    # published even when empty: the key's latest version must not stay an earlier run's numbers
+    create_table_artifact(rows, key="mcf-metrics", description="metrics files of this run's completed stages")
     create_markdown_artifact(summary(params_file, states), key="mcf-summary")
     # the run's metrics beside the paper's, each labelled with its dataset (a note when evaluate did not run)
     evaluated = "evaluate" in states and states["evaluate"].is_completed()

@@ -280,6 +280,26 @@ def test_a_run_after_a_stopped_one_runs_and_claims_no_metrics_it_did_not_evaluat
     assert "this run did not get through `evaluate`" in Artifact.get("mcf-report").data
 
 
+def test_metric_rows_leave_out_the_files_of_stages_this_run_did_not_complete(project: Path) -> None:
+    """A metrics file left by an earlier run (committed, as metrics/evaluate.json is) was published in
+    mcf-metrics by a run that stopped before the stage writing it, as that run's numbers."""
+    from flows.pipeline import metric_rows
+
+    (project / "metrics.json").write_text(json.dumps({"total": 99}))  # an earlier run's
+    assert metric_rows(project, {"fetch", "train@a", "train@b"}) == []
+    assert metric_rows(project, {"evaluate"}) == [{"file": "metrics.json", "metric": "total", "value": 99}]
+
+
+def test_a_run_that_stops_before_evaluate_publishes_no_earlier_metrics(
+    prefect_api: None, project: Path
+) -> None:
+    from prefect.artifacts import Artifact
+
+    (project / "metrics.json").write_text(json.dumps({"total": 99}))  # an earlier run's
+    assert _outcomes(mcf(stages=["fetch"])) == {"fetch": "ran"}
+    assert json.loads(Artifact.get("mcf-metrics").data) == []  # this run's (empty), not an earlier one
+
+
 def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project: Path) -> None:
     from prefect.artifacts import Artifact
 
