@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
+from mcf.models.backbone import BackboneConfig, create_backbone, read_spec, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec, weights_path
 from mcf.params import ParamsError
@@ -261,3 +261,20 @@ def test_a_timm_named_teacher_of_another_architecture_survives_the_teacher_stage
     assert_same_weights(exported, given.model)
     x = torch.randn(2, 3, *given.img_size)
     torch.testing.assert_close(exported(x, [0, 1]), given(x, [0, 1]))
+
+
+def test_a_teacher_export_of_another_architecture_is_re_imported_as_it_is(tmp_path: Path) -> None:
+    """``mcf:<folder>`` names an export, whose backbone.json says which timm model it is: the stage re-saved
+    it as the plain ViT its shapes suggest, so a teacher stage's own export of a timm-named teacher (here
+    timm's test_vit2: no class token, layer scale) failed to load back, in an error naming a temporary
+    folder. The re-save now keeps the export's model and computes the same."""
+    from mcf.train.teacher import import_teacher
+
+    torch.save(timm.create_model("test_vit2", num_classes=0).state_dict(), tmp_path / "w.pth")
+    import_teacher(f"timm:test_vit2:{tmp_path / 'w.pth'}", TINY, tmp_path / "first")
+    import_teacher(f"mcf:{tmp_path / 'first'}", TINY, tmp_path / "again")
+    assert read_spec(tmp_path / "again") == read_spec(tmp_path / "first")
+    first, again = (load_teacher(f"mcf:{tmp_path / d}", TINY) for d in ("first", "again"))
+    assert_same_weights(again, first.model)
+    x = torch.randn(2, 3, *first.img_size)
+    assert all(torch.equal(a, b) for a, b in zip(again(x, [0, 1]), first(x, [0, 1]), strict=True))

@@ -27,7 +27,14 @@ import torch
 
 from mcf.errors import StageError
 from mcf.io import atomic_dir
-from mcf.models.backbone import MODEL_NAME, BackboneConfig, load_backbone, save_backbone, save_export
+from mcf.models.backbone import (
+    MODEL_NAME,
+    BackboneConfig,
+    load_backbone,
+    read_spec,
+    save_backbone,
+    save_export,
+)
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import infer_backbone_config
 from mcf.models.teacher import load_teacher, timm_name, validate_teacher_spec, weights_path
@@ -93,12 +100,14 @@ def export_trained(model: MCF, out: Path) -> None:
 def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None:
     """Load a given teacher and re-save it; the export is read back before the rename."""
     model = load_teacher(spec, backbone).model
-    name = timm_name(spec)
-    if name is None:
+    name, weights = timm_name(spec), weights_path(spec)
+    if name is not None:  # the name rebuilds timm's architecture, which the weights' shapes alone do not tell
+        export = {"model_name": name, "kwargs": {"num_classes": 0}}
+    elif spec.startswith("mcf:") and Path(weights).is_dir():  # an export already names its architecture
+        export = read_spec(weights)
+    else:
         size = infer_backbone_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads)
         export = {"model_name": MODEL_NAME, "kwargs": size.timm_kwargs()}
-    else:  # the name rebuilds timm's architecture, which the weights' shapes alone do not tell
-        export = {"model_name": name, "kwargs": {"num_classes": 0}}
     with atomic_dir(out, sign="teacher.json") as tmp:
         save_export(model, export, tmp)
         reloaded = load_backbone(tmp)
