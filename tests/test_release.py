@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -139,6 +140,28 @@ def test_export_whose_json_and_weights_disagree_is_refused_naming_it(tmp_path: P
     (tmp_path / "tiny" / "backbone.json").write_text('{"model_name": "vit')
     with pytest.raises(WeightsError, match=r"tiny/backbone.json: not a backbone spec \(JSONDecodeError"):
         load_backbone(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize(
+    ("model_name", "kwargs", "why"),
+    [
+        ("resnet18", {"num_classes": 0}, "TypeError: .*embed_layer"),
+        ("vit_base_patch16_224", {**TINY.timm_kwargs(), "embed_dims": 64}, "TypeError: .*embed_dims"),
+        ("vit_base_patch16_224", [64, 2], "TypeError"),
+        ("vit_base_patch16_224", {**TINY.timm_kwargs(), "num_heads": 3}, "AssertionError"),
+    ],
+)
+def test_an_export_whose_json_builds_no_vit_is_refused_naming_it(
+    tmp_path: Path, model_name: str, kwargs: object, why: str
+) -> None:
+    """A backbone.json naming a timm model that is no ViT, or with kwargs the ViT does not take (a typo, a
+    hand edit, a newer timm's): timm's TypeError (an AssertionError for heads that do not divide the width)
+    reached the teacher and fine-tune stages as a traceback; it is a WeightsError naming the file."""
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "export")
+    spec = tmp_path / "export" / "backbone.json"
+    spec.write_text(json.dumps({"model_name": model_name, "kwargs": kwargs}))
+    with pytest.raises(WeightsError, match=rf"export/backbone.json: {model_name} is not a ViT .*\({why}"):
+        load_backbone(tmp_path / "export")
 
 
 @pytest.mark.parametrize("name", ["hf-hub:someone/vit_tiny", "local-dir:/somewhere"])

@@ -179,7 +179,12 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
     downstream resolution: the position grid is resampled on load as FaRL does (bicubic, CLS row kept).
     """
     spec = read_spec(export_dir)
-    model = build_vit(spec["model_name"], **{**spec["kwargs"], **overrides})
+    try:
+        model = build_vit(spec["model_name"], **{**spec["kwargs"], **overrides})
+    except (TypeError, ValueError, AssertionError) as err:  # timm asserts on some sizes (heads vs width)
+        where = Path(export_dir) / "backbone.json"
+        raise WeightsError(f"{where}: {spec['model_name']} is not a ViT these kwargs build "
+                           f"({type(err).__name__}: {str(err)[:160]})") from None
     state = read_weights(Path(export_dir) / "backbone.pth")
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         from timm.layers import resample_abs_pos_embed
