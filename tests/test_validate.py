@@ -82,6 +82,14 @@ def test_failed_checks_name_their_rows_by_id() -> None:
     assert msg.endswith(check)
 
 
+def test_a_failed_null_check_names_its_rows_too() -> None:
+    """GX leaves ``unexpected_index_column_names`` out of an ``expect_column_values_to_be_null`` result
+    (its index list still holds the ids), so an error on a success named the message, not the image."""
+    df = _manifest()
+    df.loc[1, "error"] = "HTTP 500"
+    assert "where status == success): 1 unexpected of 2, e.g. ['HTTP 500'] (sample_id: ['b'])" in _failure(df)
+
+
 def test_every_suite_has_an_id_column_it_expects() -> None:
     for name in gate.suite_names():
         spec = json.loads((gate.SUITES_DIR / f"{name}.json").read_text())

@@ -122,8 +122,12 @@ def _condition(cond: Any) -> str:
 
 def _rows(res: dict[str, Any], column: str | None) -> str:
     """`` (name: ['0/a.jpg'])``: the ids of the examples' rows, since a flag's value (False) names no
-    file. Nothing for a check on the id column itself, whose examples are the ids."""
-    ids, rows = res.get("unexpected_index_column_names") or [], res.get("partial_unexpected_index_list")
+    file. Nothing for a check on the id column itself, whose examples are the ids. GX leaves
+    ``unexpected_index_column_names`` out of a be-null check's result: its rows' keys name the id then."""
+    ids, rows = res.get("unexpected_index_column_names"), res.get("partial_unexpected_index_list")
+    if not ids and rows and isinstance(rows[0], dict):
+        ids = [key for key in rows[0] if key != column]
+    ids = ids or []
     if len(ids) != 1 or ids[0] == column or not rows:
         return ""
     return f" ({ids[0]}: {[str(row.get(ids[0])) for row in rows[:EXAMPLES]]})"
