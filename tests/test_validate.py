@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import get_args, get_type_hints
 
 import pandas as pd
 import pytest
 
 from mcf.cli import main as cli_main
 from mcf.data.crop import CropConfig
+from mcf.data.fetch import FetchConfig
 from mcf.data.sources.image import STATUSES
 from mcf.data.subset import SubsetConfig
 from mcf.errors import GateError, StageError
@@ -129,10 +131,11 @@ def test_missing_column_is_reported_not_crashed() -> None:
     assert "column=sha256, where status == success): raised" in msg
 
 
-def test_suite_status_set_matches_the_code() -> None:
+def test_suite_status_and_source_sets_match_the_code() -> None:
     suite = json.loads((gate.SUITES_DIR / "fetch.json").read_text())
-    sets = [e["kwargs"]["value_set"] for e in suite["expectations"] if e["type"].endswith("_in_set")]
-    assert sets == [list(STATUSES)]
+    sets = {e["kwargs"]["column"]: e["kwargs"]["value_set"] for e in suite["expectations"]
+            if e["type"] == "expect_column_values_to_be_in_set"}
+    assert sets == {"status": list(STATUSES), "source": list(get_args(get_type_hints(FetchConfig)["source"]))}
 
 
 def test_unknown_suite_and_invalid_expectation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -287,6 +290,12 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
     [
         ("fetch", _set("error", 0, "HTTP 500"),
          "expect_column_values_to_be_null(column=error, where status == success)"),
+        ("fetch", _set("sha256", 2, "0" * 64),
+         "expect_column_values_to_be_null(column=sha256, where status != success)"),
+        ("fetch", _set("path", 0, "/etc/a.jpg"),
+         "expect_column_values_to_match_regex(column=path, where status == success)"),
+        ("fetch", _set("caption", 1, None), "expect_column_values_to_not_be_null(column=caption)"),
+        ("fetch", _set("source", 0, "ftp"), "expect_column_values_to_be_in_set(column=source)"),
         ("crop", _set("reason", 0, "blurry"),
          "expect_column_values_to_be_null(column=reason, where status == kept)"),
         ("crop", lambda df: df.iloc[[1]], "expect_column_distinct_values_to_contain_set(column=status)"),
@@ -300,7 +309,9 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
 def test_each_suite_refuses_what_its_notes_rule_out(
     suite: str, breakage: Callable[[pd.DataFrame], pd.DataFrame], check: str, tmp_path: Path
 ) -> None:
-    """One break per case, refused by the one expectation meant for it: a success with an error, a kept
+    """One break per case, refused by the one expectation meant for it: a success with an error, a
+    failure with a hash, a success's file outside images/, a null caption (docs/CONTRACTS.md: "" when
+    none), a source fetch has not, a kept
     crop with a reason, no kept crop, a crop of the wrong height only, a crop chosen twice, a rejected crop
     in a subset, a NaN landmark extreme (a range check skips it), a LaPa face short of 106 landmarks."""
     with pytest.raises(GateError) as err:
