@@ -238,8 +238,9 @@ def _crop_manifest() -> pd.DataFrame:
 
 
 def _subset_manifest() -> pd.DataFrame:
-    """A subset manifest the subset suite passes (the crop manifest above has its sizes)."""
-    return _crop_manifest().iloc[[0]].drop(columns=["detector", "landmarks", "score"])
+    """A subset manifest the subset suite passes (the crop manifest above has its sizes): its kept row,
+    every column kept (docs/CONTRACTS.md: the chosen rows of the crop manifest, same columns)."""
+    return _crop_manifest().iloc[[0]]
 
 
 def _aflw19_table() -> pd.DataFrame:
@@ -299,9 +300,16 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
         ("crop", _set("reason", 0, "blurry"),
          "expect_column_values_to_be_null(column=reason, where status == kept)"),
         ("crop", lambda df: df.iloc[[1]], "expect_column_distinct_values_to_contain_set(column=status)"),
+        ("crop", _set("face", 1, None), "expect_column_values_to_not_be_null(column=face)"),
+        ("crop", _set("detector", 0, None),
+         "expect_column_values_to_not_be_null(column=detector, where status == kept)"),
+        ("crop", _set("face_size", 0, None),
+         "expect_column_values_to_not_be_null(column=face_size, where status == kept)"),
         ("crop", _set("height", 0, 63), "expect_column_values_to_be_between(column=height_off)"),
         ("subset", lambda df: pd.concat([df, df]), "expect_column_values_to_be_unique(column=crop_id)"),
         ("subset", _set("status", 0, "rejected"), "expect_column_values_to_be_in_set(column=status)"),
+        ("subset", _set("face", 0, -1), "expect_column_values_to_be_between(column=face)"),
+        ("subset", lambda df: df.drop(columns=["score"]), "expect_table_columns_to_match_set()"),
         ("aflw19", _set("x_max", 1, float("nan")), "expect_column_values_to_not_be_null(column=x_max)"),
         ("lapa", _set("n_landmarks", 1, 98), "expect_column_values_to_be_between(column=n_landmarks)"),
     ],
@@ -309,11 +317,13 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
 def test_each_suite_refuses_what_its_notes_rule_out(
     suite: str, breakage: Callable[[pd.DataFrame], pd.DataFrame], check: str, tmp_path: Path
 ) -> None:
-    """One break per case, refused by the one expectation meant for it: a success with an error, a
-    failure with a hash, a success's file outside images/, a null caption (docs/CONTRACTS.md: "" when
-    none), a source fetch has not, a kept
-    crop with a reason, no kept crop, a crop of the wrong height only, a crop chosen twice, a rejected crop
-    in a subset, a NaN landmark extreme (a range check skips it), a LaPa face short of 106 landmarks."""
+    """One break per case, refused by the one expectation meant for it: a success with an error, a failure
+    with a hash, a success's file outside images/, a null caption (docs/CONTRACTS.md: "" when none), a
+    source fetch has not, a kept crop with a reason, no kept crop, a face without its index, a kept crop
+    without its detector or face size (the subset gate requires it of the same rows), a crop of the wrong
+    height only, a crop chosen twice, a rejected crop in a subset, a negative face index or a crop column
+    dropped in a subset, a NaN landmark extreme (a range check skips it), a LaPa face short of 106
+    landmarks."""
     with pytest.raises(GateError) as err:
         gate.run_gate(breakage(GOOD[suite]()), suite, stage="test", config=_gate_config(suite, tmp_path),
                       keep=False)
