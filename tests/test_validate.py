@@ -281,6 +281,24 @@ def _set(column: str, row: int, value: object) -> Callable[[pd.DataFrame], pd.Da
     return change
 
 
+@pytest.mark.parametrize(
+    ("suite", "column", "value"),
+    [("fetch", "sha256", "0" * 64), ("crop", "crop_id", "a_0"), ("crop", "shard", "crops-000000.tar")],
+)
+def test_a_value_with_a_trailing_newline_fails_its_regex(
+    suite: str, column: str, value: str, tmp_path: Path
+) -> None:
+    """GX matches with ``str.contains`` (``re.search``), where ``$`` also matches before a final newline,
+    so ``'a_0\\n'`` passed ``^[A-Za-z0-9_-]+$`` as a crop_id; the suites end their patterns with ``\\Z``."""
+    table = _set(column, 0, value + "\n")(GOOD[suite]())
+    with pytest.raises(GateError, match=rf"expect_column_values_to_match_regex\(column={column}\b"):
+        gate.run_gate(table, suite, stage="test", config=_gate_config(suite, tmp_path), keep=False)
+    for name in gate.suite_names():
+        spec = json.loads((gate.SUITES_DIR / f"{name}.json").read_text())
+        for e in spec["expectations"]:
+            assert not e["kwargs"].get("regex", r"\Z").endswith("$"), (name, e["kwargs"]["column"])
+
+
 @pytest.mark.parametrize("suite", sorted(GOOD))
 def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
     gate.run_gate(GOOD[suite](), suite, stage="test", config=_gate_config(suite, tmp_path), keep=False)
