@@ -206,6 +206,20 @@ def test_an_input_size_off_the_patch_grid_is_refused(fixture_root: Path) -> None
             build_model(task, "scratch", off)
 
 
+def test_an_input_of_one_patch_is_refused(fixture_root: Path) -> None:
+    """At 8 px a patch-8 ViT sees a 1×1 grid, which the neck's ÷2 level pools to 0×0: the first training
+    step failed in torch's max-pool ("Output size is too small"), after the gates; two patches train."""
+    from mcf.train.finetune import build_model
+
+    align, parse = tiny_configs(fixture_root)
+    for task, cfg in (("alignment", align), ("parsing", parse)):
+        one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, size=8))
+        with pytest.raises(ParamsError, match=r"data\.size: must be at least two patches \(16\), got 8"):
+            build_model(task, "scratch", one)
+        two = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, size=16))
+        assert build_model(task, "scratch", two)(torch.zeros(2, 3, 16, 16)).shape[-2:] == (8, 8)
+
+
 def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> None:
     align, _ = tiny_configs(fixture_root, epochs=3)
     main_alignment(Common(seed=0), align, "mcf")

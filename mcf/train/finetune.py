@@ -182,6 +182,8 @@ def build_model(task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConf
     if cfg.data.size % patch:  # the patch grid would drop the last pixels, which the logits are read over
         raise ParamsError("data.size", f"must be a multiple of the backbone's patch size {patch}, got "
                           f"{cfg.data.size}")
+    if cfg.data.size < 2 * patch:  # the neck's ÷2 level max-pools the patch grid: a 1×1 grid pools to 0×0
+        raise ParamsError("data.size", f"must be at least two patches ({2 * patch}), got {cfg.data.size}")
     head = HeadConfig(tuple(cfg.blocks), cfg.channels, NUM_OUTPUTS[task], cfg.dropout)
     model = DenseFaceModel(backbone, head)
     if isinstance(cfg, AlignmentConfig) and cfg.heatmap_prior:
