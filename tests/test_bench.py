@@ -3,7 +3,9 @@ the loader rate, and an import chain light enough for a GPU machine with only th
 
 from __future__ import annotations
 
+import functools
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -216,3 +218,29 @@ def test_shards_too_few_for_a_batch_are_a_usage_error(
     with pytest.raises(SystemExit):
         parse(["--shards", str(tmp_path / "subset" / "shards"), "--batch", "64"])
     assert "40 crops are fewer than one batch of 64" in capsys.readouterr().err
+
+
+def test_gpu_bench_without_shards_stops_before_any_run(tmp_path: Path) -> None:
+    """tools/gpu_bench.sh in a checkout at ``tmp_path``, with stubs of nvidia-smi and python3 that log their
+    calls: without the shards it used to go on, the main run stopping at its --shards usage error and b512 and
+    control spending the device time."""
+    shutil.copytree(Path(__file__).resolve().parents[1] / "tools", tmp_path / "tools")
+    stubs, calls = tmp_path / "stubs", tmp_path / "calls"
+    stubs.mkdir()
+    for name in ("nvidia-smi", "python3"):
+        (stubs / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+        (stubs / name).chmod(0o755)
+    env = {"PATH": f"{stubs}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    run = functools.partial(subprocess.run, ["bash", "tools/gpu_bench.sh"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    done = run()
+    assert done.returncode == 2 and "tools/bench_shards.yaml" in done.stderr
+    assert not calls.exists()
+    shards = tmp_path / "outputs/bench/crop/shards"
+    shards.mkdir(parents=True)
+    (shards / "crops-000000.tar").touch()
+    done = run()
+    lines = calls.read_text().splitlines()
+    assert done.returncode == 0 and len(lines) == 5  # the card, the versions, the three runs
+    assert lines[0].startswith("nvidia-smi")
+    assert "--shards outputs/bench/crop/shards --workers 14" in lines[2]

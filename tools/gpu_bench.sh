@@ -11,10 +11,16 @@
 # Each run's full log goes to $OUT (the device tool brings it back); the last lines sum them up.
 set -uo pipefail
 source "$(dirname "$0")/bench_lib.sh"
+# Without the shards the main run stops at its usage check, and b512 and control would spend the device time
+shards=outputs/bench/crop/shards
+if ! ls "$shards"/crops-*.tar >/dev/null 2>&1; then
+  echo "gpu_bench.sh: no $shards/crops-*.tar: build them first (tools/bench_shards.yaml), carry outputs/bench/crop" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv,noheader
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 bench 200 main --batch 256 "${common[@]}" --baseline fp32 --profile 45 \
-  --shards outputs/bench/crop/shards --workers 14 --loader-batches 80
+  --shards "$shards" --workers 14 --loader-batches 80
 bench 170 b512 --batch 512 "${common[@]}" --baseline none
 bench 150 control --batch 256 "${common[@]}" --baseline none --teacher-residual fp32
 summary main b512 control
