@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_pretrain import TINY, make_workspace, tsv_column, write_params
+from test_resume import kill_past_step
 
 from mcf import cli
 from mcf.data.pretrain_data import CropDataset
@@ -77,20 +78,20 @@ def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
 
     resume_dir = root / ".resume" / "killed"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    launcher = subprocess.Popen(torchrun(killed), env=ENV, **quiet)
-    deadline = time.monotonic() + 240
-    while (state := checkpoint(resume_dir)) is None or state["step"] < 3:
-        assert launcher.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint for step 3"
-        time.sleep(0.01)
-    workers = children(launcher.pid)
-    assert len(workers) == 2
-    for pid in workers:
-        os.kill(pid, signal.SIGKILL)
-    launcher.kill()
-    launcher.wait(timeout=60)
+
+    def kill(launcher: subprocess.Popen) -> None:
+        workers = children(launcher.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+
+    def start() -> subprocess.Popen:  # a fresh port for each try
+        return subprocess.Popen(torchrun(killed), env=ENV, **quiet)
+
+    outputs = [root / "killed", root / "metrics" / "killed"]
+    kill_past_step(start, kill, resume_dir, outputs, step=3, total=TOTAL)
     state = checkpoint(resume_dir)
-    assert 3 <= state["step"] < TOTAL and not (root / "killed").exists()
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     assert sorted(p.name for p in resume_dir.iterdir() if not p.name.startswith(".")) == ["last.pt", "live"]
 

@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -37,30 +39,33 @@ def command(params: Path) -> list[str]:
 
 def checkpoint_step(resume_dir: Path) -> int:
     """The step of the checkpoint on disk, or -1 while there is none."""
-    path = resume_dir / "last.pt"
-    if not path.is_file():
+    try:
+        return torch.load(resume_dir / "last.pt", map_location="cpu", weights_only=True)["step"]
+    except FileNotFoundError:  # not written yet, or the finished run has removed its resume folder
         return -1
-    return torch.load(path, map_location="cpu", weights_only=True)["step"]
 
 
-def kill_after_step_4(cmd: list[str], resume_dir: Path, outputs: list[Path], tries: int = 3) -> int:
-    """Start ``cmd``, SIGKILL it once its checkpoint has passed step 4, and return the step on disk.
+def kill_past_step(
+    start: Callable[[], subprocess.Popen], kill: Callable[[subprocess.Popen], None], resume_dir: Path,
+    outputs: list[Path], step: int, total: int, tries: int = 3,
+) -> int:
+    """Start a run, ``kill`` it once its checkpoint has reached ``step``, and return the step on disk.
 
     The watcher can be starved on a busy machine (CI runs the Prefect pipeline beside the tests) until the
-    run has finished or written its last checkpoint: then the kill tests nothing, and the run is tidied
+    run has written its last checkpoint or finished: then the kill tests nothing, and the run is tidied
     away and started again.
     """
     for _ in range(tries):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+        proc = start()
         deadline = time.monotonic() + 240
-        while checkpoint_step(resume_dir) < 4:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no checkpoint for step 4"
+        while checkpoint_step(resume_dir) < step and proc.poll() is None:
+            assert time.monotonic() < deadline, f"no checkpoint for step {step}"
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            kill(proc)
+        proc.wait(timeout=60)
         killed_at = checkpoint_step(resume_dir)
-        if proc.returncode == -signal.SIGKILL and 4 <= killed_at < TOTAL:
+        if proc.returncode == -signal.SIGKILL and step <= killed_at < total:
             assert not any(path.exists() for path in outputs)
             return killed_at
         for path in (resume_dir, *outputs):
@@ -80,7 +85,10 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path: Path) -> None:
         torch.set_num_threads(threads)
 
     resume_dir = root / ".resume" / "killed"
-    killed_at = kill_after_step_4(command(killed), resume_dir, [root / "killed", root / "metrics" / "killed"])
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    start = partial(subprocess.Popen, command(killed), env=ENV, **quiet)
+    killed_at = kill_past_step(start, lambda proc: proc.send_signal(signal.SIGKILL), resume_dir,
+                               [root / "killed", root / "metrics" / "killed"], step=4, total=TOTAL)
 
     resumed = subprocess.run(command(killed), capture_output=True, text=True, timeout=300, env=ENV)
     assert resumed.returncode == 0, resumed.stderr
