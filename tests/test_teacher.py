@@ -37,8 +37,10 @@ def test_moco_v3_checkpoint_loads_exactly(tmp_path: Path) -> None:
     assert_same_weights(teacher, vit)
     assert teacher.depth == 3 and teacher.img_size == (32, 32)
     torch.save({"state_dict": vit.state_dict()}, tmp_path / "plain.pth")
-    with pytest.raises(ValueError, match="not a MoCo v3 checkpoint"):
-        load_teacher(f"moco_v3:{tmp_path / 'plain.pth'}", TINY)
+    torch.save({"state_dict": torch.zeros(3)}, tmp_path / "tensor.pth")  # was an AttributeError traceback
+    for name in ("plain.pth", "tensor.pth"):
+        with pytest.raises(ValueError, match="not a MoCo v3 checkpoint"):
+            load_teacher(f"moco_v3:{tmp_path / name}", TINY)
 
 
 def test_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ against noise and look fine until the downstream numbers come in.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -175,8 +175,8 @@ def _from_weights(obj: object, backbone_cfg: BackboneConfig, source: str) -> nn.
 
 def _load_moco_v3(path: str, backbone_cfg: BackboneConfig) -> nn.Module:
     ckpt = read_weights(path)
-    keys = ckpt.get("state_dict", {})
-    if not any(k.startswith("module.base_encoder.") for k in keys):
+    keys = ckpt.get("state_dict")
+    if not isinstance(keys, Mapping) or not any(str(k).startswith("module.base_encoder.") for k in keys):
         raise ValueError(f"{path}: not a MoCo v3 checkpoint (no state_dict with module.base_encoder.* keys)")
     base = {k: v for k, v in keys.items() if k.startswith("module.base_encoder.")}
     return _from_weights({"arch": ckpt.get("arch"), "state_dict": base}, backbone_cfg, path)  # arch: heads
