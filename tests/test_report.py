@@ -17,6 +17,7 @@ from mcf.cli import main as cli_main
 from mcf.params import ParamsError
 from mcf.report import build_report, markdown_summary
 from mcf.report.figures import f1_png
+from mcf.report.runfiles import open_run, read_gates
 
 PARAMS = """\
 seed: 0
@@ -378,6 +379,13 @@ def test_report_tables_put_each_number_in_its_column_with_its_label(page: str) -
     assert ["hair", "—", "—", "96.52"] in f1
     assert ["mcf", "frontal", "SynthFace-AFLW19", "4.432", "7.000", "20.000", "30.000", "40.000",
             "50"] in _cells(sections["ced"])
+
+
+def test_a_gate_file_that_is_no_json_object_is_a_note(run: Path) -> None:
+    """A list where a gate result belongs raised AttributeError, which the page does not catch."""
+    (run / ".mcf" / "validation" / "odd.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="odd.json: not a data-gate result"):
+        read_gates(open_run(run))
 
 
 def test_report_gate_table_shows_a_failed_suite_as_failed(page: str) -> None:

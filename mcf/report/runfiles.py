@@ -262,6 +262,8 @@ def read_gates(run: Run) -> list[GateResult]:
     results = []
     for path in sorted(folder.glob("*.json")):
         doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):  # the page notes a ValueError; an AttributeError crashed it
+            raise ValueError(f"{path}: not a data-gate result (a JSON object)")
         stats, when = doc.get("statistics") or {}, (doc.get("meta") or {}).get("run_id") or {}
         results.append(GateResult(
             suite=str(doc.get("suite_name") or path.stem), stage=str(when.get("run_name") or "?"),
