@@ -252,10 +252,14 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
         cli(["--checkpoint", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "never")])
     with pytest.raises(StageError, match="cannot write .*last.pt/out: Not a directory"):  # one line, exit 1
         cli(["--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "last.pt" / "out")])
-    for heads in ("-2", "0", "3"):  # 3 does not divide the width 64
-        with pytest.raises(StageError, match=f"{heads} attention heads do not divide the embedding width 64"):
+    with pytest.raises(StageError, match="3 attention heads do not divide the embedding width 64"):
+        cli(["--checkpoint", str(tmp_path / "release.pth"), "--out", str(tmp_path / "bad"),
+             "--num-heads", "3"])
+    for heads in ("-2", "0"):  # a usage error (exit 2), before the checkpoint is read
+        with pytest.raises(SystemExit) as exit_:
             cli(["--checkpoint", str(tmp_path / "release.pth"), "--out", str(tmp_path / "bad"),
                  "--num-heads", heads])
+        assert exit_.value.code == 2
     assert not (tmp_path / "bad").exists()
 
 

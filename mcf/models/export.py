@@ -31,6 +31,8 @@ def cli(argv: list[str]) -> int:
         "width: embed_dim / 64 for ViT-Ti/S/B/L, 16 for ViT-H/g/G)",
     )
     args = p.parse_args(argv)
+    if args.num_heads is not None and args.num_heads < 1:
+        p.error(f"--num-heads must be at least 1, got {args.num_heads}")
     try:
         with atomic_dir(args.out, sign="backbone.json") as tmp:  # both files or neither
             cfg = export_backbone(args.checkpoint, tmp, num_heads=args.num_heads)
