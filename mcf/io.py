@@ -69,6 +69,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _killed_writers(path: Path, kind: str) -> list[Path]:
+    """The siblings ``.<name>.<kind>-<pid>`` of ``path`` whose writer ``pid`` no longer runs."""
+    prefix = f".{path.name}.{kind}-"
+    killed = []
+    for sibling in sorted(path.parent.iterdir()) if path.parent.is_dir() else []:
+        pid = sibling.name[len(prefix) :] if sibling.name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            killed.append(sibling)
+    return killed
+
+
 def _recover(path: Path) -> None:
     """Tidy what killed writers of ``path`` left (a live writer's siblings are left alone).
 
@@ -77,18 +88,13 @@ def _recover(path: Path) -> None:
     (dvc.lock still describes it), else removed. It is whole: :func:`atomic_dir` deletes it under the
     ``tmp`` name.
     """
-    if not path.parent.is_dir():
-        return
-    for sibling in sorted(path.parent.iterdir()):
-        for kind in ("tmp", "old"):
-            prefix = f".{path.name}.{kind}-"
-            pid = sibling.name[len(prefix) :] if sibling.name.startswith(prefix) else ""
-            if not pid.isdigit() or _alive(int(pid)):
-                continue
-            if kind == "old" and not path.exists():
-                sibling.rename(path)
-            else:
-                shutil.rmtree(sibling, ignore_errors=True)
+    for sibling in _killed_writers(path, "tmp"):
+        shutil.rmtree(sibling, ignore_errors=True)
+    for sibling in _killed_writers(path, "old"):
+        if not path.exists():
+            sibling.rename(path)
+        else:
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
@@ -163,10 +169,8 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.tmp-"
-    for sibling in path.parent.iterdir():
-        pid = sibling.name[len(prefix) :] if sibling.name.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)) and sibling.is_file():
+    for sibling in _killed_writers(path, "tmp"):
+        if sibling.is_file():
             sibling.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
