@@ -221,3 +221,17 @@ def test_a_shard_that_inflates_on_reading_is_refused(tmp_path: Path, kind: str) 
     assert plain != shard.read_bytes()
     with pytest.raises(StageError, match=r"bad/crops-000000.tar: not a readable crop shard"):
         list(iter_encoded(str(shard)))
+
+
+def test_a_crop_that_declares_too_many_pixels_fails_naming_it(tmp_path: Path) -> None:
+    """Pillow refuses to open an image whose header declares over 2 × MAX_IMAGE_PIXELS with a
+    DecompressionBombError, which is no OSError: a crop of a damaged or foreign shard whose JPEG header
+    says 65535 × 65535 escaped as that traceback from crop, subset and pretrain rather than one line."""
+    jpeg = bytearray(encode_jpeg(np.full((8, 8, 3), 128, np.uint8)))
+    sof = jpeg.index(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height, width
+    jpeg[sof + 5 : sof + 9] = b"\xff\xff\xff\xff"
+    write_shards([("c0", bytes(jpeg), {"crop_id": "c0"})], tmp_path / "bomb", 10)
+    with pytest.raises(StageError, match=r"crop c0: not a decodable image \(DecompressionBombError: "):
+        list(iter_samples(shard_urls(tmp_path / "bomb")))
+    with pytest.raises(StageError, match=r"bomb/crops-000000.tar.*: not a decodable image \(Decompression"):
+        CropDataset(tmp_path / "bomb", 8, cache_mb=1)

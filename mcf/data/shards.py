@@ -60,7 +60,9 @@ def decode_jpeg(data: bytes, name: str = "crop") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for bytes that do not decode
+    # PIL's errors for bytes that do not decode; DecompressionBombError (no OSError) for a header that
+    # declares more pixels than Pillow opens
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise StageError(f"{name}: not a decodable image ({type(err).__name__}: {err})") from None
 
 
