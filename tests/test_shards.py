@@ -187,7 +187,9 @@ def test_a_shard_that_inflates_on_reading_is_refused(tmp_path: Path, kind: str) 
     """A shard is plain tar (docs/CONTRACTS.md), and pre-training reads its members at their raw byte
     offsets. ``tarfile.open``'s default mode also took a gzip/bz2/xz file, and ``isfile()`` a GNU or PAX
     sparse member, both of which inflate while read into memory: a kilobyte-sized file could declare
-    gigabytes of crop (crop and subset read every member whole) and exhaust the machine before any check."""
+    gigabytes of crop (crop and subset read every member whole) and exhaust the machine before any check.
+    Pre-training's index refuses them too: it read a sparse member's expanded size from its raw offset,
+    past its stored bytes into the next headers, where crop and subset had read zeros."""
     samples = _samples(1)
     write_shards(samples, tmp_path / "ok", 10)
     plain = (tmp_path / "ok" / "crops-000000.tar").read_bytes()
@@ -221,6 +223,8 @@ def test_a_shard_that_inflates_on_reading_is_refused(tmp_path: Path, kind: str) 
     assert plain != shard.read_bytes()
     with pytest.raises(StageError, match=r"bad/crops-000000.tar: not a readable crop shard"):
         list(iter_encoded(str(shard)))
+    with pytest.raises(StageError, match=r"bad/crops-000000.tar: not a readable crop shard"):
+        CropDataset(shard.parent, 8, cache_mb=0)  # the index pre-training reads at raw offsets, too
 
 
 def test_a_crop_that_declares_too_many_pixels_fails_naming_it(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mcf.data.shards import decode_jpeg, open_shard, shard_urls
+from mcf.data.shards import decode_jpeg, file_members, open_shard, shard_urls
 from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarr
     shard, offset, size = array("i"), array("q"), array("q")
     for i, url in enumerate(urls):
         with open_shard(url) as tar:
-            for info in tar:
-                if info.isfile() and info.name.endswith(".jpg"):
+            for info in file_members(tar):
+                if info.name.endswith(".jpg"):
                     shard.append(i)
                     offset.append(info.offset_data)
                     size.append(info.size)

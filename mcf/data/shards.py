@@ -138,6 +138,20 @@ def open_shard(url: str | Path) -> Iterator[tarfile.TarFile]:
                          "rerun the stage that wrote it") from None
 
 
+def file_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The regular file members of an open shard, in order; a sparse one is a ``ReadError``.
+
+    ``tarfile`` fills a GNU or PAX sparse member's holes in memory, and gives its expanded size, which
+    pre-training would read from the member's raw offset past its stored bytes.
+    """
+    for info in tar:
+        if not info.isfile():
+            continue
+        if info.sparse is not None:
+            raise tarfile.ReadError(f"member {info.name!r} is a sparse file")
+        yield info
+
+
 def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does.
 
@@ -145,11 +159,7 @@ def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     """
     key, group = None, {}
     with open_shard(url) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            if info.sparse is not None:  # GNU or PAX sparse: tarfile fills its holes in memory
-                raise tarfile.ReadError(f"member {info.name!r} is a sparse file")
+        for info in file_members(tar):
             folder, _, base = info.name.rpartition("/")
             stem, dot, ext = base.partition(".")
             name = f"{folder}/{stem}" if folder else stem
