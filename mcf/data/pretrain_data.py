@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mcf.data.shards import decode_jpeg, file_members, open_shard, shard_urls
+from mcf.data.shards import decode_jpeg, file_members, member_key, open_shard, shard_urls
 from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,16 @@ def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarr
     return urls, np.asarray(shard), np.asarray(offset), np.asarray(size)
 
 
+def _crop_id_at(url: str, offset: int) -> str:
+    """The crop_id of the member whose data starts at byte ``offset``: read from the shard again, for an
+    error message, as the index keeps no name per crop."""
+    with open_shard(url) as tar:
+        for info in file_members(tar):
+            if info.offset_data == offset:
+                return member_key(info.name)[0]
+    return f"at byte {offset}"  # the shard was rewritten since it was indexed
+
+
 class CropDataset(Dataset):
     """The subset's crops as ``[3, S, S]`` uint8 tensors, resized to the backbone's input size."""
 
@@ -75,7 +85,12 @@ class CropDataset(Dataset):
         url, offset, size = self.urls[self.shard[index]], int(self.offset[index]), int(self.size[index])
         with open(url, "rb") as f:
             f.seek(offset)
-            rgb = decode_jpeg(f.read(size), f"{url} (member at byte {offset})")
+            data = f.read(size)
+        try:
+            rgb = decode_jpeg(data)
+        except StageError as err:  # named by its crop_id, as the stages name a crop
+            message = str(err).partition(": ")[2]
+            raise StageError(f"crop {_crop_id_at(url, offset)} in {url}: {message}") from None
         if rgb.shape[:2] != (self.img_size, self.img_size):  # bilinear: the release's transforms.Resize
             image = Image.fromarray(rgb).resize((self.img_size, self.img_size), Image.BILINEAR)
             rgb = np.asarray(image)

@@ -152,18 +152,21 @@ def file_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
         yield info
 
 
-def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does.
+def member_key(name: str) -> tuple[str, str]:
+    """``(key, extension)`` of a member name, as webdataset splits it: the key is the name up to the
+    first dot of its file name (``crop_id`` has no dots); no dot gives an empty extension."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
 
-    The key is a member's name up to the first dot of its file name (``crop_id`` has no dots).
-    """
+
+def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does."""
     key, group = None, {}
     with open_shard(url) as tar:
         for info in file_members(tar):
-            folder, _, base = info.name.rpartition("/")
-            stem, dot, ext = base.partition(".")
-            name = f"{folder}/{stem}" if folder else stem
-            if not dot:
+            name, ext = member_key(info.name)
+            if not ext:
                 raise StageError(f"{url}: member {info.name!r} has no extension")
             if name != key and group:
                 yield key, group
