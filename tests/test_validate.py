@@ -9,6 +9,7 @@ from typing import get_args, get_type_hints
 
 import pandas as pd
 import pytest
+import yaml
 
 from mcf.cli import main as cli_main
 from mcf.data.crop import CropConfig
@@ -346,3 +347,23 @@ def test_each_suite_refuses_what_its_notes_rule_out(
         gate.run_gate(breakage(GOOD[suite]()), suite, stage="test", config=_gate_config(suite, tmp_path),
                       keep=False)
     assert "failed 1 of" in str(err.value) and f"  - {check}" in str(err.value)
+
+
+def test_a_crop_manifest_with_repeated_ids_fails_the_subset_gate_by_hand_on_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The subset gate looks up each crop's size in the crop manifest by crop_id. The crop gate refuses a
+    manifest that repeats one before any subset is drawn, but `mcf validate subset` can be pointed at one:
+    pandas' InvalidIndexError ended it in a traceback. It is the gate failing (exit 3) on one line."""
+    crop = pd.concat([_crop_manifest(), _crop_manifest().iloc[[0]]], ignore_index=True)
+    (tmp_path / "crop").mkdir()
+    crop.to_parquet(tmp_path / "crop" / "manifest.parquet")
+    _subset_manifest().to_parquet(tmp_path / "subset.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"subset": {"input": str(tmp_path / "crop")}}))
+    args = ["validate", "--params", str(tmp_path / "params.yaml"), "subset", str(tmp_path / "subset.parquet")]
+    assert cli_main(args) == 3
+    err = capsys.readouterr().err
+    path = tmp_path / "crop" / "manifest.parquet"
+    assert err == (f"mcf validate: data gate 'subset': the crop manifest {path} repeats crop_id ['a_0'], "
+                   "so the size each crop should have is unknown; "
+                   "`mcf validate crop` on it lists what else is wrong\n")

@@ -179,6 +179,11 @@ def _expected_size(df: pd.DataFrame, suite: str, config: Any) -> tuple[Any, Any]
     path = Path(config.input) / "manifest.parquet"
     require_path(path, "subset.input", made_by="crop")
     crop = pd.read_parquet(path, columns=["crop_id", "width", "height"])
+    repeated = crop["crop_id"][crop["crop_id"].duplicated()].unique()
+    if len(repeated):  # the crop gate refuses such a manifest; `mcf validate subset` may still be given one
+        raise GateError(f"data gate {suite!r}: the crop manifest {path} repeats crop_id "
+                        f"{sorted(repeated)[:EXAMPLES]}, so the size each crop should have is unknown; "
+                        "`mcf validate crop` on it lists what else is wrong")
     ids, crop = df["crop_id"], crop.set_index("crop_id")
     return ids.map(crop["width"]).astype("Int64"), ids.map(crop["height"]).astype("Int64")
 
