@@ -6,6 +6,7 @@ Inputs are a small fetch-like folder built here from photographs that scikit-ima
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import os
@@ -691,3 +692,31 @@ def test_bench_rates_faces_and_kept_crops_apart(fetch_dir: Path, capsys: pytest.
     faces, kept = map(int, re.search(r"(\d+) faces, (\d+) crops kept", line).groups())
     face_rate, kept_rate = map(float, re.search(r"([\d.]+) faces/s \(([\d.]+) crops kept/s\)", line).groups())
     assert 0 < kept < faces and kept_rate / face_rate == pytest.approx(kept / faces, rel=0.05)
+
+
+def test_an_image_the_stage_may_not_read_fails_it_naming_the_file(
+    tmp_path: Path, monkeypatch: MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OpenCV returns None for a file it may not open as for bytes it cannot decode, so a chmod 000 image
+    was filed as `undecodable` and the stage passed without it. That is the environment, not the data: the
+    stage fails (exit 1) on one line naming the file, as for its other unreadable inputs, and publishes
+    nothing. Root (CI containers) reads a chmod 000 file, so there OpenCV and the read are denied here."""
+    samples = {k: v for k, v in _samples().items() if k in ("camera", "coffee")}
+    fetch = make_fetch_dir(tmp_path / "fetch", samples)
+    locked = fetch / "images" / "coffee.jpg"
+    locked.chmod(0)
+    if os.geteuid() == 0:
+        imread, path_open = cv2.imread, Path.open
+
+        def denied(self: Path, *args: object, **kwargs: object) -> object:
+            if self == locked:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return path_open(self, *args, **kwargs)
+
+        monkeypatch.setattr(cv2, "imread", lambda p, *args: None if Path(p) == locked else imread(p, *args))
+        monkeypatch.setattr(Path, "open", denied)
+    params = {"crop": {"input": str(fetch), "out": str(tmp_path / "crop"), "size": SIZE, "workers": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert cli_main(["crop", "--params", str(tmp_path / "params.yaml")]) == 1
+    assert capsys.readouterr().err == f"mcf crop: Permission denied: {locked}\n"
+    assert not (tmp_path / "crop").exists()

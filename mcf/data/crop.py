@@ -209,6 +209,20 @@ def _meta(row: dict) -> dict[str, Any]:
     }
 
 
+def _raise_if_denied(path: str) -> None:
+    """Raise the ``PermissionError`` of an image this process may not read (chmod 000, another user's).
+
+    OpenCV returns None for it as for bytes it cannot decode, but it is the environment's fault, not the
+    data's: the stage fails on one line naming the file (the CLI's exit 1) rather than filing it
+    ``undecodable``. Other errors (a missing file) stay with the ``undecodable`` row.
+    """
+    try:
+        Path(path).open("rb").close()
+    except OSError as err:
+        if isinstance(err, PermissionError):
+            raise
+
+
 def crop_chunk(sources: Sequence[Source], cfg: CropConfig, part: str | Path) -> ChunkResult:
     """Crop one chunk of source images into a part shard under ``part``; a pure function of its inputs."""
     rows: list[dict] = []
@@ -216,6 +230,7 @@ def crop_chunk(sources: Sequence[Source], cfg: CropConfig, part: str | Path) -> 
     for src in sources:
         bgr = cv2.imread(src.path, cv2.IMREAD_COLOR)
         if bgr is None:
+            _raise_if_denied(src.path)
             log.warning("rejecting %s: OpenCV cannot decode %s", src.sample_id, src.path)
             faces = src.faces if src.faces is not None else (None,)
             rows += [_row(src.sample_id, face) | {"reason": "undecodable"} for face in faces]
