@@ -367,3 +367,25 @@ def test_a_crop_manifest_with_repeated_ids_fails_the_subset_gate_by_hand_on_one_
     assert err == (f"mcf validate: data gate 'subset': the crop manifest {path} repeats crop_id ['a_0'], "
                    "so the size each crop should have is unknown; "
                    "`mcf validate crop` on it lists what else is wrong\n")
+
+
+@pytest.mark.parametrize("crop", ["not parquet", "no width"])
+def test_a_crop_manifest_the_subset_gate_cannot_read_is_one_line(
+    crop: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mcf validate subset` reads crop_id, width and height from the crop manifest subset.input names: a
+    file that is not parquet, or one without those columns, was pyarrow's ArrowInvalid traceback (the
+    latter with the whole schema). It is the gate failing (exit 3) on one line naming the file."""
+    (tmp_path / "crop").mkdir()
+    path = tmp_path / "crop" / "manifest.parquet"
+    if crop == "not parquet":
+        path.write_text("junk")
+    else:
+        _crop_manifest().drop(columns=["width"]).to_parquet(path)
+    _subset_manifest().to_parquet(tmp_path / "subset.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"subset": {"input": str(tmp_path / "crop")}}))
+    args = ["validate", "--params", str(tmp_path / "params.yaml"), "subset", str(tmp_path / "subset.parquet")]
+    assert cli_main(args) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"mcf validate: data gate 'subset': cannot read crop_id, width and height from the "
+                          f"crop manifest {path} (ArrowInvalid: ") and err.count("\n") == 1, err

@@ -178,7 +178,12 @@ def _expected_size(df: pd.DataFrame, suite: str, config: Any) -> tuple[Any, Any]
         return config.size, config.size
     path = Path(config.input) / "manifest.parquet"
     require_path(path, "subset.input", made_by="crop")
-    crop = pd.read_parquet(path, columns=["crop_id", "width", "height"])
+    try:
+        crop = pd.read_parquet(path, columns=["crop_id", "width", "height"])
+    except (OSError, ValueError) as err:  # not parquet, or without a column: pyarrow's ArrowInvalid
+        cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"  # not its schema dump
+        raise GateError(f"data gate {suite!r}: cannot read crop_id, width and height from the crop manifest "
+                        f"{path} ({cause})") from None
     repeated = crop["crop_id"][crop["crop_id"].duplicated()].unique()
     if len(repeated):  # the crop gate refuses such a manifest; `mcf validate subset` may still be given one
         raise GateError(f"data gate {suite!r}: the crop manifest {path} repeats crop_id "
