@@ -218,9 +218,10 @@ def _raise_if_denied(path: str) -> None:
     """
     try:
         Path(path).open("rb").close()
-    except OSError as err:
-        if isinstance(err, PermissionError):
-            raise
+    except PermissionError:
+        raise
+    except OSError:
+        pass
 
 
 def crop_chunk(sources: Sequence[Source], cfg: CropConfig, part: str | Path) -> ChunkResult:
