@@ -231,3 +231,86 @@ def test_ranks_that_find_different_checkpoints_refuse_to_train(tmp_path: Path) -
         outcome = (root / f"rank{rank}.txt").read_text()
         assert "the ranks disagree on where to start" in outcome, outcome
         assert "0: (" in outcome and ", 6), 1: (" in outcome and ", None)}" in outcome
+
+
+class _PerSampleLoss(torch.nn.Module):
+    """The smallest model the loop trains: no randomness (each rank would draw other masks than one
+    process does) and a loss that is a mean over images, so 2 ranks × 2 micro-batches of 4 images
+    average to the loss of one batch of 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = torch.nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float) -> dict[str, torch.Tensor]:
+        return {"loss": (self.proj(imgs.flatten(1)).tanh() - 0.5).pow(2).mean()}
+
+    def momentum_at(self, step: int, total: int) -> float:
+        return 0.996
+
+    def update_momentum(self, momentum: float) -> None:
+        pass
+
+
+_TOY_CROPS = torch.randint(0, 256, (64, 3, 4, 4), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+
+
+def _train_toy(batch_size: int, accum_steps: int, root: Path, rank: int = 0, world_size: int = 1) -> dict:
+    """Train the toy for 4 steps of 16 images; the gradients each step applied, the optimizer steps
+    whose backward all-reduced (a DDP comm hook), and the final weights."""
+    train = TrainConfig(epochs=1, warmup_epochs=0, batch_size=batch_size, accum_steps=accum_steps, blr=0.05)
+    run = Run(0, 0.75, root / f"resume{world_size}", {}, rank=rank, world_size=world_size)
+    trainer = Trainer(_PerSampleLoss(), _TOY_CROPS, train, run)  # a uint8 tensor indexes as crops do
+    grads: list[list[torch.Tensor]] = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, *_: grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+    synced: list[int] = []
+    if world_size > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):  # type: ignore[no-untyped-def]  # DDP refuses a string annotation
+            synced.append(trainer.step)
+            return allreduce_hook(None, bucket)
+
+        trainer.net.register_comm_hook(None, hook)
+    model = trainer.fit()
+    return {"grads": grads, "synced": synced, "model": model.state_dict(), "total": trainer.total}
+
+
+def _accumulating_rank(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    distributed.init_distributed()
+    try:
+        torch.save(_train_toy(4, 2, Path(root), rank, 2), Path(root) / f"rank{rank}.pt")
+    finally:
+        distributed.cleanup()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_with_accumulation_trains_as_one_process_with_the_same_effective_batch(tmp_path: Path) -> None:
+    """2 gloo ranks × batch 4 × accum_steps 2 apply, at each of 4 optimizer steps, the gradient of one
+    process's batch of 16 (the same images: each step's 16 crops of the epoch's order, split between the
+    ranks), and end with its weights; the gradients are all-reduced once per optimizer step, on the last
+    micro-batch (``no_sync`` on the others). Gradients are compared, not only weights: AdamW's update
+    hardly changes when every gradient is off by one factor (a micro-batch loss left undivided)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_accumulating_rank, args=(port, str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    single = _train_toy(16, 1, tmp_path)
+    assert single["total"] == 4 and all(r["total"] == 4 for r in ranks)
+    for r in ranks:
+        assert r["synced"] == [0, 1, 2, 3]  # one all-reduce per optimizer step, not one per micro-batch
+        assert len(r["grads"]) == 4
+        for got, want in zip(r["grads"], single["grads"], strict=True):
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+        for k, w in single["model"].items():
+            torch.testing.assert_close(r["model"][k], w, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(r["model"]["proj.weight"], _PerSampleLoss().proj.weight.detach())  # it trained
+    assert all(torch.equal(ranks[0]["model"][k], ranks[1]["model"][k]) for k in ranks[0]["model"])
