@@ -9,7 +9,6 @@ the run anyway, with the CLI's one line and exit 130.
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
@@ -22,20 +21,19 @@ def ignore_ctrl_c() -> None:
 
 @contextmanager
 def workers_ignore_ctrl_c() -> Iterator[None]:
-    """Processes started inside ignore SIGINT from their first instruction, before an initializer runs (a
-    spawned worker imports for a second or more): an ignored signal stays ignored across fork and exec.
+    """Processes started inside take no SIGINT before their initializer ignores it (a spawned worker
+    imports for a second or more): the calling thread blocks it, and a blocked signal stays blocked across
+    fork and exec.
 
-    A Ctrl-C meanwhile is lost, so hold it only while a pool starts its workers. Off the main thread (a
-    flow's task) it changes nothing: only the main thread may set handlers, and the initializer remains.
+    Blocked, not ignored: a Ctrl-C meanwhile (a pool queues all its tasks here) waits, and is raised as
+    KeyboardInterrupt on leaving, or at once when another thread takes it; ignored, it was lost, and the
+    stage ran on. Threads started inside (a pool's own) keep it blocked, which leaves it to the others.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending Ctrl-C is raised here
 
 
 @contextmanager

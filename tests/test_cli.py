@@ -283,6 +283,21 @@ shards.write_shards(((f"c{i:05d}", jpeg, {}) for i in range(4000)), tmp, 20)
 shards.tqdm = lambda mapped, **_: (ctrl_c() if i == 1 else None or r for i, r in enumerate(mapped))
 shards.read_back(tmp, 2)
 """,
+    "queueing": """
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from mcf.pools import cancelled_on_error, ignore_ctrl_c, workers_ignore_ctrl_c
+def chunks():  # Ctrl-C while the pool's tasks are queued and its workers start: it must not be lost
+    for i in range(400):
+        i == 3 and ctrl_c()
+        yield i
+pool = ProcessPoolExecutor(2, mp_context=get_context("spawn"), initializer=ignore_ctrl_c)
+with cancelled_on_error(pool):
+    with workers_ignore_ctrl_c():
+        mapped = pool.map(abs, chunks())
+    print("queued", file=sys.stderr)
+    list(mapped)
+""",
 }
 _POOL_PRELUDE = """
 import functools, os, signal, sys, tempfile

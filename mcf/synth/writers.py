@@ -12,6 +12,7 @@ each image's split) is written to ``synthface_identities.csv`` beside each tree.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -76,9 +77,10 @@ def _ordered(render: Callable[[int], T], n: int, workers: int, desc: str) -> Ite
     if workers == 1 or n < 2:
         yield from bar(map(render, range(n)))
         return
-    with workers_ignore_ctrl_c():
-        pool = multiprocessing.get_context("fork").Pool(workers, initializer=ignore_ctrl_c)
-    with pool:
+    fork = multiprocessing.get_context("fork")
+    with contextlib.ExitStack() as stack:
+        with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised on leaving: the pool is terminated
+            pool = stack.enter_context(fork.Pool(workers, initializer=ignore_ctrl_c))
         yield from bar(pool.imap(render, range(n), chunksize=8))
 
 
