@@ -15,6 +15,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -582,39 +583,84 @@ def test_crop_on_dask_matches_the_serial_stage(prefect_api: None, tmp_path: Path
     assert recorded and all(set(p) == {"cfg", "parts_dir"} for p in recorded), recorded
 
 
-_SPANS: list[tuple[float, float]] = []  # (start, end) of each _slow_square call: module state, by name
+class _Gate:
+    """Tasks that run until the flow asks for their result: a task submitted and not yet asked for is in
+    flight, whatever the timing, and the count of those that run at once is exact."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.reset()
+
+    def reset(self) -> None:
+        self.submitted = self.asked = self.running = 0
+        self.released: set[int] = set()
+        self.most_in_flight = self.most_running = 0
 
 
-def _slow_square(i: int) -> int:
-    """A task body Dask ships by reference (a closure's state would travel as a copy)."""
-    import time
+_GATE = _Gate()  # module state, by name: Dask ships the task body by reference (a closure's would be copied)
+_GATE_TIMEOUT_S = 60.0  # reached only when the runner starts fewer tasks than it must
 
-    began = time.perf_counter()
-    time.sleep(1.0)  # long enough that a loaded machine still starts every worker's task within it
-    _SPANS.append((began, time.perf_counter()))
+
+def _gated_square(i: int) -> int:
+    with _GATE.cond:
+        _GATE.running += 1
+        _GATE.most_running = max(_GATE.most_running, _GATE.running)
+        _GATE.cond.notify_all()
+        released = _GATE.cond.wait_for(lambda: i in _GATE.released, _GATE_TIMEOUT_S)
+        _GATE.running -= 1
+    assert released, f"task {i} was never asked for"
     return i * i
+
+
+class _GatedFuture:
+    def __init__(self, future: Any, i: int, workers: int) -> None:
+        self.future, self.i, self.workers = future, i, workers
+
+    def result(self) -> Any:
+        """Release the task once as many run as the workers and the tasks in flight allow."""
+        with _GATE.cond:
+            in_flight = _GATE.submitted - _GATE.asked
+            _GATE.asked += 1
+            _GATE.cond.wait_for(lambda: _GATE.running >= min(self.workers, in_flight), _GATE_TIMEOUT_S)
+            _GATE.released.add(self.i)
+            _GATE.cond.notify_all()
+        return self.future.result()
+
+
+class _GatedTask:
+    def __init__(self, task: Any, workers: int) -> None:
+        self.task, self.workers = task, workers
+
+    def submit(self, i: int) -> _GatedFuture:
+        future = self.task.submit(i)
+        with _GATE.cond:
+            _GATE.submitted += 1
+            _GATE.most_in_flight = max(_GATE.most_in_flight, _GATE.submitted - _GATE.asked)
+        return _GatedFuture(future, i, self.workers)
 
 
 def test_fan_out_keeps_a_bounded_window_of_tasks_in_flight(prefect_api: None) -> None:
     """The fan-out flows submit at most ``window`` tasks at once (Dask's scheduler holds a task's
-    arguments until it has run), on every worker the window allows, and return results in call order."""
+    arguments until it has run), on every worker the window allows, and return results in call order.
+
+    No task ends before the flow asks for its result: an unbounded window submits all 7 first, and the
+    count of tasks in flight shows it whatever the timing."""
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
 
     from flows.dask_runner import submit_in_order, task_runner
 
-    slow = task(_slow_square, cache_policy=NO_CACHE)
+    gated = task(_gated_square, cache_policy=NO_CACHE)
 
     @flow
     def fan(window: int) -> list[int]:
-        return submit_in_order(slow, [(i,) for i in range(7)], window)
+        return submit_in_order(_GatedTask(gated, 4), [(i,) for i in range(7)], window)
 
-    for window, expected in ((2, 2), (7, 4)):  # 4 one-thread workers
-        _SPANS.clear()
+    for window, running in ((2, 2), (7, 4)):  # 4 one-thread workers
+        _GATE.reset()
         runner = task_runner(None, n_workers=4, processes=False)
         assert fan.with_options(task_runner=runner)(window) == [i * i for i in range(7)]
-        most = max(sum(a <= start < b for a, b in _SPANS) for start, _ in _SPANS)  # tasks running at once
-        assert len(_SPANS) == 7 and most == expected, (window, most)
+        assert (_GATE.most_in_flight, _GATE.most_running) == (window, running), window
 
 
 def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
