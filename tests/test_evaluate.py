@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,31 @@ def test_identity_probe_with_one_training_identity_is_none() -> None:
 
     x = np.random.default_rng(0).normal(size=(6, 4))
     assert identity_accuracy(x[:4], np.zeros(4, int), x[4:], np.zeros(2, int), c=1.0) is None
+
+
+def test_an_image_whose_outer_eye_corners_coincide_is_refused_by_name(
+    evaluated: tuple[EvaluateConfig, dict, Path],
+) -> None:
+    """NME per inter-ocular distance is undefined for it (the data gate checks boxes, not eyes): the stage
+    names the image in one line (a StageError), where a ValueError gave a traceback and an index."""
+    import scipy.io
+
+    from mcf.data.aflw19 import split_indices
+
+    cfg, _, root = evaluated
+    mat_path = root / "aflw19" / "AFLWinfo_release.mat"
+    original = mat_path.read_bytes()
+    ann = read_mat(root / "aflw19")
+    row = split_indices(ann, "full", 16)[2]
+    mat = scipy.io.loadmat(str(mat_path))
+    for offset in (0, 19):  # x, then y: point 11 onto point 6
+        mat["data"][row, 11 + offset] = mat["data"][row, 6 + offset]
+    try:
+        scipy.io.savemat(str(mat_path), {k: v for k, v in mat.items() if not k.startswith("__")})
+        bad = dataclasses.replace(cfg, out=str(root / "bad"), metrics=str(root / "bad.json"))
+        named = rf"^AFLW-19 image {re.escape(ann.names[row])}: its outer eye corners \(GT points 6 and 11\)"
+        with pytest.raises(StageError, match=named):
+            main(Common(seed=0), bad)
+    finally:
+        mat_path.write_bytes(original)
+    assert not (root / "bad").exists() and not (root / "bad.json").exists()
