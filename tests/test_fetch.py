@@ -34,7 +34,7 @@ from PIL import Image
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main
 from mcf.data.sources import laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
-from mcf.data.sources.image import FetchFailure, Record, inspect, read_bounded
+from mcf.data.sources.image import FetchFailure, Record, inspect, read_bounded, redact
 from mcf.data.sources.local import FileReader
 from mcf.errors import StageError
 from mcf.io import file_sha256
@@ -551,7 +551,30 @@ def test_a_password_with_an_at_sign_is_redacted_whole(url: str) -> None:
         fetcher({"url": url})
     error = Record(failure.value.status, failure.value.error).error
     assert failure.value.status == "invalid_url" and "55word" not in error and "user" not in error
-    assert "://host/x.jpg" in error or "://[::1/x.jpg" in error
+    assert "://<redacted>@host/x.jpg" in error or "://<redacted>@[::1/x.jpg" in error
+
+
+@pytest.mark.parametrize("url", ["http://user:pa/55word@127.0.0.1:1/x.jpg", "http://user:pa?55word@127.0.0.1:1/x",
+                                 "http://user:pa#55word@127.0.0.1:1/x", "ftp://user:pa 55word@host/x.jpg",
+                                 "ftp://user:pa'55\"word@host/x.jpg"])
+def test_a_password_with_a_delimiter_is_redacted_whole(url: str) -> None:
+    """A raw ``/``, ``?`` or ``#`` in a password ends the authority for some parsers and not for others, and
+    a space or a quote ended the text the redaction searched: the whole URL, password included, reached the
+    manifest in requests' "Failed to parse" or in our own invalid_url message."""
+    fetcher = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    with pytest.raises(laion.FetchFailure) as failure:
+        fetcher({"url": url})
+    error = Record(failure.value.status, failure.value.error).error
+    assert failure.value.status == "invalid_url" and "55" not in error and "user" not in error
+
+
+def test_redaction_errs_on_the_side_of_removing_too_much() -> None:
+    """urllib3 quotes the request target alone (no ``://``) when a ``/`` in a password moved the authority's
+    end: everything up to a run's last ``@`` goes, as it does after a scheme."""
+    text = "Max retries exceeded with url: /er:pa55@host/x.jpg (Caused by ...)"
+    assert redact(text) == "Max retries exceeded with url: <redacted>@host/x.jpg (Caused by ...)"
+    assert redact("see https://u:p/a@55@host/a@2x.png") == "see https://<redacted>@2x.png"
+    assert redact("http://host/x.jpg and me@mail") == "http://host/x.jpg and <redacted>@mail"
 
 
 def test_a_long_url_is_redacted_before_it_is_cut_short(server: str) -> None:

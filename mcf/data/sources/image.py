@@ -49,7 +49,9 @@ FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open a larger image, whatever max_pixels
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
-_USERINFO = re.compile(r"(?<=://)[^/?#\s\"'<>]*@")  # to the authority's last @, as URL parsers split
+# a run of text up to its last @, after a scheme's :// if any: a password may hold a raw / ? # : or @, and
+# parsers disagree on where its authority ends (urllib3 may quote "url: /rest:of:pass@host/x.jpg")
+_USERINFO = re.compile(r"(?<!\S)(\S*?://)?\S*@")
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
 _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f3b2ffb3380>"
 
@@ -67,8 +69,19 @@ def redact(text: str) -> str:
 
     Transfer errors quote the URL they failed on, and their text is kept in the manifest, the gate's
     report and stderr; a signed URL or an endpoint with a password must not travel with it.
+
+    Everything up to the last ``@`` of a run of text goes: a ``/`` in a path (``logo@2x.png``) costs some
+    of the message, a ``/`` in a password would have left the rest of it.
     """
-    return _QUERY.sub("?<redacted>", _USERINFO.sub("", text))
+    return _QUERY.sub("?<redacted>", _USERINFO.sub(r"\1<redacted>@", text))
+
+
+def redact_url(url: str) -> str:
+    """One URL for a message, redacted as a whole: a space or a quote in its password would end the run
+    that :func:`redact` looks at before the password's ``@``."""
+    head, at, tail = url.rpartition("@")
+    scheme = head.partition("://")[0] + "://" if "://" in head else ""
+    return redact(f"{scheme}<redacted>@{tail}" if at else url)
 
 
 class FetchFailure(Exception):

@@ -45,7 +45,7 @@ from urllib3.exceptions import (
 )
 
 from mcf.data.sources.download import RECORD_COLUMNS, Source
-from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded, redact
+from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded, redact, redact_url
 from mcf.errors import StageError
 from mcf.params import ParamsError, param, require_path
 
@@ -301,7 +301,8 @@ class HttpFetcher:
         except ValueError:  # e.g. an unbalanced IPv6 bracket
             parts = None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise FetchFailure("invalid_url", f"not an http(s) URL: {url!r}")
+            quoted = redact_url(url) if isinstance(url, str) else url
+            raise FetchFailure("invalid_url", f"not an http(s) URL: {quoted!r}")
         deadline = time.monotonic() + self.cfg.total_timeout
         timeout = (self.cfg.timeout, self.cfg.timeout)
         _DEADLINE.value = deadline
