@@ -1013,6 +1013,49 @@ def test_s3_download_is_tried_once_per_fetch_retry(slow_down: str, tmp_path: Pat
     assert SlowDown.requests == 1
 
 
+class Dripping(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # kept alive, as S3 does
+    """An S3 endpoint whose objects arrive 64 bytes every 0.1 s: each read is in time, the whole takes 3 s."""
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(30 * 64))
+        self.end_headers()
+        try:
+            for _ in range(30):
+                self.wfile.write(b"\xff" * 64)
+                self.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def test_s3_total_timeout_holds_while_the_body_drips(tmp_path: Path) -> None:
+    """The read timeout restarts with every byte: a store trickling an object held a worker for as long as
+    it liked, where laion-face's downloads end at their total_timeout."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Dripping)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        section = {"bucket": "faces", "endpoint_url": f"http://127.0.0.1:{httpd.server_address[1]}",
+                   "timeout": 0.5, "total_timeout": 1.0}
+        cfg = _config(source="s3", s3=section, retries=0)
+        row = {"sample_id": "a.jpg", "caption": "", "key": "a.jpg", "etag": "e", "size": 1920}
+        source = s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries, pd.DataFrame([row]))
+        start = time.monotonic()
+        (record,) = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
+        took = time.monotonic() - start
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert (record.status, record.error) == ("timeout", "total time per image exceeded")
+    assert took < 2.0
+
+
 def test_synthetic_source_end_to_end() -> None:
     tiny = {
         "n_scenes": 4,

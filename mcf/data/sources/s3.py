@@ -2,12 +2,16 @@
 
 Credentials come only from boto3's own chain (environment, profile, instance role); they are never
 part of params or logs. The endpoint is configurable so that MinIO, Ceph or a local test server work.
-Objects larger than ``max_bytes`` are refused from their listed size, without a download.
+Objects larger than ``max_bytes`` are refused from their listed size, without a download; an object's
+body is read within ``total_timeout``, as laion-face's images are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+import time
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,7 +30,14 @@ from botocore.exceptions import (
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url, validate_region_name
 
 from mcf.data.sources.download import Source
-from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions, read_bounded, redact
+from mcf.data.sources.image import (
+    IMAGE_EXTENSIONS,
+    FetchFailure,
+    check_deadline,
+    check_extensions,
+    read_bounded,
+    redact,
+)
 from mcf.errors import StageError
 from mcf.params import ParamsError, param
 
@@ -42,6 +53,7 @@ class S3Config:
     extensions: list[str] = param(IMAGE_EXTENSIONS)  # keys with other endings are skipped; [] keeps all
     max_objects: int | None = param(None, ge=1)
     timeout: float = param(10.0, gt=0)  # seconds, connect and read
+    total_timeout: float = param(30.0, gt=0)  # seconds for an object's body (as laion_face.total_timeout)
 
     def check_inputs(self) -> None:
         """Called when this source is active."""
@@ -115,19 +127,44 @@ def list_rows(client: Any, cfg: S3Config) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["sample_id", "caption", "key", "etag", "size"])
 
 
-class S3Fetcher:
-    """Object key to bytes, bounded by ``max_bytes`` (boto3 clients are thread-safe)."""
+def _shut_at(deadline: float, body: Any) -> threading.Timer:
+    """A timer that shuts the body's socket at ``deadline``: botocore's read timeout restarts with every
+    byte, and one ``read`` waits for all the bytes it asked for, so a store trickling an object would hold
+    the thread for ever. botocore's body keeps its urllib3 response in ``_raw_stream`` (no public name;
+    botocore's own ``set_socket_timeout`` reaches it there), whose ``shutdown`` is urllib3's way to end a
+    read blocked in another thread. The reads, botocore's length and checksum checks included, are
+    unchanged."""
 
-    def __init__(self, client: Any, bucket: str, max_bytes: int) -> None:
+    def shut() -> None:
+        with contextlib.suppress(AttributeError, ValueError, RuntimeError, OSError):  # gone or done
+            body._raw_stream.shutdown()
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), shut)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+class S3Fetcher:
+    """Object key to bytes, bounded by ``max_bytes`` and, for the body, ``total_timeout`` seconds (boto3
+    clients are thread-safe)."""
+
+    def __init__(self, client: Any, bucket: str, max_bytes: int, total_timeout: float) -> None:
         self.client, self.bucket, self.max_bytes = client, bucket, max_bytes
+        self.total_timeout = total_timeout
 
     def __call__(self, row: dict[str, Any]) -> bytes:
         if row["size"] > self.max_bytes:
             raise FetchFailure("too_large", f"{row['size']} bytes is over {self.max_bytes}")
+        deadline = time.monotonic() + self.total_timeout
         try:
             body = self.client.get_object(Bucket=self.bucket, Key=row["key"])["Body"]
-            with body:
-                return read_bounded(iter(lambda: body.read(64 * 1024), b""), self.max_bytes)
+            timer = _shut_at(deadline, body)
+            try:
+                with body:
+                    return read_bounded(iter(lambda: body.read(64 * 1024), b""), self.max_bytes, deadline)
+            finally:
+                timer.cancel()
         except ClientError as err:
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             code = err.response.get("Error", {}).get("Code", "")
@@ -138,6 +175,7 @@ class S3Fetcher:
         except EndpointConnectionError as err:
             raise FetchFailure("connection_error", str(err), retryable=True) from None
         except BotoCoreError as err:
+            check_deadline(deadline)  # the deadline's timer cut the body short: a timeout
             raise FetchFailure("connection_error", f"{type(err).__name__}: {err}", retryable=True) from None
 
 
@@ -152,4 +190,5 @@ def source(
     client = _client(cfg, threads, retries=0)
     rows = list_rows(_client(cfg, 1, retries), cfg) if rows is None else rows
     origin = f"s3://{cfg.bucket}/{cfg.prefix} (keys ending in {', '.join(cfg.extensions) or 'anything'})"
-    return Source("s3", rows, S3Fetcher(client, cfg.bucket, max_bytes), match=("key", "etag"), origin=origin)
+    fetcher = S3Fetcher(client, cfg.bucket, max_bytes, cfg.total_timeout)
+    return Source("s3", rows, fetcher, match=("key", "etag"), origin=origin)
