@@ -350,6 +350,25 @@ def test_total_timeout_bounds_the_connect_of_each_hop(server: str, hung_port: in
         assert failed.value.status == "timeout" and time.monotonic() - start < 1.5
 
 
+def test_total_timeout_bounds_the_name_lookup(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """getaddrinfo takes no timeout (a resolver that does not answer blocks for its own retries): the
+    lookup, and the connects after it, end when the image's time is up; a late connection is dropped."""
+    real = socket.getaddrinfo
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(1.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"timeout": 3.0, "total_timeout": 0.5}), MAX_BYTES)
+    start = time.monotonic()
+    with pytest.raises(FetchFailure) as failed:
+        fetch({"url": server + "/good.jpg"})
+    assert failed.value.status == "timeout" and time.monotonic() - start < 1.0
+    time.sleep(1.5)  # the lookup ends and its connect is made: nothing is requested on it
+    assert Handler.counts["/good.jpg"] == 0
+
+
 def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path) -> None:
     """A byte every 50 ms never trips the read timeout: the deadline cuts the connection itself."""
     parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/drip-head", server + "/good.jpg"])

@@ -24,7 +24,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -135,13 +135,46 @@ def _shut(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
 
 
+class _Connect:
+    """``connect()`` in a daemon thread that a caller may stop waiting for: ``getaddrinfo`` takes no
+    timeout. A socket that arrives after the caller gave up is closed."""
+
+    def __init__(self, connect: Callable[[], socket.socket]) -> None:
+        self._connect, self._lock, self._done = connect, threading.Lock(), threading.Event()
+        self._result: socket.socket | BaseException | None = None
+        self._abandoned = False
+        threading.Thread(target=self._run, name="fetch-connect", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            result: socket.socket | BaseException = self._connect()
+        except BaseException as err:  # handed to the waiting thread, which raises it
+            result = err
+        with self._lock:
+            if self._abandoned and isinstance(result, socket.socket):
+                result.close()
+            self._result = result
+        self._done.set()
+
+    def wait(self, seconds: float) -> socket.socket | None:
+        """The socket, or None once ``seconds`` passed (raises what the connect raised)."""
+        self._done.wait(seconds)
+        with self._lock:
+            if self._result is None:
+                self._abandoned = True
+                return None
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+
 class _DeadlineConnection:
-    """Holds each connection to the download's deadline. A connect gets what is left of it (a redirect's
-    hop connects anew), and while a response head arrives a timer shuts the socket at the deadline: the
-    read timeout restarts with every byte, so a server dripping its headers (or a chain of slow
-    redirects, each hop in time) would hold a thread for ever. The body is bounded in
-    :func:`read_bounded`. Not bounded: the DNS lookup, and a host with several addresses, each of which
-    gets the time left."""
+    """Holds each connection to the download's deadline. The name lookup and the connects (a redirect's
+    hop connects anew; a host with several addresses tries each) end when it passes, each connect
+    getting at most what is left of it; and while a response head arrives a timer shuts the socket at
+    the deadline: the read timeout restarts with every byte, so a server dripping its headers (or a
+    chain of slow redirects, each hop in time) would hold a thread for ever. The body is bounded in
+    :func:`read_bounded`."""
 
     sock: socket.socket | None
     timeout: Any
@@ -155,9 +188,12 @@ class _DeadlineConnection:
             raise ConnectTimeoutError(self, "the download's total_timeout passed before this connect")
         self.timeout = min(timeout, left) if isinstance(timeout, int | float) else left
         try:
-            return super()._new_conn()  # type: ignore[misc]
+            sock = _Connect(super()._new_conn).wait(left)  # type: ignore[misc]
         finally:
             self.timeout = timeout
+        if sock is None:
+            raise ConnectTimeoutError(self, "total_timeout passed in the DNS lookup or the connect")
+        return sock
 
     def getresponse(self, *args: Any, **kwargs: Any) -> Any:
         deadline = getattr(_DEADLINE, "value", None)
