@@ -51,7 +51,7 @@ PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open a large
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
 # a run of text up to its last @, after a scheme's :// if any: a password may hold a raw / ? # : or @, and
 # parsers disagree on where its authority ends (urllib3 may quote "url: /rest:of:pass@host/x.jpg")
-_USERINFO = re.compile(r"(?<!\S)(\S*?://)?\S*@")
+_USERINFO = re.compile(r"(?<!\S)([^\s:]*://)?\S*@")  # a scheme holds no ":": linear time
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
 _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f3b2ffb3380>"
 
