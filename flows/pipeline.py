@@ -344,6 +344,9 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
         os.replace(saved, target)
         placed.unlink(missing_ok=True)
     source = (root / params_file).resolve()
+    if not source.is_relative_to(root.resolve()):  # links followed: a link leading out is out too
+        raise ValueError(f"params_file {params_file!r} is outside the checkout {root}: the run's params "
+                         "must be a file of the repository, versioned with the code it runs")
     if source.is_dir():
         raise ValueError(f"params_file {params_file!r} is a folder under {root}: give the YAML file in it")
     if not source.is_file():

@@ -496,6 +496,24 @@ def test_a_folder_given_as_params_file_is_named_as_one(project: Path) -> None:
             pass
 
 
+def test_a_params_file_outside_the_checkout_is_refused(
+    project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The run's params must be reproducible from the repository: a profile elsewhere (an absolute path,
+    ``../``, a link leading out) would be recorded in dvc.lock with no versioned file behind it."""
+    from flows.pipeline import applied_params
+
+    committed = (project / "params.yaml").read_bytes()
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "params.other.yaml"
+    elsewhere.write_text(yaml.safe_dump({**PARAMS, "fetch": {"n": 1}}))
+    (project / "params.link.yaml").symlink_to(elsewhere)
+    for given in (str(elsewhere), os.path.relpath(elsewhere, project), "params.link.yaml"):
+        with pytest.raises(ValueError, match=f"params_file {given!r} is outside the checkout"):
+            with applied_params(project, given):
+                pass
+        assert (project / "params.yaml").read_bytes() == committed
+
+
 def test_a_run_killed_inside_the_swap_is_undone_by_the_next_unless_edited_since(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
