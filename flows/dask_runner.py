@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prefect import Task
+from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
 
 WINDOW = 256  # tasks submitted and unfinished at once: twice the workers of a 128-core cluster
@@ -29,11 +30,18 @@ def submit_in_order(task: Task, calls: Iterable[tuple], window: int = WINDOW) ->
 
     Dask's scheduler keeps a task's arguments until it has run: mapping the paper's 20M images at once,
     in 625,000 chunks, would hold every chunk there (about 30 GiB), and register as many task runs.
+    A failure is raised once the tasks in flight have finished: a cluster's workers (``address``) go on
+    after the flow ends, and would write into the staging folder that the failure has the caller delete.
     """
     results, inflight = [], deque()
-    for args in calls:
-        if len(inflight) == window:
+    try:
+        for args in calls:
+            if len(inflight) == window:
+                results.append(inflight.popleft().result())
+            inflight.append(task.submit(*args))
+        while inflight:
             results.append(inflight.popleft().result())
-        inflight.append(task.submit(*args))
-    results.extend(future.result() for future in inflight)
+    except Exception:
+        wait(list(inflight))
+        raise
     return results

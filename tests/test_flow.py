@@ -681,6 +681,47 @@ def test_fan_out_keeps_a_bounded_window_of_tasks_in_flight(prefect_api: None) ->
         assert (_GATE.most_in_flight, _GATE.most_running) == (window, running), window
 
 
+def _write_late(folder: str, i: int) -> int:
+    """Slice 0 fails at once; the others write into the flow's staging folder a moment later, as a crop
+    chunk or a fetch slice does (creating the folders it writes into)."""
+    import time
+
+    if i == 0:
+        raise RuntimeError("slice 0 failed")
+    time.sleep(1.0)
+    (Path(folder) / f"part-{i}").mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"part-{i}" / "shard.tar").write_text("late")
+    return i
+
+
+def test_a_failed_slice_waits_for_the_others_before_the_staging_folder_goes(
+    prefect_api: None, tmp_path: Path
+) -> None:
+    """On a cluster of its own (``address``), the runner leaves the workers running when the flow ends: a
+    failed slice deleted the staging folder (atomic_dir) while the other slices went on writing into it,
+    which left a stray ``.out.tmp-<pid>`` folder (or, on a retry in the same process, wrote into the
+    next attempt's)."""
+    from distributed import LocalCluster
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.dask_runner import submit_in_order, task_runner
+    from mcf.io import atomic_dir
+
+    late = task(_write_late, cache_policy=NO_CACHE)
+
+    @flow
+    def fan(folder: str) -> list[int]:
+        return submit_in_order(late, [(folder, i) for i in range(4)])
+
+    with LocalCluster(n_workers=4, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        runner = task_runner(cluster.scheduler_address, n_workers=0, processes=False)
+        with pytest.raises(RuntimeError, match="slice 0 failed"), atomic_dir(tmp_path / "out", "x") as tmp:
+            fan.with_options(task_runner=runner)(str(tmp))
+        time.sleep(2.0)  # past the other slices' writes, had they gone on
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.rglob("*"))
+
+
 def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The flow and `mcf crop` write the same output: one holds the crop lock, the other is refused."""
     import pandas as pd
