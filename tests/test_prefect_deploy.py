@@ -173,6 +173,38 @@ class Prefect:
         return found[0] if found else None
 
 
+def test_a_worker_without_an_absolute_mcf_repo_fails_the_pull_step_naming_it(
+    prefect_server: PrefectServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prefect.yaml's pull steps, run by Prefect's own step runner as a worker runs them. Unset, MCF_REPO
+    became the empty path, which Prefect took as the worker's own folder: the run then crashed loading
+    ``flows/pipeline.py`` (FileNotFoundError, no word of MCF_REPO), or ran in whatever checkout the worker
+    was started from. A relative path, after a step, would resolve against Prefect's scratch folder."""
+    import asyncio
+
+    from prefect.deployments.steps.core import StepExecutionError, run_steps
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    steps = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
+    monkeypatch.chdir(tmp_path)  # the steps change the working directory
+    (tmp_path / "repo").mkdir()
+    # the session's server answers the steps' look-ups (variables, blocks), not a temporary one
+    with temporary_settings({PREFECT_API_URL: prefect_server.api}):
+        for repo in (None, "", "repo"):
+            if repo is None:
+                monkeypatch.delenv("MCF_REPO", raising=False)
+            else:
+                monkeypatch.setenv("MCF_REPO", repo)
+            with pytest.raises(StepExecutionError) as failed:
+                asyncio.run(run_steps(steps, print_function=lambda *_, **__: None))
+            cause = str(failed.value.__cause__)
+            assert "MCF_REPO" in cause and "absolute path" in cause, (repo, cause)
+            assert Path.cwd() == tmp_path
+        monkeypatch.setenv("MCF_REPO", str(tmp_path / "repo"))  # as the README sets it: the run starts there
+        asyncio.run(run_steps(steps, print_function=lambda *_, **__: None))
+    assert Path.cwd() == tmp_path / "repo"
+
+
 @pytest.fixture(scope="session")
 def prefect(prefect_server: PrefectServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect]:
     """Pool ``gpu`` -> ``prefect deploy --all`` -> worker ``gpu-0`` in a copy of this checkout."""
@@ -256,7 +288,7 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
     assert (prefect.repo / "params.yaml").read_bytes() == committed
     # the checkout is found on the worker when a run starts, not fixed at deploy time
     deployment = httpx.get(f"{prefect.api}/deployments/name/mcf/full", timeout=10).json()
-    pull = deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    pull = deployment["pull_steps"][-1]["prefect.deployments.steps.set_working_directory"]
     assert pull["directory"] == "{{ $MCF_REPO }}"
     summary = prefect.artifact(run, "mcf-summary")
     assert summary and "| `fetch` | ran |" in summary["data"] and "| `crop` | ran |" in summary["data"]
