@@ -181,9 +181,11 @@ def test_a_worker_without_an_absolute_mcf_repo_fails_the_pull_step_naming_it(
     ``flows/pipeline.py`` (FileNotFoundError, no word of MCF_REPO), or ran in whatever checkout the worker
     was started from. A relative path, after a step, would resolve against Prefect's scratch folder."""
     import asyncio
+    import os
 
     from prefect.deployments.steps.core import StepExecutionError, run_steps
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.templating import apply_values
 
     steps = yaml.safe_load((ROOT / "prefect.yaml").read_text())["pull"]
     monkeypatch.chdir(tmp_path)  # the steps change the working directory
@@ -202,6 +204,12 @@ def test_a_worker_without_an_absolute_mcf_repo_fails_the_pull_step_naming_it(
             assert Path.cwd() == tmp_path
         monkeypatch.setenv("MCF_REPO", str(tmp_path / "repo"))  # as the README sets it: the run starts there
         asyncio.run(run_steps(steps, print_function=lambda *_, **__: None))
+        assert Path.cwd() == tmp_path / "repo"
+        # deployed with MCF_REPO set, the path is pinned (prefect.yaml): a worker needs none of its own
+        pinned = apply_values(steps, os.environ, remove_notset=False)  # as `prefect deploy` templates them
+        monkeypatch.delenv("MCF_REPO")
+        monkeypatch.chdir(tmp_path)
+        asyncio.run(run_steps(pinned, print_function=lambda *_, **__: None))
     assert Path.cwd() == tmp_path / "repo"
 
 
