@@ -10,6 +10,7 @@ from typing import get_args, get_type_hints
 import pandas as pd
 import pytest
 import yaml
+from conftest import contract_types
 
 from mcf.cli import main as cli_main
 from mcf.data.crop import CropConfig
@@ -130,6 +131,7 @@ def test_missing_column_is_reported_not_crashed() -> None:
     msg = _failure(_manifest().drop(columns=["sha256"]))
     assert "expect_table_columns_to_match_set(): observed" in msg and "'missing': ['sha256']" in msg
     assert "column=sha256, where status == success): raised" in msg
+    assert '(column=sha256, type str): raised column "sha256" does not exist' in msg  # not GX's IndexError
 
 
 def test_suite_status_and_source_sets_match_the_code() -> None:
@@ -234,7 +236,8 @@ def _crop_manifest() -> pd.DataFrame:
         "reason": [None, "blurry"], "detector": ["table", "table"], "box": ["1,2,60,62"] * 2,
         "landmarks": ["..."] * 2, "score": [0.9, 0.8], "face_size": [60.0, 50.0], "blur": [80.0, 1.0],
         "phash": ["0123456789abcdef", "fedcba9876543210"], "shard": ["crops-000000.tar", None],
-        "width": [64, None], "height": [64, None], "mean": [120.0, None], "std": [40.0, None],
+        "width": pd.array([64, None], "Int64"), "height": pd.array([64, None], "Int64"),  # as read back
+        "mean": [120.0, None], "std": [40.0, None],
     })
 
 
@@ -319,7 +322,8 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
         ("crop", _set("reason", 0, "blurry"),
          "expect_column_values_to_be_null(column=reason, where status == kept)"),
         ("crop", lambda df: df.iloc[[1]], "expect_column_distinct_values_to_contain_set(column=status)"),
-        ("crop", _set("face", 1, None), "expect_column_values_to_not_be_null(column=face)"),
+        ("crop", lambda df: _set("face", 1, None)(df.astype({"face": "Int64"})),
+         "expect_column_values_to_not_be_null(column=face)"),
         ("crop", _set("detector", 0, None),
          "expect_column_values_to_not_be_null(column=detector, where status == kept)"),
         ("crop", _set("face_size", 0, None),
@@ -328,7 +332,7 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
         ("subset", lambda df: pd.concat([df, df]), "expect_column_values_to_be_unique(column=crop_id)"),
         ("subset", _set("status", 0, "rejected"), "expect_column_values_to_be_in_set(column=status)"),
         ("subset", _set("face", 0, -1), "expect_column_values_to_be_between(column=face)"),
-        ("subset", lambda df: df.drop(columns=["score"]), "expect_table_columns_to_match_set()"),
+        ("subset", lambda df: df.drop(columns=["landmarks"]), "expect_table_columns_to_match_set()"),
         ("aflw19", _set("x_max", 1, float("nan")), "expect_column_values_to_not_be_null(column=x_max)"),
         ("lapa", _set("n_landmarks", 1, 98), "expect_column_values_to_be_between(column=n_landmarks)"),
     ],
@@ -338,11 +342,12 @@ def test_each_suite_refuses_what_its_notes_rule_out(
 ) -> None:
     """One break per case, refused by the one expectation meant for it: a success with an error, a failure
     with a hash, a success's file outside images/, a null caption (docs/CONTRACTS.md: "" when none), a
-    source fetch has not, a kept crop with a reason, no kept crop, a face without its index, a kept crop
+    source fetch has not, a kept crop with a reason, no kept crop, a face without its index (nullable
+    Int64, or the null would also make it a float column and fail the type check too), a kept crop
     without its detector or face size (the subset gate requires it of the same rows), a crop of the wrong
     height only, a crop chosen twice, a rejected crop in a subset, a negative face index or a crop column
-    dropped in a subset, a NaN landmark extreme (a range check skips it), a LaPa face short of 106
-    landmarks."""
+    dropped in a subset (landmarks, which only the column set names), a NaN landmark extreme (a range check
+    skips it), a LaPa face short of 106 landmarks."""
     with pytest.raises(GateError) as err:
         gate.run_gate(breakage(GOOD[suite]()), suite, stage="test", config=_gate_config(suite, tmp_path),
                       keep=False)
@@ -389,3 +394,63 @@ def test_a_crop_manifest_the_subset_gate_cannot_read_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"mcf validate: data gate 'subset': cannot read crop_id, width and height from the "
                           f"crop manifest {path} (ArrowInvalid: ") and err.count("\n") == 1, err
+
+
+def _as(kind: str) -> Callable[[pd.Series], pd.Series]:
+    return lambda column: column.astype(kind)
+
+
+@pytest.mark.parametrize(
+    ("suite", "column", "change"),
+    [
+        ("fetch", "width", _as("float64")),
+        ("fetch", "sample_id", lambda c: pd.Series(range(len(c)))),
+        ("fetch", "caption", lambda c: pd.Series(range(len(c)))),
+        ("crop", "face", _as("float64")),
+        ("crop", "face", _as("bool")),
+        ("crop", "width", _as("float64")),
+        ("crop", "score", lambda c: pd.Series([1, 0])),
+        ("crop", "sample_id", lambda c: pd.Series([1, 2])),
+        ("subset", "face", _as("float64")),
+        ("subset", "height", _as("float64")),
+        ("subset", "sample_id", lambda c: pd.Series([7], index=c.index)),
+        ("aflw19", "exists", _as("int64")),
+        ("aflw19", "finite", _as("int64")),
+        ("aflw19", "visible", _as("float64")),
+        ("lapa", "has_image", _as("int64")),
+        ("lapa", "n_landmarks", _as("float64")),
+        ("lapa", "width", _as("float64")),
+    ],
+)
+def test_a_column_of_the_wrong_type_fails_its_type_check(
+    suite: str, column: str, change: Callable[[pd.Series], pd.Series], tmp_path: Path
+) -> None:
+    """docs/CONTRACTS.md gives each column's type (the aflw19 and lapa tables: their ``table()``), and each
+    of these passed every other check: a float size or face index compares with 0, an int id is unique and
+    non-null, a 0/1 int is ``in [true]`` (``1 == True``). The table went on with the wrong type."""
+    table = GOOD[suite]()
+    table[column] = change(table[column])
+    with pytest.raises(GateError) as err:
+        gate.run_gate(table, suite, stage="test", config=_gate_config(suite, tmp_path), keep=False)
+    assert "failed 1 of" in str(err.value)
+    assert f"  - expect_column_values_to_be_of_type(column={column}" in str(err.value)
+
+
+def test_a_face_index_stored_as_text_names_its_type() -> None:
+    """A string ``face`` failed before only as a range check that raised on comparing text with 0."""
+    table = _crop_manifest().astype({"face": str})
+    with pytest.raises(GateError, match=r"expect_column_values_to_be_of_type\(column=face, type int64\): "
+                       r"2 unexpected of 2, e\.g\. \['0', '0'\]"):
+        gate.run_gate(table, "crop", stage="test", config=CropConfig(size=64), keep=False)
+
+
+@pytest.mark.parametrize(("suite", "heading"), [("fetch", "fetch"), ("crop", "crop"), ("subset", "crop")])
+def test_type_checks_follow_the_contract(suite: str, heading: str) -> None:
+    """Every scalar column docs/CONTRACTS.md types is type-checked, as the pandas name of its Arrow type."""
+    pandas_name = {"string": "str", "double": "float64", "int64": "int64"}
+    documented = {c: pandas_name[t] for c, t in contract_types(f"{heading}: `manifest.parquet`").items()
+                  if not t.startswith("list")}
+    spec = json.loads((gate.SUITES_DIR / f"{suite}.json").read_text())
+    checked = {e["kwargs"]["column"]: e["kwargs"]["type_"] for e in spec["expectations"]
+               if e["type"] == gate.TYPE_CHECK}
+    assert checked == documented

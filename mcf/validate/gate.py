@@ -27,6 +27,7 @@ from mcf.params import DEFAULT_PARAMS, load, require_path
 SUITES_DIR = Path(__file__).parent / "suites"
 RESULTS_DIR = LOCAL_DIR / "validation"
 EXAMPLES = 5
+TYPE_CHECK = "expect_column_values_to_be_of_type"
 SIZE_CHECKED = ("crop", "subset")  # suites that check width_off/height_off, which derive() adds
 # Suite -> what it is meant for, for `mcf validate --help` (tests check every suite has one).
 TARGETS = {
@@ -135,11 +136,13 @@ def _rows(res: dict[str, Any], column: str | None) -> str:
 
 def describe(item: dict[str, Any]) -> str:
     """One line for a failed expectation, from its JSON form (``ExpectationValidationResult.to_json_dict``,
-    as :func:`run_gate` stores it for the report): type, column, condition, unexpected count, examples and
-    the ids of their rows."""
+    as :func:`run_gate` stores it for the report): type, column, expected type, condition, unexpected count,
+    examples and the ids of their rows."""
     config = item.get("expectation_config") or {}
     kwargs = config.get("kwargs") or {}
     where = [f"column={kwargs['column']}"] if kwargs.get("column") else []
+    if kwargs.get("type_"):  # a type check's observed value is the wrong type: say which one was expected
+        where.append(f"type {kwargs['type_']}")
     if kwargs.get("row_condition"):
         where.append(f"where {_condition(kwargs['row_condition'])}")
     line = f"{config.get('type')}({', '.join(where)})"
@@ -148,6 +151,8 @@ def describe(item: dict[str, Any]) -> str:
         v.get("exception_message") for v in info.values() if isinstance(v, dict)
     ]
     messages = [m for m in messages if m]
+    if messages[:1] == ["list index out of range"] and config.get("type") == TYPE_CHECK:
+        messages[0] = f'column "{kwargs.get("column")}" does not exist'  # GX 1.x looks its type up in a list
     if messages:
         return f"{line}: raised {messages[0]}"
     res = item.get("result") or {}
