@@ -239,6 +239,10 @@ def test_reasons_match_the_gate_suite() -> None:
     (allowed,) = [e["kwargs"]["value_set"] for e in suite if e["kwargs"].get("column") == "reason"
                   and e["type"] == "expect_column_values_to_be_in_set"]
     assert allowed == list(crop_mod.REASONS)
+    (detected,) = [e["kwargs"]["row_condition"]["parameter"] for e in suite
+                   if e["kwargs"].get("column") == "detector"
+                   and e["kwargs"].get("row_condition", {}).get("column", {}).get("name") == "reason"]
+    assert detected == [r for r in crop_mod.REASONS if r != "undecodable"]  # a detector ran on all but those
 
 
 def test_the_filters_keep_a_face_at_their_bounds(tmp_path: Path) -> None:

@@ -326,6 +326,9 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
          "expect_column_values_to_not_be_null(column=face)"),
         ("crop", _set("detector", 0, None),
          "expect_column_values_to_not_be_null(column=detector, where status == kept)"),
+        ("crop", _set("detector", 1, None),
+         "expect_column_values_to_not_be_null(column=detector, where reason IN "
+         "['outside_image', 'bad_landmarks', 'too_small', 'low_score', 'blurry', 'duplicate'])"),
         ("crop", _set("face_size", 0, None),
          "expect_column_values_to_not_be_null(column=face_size, where status == kept)"),
         ("crop", _set("height", 0, 63), "expect_column_values_to_be_between(column=height_off)"),
@@ -344,7 +347,8 @@ def test_each_suite_refuses_what_its_notes_rule_out(
     with a hash, a success's file outside images/, a null caption (docs/CONTRACTS.md: "" when none), a
     source fetch has not, a kept crop with a reason, no kept crop, a face without its index (nullable
     Int64, or the null would also make it a float column and fail the type check too), a kept crop
-    without its detector or face size (the subset gate requires it of the same rows), a crop of the wrong
+    without its detector or face size (the subset gate requires it of the same rows), a blurry face without
+    its detector (docs/CONTRACTS.md: null only for an undecodable image), a crop of the wrong
     height only, a crop chosen twice, a rejected crop in a subset, a negative face index or a crop column
     dropped in a subset (landmarks, which only the column set names), a NaN landmark extreme (a range check
     skips it), a LaPa face short of 106 landmarks."""
