@@ -18,7 +18,7 @@ from test_finetune import tiny_configs, write_fixture
 
 from mcf.data.aflw19 import read_mat
 from mcf.data.lapa import read_label
-from mcf.errors import StageError
+from mcf.errors import GateError, StageError
 from mcf.evaluate import evaluate as evaluate_module
 from mcf.evaluate import metrics as M
 from mcf.evaluate.evaluate import EvaluateConfig, main
@@ -282,11 +282,12 @@ def test_identity_probe_with_one_training_identity_is_none() -> None:
     assert identity_accuracy(x[:4], np.zeros(4, int), x[4:], np.zeros(2, int), c=1.0) is None
 
 
-def test_an_image_whose_outer_eye_corners_coincide_is_refused_by_name(
+def test_an_image_whose_outer_eye_corners_coincide_fails_the_gate_by_name(
     evaluated: tuple[EvaluateConfig, dict, Path],
 ) -> None:
-    """NME per inter-ocular distance is undefined for it (the data gate checks boxes, not eyes): the stage
-    names the image in one line (a StageError), where a ValueError gave a traceback and an index."""
+    """The inter-ocular NME divides by the distance between points 6 and 11: where an annotation puts them
+    together, evaluate's aflw19 gate refuses it naming the image (exit 3), before any scoring; numpy's
+    ValueError gave a traceback with an index into the scored subset."""
     import scipy.io
 
     from mcf.data.aflw19 import split_indices
@@ -302,8 +303,8 @@ def test_an_image_whose_outer_eye_corners_coincide_is_refused_by_name(
     try:
         scipy.io.savemat(str(mat_path), {k: v for k, v in mat.items() if not k.startswith("__")})
         bad = dataclasses.replace(cfg, out=str(root / "bad"), metrics=str(root / "bad.json"))
-        named = rf"^AFLW-19 image {re.escape(ann.names[row])}: its outer eye corners \(GT points 6 and 11\)"
-        with pytest.raises(StageError, match=named):
+        named = rf"between\(column=eye_gap\): 1 unexpected .*{re.escape(ann.names[row])}"
+        with pytest.raises(GateError, match=named):
             main(Common(seed=0), bad)
     finally:
         mat_path.write_bytes(original)

@@ -253,7 +253,7 @@ def _aflw19_table() -> pd.DataFrame:
         "width": [100, 80], "height": [90, 80], "box_left": [10.0] * 2, "box_right": [60.0] * 2,
         "box_top": [5.0] * 2, "box_bottom": [70.0] * 2, "box_w": [50.0] * 2, "box_h": [65.0] * 2,
         "x_min": [0.1] * 2, "x_max": [0.6] * 2, "y_min": [0.1] * 2, "y_max": [0.7] * 2, "visible": [19, 15],
-        "finite": [True] * 2,
+        "finite": [True] * 2, "eye_gap": [30.0, 24.0],
     })
 
 
@@ -337,6 +337,7 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
         ("subset", _set("face", 0, -1), "expect_column_values_to_be_between(column=face)"),
         ("subset", lambda df: df.drop(columns=["landmarks"]), "expect_table_columns_to_match_set()"),
         ("aflw19", _set("x_max", 1, float("nan")), "expect_column_values_to_not_be_null(column=x_max)"),
+        ("aflw19", _set("eye_gap", 0, 0.0), "expect_column_values_to_be_between(column=eye_gap)"),
         ("lapa", _set("n_landmarks", 1, 98), "expect_column_values_to_be_between(column=n_landmarks)"),
     ],
 )

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from mcf.data import transforms as T
 from mcf.errors import StageError
+from mcf.evaluate.metrics import OUTER_EYE_CORNERS
 from mcf.params import ParamsError, param
 from mcf.synth.writers import AFLW_MAT, IDENTITIES_CSV, is_synthface
 
@@ -297,7 +298,8 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
     Columns: name, split, exists, decodes (the whole file, see :func:`image_size`), width, height,
     box_left/right/top/bottom, box_w, box_h,
     x_min, x_max, y_min, y_max (landmarks ÷ image width/height: inside the image is 0..1), visible,
-    finite (every landmark and box coordinate is: an inf passes the null and range checks).
+    finite (every landmark and box coordinate is: an inf passes the null and range checks),
+    eye_gap (pixels between the outer eye corners: the inter-ocular NME divides by it).
     """
     ann = read_mat(cfg.root)
     check_written_split(cfg.root, cfg.n_train)
@@ -314,5 +316,6 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
             "y_min": pts[:, 1].min() / max(h, 1), "y_max": pts[:, 1].max() / max(h, 1),
             "visible": int(ann.visible[row].sum()),
             "finite": bool(np.isfinite(pts).all() and np.isfinite(box).all()),
+            "eye_gap": float(np.linalg.norm(pts[OUTER_EYE_CORNERS[0]] - pts[OUTER_EYE_CORNERS[1]])),
         })
     return pd.DataFrame(rows)

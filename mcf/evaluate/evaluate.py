@@ -149,9 +149,8 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
         p = predict_landmarks(model, dataset, cfg.batch_size)
         frontal = p["visible"].all(axis=1)
         results[variant] = {
-            "full": alignment_scores(p["pred"], p["gt"], p["box"], p["name"]),
-            "frontal": alignment_scores(p["pred"][frontal], p["gt"][frontal], p["box"][frontal],
-                                        [n for n, f in zip(p["name"], frontal, strict=True) if f]),
+            "full": alignment_scores(p["pred"], p["gt"], p["box"]),
+            "frontal": alignment_scores(p["pred"][frontal], p["gt"][frontal], p["box"][frontal]),
             **best_epoch_on_test(meta, min),
         }
         table = landmark_table(p["name"], p["pred"])

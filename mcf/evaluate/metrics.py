@@ -23,15 +23,6 @@ def _points(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
-class ZeroUnit(ValueError):
-    """Images whose NME unit is zero or negative, where their NME is undefined; ``images`` are their
-    indices, for a caller that knows their names."""
-
-    def __init__(self, unit: str, images: np.ndarray) -> None:
-        super().__init__(f"nme unit {unit!r} is zero or negative for image(s) {images[:5]}")
-        self.unit, self.images = unit, images
-
-
 def nme(pred: np.ndarray, gt: np.ndarray, unit: Unit, box: np.ndarray | None = None) -> np.ndarray:
     """Per-image normalised mean error ``[N]``: mean point distance over all points ÷ the unit.
 
@@ -60,7 +51,8 @@ def nme(pred: np.ndarray, gt: np.ndarray, unit: Unit, box: np.ndarray | None = N
     else:
         raise ValueError(f"unknown nme unit {unit!r} (valid: {', '.join(UNITS)})")
     if np.any(norm <= 0):
-        raise ZeroUnit(unit, np.flatnonzero(norm <= 0))
+        bad = np.flatnonzero(norm <= 0)[:5]
+        raise ValueError(f"nme unit {unit!r} is zero or negative for image(s) {bad}")
     return err / norm
 
 

@@ -248,7 +248,7 @@ def test_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig) -> Scorer:
 
         def nme_diag(model: DenseFaceModel) -> float:
             p = predict_landmarks(model, full, cfg.batch_size)
-            return alignment_scores(p["pred"], p["gt"], p["box"], p["name"])["nme_diag"]
+            return alignment_scores(p["pred"], p["gt"], p["box"])["nme_diag"]
 
         return TEST_SCORE[task], nme_diag
     test = LaPa(cfg.data, "test")
