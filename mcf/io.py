@@ -133,9 +133,12 @@ def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
 
     ``path`` must be new, empty or an earlier output (it holds ``sign``: :func:`check_replaceable`).
     On an exception the temporary folder is removed and ``path`` is left as it was; what killed
-    writers left (``kill -9``, OOM) is tidied on the next start (:func:`_recover`).
+    writers left (``kill -9``, OOM) is tidied on the next start (:func:`_recover`). A ``path`` that is a
+    symlink (``outputs/crop -> /scratch/crop``, a bigger disk) keeps it: the folder it names is replaced.
     """
     path = Path(path)
+    if path.is_symlink():  # renaming the link itself swapped in a real folder on the link's disk
+        path = Path(os.path.realpath(path))
     check_replaceable(path, sign)
     _recover(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -513,6 +513,24 @@ def test_atomic_file_removes_the_temporary_files_killed_writers_left(tmp_path: P
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["evaluate.json", live.name, other.name])
 
 
+def test_an_output_folder_that_is_a_link_stays_one(tmp_path: Path) -> None:
+    """``outputs/crop -> /scratch/crop``: the run replaced the link with a real folder on the checkout's
+    disk, left the previous output on the other one, and left the link behind as ``.crop.tmp-<pid>``,
+    which no later run removes (rmtree refuses a link) and which a run given the same pid, as in a
+    container, cannot create its folder over. The folder the link names is replaced instead."""
+    scratch, outputs = tmp_path / "scratch", tmp_path / "outputs"
+    (scratch / "crop").mkdir(parents=True)
+    (scratch / "crop" / "manifest.parquet").write_bytes(b"previous")
+    outputs.mkdir()
+    (outputs / "crop").symlink_to(scratch / "crop", target_is_directory=True)
+    for content in (b"new", b"newer"):
+        with atomic_dir(outputs / "crop", sign="manifest.parquet") as tmp:
+            (tmp / "manifest.parquet").write_bytes(content)
+        assert (outputs / "crop").is_symlink() and [p.name for p in outputs.iterdir()] == ["crop"]
+        assert (scratch / "crop" / "manifest.parquet").read_bytes() == content
+        assert [p.name for p in scratch.iterdir()] == ["crop"]
+
+
 def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
     """dvc repro deletes a stage's declared files but may leave their folders: those are no one's data."""
     live = tmp_path / "live"
