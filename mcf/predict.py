@@ -29,7 +29,8 @@ import argparse
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,19 @@ def load_task(path: str | Path, task: Task) -> tuple[DenseFaceModel, dict]:
     return load_finetuned(path, task)
 
 
+def not_utf8(paths: Iterable[Path]) -> list[str]:
+    """Those of ``paths`` whose bytes are not UTF-8 (a Latin-1 ``caf\\xe9.jpg``), shown escaped. Python hands
+    such bytes over as lone surrogates, and OpenCV's imread and imwrite crash the process on them (a
+    segfault, no message, no output), so they are refused before any work, as fetch.local refuses them."""
+    odd = []
+    for path in paths:
+        try:
+            str(path).encode()
+        except UnicodeEncodeError:
+            odd.append(os.fsencode(path).decode(errors="backslashreplace"))
+    return odd
+
+
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given, folders expanded to their images (sorted; subfolders are named in a warning, not
     searched, so a photo under one is not silently left out); a missing path is an error."""
@@ -104,6 +118,9 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
             raise StageError(f"{item}: no such image or folder")
     if not images:
         raise StageError(f"no images in {', '.join(map(str, inputs))} ({', '.join(IMAGE_SUFFIXES)})")
+    if odd := not_utf8(images):
+        raise StageError(f"{len(odd)} image paths are not UTF-8, which OpenCV cannot open; rename them "
+                         f"(convmv): {', '.join(odd[:5])}")
     stems = [p.stem.casefold() for p in images]  # Face.jpg and face.png are one file on macOS and Windows
     if clash := sorted({p.name for p, s in zip(images, stems, strict=True) if stems.count(s) > 1}):
         raise StageError(f"images share a file stem (letter case aside); their outputs would collide: "
@@ -152,6 +169,9 @@ def predict(
     if alignment is None and parsing is None:
         raise StageError("nothing to predict: give --alignment and/or --parsing")
     out = Path(out)
+    if not_utf8([out]):
+        raise StageError(f"--out {not_utf8([out])[0]} is not UTF-8, which OpenCV cannot write under; name "
+                         "another folder")
     check_replaceable(out, "faces.csv")  # before any model is loaded
     if parsing is not None and alignment is None and box is not None:
         raise StageError("parsing aligns each face by five landmarks, and a box gives no landmarks: with "
@@ -228,8 +248,9 @@ def cli(argv: list[str]) -> int:
                "      --parsing outputs/finetune_parsing/mcf/model.pt --out outputs/predict/\n\n"
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
-               "    image path, a model missing, damaged or of the other task, a --yunet file OpenCV cannot\n"
-               "    load, an --out that is not a predict output or cannot be written; 2 a usage error\n"
+               "    image path, an image or --out path that is not UTF-8, a model missing, damaged or of\n"
+               "    the other task, a --yunet file OpenCV cannot load, an --out that is not a predict\n"
+               "    output or cannot be written; 2 a usage error\n"
                "    (a bad --box, a --yunet that is no .onnx file, no --out)",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")

@@ -4,6 +4,9 @@ maps as the evaluate stage scores), and the command runs on a real photo with th
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -117,6 +120,30 @@ def test_cli_with_a_given_box_and_alignment_only(models: tuple[Path, Path, Path]
     faces = pd.read_csv(out / "faces.csv")
     assert len(faces) == 1 and faces.loc[0, "detector"] == "given" and faces.loc[0, "box_y2"] == 62
     assert "y18" in faces.columns and not (out / "parsing").exists() and not (out / "overlays").exists()
+
+
+@pytest.mark.parametrize("odd", ["image", "out"])
+def test_a_name_that_is_not_utf8_is_refused_not_a_crash(
+    models: tuple[Path, Path, Path], tmp_path: Path, odd: str
+) -> None:
+    """A Latin-1 ``caf\\xe9.jpg`` in a photo folder, or such an --out: Python hands the name over with lone
+    surrogates, on which cv2.imread and cv2.imwrite segfault, so the run died with no message and no
+    output. Refused before any work instead, naming the path with its byte escaped."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(image.read_bytes())
+    if odd == "image":
+        (photos / os.fsdecode(b"caf\xe9.jpg")).write_bytes(image.read_bytes())
+    else:
+        out = tmp_path / os.fsdecode(b"r\xe9sultats")
+    argv = [sys.executable, "-m", "mcf.cli", "predict", str(photos), "--alignment", str(align_pt),
+            "--box", "4,6,60,62", "--out", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, errors="backslashreplace")
+    assert done.returncode == 1, done.stderr[-500:]
+    assert "caf\\xe9.jpg" in done.stderr if odd == "image" else "r\\xe9sultats is not UTF-8" in done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # no output, no temporary folder
 
 
 def test_a_box_outside_an_image_is_warned_of(
