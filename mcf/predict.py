@@ -30,6 +30,7 @@ import contextlib
 import logging
 import math
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -121,10 +122,12 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     if odd := not_utf8(images):
         raise StageError(f"{len(odd)} image paths are not UTF-8, which OpenCV cannot open; rename them "
                          f"(convmv): {', '.join(odd[:5])}")
-    stems = [p.stem.casefold() for p in images]  # Face.jpg and face.png are one file on macOS and Windows
+    # Face.jpg and face.png are one file on macOS and Windows, and so are é.jpg written as one code point
+    # (NFC) and as e plus a combining accent (NFD, as macOS names files): their overlays would be one too
+    stems = [unicodedata.normalize("NFD", p.stem.casefold()) for p in images]
     if clash := sorted({p.name for p, s in zip(images, stems, strict=True) if stems.count(s) > 1}):
-        raise StageError(f"images share a file stem (letter case aside); their outputs would collide: "
-                         f"{clash}")
+        raise StageError(f"images share a file stem (letter case and accent encoding aside); their outputs "
+                         f"would collide: {clash}")
     return images
 
 

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import cv2
@@ -320,8 +321,13 @@ def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
     with pytest.raises(StageError, match=r"images share a file stem.*\['a.jpg', 'a.png'\]"):
         list_images([photos, tmp_path / "a.jpg"])
     (tmp_path / "B.png").touch()  # overlays/B.png and overlays/b.png are one file on a case-blind disk
-    with pytest.raises(StageError, match=r"letter case aside.*\['B.png', 'b.JPG'\]"):
+    with pytest.raises(StageError, match=r"letter case and accent encoding aside.*\['B.png', 'b.JPG'\]"):
         list_images([photos, tmp_path / "B.png"])
+    nfc, nfd = unicodedata.normalize("NFC", "café.png"), unicodedata.normalize("NFD", "Café.png")
+    (photos / nfc).touch()
+    (tmp_path / nfd).touch()  # two files here, one overlays/café.png on macOS
+    with pytest.raises(StageError, match="would collide"):
+        list_images([photos, tmp_path / nfd])
 
 
 @pytest.mark.parametrize(
