@@ -26,7 +26,6 @@ and ``overlays/<image stem>.png``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -136,7 +135,8 @@ def read_image(path: Path) -> np.ndarray:
     whole: OpenCV decodes a JPEG cut short in part, with only libjpeg's warning on stderr, so it would
     pass for a whole image."""
     rgb = read_rgb(path, exif_orientation=True)  # names a missing or undecodable file as evaluate does
-    with contextlib.suppress(Image.DecompressionBombError):  # past Pillow's size limit OpenCV's read stands
+    limit = Image.MAX_IMAGE_PIXELS  # Pillow opens nothing past twice it; there OpenCV's read stands
+    if limit is None or rgb.shape[0] * rgb.shape[1] <= 2 * limit:
         decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"
     return rgb
 
