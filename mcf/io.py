@@ -8,12 +8,15 @@ import fcntl
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcf.errors import StageError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 LIVE_SIGN = "metrics.json"  # dvclive's summary: every dvclive folder holds it (check_replaceable's sign)
 LOCAL_DIR = Path(".mcf")  # this checkout's own state (validation results, stage locks), kept out of git
@@ -54,6 +57,29 @@ def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file, streamed (a ViT-B teacher is ~350 MB)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_table(path: str | Path, made_by: str, columns: Sequence[str], only: bool = False) -> pd.DataFrame:
+    """The parquet table at ``path`` that stage ``made_by`` wrote, with ``columns`` (only those if ``only``).
+
+    Its gate passed what it wrote, so a file that is not parquet now (cut short, damaged, replaced) or
+    lacks a column is a :class:`StageError` naming it and the stage to rerun, not pyarrow's traceback.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in columns if c not in names]
+        if not missing:
+            return pd.read_parquet(path, columns=list(columns) if only else None)
+        problem = f"no column {', '.join(missing)}"
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        if isinstance(err, PermissionError):  # the CLI's one line for an unreadable input
+            raise
+        cause = str(err).splitlines()[0] if str(err) else ""
+        problem = f"not a readable parquet table ({type(err).__name__}: {cause})"
+    raise StageError(f"{path}: {problem}; rerun `mcf {made_by}`")
 
 
 def _alive(pid: int) -> bool:

@@ -217,3 +217,29 @@ def test_the_pick_does_not_depend_on_the_manifest_row_order(stratify: str | None
     kept = pd.DataFrame({"crop_id": [f"c{i:02d}" for i in range(40)], "tag": ["a", "b"] * 20})
     shuffled = kept.sample(frac=1.0, random_state=1)
     assert sorted(pick(kept, 12, 0, stratify)) == sorted(pick(shuffled, 12, 0, stratify))
+
+
+@pytest.mark.parametrize("damage", ["not parquet", "cut short", "no status column", "no shard column"])
+def test_a_crop_manifest_the_stage_cannot_read_is_one_line(
+    damage: str, crop_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The crop manifest subset.input names is read as the crop stage's gate passed it: one damaged since
+    (not parquet, cut short) was pyarrow's ArrowInvalid traceback, one without a column a KeyError
+    traceback. Each is exit 1 on one line naming the file and the stage that writes it; nothing written."""
+    crop = tmp_path / "crop"
+    crop.mkdir()
+    (crop / "shards").symlink_to(crop_dir / "shards")
+    path, data = crop / "manifest.parquet", (crop_dir / "manifest.parquet").read_bytes()
+    if damage == "not parquet":
+        path.write_text("crop_id,status\n")
+    elif damage == "cut short":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        pd.read_parquet(crop_dir / "manifest.parquet").drop(columns=[damage.split()[1]]).to_parquet(path)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"subset": {"input": str(crop), "out": str(tmp_path / "s"), "n": 5}}))
+    assert cli_main(["subset", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mcf subset: {path}: ") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("rerun `mcf crop`"), err
+    _assert_no_output(tmp_path / "s")
