@@ -607,6 +607,32 @@ def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
         crop(_cfg(bare, tmp_path / "crop", detections="table"))
 
 
+
+@pytest.mark.parametrize("name", ["manifest.parquet", "detections.parquet"])
+@pytest.mark.parametrize("damage", ["not parquet", "a column gone"])
+def test_a_fetch_table_the_stage_cannot_read_is_one_line(
+    name: str, damage: str, fetch_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fetch stage's manifest and detections table, damaged after its gate passed them, were
+    pyarrow's ArrowInvalid traceback (a missing manifest column with the whole schema in it). Each is
+    exit 1 on one line naming the file and the stage that writes it."""
+    fetch = tmp_path / "fetch"
+    shutil.copytree(fetch_dir, fetch)
+    path = fetch / name
+    if damage == "not parquet":
+        path.write_text("sample_id,path,status\n")
+    else:
+        column = "status" if name == "manifest.parquet" else "box"
+        pd.read_parquet(path).drop(columns=[column]).to_parquet(path)
+    params = tmp_path / "params.yaml"
+    section = {"input": str(fetch), "out": str(tmp_path / "crop"), "size": SIZE, "workers": 1}
+    params.write_text(yaml.safe_dump({"crop": section | {"detections": "table"}}))
+    assert cli_main(["crop", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mcf crop: {path}: ") and err.count("\n") == 1, err
+    assert err.rstrip().endswith("rerun `mcf fetch`"), err
+    assert not (tmp_path / "crop").exists()
+
 def test_alignment_puts_landmarks_on_the_template() -> None:
     cfg = CropConfig(size=64, margin=0.25, align=True)
     face = Face(0, ASTRO_FACE, ASTRO_LANDMARKS, 0.99, "table")

@@ -45,7 +45,7 @@ from mcf.data.detect import DetectorConfig, Face, box_misses, load_detections, m
 from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest, write_shards
 from mcf.errors import StageError
-from mcf.io import atomic_dir
+from mcf.io import atomic_dir, read_table
 from mcf.params import Common, param, require_path
 from mcf.pools import cancelled_on_error, ignore_ctrl_c, workers_ignore_ctrl_c
 
@@ -282,7 +282,7 @@ def load_sources(cfg: CropConfig) -> list[Source]:
     """The fetched images (status ``success``) in ``sample_id`` order, with their table detections."""
     fetch_dir = Path(cfg.input)
     require_path(fetch_dir / "manifest.parquet", "crop.input", made_by="fetch")
-    manifest = pd.read_parquet(fetch_dir / "manifest.parquet", columns=["sample_id", "path", "status"])
+    manifest = read_table(fetch_dir / "manifest.parquet", "fetch", ["sample_id", "path", "status"], only=True)
     manifest = manifest[(manifest["status"] == "success") & manifest["path"].notna()]
     table_path = fetch_dir / "detections.parquet"
     table = load_detections(table_path) if cfg.detections != "detector" and table_path.is_file() else None

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mcf.errors import StageError
+from mcf.io import read_table
 from mcf.params import ParamsError, param, require_path
 
 DETECTION_COLUMNS = ("sample_id", "face", "box", "landmarks", "score")
@@ -72,10 +73,7 @@ def box_misses(box: Sequence[float], width: int, height: int) -> bool:
 
 def load_detections(path: str | Path) -> dict[str, list[Face]]:
     """The detections table (docs/CONTRACTS.md) grouped by ``sample_id``, faces in ``face`` order."""
-    table = pd.read_parquet(path)
-    missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
-    if missing:
-        raise StageError(f"{path}: missing detection columns {missing} (expected {list(DETECTION_COLUMNS)})")
+    table = read_table(path, "fetch", DETECTION_COLUMNS)
     grouped: dict[str, list[Face]] = {}
     table = table.sort_values(["sample_id", "face"], kind="stable")
     # what the crop gate would reject only after every image was cropped is refused here, naming the row
