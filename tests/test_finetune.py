@@ -105,6 +105,30 @@ def test_a_model_file_with_bad_head_blocks_is_refused_naming_it(tmp_path: Path, 
         load_finetuned(tmp_path / "model.pt")
 
 
+
+@pytest.mark.parametrize("damage", ["no data", "data another version wrote", "test_by_epoch not a list"])
+def test_a_model_file_whose_metadata_is_damaged_is_refused_naming_it(
+    fixture_root: Path, tmp_path: Path, damage: str
+) -> None:
+    """``mcf evaluate`` and ``mcf predict`` rebuild the data config from a model.pt's ``data``, and evaluate
+    reads its ``test_by_epoch``: a file without ``data``, with a key the task's data config lacks, or with
+    a ``test_by_epoch`` that is no list loaded, then ended those commands in a KeyError or TypeError
+    traceback. It is a bad file, refused on load naming it."""
+    align, _ = tiny_configs(fixture_root)
+    path = tmp_path / "model.pt"
+    model = finetune.build_model("alignment", "mcf", align)
+    finetune.save_finetuned(EMA(model, 0.9), "alignment", "mcf", align, path, [0.5])
+    ckpt = torch.load(path, weights_only=True)
+    if damage == "no data":
+        del ckpt["data"]
+    elif damage == "data another version wrote":
+        ckpt["data"]["n_identities"] = 5
+    else:
+        ckpt["test_by_epoch"] = 0.5
+    torch.save(ckpt, path)
+    with pytest.raises(StageError, match=r"model.pt: not a fine-tuned model.pt \((KeyError|TypeError)"):
+        load_finetuned(path, "alignment")
+
 def test_alignment_loss_is_small_at_the_target() -> None:
     cfg = AlignmentConfig()
     points = torch.rand(2, 19, 2) * 0.8 + 0.1

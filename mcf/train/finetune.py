@@ -362,6 +362,10 @@ def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFac
         head_cfg = HeadConfig(tuple(head["blocks"]), head["channels"], head["num_outputs"])
         model = DenseFaceModel(build_vit(spec["model_name"], **spec["kwargs"]), head_cfg)
         model.load_state_dict(ckpt["state_dict"], strict=True)
+        # what evaluate and predict read next: the data config rebuilt, the per-epoch test scores
+        {"alignment": AFLW19Config, "parsing": LaPaConfig}[ckpt["task"]](**ckpt["data"])
+        if not isinstance(ckpt.get("test_by_epoch", []), list):
+            raise TypeError(f"test_by_epoch is a {type(ckpt['test_by_epoch']).__name__}, not a list")
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # ValueError: the head's blocks refused
         why = f"{type(err).__name__}: {str(err)[:200]}"
         raise StageError(f"{path}: not a fine-tuned model.pt ({why})") from None
