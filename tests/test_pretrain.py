@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,21 @@ def test_an_undecodable_crop_read_by_a_worker_is_one_line(
     err = capsys.readouterr().err.strip()
     assert err.startswith("mcf pretrain: ") and "\n" not in err and "Traceback" not in err, err
     assert f"crop {samples[20][0]} in {shards / 'crops-000000.tar'}: not a decodable image" in err
+
+
+
+def test_shards_that_hold_no_crop_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A subset whose shards hold no JPEG member (each an empty archive: damaged after its gate read them
+    back) was a ValueError traceback from CropDataset; it is exit 1 on one line naming the folder."""
+    make_workspace(tmp_path, n=8)
+    shards = tmp_path / "subset" / "shards"
+    for shard in shard_urls(shards):
+        tarfile.open(shard, "w").close()
+    params = write_params(tmp_path, epochs=1, warmup_epochs=0)
+    assert cli_main(["pretrain", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mcf pretrain: no .jpg crops in the shards of {shards}"), err
+    assert err.count("\n") == 1, err
 
 
 def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:

@@ -69,7 +69,7 @@ class CropDataset(Dataset):
     def __init__(self, shard_dir: str | Path, img_size: int, cache_mb: int) -> None:
         self.urls, self.shard, self.offset, self.size = index_shards(shard_dir)
         if not len(self.shard):
-            raise ValueError(f"no .jpg crops in the shards of {shard_dir}")
+            raise StageError(f"no .jpg crops in the shards of {shard_dir}; rerun the stage that wrote it")
         self.img_size = img_size
         self.cache: torch.Tensor | None = None
         if len(self) * 3 * img_size**2 <= cache_mb * 2**20:
