@@ -74,9 +74,9 @@ def read_table(path: str | Path, made_by: str, columns: Sequence[str], only: boo
         if not missing:
             return pd.read_parquet(path, columns=list(columns) if only else None)
         problem = f"no column {', '.join(missing)}"
+    except PermissionError:  # the CLI's one line for an unreadable input
+        raise
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        if isinstance(err, PermissionError):  # the CLI's one line for an unreadable input
-            raise
         cause = str(err).splitlines()[0] if str(err) else ""
         problem = f"not a readable parquet table ({type(err).__name__}: {cause})"
     raise StageError(f"{path}: {problem}; rerun `mcf {made_by}`")
