@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mcf.data.crop import ROW_COLUMNS
 from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir, read_table
@@ -96,7 +95,7 @@ def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
     """The kept crops of the crop manifest, with the stratification column checked or derived."""
     path = Path(cfg.input) / "manifest.parquet"
     require_path(path, "subset.input", made_by="crop")
-    manifest = read_table(path, "crop", [*ROW_COLUMNS, *READ_BACK])
+    manifest = read_table(path, "crop", ["crop_id", "status", "face_size", *READ_BACK])  # what is read here
     kept = manifest[manifest["status"] == "kept"].copy()
     if cfg.stratify == FACE_SIZE_BIN:
         kept[FACE_SIZE_BIN] = face_size_bins(kept["face_size"], cfg.bins)
