@@ -153,6 +153,17 @@ def check_replaceable(path: str | Path, sign: str) -> None:
         )
 
 
+def output_target(path: str | Path) -> Path:
+    """Where the output ``path`` is written: the folder it names when it is a symlink (``outputs/crop ->
+    /scratch/crop``, a bigger disk), whose siblings hold its staging and resume folders, else ``path``.
+
+    Renaming the link itself swapped in a real folder on the link's disk, and a resume folder kept beside
+    the link was not the one a writer given the resolved path (fetch_dask) looked in.
+    """
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextmanager
 def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``path``; on success it replaces ``path`` in one rename.
@@ -160,11 +171,9 @@ def atomic_dir(path: str | Path, sign: str) -> Iterator[Path]:
     ``path`` must be new, empty or an earlier output (it holds ``sign``: :func:`check_replaceable`).
     On an exception the temporary folder is removed and ``path`` is left as it was; what killed
     writers left (``kill -9``, OOM) is tidied on the next start (:func:`_recover`). A ``path`` that is a
-    symlink (``outputs/crop -> /scratch/crop``, a bigger disk) keeps it: the folder it names is replaced.
+    symlink keeps it: the folder it names is replaced (:func:`output_target`).
     """
-    path = Path(path)
-    if path.is_symlink():  # renaming the link itself swapped in a real folder on the link's disk
-        path = Path(os.path.realpath(path))
+    path = output_target(path)
     check_replaceable(path, sign)
     _recover(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

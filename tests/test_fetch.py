@@ -31,7 +31,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from mcf.data.fetch import FetchConfig, journal_dir, limits, main
+from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
 from mcf.data.sources import laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
 from mcf.data.sources.image import FetchFailure, Record, inspect, read_bounded, redact
@@ -1128,3 +1128,32 @@ def test_detections_without_a_fetched_face_keep_the_documented_types(server: str
         "sample_id": "string", "face": "int64", "box": "list<element: double>",
         "landmarks": "list<element: double>", "score": "double",
     }
+
+
+
+@pytest.mark.parametrize("killed_resolved", [False, True], ids=["mcf-fetch-then-dask", "dask-then-mcf-fetch"])
+def test_a_killed_run_into_a_linked_out_resumes_under_either_runner(
+    tmp_path: Path, killed_resolved: bool
+) -> None:
+    """``out -> scratch/out``: `mcf fetch` kept its journal beside the link, fetch_dask (which resolves
+    ``out``) beside the folder it names, so a run killed under one and resumed under the other fetched
+    everything again and left the first journal forever. Both keep it where atomic_dir writes."""
+    root = tmp_path / "photos"
+    for i in range(3):
+        _write(root / f"{i}.png", _image("PNG", (10 + i, 10)))
+    (tmp_path / "scratch" / "out").mkdir(parents=True)
+    Path("out").symlink_to(tmp_path / "scratch" / "out", target_is_directory=True)
+    killed, resumed = Path("out"), Path("out").resolve()  # as `mcf fetch` and as fetch_dask name it
+    if killed_resolved:
+        killed, resumed = resumed, killed
+    cfg = _config(source="local", local={"root": str(root)})
+    fetch_records(remote_source(cfg), killed, journal_dir(killed), tmp_path / "staged", limits(cfg))  # killed
+    for path in root.iterdir():  # unreadable now, same size and mtime: only a reused row succeeds
+        stat = path.stat()
+        path.write_bytes(b"x" * stat.st_size)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    main(Common(), dataclasses.replace(cfg, out=str(resumed)))
+    assert set(pd.read_parquet("out/manifest.parquet")["status"]) == {"success"}
+    assert Path("out").is_symlink()
+    left = [p for folder in (tmp_path, tmp_path / "scratch") for p in folder.glob(".out*")]
+    assert left == []  # neither runner's journal, nor a staging folder

@@ -33,7 +33,7 @@ from mcf.data.sources.image import PILLOW_MAX_PIXELS
 from mcf.data.sources.laion import LaionFaceConfig
 from mcf.data.sources.local import LocalConfig
 from mcf.data.sources.s3 import S3Config
-from mcf.io import atomic_dir
+from mcf.io import atomic_dir, output_target
 from mcf.params import Common, ParamsError, checking_paths, param
 from mcf.synth.config import SynthConfig
 from mcf.validate.gate import run_gate
@@ -89,8 +89,10 @@ class FetchConfig:
 
 
 def journal_dir(out: Path) -> Path:
-    """Where a download run keeps its files until the output is published (a stable name)."""
-    return out.with_name(f".{out.name}.partial")
+    """Where a download run keeps its files until the output is published (a stable name), beside the
+    folder a linked ``out`` names: `mcf fetch` and fetch_dask (which resolves ``out``) share it."""
+    target = output_target(out)
+    return target.with_name(f".{target.name}.partial")
 
 
 def fetch_synthetic(cfg: SynthConfig, seed: int, staging: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
