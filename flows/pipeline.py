@@ -320,6 +320,24 @@ def workspace_lock(root: Path) -> Iterator[None]:
         yield
 
 
+def _state(path: Path) -> str:
+    """What ``path`` holds, to compare: a link's value (the file it names is not ours), else a sha256."""
+    return f"link {os.readlink(path)}" if path.is_symlink() else file_sha256(path)
+
+
+def _save(target: Path, saved: Path) -> None:
+    """Keep ``target`` at ``saved`` as it is: a link as a link with the same value (a relative one names
+    its file again once renamed back), else a copy. Copying a link kept only what it named then."""
+    if not target.is_symlink():
+        with atomic_file(saved) as tmp:
+            shutil.copyfile(target, tmp)
+        return
+    tmp = saved.with_name(f".{saved.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.readlink(target), tmp)
+    os.replace(tmp, saved)  # made durable with the record's rename beside it (atomic_file syncs the folder)
+
+
 @contextmanager
 def applied_params(root: Path, params_file: str) -> Iterator[None]:
     """Put ``params_file`` in place as params.yaml for the run, then put the original back.
@@ -330,13 +348,14 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     (``fetch`` reruns). params.paper.yaml writes under ``outputs/paper/``, so profiles keep their outputs.
     The original waits in ``.dvc/tmp`` meanwhile: a run killed before putting it back (``kill -9``, OOM)
     leaves it there, and the next run (the workspace lock keeps runs apart) restores it first, unless
-    params.yaml was edited since: then the run stops and says where the original is.
+    params.yaml was edited since: then the run stops and says where the original is. A params.yaml that
+    is a link is put back as that link (:func:`_save`), not as a copy that no longer follows its file.
     """
     target, saved = root / PARAMS, root / ".dvc" / "tmp" / f"mcf-flow.{PARAMS}"
     placed = saved.with_name(f"{saved.name}.sha256")  # what the swap put in place
-    if saved.is_file():
-        now = file_sha256(target)
-        if placed.is_file() and now not in (placed.read_text().strip(), file_sha256(saved)):
+    if saved.is_file() or saved.is_symlink():  # a relative link's value names nothing from .dvc/tmp
+        now = _state(target)
+        if placed.is_file() and now not in (placed.read_text().strip(), _state(saved)):
             # edited since the swap: putting the original back would lose the edit
             raise RuntimeError(f"{target} was edited after a killed flow run swapped it; the original "
                                f"waits in {saved}: put it back or delete it, then run again")
@@ -354,8 +373,7 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     if source == target.resolve():
         yield
         return
-    with atomic_file(saved) as tmp:
-        shutil.copyfile(target, tmp)
+    _save(target, saved)
     with atomic_file(placed) as tmp:
         tmp.write_text(file_sha256(source))
     with atomic_file(target) as tmp:

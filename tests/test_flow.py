@@ -551,6 +551,47 @@ def test_a_run_killed_inside_the_swap_is_undone_by_the_next_unless_edited_since(
         assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
 
 
+
+def test_a_linked_params_yaml_is_a_link_again_after_the_run(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``params.yaml -> profiles/params.default.yaml``: the swap saved a copy and put the copy back, so
+    the link was a plain file after the run and no longer followed its profile. The link comes back
+    (same value) after a run, a failed run and a killed one, and its profile is never written."""
+    import logging
+
+    import flows.pipeline
+    from flows.pipeline import applied_params
+
+    monkeypatch.setattr(flows.pipeline, "get_run_logger", lambda: logging.getLogger("test"))  # no flow run
+    params, profile = project / "params.yaml", project / "profiles" / "params.default.yaml"
+    profile.parent.mkdir()
+    params.rename(profile)
+    params.symlink_to("profiles/params.default.yaml")
+    committed = profile.read_bytes()
+    tiny = yaml.safe_dump({**PARAMS, "fetch": {"n": 1}}).encode()
+    (project / "params.tiny.yaml").write_bytes(tiny)
+
+    def linked() -> bool:
+        return params.is_symlink() and os.readlink(params) == "profiles/params.default.yaml"
+
+    with applied_params(project, "params.tiny.yaml"):
+        assert params.read_bytes() == tiny and profile.read_bytes() == committed
+    assert linked()
+    with pytest.raises(KeyError), applied_params(project, "params.tiny.yaml"):
+        raise KeyError("a stage failed")
+    assert linked()
+    code = ("import os, pathlib, flows.pipeline as p\n"
+            "with p.applied_params(pathlib.Path.cwd(), 'params.tiny.yaml'):\n    os._exit(9)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = subprocess.run([sys.executable, "-c", code], cwd=project, env=env)
+    assert killed.returncode == 9 and params.read_bytes() == tiny and not params.is_symlink()
+    with applied_params(project, "params.yaml"):
+        assert linked()
+    assert linked() and profile.read_bytes() == committed
+    assert [p.name for p in (project / ".dvc" / "tmp").glob("mcf-flow.params*")] == []
+
+
 def _fan_out_parameters(flow_name: str) -> list[dict]:
     """The parameters the Prefect API recorded for each run of ``flow_name``.
 
