@@ -613,3 +613,62 @@ def test_the_teacher_config_is_part_of_the_run_identity(
         pretrain.main(common, dataclasses.replace(cfg, teacher=str(tmp_path / f"heads{heads}")))
     pth = [(tmp_path / f"heads{h}" / "backbone.pth").read_bytes() for h in (2, 4)]
     assert pth[0] == pth[1] and identities[0] != identities[1]
+
+
+def test_each_stage_masks_at_its_own_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top-level mask_ratio is pretrain's, for the online and the key masks alike; the teacher's MAE
+    masks at teacher.mask_ratio (dvc.yaml: `-S mask_ratio=0.6` reruns pretrain, not teacher)."""
+    root = make_workspace(tmp_path, n=16)
+    params = yaml.safe_load(write_params(root, epochs=1, warmup_epochs=0).read_text())
+    params["mask_ratio"] = 0.5
+    params["teacher"]["mask_ratio"] = 0.625
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    seen: list[float] = []
+    masking = MCF.random_masking
+    monkeypatch.setattr(MCF, "random_masking", lambda self, x, ratio, noise=None: (
+        seen.append(ratio), masking(self, x, ratio, noise))[1])
+    assert cli_main(["teacher", "--params", str(root / "params.yaml")]) == 0
+    assert seen and set(seen) == {0.625}
+    seen.clear()
+    assert cli_main(["pretrain", "--params", str(root / "params.yaml")]) == 0
+    assert len(seen) == 4 and set(seen) == {0.5}  # 2 steps of batch 8, an online and a key mask each
+
+
+DECODER = {"decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "decoder_pos_embed",
+           "mask_token"}
+CONTRASTIVE = {"projector", "predictor", "momentum_encoder", "momentum_projector"}
+
+
+@pytest.mark.parametrize(
+    ("switches", "terms", "parts"),
+    [
+        ({"contrastive": False}, {"loss_feature"}, {"encoder", *DECODER}),
+        ({"feature_loss": False}, {"loss_contrastive"}, {"encoder", *CONTRASTIVE}),
+        ({"objective": "pixel_mae"}, {"loss_pixel"}, {"encoder", *DECODER}),
+    ],
+)
+def test_an_ablation_runs_as_a_stage_and_keeps_the_scratch_baseline(
+    tmp_path: Path, switches: dict, terms: set[str], parts: set[str]
+) -> None:
+    """`mcf pretrain` with each README switch: a run without the feature loss needs no teacher export,
+    the checkpoint holds only the parts the objective uses, its curves only its loss terms, the export
+    loads as a backbone, and backbone_init is the full model's (so the @scratch fine-tunes stay cached)."""
+    root = make_workspace(tmp_path, n=16)
+    full = load("pretrain", write_params(root, "full.yaml"))[1].model
+    params = yaml.safe_load(write_params(root, epochs=1, warmup_epochs=0).read_text())
+    params["pretrain"]["model"].update(switches)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    if not dataclasses.replace(full, **switches).uses_teacher:
+        shutil.rmtree(root / "teacher")
+    assert cli_main(["pretrain", "--params", str(root / "params.yaml")]) == 0
+    out = Path(params["pretrain"]["out"])
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert {k.split(".")[0] for k in ckpt["model"]} == parts
+    logged = json.loads((Path(params["pretrain"]["live"]) / "metrics.json").read_text())["train"]
+    assert {k for k in logged if k.startswith("loss_")} == terms
+    export_backbone(out / "checkpoint.pt", tmp_path / "exported")
+    exported, backbone = load_backbone(tmp_path / "exported"), load_backbone(out / "backbone")
+    assert torch.equal(exported.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
+    start = MCF(full, FeatureTeacher(create_backbone(BackboneConfig(**TINY))), 0).encoder.state_dict()
+    init = load_backbone(out / "backbone_init").state_dict()
+    assert init.keys() == start.keys() and all(torch.equal(v, start[k]) for k, v in init.items())
