@@ -171,6 +171,29 @@ def test_markdown_summary_labels_each_number_with_its_dataset(run: Path) -> None
     assert "SynthFace" not in paper
 
 
+@pytest.mark.parametrize(
+    ("model", "label"),
+    [
+        ("{objective: pixel_mae}", "this run: mcf (pre-trained with pixel_mae)"),
+        ("{feature_loss: false}", "this run: mcf (pre-trained with mcf, feature_loss off)"),
+        ("{contrastive: false}", "this run: mcf (pre-trained with mcf, contrastive off)"),
+    ],
+)
+def test_an_ablation_does_not_pass_for_mcf_beside_the_papers_mcf(run: Path, model: str, label: str) -> None:
+    """The `mcf` variant is whatever pre-training exported: under a README ablation switch its numbers are
+    not MCF's, so the rows beside the paper's MCF (and FaRL) name the objective that produced them."""
+    params = run / "params.yaml"
+    params.write_text(params.read_text().replace("  live: metrics/pretrain\n",
+                                                 f"  live: metrics/pretrain\n  model: {model}\n"))
+    text, variant = markdown_summary(run), label.removeprefix("this run: ")
+    assert "5.432" in _row(text, f"| {label} |") and "5.123" in _row(text, f"best epoch on test: {variant} |")
+    assert "this run: mcf |" not in text and "this run: scratch |" in text
+    sections = _sections(_page(run))
+    paper = _cells(sections["paper"])
+    assert [label, "SynthFace-AFLW19", "5.432", "4.432", "SynthFace-LaPa", "14.81"] in paper
+    assert f"{label} (SynthFace-LaPa)" in _cells(sections["f1"])[0]
+
+
 def test_markdown_summary_before_evaluate(run: Path) -> None:
     (run / "metrics" / "evaluate.json").unlink()
     text = markdown_summary(run)

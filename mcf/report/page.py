@@ -25,6 +25,7 @@ from mcf.report.runfiles import (
     fmt,
     live_dirs,
     load_metrics,
+    pretrained_with,
     read_curves,
     read_gates,
     read_table,
@@ -173,7 +174,7 @@ def f1_section(run: Run) -> str:
     except Missing as gap:  # as in ced_section: the table below comes from the committed metrics
         parts = [note(str(gap))]
     try:
-        parts.append(table(*f1_comparison(metrics)))
+        parts.append(table(*f1_comparison(metrics, pretrained_with(run.params))))
     except Missing as gap:
         parts.append(note(str(gap)))
     for path in sorted(out.glob("confusion_*.png")):
@@ -206,7 +207,7 @@ def paper_section(run: Run) -> str:
         gap = ""
     except Missing as err:
         metrics, gap = None, note(str(err))
-    parts = [gap, table(*comparison(metrics)), f"<p>{esc(LABEL_NOTE)}</p>"]
+    parts = [gap, table(*comparison(metrics, pretrained_with(run.params))), f"<p>{esc(LABEL_NOTE)}</p>"]
     probes = (metrics or {}).get("probe") or {}
     if probes:
         label = dataset_label(metrics or {}, "alignment")

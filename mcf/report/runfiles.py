@@ -159,8 +159,30 @@ def fmt(value: Any, digits: int) -> str:
     return MISSING if not isinstance(value, int | float) or isinstance(value, bool) else f"{value:.{digits}f}"
 
 
-def comparison(metrics: dict[str, Any] | None) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows: this run's variants (their own dataset labels), then the paper's systems."""
+def pretrained_with(params: dict[str, Any]) -> str | None:
+    """The pre-training objective when the params switch MCF's off (README's ablations), else None: the
+    ``mcf`` variant is whatever pretrain exported, and an MAE baseline must not read as MCF beside the
+    paper's MCF row."""
+    pretrain = params.get("pretrain")
+    model = pretrain.get("model") if isinstance(pretrain, dict) else None
+    if not isinstance(model, dict):
+        return None
+    if model.get("objective") == "pixel_mae":
+        return "pixel_mae"
+    off = [switch for switch in ("feature_loss", "contrastive") if model.get(switch) is False]
+    return f"mcf, {' and '.join(off)} off" if off else None
+
+
+def variant_label(variant: str, pretrained: str | None) -> str:
+    """A variant's name in the tables, with the objective its backbone was pre-trained with if not MCF's."""
+    return f"{variant} (pre-trained with {pretrained})" if pretrained and variant == "mcf" else variant
+
+
+def comparison(
+    metrics: dict[str, Any] | None, pretrained: str | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: this run's variants (their own dataset labels, the ``mcf`` one its objective when
+    ``pretrained`` names an ablation), then the paper's systems."""
     headers = ["system", "alignment data", "NME_diag full (×100)", "NME_diag frontal (×100)",
                "parsing data", "F1 mean (%)"]
     rows = []
@@ -169,15 +191,16 @@ def comparison(metrics: dict[str, Any] | None) -> tuple[list[str], list[list[str
         for variant in sorted(set(align) | set(parse), key=lambda v: (v != "mcf", v)):
             a, p = align.get(variant) or {}, parse.get(variant) or {}
             full, frontal = a.get("full") or {}, a.get("frontal") or {}
+            name = variant_label(variant, pretrained)
             rows.append([
-                f"this run: {variant}", dataset_label(metrics, "alignment"),
+                f"this run: {name}", dataset_label(metrics, "alignment"),
                 fmt(full.get("nme_diag"), 3), fmt(frontal.get("nme_diag"), 3),
                 dataset_label(metrics, "parsing"), fmt(p.get("f1_mean"), 2),
             ])
             best_a, best_p = a.get("best_epoch_on_test") or {}, p.get("best_epoch_on_test") or {}
             if best_a or best_p:  # FaRL's selection, as the paper's rows make it
                 rows.append([
-                    f"this run, best epoch on test: {variant}", dataset_label(metrics, "alignment"),
+                    f"this run, best epoch on test: {name}", dataset_label(metrics, "alignment"),
                     fmt(best_a.get("nme_diag_full"), 3), MISSING,
                     dataset_label(metrics, "parsing"), fmt(best_p.get("f1_mean"), 2),
                 ])
@@ -187,14 +210,17 @@ def comparison(metrics: dict[str, Any] | None) -> tuple[list[str], list[list[str
     return headers, rows
 
 
-def f1_comparison(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Per-class F1: one column per variant of this run, then FaRL ep16, each headed by its dataset."""
+def f1_comparison(
+    metrics: dict[str, Any], pretrained: str | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Per-class F1: one column per variant of this run, then FaRL ep16, each headed by its dataset
+    (and ``mcf`` by its objective, as in :func:`comparison`)."""
     parse = metrics.get("parsing") or {}
     if not parse:
         raise Missing("the metrics have no parsing results")
     label = dataset_label(metrics, "parsing")
     variants = sorted(parse, key=lambda v: (v != "mcf", v))
-    headers = ["class"] + [f"this run: {v} ({label})" for v in variants]
+    headers = ["class"] + [f"this run: {variant_label(v, pretrained)} ({label})" for v in variants]
     headers.append(f"FaRL-B ep16 ({PAPER_DATASET['parsing']})")
     rows = [[c] + [fmt((parse[v].get("f1") or {}).get(c), 2) for v in variants] + [fmt(FARL_EP16_F1[c], 2)]
             for c in F1_CLASSES]
@@ -234,7 +260,7 @@ def markdown_summary(root: Path, params_file: str = "params.yaml", evaluated: bo
     except Missing as gap:
         metrics = None
         lines += [f"No metrics yet: {gap}.", ""]
-    lines += [markdown_table(*comparison(metrics)), "", LABEL_NOTE]
+    lines += [markdown_table(*comparison(metrics, pretrained_with(run.params))), "", LABEL_NOTE]
     return "\n".join(lines) + "\n"
 
 
