@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -409,6 +410,31 @@ def test_a_gate_file_that_is_no_json_object_is_a_note(run: Path) -> None:
     (run / ".mcf" / "validation" / "odd.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="odd.json: not a data-gate result"):
         read_gates(open_run(run))
+
+
+@pytest.mark.parametrize(("where", "damage"), [
+    ("alignment", lambda m: m.update(alignment=[1])),
+    ("alignment.mcf.full", lambda m: m["alignment"]["mcf"].update(full=5.4)),
+    ("parsing.scratch", lambda m: m["parsing"].update(scratch="12.34")),
+    ("parsing.mcf.f1", lambda m: m["parsing"]["mcf"].update(f1=[1.0])),
+    ("dataset", lambda m: m.update(dataset="SynthFace")),
+    ("probe.mcf", lambda m: m["probe"].update(mcf=9.87)),
+])
+def test_a_metrics_file_of_the_wrong_shape_is_a_note(
+    run: Path, where: str, damage: Callable[[dict], None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A JSON object whose parts are not what `evaluate` writes (hand-edited) ended `mcf report` and the
+    flow's summary in an AttributeError or TypeError traceback; the report notes it and exits 0."""
+    metrics = _metrics()
+    damage(metrics)
+    (run / "metrics" / "evaluate.json").write_text(json.dumps(metrics))
+    assert cli_main(["report", "--root", str(run), "--out", "r.html"]) == 0
+    capsys.readouterr()
+    sections = _sections((run / "r.html").read_text(encoding="utf-8"))
+    for key in ("ced", "f1", "overlays", "paper"):
+        assert f"`{where}` is not a JSON object" in sections[key]
+    assert "0.932" in sections["paper"] and "this run:" not in sections["paper"]
+    assert f"`{where}` is not a JSON object" in markdown_summary(run)
 
 
 def test_report_gate_table_shows_a_failed_suite_as_failed(page: str) -> None:

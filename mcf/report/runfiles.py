@@ -99,6 +99,19 @@ def existing(path: Path, what: str) -> Path:
     return path
 
 
+# The parts of the metrics file the report reads as JSON objects, each after its parent; `*` is every key.
+METRICS_OBJECTS = ("dataset", "alignment", "parsing", "probe", "alignment.*", "parsing.*", "probe.*",
+                   "alignment.*.full", "alignment.*.frontal", "alignment.*.best_epoch_on_test",
+                   "parsing.*.f1", "parsing.*.best_epoch_on_test")
+
+
+def _at(doc: dict[str, Any], parts: list[str], where: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of each key of ``doc`` that ``parts`` names; the parents are objects."""
+    head, rest = parts[0], parts[1:]
+    found = [(f"{where}{key}", doc[key]) for key in (doc if head == "*" else [head]) if key in doc]
+    return found if not rest else [hit for key, value in found for hit in _at(value, rest, f"{key}.")]
+
+
 def load_metrics(run: Run) -> dict[str, Any]:
     """The evaluate stage's metrics JSON (values ×100, with its ``dataset`` labels)."""
     path = run.path("evaluate.metrics")
@@ -110,6 +123,10 @@ def load_metrics(run: Run) -> dict[str, Any]:
         raise Missing(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise Missing(f"{path}: expected a JSON object")
+    for dotted in METRICS_OBJECTS:
+        for where, value in _at(data, dotted.split(".")):
+            if not isinstance(value, dict):
+                raise Missing(f"{path}: `{where}` is not a JSON object, as `evaluate` writes it")
     return data
 
 
