@@ -437,6 +437,40 @@ def test_a_metrics_file_of_the_wrong_shape_is_a_note(
     assert f"`{where}` is not a JSON object" in markdown_summary(run)
 
 
+def test_a_null_top_level_metrics_part_reads_as_empty(run: Path) -> None:
+    """The page reads an absent or null `probe` (or `dataset`...) as empty: the shape check agrees."""
+    (run / "metrics" / "evaluate.json").write_text(json.dumps({**_metrics(), "probe": None, "dataset": None}))
+    text = markdown_summary(run)
+    assert "this run: mcf" in text and "unlabelled data" in text
+
+
+@pytest.mark.parametrize(("where", "damage"), [
+    ("statistics", lambda d: d.update(statistics=[2, 1])),
+    ("statistics.evaluated_expectations", lambda d: d["statistics"].update(evaluated_expectations=None)),
+    ("meta.run_id", lambda d: d["meta"].update(run_id="lapa")),
+    ("results", lambda d: d.update(results=None)),
+    ("results.1", lambda d: d["results"].__setitem__(1, "failed")),
+    ("results.1.expectation_config.kwargs", lambda d: d["results"][1]["expectation_config"].update(
+        kwargs=["path"])),
+    ("results.1.result.partial_unexpected_list", lambda d: d["results"][1]["result"].update(
+        partial_unexpected_list=3)),
+])
+def test_a_gate_result_of_the_wrong_shape_is_a_note(
+    run: Path, where: str, damage: Callable[[dict], None], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A JSON object whose parts are not what GX stores ended `mcf report` in an AttributeError or
+    TypeError traceback; the gates section notes it, the rest of the page stands, exit 0."""
+    path = run / ".mcf" / "validation" / "lapa.json"
+    doc = json.loads(path.read_text())
+    damage(doc)
+    path.write_text(json.dumps(doc))
+    assert cli_main(["report", "--root", str(run), "--out", "r.html"]) == 0
+    capsys.readouterr()
+    sections = _sections((run / "r.html").read_text(encoding="utf-8"))
+    assert f"lapa.json: not a data-gate result as `mcf` stores it (`{where}` is not" in sections["gates"]
+    assert "this run: mcf" in sections["paper"]
+
+
 def test_report_gate_table_shows_a_failed_suite_as_failed(page: str) -> None:
     rows = _cells(_sections(page)["gates"])
     when = "2026-01-01T00:00:00+00:00"

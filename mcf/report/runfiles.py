@@ -99,17 +99,39 @@ def existing(path: Path, what: str) -> Path:
     return path
 
 
-# The parts of the metrics file the report reads as JSON objects, each after its parent; `*` is every key.
-METRICS_OBJECTS = ("dataset", "alignment", "parsing", "probe", "alignment.*", "parsing.*", "probe.*",
-                   "alignment.*.full", "alignment.*.frontal", "alignment.*.best_epoch_on_test",
-                   "parsing.*.f1", "parsing.*.best_epoch_on_test")
+# A JSON part's kinds, the first named in the note on a part of another kind.
+Shape = tuple[tuple[str, tuple[type, ...]], ...]
+OBJECT, LIST, COUNT, NULL = (dict,), (list,), (int,), type(None)
+KIND_NAMES = {dict: "a JSON object", list: "a JSON list", int: "a whole number"}
+# The parts of the metrics file the report reads as objects, each after its parent; `*` is every key. The
+# page reads an absent or null top-level part as empty.
+METRICS_SHAPE: Shape = (
+    *((key, (dict, NULL)) for key in ("dataset", "alignment", "parsing", "probe")),
+    *((key, OBJECT) for key in ("alignment.*", "parsing.*", "probe.*", "alignment.*.full",
+                                "alignment.*.frontal", "alignment.*.best_epoch_on_test", "parsing.*.f1",
+                                "parsing.*.best_epoch_on_test")),
+)
 
 
-def _at(doc: dict[str, Any], parts: list[str], where: str = "") -> list[tuple[str, Any]]:
-    """``(dotted key, value)`` of each key of ``doc`` that ``parts`` names; the parents are objects."""
-    head, rest = parts[0], parts[1:]
-    found = [(f"{where}{key}", doc[key]) for key in (doc if head == "*" else [head]) if key in doc]
-    return found if not rest else [hit for key, value in found for hit in _at(value, rest, f"{key}.")]
+def _at(doc: Any, parts: list[str], where: str = "") -> list[tuple[str, Any]]:
+    """``(dotted key, value)`` of each part of ``doc`` that ``parts`` names (``*``: every key or item)."""
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
+    found = [(f"{where}{key}", value) for key, value in items if parts[0] in ("*", str(key))]
+    if len(parts) == 1:
+        return found
+    return [hit for key, value in found for hit in _at(value, parts[1:], f"{key}.")]
+
+
+def misshapen(doc: Any, shape: Shape) -> str | None:
+    """What first in ``doc`` is not of its kind in ``shape`` (absent parts are not checked), or None.
+
+    Checked where a file is read, so a hand-edited file is a note and not an AttributeError in the page.
+    """
+    for dotted, kinds in shape:
+        for where, value in _at(doc, dotted.split(".")):
+            if not isinstance(value, kinds):
+                return f"`{where}` is not {KIND_NAMES[kinds[0]]}"
+    return None
 
 
 def load_metrics(run: Run) -> dict[str, Any]:
@@ -123,10 +145,9 @@ def load_metrics(run: Run) -> dict[str, Any]:
         raise Missing(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise Missing(f"{path}: expected a JSON object")
-    for dotted in METRICS_OBJECTS:
-        for where, value in _at(data, dotted.split(".")):
-            if not isinstance(value, dict):
-                raise Missing(f"{path}: `{where}` is not a JSON object, as `evaluate` writes it")
+    problem = misshapen(data, METRICS_SHAPE)
+    if problem:
+        raise Missing(f"{path}: {problem}, as `evaluate` writes it")
     return data
 
 
@@ -297,6 +318,19 @@ class GateResult:
     failures: list[str]
 
 
+# The parts of a stored gate result that the report reads (GX's to_json_dict), each after its parent.
+GATE_SHAPE: Shape = (
+    ("statistics", (dict, NULL)), ("statistics.evaluated_expectations", COUNT),
+    ("statistics.successful_expectations", COUNT), ("meta", (dict, NULL)), ("meta.run_id", (dict, NULL)),
+    ("results", LIST), ("results.*", OBJECT), ("results.*.expectation_config", (dict, NULL)),
+    ("results.*.expectation_config.kwargs", (dict, NULL)), ("results.*.exception_info", (dict, NULL)),
+    ("results.*.result", (dict, NULL)), ("results.*.result.partial_unexpected_list", LIST),
+    ("results.*.result.unexpected_index_column_names", (list, NULL)),
+    ("results.*.result.partial_unexpected_index_list", (list, NULL)),
+    ("results.*.result.partial_unexpected_index_list.*", OBJECT),
+)
+
+
 def read_gates(run: Run) -> list[GateResult]:
     """Each suite's latest result, as :func:`mcf.validate.gate.run_gate` stores it in the checkout."""
     from mcf.validate.gate import RESULTS_DIR, describe
@@ -307,6 +341,9 @@ def read_gates(run: Run) -> list[GateResult]:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict):  # the page notes a ValueError; an AttributeError crashed it
             raise ValueError(f"{path}: not a data-gate result (a JSON object)")
+        problem = misshapen(doc, GATE_SHAPE)
+        if problem:
+            raise ValueError(f"{path}: not a data-gate result as `mcf` stores it ({problem})")
         stats, when = doc.get("statistics") or {}, (doc.get("meta") or {}).get("run_id") or {}
         results.append(GateResult(
             suite=str(doc.get("suite_name") or path.stem), stage=str(when.get("run_name") or "?"),
