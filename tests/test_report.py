@@ -471,6 +471,23 @@ def test_a_gate_result_of_the_wrong_shape_is_a_note(
     assert "this run: mcf" in sections["paper"]
 
 
+@pytest.mark.parametrize("section", ["teacher", "evaluate"])
+def test_a_params_section_that_is_no_mapping_is_a_note(
+    run: Path, section: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A section that is no mapping (`evaluate: [mcf]`, hand-edited) ended `mcf report` in an
+    AttributeError traceback; the paths it lacks are notes, as for an absent section."""
+    params = run / "params.yaml"
+    text = params.read_text().replace(f"\n{section}:\n", f"\n{section}: [mcf]\nunused_{section}:\n")
+    params.write_text(text)
+    assert cli_main(["report", "--root", str(run), "--out", "r.html"]) == 0
+    capsys.readouterr()
+    sections = _sections((run / "r.html").read_text(encoding="utf-8"))
+    key = "teacher.out" if section == "teacher" else "evaluate.metrics"
+    assert f"params.yaml has no `{key}`" in sections["curves" if section == "teacher" else "paper"]
+    assert "pretrain: training curves" in sections["curves"]
+
+
 def test_report_gate_table_shows_a_failed_suite_as_failed(page: str) -> None:
     rows = _cells(_sections(page)["gates"])
     when = "2026-01-01T00:00:00+00:00"

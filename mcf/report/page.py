@@ -122,7 +122,7 @@ def _curves_title(run: Run, stage: str) -> str:
 def _stage_curves(run: Run, stage: str) -> str:
     """One stage's dvclive curves (every variant in one figure), or a note on what is absent."""
     if stage == "teacher":
-        source = (run.params.get("teacher") or {}).get("source", "train")
+        source = run.section("teacher").get("source", "train")
         if source != "train":
             return note(f"teacher: loaded from {source!r}, not trained, so it has no curves")
     found, gaps = {}, []

@@ -80,9 +80,15 @@ class Run:
             return False
         return True
 
+    def section(self, name: str) -> dict[str, Any]:
+        """The params file's section ``name``; empty when absent or not a mapping (hand-edited), so each
+        path read from it is a note (:meth:`path`), not an AttributeError."""
+        found = self.params.get(name)
+        return found if isinstance(found, dict) else {}
+
     def variants(self) -> list[str]:
         """The fine-tuned variants the evaluate stage scores."""
-        found = (self.params.get("evaluate") or {}).get("variants")
+        found = self.section("evaluate").get("variants")
         return [str(v) for v in found] if isinstance(found, list) else list(VARIANTS)
 
 
