@@ -727,6 +727,38 @@ def test_duplicates_bench_prints_its_numbers(capsys: pytest.CaptureFixture[str])
         bench_duplicates(["--spread", "0.7"])
 
 
+@pytest.mark.parametrize(("table", "message"), [
+    (None, "not a readable parquet table"),
+    (pd.DataFrame({"crop_id": ["a_000"]}), "no column phash; rerun `mcf crop`"),
+    (pd.DataFrame({"phash": [None, None]}), "no crop has a phash"),
+    (pd.DataFrame({"phash": ["00ff00ff00ff00fg"]}), "a phash that is not 16 hex digits"),
+])
+def test_duplicates_bench_on_a_damaged_manifest_is_one_line(
+    tmp_path: Path, table: pd.DataFrame | None, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--manifest` read the parquet unguarded: pyarrow's ArrowInvalid, a KeyError, numpy's ValueError
+    ("high <= 0") or int()'s ValueError ended it in a traceback. Now one line, exit 1; no file, exit 2."""
+    manifest = tmp_path / "manifest.parquet"
+    if table is None:
+        manifest.write_bytes(b"PAR1 cut short")
+    else:
+        table.to_parquet(manifest)
+    assert cli_main(["bench", "duplicates", "--hashes", "10", "--manifest", str(manifest)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mcf bench: {manifest}: ") and message in err and "\n" not in err
+    with pytest.raises(SystemExit) as exit_:
+        bench_duplicates(["--manifest", str(tmp_path / "nope.parquet")])
+    assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_duplicates_bench_takes_its_parents_from_a_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pd.DataFrame({"phash": ["00ff00ff00ff00ff", None, "0123456789abcdef"]}).to_parquet(tmp_path / "m.parquet")
+    bench_duplicates(["--hashes", "50", "--manifest", str(tmp_path / "m.parquet")])
+    assert capsys.readouterr().out.startswith("duplicates bench: 50 hashes from 2 parents")
+
+
 def test_crop_id_is_a_safe_shard_key() -> None:
     assert crop_id("synth-000001", 2) == "synth-000001_002"
     odd = crop_id("photos/a.b.jpg", 0)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
+
+from mcf.errors import StageError
+from mcf.io import read_table
 
 
 def blur_score(rgb: np.ndarray) -> float:
@@ -76,6 +80,17 @@ def _close_pairs(u: np.ndarray, max_distance: int) -> np.ndarray:
     return np.unique(np.concatenate(found), axis=0)
 
 
+def manifest_hashes(path: str) -> np.ndarray:
+    """The pHashes in a crop manifest, checked as the crop gate checks them: a damaged file, or one
+    that is not a crop manifest, is a one-line :class:`StageError`, not a traceback."""
+    hashes = read_table(path, "crop", ["phash"], only=True)["phash"].dropna()
+    if not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{16}", h) for h in hashes):
+        raise StageError(f"{path}: a phash that is not 16 hex digits, as `mcf crop` writes them")
+    if hashes.empty:
+        raise StageError(f"{path}: no crop has a phash")
+    return np.array([int(h, 16) for h in hashes], np.uint64)
+
+
 def bench_duplicates(argv: list[str]) -> None:
     """Near-duplicate rejection (:func:`duplicates`, the crop stage's merge) on clustered hashes: each is
     a parent hash with every bit flipped at rate ``--spread``, as crops of aligned faces share their low
@@ -90,7 +105,9 @@ def bench_duplicates(argv: list[str]) -> None:
         p.error("--hashes must be at least 1, --spread in [0, 0.5], --distance in [0, 31]")
     rng = np.random.default_rng(0)
     if args.manifest:
-        parents = np.array([int(h, 16) for h in pd.read_parquet(args.manifest)["phash"].dropna()], np.uint64)
+        if not Path(args.manifest).is_file():
+            p.error(f"--manifest {args.manifest}: no such file")
+        parents = manifest_hashes(args.manifest)
     else:
         parents = rng.integers(0, 2**64, 2000, dtype=np.uint64)
     chunks = []
