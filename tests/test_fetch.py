@@ -503,6 +503,34 @@ def test_laion_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: s
         laion.read_detections([tmp_path / "det.json"], {"7"})
 
 
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("det.json", b"{'7': []}", r"det\.json is not JSON: Expecting property name"),
+    ("det.json", b"\xff\xfe{}", r"det\.json is not JSON: 'utf-8' codec can't decode"),
+    ("det.json", b'[["7", []]]', r"det\.json is not a JSON object of SAMPLE_ID -> faces"),
+    ("det.json", b'{"7": null}', r"det\.json: the faces of '7' are not a list"),
+    ("det.json", b'{"7": 3}', r"det\.json: the faces of '7' are not a list"),
+    ("det.parquet", b"PAR1 cut short", r"det\.parquet is not a readable parquet file \(ArrowInvalid: "),
+])
+def test_laion_damaged_detections_file_is_one_line(tmp_path: Path, name: str, content: bytes,
+                                                   message: str) -> None:
+    """The user's released detections were read unguarded: a JSONDecodeError, UnicodeDecodeError,
+    AttributeError, TypeError or ArrowInvalid traceback, after every image was downloaded."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(StageError, match=f"^fetch\\.laion_face\\.detections: .*{message}") as err:
+        laion.read_detections([tmp_path / name], {"7"})
+    assert "\n" not in str(err.value)
+
+
+def test_laion_damaged_metadata_part_is_one_line(tmp_path: Path) -> None:
+    """A metadata part that is not parquet was pyarrow's ArrowInvalid traceback from read_schema."""
+    part = tmp_path / "part.parquet"
+    part.write_bytes(b"not parquet at all")
+    with pytest.raises(StageError, match=r"^fetch\.laion_face\.parquet: .*part\.parquet is not a readable "
+                       r"parquet file \(ArrowInvalid: [^\n]*$"):
+        main(Common(), _laion_config(part))
+    assert not Path("out").exists()
+
+
 def test_mpo_is_a_jpeg() -> None:
     """Phones write JPEGs with a second (depth, preview) image; Pillow calls them MPO."""
     first = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))

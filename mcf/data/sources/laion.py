@@ -90,6 +90,22 @@ def _sample_id(value: Any) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
+def _read_parquet(path: str | Path, key: str, columns: list[str]) -> pd.DataFrame:
+    """``columns`` of the user's parquet file named at ``fetch.laion_face.<key>``: one that is not parquet
+    (cut short, another format) or lacks a column is a one-line :class:`StageError`, not pyarrow's."""
+    try:
+        missing = [c for c in columns if c not in pq.read_schema(path).names]
+        if not missing:
+            return pd.read_parquet(path, columns=list(dict.fromkeys(columns)))
+        problem = f"lacks columns {missing}"
+    except PermissionError:  # the CLI's one line for an unreadable input
+        raise
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        cause = str(err).splitlines()[0] if str(err) else ""
+        problem = f"is not a readable parquet file ({type(err).__name__}: {cause})"
+    raise StageError(f"fetch.laion_face.{key}: {path} {problem}")
+
+
 def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     """The metadata rows to fetch: ``sample_id``, ``url``, ``caption`` and the extra columns.
 
@@ -99,10 +115,7 @@ def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     frames = []
     wanted = [cfg.id_col, cfg.url_col, cfg.caption_col, *cfg.extra_columns]
     for path in cfg.parquet:
-        missing = [c for c in wanted if c not in pq.read_schema(path).names]
-        if missing:
-            raise StageError(f"fetch.laion_face.parquet: {path} lacks columns {missing}")
-        part = pd.read_parquet(path, columns=list(dict.fromkeys(wanted)))  # a LAION part has 15+ columns
+        part = _read_parquet(path, "parquet", wanted)  # only these: a LAION part has 15+ columns
         frame = pd.DataFrame(
             {
                 "sample_id": [
@@ -405,23 +418,26 @@ def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
 
     A file none of whose ids is fetched gets a warning: ids formatted differently look like no faces.
     """
+    where = f"fetch.laion_face.detections: {path}"
     if path.suffix == ".parquet":
-        table = pd.read_parquet(path)
-        missing = [c for c in DETECTION_COLUMNS if c not in table.columns]
-        if missing:
-            raise StageError(f"fetch.laion_face.detections: {path} lacks columns {missing}")
+        table = _read_parquet(path, "detections", DETECTION_COLUMNS)
         table = table.assign(sample_id=table["sample_id"].map(_sample_id))
         given = set(table["sample_id"])
         found = table[table["sample_id"].isin(sample_ids)][DETECTION_COLUMNS].reset_index(drop=True)
     else:
-        released = json.loads(path.read_text())
+        try:
+            released = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # not UTF-8, not JSON
+            raise StageError(f"{where} is not JSON: {err}") from None
+        if not isinstance(released, dict):
+            raise StageError(f"{where} is not a JSON object of SAMPLE_ID -> faces, as released")
         given = {str(key) for key in released}
-        rows = [
-            _face(str(key), i, face)
-            for key, faces in released.items()
-            if str(key) in sample_ids
-            for i, face in enumerate(faces)
-        ]
+        rows = []
+        for key, faces in released.items():
+            if str(key) in sample_ids:
+                if not isinstance(faces, list):
+                    raise StageError(f"{where}: the faces of {key!r} are not a list")
+                rows += [_face(str(key), i, face) for i, face in enumerate(faces)]
         found = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
     if given and sample_ids and given.isdisjoint(sample_ids):
         log.warning(
