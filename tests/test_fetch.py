@@ -521,6 +521,26 @@ def test_laion_damaged_detections_file_is_one_line(tmp_path: Path, name: str, co
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(("column", "values"), [
+    ("face", ["0", "1"]), ("face", [0, None]), ("box", ["1 2 30 28"] * 2), ("landmarks", [["5"] * 10] * 2),
+    ("score", ["0.9", "high"]),
+])
+def test_laion_detections_parquet_of_other_types_is_one_line(tmp_path: Path, column: str,
+                                                             values: list[Any]) -> None:
+    """A detections parquet whose columns are not the flat schema's types passed through to a traceback:
+    pyarrow's when fetch wrote detections.parquet beside another file's numbers, or crop's TypeError
+    (a string face) or ValueError (a string box). Refused on reading, naming the column."""
+    box, points = [1.0, 2.0, 30.0, 28.0], [5.0, 6.0, 20.0, 6.0, 12.0, 14.0, 7.0, 22.0, 19.0, 22.0]
+    table = {"sample_id": ["7", "8"], "face": [0, 0], "box": [box] * 2, "landmarks": [points] * 2,
+             "score": [0.9, 0.8]}
+    pd.DataFrame(table | {column: values}).to_parquet(tmp_path / "det.parquet")
+    with pytest.raises(StageError, match=rf"det\.parquet: column {column} is not of its type in docs/"):
+        laion.read_detections([tmp_path / "det.parquet"], {"7", "8"})
+    nulls = table | {"landmarks": [None, points], "score": [None, 0.8]}  # unknown, as the contract allows
+    pd.DataFrame(nulls).to_parquet(tmp_path / "det.parquet")
+    assert laion.read_detections([tmp_path / "det.parquet"], {"7", "8"})["face"].tolist() == [0, 0]
+
+
 def test_laion_damaged_metadata_part_is_one_line(tmp_path: Path) -> None:
     """A metadata part that is not parquet was pyarrow's ArrowInvalid traceback from read_schema."""
     part = tmp_path / "part.parquet"

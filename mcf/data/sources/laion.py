@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 from requests.adapters import HTTPAdapter
@@ -406,6 +407,18 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
     return {"sample_id": sample_id, "face": index, "box": box, "landmarks": flat, "score": float(score)}
 
 
+def _fits(column: str, kind: pa.DataType) -> bool:
+    """Whether a detections parquet's ``column`` (box, landmarks, score) holds numbers as the flat schema
+    does, at any width; an all-null column is Arrow's null type. Values are the crop stage's to check."""
+    if pa.types.is_null(kind):
+        return True
+    if column != "score":
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
+            return False
+        kind = kind.value_type
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
 def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFrame:
     """Detections for ``sample_ids`` from every file (one per part), in the flat schema of docs/CONTRACTS.md
     (``detections.parquet``), in the files' order."""
@@ -421,6 +434,12 @@ def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
     where = f"fetch.laion_face.detections: {path}"
     if path.suffix == ".parquet":
         table = _read_parquet(path, "detections", DETECTION_COLUMNS)
+        schema = pq.read_schema(path)
+        wrong = [c for c in ("box", "landmarks", "score") if not _fits(c, schema.field(c).type)]
+        if wrong or not pd.api.types.is_integer_dtype(table["face"]):  # a null face reads as a float
+            raise StageError(f"{where}: column {(wrong or ['face'])[0]} is not of its type in "
+                             "docs/CONTRACTS.md (face int64 without nulls, box and landmarks list<double>, "
+                             "score double)")
         table = table.assign(sample_id=table["sample_id"].map(_sample_id))
         given = set(table["sample_id"])
         found = table[table["sample_id"].isin(sample_ids)][DETECTION_COLUMNS].reset_index(drop=True)
