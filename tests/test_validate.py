@@ -181,6 +181,28 @@ def test_docs_out_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest
     assert exit_.value.code == 2 and "docs: is a file; give the folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("damage", "cause"), [
+    (lambda d: "{", "JSONDecodeError"),
+    (lambda d: [d], "ValidationError"),
+    (lambda d: {**d, "statistics": [1]}, "ValidationError: {'statistics': ['Not a valid mapping type.']}"),
+    (lambda d: {k: v for k, v in d.items() if k != "success"}, "TypeError"),
+    (lambda d: {**d, "meta": {**d["meta"], "run_id": ["fetch"]}}, "ValueError: meta.run_id is not an object"),
+])
+def test_docs_of_a_damaged_stored_result_is_one_line(
+    tmp_path: Path, damage: Callable[[dict], object], cause: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stored result cut short or hand-edited ended `mcf validate --docs` in a JSONDecodeError,
+    marshmallow ValidationError, TypeError or AttributeError traceback; now one line naming it, exit 1."""
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    path = gate.RESULTS_DIR / "fetch.json"
+    damaged = damage(json.loads(path.read_text()))
+    path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    assert cli_main(["validate", "--docs", "--out", str(tmp_path / "docs")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mcf validate: {path}: not a gate result as a stage stores it ({cause}")
+    assert "\n" not in err and "delete it, or run the stage" in err
+
+
 def test_docs_without_stored_results_say_what_stores_one(tmp_path: Path) -> None:
     """A gate run by hand stores nothing (the pipeline's record stays), so the hint names the stages."""
     _manifest().to_parquet(tmp_path / "good.parquet")

@@ -256,6 +256,7 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
         ExpectationSuiteIdentifier,
         ValidationResultIdentifier,
     )
+    from marshmallow import ValidationError  # GX's result schema is marshmallow's
 
     paths = sorted(results_dir.glob("*.json"))
     if not paths:
@@ -273,8 +274,16 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
         }
     }
     for path in paths:
-        result = ExpectationSuiteValidationResultSchema().load(json.loads(path.read_text()))
-        run = result.meta.get("run_id") or {}
+        try:  # a stored result cut short or hand-edited: JSON's, the schema's or our error, not a traceback
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            result = ExpectationSuiteValidationResultSchema().load(doc)  # TypeError: a required key missing
+            run = result.meta.get("run_id") or {}
+            if not isinstance(run, dict) or not all(isinstance(run.get(k), str | None)
+                                                    for k in ("run_name", "run_time")):
+                raise ValueError("meta.run_id is not an object of run_name and run_time strings")
+        except (ValueError, TypeError, ValidationError) as err:
+            raise StageError(f"{path}: not a gate result as a stage stores it ({type(err).__name__}: {err}); "
+                             "delete it, or run the stage whose gate wrote it again") from None
         run_id = RunIdentifier(run_name=run.get("run_name"), run_time=run.get("run_time"))
         key = ValidationResultIdentifier(ExpectationSuiteIdentifier(name=result.suite_name), run_id, "latest")
         context.validation_results_store.set(key, result)
