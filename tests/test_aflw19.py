@@ -13,9 +13,19 @@ import torch
 from PIL import Image
 
 from mcf.data import transforms as T
-from mcf.data.aflw19 import AFLW19, AFLW19Config, AlignmentAugment, read_mat, table, to_original
+from mcf.data.aflw19 import (
+    AFLW19,
+    AFLW19Config,
+    AlignmentAugment,
+    check_written_split,
+    read_mat,
+    table,
+    to_original,
+)
 from mcf.errors import GateError, StageError
+from mcf.evaluate.probe import read_identities
 from mcf.params import ParamsError
+from mcf.synth.writers import IDENTITIES_CSV
 from mcf.validate.gate import run_gate
 
 N, N_TRAIN, SIZE = 12, 8, 64
@@ -245,3 +255,24 @@ def test_config_rejects_bad_values(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="augment.scale_max"):
         build(AFLW19Config, {"augment": {"scale_min": 1.2, "scale_max": 1.0}})
     assert dataclasses.asdict(build(AFLW19Config, {}))["augment"]["rotation"] == 10.0
+
+
+@pytest.mark.parametrize(("text", "cause"), [
+    (b"", "EmptyDataError"),
+    (b"name,identity\nimage_0.jpg,3\n", "ValueError: Usecols do not match columns"),
+    (b"\xff\xfe\x00garbage", "UnicodeDecodeError"),
+])
+def test_a_damaged_identities_table_is_one_line(tmp_path: Path, text: bytes, cause: str) -> None:
+    """SynthFace's identities table cut short or damaged after fetch wrote it was pandas' traceback from
+    every AFLW-19 read (finetune_alignment, evaluate) and from the identity probe."""
+    (tmp_path / IDENTITIES_CSV).write_bytes(text)
+    path = tmp_path / IDENTITIES_CSV
+    message = rf"^{path}: not a readable identities table \({cause}[^\n]*rerun `mcf fetch`$"
+    with pytest.raises(StageError, match=message):
+        check_written_split(tmp_path, 5)
+    if cause != "ValueError: Usecols do not match columns":  # the probe reads no split
+        with pytest.raises(StageError, match=message):
+            read_identities(tmp_path)
+    (tmp_path / IDENTITIES_CSV).write_text("name,identity,split\nimage_0.jpg,x,train\n")
+    with pytest.raises(StageError, match="an identity that is not a whole number; rerun `mcf fetch`"):
+        read_identities(tmp_path)  # int()'s ValueError

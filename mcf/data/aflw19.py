@@ -135,6 +135,18 @@ def read_mat(root: str | Path) -> Annotations:
     return Annotations(names, boxes, points, mask.astype(bool), order)
 
 
+def identities_table(root: str | Path, columns: list[str]) -> pd.DataFrame:
+    """``columns`` of a SynthFace tree's identities table: one that fetch's gate passed but is now cut
+    short, not UTF-8 or without a column is a one-line :class:`StageError`, not pandas' traceback."""
+    path = Path(root) / IDENTITIES_CSV
+    try:
+        return pd.read_csv(path, usecols=columns)
+    except ValueError as err:  # EmptyDataError, ParserError, UnicodeDecodeError, a column missing
+        cause = str(err).splitlines()[0] if str(err) else ""
+        raise StageError(f"{path}: not a readable identities table ({type(err).__name__}: {cause}); "
+                         "rerun `mcf fetch`") from None
+
+
 def check_written_split(root: str | Path, n_train: int) -> None:
     """A SynthFace tree records each image's split: an ``n_train`` other than the one it was written
     with would test on training images (``fetch.synthetic.aflw.n_train`` and ``data.n_train`` differ)."""
@@ -144,7 +156,7 @@ def check_written_split(root: str | Path, n_train: int) -> None:
     if not path.is_file():
         raise StageError(f"{root} is a SynthFace tree without its {IDENTITIES_CSV}: its split cannot be "
                          "checked (run `mcf fetch` again)")
-    written = int((pd.read_csv(path, usecols=["split"])["split"] == "train").sum())
+    written = int((identities_table(root, ["split"])["split"] == "train").sum())
     if written != n_train:
         raise StageError(
             f"n_train = {n_train}, but {root} was written with {written} training images "

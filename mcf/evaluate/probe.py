@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from mcf.data.aflw19 import AFLW19, AFLW19Config, to_original
+from mcf.data.aflw19 import AFLW19, AFLW19Config, identities_table, to_original
+from mcf.errors import StageError
 from mcf.evaluate.metrics import nme
 from mcf.models.backbone import load_backbone
 from mcf.params import param
@@ -100,8 +101,10 @@ def read_identities(root: str | Path) -> dict[str, int] | None:
     path = Path(root) / IDENTITIES_CSV
     if not path.is_file():
         return None
-    df = pd.read_csv(path)
-    return dict(zip(df["name"].astype(str), df["identity"].astype(int), strict=True))
+    df = identities_table(root, ["name", "identity"])
+    if not pd.api.types.is_integer_dtype(df["identity"]):  # a text or missing identity
+        raise StageError(f"{path}: an identity that is not a whole number; rerun `mcf fetch`")
+    return dict(zip(df["name"].astype(str), df["identity"], strict=True))
 
 
 def run_probes(
