@@ -295,7 +295,9 @@ def load(
 
     ``every_section`` also builds the other sections (all but their input paths, which an earlier
     stage may still have to write), so a typo in ``evaluate`` fails ``mcf fetch`` instead of the last
-    stage after days of training; the stage commands ask for it.
+    stage after days of training; the stage commands ask for it. A section whose limits on a top-level
+    key depend on its own values (pretrain's patch count on ``mask_ratio``) checks them in a
+    ``check_common(common)`` method, called for every section built here.
     """
     data = read_yaml(path)
     try:
@@ -306,11 +308,14 @@ def load(
             raise ParamsError(str(unknown[0]), f"unknown top-level key (valid: {valid})")
         token = _CHECK_PATHS.set(False)
         try:
-            for other in SECTIONS if every_section else ():
-                build(_config_class(other), data.get(other), other)
+            others = SECTIONS if every_section else ()
+            built = [build(_config_class(other), data.get(other), other) for other in others]
         finally:
             _CHECK_PATHS.reset(token)
         config = build(_config_class(stage), data.get(stage), stage) if stage else None
+        for section in [*built, config]:
+            if hasattr(section, "check_common"):
+                section.check_common(common)
     except ParamsError as err:
         raise err.under("", path) from None
     return common, config

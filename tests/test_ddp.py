@@ -26,7 +26,7 @@ from test_resume import kill_past_step
 from mcf import cli
 from mcf.data.pretrain_data import CropDataset
 from mcf.errors import StageError
-from mcf.models.backbone import BackboneConfig
+from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.train import distributed
 from mcf.train.loop import Run, TrainConfig, Trainer
@@ -166,20 +166,23 @@ def test_more_processes_than_gpus_is_refused_as_params(
 
 
 def test_a_params_error_in_the_workers_exits_2_through_torchrun(tmp_path: Path) -> None:
-    """A mask ratio that hides all 16 patches, found by each worker: torchrun exits 1 for any failed
-    worker, but `mcf pretrain` keeps its exit-status contract (2: params rejected, not retried)."""
+    """feature_layers [0, 1] against a teacher export of depth 1, found by each worker as it loads the
+    export (no check of the params file can see it, and the launcher only checks that the export exists):
+    torchrun exits 1 for any failed worker, but `mcf pretrain` keeps its exit-status contract (2: params
+    rejected, not retried)."""
     root = make_workspace(tmp_path, n=16)
+    shallow = BackboneConfig(**{**TINY, "depth": 1})
+    save_backbone(create_backbone(shallow), shallow, root / "teacher")
     params = write_params(root, processes=2)
-    params.write_text(params.read_text().replace("mask_ratio: 0.75", "mask_ratio: 0.99"))
     command = [sys.executable, "-m", "mcf.cli", "pretrain", "--params", str(params)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
     assert "starting 2 processes under torchrun" in done.stderr
-    assert "0.99 hides all 16 patches from the encoder" in done.stderr
+    assert "[1] out of range for a teacher of depth 1" in done.stderr
     assert done.returncode == 2, done.stderr[-3000:]
     # repeated once, last, after torchrun's report of the failure (the flow keeps a log's last 40 lines)
     last = done.stderr.splitlines()[-1]
-    assert last.startswith("mcf: invalid params: ") and last.endswith("hides all 16 patches from the encoder "
-                                                                      "(rank 0, 1)"), last
+    assert last == (f"mcf: invalid params: {params}: pretrain.model.feature_layers: [1] out of range for a "
+                    "teacher of depth 1 (rank 0, 1)"), last
 
 
 def test_resume_under_another_world_size_names_the_process_counts(tmp_path: Path) -> None:

@@ -222,12 +222,20 @@ def test_a_torchrun_stage_is_checked_once_before_its_workers_start(
 def test_a_mask_ratio_that_hides_every_patch_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """Refused by the up-front check of every stage, as teacher.mask_ratio is: `mcf fetch` (and crop,
+    subset, teacher) ran to completion before pretrain found it."""
     from mcf import cli
 
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     params["mask_ratio"] = 0.999  # 64 patches at the CPU size: int(64 × 0.001) = 0 kept
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mcf.data.fetch.main", lambda *_: pytest.fail("fetch ran"))
+    assert cli.main(["fetch", "--params", "p.yaml"]) == 2
+    assert "p.yaml: mask_ratio: 0.999 hides all 64 patches from the encoder" in capsys.readouterr().err
+    with pytest.raises(ParamsError, match="p.yaml: mask_ratio: 0.999 hides all 64 patches"):
+        load("evaluate", "p.yaml", every_section=True)
+    load("evaluate", "p.yaml")  # a stage's own section alone does not read the top-level mask_ratio
     (tmp_path / params["pretrain"]["data"] / "shards").mkdir(parents=True)  # inputs present: the
     (tmp_path / params["pretrain"]["teacher"]).mkdir(parents=True)  # mask ratio is what is refused
     (tmp_path / params["pretrain"]["teacher"] / "backbone.pth").touch()

@@ -53,6 +53,11 @@ class PretrainConfig:
             raise ParamsError("train.batch_size", "the contrastive projector's BatchNorm needs at least 2 "
                               f"images per step, got {self.train.batch_size}")
 
+    def check_common(self, common: Common) -> None:
+        """The top-level mask ratio leaves a patch visible at this model's size; :func:`mcf.params.load`
+        calls it for every stage, so ``mcf fetch`` refuses what would fail only here, hours later."""
+        self.model.check_mask_ratio(common.mask_ratio)
+
 
 def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
     """Write ``checkpoint.pt``, ``backbone/`` and ``backbone_init/`` into the temporary output folder."""
@@ -88,7 +93,7 @@ def teacher_identity(teacher_dir: str | Path) -> list[str | None]:
 def main(common: Common, cfg: PretrainConfig) -> None:
     """Pre-train with the MCF objective; resume from ``resume_dir`` when a matching checkpoint exists."""
     check_inputs(cfg)
-    cfg.model.check_mask_ratio(common.mask_ratio)
+    cfg.check_common(common)  # for a caller that did not load it with mcf.params.load
     identity = {
         "stage": "pretrain", "seed": common.seed, "mask_ratio": common.mask_ratio,
         "model": dataclasses.asdict(cfg.model), "train": cfg.train.identity(),
