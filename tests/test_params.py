@@ -320,6 +320,42 @@ def test_paper_params_valid_once_data_is_in_place(tmp_path: Path, monkeypatch: p
     assert read_yaml(root / "params.paper.yaml").keys() == read_yaml(root / "params.yaml").keys()
 
 
+@pytest.mark.parametrize("switch", [{"feature_loss": False}, {"objective": "pixel_mae"}])
+def test_a_paper_ablation_without_the_teacher_runs_with_a_random_teacher(
+    switch: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: dvc.yaml's pretrain depends on the teacher's output whatever the objective, so at the
+    paper's scale an ablation that reads no teacher still runs the teacher stage, which needs the MoCo v3
+    checkpoint; README's two extra overrides make that stage a seeded random ViT that reads no file, and
+    every file path the teacher and pretrain stages depend on in dvc.yaml exists with the subset alone."""
+    from mcf import cli
+
+    root = Path(__file__).resolve().parents[1]
+    paper = read_yaml(root / "params.paper.yaml")
+    paper["pretrain"]["model"].update(switch)
+    (tmp_path / paper["subset"]["out"] / "shards").mkdir(parents=True)  # what the earlier stages wrote
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, paper)
+    assert cli.main(["teacher"]) == 2  # the switch alone: the checkpoint is still the teacher's input
+    assert "teacher.data: path does not exist: data/teacher/mocov3_vit_base.pth" in capsys.readouterr().err
+    overrides = "-S teacher.source=random -S teacher.data=outputs/paper/subset"
+    assert overrides in (root / "README.md").read_text()
+    paper["teacher"].update(source="random", data=paper["subset"]["out"])
+    assert paper["teacher"]["data"] == "outputs/paper/subset"
+    # a small teacher: a 330 MB ViT-B export would only slow the test
+    paper["teacher"]["backbone"] = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    _write(tmp_path, paper)
+    assert cli.main(["teacher"]) == 0
+    assert (tmp_path / paper["pretrain"]["teacher"] / "backbone.pth").is_file()
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for stage in ("teacher", "pretrain"):
+        for dep in stages[stage]["deps"]:
+            if dep.startswith("${"):
+                section, key = dep[2:-1].split(".")
+                assert Path(paper[section][key]).exists(), dep
+    assert load("pretrain")[1].model.uses_teacher is False  # pretrain reads none of it
+
+
 def test_params_error_survives_pickling() -> None:
     """A ParamsError raised in a Dask worker process reaches the client pickled: rebuilt from its message
     alone, it raised a TypeError that hid the params error."""
