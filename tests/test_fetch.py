@@ -1205,3 +1205,41 @@ def test_a_killed_run_into_a_linked_out_resumes_under_either_runner(
     assert Path("out").is_symlink()
     left = [p for folder in (tmp_path, tmp_path / "scratch") for p in folder.glob(".out*")]
     assert left == []  # neither runner's journal, nor a staging folder
+
+
+FETCH_BAR = """
+import sys
+from pathlib import Path
+import pandas as pd
+from mcf.data.sources import download
+from mcf.data.sources.image import FetchFailure
+
+class Recorded(download.tqdm):
+    def close(self):
+        print("mininterval", self.mininterval)
+        super().close()
+
+def fetch(row):
+    raise FetchFailure("failed_to_download", "404")
+
+download.tqdm = Recorded
+rows = pd.DataFrame({"sample_id": ["a"], "url": ["u/a"]})
+source = download.Source("test", rows, fetch, ("url",), "a test")
+limits = download.Limits(threads=1, retries=0, max_bytes=1 << 20, max_pixels=1 << 20)
+root = Path(sys.argv[1])
+download.fetch_records(source, root / "old", root / "journal", root / "new", limits)
+"""
+
+
+def test_the_fetch_bar_takes_its_refresh_interval_from_the_environment(tmp_path: Path) -> None:
+    """The Prefect flow sets TQDM_MININTERVAL=30 so that a bar is a log line every 30 s: fetch's bar, the
+    longest at paper scale (hours of downloads), set its own 1 s and wrote a line a second there. tqdm
+    reads its environment on import, hence a process of its own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "TQDM_MININTERVAL")}
+    for setting, expected in ((None, "1.0"), ("30", "30.0")):
+        if setting is not None:
+            env["TQDM_MININTERVAL"] = setting
+        done = subprocess.run([sys.executable, "-c", FETCH_BAR, str(tmp_path / str(setting))],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert f"mininterval {expected}" in done.stdout

@@ -254,7 +254,9 @@ def fetch_records(
     records: list[Record | None] = [None] * len(rows)
     reused = 0
     desc = f"fetch {source.name}" + (f" {part}" if part else "")
-    bar = tqdm(total=len(rows), desc=desc, unit="img", mininterval=1.0)
+    # a line a second at most, unless TQDM_MININTERVAL says otherwise (the Prefect flow: every 30 s)
+    every = float(os.environ.get("TQDM_MININTERVAL", 1.0))
+    bar = tqdm(total=len(rows), desc=desc, unit="img", mininterval=every)
     with bar:
         for index, record, was_reused in _bounded_map(one, range(len(rows)), limits.threads):
             records[index] = record
