@@ -43,7 +43,7 @@ def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarr
     """
     urls = shard_urls(shard_dir)
     shard, offset, size = array("i"), array("q"), array("q")
-    for i, url in enumerate(urls):
+    for i, url in enumerate(tqdm(urls, desc="index shards", unit="shard", leave=False)):  # minutes at 20M
         with open_shard(url) as tar:
             for info in file_members(tar):
                 if info.name.endswith(".jpg"):
