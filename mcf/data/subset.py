@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_manifest, write_shards
 from mcf.errors import StageError
@@ -120,7 +121,9 @@ def write_subset(rows: pd.DataFrame, cfg: SubsetConfig, out_dir: Path) -> pd.Dat
     rows = rows.drop(columns=READ_BACK)
     wanted = set(rows["crop_id"])
     samples = (s for s in iter_encoded(shard_urls(Path(cfg.input) / "shards")) if s[0] in wanted)
-    write_shards(samples, out_dir / "shards", cfg.shard_size)
+    # reads every crop the crop stage kept: an hour or more at the paper's 20M, so it shows a bar
+    copied = tqdm(samples, total=len(wanted), desc="copy crops", unit="crop")
+    write_shards(copied, out_dir / "shards", cfg.shard_size)
     stats = read_back(out_dir / "shards", cfg.workers)
     written = stats.merge(rows, on="crop_id", how="left")
     missing = rows[~rows["crop_id"].isin(stats["crop_id"])]
