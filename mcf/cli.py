@@ -122,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     is_tool = split < len(argv) and argv[split] in TOOLS
     args, rest = parser().parse_known_args(argv[: split + 1] if is_tool else argv)
+    # torchrun's workers but rank 0 log warnings and errors alone: rank 0 says what every rank does
+    other_rank = "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0"
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING if other_rank else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mcf.data.shards import decode_jpeg, file_members, member_key, open_shard, shard_urls
 from mcf.errors import StageError
+from mcf.train.distributed import get_rank
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarr
     """
     urls = shard_urls(shard_dir)
     shard, offset, size = array("i"), array("q"), array("q")
-    for i, url in enumerate(tqdm(urls, desc="index shards", unit="shard", leave=False)):  # minutes at 20M
+    # minutes at the paper's 20M crops; rank 0's bar alone, as in training
+    quiet = {"disable": True} if get_rank() else {}
+    for i, url in enumerate(tqdm(urls, desc="index shards", unit="shard", leave=False, **quiet)):
         with open_shard(url) as tar:
             for info in file_members(tar):
                 if info.name.endswith(".jpg"):
@@ -73,7 +76,8 @@ class CropDataset(Dataset):
         self.img_size = img_size
         self.cache: torch.Tensor | None = None
         if len(self) * 3 * img_size**2 <= cache_mb * 2**20:
-            crops = tqdm(range(len(self)), desc="decode crops", unit="crop", leave=False)
+            quiet = {"disable": True} if get_rank() else {}
+            crops = tqdm(range(len(self)), desc="decode crops", unit="crop", leave=False, **quiet)
             self.cache = torch.stack([self._decode(i) for i in crops])
         where = "cached" if self.cache is not None else "on disk"
         log.info("%d crops in %s (%s)", len(self), shard_dir, where)
