@@ -34,7 +34,7 @@ from PIL import Image
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
 from mcf.data.sources import laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
-from mcf.data.sources.image import FetchFailure, Record, inspect, read_bounded, redact
+from mcf.data.sources.image import FetchFailure, Record, inspect, read_bounded, redact, redact_url
 from mcf.data.sources.local import FileReader
 from mcf.errors import StageError
 from mcf.io import file_sha256
@@ -644,6 +644,20 @@ def test_redaction_errs_on_the_side_of_removing_too_much() -> None:
     assert redact("http://host/x.jpg and me@mail") == "http://host/x.jpg and <redacted>@mail"
     start = time.monotonic()  # a Location header of "://" repeated took quadratic time (11 s for 200 KB)
     assert redact("http://" * 30_000) == "http://" * 30_000 and time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize("text", [
+    "https://cdn.example/a.jpg?user=me@mail.example&sig=s3cret",
+    "Max retries exceeded with url: /a.jpg?user=me@mail.example&sig=s3cret (Caused by ...)",
+    "https://cdn.example/a.jpg?sig=s3@cret",
+])
+def test_a_query_holding_an_at_sign_is_redacted_whole(text: str) -> None:
+    """A query value may hold a raw ``@`` (an e-mail address): everything up to it went, the query's ``?``
+    with it, so the rest of the query (a signature after it) was no longer a query and stayed."""
+    url = text.split()[-4] if " " in text else text
+    assert "cret" not in redact(text) and "cret" not in redact_url(url)
+    assert "(Caused by ...)" in redact(text) or " " not in text
+    assert redact("see https://cdn.example/me@2x.png?w=1") == "see https://<redacted>@2x.png?<redacted>"
 
 
 def test_a_long_url_is_redacted_before_it_is_cut_short(server: str) -> None:

@@ -51,7 +51,7 @@ PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open a large
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
 # a run of text up to its last @, after a scheme's :// if any: a password may hold a raw / ? # : or @, and
 # parsers disagree on where its authority ends (urllib3 may quote "url: /rest:of:pass@host/x.jpg")
-_USERINFO = re.compile(r"(?<!\S)([^\s:]*://)?\S*@")  # a scheme holds no ":": linear time
+_USERINFO = re.compile(r"(?<!\S)([^\s:]*://)?(\S*@)(\S*)")  # a scheme holds no ":": linear time
 _QUERY = re.compile(r"\?[^\s\"'<>()]*=[^\s\"'<>()]*")
 _ADDRESS = re.compile(r" (?:object )?at 0x[0-9a-fA-F]+")  # "<_io.BytesIO object at 0x7f3b2ffb3380>"
 
@@ -71,9 +71,16 @@ def redact(text: str) -> str:
     report and stderr; a signed URL or an endpoint with a password must not travel with it.
 
     Everything up to the last ``@`` of a run of text goes: a ``/`` in a path (``logo@2x.png``) costs some
-    of the message, a ``/`` in a password would have left the rest of it.
+    of the message, a ``/`` in a password would have left the rest of it. When that took a ``?``, the rest
+    of the run goes too: it may be the rest of a query whose value held the ``@`` (``?to=me@x&sig=...``).
     """
-    return _QUERY.sub("?<redacted>", _USERINFO.sub(r"\1<redacted>@", text))
+    return _QUERY.sub("?<redacted>", _USERINFO.sub(_without_userinfo, text))
+
+
+def _without_userinfo(match: re.Match[str]) -> str:
+    """A :data:`_USERINFO` match without what may be secret (see :func:`redact`)."""
+    scheme, removed, rest = match.group(1) or "", match[2], match[3]
+    return f"{scheme}<redacted>" + ("" if "?" in removed else f"@{rest}")
 
 
 def redact_url(url: str) -> str:
@@ -81,6 +88,8 @@ def redact_url(url: str) -> str:
     that :func:`redact` looks at before the password's ``@``."""
     head, at, tail = url.rpartition("@")
     scheme = head.partition("://")[0] + "://" if "://" in head else ""
+    if at and "?" in head:  # as in redact: the @ may be in a query's value, whose rest is the tail
+        return f"{scheme}<redacted>"
     return redact(f"{scheme}<redacted>@{tail}" if at else url)
 
 
