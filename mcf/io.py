@@ -59,27 +59,27 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def read_table(path: str | Path, made_by: str, columns: Sequence[str], only: bool = False) -> pd.DataFrame:
-    """The parquet table at ``path`` that stage ``made_by`` wrote, with ``columns`` (only those if ``only``).
-
-    Its gate passed what it wrote, so a file that is not parquet now (cut short, damaged, replaced) or
-    lacks a column is a :class:`StageError` naming it and the stage to rerun, not pyarrow's traceback.
+def read_table(path: str | Path, columns: Sequence[str], fix: str, only: bool = False) -> pd.DataFrame:
+    """The parquet table at ``path`` with ``columns`` (only those if ``only``), which an earlier stage or
+    the user wrote: a file that is not parquet (cut short, damaged, replaced) or lacks a column is a
+    one-line :class:`StageError` naming it and ending in ``fix`` (what to do), not pyarrow's traceback.
     """
     import pandas as pd
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         names = pq.read_schema(path).names
         missing = [c for c in columns if c not in names]
         if not missing:
-            return pd.read_parquet(path, columns=list(columns) if only else None)
+            return pd.read_parquet(path, columns=list(dict.fromkeys(columns)) if only else None)
         problem = f"no column {', '.join(missing)}"
     except PermissionError:  # the CLI's one line for an unreadable input
         raise
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+    except (OSError, ValueError, pa.ArrowException) as err:  # ArrowInvalid is a ValueError
         cause = str(err).splitlines()[0] if str(err) else ""
         problem = f"not a readable parquet table ({type(err).__name__}: {cause})"
-    raise StageError(f"{path}: {problem}; rerun `mcf {made_by}`")
+    raise StageError(f"{path}: {problem}; {fix}")
 
 
 def _alive(pid: int) -> bool:

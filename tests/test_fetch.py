@@ -509,15 +509,16 @@ def test_laion_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: s
     ("det.json", b'[["7", []]]', r"det\.json is not a JSON object of SAMPLE_ID -> faces"),
     ("det.json", b'{"7": null}', r"det\.json: the faces of '7' are not a list"),
     ("det.json", b'{"7": 3}', r"det\.json: the faces of '7' are not a list"),
-    ("det.parquet", b"PAR1 cut short", r"det\.parquet is not a readable parquet file \(ArrowInvalid: "),
+    ("det.parquet", b"PAR1 cut short", r"det\.parquet: not a readable parquet table \(ArrowInvalid: "),
 ])
 def test_laion_damaged_detections_file_is_one_line(tmp_path: Path, name: str, content: bytes,
                                                    message: str) -> None:
     """The user's released detections were read unguarded: a JSONDecodeError, UnicodeDecodeError,
     AttributeError, TypeError or ArrowInvalid traceback, after every image was downloaded."""
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(StageError, match=f"^fetch\\.laion_face\\.detections: .*{message}") as err:
+    with pytest.raises(StageError, match=message) as err:
         laion.read_detections([tmp_path / name], {"7"})
+    assert "fetch.laion_face.detections" in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -545,8 +546,8 @@ def test_laion_damaged_metadata_part_is_one_line(tmp_path: Path) -> None:
     """A metadata part that is not parquet was pyarrow's ArrowInvalid traceback from read_schema."""
     part = tmp_path / "part.parquet"
     part.write_bytes(b"not parquet at all")
-    with pytest.raises(StageError, match=r"^fetch\.laion_face\.parquet: .*part\.parquet is not a readable "
-                       r"parquet file \(ArrowInvalid: [^\n]*$"):
+    with pytest.raises(StageError, match=r"part\.parquet: not a readable parquet table \(ArrowInvalid: [^\n]*; "
+                       r"check fetch\.laion_face\.parquet$"):
         main(Common(), _laion_config(part))
     assert not Path("out").exists()
 
@@ -698,7 +699,7 @@ def test_a_host_urllib3_cannot_parse_is_an_invalid_url(host: str) -> None:
 def test_laion_metadata_without_url_column_fails_clearly(tmp_path: Path) -> None:
     parquet = tmp_path / "part.parquet"
     pd.DataFrame({"SAMPLE_ID": [1], "TEXT": ["x"], "NSFW": ["UNLIKELY"]}).to_parquet(parquet)
-    with pytest.raises(StageError, match=r"part\.parquet lacks columns \['URL'\]"):
+    with pytest.raises(StageError, match=r"part\.parquet: no column URL; check fetch\.laion_face\.parquet"):
         main(Common(), _laion_config(parquet))
     assert not Path("out").exists()
 

@@ -284,7 +284,8 @@ def load_sources(cfg: CropConfig) -> list[Source]:
     """The fetched images (status ``success``) in ``sample_id`` order, with their table detections."""
     fetch_dir = Path(cfg.input)
     require_path(fetch_dir / "manifest.parquet", "crop.input", made_by="fetch")
-    manifest = read_table(fetch_dir / "manifest.parquet", "fetch", ["sample_id", "path", "status"], only=True)
+    wanted = ["sample_id", "path", "status"]
+    manifest = read_table(fetch_dir / "manifest.parquet", wanted, "rerun `mcf fetch`", only=True)
     manifest = manifest[(manifest["status"] == "success") & manifest["path"].notna()]
     table_path = fetch_dir / "detections.parquet"
     table = load_detections(table_path) if cfg.detections != "detector" and table_path.is_file() else None

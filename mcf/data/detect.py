@@ -73,7 +73,7 @@ def box_misses(box: Sequence[float], width: int, height: int) -> bool:
 
 def load_detections(path: str | Path) -> dict[str, list[Face]]:
     """The detections table (docs/CONTRACTS.md) grouped by ``sample_id``, faces in ``face`` order."""
-    table = read_table(path, "fetch", DETECTION_COLUMNS)
+    table = read_table(path, DETECTION_COLUMNS, "rerun `mcf fetch`")
     grouped: dict[str, list[Face]] = {}
     table = table.sort_values(["sample_id", "face"], kind="stable")
     # what the crop gate would reject only after every image was cropped is refused here, naming the row

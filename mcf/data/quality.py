@@ -83,7 +83,7 @@ def _close_pairs(u: np.ndarray, max_distance: int) -> np.ndarray:
 def manifest_hashes(path: str) -> np.ndarray:
     """The pHashes in a crop manifest, checked as the crop gate checks them: a damaged file, or one
     that is not a crop manifest, is a one-line :class:`StageError`, not a traceback."""
-    hashes = read_table(path, "crop", ["phash"], only=True)["phash"].dropna()
+    hashes = read_table(path, ["phash"], "rerun `mcf crop`", only=True)["phash"].dropna()
     if not all(isinstance(h, str) and re.fullmatch(r"[0-9a-f]{16}", h) for h in hashes):
         raise StageError(f"{path}: a phash that is not 16 hex digits, as `mcf crop` writes them")
     if hashes.empty:

@@ -96,7 +96,7 @@ def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
     """The kept crops of the crop manifest, with the stratification column checked or derived."""
     path = Path(cfg.input) / "manifest.parquet"
     require_path(path, "subset.input", made_by="crop")
-    manifest = read_table(path, "crop", ["crop_id", "status", "face_size", *READ_BACK])  # what is read here
+    manifest = read_table(path, ["crop_id", "status", "face_size", *READ_BACK], "rerun `mcf crop`")
     kept = manifest[manifest["status"] == "kept"].copy()
     if cfg.stratify == FACE_SIZE_BIN:
         kept[FACE_SIZE_BIN] = face_size_bins(kept["face_size"], cfg.bins)

@@ -48,6 +48,7 @@ from urllib3.exceptions import (
 from mcf.data.sources.download import RECORD_COLUMNS, Source
 from mcf.data.sources.image import FetchFailure, check_deadline, read_bounded, redact, redact_url
 from mcf.errors import StageError
+from mcf.io import read_table
 from mcf.params import ParamsError, param, require_path
 
 log = logging.getLogger(__name__)
@@ -91,22 +92,6 @@ def _sample_id(value: Any) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def _read_parquet(path: str | Path, key: str, columns: list[str]) -> pd.DataFrame:
-    """``columns`` of the user's parquet file named at ``fetch.laion_face.<key>``: one that is not parquet
-    (cut short, another format) or lacks a column is a one-line :class:`StageError`, not pyarrow's."""
-    try:
-        missing = [c for c in columns if c not in pq.read_schema(path).names]
-        if not missing:
-            return pd.read_parquet(path, columns=list(dict.fromkeys(columns)))
-        problem = f"lacks columns {missing}"
-    except PermissionError:  # the CLI's one line for an unreadable input
-        raise
-    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        cause = str(err).splitlines()[0] if str(err) else ""
-        problem = f"is not a readable parquet file ({type(err).__name__}: {cause})"
-    raise StageError(f"fetch.laion_face.{key}: {path} {problem}")
-
-
 def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     """The metadata rows to fetch: ``sample_id``, ``url``, ``caption`` and the extra columns.
 
@@ -116,7 +101,8 @@ def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     frames = []
     wanted = [cfg.id_col, cfg.url_col, cfg.caption_col, *cfg.extra_columns]
     for path in cfg.parquet:
-        part = _read_parquet(path, "parquet", wanted)  # only these: a LAION part has 15+ columns
+        # only these: a LAION part has 15+ columns
+        part = read_table(path, wanted, "check fetch.laion_face.parquet", only=True)
         frame = pd.DataFrame(
             {
                 "sample_id": [
@@ -433,7 +419,7 @@ def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
     """
     where = f"fetch.laion_face.detections: {path}"
     if path.suffix == ".parquet":
-        table = _read_parquet(path, "detections", DETECTION_COLUMNS)
+        table = read_table(path, DETECTION_COLUMNS, "check fetch.laion_face.detections", only=True)
         schema = pq.read_schema(path)
         wrong = [c for c in ("box", "landmarks", "score") if not _fits(c, schema.field(c).type)]
         if wrong or not pd.api.types.is_integer_dtype(table["face"]):  # a null face reads as a float
