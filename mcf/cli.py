@@ -147,9 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             if distributed and config.train.processes > 1 and not worker:  # the stage's own torchrun
                 # what each worker would refuse, refused once here: exit 2, not one traceback per worker
                 _resolve(STAGES[args.command][0].split(":")[0] + ":check_inputs")(config)
-                config.train.check_processes(config.train.processes)
-                config.train.check_device(default_device())
-                return launch(argv, config.train.processes)
+                train = config.train
+                train.check_processes(train.processes)
+                train.check_min_lr(train.batch_size * train.accum_steps * train.processes)
+                train.check_device(default_device())
+                return launch(argv, train.processes)
             _resolve(STAGES[args.command][0])(common, config, **extra)
     except ParamsError as err:
         if err.file is None and args.command in STAGES:  # raised as the stage ran: name file and section

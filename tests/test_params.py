@@ -466,3 +466,35 @@ def test_another_sections_error_names_the_file_and_its_own_key_path(
     assert cli.main(["fetch", "--params", "params.yaml"]) == 2
     err_line = capsys.readouterr().err
     assert err_line.startswith("mcf: invalid params: params.yaml: evaluate.batchsize: unknown key"), err_line
+
+
+def test_a_min_lr_above_a_known_peak_lr_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With train.effective_batch set the peak lr is blr × effective_batch / 256 whatever starts the
+    stage, so `mcf fetch` refuses a min_lr above it; with `train.processes` > 1 the stage's own launch
+    knows its batch and refuses it once, before torchrun. Unset, the batch of a torchrun started by hand
+    is unknown until training: the trainer's own check stays."""
+    from mcf import cli
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mcf.data.fetch.main", lambda *_: pytest.fail("fetch ran"))
+    for section in ("teacher", "pretrain"):
+        edited = {**params, section: {**params[section], "train": {**params[section]["train"]}}}
+        train = edited[section]["train"]
+        train.update(effective_batch=train["batch_size"], min_lr=train["blr"] * 2)
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(edited))
+        assert cli.main(["fetch", "--params", "p.yaml"]) == 2
+        refused = f"p.yaml: {section}.train.min_lr: {train['min_lr']:g} is above the peak lr"
+        assert refused in capsys.readouterr().err
+        train.update(effective_batch=None)
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(edited))
+        load("fetch", "p.yaml", every_section=True)  # 512 processes started by hand would reach it
+        train.update(processes=2, min_lr=train["blr"] * train["batch_size"] * 2 / 256 * 1.5)
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(edited))
+        monkeypatch.setattr(f"mcf.train.{section}.check_inputs", lambda *_: None)
+        monkeypatch.setattr("mcf.train.distributed.launch", lambda *_: pytest.fail("torchrun started"))
+        assert cli.main([section, "--params", "p.yaml"]) == 2
+        refused = f"p.yaml: {section}.train.min_lr: {train['min_lr']:g} is above the peak lr"
+        assert refused in capsys.readouterr().err

@@ -104,6 +104,13 @@ class TrainConfig:
             "start the stage under torchrun)",
         )
 
+    def check_min_lr(self, effective_batch: int, key: str = "train.min_lr") -> None:
+        """Refuse a ``min_lr`` above the peak lr at ``effective_batch``: the "decay" would raise the lr."""
+        peak = scaled_lr(self.blr, effective_batch)
+        if self.min_lr > peak:
+            raise ParamsError(key, f"{self.min_lr:g} is above the peak lr {peak:g} (blr {self.blr:g} × "
+                              f"effective batch {effective_batch} / 256)")
+
     def check_device(self, device: torch.device) -> None:
         """Refuse what ``device`` cannot run: SyncBatchNorm is CUDA's (NCCL) alone."""
         if self.sync_bn and device.type != "cuda":
@@ -114,6 +121,8 @@ class TrainConfig:
             raise ParamsError("warmup_epochs", f"must be <= epochs ({self.epochs}), got {self.warmup_epochs}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ParamsError("betas", f"each must be in [0, 1), got {list(self.betas)}")
+        if self.effective_batch is not None:  # every run reaches it (check_processes): the peak lr is known
+            self.check_min_lr(self.effective_batch, "min_lr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +216,7 @@ class Trainer:
         self.warmup = cfg.warmup_epochs * self.spe  # in steps, fractional as the release's (per epoch)
         self.effective_batch = cfg.batch_size * cfg.accum_steps * run.world_size
         self.peak_lr = scaled_lr(cfg.blr, self.effective_batch)
-        if cfg.min_lr > self.peak_lr:  # known only here (the batch): the "decay" would raise the lr to it
-            raise ParamsError("train.min_lr", f"{cfg.min_lr:g} is above the peak lr {self.peak_lr:g} (blr "
-                              f"{cfg.blr:g} × effective batch {self.effective_batch} / 256)")
+        cfg.check_min_lr(self.effective_batch)  # up front too where the params fix the batch
         self.dtype = resolve_dtype(cfg.precision, run.device)
         self.model = model.to(run.device)
         cfg.check_device(run.device)
