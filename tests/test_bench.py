@@ -244,3 +244,16 @@ def test_gpu_bench_without_shards_stops_before_any_run(tmp_path: Path) -> None:
     assert done.returncode == 0 and len(lines) == 5  # the card, the versions, the three runs
     assert lines[0].startswith("nvidia-smi")
     assert "--shards outputs/bench/crop/shards --workers 14" in lines[2]
+
+
+def test_the_help_names_every_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    """A script running the bench tells a failed equivalence check (1) from a usage error (2) by the help."""
+    from mcf.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as done:
+        cli_main(["bench", "pretrain", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 the equivalence check passed; 1 it failed" in text
+    assert "2 a usage error or params rejected" in text and "130 interrupted" in text
+    assert cli_main(["bench", "pretrain", "--params", "missing.yaml"]) == 2  # the params rejected

@@ -63,7 +63,11 @@ def _ratio(text: str) -> float:
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="mcf bench pretrain", description=describe(__doc__))
+    p = argparse.ArgumentParser(
+        prog="mcf bench pretrain", description=describe(__doc__),
+        epilog="Exit status: 0 the equivalence check passed; 1 it failed (the timings are still printed) or "
+        "the bench crashed; 2 a usage error or params rejected (--params, tiny's size); 130 interrupted.",
+    )
     p.add_argument("--model", choices=("tiny", "base"), default="tiny", help="default: %(default)s")
     p.add_argument("--params", default="params.yaml", help="where tiny's size is read (default: %(default)s)")
     p.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
