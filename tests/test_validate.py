@@ -481,3 +481,17 @@ def test_type_checks_follow_the_contract(suite: str, heading: str) -> None:
     checked = {e["kwargs"]["column"]: e["kwargs"]["type_"] for e in spec["expectations"]
                if e["type"] == gate.TYPE_CHECK}
     assert checked == documented
+
+
+@pytest.mark.parametrize(
+    "cond",
+    [{"type": "comparison", "column": "status", "operator": "==", "parameter": "success"},
+     {"type": "comparison", "column": ["status"], "operator": "==", "parameter": "success"},
+     {"type": "comparison", "column": None}, {"type": "comparison", "column": {}}, {"type": "comparison"}],
+)
+def test_a_hand_edited_row_condition_is_described_not_crashed(cond: dict) -> None:
+    """`mcf report` reads the stored results; a row_condition's column that is no ``{"name": ...}`` raised
+    TypeError (or KeyError) there, which the report does not turn into a note: it is printed as it is."""
+    item = {"success": False, "expectation_config": {
+        "type": "expect_column_values_to_not_be_null", "kwargs": {"column": "path", "row_condition": cond}}}
+    assert gate.describe(item).startswith(f"expect_column_values_to_not_be_null(column=path, where {cond})")

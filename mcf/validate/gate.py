@@ -115,9 +115,12 @@ def validate(df: pd.DataFrame, suite: str) -> ExpectationSuiteValidationResult:
 
 
 def _condition(cond: Any) -> str:
-    """``status == success`` for GX's dict form of a comparison; other forms as GX prints them."""
+    """``status == success`` for GX's dict form of a comparison; other forms, and a stored result edited
+    out of that form (the report reads them), as they are."""
     if isinstance(cond, dict) and cond.get("type") == "comparison":
-        return f"{cond['column']['name']} {cond['operator']} {cond['parameter']}"
+        column = cond.get("column")
+        if isinstance(column, dict) and "name" in column and {"operator", "parameter"} <= cond.keys():
+            return f"{column['name']} {cond['operator']} {cond['parameter']}"
     return str(cond)
 
 
