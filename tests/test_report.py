@@ -305,6 +305,15 @@ def test_a_damaged_curve_file_costs_only_its_own_runs_curves(run: Path) -> None:
     assert "finetune_parsing: training curves" in curves and "could not read this part" not in curves
 
 
+def test_a_folder_named_like_a_curve_file_is_skipped(run: Path) -> None:
+    """rglob("*.tsv") also matches folders: reading one raised IsADirectoryError, which replaced every
+    stage's curves with one note."""
+    (run / "metrics" / "teacher" / "plots" / "metrics" / "extra.tsv").mkdir()
+    curves = _sections(_page(run))["curves"]
+    assert "teacher: training curves" in curves and "pretrain: training curves" in curves
+    assert "could not read this part" not in curves and "extra.tsv" not in curves
+
+
 def test_report_of_an_empty_checkout(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("seed: 0\n")
     sections = _sections(_page(tmp_path))

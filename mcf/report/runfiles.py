@@ -179,6 +179,8 @@ def read_curves(live: Path) -> dict[str, pd.DataFrame]:
     folder = existing(live / "plots" / "metrics", "dvclive curves")
     curves = {}
     for tsv in sorted(folder.rglob("*.tsv")):
+        if not tsv.is_file():  # a folder so named is no series (reading it raised IsADirectoryError)
+            continue
         try:
             df = pd.read_csv(tsv, sep="\t")
         except ValueError as err:  # e.g. left empty by a run killed as it began: a note for this run only
