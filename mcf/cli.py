@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING if other_rank else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:  # tqdm converts its TQDM_* environment on import: a bad value is a traceback naming none of them
+        import tqdm  # noqa: F401
+    except ValueError as err:
+        given = ", ".join(f"{k}={v!r}" for k, v in sorted(os.environ.items()) if k.startswith("TQDM_"))
+        _error(f"mcf: tqdm cannot read its environment ({given}): {err}")
+        return EXIT_PARAMS
     try:
         if args.command in TOOLS:
             return int(_resolve(TOOLS[args.command][0])(argv[split + 1 :]) or 0)

@@ -1258,3 +1258,18 @@ def test_the_fetch_bar_takes_its_refresh_interval_from_the_environment(tmp_path:
                               capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         assert f"mininterval {expected}" in done.stdout
+
+
+def test_a_refresh_interval_tqdm_cannot_read_is_one_line_naming_it(tmp_path: Path) -> None:
+    """README names TQDM_MININTERVAL; tqdm converts it on import and raises a bare "could not convert
+    string to float" traceback, naming no variable, before fetch's own reading of it. `mcf` says which
+    variable, exit 2 (a rerun fails the same way, so the flow does not retry it), before any work."""
+    env = {**os.environ, "TQDM_MININTERVAL": "30s", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    done = subprocess.run([sys.executable, "-m", "mcf.cli", "fetch", "--params", str(params)], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()  # every TQDM_* variable set is named (the tests set DISABLE)
+    assert line.startswith("mcf: tqdm cannot read its environment (") and "TQDM_MININTERVAL='30s'" in line
+    assert line.endswith("): could not convert string to float: '30s'")
+    assert list(tmp_path.iterdir()) == []
