@@ -672,3 +672,24 @@ def test_an_ablation_runs_as_a_stage_and_keeps_the_scratch_baseline(
     start = MCF(full, FeatureTeacher(create_backbone(BackboneConfig(**TINY))), 0).encoder.state_dict()
     init = load_backbone(out / "backbone_init").state_dict()
     assert init.keys() == start.keys() and all(torch.equal(v, start[k]) for k, v in init.items())
+
+
+def test_a_resume_folder_that_is_a_link_is_emptied_not_left(tmp_path: Path) -> None:
+    """rmtree refuses a symlink and ignore_errors hid it: a published run's curves stayed in the folder a
+    linked resume_dir names (on other storage, say). Its contents go; the link stays, as the user made it."""
+    from mcf.train.checkpoint import discard_resume
+
+    target, link = tmp_path / "scratch", tmp_path / "resume"
+    (target / "live" / "plots").mkdir(parents=True)
+    (target / "live" / "plots" / "loss.tsv").write_text("step\tloss\n1\t2\n")
+    save_checkpoint({"run_hash": "aaaa", "step": 3}, target)
+    link.symlink_to(target, target_is_directory=True)
+    discard_resume(link)
+    assert link.is_symlink() and list(target.iterdir()) == []
+    discard_resume(link)  # nothing left, or a dangling link: nothing to do
+    target.rmdir()
+    discard_resume(link)
+    plain = tmp_path / "plain"
+    save_checkpoint({"run_hash": "aaaa", "step": 3}, plain)
+    discard_resume(plain)
+    assert not plain.exists()

@@ -9,6 +9,7 @@ differs: continuing a run under other params would silently mix two experiments.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -123,9 +124,19 @@ def load_checkpoint(
 
 def discard_resume(resume_dir: str | Path) -> None:
     """Delete a published run's resume folder, its checkpoint first: a kill half-way through would else
-    leave ``last.pt`` beside curves partly deleted, and a rerun would resume from it and publish them."""
-    (Path(resume_dir) / CHECKPOINT).unlink(missing_ok=True)
-    shutil.rmtree(resume_dir, ignore_errors=True)
+    leave ``last.pt`` beside curves partly deleted, and a rerun would resume from it and publish them.
+    A folder that is a symlink (rmtree refuses one) is emptied and the link kept."""
+    folder = Path(resume_dir)
+    (folder / CHECKPOINT).unlink(missing_ok=True)
+    if not folder.is_symlink():
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for child in folder.iterdir() if folder.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # as rmtree's ignore_errors: the run is published already
+                child.unlink()
 
 
 def truncate_live(live_dir: Path, step: int) -> None:
