@@ -546,8 +546,9 @@ def test_laion_damaged_metadata_part_is_one_line(tmp_path: Path) -> None:
     """A metadata part that is not parquet was pyarrow's ArrowInvalid traceback from read_schema."""
     part = tmp_path / "part.parquet"
     part.write_bytes(b"not parquet at all")
-    with pytest.raises(StageError, match=r"part\.parquet: not a readable parquet table \(ArrowInvalid: [^\n]*; "
-                       r"check fetch\.laion_face\.parquet$"):
+    message = (r"part\.parquet: not a readable parquet table \(ArrowInvalid: [^\n]*; "
+               r"check fetch\.laion_face\.parquet$")
+    with pytest.raises(StageError, match=message):
         main(Common(), _laion_config(part))
     assert not Path("out").exists()
 
