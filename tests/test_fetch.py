@@ -542,6 +542,17 @@ def test_laion_detections_parquet_of_other_types_is_one_line(tmp_path: Path, col
     assert laion.read_detections([tmp_path / "det.parquet"], {"7", "8"})["face"].tolist() == [0, 0]
 
 
+def test_laion_detections_parquet_with_only_empty_landmarks_loads(tmp_path: Path) -> None:
+    """Landmarks empty (or null) on every row, 'unknown' as the contract allows, are Arrow's list<null>
+    when pandas writes them: the type check refused that as not list<double>."""
+    box = [1.0, 2.0, 30.0, 28.0]
+    pd.DataFrame({"sample_id": ["7", "8"], "face": [0, 0], "box": [box] * 2, "landmarks": [[], None],
+                  "score": [0.9, None]}).to_parquet(tmp_path / "det.parquet")
+    assert pq.read_schema(tmp_path / "det.parquet").field("landmarks").type == pa.list_(pa.null())
+    found = laion.read_detections([tmp_path / "det.parquet"], {"7", "8"})
+    assert found["sample_id"].tolist() == ["7", "8"] and len(found["landmarks"][0]) == 0
+
+
 def test_laion_damaged_metadata_part_is_one_line(tmp_path: Path) -> None:
     """A metadata part that is not parquet was pyarrow's ArrowInvalid traceback from read_schema."""
     part = tmp_path / "part.parquet"

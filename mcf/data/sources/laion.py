@@ -395,13 +395,16 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
 
 def _fits(column: str, kind: pa.DataType) -> bool:
     """Whether a detections parquet's ``column`` (box, landmarks, score) holds numbers as the flat schema
-    does, at any width; an all-null column is Arrow's null type. Values are the crop stage's to check."""
+    does, at any width; an all-null column is Arrow's null type, and lists that are all empty or null
+    (landmarks unknown on every row) list<null>. Values are the crop stage's to check."""
     if pa.types.is_null(kind):
         return True
     if column != "score":
         if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)):
             return False
         kind = kind.value_type
+        if pa.types.is_null(kind):
+            return True
     return pa.types.is_integer(kind) or pa.types.is_floating(kind)
 
 
