@@ -480,6 +480,22 @@ def test_a_gate_result_of_the_wrong_shape_is_a_note(
     assert "this run: mcf" in sections["paper"]
 
 
+def test_a_gate_result_without_id_columns_reads(run: Path) -> None:
+    """A table without its suite's id column gets no unexpected_index_column_names (gate.validate), and
+    GX then lists the failing rows by their integer index: describe() reads that form, so the shape
+    check must too (it called the stored result 'not a data-gate result')."""
+    from mcf.validate.gate import validate
+
+    table = pd.DataFrame({"split": ["test"] * 2, "width": [1, 0], "label_max": [0, 20]})  # no stem
+    doc = validate(table, "lapa").to_json_dict()
+    doc["meta"]["run_id"] = {"run_name": "evaluate", "run_time": "2026-01-01T00:00:00+00:00"}
+    failed = [r["result"] for r in doc["results"] if "partial_unexpected_index_list" in r["result"]]
+    assert failed and all(row == 1 for r in failed for row in r["partial_unexpected_index_list"])
+    (run / ".mcf" / "validation" / "lapa.json").write_text(json.dumps(doc))
+    lapa = {g.suite: g for g in read_gates(open_run(run))}["lapa"]
+    assert not lapa.success and any("column=label_max" in f and "[20]" in f for f in lapa.failures)
+
+
 @pytest.mark.parametrize("section", ["teacher", "evaluate"])
 def test_a_params_section_that_is_no_mapping_is_a_note(
     run: Path, section: str, capsys: pytest.CaptureFixture[str]

@@ -335,7 +335,8 @@ GATE_SHAPE: Shape = (
     ("results.*.result", (dict, NULL)), ("results.*.result.partial_unexpected_list", LIST),
     ("results.*.result.unexpected_index_column_names", (list, NULL)),
     ("results.*.result.partial_unexpected_index_list", (list, NULL)),
-    ("results.*.result.partial_unexpected_index_list.*", OBJECT),
+    # a row's id columns, or its integer index when the table lacks the suite's id column (gate.validate)
+    ("results.*.result.partial_unexpected_index_list.*", (dict, int)),
 )
 
 
