@@ -192,6 +192,7 @@ def test_an_ablation_does_not_pass_for_mcf_beside_the_papers_mcf(run: Path, mode
     sections = _sections(_page(run))
     paper = _cells(sections["paper"])
     assert [label, "SynthFace-AFLW19", "5.432", "4.432", "SynthFace-LaPa", "14.81"] in paper
+    assert [variant, "SynthFace-AFLW19", "9.870", "45.60"] in paper  # the frozen-backbone probe below it
     assert f"{label} (SynthFace-LaPa)" in _cells(sections["f1"])[0]
 
 

@@ -29,6 +29,7 @@ from mcf.report.runfiles import (
     read_curves,
     read_gates,
     read_table,
+    variant_label,
 )
 
 log = logging.getLogger(__name__)
@@ -207,11 +208,13 @@ def paper_section(run: Run) -> str:
         gap = ""
     except Missing as err:
         metrics, gap = None, note(str(err))
-    parts = [gap, table(*comparison(metrics, pretrained_with(run.params))), f"<p>{esc(LABEL_NOTE)}</p>"]
+    pretrained = pretrained_with(run.params)
+    parts = [gap, table(*comparison(metrics, pretrained)), f"<p>{esc(LABEL_NOTE)}</p>"]
     probes = (metrics or {}).get("probe") or {}
-    if probes:
+    if probes:  # the mcf backbone named by its objective here too, right below the paper's MCF row
         label = dataset_label(metrics or {}, "alignment")
-        rows = [[v, label, fmt(p.get("nme_diag"), 3), fmt(p.get("identity_accuracy"), 2)]
+        rows = [[variant_label(v, pretrained), label, fmt(p.get("nme_diag"), 3),
+                 fmt(p.get("identity_accuracy"), 2)]
                 for v, p in probes.items()]
         parts += ["<h3>Frozen-backbone probes</h3>",
                   table(["backbone", "data", "NME_diag (×100)", "identity accuracy (%)"], rows)]
