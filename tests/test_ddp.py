@@ -86,11 +86,10 @@ def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
     resume_dir = root / ".resume" / "killed"
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
 
-    def kill(launcher: subprocess.Popen) -> None:
-        workers = children(launcher.pid)
-        assert len(workers) == 2
-        for pid in workers:
-            os.kill(pid, signal.SIGKILL)
+    def kill(launcher: subprocess.Popen) -> None:  # the workers may have just ended and been reaped: a
+        for pid in children(launcher.pid):  # kill past the last step is retried by kill_past_step
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         launcher.kill()
 
     def start() -> subprocess.Popen:  # a fresh port for each try
