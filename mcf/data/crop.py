@@ -264,8 +264,8 @@ def merge(results: Sequence[ChunkResult], cfg: CropConfig, out_dir: str | Path) 
     parts = [str(p) for r in results for p in sorted(Path(r.part).glob("crops-*.tar"))]
     samples = (s for s in (iter_encoded(parts) if parts else ()) if s[0] in keep)
     # a copy of every kept crop: an hour or more at the paper's 20M, so it shows a bar
-    copied = tqdm(samples, total=len(keep), desc="write shards", unit="crop")
-    write_shards(copied, out_dir / "shards", cfg.shard_size)
+    with tqdm(samples, total=len(keep), desc="write shards", unit="crop") as copied:  # closed on an error too
+        write_shards(copied, out_dir / "shards", cfg.shard_size)
     stats = read_back(out_dir / "shards", cfg.workers)
     manifest = rows.merge(stats, on="crop_id", how="left")
     strays = stats[~stats["crop_id"].isin(rows["crop_id"])]  # written but not in the manifest: gate fails

@@ -122,8 +122,8 @@ def write_subset(rows: pd.DataFrame, cfg: SubsetConfig, out_dir: Path) -> pd.Dat
     wanted = set(rows["crop_id"])
     samples = (s for s in iter_encoded(shard_urls(Path(cfg.input) / "shards")) if s[0] in wanted)
     # reads every crop the crop stage kept: an hour or more at the paper's 20M, so it shows a bar
-    copied = tqdm(samples, total=len(wanted), desc="copy crops", unit="crop")
-    write_shards(copied, out_dir / "shards", cfg.shard_size)
+    with tqdm(samples, total=len(wanted), desc="copy crops", unit="crop") as copied:  # closed on an error too
+        write_shards(copied, out_dir / "shards", cfg.shard_size)
     stats = read_back(out_dir / "shards", cfg.workers)
     written = stats.merge(rows, on="crop_id", how="left")
     missing = rows[~rows["crop_id"].isin(stats["crop_id"])]
