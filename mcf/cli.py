@@ -89,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
             "work. Paths in it are relative to the working directory; the section's input keys name what it "
             "reads and `out` what it writes (dvc.yaml lists them as the stage's deps and outs). Exit status: "
             "0 done, 1 the stage failed, 2 params rejected or an input missing, 3 a data gate failed, "
-            "130 interrupted (Ctrl-C)."
+            "130 interrupted (Ctrl-C); a TQDM_* variable tqdm cannot read is exit 2 too, before any work."
         )
         sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.", epilog=epilog)
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")

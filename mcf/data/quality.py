@@ -95,7 +95,11 @@ def bench_duplicates(argv: list[str]) -> None:
     """Near-duplicate rejection (:func:`duplicates`, the crop stage's merge) on clustered hashes: each is
     a parent hash with every bit flipped at rate ``--spread``, as crops of aligned faces share their low
     DCT frequencies. Parents: a crop manifest's pHashes (``--manifest``) or random ones."""
-    p = argparse.ArgumentParser(prog="mcf bench duplicates", description=bench_duplicates.__doc__)
+    p = argparse.ArgumentParser(
+        prog="mcf bench duplicates", description=bench_duplicates.__doc__,
+        epilog="Exit status: 0 done; 1 a --manifest that is not a readable crop manifest with pHashes; 2 a "
+        "usage error (a --manifest that does not exist); 130 interrupted.",
+    )
     p.add_argument("--hashes", type=int, default=1_000_000, help="hashes (default: %(default)s)")
     p.add_argument("--spread", type=float, default=0.1, help="bit flip rate, 0..0.5 (default: %(default)s)")
     p.add_argument("--distance", type=int, default=2, help="crop.dup_hamming (default: %(default)s)")

@@ -308,7 +308,8 @@ def cli(argv: list[str]) -> int:
         description="Run a data gate on a parquet file by hand (the pipeline's stored results stay as they\n"
         "are), or build Data Docs HTML from the results the stages stored.",
         epilog=f"suites, and the table each is meant for:\n{targets}\n\nexit status: 0 passed (or docs "
-        "written), 1 no stored results for --docs,\n2 bad arguments or params, 3 the gate failed",
+        "written), 1 no stored results for --docs or one\nthat is damaged, 2 bad arguments or params, "
+        "3 the gate failed",
     )
     p.add_argument("suite", nargs="?", help=f"the gate to run: {', '.join(known)}")
     p.add_argument("parquet", nargs="?", type=Path, help="parquet file to validate")
