@@ -350,6 +350,7 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     leaves it there, and the next run (the workspace lock keeps runs apart) restores it first, unless
     params.yaml was edited since: then the run stops and says where the original is. A params.yaml that
     is a link is put back as that link (:func:`_save`), not as a copy that no longer follows its file.
+    A ``params_file`` outside the checkout is refused: no versioned file would hold the params run.
     """
     target, saved = root / PARAMS, root / ".dvc" / "tmp" / f"mcf-flow.{PARAMS}"
     placed = saved.with_name(f"{saved.name}.sha256")  # what the swap put in place
@@ -473,7 +474,7 @@ def mcf(
     """Reproduce the pipeline (or ``stages`` and their upstream) with DVC, one task per stage.
 
     Each stage starts as soon as the stages it depends on are done. ``params_file`` (relative to the
-    checkout) is applied as params.yaml for the run; ``stages`` takes stage names from dvc.yaml
+    checkout, and inside it) is applied as params.yaml for the run; ``stages`` takes stage names from dvc.yaml
     (default: all). ``fetch_on_dask`` and ``crop_on_dask`` fan those stages out on the Dask cluster at
     ``dask_address`` (default: a local cluster; fetch's downloads only, not SynthFace's rendering).
     """

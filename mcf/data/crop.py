@@ -11,7 +11,8 @@ Output folder ``crop.out``:
   pixels), ``blur`` (variance of the Laplacian of the grey crop), ``phash``
   (16 hex digits), and, read back from the written shards, ``shard``, ``width``, ``height``, ``mean``,
   ``std`` (null for rejected rows). An image OpenCV cannot decode gets one ``undecodable`` row per
-  table face, or one row (face 0, no detector, box or landmarks) when the detector would have run.
+  table face, or one row (face 0, no detector, box or landmarks) when the detector would have run; one
+  this process may not read fails the stage instead (:func:`_raise_if_denied`).
 
 The work is split as :func:`crop_chunk` (one chunk of source images to one part shard plus manifest rows)
 and :func:`merge` (near-duplicate removal in a fixed order, re-sharding, read-back), so a serial run, the

@@ -11,8 +11,8 @@ Sources (``fetch.source``), each with its own params section:
 Outputs (schemas in docs/CONTRACTS.md): ``manifest.parquet`` (one row per source image, failures included),
 ``images/``, and ``detections.parquet`` where the source has detections (synthetic, laion-face with
 ``detections``). Everything is written to a staging folder and published by one rename after the
-``fetch`` data gate passed; downloaded files survive a killed run in ``.<out>.partial/`` (see
-:mod:`mcf.data.sources.download`).
+``fetch`` data gate passed; downloaded files survive a killed run in ``.<out>.partial/``, beside the
+folder a linked ``out`` names (:func:`journal_dir`; see :mod:`mcf.data.sources.download`).
 """
 
 from __future__ import annotations

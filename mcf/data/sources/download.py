@@ -4,16 +4,16 @@ A source gives a table of rows (``sample_id``, ``caption``, its own columns) and
 to bytes. This module runs that function on a thread pool with retries, turns bytes into image files
 (:mod:`mcf.data.sources.image`) and returns one manifest row per input row, whatever happened.
 
-Resume. Outputs are published by one rename (:func:`mcf.io.atomic_dir`), so a killed run must not
-lose what it downloaded. New files are therefore written to a *journal folder*, a stable sibling of
-the output (``.<out>.partial/``): ``images/`` plus ``journal.jsonl``, one JSON line appended per
-success (``journal-<part>.jsonl``, one per slice, when flows/fetch_dask.py splits the rows over Dask
-workers; a run reads them all, so a resumed run may split the rows differently or not at all). At the
-end every success is hard-linked (copied across devices) from there, or from the previous output, into
-the staging folder. A later run reuses a row when the previous output's manifest or the journal has it
-as a success with the same source columns (URL, key, ...) and the file on disk still has the recorded
-sha256; everything else (missing, failed, changed) is fetched again. The caller deletes the journal
-folder once the new output is published.
+Resume. Outputs are published by one rename (:func:`mcf.io.atomic_dir`), so a killed run must not lose
+what it downloaded. New files are therefore written to a *journal folder*, a stable sibling of the
+output, or of the folder it names when it is a link (``.<out>.partial/``): ``images/`` plus
+``journal.jsonl``, one JSON line appended per success (``journal-<part>.jsonl``, one per slice, when
+flows/fetch_dask.py splits the rows over Dask workers; a run reads them all, so a resumed run may split
+the rows differently or not at all). At the end every success is hard-linked (copied across devices)
+from there, or from the previous output, into the staging folder. A later run reuses a row when the
+previous output's manifest or the journal has it as a success with the same source columns (URL, key,
+...) and the file on disk still has the recorded sha256; everything else (missing, failed, changed) is
+fetched again. The caller deletes the journal folder once the new output is published.
 """
 
 from __future__ import annotations
