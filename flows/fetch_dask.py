@@ -25,7 +25,15 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.dask_runner import submit_in_order, task_runner
-from mcf.data.fetch import FetchConfig, journal_dir, limits, publish, remote_detections, remote_source
+from mcf.data.fetch import (
+    FetchConfig,
+    arrived,
+    journal_dir,
+    limits,
+    publish,
+    remote_detections,
+    remote_source,
+)
 from mcf.data.sources.download import Journal, Record, fetch_records, require_rows, to_manifest
 from mcf.io import atomic_dir, stage_lock
 from mcf.params import ParamsError, load
@@ -61,15 +69,17 @@ def journal_by_slice(entries: list[dict[str, Any]], sample_ids: pd.Series, rows_
 
 
 @flow(name="fetch_fan_out")
-def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> pd.DataFrame:
-    """List the rows once, run :func:`fetch_part` on slices of ``rows_per_task`` (:func:`submit_in_order`);
-    the manifest.
+def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """List the rows once, read their released detections (before any download, as `mcf fetch` does),
+    run :func:`fetch_part` on slices of ``rows_per_task`` (:func:`submit_in_order`); the manifest and
+    the detections of the images that arrived.
 
     The rows are listed here, not passed in: a flow's parameters go to the Prefect API, which refuses
     them past 512 KB (a few thousand rows); the tasks' go to the Dask workers.
     """
     source = remote_source(cfg)
     require_rows(source)
+    detections = remote_detections(cfg, source.rows)
     slices = [source.rows.iloc[i : i + rows_per_task] for i in range(0, len(source.rows), rows_per_task)]
     parts = [f"part-{i:06d}" for i in range(len(slices))]
     journaled = journal_by_slice(Journal(journal_dir(Path(cfg.out))).load(), source.rows["sample_id"],
@@ -78,7 +88,8 @@ def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> pd.DataFrame:
         (cfg, rows, part, share, staging) for rows, part, share in zip(slices, parts, journaled, strict=True)
     )
     records = submit_in_order(fetch_part, calls)
-    return to_manifest(source, [record for part in records for record in part])
+    manifest = to_manifest(source, [record for part in records for record in part])
+    return manifest, arrived(detections, manifest)
 
 
 def absolute(cfg: FetchConfig) -> FetchConfig:
@@ -112,7 +123,7 @@ def fetch_dask(
     out = Path(cfg.out)
     with stage_lock("fetch"):  # `mcf fetch` and this flow share the output and its journal
         with atomic_dir(out, sign="manifest.parquet") as staging:
-            manifest = fan_out.with_options(task_runner=runner)(cfg, str(staging), rows_per_task)
-            publish(manifest, remote_detections(cfg, manifest), staging)
+            manifest, detections = fan_out.with_options(task_runner=runner)(cfg, str(staging), rows_per_task)
+            publish(manifest, detections, staging)
         shutil.rmtree(journal_dir(out), ignore_errors=True)
     return manifest["status"].value_counts().to_dict()

@@ -462,6 +462,16 @@ def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) ->
     assert det["score"].tolist() == [0.99, 0.5, 0.8]
 
 
+def test_laion_damaged_detections_fail_before_the_first_download(server: str, tmp_path: Path) -> None:
+    """The released detections were read after every download: at paper scale a malformed face in them
+    failed the stage hours in, its downloads spent. They are now read, for the listed rows, first."""
+    parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/good.jpg", server + "/good.png"])
+    (tmp_path / "det.json").write_text(json.dumps({"101": [[[1, 2, 30], [[5, 6]] * 5, 0.9]]}))  # 3 box values
+    with pytest.raises(StageError, match=r"detections: face 0 of '101' is malformed: need 4 box values"):
+        main(Common(), _laion_config(parquet, detections=[str(tmp_path / "det.json")]))
+    assert not Handler.counts and not Path("out").exists()
+
+
 def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:
     first = _laion_parquet(tmp_path / "a.parquet", ["u0", "u1"])  # ids 100, 101
     second = tmp_path / "b.parquet"

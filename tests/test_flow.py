@@ -927,8 +927,11 @@ def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
         parquet = tmp_path / "part-00000.parquet"
         rows = {"SAMPLE_ID": range(len(urls)), "URL": urls, "TEXT": ["a face"] * len(urls)}
         pd.DataFrame(rows).to_parquet(parquet)
+        face = [[1, 2, 10, 12], [[3, 4]] * 5, 0.9]  # released detections: a fetched image, a failed one, none
+        (tmp_path / "det.json").write_text(json.dumps({"0": [face, face], "4": [face], "99": [face]}))
         section = {"source": "laion-face", "data": str(tmp_path), "out": str(tmp_path / "dask"), "threads": 2,
-                   "laion_face": {"parquet": [str(parquet)], "timeout": 5.0}}
+                   "laion_face": {"parquet": [str(parquet)], "timeout": 5.0,
+                                  "detections": [str(tmp_path / "det.json")]}}
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump({"fetch": section}))
         monkeypatch.chdir(tmp_path)  # the gate keeps its results under the working directory
@@ -941,11 +944,15 @@ def test_fetch_on_dask_matches_the_serial_stage_and_resumes_it(
         assert counts == {"success": 7, "http_error": 1, "not_image": 1}
         on_dask = pd.read_parquet(tmp_path / "dask" / "manifest.parquet")
         pd.testing.assert_frame_equal(on_dask, serial)
+        detections = pd.read_parquet(tmp_path / "dask" / "detections.parquet")
+        assert detections["sample_id"].tolist() == ["0", "0"]  # read before the downloads, kept if fetched
+        pd.testing.assert_frame_equal(detections, pd.read_parquet(tmp_path / "serial" / "detections.parquet"))
+
         def tree(root: Path) -> set[Path]:
             return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
 
         files = tree(tmp_path / "serial")
-        assert files == tree(tmp_path / "dask") and len(files) == 7 + 1  # images and the manifest
+        assert files == tree(tmp_path / "dask") and len(files) == 7 + 2  # images, manifest, detections
         for rel in files:
             assert (tmp_path / "dask" / rel).read_bytes() == (tmp_path / "serial" / rel).read_bytes(), rel
         assert not journal_dir(tmp_path / "dask").exists() and not list(tmp_path.glob(".dask*"))

@@ -119,18 +119,30 @@ def limits(cfg: FetchConfig) -> Limits:
     return Limits(cfg.threads, cfg.retries, max_bytes=cfg.max_bytes, max_pixels=cfg.max_pixels)
 
 
-def remote_detections(cfg: FetchConfig, manifest: pd.DataFrame) -> pd.DataFrame | None:
-    """LAION-Face's released detections of the images that arrived (None for the other sources)."""
+def remote_detections(cfg: FetchConfig, rows: pd.DataFrame) -> pd.DataFrame | None:
+    """LAION-Face's released detections of the listed ``rows`` (None for the other sources).
+
+    Read before the first download: a damaged or misnamed file then fails in seconds, not after hours.
+    """
     if cfg.source != "laion-face" or not cfg.laion_face.detections:
         return None
-    fetched = set(manifest.loc[manifest["status"] == "success", "sample_id"])
-    return laion.read_detections(cfg.laion_face.detections, fetched)
+    return laion.read_detections(cfg.laion_face.detections, set(rows["sample_id"]))
+
+
+def arrived(detections: pd.DataFrame | None, manifest: pd.DataFrame) -> pd.DataFrame | None:
+    """The detections of the images that arrived, in their order."""
+    if detections is None:
+        return None
+    fetched = manifest.loc[manifest["status"] == "success", "sample_id"]
+    return detections[detections["sample_id"].isin(fetched)].reset_index(drop=True)
 
 
 def fetch_remote(cfg: FetchConfig, out: Path, staging: Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Download the rows of the laion-face, s3 or local source; return the manifest and detections."""
-    manifest = download(remote_source(cfg), out, journal_dir(out), staging, limits(cfg))
-    return manifest, remote_detections(cfg, manifest)
+    source = remote_source(cfg)
+    detections = remote_detections(cfg, source.rows)
+    manifest = download(source, out, journal_dir(out), staging, limits(cfg))
+    return manifest, arrived(detections, manifest)
 
 
 def typed(frame: pd.DataFrame, types: dict[str, pa.DataType]) -> pa.Table:

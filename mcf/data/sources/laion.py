@@ -9,8 +9,8 @@ received), extra columns carried through, ``X-Robots-Tag`` opt-outs honoured, an
 instead of a fatal error.
 
 Released detections (one dict per part, ``SAMPLE_ID -> [(box, 5 landmarks, score), ...]``) are read
-from the JSON files as released, or from parquet files already in our flat schema, and written
-together as ``detections.parquet``.
+from the JSON files as released, or from parquet files already in our flat schema, for the listed rows
+before any download; those of the images that arrived are written together as ``detections.parquet``.
 """
 
 from __future__ import annotations
@@ -418,7 +418,7 @@ def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFra
 def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
     """One file's detections for ``sample_ids``.
 
-    A file none of whose ids is fetched gets a warning: ids formatted differently look like no faces.
+    A file none of whose ids is listed gets a warning: ids formatted differently look like no faces.
     """
     where = f"fetch.laion_face.detections: {path}"
     if path.suffix == ".parquet":
@@ -449,7 +449,7 @@ def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
         found = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
     if given and sample_ids and given.isdisjoint(sample_ids):
         log.warning(
-            "fetch.laion_face.detections: none of the %d sample ids in %s is a fetched sample id "
+            "fetch.laion_face.detections: none of the %d sample ids in %s is a listed sample id "
             "(e.g. %r there, %r here): no image gets released detections",
             len(given), path, min(given), min(sample_ids),
         )
