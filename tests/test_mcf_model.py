@@ -239,6 +239,7 @@ def test_momentum_update_and_schedule() -> None:
     assert cosine.momentum_at(0, 100) == pytest.approx(0.99)
     assert cosine.momentum_at(50, 100) == pytest.approx(0.995)
     assert cosine.momentum_at(100, 100) == pytest.approx(1.0)
+    assert tiny_model(contrastive=False).momentum_at(0, 100) is None  # no momentum encoder to step
 
 
 def test_keys_use_an_independent_mask() -> None:

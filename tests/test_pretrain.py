@@ -651,8 +651,9 @@ def test_an_ablation_runs_as_a_stage_and_keeps_the_scratch_baseline(
     tmp_path: Path, switches: dict, terms: set[str], parts: set[str]
 ) -> None:
     """`mcf pretrain` with each README switch: a run without the feature loss needs no teacher export,
-    the checkpoint holds only the parts the objective uses, its curves only its loss terms, the export
-    loads as a backbone, and backbone_init is the full model's (so the @scratch fine-tunes stay cached)."""
+    the checkpoint holds only the parts the objective uses, its curves only its loss terms (and no
+    momentum without a momentum encoder), the export loads as a backbone, and backbone_init is the full
+    model's (so the @scratch fine-tunes stay cached)."""
     root = make_workspace(tmp_path, n=16)
     full = load("pretrain", write_params(root, "full.yaml"))[1].model
     params = yaml.safe_load(write_params(root, epochs=1, warmup_epochs=0).read_text())
@@ -666,6 +667,8 @@ def test_an_ablation_runs_as_a_stage_and_keeps_the_scratch_baseline(
     assert {k.split(".")[0] for k in ckpt["model"]} == parts
     logged = json.loads((Path(params["pretrain"]["live"]) / "metrics.json").read_text())["train"]
     assert {k for k in logged if k.startswith("loss_")} == terms
+    curves = {p.stem for p in (Path(params["pretrain"]["live"]) / "plots" / "metrics" / "train").iterdir()}
+    assert curves == {"loss", *terms, "lr", *(["momentum"] if "projector" in parts else [])}  # no unused one
     export_backbone(out / "checkpoint.pt", tmp_path / "exported")
     exported, backbone = load_backbone(tmp_path / "exported"), load_backbone(out / "backbone")
     assert torch.equal(exported.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)

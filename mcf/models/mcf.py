@@ -342,17 +342,20 @@ class MCF(nn.Module):
 
     # ---------------------------------------------------------------- momentum
     @torch.no_grad()
-    def update_momentum(self, m: float) -> None:
+    def update_momentum(self, m: float | None) -> None:
         """EMA of the online encoder + projector parameters into the momentum copies (buffers not)."""
-        if not self.cfg.uses_contrastive:
+        if m is None:
             return
         online = [*self.encoder.parameters(), *self.projector.parameters()]
         target = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
         for p_o, p_m in zip(online, target, strict=True):
             p_m.lerp_(p_o.detach(), 1.0 - m)
 
-    def momentum_at(self, step: int, total_steps: int) -> float:
-        """The momentum for ``step``: constant (release) or MoCo v3's cosine ramp from m to 1."""
+    def momentum_at(self, step: int, total_steps: int) -> float | None:
+        """The momentum for ``step``: constant (release) or MoCo v3's cosine ramp from m to 1; None
+        without a momentum encoder (no contrastive branch), so that no curve shows an unused schedule."""
+        if not self.cfg.uses_contrastive:
+            return None
         m = self.cfg.momentum
         if self.cfg.momentum_schedule == "constant" or total_steps <= 0:
             return m

@@ -5,8 +5,8 @@ half-cosine, gradient accumulation, momentum-encoder updates, mixed precision, a
 guard, dvclive logging, DDP, and checkpoints from which a killed run resumes bit for bit.
 
 A model is any module whose ``forward(imgs, mask_ratio)`` returns a dict of scalar ``loss*`` terms
-with ``"loss"`` the one to minimise, and which has ``momentum_at(step, total)`` and
-``update_momentum(m)`` (``MCF`` does).
+with ``"loss"`` the one to minimise, and which has ``momentum_at(step, total)`` (None: no momentum
+encoder) and ``update_momentum(m)`` (``MCF`` does).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def accumulate(
     model: nn.Module,
     batches: list[torch.Tensor],
     mask_ratio: float,
-    momentum: float,
+    momentum: float | None,
     dtype: torch.dtype,
     scaler: torch.amp.GradScaler,
 ) -> dict[str, torch.Tensor]:
@@ -330,7 +330,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {**logged, "lr": lr, "momentum": self.momentum}
+        return {**logged, "lr": lr} | ({} if self.momentum is None else {"momentum": self.momentum})
 
     def fit(self) -> nn.Module:
         """Train to the last step (from the checkpoint, if any); returns the unwrapped model."""
