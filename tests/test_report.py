@@ -334,6 +334,19 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 2 and "is a folder" in capsys.readouterr().err
 
 
+def test_a_rejected_params_file_leaves_nothing_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The --out folder was made before the params file was read: a mistyped --root or --params, refused
+    with exit 2, still left a new outputs/report/ tree (under a --root that did not exist, that too)."""
+    root = tmp_path / "typo"
+    assert cli_main(["report", "--root", str(root)]) == 2
+    assert "params file not found" in capsys.readouterr().err and not root.exists()
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    assert cli_main(["report", "--root", str(tmp_path), "--params", "nope.yaml", "--out", "new/r.html"]) == 2
+    assert not (tmp_path / "new").exists()
+
+
 def test_help_states_the_exit_codes_test_cli_pins(capsys: pytest.CaptureFixture[str]) -> None:
     """0 even when parts of the run are missing; 2 for a bad --out or params file, as the other tools."""
     with pytest.raises(SystemExit) as exit_:

@@ -51,6 +51,7 @@ def cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if (args.root / args.out).is_dir():
         p.error(f"--out {args.out}: is a folder; name the HTML file to write, e.g. {args.out}/index.html")
+    open_run(args.root, args.params)  # a missing or broken params file is refused before --out is made
     folder = (args.root / args.out).parent
     try:  # before the page is drawn: a path under a file, or a read-only folder, is the caller's to fix
         folder.mkdir(parents=True, exist_ok=True)
