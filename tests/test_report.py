@@ -298,6 +298,28 @@ def test_report_of_a_checkout_whose_evaluate_outputs_were_not_pulled(run: Path) 
     assert "FaRL-B ep16 (LaPa)" in sections["f1"] and "14.81" in sections["f1"]
 
 
+@pytest.mark.parametrize(("ced", "f1"), [
+    ("", ""),  # empty files: a write that never got its bytes in
+    ("variant,mcf\n0,0.5\n", "klass,mcf\nskin,50\n"),  # not the key column `evaluate` writes
+    ("threshold,mcf\n0,0.5\n0.07,high\n", "class,mcf\nskin,fifty\n"),  # text where a number belongs
+])
+def test_a_damaged_plot_table_costs_only_its_plot(run: Path, ced: str, f1: str) -> None:
+    """A ced.csv or f1.csv that pandas cannot read, or that lacks its key column, replaced the whole
+    section with an unnamed error, so the numbers the metrics file holds (and the confusion matrices) went
+    with it; text in a number's place was drawn as a categorical axis. Each is a note naming the file."""
+    plots = run / "outputs" / "evaluate" / "plots"
+    (plots / "ced.csv").write_text(ced)
+    (plots / "f1.csv").write_text(f1)
+    sections = _sections(_page(run))
+    for key, name in (("ced", "ced.csv"), ("f1", "f1.csv")):  # the plot's place: a note naming its file
+        first = re.search(r"</h2>(<p class=\"note\">.*?</p>|<figure>)", sections[key]).group(1)
+        assert str(plots / name) in first and "could not read this part" not in sections[key]
+    assert ["mcf", "frontal", "SynthFace-AFLW19", "4.432", "7.000", "20.000", "30.000", "40.000",
+            "50"] in _cells(sections["ced"])
+    assert ["skin", "14.81", "12.34", "98.00"] in _cells(sections["f1"])
+    assert "mcf: confusion matrix on SynthFace-LaPa" in sections["f1"]
+
+
 def test_a_damaged_curve_file_costs_only_its_own_runs_curves(run: Path) -> None:
     """An empty dvclive TSV (a run killed as it started) replaced every stage's curves with one note."""
     (run / "metrics" / "teacher" / "plots" / "metrics" / "train" / "loss.tsv").write_text("")

@@ -158,7 +158,7 @@ def ced_section(run: Run) -> str:
     headers = ["variant", "split", "data", *(k + ALIGNMENT_UNITS[k] for k in ALIGNMENT_KEYS)]
     numbers = table(headers, rows) if rows else note("the metrics have no alignment scores")
     try:
-        curve = read_table(run.path("evaluate.out") / "plots" / "ced.csv", "CED data")
+        curve = read_table(run.path("evaluate.out") / "plots" / "ced.csv", "CED data", "threshold")
     except Missing as gap:  # the metrics are committed, the outputs DVC-cached: a clone not yet pulled
         return note(str(gap)) + numbers
     return figure(figures.ced_png(curve, label), f"CED of NME_box on {label}") + numbers
@@ -170,7 +170,7 @@ def f1_section(run: Run) -> str:
     label = dataset_label(metrics, "parsing")
     out = run.path("evaluate.out")
     try:
-        parts = [figure(figures.f1_png(read_table(out / "plots" / "f1.csv", "F1 data"), label),
+        parts = [figure(figures.f1_png(read_table(out / "plots" / "f1.csv", "F1 data", "class"), label),
                         f"Per-class F1 on {label}")]
     except Missing as gap:  # as in ced_section: the table below comes from the committed metrics
         parts = [note(str(gap))]

@@ -192,9 +192,23 @@ def read_curves(live: Path) -> dict[str, pd.DataFrame]:
     return curves
 
 
-def read_table(path: Path, what: str) -> pd.DataFrame:
-    """A CSV written by ``evaluate`` (``plots/ced.csv``, ``plots/f1.csv``)."""
-    return pd.read_csv(existing(path, what))
+def read_table(path: Path, what: str, key: str) -> pd.DataFrame:
+    """A CSV written by ``evaluate`` (``plots/ced.csv``, ``plots/f1.csv``): its ``key`` column, then one
+    number column per variant.
+
+    One that cannot be read as such is :class:`Missing`, so only its plot becomes a note: the numbers
+    beside it come from the metrics file, and a text cell would be drawn as a categorical axis.
+    """
+    try:
+        table = pd.read_csv(existing(path, what))
+    except ValueError as err:  # empty or malformed (pandas' EmptyDataError and ParserError)
+        raise Missing(f"{path} is unreadable: {err}") from None
+    if key not in table.columns:
+        raise Missing(f"{path} has no `{key}` column, as `evaluate` writes it")
+    text = [c for c in table.columns.drop(key) if not pd.api.types.is_numeric_dtype(table[c])]
+    if text:
+        raise Missing(f"{path}: column `{text[0]}` holds text where `evaluate` writes numbers")
+    return table
 
 
 # ---------------------------------------------------------------- tables
