@@ -196,6 +196,17 @@ def test_an_ablation_does_not_pass_for_mcf_beside_the_papers_mcf(run: Path, mode
     assert f"{label} (SynthFace-LaPa)" in _cells(sections["f1"])[0]
 
 
+def test_markdown_summary_shows_a_free_text_label_as_written(run: Path) -> None:
+    """A dataset label is free text from params: its line break split the table row in two, and its HTML
+    reached Prefect's markdown renderer raw."""
+    path = run / "metrics" / "evaluate.json"
+    metrics = json.loads(path.read_text())
+    metrics["dataset"]["alignment"] = "Synth<b>Face</b> | AFLW\nsplit"
+    path.write_text(json.dumps(metrics))
+    row = _row(markdown_summary(run), "this run: mcf |")
+    assert "Synth&lt;b&gt;Face&lt;/b&gt; \\| AFLW split" in row and "<b>" not in row
+
+
 def test_markdown_summary_before_evaluate(run: Path) -> None:
     (run / "metrics" / "evaluate.json").unlink()
     text = markdown_summary(run)

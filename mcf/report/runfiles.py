@@ -12,6 +12,7 @@ never shown under the paper's dataset name.
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,9 +289,11 @@ def f1_comparison(
 
 
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured markdown table (pipes in cells escaped)."""
+    """A GitHub-flavoured markdown table. Cells may hold free text (a params file's dataset label): HTML
+    is escaped and line breaks become spaces, so a cell stays one cell and shows as written."""
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(" ".join(html.escape(c, quote=False).replace("|", "\\|").split())
+                                 for c in cells) + " |"
 
     return "\n".join([line(headers), line(["---"] * len(headers)), *(line(r) for r in rows)])
 
