@@ -31,7 +31,7 @@ def plot_ced(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
     fig, ax = plt.subplots(figsize=(5, 4))
     for label, (thresholds, fractions) in curves.items():
         ax.plot(thresholds, fractions, label=label)
-    ax.set_xlabel("NME_box")
+    ax.set_xlabel("NME_box (a fraction of the box size; the metrics give it ×100)")
     ax.set_ylabel("fraction of test images")
     ax.set_ylim(0, 1)
     ax.set_title(title)
