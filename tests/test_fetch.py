@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -470,6 +471,57 @@ def test_laion_damaged_detections_fail_before_the_first_download(server: str, tm
     with pytest.raises(StageError, match=r"detections: face 0 of '101' is malformed: need 4 box values"):
         main(Common(), _laion_config(parquet, detections=[str(tmp_path / "det.json")]))
     assert not Handler.counts and not Path("out").exists()
+
+
+def _released_pth(path: Path, released: dict[int, Any], numpy1: bool = False) -> Path:
+    """A detections file as LAION-Face releases it (FacePerceiver/LAION-Face, README "Download the Face
+    Detection Metadata" and download_detection.sh): ``sample2detect_<part>.pth``, ``torch.save`` of a dict
+    int(SAMPLE_ID) -> [(box, landmarks, score), ...] as batch-face's RetinaFace returns each face
+    (elliottzheng/batch-face, face_detection/alignment.py ``parse_det``: box ``det[:4]`` float32 [4],
+    landmarks ``det[5:].reshape(5, 2)``, score ``det[4]``, numpy values). ``numpy1``: the legacy torch
+    format naming numpy 1's ``numpy.core.multiarray``, as a file saved before numpy 2 does."""
+    if not numpy1:
+        torch.save(released, path)
+        return path
+    buf = io.BytesIO()
+    torch.save(released, buf, _use_new_zipfile_serialization=False)  # protocol 2: GLOBAL lines
+    data = buf.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    assert b"numpy.core.multiarray\n" in data
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("numpy1", [False, True])
+def test_laion_released_pth_detections_are_read(tmp_path: Path, numpy1: bool) -> None:
+    """The released detections are torch files of numpy values keyed by int ids; fetch refused any
+    detections file but .json or .parquet, so the paper profile could not use them as downloaded."""
+    box = np.array([1, 2, 30, 28], np.float32)
+    points = np.array([[5, 6], [20, 6], [12, 14], [7, 22], [19, 22]], np.float32)
+    released = {1581282016264: [(box, points, np.float32(0.99)), (box + 1, points + 1, np.float32(0.5))],
+                1581282016265: [], 42: [(box, points, np.float32(0.9))]}
+    path = _released_pth(tmp_path / "sample2detect_0.pth", released, numpy1)
+    laion.LaionFaceConfig(parquet=[str(path)], detections=[str(path)]).check_inputs()
+    found = laion.read_detections([path], {"1581282016264", "1581282016265"})
+    assert found["sample_id"].tolist() == ["1581282016264"] * 2 and found["face"].tolist() == [0, 1]
+    assert found["box"][1] == [2.0, 3.0, 31.0, 29.0]
+    assert found["landmarks"][0] == [5.0, 6.0, 20.0, 6.0, 12.0, 14.0, 7.0, 22.0, 19.0, 22.0]
+    assert found["score"].tolist() == pytest.approx([0.99, 0.5])
+
+
+def test_laion_pth_detections_never_run_code(tmp_path: Path) -> None:
+    """A .pth is a pickle: one that would call a function is refused in one line, never unpickled."""
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (os.mkdir, (str(tmp_path / "ran"),))
+
+    torch.save({7: [Payload()]}, tmp_path / "det.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "det.pth").read_bytes()[:40])
+    for name in ("det.pth", "cut.pth"):
+        with pytest.raises(StageError, match=rf"{name}: not a torch file of numbers") as err:
+            laion.read_detections([tmp_path / name], {"7"})
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:

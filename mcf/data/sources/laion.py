@@ -9,8 +9,10 @@ received), extra columns carried through, ``X-Robots-Tag`` opt-outs honoured, an
 instead of a fatal error.
 
 Released detections (one dict per part, ``SAMPLE_ID -> [(box, 5 landmarks, score), ...]``) are read
-from the JSON files as released, or from parquet files already in our flat schema, for the listed rows
-before any download; those of the images that arrived are written together as ``detections.parquet``.
+from the files as released (``sample2detect_<part>.pth``: torch's pickle of that dict with int ids and
+numpy values, loaded with numbers, lists and dicts only), from the same dict as JSON, or from parquet
+files already in our flat schema, for the listed rows before any download; those of the images that
+arrived are written together as ``detections.parquet``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import re
 import socket
 import threading
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +57,7 @@ from mcf.params import ParamsError, param, require_path
 
 log = logging.getLogger(__name__)
 DETECTION_COLUMNS = ["sample_id", "face", "box", "landmarks", "score"]
+DETECTION_SUFFIXES = (".pth", ".json", ".parquet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +65,7 @@ class LaionFaceConfig:
     """``fetch.laion_face``: where the metadata is and how to download it."""
 
     parquet: list[str] = param([])  # LAION-Face metadata parts
-    detections: list[str] = param([])  # released detections, one file per part: .json dict or our .parquet
+    detections: list[str] = param([])  # released detections, one file per part: .pth, .json or our .parquet
     max_rows: int | None = param(None, ge=1)  # first rows only (over all parts, in order)
     url_col: str = "URL"
     caption_col: str = "TEXT"
@@ -83,8 +88,8 @@ class LaionFaceConfig:
             raise ParamsError("extra_columns", f"{taken} are columns of the manifest itself: leave them out")
         for i, path in enumerate(self.detections):
             require_path(path, f"detections[{i}]")
-            if Path(path).suffix not in (".json", ".parquet"):
-                raise ParamsError(f"detections[{i}]", f"expected a .json or .parquet file, got {path}")
+            if Path(path).suffix not in DETECTION_SUFFIXES:
+                raise ParamsError(f"detections[{i}]", f"expected a .pth, .json or .parquet file, got {path}")
 
 
 def _sample_id(value: Any) -> str:
@@ -381,8 +386,9 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
             box, landmarks, score = face["box"], face["landmarks"], face["score"]
         else:
             box, landmarks, score = face
-        flat = [float(v) for p in landmarks for v in (p if isinstance(p, list | tuple) else [p])]
-        box = [float(v) for v in box]
+        # numpy arrays as released (landmarks [5, 2]), or nested or flat lists
+        flat = np.asarray(landmarks, dtype=np.float64).ravel().tolist()
+        box = np.asarray(box, dtype=np.float64).ravel().tolist()
         if len(box) != 4 or len(flat) != 10:
             raise ValueError("need 4 box values and 5 landmark points")
         if not all(math.isfinite(v) for v in [*box, *flat, float(score)]):
@@ -415,6 +421,44 @@ def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFra
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DETECTION_COLUMNS)
 
 
+def _numpy_globals() -> list[Any]:
+    """What unpickling numpy arrays and scalars calls, under the names numpy 1 (``numpy.core``, in a file
+    saved before numpy 2) and numpy 2 (``numpy._core``) give it; nothing else may run."""
+    from numpy._core import multiarray
+
+    dtypes = {type(np.dtype(code)) for code in "?bhilqBHILQefd"}
+    named = [(f, f"{module}.{f.__name__}") for f in (multiarray._reconstruct, multiarray.scalar)
+             for module in ("numpy.core.multiarray", "numpy._core.multiarray")]
+    return [np.ndarray, np.dtype, *dtypes, *named]
+
+
+def _released(path: Path, where: str) -> dict[Any, Any]:
+    """A released detections dict: ``.pth`` as LAION-Face ships it (``torch.load`` with numbers, lists,
+    dicts and numpy arrays allowed, so a pickle cannot run code), else JSON."""
+    if path.suffix == ".pth":
+        import torch
+
+        try:
+            with torch.serialization.safe_globals(_numpy_globals()):
+                released = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            # torch's refusal wraps what it refused in advice to load unsafely: keep only what it refused
+            text = " ".join(str(err).split()).split("from a trusted source.", 1)[-1]
+            text = text.split("WeightsUnpickler error:", 1)[-1]
+            cause = text.split("Check the documentation of torch.load", 1)[0].strip()
+            raise StageError(f"{where}: not a torch file of numbers, lists and dicts ({type(err).__name__}: "
+                             f"{cause[:300]})") from None
+    else:
+        try:
+            released = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # not UTF-8, not JSON
+            raise StageError(f"{where} is not JSON: {err}") from None
+    if not isinstance(released, dict):
+        kind = "dict" if path.suffix == ".pth" else "JSON object"
+        raise StageError(f"{where} is not a {kind} of SAMPLE_ID -> faces, as released")
+    return released
+
+
 def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
     """One file's detections for ``sample_ids``.
 
@@ -433,17 +477,12 @@ def _read_detections(path: Path, sample_ids: set[str]) -> pd.DataFrame:
         given = set(table["sample_id"])
         found = table[table["sample_id"].isin(sample_ids)][DETECTION_COLUMNS].reset_index(drop=True)
     else:
-        try:
-            released = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as err:  # not UTF-8, not JSON
-            raise StageError(f"{where} is not JSON: {err}") from None
-        if not isinstance(released, dict):
-            raise StageError(f"{where} is not a JSON object of SAMPLE_ID -> faces, as released")
+        released = _released(path, where)
         given = {str(key) for key in released}
         rows = []
         for key, faces in released.items():
             if str(key) in sample_ids:
-                if not isinstance(faces, list):
+                if not isinstance(faces, list | tuple):
                     raise StageError(f"{where}: the faces of {key!r} are not a list")
                 rows += [_face(str(key), i, face) for i, face in enumerate(faces)]
         found = pd.DataFrame(rows, columns=DETECTION_COLUMNS)
