@@ -45,7 +45,7 @@ def stage_lock(name: str) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
-            raise StageError(f"`mcf {name}` is already running in this folder ({holder}): wait for it, "
+            raise StageError(f"stage {name} is already running in this folder ({holder}): wait for it, "
                              "or stop it") from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()}\n")

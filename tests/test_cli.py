@@ -65,7 +65,7 @@ def test_a_second_run_of_a_stage_is_refused_while_one_runs(
     with stage_lock("finetune_parsing@scratch"):
         assert cli.main(scratch) == 1
         err = capsys.readouterr().err
-        assert f"`mcf finetune_parsing@scratch` is already running in this folder (pid {os.getpid()})" in err
+        assert f"stage finetune_parsing@scratch is already running in this folder (pid {os.getpid()})" in err
         assert cli.main([*scratch[:2], "mcf", *scratch[3:]]) == 2  # another variant runs: input missing
     assert cli.main(scratch) == 2  # the lock went with its holder
     assert (tmp_path / ".mcf" / ".gitignore").read_text().endswith("*\n")
@@ -84,7 +84,7 @@ def test_a_torchrun_started_by_hand_holds_the_lock_in_its_rank_0(
     monkeypatch.delenv(LAUNCHER_ENV, raising=False)
     with stage_lock("pretrain"):
         assert cli.main(["pretrain", "--params", params]) == 1
-        assert "`mcf pretrain` is already running in this folder" in capsys.readouterr().err
+        assert "stage pretrain is already running in this folder" in capsys.readouterr().err
         monkeypatch.setenv("RANK", "1")
         assert cli.main(["pretrain", "--params", params]) == 2  # not rank 0: on to its missing input
         monkeypatch.setenv("RANK", "0")

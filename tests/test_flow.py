@@ -786,7 +786,7 @@ def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch
     pd.DataFrame({"sample_id": ["a"], "path": [None], "status": ["http_error"]}).to_parquet(
         tmp_path / "fetch" / "manifest.parquet")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": {"input": "fetch", "out": "crop"}}))
-    with stage_lock("crop"), pytest.raises(StageError, match="`mcf crop` is already running"):
+    with stage_lock("crop"), pytest.raises(StageError, match="stage crop is already running"):
         crop_dask.fn(params_file="params.yaml", processes=False)  # the flow's body, no Prefect server
     assert not list(tmp_path.glob("*crop*"))
 
