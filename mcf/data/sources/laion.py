@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 from requests.adapters import HTTPAdapter
+from tqdm import tqdm
 from urllib3 import PoolManager, ProxyManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
@@ -416,8 +417,10 @@ def _fits(column: str, kind: pa.DataType) -> bool:
 
 def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFrame:
     """Detections for ``sample_ids`` from every file (one per part), in the flat schema of docs/CONTRACTS.md
-    (``detections.parquet``), in the files' order."""
-    tables = [_read_detections(Path(path), sample_ids) for path in paths]
+    (``detections.parquet``), in the files' order. A bar counts the files: a released part takes minutes
+    (torch's safe loader unpickles in Python)."""
+    files = tqdm(paths, desc="read detections", unit="file", disable=len(paths) < 2 or None)
+    tables = [_read_detections(Path(path), sample_ids) for path in files]
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DETECTION_COLUMNS)
 
 
