@@ -247,6 +247,27 @@ def test_nan_guard_names_the_step(workspace: Path) -> None:
     assert not Path(cfg.out).exists()
 
 
+def test_weights_that_diverge_under_a_finite_loss_are_neither_checkpointed_nor_exported(
+    tmp_path: Path,
+) -> None:
+    """At blr 1e6 step 2's loss is finite but its update leaves NaN weights: the loss guard fired only
+    at step 3, after step 2's checkpoint had replaced step 1's with them (a resume failed at once), and
+    at the last step the diverged model was exported as trained."""
+    make_workspace(tmp_path, n=32)
+    common, cfg = load("pretrain", write_params(tmp_path, "div.yaml", blr=1e6, warmup_epochs=0, epochs=3))
+    with pytest.raises(StageError, match=r"non-finite weights after step 2 of 12 \(epoch 1 of 3\)"):
+        pretrain.main(common, cfg)
+    state = load_checkpoint(cfg.resume_dir, torch.load(Path(cfg.resume_dir) / "last.pt")["run_hash"])
+    assert state is not None and state["step"] == 1
+    assert all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+    assert not Path(cfg.out).exists()
+    small = make_workspace(tmp_path / "small", n=16)  # 2 steps: the last one diverges
+    common, cfg = load("pretrain", write_params(small, "div.yaml", blr=1e6, warmup_epochs=0, epochs=1))
+    with pytest.raises(StageError, match=r"non-finite weights after step 2 of 2 \(epoch 1 of 1\)"):
+        pretrain.main(common, cfg)
+    assert not Path(cfg.out).exists() and not Path(cfg.live).exists()
+
+
 def test_a_resume_after_a_change_of_initial_weights_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,6 +86,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def nonfinite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the float tensors in ``state`` holding a NaN or an infinity: an update can diverge
+    while the loss it came from was finite, and the loss guard sees it only a step later, after the
+    checkpoint (or the export) of that step was written."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_checkpoint(state: dict[str, Any], resume_dir: str | Path) -> None:
     """Write ``state`` to ``<resume_dir>/last.pt`` in one rename: a kill leaves the previous one."""
     with atomic_file(Path(resume_dir) / CHECKPOINT) as tmp:

@@ -35,6 +35,7 @@ from mcf.params import ParamsError, param
 from mcf.train.checkpoint import (
     discard_resume,
     load_checkpoint,
+    nonfinite,
     rng_state,
     run_hash,
     save_checkpoint,
@@ -279,11 +280,22 @@ class Trainer:
             )
 
     def _checkpoint(self) -> None:
-        """Gather every rank's RNG state; rank 0 writes the checkpoint."""
-        states = [rng_state()]
+        """Gather every rank's RNG state; rank 0 writes the checkpoint, unless a rank's weights went
+        non-finite: then every rank stops, and the last checkpoint (and any earlier export) stays."""
+        state = model_state(self.model)
+        mine: Any = (rng_state(), nonfinite(state))
+        gathered = [mine]
         if is_initialized():
-            states = [None] * self.run.world_size
-            dist.all_gather_object(states, rng_state())
+            gathered = [None] * self.run.world_size
+            dist.all_gather_object(gathered, mine)
+        states, bad = [g[0] for g in gathered], [g[1] for g in gathered]
+        if any(bad):
+            names = next(b for b in bad if b)
+            raise StageError(
+                f"non-finite weights after step {self.step} of {self.total} (epoch "
+                f"{(self.step - 1) // self.spe + 1} of {self.cfg.epochs}), though its loss was finite: "
+                f"{len(names)} tensors, {names[:3]}; the last checkpoint in {self.run.resume_dir} is kept"
+            )
         if self.run.rank != 0:
             return
         epoch, index = divmod(self.step, self.spe)
@@ -292,7 +304,7 @@ class Trainer:
                 "run_hash": self.hash, "world_size": self.run.world_size, "step": self.step,
                 "epoch": epoch, "index": index, "momentum": self.momentum, "live_step": self.step,
                 "rng": states,
-                "model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "model": state, "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(),
             },
             self.run.resume_dir,
