@@ -353,6 +353,22 @@ def test_an_out_folder_of_other_files_is_refused_before_training(fixture_root: P
     assert (tmp_path / "out" / "mcf" / "notes.txt").read_text() == "mine"
 
 
+def test_weights_that_diverge_under_a_finite_loss_are_not_published(
+    fixture_root: Path, tmp_path: Path
+) -> None:
+    """At lr 1e4 the last step's loss (4.9e7) is finite but its update leaves NaN weights: the loss guard
+    looks at the next step's loss, which a one-epoch run never computes, so model.pt was published with
+    NaN weights under curves of a finite loss (and, with more epochs, the epoch's checkpoint kept them)."""
+    _, parse = tiny_configs(fixture_root)
+    cfg = dataclasses.replace(parse, lr_backbone=1e4, lr_neck=1e4, lr_head=1e4, test_each_epoch=False,
+                              out=str(tmp_path / "out"), live=str(tmp_path / "live"),
+                              resume_dir=str(tmp_path / "resume"))
+    with pytest.raises(StageError, match=r"non-finite weights after epoch 1 of 1 \(step 2\)"):
+        main_parsing(Common(seed=0), cfg, "mcf")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "live").exists()
+    assert not (tmp_path / "resume" / "mcf" / "last.pt").exists()
+
+
 def test_a_damaged_test_split_fails_before_training(fixture_root: Path, tmp_path: Path) -> None:
     """The test split is scored after every epoch: a bad file there stops the run before its first epoch
     (an epoch of training lost on each rerun at the paper's scale), and only when it is scored."""

@@ -49,6 +49,7 @@ from mcf.params import Common, ParamsError, param, require_path
 from mcf.train.checkpoint import (
     discard_resume,
     load_checkpoint,
+    nonfinite,
     rng_state,
     run_hash,
     save_checkpoint,
@@ -307,6 +308,10 @@ def train(
             if cfg.freeze_backbone:
                 model.backbone.eval()
             means, step = train_epoch(model, loader, loss_fn, optimizer, ema, lr_at, step, dtype)
+            bad = nonfinite(model.state_dict()) + [f"ema.{k}" for k in nonfinite(ema.model.state_dict())]
+            if bad:  # the loss guard sees a diverged update a step later: the epoch's last one, never
+                raise StageError(f"non-finite weights after epoch {epoch + 1} of {cfg.epochs} (step {step}), "
+                                 f"though its losses were finite: {len(bad)} tensors, {bad[:3]}")
             for k, v in means.items():
                 live.log_metric(f"train/{k}", v)
             live.log_metric("lr/head", optimizer.param_groups[-1]["lr"])
