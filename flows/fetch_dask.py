@@ -34,22 +34,35 @@ from mcf.data.fetch import (
     remote_detections,
     remote_source,
 )
-from mcf.data.sources.download import Journal, Record, fetch_records, require_rows, to_manifest
+from mcf.data.sources.download import (
+    Journal,
+    Record,
+    fetch_records,
+    previous_successes,
+    require_rows,
+    to_manifest,
+)
 from mcf.io import atomic_dir, stage_lock
 from mcf.params import ParamsError, load
 
 
 @task(task_run_name="fetch-{part}", cache_policy=NO_CACHE)
 def fetch_part(
-    cfg: FetchConfig, rows: pd.DataFrame, part: str, journaled: list[dict[str, Any]], staging: str
+    cfg: FetchConfig,
+    rows: pd.DataFrame,
+    part: str,
+    journaled: list[dict[str, Any]],
+    reusable: pd.DataFrame,
+    staging: str,
 ) -> list[Record]:
     """One slice of rows into the shared staging folder, on a Dask worker; its records in row order.
 
-    ``journaled`` is the slice's share of the journal of earlier runs (:func:`journal_by_slice`).
+    ``journaled`` is the slice's share of the journal of earlier runs (:func:`journal_by_slice`), and
+    ``reusable`` its share of the previous output's successes (:func:`previous_by_slice`).
     """
     out = Path(cfg.out)
     source = remote_source(cfg, rows)
-    return fetch_records(source, out, journal_dir(out), Path(staging), limits(cfg), part, journaled)
+    return fetch_records(source, out, journal_dir(out), Path(staging), limits(cfg), part, journaled, reusable)
 
 
 def journal_by_slice(entries: list[dict[str, Any]], sample_ids: pd.Series, rows_per_task: int) -> list[list]:
@@ -68,6 +81,21 @@ def journal_by_slice(entries: list[dict[str, Any]], sample_ids: pd.Series, rows_
     return shares
 
 
+def previous_by_slice(
+    successes: pd.DataFrame, sample_ids: pd.Series, rows_per_task: int
+) -> list[pd.DataFrame]:
+    """The previous output's successes (:func:`previous_successes`), split by the slice of ``rows_per_task``
+    rows that has their sample id.
+
+    The flow reads the previous manifest once: each slice filtering it in the parquet reader scanned all
+    its rows, quadratic in the rows: a rerun over 20M rows in 2,000 slices read 40G rows (0.4 s a slice
+    at 2M rows, ten times that at 20M).
+    """
+    position = {sample_id: i // rows_per_task for i, sample_id in enumerate(sample_ids.astype(str))}
+    groups = successes.groupby(successes["sample_id"].astype(str).map(position)).indices
+    return [successes.iloc[groups.get(i, [])] for i in range(0, -(-len(sample_ids) // rows_per_task))]
+
+
 @flow(name="fetch_fan_out")
 def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """List the rows once, read their released detections (before any download, as `mcf fetch` does),
@@ -84,8 +112,11 @@ def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> tuple[pd.Data
     parts = [f"part-{i:06d}" for i in range(len(slices))]
     journaled = journal_by_slice(Journal(journal_dir(Path(cfg.out))).load(), source.rows["sample_id"],
                                  rows_per_task)
+    reusable = previous_by_slice(previous_successes(Path(cfg.out), source.match), source.rows["sample_id"],
+                                 rows_per_task)
     calls = (
-        (cfg, rows, part, share, staging) for rows, part, share in zip(slices, parts, journaled, strict=True)
+        (cfg, rows, part, share, old, staging)
+        for rows, part, share, old in zip(slices, parts, journaled, reusable, strict=True)
     )
     records = submit_in_order(fetch_part, calls)
     manifest = to_manifest(source, [record for part in records for record in part])

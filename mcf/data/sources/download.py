@@ -101,28 +101,40 @@ class Journal:
             f.write(line)
 
 
-def _candidates(
-    previous: Path, journal_dir: Path, entries: list[dict[str, Any]], match: tuple[str, ...], wanted: set[str]
-) -> dict[str, tuple[Path, dict]]:
-    """Stored successes of the ``wanted`` sample ids among the previous manifest and the journal
-    ``entries`` of ``journal_dir``, each with the folder its path is relative to (a Dask slice reads its
-    own rows only, filtered inside the parquet reader)."""
-    found: dict[str, tuple[Path, dict]] = {}
+def previous_successes(
+    previous: Path, match: tuple[str, ...], wanted: set[str] | None = None
+) -> pd.DataFrame:
+    """The successes in the previous output's manifest (of the ``wanted`` sample ids only, when given),
+    with the columns a reuse checks; no rows when there is no such manifest or it cannot be read."""
+    columns = list(dict.fromkeys(["sample_id", "path", "sha256", "width", "height", *match]))
     manifest = previous / "manifest.parquet"
-    if wanted and manifest.is_file():
-        columns = ["sample_id", "path", "sha256", "width", "height", *match]
+    if (wanted is None or wanted) and manifest.is_file():
         try:
             if {"status", *columns} <= set(pq.read_schema(manifest).names):
-                # the filter runs inside the parquet reader: a slice of a 20M-row run loads its own rows
-                old = pq.read_table(
-                    manifest,
-                    columns=list(dict.fromkeys(columns)),
-                    filters=[("status", "==", "success"), ("sample_id", "in", sorted(wanted))],
-                ).to_pandas()
-                for row in old.to_dict("records"):
-                    found[str(row["sample_id"])] = (previous, row)
+                filters = [("status", "==", "success")]
+                if wanted is not None:  # inside the parquet reader: a slice loads its own rows only
+                    filters.append(("sample_id", "in", sorted(wanted)))
+                return pq.read_table(manifest, columns=columns, filters=filters).to_pandas()
         except Exception as err:  # a damaged or foreign previous output is only a lost shortcut
             log.warning("not reusing the previous manifest %s: %s", manifest, err)
+    return pd.DataFrame(columns=columns)
+
+
+def _candidates(
+    previous: Path,
+    journal_dir: Path,
+    entries: list[dict[str, Any]],
+    match: tuple[str, ...],
+    wanted: set[str],
+    reusable: pd.DataFrame | None = None,
+) -> dict[str, tuple[Path, dict]]:
+    """Stored successes of the ``wanted`` sample ids among the previous manifest's (``reusable``, else
+    read here) and the journal ``entries`` of ``journal_dir``, each with the folder its path is relative
+    to."""
+    found: dict[str, tuple[Path, dict]] = {}
+    old = previous_successes(previous, match, wanted) if reusable is None else reusable
+    for row in old.to_dict("records"):
+        found[str(row["sample_id"])] = (previous, row)
     for entry in entries:
         if str(entry["sample_id"]) in wanted:
             found[str(entry["sample_id"])] = (journal_dir, entry)
@@ -210,13 +222,16 @@ def fetch_records(
     limits: Limits,
     part: str | None = None,
     journaled: list[dict[str, Any]] | None = None,
+    reusable: pd.DataFrame | None = None,
 ) -> list[Record]:
     """One record per row of ``source``, in order, each success's file in ``staging``.
 
     ``part`` names one slice of a split run (flows/fetch_dask.py): its own journal file, same folders.
     ``journaled`` is the slice's share of the journal, which the caller read once for all slices (every
     slice reading the whole folder, earlier runs' files and the growing files of the slices before it,
-    is quadratic); None reads the journal here.
+    is quadratic); None reads the journal here. ``reusable`` is likewise the slice's share of the previous
+    output's successes (:func:`previous_successes`): each slice filtering the previous manifest scans all
+    its rows; None reads it here.
     """
     require_rows(source)
     journal_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +239,7 @@ def fetch_records(
     rows = source.rows.to_dict("records")
     entries = journal.load() if journaled is None else journaled
     wanted = {str(row["sample_id"]) for row in rows}
-    stored = _candidates(previous, journal_dir, entries, source.match, wanted)
+    stored = _candidates(previous, journal_dir, entries, source.match, wanted, reusable)
 
     def one(index: int) -> tuple[int, Record, bool]:
         row = rows[index]
