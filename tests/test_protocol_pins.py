@@ -84,8 +84,8 @@ def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fetch = load("fetch", path)[1]
     parts = [0, 2, 5, 8, 13, 15, 17, 18, 21, 22, 24, 25, 28]
     assert fetch.source == "laion-face"
-    for files in (fetch.laion_face.parquet, fetch.laion_face.detections):
-        assert [int(re.search(r"part_(\d+)", f)[1]) for f in files] == parts
+    assert [int(re.search(r"part_(\d+)\.parquet$", f)[1]) for f in fetch.laion_face.parquet] == parts
+    assert [int(re.search(r"sample2detect_(\d+)\.pth$", f)[1]) for f in fetch.laion_face.detections] == parts
 
     alignment, parsing = (load(stage, path)[1] for stage in ("finetune_alignment", "finetune_parsing"))
     for cfg in (alignment, parsing):
