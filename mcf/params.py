@@ -279,7 +279,7 @@ SECTIONS: dict[str, str] = {
 class Common:
     """Top-level keys shared by several stages."""
 
-    seed: int = param(0, ge=0)
+    seed: int = param(0, ge=0, le=2**63 - 1)  # torch seeds are 64-bit, and training seeds seed + epoch
     mask_ratio: float = param(0.75, gt=0.0, lt=1.0)
 
 

@@ -79,6 +79,15 @@ def test_mask_ratio_out_of_range(tmp_path: Path, ratio: object) -> None:
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": ratio}))
 
 
+def test_a_seed_torch_cannot_take_is_refused_before_any_stage(tmp_path: Path) -> None:
+    """torch seeds are 64-bit: ``seed: 18446744073709551616`` passed fetch, crop and subset (NumPy takes
+    any integer), then the teacher stage died in torch.manual_seed with a traceback. Training seeds
+    ``seed + epoch`` too, so the bound leaves room for that."""
+    with pytest.raises(ParamsError, match=r"seed: must be <= 9223372036854775807"):
+        load(None, _write(tmp_path, {"seed": 2**64, "mask_ratio": 0.75}))
+    assert load(None, _write(tmp_path, {"seed": 2**63 - 1, "mask_ratio": 0.75}))[0].seed == 2**63 - 1
+
+
 def test_unknown_top_level_key_lists_every_valid_one(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"pretrian: unknown top-level key \(valid: seed, mask_ratio, fet"):
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": 0.75, "pretrian": {}}))
