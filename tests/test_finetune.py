@@ -158,6 +158,14 @@ def test_step_schedule_is_farls_epochwise_multistep() -> None:
     assert {lr_factor(s, 150 * 7, flat) for s in range(150 * 7)} == {1.0}
 
 
+@pytest.mark.parametrize("milestones", [[-1], [100, -5]])
+def test_a_negative_milestone_is_refused(milestones: list[int]) -> None:
+    """``milestones: [-1]`` (read as "the last epoch", Python's index) dropped every lr ×gamma from the
+    first step, silently: each epoch is >= -1. MultiStepLR, which `step` reproduces, never reaches it."""
+    with pytest.raises(ParamsError, match=r"milestones: .*epochs >= 0"):
+        FinetuneConfig(schedule="step", milestones=milestones)
+
+
 def test_warm_up_then_cosine_over_the_steps_after_it() -> None:
     """The warm-up's first step already trains (1/warmup_steps, not 0), it ends at the full lr, and the
     half-cosine spans the steps after it, reaching 0 at the last."""

@@ -101,6 +101,8 @@ class FinetuneConfig:
         if len(self.blocks) != 4 or self.blocks != sorted(set(self.blocks)) or self.blocks[0] < 0:
             # the neck's levels are positional (first ×4, last ÷2), and the blocks come back in depth order
             raise ParamsError("blocks", f"expected 4 increasing block indices >= 0, got {self.blocks}")
+        if any(m < 0 for m in self.milestones):  # each epoch is >= -1: the lr would drop from the first step
+            raise ParamsError("milestones", f"expected epochs >= 0, got {self.milestones}")
 
 
 @dataclasses.dataclass(frozen=True)
