@@ -88,6 +88,23 @@ def test_a_seed_torch_cannot_take_is_refused_before_any_stage(tmp_path: Path) ->
     assert load(None, _write(tmp_path, {"seed": 2**63 - 1, "mask_ratio": 0.75}))[0].seed == 2**63 - 1
 
 
+@pytest.mark.parametrize(
+    ("metrics", "fragment"),
+    [("metrics", "is a folder"), ("", "is a folder"), ("outputs/evaluate/m.json", "inside evaluate.out")],
+)
+def test_evaluate_metrics_must_be_a_file_outside_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metrics: str, fragment: str
+) -> None:
+    """``metrics`` naming a folder (or ``""``, the working folder) was taken, and evaluate died writing the
+    JSON after scoring everything, with a traceback (IsADirectoryError, ValueError); one inside ``out``
+    was written into the folder that replacing ``out`` then deleted, silently."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "metrics").mkdir()
+    path = _write(tmp_path, {"evaluate": {"metrics": metrics}})
+    with pytest.raises(ParamsError, match=rf"evaluate.metrics: .*{fragment}"):
+        load("fetch", path, every_section=True)
+
+
 def test_unknown_top_level_key_lists_every_valid_one(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"pretrian: unknown top-level key \(valid: seed, mask_ratio, fet"):
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": 0.75, "pretrian": {}}))

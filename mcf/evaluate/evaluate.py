@@ -85,6 +85,13 @@ class EvaluateConfig:
         bad = [v for v in self.variants if v not in ("mcf", "scratch")]
         if bad or not self.variants or len(set(self.variants)) != len(self.variants):
             raise ParamsError("variants", f"expected distinct names of mcf, scratch; got {self.variants}")
+        # checked before scoring: the JSON is written last, and replacing ``out`` deletes what is inside it
+        metrics, out = Path(self.metrics).resolve(), Path(self.out).resolve()
+        if Path(self.metrics).is_dir() or not Path(self.metrics).name:
+            raise ParamsError("metrics", f"{self.metrics!r} is a folder: name the JSON file to write")
+        if metrics == out or out in metrics.parents:
+            raise ParamsError("metrics", f"{self.metrics} is inside evaluate.out {self.out}, which each run "
+                              "replaces whole: name a file outside it (metrics/evaluate.json)")
 
 
 def check_label(label: str, key: str, synthetic: bool) -> None:
