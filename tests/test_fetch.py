@@ -524,6 +524,26 @@ def test_laion_pth_detections_never_run_code(tmp_path: Path) -> None:
     assert not (tmp_path / "ran").exists()
 
 
+class _Calls:
+    """Pickles as a call of ``func(*args)``: what a crafted file can ask of the allowed numpy globals."""
+
+    def __init__(self, func: Any, *args: Any) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (self.func, self.args)
+
+
+def test_laion_pth_detections_crafted_arguments_fail_in_one_line(tmp_path: Path) -> None:
+    """An allowed global called with arguments it refuses (numpy.dtype("nonsense"): TypeError) escaped
+    the loader's refusal as a traceback; any failure to load the file is its one line."""
+    points = np.zeros((5, 2), np.float32)
+    torch.save({7: [(_Calls(np.dtype, "nonsense"), points, 0.9)]}, tmp_path / "det.pth")
+    with pytest.raises(StageError, match=r"det.pth: not a torch file of numbers.*TypeError") as err:
+        laion.read_detections([tmp_path / "det.pth"], {"7"})
+    assert "\n" not in str(err.value)
+
+
 def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:
     first = _laion_parquet(tmp_path / "a.parquet", ["u0", "u1"])  # ids 100, 101
     second = tmp_path / "b.parquet"
