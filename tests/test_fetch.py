@@ -544,6 +544,19 @@ def test_laion_pth_detections_crafted_arguments_fail_in_one_line(tmp_path: Path)
     assert "\n" not in str(err.value)
 
 
+def test_laion_pth_detections_huge_views_are_refused_before_copying(tmp_path: Path) -> None:
+    """A tensor of 10**15 elements over one float's storage (stride 0: a file of a few hundred bytes)
+    was copied whole (``ravel``, then ``tolist``) before its length was checked: petabytes asked for here,
+    and at 10**9 elements some 40 GB filled before the refusal. Its size is now checked on the view."""
+    points = np.zeros((5, 2), np.float32)
+    huge = torch.zeros(1, dtype=torch.float64).expand(10**15)
+    torch.save({7: [(huge, points, 0.9)], 8: [(np.zeros(4), huge, 0.9)]}, tmp_path / "det.pth")
+    assert (tmp_path / "det.pth").stat().st_size < 4096
+    for sample_id in ("7", "8"):
+        with pytest.raises(StageError, match=rf"face 0 of '{sample_id}' is malformed: need 4 box values"):
+            laion.read_detections([tmp_path / "det.pth"], {sample_id})
+
+
 def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:
     first = _laion_parquet(tmp_path / "a.parquet", ["u0", "u1"])  # ids 100, 101
     second = tmp_path / "b.parquet"

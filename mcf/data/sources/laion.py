@@ -386,11 +386,13 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
             box, landmarks, score = face["box"], face["landmarks"], face["score"]
         else:
             box, landmarks, score = face
-        # numpy arrays as released (landmarks [5, 2]), or nested or flat lists
-        flat = np.asarray(landmarks, dtype=np.float64).ravel().tolist()
-        box = np.asarray(box, dtype=np.float64).ravel().tolist()
-        if len(box) != 4 or len(flat) != 10:
+        # numpy arrays as released (landmarks [5, 2]), or nested or flat lists; sized before any copy: a
+        # crafted file's array can be a view of billions of elements over a few bytes (stride 0)
+        box, landmarks = np.asarray(box), np.asarray(landmarks)
+        if box.size != 4 or landmarks.size != 10:
             raise ValueError("need 4 box values and 5 landmark points")
+        flat = landmarks.astype(np.float64).ravel().tolist()
+        box = box.astype(np.float64).ravel().tolist()
         if not all(math.isfinite(v) for v in [*box, *flat, float(score)]):
             raise ValueError("box, landmarks and score must be finite (JSON allows NaN and Infinity)")
     except (KeyError, TypeError, ValueError) as err:
