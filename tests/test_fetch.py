@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -555,6 +556,25 @@ def test_laion_pth_detections_huge_views_are_refused_before_copying(tmp_path: Pa
     for sample_id in ("7", "8"):
         with pytest.raises(StageError, match=rf"face 0 of '{sample_id}' is malformed: need 4 box values"):
             laion.read_detections([tmp_path / "det.pth"], {sample_id})
+
+
+@pytest.mark.parametrize("newobj", [False, True])
+def test_laion_pth_detections_never_call_the_array_constructor(tmp_path: Path, newobj: bool) -> None:
+    """numpy's pickles rebuild arrays with ``_reconstruct`` and never call ``numpy.ndarray(...)``, which
+    the allow-list let a file call (REDUCE or NEWOBJ): ``ndarray((n,), "O")`` fills n slots with None while
+    the file loads, 80 GB for n = 10**10 from a file of a few hundred bytes. Such a call is refused."""
+    import copyreg
+
+    class NewArray(_Calls):
+        __class__ = np.ndarray  # type: ignore[assignment]  # pickle writes NEWOBJ for its own class only
+
+    points = np.zeros((5, 2), np.float32)
+    call = NewArray(copyreg.__newobj__, np.ndarray, (4,), "O") if newobj else _Calls(np.ndarray, (4,), "O")
+    torch.save({7: [(call, points, 0.9)]}, tmp_path / "det.pth")
+    assert (b"\x81" if newobj else b"R") in zipfile.ZipFile(tmp_path / "det.pth").read("det/data.pkl")
+    with pytest.raises(StageError, match=r"det.pth: not a torch file of numbers.*ndarray") as err:
+        laion.read_detections([tmp_path / "det.pth"], {"7"})
+    assert "\n" not in str(err.value)
 
 
 def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import re
 import socket
 import threading
@@ -425,6 +426,15 @@ def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFra
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DETECTION_COLUMNS)
 
 
+class _Array(np.ndarray):
+    """What a released file's ``numpy.ndarray`` is: the class ``_reconstruct`` rebuilds an array as (then
+    read as a plain array), and a call of it refused. numpy's pickles never call it, and a crafted one
+    could: ``ndarray((n,), "O")`` fills n slots with None as the file loads, 80 GB at n = 10**10."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Array:
+        raise pickle.UnpicklingError("a call of numpy.ndarray(...), which numpy's own pickles never make")
+
+
 def _numpy_globals() -> list[Any]:
     """What unpickling numpy arrays and scalars calls, under the names numpy 1 (``numpy.core``, in a file
     saved before numpy 2) and numpy 2 (``numpy._core``) give it; nothing else may run."""
@@ -433,7 +443,7 @@ def _numpy_globals() -> list[Any]:
     dtypes = {type(np.dtype(code)) for code in "?bhilqBHILQefd"}
     named = [(f, f"{module}.{f.__name__}") for f in (multiarray._reconstruct, multiarray.scalar)
              for module in ("numpy.core.multiarray", "numpy._core.multiarray")]
-    return [np.ndarray, np.dtype, *dtypes, *named]
+    return [(_Array, "numpy.ndarray"), np.dtype, *dtypes, *named]
 
 
 def _released(path: Path, where: str) -> dict[Any, Any]:
