@@ -577,6 +577,46 @@ def test_laion_pth_detections_never_call_the_array_constructor(tmp_path: Path, n
     assert "\n" not in str(err.value)
 
 
+class _Rebuilt:
+    """Pickles as numpy pickles an array (``_reconstruct`` of an empty one, then ``__setstate__``), with
+    the ``state`` given."""
+
+    def __init__(self, state: tuple[Any, ...]) -> None:
+        self.state = state
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        from numpy._core.multiarray import _reconstruct
+
+        return (_reconstruct, (np.ndarray, (0,), b"b"), self.state)
+
+
+class _Dtype:
+    """Pickles as a float64 dtype whose pickled state sets ``flags``, as numpy's dtype.__setstate__ takes."""
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (np.dtype, ("f8", False, True), (3, "<", None, None, None, -1, -1, self.flags))
+
+
+@pytest.mark.parametrize("dtype", ["object", "float64 flagged as pickled as a list"])
+def test_laion_pth_detections_cannot_crash_numpy(tmp_path: Path, dtype: str) -> None:
+    """numpy's ndarray.__setstate__ reads an object array's items from the pickled list without checking
+    its length: an array of 10 objects given an empty list read past the list and crashed the process
+    (SIGSEGV), from a file the allow-list accepted; so did a float64 dtype whose pickled flags say its
+    items are pickled as a list. An array's state is now bytes of a plain dtype, or refused."""
+    given = _Calls(np.dtype, "O") if dtype == "object" else _Dtype(flags=2)
+    points = np.zeros((5, 2), np.float32)
+    torch.save({7: [(_Rebuilt((1, (10,), given, False, [])), points, 0.9)]}, tmp_path / "det.pth")
+    code = ("from mcf.data.sources import laion; from mcf.errors import StageError\n"
+            f"try: laion.read_detections([{str(tmp_path / 'det.pth')!r}], {{'7'}})\n"
+            "except StageError as err: print(err)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "det.pth: not a torch file of numbers" in done.stdout and "array state" in done.stdout
+
+
 def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:
     first = _laion_parquet(tmp_path / "a.parquet", ["u0", "u1"])  # ids 100, 101
     second = tmp_path / "b.parquet"

@@ -434,6 +434,25 @@ class _Array(np.ndarray):
     def __new__(cls, *args: Any, **kwargs: Any) -> _Array:
         raise pickle.UnpicklingError("a call of numpy.ndarray(...), which numpy's own pickles never make")
 
+    def __setstate__(self, state: Any) -> None:
+        """numpy's, for the state it pickles an array of numbers with: the bytes, a dtype without flags.
+        numpy reads an object array's items from the pickled list without checking its length, so a
+        list shorter than the shape (or a dtype whose flags say its items come as a list) crashed."""
+        plain = isinstance(state, tuple) and len(state) >= 4 and isinstance(state[-1], bytes)
+        if not (plain and isinstance(state[-3], np.dtype) and not state[-3].flags):
+            raise pickle.UnpicklingError("an array state that is not the bytes of a dtype of numbers")
+        super().__setstate__(state)
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """numpy's ``_reconstruct`` as numpy's pickles call it: an empty array, which ``__setstate__`` fills.
+    Another shape is refused: ``(10**9,)`` of objects is gigabytes written when it is freed."""
+    from numpy._core import multiarray
+
+    if not (type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int and shape[0] == 0):
+        raise pickle.UnpicklingError("an array rebuilt at a shape of its own, not as numpy pickles one")
+    return multiarray._reconstruct(subtype, shape, dtype)
+
 
 def _numpy_globals() -> list[Any]:
     """What unpickling numpy arrays and scalars calls, under the names numpy 1 (``numpy.core``, in a file
@@ -441,7 +460,7 @@ def _numpy_globals() -> list[Any]:
     from numpy._core import multiarray
 
     dtypes = {type(np.dtype(code)) for code in "?bhilqBHILQefd"}
-    named = [(f, f"{module}.{f.__name__}") for f in (multiarray._reconstruct, multiarray.scalar)
+    named = [(f, f"{module}.{f.__name__}") for f in (_reconstruct, multiarray.scalar)
              for module in ("numpy.core.multiarray", "numpy._core.multiarray")]
     return [(_Array, "numpy.ndarray"), np.dtype, *dtypes, *named]
 
