@@ -509,6 +509,15 @@ def test_laion_released_pth_detections_are_read(tmp_path: Path, numpy1: bool) ->
     assert found["score"].tolist() == pytest.approx([0.99, 0.5])
 
 
+def test_laion_pth_detections_of_tensors_needing_grad_are_one_line(tmp_path: Path) -> None:
+    """torch's safe loader rebuilds tensors too; one that needs grad as a box made numpy raise a
+    RuntimeError that escaped as a traceback."""
+    box = torch.tensor([1.0, 2.0, 30.0, 28.0], requires_grad=True)
+    torch.save({7: [(box, np.zeros((5, 2), np.float32), np.float32(0.9))]}, tmp_path / "det.pth")
+    with pytest.raises(StageError, match=r"face 0 of '7' is malformed: .*requires grad"):
+        laion.read_detections([tmp_path / "det.pth"], {"7"})
+
+
 def test_laion_pth_detections_never_run_code(tmp_path: Path) -> None:
     """A .pth is a pickle: one that would call a function is refused in one line, never unpickled."""
 

@@ -396,7 +396,7 @@ def _face(sample_id: str, index: int, face: Any) -> dict[str, Any]:
         box = box.astype(np.float64).ravel().tolist()
         if not all(math.isfinite(v) for v in [*box, *flat, float(score)]):
             raise ValueError("box, landmarks and score must be finite (JSON allows NaN and Infinity)")
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # RuntimeError: a tensor needing grad
         where = f"fetch.laion_face.detections: face {index} of {sample_id!r}"
         raise StageError(f"{where} is malformed: {err}") from None
     return {"sample_id": sample_id, "face": index, "box": box, "landmarks": flat, "score": float(score)}
