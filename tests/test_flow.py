@@ -838,20 +838,12 @@ def test_fetch_on_dask_hands_its_workers_absolute_paths(
     assert Path(staging).is_absolute()
 
 
-def test_fetch_on_dask_reads_a_killed_runs_journal_once(
-    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The journal is read once per run, not once per slice: every slice read the whole folder (each
-    earlier entry once per slice, and the files the slices before it were writing), quadratic in the
-    rows; at 20M rows in 2,000 slices of 10,000, with 1M entries taking 7.7 s and 1.6 GB to read."""
-    import os
-
+def _six_local_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any]:
+    """Six PNGs under ``images/`` and a params file fetching them (the local source); the working
+    directory is ``tmp_path``, where the gate keeps its results. Returns the params file and its config."""
     import numpy as np
     from PIL import Image
 
-    from flows.fetch_dask import fetch_dask
-    from mcf.data.fetch import journal_dir, limits, remote_source
-    from mcf.data.sources.download import Journal, fetch_records
     from mcf.params import load
 
     root = tmp_path / "images"
@@ -862,14 +854,34 @@ def test_fetch_on_dask_reads_a_killed_runs_journal_once(
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"fetch": {"source": "local", "out": str(tmp_path / "out"),
                                                 "data": str(root), "local": {"root": str(root)}}}))
-    monkeypatch.chdir(tmp_path)  # the gate keeps its results under the working directory
-    _, cfg = load("fetch", params)
-    out = tmp_path / "out"
-    fetch_records(remote_source(cfg), out, journal_dir(out), tmp_path / "killed", limits(cfg))  # then killed
-    for path in root.iterdir():  # unreadable now, same name, size and mtime: only a reused row succeeds
+    monkeypatch.chdir(tmp_path)
+    return params, load("fetch", params)[1]
+
+
+def _spoil_keeping_stat(root: Path) -> None:
+    """Make every photo unreadable with the same name, size and mtime: only a reused row succeeds."""
+    import os
+
+    for path in root.iterdir():
         stat = path.stat()
         path.write_bytes(b"x" * stat.st_size)
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_fetch_on_dask_reads_a_killed_runs_journal_once(
+    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal is read once per run, not once per slice: every slice read the whole folder (each
+    earlier entry once per slice, and the files the slices before it were writing), quadratic in the
+    rows; at 20M rows in 2,000 slices of 10,000, with 1M entries taking 7.7 s and 1.6 GB to read."""
+    from flows.fetch_dask import fetch_dask
+    from mcf.data.fetch import journal_dir, limits, remote_source
+    from mcf.data.sources.download import Journal, fetch_records
+
+    params, cfg = _six_local_photos(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    fetch_records(remote_source(cfg), out, journal_dir(out), tmp_path / "killed", limits(cfg))  # then killed
+    _spoil_keeping_stat(tmp_path / "images")
     read: list[int] = []  # the entries each read of the journal folder returned
     load_journal = Journal.load
 
@@ -889,31 +901,15 @@ def test_fetch_on_dask_reads_the_previous_manifest_once(
     """A rerun reuses the previous output's files, reading its manifest once per run, not once per slice:
     each slice's filtered read scanned every row of it, quadratic in the rows (0.4 s a slice of 10,000 at
     2M rows, 2,000 slices at 20M)."""
-    import os
-
-    import numpy as np
     import pyarrow.parquet as pq
-    from PIL import Image
 
     from flows.fetch_dask import fetch_dask
     from mcf.data.fetch import main
-    from mcf.params import Common, load
+    from mcf.params import Common
 
-    root = tmp_path / "images"
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"fetch": {"source": "local", "out": str(tmp_path / "out"),
-                                                "data": str(root), "local": {"root": str(root)}}}))
-    monkeypatch.chdir(tmp_path)  # the gate keeps its results under the working directory
-    _, cfg = load("fetch", params)
+    params, cfg = _six_local_photos(tmp_path, monkeypatch)
     main(Common(), cfg)  # the previous output
-    for path in root.iterdir():  # unreadable now, same name, size and mtime: only a reused row succeeds
-        stat = path.stat()
-        path.write_bytes(b"x" * stat.st_size)
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _spoil_keeping_stat(tmp_path / "images")
     read: list[str] = []  # the previous manifest's reads
     read_table = pq.read_table
 
