@@ -146,14 +146,25 @@ def test_quotas_and_bins() -> None:
 
 
 def test_bad_stratify_column_names_the_choices(crop_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(StageError, match=r"no column 'nope' \(valid: face_size_bin, crop_id"):
+    with pytest.raises(ParamsError, match=r"stratify: no column 'nope' \(valid: face_size_bin, crop_id"):
         subset(_cfg(crop_dir, tmp_path / "s", stratify="nope"), seed=0)
     assert not (tmp_path / "s").exists()
 
 
+def test_a_bad_stratify_column_is_a_params_error_of_the_cli(crop_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Found only once the crop manifest is read, but a params value all the same: exit 2 naming the file
+    and key, as every other bad value (it was exit 1, a stage failure)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"subset": {"input": str(crop_dir), "out": str(tmp_path / "s"),
+                                                 "stratify": "nope"}}))
+    assert cli_main(["subset", "--params", str(params)]) == 2
+    assert f"mcf: invalid params: {params}: subset.stratify: no column 'nope'" in capsys.readouterr().err
+
+
 def test_list_column_is_refused_as_stratum(crop_dir: Path, tmp_path: Path) -> None:
     """A box or landmarks column holds arrays, which have no strata (groupby raised a bare TypeError)."""
-    with pytest.raises(StageError, match=r"a column of lists 'box' \(valid: face_size_bin, crop_id") as err:
+    with pytest.raises(ParamsError, match=r"a column of lists 'box' \(valid: face_size_bin, crop_id") as err:
         subset(_cfg(crop_dir, tmp_path / "s", stratify="box"), seed=0)
     valid = str(err.value).split("(valid: ")[1]
     assert "box" not in valid and "detector" in valid

@@ -106,7 +106,8 @@ def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
         if cfg.stratify not in scalar:
             what = "a column of lists" if cfg.stratify in kept.columns else "no column"
             valid = [FACE_SIZE_BIN, *scalar]
-            raise StageError(f"subset.stratify: {what} {cfg.stratify!r} (valid: {', '.join(valid)})")
+            # a params error (exit 2), found only now: the columns are the crop manifest's
+            raise ParamsError("stratify", f"{what} {cfg.stratify!r} (valid: {', '.join(valid)})")
     if kept.empty:
         raise StageError(f"subset: the crop manifest {path} has no kept crops")
     return kept
