@@ -93,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
         )
         sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.", epilog=epilog)
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+        sp.set_defaults(usage_error=sp.error)  # an unknown option is shown with the stage's own usage
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging")
         if name.startswith("finetune_"):
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in TOOLS:
             return int(_resolve(TOOLS[args.command][0])(argv[split + 1 :]) or 0)
         if rest:
-            parser().error(f"unrecognized arguments: {' '.join(rest)}")
+            args.usage_error(f"unrecognized arguments: {' '.join(rest)}")
         common, config = load(args.command, args.params, every_section=True)
         extra = {"variant": args.variant} if hasattr(args, "variant") else {}
         distributed = hasattr(config, "train")  # teacher and pretrain: train.processes, torchrun

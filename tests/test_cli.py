@@ -130,7 +130,9 @@ def test_a_misspelt_stage_option_is_refused_not_ignored(
     monkeypatch.setattr(cli, "load", lambda *_, **__: pytest.fail("the stage ran"))
     with pytest.raises(SystemExit) as exit_:
         cli.main(["crop", "--parms", "p.yaml"])
-    assert exit_.value.code == 2 and "unrecognized arguments: --parms p.yaml" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "mcf crop: error: unrecognized arguments: --parms p.yaml" in err
+    assert "usage: mcf crop [-h] [--params PARAMS]" in err  # the stage's usage, not mcf's
 
 
 def test_a_fine_tune_by_hand_fine_tunes_the_pre_trained_export() -> None:
