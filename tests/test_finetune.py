@@ -195,10 +195,21 @@ def test_optimizer_step_k_trains_at_the_schedule_factor_of_step_k() -> None:
     step = 0
     for _ in range(cfg.epochs):
         _, step = finetune.train_epoch(model, batches, loss_fn, optimizer, EMA(model, 0.9), lr_at, step,
-                                       torch.float32)
+                                       total, torch.float32)
     factors = [lr_factor(k, total, cfg) for k in range(total)]
     assert factors[:2] == [0.5, 1.0] and step == total
     assert used == pytest.approx([lr * f for f in factors for lr in (0.1, 0.01)])
+
+    def nan_at_fifth(logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        nan_at_fifth.calls += 1  # type: ignore[attr-defined]
+        return {"loss": logits.pow(2).mean() * (math.nan if nan_at_fifth.calls == 5 else 1.0)}  # type: ignore
+
+    nan_at_fifth.calls = 0  # type: ignore[attr-defined]
+    step = 0
+    with pytest.raises(StageError, match=r"non-finite loss nan at step 5 of 6 \(epoch 2 of 2\)"):
+        for _ in range(cfg.epochs):  # counted from 1, as the pre-training loop's message counts them
+            _, step = finetune.train_epoch(model, batches, nan_at_fifth, optimizer, EMA(model, 0.9), lr_at,
+                                           step, total, torch.float32)
 
 
 def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
@@ -375,6 +386,17 @@ def test_weights_that_diverge_under_a_finite_loss_are_not_published(
         main_parsing(Common(seed=0), cfg, "mcf")
     assert not (tmp_path / "out").exists() and not (tmp_path / "live").exists()
     assert not (tmp_path / "resume" / "mcf" / "last.pt").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_refused(fixture_root: Path, tmp_path: Path) -> None:
+    """warmup_steps past the run's last step leaves the lr below its peak throughout: refused, as the
+    pre-training loop refuses warmup_epochs > epochs, before an epoch runs."""
+    _, parse = tiny_configs(fixture_root)
+    cfg = dataclasses.replace(parse, warmup_steps=10**6, out=str(tmp_path / "out"),
+                              live=str(tmp_path / "live"), resume_dir=str(tmp_path / "resume"))
+    with pytest.raises(ParamsError, match=r"warmup_steps.*must be <= the run's \d+ steps"):
+        main_parsing(Common(seed=0), cfg, "mcf")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "live").exists()
 
 
 def test_a_damaged_test_split_fails_before_training(fixture_root: Path, tmp_path: Path) -> None:

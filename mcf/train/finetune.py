@@ -207,10 +207,11 @@ def _collate_tensors(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 def train_epoch(
     model: DenseFaceModel, loader: DataLoader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, ema: EMA,
-    lr_at: Callable[[int], float], step: int, dtype: torch.dtype,
+    lr_at: Callable[[int], float], step: int, total: int, dtype: torch.dtype,
 ) -> tuple[dict[str, float], int]:
     """One pass over ``loader`` on the model's device, the forward under autocast unless ``dtype`` is
-    fp32 (the loss always in fp32); returns the mean of each loss part and the next step index."""
+    fp32 (the loss always in fp32); returns the mean of each loss part and the next step index (of
+    ``total``, counted from 0)."""
     device = next(model.parameters()).device
     base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     sums: dict[str, float] = {}
@@ -223,7 +224,8 @@ def train_epoch(
             logits = model(batch["image"])
         parts = loss_fn(logits.float(), batch)
         if not torch.isfinite(parts["loss"]):
-            raise StageError(f"non-finite loss {parts['loss'].item()} at step {step}")
+            raise StageError(f"non-finite loss {parts['loss'].item()} at step {step + 1} of {total} (epoch "
+                             f"{step // len(loader) + 1} of {total // len(loader)})")
         optimizer.zero_grad(set_to_none=True)
         parts["loss"].backward()
         optimizer.step()
@@ -287,6 +289,9 @@ def train(
         group["initial_lr"] = group["lr"]
     ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
     total, step, first = cfg.epochs * len(loader), 0, 0
+    if cfg.warmup_steps > total:  # the lr would never reach its peak
+        raise ParamsError("warmup_steps", f"must be <= the run's {total} steps ({cfg.epochs} epochs of "
+                          f"{len(loader)}), got {cfg.warmup_steps}")
     lr_at = functools.partial(lr_factor, total=total, cfg=cfg)
     scores: list[float | None] = []
     state = load_checkpoint(resume_dir, run_id)
@@ -309,7 +314,7 @@ def train(
             model.train()
             if cfg.freeze_backbone:
                 model.backbone.eval()
-            means, step = train_epoch(model, loader, loss_fn, optimizer, ema, lr_at, step, dtype)
+            means, step = train_epoch(model, loader, loss_fn, optimizer, ema, lr_at, step, total, dtype)
             bad = nonfinite(model.state_dict()) + [f"ema.{k}" for k in nonfinite(ema.model.state_dict())]
             if bad:  # the loss guard sees a diverged update a step later: the epoch's last one, never
                 raise StageError(f"non-finite weights after epoch {epoch + 1} of {cfg.epochs} (step {step}), "
