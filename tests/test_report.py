@@ -387,8 +387,8 @@ def test_help_states_the_exit_codes_test_cli_pins(capsys: pytest.CaptureFixture[
     assert exit_.value.code == 0
     help_ = " ".join(capsys.readouterr().out.split())
     for part in ("Exit status: 0 written (a part of the run that is missing or unreadable is a note",
-                 "2 bad arguments (an --out that is a folder or cannot be written) or a params file that is "
-                 "missing or not YAML"):
+                 "2 bad arguments (an --out that is a folder, an existing file other than an HTML page, or "
+                 "cannot be written) or a params file that is missing or not YAML"):
         assert part in help_
 
 
@@ -402,6 +402,26 @@ def test_an_out_that_cannot_be_written_is_a_usage_error(
     assert exit_.value.code == 2
     assert f"--out params.yaml/x.html: cannot be written there ({tmp_path}/params.yaml is a file)" in (
         capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("out", ["params.yaml", "metrics/evaluate.json", "./params.yaml"])
+def test_an_out_that_would_replace_a_run_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str
+) -> None:
+    """``--out params.yaml`` replaced the params file with the page; an existing file that is not an HTML
+    page is refused untouched, and an existing page is still replaced (a report rewritten)."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "evaluate.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["report", "--root", str(tmp_path), "--out", out])
+    assert exit_.value.code == 2
+    assert f"--out {out}: is a file other than an HTML page" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    (tmp_path / "r.html").write_text("old page")
+    assert cli_main(["report", "--root", str(tmp_path), "--out", "r.html"]) == 0
+    assert "<section id=\"paper\">" in (tmp_path / "r.html").read_text(encoding="utf-8")
 
 
 def test_an_out_in_a_read_only_folder_is_a_usage_error_before_the_page(

@@ -13,9 +13,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from mcf.report.runfiles import markdown_summary, open_run
+from mcf.report.runfiles import Run, markdown_summary, open_run
 
-__all__ = ["build_report", "cli", "markdown_summary"]
+__all__ = ["build_report", "cli", "markdown_summary", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 def build_report(root: Path, params_file: str | Path = "params.yaml",
                  out: str | Path = "outputs/report/index.html") -> Path:
     """Write the report of the run in checkout ``root`` to ``out`` (relative to ``root``)."""
+    return write_report(open_run(Path(root), params_file), Path(root) / out)
+
+
+def write_report(run: Run, path: Path) -> Path:
+    """Draw ``run``'s page and write it to ``path``."""
     from mcf.report import page  # matplotlib: only when a page is drawn
 
-    run = open_run(Path(root), params_file)
-    path = page.write(run, Path(root) / out)
+    path = page.write(run, path)
     log.info("report written to %s", path)
     return path
 
@@ -39,8 +43,8 @@ def cli(argv: list[str]) -> int:
         "params, data-gate results, training curves, CED curve, per-class F1, overlays, and its numbers "
         "beside the paper's, each labelled with its dataset. Missing pieces become notes in the page.",
         epilog="Exit status: 0 written (a part of the run that is missing or unreadable is a note in the "
-        "page); 2 bad arguments (an --out that is a folder or cannot be written) or a params file that is "
-        "missing or not YAML.",
+        "page); 2 bad arguments (an --out that is a folder, an existing file other than an HTML page, or "
+        "cannot be written) or a params file that is missing or not YAML.",
     )
     p.add_argument("--root", type=Path, default=Path("."),
                    help="the run's checkout; params paths are relative to it (default: %(default)s)")
@@ -49,10 +53,15 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--out", default="outputs/report/index.html",
                    help="HTML file to write, relative to --root (default: %(default)s)")
     args = p.parse_args(argv)
-    if (args.root / args.out).is_dir():
+    target = args.root / args.out
+    if target.is_dir():
         p.error(f"--out {args.out}: is a folder; name the HTML file to write, e.g. {args.out}/index.html")
-    open_run(args.root, args.params)  # a missing or broken params file is refused before --out is made
-    folder = (args.root / args.out).parent
+    if target.is_file() and (target.suffix.lower() not in (".html", ".htm")
+                             or target.resolve() == (args.root / args.params).resolve()):
+        p.error(f"--out {args.out}: is a file other than an HTML page (the params file, a metrics JSON?), "
+                "which the page would replace; name an .html file")
+    run = open_run(args.root, args.params)  # a missing or broken params file is refused before --out is made
+    folder = target.parent
     try:  # before the page is drawn: a path under a file, or a read-only folder, is the caller's to fix
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):  # one that exists but is read-only: the page's own write
@@ -61,5 +70,5 @@ def cli(argv: list[str]) -> int:
         p.error(f"--out {args.out}: cannot be written there ({folder} is a file)")
     except OSError as err:
         p.error(f"--out {args.out}: cannot be written there ({err.strerror})")
-    print(build_report(args.root, args.params, args.out))
+    print(write_report(run, target))
     return 0
