@@ -313,6 +313,7 @@ def test_report_of_a_checkout_whose_evaluate_outputs_were_not_pulled(run: Path) 
     ("", ""),  # empty files: a write that never got its bytes in
     ("variant,mcf\n0,0.5\n", "klass,mcf\nskin,50\n"),  # not the key column `evaluate` writes
     ("threshold,mcf\n0,0.5\n0.07,high\n", "class,mcf\nskin,fifty\n"),  # text where a number belongs
+    ("threshold,mcf\n0,0.5\nhigh,0.9\n", ""),  # a text threshold: the CED's x axis
 ])
 def test_a_damaged_plot_table_costs_only_its_plot(run: Path, ced: str, f1: str) -> None:
     """A ced.csv or f1.csv that pandas cannot read, or that lacks its key column, replaced the whole

@@ -158,7 +158,8 @@ def ced_section(run: Run) -> str:
     headers = ["variant", "split", "data", *(k + ALIGNMENT_UNITS[k] for k in ALIGNMENT_KEYS)]
     numbers = table(headers, rows) if rows else note("the metrics have no alignment scores")
     try:
-        curve = read_table(run.path("evaluate.out") / "plots" / "ced.csv", "CED data", "threshold")
+        curve = read_table(run.path("evaluate.out") / "plots" / "ced.csv", "CED data", "threshold",
+                           numeric_key=True)
     except Missing as gap:  # the metrics are committed, the outputs DVC-cached: a clone not yet pulled
         return note(str(gap)) + numbers
     return figure(figures.ced_png(curve, label), f"CED of NME_box on {label}") + numbers

@@ -193,9 +193,9 @@ def read_curves(live: Path) -> dict[str, pd.DataFrame]:
     return curves
 
 
-def read_table(path: Path, what: str, key: str) -> pd.DataFrame:
-    """A CSV written by ``evaluate`` (``plots/ced.csv``, ``plots/f1.csv``): its ``key`` column, then one
-    number column per variant.
+def read_table(path: Path, what: str, key: str, numeric_key: bool = False) -> pd.DataFrame:
+    """A CSV written by ``evaluate`` (``plots/ced.csv``, ``plots/f1.csv``): its ``key`` column (numbers
+    too with ``numeric_key``: CED thresholds), then one number column per variant.
 
     One that cannot be read as such is :class:`Missing`, so only its plot becomes a note: the numbers
     beside it come from the metrics file, and a text cell would be drawn as a categorical axis.
@@ -206,7 +206,8 @@ def read_table(path: Path, what: str, key: str) -> pd.DataFrame:
         raise Missing(f"{path} is unreadable: {err}") from None
     if key not in table.columns:
         raise Missing(f"{path} has no `{key}` column, as `evaluate` writes it")
-    text = [c for c in table.columns.drop(key) if not pd.api.types.is_numeric_dtype(table[c])]
+    numbers = table.columns if numeric_key else table.columns.drop(key)
+    text = [c for c in numbers if not pd.api.types.is_numeric_dtype(table[c])]
     if text:
         raise Missing(f"{path}: column `{text[0]}` holds text where `evaluate` writes numbers")
     return table
