@@ -105,3 +105,12 @@ def test_an_empty_subset_has_only_its_count() -> None:
 def test_confusion_rejects_out_of_range_labels() -> None:
     with pytest.raises(ValueError, match="gt labels must be in 0..10"):
         confusion_matrix(np.zeros((2, 2), int), np.full((2, 2), 11))
+
+
+def test_fr_counts_a_nan_nme_as_a_failure_as_the_ced_does() -> None:
+    """FR@0.07 is the share the CED leaves out at 0.07 (FaRL: 1 − CED[-1]). A NaN NME (a diverged point)
+    is no pass in the CED, but ``nme > 0.07`` is False for NaN, so FR counted it as a pass: 0.5, not 0.75."""
+    values = np.array([0.01, np.nan, 0.08, 0.1])
+    _, fractions = ced_curve(values)
+    auc, fr = auc_fr(values)
+    assert fr == 0.75 and fr == 1 - fractions[-1]

@@ -70,7 +70,8 @@ def ced_curve(
 
 
 def auc_fr(nme_box: np.ndarray, threshold: float = 0.07, step: float = 1e-4) -> tuple[float, float]:
-    """AUC@threshold (Simpson's rule over the CED, ÷ threshold) and FR@threshold (share above it).
+    """AUC@threshold (Simpson's rule over the CED, ÷ threshold) and FR@threshold (share above it): the
+    images the CED does not count at ``threshold``, so a NaN NME (a diverged point) is a failure.
 
     The grid ends at ``threshold``, as PROTOCOL §3 says. FaRL's scorer builds it with ``np.arange(0,
     threshold + step, step)``, which at 0.07 yields 702 points ending at 0.0701: its AUC integrates
@@ -78,7 +79,7 @@ def auc_fr(nme_box: np.ndarray, threshold: float = 0.07, step: float = 1e-4) -> 
     """
     thresholds, fractions = ced_curve(nme_box, threshold, step)
     auc = float(simpson(fractions, x=thresholds) / threshold)
-    fr = float((np.asarray(nme_box, dtype=np.float64) > threshold).mean())
+    fr = float((~(np.asarray(nme_box, dtype=np.float64) <= threshold)).mean())  # not `> threshold`: NaN
     return auc, fr
 
 
