@@ -16,14 +16,14 @@ import torch
 from scipy.integrate import simpson
 from test_finetune import tiny_configs, write_fixture
 
-from mcf.data.aflw19 import read_mat
-from mcf.data.lapa import read_label
+from mcf.data.aflw19 import AFLW19, AFLW19Config, read_mat
+from mcf.data.lapa import LaPa, LaPaConfig, read_label
 from mcf.errors import GateError, StageError
 from mcf.evaluate import evaluate as evaluate_module
 from mcf.evaluate import metrics as M
 from mcf.evaluate.evaluate import EvaluateConfig, main
 from mcf.evaluate.plots import draw_landmarks, read_png
-from mcf.evaluate.scoring import CLASSES, predict_landmarks
+from mcf.evaluate.scoring import CLASSES, predict_landmarks, predict_parsing
 from mcf.params import Common, ParamsError
 from mcf.train.finetune import main_alignment, main_parsing
 
@@ -309,3 +309,23 @@ def test_an_image_whose_outer_eye_corners_coincide_fails_the_gate_by_name(
     finally:
         mat_path.write_bytes(original)
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
+
+
+@pytest.mark.parametrize("task", ["alignment", "parsing"])
+def test_a_model_whose_output_is_not_finite_is_refused_naming_the_image(
+    evaluated: tuple[EvaluateConfig, dict, Path], task: str
+) -> None:
+    """A model that outputs NaN (weights that diverged, a checkpoint from elsewhere) scored NaN landmarks,
+    then failed the metrics' JSON write with a traceback; its parsing argmax read NaN as the top logit."""
+    cfg, _, _ = evaluated
+    (model, meta), = evaluate_module._checkpoints(getattr(cfg, task), ["mcf"], task).values()
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    if task == "alignment":
+        dataset = AFLW19(AFLW19Config(**meta["data"]), "full")
+        with pytest.raises(StageError, match=r"output on .+ is not finite \(\d+ of \d+ images"):
+            predict_landmarks(model, dataset, 4)
+    else:
+        dataset = LaPa(LaPaConfig(**meta["data"]), "test")
+        with pytest.raises(StageError, match=r"output on test/\S+ is not finite"):
+            predict_parsing(model, dataset, 4)

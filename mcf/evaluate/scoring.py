@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mcf.data.aflw19 import AFLW19, to_original
 from mcf.data.lapa import LaPa, read_label, sample_params, warp_to_original
+from mcf.errors import StageError
 from mcf.evaluate import metrics as M
 from mcf.evaluate import plots
 from mcf.models.heads import DenseFaceModel, parsing_logits, soft_argmax
@@ -37,6 +38,17 @@ def in_order(dataset: Dataset, batch_size: int, desc: str) -> Iterable[dict[str,
     return tqdm(loader, desc=desc, leave=False)
 
 
+def finite(output: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """``output`` of the batch of images ``names``, refused when not finite: NaN landmarks scored NaN and
+    failed the metrics' JSON write with a traceback, and argmax reads a NaN logit as the largest."""
+    bad = ~torch.isfinite(output.flatten(1)).all(dim=1)
+    if bad.any():
+        first = names[int(bad.nonzero()[0])]
+        raise StageError(f"the model's output on {first} is not finite ({int(bad.sum())} of {len(names)} "
+                         "images in its batch): its weights diverged, or the checkpoint is damaged")
+    return output
+
+
 @torch.no_grad()
 def predict_landmarks(model: DenseFaceModel, dataset: AFLW19, batch_size: int) -> dict[str, Any]:
     """Original-image predictions ``[N, 19, 2]`` with the names, GT, boxes and visibility; the model
@@ -44,7 +56,7 @@ def predict_landmarks(model: DenseFaceModel, dataset: AFLW19, batch_size: int) -
     device = next(model.parameters()).device
     out: dict[str, list[Any]] = {"name": [], "pred": [], "gt": [], "box": [], "visible": []}
     for batch in in_order(dataset, batch_size, "alignment"):
-        points = soft_argmax(model(batch["image"].to(device))).cpu()
+        points = soft_argmax(finite(model(batch["image"].to(device)), batch["name"])).cpu()
         out["pred"].append(to_original(points, batch["matrix"], dataset.cfg.size))
         out["name"] += list(batch["name"])
         for key in ("gt", "box", "visible"):
@@ -82,7 +94,7 @@ def predict_parsing(
     conf = np.zeros((len(CLASSES), len(CLASSES)), dtype=np.int64)
     names: list[str] = []
     for batch in in_order(dataset, batch_size, "parsing"):
-        logits = parsing_logits(model(batch["image"].to(device)), size).cpu()
+        logits = parsing_logits(finite(model(batch["image"].to(device)), batch["name"]), size).cpu()
         for i, name in enumerate(batch["name"]):
             orig = warp_to_original(logits[i], sample_params(batch["params"], i), batch["orig_size"][i])
             pred = orig.argmax(dim=0).numpy().astype(np.uint8)
