@@ -183,6 +183,16 @@ def test_bad_files_fail_naming_the_file(tree: tuple[Path, dict]) -> None:
         read_mat(root)
 
 
+def test_a_name_that_is_no_string_fails_naming_the_file_and_row(tree: tuple[Path, dict]) -> None:
+    """An empty ``nameList`` cell (MATLAB's ``[]``) was a bare ValueError traceback naming neither."""
+    root, fields = tree
+    names = fields["nameList"].copy()
+    names[3, 0] = np.zeros((0, 0))
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, nameList=names))
+    with pytest.raises(StageError, match=r"AFLWinfo_release.mat: nameList row 3 is not a string"):
+        read_mat(root)
+
+
 def test_table_passes_the_gate_and_catches_bad_rows(tree: tuple[Path, dict]) -> None:
     root, fields = tree
     df = table(_cfg(root), "full")

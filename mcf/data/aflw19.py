@@ -90,7 +90,7 @@ def _cell_str(x: Any) -> str:
         if x.size != 1:
             if x.dtype.kind == "U":
                 return "".join(x.ravel().tolist())
-            raise ValueError(f"nameList entry is not a string: {x!r}")
+            raise ValueError(f"got {x!r}")
         x = x.ravel()[0]
     return str(x)
 
@@ -121,7 +121,12 @@ def read_mat(root: str | Path) -> Annotations:
     boxes = np.asarray(mat["bbox"], dtype=np.float64)
     data = np.asarray(mat["data"], dtype=np.float64)
     n = len(boxes)
-    names = [_cell_str(x) for x in np.asarray(mat["nameList"], dtype=object).ravel()]
+    names = []
+    for row, x in enumerate(np.asarray(mat["nameList"], dtype=object).ravel()):
+        try:
+            names.append(_cell_str(x))
+        except ValueError as err:
+            raise StageError(f"{path}: nameList row {row} is not a string ({err})") from None
     order = np.asarray(mat["ra"]).ravel().astype(np.int64) - 1
     mask = np.asarray(mat["mask_new"])
     shapes = {"bbox": (boxes.shape, (n, 4)), "data": (data.shape, (n, 2 * N_POINTS)),
