@@ -183,6 +183,21 @@ def test_bad_files_fail_naming_the_file(tree: tuple[Path, dict]) -> None:
         read_mat(root)
 
 
+@pytest.mark.parametrize("bad", [np.nan, 2.0, -1.0, 0.5])
+def test_a_visibility_flag_other_than_0_or_1_fails_naming_the_row(
+    tree: tuple[Path, dict], bad: float
+) -> None:
+    """``mask_new`` holds 0/1 flags; a NaN, -1, 2 or 0.5 was read as visible (``astype(bool)``), so a
+    damaged test row counted as frontal (the release's frontal subset is the rows whose flags all equal
+    1) and passed the gate's visible count."""
+    root, fields = tree
+    mask = fields["mask_new"].copy()
+    mask[N_TRAIN + 1, 4] = bad
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, mask_new=mask))
+    with pytest.raises(StageError, match=rf"\.mat: mask_new must hold 0 or 1, .* row {N_TRAIN + 1}"):
+        read_mat(root)
+
+
 def test_a_name_that_is_no_string_fails_naming_the_file_and_row(tree: tuple[Path, dict]) -> None:
     """An empty ``nameList`` cell (MATLAB's ``[]``) was a bare ValueError traceback naming neither."""
     root, fields = tree

@@ -136,6 +136,10 @@ def read_mat(root: str | Path) -> Annotations:
             raise StageError(f"{path}: field {key} has shape {got}, expected {want}")
     if not np.array_equal(np.sort(order), np.arange(n)):
         raise StageError(f"{path}: ra is not a 1-based permutation of 1..{n}")
+    rows, cols = np.nonzero(~np.isin(mask, (0, 1)))
+    if rows.size:  # astype(bool) would read a NaN, -1 or 2 as visible, and the row as frontal
+        raise StageError(f"{path}: mask_new must hold 0 or 1, got {float(mask[rows[0], cols[0]])} at row "
+                         f"{rows[0]}, point {cols[0]} ({np.unique(rows).size} row(s) in all)")
     points = np.stack([data[:, :N_POINTS], data[:, N_POINTS:]], axis=-1)
     return Annotations(names, boxes, points, mask.astype(bool), order)
 
