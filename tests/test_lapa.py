@@ -222,6 +222,38 @@ def test_binary_landmark_file_fails_naming_it(tmp_path: Path) -> None:
         read_landmarks(tmp_path / "x.txt")
 
 
+@pytest.mark.parametrize(("body", "cause"), [
+    ("extra", r"107 point lines for header 106"),  # 106 points and one more: the first 106 were read
+    ("short", r"105 point lines for header 106"),
+    ("three", r"line 6: expected 'x y', got 3 values"),
+])
+def test_a_landmark_file_that_disagrees_with_its_header_fails_naming_it(
+    root: Path, body: str, cause: str
+) -> None:
+    """A file is "106" then 106 lines "x y" (blank lines aside). Lines past the 106th were ignored, so a
+    file with a point too many passed the loader and the gate as its first 106; one short, or with a
+    ragged line, failed with numpy's "inhomogeneous shape" in place of the line at fault."""
+    path = root / "LaPa/train/landmarks/train_0001.txt"
+    lines = [ln for ln in path.read_text().split("\n")[1:] if ln]
+    if body == "extra":
+        lines.append("12.5 40.0")
+    elif body == "short":
+        lines = lines[:-1]
+    else:
+        lines[4] += " 1.0"
+    path.write_text("\n".join(["106", *lines]) + "\n\n")
+    with pytest.raises(StageError, match=rf"train_0001\.txt: malformed landmark file: {cause}"):
+        read_landmarks(path)
+    assert table(_cfg(root), "train")["n_landmarks"].tolist() == [106, -1, 106]
+
+
+def test_a_landmark_file_with_crlf_and_blank_lines_reads(tmp_path: Path) -> None:
+    points = np.arange(212, dtype=np.float64).reshape(106, 2) / 4
+    text = "106 \r\n" + "".join(f"{x} {y} \r\n" for x, y in points) + "\r\n\r\n"
+    (tmp_path / "x.txt").write_text(text)
+    np.testing.assert_array_equal(read_landmarks(tmp_path / "x.txt"), points)
+
+
 def test_a_non_finite_landmark_fails_at_the_gate_naming_the_file(root: Path) -> None:
     """``float`` reads "nan" and "inf", so such a file passed the gate's 106-point count and stopped the
     fine-tune later, at that image, with numpy's "SVD did not converge" (the AFLW-19 gate and the

@@ -78,11 +78,18 @@ def read_landmarks(path: Path) -> np.ndarray:
     try:  # UnicodeDecodeError (a binary file) is a ValueError too
         lines = path.read_text().split("\n")
         n = int(lines[0].strip())
-        pts = np.array([[float(v) for v in ln.split()] for ln in lines[1 : n + 1]], dtype=np.float64)
+        # every point line, blank lines aside: a line past the header's count is a damaged file, not extra
+        rows = [(i, ln.split()) for i, ln in enumerate(lines[1:], 2) if ln.strip()]
+        if len(rows) != n:
+            raise ValueError(f"{len(rows)} point lines for header {n}")
+        for i, values in rows:
+            if len(values) != 2:
+                raise ValueError(f"line {i}: expected 'x y', got {len(values)} values")
+        pts = np.array([[float(v) for v in values] for _, values in rows], dtype=np.float64).reshape(n, 2)
     except ValueError as err:
         raise StageError(f"{path}: malformed landmark file: {err}") from err
-    if n != N_LANDMARKS or pts.shape != (N_LANDMARKS, 2):
-        raise StageError(f"{path}: expected {N_LANDMARKS} points 'x y', got header {n}, shape {pts.shape}")
+    if n != N_LANDMARKS:
+        raise StageError(f"{path}: expected {N_LANDMARKS} points 'x y', got header {n}")
     bad = np.flatnonzero(~np.isfinite(pts).all(axis=1))
     if bad.size:  # float() reads "nan" and "inf": the alignment's SVD would fail on them mid-training
         raise StageError(f"{path}: landmark coordinates must be finite, not at point(s) {bad[:5].tolist()}")
