@@ -253,3 +253,24 @@ def test_indexing_the_shards_shows_progress(tmp_path: Path, monkeypatch: pytest.
     pretrain_data.index_shards(tmp_path / "shards")
     err = capsys.readouterr().err
     assert "index shards:" in err and "0/3 " in err  # a bar over the 3 shards
+
+
+def test_a_member_written_twice_in_a_shard_is_refused(tmp_path: Path) -> None:
+    """A shard with a crop appended again (``tar -r``, tarfile's ``"a"`` mode): the stages' reader kept the
+    last of the two jpg members, so read_back reported one crop with the second one's statistics, while
+    pre-training's index trained on both; webdataset refuses such a shard ("duplicate file name")."""
+    rgb = np.full((8, 8, 3), 128, np.uint8)
+    write_shards([("c0", encode_jpeg(rgb), {"crop_id": "c0"})], tmp_path / "dup", 10)
+    shard = tmp_path / "dup" / "crops-000000.tar"
+    with tarfile.open(shard, "a") as tar:
+        jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+        info = tarfile.TarInfo("c0.jpg")
+        info.size = len(jpeg)
+        tar.addfile(info, io.BytesIO(jpeg))
+    with pytest.raises(ValueError, match="duplicate file name"):
+        list(wds.WebDataset(str(shard), shardshuffle=False))
+    message = r"dup/crops-000000.tar: not a readable crop shard \(ReadError: member 'c0.jpg' occurs twice"
+    with pytest.raises(StageError, match=message):
+        read_back(tmp_path / "dup")
+    with pytest.raises(StageError, match=message):
+        CropDataset(tmp_path / "dup", 8, cache_mb=0)

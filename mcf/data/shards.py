@@ -139,16 +139,22 @@ def open_shard(url: str | Path) -> Iterator[tarfile.TarFile]:
 
 
 def file_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    """The regular file members of an open shard, in order; a sparse one is a ``ReadError``.
+    """The regular file members of an open shard, in order; a sparse or repeated one is a ``ReadError``.
 
     ``tarfile`` fills a GNU or PAX sparse member's holes in memory, and gives its expanded size, which
-    pre-training would read from the member's raw offset past its stored bytes.
+    pre-training would read from the member's raw offset past its stored bytes. A name written twice
+    (a crop appended again) would be one crop to the stages, which keep the last member of a sample's
+    group, and two to pre-training's index; webdataset refuses it.
     """
+    seen: set[str] = set()
     for info in tar:
         if not info.isfile():
             continue
         if info.sparse is not None:
             raise tarfile.ReadError(f"member {info.name!r} is a sparse file")
+        if info.name in seen:
+            raise tarfile.ReadError(f"member {info.name!r} occurs twice")
+        seen.add(info.name)
         yield info
 
 
