@@ -162,6 +162,16 @@ def test_a_bad_stratify_column_is_a_params_error_of_the_cli(crop_dir: Path, tmp_
     assert f"mcf: invalid params: {params}: subset.stratify: no column 'nope'" in capsys.readouterr().err
 
 
+def test_an_out_that_is_the_crop_output_is_refused(crop_dir: Path, tmp_path: Path) -> None:
+    """The crop output holds manifest.parquet, the sign of an earlier subset, so ``subset.out`` naming the
+    ``subset.input`` folder replaced the crop stage's output with the few crops picked from it."""
+    before = (crop_dir / "manifest.parquet").read_bytes()
+    for out in (crop_dir, crop_dir / "shards" / ".."):
+        with pytest.raises(ParamsError, match=r"subset.out: is subset.input, the crop stage's output"):
+            build(SubsetConfig, {"input": str(crop_dir), "out": str(out)}, "subset")
+    assert (crop_dir / "manifest.parquet").read_bytes() == before
+
+
 def test_list_column_is_refused_as_stratum(crop_dir: Path, tmp_path: Path) -> None:
     """A box or landmarks column holds arrays, which have no strata (groupby raised a bare TypeError)."""
     with pytest.raises(ParamsError, match=r"a column of lists 'box' \(valid: face_size_bin, crop_id") as err:

@@ -45,6 +45,9 @@ class SubsetConfig:
     workers: int = param(2, ge=1)  # processes reading the new shards back; the output does not depend on it
 
     def __post_init__(self) -> None:
+        if Path(self.out).resolve() == Path(self.input).resolve():  # its manifest.parquet passes for ours
+            raise ParamsError("out", f"is subset.input, the crop stage's output ({self.input}), which the "
+                              "subset would replace; name another folder")
         if not self.bins or any(b <= a for a, b in zip(self.bins, self.bins[1:], strict=False)):
             raise ParamsError("bins", f"must be a non-empty increasing list, got {self.bins}")
 
