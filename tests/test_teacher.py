@@ -280,3 +280,23 @@ def test_a_teacher_export_of_another_architecture_is_re_imported_as_it_is(tmp_pa
     assert_same_weights(again, first.model)
     x = torch.randn(2, 3, *first.img_size)
     assert all(torch.equal(a, b) for a, b in zip(again(x, [0, 1]), first(x, [0, 1]), strict=True))
+
+
+def test_a_teacher_export_whose_weights_are_of_another_input_size_is_refused(tmp_path: Path) -> None:
+    """backbone.pth of a 32 px export beside the backbone.json of a 64 px one: load_backbone resampled the
+    position grid whenever its shape differed, which is meant for a size the caller asks for, so the mixed
+    pair loaded as a teacher (and fine-tuned at another size) as if it were one export."""
+    import shutil
+
+    from mcf.errors import WeightsError
+    from mcf.models.backbone import load_backbone
+
+    big = dataclasses.replace(TINY, img_size=64)
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "small")
+    save_backbone(create_backbone(big), big, tmp_path / "mixed")
+    shutil.copy(tmp_path / "small" / "backbone.pth", tmp_path / "mixed" / "backbone.pth")
+    with pytest.raises(WeightsError, match=r"mixed: backbone.pth does not fit backbone.json .*pos_embed"):
+        load_teacher(f"mcf:{tmp_path / 'mixed'}", big)
+    with pytest.raises(WeightsError, match=r"mixed: backbone.pth does not fit backbone.json .*pos_embed"):
+        load_backbone(tmp_path / "mixed", img_size=96)
+    assert load_backbone(tmp_path / "small", img_size=64).pos_embed.shape == (1, 65, 64)  # asked for

@@ -177,6 +177,7 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
 
     ``overrides`` change construction only where the weights allow it, e.g. ``img_size`` for a
     downstream resolution: the position grid is resampled on load as FaRL does (bicubic, CLS row kept).
+    Only from the grid backbone.json gives: weights of another size are another export's.
     """
     spec = read_spec(export_dir)
     try:
@@ -186,14 +187,16 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
         raise WeightsError(f"{where}: {spec['model_name']} is not a ViT these kwargs build "
                            f"({type(err).__name__}: {str(err)[:160]})") from None
     state = read_weights(Path(export_dir) / "backbone.pth")
-    if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
-        from timm.layers import resample_abs_pos_embed
+    pos = state.get("pos_embed")
+    if overrides and pos is not None and pos.shape != model.pos_embed.shape:
+        with torch.device("meta"):  # backbone.json's own grid; another is a mixed pair, refused below
+            own = build_vit(spec["model_name"], **spec["kwargs"]).pos_embed.shape
+        if pos.shape == own:
+            from timm.layers import resample_abs_pos_embed
 
-        # FaRL's kernel (plain bicubic, align_corners False); timm's default antialias=True is PIL's
-        grid = model.patch_embed.grid_size
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], list(grid), num_prefix_tokens=1, antialias=False
-        )
+            # FaRL's kernel (plain bicubic, align_corners False); timm's default antialias=True is PIL's
+            grid = model.patch_embed.grid_size
+            state["pos_embed"] = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=1, antialias=False)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # the two files of different exports
