@@ -77,6 +77,14 @@ def require_path(path: str | Path, key: str, made_by: str | None = None) -> None
         raise ParamsError(key, f"path does not exist: {path}{hint}")
 
 
+def require_apart(out: str, given: str, key: str, made_by: str) -> None:
+    """Refuse an ``out`` folder that is the stage's input ``given`` (params ``key``): the input's own
+    manifest.parquet passes as the sign of an earlier output, and the stage would replace its input."""
+    if Path(out).resolve() == Path(given).resolve():
+        raise ParamsError("out", f"is {key}, the {made_by} stage's output ({given}), which this stage would "
+                          "replace; name another folder")
+
+
 _BOUND_CHECKS = {
     "ge": (lambda v, b: v >= b, ">="),
     "gt": (lambda v, b: v > b, ">"),

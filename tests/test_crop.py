@@ -811,3 +811,13 @@ def test_writing_the_shards_shows_progress(fetch_dir: Path, tmp_path: Path, monk
     manifest = crop(_cfg(fetch_dir, tmp_path / "crop"))
     kept = int((manifest["status"] == "kept").sum())
     assert f"write shards: 100%|██████████| {kept}/{kept} " in capsys.readouterr().err
+
+
+def test_an_out_that_is_the_fetch_output_is_refused(tmp_path: Path) -> None:
+    """The fetch output holds manifest.parquet, the sign of an earlier crop output, so ``crop.out`` naming
+    the ``crop.input`` folder would replace the fetched images with their crops."""
+    (tmp_path / "fetch" / "images").mkdir(parents=True)
+    for out in (tmp_path / "fetch", tmp_path / "fetch" / "images" / ".."):
+        with pytest.raises(ParamsError, match=r"crop.out: is crop.input, the fetch stage's output .*replace"):
+            build(CropConfig, {"input": str(tmp_path / "fetch"), "out": str(out)}, "crop")
+    build(CropConfig, {"input": str(tmp_path / "fetch"), "out": str(tmp_path / "crop")}, "crop")

@@ -167,7 +167,7 @@ def test_an_out_that_is_the_crop_output_is_refused(crop_dir: Path, tmp_path: Pat
     ``subset.input`` folder replaced the crop stage's output with the few crops picked from it."""
     before = (crop_dir / "manifest.parquet").read_bytes()
     for out in (crop_dir, crop_dir / "shards" / ".."):
-        with pytest.raises(ParamsError, match=r"subset.out: is subset.input, the crop stage's output"):
+        with pytest.raises(ParamsError, match=r"subset.out: is subset.input, the crop stage's output.*repl"):
             build(SubsetConfig, {"input": str(crop_dir), "out": str(out)}, "subset")
     assert (crop_dir / "manifest.parquet").read_bytes() == before
 

@@ -47,7 +47,7 @@ from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir, read_table
-from mcf.params import Common, param, require_path
+from mcf.params import Common, param, require_apart, require_path
 from mcf.pools import cancelled_on_error, ignore_ctrl_c, workers_ignore_ctrl_c
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,9 @@ class CropConfig:
     shard_size: int = param(1000, ge=1)  # crops per output shard
     chunk_size: int = param(32, ge=1)  # source images per work unit
     workers: int = param(2, ge=1)  # processes; the output does not depend on it
+
+    def __post_init__(self) -> None:
+        require_apart(self.out, self.input, "crop.input", "fetch")
 
 
 @dataclasses.dataclass(frozen=True)

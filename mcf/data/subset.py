@@ -25,7 +25,7 @@ from tqdm import tqdm
 from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir, read_table
-from mcf.params import Common, ParamsError, param, require_path
+from mcf.params import Common, ParamsError, param, require_apart, require_path
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,7 @@ class SubsetConfig:
     workers: int = param(2, ge=1)  # processes reading the new shards back; the output does not depend on it
 
     def __post_init__(self) -> None:
-        if Path(self.out).resolve() == Path(self.input).resolve():  # its manifest.parquet passes for ours
-            raise ParamsError("out", f"is subset.input, the crop stage's output ({self.input}), which the "
-                              "subset would replace; name another folder")
+        require_apart(self.out, self.input, "subset.input", "crop")
         if not self.bins or any(b <= a for a, b in zip(self.bins, self.bins[1:], strict=False)):
             raise ParamsError("bins", f"must be a non-empty increasing list, got {self.bins}")
 
