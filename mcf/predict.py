@@ -17,10 +17,10 @@ metrics scored:
   13, 15, 17) or else from YuNet, then tanh-warped; the class map is warped back onto the image.
 
 Outputs in ``--out`` (written whole or not at all): ``images.csv`` (image, faces found, error for a file
-that cannot be decoded whole, a JPEG cut short included), ``faces.csv`` (image, face, detector, box_x1,
-box_y1, box_x2, box_y2, then x0..x18, y0..y18 in pixels when aligned), ``parsing/<image stem>_<face>.png``
-(class ids 0..10 at the image's size, one per face; classes in :data:`mcf.evaluate.scoring.CLASSES`)
-and ``overlays/<image stem>.png``.
+that cannot be decoded whole, a JPEG cut short included, or with a side of 32767 px or more),
+``faces.csv`` (image, face, detector, box_x1, box_y1, box_x2, box_y2, then x0..x18, y0..y18 in pixels
+when aligned), ``parsing/<image stem>_<face>.png`` (class ids 0..10 at the image's size, one per face;
+classes in :data:`mcf.evaluate.scoring.CLASSES`) and ``overlays/<image stem>.png``.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
 LANDMARK_COLUMNS = tuple(f"{c}{i}" for c in "xy" for i in range(19))  # x0..x18, then y0..y18
+MAX_SIDE = 32767  # SHRT_MAX: cv2.warpAffine and cv2.remap take smaller images only
 
 
 @torch.no_grad()
@@ -133,8 +134,12 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
 def read_image(path: Path) -> np.ndarray:
     """:func:`read_rgb`'s pixels, turned upright by EXIF as a viewer shows them, of a file Pillow decodes
     whole: OpenCV decodes a JPEG cut short in part, with only libjpeg's warning on stderr, so it would
-    pass for a whole image."""
+    pass for a whole image. An image with a side of 32767 px or more (a panorama) is refused: OpenCV's
+    warps, which crop and align every face, assert sides below that."""
     rgb = read_rgb(path, exif_orientation=True)  # names a missing or undecodable file as evaluate does
+    h, w = rgb.shape[:2]
+    if max(h, w) >= MAX_SIDE:
+        raise StageError(f"{path}: {w}x{h} px; OpenCV warps images under {MAX_SIDE} px a side: downscale it")
     limit = Image.MAX_IMAGE_PIXELS  # Pillow opens nothing past twice it; there OpenCV's read stands
     if limit is None or rgb.shape[0] * rgb.shape[1] <= 2 * limit:
         decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"

@@ -391,3 +391,21 @@ def test_parsing_alone_aligns_by_the_detectors_five_points(
     assert list(pd.read_csv(tmp_path / "out" / "faces.csv").columns) == list(table.columns)
     want = parse_face(model, cfg, read_image(image), points5)
     assert np.array_equal(read_png(tmp_path / "out" / "parsing" / f"{image.stem}_0.png"), want)
+
+
+def test_an_image_too_wide_for_opencvs_warps_is_listed_not_a_crash(
+    models: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """cv2.warpAffine and cv2.remap assert sides under 32767 px: a wide panorama was a traceback that lost
+    every other image's prediction. It is listed in images.csv instead, and the rest are predicted."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    pano = tmp_path / "pano.png"
+    cv2.imwrite(str(pano), np.zeros((1, 32767, 3), np.uint8))
+    out = tmp_path / "out"
+    argv = ["predict", str(image), str(pano), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out",
+            str(out), "--no-overlays"]
+    assert cli_main(argv) == 0
+    assert set(pd.read_csv(out / "faces.csv")["image"]) == {str(image)}
+    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    assert images.loc[str(pano), "faces"] == 0 and "32767x1 px" in images.loc[str(pano), "error"]
