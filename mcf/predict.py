@@ -146,6 +146,13 @@ def read_image(path: Path) -> np.ndarray:
     return rgb
 
 
+def under(images: Sequence[Path], out: Path) -> list[Path]:
+    """Those of ``images`` inside ``out`` (through any symlinks): replacing an earlier output would delete
+    them (photos copied into it, its own overlays)."""
+    target = Path(os.path.realpath(out))
+    return [p for p in images if Path(os.path.realpath(p.parent), p.name).is_relative_to(target)]
+
+
 Aligner = tuple[DenseFaceModel, AFLW19Config]
 Parser = tuple[DenseFaceModel, LaPaConfig]
 
@@ -181,6 +188,9 @@ def predict(
         raise StageError(f"--out {not_utf8([out])[0]} is not UTF-8, which OpenCV cannot write under; name "
                          "another folder")
     check_replaceable(out, "faces.csv")  # before any model is loaded
+    if inside := under(images, out):
+        raise StageError(f"{inside[0]} lies in --out {out}, which is replaced whole and would delete it "
+                         f"({len(inside)} images in all); name another folder")
     if parsing is not None and alignment is None and box is not None:
         raise StageError("parsing aligns each face by five landmarks, and a box gives no landmarks: with "
                          "--box, parsing needs --alignment MODEL (its eye, nose and mouth points)")
@@ -258,7 +268,7 @@ def cli(argv: list[str]) -> int:
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
                "    image path, an image or --out path that is not UTF-8, a model missing, damaged or of\n"
                "    the other task, a --yunet file OpenCV cannot load, an --out that is not a predict\n"
-               "    output or cannot be written; 2 a usage error\n"
+               "    output, holds an input image or cannot be written; 2 a usage error\n"
                "    (a bad --box, a --yunet that is no .onnx file, no --out)",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")

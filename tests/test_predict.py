@@ -284,7 +284,7 @@ def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -
     help_ = " ".join(capsys.readouterr().out.split())
     for case in ("no model given", "parsing without --alignment or --yunet", "a missing image path",
                  "a model missing, damaged or of the other task", "a --yunet file OpenCV cannot load",
-                 "an --out that is not a predict output or cannot be written",
+                 "an --out that is not a predict output, holds an input image or cannot be written",
                  "2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)"):
         assert case in help_
 
@@ -409,3 +409,21 @@ def test_an_image_too_wide_for_opencvs_warps_is_listed_not_a_crash(
     assert set(pd.read_csv(out / "faces.csv")["image"]) == {str(image)}
     images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
     assert images.loc[str(pano), "faces"] == 0 and "32767x1 px" in images.loc[str(pano), "error"]
+
+
+
+def test_an_image_under_out_is_refused_not_deleted(
+    models: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Photos copied into an earlier output and predicted into it again (``mcf predict work/ --out work/``)
+    were deleted without a word when --out was replaced whole; refused before any work instead."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    work = tmp_path / "work"
+    argv = ["--alignment", str(align_pt), "--box", "4,6,60,62", "--no-overlays", "--out", str(work)]
+    assert cli_main(["predict", str(image), *argv]) == 0
+    (work / "mine.jpg").write_bytes(image.read_bytes())
+    before = sorted(work.rglob("*"))
+    assert cli_main(["predict", str(work), *argv]) == 1
+    assert f"{work / 'mine.jpg'} lies in --out {work}" in capsys.readouterr().err
+    assert sorted(work.rglob("*")) == before
