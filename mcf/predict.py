@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -125,9 +126,14 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     # Face.jpg and face.png are one file on macOS and Windows, and so are é.jpg written as one code point
     # (NFC) and as e plus a combining accent (NFD, as macOS names files): their overlays would be one too
     stems = [unicodedata.normalize("NFD", p.stem.casefold()) for p in images]
-    if clash := sorted({p.name for p, s in zip(images, stems, strict=True) if stems.count(s) > 1}):
+    counts = Counter(stems)
+    if clash := sorted({p.name for p, s in zip(images, stems, strict=True) if counts[s] > 1}):
         raise StageError(f"images share a file stem (letter case and accent encoding aside); their outputs "
                          f"would collide: {clash}")
+    # parsing/<stem>_<face>.png must fit a file name's 255 bytes: found only at the write, after the work
+    if long := [p.name for p in images if len(f"{p.stem}_9999.png".encode()) > 255]:
+        raise StageError(f"{len(long)} image names are too long for their outputs (parsing/<stem>_<face>.png "
+                         f"must fit 255 bytes); shorten them: {long[0]}")
     return images
 
 
@@ -266,7 +272,8 @@ def cli(argv: list[str]) -> int:
                "      --parsing outputs/finetune_parsing/mcf/model.pt --out outputs/predict/\n\n"
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
-               "    image path, an image or --out path that is not UTF-8, a model missing, damaged or of\n"
+               "    image path, an image or --out path that is not UTF-8, image names too long for their\n"
+               "    outputs, a model missing, damaged or of\n"
                "    the other task, a --yunet file OpenCV cannot load, an --out that is not a predict\n"
                "    output, holds an input image or cannot be written; 2 a usage error\n"
                "    (a bad --box, a --yunet that is no .onnx file, no --out)",

@@ -283,6 +283,7 @@ def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -
     assert exit_.value.code == 0
     help_ = " ".join(capsys.readouterr().out.split())
     for case in ("no model given", "parsing without --alignment or --yunet", "a missing image path",
+                 "image names too long for their outputs",
                  "a model missing, damaged or of the other task", "a --yunet file OpenCV cannot load",
                  "an --out that is not a predict output, holds an input image or cannot be written",
                  "2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)"):
@@ -328,6 +329,17 @@ def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
     (tmp_path / nfd).touch()  # two files here, one overlays/café.png on macOS
     with pytest.raises(StageError, match="would collide"):
         list_images([photos, tmp_path / nfd])
+
+
+def test_an_image_name_too_long_for_its_outputs_is_refused_before_the_work(tmp_path: Path) -> None:
+    """A 250-byte stem is a valid file name, but parsing/<stem>_0.png is not: the write failed with an
+    OSError traceback after every image was predicted, and nothing was kept."""
+    fits, too_long = tmp_path / f"{'a' * 246}.jpg", tmp_path / f"{'b' * 250}.jpg"
+    fits.touch()
+    too_long.touch()
+    assert list_images([fits]) == [fits]
+    with pytest.raises(StageError, match=r"1 image names are too long for their outputs .*: b{250}\.jpg"):
+        list_images([tmp_path])
 
 
 @pytest.mark.parametrize(
