@@ -114,6 +114,21 @@ def test_weights_files_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "ran code" not in capsys.readouterr().out
 
 
+def test_a_folder_given_as_weights_is_named_a_folder(tmp_path: Path) -> None:
+    """``mcf export --checkpoint outputs/pretrain`` (the stage's folder, not its checkpoint.pt) said "weights
+    file not found" of a folder that is there; it now says it is a folder and names the weights inside."""
+    out = tmp_path / "pretrain"
+    (out / "backbone").mkdir(parents=True)
+    torch.save({"model": {}}, out / "checkpoint.pt")
+    folder = r"pretrain is a folder, not a weights file \(it holds checkpoint.pt\)"
+    with pytest.raises(StageError, match=folder):
+        cli(["--checkpoint", str(out), "--out", str(tmp_path / "never")])
+    with pytest.raises(WeightsError, match="backbone is a folder, not a weights file$"):
+        read_weights(out / "backbone")
+    with pytest.raises(WeightsError, match="weights file not found"):
+        read_weights(tmp_path / "nope.pt")
+
+
 class _BlockedModule:
     def __reduce__(self) -> tuple:
         return (os.getcwd, ())  # harmless, but from os (posix), a module torch's weights-only loader blocks

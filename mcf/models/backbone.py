@@ -125,6 +125,10 @@ def read_weights(path: str | Path) -> dict[str, Any]:
     ``argparse.Namespace``: that plain attribute bag is allowed, and nothing else beyond tensors.
     """
     path = Path(path)
+    if path.is_dir():  # e.g. a stage's output folder given for the checkpoint.pt inside it
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".pt", ".pth", ".tar", ".safetensors"))
+        hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+        raise WeightsError(f"{path} is a folder, not a weights file{hint}")
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
