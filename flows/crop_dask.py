@@ -38,10 +38,9 @@ def fan_out(cfg: CropConfig, parts_dir: str) -> list[ChunkResult]:
     The images are listed here, not passed in: a flow's parameters go to the Prefect API, which refuses
     them past 512 KB (the default run's 1,200 images are 750 KB); the tasks' go to the Dask workers.
     """
-    sources = load_sources(cfg)
-    chunks = [sources[i : i + cfg.chunk_size] for i in range(0, len(sources), cfg.chunk_size)]
-    parts = [str(Path(parts_dir) / f"part-{i:06d}") for i in range(len(chunks))]
-    return submit_in_order(crop_part, ((chunk, cfg, part) for chunk, part in zip(chunks, parts, strict=True)))
+    chunks = load_sources(cfg).chunks(cfg.chunk_size)  # each built as it is submitted
+    return submit_in_order(crop_part, ((chunk, cfg, str(Path(parts_dir) / f"part-{i:06d}"))
+                                       for i, chunk in enumerate(chunks)))
 
 
 @flow(name="crop_dask")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 from prefect import Task
 from prefect.futures import wait
 from prefect_dask import DaskTaskRunner
+
+from mcf import pools
 
 WINDOW = 256  # tasks submitted and unfinished at once: twice the workers of a 128-core cluster
 
@@ -26,22 +27,9 @@ def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTas
 
 def submit_in_order(task: Task, calls: Iterable[tuple], window: int = WINDOW) -> list:
     """``task(*args)`` for each of ``calls`` on the flow's task runner, at most ``window`` submitted and
-    unfinished at once; the results in call order.
+    unfinished at once (:func:`mcf.pools.submit_in_order`); the results in call order.
 
-    Dask's scheduler keeps a task's arguments until it has run: mapping the paper's 20M images at once,
-    in 625,000 chunks, would hold every chunk there (about 30 GiB), and register as many task runs.
-    A failure is raised once the tasks in flight have finished: a cluster's workers (``address``) go on
-    after the flow ends, and would write into the staging folder that the failure has the caller delete.
+    Dask's scheduler keeps a task's arguments until it has run, and registers a task run per call: the
+    paper's 20M images are 625,000 chunks. A failure is raised once the tasks in flight have finished.
     """
-    results, inflight = [], deque()
-    try:
-        for args in calls:
-            if len(inflight) == window:
-                results.append(inflight.popleft().result())
-            inflight.append(task.submit(*args))
-        while inflight:
-            results.append(inflight.popleft().result())
-    except Exception:
-        wait(list(inflight))
-        raise
-    return results
+    return list(pools.submit_in_order(task.submit, calls, window, wait))

@@ -9,9 +9,11 @@ the run anyway, with the CLI's one line and exit 130.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from contextlib import contextmanager
+from typing import Any
 
 
 def ignore_ctrl_c() -> None:
@@ -47,3 +49,27 @@ def cancelled_on_error(pool: Executor) -> Iterator[Executor]:
         raise
     finally:
         pool.shutdown()
+
+
+def submit_in_order(submit: Callable[..., Any], calls: Iterable[tuple], window: int,
+                    settle: Callable[[list], Any] | None = None) -> Iterator[Any]:
+    """``submit(*call)`` for each of ``calls`` (a pool's or a task runner's), at most ``window`` submitted
+    and unfinished at once; yields their results in call order.
+
+    Submitting all at once holds every call's arguments until it runs: at the paper's 20M images, every
+    chunk's sources (a process pool's queue; some 30 GiB on a Dask scheduler). On a failure, ``settle``
+    (when given) waits for the calls in flight before it is raised: they may write into a staging folder
+    the caller deletes (a cluster's workers go on after the flow ends).
+    """
+    inflight: deque = deque()
+    try:
+        for call in calls:  # the next call is made (a chunk built) only once a result is taken
+            inflight.append(submit(*call))
+            if len(inflight) == window:
+                yield inflight.popleft().result()
+        while inflight:
+            yield inflight.popleft().result()
+    except Exception:  # not Ctrl-C, nor a generator closed unfinished: a pool shutdown's to handle
+        if settle is not None:
+            settle(list(inflight))
+        raise

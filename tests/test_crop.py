@@ -349,6 +349,52 @@ def test_parallel_run_matches_serial(fetch_dir: Path, tmp_path: Path, serial: tu
     assert [Path(u).read_bytes() for u in ours] == [Path(u).read_bytes() for u in theirs]
 
 
+@pytest.mark.parametrize("mode", ["auto", "table", "detector"])
+def test_sources_are_the_fetched_images_with_their_table_faces(fetch_dir: Path, mode: str) -> None:
+    """The image list is arrays; a slice builds its chunk's Sources: every fetched image in sample_id
+    order, table faces in face order, None where the detector runs ('auto' for an image the table
+    lacks), none where the table is the only source."""
+    sources = crop_mod.load_sources(_cfg(fetch_dir, fetch_dir.parent / "o", detections=mode))
+    samples = _samples()
+    assert len(sources) == len(samples) and [c for c in sources.chunks(4)][-1] == sources[8:]
+    for src in sources[:]:
+        _, faces, _ = samples[src.sample_id]
+        assert src.path == str(fetch_dir / "images" / f"{src.sample_id}.jpg")
+        if mode == "detector" or (mode == "auto" and faces is None):
+            assert src.faces is None
+        else:
+            assert [(f.face, list(f.box), f.landmarks and list(f.landmarks), f.score, f.detector)
+                    for f in src.faces] == [(i, f["box"], f["landmarks"], f["score"], "table")
+                                            for i, f in enumerate(faces or [])]
+    assert [s.sample_id for s in sources[:]] == sorted(samples)
+
+
+def test_the_pool_builds_two_chunks_a_worker_ahead(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
+    """Executor.map submits every chunk at once: at the paper's 20M images, each chunk's Source objects
+    (some 24 GB) were built before the first crop. Now four chunks (two workers) are built ahead of the
+    first result, and the rest as results come back, in order."""
+    fetch = crop_mod._bench_images(tmp_path / "fetch", 12, 64)
+    cfg = CropConfig(input=str(fetch), out=str(tmp_path / "crop"), size=SIZE, chunk_size=1, workers=2)
+    built, seen = [], []
+    slice_ = crop_mod.Sources.__getitem__
+    monkeypatch.setattr(crop_mod.Sources, "__getitem__", lambda self, i: built.append(i) or slice_(self, i))
+
+    class Bar:
+        def __init__(self, *_: object, **__: object) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            seen.append((len(built), n))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(crop_mod, "tqdm", Bar)
+    results = crop_mod.run_chunks(crop_mod.load_sources(cfg), cfg, tmp_path / "parts")
+    assert seen[0] == (4, 1) and sum(n for _, n in seen) == 12 and len(built) == 12
+    assert [r.rows["sample_id"].iloc[0] for r in results] == [f"bench-{i:06d}" for i in range(12)]
+
+
 def _assert_no_output(out: Path) -> None:
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
@@ -821,3 +867,13 @@ def test_an_out_that_is_the_fetch_output_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ParamsError, match=r"crop.out: is crop.input, the fetch stage's output .*replace"):
             build(CropConfig, {"input": str(tmp_path / "fetch"), "out": str(out)}, "crop")
     build(CropConfig, {"input": str(tmp_path / "fetch"), "out": str(tmp_path / "crop")}, "crop")
+
+
+def test_bench_sizes_the_image_list_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--list-only``: the image list's load time and bytes an image, on tables without JPEGs (the
+    paper's 20M images cannot be generated here, their list can)."""
+    bench_crop(["--list-only", "--images", "3000"])
+    out = capsys.readouterr().out.strip()
+    held = int(re.fullmatch(r"crop bench: image list of 3000 images loaded in [\d.]+ s, (\d+) B an image "
+                            r"held", out).group(1))
+    assert 100 < held < 1000

@@ -30,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from multiprocessing.context import BaseContext
@@ -42,13 +42,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mcf.data.detect import DetectorConfig, Face, box_misses, load_detections, make_detector
+from mcf.data.detect import DetectionTable, DetectorConfig, Face, box_misses, load_detections, make_detector
 from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir, read_table
 from mcf.params import Common, param, require_apart, require_path
-from mcf.pools import cancelled_on_error, ignore_ctrl_c, workers_ignore_ctrl_c
+from mcf.pools import cancelled_on_error, ignore_ctrl_c, submit_in_order, workers_ignore_ctrl_c
 
 log = logging.getLogger(__name__)
 
@@ -284,24 +284,53 @@ def finish(manifest: pd.DataFrame, cfg: CropConfig, out_dir: str | Path) -> None
     write_manifest(manifest, Path(out_dir) / "manifest.parquet")
 
 
-def load_sources(cfg: CropConfig) -> list[Source]:
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """The fetched images in ``sample_id`` order with their table detections, as arrays: a slice is that
+    chunk's :class:`Source` list, built when the chunk is handed out (a Source and its faces per image
+    held some 24 GB in the parent at the paper's 20M images)."""
+
+    folder: Path  # the fetch output
+    sample_ids: np.ndarray  # str objects
+    paths: np.ndarray  # str objects: the image files, under ``folder``
+    table: DetectionTable | None
+    starts: np.ndarray  # each image's rows in ``table`` (DetectionTable.spans); empty without a table
+    stops: np.ndarray
+    table_only: bool  # crop.detections 'table': an image the table lacks has no faces (else the detector's)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitem__(self, index: slice) -> list[Source]:
+        chunk = []
+        for i in range(*index.indices(len(self))):
+            faces: tuple[Face, ...] | None = () if self.table_only else None
+            if self.table is not None and self.stops[i] > self.starts[i]:
+                faces = self.table.faces(int(self.starts[i]), int(self.stops[i]))
+            chunk.append(Source(self.sample_ids[i], str(self.folder / self.paths[i]), faces))
+        return chunk
+
+    def chunks(self, size: int) -> Iterator[list[Source]]:
+        """Consecutive chunks of ``size`` images, each built as it is asked for."""
+        return (self[i : i + size] for i in range(0, len(self), size))
+
+
+def load_sources(cfg: CropConfig) -> Sources:
     """The fetched images (status ``success``) in ``sample_id`` order, with their table detections."""
     fetch_dir = Path(cfg.input)
     require_path(fetch_dir / "manifest.parquet", "crop.input", made_by="fetch")
     wanted = ["sample_id", "path", "status"]
     manifest = read_table(fetch_dir / "manifest.parquet", wanted, "rerun `mcf fetch`", only=True)
     manifest = manifest[(manifest["status"] == "success") & manifest["path"].notna()]
+    manifest = manifest.assign(sample_id=manifest["sample_id"].astype(str)).sort_values(["sample_id", "path"])
     table_path = fetch_dir / "detections.parquet"
     table = load_detections(table_path) if cfg.detections != "detector" and table_path.is_file() else None
     if cfg.detections == "table" and table is None:
         raise StageError(f"crop.detections is 'table' but {table_path} does not exist")
-    sources = []
-    for sample_id, path in sorted(zip(manifest["sample_id"].astype(str), manifest["path"], strict=True)):
-        faces = None if table is None else table.get(sample_id)
-        if faces is None and cfg.detections == "table":
-            faces = []
-        sources.append(Source(sample_id, str(fetch_dir / path), None if faces is None else tuple(faces)))
-    return sources
+    sample_ids = manifest["sample_id"].to_numpy(object, copy=True)  # not a view: it kept every column
+    starts, stops = table.spans(sample_ids) if table is not None else (np.zeros(0, np.int64),) * 2
+    paths = manifest["path"].to_numpy(object, copy=True)
+    return Sources(fetch_dir, sample_ids, paths, table, starts, stops, cfg.detections == "table")
 
 
 def _pool_context() -> BaseContext:
@@ -322,26 +351,31 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # one OpenCV thread per worker process: the pool is the parallelism
 
 
-def run_chunks(sources: Sequence[Source], cfg: CropConfig, parts_dir: str | Path) -> list[ChunkResult]:
-    """Crop all sources in chunks of ``cfg.chunk_size``, over ``cfg.workers`` processes, in chunk order."""
-    chunks = [sources[i : i + cfg.chunk_size] for i in range(0, len(sources), cfg.chunk_size)]
-    parts = [str(Path(parts_dir) / f"part-{i:06d}") for i in range(len(chunks))]
+def run_chunks(sources: Sources, cfg: CropConfig, parts_dir: str | Path) -> list[ChunkResult]:
+    """Crop all sources in chunks of ``cfg.chunk_size``, over ``cfg.workers`` processes, in chunk order.
+    Two chunks a worker are handed out at a time, so only those are built (:class:`Sources`)."""
+    calls = ((crop_chunk, chunk, cfg, str(Path(parts_dir) / f"part-{i:06d}"))
+             for i, chunk in enumerate(sources.chunks(cfg.chunk_size)))
     bar = tqdm(total=len(sources), desc="crop", unit="img")
-    results = []
-    if cfg.workers == 1 or len(chunks) <= 1:
-        mapped: Any = map(crop_chunk, chunks, [cfg] * len(chunks), parts)
-        for result, chunk in zip(mapped, chunks, strict=True):
-            results.append(result)
-            bar.update(len(chunk))
+    results: list[ChunkResult] = []
+
+    def take(result: ChunkResult) -> None:
+        bar.update(min(cfg.chunk_size, len(sources) - cfg.chunk_size * len(results)))
+        results.append(result)
+
+    if cfg.workers == 1 or len(sources) <= cfg.chunk_size:
+        for fn, *args in calls:
+            take(fn(*args))
     else:
-        ctx = _pool_context()
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init)
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=_pool_context(), initializer=_worker_init)
         with cancelled_on_error(pool):
-            with workers_ignore_ctrl_c():  # map starts the workers
-                mapped = pool.map(crop_chunk, chunks, [cfg] * len(chunks), parts)
-            for result, chunk in zip(mapped, chunks, strict=True):
-                results.append(result)
-                bar.update(len(chunk))
+            # no settle: cancelled_on_error's shutdown waits for the running chunks, and wait() would
+            # hang on the queued ones it cancels (a future cancelled there is never notified)
+            mapped = submit_in_order(pool.submit, calls, 2 * cfg.workers)
+            with workers_ignore_ctrl_c():  # the first submits start the workers (and a forkserver)
+                take(next(mapped))
+            for result in mapped:
+                take(result)
     bar.close()
     return results
 
@@ -364,16 +398,18 @@ def main(common: Common, cfg: CropConfig) -> None:
     crop(cfg)
 
 
-def _bench_images(root: Path, n: int, side: int) -> Path:
-    """A fetch folder of ``n`` textured ``side``-pixel JPEGs, each with one table detection."""
+def _bench_images(root: Path, n: int, side: int, jpegs: bool = True) -> Path:
+    """A fetch folder of ``n`` textured ``side``-pixel JPEGs (only their tables without ``jpegs``), each
+    with one table detection."""
     rng = np.random.default_rng(0)
     (root / "images").mkdir(parents=True)
     rows, faces = [], []
     for i in range(n):
-        base = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
-        img = cv2.resize(base, (side, side), interpolation=cv2.INTER_CUBIC)
-        img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
-        cv2.imwrite(str(root / f"images/{i:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if jpegs:
+            base = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+            img = cv2.resize(base, (side, side), interpolation=cv2.INTER_CUBIC)
+            img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+            cv2.imwrite(str(root / f"images/{i:06d}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 90])
         rows.append({"sample_id": f"bench-{i:06d}", "path": f"images/{i:06d}.jpg", "status": "success"})
         w = rng.uniform(0.3, 0.6) * side
         x, y = rng.uniform(0, side - w, 2)
@@ -391,6 +427,18 @@ def _bench_images(root: Path, n: int, side: int) -> Path:
     return root
 
 
+def _held(value: Any) -> int:
+    """Bytes a dataclass of arrays holds: the arrays, and the strings an object array points to."""
+    total = 0
+    for field in dataclasses.fields(value):
+        item = getattr(value, field.name)
+        if isinstance(item, np.ndarray):
+            total += item.nbytes + (sum(map(sys.getsizeof, item)) if item.dtype == object else 0)
+        elif dataclasses.is_dataclass(item):
+            total += _held(item)
+    return total
+
+
 def bench_crop(argv: list[str]) -> None:
     """Crop-stage throughput: crops and images per second through detection, warping, filters and
     sharding (the stage minus its data gate), on generated textured images or a fetch output."""
@@ -401,15 +449,16 @@ def bench_crop(argv: list[str]) -> None:
     p.add_argument("--workers", type=int, default=2, help="crop processes (default: %(default)s)")
     p.add_argument("--size", type=int, default=64, help="crop side (default: %(default)s)")
     p.add_argument("--detector", action="store_true", help="ignore detection tables: run the OpenCV detector")
+    p.add_argument("--list-only", action="store_true",
+                   help="time and size the image list alone (load_sources), on generated tables: no JPEGs")
     args = p.parse_args(argv)
     for name in ("images", "image_size", "workers", "size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     with tempfile.TemporaryDirectory(prefix="mcf-bench-crop-") as tmp:
         root = Path(tmp)
-        fetch = (
-            Path(args.input) if args.input else _bench_images(root / "fetch", args.images, args.image_size)
-        )
+        fetch = Path(args.input) if args.input else _bench_images(
+            root / "fetch", args.images, args.image_size, jpegs=not args.list_only)
         mode = "detector" if args.detector else "auto"
         cfg = CropConfig(
             input=str(fetch),
@@ -418,7 +467,13 @@ def bench_crop(argv: list[str]) -> None:
             workers=args.workers,
             detections=mode,
         )
+        start = time.perf_counter()
         sources = load_sources(cfg)
+        listed = time.perf_counter() - start
+        print(f"crop bench: image list of {len(sources)} images loaded in {listed:.2f} s, "
+              f"{_held(sources) / max(len(sources), 1):.0f} B an image held")
+        if args.list_only:
+            return
         start = time.perf_counter()
         results = run_chunks(sources, cfg, Path(tmp) / "parts")
         middle = time.perf_counter()

@@ -71,37 +71,82 @@ def box_misses(box: Sequence[float], width: int, height: int) -> bool:
     return x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height
 
 
-def load_detections(path: str | Path) -> dict[str, list[Face]]:
-    """The detections table (docs/CONTRACTS.md) grouped by ``sample_id``, faces in ``face`` order."""
+@dataclasses.dataclass(frozen=True)
+class DetectionTable:
+    """A detections table, checked, as arrays in (``sample_id``, ``face``) order: at the paper's 20M images,
+    a :class:`Face` object per detection held some 24 GB in the crop parent; :meth:`faces` builds one
+    image's when its chunk is handed out."""
+
+    sample_ids: np.ndarray  # str objects, sorted
+    face: np.ndarray  # int64
+    box: np.ndarray  # [n, 4] float64
+    landmarks: np.ndarray  # [n, 10] float64; NaN where ``has_landmarks`` is False
+    has_landmarks: np.ndarray  # bool
+    score: np.ndarray  # float64; NaN where the table gives none
+
+    def spans(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each of ``sample_ids``' first row and the row past its last (equal where it has none)."""
+        return (np.searchsorted(self.sample_ids, sample_ids, "left"),
+                np.searchsorted(self.sample_ids, sample_ids, "right"))
+
+    def faces(self, start: int, stop: int) -> tuple[Face, ...]:
+        """Rows ``start:stop`` (one image's, from :meth:`spans`) as faces, in ``face`` order."""
+        return tuple(
+            Face(int(self.face[i]), tuple(self.box[i].tolist()),  # type: ignore[arg-type]
+                 tuple(self.landmarks[i].tolist()) if self.has_landmarks[i] else None,
+                 None if np.isnan(self.score[i]) else float(self.score[i]), "table")
+            for i in range(start, stop)
+        )
+
+
+def _lengths(column: pd.Series) -> np.ndarray:
+    """The length of each list cell; a null cell has none."""
+    return np.fromiter((0 if v is None else len(v) for v in column), np.int64, len(column))
+
+
+def _matrix(column: pd.Series, rows: np.ndarray, width: int) -> np.ndarray:
+    """The cells of ``rows`` (each ``width`` long) as float64 rows, NaN elsewhere; a null inside a cell is
+    NaN, which the finite check refuses."""
+    out = np.full((len(column), width), np.nan)
+    if rows.any():
+        out[rows] = np.array(column[rows].tolist(), dtype=np.float64)
+    return out
+
+
+def load_detections(path: str | Path) -> DetectionTable:
+    """The detections table (docs/CONTRACTS.md), checked row by row in (``sample_id``, ``face``) order."""
     table = read_table(path, DETECTION_COLUMNS, "rerun `mcf fetch`")
-    grouped: dict[str, list[Face]] = {}
-    table = table.sort_values(["sample_id", "face"], kind="stable")
+    table = table.assign(sample_id=table["sample_id"].astype(str))
+    table = table.sort_values(["sample_id", "face"], kind="stable").reset_index(drop=True)
     # what the crop gate would reject only after every image was cropped is refused here, naming the row
     bad_index = table[table.duplicated(["sample_id", "face"]) | (table["face"] < 0)]
     if len(bad_index):
         row = bad_index.iloc[0]
         raise StageError(f"{path}: sample {row.sample_id} face {row.face}: face indices must be unique "
                          "within a sample and >= 0")
-    for row in table.itertuples(index=False):
-        where = f"{path}: sample {row.sample_id} face {row.face}"
-        # a null inside becomes NaN: not finite; a null box has no values
-        box = () if row.box is None else tuple(np.asarray(row.box, np.float64).tolist())
-        lms = row.landmarks
-        landmarks = None if lms is None or len(lms) == 0 else tuple(np.asarray(lms, np.float64).tolist())
-        if len(box) != 4 or (landmarks is not None and len(landmarks) != 10):
-            raise StageError(
-                f"{where}: box needs 4 values and landmarks 10, got {len(box)} and {len(landmarks or ())}"
-            )
-        if not np.isfinite([*box, *(landmarks or ())]).all():
-            raise StageError(f"{where}: box or landmarks not finite")
-        if box[2] < box[0] or box[3] < box[1]:
-            raise StageError(f"{where}: box {list(box)} is not x1, y1, x2, y2 with x1 <= x2 and y1 <= y2")
-        score = None if pd.isna(row.score) else float(row.score)
-        if score is not None and not 0.0 <= score <= 1.0:
-            raise StageError(f"{where}: score {score} is outside 0..1")
-        face = Face(int(row.face), box, landmarks, score, "table")  # type: ignore[arg-type]
-        grouped.setdefault(str(row.sample_id), []).append(face)
-    return grouped
+    box_len, lms_len = _lengths(table["box"]), _lengths(table["landmarks"])  # an empty landmarks list: none
+    box = _matrix(table["box"], box_len == 4, 4)
+    has_landmarks = lms_len == 10
+    landmarks = _matrix(table["landmarks"], has_landmarks, 10)
+    score = table["score"].to_numpy(np.float64, na_value=np.nan)
+    finite = np.isfinite(box).all(axis=1) & (np.isfinite(landmarks).all(axis=1) | ~has_landmarks)
+    with np.errstate(invalid="ignore"):
+        checks = [  # a row's first failed check is its message, as a check per row in this order
+            ((box_len != 4) | ((lms_len != 0) & ~has_landmarks),
+             lambda i: f"box needs 4 values and landmarks 10, got {box_len[i]} and {lms_len[i]}"),
+            (~finite, lambda i: "box or landmarks not finite"),
+            ((box[:, 2] < box[:, 0]) | (box[:, 3] < box[:, 1]),
+             lambda i: f"box {box[i].tolist()} is not x1, y1, x2, y2 with x1 <= x2 and y1 <= y2"),
+            (~np.isnan(score) & ~((score >= 0.0) & (score <= 1.0)),
+             lambda i: f"score {float(score[i])} is outside 0..1"),
+        ]
+    failed = np.logical_or.reduce([bad for bad, _ in checks])
+    if failed.any():
+        i = int(np.argmax(failed))
+        message = next(say for bad, say in checks if bad[i])
+        raise StageError(f"{path}: sample {table.sample_id[i]} face {table.face[i]}: {message(i)}")
+    ids = table["sample_id"].to_numpy(object, copy=True)  # not a view: it kept the list columns' cells
+    return DetectionTable(ids, table["face"].to_numpy(np.int64), box, landmarks, has_landmarks, score)
 
 
 class Detector(Protocol):
