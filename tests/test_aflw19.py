@@ -301,3 +301,14 @@ def test_a_damaged_identities_table_is_one_line(tmp_path: Path, text: bytes, cau
     (tmp_path / IDENTITIES_CSV).write_text("name,identity,split\nimage_0.jpg,x,train\n")
     with pytest.raises(StageError, match="an identity that is not a whole number; rerun `mcf fetch`"):
         read_identities(tmp_path)  # int()'s ValueError
+
+
+def test_an_empty_split_fails_the_gate_on_its_row_count_alone(tree: tuple[Path, dict]) -> None:
+    """n_train equal to the number of samples leaves the test split empty: table() gave a frame without
+    columns and the gate listed every expectation, 41 as 'column ... does not exist', not the row count."""
+    root, _ = tree
+    with pytest.raises(GateError) as err:
+        run_gate(table(AFLW19Config(root=str(root), n_train=N, size=SIZE), "full"), "aflw19", stage="test",
+                 keep=False)
+    assert str(err.value).endswith("expectations on 0 rows:\n"
+                                   "  - expect_table_row_count_to_be_between(): observed 0"), str(err.value)

@@ -495,3 +495,17 @@ def test_a_hand_edited_row_condition_is_described_not_crashed(cond: dict) -> Non
     item = {"success": False, "expectation_config": {
         "type": "expect_column_values_to_not_be_null", "kwargs": {"column": "path", "row_condition": cond}}}
     assert gate.describe(item).startswith(f"expect_column_values_to_not_be_null(column=path, where {cond})")
+
+
+def test_an_empty_split_fails_the_gate_on_its_row_count_alone(tmp_path: Path) -> None:
+    """A LaPa split folder with no files (a copy cut short) gave table() a frame without columns, so the
+    gate listed all 26 expectations, 25 as 'column ... does not exist', hiding the one that says why."""
+    from mcf.data.lapa import LaPaConfig
+    from mcf.data.lapa import table as lapa_table
+
+    for sub in ("images", "labels", "landmarks"):
+        (tmp_path / "LaPa" / "test" / sub).mkdir(parents=True)
+    with pytest.raises(GateError) as err:
+        gate.run_gate(lapa_table(LaPaConfig(root=str(tmp_path)), "test"), "lapa", stage="test", keep=False)
+    assert str(err.value).endswith("failed 1 of 26 expectations on 0 rows:\n"
+                                   "  - expect_table_row_count_to_be_between(): observed 0"), str(err.value)

@@ -313,6 +313,12 @@ def to_original(
     return T.apply(inv[:, :2], p)
 
 
+# table()'s columns, named also when a split is empty: the gate then fails on the row count alone
+TABLE_COLUMNS = ("name", "split", "exists", "decodes", "width", "height", "box_left", "box_right", "box_top",
+                 "box_bottom", "box_w", "box_h", "x_min", "x_max", "y_min", "y_max", "visible", "finite",
+                 "eye_gap")
+
+
 def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
     """One row per sample of ``split`` for the ``aflw19`` data gate (every image decoded once).
 
@@ -339,4 +345,4 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
             "finite": bool(np.isfinite(pts).all() and np.isfinite(box).all()),
             "eye_gap": float(np.linalg.norm(pts[OUTER_EYE_CORNERS[0]] - pts[OUTER_EYE_CORNERS[1]])),
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))

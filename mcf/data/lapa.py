@@ -217,6 +217,12 @@ def sample_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Te
     return {k: v[i] for k, v in params.items()}
 
 
+# table()'s columns, named also when a split is empty: the gate then fails on the row count alone
+TABLE_COLUMNS = ("stem", "split", "has_image", "has_label", "has_landmarks", "image_decodes", "width",
+                 "height", "label_width", "label_height", "size_match", "label_min", "label_max",
+                 "n_landmarks")
+
+
 def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
     """One row per stem found in any of the three folders of ``split``, for the ``lapa`` data gate.
 
@@ -247,4 +253,4 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
             "label_min": int(label.min()) if ok else -1, "label_max": int(label.max()) if ok else -1,
             "n_landmarks": n_lm,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
