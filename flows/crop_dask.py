@@ -54,7 +54,7 @@ def crop_dask(
 
     A local cluster has ``n_workers`` workers (default: ``crop.workers``), processes or threads.
     """
-    _, cfg = load("crop", params_file)
+    _, cfg = load("crop", params_file, every_section=True)  # as `mcf crop`: any section, before work
     # absolute paths: a worker on another host resolves them the same way
     yunet = cfg.detector.yunet_model and str(Path(cfg.detector.yunet_model).resolve())
     cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()),

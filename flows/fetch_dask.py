@@ -144,7 +144,7 @@ def fetch_dask(
     """
     if rows_per_task < 1:
         raise ValueError(f"rows_per_task must be at least 1, not {rows_per_task}")
-    _, cfg = load("fetch", params_file)
+    _, cfg = load("fetch", params_file, every_section=True)  # as `mcf fetch`: any section, before work
     if cfg.source == "synthetic":
         # a params error (exit 2 for the flow's retries): running it again is refused the same way
         raise ParamsError("fetch.source", "synthetic: SynthFace renders on fetch.synthetic.workers processes "

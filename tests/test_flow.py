@@ -838,6 +838,28 @@ def test_fetch_on_dask_hands_its_workers_absolute_paths(
     assert Path(staging).is_absolute()
 
 
+@pytest.mark.parametrize("stage", ["fetch", "crop"])
+def test_a_stage_on_dask_checks_every_section_before_any_work(
+    stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `mcf <stage>` does (README: every stage checks the whole params.yaml): a typo in evaluate's
+    section stops the fan-out before it starts, not `mcf subset` after days of downloads and crops."""
+    import flows.crop_dask
+    import flows.fetch_dask
+    from mcf.params import ParamsError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "fetch").mkdir()
+    sections = {"fetch": {"source": "local", "data": "images", "out": "out", "local": {"root": "images"}},
+                "crop": {"input": "fetch", "out": "crop"}, "evaluate": {"batchsize": 8}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(sections))
+    module = flows.fetch_dask if stage == "fetch" else flows.crop_dask
+    fan_out_flow = module.fetch_dask if stage == "fetch" else module.crop_dask
+    with pytest.raises(ParamsError, match="evaluate.batchsize: unknown key"):
+        _handed_to_the_fan_out(module, fan_out_flow, monkeypatch)
+
+
 def _six_local_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any]:
     """Six PNGs under ``images/`` and a params file fetching them (the local source); the working
     directory is ``tmp_path``, where the gate keeps its results. Returns the params file and its config."""
