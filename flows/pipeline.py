@@ -33,6 +33,7 @@ from typing import Any, Literal
 import networkx as nx
 from dvc.repo import Repo
 from dvc.stage import PipelineStage
+from dvc.stage.cache import RunCacheNotFoundError
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -271,13 +272,30 @@ def _dvc(*args: str) -> str:
     return done.stdout
 
 
+def _restored(stage: str) -> bool:
+    """Check out ``stage``'s outputs from DVC's cache, as ``dvc repro`` would before running it: those
+    dvc.lock records, or those of a run with these inputs in the run-cache (saved by ``dvc repro`` or a
+    fan-out's ``dvc commit``); whether there were any.
+
+    fetch's persistent output is never in it (DVC keeps no run-cache for it).
+    """
+    with Repo(str(Path.cwd()), _wait_for_lock=True) as repo, repo.lock:
+        (target,) = repo.stage.collect(stage)
+        try:
+            repo.stage_cache.restore(target)
+        except RunCacheNotFoundError:
+            return False
+    return True
+
+
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
 def dask_stage(stage: str, address: str | None) -> StageRun:
     """Stage ``fetch`` or ``crop`` fanned out on Dask (flows/fetch_dask.py, flows/crop_dask.py), then
     recorded in dvc.lock.
 
     A fan-out writes exactly what its stage's command writes (tests/test_flow.py checks both), so
-    ``dvc commit`` records what ``dvc repro`` would have; an up-to-date stage is skipped as usual.
+    ``dvc commit`` records what ``dvc repro`` would have; an up-to-date stage is skipped, and one that
+    ran before with the same inputs restored from the run-cache, as usual.
     """
     # imported only when asked for: the fan-outs import Dask, OpenCV and the sources (boto3)
     if stage == "fetch":
@@ -288,6 +306,9 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     start = time.monotonic()
     if not json.loads(_dvc("status", "--json", stage) or "{}"):
         return StageRun(stage, "unchanged", round(time.monotonic() - start, 1))
+    if _restored(stage):
+        _dvc("commit", "--force", stage)
+        return StageRun(stage, "restored", round(time.monotonic() - start, 1))
     try:
         fan_out(address=address)
     except Exception as err:

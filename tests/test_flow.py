@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -408,7 +409,9 @@ def test_fetch_on_dask_is_retried_as_fetch_is(
     monkeypatch.setattr(flows.fetch_dask, "fetch_dask", flaky)
     assert _outcomes(mcf(fetch_on_dask=True, stages=["fetch"])) == {"fetch": "ran"} and len(calls) == 2
     for error, code in ((ParamsError("fetch.source", "no"), 2), (GateError("manifest: bad rows"), 3)):
-        (project / "out/fetch.txt").unlink(missing_ok=True)  # fetch is to do again
+        (project / "out/fetch.txt").unlink(missing_ok=True)  # fetch is to do again, not to restore:
+        (project / "dvc.lock").unlink(missing_ok=True)  # neither as dvc.lock has it nor from the run-cache
+        shutil.rmtree(project / ".dvc/cache/runs", ignore_errors=True)
         calls.clear()
 
         def refused(address: str | None, error: Exception = error) -> None:
@@ -443,6 +446,35 @@ def test_a_stage_on_dask_is_recorded_in_dvc_lock_and_skipped_once_up_to_date(
     assert outs[0]["md5"] == hashlib.md5(b"0\n1\n2\n").hexdigest()
     assert dask_stage.fn("fetch", "tcp://scheduler:8786").outcome == "unchanged"
     assert calls == ["tcp://scheduler:8786"]
+
+
+def test_a_stage_on_dask_that_ran_before_with_these_inputs_is_restored_from_the_run_cache(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `dvc repro` restores it (README: finished stages are skipped or restored from the run-cache):
+    switching back to a profile whose outputs `dvc commit` saved restores them, it does not fan out
+    again (crop's 20M images at the paper's scale). The toy fetch has no persistent output, as crop."""
+    import flows.fetch_dask
+    from flows.pipeline import dask_stage
+
+    calls: list[int] = []
+
+    def fan_out(address: str | None) -> None:
+        n = yaml.safe_load((project / "params.yaml").read_text())["fetch"]["n"]
+        calls.append(n)
+        (project / "out").mkdir(exist_ok=True)
+        (project / "out/fetch.txt").write_text("".join(f"{i}\n" for i in range(n)))
+
+    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", fan_out)
+    assert dask_stage.fn("fetch", None).outcome == "ran"
+    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "fetch": {"n": 1}}))
+    assert dask_stage.fn("fetch", None).outcome == "ran"
+    (project / "params.yaml").write_text(yaml.safe_dump(PARAMS))
+    assert dask_stage.fn("fetch", None).outcome == "restored"
+    assert calls == [3, 1] and (project / "out/fetch.txt").read_text() == "0\n1\n2\n"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "fetch"], cwd=project,
+                            capture_output=True, text=True)
+    assert json.loads(status.stdout) == {}  # dvc.lock records the restored output
 
 
 def test_a_second_flow_run_in_the_same_checkout_is_refused(tmp_path: Path) -> None:
