@@ -499,6 +499,9 @@ def mcf(
     (default: all). ``fetch_on_dask`` and ``crop_on_dask`` fan those stages out on the Dask cluster at
     ``dask_address`` (default: a local cluster; fetch's downloads only, not SynthFace's rendering).
     """
+    if dask_address and not (fetch_on_dask or crop_on_dask):  # the cluster would sit unused, unsaid
+        raise ValueError(f"dask_address {dask_address!r} given, but neither fetch_on_dask nor crop_on_dask: "
+                         "set either to run that stage on the cluster")
     root = Path.cwd()
     with workspace_lock(root), applied_params(root, params_file):
         planned = plan(root, stages)  # under the run's params: dvc.yaml's foreach lists come from them

@@ -477,6 +477,13 @@ def test_a_stage_on_dask_that_ran_before_with_these_inputs_is_restored_from_the_
     assert json.loads(status.stdout) == {}  # dvc.lock records the restored output
 
 
+def test_a_dask_address_without_a_stage_on_dask_is_refused(project: Path) -> None:
+    """`-p dask_address=...` alone ran fetch and crop on the worker itself, the cluster unused and unsaid."""
+    with pytest.raises(ValueError, match="dask_address 'tcp://scheduler:8786' given, but neither"):
+        mcf.fn(dask_address="tcp://scheduler:8786")  # the flow's body: refused before any Prefect call
+    assert not (project / "out").exists()
+
+
 def test_a_second_flow_run_in_the_same_checkout_is_refused(tmp_path: Path) -> None:
     """Two runs in one checkout would swap params.yaml under each other: the second is refused at once."""
     from flows.pipeline import workspace_lock
