@@ -329,3 +329,20 @@ def test_a_model_whose_output_is_not_finite_is_refused_naming_the_image(
         dataset = LaPa(LaPaConfig(**meta["data"]), "test")
         with pytest.raises(StageError, match=r"output on test/\S+ is not finite"):
             predict_parsing(model, dataset, 4)
+
+
+def test_a_model_pt_with_non_finite_weights_is_refused_at_load(
+    evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path
+) -> None:
+    """fine-tuning never writes one, but a model.pt from elsewhere can hold NaN weights: evaluate and
+    predict (both load through load_finetuned) refuse it naming the file, before any image."""
+    from mcf.models.backbone import read_weights
+    from mcf.train.finetune import load_finetuned
+
+    cfg, _, _ = evaluated
+    ckpt = read_weights(Path(cfg.alignment) / "mcf" / "model.pt")
+    ckpt["state_dict"]["classifier.bias"][0] = float("inf")
+    torch.save(ckpt, tmp_path / "model.pt")
+    with pytest.raises(StageError, match=r"model.pt: 1 tensors hold NaN or infinite weights, e.g. "
+                                         r"\['classifier.bias'\]"):
+        load_finetuned(tmp_path / "model.pt", "alignment")

@@ -383,6 +383,8 @@ def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFac
         raise StageError(f"{path}: not a fine-tuned model.pt ({why})") from None
     if task is not None and ckpt.get("task") != task:
         raise StageError(f"{path}: this model was fine-tuned for {ckpt.get('task')!r}, not {task!r}")
+    if bad := nonfinite(ckpt["state_dict"]):  # evaluate would score NaN, predict write NaN landmarks
+        raise StageError(f"{path}: {len(bad)} tensors hold NaN or infinite weights, e.g. {bad[:3]}")
     return model.eval(), {k: v for k, v in ckpt.items() if k != "state_dict"}
 
 
