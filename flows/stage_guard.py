@@ -4,7 +4,9 @@ The flow starts each stage's ``dvc repro`` in a process group of its own, so tha
 stopped as a whole (flows/pipeline.py). A flow process killed outright (SIGKILL, the OOM killer, a worker
 that gave up waiting) stops nothing: its stage would train on unseen and hold the stage's lock. This
 guard leads that group and runs CMD in it; once its parent is gone, it sends the group SIGTERM and, after
-``grace`` seconds, SIGKILL. It exits with CMD's status otherwise.
+``grace`` seconds, SIGKILL. It exits with CMD's status otherwise, after stopping the same way whatever CMD
+left running in the group: a ``dvc repro`` killed outright (the OOM killer) would leave its stage's command
+training unseen, holding the stage's lock against the flow's retry.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 POLL_S = 1.0  # how soon a dead parent is noticed
 
@@ -27,8 +30,49 @@ def stop_own_group(grace: float) -> None:
     os.killpg(0, signal.SIGKILL)
 
 
+def left_in_group() -> list[int]:
+    """The live processes of this process's group other than itself (Linux's /proc; zombies are not live)."""
+    me, group = os.getpid(), os.getpgrp()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            state, _ppid, pgrp = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+        if int(pgrp) == group and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def stop_leftovers(grace: float) -> None:
+    """Stop what CMD left in the group: SIGTERM, then SIGKILL to each one still there ``grace`` s later."""
+    if not left_in_group():
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.killpg(0, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while (left := left_in_group()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for _ in range(100):  # one that forks as it dies leaves a child: kill until none is left
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
+        left = left_in_group()
+    print(f"stage_guard: processes {left} outlived SIGKILL (stuck in the kernel?)", file=sys.stderr)
+
+
 def guard(parent: int, grace: float, cmd: list[str]) -> int:
-    """Run ``cmd`` in this process's group and return its exit status, unless ``parent`` dies first."""
+    """Run ``cmd`` in this process's group and return its exit status, unless ``parent`` dies first.
+
+    Nothing ``cmd`` started outlives it in the group.
+    """
     if os.getpgrp() != os.getpid():  # the group to stop would be the caller's
         raise SystemExit("stage_guard: start it as a process group leader (Popen(start_new_session=True))")
     child = subprocess.Popen(cmd)
@@ -39,6 +83,7 @@ def guard(parent: int, grace: float, cmd: list[str]) -> int:
             if os.getppid() != parent:  # re-parented: the flow process is gone
                 stop_own_group(grace)
             continue
+        stop_leftovers(grace)
         return code if code >= 0 else 128 - code  # killed by signal n: the shell's 128 + n
 
 

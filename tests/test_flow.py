@@ -230,6 +230,20 @@ def test_a_stage_guard_stops_its_group_when_its_parent_is_killed(tmp_path: Path)
     assert _wait_gone(stubborn, timeout=10)
 
 
+def test_a_stage_guard_stops_what_its_killed_command_left_running(tmp_path: Path) -> None:
+    """A ``dvc repro`` killed outright leaves its stage's command behind: the guard stops it, SIGKILL
+    after ``grace`` for one deaf to SIGTERM, and still exits with the killed command's status."""
+    pids = tmp_path / "pids"
+    stage = (f"sleep 300 & echo $! > {pids}; (trap '' TERM; exec sleep 300) & echo $! >> {pids}; "
+             "sleep 0.5; kill -9 $$")
+    guard = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace", "2", "--"]
+    began = time.monotonic()
+    done = subprocess.run([*guard, "bash", "-c", stage], start_new_session=True, timeout=30)
+    polite, stubborn = map(int, pids.read_text().split())
+    assert done.returncode == 128 + signal.SIGKILL and _gone(polite) and _gone(stubborn)
+    assert 2 <= time.monotonic() - began < 20  # the deaf one waited out the grace
+
+
 def test_a_stage_guard_exits_with_its_commands_status() -> None:
     guard = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace", "1", "--"]
     assert subprocess.run([*guard, "bash", "-c", "exit 3"], start_new_session=True).returncode == 3
