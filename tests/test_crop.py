@@ -336,8 +336,11 @@ def test_shards_stream_with_webdataset(serial: tuple[CropConfig, pd.DataFrame]) 
 def test_validate_by_hand_passes_the_output(serial: tuple[CropConfig, pd.DataFrame], tmp_path: Path) -> None:
     cfg, _ = serial
     manifest = str(Path(cfg.out) / "manifest.parquet")
-    for size, status in ((SIZE, 0), (SIZE + 1, 3)):  # width_off/height_off come from crop.size
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": {"size": size}}))
+    thresholds = {"min_face_size": cfg.min_face_size, "min_score": cfg.min_score, "min_blur": cfg.min_blur}
+    # width_off/height_off come from crop.size, the margins from the thresholds (a blurry crop is rejected)
+    for change, status in (({}, 0), ({"size": SIZE + 1}, 3), ({"min_blur": 0.0}, 3)):
+        section = {"size": SIZE, **thresholds, **change}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": section}))
         assert cli_main(["validate", "--params", str(tmp_path / "params.yaml"), "crop", manifest]) == status
 
 

@@ -341,8 +341,14 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
          "expect_column_values_to_match_regex(column=path, where status == success)"),
         ("fetch", _set("caption", 1, None), "expect_column_values_to_not_be_null(column=caption)"),
         ("fetch", _set("source", 0, "ftp"), "expect_column_values_to_be_in_set(column=source)"),
-        ("crop", _set("reason", 0, "blurry"),
+        ("crop", _set("reason", 0, "duplicate"),
          "expect_column_values_to_be_null(column=reason, where status == kept)"),
+        ("crop", _set("face_size", 0, 23.5),
+         "expect_column_values_to_be_between(column=face_size_margin, where status == kept)"),
+        ("crop", _set("score", 0, 0.89),
+         "expect_column_values_to_be_between(column=score_margin, where status == kept)"),
+        ("crop", _set("blur", 1, 20.0),
+         "expect_column_values_to_be_between(column=blur_margin, where reason == blurry)"),
         ("crop", lambda df: df.iloc[[1]], "expect_column_distinct_values_to_contain_set(column=status)"),
         ("crop", lambda df: _set("face", 1, None)(df.astype({"face": "Int64"})),
          "expect_column_values_to_not_be_null(column=face)"),
@@ -368,7 +374,9 @@ def test_each_suite_refuses_what_its_notes_rule_out(
 ) -> None:
     """One break per case, refused by the one expectation meant for it: a success with an error, a failure
     with a hash, a success's file outside images/, a null caption (docs/CONTRACTS.md: "" when none), a
-    source fetch has not, a kept crop with a reason, no kept crop, a face without its index (nullable
+    source fetch has not, a kept crop with a reason, a kept crop below crop.min_face_size or crop.min_score
+    (0.9: 0.9 itself passes, as in the crop stage), a crop rejected as blurry whose blur reaches
+    crop.min_blur, no kept crop, a face without its index (nullable
     Int64, or the null would also make it a float column and fail the type check too), a kept crop
     without its detector or face size (the subset gate requires it of the same rows), a blurry face without
     its detector (docs/CONTRACTS.md: null only for an undecodable image), a crop of the wrong

@@ -280,7 +280,7 @@ def finish(manifest: pd.DataFrame, cfg: CropConfig, out_dir: str | Path) -> None
     """Run the ``crop`` gate on the output, then write the manifest (before the atomic rename)."""
     from mcf.validate.gate import run_gate
 
-    run_gate(manifest, "crop", stage="crop", config=cfg)  # every crop at cfg.size
+    run_gate(manifest, "crop", stage="crop", config=cfg)  # every crop at cfg.size, past cfg.min_*
     write_manifest(manifest, Path(out_dir) / "manifest.parquet")
 
 

@@ -29,11 +29,15 @@ RESULTS_DIR = LOCAL_DIR / "validation"
 EXAMPLES = 5
 TYPE_CHECK = "expect_column_values_to_be_of_type"
 SIZE_CHECKED = ("crop", "subset")  # suites that check width_off/height_off, which derive() adds
+# A margin the crop suite checks, which derive() adds -> the manifest column and crop's threshold on it:
+# a kept crop cleared every threshold, a crop rejected as too_small, low_score or blurry missed its own
+MARGINS = {"face_size_margin": ("face_size", "min_face_size"), "score_margin": ("score", "min_score"),
+           "blur_margin": ("blur", "min_blur")}
 # Suite -> what it is meant for, for `mcf validate --help` (tests check every suite has one).
 TARGETS = {
     "aflw19": "no file on disk: finetune_alignment and evaluate run it on the table that "
     "mcf.data.aflw19.table(data, split) builds; write that to parquet to run it by hand",
-    "crop": "<crop.out>/manifest.parquet, with crop.size from --params",
+    "crop": "<crop.out>/manifest.parquet, with crop.size and the filters' thresholds from --params",
     "fetch": "<fetch.out>/manifest.parquet",
     "lapa": "no file on disk: finetune_parsing and evaluate run it on the table that "
     "mcf.data.lapa.table(data, split) builds; write that to parquet to run it by hand",
@@ -203,19 +207,35 @@ def _expected_size(df: pd.DataFrame, suite: str, config: Any) -> tuple[Any, Any]
 
 def derive(df: pd.DataFrame, suite: str, config: Any = None) -> pd.DataFrame:
     """``df`` with the columns ``suite`` checks but no stage stores: ``width_off``/``height_off``, the
-    size read back minus the expected size (0 when right). Columns already there are kept as given."""
-    if suite not in SIZE_CHECKED or {"width_off", "height_off"} <= set(df.columns):
+    size read back minus the expected size (0 when right), and for a crop each filter's margin
+    (:data:`MARGINS`: the value minus its threshold in ``config``, never negative for a kept crop).
+    Columns already there are kept as given; one whose inputs are missing is left to the suite's column
+    checks, which name what is missing (exit 3), not a KeyError here."""
+    columns = set(df.columns)
+    size_from = {"width", "height", *(["crop_id"] if suite == "subset" else [])}
+    sizes = suite in SIZE_CHECKED and not {"width_off", "height_off"} <= columns and size_from <= columns
+    margins = [name for name, (value, _) in MARGINS.items()
+               if suite == "crop" and name not in columns and value in columns]
+    if (sizes or margins) and config is None:
+        raise ValueError(f"suite {suite!r} needs the {suite} section of the params to derive the columns it "
+                         "checks")
+    if sizes:
+        width, height = _expected_size(df, suite, config)
+        df = _minus(df, suite, {"width_off": ("width", width), "height_off": ("height", height)})
+    return _minus(df, suite, {m: (MARGINS[m][0], getattr(config, MARGINS[m][1])) for m in margins})
+
+
+def _minus(df: pd.DataFrame, suite: str, columns: dict[str, tuple[str, Any]]) -> pd.DataFrame:
+    """``df`` with each new column ``name``: column ``value`` minus ``expected``."""
+    if not columns:
         return df
-    if not {"width", "height", *(["crop_id"] if suite == "subset" else [])} <= set(df.columns):
-        return df  # the suite's column checks name what is missing (exit 3), not a KeyError here
-    if config is None:
-        raise ValueError(f"suite {suite!r} needs the {suite} section of the params to derive width_off")
-    width, height = _expected_size(df, suite, config)
     try:
-        return df.assign(width_off=df["width"] - width, height_off=df["height"] - height)
-    except TypeError:  # sizes stored as text by other code: one line naming them (exit 3), not a traceback
-        types = ", ".join(f"{c} {df[c].dtype}" for c in ("width", "height"))
-        raise GateError(f"data gate {suite!r}: width and height must be numbers, got {types}") from None
+        return df.assign(**{name: df[value] - expected for name, (value, expected) in columns.items()})
+    except TypeError:  # numbers stored as text by other code: one line naming them (exit 3), not a traceback
+        used = [value for value, _ in columns.values()]
+        names = " and ".join([", ".join(used[:-1]), used[-1]] if len(used) > 1 else used)
+        types = ", ".join(f"{c} {df[c].dtype}" for c in used)
+        raise GateError(f"data gate {suite!r}: {names} must be numbers, got {types}") from None
 
 
 def run_gate(df: pd.DataFrame, suite: str, *, stage: str, config: Any = None, keep: bool = True) -> None:
