@@ -54,7 +54,7 @@ from mcf.synth.geometry import FIVE_FROM_19
 from mcf.train.finetune import Task, load_finetuned
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff")  # both decode
 BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
 LANDMARK_COLUMNS = tuple(f"{c}{i}" for c in "xy" for i in range(19))  # x0..x18, then y0..y18
 MAX_SIDE = 32767  # SHRT_MAX: cv2.warpAffine and cv2.remap take smaller images only

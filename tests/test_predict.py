@@ -307,9 +307,13 @@ def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
     each other), is refused before any model loads."""
     photos = tmp_path / "photos"
     photos.mkdir()
-    for name in ("b.JPG", "a.png", "c.Jpeg", "notes.txt"):
+    for name in ("b.JPG", "a.png", "c.Jpeg", "d.jfif", "e.TIF", "notes.txt"):
         (photos / name).touch()
-    assert list_images([photos]) == [photos / "a.png", photos / "b.JPG", photos / "c.Jpeg"]
+    assert list_images([photos]) == [photos / n for n in ("a.png", "b.JPG", "c.Jpeg", "d.jfif", "e.TIF")]
+    for name, kind in (("d.jfif", "JPEG"), ("e.TIF", "TIFF")):  # a browser's JPEG save, a scanner's TIFF
+        Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(photos / name, format=kind)
+        assert read_image(photos / name).shape == (20, 30, 3)
+        (photos / name).unlink()
     (photos / "2023").mkdir()
     (photos / "2023" / "d.jpg").touch()
     with caplog.at_level(logging.WARNING):
