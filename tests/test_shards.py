@@ -255,6 +255,23 @@ def test_indexing_the_shards_shows_progress(tmp_path: Path, monkeypatch: pytest.
     assert "index shards:" in err and "0/3 " in err  # a bar over the 3 shards
 
 
+def test_the_index_counts_the_jpg_members_webdataset_reads(tmp_path: Path) -> None:
+    """Pre-training's index splits a member name as webdataset and the stages' reader do: ``c0.seg.jpg``
+    is sample c0's ``seg.jpg``, not a crop of its own (ending in .jpg made it one, trained on twice)."""
+    from mcf.data import pretrain_data
+
+    write_shards(_samples(2), tmp_path / "shards", shard_size=10)
+    shard = tmp_path / "shards" / "crops-000000.tar"
+    with tarfile.open(shard, "a") as tar:
+        jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+        info = tarfile.TarInfo("c0.seg.jpg")
+        info.size = len(jpeg)
+        tar.addfile(info, io.BytesIO(jpeg))
+    read = list(wds.WebDataset(str(shard), shardshuffle=False))
+    assert sum("jpg" in sample for sample in read) == 2 and any("seg.jpg" in sample for sample in read)
+    assert len(pretrain_data.index_shards(tmp_path / "shards")[1]) == 2
+
+
 def test_a_member_written_twice_in_a_shard_is_refused(tmp_path: Path) -> None:
     """A shard with a crop appended again (``tar -r``, tarfile's ``"a"`` mode): the stages' reader kept the
     last of the two jpg members, so read_back reported one crop with the second one's statistics, while

@@ -49,7 +49,7 @@ def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarr
     for i, url in enumerate(tqdm(urls, desc="index shards", unit="shard", leave=False, **quiet)):
         with open_shard(url) as tar:
             for info in file_members(tar):
-                if info.name.endswith(".jpg"):
+                if member_key(info.name)[1] == "jpg":  # as webdataset: c.seg.jpg is c's "seg.jpg"
                     shard.append(i)
                     offset.append(info.offset_data)
                     size.append(info.size)
