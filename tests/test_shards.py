@@ -255,6 +255,15 @@ def test_indexing_the_shards_shows_progress(tmp_path: Path, monkeypatch: pytest.
     assert "index shards:" in err and "0/3 " in err  # a bar over the 3 shards
 
 
+def _append_member(shard: Path, name: str) -> None:
+    """A black 8×8 JPEG appended to ``shard`` as ``name`` (``tar -r``)."""
+    jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
+    info = tarfile.TarInfo(name)
+    info.size = len(jpeg)
+    with tarfile.open(shard, "a") as tar:
+        tar.addfile(info, io.BytesIO(jpeg))
+
+
 def test_the_index_counts_the_jpg_members_webdataset_reads(tmp_path: Path) -> None:
     """Pre-training's index splits a member name as webdataset and the stages' reader do: ``c0.seg.jpg``
     is sample c0's ``seg.jpg``, not a crop of its own (ending in .jpg made it one, trained on twice)."""
@@ -262,11 +271,7 @@ def test_the_index_counts_the_jpg_members_webdataset_reads(tmp_path: Path) -> No
 
     write_shards(_samples(2), tmp_path / "shards", shard_size=10)
     shard = tmp_path / "shards" / "crops-000000.tar"
-    with tarfile.open(shard, "a") as tar:
-        jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
-        info = tarfile.TarInfo("c0.seg.jpg")
-        info.size = len(jpeg)
-        tar.addfile(info, io.BytesIO(jpeg))
+    _append_member(shard, "c0.seg.jpg")
     read = list(wds.WebDataset(str(shard), shardshuffle=False))
     assert sum("jpg" in sample for sample in read) == 2 and any("seg.jpg" in sample for sample in read)
     assert len(pretrain_data.index_shards(tmp_path / "shards")[1]) == 2
@@ -279,11 +284,7 @@ def test_a_member_written_twice_in_a_shard_is_refused(tmp_path: Path) -> None:
     rgb = np.full((8, 8, 3), 128, np.uint8)
     write_shards([("c0", encode_jpeg(rgb), {"crop_id": "c0"})], tmp_path / "dup", 10)
     shard = tmp_path / "dup" / "crops-000000.tar"
-    with tarfile.open(shard, "a") as tar:
-        jpeg = encode_jpeg(np.zeros((8, 8, 3), np.uint8))
-        info = tarfile.TarInfo("c0.jpg")
-        info.size = len(jpeg)
-        tar.addfile(info, io.BytesIO(jpeg))
+    _append_member(shard, "c0.jpg")
     with pytest.raises(ValueError, match="duplicate file name"):
         list(wds.WebDataset(str(shard), shardshuffle=False))
     message = r"dup/crops-000000.tar: not a readable crop shard \(ReadError: member 'c0.jpg' occurs twice"
