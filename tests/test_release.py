@@ -15,7 +15,14 @@ import timm
 import torch
 
 from mcf.errors import StageError, WeightsError
-from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, read_weights, save_backbone
+from mcf.models.backbone import (
+    BackboneConfig,
+    create_backbone,
+    load_backbone,
+    read_weights,
+    save_backbone,
+    save_export,
+)
 from mcf.models.export import cli
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import (
@@ -350,6 +357,30 @@ def test_the_position_grid_is_resampled_with_farls_plain_bicubic(tmp_path: Path)
     plain = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
     expect = plain.permute(0, 2, 3, 1).reshape(1, 64, -1)
     torch.testing.assert_close(load_backbone(tmp_path / "export", img_size=64).pos_embed[:, 1:], expect)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"class_token": False, "global_pool": "avg"},  # as SigLIP's ViTs: no row ahead of the grid
+    {"reg_tokens": 4, "no_embed_class": True},  # as DINOv2's with registers: prefix tokens, no rows for them
+    {"reg_tokens": 4},  # class and register rows, all ahead of the grid
+])
+def test_an_export_of_another_timm_vit_resamples_its_own_grid(tmp_path: Path, kwargs: dict) -> None:
+    """The teacher stage exports any timm ViT by name; fine-tuning it at the data size read one class
+    row ahead of every table, which failed with a reshape traceback (or, with registers, resampled
+    register rows as patches)."""
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 0, "img_size": 64, **kwargs}
+    vit = timm.create_model("test_vit", **kwargs)
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    (tmp_path / "export").mkdir()
+    save_export(vit, {"model_name": "test_vit", "kwargs": kwargs}, tmp_path / "export")
+    big = load_backbone(tmp_path / "export", img_size=128)
+    rows = vit.pos_embed.shape[1] - 16  # a 4 x 4 grid at 64 px, patch 16
+    torch.testing.assert_close(big.pos_embed[:, :rows], vit.pos_embed[:, :rows])
+    grid = vit.pos_embed[:, rows:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    plain = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(big.pos_embed[:, rows:], plain.permute(0, 2, 3, 1).reshape(1, 64, -1))
 
 
 def test_a_position_table_without_a_class_token_slot_is_named_so() -> None:

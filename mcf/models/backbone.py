@@ -180,7 +180,8 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
     """Build the exported backbone and load its weights (strict; ``weights_only`` for safety).
 
     ``overrides`` change construction only where the weights allow it, e.g. ``img_size`` for a
-    downstream resolution: the position grid is resampled on load as FaRL does (bicubic, CLS row kept).
+    downstream resolution: the position grid is resampled on load as FaRL does (bicubic, the rows of the
+    class and register tokens kept).
     Only from the grid backbone.json gives: weights of another size are another export's.
     """
     spec = read_spec(export_dir)
@@ -198,9 +199,14 @@ def load_backbone(export_dir: str | Path, **overrides: Any) -> nn.Module:
         if pos.shape == own:
             from timm.layers import resample_abs_pos_embed
 
-            # FaRL's kernel (plain bicubic, align_corners False); timm's default antialias=True is PIL's
+            # FaRL's kernel (plain bicubic, align_corners False); timm's default antialias=True is PIL's.
+            # The rows ahead of the grid: the class and register tokens the table embeds (an export of a
+            # timm teacher may have none, as without class token, or leave them out, as no_embed_class)
+            prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
             grid = model.patch_embed.grid_size
-            state["pos_embed"] = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=1, antialias=False)
+            state["pos_embed"] = resample_abs_pos_embed(
+                pos, list(grid), num_prefix_tokens=prefix, antialias=False
+            )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # the two files of different exports
