@@ -265,6 +265,7 @@ def test_an_input_of_one_patch_is_refused(fixture_root: Path) -> None:
 
 def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> None:
     align, _ = tiny_configs(fixture_root, epochs=3)
+    align = dataclasses.replace(align, dropout=0.25)
     main_alignment(Common(seed=0), align, "mcf")
     out = Path(align.out) / "mcf"
     live = Path(align.live) / "mcf"
@@ -274,6 +275,7 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     assert (meta["task"], meta["variant"], meta["data"]["size"]) == ("alignment", "mcf", 32)
     assert meta["steps"] == 12  # 3 epochs × 16 images / batch 4
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 19, 16, 16)
+    assert model.head_config.dropout == model.dropout.p == 0.25  # rebuilt as trained, for training on
     assert not list(out.parent.glob(".mcf.tmp-*"))  # the atomic temporary folder is gone
     assert json.loads((live / "metrics.json").read_text())["step"] == 2
     test_curve = pd.read_csv(live / "plots" / "metrics" / "test" / "nme_diag_full.tsv", sep="\t")

@@ -371,7 +371,7 @@ def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFac
     ckpt = read_weights(path)
     try:
         spec, head = ckpt["backbone"], ckpt["head"]
-        head_cfg = HeadConfig(tuple(head["blocks"]), head["channels"], head["num_outputs"])
+        head_cfg = HeadConfig(**{**head, "blocks": tuple(head["blocks"])})  # its dropout too, for training on
         model = DenseFaceModel(build_vit(spec["model_name"], **spec["kwargs"]), head_cfg)
         model.load_state_dict(ckpt["state_dict"], strict=True)
         # what evaluate and predict read next: the data config rebuilt, the per-epoch test scores
