@@ -128,6 +128,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Location", self.path if self.path == "/loop" else chain)
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif self.path in ("/heavy-redirect", "/dripping-redirect"):  # to /good.png, with a body
+            self.send_response(302)
+            self.send_header("Location", "/good.png")
+            self.end_headers()  # no length: the bounds must hold while the body streams
+            for _ in range(4 * MAX_BYTES // 1024 if self.path == "/heavy-redirect" else 100):
+                self.wfile.write(b"\0" * 1024 if self.path == "/heavy-redirect" else b"a")
+                self.wfile.flush()
+                if self.path == "/dripping-redirect":
+                    time.sleep(0.05)
         elif self.path.startswith("/hang/"):  # to a port whose connects hang (the ``hung_port`` fixture)
             self.send_response(302)
             self.send_header("Location", f"http://127.0.0.1:{self.path.removeprefix('/hang/')}/x.jpg")
@@ -317,6 +326,20 @@ def test_total_timeout_holds_across_redirects(server: str, tmp_path: Path) -> No
     main(Common(), _laion_config(parquet, timeout=1.0, total_timeout=0.5))
     assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["timeout", "success"]
     assert Handler.counts["/c1"] == 0 and Handler.counts["/c4"] == 2  # two tries, each stopped early
+
+
+@pytest.mark.parametrize(
+    ("path", "status"), [("/heavy-redirect", "too_large"), ("/dripping-redirect", "timeout")]
+)
+def test_a_redirects_body_obeys_the_byte_and_time_bounds(server: str, path: str, status: str) -> None:
+    """requests reads a redirect's body whole before it follows it: read so, 4 × max_bytes there went into
+    memory, and a body dripping a byte every 50 ms held the thread past total_timeout (for ever)."""
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"timeout": 1.0, "total_timeout": 0.5}), MAX_BYTES)
+    start = time.monotonic()
+    with pytest.raises(FetchFailure) as failed:
+        fetch({"url": server + path})
+    assert failed.value.status == status and "redirect" in failed.value.error
+    assert time.monotonic() - start < 2.5 and Handler.counts["/good.png"] == 0
 
 
 @pytest.fixture

@@ -256,7 +256,29 @@ class _Session(requests.Session):
 
     ``trust_env`` is off only while these two methods run (the only two that read netrc); each thread has
     its own session, so no request sees it off mid-way.
+
+    A redirect's body is read within the image's bounds (``max_bytes``, the deadline) before requests reads
+    it whole to free the connection: unbounded, a hop's body went into memory however large, and one
+    dripping a byte within each read timeout held the thread for ever.
     """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def get_redirect_target(self, resp: requests.Response) -> str | None:
+        target = super().get_redirect_target(resp)
+        if target is not None:  # called again on a hop already read: its body is then at its end
+            chunks = iter(lambda: resp.raw.read1(64 * 1024, decode_content=False), b"")
+            try:
+                read_bounded(chunks, self.max_bytes, getattr(_DEADLINE, "value", None))
+            except FetchFailure as failure:
+                resp.close()
+                raise FetchFailure(failure.status, f"a redirect's body: {failure.error}",
+                                   retryable=failure.retryable) from None
+            except ProtocolError:  # cut short: requests follows such a redirect all the same
+                pass
+        return target
 
     def prepare_request(self, request: requests.Request) -> requests.PreparedRequest:
         with self._no_netrc():
@@ -316,7 +338,7 @@ class HttpFetcher:
 
     def _session(self) -> requests.Session:
         if not hasattr(self._local, "session"):
-            self._local.session = _Session()
+            self._local.session = _Session(self.max_bytes)
             for scheme in ("http://", "https://"):
                 self._local.session.mount(scheme, _DeadlineAdapter())
             self._local.session.headers["User-Agent"] = self.cfg.user_agent
