@@ -89,6 +89,10 @@ ROBOTS = {
 }
 
 
+# redirects to a Location no URL parser takes: an unbalanced IPv6 bracket, a byte that is not UTF-8
+BAD_LOCATIONS = {"/to-bad-ipv6": "http://[::1/x.jpg", "/to-latin1": "caf\u00e9.jpg"}
+
+
 class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /throttled (429), /slow (late headers), /drip
     (slow body), /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to
@@ -137,6 +141,11 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 if self.path == "/dripping-redirect":
                     time.sleep(0.05)
+        elif self.path in BAD_LOCATIONS:
+            self.send_response(302)
+            self.send_header("Location", BAD_LOCATIONS[self.path])  # sent as latin-1
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif self.path.startswith("/hang/"):  # to a port whose connects hang (the ``hung_port`` fixture)
             self.send_response(302)
             self.send_header("Location", f"http://127.0.0.1:{self.path.removeprefix('/hang/')}/x.jpg")
@@ -340,6 +349,16 @@ def test_a_redirects_body_obeys_the_byte_and_time_bounds(server: str, path: str,
         fetch({"url": server + path})
     assert failed.value.status == status and "redirect" in failed.value.error
     assert time.monotonic() - start < 2.5 and Handler.counts["/good.png"] == 0
+
+
+@pytest.mark.parametrize("path", list(BAD_LOCATIONS))
+def test_a_redirect_to_a_location_no_parser_takes_is_an_invalid_url(server: str, path: str) -> None:
+    """requests raised a bare ValueError (UnicodeDecodeError) on such a Location: the row's status was the
+    catch-all ``error``, where the same URL given in the metadata is ``invalid_url``."""
+    fetch = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    with pytest.raises(FetchFailure) as failed:
+        fetch({"url": server + path})
+    assert failed.value.status == "invalid_url" and "redirect" in failed.value.error
 
 
 @pytest.fixture

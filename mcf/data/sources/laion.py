@@ -281,7 +281,13 @@ class _Session(requests.Session):
         self.max_bytes = max_bytes
 
     def get_redirect_target(self, resp: requests.Response) -> str | None:
-        target = super().get_redirect_target(resp)
+        try:  # requests raises a bare ValueError where it decodes (UTF-8) and parses a Location
+            target = super().get_redirect_target(resp)
+            if target is not None:
+                urlsplit(target)
+        except ValueError as err:
+            resp.close()
+            raise FetchFailure("invalid_url", _short(f"a redirect's Location: {err}")) from None
         if target is not None:  # called again on a hop already read: its body is then at its end
             chunks = iter(lambda: resp.raw.read1(64 * 1024, decode_content=False), b"")
             try:
