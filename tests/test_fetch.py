@@ -1402,14 +1402,6 @@ def test_an_unforeseen_source_error_reaches_the_debug_log_redacted(
     assert "s3cr3t" not in caplog.text and "pw@" not in caplog.text
 
 
-def test_a_signed_url_stays_out_of_urllib3s_debug_log(server: str, caplog: pytest.LogCaptureFixture) -> None:
-    """`mcf -v` logs at DEBUG, where urllib3 writes each request line: path, query and signature."""
-    fetcher = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
-    with caplog.at_level("DEBUG"), pytest.raises(laion.FetchFailure):
-        fetcher({"url": server + "/missing?X-Amz-Signature=s3cr3t"})
-    assert '"GET /missing?<redacted> HTTP/1.1" 404' in caplog.text and "s3cr3t" not in caplog.text
-
-
 def test_detections_without_a_fetched_face_keep_the_documented_types(server: str, tmp_path: Path) -> None:
     """No fetched image in the released detections: the table is empty, its columns still typed as
     docs/CONTRACTS.md says (pandas would write an empty object column as Arrow's `null`)."""

@@ -57,20 +57,6 @@ from mcf.io import read_table
 from mcf.params import ParamsError, param, require_path
 
 log = logging.getLogger(__name__)
-
-
-class _Redacted(logging.Filter):
-    """urllib3 logs each request line (path and query: a signed URL's signature) at DEBUG, which `mcf -v`
-    shows: its records are redacted as the manifest's errors are."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        with contextlib.suppress(Exception):  # a record it cannot format is the handler's to report
-            record.msg, record.args = redact(record.getMessage()), ()
-        return True
-
-
-for _name in ("urllib3.connectionpool", "urllib3.poolmanager", "urllib3.util.retry"):  # those quoting URLs
-    logging.getLogger(_name).addFilter(_Redacted())
 DETECTION_COLUMNS = ["sample_id", "face", "box", "landmarks", "score"]
 DETECTION_SUFFIXES = (".pth", ".json", ".parquet")
 
