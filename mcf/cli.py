@@ -63,6 +63,8 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 log = logging.getLogger("mcf")
+VERBOSE_LOGGERS = ("mcf", "flows")  # what -v turns to DEBUG
+VERBOSE_HELP = "debug logging (mcf's own, not its libraries')"
 
 
 def _resolve(target: str) -> Callable[..., Any]:
@@ -79,7 +81,7 @@ def describe(doc: str | None) -> str:
 def parser() -> argparse.ArgumentParser:
     """The ``mcf`` argument parser (stage commands take ``--params``; tools parse the rest)."""
     p = argparse.ArgumentParser(prog="mcf", description=describe(__doc__))
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
         keys = " and ".join(f"`{key}`" for key in TOP_LEVEL[name])
@@ -95,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
         sp.set_defaults(usage_error=sp.error)  # an unknown option is shown with the stage's own usage
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="debug logging")
+                        help=VERBOSE_HELP)
         if name.startswith("finetune_"):
             sp.add_argument(
                 "--variant", choices=VARIANTS, default="mcf",
@@ -125,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv[: split + 1] if is_tool else argv)
     # torchrun's workers but rank 0 log warnings and errors alone: rank 0 says what every rank does
     other_rank = "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0"
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if other_rank else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING if other_rank else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # ours only: a library's debug log quotes request lines and headers (a signed URL's
+        for name in VERBOSE_LOGGERS:  # signature, botocore's access key id and session token) and floods
+            logging.getLogger(name).setLevel(logging.DEBUG)
     try:  # tqdm converts its TQDM_* environment on import: a bad value is a traceback naming none of them
         import tqdm  # noqa: F401
     except ValueError as err:

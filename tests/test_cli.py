@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 from pathlib import Path
 
@@ -25,6 +26,19 @@ def test_tool_receives_its_options_in_order(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(cli, "_resolve", lambda target: lambda argv: seen.append(argv) or 0)
     assert cli.main(["-v", "export", "--checkpoint", "a.pt", "--out", "b"]) == 0
     assert seen == [["--checkpoint", "a.pt", "--out", "b"]]
+
+
+def test_verbose_is_mcfs_own_debug_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-v turns mcf's loggers to DEBUG, not the root's: a library's debug log quotes credentials
+    (test_fetch runs `mcf -v fetch` on S3 for that)."""
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda argv: 0)
+    loggers = [logging.getLogger(name) for name in cli.VERBOSE_LOGGERS]
+    try:
+        assert cli.main(["-v", "report"]) == 0
+        assert [x.level for x in loggers] == [logging.DEBUG] * len(loggers)
+    finally:
+        for x in loggers:
+            x.setLevel(logging.NOTSET)
 
 
 @pytest.mark.parametrize("argv", [["-v", "subset"], ["subset", "-v"], ["subset"]])

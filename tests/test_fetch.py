@@ -1227,6 +1227,23 @@ def test_s3_prefix(s3_endpoint: str) -> None:
         main(Common(), _config(source="s3", s3=section | {"prefix": "none/"}))
 
 
+def test_verbose_logs_keep_s3_credentials_out(s3_endpoint: str, tmp_path: Path) -> None:
+    """`mcf -v` turned every library's DEBUG on: botocore's shows each request's headers, the access key
+    id in its Authorization and the session token. -v is mcf's own debug log now."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="faces")
+    client.put_object(Bucket="faces", Key="raw/a.jpg", Body=JPEG)
+    section = {"bucket": "faces", "prefix": "raw/", "endpoint_url": s3_endpoint, "region": "us-east-1"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": {"source": "s3", "s3": section}}))
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAVERBOSE0TEST0KEY", "AWS_SECRET_ACCESS_KEY": "verbose-secret",
+               "AWS_SESSION_TOKEN": "verbose-session-token"}
+    done = subprocess.run([sys.executable, "-m", "mcf.cli", "-v", "fetch"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **secrets})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "INFO mcf" in done.stderr and "DEBUG botocore" not in done.stderr
+    assert not [v for v in secrets.values() if v in done.stderr + done.stdout]
+
+
 class Throttling(BaseHTTPRequestHandler):
     """An S3-compatible endpoint that answers every request 429 Too Many Requests (GCS's XML API, R2)."""
 
