@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import math
 import re
+import stat
 import types
 import typing
 from collections.abc import Hashable
@@ -251,10 +252,16 @@ ParamsLoader.add_implicit_resolver(
 def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read a params file, failing with one clear line when it is missing or not a mapping."""
     path = Path(path)
-    if path.is_dir():
+    try:  # Path.is_dir() raises on a name too long or a folder this user may not enter: one stat, all caught
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise ParamsError("", "params file not found", path) from None
+    except OSError as err:
+        raise ParamsError("", f"cannot read it: {err.strerror}", path) from None
+    if stat.S_ISDIR(mode):
         raise ParamsError("", "is a folder: give the params file (YAML) inside it", path)
-    if not path.is_file():
-        raise ParamsError("", "params file not found", path)
+    if not stat.S_ISREG(mode):  # a pipe (`--params <(...)`) reads once: torchrun's workers re-read the file
+        raise ParamsError("", "not a regular file (a pipe or a device): give the params file itself", path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -444,6 +444,38 @@ def test_a_folder_given_as_params_is_one_clear_error(tmp_path: Path) -> None:
         read_yaml(tmp_path)
 
 
+def test_a_params_path_that_cannot_be_looked_at_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Path.is_dir() raised on a name too long (an OSError traceback, exit 1) and on a folder this user
+    may not enter (exit 1 as a stage's own failure); a pipe (``--params <(...)``), which exists, was
+    "params file not found". Each is now a params error naming the file, exit 2. The folder is patched:
+    root, as on CI, enters a chmod 000 folder."""
+    from mcf import cli
+
+    long_name = tmp_path / ("a" * 300 + ".yaml")
+    assert cli.main(["fetch", "--params", str(long_name)]) == 2
+    too_long = f"mcf: invalid params: {long_name}: cannot read it: {os.strerror(errno.ENAMETOOLONG)}\n"
+    assert capsys.readouterr().err == too_long
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ParamsError, match=r"fifo\.yaml: not a regular file \(a pipe or a device\)"):
+        read_yaml(fifo)
+
+    shut = tmp_path / "shut" / "p.yaml"
+    stat = Path.stat
+
+    def denied(self: Path, *args: object, **kwargs: object) -> os.stat_result:
+        if self == shut:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", denied)
+    assert cli.main(["fetch", "--params", str(shut)]) == 2
+    assert capsys.readouterr().err == f"mcf: invalid params: {shut}: cannot read it: Permission denied\n"
+
+
 def test_an_unreadable_params_file_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
