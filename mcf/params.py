@@ -133,9 +133,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ParamsError(key, f"expected a number, got {type(value).__name__} {value!r}")
-        if not math.isfinite(value):  # .nan passes no bound check, .inf most lower ones
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal past 1.8e308
+            digits = len(str(abs(value)))
+            raise ParamsError(key, f"expected a finite number, got an integer of {digits} digits") from None
+        if not math.isfinite(number):  # .nan passes no bound check, .inf most lower ones
             raise ParamsError(key, f"expected a finite number, got {value!r}")
-        return float(value)
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(key, f"expected an integer, got {type(value).__name__} {value!r}")
@@ -231,7 +236,12 @@ ParamsLoader.add_implicit_resolver(
 def _construct_int(loader: ParamsLoader, node: yaml.ScalarNode) -> int:
     """Decimal unless prefixed (``0b``, ``0o``, ``0x``): a leading zero does not make octal in YAML 1.2."""
     text = str(loader.construct_scalar(node)).replace("_", "")
-    return int(text, 0) if _PREFIXED_INT.match(text) else int(text, 10)
+    try:
+        return int(text, 0) if _PREFIXED_INT.match(text) else int(text, 10)
+    except ValueError:  # past Python's 4300-digit limit on reading an integer
+        raise yaml.constructor.ConstructorError(
+            None, None, f"an integer of {len(text)} digits is too long to read", node.start_mark
+        ) from None
 
 
 ParamsLoader.add_constructor(_INT, _construct_int)

@@ -79,6 +79,25 @@ def test_mask_ratio_out_of_range(tmp_path: Path, ratio: object) -> None:
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": ratio}))
 
 
+@pytest.mark.parametrize(
+    ("digits", "message"),
+    [
+        (400, "mask_ratio: expected a finite number, got an integer of 400 digits"),
+        (5000, "not valid YAML at line 1, column 13: an integer of 5000 digits is too long to read"),
+    ],
+)
+def test_an_integer_too_large_is_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], digits: int, message: str
+) -> None:
+    """A float key given an integer past 1.8e308 was an OverflowError traceback from math.isfinite, and
+    one past Python's 4300-digit limit a ValueError traceback from the loader; each is exit 2 now."""
+    from mcf import cli
+
+    (tmp_path / "p.yaml").write_text(f"mask_ratio: {'9' * digits}\n")
+    assert cli.main(["crop", "--params", str(tmp_path / "p.yaml")]) == 2
+    assert capsys.readouterr().err == f"mcf: invalid params: {tmp_path / 'p.yaml'}: {message}\n"
+
+
 def test_a_seed_torch_cannot_take_is_refused_before_any_stage(tmp_path: Path) -> None:
     """torch seeds are 64-bit: ``seed: 18446744073709551616`` passed fetch, crop and subset (NumPy takes
     any integer), then the teacher stage died in torch.manual_seed with a traceback. Training seeds
