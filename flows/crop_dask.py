@@ -63,6 +63,7 @@ def crop_dask(
     with stage_lock("crop"), atomic_dir(cfg.out, sign="manifest.parquet") as tmp:  # shared with `mcf crop`
         results = fan_out.with_options(task_runner=runner)(cfg, str(tmp / "parts"))
         manifest = merge(results, cfg, tmp)
-        shutil.rmtree(tmp / "parts")
+        if (tmp / "parts").exists():  # no image to crop made no chunk: the gate names the empty output
+            shutil.rmtree(tmp / "parts")
         finish(manifest, cfg, tmp)
     return manifest["reason"].fillna("kept").value_counts().to_dict()

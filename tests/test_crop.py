@@ -43,7 +43,7 @@ from mcf.data.detect import (
 )
 from mcf.data.quality import bench_duplicates, duplicates, phash
 from mcf.data.shards import iter_samples, shard_urls
-from mcf.errors import StageError
+from mcf.errors import GateError, StageError
 from mcf.io import atomic_dir, atomic_file, check_replaceable
 from mcf.params import ParamsError, build
 from mcf.validate.gate import SUITES_DIR
@@ -655,6 +655,18 @@ def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
     (bare / "manifest.parquet").write_bytes((fetch_dir / "manifest.parquet").read_bytes())
     with pytest.raises(StageError, match="detections.parquet"):
         crop(_cfg(bare, tmp_path / "crop", detections="table"))
+
+
+def test_a_fetch_output_without_a_fetched_image_fails_the_gate(tmp_path: Path) -> None:
+    """No image to crop hands merge no chunk, so no parts folder was made: removing it was a
+    FileNotFoundError naming the staging folder. Now the gate names the empty output, as for images
+    without a face."""
+    (tmp_path / "fetch").mkdir()
+    pd.DataFrame({"sample_id": ["a"], "path": [None], "status": ["http_error"]}).to_parquet(
+        tmp_path / "fetch" / "manifest.parquet")
+    with pytest.raises(GateError, match=r"expect_table_row_count_to_be_between\(\): observed 0"):
+        crop(_cfg(tmp_path / "fetch", tmp_path / "crop"))
+    _assert_no_output(tmp_path / "crop")
 
 
 

@@ -875,6 +875,27 @@ def test_crop_on_dask_hands_its_workers_absolute_paths(
     assert Path(parts_dir).is_absolute()
 
 
+def test_crop_on_dask_without_a_fetched_image_fails_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `mcf crop`: no image makes no chunk and no parts folder, and the gate names the empty output
+    (removing the parts folder was a FileNotFoundError naming the staging folder)."""
+    import pandas as pd
+
+    import flows.crop_dask
+    from mcf.errors import GateError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fetch").mkdir()
+    pd.DataFrame({"sample_id": ["a"], "path": [None], "status": ["http_error"]}).to_parquet(
+        tmp_path / "fetch" / "manifest.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": {"input": "fetch", "out": "crop"}}))
+    monkeypatch.setattr(flows.crop_dask.fan_out, "with_options", lambda **_: lambda cfg, parts: [])
+    with pytest.raises(GateError, match=r"expect_table_row_count_to_be_between\(\): observed 0"):
+        flows.crop_dask.crop_dask.fn(params_file="params.yaml", processes=False)
+    assert not list(tmp_path.glob("*crop*"))
+
+
 def test_fetch_on_dask_hands_its_workers_absolute_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -386,7 +386,8 @@ def crop(cfg: CropConfig) -> pd.DataFrame:
     with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
         results = run_chunks(sources, cfg, tmp / "parts")
         manifest = merge(results, cfg, tmp)
-        shutil.rmtree(tmp / "parts")
+        if (tmp / "parts").exists():  # no image to crop made no chunk: the gate names the empty output
+            shutil.rmtree(tmp / "parts")
         finish(manifest, cfg, tmp)
     counts = manifest["reason"].fillna("kept").value_counts().to_dict()
     log.info("crop: %d images, %d faces: %s -> %s", len(sources), len(manifest), counts, cfg.out)
