@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -40,6 +41,7 @@ from mcf.data.detect import (
     _downscale,
     _ordered,
     load_detections,
+    make_detector,
 )
 from mcf.data.quality import bench_duplicates, duplicates, phash
 from mcf.data.shards import iter_samples, shard_urls
@@ -162,6 +164,22 @@ def test_haar_finds_the_astronaut_face() -> None:
     best = max(faces, key=lambda f: _iou(f.box, ASTRO_FACE))
     assert _iou(best.box, ASTRO_FACE) > 0.5, best.box
     assert best.detector == "haar" and best.score is None and best.landmarks is None
+
+
+def test_each_thread_builds_its_own_detector() -> None:
+    """OpenCV's cascade keeps the image it scans in the object: one detector shared by a Dask worker's
+    threads (crop_dask with processes=False, a `dask worker` with several threads) failed an assertion
+    in detectMultiScale or crashed the process. Each thread now builds its own, once, and threads
+    detecting at once find what one thread finds."""
+    cfg = DetectorConfig()
+    images = [_rgb("astronaut"), cv2.resize(_rgb("astronaut"), (400, 300)), _rgb("chelsea")]
+    alone = [[f.box for f in make_detector(cfg)(rgb)] for rgb in images]
+    with ThreadPoolExecutor(3) as pool:
+        built = list(pool.map(lambda _: (make_detector(cfg), make_detector(cfg)), range(3)))
+        assert all(a is b for a, b in built) and make_detector(cfg) is make_detector(cfg)
+        assert not {id(a) for a, _ in built} & {id(make_detector(cfg))}
+        together = list(pool.map(lambda i: [f.box for f in make_detector(cfg)(images[i % 3])], range(60)))
+    assert together == alone * 20
 
 
 def test_detector_runs_on_a_thin_strip(tmp_path: Path) -> None:

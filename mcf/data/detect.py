@@ -8,8 +8,8 @@ plus a ``score`` in 0..1 (``None`` when the detector has no calibrated confidenc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -223,7 +223,17 @@ class YuNetDetector:
         return _ordered(faces)
 
 
-@functools.lru_cache(maxsize=4)
+_per_thread = threading.local()
+
+
 def make_detector(cfg: DetectorConfig) -> Detector:
-    """The configured detector, built once per process (worker processes each build their own)."""
-    return YuNetDetector(cfg) if cfg.yunet_model else HaarDetector(cfg)
+    """The configured detector, built once per thread (worker processes and threads each build their own).
+
+    OpenCV's cascade and YuNet keep the image being scanned in the object: one shared by the threads of a
+    Dask worker (crop_dask with ``processes=False``, or a ``dask worker`` with several threads) failed
+    assertions in ``detectMultiScale`` or crashed the process.
+    """
+    detectors = _per_thread.__dict__.setdefault("detectors", {})
+    if cfg not in detectors:
+        detectors[cfg] = YuNetDetector(cfg) if cfg.yunet_model else HaarDetector(cfg)
+    return detectors[cfg]
