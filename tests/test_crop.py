@@ -313,10 +313,38 @@ def test_detected_faces_are_indexed_largest_first_then_left_to_right() -> None:
 
 def test_detection_input_is_downscaled_to_max_side() -> None:
     small, scale = _downscale(np.zeros((1000, 500, 3), np.uint8), 640)
-    assert small.shape == (640, 320, 3) and scale == pytest.approx(1000 / 640)
+    assert small.shape == (640, 320, 3) and scale == pytest.approx((1000 / 640, 1000 / 640))
     image = np.zeros((600, 300, 3), np.uint8)
     same, one = _downscale(image, 640)
-    assert same is image and one == 1.0
+    assert same is image and one == (1.0, 1.0)
+
+
+class _CornerYuNet(_FakeYuNet):
+    """A face filling the whole (downscaled) input, its five points all at the bottom-right corner."""
+
+    def setInputSize(self, size: tuple[int, int]) -> None:  # noqa: N802 (OpenCV's name)
+        self.size = size
+
+    def detect(self, bgr: np.ndarray) -> tuple[int, np.ndarray]:
+        w, h = self.size
+        return 1, np.array([[0, 0, w, h, *[w, h] * 5, 0.95]], np.float32)
+
+
+def test_detections_map_back_to_source_pixels_on_each_axis(monkeypatch: MonkeyPatch) -> None:
+    """Downscaled to 640 wide, a 1000x701 image is 449 rows (448.6 rounded): each axis has its own factor
+    back. With the longer side's for both, a face at the bottom reached y = 701.6, past the image (YuNet's
+    box and points, Haar's box)."""
+    yunet = YuNetDetector.__new__(YuNetDetector)
+    yunet.cfg, yunet.model = DetectorConfig(min_size=8), _CornerYuNet()
+    [face] = yunet(np.zeros((701, 1000, 3), np.uint8))
+    assert face.box == pytest.approx((0.0, 0.0, 1000.0, 701.0))
+    assert face.landmarks == pytest.approx((1000.0, 701.0) * 5)
+    haar = HaarDetector(DetectorConfig())
+    wide = np.zeros((701, 1000, 3), np.uint8)
+    cascade = type("Cascade", (), {"detectMultiScale": lambda self, gray, **_: np.array(
+        [[0, 0, gray.shape[1], gray.shape[0]]])})()
+    monkeypatch.setattr(haar, "cascade", cascade)
+    assert [f.box for f in haar(wide)] == [pytest.approx((0.0, 0.0, 1000.0, 701.0))]
 
 
 @pytest.mark.parametrize("points", [[0.0] * 10, [30.0, 40.0] * 5, [30.0, float("nan")] + [50.0] * 8])

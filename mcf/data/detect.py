@@ -153,13 +153,14 @@ class Detector(Protocol):
     def __call__(self, rgb: np.ndarray) -> list[Face]: ...
 
 
-def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """The image with its longer side at most ``max_side``, and the factor back to source pixels."""
+def _downscale(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The image with its longer side at most ``max_side``, and the factors back to source pixels, x and
+    y: each side is rounded to whole pixels, so the shorter one's factor is not the longer one's."""
     scale = max(rgb.shape[:2]) / max_side
     if scale <= 1.0:
-        return rgb, 1.0
+        return rgb, (1.0, 1.0)
     h, w = (max(1, round(n / scale)) for n in rgb.shape[:2])  # a thin strip keeps one pixel row
-    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA), scale
+    return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA), (rgb.shape[1] / w, rgb.shape[0] / h)
 
 
 def _ordered(faces: list[Face]) -> list[Face]:
@@ -179,7 +180,7 @@ class HaarDetector:
             raise StageError(f"could not load the Haar cascade {path}")
 
     def __call__(self, rgb: np.ndarray) -> list[Face]:
-        small, scale = _downscale(rgb, self.cfg.max_side)
+        small, (sx, sy) = _downscale(rgb, self.cfg.max_side)
         gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
         rects = self.cascade.detectMultiScale(
             gray,
@@ -188,7 +189,7 @@ class HaarDetector:
             minSize=(self.cfg.min_size, self.cfg.min_size),
         )
         faces = [
-            Face(0, (x * scale, y * scale, (x + w) * scale, (y + h) * scale), None, None, "haar")
+            Face(0, (x * sx, y * sy, (x + w) * sx, (y + h) * sy), None, None, "haar")
             for x, y, w, h in np.asarray(rects, dtype=np.float64).reshape(-1, 4)
         ]
         return _ordered(faces)
@@ -209,7 +210,7 @@ class YuNetDetector:
             raise StageError(f"{cfg.yunet_model}: not a YuNet model OpenCV can load ({reason})") from None
 
     def __call__(self, rgb: np.ndarray) -> list[Face]:
-        small, scale = _downscale(rgb, self.cfg.max_side)
+        small, (sx, sy) = _downscale(rgb, self.cfg.max_side)
         self.model.setInputSize((small.shape[1], small.shape[0]))
         _, found = self.model.detect(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
         faces = []
@@ -217,8 +218,8 @@ class YuNetDetector:
             if min(w, h) < self.cfg.min_size:
                 continue
             x, y, w, h = (float(v) for v in (x, y, w, h))  # float32 stays float32 and is no JSON number
-            box = (x * scale, y * scale, (x + w) * scale, (y + h) * scale)
-            landmarks = tuple(float(v) * scale for v in rest[:10])
+            box = (x * sx, y * sy, (x + w) * sx, (y + h) * sy)
+            landmarks = tuple(float(v) * (sy if i % 2 else sx) for i, v in enumerate(rest[:10]))
             faces.append(Face(0, box, landmarks, float(np.clip(rest[10], 0.0, 1.0)), "yunet"))
         return _ordered(faces)
 
