@@ -271,6 +271,22 @@ def _laion_config(parquet: Path, threads: int = 8, **laion: Any) -> FetchConfig:
     return _config(source="laion-face", threads=threads, laion_face=section | laion)
 
 
+def test_keys_that_share_a_long_prefix_get_their_own_files() -> None:
+    """Two S3 keys under one 66-character prefix whose sha1s share their first 40 bits (found by search;
+    some 180 such pairs are expected among 20M keys) were one file: the readable part kept the shared
+    head, the hash 40 bits. A path keeps the key's tail and 64 bits now."""
+    import hashlib
+
+    from mcf.data.sources.image import image_path
+
+    head = "datasets/laion-face/part-00012/aligned-faces-from-the-2021-crawl/"
+    a, b = f"{head}00607931.jpg", f"{head}01682937.jpg"
+    assert hashlib.sha1(a.encode()).hexdigest()[:10] == hashlib.sha1(b.encode()).hexdigest()[:10]
+    assert image_path(a, ".jpg") != image_path(b, ".jpg")
+    assert image_path(a, ".jpg").startswith(f"images/{hashlib.sha1(a.encode()).hexdigest()[:2]}/")
+    assert "2021-crawl_00607931.jpg_" in image_path(a, ".jpg")
+
+
 def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
     # credentials and a signature in a failing URL must not reach the manifest's error text
     unreachable = f"http://user:pa55@127.0.0.1:{_closed_port()}/x.jpg?X-Amz-Signature=s1gnature"
