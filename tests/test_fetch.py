@@ -532,6 +532,23 @@ def test_laion_damaged_detections_fail_before_the_first_download(server: str, tm
     assert not Handler.counts and not Path("out").exists()
 
 
+def test_laion_detections_given_twice_fail_before_the_first_download(server: str, tmp_path: Path) -> None:
+    """One file listed twice, or two parts that share a sample: fetch wrote each face twice, and the crop
+    stage refused the table only after every image was downloaded."""
+    parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/good.jpg", server + "/good.png"])
+    face = [[1, 2, 30, 28], [[5, 6], [20, 6], [12, 14], [7, 22], [19, 22]], 0.9]
+    (tmp_path / "a.json").write_text(json.dumps({"100": [face], "101": [face]}))
+    (tmp_path / "b.json").write_text(json.dumps({"101": [face]}))
+    again = [str(tmp_path / "a.json"), str(tmp_path / ".." / tmp_path.name / "a.json")]
+    with pytest.raises(ParamsError, match=r"detections\[1\]: .*a\.json is detections\[0\] again"):
+        main(Common(), _laion_config(parquet, detections=again))
+    shared = [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    message = r"face 0 of sample '101' is given twice \(in .*a\.json, .*b\.json\)"
+    with pytest.raises(StageError, match=message):
+        main(Common(), _laion_config(parquet, detections=shared))
+    assert not Handler.counts and not Path("out").exists()
+
+
 def _released_pth(path: Path, released: dict[int, Any], numpy1: bool = False) -> Path:
     """A detections file as LAION-Face releases it (FacePerceiver/LAION-Face, README "Download the Face
     Detection Metadata" and download_detection.sh): ``sample2detect_<part>.pth``, ``torch.save`` of a dict

@@ -87,10 +87,13 @@ class LaionFaceConfig:
         taken = sorted(set(self.extra_columns) & {"sample_id", *RECORD_COLUMNS, "source", "url", "caption"})
         if taken:  # pyarrow refuses repeated names when the manifest is written, after every download
             raise ParamsError("extra_columns", f"{taken} are columns of the manifest itself: leave them out")
+        seen: dict[Path, int] = {}
         for i, path in enumerate(self.detections):
             require_path(path, f"detections[{i}]")
             if Path(path).suffix not in DETECTION_SUFFIXES:
                 raise ParamsError(f"detections[{i}]", f"expected a .pth, .json or .parquet file, got {path}")
+            if (first := seen.setdefault(Path(path).resolve(), i)) != i:  # its faces would come twice
+                raise ParamsError(f"detections[{i}]", f"{path} is detections[{first}] again")
 
 
 def _sample_id(value: Any) -> str:
@@ -451,7 +454,17 @@ def read_detections(paths: list[str | Path], sample_ids: set[str]) -> pd.DataFra
     (torch's safe loader unpickles in Python)."""
     files = tqdm(paths, desc="read detections", unit="file", disable=len(paths) < 2 or None)
     tables = [_read_detections(Path(path), sample_ids) for path in files]
-    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DETECTION_COLUMNS)
+    if not tables:
+        return pd.DataFrame(columns=DETECTION_COLUMNS)
+    table = pd.concat(tables, ignore_index=True)
+    twice = table[table.duplicated(["sample_id", "face"])]
+    if len(twice):  # the crop stage refuses it, after every download: here it fails before the first
+        sample_id, face = twice.iloc[0][["sample_id", "face"]]
+        given = [str(path) for path, part in zip(paths, tables, strict=True)
+                 if ((part["sample_id"] == sample_id) & (part["face"] == face)).any()]
+        raise StageError(f"fetch.laion_face.detections: face {face} of sample {sample_id!r} is given twice "
+                         f"(in {', '.join(given)}): a sample's faces come from one part, once")
+    return table
 
 
 class _Array(np.ndarray):
