@@ -97,8 +97,8 @@ class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /throttled (429), /slow (late headers), /drip
     (slow body), /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to
     /a<n-1>, and from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself), /leak (to a long
-    ftp URL), /hang/<port> (to that port) and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of
-    ROBOTS[name])."""
+    ftp URL), /hang/<port> (to that port), /bad-gzip.jpg (a JPEG sent as gzip) and /robots/<name>.jpg (a
+    JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
 
     counts: Counter = Counter()
     authorization: list[str | None] = []  # each request's Authorization header
@@ -156,6 +156,12 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Location", "ftp://" + "u" * 140 + ":s3cretpassword@host/x.jpg")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif self.path == "/bad-gzip.jpg":  # a body its Content-Encoding does not decode
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(JPEG)))
+            self.end_headers()
+            self.wfile.write(JPEG)
         elif self.path == "/broken":
             self.send_error(500)
         elif self.path == "/throttled":
@@ -432,6 +438,17 @@ def test_total_timeout_bounds_the_name_lookup(server: str, monkeypatch: pytest.M
         if thread.name == "fetch-connect":
             thread.join(5.0)
     assert Handler.counts["/good.jpg"] == 0
+
+
+def test_a_body_its_content_encoding_does_not_decode_is_not_retried(server: str) -> None:
+    """A server that labels plain bytes gzip sends the same broken body every time: it was a
+    connection_error, retried as a dropped connection is."""
+    fetcher = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    with pytest.raises(FetchFailure) as failure:
+        fetcher({"url": server + "/bad-gzip.jpg"})
+    assert (failure.value.status, failure.value.retryable) == ("not_image", False)
+    assert failure.value.error.startswith("the body does not decode as its Content-Encoding says")
+    assert "content-encoding: gzip" in failure.value.error
 
 
 def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path) -> None:

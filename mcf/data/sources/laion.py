@@ -44,6 +44,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    DecodeError,
     HTTPError,
     LocationValueError,
     ProtocolError,
@@ -396,6 +397,9 @@ class HttpFetcher:
             raise FetchFailure("invalid_url", _short(f"{type(err).__name__}: {err}")) from None
         except requests.exceptions.TooManyRedirects:  # a loop or a chain: trying again will not help
             raise FetchFailure("http_error", f"more than {self.cfg.max_redirects} redirects") from None
+        except (requests.exceptions.ContentDecodingError, DecodeError) as err:  # sent so each time: no retry
+            message = f"the body does not decode as its Content-Encoding says ({type(err).__name__}: {err})"
+            raise FetchFailure("not_image", _short(message)) from None
         except (requests.exceptions.RequestException, HTTPError) as err:
             check_deadline(deadline)  # the deadline's timer cut a dripping server off: a timeout
             message = _short(f"{type(err).__name__}: {err}")
