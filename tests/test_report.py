@@ -340,6 +340,19 @@ def test_a_damaged_curve_file_costs_only_its_own_runs_curves(run: Path) -> None:
     assert "finetune_parsing: training curves" in curves and "could not read this part" not in curves
 
 
+@pytest.mark.parametrize("rows", ["5\t1.0\n10\tabc\n15\t\n", "5\t1.0\n10\t1.2e-\n"],
+                         ids=["text-and-gap", "cut-number"])
+def test_text_in_a_curve_file_costs_only_its_own_runs_curves(run: Path, rows: str) -> None:
+    """Text in a dvclive series beside an empty cell raised TypeError in matplotlib, which no section
+    catches: `mcf report` died with a traceback; text alone drew the loss as a categorical axis."""
+    tsv = run / "metrics" / "pretrain" / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.write_text(f"step\tloss\n{rows}")
+    curves = _sections(_page(run))["curves"]
+    assert f"{tsv}: column `loss` holds text where dvclive writes numbers" in curves
+    assert "teacher: training curves" in curves and "finetune_parsing: training curves" in curves
+    assert "pretrain: training curves" not in curves and "could not read this part" not in curves
+
+
 def test_a_folder_named_like_a_curve_file_is_skipped(run: Path) -> None:
     """rglob("*.tsv") also matches folders: reading one raised IsADirectoryError, which replaced every
     stage's curves with one note."""

@@ -187,6 +187,9 @@ def read_curves(live: Path) -> dict[str, pd.DataFrame]:
         except ValueError as err:  # e.g. left empty by a run killed as it began: a note for this run only
             raise Missing(f"{tsv} is unreadable: {err}") from None
         if "step" in df.columns and len(df.columns) >= 2 and len(df):
+            text = [c for c in ("step", df.columns[-1]) if not pd.api.types.is_numeric_dtype(df[c])]
+            if text:  # drawn as a categorical axis, or a TypeError (text beside a gap) that lost the page
+                raise Missing(f"{tsv}: column `{text[0]}` holds text where dvclive writes numbers")
             curves[tsv.relative_to(folder).with_suffix("").as_posix()] = df
     if not curves:
         raise Missing(f"no dvclive series under {folder}")
