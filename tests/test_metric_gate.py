@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,8 +111,11 @@ def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     good.write_text("tolerance:\n  '*': 0.1\n")
     cases.append((["--tolerance", str(good)], "dvc metrics diff HEAD --md --all failed"))  # not a repo
     cases.append(([], "metrics/tolerance.yaml at HEAD:"))  # the committed tolerances: no repository here
-    for args, message in cases:
+    without_git = {**os.environ, "PATH": str(tmp_path / "bin")}  # dvc runs as this Python's module
+    cases.append(([], "git is not installed here (not on PATH)", without_git))
+    cases.append((["--tolerance", str(good)], "dvc metrics diff HEAD --md --all failed", without_git))
+    for args, message, *env in cases:
         proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics", *args], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env=(env or [None])[0])
         assert proc.returncode == 1 and message in proc.stderr, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stderr

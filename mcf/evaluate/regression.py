@@ -12,6 +12,7 @@ import fnmatch
 import json
 import logging
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
     metrics are compared with: a change cannot loosen its own gate.
     """
     if path is None:
-        done = subprocess.run(["git", "show", f"{rev}:{TOLERANCE}"], capture_output=True, text=True)
+        done = _run(["git", "show", f"{rev}:{TOLERANCE}"])
         if done.returncode:
             why = (done.stderr.strip().splitlines() or ["not found"])[-1]
             raise StageError(f"{TOLERANCE} at {rev}: {why}")
@@ -102,8 +103,15 @@ def compare(diff: dict, tolerances: dict[str, float]) -> list[Move]:
     return moves
 
 
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(command, capture_output=True, text=True)
+    except FileNotFoundError:  # one line, not a traceback
+        raise StageError(f"{command[0]} is not installed here (not on PATH)") from None
+
+
 def _dvc(*args: str) -> str:
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    done = _run([sys.executable, "-m", "dvc", *args])  # this environment's dvc, on PATH or not
     if done.returncode:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise StageError(f"dvc {' '.join(args)} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
