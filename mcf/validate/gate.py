@@ -1,11 +1,12 @@
 """The data gate: a Great Expectations suite that a stage's output must pass before it is published.
 
-Suites are hand-written JSON files in ``mcf/validate/suites/<name>.json`` (a list of ``{"type",
-"kwargs"}`` expectations, with ``row_condition`` in GX's dict form where a check applies to some rows
-only). A check that needs a per-row value the table does not store (a crop's size minus the size it
-should have) reads a column that :func:`derive` adds, here, so a stage and ``mcf validate`` check the
-same thing. GX runs in an ephemeral context, so nothing is written into the repository except the
-latest result per suite, kept under ``.mcf/validation/`` (self git-ignored) for ``mcf validate --docs``.
+Suites are hand-written JSON files in ``mcf/validate/suites/<name>.json``: ``{"notes", "expectations"}``,
+the notes saying what the suite checks and why, the expectations a list of ``{"type", "kwargs"}``, with
+``row_condition`` in GX's dict form where a check applies to some rows only. A check that needs a
+per-row value the table does not store (a crop's size minus the size it should have) reads a column
+that :func:`derive` adds, here, so a stage and ``mcf validate`` check the same thing. GX runs in an
+ephemeral context, so nothing is written into the repository except the latest result per suite, kept
+under ``.mcf/validation/`` (self git-ignored) for ``mcf validate --docs``.
 """
 
 from __future__ import annotations
