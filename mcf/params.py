@@ -2,7 +2,7 @@
 
 Every stage reads its section into a frozen dataclass through :func:`build`. Types, ranges, choices
 and input paths are checked before any work starts, and the first problem is reported as one line
-naming the dotted key (``params.yaml: mask_ratio: must be < 1, got 1.5``), because a typo found after
+naming the dotted key (``params.yaml: mask_ratio: must be < 1.0, got 1.5``), because a typo found after
 an hour of training is an hour lost.
 """
 
