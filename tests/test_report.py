@@ -207,6 +207,15 @@ def test_markdown_summary_shows_a_free_text_label_as_written(run: Path) -> None:
     assert "Synth&lt;b&gt;Face&lt;/b&gt; \\| AFLW split" in row and "<b>" not in row
 
 
+@pytest.mark.parametrize("damage", [b'{"alignment": ', b"\xff\xfe\x00"])
+def test_a_metrics_file_that_does_not_parse_is_a_note(run: Path, damage: bytes) -> None:
+    """Cut short or not text at all: a note where the run's rows go, the paper's rows kept (bytes that
+    are not UTF-8 raised UnicodeDecodeError, which lost the paper's table and the flow's summary)."""
+    (run / "metrics" / "evaluate.json").write_bytes(damage)
+    text = markdown_summary(run)
+    assert "evaluate.json is not valid JSON" in text and "0.932" in text
+
+
 def test_markdown_summary_before_evaluate(run: Path) -> None:
     (run / "metrics" / "evaluate.json").unlink()
     text = markdown_summary(run)

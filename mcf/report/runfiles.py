@@ -147,8 +147,8 @@ def load_metrics(run: Run) -> dict[str, Any]:
     if not path.is_file():
         raise Missing(f"no metrics file at {path}: the run has not reached `evaluate`")
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # half-written, or not text at all
         raise Missing(f"{path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise Missing(f"{path}: expected a JSON object")
