@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from test_pretrain import TINY, make_workspace, write_params
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -156,6 +157,17 @@ def test_each_timed_path_holds_no_other_optimizers_state(tmp_path: Path,
     monkeypatch.setattr(bench, "time_steps", checked)
     assert bench_pretrain(["--params", str(params), "--batch", "4", "--steps", "1", "--warmup", "1"]) == 0
     assert holding == [0, 0]
+
+
+@pytest.mark.parametrize("model", [{"contrastive": False}, {"objective": "pixel_mae"}])
+def test_the_ablations_without_a_momentum_encoder_run(tmp_path: Path, model: dict[str, object]) -> None:
+    """The step took the momentum from the config whatever the model, and ``update_momentum`` reads a number
+    as "update the momentum encoder": the contrastive-off and pixel_mae params ended in an AttributeError."""
+    params = write_params(tmp_path)
+    spec = yaml.safe_load(params.read_text())
+    spec["pretrain"]["model"].update(model)
+    params.write_text(yaml.safe_dump(spec))
+    assert bench_pretrain(["--params", str(params), "--batch", "4", "--steps", "1", "--warmup", "0"]) == 0
 
 
 class _SlowCrops(torch.utils.data.Dataset):

@@ -190,9 +190,10 @@ def make_step(model: MCF, net: torch.nn.Module, imgs: Tensor, mask_ratio: float,
               optimizer: torch.optim.Optimizer) -> Callable[[], None]:
     """One optimizer step as the pretrain loop takes it (one micro-batch)."""
     scaler = torch.amp.GradScaler(imgs.device.type, enabled=dtype == torch.float16)
+    momentum = model.momentum_at(0, 1)  # the first step's, as the loop asks it; None: no momentum encoder
 
     def step() -> None:
-        accumulate(net, model, [imgs], mask_ratio, model.cfg.momentum, dtype, scaler)
+        accumulate(net, model, [imgs], mask_ratio, momentum, dtype, scaler)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
