@@ -209,6 +209,20 @@ def test_a_mask_ratio_outside_0_1_is_a_usage_error(ratio: str, capsys: pytest.Ca
     assert f"expected a ratio in [0, 1), got {ratio}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("model", "ratio", "patches"), [("tiny", "0.95", 16), ("base", "0.995", 196)])
+def test_a_mask_ratio_that_hides_every_patch_is_a_usage_error(
+    model: str, ratio: str, patches: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The pretrain stage refuses it; the bench timed a step whose encoder saw the class token alone."""
+    from mcf.cli import main as cli_main
+
+    argv = ["bench", "pretrain", "--model", model, "--params", str(write_params(tmp_path)),
+            "--mask-ratio", ratio, "--batch", "4", "--steps", "1", "--warmup", "0", "--baseline", "none"]
+    assert cli_main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--mask-ratio: {ratio} hides all {patches} patches from the encoder of --model {model}" in err
+
+
 @pytest.mark.parametrize(
     ("flag", "least"), [("--steps", 1), ("--warmup", 0), ("--workers", 0), ("--profile", 0)]
 )

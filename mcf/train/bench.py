@@ -44,7 +44,7 @@ from mcf.data.pretrain_data import CropDataset, EpochView, index_shards
 from mcf.models.backbone import create_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
-from mcf.params import load
+from mcf.params import ParamsError, load
 from mcf.train.distributed import resolve_dtype
 from mcf.train.loop import accumulate, compile_model, make_optimizer, param_groups
 
@@ -264,6 +264,10 @@ def bench_pretrain(argv: list[str]) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     torch.manual_seed(0)
     model = build(args.model, args.params).to(device).train()
+    try:  # as the pretrain stage refuses it: a step on the class token alone
+        model.cfg.check_mask_ratio(args.mask_ratio)
+    except ParamsError as err:  # exit 2, as a usage error
+        raise ParamsError("--mask-ratio", f"{err.message} of --model {args.model}") from None
     dtype = resolve_dtype(args.precision, device)
     rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
     size = model.cfg.backbone.img_size
