@@ -65,6 +65,34 @@ class _OwnMasks(torch.nn.Module):
         return self.model(imgs, mask_ratio, noise, key_noise)
 
 
+def test_the_eager_reference_keeps_no_activations_and_the_flops_take_a_slice(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At the fast path's batch the eager fp32 reference's activations would not fit beside it (ViT-B at
+    512: some 80 GiB, past an H100): its forward runs without grad, the fast path's with it, and the FLOPs
+    are counted on at most FLOP_BATCH images, the same per image as on the whole batch."""
+    from mcf.train import bench
+
+    model, imgs = _model(), torch.randn(8, 3, 32, 32)
+    grad = []
+    monkeypatch.setattr(MCF, "forward", lambda self, *a, f=MCF.forward, **k: grad.append(
+        torch.is_grad_enabled()) or f(self, *a, **k))
+    assert equivalence(model, model, imgs, 0.75, torch.float32, rtol=1e-6)[0] and grad == [False, True]
+    monkeypatch.undo()
+
+    def per_image(argv: list[str]) -> float:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="mcf.train.bench"):
+            assert bench_pretrain(argv) == 0
+        return float(caplog.text.split("step FLOPs: ")[1].split(" GFLOP")[0])
+
+    params = Path(__file__).parents[1] / "params.yaml"  # the tiny model of the CPU default
+    argv = ["--params", str(params), "--batch", "8", "--steps", "1", "--warmup", "0", "--baseline", "none"]
+    whole = per_image(argv)
+    monkeypatch.setattr(bench, "FLOP_BATCH", 2)
+    assert per_image(argv) == pytest.approx(whole, rel=1e-3) and "(counted on 2 images)" in caplog.text
+
+
 def test_equivalence_fails_a_path_that_draws_other_masks() -> None:
     """At batch 32 other masks move every loss term by less than bf16's 3e-2 (the contrastive term by
     about 1 %): only the generators' states after the forward tell the paths apart."""

@@ -2,8 +2,9 @@
 # Issue 8's device check, in one prepared run on the GPU machine (it has torch and timm; the bench needs
 # nothing else). From the repository root, after building the 224-px shards here (tools/bench_shards.yaml):
 #   run(command="bash tools/gpu_bench.sh", carry=["outputs/bench/crop"], timeout_s=560, kind="nvidia-h200")
-# on an H200, as every figure in the README: b512's eager fp32 reference (the equivalence check's forward and
-# the FLOP count's step, ~0.155 GiB an image: 43 GiB at batch 256) needs ~82 GiB, past an H100's ~78.
+# on an H200, as every figure in the README, so that they compare. An H100 runs it too (label its figures so):
+# the bench's eager fp32 reference keeps no activations and its FLOP count takes 32 images, so b512 needs
+# the fast path's ~46 GiB, not the ~82 GiB of a full fp32 step at 512.
 # Runs of the paper's ViT-B/16 step, each compiling on a cold cache (a cold batch-512 compile ran past
 # 100 s on 2026-12-04), the most important first, so that a run cut short still reports them:
 #   main     batch 256 with the equivalence check, our eager fp32 baseline, a kernel profile and the data

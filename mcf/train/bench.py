@@ -49,6 +49,9 @@ from mcf.train.distributed import resolve_dtype
 from mcf.train.loop import accumulate, compile_model, make_optimizer, param_groups
 
 log = logging.getLogger(__name__)
+# images the FLOP count's eager fp32 step takes (ViT-B: ~5 GiB; 82 GiB at batch 512, past an H100). A step's
+# FLOPs are linear in its batch N but for the contrastive logits' N x N product: under 1e-5 of ViT-B's at 512
+FLOP_BATCH = 32
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -122,10 +125,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def losses(net: torch.nn.Module, imgs: Tensor, mask_ratio: float, dtype: torch.dtype) -> dict[str, float]:
-    """Every loss term of one forward under autocast ``dtype``, its masks drawn from seed 0."""
+def losses(net: torch.nn.Module, imgs: Tensor, mask_ratio: float, dtype: torch.dtype,
+           grad: bool = True) -> dict[str, float]:
+    """Every loss term of one forward under autocast ``dtype``, its masks drawn from seed 0; ``grad``
+    False keeps no activations for a backward (the same numbers)."""
     torch.manual_seed(0)
-    with torch.autocast(imgs.device.type, dtype, enabled=dtype != torch.float32):
+    autocast = torch.autocast(imgs.device.type, dtype, enabled=dtype != torch.float32)
+    with torch.set_grad_enabled(grad), autocast:
         out = net(imgs, mask_ratio)
     return {k: float(v.detach()) for k, v in out.items()}
 
@@ -148,14 +154,17 @@ def equivalence(model: MCF, fast: torch.nn.Module, imgs: Tensor, mask_ratio: flo
     alone cannot tell masks apart: at batch 32 or more other masks move each term by less than bf16's
     tolerance, so the generators' states after each forward must match too (a path that draws its masks
     otherwise, as inductor's own RNG does, fails). BatchNorm statistics and the RNG are put back after
-    each, so neither run sees the other's update. Returns whether the draws match and every term is
+    each, so neither run sees the other's update. The eager reference runs without grad: its fp32
+    activations at the fast path's batch would not fit beside it (ViT-B at 512: some 80 GiB); the fast
+    path keeps grad on, as a compiled model's training graph is not its inference one. Returns whether
+    the draws match and every term is
     within ``rtol`` (relative), and each term's ``(eager, fast)`` pair. Use
     batches of 4 or more: with 2 images the projector's BatchNorm leaves each feature at ±1 and the
     contrastive term swings with any rounding (ViT-B, bf16: 23 % at batch 2, 0.6 % at 4, 0.04 % at 16).
     """
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.random.fork_rng(devices=[imgs.device] if imgs.device.type == "cuda" else []):
-        ref = losses(model, imgs, mask_ratio, torch.float32)
+        ref = losses(model, imgs, mask_ratio, torch.float32, grad=False)
         ref_draws = generator_states(imgs.device)
         model.load_state_dict(state)
         got = losses(fast, imgs, mask_ratio, fast_dtype)
@@ -297,8 +306,10 @@ def bench_pretrain(argv: list[str]) -> int:
         """torch's default AdamW (foreach on CUDA, not fused): the step as it ran before the fast path."""
         return torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95))
 
-    flops = step_flops(model, imgs, args.mask_ratio, baseline_optimizer())
-    log.info("step FLOPs: %.1f GFLOP per image", flops / args.batch / 1e9)
+    counted = min(args.batch, FLOP_BATCH)
+    per_image = step_flops(model, imgs[:counted], args.mask_ratio, baseline_optimizer()) / counted
+    flops = per_image * args.batch
+    log.info("step FLOPs: %.1f GFLOP per image (counted on %d images)", per_image / 1e9, counted)
 
     # each path makes its optimizer as its turn comes and drops it after: its peak holds no other's moments
     fast_optimizer = functools.partial(make_optimizer, model, 0.05, 1e-4, (0.9, 0.95), device)
