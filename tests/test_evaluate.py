@@ -346,3 +346,17 @@ def test_a_model_pt_with_non_finite_weights_is_refused_at_load(
     with pytest.raises(StageError, match=r"model.pt: 1 tensors hold NaN or infinite weights, e.g. "
                                          r"\['classifier.bias'\]"):
         load_finetuned(tmp_path / "model.pt", "alignment")
+
+
+def test_a_label_with_dollar_signs_is_drawn_as_written(tmp_path: Path) -> None:
+    """A dataset label is free text from params: "$\\foo$" in it was parsed as maths, and its unknown
+    symbol failed the evaluate stage at its plots, after every prediction; the report's figures too."""
+    from mcf.evaluate.plots import plot_ced, plot_confusion
+    from mcf.report import figures
+
+    label = "SynthFace $\\foo$"
+    plot_ced({"mcf": (np.linspace(0, 0.07, 5), np.linspace(0, 1, 5))}, tmp_path / "ced.png", f"CED, {label}")
+    plot_confusion(np.eye(3), ["a", "b", "c"], tmp_path / "confusion.png", label)
+    assert read_png(tmp_path / "ced.png").size and read_png(tmp_path / "confusion.png").size
+    assert figures.ced_png(pd.DataFrame({"threshold": [0.0, 0.07], "mcf": [0.0, 1.0]}), label)
+    assert figures.f1_png(pd.DataFrame({"class": ["skin"], "mcf": [50.0]}), label)

@@ -16,6 +16,10 @@ import numpy as np
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Text drawn as given: a label from params ("SynthFace $\alpha$") is no maths to parse; an unknown
+# symbol between two $ failed the stage at its plot, after the work. A decorator for every plot
+literal_text = plt.rc_context({"text.parse_math": False})
+
 # One colour per LaPa class (RGB), background black.
 PALETTE = np.array(
     [
@@ -26,6 +30,7 @@ PALETTE = np.array(
 )
 
 
+@literal_text
 def plot_ced(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
     """Cumulative error distributions: ``{label: (thresholds, fraction of images <= threshold)}``."""
     fig, ax = plt.subplots(figsize=(5, 4))
@@ -42,6 +47,7 @@ def plot_ced(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, ti
     plt.close(fig)
 
 
+@literal_text
 def plot_confusion(matrix: np.ndarray, names: Sequence[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix (rows: ground truth) with the share in each cell."""
     rows = matrix.sum(axis=1, keepdims=True)

@@ -16,6 +16,8 @@ matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from mcf.evaluate.plots import literal_text  # noqa: E402
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -34,6 +36,7 @@ def _panel_order(name: str) -> tuple[int, str]:
     return (2 if schedule else 0 if name.endswith("/loss") else 1, name)
 
 
+@literal_text
 def curves_png(runs: Mapping[str, Mapping[str, pd.DataFrame]], title: str) -> bytes:
     """One panel per dvclive series (``train/loss``, ``lr/head``…), one line per run (variant)."""
     names = sorted({name for curves in runs.values() for name in curves}, key=_panel_order)
@@ -56,6 +59,7 @@ def curves_png(runs: Mapping[str, Mapping[str, pd.DataFrame]], title: str) -> by
     return to_png(fig)
 
 
+@literal_text
 def ced_png(table: pd.DataFrame, dataset: str) -> bytes:
     """CED of NME_box from ``plots/ced.csv`` (threshold, one column per variant).
 
@@ -74,6 +78,7 @@ def ced_png(table: pd.DataFrame, dataset: str) -> bytes:
     return to_png(fig)
 
 
+@literal_text
 def f1_png(table: pd.DataFrame, dataset: str) -> bytes:
     """Per-class F1 bars from ``plots/f1.csv`` (class, one column per variant).
 
