@@ -122,7 +122,7 @@ def test_crops_of_another_size_are_resized_as_the_release_resizes_them(workspace
     raw = CropDataset(workspace / "subset" / "shards", 40, cache_mb=0)[5]  # the crops are 40 px
     want = Image.fromarray(raw.permute(1, 2, 0).numpy()).resize((24, 24), Image.BILINEAR)
     got = CropDataset(workspace / "subset" / "shards", 24, cache_mb=0)[5]
-    assert torch.equal(got, torch.from_numpy(np.asarray(want)).permute(2, 0, 1))
+    assert torch.equal(got, torch.from_numpy(np.array(want)).permute(2, 0, 1))
 
 
 def test_epoch_view_order_ranks_and_workers(workspace: Path) -> None:
