@@ -450,10 +450,38 @@ def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Pa
     (metrics / "momentum.tsv").write_text("step\tmomen")  # the loop's own format, torn after "step"
     (tmp_path / "metrics.json").write_text("")  # the summary, killed while dvclive rewrote it
     truncate_live(tmp_path, 3)
-    assert not (tmp_path / "metrics.json").exists()
     assert (metrics / "train" / "loss.tsv").read_text().splitlines() == [
         "timestamp\tstep\tloss", "1001\t1\t0.1", "1002\t2\t0.2", "1003\t3\t0.3"]
     assert [p.name for p in metrics.rglob("*.tsv")] == ["loss.tsv"]
+    # the torn summary is what dvclive wrote at the last row kept
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"train": {"loss": 0.3}, "step": 3}
+
+
+def test_a_summary_torn_after_the_last_checkpoint_is_published_whole(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dvclive's ``end`` rewrites ``metrics.json`` after the last checkpoint; a run killed there resumes
+    at its last step, logs nothing more, and published ``{"step": 0}`` as the DVC metrics file."""
+    from dvclive import Live
+
+    straight = load("pretrain", write_params(workspace, "summary_straight.yaml", epochs=1))
+    pretrain.main(*straight)
+    end = Live.end
+
+    def killed(live: Live) -> None:
+        Path(live.metrics_file).write_text('{\n    "train": {\n        "lo')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Live, "end", killed)
+    common, cfg = load("pretrain", write_params(workspace, "summary_torn.yaml", epochs=1))
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(common, cfg)
+    monkeypatch.setattr(Live, "end", end)
+    pretrain.main(common, cfg)  # resumes at its last step
+    want = json.loads((Path(straight[1].live) / "metrics.json").read_text())
+    assert json.loads((Path(cfg.live) / "metrics.json").read_text()) == want
+    assert want["step"] == 12 and set(want["train"]) == {"loss", "loss_contrastive", "loss_feature", "lr",
+                                                         "momentum"}
 
 
 KILLED_CUTTING_BACK = """

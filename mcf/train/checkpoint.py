@@ -150,16 +150,20 @@ def truncate_live(live_dir: Path, step: int) -> None:
     """Drop dvclive history rows logged after ``step`` (by a run killed after its last checkpoint).
 
     A row a crash cut short (too few fields, or no step) goes too; a file torn within its header holds
-    no row and is removed, so dvclive starts it again. So is a summary (``metrics.json``) a kill cut
-    short: dvclive reads it on resume, and rewrites it at the next sync.
+    no row and is removed, so dvclive starts it again. A summary (``metrics.json``) a kill cut short is
+    rebuilt from the last row kept of each series: dvclive reads it on resume, and a run killed while
+    its ``end`` rewrote it after the last checkpoint logs nothing more, so it published ``{"step": 0}``.
     """
     summary = live_dir / "metrics.json"
+    torn = False
     if summary.is_file():
         try:
             json.loads(summary.read_text())
         except ValueError:
-            summary.unlink()
-    for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+            torn = True
+    metrics = live_dir / "plots" / "metrics"
+    latest: dict[str, Any] = {}
+    for tsv in sorted(metrics.rglob("*.tsv")):
         text = tsv.read_text()
         header, *rows = text.splitlines() or [""]
         columns = header.split("\t")
@@ -170,6 +174,25 @@ def truncate_live(live_dir: Path, step: int) -> None:
         kept = [r for r in rows if _logged_step(r, len(columns), column) <= step]
         with atomic_file(tsv) as tmp:
             tmp.write_text("\n".join([header, *kept]) + "\n")
+        if kept:  # dvclive's summary: the series' last value under its path's parts, and the last step
+            fields = kept[-1].split("\t")
+            node = latest
+            *parents, name = tsv.relative_to(metrics).with_suffix("").parts
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[name] = _logged_value(fields[-1])
+            latest["step"] = max(latest.get("step", 0), int(fields[column]))
+    if torn:
+        with atomic_file(summary) as tmp:
+            tmp.write_text(json.dumps(latest, indent=4))
+
+
+def _logged_value(text: str) -> Any:
+    """A value as dvclive logged it: a number, or the text it writes for a NaN or an infinity."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _logged_step(row: str, width: int, column: int) -> float:
