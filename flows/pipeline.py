@@ -219,7 +219,10 @@ def repro(stage: str) -> StageRun:
     # stops that group if this process is killed outright
     guard = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace", str(STOP_GRACE_S), "--"]
     cmd = [*guard, *DVC, "repro", "--single-item", stage]
-    proc = RUNNING.start(stage, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    # a byte the locale's encoding cannot decode (a latin-1 file name, which Python prints as it came under
+    # a UTF-8 locale) is shown as \xe9: the strict decoder raised in this loop, which then stopped the stage
+    proc = RUNNING.start(stage, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors="backslashreplace", env=env)
     with proc:
         try:
             for raw in proc.stdout:

@@ -56,6 +56,9 @@ elif stage == "train":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # deaf to SIGTERM, as a stuck stage is
         Path("hang.pid").write_text(str(os.getpid()))
         time.sleep(300)
+    if sys.argv[2] in params["train"].get("latin1", []):  # a file name in an older encoding, as printed
+        sys.stdout.buffer.write(b"train: skipping caf\\xe9.jpg\\n")
+        sys.stdout.flush()
     if sys.argv[2] in params["train"]["fail"]:
         for i in range(60):
             print(f"train log line {i}", flush=True)
@@ -336,6 +339,17 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     table = Artifact.get("mcf-summary").data
     assert "| `train@a` | **failed** |" in table and "| `train@b` | ran |" in table
     assert "| `evaluate` | not run (upstream failed) |" in table
+
+
+def test_a_stage_printing_bytes_that_are_not_utf8_runs_to_its_end(prefect_api: None, project: Path) -> None:
+    """A stage's output is read as text: a byte that is not UTF-8 (a latin-1 file name, printed as
+    Python prints undecodable names) raised UnicodeDecodeError in the reading task, which stopped the
+    healthy stage and failed the run with no word of the stage."""
+    latin1 = {**PARAMS, "train": {"fail": [], "latin1": ["a"]}}
+    (project / "params.latin1.yaml").write_text(yaml.safe_dump(latin1))
+    runs = mcf(params_file="params.latin1.yaml", stages=["train@a"])
+    assert _outcomes(runs) == {"fetch": "ran", "train@a": "ran"}
+    assert (project / "out/train_a.txt").exists()
 
 
 PREFECT_KILL_GRACE_S = 30  # a worker SIGKILLs a cancelled flow run's process group this long after SIGTERM
