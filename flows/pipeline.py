@@ -372,7 +372,8 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     (``fetch`` reruns). params.paper.yaml writes under ``outputs/paper/``, so profiles keep their outputs.
     The original waits in ``.dvc/tmp`` meanwhile: a run killed before putting it back (``kill -9``, OOM)
     leaves it there, and the next run (the workspace lock keeps runs apart) restores it first, unless
-    params.yaml was edited since: then the run stops and says where the original is. A params.yaml that
+    params.yaml was edited since: then the run stops and says where the original is. An edit made during
+    the run is kept the same way, the original left waiting, not put back over it. A params.yaml that
     is a link is put back as that link (:func:`_save`), not as a copy that no longer follows its file.
     A ``params_file`` outside the checkout is refused: no versioned file would hold the params run.
     """
@@ -382,7 +383,7 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
         now = _state(target)
         if placed.is_file() and now not in (placed.read_text().strip(), _state(saved)):
             # edited since the swap: putting the original back would lose the edit
-            raise RuntimeError(f"{target} was edited after a killed flow run swapped it; the original "
+            raise RuntimeError(f"{target} was edited after a flow run swapped it; the original "
                                f"waits in {saved}: put it back or delete it, then run again")
         get_run_logger().warning("%s was left swapped by a killed flow run: restoring it", target)
         os.replace(saved, target)
@@ -406,8 +407,13 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
     try:
         yield
     finally:
-        os.replace(saved, target)
-        placed.unlink(missing_ok=True)
+        if (target.exists() or target.is_symlink()) and _state(target) != placed.read_text().strip():
+            # edited during the run: the original waits, and the next run stops and says so
+            get_run_logger().warning("%s was edited during the run: kept; the original waits in %s",
+                                     target, saved)
+        else:
+            os.replace(saved, target)
+            placed.unlink(missing_ok=True)
 
 
 def _flatten(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

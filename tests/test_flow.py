@@ -549,7 +549,7 @@ def test_missing_params_file_is_named_and_a_killed_runs_swap_undone(prefect_api:
     saved.with_name(f"{saved.name}.sha256").write_text(hashlib.sha256(other).hexdigest())
     (project / "params.yaml").write_text("edited by hand: {}\n")
     state = mcf(return_state=True)
-    assert state.is_failed() and "was edited after a killed flow run swapped it" in state.message
+    assert state.is_failed() and "was edited after a flow run swapped it" in state.message
     assert (project / "params.yaml").read_text() == "edited by hand: {}\n" and saved.read_bytes() == committed
     saved.unlink()
     (project / "params.yaml").write_bytes(committed)
@@ -603,7 +603,7 @@ def test_a_run_killed_inside_the_swap_is_undone_by_the_next_unless_edited_since(
     killed = subprocess.run([sys.executable, "-c", code], cwd=project, env=env)
     assert killed.returncode == 9 and (project / "params.yaml").read_bytes() == tiny
     (project / "params.yaml").write_text("edited by hand: {}\n")
-    edited = pytest.raises(RuntimeError, match="was edited after a killed flow run")
+    edited = pytest.raises(RuntimeError, match="was edited after a flow run swapped it")
     with edited, applied_params(project, "params.yaml"):
         pass
     assert (project / "params.yaml").read_text() == "edited by hand: {}\n"
@@ -618,6 +618,36 @@ def test_a_run_killed_inside_the_swap_is_undone_by_the_next_unless_edited_since(
     with applied_params(project, "params.yaml"):
         assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
 
+
+
+def test_params_yaml_edited_during_a_swapped_run_is_kept(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edit of params.yaml while another profile is in place (an editor saving its buffer, a git pull
+    in the checkout) was overwritten by the original at the end of the run, unsaid; a killed run's swap
+    already kept such an edit. The edit stays, and the next run stops, naming where the original waits."""
+    import logging
+
+    import flows.pipeline
+    from flows.pipeline import applied_params
+
+    monkeypatch.setattr(flows.pipeline, "get_run_logger", lambda: logging.getLogger("test"))  # no flow run
+    committed = (project / "params.yaml").read_bytes()
+    (project / "params.tiny.yaml").write_text(yaml.safe_dump({**PARAMS, "fetch": {"n": 1}}))
+    with applied_params(project, "params.tiny.yaml"):
+        (project / "params.yaml").write_text("edited by hand: {}\n")
+    assert (project / "params.yaml").read_text() == "edited by hand: {}\n"
+    saved = project / ".dvc" / "tmp" / "mcf-flow.params.yaml"
+    assert saved.read_bytes() == committed
+    refused = pytest.raises(RuntimeError, match=f"swapped it; the original waits in {saved}:")
+    with refused, applied_params(project, "params.yaml"):
+        pass
+    # a run that leaves params.yaml as it put it puts the original back, also after a failed stage
+    (project / "params.yaml").write_bytes(committed)
+    saved.unlink()
+    with pytest.raises(KeyError), applied_params(project, "params.tiny.yaml"):
+        raise KeyError("a stage failed")
+    assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
 
 
 def test_a_linked_params_yaml_is_a_link_again_after_the_run(
