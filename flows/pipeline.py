@@ -516,6 +516,9 @@ def mcf(
         planned = plan(root, stages)  # under the run's params: dvc.yaml's foreach lists come from them
         get_run_logger().info("stages: %s", ", ".join(planned))
         on_dask = {stage for stage, asked in (("fetch", fetch_on_dask), ("crop", crop_on_dask)) if asked}
+        if idle := sorted(on_dask - set(planned)):  # as a lone dask_address: the flag would go unused, unsaid
+            raise ValueError(f"{idle[0]}_on_dask set, but {idle[0]} is not among the stages to run "
+                             f"({', '.join(planned)})")
         states = run_stages(planned, on_dask, dask_address)
         completed = {stage for stage, state in states.items() if state.is_completed()}
         rows = metric_rows(root, completed)  # under the run's params: dvc.yaml's metrics paths come from them

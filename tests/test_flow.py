@@ -505,6 +505,15 @@ def test_a_stage_on_dask_that_ran_before_with_these_inputs_is_restored_from_the_
     assert json.loads(status.stdout) == {}  # dvc.lock records the restored output
 
 
+def test_a_stage_on_dask_outside_the_stages_to_run_is_refused(prefect_api: None, project: Path) -> None:
+    """`-p stages='["fetch"]' -p crop_on_dask=true`: crop is not planned, so the flag (and its cluster)
+    went unused without a word; the run stops before any stage."""
+    message = r"crop_on_dask set, but crop is not among the stages to run \(fetch\)"
+    with pytest.raises(ValueError, match=message):
+        mcf(stages=["fetch"], crop_on_dask=True)
+    assert not (project / "outputs").exists() and (project / "params.yaml").is_file()
+
+
 def test_a_dask_address_without_a_stage_on_dask_is_refused(project: Path) -> None:
     """`-p dask_address=...` alone ran fetch and crop on the worker itself, the cluster unused and unsaid."""
     with pytest.raises(ValueError, match="dask_address 'tcp://scheduler:8786' given, but neither"):
