@@ -282,6 +282,28 @@ def test_identity_probe_with_one_training_identity_is_none() -> None:
     assert identity_accuracy(x[:4], np.zeros(4, int), x[4:], np.zeros(2, int), c=1.0) is None
 
 
+def test_an_image_missing_from_the_identities_table_fails_the_probe_naming_it(tmp_path: Path) -> None:
+    """A SynthFace identities table that lost a test image's row (cut short at a row boundary, or a line
+    deleted) passes check_written_split, which counts train rows only; the identity probe then ended the
+    evaluate stage, after every model was scored, in a KeyError traceback naming neither table nor stage."""
+    from test_finetune import SYNTH, TINY
+
+    from mcf.evaluate.probe import ProbeConfig, run_probes
+    from mcf.models.backbone import create_backbone, save_backbone
+    from mcf.synth import write_aflw19
+    from mcf.synth.writers import IDENTITIES_CSV
+
+    write_aflw19(SYNTH, 0, tmp_path / "aflw19")
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "backbone")
+    table = pd.read_csv(tmp_path / "aflw19" / IDENTITIES_CSV)
+    lost = table[table["split"] == "test"]["name"].iloc[0]
+    table[table["name"] != lost].to_csv(tmp_path / "aflw19" / IDENTITIES_CSV, index=False)
+    data = AFLW19Config(root=str(tmp_path / "aflw19"), n_train=16, size=32, crop_size=48)
+    message = rf"{IDENTITIES_CSV}: no identity for 1 of the \d+ AFLW-19 images, e.g. '{re.escape(lost)}'"
+    with pytest.raises(StageError, match=message):
+        run_probes({"mcf": str(tmp_path / "backbone")}, data, ProbeConfig(), batch_size=4)
+
+
 def test_an_image_whose_outer_eye_corners_coincide_fails_the_gate_by_name(
     evaluated: tuple[EvaluateConfig, dict, Path],
 ) -> None:

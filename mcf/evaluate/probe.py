@@ -116,6 +116,11 @@ def run_probes(
     """
     train, test = AFLW19(data, "train"), AFLW19(data, "full")
     identities = read_identities(data.root)
+    if identities is not None:  # checked before any feature: a lost row was a KeyError after them all
+        names = [d.ann.names[i] for d in (train, test) for i in d.indices]
+        if missing := [n for n in names if n not in identities]:
+            raise StageError(f"{Path(data.root) / IDENTITIES_CSV}: no identity for {len(missing)} of the "
+                             f"{len(names)} AFLW-19 images, e.g. {missing[0]!r}; rerun `mcf fetch`")
     results: dict[str, dict[str, float | None]] = {}
     for variant, export_dir in exports.items():
         backbone = load_backbone(export_dir, img_size=data.size).to(default_device())
