@@ -300,3 +300,17 @@ def test_a_teacher_export_whose_weights_are_of_another_input_size_is_refused(tmp
     with pytest.raises(WeightsError, match=r"mixed: backbone.pth does not fit backbone.json .*pos_embed"):
         load_backbone(tmp_path / "mixed", img_size=96)
     assert load_backbone(tmp_path / "small", img_size=64).pos_embed.shape == (1, 65, 64)  # asked for
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_rope_224"])
+def test_a_timm_model_that_is_not_a_vision_transformer_is_refused_by_the_teacher_stage(
+    tmp_path: Path, name: str
+) -> None:
+    """timm's Eva (EVA-02, and the ``vit_*_rope`` names) has the four attributes FeatureTeacher looked for,
+    but its ``_pos_embed`` returns a pair and its ``patch_drop`` may be None: the teacher stage exported it,
+    and pretrain's first step failed with "'NoneType' object is not callable". The stage now refuses it."""
+    from mcf.train.teacher import import_teacher
+
+    with pytest.raises(ValueError, match=rf"teacher must be a timm VisionTransformer, not Eva \({name}\)"):
+        import_teacher(f"timm:{name}:random", TINY, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

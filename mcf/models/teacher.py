@@ -27,6 +27,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mcf.data.pretrain_data import IMAGENET_MEAN, IMAGENET_STD
@@ -56,10 +57,12 @@ class FeatureTeacher(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        missing = [a for a in ("patch_embed", "_pos_embed", "blocks", "norm_pre") if not hasattr(model, a)]
-        if missing:
-            name = type(model).__name__
-            raise ValueError(f"teacher must be a timm VisionTransformer; {name} lacks {missing}")
+        # a class check, not attributes: timm's Eva (EVA-02, vit_*_rope) has the same ones but another
+        # forward (_pos_embed returns a pair), which would fail only at pretrain's first step
+        if not isinstance(model, VisionTransformer):
+            arch = getattr(model, "pretrained_cfg", {}).get("architecture")
+            named = f" ({arch})" if arch else ""
+            raise ValueError(f"teacher must be a timm VisionTransformer, not {type(model).__name__}{named}")
         self.model = model
         self.requires_grad_(False)
         self.train(False)
