@@ -1277,6 +1277,30 @@ def test_s3_prefix(s3_endpoint: str) -> None:
         main(Common(), _config(source="s3", s3=section | {"prefix": "none/"}))
 
 
+def test_an_s3_object_replaced_after_listing_is_not_stored_under_its_listed_etag(
+    s3_endpoint: str, tmp_path: Path
+) -> None:
+    """The row keeps the listed ETag, but the bytes came from whatever the key held at download time: a
+    replaced object was stored as a success under the old ETag, and a later run reused those bytes
+    wherever the key held that ETag again (the original put back). The download's ETag must be the
+    listing's; the next run lists the new object and fetches it."""
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket="replaced")
+    client.put_object(Bucket="replaced", Key="raw/a.jpg", Body=JPEG)
+    section = {"bucket": "replaced", "prefix": "raw/", "endpoint_url": s3_endpoint, "region": "us-east-1"}
+    cfg = _config(source="s3", s3=section)
+    source = remote_source(cfg)
+    client.put_object(Bucket="replaced", Key="raw/a.jpg", Body=PNG)  # between the listing and the download
+    staging = tmp_path / "staging"
+    staging.mkdir()  # a bucket of its own: moto's objects outlive a test's server
+    [record] = fetch_records(source, tmp_path / "out", tmp_path / "journal", staging, limits(cfg))
+    assert record.status == "error" and "changed after it was listed" in str(record.error)
+    main(Common(), cfg)
+    row = pd.read_parquet("out/manifest.parquet").iloc[0]
+    assert row["status"] == "success" and Path("out", row["path"]).read_bytes() == PNG
+    assert row["etag"] == client.head_object(Bucket="replaced", Key="raw/a.jpg")["ETag"]
+
+
 def test_verbose_logs_keep_s3_credentials_out(s3_endpoint: str, tmp_path: Path) -> None:
     """`mcf -v` turned every library's DEBUG on: botocore's shows each request's headers, the access key
     id in its Authorization and the session token. -v is mcf's own debug log now."""

@@ -3,7 +3,8 @@
 Credentials come only from boto3's own chain (environment, profile, instance role); they are never
 part of params or logs. The endpoint is configurable so that MinIO, Ceph or a local test server work.
 Objects larger than ``max_bytes`` are refused from their listed size, without a download; an object's
-body is read within ``total_timeout``, as laion-face's images are.
+body is read within ``total_timeout``, as laion-face's images are. An object replaced between the listing
+and its download is an ``error`` row, not stored under the listed ETag (which a later run would trust).
 """
 
 from __future__ import annotations
@@ -145,6 +146,11 @@ def _shut_at(deadline: float, body: Any) -> threading.Timer:
     return timer
 
 
+def _unquoted(etag: str) -> str:
+    """An ETag without the quotes that S3 puts around it and some compatible stores leave off."""
+    return etag.strip('"')
+
+
 class S3Fetcher:
     """Object key to bytes, bounded by ``max_bytes`` and, for the body, ``total_timeout`` seconds (boto3
     clients are thread-safe)."""
@@ -158,7 +164,12 @@ class S3Fetcher:
             raise FetchFailure("too_large", f"{row['size']} bytes is over {self.max_bytes}")
         deadline = time.monotonic() + self.total_timeout
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=row["key"])["Body"]
+            response = self.client.get_object(Bucket=self.bucket, Key=row["key"])
+            body, listed, got = response["Body"], row.get("etag"), response.get("ETag")
+            if listed and got and _unquoted(got) != _unquoted(listed):
+                body.close()  # replaced since the listing: its bytes would go under the listed ETag
+                raise FetchFailure("error", f"the object changed after it was listed (ETag {listed}, now "
+                                   f"{got}); the next run lists it again")
             timer = _shut_at(deadline, body)
             try:
                 with body:
