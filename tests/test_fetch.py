@@ -1182,6 +1182,26 @@ def test_a_local_file_replaced_in_place_is_read_again(tmp_path: Path) -> None:
     assert Path("out", manifest.loc[0, "path"]).read_bytes() == new and manifest.loc[0, "width"] == 30
 
 
+def test_a_local_file_replaced_after_listing_is_not_stored_under_its_listed_stat(tmp_path: Path) -> None:
+    """The row keeps the listed size and mtime, the bytes were the file's at read time: a file replaced in
+    between was stored as a success under the old stat, which a later run reused once the original came
+    back with its mtime (rsync -a, cp -p). The read must find the listed stat; the next run lists anew."""
+    photo = tmp_path / "photos" / "a.jpg"
+    _write(photo, JPEG)
+    cfg = _config(source="local", local={"root": str(photo.parent)})
+    source = remote_source(cfg)
+    new = _image("JPEG", (30, 20))
+    _write(photo, new)
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    [record] = fetch_records(source, tmp_path / "out", tmp_path / "journal", staging, limits(cfg))
+    assert record.status == "error" and "a.jpg changed after it was listed" in str(record.error)
+    main(Common(), cfg)
+    row = pd.read_parquet("out/manifest.parquet").iloc[0]
+    assert Path("out", row["path"]).read_bytes() == new and row["size"] == len(new)
+
+
 def test_a_stored_path_outside_the_folder_is_not_reused(tmp_path: Path) -> None:
     """An earlier manifest is data: a path in it that leaves the output folder is fetched again."""
     _write(tmp_path / "photos" / "a.jpg", JPEG)

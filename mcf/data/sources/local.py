@@ -81,7 +81,9 @@ class FileReader:
 
     Only regular files are read (a link to one is followed): a FIFO or a device under an image name
     (``x.jpg -> /dev/zero``) would block the worker or never end. The read stops one byte past
-    ``max_bytes``, so a file that grows after the size check is bounded too.
+    ``max_bytes``, so a file that grows after the size check is bounded too. A file whose size or mtime
+    is no longer the listed one is refused: its bytes would be stored under the listed ones, which a later
+    run trusts to reuse them.
     """
 
     def __init__(self, root: Path, max_bytes: int) -> None:
@@ -93,6 +95,10 @@ class FileReader:
                 info = os.fstat(f.fileno())
                 if not stat.S_ISREG(info.st_mode):
                     raise FetchFailure("error", f"{row['file']} is not a regular file")
+                listed = row.get("size"), row.get("mtime_ns")
+                if listed != (None, None) and listed != (info.st_size, info.st_mtime_ns):
+                    raise FetchFailure("error", f"{row['file']} changed after it was listed (size and mtime "
+                                       "differ); the next run lists it again")
                 if info.st_size > self.max_bytes:
                     raise FetchFailure("too_large", f"{info.st_size} bytes is over {self.max_bytes}")
                 data = f.read(self.max_bytes + 1)
