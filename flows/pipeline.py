@@ -246,10 +246,11 @@ def repro(stage: str) -> StageRun:
 
 
 def retry_condition(_task: Task, _task_run: TaskRun, state: State) -> bool:
-    """Retry a failed I/O stage unless its command rejected its params or its data gate failed: a typo
-    or bad data is not a transient error."""
+    """Retry a failed I/O stage unless its command rejected its params or its data gate failed (a typo
+    or bad data is not a transient error), or the run is being stopped: its stopped command, or one it
+    refused to start, failed for that, and a retry's delay would hold the process past the worker's kill."""
     error = state.result(raise_on_failure=False)
-    return not (isinstance(error, StageFailed) and error.exit_code in NO_RETRY)
+    return not (RUNNING.stopped or isinstance(error, StageFailed) and error.exit_code in NO_RETRY)
 
 
 def stage_task(stage: str) -> Task[[str], StageRun]:

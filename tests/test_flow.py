@@ -151,8 +151,10 @@ def test_plan_follows_the_dag_and_pulls_in_upstream(project: Path) -> None:
         plan(project, [])
 
 
-def test_stage_tasks_retry_io_and_tag_gpu() -> None:
+def test_stage_tasks_retry_io_and_tag_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.states import Failed
+
+    import flows.pipeline
 
     fetch, finetune = stage_task("fetch"), stage_task("finetune_alignment@scratch")
     assert fetch.retries == 2 and "gpu" not in fetch.tags
@@ -161,6 +163,9 @@ def test_stage_tasks_retry_io_and_tag_gpu() -> None:
     assert fetch.retry_condition_fn is retry_condition
     assert retry_condition(fetch, None, failed[1]) and retry_condition(fetch, None, failed[None])
     assert not retry_condition(fetch, None, failed[2]) and not retry_condition(fetch, None, failed[3])
+    monkeypatch.setattr(flows.pipeline, "RUNNING", flows.pipeline._Running())
+    flows.pipeline.RUNNING.stop_all()  # a stopped run: its stopped or unstarted stage is not retried
+    assert not retry_condition(fetch, None, failed[1]) and not retry_condition(fetch, None, failed[None])
     assert finetune.retries == 0 and {"gpu", "finetune_alignment", "dvc"} <= finetune.tags
     assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
     assert "gpu" in stage_task("evaluate").tags  # it scores on the GPU too
