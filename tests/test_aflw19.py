@@ -183,6 +183,21 @@ def test_bad_files_fail_naming_the_file(tree: tuple[Path, dict]) -> None:
         read_mat(root)
 
 
+@pytest.mark.parametrize("data", [b"", b"MATLAB 5.0 MAT-file", b"version https://git-lfs.github.com/spec/v1\n"],
+                         ids=["empty", "header-text", "text-line"])
+def test_a_mat_file_cut_short_or_of_zeros_fails_naming_it(tmp_path: Path, data: bytes) -> None:
+    """An empty file (a copy or download cut off at once), a short text in its place or a file of zeros
+    made scipy raise MatReadError, IndexError or TypeError: a traceback instead of the StageError naming
+    the file."""
+    (tmp_path / "AFLWinfo_release.mat").write_bytes(data)
+    with pytest.raises(StageError, match=rf"AFLWinfo_release.mat: .*{len(data)} bytes"):
+        read_mat(tmp_path)
+    # zeros where the bytes never arrived (a preallocated copy) were scipy's MatReadError
+    (tmp_path / "AFLWinfo_release.mat").write_bytes(bytes(4096))
+    with pytest.raises(StageError, match=r"AFLWinfo_release.mat: cannot read as a MATLAB file: .*corrupt"):
+        read_mat(tmp_path)
+
+
 @pytest.mark.parametrize("bad", [np.nan, 2.0, -1.0, 0.5])
 def test_a_visibility_flag_other_than_0_or_1_fails_naming_the_row(
     tree: tuple[Path, dict], bad: float

@@ -34,6 +34,7 @@ import pandas as pd
 import scipy.io
 import torch
 from PIL import Image
+from scipy.io.matlab import MatReadError
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -47,6 +48,7 @@ Split = Literal["train", "val", "full", "frontal"]
 SPLITS: tuple[str, ...] = ("train", "val", "full", "frontal")
 N_POINTS = 19
 MAT_NAME = AFLW_MAT
+MAT_HEADER_BYTES = 128  # a v5 MAT-file's text, subsystem offset, version and endianness
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +113,13 @@ def read_mat(root: str | Path) -> Annotations:
     path = Path(root) / MAT_NAME
     if not path.is_file():
         raise StageError(f"AFLW-19 annotation file not found: {path} (is data.root an AFLW-19 tree?)")
+    size = path.stat().st_size
+    if size < MAT_HEADER_BYTES:  # scipy fails on these with an IndexError or TypeError, not a read error
+        raise StageError(f"{path}: {size} bytes, shorter than a MATLAB file's {MAT_HEADER_BYTES}-byte header "
+                         "(cut short, or not a MATLAB file)")
     try:
         mat = scipy.io.loadmat(str(path))
-    except (ValueError, OSError, NotImplementedError) as err:
+    except (ValueError, OSError, NotImplementedError, MatReadError) as err:
         raise StageError(f"{path}: cannot read as a MATLAB file: {err}") from err
     missing = [k for k in ("bbox", "data", "mask_new", "nameList", "ra") if k not in mat]
     if missing:
