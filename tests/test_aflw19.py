@@ -287,6 +287,22 @@ def test_gate_names_an_image_cut_short(tree: tuple[Path, dict]) -> None:
     assert f"(column=decodes): 1 unexpected of {N - N_TRAIN}, e.g. [False] (name: ['{name}'])" in msg
 
 
+@pytest.mark.parametrize("shape", [(100, 4), (4, 100), (1, 1)])
+def test_a_jpeg_under_8_pixels_a_side_is_measured_not_a_crash(
+    tree: tuple[Path, dict], shape: tuple[int, int]
+) -> None:
+    """The full decode runs at 1/8 scale (Pillow's draft at w // 8, h // 8): a side under 8 pixels (a
+    placeholder thumbnail, or a header whose size field was damaged) asked for 0 and raised
+    ZeroDivisionError out of table(), so the gate never ran; the row is measured and the gate fails it."""
+    root, _ = tree
+    name = read_mat(root).names[N_TRAIN + 1]
+    cv2.imwrite(str(root / "data" / "flickr" / name), np.full((*shape, 3), 128, np.uint8))
+    df = table(_cfg(root), "full").set_index("name")
+    assert (df.loc[name, "height"], df.loc[name, "width"]) == shape and df.loc[name, "decodes"]
+    with pytest.raises(GateError, match=name.replace("/", ".")):
+        run_gate(df.reset_index(), "aflw19", stage="test")
+
+
 def test_config_rejects_bad_values(tmp_path: Path) -> None:
     from mcf.params import ParamsError, build
 

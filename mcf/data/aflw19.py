@@ -223,7 +223,7 @@ def image_size(path: Path) -> tuple[int, int, bool]:
         with Image.open(path) as im:
             w, h = im.size
             try:
-                im.draft("RGB", (w // 8, h // 8))
+                im.draft("RGB", (max(w // 8, 1), max(h // 8, 1)))  # a 0 here divides by zero
                 im.load()
             except (OSError, SyntaxError, ValueError):  # Pillow's errors for bytes that do not decode
                 return w, h, False
