@@ -167,7 +167,7 @@ def test_export_whose_json_and_weights_disagree_is_refused_naming_it(tmp_path: P
 @pytest.mark.parametrize(
     ("model_name", "kwargs", "why"),
     [
-        ("resnet18", {"num_classes": 0}, "TypeError: .*embed_layer"),
+        ("resnet18", {"num_classes": 0}, "TypeError: resnet18 builds a ResNet"),
         ("vit_base_patch16_224", {**TINY.timm_kwargs(), "embed_dims": 64}, "TypeError: .*embed_dims"),
         ("vit_base_patch16_224", [64, 2], "TypeError"),
         ("vit_base_patch16_224", {**TINY.timm_kwargs(), "num_heads": 3}, "AssertionError"),

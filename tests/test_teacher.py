@@ -265,6 +265,24 @@ def test_a_timm_named_teacher_of_another_architecture_survives_the_teacher_stage
     torch.testing.assert_close(exported(x, [0, 1]), given(x, [0, 1]))
 
 
+def test_a_timm_hybrid_vit_teacher_survives_the_teacher_stage(tmp_path: Path) -> None:
+    """timm's hybrid ViTs (a ResNet stem as patch embedding, HybridEmbed) load as teachers, but every
+    rebuild from an export forced the linear patch embedding in place of the stem, so the teacher stage
+    failed with "backbone.pth does not fit backbone.json" naming its temporary folder. The linear form now
+    replaces only timm's plain PatchEmbed, and the export computes what the given teacher does."""
+    from mcf.train.teacher import import_teacher
+
+    name = "vit_tiny_r_s16_p8_224"
+    torch.save(timm.create_model(name, num_classes=0).state_dict(), tmp_path / "w.pth")
+    import_teacher(f"timm:{name}:{tmp_path / 'w.pth'}", TINY, tmp_path / "out")
+    given, exported = (load_teacher(spec, TINY) for spec in (f"timm:{name}:{tmp_path / 'w.pth'}",
+                                                              f"mcf:{tmp_path / 'out'}"))
+    assert type(exported.model.patch_embed) is type(given.model.patch_embed)
+    assert_same_weights(exported, given.model)
+    x = torch.randn(1, 3, *given.img_size)
+    assert all(torch.equal(a, b) for a, b in zip(exported(x, [0, 1]), given(x, [0, 1]), strict=True))
+
+
 def test_a_teacher_export_of_another_architecture_is_re_imported_as_it_is(tmp_path: Path) -> None:
     """``mcf:<folder>`` names an export, whose backbone.json says which timm model it is: the stage re-saved
     it as the plain ViT its shapes suggest, so a teacher stage's own export of a timm-named teacher (here

@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from mcf.errors import WeightsError
@@ -93,9 +94,19 @@ def check_model_name(model_name: Any) -> None:
 
 def build_vit(model_name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` (never a download) with :class:`LinearPatchEmbed`: every backbone the
-    project trains, exports or rebuilds comes from here, so all run the same patch embedding."""
+    project trains, exports or rebuilds comes from here, so all run the same patch embedding.
+
+    Only timm's plain ``PatchEmbed`` is swapped for the linear form (the same weights and state): passed
+    as ``embed_layer``, it replaced a hybrid ViT's ResNet stem (``HybridEmbed``), so such a teacher's export
+    could not be rebuilt. A model that is not a timm ``VisionTransformer`` is a ``TypeError``.
+    """
     check_model_name(model_name)
-    return timm.create_model(model_name, pretrained=False, **{"embed_layer": LinearPatchEmbed, **kwargs})
+    model = timm.create_model(model_name, pretrained=False, **kwargs)
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"{model_name} builds a {type(model).__name__}, not a timm VisionTransformer")
+    if type(model.patch_embed) is PatchEmbed:
+        model.patch_embed.__class__ = LinearPatchEmbed  # adds no state: only its forward differs
+    return model
 
 
 def create_backbone(cfg: BackboneConfig, **overrides: Any) -> nn.Module:
