@@ -300,6 +300,30 @@ def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> Non
     assert load_backbone(tmp_path / "told").blocks[0].attn.num_heads == 4
 
 
+def test_an_mae_training_checkpoint_exports_and_loads_as_a_teacher(tmp_path: Path) -> None:
+    """MAE's training script saves its whole model under ``model`` (the encoder under timm names beside
+    ``decoder_*`` and ``mask_token``) with its ``args`` Namespace, which read_weights admits for it: the
+    export and every teacher spec refused it as "unexpected ['mask_token', 'decoder_embed.weight', ...]".
+    The decoder is set aside as a classifier head is, and the encoder's weights arrive exactly."""
+    vit = create_backbone(TINY)
+    mae = dict(vit.state_dict())
+    mae |= {"mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.zeros(16, 64),
+            "decoder_pos_embed": torch.zeros(1, 17, 16), "decoder_blocks.0.norm1.weight": torch.ones(16),
+            "decoder_norm.weight": torch.ones(16), "decoder_pred.weight": torch.zeros(192, 16)}
+    opt = torch.optim.AdamW(vit.parameters())
+    args = argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75)
+    torch.save({"model": mae, "optimizer": opt.state_dict(), "epoch": 399, "scaler": {"scale": 65536.0},
+                "args": args}, tmp_path / "mae.pth")
+    assert cli(["--checkpoint", str(tmp_path / "mae.pth"), "--out", str(tmp_path / "out"),
+                "--num-heads", "2"]) == 0
+    exported = load_backbone(tmp_path / "out").state_dict()
+    assert exported.keys() == vit.state_dict().keys()
+    assert all(torch.equal(v, exported[k]) for k, v in vit.state_dict().items())
+    for spec in (f"timm:{tmp_path / 'mae.pth'}", f"mcf:{tmp_path / 'mae.pth'}"):
+        teacher = load_teacher(spec, TINY).model.state_dict()
+        assert all(torch.equal(v, teacher[k]) for k, v in vit.state_dict().items())
+
+
 def test_export_of_a_backbone_missing_weights_is_refused_in_one_line(tmp_path: Path) -> None:
     """A checkpoint whose encoder lacks a weight or holds a classifier head: a StageError naming the key
     (exit 1, one line), not the RuntimeError traceback of ``load_state_dict``; nothing is written."""

@@ -12,8 +12,10 @@ Release key → MCF key (first matching prefix wins; see
 ``predictor.*``, ``decoder_*``, ``mask_token``: unchanged
 =============================  ============================
 
-A checkpoint may hold the state dict at its top level, under ``model`` (the release, our pretrain
-checkpoints) or under ``state_dict`` (MoCo v3); a DDP ``module.`` prefix is stripped.
+A checkpoint may hold the state dict at its top level, under ``model`` (the release, MAE's training
+checkpoints, our pretrain checkpoints) or under ``state_dict`` (MoCo v3); a DDP ``module.`` prefix is
+stripped. A backbone under timm's own names may sit beside a classifier ``head.*`` or MAE's decoder
+(``decoder_*``, ``mask_token``), which are left out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ RELEASE_TO_MCF: tuple[tuple[str, str], ...] = (
 )
 # Backbone key layouts, tried in order: (prefix, sub-prefixes that are not the backbone).
 _BACKBONE_LAYOUTS = (("encoder.", ()), ("online_encoder.", ("fc.",)), ("base_encoder.", ("head.",)))
+# Beside timm-named encoder weights: a classifier head, and MAE's decoder (its training checkpoints hold
+# the whole MaskedAutoencoderViT under ``model``)
+_NOT_TIMM_ENCODER = ("head.", "decoder_", "mask_token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +87,8 @@ def encoder_state_dict(obj: Mapping[str, Any]) -> dict[str, Tensor]:
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             return {k: v for k, v in sub.items() if not k.startswith(skip)}
-    if "patch_embed.proj.weight" in state:
-        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    if "patch_embed.proj.weight" in state:  # timm's ViT, or MAE's whole model (decoder beside encoder)
+        return {k: v for k, v in state.items() if not k.startswith(_NOT_TIMM_ENCODER)}
     raise ValueError(
         "no ViT backbone in checkpoint: expected encoder.*, online_encoder.*, module.base_encoder.* "
         f"or timm keys; found e.g. {sorted(state)[:5]}"

@@ -7,7 +7,8 @@ A teacher spec (the teacher stage's ``teacher.source`` other than ``train``; pre
   ``head.*`` projector is dropped): the release's teacher;
 - ``timm:<model name>:<weights file>``: ``timm.create_model(name, pretrained=False)`` (never a
   download) and the file's weights; ``timm:<model name>:random`` for a deliberately random one;
-  ``timm:<weights file>``: a timm ViT state dict, its size read from the weights;
+  ``timm:<weights file>``: a timm ViT state dict (or MAE's training checkpoint, its decoder left out),
+  its size read from the weights;
 - ``mcf:<path>``: an exported backbone folder (``save_backbone``) or one of our checkpoints;
 - ``random``: a random ViT of the backbone's size, only when asked for by name.
 
