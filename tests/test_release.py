@@ -164,6 +164,18 @@ def test_export_whose_json_and_weights_disagree_is_refused_naming_it(tmp_path: P
         load_backbone(tmp_path / "tiny")
 
 
+def test_a_folder_that_holds_exports_names_them(tmp_path: Path) -> None:
+    """``mcf:outputs/pretrain`` (the stage's folder, not its ``backbone/`` export): the error names the
+    exports inside, where a folder with none says which stage writes one."""
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "pretrain" / "backbone")
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "pretrain" / "backbone_init")
+    exports = f"{tmp_path}/pretrain/backbone, {tmp_path}/pretrain/backbone_init"
+    with pytest.raises(WeightsError, match=rf"pretrain/backbone.json \(the exports inside are {exports}\)$"):
+        load_backbone(tmp_path / "pretrain")
+    with pytest.raises(WeightsError, match=r"empty/backbone.json \(run the stage that writes it first\)$"):
+        load_backbone(tmp_path / "empty")
+
+
 @pytest.mark.parametrize(
     ("model_name", "kwargs", "why"),
     [

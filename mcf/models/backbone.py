@@ -172,8 +172,10 @@ def read_weights(path: str | Path) -> dict[str, Any]:
 def read_spec(export_dir: str | Path) -> dict[str, Any]:
     """The ``backbone.json`` of an export: ``{"model_name": ..., "kwargs": {...}}``."""
     path = Path(export_dir) / "backbone.json"
-    if not path.is_file():
-        raise WeightsError(f"no exported backbone at {path} (run the stage that writes it first)")
+    if not path.is_file():  # pretrain's output folder holds its exports one level down
+        inner = [str(d.parent) for d in sorted(Path(export_dir).glob("*/backbone.json")) if d.is_file()]
+        hint = f"the exports inside are {', '.join(inner)}" if inner else "run the stage that writes it first"
+        raise WeightsError(f"no exported backbone at {path} ({hint})")
     try:
         spec = json.loads(path.read_text())
     except ValueError as err:  # cut short or damaged (UnicodeDecodeError is one too)
