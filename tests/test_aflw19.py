@@ -160,6 +160,22 @@ def test_photometric_augmentation_runs(tree: tuple[Path, dict]) -> None:
     assert (img.max(0).values - img.min(0).values).abs().max() < 0.02  # gray: channels agree
 
 
+@pytest.mark.parametrize(("noise", "gray_after_noise"), [("blend", True), ("gaussian", False)])
+def test_noise_kind_sets_its_place_among_the_augmentations(
+    tree: tuple[Path, dict], noise: str, gray_after_noise: bool
+) -> None:
+    """FaRL's blend noise comes before gray (its order: occlusion, noise, gray, gamma, blur), so a grayed
+    crop stays gray; our gaussian noise is added last, to each channel apart."""
+    root, _ = tree
+    gray = T.Photometric(gray_p=1.0, gamma_p=0.0, blur_p=0.0)
+    aug = AlignmentAugment(occlusion_p=0.0, noise_p=1.0, noise=noise, noise_std=20.0, photometric=gray)
+    s = AFLW19(_cfg(root, augment=aug), "train", augment=True)[0]
+    spread = (s["image"] * torch.tensor(T.IMAGENET_STD)[:, None, None]
+              + torch.tensor(T.IMAGENET_MEAN)[:, None, None]).aminmax(dim=0)
+    channels_agree = bool((spread.max - spread.min).abs().max() < 1e-5)
+    assert channels_agree == gray_after_noise
+
+
 def test_bad_files_fail_naming_the_file(tree: tuple[Path, dict]) -> None:
     root, fields = tree
     ds = AFLW19(_cfg(root), "train")

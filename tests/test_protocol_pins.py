@@ -298,7 +298,14 @@ def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert (data.crop_size, data.size, data.n_train, data.n_val) == (512, 448, 20000, 0)
     aug = data.augment
     assert (aug.shift, aug.rotation, aug.scale_min, aug.scale_max) == (0.05, 10.0, 0.9, 1.1)
-    assert min(aug.occlusion_p, aug.noise_p) > 0
+    # FaRL's own augmenters: an occlusion on every crop, blend noise half the time, gray 0.1, gamma one
+    # of square root / none / square, a box blur up to 1% of the side (its augmenters/train.yaml)
+    assert (aug.occlusion_p, aug.occlusion, aug.occlusion_max) == (1.0, "clipped", 0.4)
+    assert (aug.noise_p, aug.noise, aug.noise_alpha) == (0.5, "blend", 0.5)
+    farl_colour = (0.1, 1.0, [0.5, 1.0, 2.0], 1.0, "box", 0.01)
+    for photometric in (aug.photometric, parsing.data.augment.photometric):
+        assert (photometric.gray_p, photometric.gamma_p, photometric.gamma_choices, photometric.blur_p,
+                photometric.blur, photometric.blur_box) == farl_colour
     assert (alignment.heatmap_sigma, alignment.heatmap_radius, alignment.heatmap_weight) == (1.25, 5.0, 1.0)
     lapa = parsing.data
     assert (lapa.warp_size, lapa.warp_factor, lapa.size, lapa.label_size) == (512, 0.8, 448, 512)

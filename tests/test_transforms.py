@@ -104,6 +104,45 @@ def test_photometric_switches() -> None:
     assert noisy.dtype == np.uint8 and 5 < np.abs(noisy.astype(float) - img).mean() < 12
 
 
+class _Draws:
+    """A stand-in for the generator: ``uniform`` and ``integers`` give the values queued, in order."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+
+    def uniform(self, low: float = 0.0, high: float = 1.0, size: object = None) -> object:
+        value = self.values.pop(0)
+        return np.full(size, value) if size is not None else value
+
+    def integers(self, n: int) -> int:
+        return int(self.values.pop(0))
+
+    def random(self) -> float:
+        return self.values.pop(0)
+
+
+def test_farl_kinds_of_gamma_blur_occlusion_and_noise() -> None:
+    """FaRL's augmentations (params.paper.yaml), each by hand: a gamma picked from gamma_choices, a box
+    blur of int(mean side × draw) pixels (none under 2), the clipped occlusion and the uniform-noise blend."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    square = T.Photometric(gray_p=0.0, gamma_p=1.0, gamma_choices=[0.5, 2.0], blur_p=0.0)
+    lut = (255.0 * (np.arange(256) / 255.0) ** 2.0).round().astype(np.uint8)
+    np.testing.assert_array_equal(T.photometric(img, square, _Draws(0.5, 0.0, 1, 0.5)), cv2.LUT(img, lut))
+    box = T.Photometric(gray_p=0.0, gamma_p=0.0, blur_p=1.0, blur="box", blur_box=0.1)
+    # mean side 50 × 0.09 = 4.5 -> a 4-pixel box; 50 × 0.03 = 1.5 -> 1 pixel, no blur
+    np.testing.assert_array_equal(T.photometric(img, box, _Draws(0.5, 0.5, 0.0, 0.09)), cv2.blur(img, (4, 4)))
+    np.testing.assert_array_equal(T.photometric(img, box, _Draws(0.5, 0.5, 0.0, 0.03)), img)
+    # height 0.3 × 40 = 12 rows, width (0.3 + 0.1) × 60 = 24 columns, centred at (55, 4): cut at the edges
+    out = T.occlude_clipped(img, _Draws(0.3, 0.1, 55.0, 4.0), 0.4)
+    dark = np.zeros((40, 60), bool)
+    dark[0:10, 43:60] = True
+    np.testing.assert_array_equal(out[dark], 0)
+    np.testing.assert_array_equal(out[~dark], img[~dark])
+    mixed = T.blend_noise(img, _Draws(0.25, 255.0), 0.5)
+    np.testing.assert_array_equal(mixed, np.rint(0.75 * img + 0.25 * 255.0).astype(np.uint8))
+
+
 def test_photometric_params_are_checked() -> None:
     with pytest.raises(ParamsError, match="gamma_max"):
         build(T.Photometric, {"gamma_min": 2.0, "gamma_max": 1.0})
@@ -112,6 +151,10 @@ def test_photometric_params_are_checked() -> None:
     # the blur draws its sigma from 0.1 up to blur_sigma: below 0.1 it blurred more than the largest asked
     with pytest.raises(ParamsError, match="blur_sigma"):
         build(T.Photometric, {"blur_sigma": 0.05})
+    with pytest.raises(ParamsError, match="gamma_choices: must all be > 0"):
+        build(T.Photometric, {"gamma_choices": [0.5, 0.0]})
+    with pytest.raises(ParamsError, match="blur"):
+        build(T.Photometric, {"blur": "median"})
 
 
 def test_to_tensor_normalises() -> None:

@@ -60,9 +60,14 @@ class AlignmentAugment:
     scale_min: float = param(0.9, gt=0.0)
     scale_max: float = param(1.1, gt=0.0)
     occlusion_p: float = param(0.3, ge=0.0, le=1.0)  # a random black rectangle
-    occlusion_max: float = param(0.4, gt=0.05, le=1.0)  # its largest side, share of the crop
+    # inside: within the crop, each side drawn apart; clipped: FaRL's, centred anywhere, cut at the edges
+    occlusion: Literal["inside", "clipped"] = "inside"
+    occlusion_max: float = param(0.4, gt=0.05, le=1.0)  # largest side (clipped: height), share of crop
     noise_p: float = param(0.2, ge=0.0, le=1.0)
-    noise_std: float = param(8.0, ge=0.0)  # intensity levels (0..255)
+    # gaussian: added after the photometric ones; blend: FaRL's mix with uniform noise, before them
+    noise: Literal["gaussian", "blend"] = "gaussian"
+    noise_std: float = param(8.0, ge=0.0)  # gaussian: intensity levels (0..255)
+    noise_alpha: float = param(0.5, ge=0.0, le=1.0)  # blend: the noise's weight is drawn from [0, this)
     photometric: T.Photometric = dataclasses.field(default_factory=T.Photometric)
 
     def __post_init__(self) -> None:
@@ -294,11 +299,16 @@ class AFLW19(Dataset):
         }
 
     def _photometric(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Occlusion, noise and the colour augmentations, in FaRL's order for its kinds of occlusion and
+        noise (occlusion, noise, gray, gamma, blur)."""
         aug = self.cfg.augment
         if rng.random() < aug.occlusion_p:
-            crop = T.occlude(crop, rng, aug.occlusion_max)
+            occlude = T.occlude_clipped if aug.occlusion == "clipped" else T.occlude
+            crop = occlude(crop, rng, aug.occlusion_max)
+        if aug.noise == "blend" and rng.random() < aug.noise_p:
+            crop = T.blend_noise(crop, rng, aug.noise_alpha)
         crop = T.photometric(crop, aug.photometric, rng)
-        if rng.random() < aug.noise_p and aug.noise_std > 0:
+        if aug.noise == "gaussian" and rng.random() < aug.noise_p and aug.noise_std > 0:
             crop = T.add_noise(crop, rng, aug.noise_std)
         return crop
 

@@ -20,6 +20,7 @@ numbers we compare with, warps each axis like this, so this is the warp we run.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -218,19 +219,31 @@ def tanh_warp_unwarp(
 
 @dataclasses.dataclass(frozen=True)
 class Photometric:
-    """Colour augmentations shared by both tasks; a probability of 0 turns one off."""
+    """Colour augmentations shared by both tasks; a probability of 0 turns one off.
+
+    The defaults are ours; FaRL's (its ``RandomGray``, ``RandomGamma``, ``RandomBlur``) are gray_p 0.1,
+    gamma_p 1 with gamma_choices [0.5, 1, 2] (its square root, none, square) and blur_p 1 with a box
+    blur of 0.01 (params.paper.yaml).
+    """
 
     gray_p: float = param(0.2, ge=0.0, le=1.0)
     gamma_p: float = param(0.3, ge=0.0, le=1.0)
     gamma_min: float = param(0.7, gt=0.0)
     gamma_max: float = param(1.5, gt=0.0)
+    gamma_choices: list[float] = param([])  # when given, the gamma is one of these (equally likely)
     blur_p: float = param(0.2, ge=0.0, le=1.0)
-    # largest sigma, in pixels of the crop blurred (FaRL: 512²); each blur draws it from 0.1 up to this
+    blur: Literal["gaussian", "box"] = "gaussian"
+    # gaussian: the largest sigma, in pixels of the crop blurred (FaRL: 512²); each blur draws it from 0.1
     blur_sigma: float = param(1.5, ge=0.1)
+    # box: the kernel's largest side as a share of the image's mean side (each draws [0, this); under 2
+    # pixels, no blur)
+    blur_box: float = param(0.01, gt=0.0, le=1.0)
 
     def __post_init__(self) -> None:
         if self.gamma_max < self.gamma_min:
             raise ParamsError("gamma_max", f"must be >= gamma_min ({self.gamma_min}), got {self.gamma_max}")
+        if any(g <= 0 for g in self.gamma_choices):
+            raise ParamsError("gamma_choices", f"must all be > 0, got {self.gamma_choices}")
 
 
 def photometric(image: np.ndarray, cfg: Photometric, rng: np.random.Generator) -> np.ndarray:
@@ -239,10 +252,17 @@ def photometric(image: np.ndarray, cfg: Photometric, rng: np.random.Generator) -
     if rng.random() < cfg.gray_p:
         img = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
     if rng.random() < cfg.gamma_p:
-        gamma = rng.uniform(cfg.gamma_min, cfg.gamma_max)
+        if cfg.gamma_choices:
+            gamma = cfg.gamma_choices[int(rng.integers(len(cfg.gamma_choices)))]
+        else:
+            gamma = rng.uniform(cfg.gamma_min, cfg.gamma_max)
         img = cv2.LUT(img, (255.0 * (np.arange(256) / 255.0) ** gamma).round().astype(np.uint8))
     if rng.random() < cfg.blur_p:
-        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.1, cfg.blur_sigma))
+        if cfg.blur == "box":
+            side = int((img.shape[0] + img.shape[1]) / 2 * rng.uniform(0.0, cfg.blur_box))
+            img = cv2.blur(img, (side, side)) if side > 1 else img
+        else:
+            img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.1, cfg.blur_sigma))
     return img
 
 
@@ -254,6 +274,29 @@ def occlude(image: np.ndarray, rng: np.random.Generator, max_side: float) -> np.
     out = image.copy()
     out[y0 : y0 + bh, x0 : x0 + bw] = 0
     return out
+
+
+def occlude_clipped(image: np.ndarray, rng: np.random.Generator, max_side: float) -> np.ndarray:
+    """FaRL's occlusion: a black rectangle centred anywhere in the image and cut at its edges; its height
+    10%..``max_side`` of the image's, its width that share ± 10% of the image's width."""
+    h, w = image.shape[:2]
+    share_h = rng.uniform(0.1, max_side)
+    share_w = share_h + rng.uniform(-0.1, 0.1)
+    cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+    half_w, half_h = max(share_w, 0.0) * w / 2, share_h * h / 2
+    x0, x1 = (int(np.clip(round(v), 0, w)) for v in (cx - half_w, cx + half_w))
+    y0, y1 = (int(np.clip(round(v), 0, h)) for v in (cy - half_h, cy + half_h))
+    out = image.copy()
+    out[y0:y1, x0:x1] = 0
+    return out
+
+
+def blend_noise(image: np.ndarray, rng: np.random.Generator, max_alpha: float) -> np.ndarray:
+    """FaRL's noise: the image mixed with uniform noise, ``(1 - a) * image + a * U(0, 255)`` per pixel and
+    channel, the weight ``a`` drawn from [0, ``max_alpha``)."""
+    alpha = rng.uniform(0.0, max_alpha)
+    mixed = (1 - alpha) * image + alpha * rng.uniform(0.0, 255.0, image.shape)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
 def add_noise(image: np.ndarray, rng: np.random.Generator, std: float) -> np.ndarray:
