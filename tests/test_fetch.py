@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
 from mcf.data.sources import laion, s3
@@ -846,6 +846,22 @@ def test_size_is_the_upright_size_the_crop_stage_decodes(tmp_path: Path, fmt: st
     height, width = cv2.imread(str(tmp_path / "img"), cv2.IMREAD_COLOR).shape[:2]
     upright = (40, 30) if orientation == 1 else (30, 40)  # 5 and 7 transpose too (mirrored)
     assert inspect(buf.getvalue(), MAX_PIXELS)[1:] == (width, height) == upright
+
+
+def test_a_bomb_is_refused_before_any_pixel_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's getexif decodes a whole PNG (an eXIf chunk may follow the pixels), and the orientation was
+    read before the max_pixels check: this 8 KB PNG was decoded to 64 megapixels before being refused
+    (a 420 KB RGB one declaring 144 took 590 MB and 3 s). A PNG cut short in its pixels was not_image."""
+
+    def decode(self: ImageFile.ImageFile) -> None:
+        raise AssertionError(f"{self.size} pixels decoded")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile.ImageFile, "load", decode)
+        with pytest.raises(FetchFailure, match="decompression_bomb: 8000x8000 is over 1000000 pixels"):
+            inspect(_png_bomb(), MAX_PIXELS)
+    with pytest.raises(FetchFailure, match="^truncated: "):
+        inspect(PNG[: len(PNG) * 2 // 3], MAX_PIXELS)
 
 
 def test_the_byte_and_pixel_bounds_are_inclusive() -> None:

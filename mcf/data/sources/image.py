@@ -160,14 +160,13 @@ def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     The size is the upright one that OpenCV decodes in the crop stage (EXIF orientation applied), so
     the manifest and detection boxes share the crop stage's frame.
 
-    The pixel bound is checked on the header before anything is decoded; ``verify`` catches
-    structural damage and a full ``load`` catches truncated pixel data.
+    The pixel bound is checked on the header before anything is decoded (the orientation is read after
+    it: Pillow decodes a whole PNG to find its EXIF); ``verify`` catches structural damage and a full
+    ``load`` catches truncated pixel data.
     """
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
-            if im.getexif().get(ExifTags.Base.Orientation) in TRANSPOSED:  # the crop stage's decoder turns it
-                width, height = height, width
     except Image.DecompressionBombError as err:
         raise FetchFailure("decompression_bomb", str(err)) from None
     except Exception as err:  # PIL raises UnidentifiedImageError and others for garbage
@@ -181,8 +180,11 @@ def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
+            orientation = im.getexif().get(ExifTags.Base.Orientation)
     except Exception as err:  # OSError "image file is truncated", SyntaxError for broken chunks, ...
         raise FetchFailure("truncated", f"{type(err).__name__}: {err}") from None
+    if orientation in TRANSPOSED:  # the crop stage's decoder turns it
+        width, height = height, width
     return FORMATS[fmt], width, height
 
 
