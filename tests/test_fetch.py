@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, PngImagePlugin
 
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
 from mcf.data.sources import laion, s3
@@ -862,6 +862,35 @@ def test_a_bomb_is_refused_before_any_pixel_is_decoded(monkeypatch: pytest.Monke
             inspect(_png_bomb(), MAX_PIXELS)
     with pytest.raises(FetchFailure, match="^truncated: "):
         inspect(PNG[: len(PNG) * 2 // 3], MAX_PIXELS)
+
+
+XMP = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+       '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+       '</rdf:RDF></x:xmpmeta>')
+
+
+@pytest.mark.parametrize("where", ["JPEG xmp", "PNG xmp", "WEBP xmp", "PNG text profile"])
+def test_an_orientation_outside_the_exif_block_is_not_applied(tmp_path: Path, where: str) -> None:
+    """OpenCV turns an image by its EXIF block alone; Pillow's getexif also takes XMP's tiff:Orientation
+    and ImageMagick's "Raw profile type exif" PNG text (a JPEG converted to PNG), so the manifest gave such
+    an image's size turned while the crop stage reads it as stored."""
+    fmt = where.split()[0]
+    im = Image.new("RGB", (40, 30), (200, 10, 10))
+    buf = io.BytesIO()
+    text = PngImagePlugin.PngInfo()
+    if where == "PNG xmp":
+        text.add_itxt("XML:com.adobe.xmp", XMP)
+    elif where == "PNG text profile":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        raw = exif.tobytes()[6:]  # the TIFF block, without JPEG's "Exif" prefix
+        text.add_text("Raw profile type exif", f"\nexif\n{len(raw)}\n{raw.hex()}\n", zip=True)
+    im.save(buf, format=fmt, **({"pnginfo": text} if fmt == "PNG" else {"xmp": XMP.encode()}))
+    with Image.open(io.BytesIO(buf.getvalue())) as pil:
+        assert pil.getexif().get(0x0112) == 6  # Pillow's view
+    (tmp_path / "img").write_bytes(buf.getvalue())
+    height, width = cv2.imread(str(tmp_path / "img"), cv2.IMREAD_COLOR).shape[:2]
+    assert inspect(buf.getvalue(), MAX_PIXELS)[1:] == (width, height) == (40, 30)
 
 
 def test_the_byte_and_pixel_bounds_are_inclusive() -> None:

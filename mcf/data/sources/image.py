@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import re
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -154,6 +155,18 @@ def image_path(sample_id: str, suffix: str) -> str:
     return f"images/{digest[:2]}/{readable}_{digest[:16]}{suffix}"
 
 
+def exif_orientation(im: Image.Image) -> int | None:
+    """The orientation tag of a loaded image's EXIF block (JPEG APP1, PNG eXIf, WebP EXIF): the one OpenCV
+    turns an image by. Pillow's getexif also takes an XMP tiff:Orientation and ImageMagick's PNG text
+    profile, which OpenCV ignores; a block Pillow cannot parse is read as none."""
+    exif = Image.Exif()
+    try:
+        exif.load(im.info.get("exif"))
+        return exif.get(ExifTags.Base.Orientation)
+    except (SyntaxError, ValueError, OSError, struct.error):  # a damaged TIFF header or a cut directory
+        return None
+
+
 def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """Return (suffix, width, height) of a fully decodable image, else raise :class:`FetchFailure`.
 
@@ -180,7 +193,7 @@ def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
             im.verify()
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            orientation = im.getexif().get(ExifTags.Base.Orientation)
+            orientation = exif_orientation(im)
     except Exception as err:  # OSError "image file is truncated", SyntaxError for broken chunks, ...
         raise FetchFailure("truncated", f"{type(err).__name__}: {err}") from None
     if orientation in TRANSPOSED:  # the crop stage's decoder turns it
