@@ -18,6 +18,7 @@ from mcf.data.aflw19 import (
     AFLW19Config,
     AlignmentAugment,
     check_written_split,
+    image_size,
     read_mat,
     table,
     to_original,
@@ -315,6 +316,24 @@ def test_a_jpeg_under_8_pixels_a_side_is_measured_not_a_crash(
     cv2.imwrite(str(root / "data" / "flickr" / name), np.full((*shape, 3), 128, np.uint8))
     df = table(_cfg(root), "full").set_index("name")
     assert (df.loc[name, "height"], df.loc[name, "width"]) == shape and df.loc[name, "decodes"]
+    with pytest.raises(GateError, match=name.replace("/", ".")):
+        run_gate(df.reset_index(), "aflw19", stage="test")
+
+
+def test_a_header_declaring_a_huge_size_is_unreadable_not_a_crash(tree: tuple[Path, dict]) -> None:
+    """Pillow refuses to open an image whose header declares more than twice its MAX_IMAGE_PIXELS with a
+    DecompressionBombError, which is no OSError: a JPEG whose size field was damaged (here to 65535 x
+    65535) stopped table() with that traceback before the gate could name it."""
+    root, _ = tree
+    name = read_mat(root).names[N_TRAIN + 1]
+    path = root / "data" / "flickr" / name
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = b"\xff\xff\xff\xff"  # height, width
+    path.write_bytes(bytes(data))
+    assert image_size(path) == (0, 0, False)
+    df = table(_cfg(root), "full").set_index("name")
+    assert df.loc[name, "width"] == 0 and not df.loc[name, "decodes"]
     with pytest.raises(GateError, match=name.replace("/", ".")):
         run_gate(df.reset_index(), "aflw19", stage="test")
 

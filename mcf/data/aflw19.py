@@ -221,6 +221,7 @@ def image_size(path: Path) -> tuple[int, int, bool]:
     """(width, height) from the header, (0, 0) when missing or unreadable, and whether the whole file
     decodes: OpenCV (:func:`read_rgb`) decodes a JPEG cut short in part, grey below the cut with only a
     libjpeg warning on stderr, so a half-copied image keeps its header size and reads as a whole one.
+    A header declaring more pixels than Pillow opens (a damaged size field) is unreadable.
 
     JPEGs are decoded at 1/8 scale (Pillow's draft): every coefficient is still read, at half the cost.
     """
@@ -233,7 +234,7 @@ def image_size(path: Path) -> tuple[int, int, bool]:
             except (OSError, SyntaxError, ValueError):  # Pillow's errors for bytes that do not decode
                 return w, h, False
             return w, h, True
-    except OSError:
+    except (OSError, Image.DecompressionBombError):  # the latter is no OSError
         return 0, 0, False
 
 
