@@ -428,6 +428,31 @@ def test_an_image_too_wide_for_opencvs_warps_is_listed_not_a_crash(
 
 
 
+def test_a_header_declaring_a_huge_size_is_listed_not_a_crash(
+    models: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """OpenCV's imread raises (no None) for a header declaring over 2^30 pixels, as a JPEG whose size field
+    was damaged does: the cv2.error passed read_rgb and predict's per-image handling, a traceback that lost
+    every other image's prediction (and, in the AFLW-19 and LaPa readers, one that named no file)."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    data = bytearray(image.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = b"\xff\x00\xff\x00"  # height, width: 65280 x 65280 (libjpeg takes up to 65500)
+    damaged = tmp_path / "damaged.jpg"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(StageError, match=f"^cannot decode image: {damaged} "):
+        read_rgb(damaged)
+    out = tmp_path / "out"
+    argv = ["predict", str(image), str(damaged), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out",
+            str(out), "--no-overlays"]
+    assert cli_main(argv) == 0
+    assert set(pd.read_csv(out / "faces.csv")["image"]) == {str(image)}
+    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    assert images.loc[str(damaged), "faces"] == 0
+    assert images.loc[str(damaged), "error"].startswith(f"cannot decode image: {damaged} ")
+
+
 def test_an_image_under_out_is_refused_not_deleted(
     models: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -211,7 +211,10 @@ def read_rgb(path: Path, *, exif_orientation: bool = False) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     flags = cv2.IMREAD_COLOR | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
-    bgr = cv2.imread(str(path), flags)
+    try:
+        bgr = cv2.imread(str(path), flags)
+    except cv2.error as err:  # a header past OpenCV's size bounds (a damaged size field) raises, not None
+        raise StageError(f"cannot decode image: {path} (OpenCV: {err.err})") from None
     if bgr is None:
         raise StageError(f"cannot decode image: {path}")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
