@@ -1,8 +1,9 @@
 """``mcf predict``: 19 landmarks and an 11-class parsing map for every face in your own images.
 
 The fine-tuned models' outputs come back in the image's own pixels, upright as a viewer shows it: a
-phone photo's EXIF orientation is applied (as ``cv2.imread`` does; Pillow's ``Image.open`` does not, so
-read it through ``ImageOps.exif_transpose`` to draw the points), and ``--box`` is read in the same pixels.
+phone photo's EXIF orientation is applied (as ``cv2.imread`` does, so draw the points on its image;
+Pillow's ``Image.open`` applies none, and ``ImageOps.exif_transpose`` also an XMP one that OpenCV
+ignores), and ``--box`` is read in the same pixels.
 
 One face goes the way the evaluate stage takes a test image, so a prediction here is what the
 metrics scored:
