@@ -418,14 +418,18 @@ def test_an_image_too_wide_for_opencvs_warps_is_listed_not_a_crash(
     image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
     pano = tmp_path / "pano.png"
     cv2.imwrite(str(pano), np.zeros((1, 32767, 3), np.uint8))
-    out = tmp_path / "out"
-    argv = ["predict", str(image), str(pano), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out",
+    images = _predict_beside(image, pano, align_pt, tmp_path / "out")
+    assert images.loc[str(pano), "faces"] == 0 and "32767x1 px" in images.loc[str(pano), "error"]
+
+
+def _predict_beside(image: Path, bad: Path, align_pt: Path, out: Path) -> pd.DataFrame:
+    """``mcf predict`` of a good image beside a ``bad`` one: the good one's faces are predicted; the
+    images.csv rows, by image."""
+    argv = ["predict", str(image), str(bad), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out",
             str(out), "--no-overlays"]
     assert cli_main(argv) == 0
     assert set(pd.read_csv(out / "faces.csv")["image"]) == {str(image)}
-    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
-    assert images.loc[str(pano), "faces"] == 0 and "32767x1 px" in images.loc[str(pano), "error"]
-
+    return pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
 
 
 def test_a_header_declaring_a_huge_size_is_listed_not_a_crash(
@@ -443,12 +447,7 @@ def test_a_header_declaring_a_huge_size_is_listed_not_a_crash(
     damaged.write_bytes(bytes(data))
     with pytest.raises(StageError, match=f"^cannot decode image: {damaged} "):
         read_rgb(damaged)
-    out = tmp_path / "out"
-    argv = ["predict", str(image), str(damaged), "--alignment", str(align_pt), "--box", "4,6,60,62", "--out",
-            str(out), "--no-overlays"]
-    assert cli_main(argv) == 0
-    assert set(pd.read_csv(out / "faces.csv")["image"]) == {str(image)}
-    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    images = _predict_beside(image, damaged, align_pt, tmp_path / "out")
     assert images.loc[str(damaged), "faces"] == 0
     assert images.loc[str(damaged), "error"].startswith(f"cannot decode image: {damaged} ")
 
