@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from mcf.data import transforms as T
@@ -25,6 +26,7 @@ from mcf.data.lapa import (
     warp_to_original,
 )
 from mcf.errors import StageError
+from mcf.params import build
 from mcf.validate.gate import run_gate
 
 SIZE = 128
@@ -302,5 +304,48 @@ def test_a_scale_spread_whose_clip_reaches_zero_is_refused(scale_std: float) -> 
 
     with pytest.raises(ParamsError, match="augment.scale_std"):
         build(LaPaConfig, {"augment": {"scale_std": scale_std}})
+    with pytest.raises(ParamsError, match="augment.scale_std: must be < 1 / 8"):  # unclipped: 8 std
+        build(LaPaConfig, {"augment": {"scale_std": 0.125, "scale_clip": 0}})
     rng, widest = np.random.default_rng(0), ParsingAugment(scale_std=0.33)
     assert min(np.linalg.det(sample_augment(widest, 512, rng)[:, :2]) for _ in range(5000)) > 0
+
+
+class _Draws:
+    """A stand-in for the generator: ``normal`` and ``uniform`` give the values queued, in order."""
+
+    def __init__(self, *values: float) -> None:
+        self.values = list(values)
+
+    def normal(self, loc: float = 0.0, scale: float = 1.0) -> float:
+        return loc + scale * self.values.pop(0)  # queued as standard normal draws
+
+    def uniform(self, low: float = 0.0, high: float = 1.0, size: int | None = None) -> object:
+        u = np.array([self.values.pop(0) for _ in range(size or 1)])  # queued as shares of [low, high)
+        return low + (high - low) * (u if size else u[0])
+
+
+def _farl_random_transform(angle: float, scale: float, shift: tuple[float, float], size: int) -> np.ndarray:
+    """FaRL's (blueprint's UpdateRandomTransformMatrix) aligned → aligned matrix, in our pixel convention:
+    rotation and scale about the centre ((size - 1) / 2 with OpenCV's pixel centres at integers), then a
+    shift of ``shift`` × size pixels."""
+    c, s = np.cos(angle) * scale, np.sin(angle) * scale
+    rot = np.array([[c, -s], [s, c]])
+    centre = np.full(2, (size - 1) / 2.0)
+    farl = np.hstack([rot, (centre - rot @ centre + np.asarray(shift) * size)[:, None]])
+    to_cv = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5]])  # ours (pixel j centred at j + 0.5) → OpenCV's
+    return T.compose(T.invert(to_cv), farl, to_cv)
+
+
+def test_the_paper_profile_draws_farl_augmentation_with_an_unclipped_scale() -> None:
+    """FaRL's LaPa augmentation (lapa/train.yaml; blueprint's defaults rot_normal and scale_normal true,
+    no clip): scale ~ N(1, 0.1) unclipped, rotation ~ N(0, 0.314), shift ~ U(±0.01) × 512 per axis, about
+    the aligned square's centre. params.paper.yaml clipped the scale to 1 ± 3 std (0.27% of draws moved);
+    the CPU default keeps that clip."""
+    section = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.paper.yaml").read_text())
+    paper = build(LaPaConfig, section["finetune_parsing"]["data"]).augment
+    queued = (4.5, 0.9, 0.2, -1.5)  # scale z, shift shares (x, y), rotation z
+    expected = _farl_random_transform(-1.5 * 0.314, 1.45, (0.008, -0.006), 512)
+    np.testing.assert_allclose(sample_augment(paper, 512, _Draws(*queued)), expected, atol=1e-9)
+    clipped = sample_augment(LaPaConfig().augment, 512, _Draws(*queued))
+    np.testing.assert_allclose(clipped, _farl_random_transform(-1.5 * 0.314, 1.3, (0.008, -0.006), 512),
+                               atol=1e-9)

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from mcf.data import transforms as T
 from mcf.data.aflw19 import image_size, read_rgb
 from mcf.errors import StageError
-from mcf.params import param
+from mcf.params import ParamsError, param
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -46,6 +46,7 @@ ALIGN_POINTS = (104, 105, 54, 84, 90)
 # FaRL-like 5-point template on 512² (x, y): eyes, nose tip, mouth corners. It centres the face with
 # the eyes a little above the middle, leaving room for hair and chin inside the aligned square.
 TEMPLATE = np.array([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0], [220.0, 360.4], [292.0, 360.4]])
+UNCLIPPED_REACH = 8.0  # an unclipped scale's std must be under 1/8 of the way to a zero scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +54,21 @@ class ParsingAugment:
     """Training augmentation, composed into the similarity before the warp; 0 turns one off."""
 
     rotation_std: float = param(0.314, ge=0.0)  # radians, normal
-    # normal around 1, clipped to 1 ± 3 std: below 1/3, so no draw reaches a zero or negative scale
-    scale_std: float = param(0.1, ge=0.0, lt=1 / 3)
+    scale_std: float = param(0.1, ge=0.0)  # normal around 1
+    # the scale is clipped to 1 ± this many scale_std; 0: unclipped, as FaRL's (params.paper.yaml)
+    scale_clip: float = param(3.0, ge=0.0)
     shift: float = param(0.01, ge=0.0, lt=1.0)  # uniform ± share of the aligned square, per axis
     photometric: T.Photometric = dataclasses.field(default_factory=T.Photometric)
+
+    def __post_init__(self) -> None:
+        # A scale of 0 makes the matrix singular (LinAlgError mid-training) and a negative one turns the
+        # face upside down: the clip must stop short of 0, and an unclipped draw must practically never
+        # reach it (beyond 8 std: 6e-16 of draws; FaRL's 0.1 is 10 std away).
+        reach = self.scale_clip or UNCLIPPED_REACH
+        if self.scale_std * reach >= 1.0:
+            raise ParamsError("scale_std", f"must be < 1 / {reach:g} (1 / scale_clip, or "
+                              f"1 / {UNCLIPPED_REACH:g} unclipped) so that no scale reaches 0, "
+                              f"got {self.scale_std}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +129,9 @@ def align_matrix(points5: np.ndarray, warp_size: int) -> np.ndarray:
 def sample_augment(cfg: ParsingAugment, warp_size: int, rng: np.random.Generator) -> np.ndarray:
     """One random rotation/scale about the square's centre plus a shift: aligned → aligned."""
     c = warp_size / 2.0
-    scale = float(np.clip(rng.normal(1.0, cfg.scale_std), 1 - 3 * cfg.scale_std, 1 + 3 * cfg.scale_std))
+    scale = float(rng.normal(1.0, cfg.scale_std))
+    if cfg.scale_clip:
+        scale = float(np.clip(scale, 1 - cfg.scale_clip * cfg.scale_std, 1 + cfg.scale_clip * cfg.scale_std))
     shift = rng.uniform(-cfg.shift, cfg.shift, size=2) * warp_size
     return T.around((c, c), rng.normal(0.0, cfg.rotation_std), scale, (shift[0], shift[1]))
 
