@@ -9,6 +9,7 @@ from mcf.cli import describe
 
 BENCHES = {
     "synth": "mcf.synth.bench:bench_synth",
+    "fetch": "mcf.data.fetch_bench:bench_fetch",
     "crop": "mcf.data.crop:bench_crop",
     "duplicates": "mcf.data.quality:bench_duplicates",
     "pretrain": "mcf.train.bench:bench_pretrain",

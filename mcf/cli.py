@@ -54,7 +54,7 @@ VARIANTS = ("mcf", "scratch")
 
 # Tool name -> "module:function(argv)". Each parses its own arguments.
 TOOLS: dict[str, tuple[str, str]] = {
-    "bench": ("mcf.bench:cli", "print throughput numbers (synth, crop, duplicates, pretrain)"),
+    "bench": ("mcf.bench:cli", "print throughput numbers (synth, fetch, crop, duplicates, pretrain)"),
     "validate": ("mcf.validate.gate:cli", "run a data gate by hand; --docs builds Data Docs HTML"),
     "export": ("mcf.models.export:cli", "write the pre-trained backbone as a timm state dict"),
     "predict": ("mcf.predict:cli", "landmarks and parsing maps for your own images (fine-tuned models)"),

@@ -1652,3 +1652,22 @@ def test_a_refresh_interval_tqdm_cannot_read_is_one_line_naming_it(tmp_path: Pat
     assert line.startswith("mcf: tqdm cannot read its environment (") and "TQDM_MININTERVAL='30s'" in line
     assert line.endswith("): could not convert string to float: '30s'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_fetch_bench_downloads_every_row_over_http(capsys: pytest.CaptureFixture[str]) -> None:
+    """`mcf bench fetch` runs the stage's laion-face path against its own server on 127.0.0.1."""
+    from mcf.data.fetch_bench import bench_fetch
+
+    assert bench_fetch(["--images", "24", "--threads", "4", "--latency", "0.01", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "24 of 24 images fetched" in out and "threads=4" in out and "0.01 s latency" in out
+    assert "ms an image in the fetch process" in out and "20,000,000 images at this rate" in out
+
+
+@pytest.mark.parametrize("flag", ["--images", "--threads", "--image-size", "--latency"])
+def test_the_fetch_bench_refuses_a_bad_setting_before_starting_its_server(flag: str) -> None:
+    from mcf.data.fetch_bench import bench_fetch
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_fetch([flag, "-1"])
+    assert exit_.value.code == 2
