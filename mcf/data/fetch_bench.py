@@ -89,7 +89,7 @@ def bench_fetch(argv: list[str]) -> int:
     p.add_argument("--images", type=int, default=2000, help="rows to fetch (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=512, help="served JPEGs' side (default: %(default)s)")
     p.add_argument("--threads", type=int, default=16,
-                   help="fetch.threads (default: %(default)s, as params.paper.yaml)")
+                   help="fetch.threads (default: %(default)s)")
     p.add_argument("--latency", type=float, default=0.2,
                    help="seconds the server waits before each answer (default: %(default)s)")
     args = p.parse_args(argv)
