@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mcf.cli import describe
 from mcf.data.pretrain_data import CropDataset, EpochView, index_shards
-from mcf.models.backbone import create_backbone
+from mcf.models.backbone import BackboneConfig, create_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import ParamsError, load
@@ -109,13 +109,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def build(name: str, params: str) -> MCF:
-    """The benchmarked model with a random teacher: tiny's of ``teacher.backbone``'s size, base's ViT-B."""
+def configs(name: str, params: str) -> tuple[MCFConfig, BackboneConfig]:
+    """The benchmarked model's config and its teacher's size: tiny's from ``params``, base's ViT-B."""
     if name == "tiny":
-        cfg, teacher_size = load("pretrain", params)[1].model, load("teacher", params)[1].backbone
-    else:
-        cfg = MCFConfig()
-        teacher_size = cfg.backbone
+        return load("pretrain", params)[1].model, load("teacher", params)[1].backbone
+    cfg = MCFConfig()
+    return cfg, cfg.backbone
+
+
+def build(cfg: MCFConfig, teacher_size: BackboneConfig) -> MCF:
+    """The benchmarked model, with a random teacher."""
     teacher = FeatureTeacher(create_backbone(teacher_size)) if cfg.uses_teacher else None
     return MCF(cfg, teacher)
 
@@ -272,12 +275,13 @@ def bench_pretrain(argv: list[str]) -> int:
     device = torch.device(auto if args.device == "auto" else args.device)
     cpu = f"CPU, {torch.get_num_threads()} threads"
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
-    torch.manual_seed(0)
-    model = build(args.model, args.params).to(device).train()
-    try:  # as the pretrain stage refuses it: a step on the class token alone
-        model.cfg.check_mask_ratio(args.mask_ratio)
+    cfg, teacher_size = configs(args.model, args.params)
+    try:  # as the pretrain stage refuses it (a step on the class token alone), before building ViT-B
+        cfg.check_mask_ratio(args.mask_ratio)
     except ParamsError as err:  # exit 2, as a usage error
         raise ParamsError("--mask-ratio", f"{err.message} of --model {args.model}") from None
+    torch.manual_seed(0)
+    model = build(cfg, teacher_size).to(device).train()
     dtype = resolve_dtype(args.precision, device)
     rtol = args.rtol if args.rtol is not None else (1e-4 if dtype == torch.float32 else 3e-2)
     size = model.cfg.backbone.img_size
