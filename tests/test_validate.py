@@ -181,6 +181,18 @@ def test_docs_out_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest
     assert exit_.value.code == 2 and "docs: is a file; give the folder" in capsys.readouterr().err
 
 
+def test_docs_out_under_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An --out below a file (a typo'd parent) ended in GX's FileExistsError traceback, after GX had logged
+    one per page it tried; now refused before GX runs, naming the file, exit 2 as an --out that is a file."""
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        gate.cli(["--docs", "--out", str(tmp_path / "notes.txt" / "docs")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"cannot be written there ({tmp_path / 'notes.txt'} is a file)" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(("damage", "cause"), [
     (lambda d: "{", "JSONDecodeError"),
     (lambda d: [d], "ValidationError"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
@@ -316,6 +317,19 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
     return out / "index.html"
 
 
+def _unwritable(out: Path) -> str | None:
+    """Why Data Docs cannot go under ``out``, else None; checked before GX, which logs a traceback per page
+    it fails to write and then raises its own (a path under a file, a read-only folder). Creates nothing."""
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def cli(argv: list[str]) -> int:
     """``mcf validate SUITE PARQUET`` or ``mcf validate --docs [--out DIR]``."""
     known = suite_names()
@@ -348,6 +362,8 @@ def cli(argv: list[str]) -> int:
             p.error("--docs builds the docs alone: run SUITE PARQUET and --docs as two commands")
         if args.out.exists() and not args.out.is_dir():
             p.error(f"--out {args.out}: is a file; give the folder to write the Data Docs in")
+        if (why := _unwritable(args.out)) is not None:
+            p.error(f"--out {args.out}: cannot be written there ({why})")
         build_docs(args.out)
         return 0
     if not args.suite or not args.parquet:
