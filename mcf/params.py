@@ -308,6 +308,24 @@ class Common:
     mask_ratio: float = param(0.75, gt=0.0, lt=1.0)
 
 
+def _check_outs_apart(outs: dict[str, str]) -> None:
+    """Refuse two sections whose ``out`` folders are one, or one inside the other: each stage replaces its
+    whole ``out``, so one would delete the other's output (an earlier output's sign, such as both
+    fine-tunes' model.pt, passes for its own). DVC refuses such outs in dvc.yaml; ``mcf <stage>`` must too."""
+    resolved = {name: Path(out).resolve() for name, out in outs.items()}
+    names = list(outs)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            a, b = resolved[first], resolved[second]
+            if a == b:
+                raise ParamsError(f"{second}.out", f"is {first}.out ({outs[first]}): each stage replaces its "
+                                  "whole out folder, deleting the other's output; name another folder")
+            if a in b.parents or b in a.parents:
+                inner, outer = (second, first) if a in b.parents else (first, second)
+                raise ParamsError(f"{inner}.out", f"is inside {outer}.out ({outs[outer]}), which that stage "
+                                  "replaces whole, deleting this one's output; name a folder outside it")
+
+
 def _config_class(stage: str) -> type:
     module, name = SECTIONS[stage].split(":")
     return getattr(importlib.import_module(module), name)
@@ -341,6 +359,7 @@ def load(
         for section in [*built, config]:
             if hasattr(section, "check_common"):
                 section.check_common(common)
+        _check_outs_apart({name: section.out for name, section in zip(others, built, strict=True)})
     except ParamsError as err:
         raise err.under("", path) from None
     return common, config

@@ -124,6 +124,27 @@ def test_evaluate_metrics_must_be_a_file_outside_out(
         load("fetch", path, every_section=True)
 
 
+@pytest.mark.parametrize(
+    ("outs", "fragment"),
+    [({"finetune_parsing": "outputs/finetune_alignment"}, "finetune_parsing.out: is finetune_alignment.out"),
+     ({"evaluate": "outputs/fetch/"}, "evaluate.out: is fetch.out"),
+     ({"fetch": "outputs"}, "crop.out: is inside fetch.out (outputs)"),
+     ({"subset": "outputs/teacher/subset"}, "subset.out: is inside teacher.out (outputs/teacher)")],
+)
+def test_two_stages_cannot_share_an_output_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outs: dict[str, str], fragment: str
+) -> None:
+    """finetune_parsing.out set to finetune_alignment's had `mcf finetune_parsing` replace the alignment
+    model.pt with a parsing one, silently (both hold model.pt, the sign of an earlier output); an out
+    inside another stage's was deleted when that stage replaced its own. DVC refuses such a dvc.yaml, but
+    `mcf <stage>` ran."""
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, {stage: {"out": out} for stage, out in outs.items()})
+    with pytest.raises(ParamsError, match=re.escape(fragment)):
+        load("fetch", path, every_section=True)
+    load("fetch", path)  # the section alone does not know the others
+
+
 def test_unknown_top_level_key_lists_every_valid_one(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"pretrian: unknown top-level key \(valid: seed, mask_ratio, fet"):
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": 0.75, "pretrian": {}}))
