@@ -178,7 +178,8 @@ def test_docs_out_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest
     (tmp_path / "docs").write_text("")
     with pytest.raises(SystemExit) as exit_:
         gate.cli(["--docs", "--out", str(tmp_path / "docs")])
-    assert exit_.value.code == 2 and "docs: is a file; give the folder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"docs: {tmp_path / 'docs'} is a file; give a folder" in err
 
 
 def test_docs_out_under_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -189,7 +190,7 @@ def test_docs_out_under_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest.C
     with pytest.raises(SystemExit) as exit_:
         gate.cli(["--docs", "--out", str(tmp_path / "notes.txt" / "docs")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"cannot be written there ({tmp_path / 'notes.txt'} is a file)" in err
+    assert exit_.value.code == 2 and f"docs: {tmp_path / 'notes.txt'} is a file; give a folder" in err
     assert "Traceback" not in err
 
 

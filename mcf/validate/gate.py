@@ -318,8 +318,9 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
 
 
 def _unwritable(out: Path) -> str | None:
-    """Why Data Docs cannot go under ``out``, else None; checked before GX, which logs a traceback per page
-    it fails to write and then raises its own (a path under a file, a read-only folder). Creates nothing."""
+    """Why Data Docs cannot go in ``out``, else None; checked before GX, which logs a traceback per page
+    it fails to write and then raises its own (``out`` or a folder above it a file, a read-only folder).
+    Creates nothing."""
     existing = out.absolute()
     while not existing.exists():
         existing = existing.parent
@@ -360,10 +361,8 @@ def cli(argv: list[str]) -> int:
     if args.docs:
         if args.suite or args.parquet:  # else the gate would be skipped and exit 0 read as a pass
             p.error("--docs builds the docs alone: run SUITE PARQUET and --docs as two commands")
-        if args.out.exists() and not args.out.is_dir():
-            p.error(f"--out {args.out}: is a file; give the folder to write the Data Docs in")
         if (why := _unwritable(args.out)) is not None:
-            p.error(f"--out {args.out}: cannot be written there ({why})")
+            p.error(f"--out {args.out}: {why}; give a folder the Data Docs can be written in")
         build_docs(args.out)
         return 0
     if not args.suite or not args.parquet:
