@@ -257,6 +257,23 @@ def test_a_mask_ratio_that_hides_every_patch_is_a_usage_error(
     assert f"--mask-ratio: {ratio} hides all {patches} patches from the encoder of --model {model}" in err
 
 
+@pytest.mark.parametrize("batch", ["1", "3"])
+def test_a_batch_below_four_is_a_usage_error(
+    batch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 1 the projector's BatchNorm raised a traceback; at 2 or 3 the equivalence check failed on bf16
+    rounding alone (the contrastive term swings). Refused before the model is built."""
+    from mcf.cli import main as cli_main
+
+    def build(*args: object) -> None:
+        raise AssertionError("the model was built before the batch was checked")
+
+    monkeypatch.setattr("mcf.train.bench.build", build)
+    argv = ["bench", "pretrain", "--params", str(write_params(tmp_path)), "--batch", batch, "--steps", "1"]
+    assert cli_main(argv) == 2
+    assert f"--batch: {batch}: use 4 or more" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize(
     ("flag", "least"), [("--steps", 1), ("--warmup", 0), ("--workers", 0), ("--profile", 0)]
 )

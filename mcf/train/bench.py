@@ -73,7 +73,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--model", choices=("tiny", "base"), default="tiny", help="default: %(default)s")
     p.add_argument("--params", default="params.yaml", help="where tiny's size is read (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=64, help="images per step (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="images per step, 4 or more with the contrastive loss (default: %(default)s)")
     p.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
                    help="the fast path's autocast dtype; auto: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path's model")
@@ -280,6 +281,10 @@ def bench_pretrain(argv: list[str]) -> int:
         cfg.check_mask_ratio(args.mask_ratio)
     except ParamsError as err:  # exit 2, as a usage error
         raise ParamsError("--mask-ratio", f"{err.message} of --model {args.model}") from None
+    if cfg.uses_contrastive and args.batch < 4:  # see equivalence(); at 1 the BatchNorm raises outright
+        raise ParamsError("--batch", f"{args.batch}: use 4 or more; with 2 images the contrastive "
+                          "projector's BatchNorm leaves each feature at ±1, and the equivalence check fails "
+                          "on rounding")
     torch.manual_seed(0)
     model = build(cfg, teacher_size).to(device).train()
     dtype = resolve_dtype(args.precision, device)
