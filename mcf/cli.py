@@ -14,6 +14,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import sys
 
 # OpenMP threads that spin while waiting make torch ~10x slower on a shared 2-core machine; this must
@@ -73,9 +74,9 @@ def _resolve(target: str) -> Callable[..., Any]:
 
 
 def describe(doc: str | None) -> str:
-    """A docstring's first paragraph as plain ``--help`` text (no reST double backquotes)."""
+    """A docstring's first paragraph as plain ``--help`` text (no reST double backquotes or roles)."""
     first = (doc or "").strip().split("\n\n")[0]
-    return " ".join(first.replace("``", "").split())
+    return " ".join(re.sub(r":\w+:`~?([^`]+)`", r"\1", first).replace("``", "").split())
 
 
 def parser() -> argparse.ArgumentParser:

@@ -55,6 +55,20 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     assert "2 params rejected or an input missing, 3 a data gate failed, 130 interrupted (Ctrl-C)" in text
 
 
+@pytest.mark.parametrize("tool", ["duplicates", "crop", "fetch", "pretrain"])
+def test_bench_help_is_plain_text(tool: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mcf bench duplicates --help`` printed its docstring's reST (:func:`duplicates`, ``--spread``)."""
+    with pytest.raises(SystemExit):
+        cli.main(["bench", tool, "--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+
+
+def test_describe_drops_roles_and_backquotes() -> None:
+    doc = "Rejects (:func:`duplicates`, :class:`~mcf.Foo`) at ``--spread``.\n\nNot this."
+    assert cli.describe(doc) == "Rejects (duplicates, mcf.Foo) at --spread."
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing(
     tmp_path: Path, full_disk: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

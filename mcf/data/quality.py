@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mcf.cli import describe
 from mcf.errors import StageError
 from mcf.io import read_table
 
@@ -96,7 +97,7 @@ def bench_duplicates(argv: list[str]) -> None:
     a parent hash with every bit flipped at rate ``--spread``, as crops of aligned faces share their low
     DCT frequencies. Parents: a crop manifest's pHashes (``--manifest``) or random ones."""
     p = argparse.ArgumentParser(
-        prog="mcf bench duplicates", description=bench_duplicates.__doc__,
+        prog="mcf bench duplicates", description=describe(bench_duplicates.__doc__),
         epilog="Exit status: 0 done; 1 a --manifest that is not a readable crop manifest with pHashes; 2 a "
         "usage error (a --manifest that does not exist); 130 interrupted.",
     )
