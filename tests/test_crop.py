@@ -938,3 +938,13 @@ def test_bench_sizes_the_image_list_alone(tmp_path: Path, capsys: pytest.Capture
     held = int(re.fullmatch(r"crop bench: image list of 3000 images loaded in [\d.]+ s, (\d+) B an image "
                             r"held", out).group(1))
     assert 100 < held < 1000
+
+
+def test_bench_input_without_a_manifest_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was reported as the params key ``crop.input`` (run mcf fetch first), though the user gave a flag."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_crop(["--input", str(tmp_path / "nope")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert exit_.value.code == 2 and f"--input {tmp_path / 'nope'}: no manifest.parquet there" in err
