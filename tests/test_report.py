@@ -194,6 +194,38 @@ def test_an_ablation_does_not_pass_for_mcf_beside_the_papers_mcf(run: Path, mode
     assert [label, "SynthFace-AFLW19", "5.432", "4.432", "SynthFace-LaPa", "14.81"] in paper
     assert [variant, "SynthFace-AFLW19", "9.870", "45.60"] in paper  # the frozen-backbone probe below it
     assert f"{label} (SynthFace-LaPa)" in _cells(sections["f1"])[0]
+    # the CED section's alignment table holds the same NME_diag: there too under the objective's name
+    ced = [row[:4] for row in _cells(sections["ced"])]
+    assert [variant, "full", "SynthFace-AFLW19", "5.432"] in ced and not any(r[0] == "mcf" for r in ced)
+    assert f"{variant}: confusion matrix on SynthFace-LaPa" in sections["f1"]
+
+
+def test_an_ablation_names_its_objective_in_every_plot_legend(
+    run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CED and F1 bars and the fine-tunes' curves (test scores among them) draw one line or bar per
+    variant: under pixel_mae the `mcf` one is the MAE baseline's and is drawn under its objective's name."""
+    from mcf.report import figures
+
+    params = run / "params.yaml"
+    switch = "  live: metrics/pretrain\n  model: {objective: pixel_mae}\n"
+    params.write_text(params.read_text().replace("  live: metrics/pretrain\n", switch))
+    drawn: dict[str, list[str]] = {}
+
+    def record(kind: str, key: str | None) -> Callable[..., bytes]:
+        def draw(data: object, *_: object) -> bytes:
+            names = list(data) if key is None else [c for c in data.columns if c != key]
+            drawn.setdefault(kind, []).extend(names)
+            return figures.PNG_SIGNATURE
+        return draw
+
+    monkeypatch.setattr(figures, "ced_png", record("ced", "threshold"))
+    monkeypatch.setattr(figures, "f1_png", record("f1", "class"))
+    monkeypatch.setattr(figures, "curves_png", record("curves", None))
+    _page(run)
+    label = "mcf (pre-trained with pixel_mae)"
+    assert drawn["ced"] == [label, "scratch"] and drawn["f1"] == [label, "scratch"]
+    assert drawn["curves"] == ["teacher", "pretrain", label, "scratch", label, "scratch"]
 
 
 def test_markdown_summary_shows_a_free_text_label_as_written(run: Path) -> None:

@@ -127,7 +127,9 @@ def _stage_curves(run: Run, stage: str) -> str:
         if source != "train":
             return note(f"teacher: loaded from {source!r}, not trained, so it has no curves")
     found, gaps = {}, []
-    for label, folder in live_dirs(run, stage).items():
+    pretrained = pretrained_with(run.params)  # a fine-tune's `mcf` curves hold test scores of the ablation
+    for variant, folder in live_dirs(run, stage).items():
+        label = variant_label(variant, pretrained)
         try:
             found[label] = read_curves(folder)
         except Missing as gap:
@@ -152,7 +154,9 @@ def ced_section(run: Run) -> str:
     """The CED plot and the alignment numbers behind it, labelled with their dataset."""
     metrics = load_metrics(run)
     label = dataset_label(metrics, "alignment")
-    rows = [[variant, split, label, *(fmt(scores.get(k), 0 if k == "images" else 3) for k in ALIGNMENT_KEYS)]
+    pretrained = pretrained_with(run.params)  # an ablation's NME_diag here too, not under `mcf`
+    rows = [[variant_label(variant, pretrained), split, label,
+             *(fmt(scores.get(k), 0 if k == "images" else 3) for k in ALIGNMENT_KEYS)]
             for variant, result in (metrics.get("alignment") or {}).items()
             for split, scores in result.items() if split in ALIGNMENT_SPLITS]
     headers = ["variant", "split", "data", *(k + ALIGNMENT_UNITS[k] for k in ALIGNMENT_KEYS)]
@@ -162,6 +166,7 @@ def ced_section(run: Run) -> str:
                            numeric_key=True)
     except Missing as gap:  # the metrics are committed, the outputs DVC-cached: a clone not yet pulled
         return note(str(gap)) + numbers
+    curve = curve.rename(columns=lambda c: c if c == "threshold" else variant_label(c, pretrained))
     return figure(figures.ced_png(curve, label), f"CED of NME_box on {label}") + numbers
 
 
@@ -169,18 +174,20 @@ def f1_section(run: Run) -> str:
     """Per-class F1 bars, the table against FaRL, and the confusion matrices."""
     metrics = load_metrics(run)
     label = dataset_label(metrics, "parsing")
+    pretrained = pretrained_with(run.params)
     out = run.path("evaluate.out")
     try:
-        parts = [figure(figures.f1_png(read_table(out / "plots" / "f1.csv", "F1 data", "class"), label),
-                        f"Per-class F1 on {label}")]
+        bars = read_table(out / "plots" / "f1.csv", "F1 data", "class")
+        bars = bars.rename(columns=lambda c: c if c == "class" else variant_label(c, pretrained))
+        parts = [figure(figures.f1_png(bars, label), f"Per-class F1 on {label}")]
     except Missing as gap:  # as in ced_section: the table below comes from the committed metrics
         parts = [note(str(gap))]
     try:
-        parts.append(table(*f1_comparison(metrics, pretrained_with(run.params))))
+        parts.append(table(*f1_comparison(metrics, pretrained)))
     except Missing as gap:
         parts.append(note(str(gap)))
     for path in sorted(out.glob("confusion_*.png")):
-        variant = path.stem.removeprefix("confusion_")
+        variant = variant_label(path.stem.removeprefix("confusion_"), pretrained)
         parts.append(figure(path.read_bytes(), f"{variant}: confusion matrix on {label}"))
     return "".join(parts)
 
