@@ -69,7 +69,11 @@ def _git(repo: Path, *args: str) -> None:
 
 
 @pytest.mark.parametrize(("new", "expected_rc"), [(0.931, 0), (1.2, 1)])
-def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int) -> None:
+@pytest.mark.parametrize("where", [".", "metrics"])
+def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int, where: str) -> None:
+    """Run from the checkout or a folder inside it: dvc names the metrics files relative to where it runs
+    (`../metrics/evaluate.json` from metrics/), which no tolerance glob matched, so every move went
+    unchecked and the gate blamed the tolerance file ("no metric matches a glob")."""
     repo = tmp_path
     _git(repo, "init", "-q")
     subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
@@ -83,10 +87,11 @@ def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int) -> None
     metrics.write_text(json.dumps({"alignment": {"mcf": {"nme_diag": new}}}))
     # a change that loosens its own tolerance does not pass: the gate reads the committed one
     (repo / "metrics" / "tolerance.yaml").write_text("tolerance:\n  '*': 100\n")
-    proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics"], cwd=repo,
+    proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics"], cwd=repo / where,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == expected_rc, proc.stdout + proc.stderr
     assert "nme_diag" in proc.stdout  # the markdown table is printed either way
+    assert f"metric gate: {1 - expected_rc} within tolerance, {expected_rc} outside" in proc.stdout
 
 
 def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:

@@ -103,15 +103,24 @@ def compare(diff: dict, tolerances: dict[str, float]) -> list[Move]:
     return moves
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
+def _run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(command, capture_output=True, text=True)
+        return subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     except FileNotFoundError:  # one line, not a traceback
         raise StageError(f"{command[0]} is not installed here (not on PATH)") from None
 
 
+def dvc_root(start: Path) -> Path:
+    """The DVC project holding ``start`` (the nearest folder with ``.dvc/``, as dvc finds it), else
+    ``start``: dvc names metrics files relative to where it runs, and the tolerance globs (like
+    :data:`TOLERANCE` in ``git show``) are relative to the project's root."""
+    return next((p for p in (start, *start.parents) if (p / ".dvc").is_dir()), start)
+
+
 def _dvc(*args: str) -> str:
-    done = _run([sys.executable, "-m", "dvc", *args])  # this environment's dvc, on PATH or not
+    # this environment's dvc, on PATH or not, from the project root: from metrics/ it names the file
+    # `../metrics/evaluate.json`, which no glob matches, and every move went unchecked
+    done = _run([sys.executable, "-m", "dvc", *args], cwd=dvc_root(Path.cwd().resolve()))
     if done.returncode:
         lines = (done.stderr or done.stdout).strip().splitlines()
         raise StageError(f"dvc {' '.join(args)} failed: {lines[-1] if lines else f'exit {done.returncode}'}")
