@@ -297,6 +297,20 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
     assert not (tmp_path / "bad").exists()
 
 
+def test_export_into_the_folder_holding_its_checkpoint_is_refused(tmp_path: Path) -> None:
+    """An earlier export's folder is replaced whole: a checkpoint kept in it was deleted with it."""
+    out = tmp_path / "export"
+    out.mkdir()
+    torch.save({"model": tiny_model(0).state_dict(), "backbone": dataclasses.asdict(TINY)}, out / "last.pt")
+    assert cli(["--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "first")]) == 0
+    (tmp_path / "first" / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    for folder in (tmp_path / "first", tmp_path):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["--checkpoint", str(tmp_path / "first" / "last.pt"), "--out", str(folder)])
+        assert exit_.value.code == 2
+    assert (tmp_path / "first" / "last.pt").is_file() and (tmp_path / "first" / "backbone.json").is_file()
+
+
 def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
     """MoCo v3 names its ViT in ``arch``; its ViT-S has 12 heads at width 384 (64 channels a head would
     give 6), so the exported backbone computes the trained attention, not another one."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from mcf.cli import describe
 from mcf.errors import StageError
@@ -33,6 +34,9 @@ def cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.num_heads is not None and args.num_heads < 1:
         p.error(f"--num-heads must be at least 1, got {args.num_heads}")
+    if Path(args.out).resolve() in Path(args.checkpoint).resolve().parents:  # replaced whole, it goes too
+        p.error(f"--out {args.out} holds --checkpoint {args.checkpoint}, which replacing the folder would "
+                "delete; name another folder")
     try:
         with atomic_dir(args.out, sign="backbone.json") as tmp:  # both files or neither
             cfg = export_backbone(args.checkpoint, tmp, num_heads=args.num_heads)
