@@ -43,7 +43,7 @@ class PaperRow:
 PAPER: tuple[PaperRow, ...] = (
     PaperRow("MCF ViT-B/16, 16 ep (paper)", 0.932, None, 93.96),
     PaperRow("FaRL-B ep16 (paper)", 0.943, 0.821, 93.88),
-    PaperRow("FaRL-B ep64", 0.938, 0.818, 94.04),
+    PaperRow("FaRL-B ep64 (paper)", 0.938, 0.818, 94.04),
 )
 # FaRL ep16 per-class F1 on LaPa.
 FARL_EP16_F1 = dict(zip(F1_CLASSES, (98.00, 92.70, 92.65, 93.97, 93.91, 97.92, 90.15, 91.74, 91.21, 96.52),
