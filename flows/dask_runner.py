@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import Task
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 from prefect_dask import DaskTaskRunner
 
 from mcf import pools
 
 WINDOW = 256  # tasks submitted and unfinished at once: twice the workers of a 128-core cluster
+STOPS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and the SIGTERM a Prefect worker's cancel sends
 
 
 def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTaskRunner:
@@ -30,6 +34,44 @@ def submit_in_order(task: Task, calls: Iterable[tuple], window: int = WINDOW) ->
     unfinished at once (:func:`mcf.pools.submit_in_order`); the results in call order.
 
     Dask's scheduler keeps a task's arguments until it has run, and registers a task run per call: the
-    paper's 20M images are 625,000 chunks. A failure is raised once the tasks in flight have finished.
+    paper's 20M images are 625,000 chunks. A failure is raised once the tasks in flight have finished;
+    a Ctrl-C or a cancel at once (:func:`stops_held`).
     """
-    return list(pools.submit_in_order(task.submit, calls, window, wait))
+    def submit(*args: Any) -> PrefectFuture:
+        with stops_held():
+            return task.submit(*args)
+
+    return list(pools.submit_in_order(submit, calls, window, wait))
+
+
+@contextmanager
+def stops_held() -> Iterator[None]:
+    """Hold a Ctrl-C or SIGTERM back until the body is done, then handle it as it came; a second one is
+    not held (the first submit starts the cluster, which may hang).
+
+    prefect-dask's submit serializes the task's context with pydantic, which raises the KeyboardInterrupt
+    or Prefect's TerminationSignal of a signal handled meanwhile as a PydanticSerializationError: the
+    fan-out took that for a failed task and waited for every task in flight before it stopped. Python
+    runs handlers in the main thread only, so elsewhere (a task's thread) there is nothing to hold.
+    """
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, STOPS):
+        yield  # None: a handler not set from Python, which could not be put back
+        return
+    came: list[int] = []
+    handlers: dict[int, Any] = {}
+
+    def put_back() -> None:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    def hold(sig: int, _frame: Any) -> None:
+        came.append(sig)
+        put_back()
+
+    handlers.update((sig, signal.signal(sig, hold)) for sig in STOPS)
+    try:
+        yield
+    finally:
+        put_back()
+        for sig in came:
+            signal.raise_signal(sig)  # to the handler put back: Prefect's, Python's Ctrl-C, the default
