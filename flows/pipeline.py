@@ -299,7 +299,10 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
 
     A fan-out writes exactly what its stage's command writes (tests/test_flow.py checks both), so
     ``dvc commit`` records what ``dvc repro`` would have; an up-to-date stage is skipped, and one that
-    ran before with the same inputs restored from the run-cache, as usual.
+    ran before with the same inputs restored from the run-cache, as usual. Nothing is recorded once the
+    run was stopped: a cancel stops the flow's thread, not this one, and the run puts the original
+    params.yaml back and lets go of the checkout while the fan-out goes on (until the worker's SIGKILL),
+    so a commit then would record this profile's output under the other's params.
     """
     # imported only when asked for: the fan-outs import Dask, OpenCV and the sources (boto3)
     if stage == "fetch":
@@ -311,7 +314,7 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     if not json.loads(_dvc("status", "--json", stage) or "{}"):
         return StageRun(stage, "unchanged", round(time.monotonic() - start, 1))
     if _restored(stage):
-        _dvc("commit", "--force", stage)
+        _commit(stage)
         return StageRun(stage, "restored", round(time.monotonic() - start, 1))
     try:
         fan_out(address=address)
@@ -319,8 +322,15 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
         # the status `mcf <stage>` exits with for this error, which decides a retry (retry_condition)
         code = EXIT_PARAMS if isinstance(err, ParamsError) else getattr(err, "exit_code", None)
         raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}", code) from err
-    _dvc("commit", "--force", stage)
+    _commit(stage)
     return StageRun(stage, "ran", round(time.monotonic() - start, 1))
+
+
+def _commit(stage: str) -> None:
+    """Record ``stage``'s outputs in dvc.lock, unless the flow run was stopped (:func:`dask_stage`)."""
+    if RUNNING.stopped:
+        raise StageFailed(stage, "the flow run was stopped before its output was recorded in dvc.lock")
+    _dvc("commit", "--force", stage)
 
 
 @contextmanager

@@ -481,6 +481,30 @@ def test_a_stage_on_dask_is_recorded_in_dvc_lock_and_skipped_once_up_to_date(
     assert calls == ["tcp://scheduler:8786"]
 
 
+def test_a_stage_on_dask_whose_flow_run_was_stopped_meanwhile_is_not_recorded(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel stops the flow's thread, not the task's thread the fan-out runs in: the run put the
+    original params.yaml back and let go of the checkout while the fan-out went on (until the worker's
+    SIGKILL, 30 s later). A fan-out that finished in that time was committed under the params put back,
+    so dvc.lock recorded the output of one profile as made from the other's params."""
+    import flows.fetch_dask
+    from flows.pipeline import RUNNING, dask_stage
+
+    def stopped_meanwhile(address: str | None) -> None:
+        (project / "out").mkdir(exist_ok=True)
+        (project / "out/fetch.txt").write_text("0\n1\n2\n")
+        RUNNING.stop_all()  # the flow's thread, cancelled while the fan-out ran
+
+    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", stopped_meanwhile)
+    try:
+        with pytest.raises(StageFailed, match="the flow run was stopped"):
+            dask_stage.fn("fetch", None)
+    finally:
+        RUNNING.reset()
+    assert not (project / "dvc.lock").exists()
+
+
 def test_a_stage_on_dask_that_ran_before_with_these_inputs_is_restored_from_the_run_cache(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
