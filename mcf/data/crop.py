@@ -42,7 +42,6 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mcf.cli import describe
 from mcf.data.detect import DetectionTable, DetectorConfig, Face, box_misses, load_detections, make_detector
 from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest, write_shards
@@ -444,7 +443,7 @@ def _held(value: Any) -> int:
 def bench_crop(argv: list[str]) -> None:
     """Crop-stage throughput: crops and images per second through detection, warping, filters and
     sharding (the stage minus its data gate), on generated textured images or a fetch output."""
-    p = argparse.ArgumentParser(prog="mcf bench crop", description=describe(bench_crop.__doc__))
+    p = argparse.ArgumentParser(prog="mcf bench crop", description=bench_crop.__doc__)
     p.add_argument("--input", help="a fetch output folder (default: generate --images textured images)")
     p.add_argument("--images", type=int, default=400, help="generated images (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=320, help="generated image side (default: %(default)s)")

@@ -12,7 +12,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from mcf.cli import describe
 from mcf.errors import StageError
 from mcf.io import read_table
 
@@ -93,11 +92,12 @@ def manifest_hashes(path: str) -> np.ndarray:
 
 
 def bench_duplicates(argv: list[str]) -> None:
-    """Near-duplicate rejection (:func:`duplicates`, the crop stage's merge) on clustered hashes: each is
-    a parent hash with every bit flipped at rate ``--spread``, as crops of aligned faces share their low
-    DCT frequencies. Parents: a crop manifest's pHashes (``--manifest``) or random ones."""
+    """Near-duplicate rejection (duplicates(), the crop stage's merge) on clustered hashes: each is a
+    parent hash with every bit flipped at rate --spread, as crops of aligned faces share their low DCT
+    frequencies. Parents: a crop manifest's pHashes (--manifest) or random ones."""
     p = argparse.ArgumentParser(
-        prog="mcf bench duplicates", description=describe(bench_duplicates.__doc__),
+        # the docstring as it is, so plain text: cli.describe would make the crop stage depend on mcf.cli
+        prog="mcf bench duplicates", description=bench_duplicates.__doc__,
         epilog="Exit status: 0 done; 1 a --manifest that is not a readable crop manifest with pHashes; 2 a "
         "usage error (a --manifest that does not exist); 130 interrupted.",
     )
