@@ -138,6 +138,17 @@ class PrefectServer:
 
 
 @pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, as a terminal's Ctrl-C does: a job a script starts with `&` (CI's
+    runner may) inherits SIGINT ignored, and a test of Ctrl-C would then see nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A real full disk: a 256 KiB tmpfs. Mounting needs root, as on CI and the dev machines; skipped
     elsewhere."""

@@ -326,17 +326,12 @@ def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(rerun, manifest)  # error texts too: no memory addresses in them
 
 
-def test_killed_run_resumes_from_journal(server: str, tmp_path: Path) -> None:
+def test_killed_run_resumes_from_journal(server: str, tmp_path: Path, ctrl_c: None) -> None:
     urls = [server + "/good.jpg", server + "/good.png", server + "/crash"]
     cfg = _laion_config(_laion_parquet(tmp_path / "part.parquet", urls), threads=1)
     Handler.interrupt_once = {"/crash"}
-    # Ctrl-C as a terminal delivers it: a job started with `&` by a script inherits SIGINT ignored
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            main(Common(), cfg)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    with pytest.raises(KeyboardInterrupt):
+        main(Common(), cfg)
     assert not Path("out").exists()
     journal = journal_dir(Path("out"))
     entries = [json.loads(line) for line in (journal / "journal.jsonl").read_text().splitlines()]

@@ -984,7 +984,7 @@ class _Signalled:
         return Future()
 
 
-def test_a_ctrl_c_during_a_submit_stops_the_fan_out_at_once() -> None:
+def test_a_ctrl_c_during_a_submit_stops_the_fan_out_at_once(ctrl_c: None) -> None:
     """A Ctrl-C or a cancel's SIGTERM that landed while prefect-dask serialized a task's context for a
     submit was raised by pydantic as a PydanticSerializationError, an ordinary error: the fan-out took it
     for a failed slice, waited for every slice in flight (up to 256 of them), then failed with pydantic's
