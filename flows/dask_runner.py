@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any
 
 from prefect import Task
@@ -17,11 +16,6 @@ from mcf import pools
 
 WINDOW = 256  # tasks submitted and unfinished at once: twice the workers of a 128-core cluster
 STOPS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and the SIGTERM a Prefect worker's cancel sends
-_STOPPED: ContextVar[Callable[[], bool]] = ContextVar("stopped", default=lambda: False)  # see stop_when
-
-
-class Stopped(RuntimeError):
-    """The run that fanned out was stopped: no more tasks were submitted, those in flight finished."""
 
 
 def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTaskRunner:
@@ -42,33 +36,13 @@ def submit_in_order(task: Task, calls: Iterable[tuple], window: int = WINDOW) ->
     Dask's scheduler keeps a task's arguments until it has run, and Prefect registers a task run per call:
     the paper's 20M images are 2,000 fetch slices and 20,000 crop chunks (params.paper.yaml; 625,000 at
     the default chunk_size of 32). A failure is raised once the tasks in flight have finished; a Ctrl-C
-    or a cancel at once (:func:`stops_held`); a stop asked for by the caller (:func:`stop_when`) before
-    the next submit.
+    or a cancel at once (:func:`stops_held`).
     """
-    stopped = _STOPPED.get()
-
     def submit(*args: Any) -> PrefectFuture:
-        if stopped():
-            raise Stopped("the flow run was stopped: no more tasks submitted")
         with stops_held():
             return task.submit(*args)
 
     return list(pools.submit_in_order(submit, calls, window, wait))
-
-
-@contextmanager
-def stop_when(stopped: Callable[[], bool]) -> Iterator[None]:
-    """Fan-outs in the body submit no more tasks once ``stopped()`` (:class:`Stopped`).
-
-    A cancel or a Ctrl-C is raised in the main thread only: a fan-out in a task's thread (flows/pipeline.py's
-    ``dask_stage``) went on submitting every slice until the worker's SIGKILL, 30 s later. A context
-    variable, as the fan-out flows take no such parameter (a flow's go to the Prefect API).
-    """
-    token = _STOPPED.set(stopped)
-    try:
-        yield
-    finally:
-        _STOPPED.reset(token)
 
 
 @contextmanager

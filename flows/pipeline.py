@@ -305,8 +305,6 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     so a commit then would record this profile's output under the other's params.
     """
     # imported only when asked for: the fan-outs import Dask, OpenCV and the sources (boto3)
-    from flows.dask_runner import stop_when
-
     if stage == "fetch":
         from flows.fetch_dask import fetch_dask as fan_out
     else:
@@ -319,8 +317,7 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
         _commit(stage)
         return StageRun(stage, "restored", round(time.monotonic() - start, 1))
     try:
-        with stop_when(lambda: RUNNING.stopped):  # the stop reaches the flow's thread, not this one
-            fan_out(address=address)
+        fan_out(address=address)
     except Exception as err:
         # the status `mcf <stage>` exits with for this error, which decides a retry (retry_condition)
         code = EXIT_PARAMS if isinstance(err, ParamsError) else getattr(err, "exit_code", None)

@@ -505,49 +505,6 @@ def test_a_stage_on_dask_whose_flow_run_was_stopped_meanwhile_is_not_recorded(
     assert not (project / "dvc.lock").exists()
 
 
-_RAN: list[int] = []  # module state, by name, as _GATE: the slices that ran
-
-
-def _stopping_slice(i: int) -> int:
-    """A slice; the first stops the flow run meanwhile, as a cancel in the flow's thread does."""
-    from flows.pipeline import RUNNING
-
-    _RAN.append(i)
-    if i == 0:
-        RUNNING.stop_all()
-    return i
-
-
-def test_a_stage_on_dask_whose_flow_run_was_stopped_submits_no_more_slices(
-    prefect_api: None, project: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The stop reaches the flow's thread, not the task's thread the fan-out runs in: it went on submitting
-    every slice (all 10 queued ones of a 1-worker cluster ran after a SIGTERM) until the worker's SIGKILL,
-    30 s later. Now none is submitted after the stop; the one in flight finishes."""
-    from prefect import flow, task
-    from prefect.cache_policies import NO_CACHE
-
-    import flows.fetch_dask
-    from flows.dask_runner import submit_in_order, task_runner
-    from flows.pipeline import RUNNING, dask_stage
-
-    sliced = task(_stopping_slice, cache_policy=NO_CACHE)
-
-    @flow
-    def fan_out(address: str | None) -> list[int]:
-        return submit_in_order(sliced, [(i,) for i in range(4)], window=1)
-
-    runner = task_runner(None, n_workers=1, processes=False)
-    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", fan_out.with_options(task_runner=runner))
-    _RAN.clear()
-    try:
-        with pytest.raises(StageFailed, match="on Dask: Stopped: the flow run was stopped"):
-            dask_stage.fn("fetch", None)
-    finally:
-        RUNNING.reset()
-    assert _RAN == [0] and not (project / "dvc.lock").exists()
-
-
 def test_a_stage_on_dask_that_ran_before_with_these_inputs_is_restored_from_the_run_cache(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
