@@ -16,6 +16,11 @@ from mcf import pools
 
 WINDOW = 256  # tasks submitted and unfinished at once: twice the workers of a 128-core cluster
 STOPS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and the SIGTERM a Prefect worker's cancel sends
+_stop: threading.Event | None = None  # the stop of the run that fans out (stop_on): module state, see there
+
+
+class Stopped(RuntimeError):
+    """The run that fanned out was stopped: no more tasks were submitted, those in flight finished."""
 
 
 def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTaskRunner:
@@ -36,13 +41,34 @@ def submit_in_order(task: Task, calls: Iterable[tuple], window: int = WINDOW) ->
     Dask's scheduler keeps a task's arguments until it has run, and Prefect registers a task run per call:
     the paper's 20M images are 2,000 fetch slices and 20,000 crop chunks (params.paper.yaml; 625,000 at
     the default chunk_size of 32). A failure is raised once the tasks in flight have finished; a Ctrl-C
-    or a cancel at once (:func:`stops_held`).
+    or a cancel at once (:func:`stops_held`); a stop of the run that fans out (:func:`stop_on`) before the
+    next submit.
     """
     def submit(*args: Any) -> PrefectFuture:
+        if _stop is not None and _stop.is_set():
+            raise Stopped("the flow run was stopped: no more tasks submitted")
         with stops_held():
             return task.submit(*args)
 
     return list(pools.submit_in_order(submit, calls, window, wait))
+
+
+@contextmanager
+def stop_on(event: threading.Event) -> Iterator[None]:
+    """Fan-outs in the body submit no more tasks once ``event`` is set (:class:`Stopped`).
+
+    A cancel or a Ctrl-C is raised in the flow's main thread only: a fan-out in a task's thread
+    (flows/pipeline.py's ``dask_stage``) went on submitting every slice until the worker's SIGKILL, 30 s
+    later. Module state, read where the flow submits: the fan-out flows take no such parameter (a flow's
+    go to the Prefect API), and a context variable went into every task's pickled context, where a
+    process worker could not unpickle it.
+    """
+    global _stop
+    outer, _stop = _stop, event
+    try:
+        yield
+    finally:
+        _stop = outer
 
 
 @contextmanager

@@ -175,7 +175,12 @@ class _Running:
     """
 
     def __init__(self) -> None:
-        self.lock, self.procs, self.stopped = threading.Lock(), set[subprocess.Popen](), False
+        self.lock, self.procs, self.stop = threading.Lock(), set[subprocess.Popen](), threading.Event()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run is being stopped (``stop``: an event, which a Dask fan-out reads too)."""
+        return self.stop.is_set()
 
     def start(self, stage: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
         """``Popen(cmd)`` in a session of its own, unless the run is being stopped."""
@@ -192,12 +197,13 @@ class _Running:
 
     def reset(self) -> None:
         with self.lock:
-            self.stopped = False
+            self.stop.clear()
 
     def stop_all(self) -> None:
         """Stop every stage command in flight, and refuse to start more."""
         with self.lock:
-            self.stopped, procs = True, list(self.procs)
+            self.stop.set()
+            procs = list(self.procs)
         stop_groups(procs, RUN_STOP_GRACE_S)
 
 
@@ -301,15 +307,10 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     ``dvc commit`` records what ``dvc repro`` would have; an up-to-date stage is skipped, and one that
     ran before with the same inputs restored from the run-cache, as usual. Nothing is recorded once the
     run was stopped: a cancel stops the flow's thread, not this one, and the run puts the original
-    params.yaml back and lets go of the checkout while the fan-out goes on (until the worker's SIGKILL),
-    so a commit then would record this profile's output under the other's params.
+    params.yaml back and lets go of the checkout while the fan-out's tasks in flight finish (it submits
+    no more, :func:`flows.dask_runner.stop_on`), so a commit then would record this profile's output
+    under the other's params.
     """
-    # imported only when asked for: the fan-outs import Dask, OpenCV and the sources (boto3)
-    if stage == "fetch":
-        from flows.fetch_dask import fetch_dask as fan_out
-    else:
-        from flows.crop_dask import crop_dask as fan_out
-
     start = time.monotonic()
     if not json.loads(_dvc("status", "--json", stage) or "{}"):
         return StageRun(stage, "unchanged", round(time.monotonic() - start, 1))
@@ -317,13 +318,31 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
         _commit(stage)
         return StageRun(stage, "restored", round(time.monotonic() - start, 1))
     try:
-        fan_out(address=address)
+        _fan_out(stage, address)
     except Exception as err:
         # the status `mcf <stage>` exits with for this error, which decides a retry (retry_condition)
         code = EXIT_PARAMS if isinstance(err, ParamsError) else getattr(err, "exit_code", None)
         raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}", code) from err
     _commit(stage)
     return StageRun(stage, "ran", round(time.monotonic() - start, 1))
+
+
+def _fan_out(stage: str, address: str | None) -> None:
+    """Run ``stage``'s fan-out flow, which submits no more tasks once the run is stopped: a cancel reaches
+    the flow's thread, not the task's thread this runs in.
+
+    Not in :func:`dask_stage`'s body: Dask pickles each task's context, the dask_stage task run's with
+    it, and a task's function by value with the globals it names; ``RUNNING`` holds a lock.
+    """
+    # imported only when asked for: the fan-outs import Dask, OpenCV and the sources (boto3)
+    from flows.dask_runner import stop_on
+
+    if stage == "fetch":
+        from flows.fetch_dask import fetch_dask as fan_out
+    else:
+        from flows.crop_dask import crop_dask as fan_out
+    with stop_on(RUNNING.stop):
+        fan_out(address=address)
 
 
 def _commit(stage: str) -> None:

@@ -505,6 +505,61 @@ def test_a_stage_on_dask_whose_flow_run_was_stopped_meanwhile_is_not_recorded(
     assert not (project / "dvc.lock").exists()
 
 
+def _stopping_slice(i: int, folder: str) -> int:
+    """A slice on a worker process: marks that it ran; the first waits until the test has stopped the run."""
+    (Path(folder) / f"ran-{i}").touch()
+    deadline = time.monotonic() + 60
+    while i == 0 and not (Path(folder) / "go").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return i
+
+
+def test_a_stage_on_dask_whose_flow_run_was_stopped_submits_no_more_slices(
+    prefect_api: None, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop reaches the flow's thread, not the task's thread the fan-out runs in: it went on submitting
+    every slice (all 10 queued ones of a 1-worker cluster ran after a SIGTERM) until the worker's SIGKILL,
+    30 s later. Now none is submitted after the stop; the one in flight finishes. On worker processes, in
+    the flow: each slice's context holds the dask_stage task's, pickled (a first try failed that way)."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    import flows.fetch_dask
+    import flows.pipeline
+    from flows.dask_runner import submit_in_order, task_runner
+    from flows.pipeline import RUNNING
+
+    monkeypatch.setattr(flows.pipeline, "RETRY_DELAY_S", 0)  # a failure's retries, at once
+    sliced = task(_stopping_slice, cache_policy=NO_CACHE)
+    folder = project / "slices"
+    folder.mkdir()
+
+    @flow
+    def fan_out(address: str | None) -> list[int]:
+        return submit_in_order(sliced, [(i, str(folder)) for i in range(4)], window=1)
+
+    def stop_once_slice_0_runs() -> None:  # as a cancel does, from the flow's thread
+        deadline = time.monotonic() + 60
+        while not (folder / "ran-0").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        RUNNING.stop_all()
+        (folder / "go").touch()
+
+    runner = task_runner(None, n_workers=1, processes=True)
+    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", fan_out.with_options(task_runner=runner))
+    stopper = threading.Thread(target=stop_once_slice_0_runs, daemon=True)
+    stopper.start()
+    try:  # as a task of the flow: each slice's pickled context holds the dask_stage task run's
+        state = mcf(fetch_on_dask=True, stages=["fetch"], return_state=True)
+    finally:
+        stopper.join()
+        RUNNING.reset()
+    with pytest.raises(StageFailed, match="on Dask: Stopped: the flow run was stopped"):
+        state.result()
+    assert sorted(f.name for f in folder.iterdir()) == ["go", "ran-0"]
+    assert not (project / "dvc.lock").exists()
+
+
 def test_a_stage_on_dask_that_ran_before_with_these_inputs_is_restored_from_the_run_cache(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
