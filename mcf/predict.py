@@ -59,6 +59,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".t
 BOX_COLUMNS = ("box_x1", "box_y1", "box_x2", "box_y2")
 LANDMARK_COLUMNS = tuple(f"{c}{i}" for c in "xy" for i in range(19))  # x0..x18, then y0..y18
 MAX_SIDE = 32767  # SHRT_MAX: cv2.warpAffine and cv2.remap take smaller images only
+MAX_BOX = 1e20  # |--box| in px: a box side past float64's range made the crop's matrix singular
 
 
 @torch.no_grad()
@@ -260,8 +261,13 @@ def _box(text: str) -> tuple[float, float, float, float]:
         raise argparse.ArgumentTypeError(f"expected x1,y1,x2,y2 in pixels, got {text!r}") from None
     if not all(map(math.isfinite, (x1, y1, x2, y2))):
         raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    if max(map(abs, (x1, y1, x2, y2))) > MAX_BOX:
+        raise argparse.ArgumentTypeError(f"expected pixels within ±{MAX_BOX:g}, got {text!r}")
     if not (x2 > x1 and y2 > y1):
         raise argparse.ArgumentTypeError(f"need x2 > x1 and y2 > y1, got {text!r}")
+    if x2 - x1 < 1 or y2 - y1 < 1:  # a side of 1e-306 px gave NaN landmarks; under 1 px, no face at all
+        raise argparse.ArgumentTypeError(f"need sides of 1 px or more (pixels, not fractions of the "
+                                         f"image), got {text!r}")
     return x1, y1, x2, y2
 
 

@@ -106,14 +106,15 @@ def test_a_model_file_with_bad_head_blocks_is_refused_naming_it(tmp_path: Path, 
 
 
 
-@pytest.mark.parametrize("damage", ["no data", "data another version wrote", "test_by_epoch not a list"])
+@pytest.mark.parametrize("damage", ["no data", "data another version wrote", "data size 0",
+                                    "test_by_epoch not a list"])
 def test_a_model_file_whose_metadata_is_damaged_is_refused_naming_it(
     fixture_root: Path, tmp_path: Path, damage: str
 ) -> None:
     """``mcf evaluate`` and ``mcf predict`` rebuild the data config from a model.pt's ``data``, and evaluate
     reads its ``test_by_epoch``: a file without ``data``, with a key the task's data config lacks, or with
     a ``test_by_epoch`` that is no list loaded, then ended those commands in a KeyError or TypeError
-    traceback. It is a bad file, refused on load naming it."""
+    traceback; a size of 0 crashed predict in OpenCV. It is a bad file, refused on load naming it."""
     align, _ = tiny_configs(fixture_root)
     path = tmp_path / "model.pt"
     model = finetune.build_model("alignment", "mcf", align)
@@ -123,10 +124,32 @@ def test_a_model_file_whose_metadata_is_damaged_is_refused_naming_it(
         del ckpt["data"]
     elif damage == "data another version wrote":
         ckpt["data"]["n_identities"] = 5
+    elif damage == "data size 0":
+        ckpt["data"]["size"] = 0
     else:
         ckpt["test_by_epoch"] = 0.5
     torch.save(ckpt, path)
-    with pytest.raises(StageError, match=r"model.pt: not a fine-tuned model.pt \((KeyError|TypeError)"):
+    why = {"no data": "KeyError", "test_by_epoch not a list": "TypeError",
+           "data another version wrote": "ParamsError: data.n_identities: unknown key",
+           "data size 0": "ParamsError: data.size: must be >= 8, got 0"}
+    with pytest.raises(StageError, match=rf"model.pt: not a fine-tuned model.pt \({why[damage]}"):
+        load_finetuned(path, "alignment")
+
+
+def test_a_model_file_whose_weights_do_not_fit_its_backbone_names_the_whole_shape(
+    fixture_root: Path, tmp_path: Path
+) -> None:
+    """A model.pt whose recorded input size does not match its weights: the message was cut at 200
+    characters, mid-way through the first mismatched tensor's shapes."""
+    align, _ = tiny_configs(fixture_root)
+    path = tmp_path / "model.pt"
+    finetune.save_finetuned(EMA(finetune.build_model("alignment", "mcf", align), 0.9), "alignment", "mcf",
+                            align, path, [0.5])
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["backbone"]["kwargs"]["img_size"] *= 2
+    torch.save(ckpt, path)
+    with pytest.raises(StageError, match=r"size mismatch for \S*pos_embed: .* the shape in current model is "
+                                         r"torch.Size\(\[1, \d+, \d+\]\)\."):
         load_finetuned(path, "alignment")
 
 def test_alignment_loss_is_small_at_the_target() -> None:

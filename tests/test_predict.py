@@ -222,6 +222,10 @@ def test_an_image_past_pillows_size_limit_is_still_predicted(
         (["IMG", "--alignment", "OTHER", "--out", "OUT"], 1, "other.pt: not a fine-tuned model.pt (KeyError"),
         (["IMG", "--alignment", "ALIGN", "--box", "5,5,1,9", "--out", "OUT"], 2, "need x2 > x1"),
         (["IMG", "--alignment", "ALIGN", "--box", "0,0,inf,9", "--out", "OUT"], 2, "expected finite numbers"),
+        (["IMG", "--alignment", "ALIGN", "--box=-1e308,0,1e308,9", "--out", "OUT"], 2,
+         "expected pixels within ±1e+20"),  # the side overflowed: a LinAlgError traceback
+        (["IMG", "--alignment", "ALIGN", "--box", "0.2,0.3,0.6,0.9", "--out", "OUT"], 2,
+         "need sides of 1 px or more (pixels, not fractions"),  # a side of 1e-306 px: NaN landmarks
         (["IMG", "--alignment", "ALIGN", "--yunet", "nope.onnx", "--out", "OUT"], 2,
          "--yunet nope.onnx: expected an existing YuNet .onnx file"),
         (["IMG", "--alignment", "ALIGN", "--yunet", "DAMAGED.onnx", "--out", "OUT"], 1,

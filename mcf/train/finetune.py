@@ -45,7 +45,7 @@ from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable, file_s
 from mcf.models.backbone import build_vit, load_backbone, read_spec, read_weights
 from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, parsing_logits, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
-from mcf.params import Common, ParamsError, param, require_path
+from mcf.params import Common, ParamsError, build, param, require_path
 from mcf.train.checkpoint import (
     discard_resume,
     load_checkpoint,
@@ -374,12 +374,15 @@ def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFac
         head_cfg = HeadConfig(**{**head, "blocks": tuple(head["blocks"])})  # its dropout too, for training on
         model = DenseFaceModel(build_vit(spec["model_name"], **spec["kwargs"]), head_cfg)
         model.load_state_dict(ckpt["state_dict"], strict=True)
-        # what evaluate and predict read next: the data config rebuilt, the per-epoch test scores
-        {"alignment": AFLW19Config, "parsing": LaPaConfig}[ckpt["task"]](**ckpt["data"])
+        # what evaluate and predict read next: the data config, checked as params are (a size of 0 crashed
+        # in OpenCV), and the per-epoch test scores
+        build({"alignment": AFLW19Config, "parsing": LaPaConfig}[ckpt["task"]], ckpt["data"], "data")
         if not isinstance(ckpt.get("test_by_epoch", []), list):
             raise TypeError(f"test_by_epoch is a {type(ckpt['test_by_epoch']).__name__}, not a list")
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # ValueError: the head's blocks refused
-        why = f"{type(err).__name__}: {str(err)[:200]}"
+        # load_state_dict's lines, one a mismatched tensor: the first whole (a shape cut short told nothing)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()][:2]
+        why = f"{type(err).__name__}: {' '.join(lines)[:1000]}"
         raise StageError(f"{path}: not a fine-tuned model.pt ({why})") from None
     if task is not None and ckpt.get("task") != task:
         raise StageError(f"{path}: this model was fine-tuned for {ckpt.get('task')!r}, not {task!r}")
