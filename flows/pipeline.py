@@ -175,12 +175,12 @@ class _Running:
     """
 
     def __init__(self) -> None:
-        self.lock, self.procs, self.stop = threading.Lock(), set[subprocess.Popen](), threading.Event()
+        self.lock, self.procs, self.stop_event = threading.Lock(), set[subprocess.Popen](), threading.Event()
 
     @property
     def stopped(self) -> bool:
-        """Whether the run is being stopped (``stop``: an event, which a Dask fan-out reads too)."""
-        return self.stop.is_set()
+        """Whether the run is being stopped (``stop_event``, which a Dask fan-out reads too)."""
+        return self.stop_event.is_set()
 
     def start(self, stage: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
         """``Popen(cmd)`` in a session of its own, unless the run is being stopped."""
@@ -197,12 +197,12 @@ class _Running:
 
     def reset(self) -> None:
         with self.lock:
-            self.stop.clear()
+            self.stop_event.clear()
 
     def stop_all(self) -> None:
         """Stop every stage command in flight, and refuse to start more."""
         with self.lock:
-            self.stop.set()
+            self.stop_event.set()
             procs = list(self.procs)
         stop_groups(procs, RUN_STOP_GRACE_S)
 
@@ -341,7 +341,7 @@ def _fan_out(stage: str, address: str | None) -> None:
         from flows.fetch_dask import fetch_dask as fan_out
     else:
         from flows.crop_dask import crop_dask as fan_out
-    with stop_on(RUNNING.stop):
+    with stop_on(RUNNING.stop_event):
         fan_out(address=address)
 
 
