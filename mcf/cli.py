@@ -174,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"mcf {args.command}: {err}")
         return err.exit_code
     except OSError as err:
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):  # a chmod 000 input, a read-only folder
-            _error(f"mcf {args.command}: {err.strerror}" + (f": {err.filename}" if err.filename else ""))
+        # a chmod 000 input, a read-only folder; an output path through a file or onto a folder
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+            named = err.filename2 or err.filename  # a rename's target, not the temporary file beside it
+            _error(f"mcf {args.command}: {err.strerror}" + (f": {named}" if named else ""))
             return EXIT_STAGE
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -206,7 +206,10 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     into the published curves.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where the folder belongs: say so, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path.parent)) from None
     for sibling in _killed_writers(path, "tmp"):
         if sibling.is_file():
             sibling.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 
 from mcf import cli
 from mcf.errors import GateError, StageError
-from mcf.io import stage_lock
+from mcf.io import atomic_file, stage_lock
 from mcf.params import SECTIONS
 from mcf.train.distributed import LAUNCHER_ENV
 
@@ -221,6 +222,43 @@ def test_an_input_it_may_not_read_or_a_file_it_may_not_write_is_one_line(
     monkeypatch.setattr(cli, "_resolve", lambda target: stage)
     assert cli.main(["subset", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]) == 1
     assert capsys.readouterr().err == f"mcf subset: {error.strerror}: outputs/crop/manifest.parquet\n"
+
+
+def _metrics_under_a_file(blocker: Path) -> None:  # evaluate's metrics path, as it writes it
+    with atomic_file(blocker / "evaluate.json") as tmp:
+        tmp.write_text("{}")
+
+
+def _curves_under_a_file(blocker: Path) -> None:  # a resume_dir that is a file: dvclive's folder in it
+    os.makedirs(blocker / "live", exist_ok=True)
+
+
+def _checkpoint_onto_a_folder(blocker: Path) -> None:  # resume_dir/last.pt that is a folder
+    blocker.unlink()
+    (blocker / "last.pt").mkdir(parents=True)
+    with atomic_file(blocker / "last.pt") as tmp:
+        tmp.write_bytes(b"")
+
+
+@pytest.mark.parametrize(("write", "named"), [
+    (_metrics_under_a_file, "ff"),
+    (_curves_under_a_file, "ff/live"),
+    (_checkpoint_onto_a_folder, "ff/last.pt"),
+])
+def test_an_output_path_through_a_file_or_onto_a_folder_is_one_line(
+    write: Callable[[Path], None], named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """evaluate.metrics under an existing file was a FileExistsError traceback after every model was
+    scored; a teacher/pretrain resume_dir that is a file, or whose last.pt is a folder, a NotADirectoryError
+    or IsADirectoryError one. Each is the stage failing (exit 1) on one line naming the path to fix, not
+    the temporary file written beside it."""
+    monkeypatch.chdir(tmp_path)
+    Path("ff").write_text("a file where a folder belongs")
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda *_, **__: write(Path("ff")))
+    assert cli.main(["evaluate", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mcf evaluate: ") and err.endswith(f": {named}\n") and err.count("\n") == 1, err
 
 
 def test_a_worker_of_mcfs_own_torchrun_trains_instead_of_starting_another(
