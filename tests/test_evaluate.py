@@ -184,6 +184,33 @@ def test_real_data_numbers_cannot_be_labelled_as_synthface() -> None:
     check_label("SynthFace-LaPa", "parsing_label", synthetic=True)
 
 
+@pytest.mark.parametrize("task", ["alignment", "parsing"])
+@pytest.mark.parametrize("moved", ["missing", "empty"])
+def test_a_data_root_gone_since_the_fine_tune_is_not_taken_for_real_data(
+    task: str, moved: str, evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path
+) -> None:
+    """The models' model.pt names the data they were fine-tuned on. A root deleted since (or a fetch
+    output not pulled) was refused as 'the data is not SynthFace, so the label must not contain
+    SynthFace', sending the user to relabel SynthFace numbers as the real dataset's. A missing root is an
+    input missing (exit 2), an empty one the reader's own error naming what it lacks; the label stays."""
+    cfg, _, root = evaluated
+    gone = tmp_path / "gone"
+    if moved == "empty":
+        gone.mkdir()
+    for variant in VARIANTS:
+        ckpt = torch.load(Path(getattr(cfg, task)) / variant / "model.pt", weights_only=True)
+        ckpt["data"]["root"] = str(gone)
+        (tmp_path / task / variant).mkdir(parents=True)
+        torch.save(ckpt, tmp_path / task / variant / "model.pt")
+    bad = dataclasses.replace(cfg, **{task: str(tmp_path / task)}, out=str(tmp_path / "bad"),
+                              metrics=str(tmp_path / "bad.json"))
+    error = ParamsError if moved == "missing" else StageError
+    with pytest.raises(error) as err:
+        main(Common(seed=0), bad)
+    assert str(gone) in str(err.value) and "label" not in str(err.value), err.value
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.json").exists()
+
+
 def test_best_epoch_on_test_is_labelled_beside_the_last_epoch(evaluated: tuple[EvaluateConfig, dict, Path],
                                                                ) -> None:
     """FaRL's selection (PROTOCOL §3): one fine-tuning epoch here, so its best is the last epoch's score,

@@ -103,6 +103,15 @@ def check_label(label: str, key: str, synthetic: bool) -> None:
         raise ParamsError(f"evaluate.{key}", message)
 
 
+def require_data(root: str, task: Task) -> None:
+    """The data root the models of ``task`` were fine-tuned on (their model.pt names it; dvc.yaml lists it
+    as an input) must still be there: a missing one is an input missing (exit 2), not real data whose
+    label would then be refused."""
+    if not Path(root).exists():
+        raise ParamsError(f"evaluate.{task}", f"its models were fine-tuned on {root}, which does not exist "
+                          f"(finetune_{task}.data.root when they ran; `mcf fetch` writes it)")
+
+
 Loaded = dict[str, tuple[DenseFaceModel, dict[str, Any]]]
 
 
@@ -148,8 +157,10 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     """Score every alignment variant; write predictions, the CED data and plot, and overlays."""
     models = _checkpoints(cfg.alignment, cfg.variants, "alignment")
     data = AFLW19Config(**next(iter(models.values()))[1]["data"])
+    require_data(data.root, "alignment")
+    table = aflw19.table(data, "full")  # a root that is no AFLW-19 tree is named here, not taken for real
     check_label(cfg.alignment_label, "alignment_label", is_synthface(data.root))
-    run_gate(aflw19.table(data, "full"), "aflw19", stage="evaluate")
+    run_gate(table, "aflw19", stage="evaluate")
     dataset = AFLW19(data, "full")
     results, ced = {}, {}
     for variant, (model, meta) in models.items():
@@ -183,8 +194,10 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
     """Score every parsing variant; write predicted maps, the F1 data, confusion plots and overlays."""
     models = _checkpoints(cfg.parsing, cfg.variants, "parsing")
     data = LaPaConfig(**next(iter(models.values()))[1]["data"])
+    require_data(data.root, "parsing")
+    table = lapa.table(data, "test")  # as in evaluate_alignment: a root that is no LaPa tree is named here
     check_label(cfg.parsing_label, "parsing_label", is_synthface(data.root))
-    run_gate(lapa.table(data, "test"), "lapa", stage="evaluate")
+    run_gate(table, "lapa", stage="evaluate")
     dataset = LaPa(data, "test")
     results = {}
     for variant, (model, meta) in models.items():
