@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from collections.abc import Callable
 from typing import Any
 
+from mcf import __version__
 from mcf.errors import EXIT_PARAMS, EXIT_STAGE, StageError
 from mcf.io import stage_lock
 from mcf.params import ParamsError, load
@@ -83,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     """The ``mcf`` argument parser (stage commands take ``--params``; tools parse the rest)."""
     p = argparse.ArgumentParser(prog="mcf", description=describe(__doc__))
     p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    p.add_argument("--version", action="version", version=f"mcf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
         keys = " and ".join(f"`{key}`" for key in TOP_LEVEL[name])

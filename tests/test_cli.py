@@ -48,6 +48,15 @@ def test_verbose_before_or_after_the_stage(argv: list[str]) -> None:
     assert args.command == "subset" and args.verbose == ("-v" in argv)
 
 
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`mcf --version` said 'the following arguments are required: COMMAND' (exit 2)."""
+    import mcf
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"mcf {mcf.__version__}\n"
+
+
 def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main(["crop", "--help"])
