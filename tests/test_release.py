@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -442,4 +443,20 @@ def test_a_position_table_without_a_class_token_slot_is_named_so() -> None:
         infer_backbone_config(state)
     state["pos_embed"] = state["pos_embed"][:, 1:]
     with pytest.raises(ValueError, match="99 positions, not a class-token slot"):
+        infer_backbone_config(state)
+
+
+@pytest.mark.parametrize(("key", "damage", "message"), [
+    ("pos_embed", lambda v: v[0], r"'pos_embed' has shape \(\d+, \d+\), not 3 dimensions"),
+    ("patch_embed.proj.weight", lambda v: v.flatten(1), r"'patch_embed.proj.weight' has shape .*, not 4"),
+    ("blocks.x.norm1.weight", lambda v: v, r"blocks.x.\* is no numbered block"),
+])
+def test_weights_of_another_shape_are_named_not_a_traceback(
+    key: str, damage: Callable[[torch.Tensor], torch.Tensor], message: str
+) -> None:
+    """A hand-edited or foreign checkpoint: a 2-D pos_embed was an IndexError traceback, a 2-D patch
+    embedding 'not enough values to unpack', a block not numbered "invalid literal for int()"."""
+    state = timm.create_model("test_vit", num_classes=0).state_dict()
+    state[key] = damage(state.get(key, state["blocks.0.norm1.weight"]))
+    with pytest.raises(ValueError, match=f"cannot size the ViT: .*{message}"):
         infer_backbone_config(state)

@@ -103,9 +103,12 @@ WIDE_VIT_HEADS = {1280: 16, 1408: 16, 1664: 16}
 def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = None) -> BackboneConfig:
     """Read a ViT's size from its weights; heads are not in the shapes (default: the published ViT of that
     width's, 64 channels each below ViT-H)."""
-    for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
+    for key, ndim in (("patch_embed.proj.weight", 4), ("pos_embed", 3), ("blocks.0.mlp.fc1.weight", 2)):
         if key not in state:
             raise ValueError(f"cannot size the ViT: weight {key!r} is missing")
+        if state[key].ndim != ndim:  # a foreign or hand-edited file: an IndexError traceback otherwise
+            raise ValueError(f"cannot size the ViT: weight {key!r} has shape {tuple(state[key].shape)}, "
+                             f"not {ndim} dimensions")
     embed, _, patch, _ = state["patch_embed.proj.weight"].shape
     tokens = state["pos_embed"].shape[1] - 1
     grid = math.isqrt(tokens)
@@ -113,7 +116,10 @@ def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = N
         square = math.isqrt(tokens + 1) ** 2 == tokens + 1  # e.g. a timm model without class token
         why = "a square grid with no class-token slot" if square else "not a class-token slot + a square grid"
         raise ValueError(f"pos_embed has {tokens + 1} positions, {why}: not a plain ViT")
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    if odd := sorted(b for b in blocks if not b.isdigit()):
+        raise ValueError(f"cannot size the ViT: blocks.{odd[0]}.* is no numbered block")
+    depth = 1 + max(map(int, blocks))
     heads = (WIDE_VIT_HEADS.get(embed) or max(1, embed // 64)) if num_heads is None else num_heads
     if heads < 1 or embed % heads:
         raise ValueError(f"{heads} attention heads do not divide the embedding width {embed}")
