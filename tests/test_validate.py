@@ -551,3 +551,16 @@ def test_a_null_flag_or_count_fails_its_not_null_check(suite: str, column: str) 
         gate.run_gate(table, suite, stage="test", keep=False)
     assert "failed 1 of" in str(err.value)
     assert f"  - expect_column_values_to_not_be_null(column={column}): 1 unexpected" in str(err.value)
+
+
+def test_verbose_is_mcfs_debug_log_not_its_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mcf validate -v` turned the root logger to DEBUG, so GX's and its libraries' debug lines flooded
+    the gate's own (`mcf -v` turns on mcf's loggers only: a library's may quote credentials)."""
+    import logging
+
+    for name in (None, "mcf"):  # put back after the test
+        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
+    root = logging.getLogger().level
+    with pytest.raises(SystemExit):
+        gate.cli(["-v"])  # refused (no SUITE), after the level is set
+    assert logging.getLogger().level == root and logging.getLogger("mcf").level == logging.DEBUG
