@@ -60,8 +60,7 @@ def stop_on(event: threading.Event) -> Iterator[None]:
     A cancel or a Ctrl-C is raised in the flow's main thread only: a fan-out in a task's thread
     (flows/pipeline.py's ``dask_stage``) went on submitting every slice until the worker's SIGKILL, 30 s
     later. Module state, read where the flow submits: the fan-out flows take no such parameter (a flow's
-    go to the Prefect API), and a context variable went into every task's pickled context, where a
-    process worker could not unpickle it.
+    go to the Prefect API).
     """
     global _stop
     outer, _stop = _stop, event
