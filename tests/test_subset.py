@@ -267,6 +267,44 @@ def test_a_crop_manifest_the_stage_cannot_read_is_one_line(
     _assert_no_output(tmp_path / "s")
 
 
+def test_a_shard_the_crop_manifest_names_but_is_gone_is_named_before_any_copy(
+    crop_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A crop shard deleted since the crop stage was found only by the data gate, after every crop had
+    been copied (an hour at the paper's 20M), as chosen crops "not written", naming no shard. Now it is
+    exit 1 on one line naming the shard and the stage to rerun; nothing written."""
+    crop = tmp_path / "crop"
+    (crop / "shards").mkdir(parents=True)
+    (crop / "manifest.parquet").write_bytes((crop_dir / "manifest.parquet").read_bytes())
+    for shard in sorted((crop_dir / "shards").glob("crops-*.tar"))[1:]:
+        (crop / "shards" / shard.name).symlink_to(shard)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"subset": {"input": str(crop), "out": str(tmp_path / "s"), "n": 100}}))
+    assert cli_main(["subset", "--params", str(params)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "crops-000000.tar" in err and str(crop / "shards") in err, err
+    assert err.rstrip().endswith("rerun `mcf crop`"), err
+    _assert_no_output(tmp_path / "s")
+
+
+def test_only_the_shards_that_hold_a_chosen_crop_are_read(crop_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small subset of a large crop output reads the shards its crops are in, not every kept crop."""
+    from mcf.data import subset as subset_mod
+
+    read: list[str] = []
+
+    def spy(urls: list[str]):  # the real reader, recording which shards it was given
+        read.extend(urls)
+        return iter_encoded(urls)
+
+    monkeypatch.setattr(subset_mod, "iter_encoded", spy)
+    crops = pd.read_parquet(crop_dir / "manifest.parquet").set_index("crop_id")["shard"]
+    manifest = subset(_cfg(crop_dir, tmp_path / "s", n=3), seed=0)
+    expected = sorted({str(crop_dir / "shards" / crops[cid]) for cid in manifest["crop_id"]})
+    assert read == expected and len(read) < len(list((crop_dir / "shards").glob("*.tar")))
+
+
 def test_copying_the_crops_shows_progress(crop_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     """subset reads every kept crop to copy the chosen ones: an hour or more at the paper's 20M (about

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from mcf.data.shards import READ_BACK, iter_encoded, read_back, shard_urls, write_manifest, write_shards
+from mcf.data.shards import READ_BACK, iter_encoded, read_back, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir, read_table
 from mcf.params import Common, ParamsError, param, require_apart, require_path
@@ -114,16 +114,29 @@ def _candidates(cfg: SubsetConfig) -> pd.DataFrame:
     return kept
 
 
+def _chosen_shards(rows: pd.DataFrame, shard_dir: Path) -> list[str]:
+    """The crop shards that hold ``rows`` (crop order); one the crop manifest names but is gone is a
+    :class:`StageError` now, not a gate failure after an hour of copying that cannot say which shard."""
+    names = sorted(set(rows["shard"].dropna()))  # a kept crop without a shard is left to the gate
+    missing = [name for name in names if not (shard_dir / name).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise StageError(f"subset: the crop manifest names shards missing from {shard_dir}: "
+                         f"{', '.join(missing[:3])}{more}; rerun `mcf crop`")
+    return [str(shard_dir / name) for name in names]
+
+
 def write_subset(rows: pd.DataFrame, cfg: SubsetConfig, out_dir: Path) -> pd.DataFrame:
     """Copy the crops of ``rows`` into new shards (crop order); their manifest, with read-back columns.
 
     Rows follow the written shards; a chosen crop that was not written (no shard) or a written crop that
     was not chosen (no status) is kept in the result for the gate to fail on.
     """
+    shards = _chosen_shards(rows, Path(cfg.input) / "shards")
     rows = rows.drop(columns=READ_BACK)
     wanted = set(rows["crop_id"])
-    samples = (s for s in iter_encoded(shard_urls(Path(cfg.input) / "shards")) if s[0] in wanted)
-    # reads every crop the crop stage kept: an hour or more at the paper's 20M, so it shows a bar
+    samples = (s for s in iter_encoded(shards) if s[0] in wanted)
+    # reads every crop of those shards: at the paper's 20M all of them, an hour or more, so it shows a bar
     with tqdm(samples, total=len(wanted), desc="copy crops", unit="crop") as copied:  # closed on an error too
         write_shards(copied, out_dir / "shards", cfg.shard_size)
     stats = read_back(out_dir / "shards", cfg.workers)
