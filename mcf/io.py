@@ -153,6 +153,20 @@ def check_replaceable(path: str | Path, sign: str) -> None:
         )
 
 
+def unwritable(path: str | Path) -> str | None:
+    """Why no folder can be made at ``path`` nor files written in it, else None: ``path`` or a folder above
+    it is a file, or the nearest existing one is read-only. For outputs written at the end of long work,
+    checked before it. Creates nothing."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def output_target(path: str | Path) -> Path:
     """Where the output ``path`` is written: the folder it names when it is a symlink (``outputs/crop ->
     /scratch/crop``, a bigger disk), whose siblings hold its staging and resume folders, else ``path``.

@@ -18,7 +18,7 @@ from test_finetune import tiny_configs, write_fixture
 
 from mcf.data.aflw19 import AFLW19, AFLW19Config, read_mat
 from mcf.data.lapa import LaPa, LaPaConfig, read_label
-from mcf.errors import GateError, StageError
+from mcf.errors import EXIT_STAGE, GateError, StageError
 from mcf.evaluate import evaluate as evaluate_module
 from mcf.evaluate import metrics as M
 from mcf.evaluate.evaluate import EvaluateConfig, main
@@ -51,6 +51,22 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> tuple[EvaluateConfig,
     )
     main(Common(seed=0), cfg)
     return cfg, json.loads(Path(cfg.metrics).read_text()), root
+
+
+@pytest.fixture
+def scored(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tasks whose models the stage ran on test images, in order: the real scorers, wrapped."""
+    calls: list[str] = []
+
+    def spy(task: str, real: Any) -> Any:
+        def scorer(*args: Any) -> Any:
+            calls.append(task)
+            return real(*args)
+        return scorer
+
+    for task, name in (("alignment", "predict_landmarks"), ("parsing", "predict_parsing")):
+        monkeypatch.setattr(evaluate_module, name, spy(task, getattr(evaluate_module, name)))
+    return calls
 
 
 def test_metrics_are_labelled_and_complete(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
@@ -136,7 +152,8 @@ def test_ced_is_of_nme_box_the_curve_the_auc_integrates(
     monkeypatch.setattr(evaluate_module, "predict_landmarks", shifted)
     for sub in ("predictions", "plots", "overlays"):
         (tmp_path / sub).mkdir()
-    results = evaluate_module.evaluate_alignment(dataclasses.replace(cfg, overlays=0), tmp_path)
+    results = evaluate_module.evaluate_alignment(dataclasses.replace(cfg, overlays=0), tmp_path,
+                                                 *evaluate_module.alignment_inputs(cfg))
     ced = pd.read_csv(tmp_path / "plots" / "ced.csv")
     for i, variant in enumerate(VARIANTS):
         np.testing.assert_allclose(ced[variant], M.ced_curve(wanted[i])[1])
@@ -161,15 +178,18 @@ def test_parsing_predictions_rescore_to_the_metrics(evaluated: tuple[EvaluateCon
             assert want["f1"][c] == (None if np.isnan(v) else pytest.approx(100 * v))
 
 
+@pytest.mark.parametrize("task", ["alignment", "parsing"])
 def test_synthface_numbers_cannot_be_labelled_as_the_real_dataset(
-    evaluated: tuple[EvaluateConfig, dict, Path],
+    task: str, evaluated: tuple[EvaluateConfig, dict, Path], scored: list[str]
 ) -> None:
+    """Refused before any model is scored: a wrong parsing label failed only after the alignment scoring."""
     cfg, _, root = evaluated
     bad = dataclasses.replace(
-        cfg, alignment_label="AFLW-19", out=str(root / "bad"), metrics=str(root / "bad.json")
+        cfg, **{f"{task}_label": "AFLW-19"}, out=str(root / "bad"), metrics=str(root / "bad.json")
     )
-    with pytest.raises(ParamsError, match="SynthFace"):
+    with pytest.raises(ParamsError, match=f"{task}_label.*SynthFace"):
         main(Common(seed=0), bad)
+    assert scored == []
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
 
 
@@ -187,12 +207,14 @@ def test_real_data_numbers_cannot_be_labelled_as_synthface() -> None:
 @pytest.mark.parametrize("task", ["alignment", "parsing"])
 @pytest.mark.parametrize("moved", ["missing", "empty"])
 def test_a_data_root_gone_since_the_fine_tune_is_not_taken_for_real_data(
-    task: str, moved: str, evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path
+    task: str, moved: str, evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path, scored: list[str]
 ) -> None:
     """The models' model.pt names the data they were fine-tuned on. A root deleted since (or a fetch
     output not pulled) was refused as 'the data is not SynthFace, so the label must not contain
     SynthFace', sending the user to relabel SynthFace numbers as the real dataset's. A missing root is an
-    input missing (exit 2), an empty one the reader's own error naming what it lacks; the label stays."""
+    input missing (exit 2), an empty one the reader's own error naming what it lacks; the label stays.
+    Either is refused before any model is scored: the parsing root was found only after the alignment
+    scoring."""
     cfg, _, root = evaluated
     gone = tmp_path / "gone"
     if moved == "empty":
@@ -208,7 +230,25 @@ def test_a_data_root_gone_since_the_fine_tune_is_not_taken_for_real_data(
     with pytest.raises(error) as err:
         main(Common(seed=0), bad)
     assert str(gone) in str(err.value) and "label" not in str(err.value), err.value
+    assert scored == []
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.json").exists()
+
+
+@pytest.mark.parametrize("under", ["a file", "a file's child"])
+def test_a_metrics_path_that_cannot_be_written_is_refused_before_scoring(
+    under: str, evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path, scored: list[str]
+) -> None:
+    """The JSON is written last: a metrics path through a file failed (exit 1, 'Not a directory') only
+    after every model was scored. Now the same exit 1, naming the file in the way, before any scoring."""
+    cfg, _, _ = evaluated
+    blocker = tmp_path / "metrics"
+    blocker.write_text("not a folder\n")
+    metrics = blocker / "evaluate.json" if under == "a file" else blocker / "sub" / "evaluate.json"
+    bad = dataclasses.replace(cfg, out=str(tmp_path / "bad"), metrics=str(metrics))
+    with pytest.raises(StageError, match=f"evaluate.metrics {metrics}: {blocker} is a file") as err:
+        main(Common(seed=0), bad)
+    assert err.value.exit_code == EXIT_STAGE and scored == []
+    assert not (tmp_path / "bad").exists() and blocker.read_text() == "not a folder\n"
 
 
 def test_best_epoch_on_test_is_labelled_beside_the_last_epoch(evaluated: tuple[EvaluateConfig, dict, Path],
@@ -225,12 +265,19 @@ def test_best_epoch_on_test_is_labelled_beside_the_last_epoch(evaluated: tuple[E
         assert parse["best_epoch_on_test"] == best
 
 
-def test_models_of_the_other_task_are_refused_by_name(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
+@pytest.mark.parametrize(("task", "other"), [("alignment", "parsing"), ("parsing", "alignment")])
+def test_models_of_the_other_task_are_refused_by_name(
+    task: str, other: str, evaluated: tuple[EvaluateConfig, dict, Path], scored: list[str]
+) -> None:
+    """Before any model is scored: alignment models given as the parsing ones passed the alignment
+    scoring first."""
     cfg, _, root = evaluated
-    swapped = dataclasses.replace(cfg, alignment=cfg.parsing, out=str(root / "bad"),
+    swapped = dataclasses.replace(cfg, **{task: getattr(cfg, other)}, out=str(root / "bad"),
                                   metrics=str(root / "bad.json"))
-    with pytest.raises(StageError, match=r"mcf/model.pt: this model was fine-tuned for 'parsing', not 'alig"):
+    refused = f"mcf/model.pt: this model was fine-tuned for '{other}', not '{task}'"
+    with pytest.raises(StageError, match=refused):
         main(Common(seed=0), swapped)
+    assert scored == []
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
 
 

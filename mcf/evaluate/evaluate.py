@@ -53,7 +53,7 @@ from mcf.evaluate.scoring import (
     predict_landmarks,
     predict_parsing,
 )
-from mcf.io import atomic_dir, atomic_file
+from mcf.io import atomic_dir, atomic_file, unwritable
 from mcf.models.heads import DenseFaceModel
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.synth.writers import is_synthface
@@ -153,15 +153,19 @@ def landmark_table(names: list[str], pred: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"name": names, **cols})
 
 
-def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
-    """Score every alignment variant; write predictions, the CED data and plot, and overlays."""
+def alignment_inputs(cfg: EvaluateConfig) -> tuple[Loaded, AFLW19]:
+    """The alignment models and their test split, checked (data root, label, data gate) without scoring."""
     models = _checkpoints(cfg.alignment, cfg.variants, "alignment")
     data = AFLW19Config(**next(iter(models.values()))[1]["data"])
     require_data(data.root, "alignment")
     table = aflw19.table(data, "full")  # a root that is no AFLW-19 tree is named here, not taken for real
     check_label(cfg.alignment_label, "alignment_label", is_synthface(data.root))
     run_gate(table, "aflw19", stage="evaluate")
-    dataset = AFLW19(data, "full")
+    return models, AFLW19(data, "full")
+
+
+def evaluate_alignment(cfg: EvaluateConfig, out: Path, models: Loaded, dataset: AFLW19) -> dict[str, Any]:
+    """Score every alignment variant; write predictions, the CED data and plot, and overlays."""
     results, ced = {}, {}
     for variant, (model, meta) in models.items():
         p = predict_landmarks(model, dataset, cfg.batch_size)
@@ -190,15 +194,19 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- parsing
 
 
-def evaluate_parsing(cfg: EvaluateConfig, out: Path) -> dict[str, Any]:
-    """Score every parsing variant; write predicted maps, the F1 data, confusion plots and overlays."""
+def parsing_inputs(cfg: EvaluateConfig) -> tuple[Loaded, LaPa]:
+    """The parsing models and their test split, checked as :func:`alignment_inputs` checks its own."""
     models = _checkpoints(cfg.parsing, cfg.variants, "parsing")
     data = LaPaConfig(**next(iter(models.values()))[1]["data"])
     require_data(data.root, "parsing")
-    table = lapa.table(data, "test")  # as in evaluate_alignment: a root that is no LaPa tree is named here
+    table = lapa.table(data, "test")  # as in alignment_inputs: a root that is no LaPa tree is named here
     check_label(cfg.parsing_label, "parsing_label", is_synthface(data.root))
     run_gate(table, "lapa", stage="evaluate")
-    dataset = LaPa(data, "test")
+    return models, LaPa(data, "test")
+
+
+def evaluate_parsing(cfg: EvaluateConfig, out: Path, models: Loaded, dataset: LaPa) -> dict[str, Any]:
+    """Score every parsing variant; write predicted maps, the F1 data, confusion plots and overlays."""
     results = {}
     for variant, (model, meta) in models.items():
         pred_dir = out / "predictions" / f"parsing_{variant}"
@@ -236,19 +244,23 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
         for variant in cfg.variants:
             key = EXPORT_KEYS[variant]
             require_path(getattr(cfg, key), f"evaluate.{key}", made_by="pretrain")
+    # the JSON is written last, after all the scoring (long at paper scale): a bad path is named now
+    if (why := unwritable(Path(cfg.metrics).parent)) is not None:
+        raise StageError(f"cannot write evaluate.metrics {cfg.metrics}: {why}")
     with atomic_dir(cfg.out, sign="plots") as out:
+        # both tasks' models and test data checked before either is scored: a bad parsing input (a data
+        # root gone, a label, a model of the other task) was found only after the alignment scoring
+        alignment, parsing = alignment_inputs(cfg), parsing_inputs(cfg)
         for sub in ("predictions", "plots", "overlays"):
             (out / sub).mkdir()
         results = {
             "dataset": {"alignment": cfg.alignment_label, "parsing": cfg.parsing_label},
-            "alignment": evaluate_alignment(cfg, out),
-            "parsing": evaluate_parsing(cfg, out),
+            "alignment": evaluate_alignment(cfg, out, *alignment),
+            "parsing": evaluate_parsing(cfg, out, *parsing),
         }
-        if cfg.probe.enabled:
-            _, meta = load_finetuned(Path(cfg.alignment) / cfg.variants[0] / "model.pt")
-            data = AFLW19Config(**meta["data"])
+        if cfg.probe.enabled:  # on the data the alignment models were fine-tuned on
             exports = {v: getattr(cfg, EXPORT_KEYS[v]) for v in cfg.variants}
-            results["probe"] = run_probes(exports, data, cfg.probe, cfg.batch_size)
+            results["probe"] = run_probes(exports, alignment[1].cfg, cfg.probe, cfg.batch_size)
         with atomic_file(cfg.metrics) as tmp:
             tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     log.info("evaluate: metrics -> %s, outputs -> %s", cfg.metrics, cfg.out)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from mcf.errors import GateError, StageError
-from mcf.io import LOCAL_DIR, atomic_file, local_dir
+from mcf.io import LOCAL_DIR, atomic_file, local_dir, unwritable
 from mcf.params import DEFAULT_PARAMS, load, require_path
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -317,20 +316,6 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
     return out / "index.html"
 
 
-def _unwritable(out: Path) -> str | None:
-    """Why Data Docs cannot go in ``out``, else None; checked before GX, which logs a traceback per page
-    it fails to write and then raises its own (``out`` or a folder above it a file, a read-only folder).
-    Creates nothing."""
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
-
-
 def cli(argv: list[str]) -> int:
     """``mcf validate SUITE PARQUET`` or ``mcf validate --docs [--out DIR]``."""
     known = suite_names()
@@ -362,7 +347,8 @@ def cli(argv: list[str]) -> int:
     if args.docs:
         if args.suite or args.parquet:  # else the gate would be skipped and exit 0 read as a pass
             p.error("--docs builds the docs alone: run SUITE PARQUET and --docs as two commands")
-        if (why := _unwritable(args.out)) is not None:
+        # checked before GX, which logs a traceback per page it fails to write and then raises its own
+        if (why := unwritable(args.out)) is not None:
             p.error(f"--out {args.out}: {why}; give a folder the Data Docs can be written in")
         build_docs(args.out)
         return 0
