@@ -230,6 +230,7 @@ def test_docs_without_stored_results_say_what_stores_one(tmp_path: Path) -> None
     ("args", "message"),
     [(["fetchh", "GOOD"], "unknown suite 'fetchh' (known: aflw19, crop, fetch, lapa, subset)"),
      (["fetch", "TEXT"], "not a readable parquet file"),
+     (["fetch", "DIR"], "is a folder, not a parquet file: give the file itself"),  # not "no such file"
      (["fetch", "GOOD", "--docs"], "--docs builds the docs alone")],  # not a skipped gate and exit 0
 )
 def test_cli_usage_errors_are_one_line(
@@ -237,10 +238,25 @@ def test_cli_usage_errors_are_one_line(
 ) -> None:
     _manifest().to_parquet(tmp_path / "good.parquet")
     (tmp_path / "text.parquet").write_text("not parquet")
-    names = {"GOOD": str(tmp_path / "good.parquet"), "TEXT": str(tmp_path / "text.parquet")}
+    (tmp_path / "dir").mkdir()
+    names = {"GOOD": str(tmp_path / "good.parquet"), "TEXT": str(tmp_path / "text.parquet"),
+             "DIR": str(tmp_path / "dir")}
     with pytest.raises(SystemExit) as exit_:
         gate.cli([names.get(a, a) for a in args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_stage_out_folder_given_as_parquet_names_its_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The folder a stage writes (crop.out) given for PARQUET: the usage error names the manifest in it."""
+    (tmp_path / "crop").mkdir()
+    _manifest().to_parquet(tmp_path / "crop" / "manifest.parquet")
+    with pytest.raises(SystemExit) as exit_:
+        gate.cli(["fetch", str(tmp_path / "crop")])
+    assert exit_.value.code == 2
+    assert (f"{tmp_path / 'crop'} is a folder, not a parquet file: give the file itself, such as "
+            f"{tmp_path / 'crop' / 'manifest.parquet'}\n") in capsys.readouterr().err
 
 
 def test_every_suite_says_what_it_checks_and_derived_columns_are_kept() -> None:

@@ -356,6 +356,10 @@ def cli(argv: list[str]) -> int:
         p.error("give SUITE and PARQUET, or --docs")
     if args.suite not in known:
         p.error(f"unknown suite {args.suite!r} (known: {', '.join(known)})")
+    if args.parquet.is_dir():  # "no such parquet file" read as a wrong path, not the wrong kind of path
+        manifest = args.parquet / "manifest.parquet"
+        such = f", such as {manifest}" if manifest.is_file() else ""
+        p.error(f"{args.parquet} is a folder, not a parquet file: give the file itself{such}")
     if not args.parquet.is_file():
         p.error(f"no such parquet file: {args.parquet}")
     try:
