@@ -438,6 +438,20 @@ def test_a_crop_manifest_with_repeated_ids_fails_the_subset_gate_by_hand_on_one_
                    "`mcf validate crop` on it lists what else is wrong\n")
 
 
+def test_a_missing_crop_manifest_names_the_params_file_subset_input_came_from(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mcf validate subset --params FILE` with no crop manifest where FILE's subset.input points: the line
+    named the key but not FILE, as a stage's params errors do (here FILE is not params.yaml). Exit 2."""
+    _subset_manifest().to_parquet(tmp_path / "subset.parquet")
+    params = tmp_path / "other.yaml"
+    params.write_text(yaml.safe_dump({"subset": {"input": str(tmp_path / "crop")}}))
+    args = ["validate", "--params", str(params), "subset", str(tmp_path / "subset.parquet")]
+    assert cli_main(args) == 2
+    assert capsys.readouterr().err == (f"mcf: invalid params: {params}: subset.input: path does not exist: "
+                                       f"{tmp_path / 'crop' / 'manifest.parquet'} (run `mcf crop` first)\n")
+
+
 @pytest.mark.parametrize("crop", ["not parquet", "no width"])
 def test_a_crop_manifest_the_subset_gate_cannot_read_is_one_line(
     crop: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -23,7 +23,7 @@ import pandas as pd
 
 from mcf.errors import GateError, StageError
 from mcf.io import LOCAL_DIR, atomic_file, local_dir, unwritable
-from mcf.params import DEFAULT_PARAMS, load, require_path
+from mcf.params import DEFAULT_PARAMS, ParamsError, load, require_path
 
 SUITES_DIR = Path(__file__).parent / "suites"
 RESULTS_DIR = LOCAL_DIR / "validation"
@@ -367,5 +367,8 @@ def cli(argv: list[str]) -> int:
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         p.error(f"{args.parquet}: not a readable parquet file ({err})")
     config = load(args.suite, args.params)[1] if args.suite in SIZE_CHECKED else None
-    run_gate(table, args.suite, stage="validate", config=config, keep=False)  # the pipeline's record stays
+    try:
+        run_gate(table, args.suite, stage="validate", config=config, keep=False)  # the stored record stays
+    except ParamsError as err:  # subset.input's crop manifest missing: name the --params file, as stages do
+        raise err.under("", args.params) from None
     return 0
