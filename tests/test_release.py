@@ -283,7 +283,8 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
         cli(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "never")])
     assert not (tmp_path / "never").exists()
     torch.save(ours | {"backbone": dataclasses.asdict(TINY) | {"heads": 2}}, tmp_path / "foreign.pt")
-    with pytest.raises(StageError, match="backbone entry is not a ViT size .*'heads'"):  # not a TypeError
+    unknown = r"backbone entry is not a ViT size \(backbone\.heads: unknown key \(valid keys: depth, "
+    with pytest.raises(StageError, match=unknown):  # not a TypeError
         cli(["--checkpoint", str(tmp_path / "foreign.pt"), "--out", str(tmp_path / "never")])
     with pytest.raises(StageError, match="cannot write .*last.pt/out: Not a directory"):  # one line, exit 1
         cli(["--checkpoint", str(tmp_path / "last.pt"), "--out", str(tmp_path / "last.pt" / "out")])
@@ -460,3 +461,26 @@ def test_weights_of_another_shape_are_named_not_a_traceback(
     state[key] = damage(state.get(key, state["blocks.0.norm1.weight"]))
     with pytest.raises(ValueError, match=f"cannot size the ViT: .*{message}"):
         infer_backbone_config(state)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"img_size": "32"}, r"backbone\.img_size: expected an integer, got str '32'"),
+    ({"num_heads": "2"}, r"backbone\.num_heads: expected an integer, got str '2'"),
+    ({"depth": 2.0}, r"backbone\.depth: expected an integer, got float 2\.0"),
+    ({"patch_size": 0}, r"backbone\.patch_size: must be >= 1, got 0"),
+    ({"num_heads": 0}, r"backbone\.num_heads: must be >= 1, got 0"),
+])
+def test_a_checkpoint_backbone_entry_of_the_wrong_type_names_its_key(
+    change: dict[str, object], message: str, tmp_path: Path
+) -> None:
+    """A hand-edited checkpoint's ``backbone`` entry (params.yaml's sizes are checked by build()): a size as
+    text was 'not all arguments converted during string formatting' or "unsupported operand type(s) for
+    %", a float depth timm's TypeError traceback, a patch or head count of 0 a ZeroDivisionError one. Each
+    is now checked as params.yaml's sizes are, naming the key; `mcf export` exits 1 on one line."""
+    model = MCF(MCFConfig(backbone=TINY, objective="pixel_mae"))
+    path = tmp_path / "hand-edited.pt"
+    torch.save({"model": model.state_dict(), "backbone": dataclasses.asdict(TINY) | change}, path)
+    entry = "the checkpoint's backbone entry is not a ViT size"
+    with pytest.raises(StageError, match=f"cannot export .*: {entry} \\({message}\\)$"):
+        cli(["--checkpoint", str(path), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mcf.models.backbone import BackboneConfig, create_backbone, read_weights, save_backbone
+from mcf.params import ParamsError, build
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,9 @@ def backbone_from_checkpoint(
     """
     state = encoder_state_dict(obj)
     if isinstance(obj.get("backbone"), Mapping):
-        try:
-            return state, BackboneConfig(**obj["backbone"])
-        except TypeError as err:  # a key this version does not know: a foreign or hand-edited checkpoint
+        try:  # checked as params.yaml's sizes: a foreign or hand-edited entry's unknown key, text or 0
+            return state, build(BackboneConfig, dict(obj["backbone"]), "backbone")
+        except ParamsError as err:  # a ValueError, but not one of the params file the stages name
             raise ValueError(f"the checkpoint's backbone entry is not a ViT size ({err})") from None
     arch = obj.get("arch")
     if num_heads is None and isinstance(arch, str):
