@@ -3,29 +3,72 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from distributed.comm.addressing import parse_address, parse_host_port
 from prefect import Task
 from prefect.futures import PrefectFuture, wait
 from prefect_dask import DaskTaskRunner
 
 from mcf import pools
+from mcf.errors import EXIT_PARAMS
 
 WINDOW = 256  # tasks submitted and unfinished at once: twice the workers of a 128-core cluster
 STOPS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and the SIGTERM a Prefect worker's cancel sends
 _stop: threading.Event | None = None  # the stop of the run that fans out (stop_on): module state, see there
+PROBE_TIMEOUT_S = 5.0  # a scheduler's kernel accepts a TCP connect at once, however busy its event loop
+TCP_SCHEMES = ("tcp", "tls", "ws", "wss")  # Dask's comms over TCP, which a plain connect can check
 
 
 class Stopped(RuntimeError):
     """The run that fanned out was stopped: no more tasks were submitted, those in flight finished."""
 
 
+class SchedulerUnreachable(ConnectionError):
+    """Nothing answers at the Dask scheduler address given: a wrong address, or no scheduler started.
+
+    ``exit_code`` is a params error's, which the mcf flow does not retry (flows/pipeline.py): the next
+    try would find the same address.
+    """
+
+    exit_code = EXIT_PARAMS
+
+
+def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`SchedulerUnreachable` unless a TCP connect to ``address`` succeeds within ``timeout``.
+
+    Dask's client retries a refused connect for its 30 s connect timeout before it fails, and the mcf
+    flow retried fetch twice, 30 s apart: a wrong address failed after 2.5 minutes. Here a refused
+    address fails at once, a name that does not resolve once the resolver says so, a host that does not
+    answer after ``timeout``. An address Dask reaches otherwise than over TCP (inproc://,
+    ucx://), or one without a port, is left to Dask. The scheduler logs the connect, closed before
+    Dask's handshake, at INFO level.
+    """
+    try:
+        scheme, location = parse_address(address)
+        host, port = parse_host_port(location)
+    except ValueError:
+        return
+    if scheme not in TCP_SCHEMES:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:  # refused, timed out, a name that does not resolve
+        raise SchedulerUnreachable(
+            f"no Dask scheduler answers at {address}: a TCP connect ({timeout:g} s timeout) got "
+            f"{err or type(err).__name__}; start the scheduler, or give the address it listens on"
+        ) from None
+
+
 def task_runner(address: str | None, n_workers: int, processes: bool) -> DaskTaskRunner:
-    """A runner on the cluster at ``address``, or on a local cluster of ``n_workers`` one-thread workers."""
+    """A runner on the cluster at ``address`` (checked at once, :func:`probe`), or on a local cluster of
+    ``n_workers`` one-thread workers."""
     if address:
+        probe(address)
         return DaskTaskRunner(address=address)
     cluster: dict[str, Any] = {"n_workers": n_workers, "threads_per_worker": 1, "processes": processes,
                                "dashboard_address": "127.0.0.1:0"}  # a local cluster stays local

@@ -15,6 +15,7 @@ import pickle
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -603,6 +604,69 @@ def test_a_dask_address_without_a_stage_on_dask_is_refused(project: Path) -> Non
     with pytest.raises(ValueError, match="dask_address 'tcp://scheduler:8786' given, but neither"):
         mcf.fn(dask_address="tcp://scheduler:8786")  # the flow's body: refused before any Prefect call
     assert not (project / "out").exists()
+
+
+def _closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: a connect to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _plus_one(i: int) -> int:
+    return i + 1
+
+
+def test_a_dask_address_nothing_answers_at_fails_the_stage_at_once_naming_it(
+    prefect_api: None, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong `dask_address` failed fetch after 2.5 minutes: Dask's client retried the refused connect
+    for its 30 s connect timeout, and the flow retried fetch twice, 30 s apart, with the same address.
+    Now the address is checked once, the stage fails at once, not retried, with a message naming it."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    import flows.fetch_dask
+    from flows.dask_runner import task_runner
+
+    address = f"tcp://127.0.0.1:{_closed_port()}"
+    calls: list[str | None] = []
+
+    def fan_out(address: str | None) -> None:  # fetch_dask's use of the runner, without mcf's params
+        calls.append(address)
+        runner = task_runner(address, n_workers=1, processes=False)
+        flow(lambda: task(_plus_one, cache_policy=NO_CACHE).submit(1).result()).with_options(
+            task_runner=runner)()
+
+    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", fan_out)
+    start = time.monotonic()
+    state = mcf(fetch_on_dask=True, stages=["fetch"], dask_address=address, return_state=True)
+    with pytest.raises(StageFailed, match=f"on Dask: SchedulerUnreachable: no Dask scheduler answers at "
+                                          f"{address}: a TCP connect .* Connection refused"):
+        state.result()
+    assert calls == [address]  # not retried: the next try would find the same address
+    assert time.monotonic() - start < 30  # within Dask's 30 s connect timeout, let alone a retry's
+    assert not (project / "out").exists()
+
+
+def test_a_dask_address_a_scheduler_answers_at_runs_the_tasks(prefect_api: None) -> None:
+    """The check of the address (a TCP connect, before Dask's own) lets a scheduler on TCP through."""
+    from distributed import LocalCluster
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.dask_runner import task_runner
+
+    @flow
+    def fan() -> list[int]:
+        plus_one = task(_plus_one, cache_policy=NO_CACHE)
+        return [future.result() for future in [plus_one.submit(i) for i in range(3)]]
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        runner = task_runner(cluster.scheduler_address, n_workers=0, processes=False)
+        assert fan.with_options(task_runner=runner)() == [1, 2, 3]
 
 
 def test_a_second_flow_run_in_the_same_checkout_is_refused(tmp_path: Path) -> None:
