@@ -320,7 +320,8 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     try:
         _fan_out(stage, address)
     except Exception as err:
-        # the status `mcf <stage>` exits with for this error, which decides a retry (retry_condition)
+        # the status `mcf <stage>` would exit with (or an error's own, as SchedulerUnreachable's), which
+        # decides a retry (retry_condition)
         code = EXIT_PARAMS if isinstance(err, ParamsError) else getattr(err, "exit_code", None)
         raise StageFailed(stage, f"on Dask: {type(err).__name__}: {err}", code) from err
     _commit(stage)
