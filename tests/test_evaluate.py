@@ -298,6 +298,34 @@ def test_a_missing_probe_backbone_is_refused_before_scoring(evaluated: tuple[Eva
     assert "probe" not in json.loads((root / "noprobe.json").read_text())
 
 
+def test_an_identities_table_that_lost_a_row_is_refused_before_scoring(
+    evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path, scored: list[str]
+) -> None:
+    """The probe's identities table was read only after every alignment and parsing model was scored, so
+    a lost row ended a long run at its very end. Now the same StageError comes before any scoring."""
+    import shutil
+
+    from mcf.synth.writers import IDENTITIES_CSV
+
+    cfg, _, root = evaluated
+    data = tmp_path / "aflw19"
+    shutil.copytree(root / "aflw19", data)
+    table = pd.read_csv(data / IDENTITIES_CSV)
+    lost = table[table["split"] == "test"]["name"].iloc[0]
+    table[table["name"] != lost].to_csv(data / IDENTITIES_CSV, index=False)
+    for variant in VARIANTS:  # the alignment models, fine-tuned on the copy
+        ckpt = torch.load(Path(cfg.alignment) / variant / "model.pt", weights_only=True)
+        ckpt["data"]["root"] = str(data)
+        (tmp_path / "alignment" / variant).mkdir(parents=True)
+        torch.save(ckpt, tmp_path / "alignment" / variant / "model.pt")
+    bad = dataclasses.replace(cfg, alignment=str(tmp_path / "alignment"), out=str(tmp_path / "bad"),
+                              metrics=str(tmp_path / "bad.json"))
+    with pytest.raises(StageError, match=rf"{IDENTITIES_CSV}: no identity for 1 of .*{re.escape(lost)}"):
+        main(Common(seed=0), bad)
+    assert scored == []
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.json").exists()
+
+
 def test_probe_fits_recover_linear_structure() -> None:
     from mcf.evaluate.probe import fit_landmarks, identity_accuracy
 
@@ -360,22 +388,20 @@ def test_an_image_missing_from_the_identities_table_fails_the_probe_naming_it(tm
     """A SynthFace identities table that lost a test image's row (cut short at a row boundary, or a line
     deleted) passes check_written_split, which counts train rows only; the identity probe then ended the
     evaluate stage, after every model was scored, in a KeyError traceback naming neither table nor stage."""
-    from test_finetune import SYNTH, TINY
+    from test_finetune import SYNTH
 
-    from mcf.evaluate.probe import ProbeConfig, run_probes
-    from mcf.models.backbone import create_backbone, save_backbone
+    from mcf.evaluate.probe import probe_inputs
     from mcf.synth import write_aflw19
     from mcf.synth.writers import IDENTITIES_CSV
 
     write_aflw19(SYNTH, 0, tmp_path / "aflw19")
-    save_backbone(create_backbone(TINY), TINY, tmp_path / "backbone")
     table = pd.read_csv(tmp_path / "aflw19" / IDENTITIES_CSV)
     lost = table[table["split"] == "test"]["name"].iloc[0]
     table[table["name"] != lost].to_csv(tmp_path / "aflw19" / IDENTITIES_CSV, index=False)
     data = AFLW19Config(root=str(tmp_path / "aflw19"), n_train=16, size=32, crop_size=48)
     message = rf"{IDENTITIES_CSV}: no identity for 1 of the \d+ AFLW-19 images, e.g. '{re.escape(lost)}'"
     with pytest.raises(StageError, match=message):
-        run_probes({"mcf": str(tmp_path / "backbone")}, data, ProbeConfig(), batch_size=4)
+        probe_inputs(data)
 
 
 def test_an_image_whose_outer_eye_corners_coincide_fails_the_gate_by_name(

@@ -44,7 +44,7 @@ from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
 from mcf.evaluate import metrics as M
 from mcf.evaluate import plots
-from mcf.evaluate.probe import ProbeConfig, run_probes
+from mcf.evaluate.probe import ProbeConfig, probe_inputs, run_probes
 from mcf.evaluate.scoring import (
     CLASSES,
     THRESHOLD,
@@ -240,7 +240,7 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
         for variant in cfg.variants:
             path = Path(getattr(cfg, task)) / variant / "model.pt"
             require_path(path, f"evaluate.{task}", made_by=f"finetune_{task} --variant {variant}")
-    if cfg.probe.enabled:  # the probes read the pre-training exports, after everything else is scored
+    if cfg.probe.enabled:  # the probes read the pre-training exports too
         for variant in cfg.variants:
             key = EXPORT_KEYS[variant]
             require_path(getattr(cfg, key), f"evaluate.{key}", made_by="pretrain")
@@ -248,9 +248,11 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
     if (why := unwritable(Path(cfg.metrics).parent)) is not None:
         raise StageError(f"cannot write evaluate.metrics {cfg.metrics}: {why}")
     with atomic_dir(cfg.out, sign="plots") as out:
-        # both tasks' models and test data checked before either is scored: a bad parsing input (a data
-        # root gone, a label, a model of the other task) was found only after the alignment scoring
+        # both tasks' models and test data, and the probes' data, checked before anything is scored: a bad
+        # parsing or probe input (a data root gone, a label, a lost identity) was found only after the
+        # scoring before it. The probes use the data the alignment models were fine-tuned on.
         alignment, parsing = alignment_inputs(cfg), parsing_inputs(cfg)
+        probe = probe_inputs(alignment[1].cfg) if cfg.probe.enabled else None
         for sub in ("predictions", "plots", "overlays"):
             (out / sub).mkdir()
         results = {
@@ -258,9 +260,9 @@ def main(common: Common, cfg: EvaluateConfig) -> None:
             "alignment": evaluate_alignment(cfg, out, *alignment),
             "parsing": evaluate_parsing(cfg, out, *parsing),
         }
-        if cfg.probe.enabled:  # on the data the alignment models were fine-tuned on
+        if probe is not None:
             exports = {v: getattr(cfg, EXPORT_KEYS[v]) for v in cfg.variants}
-            results["probe"] = run_probes(exports, alignment[1].cfg, cfg.probe, cfg.batch_size)
+            results["probe"] = run_probes(exports, probe, cfg.probe, cfg.batch_size)
         with atomic_file(cfg.metrics) as tmp:
             tmp.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     log.info("evaluate: metrics -> %s, outputs -> %s", cfg.metrics, cfg.out)

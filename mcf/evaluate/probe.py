@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -107,27 +107,44 @@ def read_identities(root: str | Path) -> dict[str, int] | None:
     return dict(zip(df["name"].astype(str), df["identity"], strict=True))
 
 
+class ProbeData(NamedTuple):
+    """What the probes read besides the backbones: AFLW-19 train and full test, and SynthFace's
+    identities (``None`` when the data has none)."""
+
+    train: AFLW19
+    test: AFLW19
+    identities: dict[str, int] | None
+
+
+def probe_inputs(data: AFLW19Config) -> ProbeData:
+    """The probes' data, checked without scoring: every image must have an identity (a lost row was a
+    KeyError after all the features), so evaluate can refuse it before anything is scored."""
+    train, test = AFLW19(data, "train"), AFLW19(data, "full")
+    identities = read_identities(data.root)
+    if identities is not None:
+        names = [d.ann.names[i] for d in (train, test) for i in d.indices]
+        if missing := [n for n in names if n not in identities]:
+            raise StageError(f"{Path(data.root) / IDENTITIES_CSV}: no identity for {len(missing)} of the "
+                             f"{len(names)} AFLW-19 images, e.g. {missing[0]!r}; rerun `mcf fetch`")
+    return ProbeData(train, test, identities)
+
+
 def run_probes(
-    exports: dict[str, str], data: AFLW19Config, cfg: ProbeConfig, batch_size: int
+    exports: dict[str, str], inputs: ProbeData, cfg: ProbeConfig, batch_size: int
 ) -> dict[str, dict[str, float | None]]:
     """Probe each variant's frozen backbone (``{variant: export dir}``) on AFLW-19 train → full test.
 
     Returns ``{variant: {"nme_diag": ×100, "identity_accuracy": ×100 or None}}``.
     """
-    train, test = AFLW19(data, "train"), AFLW19(data, "full")
-    identities = read_identities(data.root)
-    if identities is not None:  # checked before any feature: a lost row was a KeyError after them all
-        names = [d.ann.names[i] for d in (train, test) for i in d.indices]
-        if missing := [n for n in names if n not in identities]:
-            raise StageError(f"{Path(data.root) / IDENTITIES_CSV}: no identity for {len(missing)} of the "
-                             f"{len(names)} AFLW-19 images, e.g. {missing[0]!r}; rerun `mcf fetch`")
+    train, test, identities = inputs
+    size = train.cfg.size
     results: dict[str, dict[str, float | None]] = {}
     for variant, export_dir in exports.items():
-        backbone = load_backbone(export_dir, img_size=data.size).to(default_device())
+        backbone = load_backbone(export_dir, img_size=size).to(default_device())
         x_train, tr = pooled_features(backbone, train, batch_size)
         x_test, te = pooled_features(backbone, test, batch_size)
         points = fit_landmarks(x_train, tr["landmarks"], x_test, cfg.ridge_alpha)
-        pred = to_original(points, te["matrix"], data.size)
+        pred = to_original(points, te["matrix"], size)
         results[variant] = {"nme_diag": 100 * float(nme(pred, te["gt"], "diag", te["box"]).mean())}
         accuracy = None
         if identities is not None:
