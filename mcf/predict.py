@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from tqdm import tqdm
 
 from mcf.cli import describe
@@ -47,6 +47,7 @@ from mcf.data.aflw19 import AFLW19Config, crop_matrix, read_rgb, to_original
 from mcf.data.detect import DetectorConfig, Face, box_misses, make_detector
 from mcf.data.lapa import LaPaConfig, align_matrix, warp_to_original
 from mcf.data.shards import decode_jpeg
+from mcf.data.sources.image import TRANSPOSED
 from mcf.errors import StageError
 from mcf.evaluate import plots
 from mcf.io import atomic_dir, check_replaceable
@@ -144,7 +145,10 @@ def read_image(path: Path) -> np.ndarray:
     whole: OpenCV decodes a JPEG cut short in part, with only libjpeg's warning on stderr, so it would
     pass for a whole image. An image with a side of 32767 px or more (a panorama) is refused: OpenCV's
     warps, which crop and align every face, assert sides below that."""
-    rgb = read_rgb(path, exif_orientation=True)  # names a missing or undecodable file as evaluate does
+    if _turned_tiff(path):  # OpenCV 4.14 cannot read these; Pillow turns them upright as it decodes
+        rgb = decode_jpeg(path.read_bytes(), str(path))
+    else:
+        rgb = read_rgb(path, exif_orientation=True)  # names a missing or undecodable file as evaluate does
     h, w = rgb.shape[:2]
     if max(h, w) >= MAX_SIDE:
         raise StageError(f"{path}: {w}x{h} px; OpenCV warps images under {MAX_SIDE} px a side: downscale it")
@@ -152,6 +156,16 @@ def read_image(path: Path) -> np.ndarray:
     if limit is None or rgb.shape[0] * rgb.shape[1] <= 2 * limit:
         decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"
     return rgb
+
+
+def _turned_tiff(path: Path) -> bool:
+    """A TIFF whose orientation tag swaps width and height (5-8, a scanner's or camera's portrait):
+    ``cv2.imread`` fails on it ("Internal imread issue"). OpenCV and Pillow both apply tags 1-4."""
+    try:
+        with Image.open(path) as im:
+            return im.format == "TIFF" and im.getexif().get(ExifTags.Base.Orientation) in TRANSPOSED
+    except Exception:  # whatever Pillow cannot open is left to read_rgb to name
+        return False
 
 
 def under(images: Sequence[Path], out: Path) -> list[Path]:

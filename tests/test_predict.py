@@ -303,6 +303,21 @@ def test_a_photo_is_read_upright_by_its_exif_tag(tmp_path: Path) -> None:
     assert read_image(path).shape == (40, 20, 3) and read_rgb(path).shape == (20, 40, 3)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_tiff_is_read_upright_by_its_orientation_tag(orientation: int, tmp_path: Path) -> None:
+    """A portrait TIFF (tags 5-8) was "cannot decode image": OpenCV 4.14's imread fails on it. Every tag
+    gives the pixels a viewer shows."""
+    stored = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    flipped = {1: stored, 2: stored[:, ::-1], 3: stored[::-1, ::-1], 4: stored[::-1]}  # turned in place
+    turned = {5: stored, 6: stored[::-1], 7: stored[::-1, ::-1], 8: stored[:, ::-1]}  # these, then transposed
+    upright = flipped[orientation] if orientation < 5 else turned[orientation].transpose(1, 0, 2)
+    path = tmp_path / "scan.tif"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif)
+    assert np.array_equal(read_image(path), upright)
+
+
 def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
