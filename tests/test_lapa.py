@@ -218,6 +218,28 @@ def test_bad_files_fail_naming_the_file(root: Path) -> None:
         table(_cfg(root / "nowhere"), "train")  # what the fine-tune's gate reads first
 
 
+@pytest.mark.parametrize(("mode", "bits", "kind"), [("L", 4, "4-bit grayscale"), ("P", 8, "8-bit palette")])
+def test_a_low_bit_depth_or_palette_label_png_fails_naming_it(
+    root: Path, mode: str, bits: int, kind: str
+) -> None:
+    """LaPa's labels are 8-bit grayscale PNGs of class ids. OpenCV scales a 4-bit grey PNG (what a PNG
+    optimiser makes of values 0..10) up to 0..255, so class 10 read as 170 with no error, and expands a
+    palette PNG into colours; both must fail naming the file and its format."""
+    path = root / "LaPa/train/labels/train_0001.png"
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    assert 0 < label.max() <= 10
+    image = Image.fromarray(label, mode)
+    if mode == "P":
+        image.putpalette([c for i in range(256) for c in (i, i, i)])
+    image.save(path, bits=bits)
+    with pytest.raises(StageError, match=rf"train_0001\.png: a {kind}.* PNG; a LaPa label is an 8-bit"):
+        read_label(path)
+    with pytest.raises(StageError, match=r"train_0001\.png: a "):
+        LaPa(_cfg(root), "train")[1]
+    cv2.imwrite(str(path), label.astype(np.uint16))  # a 16-bit grey PNG keeps its values as stored
+    np.testing.assert_array_equal(read_label(path), label)
+
+
 def test_binary_landmark_file_fails_naming_it(tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(StageError, match=r"x\.txt: malformed landmark file: 'utf-8' codec"):

@@ -1,6 +1,6 @@
 """LaPa face parsing, read from the real on-disk format (PROTOCOL.md §4).
 
-``<root>/LaPa/{train,val,test}/images/<stem>.jpg``, ``labels/<stem>.png`` (one channel, values
+``<root>/LaPa/{train,val,test}/images/<stem>.jpg``, ``labels/<stem>.png`` (8-bit grayscale, values
 0..10) and ``landmarks/<stem>.txt`` (a line "106", then 106 lines "x y").
 
 Alignment: a similarity transform takes landmarks 104, 105, 54, 84, 90 (image-left eye centre,
@@ -46,6 +46,8 @@ ALIGN_POINTS = (104, 105, 54, 84, 90)
 # FaRL-like 5-point template on 512² (x, y): eyes, nose tip, mouth corners. It centres the face with
 # the eyes a little above the middle, leaving room for hair and chin inside the aligned square.
 TEMPLATE = np.array([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0], [220.0, 360.4], [292.0, 360.4]])
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_GREY, PNG_PALETTE = 0, 3  # IHDR colour types
 UNCLIPPED_REACH = 8.0  # an unclipped scale's std must be under 1/8 of the way to a zero scale
 
 
@@ -108,10 +110,29 @@ def read_landmarks(path: Path) -> np.ndarray:
     return pts
 
 
+def _png_format(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk; None for a file that is not a PNG."""
+    with path.open("rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
 def read_label(path: Path) -> np.ndarray:
-    """``[H, W]`` uint8 class map; missing, undecodable or multi-channel files fail naming the file."""
+    """``[H, W]`` class map as stored (LaPa's are 8-bit grayscale); missing, undecodable or
+    multi-channel files fail naming the file.
+
+    A grayscale PNG under 8 bits or a palette PNG fails too: OpenCV scales 1-, 2- and 4-bit grey up to
+    0..255 (class 10 would read as 170) and expands a palette into colours, not class ids.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"label file not found: {path}")
+    fmt = _png_format(path)
+    if fmt is not None and (fmt[1] == PNG_PALETTE or (fmt[1] == PNG_GREY and fmt[0] < 8)):
+        kind = "palette (indexed-colour)" if fmt[1] == PNG_PALETTE else "grayscale"
+        raise StageError(f"{path}: a {fmt[0]}-bit {kind} PNG; a LaPa label is an 8-bit (or 16-bit) grayscale "
+                         "PNG whose values are the class ids 0..10: re-save it so")
     label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise StageError(f"cannot decode label: {path}")
