@@ -29,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import requests
 import torch
 import yaml
 from PIL import Image, ImageFile, PngImagePlugin
@@ -1047,6 +1048,118 @@ def test_no_netrc_login_goes_to_image_hosts(
     assert fetcher({"url": server + "/good.jpg"}) == JPEG
     assert fetcher({"url": server + "/a1"}) == PNG  # /a1 -> /a0 -> /good.png
     assert Handler.authorization == [None] * 4
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8/a b/\u00e4.jpg?q=\u00fc&x=1#part",
+    "https://me:p%40ss@B\u00fccher.example/x.jpg",
+    "http://[::1]:8/x.jpg?",
+])
+def test_a_bare_get_is_prepared_as_requests_prepares_it(url: str) -> None:
+    """The fetcher prepares its GET itself (requests' generic merges cost a tenth of its CPU per image):
+    the same URL, headers, login, cookies and hooks as requests' ``prepare_request``."""
+    session = laion._Session(MAX_BYTES)
+    session.headers["User-Agent"] = "mcf-test"
+    session.cookies.set("seen", "1")
+    ours, theirs = session.prepare_get(url), session.prepare_request(requests.Request("GET", url))
+    for name in ("method", "url", "headers", "body", "hooks"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours._cookies.get_dict() == theirs._cookies.get_dict() == {"seen": "1"}
+
+
+_CA, _PROXY = "/etc/ssl/a-bundle.pem", "http://me:s3cret@127.0.0.1:9"
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"REQUESTS_CA_BUNDLE": _CA},
+    {"CURL_CA_BUNDLE": _CA},
+    {"HTTP_PROXY": _PROXY},
+    {"https_proxy": _PROXY},
+    {"Http_Proxy": _PROXY},  # urllib takes a proxy variable in any case
+    {"ALL_PROXY": _PROXY, "no_proxy": "www.example.com"},
+    {"NO_PROXY": "*", "HTTPS_PROXY": _PROXY, "REQUESTS_CA_BUNDLE": _CA},
+    {"HTTPS_PROXY": ""},
+])
+def test_settings_from_the_environment_are_requests_own(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetcher skips requests' proxy lookups where no variable names a proxy (they read the whole
+    environment four times per image): the proxies, CA bundle and proxy login are still requests' own."""
+    for name in os.environ:
+        if name.lower().endswith("_proxy") or name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    session = laion._Session(MAX_BYTES)
+    for url in ("http://www.example.com/x.jpg", "https://www.example.com/x.jpg", "http://cdn.example.org/y"):
+        ours = session.merge_environment_settings(url, {}, True, None, None)
+        assert ours == requests.Session.merge_environment_settings(session, url, {}, True, None, None)
+        hops = [session.prepare_get(url), session.prepare_get(url)]
+        for hop in hops:
+            hop.headers["Proxy-Authorization"] = "from the last hop"
+        assert session.rebuild_proxies(hops[0], ours["proxies"]) == requests.Session.rebuild_proxies(
+            session, hops[1], ours["proxies"])
+        assert hops[0].headers == hops[1].headers
+
+
+def test_a_connect_that_never_returns_holds_no_other() -> None:
+    """Connects run on kept threads (a thread start each cost 0.3 ms of CPU); one whose name lookup hangs
+    holds its own thread only, and a thread idle for a while ends."""
+    workers, hung, done = laion._Workers(), threading.Event(), [threading.Event() for _ in range(2)]
+    workers.run(done[0].set)
+    assert done[0].wait(2.0)
+    time.sleep(0.1)  # the thread is idle again
+    workers.run(lambda: hung.wait(10.0))  # takes the idle thread
+    workers.run(done[1].set)
+    try:
+        assert done[1].wait(1.0)  # on a thread of its own, not queued behind the hung one
+    finally:
+        hung.set()
+    deadline = time.monotonic() + 5 * laion._Workers.IDLE_S
+    while any(t.name == "fetch-connect" and t.is_alive() for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "idle connect threads did not end"
+        time.sleep(0.05)
+
+
+def test_a_connect_thread_ending_idle_still_runs_the_call_it_was_handed() -> None:
+    """An idle thread that ends as a call is handed to it: the call still runs (else its fetch waited
+    for the deadline). Threads that idle a few microseconds make the race frequent."""
+
+    class Brief(laion._Workers):
+        IDLE_S = 0.0003
+
+    workers = Brief()
+    for i in range(300):
+        done = threading.Event()
+        workers.run(done.set)
+        assert done.wait(1.0), f"call {i} never ran"
+        time.sleep(0.0003 * (i % 3))
+
+
+def test_the_watchdog_shuts_each_socket_at_its_own_deadline() -> None:
+    """One thread holds every response head to its deadline (a Timer thread each cost 0.3 ms of CPU): a
+    deadline sooner than those it already waits for is still met, and a released socket is left alone."""
+    watchdog, pairs = laion._Watchdog(), [socket.socketpair() for _ in range(3)]
+    try:
+        late = watchdog.hold(pairs[0][0], time.monotonic() + 30.0)
+        time.sleep(0.1)  # its thread now waits for that deadline
+        start = time.monotonic()
+        watchdog.hold(pairs[1][0], start + 0.3)
+        watchdog.release(watchdog.hold(pairs[2][0], start + 0.2))
+        pairs[1][1].settimeout(5.0)
+        assert pairs[1][1].recv(1) == b"" and time.monotonic() - start < 2.0  # shut at 0.3 s, not 30 s
+        for ours, theirs in (pairs[0], pairs[2]):
+            theirs.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                theirs.recv(1)
+            ours.sendall(b"x")  # still open both ways
+            assert theirs.recv(1) == b"x"
+        watchdog.release(late)
+    finally:
+        for pair in pairs:
+            for end in pair:
+                end.close()
 
 
 @pytest.mark.parametrize("host", ["www..example.com", "a" * 64 + ".example.com"])
