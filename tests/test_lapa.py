@@ -236,6 +236,10 @@ def test_a_low_bit_depth_or_palette_label_png_fails_naming_it(
         read_label(path)
     with pytest.raises(StageError, match=r"train_0001\.png: a "):
         LaPa(_cfg(root), "train")[1]
+    df = table(_cfg(root), "train")  # the gate says why, not only that a label value is out of range
+    assert df["label_format_ok"].tolist() == [True, False, True]
+    with pytest.raises(StageError, match=r"column=label_format_ok\): 1 unexpected .*train_0001"):
+        run_gate(df, "lapa", stage="test")
     cv2.imwrite(str(path), label.astype(np.uint16))  # a 16-bit grey PNG keeps its values as stored
     np.testing.assert_array_equal(read_label(path), label)
 

@@ -312,8 +312,8 @@ def _lapa_table() -> pd.DataFrame:
     return pd.DataFrame({
         "stem": ["a", "b"], "split": ["test"] * 2, "has_image": [True] * 2, "has_label": [True] * 2,
         "has_landmarks": [True] * 2, "image_decodes": [True] * 2, "width": [64, 80], "height": [64, 70],
-        "label_width": [64, 80], "label_height": [64, 70], "size_match": [True] * 2, "label_min": [0, 0],
-        "label_max": [10, 9], "n_landmarks": [106, 106],
+        "label_width": [64, 80], "label_height": [64, 70], "size_match": [True] * 2,
+        "label_format_ok": [True] * 2, "label_min": [0, 0], "label_max": [10, 9], "n_landmarks": [106, 106],
     })
 
 
@@ -567,7 +567,7 @@ def test_an_empty_split_fails_the_gate_on_its_row_count_alone(tmp_path: Path) ->
     ("aflw19", "exists"), ("aflw19", "decodes"), ("aflw19", "finite"), ("aflw19", "width"),
     ("aflw19", "visible"),
     ("lapa", "stem"), ("lapa", "has_image"), ("lapa", "image_decodes"), ("lapa", "size_match"),
-    ("lapa", "width"), ("lapa", "label_max"), ("lapa", "n_landmarks"),
+    ("lapa", "label_format_ok"), ("lapa", "width"), ("lapa", "label_max"), ("lapa", "n_landmarks"),
 ])
 def test_a_null_flag_or_count_fails_its_not_null_check(suite: str, column: str) -> None:
     """``in [true]`` and range checks skip nulls (GX), and a bool column holding a null is an object

@@ -119,6 +119,15 @@ def _png_format(path: Path) -> tuple[int, int] | None:
     return head[24], head[25]
 
 
+def _misread_format(path: Path) -> str | None:
+    """The format of a label PNG that OpenCV would not read as stored class ids, or None."""
+    fmt = _png_format(path)
+    if fmt is None or not (fmt[1] == PNG_PALETTE or (fmt[1] == PNG_GREY and fmt[0] < 8)):
+        return None
+    kind = "palette (indexed-colour)" if fmt[1] == PNG_PALETTE else "grayscale"
+    return f"a {fmt[0]}-bit {kind} PNG"
+
+
 def read_label(path: Path) -> np.ndarray:
     """``[H, W]`` class map as stored (LaPa's are 8-bit grayscale); missing, undecodable or
     multi-channel files fail naming the file.
@@ -128,11 +137,9 @@ def read_label(path: Path) -> np.ndarray:
     """
     if not path.is_file():
         raise FileNotFoundError(f"label file not found: {path}")
-    fmt = _png_format(path)
-    if fmt is not None and (fmt[1] == PNG_PALETTE or (fmt[1] == PNG_GREY and fmt[0] < 8)):
-        kind = "palette (indexed-colour)" if fmt[1] == PNG_PALETTE else "grayscale"
-        raise StageError(f"{path}: a {fmt[0]}-bit {kind} PNG; a LaPa label is an 8-bit (or 16-bit) grayscale "
-                         "PNG whose values are the class ids 0..10: re-save it so")
+    if problem := _misread_format(path):
+        raise StageError(f"{path}: {problem}; a LaPa label is an 8-bit (or 16-bit) grayscale PNG whose "
+                         "values are the class ids 0..10: re-save it so")
     label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise StageError(f"cannot decode label: {path}")
@@ -254,8 +261,8 @@ def sample_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Te
 
 # table()'s columns, named also when a split is empty: the gate then fails on the row count alone
 TABLE_COLUMNS = ("stem", "split", "has_image", "has_label", "has_landmarks", "image_decodes", "width",
-                 "height", "label_width", "label_height", "size_match", "label_min", "label_max",
-                 "n_landmarks")
+                 "height", "label_width", "label_height", "size_match", "label_format_ok", "label_min",
+                 "label_max", "n_landmarks")
 
 
 def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
@@ -263,7 +270,9 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
 
     Columns: stem, split, has_image, has_label, has_landmarks, image_decodes (the whole file, see
     :func:`mcf.data.aflw19.image_size`), width, height, label_width, label_height, size_match,
-    label_min, label_max (-1 when unreadable), n_landmarks (-1 when unreadable).
+    label_format_ok (False for a label :func:`read_label` refuses by its PNG format: class 10 of a 4-bit
+    PNG reads as 170, so label_max alone would not say why), label_min, label_max (-1 when unreadable),
+    n_landmarks (-1 when unreadable).
     """
     base = Path(cfg.root) / "LaPa" / split
     if not base.is_dir():
@@ -273,7 +282,8 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
     rows = []
     for stem in tqdm(sorted(set().union(*found.values())), desc=f"lapa {split} table"):
         w, h, decodes = image_size(base / "images" / f"{stem}.jpg")
-        label = cv2.imread(str(base / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        label_path = base / "labels" / f"{stem}.png"
+        label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
         lh, lw = label.shape[:2] if label is not None else (0, 0)
         try:
             n_lm = len(read_landmarks(base / "landmarks" / f"{stem}.txt"))
@@ -285,6 +295,7 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
             "has_label": stem in found["labels"], "has_landmarks": stem in found["landmarks"],
             "image_decodes": decodes, "width": w, "height": h, "label_width": lw, "label_height": lh,
             "size_match": w > 0 and (w, h) == (lw, lh),
+            "label_format_ok": label is not None and _misread_format(label_path) is None,
             "label_min": int(label.min()) if ok else -1, "label_max": int(label.max()) if ok else -1,
             "n_landmarks": n_lm,
         })
