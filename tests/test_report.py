@@ -687,3 +687,33 @@ def test_the_ced_section_states_its_units_and_draws_the_curve_in_them(
     assert list(line.get_xdata()) == pytest.approx([0.0, 3.5, 7.0])
     assert drawn[0].get_xlabel() == "NME_box (×100)"
     figures.plt.close("all")
+
+
+def test_fine_tune_curves_on_synthface_never_take_a_real_runs_label(run: Path) -> None:
+    """The metrics are of an earlier evaluate on the real data (labelled AFLW-19, LaPa); the fine-tunes
+    have since been rerun on SynthFace (evaluate then refuses the real label and stops): their test curves
+    are SynthFace numbers and must say so, not borrow the real run's label. And the other way round."""
+    metrics = json.loads((run / "metrics" / "evaluate.json").read_text())
+    metrics["dataset"] = {"alignment": "AFLW-19", "parsing": "LaPa"}
+    (run / "metrics" / "evaluate.json").write_text(json.dumps(metrics))
+    params = run / "params.yaml"
+    for task in ("alignment", "parsing"):
+        (run / "synth" / task).mkdir(parents=True)
+        (run / "synth" / task / "synthface_identities.csv").write_text("name,identity\na,0\n")
+        params.write_text(params.read_text().replace(
+            f"  live: metrics/finetune_{task}\n",
+            f"  live: metrics/finetune_{task}\n  data:\n    root: synth/{task}\n"))
+    html = build_report(run, out="report/index.html").read_text(encoding="utf-8")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", _sections(html)["curves"])
+    for stage in ("finetune_alignment", "finetune_parsing"):
+        caption = next(c for c in captions if c.startswith(f"{stage}:"))
+        assert "SynthFace" in caption and "AFLW-19" not in caption and "LaPa" not in caption, caption
+    # a real data root under the default SynthFace labels: its curves are not filed as SynthFace
+    (run / "metrics" / "evaluate.json").write_text(json.dumps(_metrics()))
+    for task in ("alignment", "parsing"):
+        (run / "synth" / task / "synthface_identities.csv").unlink()
+    html = build_report(run, out="report/index.html").read_text(encoding="utf-8")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", _sections(html)["curves"])
+    for stage in ("finetune_alignment", "finetune_parsing"):
+        caption = next(c for c in captions if c.startswith(f"{stage}:"))
+        assert "SynthFace-" not in caption and "not SynthFace" in caption, caption

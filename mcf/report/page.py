@@ -31,6 +31,7 @@ from mcf.report.runfiles import (
     read_table,
     variant_label,
 )
+from mcf.synth.writers import is_synthface
 
 log = logging.getLogger(__name__)
 TRAINING_STAGES = ("teacher", "pretrain", "finetune_alignment", "finetune_parsing")
@@ -109,7 +110,12 @@ def gates_section(run: Run) -> str:
 
 def _curves_title(run: Run, stage: str) -> str:
     """A fine-tune's curves hold its test scores (``test_each_epoch``): they name their data as the
-    evaluate stage labels it, so a SynthFace score never reads as an AFLW-19 or LaPa one."""
+    evaluate stage labels it, so a SynthFace score never reads as an AFLW-19 or LaPa one.
+
+    evaluate's label is of the data it last scored, which need not be what the fine-tune has since read
+    (fine-tunes rerun on SynthFace under a real run's "AFLW-19", evaluate then refusing that label). So
+    the label stands only when the fine-tune's data root (params), where it is here, is of the same kind,
+    SynthFace or not, by evaluate's own rule; else the curves name that root and what it is."""
     task = FINETUNE_TASKS.get(stage)
     if task is None:
         return f"{stage}: training curves"
@@ -117,6 +123,9 @@ def _curves_title(run: Run, stage: str) -> str:
         label = dataset_label(load_metrics(run), task)
     except Missing:
         label = dataset_label({}, task)
+    root = run.path(f"{stage}.data.root") if run.has(f"{stage}.data.root") else None
+    if root is not None and root.exists() and is_synthface(root) != ("synthface" in label.lower()):
+        label = f"{'SynthFace' if is_synthface(root) else 'not SynthFace'} data at {root}"
     return f"{stage}: training curves, test scores on {label}"
 
 
