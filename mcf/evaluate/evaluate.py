@@ -56,7 +56,7 @@ from mcf.evaluate.scoring import (
 from mcf.io import atomic_dir, atomic_file, unwritable
 from mcf.models.heads import DenseFaceModel
 from mcf.params import Common, ParamsError, param, require_path
-from mcf.synth.writers import is_synthface
+from mcf.synth.writers import is_synthface, names_synthface
 from mcf.train.distributed import default_device
 from mcf.train.finetune import TEST_SCORE, Task, load_finetuned
 from mcf.validate.gate import run_gate
@@ -97,7 +97,7 @@ class EvaluateConfig:
 def check_label(label: str, key: str, synthetic: bool) -> None:
     """A label names the data it was measured on: a SynthFace number must never pass as AFLW-19/LaPa,
     and a number on the real data must not be filed as SynthFace (params.yaml's default label)."""
-    if synthetic != ("synthface" in label.lower()):
+    if synthetic != names_synthface(label):
         data, need = ("SynthFace", "must") if synthetic else ("not SynthFace", "must not")
         message = f"the data is {data}, so the label {need} contain 'SynthFace', got {label!r}"
         raise ParamsError(f"evaluate.{key}", message)

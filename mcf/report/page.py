@@ -31,7 +31,7 @@ from mcf.report.runfiles import (
     read_table,
     variant_label,
 )
-from mcf.synth.writers import is_synthface
+from mcf.synth.writers import is_synthface, names_synthface
 
 log = logging.getLogger(__name__)
 TRAINING_STAGES = ("teacher", "pretrain", "finetune_alignment", "finetune_parsing")
@@ -124,7 +124,7 @@ def _curves_title(run: Run, stage: str) -> str:
     except Missing:
         label = dataset_label({}, task)
     root = run.path(f"{stage}.data.root") if run.has(f"{stage}.data.root") else None
-    if root is not None and root.exists() and is_synthface(root) != ("synthface" in label.lower()):
+    if root is not None and root.exists() and is_synthface(root) != names_synthface(label):
         label = f"{'SynthFace' if is_synthface(root) else 'not SynthFace'} data at {root}"
     return f"{stage}: training curves, test scores on {label}"
 

@@ -59,6 +59,11 @@ def is_synthface(root: str | Path) -> bool:
     return any(next((root / "LaPa" / s / "images").glob("synth_*"), None) for s in LAPA_SPLITS)
 
 
+def names_synthface(label: str) -> bool:
+    """Whether a metric's dataset label says SynthFace: it must exactly when :func:`is_synthface`."""
+    return "synthface" in label.lower()
+
+
 def _jpeg(image: np.ndarray, quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
