@@ -170,6 +170,7 @@ def test_markdown_summary_labels_each_number_with_its_dataset(run: Path) -> None
     paper = _row(text, "MCF ViT-B/16")
     assert "| AFLW-19 |" in paper and "| LaPa |" in paper and "0.932" in paper and "93.96" in paper
     assert "SynthFace" not in paper
+    assert "NME_diag full (×100, lower is better)" in text and "F1 mean (%, higher is better)" in text
 
 
 @pytest.mark.parametrize(

@@ -248,8 +248,8 @@ def comparison(
 ) -> tuple[list[str], list[list[str]]]:
     """Headers and rows: this run's variants (their own dataset labels, the ``mcf`` one its objective when
     ``pretrained`` names an ablation), then the paper's systems."""
-    headers = ["system", "alignment data", "NME_diag full (×100)", "NME_diag frontal (×100)",
-               "parsing data", "F1 mean (%)"]
+    headers = ["system", "alignment data", "NME_diag full (×100, lower is better)",
+               "NME_diag frontal (×100, lower is better)", "parsing data", "F1 mean (%, higher is better)"]
     rows = []
     if metrics is not None:
         align, parse = metrics.get("alignment") or {}, metrics.get("parsing") or {}
