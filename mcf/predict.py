@@ -27,6 +27,7 @@ classes in :data:`mcf.evaluate.scoring.CLASSES`) and ``overlays/<image stem>.png
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import os
@@ -146,7 +147,7 @@ def read_image(path: Path) -> np.ndarray:
     pass for a whole image. An image with a side of 32767 px or more (a panorama) is refused: OpenCV's
     warps, which crop and align every face, assert sides below that."""
     if _turned_tiff(path):  # OpenCV 4.14 cannot read these; Pillow turns them upright as it decodes
-        rgb = decode_jpeg(path.read_bytes(), str(path))
+        rgb = _read_turned_tiff(path)
     else:
         rgb = read_rgb(path, exif_orientation=True)  # names a missing or undecodable file as evaluate does
     h, w = rgb.shape[:2]
@@ -156,6 +157,22 @@ def read_image(path: Path) -> np.ndarray:
     if limit is None or rgb.shape[0] * rgb.shape[1] <= 2 * limit:
         decode_jpeg(path.read_bytes(), str(path))  # strict: "image file is truncated"
     return rgb
+
+
+def _read_turned_tiff(path: Path) -> np.ndarray:
+    """Pillow's upright pixels of a TIFF OpenCV cannot read, at OpenCV's 8 bits: a 16-bit grey scan keeps
+    each value's high byte, as ``cv2.imread`` does, where Pillow's RGB conversion clipped all but the
+    darkest values to white."""
+    data = path.read_bytes()
+    try:  # from bytes, as decode_jpeg: Pillow 13 turns a TIFF opened by its path as stored
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode.startswith("I;16"):  # I;16, I;16B, I;16L...: uint16 in any byte order
+                im.load()  # turns it upright (np.asarray would take the shape first)
+                grey = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # as decode_jpeg
+        raise StageError(f"{path}: not a decodable image ({type(err).__name__}: {err})") from None
+    return decode_jpeg(data, str(path))
 
 
 def _turned_tiff(path: Path) -> bool:

@@ -318,6 +318,21 @@ def test_a_tiff_is_read_upright_by_its_orientation_tag(orientation: int, tmp_pat
     assert np.array_equal(read_image(path), upright)
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_16_bit_grey_tiff_reads_as_opencv_reads_it_whatever_its_orientation_tag(
+    orientation: int, tmp_path: Path
+) -> None:
+    """A portrait 16-bit grey scan (tags 5-8), which Pillow decodes for OpenCV, read all white: Pillow's
+    RGB conversion clips 16-bit values at 255. Its pixels are OpenCV's of the same scan stored upright."""
+    stored = np.random.default_rng(0).integers(0, 65536, (20, 30), dtype=np.uint16)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "scan.tif", exif=exif)
+    upright = stored if orientation == 1 else stored[::-1].T  # 6: rotate 90° clockwise to view
+    cv2.imwrite(str(tmp_path / "upright.tif"), np.ascontiguousarray(upright))
+    assert np.array_equal(read_image(tmp_path / "scan.tif"), read_rgb(tmp_path / "upright.tif"))
+
+
 def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
