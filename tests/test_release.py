@@ -328,6 +328,22 @@ def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> Non
     assert load_backbone(tmp_path / "told").blocks[0].attn.num_heads == 4
 
 
+def test_re_exporting_an_export_keeps_its_heads(tmp_path: Path) -> None:
+    """An export's backbone.pth holds no head count: re-exported, it took the width's usual count (32
+    channels with 2 heads came back with 1), loaded without complaint and computed another attention.
+    The backbone.json beside it says; --num-heads still wins."""
+    size = dataclasses.replace(TINY, embed_dim=32, num_heads=2)
+    save_backbone(create_backbone(size), size, tmp_path / "first")
+    first = str(tmp_path / "first" / "backbone.pth")
+    assert cli(["--checkpoint", first, "--out", str(tmp_path / "again")]) == 0
+    assert load_backbone(tmp_path / "again").blocks[0].attn.num_heads == 2
+    shutil.copy(tmp_path / "first" / "backbone.pth", tmp_path / "alone.pth")  # no json beside it: the guess
+    assert cli(["--checkpoint", str(tmp_path / "alone.pth"), "--out", str(tmp_path / "guessed")]) == 0
+    assert load_backbone(tmp_path / "guessed").blocks[0].attn.num_heads == 1
+    assert cli(["--checkpoint", first, "--out", str(tmp_path / "told"), "--num-heads", "4"]) == 0
+    assert load_backbone(tmp_path / "told").blocks[0].attn.num_heads == 4
+
+
 def test_an_mae_training_checkpoint_exports_and_loads_as_a_teacher(tmp_path: Path) -> None:
     """MAE's training script saves its whole model under ``model`` (the encoder under timm names beside
     ``decoder_*`` and ``mask_token``) with its ``args`` Namespace, which read_weights admits for it: the

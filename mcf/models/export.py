@@ -28,8 +28,9 @@ def cli(argv: list[str]) -> int:
     p.add_argument(
         "--num-heads", type=int, default=None,
         help="attention heads, when the checkpoint does not record its backbone size "
-        "(default: 12 for a MoCo v3 checkpoint's vit_small/vit_base, else the published ViT's of that "
-        "width: embed_dim / 64 for ViT-Ti/S/B/L, 16 for ViT-H/g/G)",
+        "(default: an exported backbone.pth's backbone.json; 12 for a MoCo v3 checkpoint's "
+        "vit_small/vit_base; else the published ViT's of that width: embed_dim / 64 for ViT-Ti/S/B/L, "
+        "16 for ViT-H/g/G)",
     )
     args = p.parse_args(argv)
     if args.num_heads is not None and args.num_heads < 1:

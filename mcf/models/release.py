@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mcf.models.backbone import BackboneConfig, create_backbone, read_weights, save_backbone
+from mcf.models.backbone import BackboneConfig, create_backbone, read_spec, read_weights, save_backbone
 from mcf.params import ParamsError, build
 
 log = logging.getLogger(__name__)
@@ -202,6 +202,15 @@ def to_release_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def _export_heads(path: Path) -> int | None:
+    """The head count of an earlier export's ``backbone.pth``, from the ``backbone.json`` beside it:
+    heads are not in the weights' shapes, and the width's usual count computes another attention."""
+    if path.name != "backbone.pth" or not (path.parent / "backbone.json").is_file():
+        return None
+    heads = read_spec(path.parent)["kwargs"].get("num_heads")
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) else None
+
+
 def export_backbone(
     source: nn.Module | Mapping[str, Any] | str | Path, out_dir: str | Path, num_heads: int | None = None
 ) -> BackboneConfig:
@@ -214,6 +223,8 @@ def export_backbone(
     if isinstance(source, nn.Module):
         cfg, encoder = source.cfg.backbone, source.encoder
     else:
+        if isinstance(source, str | Path) and num_heads is None:
+            num_heads = _export_heads(Path(source))
         obj = read_weights(source) if isinstance(source, str | Path) else source
         state, cfg = backbone_from_checkpoint(obj, num_heads)
         with torch.device("meta"):  # every weight comes from the checkpoint: skip the random init
