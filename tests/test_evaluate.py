@@ -482,3 +482,24 @@ def test_a_label_with_dollar_signs_is_drawn_as_written(tmp_path: Path) -> None:
     assert read_png(tmp_path / "ced.png").size and read_png(tmp_path / "confusion.png").size
     assert figures.ced_png(pd.DataFrame({"threshold": [0.0, 0.07], "mcf": [0.0, 1.0]}), label)
     assert figures.f1_png(pd.DataFrame({"class": ["skin"], "mcf": [50.0]}), label)
+
+
+def test_non_finite_probe_features_fail_naming_the_export_and_image(tmp_path: Path) -> None:
+    """An export whose features hold NaN (damaged weights) ended the evaluate stage, after every model was
+    scored, in scikit-learn's ValueError advising HistGradientBoosting for missing values."""
+    from test_finetune import SYNTH
+
+    from mcf.evaluate.probe import ProbeConfig, probe_inputs, run_probes
+    from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
+    from mcf.synth import write_aflw19
+
+    write_aflw19(SYNTH, 0, tmp_path / "aflw19")
+    inputs = probe_inputs(AFLW19Config(root=str(tmp_path / "aflw19"), n_train=16, size=32, crop_size=48))
+    size = BackboneConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    backbone = create_backbone(size)
+    with torch.no_grad():
+        backbone.norm.weight[3] = float("nan")
+    save_backbone(backbone, size, tmp_path / "export")
+    first = inputs.train.ann.names[inputs.train.indices[0]]
+    with pytest.raises(StageError, match=rf"{tmp_path / 'export'}: .*not finite.*{re.escape(first)}"):
+        run_probes({"mcf": str(tmp_path / "export")}, inputs, ProbeConfig(), batch_size=4)

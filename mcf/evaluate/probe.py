@@ -67,6 +67,16 @@ def pooled_features(
     return np.concatenate(feats), merged
 
 
+def require_finite(x: np.ndarray, names: list[str], export_dir: str) -> None:
+    """Refuse an export whose features ``x`` (of the images ``names``) are not finite: scikit-learn's
+    NaN error came after every model was scored, named neither export nor image, and advised another
+    estimator."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise StageError(f"{export_dir}: its features are not finite on {int(bad.sum())} of {len(x)} images, "
+                         f"e.g. {names[int(np.argmax(bad))]!r}: its weights diverged or are damaged")
+
+
 def fit_landmarks(
     train_x: np.ndarray, train_points: np.ndarray, test_x: np.ndarray, alpha: float
 ) -> np.ndarray:
@@ -143,6 +153,8 @@ def run_probes(
         backbone = load_backbone(export_dir, img_size=size).to(default_device())
         x_train, tr = pooled_features(backbone, train, batch_size)
         x_test, te = pooled_features(backbone, test, batch_size)
+        require_finite(x_train, tr["name"], export_dir)
+        require_finite(x_test, te["name"], export_dir)
         points = fit_landmarks(x_train, tr["landmarks"], x_test, cfg.ridge_alpha)
         pred = to_original(points, te["matrix"], size)
         results[variant] = {"nme_diag": 100 * float(nme(pred, te["gt"], "diag", te["box"]).mean())}
