@@ -326,7 +326,7 @@ def test_an_identities_table_that_lost_a_row_is_refused_before_scoring(
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.json").exists()
 
 
-def test_probe_fits_recover_linear_structure() -> None:
+def test_probe_fits_recover_linear_structure(caplog: pytest.LogCaptureFixture) -> None:
     from mcf.evaluate.probe import fit_landmarks, identity_accuracy
 
     rng = np.random.default_rng(0)
@@ -338,6 +338,7 @@ def test_probe_fits_recover_linear_structure() -> None:
     feats = 0.3 * rng.normal(size=(200, 6)) + 5 * np.eye(6)[ids]
     assert identity_accuracy(feats[::2], ids[::2], feats[1::2], ids[1::2], c=1.0) == 1.0
     assert identity_accuracy(feats[:100], ids[:100], feats[100:], ids[100:], c=1.0) is None  # unseen ids
+    assert "identity probe not scored: no test image has a training identity" in caplog.text
 
 
 def test_best_epoch_on_test_picks_the_lowest_nme_and_the_highest_f1(
@@ -377,11 +378,12 @@ def test_probe_features_are_the_mean_patch_token_and_cls() -> None:
     assert rest == {"name": ["n0", "n1", "n2"]}
 
 
-def test_identity_probe_with_one_training_identity_is_none() -> None:
+def test_identity_probe_with_one_training_identity_is_none(caplog: pytest.LogCaptureFixture) -> None:
     from mcf.evaluate.probe import identity_accuracy
 
     x = np.random.default_rng(0).normal(size=(6, 4))
     assert identity_accuracy(x[:4], np.zeros(4, int), x[4:], np.zeros(2, int), c=1.0) is None
+    assert "identity probe not scored: training holds one identity" in caplog.text
 
 
 def test_an_image_missing_from_the_identities_table_fails_the_probe_naming_it(tmp_path: Path) -> None:

@@ -95,7 +95,9 @@ def identity_accuracy(
     ``None`` when no test identity occurs in training or training has a single identity.
     """
     seen = np.isin(test_ids, train_ids)
-    if not seen.any() or len(np.unique(train_ids)) < 2:
+    if not seen.any() or len(np.unique(train_ids)) < 2:  # the metrics then hold null: say why
+        why = "no test image has a training identity" if not seen.any() else "training holds one identity"
+        log.warning("identity probe not scored: %s", why)
         return None
     scaler = StandardScaler().fit(train_x)
     with warnings.catch_warnings():  # stopping at max_iter is the chosen budget, not a failure
