@@ -271,8 +271,8 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
     Columns: stem, split, has_image, has_label, has_landmarks, image_decodes (the whole file, see
     :func:`mcf.data.aflw19.image_size`), width, height, label_width, label_height, size_match,
     label_format_ok (False for a label :func:`read_label` refuses by its PNG format: class 10 of a 4-bit
-    PNG reads as 170, so label_max alone would not say why), label_min, label_max (-1 when unreadable),
-    n_landmarks (-1 when unreadable).
+    PNG reads as 170, so label_max alone would not say why; a missing label is has_label's), label_min,
+    label_max (-1 when unreadable), n_landmarks (-1 when unreadable).
     """
     base = Path(cfg.root) / "LaPa" / split
     if not base.is_dir():
@@ -295,7 +295,7 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
             "has_label": stem in found["labels"], "has_landmarks": stem in found["landmarks"],
             "image_decodes": decodes, "width": w, "height": h, "label_width": lw, "label_height": lh,
             "size_match": w > 0 and (w, h) == (lw, lh),
-            "label_format_ok": label is not None and _misread_format(label_path) is None,
+            "label_format_ok": not label_path.is_file() or _misread_format(label_path) is None,
             "label_min": int(label.min()) if ok else -1, "label_max": int(label.max()) if ok else -1,
             "n_landmarks": n_lm,
         })
