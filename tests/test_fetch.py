@@ -96,10 +96,10 @@ BAD_LOCATIONS = {"/to-bad-ipv6": "http://[::1/x.jpg", "/to-latin1": "caf\u00e9.j
 
 class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /throttled (429), /slow (late headers), /drip
-    (slow body), /drip-head (headers a byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to
-    /a<n-1>, and from /a0 to /good.png; /c<n> hops take 0.3 s each), /loop (to itself), /leak (to a long
-    ftp URL), /hang/<port> (to that port), /bad-gzip.jpg (a JPEG sent as gzip) and /robots/<name>.jpg (a
-    JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
+    (slow body), /drip-gzip (gzip dripping bytes that decode to nothing), /drip-head (headers a byte at a
+    time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png; /c<n> hops take
+    0.3 s each), /loop (to itself), /leak (to a long ftp URL), /hang/<port> (to that port), /bad-gzip.jpg
+    (a JPEG sent as gzip) and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
 
     counts: Counter = Counter()
     authorization: list[str | None] = []  # each request's Authorization header
@@ -179,6 +179,15 @@ class Handler(BaseHTTPRequestHandler):
                     self.counts["/drip-head bytes"] += 1
                 time.sleep(0.05)
             self.wfile.write(b"\r\nContent-Length: 0\r\n\r\n")
+        elif self.path == "/drip-gzip":  # gzip whose bytes decode to nothing: empty deflate blocks, dripped
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")
+            for _ in range(100):
+                self.wfile.write(b"\x00\x00\x00\xff\xff")  # a stored block of no bytes, not the last
+                self.wfile.flush()
+                time.sleep(0.05)
         elif self.path == "/drip":
             self.send_response(200)
             self.send_header("Content-Length", str(30 * 64))
@@ -454,6 +463,17 @@ def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path)
     assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["timeout", "success"]
     assert Handler.counts["/drip-head"] == 2  # retried once, as a timeout is
     assert Handler.counts["/drip-head bytes"] < 100  # of 2 × 200: both tries were cut off near 0.5 s
+
+
+def test_total_timeout_holds_while_a_compressed_body_drips_nothing(server: str) -> None:
+    """urllib3's read1 reads on until the bytes decode to something: gzip that decodes to nothing (empty
+    deflate blocks), a block every 50 ms, held the thread past total_timeout, as long as the server went on
+    (for ever), where each chunk's deadline check was never reached."""
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"timeout": 1.0, "total_timeout": 0.5}), MAX_BYTES)
+    start = time.monotonic()
+    with pytest.raises(FetchFailure) as failed:
+        fetch({"url": server + "/drip-gzip"})
+    assert failed.value.status == "timeout" and time.monotonic() - start < 2.5  # 0.5 s, not the 5 s drip
 
 
 class _ForwardingProxy(Handler):

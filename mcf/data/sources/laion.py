@@ -145,7 +145,9 @@ def read_rows(cfg: LaionFaceConfig) -> pd.DataFrame:
     return unique
 
 
-_DEADLINE = threading.local()  # this thread's download deadline (monotonic), for the connections below
+# this thread's download: its deadline (monotonic), for the connections below, and the watchdog tokens of
+# the sockets they hold to it (released when the download ends)
+_DEADLINE = threading.local()
 
 
 def _shut(sock: socket.socket) -> None:
@@ -283,10 +285,13 @@ class _Connect:
 class _DeadlineConnection:
     """Holds each connection to the download's deadline. The name lookup and the connects (a redirect's
     hop connects anew; a host with several addresses tries each) end when it passes, each connect
-    getting at most what is left of it; and while a response head arrives the :class:`_Watchdog` shuts the
-    socket at the deadline: the read timeout restarts with every byte, so a server dripping its headers (or
-    a chain of slow redirects, each hop in time) would hold a thread for ever. The body is bounded in
-    :func:`read_bounded`."""
+    getting at most what is left of it; and from the request on, until the download ends
+    (:class:`HttpFetcher` releases it), the :class:`_Watchdog` shuts the socket at the deadline: the read
+    timeout restarts with every byte, so a server dripping its headers (or a chain of slow redirects, each
+    hop in time) would hold a thread for ever. So would a compressed body dripping bytes that decode to
+    nothing (empty deflate blocks): urllib3's ``read1`` reads on until there is something to hand back, so
+    :func:`read_bounded`'s deadline check between chunks is never reached. The body's size is bounded
+    there."""
 
     sock: socket.socket | None
     timeout: Any
@@ -314,9 +319,12 @@ class _DeadlineConnection:
         watchdog = _WATCHDOG
         token = watchdog.hold(self.sock, deadline)
         try:
-            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
-        finally:
+            response = super().getresponse(*args, **kwargs)  # type: ignore[misc]
+        except BaseException:
             watchdog.release(token)
+            raise
+        _DEADLINE.tokens.append(token)  # held while the body is read: the socket may be the response's alone
+        return response
 
 
 class _HTTPConnection(_DeadlineConnection, HTTPConnection):
@@ -425,8 +433,11 @@ class _Session(requests.Session):
             raise FetchFailure("invalid_url", _short(f"a redirect's Location: {err}")) from None
         if target is not None:  # called again on a hop already read: its body is then at its end
             chunks = iter(lambda: resp.raw.read1(64 * 1024, decode_content=False), b"")
+            deadline = getattr(_DEADLINE, "value", None)
             try:
-                read_bounded(chunks, self.max_bytes, getattr(_DEADLINE, "value", None))
+                read_bounded(chunks, self.max_bytes, deadline)
+                if deadline is not None:  # the watchdog ended a dripping body at the deadline, as a close
+                    check_deadline(deadline)
             except FetchFailure as failure:
                 resp.close()
                 raise FetchFailure(failure.status, f"a redirect's body: {failure.error}",
@@ -524,17 +535,20 @@ class HttpFetcher:
             raise FetchFailure("invalid_url", f"not an http(s) URL: {quoted!r}")
         deadline = time.monotonic() + self.cfg.total_timeout
         timeout = (self.cfg.timeout, self.cfg.timeout)
-        _DEADLINE.value = deadline
+        _DEADLINE.value, _DEADLINE.tokens = deadline, []
         try:
             with self._session().bare_get(url, timeout) as response:
                 check_deadline(deadline)  # a head the watchdog cut short parses as a (wrong) response
                 self._check_headers(response)
                 # read1 returns what has arrived, so the deadline holds against a slow drip
                 chunks = iter(lambda: response.raw.read1(64 * 1024, decode_content=True), b"")
-                return read_bounded(chunks, self.max_bytes, deadline)
+                data = read_bounded(chunks, self.max_bytes, deadline)
+                check_deadline(deadline)  # a body the watchdog cut that ends at the close reads as whole
+                return data
         except (requests.exceptions.Timeout, ReadTimeoutError) as err:
             raise FetchFailure("timeout", type(err).__name__, retryable=True) from None
         except ProtocolError as err:
+            check_deadline(deadline)  # the watchdog cut a body dripping past the deadline: a timeout
             raise FetchFailure("truncated", _short(f"body ended early: {err}"), retryable=True) from None
         except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as err:
             raise FetchFailure("invalid_url", _short(str(err))) from None
@@ -543,6 +557,7 @@ class HttpFetcher:
         except requests.exceptions.TooManyRedirects:  # a loop or a chain: trying again will not help
             raise FetchFailure("http_error", f"more than {self.cfg.max_redirects} redirects") from None
         except (requests.exceptions.ContentDecodingError, DecodeError) as err:  # sent so each time: no retry
+            check_deadline(deadline)  # unless the watchdog cut it mid-stream
             message = f"the body does not decode as its Content-Encoding says ({type(err).__name__}: {err})"
             raise FetchFailure("not_image", _short(message)) from None
         except (requests.exceptions.RequestException, HTTPError) as err:
@@ -551,6 +566,8 @@ class HttpFetcher:
             raise FetchFailure("connection_error", message, retryable=True) from None
         finally:
             _DEADLINE.value = None
+            for token in _DEADLINE.tokens:  # before a later download of this thread reuses a connection
+                _WATCHDOG.release(token)
 
 
 def source(cfg: LaionFaceConfig, max_bytes: int, rows: pd.DataFrame | None = None) -> Source:
