@@ -240,6 +240,21 @@ def test_a_name_that_is_no_string_fails_naming_the_file_and_row(tree: tuple[Path
         read_mat(root)
 
 
+@pytest.mark.parametrize("name", ["../outside.jpg", "0/../../outside.jpg", "ABSOLUTE"])
+def test_a_name_leading_out_of_the_image_folder_is_refused(tree: tuple[Path, dict], name: str) -> None:
+    """Names are joined under data/flickr: an absolute one, or one climbing out with "..", had a downloaded
+    .mat read any image this user can (its crops then in the gate's table, the fine-tune, the evaluate
+    overlays)."""
+    root, fields = tree
+    outside = root.parent / "outside.jpg"
+    cv2.imwrite(str(outside), np.full((120, 120, 3), 20, np.uint8))
+    names = fields["nameList"].copy()
+    names[3, 0] = str(outside) if name == "ABSOLUTE" else name
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, nameList=names))
+    with pytest.raises(StageError, match=r"AFLWinfo_release.mat: nameList row 3 .* inside data/flickr"):
+        read_mat(root)
+
+
 def test_table_passes_the_gate_and_catches_bad_rows(tree: tuple[Path, dict]) -> None:
     root, fields = tree
     df = table(_cfg(root), "full")

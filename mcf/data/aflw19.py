@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import cv2
@@ -102,6 +102,14 @@ def _cell_str(x: Any) -> str:
     return str(x)
 
 
+def _inside(name: str) -> bool:
+    """Whether a ``nameList`` entry names a file below the folder it is joined to: an absolute name
+    replaces that folder, and ``..`` climbs out of it, so a downloaded .mat could have any image this user
+    may read taken into the data set."""
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts
+
+
 @dataclasses.dataclass(frozen=True)
 class Annotations:
     """The arrays of ``AFLWinfo_release.mat``, in 0-based, per-sample form."""
@@ -138,6 +146,9 @@ def read_mat(root: str | Path) -> Annotations:
             names.append(_cell_str(x))
         except ValueError as err:
             raise StageError(f"{path}: nameList row {row} is not a string ({err})") from None
+        if not _inside(names[-1]):
+            raise StageError(f"{path}: nameList row {row} is {names[-1]!r}, not a file name inside "
+                             "data/flickr (as 3/image00002.jpg)")
     order = np.asarray(mat["ra"]).ravel().astype(np.int64) - 1
     mask = np.asarray(mat["mask_new"])
     shapes = {"bbox": (boxes.shape, (n, 4)), "data": (data.shape, (n, 2 * N_POINTS)),
