@@ -38,6 +38,18 @@ def test_every_committed_glob_gates_a_committed_metric() -> None:
     assert [g for g in tolerances if not any(fnmatch.fnmatch(n, g) for n in names)] == []
 
 
+def test_the_committed_gate_fails_when_the_evaluated_set_changes_size() -> None:
+    """The images and pixels evaluate.json counts say what the numbers were measured on; untracked, a
+    run scored on half the test images (NME within 0.25 of the committed) passed the gate with the
+    committed file still saying 200 images."""
+    committed = json.loads((ROOT / "metrics" / "evaluate.json").read_text())
+    counts = [k for k in _flat(committed) if k.rsplit(".", 1)[-1] in ("images", "pixels")]
+    assert counts  # evaluate.json still holds its counts
+    diff = {"metrics/evaluate.json": {k: {"old": 200, "new": 100} for k in counts}}
+    moves = compare(diff, load_tolerances(ROOT / TOLERANCE, "HEAD"))
+    assert sorted(m.name.split(":", 1)[1] for m in moves if m.failed) == sorted(counts)
+
+
 def test_compare_flags_moves_past_tolerance_both_ways() -> None:
     diff = {"m.json": {"a": {"old": 1.0, "new": 1.04}, "b": {"old": 1.0, "new": 0.8}, "c": {"old": 1.0}}}
     moves = {m.name: m.failed for m in compare(diff, {"m.json:*": 0.05})}
