@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mcf.cli import main as cli_main
-from mcf.data.pretrain_data import CropDataset, EpochView, steps_per_epoch
+from mcf.data.pretrain_data import CropDataset, EpochView, raised_as_in_workers, steps_per_epoch
 from mcf.data.shards import encode_jpeg, iter_encoded, shard_urls, write_shards
 from mcf.errors import StageError
 from mcf.io import save_tensors
@@ -180,6 +180,24 @@ def test_an_undecodable_crop_read_by_a_worker_is_one_line(
     assert err.startswith("mcf pretrain: ") and "\n" not in err and "Traceback" not in err, err
     assert f"crop {samples[20][0]} in {shards / 'crops-000000.tar'}: not a decodable image" in err
 
+
+
+def test_a_shard_gone_since_indexing_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Crops not cached are read from their shard at each access: a shard removed while training (a
+    rerun of the subset stage, a ``dvc checkout``) was a FileNotFoundError, rebuilt by torch from a
+    worker's traceback text and left to the CLI as a traceback; it is a StageError naming the shard."""
+    make_workspace(tmp_path, n=96)
+    shards = tmp_path / "subset" / "shards"
+    crops = CropDataset(shards, 32, cache_mb=0)
+    gone = shard_urls(shards)[1]
+    Path(gone).unlink()
+    view = EpochView(crops, 0, 0, 0, 1, 96, 0)
+    with pytest.raises(StageError) as err:
+        for _ in raised_as_in_workers(DataLoader(view, batch_size=8, num_workers=2)):
+            pass
+    message = str(err.value)
+    assert message.startswith(f"{gone}: ") and "\n" not in message, message
+    assert "since the shards were indexed" in message, message
 
 
 def test_shards_that_hold_no_crop_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

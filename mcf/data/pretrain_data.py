@@ -87,9 +87,13 @@ class CropDataset(Dataset):
 
     def _decode(self, index: int) -> torch.Tensor:
         url, offset, size = self.urls[self.shard[index]], int(self.offset[index]), int(self.size[index])
-        with open(url, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+        try:
+            with open(url, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as err:  # a worker's OSError reached the CLI as a traceback (torch drops its errno)
+            raise StageError(f"{url}: not readable since the shards were indexed ({err.strerror or err}); "
+                             "the subset must stay in place while it trains") from None
         try:
             rgb = decode_jpeg(data)
         except StageError as err:  # named by its crop_id, as the stages name a crop
