@@ -376,6 +376,12 @@ def test_probe_features_are_the_mean_patch_token_and_cls() -> None:
     tokens = backbone.eval().forward_features(images).detach().double()
     np.testing.assert_allclose(feats, torch.cat([tokens[:, 1:].mean(1), tokens[:, 0]], 1).numpy(), atol=1e-5)
     assert rest == {"name": ["n0", "n1", "n2"]}
+    # without a class token (a timm export may have none) token 0 is a patch: the mean over all, no CLS
+    plain = create_backbone(BackboneConfig(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2),
+                            class_token=False, global_pool="avg")
+    feats, _ = pooled_features(plain, items, batch_size=2)
+    tokens = plain.eval().forward_features(images).detach().double()
+    np.testing.assert_allclose(feats, tokens.mean(1).numpy(), atol=1e-5)
 
 
 def test_identity_probe_with_one_training_identity_is_none(caplog: pytest.LogCaptureFixture) -> None:

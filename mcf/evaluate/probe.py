@@ -53,14 +53,17 @@ def pooled_features(
     backbone: nn.Module, dataset: Dataset, batch_size: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """``[N, 2D]`` float64 features (mean patch token, CLS; after the final norm) and the items' other
-    fields, batched (tensors as NumPy arrays, names as a list)."""
+    fields, batched (tensors as NumPy arrays, names as a list). A ViT without a class token gives the
+    ``[N, D]`` mean alone: its token 0 is a patch (or register) token, not a CLS."""
     backbone.eval()
     device = next(backbone.parameters()).device
     feats, rest = [], {}
     prefix = getattr(backbone, "num_prefix_tokens", 1)
+    cls = getattr(backbone, "has_class_token", True)
     for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="probe features", leave=False):
         tokens = backbone.forward_features(batch.pop("image").to(device))  # [N, 1 + L, D]
-        feats.append(torch.cat([tokens[:, prefix:].mean(dim=1), tokens[:, 0]], dim=1).double().cpu().numpy())
+        pooled = [tokens[:, prefix:].mean(dim=1), *([tokens[:, 0]] if cls else [])]
+        feats.append(torch.cat(pooled, dim=1).double().cpu().numpy())
         for k, v in batch.items():
             rest.setdefault(k, []).append(v.numpy() if isinstance(v, torch.Tensor) else list(v))
     merged = {k: np.concatenate(v) if isinstance(v[0], np.ndarray) else sum(v, []) for k, v in rest.items()}
