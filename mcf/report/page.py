@@ -124,8 +124,8 @@ def _curves_title(run: Run, stage: str) -> str:
     except Missing:
         label = dataset_label({}, task)
     root = run.path(f"{stage}.data.root") if run.has(f"{stage}.data.root") else None
-    if root is not None and root.exists() and is_synthface(root) != names_synthface(label):
-        label = f"{'SynthFace' if is_synthface(root) else 'not SynthFace'} data at {root}"
+    if root is not None and root.exists() and (synthetic := is_synthface(root)) != names_synthface(label):
+        label = f"{'SynthFace' if synthetic else 'not SynthFace'} data at {root}"
     return f"{stage}: training curves, test scores on {label}"
 
 
