@@ -11,9 +11,11 @@ from __future__ import annotations
 import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor
+from concurrent.futures import BrokenExecutor, Executor
 from contextlib import contextmanager
 from typing import Any
+
+from mcf.errors import StageError
 
 
 def ignore_ctrl_c() -> None:
@@ -39,11 +41,21 @@ def workers_ignore_ctrl_c() -> Iterator[None]:
 
 
 @contextmanager
-def cancelled_on_error(pool: Executor) -> Iterator[Executor]:
+def cancelled_on_error(pool: Executor, what: str) -> Iterator[Executor]:
     """Shut ``pool`` down on leaving; on an error (Ctrl-C too) cancel its queued tasks first, so that only
-    the running ones are waited for, not the rest of the stage's (``Executor.map`` queues them all)."""
+    the running ones are waited for, not the rest of the stage's (``Executor.map`` queues them all).
+
+    A worker killed outright (the out-of-memory killer's usual victim: the process holding the image)
+    breaks the pool: a :class:`StageError` naming ``what`` and the likely cause, not a traceback ending in
+    "terminated abruptly".
+    """
     try:
         yield pool
+    except BrokenExecutor:
+        pool.shutdown(cancel_futures=True)
+        raise StageError(f"a worker process of {what} died: killed by a signal, often the "
+                         "out-of-memory killer (see `dmesg`); nothing was published: run it again, with "
+                         "fewer workers if memory ran short") from None
     except BaseException:
         pool.shutdown(cancel_futures=True)
         raise

@@ -369,7 +369,7 @@ def chunks():  # Ctrl-C while the pool's tasks are queued and its workers start:
         i == 3 and ctrl_c()
         yield i
 pool = ProcessPoolExecutor(2, mp_context=get_context("spawn"), initializer=ignore_ctrl_c)
-with cancelled_on_error(pool):
+with cancelled_on_error(pool, "queueing"):
     with workers_ignore_ctrl_c():
         mapped = pool.map(abs, chunks())
     print("queued", file=sys.stderr)
@@ -424,3 +424,23 @@ def test_ctrl_c_stops_a_stages_process_pool_at_once_with_one_line(pool: str, tmp
             break
         time.sleep(0.2)
     assert not left
+
+
+def _killed_outright(_: int) -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer ends a worker holding a big image
+
+
+def test_a_pool_worker_killed_outright_fails_on_one_line_naming_the_step() -> None:
+    """A crop or read-back worker killed outright broke the pool: the stage ended in a 25-line traceback
+    ending in BrokenProcessPool's "terminated abruptly", which names neither the step nor a likely cause."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from mcf.pools import cancelled_on_error
+
+    pool = ProcessPoolExecutor(1, mp_context=get_context("fork"))
+    with pytest.raises(StageError, match=r"^a worker process of crop died: .*out-of-memory killer"):
+        with cancelled_on_error(pool, "crop"):
+            pool.submit(_killed_outright, 0).result()

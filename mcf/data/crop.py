@@ -368,7 +368,7 @@ def run_chunks(sources: Sources, cfg: CropConfig, parts_dir: str | Path) -> list
             take(fn(*args))
     else:
         pool = ProcessPoolExecutor(cfg.workers, mp_context=_pool_context(), initializer=_worker_init)
-        with cancelled_on_error(pool):
+        with cancelled_on_error(pool, "crop"):
             # no settle: cancelled_on_error's shutdown waits for the running chunks, and wait() would
             # hang on the queued ones it cancels (a future cancelled there is never notified)
             mapped = submit_in_order(pool.submit, calls, 2 * cfg.workers)

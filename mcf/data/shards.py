@@ -223,7 +223,7 @@ def read_back(shard_dir: str | Path, workers: int = 1) -> pd.DataFrame:
             pool = ProcessPoolExecutor(min(workers, len(urls)), mp_context=get_context("spawn"),
                                        initializer=ignore_ctrl_c)
             with workers_ignore_ctrl_c():  # map starts the workers
-                mapped = stack.enter_context(cancelled_on_error(pool)).map(_shard_stats, urls)
+                mapped = stack.enter_context(cancelled_on_error(pool, "read back")).map(_shard_stats, urls)
         per_shard = list(tqdm(mapped, total=len(urls), desc="read back", unit="shard"))
     stats = pd.DataFrame([r for rows in per_shard for r in rows], columns=["crop_id", *READ_BACK])
     return stats.astype({"width": "Int64", "height": "Int64"})
