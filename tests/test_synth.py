@@ -371,6 +371,25 @@ def test_ordered_keeps_the_order_when_later_images_finish_first() -> None:
     assert list(_ordered(_slow_first, 24, 2, "t")) == list(range(24))
 
 
+def _killed_at_5(i: int) -> int:
+    import os
+    import signal
+
+    if i == 5:  # as the out-of-memory killer ends a render worker
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
+
+
+@pytest.mark.timeout(60)
+def test_a_render_worker_killed_outright_fails_the_stage_on_one_line() -> None:
+    """A multiprocessing.Pool replaces a worker that was SIGKILLed and waits for its lost task for ever:
+    `mcf fetch` hung, silent, with its staging folder. The stage now fails at once, saying why."""
+    from mcf.synth.writers import _ordered
+
+    with pytest.raises(StageError, match="a worker process of synth corpus died"):
+        list(_ordered(_killed_at_5, 64, 2, "synth corpus"))
+
+
 def test_scenes_hold_one_to_max_faces() -> None:
     """Faces per scene are drawn from 1..max_faces inclusive (a face with no free spot is left out)."""
     one = dataclasses.replace(SMALL, max_faces=1, scene_size=64)

@@ -12,13 +12,14 @@ each image's split) is written to ``synthface_identities.csv`` beside each tree.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import io
+import itertools
 import logging
 import multiprocessing
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,7 +29,7 @@ import pandas as pd
 import scipy.io
 from tqdm import tqdm
 
-from mcf.pools import ignore_ctrl_c, workers_ignore_ctrl_c
+from mcf.pools import cancelled_on_error, ignore_ctrl_c, submit_in_order, workers_ignore_ctrl_c
 from mcf.synth.config import SynthConfig
 from mcf.synth.identity import KIND_AFLW, KIND_CORPUS, KIND_LAPA, KIND_SPLIT, sample_identity
 from mcf.synth.render import FaceSample, Scene, render_face, render_scene
@@ -76,17 +77,33 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+RENDER_CHUNK = 8  # images a worker renders per task
+
+
+def _render_range(render: Callable[[int], T], start: int, stop: int) -> list[T]:
+    """One task: consecutive images, so that results cross between processes a chunk at a time."""
+    return [render(i) for i in range(start, stop)]
+
+
 def _ordered(render: Callable[[int], T], n: int, workers: int, desc: str) -> Iterator[T]:
-    """``render(i)`` for i in 0..n-1, in order, on ``workers`` processes (each image is independent)."""
+    """``render(i)`` for i in 0..n-1, in order, on ``workers`` processes (each image is independent).
+
+    A ProcessPoolExecutor, not a multiprocessing.Pool: a Pool replaces a worker killed outright (the
+    out-of-memory killer) and waits for its lost task for ever, where the executor breaks, which
+    :func:`cancelled_on_error` turns into the stage's one-line error.
+    """
     bar = functools.partial(tqdm, total=n, desc=desc, unit="img")
     if workers == 1 or n < 2:
         yield from bar(map(render, range(n)))
         return
     fork = multiprocessing.get_context("fork")
-    with contextlib.ExitStack() as stack:
-        with workers_ignore_ctrl_c():  # a Ctrl-C meanwhile is raised on leaving: the pool is terminated
-            pool = stack.enter_context(fork.Pool(workers, initializer=ignore_ctrl_c))
-        yield from bar(pool.imap(render, range(n), chunksize=8))
+    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=ignore_ctrl_c)
+    calls = ((_render_range, render, i, min(i + RENDER_CHUNK, n)) for i in range(0, n, RENDER_CHUNK))
+    with cancelled_on_error(pool, desc):
+        chunks = submit_in_order(pool.submit, calls, 2 * workers)
+        with workers_ignore_ctrl_c():  # the first submit starts the workers; a Ctrl-C meanwhile waits
+            first = next(chunks)
+        yield from bar(image for chunk in itertools.chain([first], chunks) for image in chunk)
 
 
 def _render_scene(cfg: SynthConfig, seed: int, i: int) -> tuple[bytes, Scene]:
