@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"mcf {args.command}: {err.strerror}{where}: free some space and run it again")
         return EXIT_STAGE
     except KeyboardInterrupt:
-        print("mcf: interrupted", file=sys.stderr)
+        if "MCF_EXIT_DIR" not in os.environ:  # a worker of mcf's own torchrun: its launcher says it once
+            print("mcf: interrupted", file=sys.stderr)
         return 130
     return 0
 

@@ -111,6 +111,33 @@ def test_torchrun_two_processes_resume_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ctrl_c_under_train_processes_ends_on_one_line(tmp_path: Path) -> None:
+    """Ctrl-C reaches the launcher and torchrun (the terminal's group; torchrun passes it on to its
+    workers): the stage ended in torchrun's SignalException traceback and three 'mcf: interrupted'
+    lines, one per process. Now: one line, last, and exit 130."""
+    root = make_workspace(tmp_path)
+    params = write_params(root, **{**TRAIN, "epochs": 2000, "processes": 2})
+    script = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              f"from mcf.cli import main\nsys.exit(main(['pretrain', '--params', {str(params)!r}]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while checkpoint(root / ".resume" / "params") is None:  # both workers train
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+        _, err = proc.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert "Traceback" not in err and err.count("mcf: interrupted") == 1, err[-3000:]
+    assert err.endswith("mcf: interrupted\n")  # the launcher waited for torchrun to stop its workers
+    assert checkpoint(root / ".resume" / "params") is not None  # the resume state stands
+
+
+@pytest.mark.slow
 def test_workers_stop_when_torchrun_is_killed_outright(tmp_path: Path) -> None:
     """torchrun starts its workers in sessions of their own: SIGKILLed (the OOM killer, a stop's last
     resort), it cannot stop them, so each worker stops itself once its parent is gone."""

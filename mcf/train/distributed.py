@@ -154,7 +154,7 @@ def launch(argv: list[str], processes: int) -> int:
         raise ParamsError("train.processes", f"{processes} asked, but this process sees {gpus} GPU(s)")
     log.info("starting %d processes under torchrun", processes)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
+        sys.executable, "-c", TORCHRUN, "--nnodes", "1", "--nproc_per_node", str(processes),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mcf.cli", *argv,
     ]
     with tempfile.TemporaryDirectory(prefix="mcf-exit-") as exits:
@@ -168,6 +168,25 @@ def launch(argv: list[str], processes: int) -> int:
         for line, which in sorted(ranks.items(), key=lambda item: min(item[1])):
             print(f"{line} (rank {', '.join(map(str, sorted(which)))})", file=sys.stderr)
     return failed.pop() if code and len(failed) == 1 else code
+
+
+# torchrun's main through :func:`torchrun_main`, which the launcher starts in its stead
+TORCHRUN = ("import sys; from mcf.train.distributed import torchrun_main; "
+            "sys.exit(torchrun_main(sys.argv[1:]))")
+
+
+def torchrun_main(argv: list[str]) -> int:
+    """torchrun on ``argv``; stopped by a signal (Ctrl-C, a stop's SIGTERM), which it passes on to its
+    workers, it exits 128 + n: its own SignalException was a 30-line traceback under the launcher's one
+    line."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main
+
+    try:
+        main(argv)
+    except SignalException as err:
+        return 128 + int(err.sigval)
+    return 0
 
 
 def record_exit(status: int) -> None:
@@ -191,6 +210,9 @@ def run_forwarding_sigterm(command: list[str], env: dict[str, str] | None = None
         previous = signal.signal(signal.SIGTERM, lambda signum, _frame: proc.send_signal(signum))
         try:
             return proc.wait()
+        except KeyboardInterrupt:  # the terminal's Ctrl-C reached the child too: wait while it stops
+            proc.wait()  # (torchrun its workers), so that the one line comes last and nothing runs on
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
 
