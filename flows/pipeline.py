@@ -514,10 +514,19 @@ def summary(params_file: str, states: dict[str, State]) -> str:
     return "\n".join(lines)
 
 
-def _raise_failures(states: dict[str, State]) -> None:
-    """Fail the flow run with the failed stages' errors (each names its stage)."""
+def _raise_failures(states: dict[str, State], swapped_in: str | None = None) -> None:
+    """Fail the flow run with the failed stages' errors (each names its stage).
+
+    ``swapped_in``: the params file that stood in for params.yaml. A stage's own error names params.yaml
+    (``mcf: invalid params: params.yaml: mask_ratio: ...``), which holds the committed values again once
+    the run is over: each error then says which file's values those were.
+    """
     errors = [state.result(raise_on_failure=False) for state in states.values()
               if state.is_final() and not state.is_completed()]
+    if swapped_in:
+        note = f"with {swapped_in} in place as {PARAMS}"
+        errors = [StageFailed(err.stage, f"{note}, {err.detail}", err.exit_code)
+                  if isinstance(err, StageFailed) else err for err in errors]
     if len(errors) == 1:
         raise errors[0]
     if errors:
@@ -560,5 +569,6 @@ def mcf(
     evaluated = "evaluate" in states and states["evaluate"].is_completed()
     create_markdown_artifact(markdown_summary(root, params_file, evaluated), key="mcf-report",
                              description="mcf report's summary; `mcf report` draws the full page")
-    _raise_failures(states)
+    swapped = (root / params_file).resolve() != (root / PARAMS).resolve()
+    _raise_failures(states, params_file if swapped else None)
     return [asdict(state.result()) for state in states.values()]

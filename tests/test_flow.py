@@ -339,6 +339,9 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     assert caught.value.exit_code == 1  # the stage command's own status, read from DVC's report
     assert "train log line 59" in message and "train: diverged" in message
     assert "train log line 10\n" not in message  # only the tail, not the whole log
+    # a stage's own error names params.yaml, which is the committed file again once the run is over
+    assert "with params.broken.yaml in place as params.yaml" in message
+    assert "with params.broken.yaml in place as params.yaml" in state.message
     assert not (project / "out/train_a.txt").exists()
     # the independent branch still ran; what needs the failed stage did not start
     assert (project / "out/train_b.txt").exists() and not (project / "metrics.json").exists()
