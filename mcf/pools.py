@@ -1,14 +1,24 @@
-"""Process pools that leave Ctrl-C to their parent.
+"""Process pools that leave Ctrl-C to their parent, and end with it.
 
 A terminal's Ctrl-C sends SIGINT to every process of its foreground group, a pool's workers too. A worker
 that took it died with its own traceback, and a ProcessPoolExecutor it broke could hang at exit (its
 manager thread dies on a cancelled future in CPython 3.11), Ctrl-C again doing nothing; the parent stops
 the run anyway, with the CLI's one line and exit 130.
+
+A worker waits on its pool's task queue for ever, which nothing closes when the parent is killed outright
+(the out-of-memory killer, a CI runner's SIGKILL): it stayed, holding its memory and the stage's stdout,
+so whatever read that to its end (dvc repro, a CI runner, ``subprocess.run``) hung. :func:`worker_init`
+ends it with its parent.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import select
 import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Executor
@@ -21,6 +31,49 @@ from mcf.errors import StageError
 def ignore_ctrl_c() -> None:
     """A pool worker's initializer: SIGINT is its parent's to act on."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_init() -> None:
+    """A pool worker's initializer: Ctrl-C is its parent's to act on, and the worker ends with it."""
+    ignore_ctrl_c()
+    exit_with_parent()
+
+
+def exit_with_parent() -> None:
+    """End this process (``os._exit``) once the process that started it (multiprocessing's parent) dies.
+
+    Linux 5.3 and later: a daemon thread waits on a pidfd of that parent, which turns readable when it
+    dies; one that died while this process started up (a spawned worker imports for seconds) is seen at
+    once. Not prctl(PR_SET_PDEATHSIG): it follows the OS parent, which for a forkserver's worker (crop's)
+    is the fork server, and that stays while any of its workers lives (each holds its pipe); and it fires
+    when the thread that forked ends, not the process. Elsewhere (macOS; a kernel or sandbox without
+    pidfd_open) the thread checks each second whether this process was handed to another parent: there a
+    parent that died before this ran, and a fork server's workers, are not covered.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:  # not started by multiprocessing: no parent of its to follow
+        return
+    try:
+        pidfd = os.pidfd_open(parent.pid)
+    except ProcessLookupError:
+        os._exit(1)  # died (and was reaped) before this ran
+    except (AttributeError, OSError):  # no pidfd_open here (not Linux, before 5.3, refused by seccomp)
+        threading.Thread(target=_exit_when_reparented, args=(os.getppid(),), daemon=True).start()
+    else:
+        threading.Thread(target=_exit_when_readable, args=(pidfd,), daemon=True).start()
+
+
+def _exit_when_readable(pidfd: int) -> None:
+    waiter = select.poll()
+    waiter.register(pidfd, select.POLLIN)
+    waiter.poll()  # no timeout: returns once the parent has died
+    os._exit(1)
+
+
+def _exit_when_reparented(ppid: int) -> None:
+    while os.getppid() == ppid:
+        time.sleep(1)
+    os._exit(1)
 
 
 @contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -444,3 +445,78 @@ def test_a_pool_worker_killed_outright_fails_on_one_line_naming_the_step() -> No
     with pytest.raises(StageError, match=r"^a worker process of crop died: .*out-of-memory killer"):
         with cancelled_on_error(pool, "crop"):
             pool.submit(_killed_outright, 0).result()
+
+
+# Each holds a stage's process pool busy: its workers block reading FIFOs (tmp/fifo-*) until written.
+_KILLED_PARENT_RUNS = {
+    "crop": """
+from mcf.data import crop
+cfg = crop.CropConfig(input=str(tmp), out=str(tmp / "crop"), chunk_size=1, workers=2)
+none = np.zeros(0, np.int64)
+names = np.array([f.name for f in fifos], object)
+crop.run_chunks(crop.Sources(tmp, names.copy(), names, None, none, none, True), cfg, tmp / "parts")
+""",
+    "read_back": """
+from mcf.data import shards
+shards.read_back(tmp, 2)
+""",
+    "synth": """
+from mcf.synth import writers
+def render(i: int) -> bytes:
+    return fifos[i].read_bytes()
+list(writers._ordered(render, 2, 2, "synth corpus"))
+""",
+}
+# where pidfd_open is missing (macOS, Linux before 5.3): the forked workers have none either
+_KILLED_PARENT_RUNS["synth_no_pidfd"] = "import os\ndel os.pidfd_open\n" + _KILLED_PARENT_RUNS["synth"]
+
+
+@pytest.mark.parametrize("pool", sorted(_KILLED_PARENT_RUNS))
+def test_a_pools_workers_end_with_their_parent_killed_outright(pool: str, tmp_path: Path) -> None:
+    """A stage killed outright (the out-of-memory killer, a CI runner's SIGKILL) left its pool's workers
+    waiting for work for ever, holding their memory and the stage's stdout: whatever read that to its end
+    (dvc repro, a CI runner, subprocess.run) hung."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fifos = [tmp_path / (f"crops-{i:06d}.tar" if pool == "read_back" else f"fifo-{i}") for i in range(2)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    script = f"""
+import sys
+from pathlib import Path
+import numpy as np
+tmp = Path({str(tmp_path)!r})
+fifos = [tmp / name for name in {[f.name for f in fifos]!r}]
+""" + _KILLED_PARENT_RUNS[pool]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, start_new_session=True)
+    held = []  # write ends: a worker blocked opening its FIFO goes on to block reading it
+    try:
+        deadline = time.monotonic() + 60
+        for fifo in fifos[: 1 if pool.startswith("synth") else 2]:  # synth: both images are one task
+            while True:  # ENXIO until a reader has it open: a worker is running the stage's own code
+                try:
+                    held.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                    time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        try:
+            proc.communicate(timeout=20)  # to the end of stdout and stderr, which every worker holds
+        except subprocess.TimeoutExpired:
+            pytest.fail("the stage's output did not end within 20 s of its process being killed")
+        deadline = time.monotonic() + 20  # a forkserver or resource tracker goes once its writers have
+        while (left := subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True,
+                                      text=True).stdout.split()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for fd in held:
+            os.close(fd)

@@ -48,7 +48,7 @@ from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest
 from mcf.errors import StageError
 from mcf.io import atomic_dir, read_table
 from mcf.params import Common, param, require_apart, require_path
-from mcf.pools import cancelled_on_error, ignore_ctrl_c, submit_in_order, workers_ignore_ctrl_c
+from mcf.pools import cancelled_on_error, submit_in_order, worker_init, workers_ignore_ctrl_c
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,7 @@ def _pool_context() -> BaseContext:
 
 
 def _worker_init() -> None:
-    ignore_ctrl_c()
+    worker_init()
     cv2.setNumThreads(1)  # one OpenCV thread per worker process: the pool is the parallelism
 
 

@@ -29,6 +29,7 @@ from PIL import Image
 from mcf.cli import describe
 from mcf.data.fetch import FetchConfig, fetch_remote
 from mcf.data.sources.laion import LaionFaceConfig
+from mcf.pools import exit_with_parent
 
 PAPER_IMAGES = 20_000_000  # LAION-Face images the paper pre-trains on (docs/PROTOCOL.md)
 PAYLOADS = 8  # distinct JPEGs served in turn: the downloader hashes and stores each response anyway
@@ -62,7 +63,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _serve(latency: float, payloads: list[bytes], conn: Connection) -> None:
-    """The server process: sends its port, then serves until terminated."""
+    """The server process: sends its port, then serves until terminated, or until the bench dies."""
+    exit_with_parent()
     with _Server(latency, payloads) as server:
         conn.send(server.server_address[1])
         server.serve_forever()

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mcf.errors import StageError
-from mcf.pools import cancelled_on_error, ignore_ctrl_c, workers_ignore_ctrl_c
+from mcf.pools import cancelled_on_error, worker_init, workers_ignore_ctrl_c
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -221,7 +221,7 @@ def read_back(shard_dir: str | Path, workers: int = 1) -> pd.DataFrame:
         mapped: Iterable[list] = map(_shard_stats, urls)
         if workers > 1 and len(urls) > 1:  # spawn: the stages' OpenCV thread pools must not be forked
             pool = ProcessPoolExecutor(min(workers, len(urls)), mp_context=get_context("spawn"),
-                                       initializer=ignore_ctrl_c)
+                                       initializer=worker_init)
             with workers_ignore_ctrl_c():  # map starts the workers
                 mapped = stack.enter_context(cancelled_on_error(pool, "read back")).map(_shard_stats, urls)
         per_shard = list(tqdm(mapped, total=len(urls), desc="read back", unit="shard"))

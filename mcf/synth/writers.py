@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.io
 from tqdm import tqdm
 
-from mcf.pools import cancelled_on_error, ignore_ctrl_c, submit_in_order, workers_ignore_ctrl_c
+from mcf.pools import cancelled_on_error, submit_in_order, worker_init, workers_ignore_ctrl_c
 from mcf.synth.config import SynthConfig
 from mcf.synth.identity import KIND_AFLW, KIND_CORPUS, KIND_LAPA, KIND_SPLIT, sample_identity
 from mcf.synth.render import FaceSample, Scene, render_face, render_scene
@@ -97,7 +97,7 @@ def _ordered(render: Callable[[int], T], n: int, workers: int, desc: str) -> Ite
         yield from bar(map(render, range(n)))
         return
     fork = multiprocessing.get_context("fork")
-    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=ignore_ctrl_c)
+    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=worker_init)
     calls = ((_render_range, render, i, min(i + RENDER_CHUNK, n)) for i in range(0, n, RENDER_CHUNK))
     with cancelled_on_error(pool, desc):
         chunks = submit_in_order(pool.submit, calls, 2 * workers)
