@@ -520,3 +520,28 @@ fifos = [tmp / name for name in {[f.name for f in fifos]!r}]
             os.killpg(proc.pid, signal.SIGKILL)
         for fd in held:
             os.close(fd)
+
+
+@pytest.mark.parametrize(("stage", "resume_dir"), [
+    ("teacher", ""), ("teacher", "."), ("teacher", "outputs"), ("pretrain", "."), ("pretrain", "outputs"),
+    ("finetune_alignment", "."), ("finetune_parsing", ""),
+])
+def test_a_resume_dir_holding_other_files_is_refused_before_it_is_deleted(
+    stage: str, resume_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A finished run deletes its resume folder whole (a fine-tune's <resume_dir>/<variant>): `.` or ``''``
+    deleted the working folder (params.yaml, the checkout), `outputs` every stage's output, and for a
+    fine-tune `.` the `mcf/` folder beside it. Refused before any work, exit 2 naming the key."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params[stage]["resume_dir"] = resume_dir
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    kept = [tmp_path / "outputs" / "subset" / "manifest.parquet", tmp_path / "mcf" / "__init__.py"]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not the pipeline's resume state")
+    assert cli.main([stage, "--params", "p.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mcf: invalid params: p.yaml: {stage}.resume_dir: ") and err.count("\n") == 1
+    assert all(path.is_file() for path in kept)

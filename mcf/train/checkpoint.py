@@ -25,6 +25,7 @@ import torch
 from mcf.errors import StageError, WeightsError
 from mcf.io import atomic_file, save_tensors
 from mcf.models.backbone import read_weights
+from mcf.params import ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,23 @@ def load_checkpoint(
         )
     log.info("resuming from %s at step %d", path, state["step"])
     return state
+
+
+def check_resume_dir(resume_dir: str | Path, key: str) -> None:
+    """Refuse, before any work, a resume folder that :func:`discard_resume` must not delete when the run
+    is done: the working folder or one above it (``resume_dir: .`` or ``''``), or a folder holding more
+    than a run's resume state (``last.pt``, its temporary siblings, ``live/``), such as ``outputs``."""
+    folder = Path(resume_dir)
+    if folder.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ParamsError(key, f"{str(resume_dir)!r} holds the working folder, which a finished run would "
+                          "delete with its resume state; name a folder below it")
+    foreign = sorted(
+        p.name for p in (folder.iterdir() if folder.is_dir() else ())
+        if p.name not in (CHECKPOINT, "live") and not p.name.startswith(f".{CHECKPOINT}.tmp-")
+    )
+    if foreign:
+        raise ParamsError(key, f"{folder} holds {foreign[0]!r}, not a run's resume state, and a finished run "
+                          "deletes the folder; name another folder (or empty it yourself)")
 
 
 def discard_resume(resume_dir: str | Path) -> None:

@@ -47,6 +47,7 @@ from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, parsing_logits
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
 from mcf.params import Common, ParamsError, build, param, require_path
 from mcf.train.checkpoint import (
+    check_resume_dir,
     discard_resume,
     load_checkpoint,
     nonfinite,
@@ -396,6 +397,7 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     ``<out>/<variant>/`` atomically."""
     stage = f"finetune_{task}"
     key = "backbone" if variant == "mcf" else "scratch_backbone"
+    check_resume_dir(Path(cfg.resume_dir) / variant, f"{stage}.resume_dir")
     require_path(export_dir(variant, cfg), f"{stage}.{key}", made_by="pretrain")
     require_path(cfg.data.root, f"{stage}.data.root")
     torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants

@@ -31,6 +31,7 @@ from mcf.models.backbone import create_backbone, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
 from mcf.params import Common, ParamsError, require_path
+from mcf.train.checkpoint import check_resume_dir
 from mcf.train.loop import Run, TrainConfig, model_state, train_and_export
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def export(model: MCF, out: Path, initial: dict[str, torch.Tensor]) -> None:
 
 def check_inputs(cfg: PretrainConfig) -> None:
     """The subset and the teacher export exist (exit 2 otherwise); `mcf` checks before torchrun starts."""
+    check_resume_dir(cfg.resume_dir, "pretrain.resume_dir")
     require_path(Path(cfg.data) / "shards", "pretrain.data", made_by="subset")
     if cfg.model.uses_teacher:
         require_path(Path(cfg.teacher) / "backbone.pth", "pretrain.teacher", made_by="teacher")

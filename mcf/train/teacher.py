@@ -39,7 +39,7 @@ from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import infer_backbone_config
 from mcf.models.teacher import load_teacher, timm_name, validate_teacher_spec, weights_path
 from mcf.params import Common, ParamsError, param, require_path
-from mcf.train.checkpoint import discard_resume
+from mcf.train.checkpoint import check_resume_dir, discard_resume
 from mcf.train.distributed import MAE_INIT_KEY, barrier, cleanup, derive_seed, init_distributed
 from mcf.train.loop import Run, TrainConfig, train_and_export
 
@@ -121,6 +121,7 @@ def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None
 def check_inputs(cfg: TeacherConfig) -> None:
     """The subset, or the checkpoint a spec names, exists (exit 2 otherwise); `mcf` checks before
     torchrun starts."""
+    check_resume_dir(cfg.resume_dir, "teacher.resume_dir")
     if cfg.source == "train":
         require_path(Path(cfg.data) / "shards", "teacher.data", made_by="subset")
     elif weights_path(cfg.source) is not None:  # a file or folder you supply (data.dvc), = teacher.data
