@@ -1298,10 +1298,11 @@ def test_an_endpoint_refused_for_its_form_does_not_quote_its_credentials(endpoin
 
 
 @pytest.mark.parametrize("endpoint", ["http://[::1", "http://mini o:9000", "http://127.0.0.1:9OOO",
-                                      "http://127.0.0.1:90000"])
+                                      "http://127.0.0.1:90000", ""])
 def test_an_endpoint_boto3_cannot_use_is_a_params_error(endpoint: str) -> None:
     """These passed the check, then ended the stage in a ValueError traceback (exit 1, not 2) or in a
-    listing error after the stage had started."""
+    listing error after the stage had started. ``""`` (as bucket's and prefix's defaults are written) is
+    no endpoint: AWS's is null."""
     with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: expected http\(s\)://host\[:port\]"):
         _config(source="s3", s3={"bucket": "b", "endpoint_url": endpoint})
     assert _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://[::1]:9000"}).s3.endpoint_url
@@ -1309,9 +1310,12 @@ def test_an_endpoint_boto3_cannot_use_is_a_params_error(endpoint: str) -> None:
 
 def test_a_region_boto3_refuses_is_a_params_error() -> None:
     """A region with a space or a slash passed the params check, then boto3's InvalidRegionError ended
-    the stage in a traceback (exit 1, not 2)."""
+    the stage in a traceback (exit 1, not 2); ``""`` passed botocore's check and its client raised a
+    ValueError on the endpoint https://s3..amazonaws.com."""
     with pytest.raises(ParamsError, match=r"fetch\.s3\.region: 'us east 1' is not a region name"):
         _config(source="s3", s3={"bucket": "b", "region": "us east 1"})
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.region: '' is not a region name"):
+        _config(source="s3", s3={"bucket": "b", "region": ""})
     assert _config(source="s3", s3={"bucket": "b", "region": "auto"}).s3.region == "auto"  # R2's
 
 

@@ -66,9 +66,11 @@ class S3Config:
         if "@" in url or "?" in url:
             raise ParamsError("endpoint_url", "takes no user, password or query: credentials come from "
                               "boto3's chain (AWS_ACCESS_KEY_ID ..., a profile), never from params")
-        if url and not _valid_endpoint(url):
-            raise ParamsError("endpoint_url", f"expected http(s)://host[:port], got {url!r}")
+        if self.endpoint_url is not None and not _valid_endpoint(url):  # "" too: boto3's ValueError
+            raise ParamsError("endpoint_url", f"expected http(s)://host[:port] (null: AWS's), got {url!r}")
         try:
+            if self.region == "":  # botocore's check takes it; its client then fails on https://s3..amazonaws.com
+                raise InvalidRegionError(region_name="")
             validate_region_name(self.region)
         except InvalidRegionError:  # raised by boto3's client, as a traceback, once the stage ran
             raise ParamsError("region", f"{self.region!r} is not a region name (e.g. us-east-1)") from None
