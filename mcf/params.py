@@ -313,6 +313,10 @@ def _check_outs_apart(outs: dict[str, str]) -> None:
     whole ``out``, so one would delete the other's output (an earlier output's sign, such as both
     fine-tunes' model.pt, passes for its own). DVC refuses such outs in dvc.yaml; ``mcf <stage>`` must too."""
     resolved = {name: Path(out).resolve() for name, out in outs.items()}
+    for name, out in resolved.items():  # before the pairs: it holds every other out, named as the culprit
+        if out in (Path.cwd(), *Path.cwd().parents):
+            raise ParamsError(f"{name}.out", f"{outs[name]!r} holds the working folder, which the stage "
+                              "replaces whole; name a folder below it")
     names = list(outs)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:

@@ -145,6 +145,18 @@ def test_two_stages_cannot_share_an_output_folder(
     load("fetch", path)  # the section alone does not know the others
 
 
+@pytest.mark.parametrize("out", ["", ".", ".."])
+def test_an_out_that_is_the_working_folder_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str
+) -> None:
+    """`pretrain.out: ''` was reported as `fetch.out: is inside pretrain.out ()`: the error named another
+    stage's key, and the empty value as ``()``."""
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, {"pretrain": {"out": out}})
+    with pytest.raises(ParamsError, match=re.escape(f"pretrain.out: {out!r} holds the working folder")):
+        load("fetch", path, every_section=True)
+
+
 def test_unknown_top_level_key_lists_every_valid_one(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"pretrian: unknown top-level key \(valid: seed, mask_ratio, fet"):
         load(None, _write(tmp_path, {"seed": 0, "mask_ratio": 0.75, "pretrian": {}}))
