@@ -131,6 +131,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def holds_working_folder(path: str | Path) -> bool:
+    """``path`` is the working folder or one above it (``.``, ``''``, ``..``): deleting or replacing it
+    takes the checkout, params.yaml with it."""
+    return Path(path).resolve() in (Path.cwd(), *Path.cwd().parents)
+
+
 def check_replaceable(path: str | Path, sign: str) -> None:
     """Refuse an existing ``path`` that holds files but not ``sign``, a file or folder every output of
     this writer holds: a mistyped ``out`` must not delete a folder the pipeline did not write, nor the
@@ -139,7 +145,7 @@ def check_replaceable(path: str | Path, sign: str) -> None:
     the ``.gitignore`` it wrote there to name them (pretrain's outs).
     """
     path = Path(path)
-    if path.resolve() in (Path.cwd(), *Path.cwd().parents):  # `.` or `..`: replaced whole, from under us
+    if holds_working_folder(path):  # `.` or `..`: replaced whole, from under us
         raise StageError(f"{path} holds the working folder, which replacing it would delete; name a folder "
                          "below it")
     if path.is_file() or (

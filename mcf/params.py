@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
+from mcf.io import holds_working_folder
+
 T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -92,6 +94,13 @@ _BOUND_CHECKS = {
     "le": (lambda v, b: v <= b, "<="),
     "lt": (lambda v, b: v < b, "<"),
 }
+
+
+def require_below_cwd(folder: str | Path, key: str, why: str) -> None:
+    """Refuse a folder a stage deletes whole that holds the working folder, as a params error naming
+    ``key`` (before any work)."""
+    if holds_working_folder(folder):
+        raise ParamsError(key, f"{str(folder)!r} holds the working folder, and {why}; name a folder below it")
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
@@ -312,11 +321,9 @@ def _check_outs_apart(outs: dict[str, str]) -> None:
     """Refuse two sections whose ``out`` folders are one, or one inside the other: each stage replaces its
     whole ``out``, so one would delete the other's output (an earlier output's sign, such as both
     fine-tunes' model.pt, passes for its own). DVC refuses such outs in dvc.yaml; ``mcf <stage>`` must too."""
+    for name, out in outs.items():  # before the pairs: it holds every other out, named as the culprit
+        require_below_cwd(out, f"{name}.out", "the stage replaces it whole")
     resolved = {name: Path(out).resolve() for name, out in outs.items()}
-    for name, out in resolved.items():  # before the pairs: it holds every other out, named as the culprit
-        if out in (Path.cwd(), *Path.cwd().parents):
-            raise ParamsError(f"{name}.out", f"{outs[name]!r} holds the working folder, which the stage "
-                              "replaces whole; name a folder below it")
     names = list(outs)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:

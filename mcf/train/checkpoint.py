@@ -25,7 +25,7 @@ import torch
 from mcf.errors import StageError, WeightsError
 from mcf.io import atomic_file, save_tensors
 from mcf.models.backbone import read_weights
-from mcf.params import ParamsError
+from mcf.params import ParamsError, require_below_cwd
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,8 @@ def check_resume_dir(resume_dir: str | Path, key: str) -> None:
     """Refuse, before any work, a resume folder that :func:`discard_resume` must not delete when the run
     is done: the working folder or one above it (``resume_dir: .`` or ``''``), or a folder holding more
     than a run's resume state (``last.pt``, its temporary siblings, ``live/``), such as ``outputs``."""
+    require_below_cwd(resume_dir, key, "a finished run deletes it with its resume state")
     folder = Path(resume_dir)
-    if folder.resolve() in (Path.cwd(), *Path.cwd().parents):
-        raise ParamsError(key, f"{str(resume_dir)!r} holds the working folder, which a finished run would "
-                          "delete with its resume state; name a folder below it")
     foreign = sorted(
         p.name for p in (folder.iterdir() if folder.is_dir() else ())
         if p.name not in (CHECKPOINT, "live") and not p.name.startswith(f".{CHECKPOINT}.tmp-")
