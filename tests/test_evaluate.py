@@ -204,6 +204,15 @@ def test_real_data_numbers_cannot_be_labelled_as_synthface() -> None:
     check_label("SynthFace-LaPa", "parsing_label", synthetic=True)
 
 
+@pytest.mark.parametrize("label", ["", "  "])
+def test_an_empty_label_on_real_data_is_refused(label: str) -> None:
+    """An empty label passed the SynthFace check on real data, and the metrics named no dataset."""
+    from mcf.evaluate.evaluate import check_label
+
+    with pytest.raises(ParamsError, match=r"evaluate\.alignment_label: .*empty: name the dataset"):
+        check_label(label, "alignment_label", synthetic=False)
+
+
 @pytest.mark.parametrize("task", ["alignment", "parsing"])
 @pytest.mark.parametrize("moved", ["missing", "empty"])
 def test_a_data_root_gone_since_the_fine_tune_is_not_taken_for_real_data(

@@ -97,6 +97,8 @@ class EvaluateConfig:
 def check_label(label: str, key: str, synthetic: bool) -> None:
     """A label names the data it was measured on: a SynthFace number must never pass as AFLW-19/LaPa,
     and a number on the real data must not be filed as SynthFace (params.yaml's default label)."""
+    if not label.strip():
+        raise ParamsError(f"evaluate.{key}", "is empty: name the dataset the numbers are measured on")
     if synthetic != names_synthface(label):
         data, need = ("SynthFace", "must") if synthetic else ("not SynthFace", "must not")
         message = f"the data is {data}, so the label {need} contain 'SynthFace', got {label!r}"
