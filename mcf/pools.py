@@ -8,7 +8,7 @@ the run anyway, with the CLI's one line and exit 130.
 A worker waits on its pool's task queue for ever, which nothing closes when the parent is killed outright
 (the out-of-memory killer, a CI runner's SIGKILL): it stayed, holding its memory and the stage's stdout,
 so whatever read that to its end (dvc repro, a CI runner, ``subprocess.run``) hung. :func:`worker_init`
-ends it with its parent.
+ends it with its parent; :func:`on_death` serves any process that must not outlive another.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import BrokenExecutor, Executor
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from mcf.errors import StageError
@@ -42,38 +43,48 @@ def worker_init() -> None:
 def exit_with_parent() -> None:
     """End this process (``os._exit``) once the process that started it (multiprocessing's parent) dies.
 
-    Linux 5.3 and later: a daemon thread waits on a pidfd of that parent, which turns readable when it
-    dies; one that died while this process started up (a spawned worker imports for seconds) is seen at
-    once. Not prctl(PR_SET_PDEATHSIG): it follows the OS parent, which for a forkserver's worker (crop's)
-    is the fork server, and that stays while any of its workers lives (each holds its pipe); and it fires
-    when the thread that forked ends, not the process. Elsewhere (macOS; a kernel or sandbox without
-    pidfd_open) the thread checks each second whether this process was handed to another parent: there a
-    parent that died before this ran, and a fork server's workers, are not covered.
+    Not prctl(PR_SET_PDEATHSIG): it follows the OS parent, which for a forkserver's worker (crop's) is the
+    fork server, and that stays while any of its workers lives (each holds its pipe); and it fires when
+    the thread that forked ends, not the process.
     """
     parent = multiprocessing.parent_process()
     if parent is None or parent.pid is None:  # not started by multiprocessing: no parent of its to follow
         return
+    on_death(parent.pid, lambda: os._exit(1))
+
+
+def on_death(pid: int, action: Callable[[], object]) -> None:
+    """Call ``action`` from a daemon thread once the process ``pid`` (an ancestor of this one) dies.
+
+    Linux 5.3 and later: the thread waits on a pidfd of ``pid``, which turns readable when it dies; one
+    that died before this ran (a spawned process imports for seconds) is seen at once. Elsewhere (macOS;
+    a kernel or sandbox without pidfd_open) the thread checks each second whether this process was handed
+    to another parent: there a ``pid`` that died before this ran, or that is not this process's OS parent
+    (a fork server's workers), is not covered.
+    """
     try:
-        pidfd = os.pidfd_open(parent.pid)
-    except ProcessLookupError:
-        os._exit(1)  # died (and was reaped) before this ran
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # died (and was reaped) before this ran
+        watch = action
     except (AttributeError, OSError):  # no pidfd_open here (not Linux, before 5.3, refused by seccomp)
-        threading.Thread(target=_exit_when_reparented, args=(os.getppid(),), daemon=True).start()
+        watch = partial(_when_reparented, os.getppid(), action)
     else:
-        threading.Thread(target=_exit_when_readable, args=(pidfd,), daemon=True).start()
+        watch = partial(_when_readable, pidfd, action)
+    threading.Thread(target=watch, name=f"mcf-watch-{pid}", daemon=True).start()
 
 
-def _exit_when_readable(pidfd: int) -> None:
+def _when_readable(pidfd: int, action: Callable[[], object]) -> None:
     waiter = select.poll()
     waiter.register(pidfd, select.POLLIN)
-    waiter.poll()  # no timeout: returns once the parent has died
-    os._exit(1)
+    waiter.poll()  # no timeout: returns once the process has died
+    os.close(pidfd)
+    action()
 
 
-def _exit_when_reparented(ppid: int) -> None:
+def _when_reparented(ppid: int, action: Callable[[], object]) -> None:
     while os.getppid() == ppid:
         time.sleep(1)
-    os._exit(1)
+    action()
 
 
 @contextmanager

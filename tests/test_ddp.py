@@ -137,6 +137,52 @@ def test_ctrl_c_under_train_processes_ends_on_one_line(tmp_path: Path) -> None:
     assert checkpoint(root / ".resume" / "params") is not None  # the resume state stands
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs: not gone, and not a zombie left for a parent to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_torchrun_and_its_workers_end_when_the_launcher_is_killed_outright(tmp_path: Path) -> None:
+    """`train.processes` starts torchrun under the stage's process: SIGKILLed (the OOM killer, a CI
+    runner), that left torchrun and its workers training for ever, holding the GPUs and the stage's stdout,
+    so whatever read that to its end (dvc repro, a CI runner) hung. torchrun stops them, and itself."""
+    root = make_workspace(tmp_path)
+    params = write_params(root, **{**TRAIN, "epochs": 2000, "processes": 2})  # minutes of training left
+    with (tmp_path / "stderr").open("w") as err:  # a file: torchrun's log would fill an unread pipe
+        launcher = subprocess.Popen([sys.executable, "-m", "mcf.cli", "pretrain", "--params", str(params)],
+                                    env=ENV, stdout=subprocess.PIPE, stderr=err)
+    agents: list[int] = []
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while checkpoint(root / ".resume" / "params") is None:  # both workers train
+            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.05)
+        agents = children(launcher.pid)
+        assert len(agents) == 1
+        workers = children(agents[0])
+        assert len(workers) == 2
+        launcher.kill()
+        try:
+            launcher.communicate(timeout=60)  # to the end of stdout, which torchrun and its workers hold
+        except subprocess.TimeoutExpired:
+            pytest.fail("the stage's output did not end within 60 s of its process being killed")
+        deadline = time.monotonic() + 10  # torchrun, handed to another parent, may not be reaped yet
+        while any(map(running, agents + workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(running, agents + workers))
+    finally:
+        for pid in [*agents, *workers]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
+
+
 @pytest.mark.slow
 def test_workers_stop_when_torchrun_is_killed_outright(tmp_path: Path) -> None:
     """torchrun starts its workers in sessions of their own: SIGKILLed (the OOM killer, a stop's last

@@ -13,8 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mcf.params import ParamsError
+from mcf.pools import on_death
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,6 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     return rank, world, local_rank, device
 
 
-AGENT_POLL_S = 1.0  # how soon a worker notices that torchrun's agent is gone
-
-
 def exit_with_agent(agent: int) -> None:
     """SIGTERM this worker once ``agent`` (torchrun, its parent) is gone.
 
@@ -110,13 +107,7 @@ def exit_with_agent(agent: int) -> None:
     process group. Killed outright (SIGKILL, the OOM killer) it stops nothing, and its workers would train
     on unseen, to write outputs no stage records.
     """
-
-    def watch() -> None:
-        while os.getppid() == agent:
-            time.sleep(AGENT_POLL_S)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="mcf-agent-watch", daemon=True).start()
+    on_death(agent, partial(os.kill, os.getpid(), signal.SIGTERM))
 
 
 @torch.no_grad()
@@ -178,7 +169,16 @@ TORCHRUN = ("import sys; from mcf.train.distributed import torchrun_main; "
 def torchrun_main(argv: list[str]) -> int:
     """torchrun on ``argv``; stopped by a signal (Ctrl-C, a stop's SIGTERM), which it passes on to its
     workers, it exits 128 + n: its own SignalException was a 30-line traceback under the launcher's one
-    line."""
+    line.
+
+    Its launcher killed outright (the OOM killer, a CI runner's SIGKILL), torchrun and its workers trained
+    on for ever, holding the GPUs and the stage's stdout, so whatever read that to its end (dvc repro)
+    hung: torchrun now takes a SIGTERM then, and stops its workers (each in a session of its own, which
+    only torchrun reaches) as for any stop. The launcher is the one :func:`launch` names, which is this
+    process's parent; named, one that died while torch imported is seen too.
+    """
+    launcher = int(os.environ.get(LAUNCHER_ENV, os.getppid()))
+    on_death(launcher, partial(os.kill, os.getpid(), signal.SIGTERM))
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main
 
