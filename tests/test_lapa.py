@@ -310,6 +310,22 @@ def test_table_passes_the_gate_and_catches_bad_rows(root: Path) -> None:
         assert column in str(err.value)
 
 
+def test_gate_catches_landmarks_that_miss_their_images(root: Path) -> None:
+    """A tree whose images were halved without its landmark files: the labels still match the images, so
+    only the landmarks' extent shows it, and the parsing fine-tune aligned every face by points off it."""
+    df = table(_cfg(root), "train")
+    assert (df[["x_min", "y_min"]].to_numpy() >= 0).all() and (df[["x_max", "y_max"]].to_numpy() <= 1).all()
+    for split in ("images", "labels"):
+        for path in (root / "LaPa/train" / split).iterdir():
+            image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            size = (image.shape[1] // 2, image.shape[0] // 2)
+            cv2.imwrite(str(path), cv2.resize(image, size, interpolation=cv2.INTER_NEAREST))
+    df = table(_cfg(root), "train")
+    assert df["size_match"].all() and (df["x_max"] > 1.1).all()
+    with pytest.raises(StageError, match=r"column=x_max"):
+        run_gate(df, "lapa", stage="test")
+
+
 def test_gate_names_an_image_cut_short(root: Path) -> None:
     """A JPEG cut short decodes in part with OpenCV and keeps its header size, so it passed the gate and
     was trained or scored on with grey below the cut."""

@@ -314,6 +314,7 @@ def _lapa_table() -> pd.DataFrame:
         "has_landmarks": [True] * 2, "image_decodes": [True] * 2, "width": [64, 80], "height": [64, 70],
         "label_width": [64, 80], "label_height": [64, 70], "size_match": [True] * 2,
         "label_format_ok": [True] * 2, "label_min": [0, 0], "label_max": [10, 9], "n_landmarks": [106, 106],
+        "x_min": [0.1] * 2, "x_max": [0.9] * 2, "y_min": [0.05] * 2, "y_max": [1.02] * 2,
     })
 
 
@@ -396,6 +397,7 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
         ("aflw19", _set("x_max", 1, float("nan")), "expect_column_values_to_not_be_null(column=x_max)"),
         ("aflw19", _set("eye_gap", 0, 0.0), "expect_column_values_to_be_between(column=eye_gap)"),
         ("lapa", _set("n_landmarks", 1, 98), "expect_column_values_to_be_between(column=n_landmarks)"),
+        ("lapa", _set("x_max", 1, 9.0), "expect_column_values_to_be_between(column=x_max)"),
     ],
 )
 def test_each_suite_refuses_what_its_notes_rule_out(

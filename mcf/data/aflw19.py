@@ -344,6 +344,15 @@ def to_original(
     return T.apply(inv[:, :2], p)
 
 
+def landmark_extent(points: np.ndarray, width: int, height: int) -> dict[str, float]:
+    """The gates' ``x_min``, ``x_max``, ``y_min``, ``y_max``: landmark extremes ÷ image width or height,
+    0..1 inside the image. Landmarks of another size of the image (a tree resized without its
+    annotations) or scaled for viewing fall outside."""
+    x, y = points[:, 0], points[:, 1]
+    return {"x_min": x.min() / max(width, 1), "x_max": x.max() / max(width, 1),
+            "y_min": y.min() / max(height, 1), "y_max": y.max() / max(height, 1)}
+
+
 # table()'s columns, named also when a split is empty: the gate then fails on the row count alone
 TABLE_COLUMNS = ("name", "split", "exists", "decodes", "width", "height", "box_left", "box_right", "box_top",
                  "box_bottom", "box_w", "box_h", "x_min", "x_max", "y_min", "y_max", "visible", "finite",
@@ -370,8 +379,7 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
             "width": w, "height": h,
             "box_left": box[0], "box_right": box[1], "box_top": box[2], "box_bottom": box[3],
             "box_w": box[1] - box[0], "box_h": box[3] - box[2],
-            "x_min": pts[:, 0].min() / max(w, 1), "x_max": pts[:, 0].max() / max(w, 1),
-            "y_min": pts[:, 1].min() / max(h, 1), "y_max": pts[:, 1].max() / max(h, 1),
+            **landmark_extent(pts, w, h),
             "visible": int(ann.visible[row].sum()),
             "finite": bool(np.isfinite(pts).all() and np.isfinite(box).all()),
             "eye_gap": float(np.linalg.norm(pts[OUTER_EYE_CORNERS[0]] - pts[OUTER_EYE_CORNERS[1]])),

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from mcf.data import transforms as T
-from mcf.data.aflw19 import image_size, read_rgb
+from mcf.data.aflw19 import image_size, landmark_extent, read_rgb
 from mcf.errors import StageError
 from mcf.params import ParamsError, param
 
@@ -262,7 +262,7 @@ def sample_params(params: dict[str, torch.Tensor], i: int) -> dict[str, torch.Te
 # table()'s columns, named also when a split is empty: the gate then fails on the row count alone
 TABLE_COLUMNS = ("stem", "split", "has_image", "has_label", "has_landmarks", "image_decodes", "width",
                  "height", "label_width", "label_height", "size_match", "label_format_ok", "label_min",
-                 "label_max", "n_landmarks")
+                 "label_max", "n_landmarks", "x_min", "x_max", "y_min", "y_max")
 
 
 def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
@@ -272,7 +272,9 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
     :func:`mcf.data.aflw19.image_size`), width, height, label_width, label_height, size_match,
     label_format_ok (False for a label :func:`read_label` refuses by its PNG format: class 10 of a 4-bit
     PNG reads as 170, so label_max alone would not say why; a missing label is has_label's), label_min,
-    label_max (-1 when unreadable), n_landmarks (-1 when unreadable).
+    label_max (-1 when unreadable), n_landmarks (-1 when unreadable), x_min, x_max, y_min, y_max
+    (:func:`mcf.data.aflw19.landmark_extent`; NaN when the landmarks or the image are unreadable, which
+    n_landmarks and image_decodes report).
     """
     base = Path(cfg.root) / "LaPa" / split
     if not base.is_dir():
@@ -286,9 +288,11 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
         label = cv2.imread(str(label_path), cv2.IMREAD_UNCHANGED)
         lh, lw = label.shape[:2] if label is not None else (0, 0)
         try:
-            n_lm = len(read_landmarks(base / "landmarks" / f"{stem}.txt"))
+            points = read_landmarks(base / "landmarks" / f"{stem}.txt")
         except (FileNotFoundError, StageError):
-            n_lm = -1
+            points = None
+        unknown = dict.fromkeys(("x_min", "x_max", "y_min", "y_max"), float("nan"))
+        extent = landmark_extent(points, w, h) if points is not None and w > 0 else unknown
         ok = label is not None and label.ndim == 2
         rows.append({
             "stem": stem, "split": split, "has_image": stem in found["images"],
@@ -297,6 +301,6 @@ def table(cfg: LaPaConfig, split: Split) -> pd.DataFrame:
             "size_match": w > 0 and (w, h) == (lw, lh),
             "label_format_ok": not label_path.is_file() or _misread_format(label_path) is None,
             "label_min": int(label.min()) if ok else -1, "label_max": int(label.max()) if ok else -1,
-            "n_landmarks": n_lm,
+            "n_landmarks": -1 if points is None else len(points), **extent,
         })
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
