@@ -271,6 +271,19 @@ def test_table_passes_the_gate_and_catches_bad_rows(tree: tuple[Path, dict]) -> 
         run_gate(table(_cfg(root), "full"), "aflw19", stage="test")
 
 
+def test_gate_catches_a_box_that_misses_its_landmarks(tree: tuple[Path, dict]) -> None:
+    """A bbox in another column order (left, top, right, bottom) passed while its sides stayed positive,
+    and the 512 crop around it missed the face: the landmarks' mean must lie in the box."""
+    root, fields = tree
+    assert table(_cfg(root), "full")["centre_in_box"].all()
+    boxes = fields["bbox"][:, [0, 2, 1, 3]]
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, bbox=boxes))
+    df = table(_cfg(root), "full")
+    assert not df["centre_in_box"].any()
+    with pytest.raises(GateError, match=r"column=centre_in_box\)"):
+        run_gate(df, "aflw19", stage="test")
+
+
 @pytest.mark.parametrize(("bad", "checks"), [
     (np.nan, ["expect_column_values_to_not_be_null(column=x_min): 1 unexpected",
               "expect_column_values_to_not_be_null(column=box_w): 1 unexpected",

@@ -303,6 +303,7 @@ def _aflw19_table() -> pd.DataFrame:
         "name": ["0/a.jpg", "0/b.jpg"], "split": ["full"] * 2, "exists": [True] * 2, "decodes": [True] * 2,
         "width": [100, 80], "height": [90, 80], "box_left": [10.0] * 2, "box_right": [60.0] * 2,
         "box_top": [5.0] * 2, "box_bottom": [70.0] * 2, "box_w": [50.0] * 2, "box_h": [65.0] * 2,
+        "centre_in_box": [True] * 2,
         "x_min": [0.1] * 2, "x_max": [0.6] * 2, "y_min": [0.1] * 2, "y_max": [0.7] * 2, "visible": [19, 15],
         "finite": [True] * 2, "eye_gap": [30.0, 24.0],
     })
@@ -396,6 +397,8 @@ def test_each_suite_passes_a_good_table(suite: str, tmp_path: Path) -> None:
         ("subset", lambda df: df.drop(columns=["landmarks"]), "expect_table_columns_to_match_set()"),
         ("aflw19", _set("x_max", 1, float("nan")), "expect_column_values_to_not_be_null(column=x_max)"),
         ("aflw19", _set("eye_gap", 0, 0.0), "expect_column_values_to_be_between(column=eye_gap)"),
+        ("aflw19", _set("centre_in_box", 1, False),
+         "expect_column_values_to_be_in_set(column=centre_in_box)"),
         ("lapa", _set("n_landmarks", 1, 98), "expect_column_values_to_be_between(column=n_landmarks)"),
         ("lapa", _set("x_max", 1, 9.0), "expect_column_values_to_be_between(column=x_max)"),
     ],

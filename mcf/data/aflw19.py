@@ -355,15 +355,16 @@ def landmark_extent(points: np.ndarray, width: int, height: int) -> dict[str, fl
 
 # table()'s columns, named also when a split is empty: the gate then fails on the row count alone
 TABLE_COLUMNS = ("name", "split", "exists", "decodes", "width", "height", "box_left", "box_right", "box_top",
-                 "box_bottom", "box_w", "box_h", "x_min", "x_max", "y_min", "y_max", "visible", "finite",
-                 "eye_gap")
+                 "box_bottom", "box_w", "box_h", "centre_in_box", "x_min", "x_max", "y_min", "y_max",
+                 "visible", "finite", "eye_gap")
 
 
 def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
     """One row per sample of ``split`` for the ``aflw19`` data gate (every image decoded once).
 
     Columns: name, split, exists, decodes (the whole file, see :func:`image_size`), width, height,
-    box_left/right/top/bottom, box_w, box_h,
+    box_left/right/top/bottom, box_w, box_h, centre_in_box (the landmarks' mean lies in the box: a
+    ``bbox`` stored left, top, right, bottom, or its rows shifted against the landmarks', puts it out),
     x_min, x_max, y_min, y_max (landmarks ÷ image width/height: inside the image is 0..1), visible,
     finite (every landmark and box coordinate is: an inf passes the null and range checks),
     eye_gap (pixels between the outer eye corners: the inter-ocular NME divides by it).
@@ -374,11 +375,13 @@ def table(cfg: AFLW19Config, split: Split) -> pd.DataFrame:
     for row in tqdm(split_indices(ann, split, cfg.n_train, cfg.n_val), desc=f"aflw19 {split} table"):
         w, h, decodes = image_size(Path(cfg.root) / "data" / "flickr" / ann.names[row])
         pts, box = ann.points[row], ann.boxes[row]
+        centre = pts.mean(axis=0)
         rows.append({
             "name": ann.names[row], "split": split, "exists": w > 0, "decodes": decodes,
             "width": w, "height": h,
             "box_left": box[0], "box_right": box[1], "box_top": box[2], "box_bottom": box[3],
             "box_w": box[1] - box[0], "box_h": box[3] - box[2],
+            "centre_in_box": bool(box[0] <= centre[0] <= box[1] and box[2] <= centre[1] <= box[3]),
             **landmark_extent(pts, w, h),
             "visible": int(ann.visible[row].sum()),
             "finite": bool(np.isfinite(pts).all() and np.isfinite(box).all()),
