@@ -645,21 +645,37 @@ def test_equal_weights_export_to_equal_bytes(tmp_path: Path, monkeypatch: pytest
     assert (tmp_path / "a" / "backbone.pth").read_bytes() == (tmp_path / "b" / "backbone.pth").read_bytes()
 
 
-def test_compiled_step_trains_as_eager(workspace: Path) -> None:
+def test_compiled_step_trains_as_eager(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``train.compile``: the eager run's masks and losses (inductor rounds differently: 1e-7 measured;
     its own random numbers would draw other masks, 0.2 % off at step 1), and checkpoints in the eager
-    model's key layout, so a compiled run resumes or exports like any other."""
+    model's key layout, so a compiled run resumes or exports like any other. The compiled module must be
+    the one that steps: a run that ignored ``compile`` would match the eager run trivially."""
+    from mcf.train import loop
+
+    compiled: list[torch.nn.Module] = []
+    steps: list[int] = []
+    real = loop.compile_model
+
+    def spied(net: torch.nn.Module) -> torch.nn.Module:  # the real compile, watched
+        out = real(net)
+        assert out is not net
+        out.register_forward_pre_hook(lambda *_: steps.append(1))
+        compiled.append(out)
+        return out
+
+    monkeypatch.setattr(loop, "compile_model", spied)
     runs = {}
     for compile_ in (False, True):
         name = f"compile-{str(compile_).lower()}.yaml"
         common, cfg = load("pretrain", write_params(workspace, name, epochs=1, compile=compile_))
         pretrain.main(common, cfg)
+        assert len(compiled) == int(compile_)  # compiled only when asked
         plots = Path(cfg.live) / "plots" / "metrics" / "train"
         runs[compile_] = tsv_column(plots / "loss.tsv", "loss")
         keys = set(torch.load(Path(cfg.out) / "checkpoint.pt", weights_only=True)["model"])
         assert not any("_orig_mod" in k for k in keys)
         assert "encoder.cls_token" in keys
-    assert len(runs[True]) == 12
+    assert len(runs[True]) == 12 and len(compiled) == 1 and len(steps) >= 12
     assert runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 
