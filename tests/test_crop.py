@@ -18,6 +18,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -390,9 +391,22 @@ def test_validate_by_hand_passes_the_output(serial: tuple[CropConfig, pd.DataFra
         assert cli_main(["validate", "--params", str(tmp_path / "params.yaml"), "crop", manifest]) == status
 
 
-def test_parallel_run_matches_serial(fetch_dir: Path, tmp_path: Path, serial: tuple) -> None:
+def test_parallel_run_matches_serial(
+    fetch_dir: Path, tmp_path: Path, serial: tuple, monkeypatch: MonkeyPatch
+) -> None:
+    """The chunks cropped in the pool's processes give the serial run's manifest and shards, byte for
+    byte; the pool really ran them (a run that fell back to serial would match trivially)."""
     cfg, manifest = serial
+    submitted: list[object] = []
+
+    class Watched(crop_mod.ProcessPoolExecutor):  # the real pool, its submits counted
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            submitted.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(crop_mod, "ProcessPoolExecutor", Watched)
     parallel = crop(dataclasses.replace(cfg, out=str(tmp_path / "crop"), workers=2, chunk_size=2))
+    assert len(submitted) == -(-len(crop_mod.load_sources(cfg)) // 2) > 1  # every chunk, in the pool
     pd.testing.assert_frame_equal(parallel, manifest)
     ours, theirs = shard_urls(tmp_path / "crop/shards"), shard_urls(Path(cfg.out) / "shards")
     assert [Path(u).read_bytes() for u in ours] == [Path(u).read_bytes() for u in theirs]
