@@ -346,7 +346,16 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     for changed in ({"lr_head": 0.5}, {"num_workers": 1}):
         with pytest.raises(StageError, match="belongs to a run with other params"):
             main_alignment(Common(seed=0), dataclasses.replace(runs["killed"], **changed), "mcf")
-    main_alignment(Common(seed=0), runs["killed"], "mcf")
+    rescored: list[int] = []
+
+    def counted(task: str, cfg: AlignmentConfig) -> finetune.Scorer:
+        name, score = real(task, cfg)
+        return name, lambda model: rescored.append(1) or score(model)
+
+    with monkeypatch.context() as m:  # a rerun from scratch gives the same model: count its epochs
+        m.setattr(finetune, "test_scorer", counted)
+        main_alignment(Common(seed=0), runs["killed"], "mcf")
+    assert len(rescored) == 2  # epochs 2 and 3 alone: epoch 1 came back from last.pt
     whole, killed = (torch.load(Path(r.out) / "mcf" / "model.pt", weights_only=True) for r in runs.values())
     assert whole["test_by_epoch"] == killed["test_by_epoch"] and whole["steps"] == killed["steps"]
     assert all(torch.equal(v, killed["state_dict"][k]) for k, v in whole["state_dict"].items())
