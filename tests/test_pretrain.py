@@ -304,7 +304,9 @@ def test_a_resume_after_a_change_of_initial_weights_is_refused(
         pretrain.main(common, cfg)
 
 
-def test_a_resume_under_another_spelling_of_the_same_precision_is_taken(tmp_path: Path) -> None:
+def test_a_resume_under_another_spelling_of_the_same_precision_is_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The run hash holds the autocast dtype the precision resolves to: on the CPU ``auto`` is fp32, so
     naming fp32 computes the same run and resumes it; bf16 computes another and is refused."""
     make_workspace(tmp_path)
@@ -315,8 +317,12 @@ def test_a_resume_under_another_spelling_of_the_same_precision_is_taken(tmp_path
                  for p in ("fp32", "bf16")}
     with pytest.raises(StageError, match="other params, data, precision or initial weights"):
         pretrain.main(common, precision["bf16"])
-    with pytest.raises(StageError, match="non-finite loss at step 2"):  # resumed at step 1
+    forwards: list[int] = []
+    real = MCF.forward
+    monkeypatch.setattr(MCF, "forward", lambda self, *a, **k: forwards.append(1) or real(self, *a, **k))
+    with pytest.raises(StageError, match="non-finite loss at step 2"):
         pretrain.main(common, precision["fp32"])
+    assert len(forwards) == 1  # resumed at step 1: step 2 alone ran (from scratch, step 1 runs again)
 
 
 def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
