@@ -550,7 +550,8 @@ def test_atomic_dir_puts_back_the_output_a_writer_killed_mid_swap_had_moved_asid
     for folder, content in ((old, b"previous"), (done, b"new")):
         folder.mkdir()
         (folder / "manifest.parquet").write_bytes(content)
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "crop", sign="manifest.parquet"):
+    failing = pytest.raises(RuntimeError, match="^this writer fails too$")
+    with failing, atomic_dir(tmp_path / "crop", sign="manifest.parquet"):
         raise RuntimeError("this writer fails too")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
     assert (tmp_path / "crop" / "manifest.parquet").read_bytes() == b"previous"
@@ -565,7 +566,8 @@ def test_a_killed_writer_whose_pid_this_run_reuses_is_dead(tmp_path: Path) -> No
     old = tmp_path / f".crop.old-{os.getpid()}"
     old.mkdir()
     (old / "manifest.parquet").write_bytes(b"previous")
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "crop", sign="manifest.parquet"):
+    failing = pytest.raises(RuntimeError, match="^this writer fails$")
+    with failing, atomic_dir(tmp_path / "crop", sign="manifest.parquet"):
         raise RuntimeError("this writer fails")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
     assert (tmp_path / "crop" / "manifest.parquet").read_bytes() == b"previous"
@@ -604,7 +606,7 @@ def test_a_previous_output_killed_half_deleted_is_never_put_back(tmp_path: Path)
     assert killed.returncode == -signal.SIGKILL
     assert (out / "manifest.parquet").read_bytes() == b"new"
     shutil.rmtree(out)
-    with pytest.raises(RuntimeError), atomic_dir(out, sign="manifest.parquet"):
+    with pytest.raises(RuntimeError, match="^this run fails$"), atomic_dir(out, sign="manifest.parquet"):
         raise RuntimeError("this run fails")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
