@@ -8,8 +8,9 @@ common=(--precision bf16 --compile --steps 15 --warmup 3)
 # bench LIMIT NAME ARGS...: `mcf bench pretrain` of the paper's model on CUDA, cut at LIMIT seconds
 bench() {
   local limit=$1 name=$2; shift 2
-  echo "+ mcf bench pretrain $*" | tee "$OUT/$name.log"
-  timeout "$limit" python3 -m mcf.cli bench pretrain --model base --device cuda "$@" 2>&1 | tee -a "$OUT/$name.log"
+  local args=(--model base --device cuda "$@")
+  echo "+ mcf bench pretrain ${args[*]}" | tee "$OUT/$name.log"
+  timeout "$limit" python3 -m mcf.cli bench pretrain "${args[@]}" 2>&1 | tee -a "$OUT/$name.log"
   echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
 }
 
