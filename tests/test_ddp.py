@@ -122,10 +122,7 @@ def test_ctrl_c_under_train_processes_ends_on_one_line(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while checkpoint(root / ".resume" / "params") is None:  # both workers train
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.05)
+        await_training(root, proc)
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
         _, err = proc.communicate(timeout=90)
     finally:
@@ -145,6 +142,22 @@ def running(pid: int) -> bool:
         return False
 
 
+def await_training(root: Path, proc: subprocess.Popen) -> None:
+    """Until both workers have trained (the resume checkpoint is written), ``proc`` running all along."""
+    deadline = time.monotonic() + 240
+    while checkpoint(root / ".resume" / "params") is None:
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.05)
+
+
+def await_gone(pids: list[int], seconds: float) -> bool:
+    """Whether every one of ``pids`` has ended (zombies count as ended) within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(map(running, pids))
+
+
 @pytest.mark.slow
 def test_torchrun_and_its_workers_end_when_the_launcher_is_killed_outright(tmp_path: Path) -> None:
     """`train.processes` starts torchrun under the stage's process: SIGKILLed (the OOM killer, a CI
@@ -158,10 +171,7 @@ def test_torchrun_and_its_workers_end_when_the_launcher_is_killed_outright(tmp_p
     agents: list[int] = []
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while checkpoint(root / ".resume" / "params") is None:  # both workers train
-            assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.05)
+        await_training(root, launcher)
         agents = children(launcher.pid)
         assert len(agents) == 1
         workers = children(agents[0])
@@ -171,10 +181,7 @@ def test_torchrun_and_its_workers_end_when_the_launcher_is_killed_outright(tmp_p
             launcher.communicate(timeout=60)  # to the end of stdout, which torchrun and its workers hold
         except subprocess.TimeoutExpired:
             pytest.fail("the stage's output did not end within 60 s of its process being killed")
-        deadline = time.monotonic() + 10  # torchrun, handed to another parent, may not be reaped yet
-        while any(map(running, agents + workers)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(map(running, agents + workers))
+        assert await_gone(agents + workers, 10)  # torchrun, handed to another parent, may not be reaped yet
     finally:
         for pid in [*agents, *workers]:
             with contextlib.suppress(ProcessLookupError):
@@ -192,18 +199,12 @@ def test_workers_stop_when_torchrun_is_killed_outright(tmp_path: Path) -> None:
     agent = subprocess.Popen(torchrun(params), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while checkpoint(root / ".resume" / "params") is None:  # both workers train
-            assert agent.poll() is None and time.monotonic() < deadline, "no checkpoint"
-            time.sleep(0.05)
+        await_training(root, agent)
         workers = children(agent.pid)
         assert len(workers) == 2
         agent.kill()
         agent.wait()
-        deadline = time.monotonic() + 15
-        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+        assert await_gone(workers, 15)
     finally:
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
