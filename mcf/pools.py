@@ -117,9 +117,9 @@ def cancelled_on_error(pool: Executor, what: str) -> Iterator[Executor]:
         yield pool
     except BrokenExecutor:
         pool.shutdown(cancel_futures=True)
-        raise StageError(f"a worker process of {what} died: killed by a signal, often the "
-                         "out-of-memory killer (see `dmesg`); nothing was published: run it again, with "
-                         "fewer workers if memory ran short") from None
+        raise StageError(f"a worker process of {what} died: most often killed by the out-of-memory killer "
+                         "(see `dmesg`), else by its own error printed above; nothing was published: run it "
+                         "again, with fewer workers if memory ran short") from None
     except BaseException:
         pool.shutdown(cancel_futures=True)
         raise
