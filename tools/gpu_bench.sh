@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Issue 8's device check, in one prepared run on the GPU machine (it has torch and timm; the bench needs
-# nothing else). From the repository root, after building the 224-px shards here (tools/bench_shards.yaml):
+# nothing else). From the repository root, after building the 224-px shards here (tools/bench_shards.yaml)
+# and checking, before the machine starts, that outputs/bench/crop/shards/crops-*.tar exist and that
+# `du -sh outputs/bench/crop` is under the tool's 64 MiB carry:
 #   run(command="bash tools/gpu_bench.sh", carry=["outputs/bench/crop"], timeout_s=560, kind="nvidia-h200")
 # on an H200, as every figure in the README, so that they compare. An H100 runs it too (label its figures so):
 # the bench's eager fp32 reference keeps no activations and its FLOP count takes 32 images, so b512 needs
