@@ -325,6 +325,25 @@ def test_a_mask_ratio_that_hides_every_patch_is_refused(
         build(TeacherConfig, {**params["teacher"], "mask_ratio": 0.999}, "teacher")
 
 
+def test_a_mask_ratio_that_hides_no_patch_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """1 - 1e-17 is 1.0 in floating point, so every patch stayed visible and the losses, averaged over
+    the hidden patches, divided 0 by 0: pretrain's first step was NaN."""
+    from mcf import cli
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["mask_ratio"] = 1e-17
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mcf.data.fetch.main", lambda *_: pytest.fail("fetch ran"))
+    assert cli.main(["fetch", "--params", "p.yaml"]) == 2
+    assert "p.yaml: mask_ratio: 1e-17 hides none of the 64 patches" in capsys.readouterr().err
+    params["mask_ratio"] = 1e-15  # 64 × (1 - 1e-15) is just under 64: one patch hidden, accepted
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
+    load("evaluate", "p.yaml", every_section=True)
+
+
 def test_the_contrastive_branch_needs_two_images_per_step() -> None:
     from mcf.train.pretrain import PretrainConfig
 

@@ -74,10 +74,15 @@ class MCFConfig:
             raise ParamsError("objective", "mcf needs feature_loss or contrastive on (or use pixel_mae)")
 
     def check_mask_ratio(self, mask_ratio: float) -> None:
-        """At least one patch stays visible to the encoder (a keep count of 0 would train on nothing)."""
+        """At least one patch stays visible to the encoder (a keep count of 0 would train on nothing), and
+        at least one is hidden: the losses average over the hidden patches, 0 of them gives NaN."""
         patches = (self.backbone.img_size // self.backbone.patch_size) ** 2
-        if int(patches * (1 - mask_ratio)) < 1:
+        keep = int(patches * (1 - mask_ratio))
+        if keep < 1:
             raise ParamsError("mask_ratio", f"{mask_ratio} hides all {patches} patches from the encoder")
+        if keep >= patches:
+            raise ParamsError("mask_ratio", f"{mask_ratio} hides none of the {patches} patches (1 - "
+                              f"{mask_ratio} rounds to 1): the losses average over the hidden ones")
 
     @property
     def uses_teacher(self) -> bool:
