@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 LIVE_SIGN = "metrics.json"  # dvclive's summary: every dvclive folder holds it (check_replaceable's sign)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG file's first eight bytes (read by lapa and report)
 LOCAL_DIR = Path(".mcf")  # this checkout's own state (validation results, stage locks), kept out of git
 
 

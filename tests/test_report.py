@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from mcf.cli import main as cli_main
+from mcf.io import PNG_SIGNATURE
 from mcf.params import ParamsError
 from mcf.report import build_report, markdown_summary
 from mcf.report.figures import f1_png
@@ -217,7 +218,7 @@ def test_an_ablation_names_its_objective_in_every_plot_legend(
         def draw(data: object, *_: object) -> bytes:
             names = list(data) if key is None else [c for c in data.columns if c != key]
             drawn.setdefault(kind, []).extend(names)
-            return figures.PNG_SIGNATURE
+            return PNG_SIGNATURE
         return draw
 
     monkeypatch.setattr(figures, "ced_png", record("ced", "threshold"))

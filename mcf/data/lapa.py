@@ -37,6 +37,7 @@ from tqdm import tqdm
 from mcf.data import transforms as T
 from mcf.data.aflw19 import image_size, landmark_extent, read_rgb
 from mcf.errors import StageError
+from mcf.io import PNG_SIGNATURE
 from mcf.params import ParamsError, param
 
 Split = Literal["train", "val", "test"]
@@ -46,7 +47,6 @@ ALIGN_POINTS = (104, 105, 54, 84, 90)
 # FaRL-like 5-point template on 512² (x, y): eyes, nose tip, mouth corners. It centres the face with
 # the eyes a little above the middle, leaving room for hair and chin inside the aligned square.
 TEMPLATE = np.array([[196.0, 226.0], [316.0, 226.0], [256.0, 286.0], [220.0, 360.4], [292.0, 360.4]])
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_GREY, PNG_PALETTE = 0, 3  # IHDR colour types
 UNCLIPPED_REACH = 8.0  # an unclipped scale's std must be under 1/8 of the way to a zero scale
 

@@ -18,8 +18,6 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from mcf.evaluate.plots import literal_text  # noqa: E402
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
 
 def to_png(fig: Figure) -> bytes:
     """Render and close a figure (closing keeps many reports from leaking memory)."""

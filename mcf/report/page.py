@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from mcf.io import atomic_file
+from mcf.io import PNG_SIGNATURE, atomic_file
 from mcf.report import figures
 from mcf.report.runfiles import (
     LABEL_NOTE,
@@ -75,7 +75,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 def image(png: bytes, alt: str, css: str = "") -> str:
     """An ``<img>`` with the PNG inlined as a data URI (no file or network needed to show it)."""
-    if not png.startswith(figures.PNG_SIGNATURE):
+    if not png.startswith(PNG_SIGNATURE):
         return note(f"{alt}: not a PNG image")
     data = base64.b64encode(png).decode("ascii")
     klass = f' class="{esc(css)}"' if css else ""
