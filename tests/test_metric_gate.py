@@ -56,6 +56,15 @@ def test_compare_flags_moves_past_tolerance_both_ways() -> None:
     assert moves == {"m.json:a": False, "m.json:b": True, "m.json:c": True}
 
 
+def test_a_metric_missing_on_one_side_is_named_so() -> None:
+    """The failure line said `None`, a Python word that is in neither metrics file."""
+    diff = {"m.json": {"gone": {"old": 2, "new": None}, "new": {"old": None, "new": 4}}}
+    assert [str(m) for m in compare(diff, {"m.json:*": 0.05})] == [
+        "m.json:gone: 2 -> absent or null (tolerance ±0.05)",
+        "m.json:new: absent or null -> 4 (tolerance ±0.05)",
+    ]
+
+
 def test_a_nan_or_infinite_metric_fails_the_gate() -> None:
     """|NaN - x| > tolerance is false for every tolerance: a NaN metric passed the gate with exit 0."""
     nan, inf = float("nan"), float("inf")

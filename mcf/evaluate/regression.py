@@ -44,6 +44,11 @@ class Move:
         # through) would sit within any tolerance; NaN, and infinities that differ by NaN, fail
         return not abs(self.new - self.old) <= self.tolerance
 
+    def __str__(self) -> str:
+        # dvc's JSON diff gives null for a metric missing on one side and for one stored as null alike
+        old, new = ("absent or null" if v is None else v for v in (self.old, self.new))
+        return f"{self.name}: {old} -> {new} (tolerance ±{self.tolerance})"
+
 
 TOLERANCE = "metrics/tolerance.yaml"
 
@@ -143,7 +148,7 @@ def cli(argv: list[str]) -> int:
     moves = compare(json.loads(_dvc("metrics", "diff", args.rev, "--json", "--all") or "{}"), tolerances)
     failed = [m for m in moves if m.failed]
     for m in failed:
-        print(f"FAIL {m.name}: {m.old} -> {m.new} (tolerance ±{m.tolerance})")
+        print(f"FAIL {m}")
     print(f"metric gate: {len(moves) - len(failed)} within tolerance, {len(failed)} outside")
     if not moves:
         print(f"metric gate: no metric matches a glob in {args.tolerance or TOLERANCE}: nothing checked")
