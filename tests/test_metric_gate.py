@@ -50,6 +50,17 @@ def test_the_committed_gate_fails_when_the_evaluated_set_changes_size() -> None:
     assert sorted(m.name.split(":", 1)[1] for m in moves if m.failed) == sorted(counts)
 
 
+def test_the_committed_gate_fails_when_a_training_ran_another_length() -> None:
+    """Untracked, a pretrain that took one step fewer (a dropped last batch) passed the gate: its last
+    loss sat within the tolerance of the committed one."""
+    tunes = (ROOT / "metrics").glob("finetune_*/*/metrics.json")
+    files = ["metrics/pretrain/metrics.json", *sorted(f.relative_to(ROOT).as_posix() for f in tunes)]
+    assert len(files) == 5  # pretrain and two variants of each fine-tune
+    diff = {f: {"step": {"old": 372, "new": 371}} for f in files}
+    moves = compare(diff, load_tolerances(ROOT / TOLERANCE, "HEAD"))
+    assert sorted(m.name for m in moves if m.failed) == sorted(f"{f}:step" for f in files)
+
+
 def test_compare_flags_moves_past_tolerance_both_ways() -> None:
     diff = {"m.json": {"a": {"old": 1.0, "new": 1.04}, "b": {"old": 1.0, "new": 0.8}, "c": {"old": 1.0}}}
     moves = {m.name: m.failed for m in compare(diff, {"m.json:*": 0.05})}
