@@ -111,8 +111,8 @@ def test_forward_contrastive_loss_by_hand() -> None:
     torch.manual_seed(0)
     backbone = BackboneConfig(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
     model = MCF(MCFConfig(backbone=backbone, feature_loss=False, proj_hidden=32, proj_dim=8, pred_hidden=32))
-    with torch.no_grad():  # keys from other weights than the queries'
-        for p in model.momentum_encoder.parameters():
+    with torch.no_grad():  # keys from other weights than the queries', the projector's too
+        for p in [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]:
             p.add_(0.05 * torch.randn_like(p))
     imgs, noise, key_noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16), torch.rand(4, 16)
     out = model(imgs, 0.75, noise=noise, key_noise=key_noise)
@@ -124,6 +124,39 @@ def test_forward_contrastive_loss_by_hand() -> None:
     expected = F.cross_entropy(q @ k.T / 0.2, torch.arange(4)) * 2 * 0.2
     torch.testing.assert_close(out["loss_contrastive"], expected)
     torch.testing.assert_close(out["loss"], expected)
+
+
+def test_forward_feature_loss_by_hand() -> None:
+    """§1: the decoder's pixels for every patch, unpatchified and read as they are (the input's own
+    ImageNet-normalised space, nothing pasted from the input), and the input itself go through the frozen
+    teacher; its raw block outputs (CLS included) are L2-normalised over the token axis, and the loss is
+    the sum over the blocks of the MSE, weighted 1000 in the total."""
+    torch.manual_seed(0)
+    backbone = BackboneConfig(img_size=16, patch_size=4, embed_dim=16, depth=3, num_heads=2)
+    teacher = FeatureTeacher(create_backbone(backbone))
+    cfg = MCFConfig(backbone=backbone, contrastive=False, decoder_dim=16, decoder_depth=1, decoder_heads=2,
+                    feature_layers=(0, 2))
+    model = MCF(cfg, teacher)
+    imgs, noise = torch.randn(4, 3, 16, 16), torch.rand(4, 16)
+    out = model(imgs, 0.75, noise=noise)
+
+    latent, _, ids_restore = model.forward_encoder(imgs, 0.75, noise)
+    recon = model.unpatchify(model.forward_decoder(latent, ids_restore))
+
+    def blocks(x: torch.Tensor) -> list[torch.Tensor]:
+        vit = teacher.model
+        h = torch.cat([vit.cls_token.expand(len(x), -1, -1), vit.patch_embed(x)], dim=1) + vit.pos_embed
+        outputs = []
+        for block in vit.blocks:
+            h = block(h)
+            outputs.append(h)
+        return outputs
+
+    pairs = zip(blocks(recon), blocks(imgs), strict=True)
+    per_block = [((F.normalize(p, dim=1) - F.normalize(t, dim=1)) ** 2).mean() for p, t in pairs]
+    expected = per_block[0] + per_block[2]
+    torch.testing.assert_close(out["loss_feature"], expected)
+    torch.testing.assert_close(out["loss"], 1000 * expected)
 
 
 def test_auc_and_fr_at_0_07() -> None:
