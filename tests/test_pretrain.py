@@ -6,6 +6,7 @@ test_ddp.py: a subset of synthetic crops in the real shard format plus a random 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import json
@@ -625,19 +626,54 @@ class _CosineRamp(_Linear):
         self.handed.append(m)
 
 
-def test_optimizer_step_k_uses_and_logs_the_momentum_of_step_k(workspace: Path, tmp_path: Path) -> None:
+def test_optimizer_step_k_uses_and_logs_the_lr_and_momentum_of_step_k(
+    workspace: Path, tmp_path: Path
+) -> None:
     """The loop's step k (from 0) trains with ``momentum_at(k, total)``: the first step at the schedule's
-    start m, not one step into the ramp; every micro-batch of the step gets it, and the curve logs it."""
+    start m, not one step into the ramp; every micro-batch of the step gets it, and the curve logs it.
+    The optimizer steps with ``lr_at(k)``, the lr the curve logs (0 at the first warm-up step, as the
+    release's), not the one before it: every group, as each holds it when ``optimizer.step`` runs."""
     model = _CosineRamp()
-    cfg = TrainConfig(epochs=2, warmup_epochs=0, batch_size=8, accum_steps=2, log_every=1)
+    cfg = TrainConfig(epochs=2, warmup_epochs=1, batch_size=8, accum_steps=2, log_every=1)
     run = Run(seed=0, mask_ratio=0.75, resume_dir=tmp_path / "resume", identity={})
-    Trainer(model, CropDataset(workspace / "subset" / "shards", 32, cache_mb=64), cfg, run).fit()
+    trainer = Trainer(model, CropDataset(workspace / "subset" / "shards", 32, cache_mb=64), cfg, run)
+    applied: list[list[float]] = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: applied.append([g["lr"] for g in opt.param_groups])
+    )
+    trainer.fit()
     total = 12  # 96 crops / (8 × 2) = 6 steps an epoch
     expected = [model.momentum_at(k, total) for k in range(total)]
     assert expected[0] == 0.99 and expected[-1] > expected[0]
     assert model.handed == [m for m in expected for _ in range(2)]
     plots = tmp_path / "resume" / "live" / "plots" / "metrics" / "train"
     assert tsv_column(plots / "momentum.tsv", "momentum") == pytest.approx(expected)
+    lrs = [lr_at(k, total, 6, scaled_lr(cfg.blr, 16)) for k in range(total)]
+    assert lrs[0] == 0.0 and len(applied) == total
+    assert applied == [pytest.approx([lr, lr]) for lr in lrs]
+    assert tsv_column(plots / "lr.tsv", "lr") == pytest.approx(lrs)
+
+
+def test_a_micro_batchs_keys_come_from_the_momentum_encoder_it_has_just_stepped() -> None:
+    """The release steps the momentum encoder in its forward, before it encodes the keys: each
+    micro-batch's keys come from the encoder after that micro-batch's update, not the one before it."""
+    cfg = MCFConfig(
+        backbone=BackboneConfig(**TINY), feature_loss=False, proj_hidden=32, proj_dim=16, pred_hidden=32,
+    )
+    torch.manual_seed(0)
+    model = MCF(cfg)
+    with torch.no_grad():
+        for p in [*model.encoder.parameters(), *model.projector.parameters()]:
+            p.add_(torch.randn_like(p))
+    stepped = copy.deepcopy(model)
+    stepped.update_momentum(0.5)
+    imgs = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(1)
+    expected = stepped(imgs, 0.75)["loss_contrastive"]
+    torch.manual_seed(1)  # the same masks
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    terms = accumulate(model, model, [imgs], 0.75, 0.5, torch.float32, scaler)
+    torch.testing.assert_close(terms["loss_contrastive"], expected)
 
 
 def test_equal_weights_export_to_equal_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
