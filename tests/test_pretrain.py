@@ -326,6 +326,43 @@ def test_a_resume_under_another_spelling_of_the_same_precision_is_taken(
     assert len(forwards) == 1  # resumed at step 1: step 2 alone ran (from scratch, step 1 runs again)
 
 
+class _Stopped(Exception):
+    """A run stopped right after a checkpoint, as a kill there would stop it."""
+
+
+def test_an_fp16_run_resumes_its_grad_scaler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under fp16 the GradScaler backs off from 65536 over the first steps (each overflow skips the
+    optimizer step). A resume must go on from the checkpoint's scale and growth tracker: a fresh scaler
+    would overflow again, skip steps the uninterrupted run took, and train other weights."""
+    make_workspace(tmp_path)
+    train = {"epochs": 1, "precision": "fp16"}  # 12 steps, a checkpoint after each
+    scalers: dict[str, list[tuple[int, dict[str, Any]]]] = {"straight": [], "stopped": []}
+    stop_at: dict[str, int | None] = {"step": None}
+    real = Trainer._checkpoint
+
+    def checkpoint(self: Trainer) -> None:
+        real(self)
+        scalers[Path(self.run.resume_dir).name].append((self.step, self.scaler.state_dict()))
+        if self.step == stop_at["step"]:
+            raise _Stopped
+
+    monkeypatch.setattr(Trainer, "_checkpoint", checkpoint)
+    pretrain.main(*load("pretrain", write_params(tmp_path, "straight.yaml", **train)))
+    common, cfg = load("pretrain", write_params(tmp_path, "stopped.yaml", **train))
+    stop_at["step"] = 5
+    with pytest.raises(_Stopped):
+        pretrain.main(common, cfg)
+    saved = torch.load(Path(cfg.resume_dir) / "last.pt", weights_only=True)["scaler"]
+    assert saved == scalers["straight"][4][1] and saved["scale"] < 65536.0  # backed off before step 5
+    stop_at["step"] = None
+    pretrain.main(common, cfg)
+
+    assert [s for s, _ in scalers["stopped"]] == list(range(1, 13))
+    assert scalers["stopped"] == scalers["straight"]
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["model"] for run in scalers)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 def test_teacher_stage_trains_and_imports(workspace: Path) -> None:
     common, cfg = load("teacher", write_params(workspace, "teach.yaml"))
     teacher.main(common, cfg)
