@@ -234,6 +234,15 @@ def test_momentum_update_and_schedule() -> None:
     triples = zip(before, model.momentum_projector.parameters(), model.projector.parameters(), strict=True)
     for b, p_m, p_o in triples:
         torch.testing.assert_close(p_m, 0.99 * b + 0.01 * p_o)
+    # buffers are not averaged (as the release): the momentum BatchNorms keep the statistics of the keys
+    # they normalise, which the online ones' (of the queries) would replace step by step
+    buffers = [(b, b.clone()) for b in model.momentum_projector.buffers() if b.is_floating_point()]
+    assert buffers
+    with torch.no_grad():
+        for b in model.projector.buffers():
+            b.add_(1)
+    model.update_momentum(0.5)
+    assert all(torch.equal(b, kept) for b, kept in buffers)
     assert model.momentum_at(500, 1000) == 0.99  # the release: constant
     cosine = tiny_model(feature_loss=False, momentum_schedule="cosine")
     assert cosine.momentum_at(0, 100) == pytest.approx(0.99)
