@@ -251,6 +251,24 @@ def test_momentum_update_and_schedule() -> None:
     assert tiny_model(contrastive=False).momentum_at(0, 100) is None  # no momentum encoder to step
 
 
+def test_the_momentum_update_pairs_the_same_parameters_after_sync_bn() -> None:
+    """``train.sync_bn`` swaps the projectors' BatchNorms for SyncBatchNorm (on CUDA, so no test trains
+    it here) before the first momentum update, which pairs the online and momentum parameters by their
+    order: the swap must leave both sides in the same order, names and shapes."""
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(tiny_model(feature_loss=False))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.momentum_projector.modules())
+    online = [*model.encoder.named_parameters(), *model.projector.named_parameters()]
+    target = [*model.momentum_encoder.named_parameters(), *model.momentum_projector.named_parameters()]
+    assert [(n, p.shape) for n, p in online] == [(n, p.shape) for n, p in target]
+    with torch.no_grad():
+        for _, p in online:
+            p.add_(1.0)
+    before = [p.clone() for _, p in target]
+    model.update_momentum(0.9)
+    for b, (_, p_m), (_, p_o) in zip(before, target, online, strict=True):
+        torch.testing.assert_close(p_m, 0.9 * b + 0.1 * p_o)
+
+
 def test_keys_use_an_independent_mask() -> None:
     model = tiny_model(feature_loss=False).eval()
     x = imgs()
