@@ -279,6 +279,19 @@ def test_the_filters_keep_a_face_at_their_bounds(tmp_path: Path) -> None:
     assert result.rows["face_size"].tolist() == [100.0, 99.0]
 
 
+def test_a_crop_exactly_as_sharp_as_min_blur_is_kept(tmp_path: Path) -> None:
+    """``min_blur`` is the smallest blur kept, as ``min_face_size`` and ``min_score`` (the gate's
+    ``blur_margin`` is at least 0 for a kept crop): a crop whose blur equals it passes."""
+    cv2.imwrite(str(tmp_path / "a.jpg"), cv2.cvtColor(_rgb("astronaut"), cv2.COLOR_RGB2BGR))
+    source = Source("a", str(tmp_path / "a.jpg"), (Face(0, ASTRO_FACE, None, 0.99, "table"),))
+    blur = crop_chunk([source], CropConfig(size=SIZE, min_blur=0.0), tmp_path / "p0").rows.loc[0, "blur"]
+    at = crop_chunk([source], CropConfig(size=SIZE, min_blur=float(blur)), tmp_path / "p1").rows
+    above = crop_chunk([source], CropConfig(size=SIZE, min_blur=float(np.nextafter(blur, np.inf))),
+                       tmp_path / "p2").rows
+    assert at[["status", "reason"]].values.tolist() == [["kept", None]]
+    assert above[["status", "reason"]].values.tolist() == [["rejected", "blurry"]]
+
+
 @pytest.mark.parametrize("pad", ["constant", "reflect"])
 def test_a_box_wholly_outside_the_image_is_rejected_as_such(tmp_path: Path, pad: str) -> None:
     """A detection that misses the image (released for another version of it, say) is no face: constant
@@ -767,6 +780,41 @@ def test_alignment_puts_landmarks_on_the_template() -> None:
     assert np.linalg.det(m[:, :2]) > 0  # a similarity, no mirror
 
 
+def test_alignment_follows_a_tilted_face_onto_the_template() -> None:
+    """Landmarks that are the template rotated, scaled and shifted (a tilted face) land on it exactly,
+    whatever the box says: the crop is aligned by the points, not cut from the box."""
+    cfg = CropConfig(size=64, margin=0.25, align=True)
+    template = ((crop_mod.TEMPLATE - 0.5) / 1.5 + 0.5) * 64
+    angle, scale, shift = 0.5, 2.5, np.array([180.0, 70.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    points = template @ rot.T + shift
+    face = Face(0, ASTRO_FACE, tuple(points.reshape(-1)), 0.99, "table")
+    m = face_transform(face, cfg)
+    np.testing.assert_allclose(points @ m[:, :2].T + m[:, 2], template, atol=1e-9)
+
+
+@pytest.mark.parametrize("box", [(40.0, 30.0, 100.0, 150.0), (10.0, 200.0, 250.0, 260.0)])
+@pytest.mark.parametrize("margin", [0.0, 0.25])
+def test_the_box_and_its_margin_fill_the_crop_along_the_longer_side(
+    box: tuple[float, ...], margin: float
+) -> None:
+    """Unaligned, the crop is the face box grown by ``margin`` of its size on each side (CropConfig),
+    squared on the longer side and centred: the longer side spans the crop less the margins, the
+    shorter side sits in the middle, x stays x."""
+    size = 60
+    m = face_transform(Face(0, box, None, 0.99, "table"), CropConfig(size=size, margin=margin))
+    x1, y1, x2, y2 = box
+    s = size / ((1 + 2 * margin) * max(x2 - x1, y2 - y1))
+    corners = np.array([[x1, y1], [x2, y2]]) @ m[:, :2].T + m[:, 2]
+    centre = size / 2
+    expected = [[centre - s * (x2 - x1) / 2, centre - s * (y2 - y1) / 2],
+                [centre + s * (x2 - x1) / 2, centre + s * (y2 - y1) / 2]]
+    np.testing.assert_allclose(corners, expected, atol=1e-9)
+    longer = int(np.argmax([x2 - x1, y2 - y1]))
+    np.testing.assert_allclose(corners[:, longer], [size * margin / (1 + 2 * margin),
+                                                    size * (1 + margin) / (1 + 2 * margin)])
+
+
 def test_padding_outside_the_image() -> None:
     rgb = np.full((100, 100, 3), 200, np.uint8)
     rgb[:, :50] = 100
@@ -843,6 +891,26 @@ def test_duplicates_in_clusters_and_chains(d: int) -> None:
     assert 0 < sum(flags) < len(hashes)
 
 
+@pytest.mark.parametrize(("bits", "status"), [(2, "rejected"), (3, "kept")])
+def test_merge_counts_a_phash_distance_of_dup_hamming_as_a_duplicate(
+    tmp_path: Path, bits: int, status: str
+) -> None:
+    """``crop.dup_hamming`` is the largest pHash distance counted as a duplicate (params.yaml), so a crop
+    exactly that far from an earlier kept one is rejected and one bit further is kept; the earlier
+    stays."""
+    cv2.imwrite(str(tmp_path / "a.jpg"), cv2.cvtColor(_rgb("astronaut"), cv2.COLOR_RGB2BGR))
+    boxes = (ASTRO_FACE, (300.0, 300.0, 420.0, 420.0))
+    faces = tuple(Face(i, box, None, 0.99, "table") for i, box in enumerate(boxes))
+    cfg = CropConfig(size=SIZE, min_blur=0.0, dup_hamming=2)
+    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), faces)], cfg, tmp_path / "part")
+    assert result.rows["status"].tolist() == ["kept", "kept"]
+    near = int(result.rows.loc[0, "phash"], 16) ^ ((1 << bits) - 1)  # the first `bits` bits flipped
+    result.rows.loc[1, "phash"] = f"{near:016x}"
+    manifest = crop_mod.merge([result], cfg, tmp_path / "out")
+    assert manifest["status"].tolist() == ["kept", status]
+    assert manifest["reason"].tolist() == [None, None if status == "kept" else "duplicate"]
+
+
 def test_duplicates_bench_prints_its_numbers(capsys: pytest.CaptureFixture[str]) -> None:
     bench_duplicates(["--hashes", "3000", "--spread", "0.05"])
     out = capsys.readouterr().out
@@ -887,6 +955,9 @@ def test_crop_id_is_a_safe_shard_key() -> None:
     assert crop_id("synth-000001", 2) == "synth-000001_002"
     odd = crop_id("photos/a.b.jpg", 0)
     assert "." not in odd and "/" not in odd and odd != crop_id("photos/a_b.jpg", 0)
+    # every id that needed a character replaced gets the hash, so it cannot take a safe id's key
+    for unsafe, safe in (("a.b", "a_b"), ("x y", "x_y"), ("é", "_")):
+        assert crop_id(unsafe, 1) != crop_id(safe, 1) and re.fullmatch(r"[A-Za-z0-9_-]+", crop_id(unsafe, 1))
 
 
 def test_bench_rates_faces_and_kept_crops_apart(fetch_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
