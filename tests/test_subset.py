@@ -126,12 +126,26 @@ def test_null_is_a_stratum_of_its_own() -> None:
     assert picked.value_counts().to_dict() == {"a": 2, "b": 2, "null": 1}  # quotas 2, 1.5, 1.5
 
 
+def _largest_remainder(counts: list[int], n: int) -> list[int]:
+    """The rule quotas() documents, by hand: floor shares, then one more each to the largest remainders,
+    ties to the earlier group."""
+    total = sum(counts)
+    share = [c * n // total for c in counts]
+    order = sorted(range(len(counts)), key=lambda i: (-(counts[i] * n % total), i))
+    for i in order[: n - sum(share)]:
+        share[i] += 1
+    return share
+
+
 def test_quotas_and_bins() -> None:
     assert quotas(pd.Series({"a": 5, "b": 3, "c": 2}), 5).to_dict() == {"a": 3, "b": 1, "c": 1}
     assert quotas(pd.Series({"a": 1, "b": 1, "c": 1}), 2).to_dict() == {"a": 1, "b": 1, "c": 0}
     # exact shares 4/3, 20, 8/3, 52/3, 4/3, 34/3: the 1/3 tie goes to the first group, though in floats
     # 34/3 - 11 comes out above 4/3 - 1
     assert quotas(pd.Series([2, 30, 4, 26, 2, 17]), 54).tolist() == [2, 20, 3, 17, 1, 11]
+    counts = np.random.default_rng(0).integers(1, 4, 60)  # many groups, many tied remainders
+    for n in (7, 30, 61, 100):
+        assert quotas(pd.Series(counts), n).tolist() == _largest_remainder(counts.tolist(), n), n
     sizes = pd.Series([10.0, 32.0, 47.9, 48.0, 64.0, 500.0])
     assert face_size_bins(sizes, [32.0, 48.0, 64.0]).tolist() == [
         "<32",
@@ -239,6 +253,16 @@ def test_the_pick_does_not_depend_on_the_manifest_row_order(stratify: str | None
     kept = pd.DataFrame({"crop_id": [f"c{i:02d}" for i in range(40)], "tag": ["a", "b"] * 20})
     shuffled = kept.sample(frac=1.0, random_state=1)
     assert sorted(pick(kept, 12, 0, stratify)) == sorted(pick(shuffled, 12, 0, stratify))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_strata_are_drawn_from_one_generator(seed: int) -> None:
+    """One generator runs through the strata (pick's docstring): strata of one size do not all get the
+    same positions, as a generator re-seeded for each would give them, picking in step."""
+    kept = pd.DataFrame({"crop_id": [f"c{i:02d}" for i in range(40)], "tag": ["a", "b"] * 20})
+    chosen = kept.loc[pick(kept, 10, seed, "tag")]
+    a, b = (sorted(int(c[1:]) // 2 for c in chosen.loc[chosen["tag"] == tag, "crop_id"]) for tag in "ab")
+    assert len(a) == len(b) == 5 and a != b
 
 
 @pytest.mark.parametrize("damage", ["not parquet", "cut short", "no status column", "no shard column"])
