@@ -89,6 +89,24 @@ def test_tanh_warp_unwarp_reads_maps_back() -> None:
     assert np.abs(back - field)[inner].max() < 0.02
 
 
+@pytest.mark.parametrize("map_size", [32, 64, 100])
+def test_tanh_warp_unwarp_reads_each_pixel_where_the_warp_sends_its_centre(map_size: int) -> None:
+    """Maps holding their own warped coordinates (a ramp: a pixel's value is its centre) read back, on
+    every original pixel, the warped position of that pixel's centre (matrix, then warp), whatever the
+    maps' size: the module's pixel convention, exact to float32, not to within half a map pixel."""
+    h, w, warp_size = 90, 70, 64
+    c = (np.arange(map_size) + 0.5) * (warp_size / map_size)
+    ramps = torch.from_numpy(np.stack(np.broadcast_arrays(c[None, :], c[:, None])).astype(np.float32))
+    m = T.around((35.0, 45.0), 0.4, 0.9, (-3.0, -13.0))  # original → aligned 64²
+    back = T.tanh_warp_unwarp(ramps, m, 0.8, warp_size, (h, w)).numpy()
+    ys, xs = np.mgrid[:h, :w] + 0.5
+    centres = np.stack([xs, ys], axis=-1).reshape(-1, 2)
+    expect = T.tanh_warp_forward(T.apply(m, centres), 0.8, warp_size).reshape(h, w, 2).transpose(2, 0, 1)
+    inside = ((expect > c[0]) & (expect < c[-1])).all(axis=0)  # between the maps' outer pixel centres
+    assert inside.mean() > 0.5
+    np.testing.assert_allclose(back[:, inside], expect[:, inside], atol=1e-3)
+
+
 def test_photometric_switches() -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
