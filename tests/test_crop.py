@@ -279,6 +279,26 @@ def test_the_filters_keep_a_face_at_their_bounds(tmp_path: Path) -> None:
     assert result.rows["face_size"].tolist() == [100.0, 99.0]
 
 
+def test_a_face_failing_several_checks_gets_the_first_one_in_reasons_order(tmp_path: Path) -> None:
+    """docs/CONTRACTS.md: a rejected crop's reason is the first check it fails, in REASONS' order."""
+    rgb = _rgb("astronaut")
+    cv2.imwrite(str(tmp_path / "a.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    h, w = rgb.shape[:2]
+    x1, y1 = ASTRO_FACE[:2]
+    tiny, big = (x1, y1, x1 + 10.0, y1 + 10.0), (x1, y1, x1 + 120.0, y1 + 120.0)
+    one_point = (x1 + 5.0, y1 + 5.0) * 5  # all five landmarks at one point
+    faces = (Face(0, (w + 1.0, 0.0, w + 11.0, 10.0), one_point, 0.1, "table"),  # off the image, and all
+             Face(1, tiny, one_point, 0.1, "table"),  # bad landmarks, small, low score
+             Face(2, tiny, None, 0.1, "table"),  # small and low score
+             Face(3, big, None, 0.1, "table"),  # low score, and blurry by min_blur
+             Face(4, big, None, 0.99, "table"))  # blurry alone
+    cfg = CropConfig(size=SIZE, align=True, min_face_size=24.0, min_score=0.5, min_blur=1e12)
+    result = crop_chunk([Source("a", str(tmp_path / "a.jpg"), faces)], cfg, tmp_path / "part")
+    reasons = result.rows["reason"].tolist()
+    assert reasons == ["outside_image", "bad_landmarks", "too_small", "low_score", "blurry"]
+    assert [crop_mod.REASONS.index(r) for r in reasons] == sorted(crop_mod.REASONS.index(r) for r in reasons)
+
+
 def test_a_crop_exactly_as_sharp_as_min_blur_is_kept(tmp_path: Path) -> None:
     """``min_blur`` is the smallest blur kept, as ``min_face_size`` and ``min_score`` (the gate's
     ``blur_margin`` is at least 0 for a kept crop): a crop whose blur equals it passes."""
