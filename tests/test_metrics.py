@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from mcf.errors import StageError
 from mcf.evaluate.metrics import auc_fr, ced_curve, confusion_matrix, f1_mean, f1_per_class, nme
-from mcf.evaluate.scoring import alignment_scores
+from mcf.evaluate.scoring import CLASSES, alignment_scores, finite, parsing_scores
 
 
 def _landmarks() -> tuple[np.ndarray, np.ndarray]:
@@ -114,3 +116,38 @@ def test_fr_counts_a_nan_nme_as_a_failure_as_the_ced_does() -> None:
     _, fractions = ced_curve(values)
     auc, fr = auc_fr(values)
     assert fr == 0.75 and fr == 1 - fractions[-1]
+
+
+def test_nme_refuses_a_zero_unit() -> None:
+    """A unit of 0 (outer eye corners at one point, a box of no width) made every NME of the image inf,
+    and the dataset's mean with it: refused, naming the image (the data gates' eye_gap and box_w > 0)."""
+    gt, box = _landmarks()
+    gt[1, 11] = gt[1, 6]
+    with pytest.raises(ValueError, match=r"'inter_ocular' is zero or negative for image\(s\) \[1\]"):
+        nme(gt + 1.0, gt, "inter_ocular")
+    box[0, 1] = box[0, 0]  # right = left
+    with pytest.raises(ValueError, match=r"'box' is zero or negative for image\(s\) \[0\]"):
+        nme(gt + 1.0, gt, "box", box)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_one_non_finite_output_value_refuses_the_batch_naming_its_image(bad: float) -> None:
+    """``finite`` refuses an output that is not finite, not only an output that is nowhere finite: one NaN
+    logit is read as the largest by argmax, one NaN heatmap value makes the soft-argmax point NaN."""
+    output = torch.zeros(3, 19, 8, 8)
+    output[1, 4, 2, 5] = bad
+    with pytest.raises(StageError, match=r"output on b is not finite \(1 of 3 images"):
+        finite(output, ["a", "b", "c"])
+    assert finite(output[[0, 2]], ["a", "c"]) is not None
+
+
+def test_parsing_scores_write_a_class_absent_from_both_maps_as_null() -> None:
+    """A class in neither GT nor predictions has no F1: JSON null, not 0 (which would read as a class
+    missed entirely), and the mean is over the classes present."""
+    gt = np.array([[0, 1], [10, 10]])
+    pred = np.array([[0, 1], [10, 1]])
+    scores = parsing_scores(confusion_matrix(pred, gt))
+    assert scores["pixels"] == 4 and scores["f1"]["background"] == 100.0
+    assert [scores["f1"][c] for c in ("skin", "hair")] == pytest.approx([100 * 2 / 3] * 2)
+    assert all(scores["f1"][c] is None for c in CLASSES[2:10])
+    assert scores["f1_mean"] == pytest.approx(100 * 2 / 3)  # skin and hair alone
