@@ -406,3 +406,40 @@ def test_an_empty_split_fails_the_gate_on_its_row_count_alone(tree: tuple[Path, 
                  keep=False)
     assert str(err.value).endswith("expectations on 0 rows:\n"
                                    "  - expect_table_row_count_to_be_between(): observed 0"), str(err.value)
+
+
+def test_splits_are_slices_of_ra_in_its_order(tree: tuple[Path, dict]) -> None:
+    """train = ra[:n_train - n_val], val = ra[n_train - n_val:n_train] (carved from train, never from the
+    test rows), full = ra[n_train:] and frontal its all-visible rows, each in ra's order (the gate's table
+    too); the fixture's ra keeps the test rows in file order, so shuffle them here."""
+    root, fields = tree
+    ra = fields["ra"].copy()
+    ra[0, N_TRAIN:] = ra[0, N_TRAIN:][[2, 0, 3, 1]]
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, ra=ra))
+    order = ra[0].astype(int) - 1
+    cfg = _cfg(root, n_val=2)
+    splits = {split: AFLW19(cfg, split).indices for split in ("train", "val", "full", "frontal")}
+    np.testing.assert_array_equal(splits["train"], order[: N_TRAIN - 2])
+    np.testing.assert_array_equal(splits["val"], order[N_TRAIN - 2 : N_TRAIN])
+    np.testing.assert_array_equal(splits["full"], order[N_TRAIN:])
+    frontal = [i for i in order[N_TRAIN:] if fields["mask_new"][i].all()]
+    np.testing.assert_array_equal(splits["frontal"], frontal)
+    assert not set(splits["val"]) & set(splits["full"])
+    names = [fields["nameList"][i, 0] for i in order[N_TRAIN:]]
+    assert table(cfg, "full")["name"].tolist() == names
+
+
+def test_table_counts_visible_points_and_checks_the_centre_on_each_axis(tree: tuple[Path, dict]) -> None:
+    """``visible`` is the count of points mask_new flags 1; ``centre_in_box`` tests the landmarks' mean x
+    against left..right and its y against top..bottom: a face moved down with its box stays in it, a box
+    moved right by its width alone misses it."""
+    root, fields = tree
+    df = table(_cfg(root), "full")
+    assert df["visible"].tolist() == [18, 19, 18, 19]  # rows N_TRAIN and N_TRAIN + 2 hide point 5
+    data, boxes = fields["data"].copy(), fields["bbox"].copy()
+    data[N_TRAIN, 19:] += 300.0  # every y of the first test face, and its box's top and bottom
+    boxes[N_TRAIN, 2:] += 300.0
+    row = N_TRAIN + 1
+    boxes[row, :2] += boxes[row, 1] - boxes[row, 0]  # left and right, by the width
+    scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, data=data, bbox=boxes))
+    assert table(_cfg(root), "full")["centre_in_box"].tolist() == [True, False, True, True]
