@@ -391,3 +391,32 @@ def test_the_paper_profile_draws_farl_augmentation_with_an_unclipped_scale() -> 
     clipped = sample_augment(LaPaConfig().augment, 512, _Draws(*queued))
     np.testing.assert_allclose(clipped, _farl_random_transform(-1.5 * 0.314, 1.3, (0.008, -0.006), 512),
                                atol=1e-9)
+
+
+def test_table_marks_what_it_cannot_read(root: Path) -> None:
+    """CONTRACTS: the landmark extent is NaN without a readable image (dividing by a width of 0 gave
+    pixels as shares), label_min and label_max are -1 for a label of more than one channel, and a missing
+    label's format is no fault of its format (has_label says it is missing)."""
+    base = root / "LaPa" / "train"
+    (base / "images" / "train_0000.jpg").unlink()
+    (base / "labels" / "train_0001.png").unlink()
+    path = base / "labels" / "train_0002.png"
+    cv2.imwrite(str(path), np.dstack([cv2.imread(str(path), cv2.IMREAD_UNCHANGED)] * 3))
+    df = table(_cfg(root), "train").set_index("stem")
+    assert df["has_image"].tolist() == [False, True, True] and df["has_label"].tolist() == [True, False, True]
+    assert df.loc["train_0000", ["x_min", "x_max", "y_min", "y_max"]].isna().all()
+    assert df.loc["train_0000", "n_landmarks"] == 106
+    assert df.loc["train_0002", ["x_min", "x_max", "y_min", "y_max"]].notna().all()
+    assert df["label_format_ok"].all()
+    assert df["label_min"].tolist() == [0, -1, -1] and df["label_max"].tolist() == [10, -1, -1]
+
+
+def test_training_samples_get_the_photometric_augmentations(root: Path) -> None:
+    """§4's gray, gamma and blur run on the warped training image: gray at probability 1 leaves its
+    channels equal, and the plain sample's are not."""
+    gray = ParsingAugment(photometric=T.Photometric(gray_p=1.0, gamma_p=0.0, blur_p=0.0))
+    std, mean = (torch.tensor(v)[:, None, None] for v in (T.IMAGENET_STD, T.IMAGENET_MEAN))
+    torch.manual_seed(0)
+    for augment, channels_agree in ((True, True), (False, False)):
+        rgb = LaPa(_cfg(root, augment=gray), "train", augment=augment)[0]["image"] * std + mean
+        assert bool((rgb.amax(0) - rgb.amin(0)).max() < 0.02) == channels_agree
