@@ -41,7 +41,16 @@ from mcf.models.release import export_backbone
 from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import load
 from mcf.train import pretrain, teacher
-from mcf.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state, truncate_live
+from mcf.train.checkpoint import (
+    load_checkpoint,
+    nonfinite,
+    rng_state,
+    run_hash,
+    save_checkpoint,
+    set_rng_state,
+    truncate_live,
+    weights_digest,
+)
 from mcf.train.loop import Run, TrainConfig, Trainer, accumulate, data_identity, param_groups
 from mcf.train.schedule import lr_at, scaled_lr
 
@@ -456,6 +465,44 @@ def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> Non
     (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:100])  # cut short
     with pytest.raises(StageError, match=r"last.pt: cannot be read .*cut short.*; delete .* to start over"):
         load_checkpoint(tmp_path, "aaaa")
+
+
+
+def test_a_checkpoint_from_before_world_size_was_saved_resumes_and_stale_writes_go(tmp_path: Path) -> None:
+    """A checkpoint without ``world_size`` (written before it was saved) is judged by its hash alone, and a
+    temporary file a kill left mid-write (a whole checkpoint's size, one per kill) is removed on load."""
+    save_checkpoint({"run_hash": "aaaa", "step": 3}, tmp_path)
+    stale = tmp_path / ".last.pt.tmp-12345"
+    stale.write_bytes(b"half a checkpoint")
+    assert load_checkpoint(tmp_path, "aaaa", world_size=2)["step"] == 3
+    assert not stale.exists()
+    with pytest.raises(StageError, match="other params"):
+        load_checkpoint(tmp_path, "bbbb", world_size=2)
+
+
+def test_run_hash_is_of_the_identity_not_its_key_order() -> None:
+    """A stable digest: the same identity built in another key order (code refactored) is the same run."""
+    a = {"seed": 0, "train": {"lr": 1e-4, "epochs": 2}, "data": Path("x")}
+    b = {"data": Path("x"), "train": {"epochs": 2, "lr": 1e-4}, "seed": 0}
+    assert run_hash(a) == run_hash(b) and run_hash(a) != run_hash({**a, "seed": 1})
+
+
+def test_weights_digest_is_of_the_trainable_weights() -> None:
+    """A frozen part (the teacher, rebuilt from its own stage's output) is not the run's initial weights."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[1].requires_grad_(False)
+    before = weights_digest(model)
+    with torch.no_grad():
+        model[1].weight.add_(1.0)
+        assert weights_digest(model) == before
+        model[0].weight.add_(1.0)
+    assert weights_digest(model) != before
+
+
+def test_nonfinite_names_float_tensors_with_a_nan_or_an_infinity() -> None:
+    state = {"ok": torch.ones(3), "inf": torch.tensor([1.0, -math.inf]), "nan": torch.tensor([math.nan]),
+             "step": torch.tensor(7), "half": torch.tensor([math.inf], dtype=torch.float16)}
+    assert nonfinite(state) == ["inf", "nan", "half"]
 
 
 def fake_cuda(monkeypatch: pytest.MonkeyPatch, gpus: int) -> tuple[torch.Generator, ...]:
