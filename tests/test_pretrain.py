@@ -467,7 +467,6 @@ def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> Non
         load_checkpoint(tmp_path, "aaaa")
 
 
-
 def test_a_checkpoint_from_before_world_size_was_saved_resumes_and_stale_writes_go(tmp_path: Path) -> None:
     """A checkpoint without ``world_size`` (written before it was saved) is judged by its hash alone, and a
     temporary file a kill left mid-write (a whole checkpoint's size, one per kill) is removed on load."""
