@@ -123,11 +123,24 @@ def test_nme_refuses_a_zero_unit() -> None:
     and the dataset's mean with it: refused, naming the image (the data gates' eye_gap and box_w > 0)."""
     gt, box = _landmarks()
     gt[1, 11] = gt[1, 6]
-    with pytest.raises(ValueError, match=r"'inter_ocular' is zero or negative for image\(s\) \[1\]"):
+    with pytest.raises(ValueError, match=r"'inter_ocular' is zero, negative or NaN for image\(s\) \[1\]"):
         nme(gt + 1.0, gt, "inter_ocular")
     box[0, 1] = box[0, 0]  # right = left
-    with pytest.raises(ValueError, match=r"'box' is zero or negative for image\(s\) \[0\]"):
+    with pytest.raises(ValueError, match=r"'box' needs GT boxes with left < right .* image\(s\) \[0\]"):
         nme(gt + 1.0, gt, "box", box)
+
+
+@pytest.mark.parametrize("unit", ["box", "diag"])
+@pytest.mark.parametrize("flip", [(0, 1), (2, 3), "both"])
+def test_nme_refuses_an_inverted_box(unit: str, flip: tuple[int, int] | str) -> None:
+    """A box with right < left (or bottom < top) made √(w·h) the root of a negative, a silent NaN NME,
+    or, inverted on both axes or read as a diagonal, a plausible positive unit: refused, naming the image."""
+    gt, box = _landmarks()
+    pairs = [(0, 1), (2, 3)] if flip == "both" else [flip]
+    for a, b in pairs:
+        box[1, [a, b]] = box[1, [b, a]]
+    with pytest.raises(ValueError, match=rf"'{unit}' needs GT boxes with left < right .* image\(s\) \[1\]"):
+        nme(gt + 1.0, gt, unit, box)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])

@@ -47,12 +47,18 @@ def nme(pred: np.ndarray, gt: np.ndarray, unit: Unit, box: np.ndarray | None = N
         if box.shape != (len(gt), 4):  # a [4, N] table of columns must not be reshaped into boxes
             raise ValueError(f"box: expected [{len(gt)}, 4] (left, right, top, bottom), got {box.shape}")
         w, h = box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]
+        # An inverted box (right < left) gives √(w·h) of a negative, NaN, or a positive diagonal:
+        # both sides must be positive, whichever unit reads them.
+        if not np.all((w > 0) & (h > 0)):
+            bad = np.flatnonzero(~((w > 0) & (h > 0)))[:5]
+            raise ValueError(f"nme unit {unit!r} needs GT boxes with left < right and top < bottom; "
+                             f"image(s) {bad} have none")
         norm = np.sqrt(w**2 + h**2) if unit == "diag" else np.sqrt(w * h)
     else:
         raise ValueError(f"unknown nme unit {unit!r} (valid: {', '.join(UNITS)})")
-    if np.any(norm <= 0):
-        bad = np.flatnonzero(norm <= 0)[:5]
-        raise ValueError(f"nme unit {unit!r} is zero or negative for image(s) {bad}")
+    if not np.all(norm > 0):  # NaN is no unit either
+        bad = np.flatnonzero(~(norm > 0))[:5]
+        raise ValueError(f"nme unit {unit!r} is zero, negative or NaN for image(s) {bad}")
     return err / norm
 
 
