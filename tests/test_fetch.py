@@ -1341,14 +1341,19 @@ def test_local_folder(tmp_path: Path) -> None:
     _write(root / "big.jpeg", BODIES["/huge.bin"])
     _write(root / "notes.txt", b"skipped: not an image extension")
     _write(root / ".hidden" / "c.jpg", JPEG)
+    _write(root / ".thumb.jpg", JPEG)  # a hidden file (a viewer's cache) is no photo either
+    _write(root / "exact.jpg", JPEG + b"\0" * (MAX_BYTES - len(JPEG)))  # max_bytes itself is allowed
     os.mkfifo(root / "pipe.jpg")  # would block a plain open until a writer came
     (root / "zero.jpg").symlink_to("/dev/zero")  # a stat size of 0, and endless bytes
     (root / "link.jpg").symlink_to(root / "a.jpg")  # a link to a regular file is read
+    (root / "gone.jpg").symlink_to(root / "deleted.jpg")  # a dangling link: a row, not a crash
     main(Common(), _config(source="local", local={"root": str(root)}))
     manifest = pd.read_parquet("out/manifest.parquet").set_index("sample_id")
     assert manifest["status"].to_dict() == {
         "a.jpg": "success",
         "big.jpeg": "too_large",
+        "exact.jpg": "success",
+        "gone.jpg": "error",
         "link.jpg": "success",
         "pipe.jpg": "error",
         "sub/b.PNG": "success",
@@ -1356,6 +1361,7 @@ def test_local_folder(tmp_path: Path) -> None:
         "zero.jpg": "error",
     }
     assert manifest.loc["zero.jpg", "error"] == "zero.jpg is not a regular file"
+    assert manifest.loc["gone.jpg", "error"].startswith("cannot read gone.jpg: [Errno 2]")
     assert Path("out", manifest.loc["sub/b.PNG", "path"]).read_bytes() == PNG
     assert not Path("out/detections.parquet").exists()
 
@@ -1397,14 +1403,39 @@ def test_a_local_folder_that_cannot_be_listed_ends_the_stage(
     assert not Path("out").exists()
 
 
-def test_a_local_file_replaced_in_place_is_read_again(tmp_path: Path) -> None:
-    """The stored copy's sha256 is of the old bytes: the file's size and mtime alone tell it changed."""
+def test_a_local_listing_is_in_sorted_order_whatever_the_folder_s(tmp_path: Path) -> None:
+    """The manifest keeps the listing's order, and its bytes are hashed by DVC: os.walk hands names over
+    in the file system's order (ext4's is by hash), so an unsorted listing changed the manifest from one
+    machine, or one copy of the photos, to the next. Default endings are the four image ones, any case;
+    ``extensions: []`` keeps every file."""
+    from mcf.data.sources.local import LocalConfig, list_rows
+
+    root = tmp_path / "photos"
+    names = ["m/z.jpg", "b.webp", "z/a.png", "q/y.png", "d.txt", "a.jpeg", "m/a.JPG", "c.jpg", "b/x.png",
+             "k/w.png"]
+    for name in names:  # neither in sorted order nor its reverse, for a folder that lists by creation
+        _write(root / name, JPEG)
+    folders = ["b/x.png", "k/w.png", "m/a.JPG", "m/z.jpg", "q/y.png", "z/a.png"]
+    listed = list_rows(LocalConfig(root=str(root)))["sample_id"].tolist()
+    assert listed == ["a.jpeg", "b.webp", "c.jpg", *folders]
+    everything = list_rows(LocalConfig(root=str(root), extensions=[]))["sample_id"].tolist()
+    assert everything == ["a.jpeg", "b.webp", "c.jpg", "d.txt", *folders]
+
+
+@pytest.mark.parametrize("changed", ["mtime", "size"])
+def test_a_local_file_replaced_in_place_is_read_again(tmp_path: Path, changed: str) -> None:
+    """The stored copy's sha256 is of the old bytes: the file's size and mtime alone tell it changed, each
+    on its own (an edit that keeps the length, a copy that keeps the mtime: cp -p, rsync -a)."""
     photo = tmp_path / "photos" / "a.jpg"
     _write(photo, JPEG)
     main(Common(), _config(source="local", local={"root": str(photo.parent)}))
-    new = _image("JPEG", (30, 20))
+    new, mtime_ns = _image("JPEG", (30, 20)), photo.stat().st_mtime_ns
+    if changed == "mtime":
+        new += b"\0" * (len(JPEG) - len(new))  # trailing bytes after the JPEG's end: the same length
+        mtime_ns += 10**9
     _write(photo, new)
-    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))
+    assert (len(new) == len(JPEG)) == (changed == "mtime")
+    os.utime(photo, ns=(photo.stat().st_atime_ns, mtime_ns))
     main(Common(), _config(source="local", local={"root": str(photo.parent)}))
     manifest = pd.read_parquet("out/manifest.parquet")
     assert Path("out", manifest.loc[0, "path"]).read_bytes() == new and manifest.loc[0, "width"] == 30
@@ -1442,6 +1473,19 @@ def test_a_stored_path_outside_the_folder_is_not_reused(tmp_path: Path) -> None:
     main(Common(), _config(source="local", local={"root": str(tmp_path / "photos")}))
     path = pd.read_parquet("out/manifest.parquet").loc[0, "path"]
     assert path.startswith("images/") and (Path("out") / path).read_bytes() == JPEG
+
+
+def test_a_stored_file_deleted_since_is_fetched_again(tmp_path: Path) -> None:
+    """A previous output's image that is gone (cleaned up by hand) is missing, so fetched again: its stat
+    raised FileNotFoundError in the worker and ended the stage."""
+    _write(tmp_path / "photos" / "a.jpg", JPEG)
+    cfg = _config(source="local", local={"root": str(tmp_path / "photos")})
+    main(Common(), cfg)
+    stored = Path("out") / pd.read_parquet("out/manifest.parquet").loc[0, "path"]
+    stored.unlink()
+    main(Common(), cfg)
+    assert pd.read_parquet("out/manifest.parquet").loc[0, "status"] == "success"
+    assert stored.read_bytes() == JPEG
 
 
 def test_a_stored_file_over_lowered_limits_is_not_reused(tmp_path: Path) -> None:
