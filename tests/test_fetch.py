@@ -37,7 +37,15 @@ from PIL import Image, ImageFile, PngImagePlugin
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
 from mcf.data.sources import laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
-from mcf.data.sources.image import FetchFailure, Record, inspect, read_bounded, redact, redact_url
+from mcf.data.sources.image import (
+    PILLOW_MAX_PIXELS,
+    FetchFailure,
+    Record,
+    inspect,
+    read_bounded,
+    redact,
+    redact_url,
+)
 from mcf.data.sources.local import FileReader
 from mcf.errors import StageError
 from mcf.io import file_sha256
@@ -301,6 +309,8 @@ def test_keys_that_share_a_long_prefix_get_their_own_files() -> None:
     assert image_path(a, ".jpg") != image_path(b, ".jpg")
     assert image_path(a, ".jpg").startswith(f"images/{hashlib.sha1(a.encode()).hexdigest()[:2]}/")
     assert "2021-crawl_00607931.jpg_" in image_path(a, ".jpg")
+    readable = Path(image_path("x" * 40 + "/../" + "y" * 56, ".jpg")).name.rsplit("_", 1)[0]
+    assert readable == "_.._" + "y" * 56  # the last 60 characters, sanitised: no folder of its own
 
 
 def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
@@ -879,6 +889,42 @@ def test_a_bomb_is_refused_before_any_pixel_is_decoded(monkeypatch: pytest.Monke
     with pytest.raises(FetchFailure, match="^truncated: "):
         inspect(PNG[: len(PNG) * 2 // 3], MAX_PIXELS)
 
+
+
+def test_formats_opencv_may_not_read_are_not_images() -> None:
+    """Pillow opens GIF, BMP, TIFF ...: only JPEG, PNG and WebP are kept (docs/CONTRACTS.md), and the format
+    check is what turns the others into a row; without it a GIF ended the stage in a KeyError."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="GIF")
+    with pytest.raises(FetchFailure, match="^not_image: unsupported image format GIF$"):
+        inspect(buf.getvalue(), MAX_PIXELS)
+
+
+def test_a_header_over_pillow_s_own_bound_is_a_bomb() -> None:
+    """Past twice Image.MAX_IMAGE_PIXELS Pillow refuses to open an image at all (max_pixels cannot go
+    higher): that refusal is a decompression_bomb row too, not a not_image one."""
+    with pytest.raises(FetchFailure, match=r"^decompression_bomb: Image size \(196000000 pixels\) exceeds"):
+        inspect(_png_bomb(14_000), PILLOW_MAX_PIXELS)
+
+
+def test_a_png_with_a_bad_checksum_is_truncated() -> None:
+    """Pillow's load decodes a PNG whose IDAT CRC is wrong, libpng (OpenCV in the crop stage) refuses it:
+    ``verify`` is the check that keeps such a file out of the successes."""
+    at = PNG.index(b"IDAT")
+    crc = at + 4 + struct.unpack(">I", PNG[at - 4 : at])[0]
+    bad = PNG[:crc] + bytes(b ^ 0xFF for b in PNG[crc : crc + 4]) + PNG[crc + 4 :]
+    assert cv2.imdecode(np.frombuffer(bad, np.uint8), cv2.IMREAD_COLOR) is None
+    with pytest.raises(FetchFailure, match=r"^truncated: SyntaxError: broken PNG file \(bad header checksum"):
+        inspect(bad, MAX_PIXELS)
+
+
+def test_an_exif_block_pillow_cannot_parse_leaves_the_image_as_stored() -> None:
+    """A damaged EXIF header has no orientation: OpenCV decodes the image as stored, and so is it kept,
+    at its stored size, not refused as truncated."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="JPEG", exif=b"Exif\0\0XX\0*\0\0\0\x08")
+    height, width = cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR).shape[:2]
+    assert inspect(buf.getvalue(), MAX_PIXELS) == (".jpg", width, height) == (".jpg", 40, 30)
 
 
 def _full_decode(data: bytes) -> bool:
