@@ -1344,7 +1344,7 @@ def test_an_endpoint_refused_for_its_form_does_not_quote_its_credentials(endpoin
 
 
 @pytest.mark.parametrize("endpoint", ["http://[::1", "http://mini o:9000", "http://127.0.0.1:9OOO",
-                                      "http://127.0.0.1:90000", ""])
+                                      "http://127.0.0.1:90000", "", "ftp://127.0.0.1:9000"])
 def test_an_endpoint_boto3_cannot_use_is_a_params_error(endpoint: str) -> None:
     """These passed the check, then ended the stage in a ValueError traceback (exit 1, not 2) or in a
     listing error after the stage had started. ``""`` (as bucket's and prefix's defaults are written) is
@@ -1587,6 +1587,7 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     client.create_bucket(Bucket="faces")
     objects = {
         "raw/a.jpg": JPEG,
+        "raw/UP.JPG": PNG,  # an ending in capitals (a camera's) is an image ending too
         "raw/deep/b.png": PNG,
         "raw/fake.jpg": b"plain text",
         "raw/big.jpg": BODIES["/huge.bin"],
@@ -1600,6 +1601,7 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     main(Common(), _config(source="s3", s3=section))
     manifest = pd.read_parquet("out/manifest.parquet").set_index("key")
     assert manifest["status"].to_dict() == {
+        "raw/UP.JPG": "success",
         "raw/a.jpg": "success",
         "raw/big.jpg": "too_large",
         "raw/deep/b.png": "success",
@@ -1608,8 +1610,8 @@ def test_s3_prefix(s3_endpoint: str) -> None:
     assert Path("out", manifest.loc["raw/a.jpg", "path"]).read_bytes() == JPEG
     assert (manifest["source"] == "s3").all()
     everything = s3.list_rows(client, s3.S3Config(bucket="faces", prefix="raw/", extensions=[]))
-    assert everything["key"].tolist() == ["raw/a.jpg", "raw/big.jpg", "raw/deep/b.png", "raw/fake.jpg",
-                                          "raw/readme.txt"]  # no folder marker, even with every ending
+    assert everything["key"].tolist() == ["raw/UP.JPG", "raw/a.jpg", "raw/big.jpg", "raw/deep/b.png",
+                                          "raw/fake.jpg", "raw/readme.txt"]  # no folder marker, every ending
     assert len(s3.list_rows(client, s3.S3Config(bucket="faces", prefix="raw/", max_objects=2))) == 2
     with pytest.raises(StageError, match=r"s3 source lists no rows: nothing in s3://faces/none/ \(keys"):
         main(Common(), _config(source="s3", s3=section | {"prefix": "none/"}))
@@ -1693,7 +1695,8 @@ def test_s3_throttling_is_retried(tmp_path: Path) -> None:
 
 class SlowDown(BaseHTTPRequestHandler):
     """An S3 endpoint that answers its first ``fail`` requests 503 SlowDown (S3's own transient throttling,
-    which botocore retries by itself), then a listing of one object."""
+    which botocore retries by itself), then a listing of one object (``"e"``, 10 bytes), also as any
+    object's body, with the ETag unquoted as some S3-compatible stores send it."""
 
     requests, fail = 0, 0
 
@@ -1713,6 +1716,8 @@ class SlowDown(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
+        if status == 200:
+            self.send_header("ETag", "e")
         self.end_headers()
         self.wfile.write(body)
 
@@ -1747,6 +1752,41 @@ def test_s3_download_is_tried_once_per_fetch_retry(slow_down: str, tmp_path: Pat
     (record,) = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
     assert (record.status, record.error) == ("http_error", "HTTP 503 SlowDown")
     assert SlowDown.requests == 1
+
+
+def test_an_s3_listing_that_fails_ends_the_stage_naming_the_prefix(slow_down: str) -> None:
+    """A listing error is one line naming where fetch looked, not botocore's traceback; fetch.retries
+    reaches the listing's client through the stage (threads is the argument beside it)."""
+    SlowDown.fail = 1
+    cfg = _config(source="s3", s3={"bucket": "faces", "prefix": "raw/", "endpoint_url": slow_down}, retries=0)
+    with pytest.raises(StageError, match=r"^fetch\.s3: cannot list s3://faces/raw/: .*\(SlowDown\)"):
+        main(Common(), cfg)
+    assert SlowDown.requests == 1 and not Path("out").exists()
+
+
+def test_s3_downloads_obey_the_listed_size_and_retry_a_5xx(slow_down: str, tmp_path: Path) -> None:
+    """An object listed over max_bytes is too_large without a request, one of max_bytes exactly is
+    fetched; a 503 is retried (here the retry's body, not an image, is not_image); an ETag listed with
+    quotes matches the same one sent without them (a replaced object's would not)."""
+    SlowDown.fail = 1
+    cfg = _config(source="s3", s3={"bucket": "faces", "endpoint_url": slow_down}, retries=1, threads=1)
+    rows = pd.DataFrame([{"sample_id": k, "caption": "", "key": k, "etag": '"e"', "size": n}
+                         for k, n in (("over.jpg", MAX_BYTES + 1), ("at.jpg", MAX_BYTES))])
+    source = s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries, rows)
+    over, at = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
+    assert (over.status, over.error) == ("too_large", f"{MAX_BYTES + 1} bytes is over {MAX_BYTES}")
+    assert at.status == "not_image" and SlowDown.requests == 2
+
+
+def test_an_s3_store_that_refuses_connections_gives_connection_error_rows(tmp_path: Path) -> None:
+    """A refused connect is a transfer failure of its own status, as laion-face's are, not an ``error``."""
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    cfg = _config(source="s3", s3={"bucket": "faces", "endpoint_url": endpoint}, retries=0)
+    rows = pd.DataFrame([{"sample_id": "a.jpg", "caption": "", "key": "a.jpg", "etag": "e", "size": 10}])
+    source = s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries, rows)
+    (record,) = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
+    assert record.status == "connection_error"
+    assert record.error == f'Could not connect to the endpoint URL: "{endpoint}/faces/a.jpg"'
 
 
 class Dripping(BaseHTTPRequestHandler):
