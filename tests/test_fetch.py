@@ -1310,6 +1310,10 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
         _config(source="s3", s3={"bucket": "b", "endpoint_url": "127.0.0.1:9000"})
     with pytest.raises(ParamsError, match=r"fetch\.max_pixels: must be >= 1"):
         _config(max_pixels=0)
+    with pytest.raises(ParamsError, match=r"fetch\.threads: must be >= 1"):  # a pool of 0: ValueError mid-run
+        _config(threads=0)
+    with pytest.raises(ParamsError, match=r"fetch\.max_bytes: must be >= 1"):  # every image too_large
+        _config(max_bytes=0)
     with pytest.raises(ParamsError, match=r"fetch\.max_pixels: must be <= 178956970"):  # Pillow opens no more
         _config(max_pixels=200_000_000)
     with pytest.raises(ParamsError, match=r"fetch\.source: must be one of"):
@@ -1867,6 +1871,7 @@ def test_an_unforeseen_source_error_reaches_the_debug_log_redacted(
     with caplog.at_level("DEBUG", logger="mcf.data.sources.download"):
         (record,) = fetch_records(source, tmp_path / "old", tmp_path / "journal", tmp_path / "new", limits)
     assert record.status == "error" and "s3cr3t" not in record.error
+    assert record.error == "RuntimeError: surprise on https://<redacted>@bucket.example/a.jpg?<redacted>"
     assert "unexpected error on a" in caplog.text and "RuntimeError: surprise on" in caplog.text
     assert "s3cr3t" not in caplog.text and "pw@" not in caplog.text
 
@@ -1903,6 +1908,7 @@ def test_a_killed_run_into_a_linked_out_resumes_under_either_runner(
         killed, resumed = resumed, killed
     cfg = _config(source="local", local={"root": str(root)})
     fetch_records(remote_source(cfg), killed, journal_dir(killed), tmp_path / "staged", limits(cfg))  # killed
+    assert (tmp_path / "scratch" / ".out.partial" / "journal.jsonl").is_file()  # the name docs give
     for path in root.iterdir():  # unreadable now, same size and mtime: only a reused row succeeds
         stat = path.stat()
         path.write_bytes(b"x" * stat.st_size)
