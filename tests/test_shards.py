@@ -6,17 +6,30 @@ import functools
 import gc
 import io
 import json
+import re
 import tarfile
 import types
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
+from conftest import contract_types
+from PIL import Image
 
 from mcf.data.pretrain_data import CropDataset
-from mcf.data.shards import encode_jpeg, iter_encoded, iter_samples, read_back, shard_urls, write_shards
+from mcf.data.shards import (
+    encode_jpeg,
+    iter_encoded,
+    iter_samples,
+    read_back,
+    shard_urls,
+    write_manifest,
+    write_shards,
+)
 from mcf.errors import StageError
 
 
@@ -292,3 +305,105 @@ def test_a_member_written_twice_in_a_shard_is_refused(tmp_path: Path) -> None:
         read_back(tmp_path / "dup")
     with pytest.raises(StageError, match=message):
         CropDataset(tmp_path / "dup", 8, cache_mb=0)
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes | None]]) -> None:
+    """A plain tar at ``path`` of ``(name, data)`` members in order; ``None`` data is a folder member."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_shard_urls_are_the_crop_shards_alone(tmp_path: Path) -> None:
+    """Only ``crops-*.tar`` files are shards: another tar left in the folder (a backup, a download) would
+    be read as crops by every stage after it and by pre-training."""
+    write_shards(_samples(3), tmp_path, 1)
+    (tmp_path / "backup.tar").write_bytes((tmp_path / "crops-000000.tar").read_bytes())
+    assert shard_urls(tmp_path) == [str(tmp_path / f"crops-{i:06d}.tar") for i in range(3)]
+
+
+def test_a_shard_with_folder_members_reads_as_webdataset_reads_it(tmp_path: Path) -> None:
+    """A shard made with ``tar -cf`` from folders holds the folders as members and keys each crop by its
+    path: webdataset skips the folder members and reads ``a/c0`` and ``b/c0`` as two samples. Taking a
+    folder member for a crop failed the read (no extension); keying by file name alone merged the two."""
+    jpegs = [encode_jpeg(np.full((8, 8, 3), v, np.uint8)) for v in (40, 200)]
+    shard = tmp_path / "shards" / "crops-000000.tar"
+    _write_tar(shard, [("a", None), ("a/c0.jpg", jpegs[0]), ("a/c0.json", b'{"i": 0}'),
+                       ("b", None), ("b/c0.jpg", jpegs[1]), ("b/c0.json", b'{"i": 1}')])
+    read = wds.WebDataset(str(shard), shardshuffle=False)
+    theirs = [(sample["__key__"], sample["jpg"], json.loads(sample["json"])) for sample in read]
+    assert [key for key, _, _ in theirs] == ["a/c0", "b/c0"]
+    assert list(iter_encoded(str(shard))) == theirs
+    crops = CropDataset(shard.parent, 8, cache_mb=0)
+    assert len(crops) == 2 and crops[0].float().mean() < 100 < crops[1].float().mean()
+
+
+@pytest.mark.parametrize(("members", "message"), [
+    ([("k.json", b"{}")], r"sample 'k' lacks a jpg or json member \(has \['json'\]\)"),
+    ([("k.jpg", b"x"), ("k.json", b"{}"), ("k", b"x")], r"member 'k' has no extension"),
+    ([("k.jpg", b"x"), ("k.json", b"not json")], r"sample 'k': json member is not JSON"),
+])
+def test_a_malformed_sample_of_a_foreign_shard_is_one_line(
+    tmp_path: Path, members: list[tuple[str, bytes | None]], message: str
+) -> None:
+    """A shard written elsewhere may break the sample schema (docs/CONTRACTS.md): a json without its jpg
+    was a KeyError, a member with no extension went into the sample unread, and a json member that is
+    ASCII but not JSON was a JSONDecodeError; each is a StageError naming the shard."""
+    shard = tmp_path / "crops-000000.tar"
+    _write_tar(shard, members)
+    with pytest.raises(StageError, match=rf"^{re.escape(str(shard))}: {message}"):
+        list(iter_encoded(str(shard)))
+
+
+def test_a_greyscale_jpeg_crop_is_read_as_rgb(tmp_path: Path) -> None:
+    """A crop is RGB wherever it is read: a greyscale JPEG (a foreign shard's; ``mcf predict``'s input also
+    goes through decode_jpeg) decoded to ``[H, W]``, which pre-training's ``[3, S, S]`` permute refused with
+    a traceback."""
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.arange(0, 240, 30, dtype=np.uint8), (8, 1))).save(buf, format="JPEG")
+    write_shards([("c0", buf.getvalue(), {})], tmp_path, 10)
+    (_, rgb, _), = iter_samples(shard_urls(tmp_path))
+    assert rgb.shape == (8, 8, 3) and np.array_equal(rgb[..., 0], rgb[..., 2])
+    crop = CropDataset(tmp_path, 8, cache_mb=0)[0]
+    assert crop.shape == (3, 8, 8) and torch.equal(crop, torch.from_numpy(rgb.copy()).permute(2, 0, 1))
+
+
+def test_read_back_gives_width_and_height_apart_and_numpys_std(tmp_path: Path) -> None:
+    """The gates check width and height each against ``crop.size`` (docs/CONTRACTS.md); with square crops
+    a swap of the two passed unseen. ``std`` is the population standard deviation of the decoded pixels."""
+    rgb = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)  # 6 high, 10 wide
+    write_shards([("c0", encode_jpeg(rgb), {})], tmp_path, 10)
+    (_, decoded, _), = iter_samples(shard_urls(tmp_path))
+    row = read_back(tmp_path).iloc[0]
+    assert (row["width"], row["height"]) == (10, 6)
+    assert row["mean"] == pytest.approx(decoded.mean(), rel=1e-12)
+    assert row["std"] == pytest.approx(decoded.std(), rel=1e-12)
+
+
+def test_a_manifest_with_every_column_null_keeps_its_documented_types(tmp_path: Path) -> None:
+    """A crop run that keeps nothing leaves every read-back column null, and faces rejected before cropping
+    leave blur and phash null too: pandas would write such columns with Arrow's null type, which the gate
+    and pandas readers take for another type. Each is written as docs/CONTRACTS.md types it."""
+    documented = contract_types("crop: `manifest.parquet`")
+    row = dict.fromkeys(documented) | {"crop_id": "a_000", "sample_id": "a", "face": 0, "status": "rejected"}
+    write_manifest(pd.DataFrame([row]), tmp_path / "manifest.parquet")
+    schema = pq.read_schema(tmp_path / "manifest.parquet")
+    assert {name: str(schema.field(name).type) for name in schema.names} == documented
+
+
+def test_a_shard_whose_file_is_gone_is_one_line(tmp_path: Path) -> None:
+    """A shard that is a dangling link (DVC's symlink cache after ``dvc gc``) was a FileNotFoundError
+    traceback from the stages' reader and pre-training's index; it is a StageError naming the shard."""
+    (tmp_path / "crops-000000.tar").symlink_to(tmp_path / "gone.tar")
+    message = r"crops-000000.tar: not a readable crop shard \(FileNotFoundError"
+    with pytest.raises(StageError, match=message):
+        list(iter_encoded(shard_urls(tmp_path)))
+    with pytest.raises(StageError, match=message):
+        CropDataset(tmp_path, 8, cache_mb=0)
