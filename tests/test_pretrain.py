@@ -172,6 +172,47 @@ def test_epoch_view_drops_the_tail_and_draws_new_flips_each_epoch() -> None:
     assert not np.array_equal(epochs[0].flips, epochs[1].flips)
 
 
+def test_seed_and_epoch_each_key_the_order_and_the_flips() -> None:
+    """The order is drawn from ``(seed, epoch)`` and the flips from ``(seed, epoch, crop)``: a key that
+    summed seed and epoch gave seed 1's first epoch seed 0's second epoch, and flips keyed without the seed
+    were the same in runs of every seed."""
+    crops: Any = [torch.zeros(3, 2, 2, dtype=torch.uint8)] * 64
+
+    def view(seed: int, epoch: int) -> EpochView:
+        return EpochView(crops, seed, epoch, 0, 1, 64, 0)
+
+    assert view(0, 1).indices.tolist() != view(1, 0).indices.tolist()
+    assert not np.array_equal(view(0, 0).flips, view(1, 0).flips)
+
+
+def test_ranks_read_strided_slices_of_the_epochs_permutation() -> None:
+    """``DistributedSampler``'s semantics, as the module documents: rank r reads positions r, r + W, ... of
+    the one permutation, so the order on W ranks interleaves the order on one; contiguous blocks per rank
+    are disjoint and equal too, and passed the other checks."""
+    crops: Any = [torch.zeros(3, 2, 2, dtype=torch.uint8)] * 50
+    full = EpochView(crops, 3, 2, 0, 1, 50, 0).indices
+    for rank in range(3):
+        assert EpochView(crops, 3, 2, rank, 3, 16, 0).indices.tolist() == full[rank::3][:16].tolist()
+
+
+def test_the_crops_are_cached_when_they_fit_in_cache_mb(tmp_path: Path) -> None:
+    """``cache_mb`` bounds the decoded cache, ``crops × 3 × S²`` bytes against ``cache_mb`` MiB: counting a
+    byte a pixel cached three times the memory asked for, and megabytes of 10⁶ bytes left on disk a subset
+    that fits (each access then decodes a JPEG)."""
+    jpeg = encode_jpeg(np.full((8, 8, 3), 128, np.uint8))
+    write_shards([("c0", jpeg, {})], tmp_path / "one", shard_size=10)
+    write_shards([("c0", jpeg, {}), ("c1", jpeg, {})], tmp_path / "two", shard_size=10)
+    assert CropDataset(tmp_path / "one", 580, cache_mb=1).cache is not None  # 1,009,200 bytes <= 1 MiB
+    assert CropDataset(tmp_path / "two", 512, cache_mb=1).cache is None  # 1,572,864 bytes > 1 MiB
+
+
+def test_a_crop_that_is_not_square_is_resized_to_the_input_size(tmp_path: Path) -> None:
+    """Every crop comes out ``[3, S, S]`` whatever its shape (a foreign shard's): a check of the height
+    alone left a crop S high and wider than S at its size, which the cache's stack or the collate refused."""
+    write_shards([("c0", encode_jpeg(np.full((32, 40, 3), 90, np.uint8)), {})], tmp_path, shard_size=10)
+    assert CropDataset(tmp_path, 32, cache_mb=0)[0].shape == (3, 32, 32)
+
+
 def test_an_undecodable_crop_read_by_a_worker_is_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -211,6 +211,14 @@ def test_pretrain_flip_is_horizontal() -> None:
     assert any(flipped) and not all(flipped)
 
 
+def test_pretrain_flips_half_the_crops() -> None:
+    """§1: RandomHorizontalFlip at its default p = 0.5. Over 10,000 crops the flipped share is 0.5 ± 0.015
+    (6 standard deviations); a few dozen crops, as the other tests draw, could not tell 0.4 from 0.5."""
+    crops = [torch.zeros(3, 1, 1, dtype=torch.uint8)] * 10_000
+    view = EpochView(crops, seed=0, epoch=0, rank=0, world_size=1, length=10_000, start=0)
+    assert abs(view.flips.mean() - 0.5) < 0.015
+
+
 def test_neck_ppm_and_blocks() -> None:
     """§3: blocks 3, 5, 7, 11 feed a neck giving ×4 (two transposed convs), ×2, ×1, ÷2 of the ViT grid;
     UPerNet with PPM bins 1, 2, 3, 6 and 768 channels."""
