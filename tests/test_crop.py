@@ -44,7 +44,7 @@ from mcf.data.detect import (
     load_detections,
     make_detector,
 )
-from mcf.data.quality import bench_duplicates, duplicates, phash
+from mcf.data.quality import bench_duplicates, blur_score, duplicates, phash
 from mcf.data.shards import iter_samples, shard_urls
 from mcf.errors import GateError, StageError
 from mcf.io import atomic_dir, atomic_file, check_replaceable
@@ -893,6 +893,43 @@ def _greedy(hashes: list[int], d: int) -> list[bool]:
     return flags
 
 
+def test_blur_score_is_the_laplacian_variance_of_the_grey_crop() -> None:
+    """docs/CONTRACTS.md: ``blur`` is the variance of the Laplacian of the grey crop, which
+    ``crop.min_blur`` is set against. One-pixel stripes of 0 and v have a Laplacian of ±2v everywhere, a
+    variance of 4v²; red stripes are grey 76 (0.299 × 255), where reading the crop as BGR made them 29."""
+    stripes = np.zeros((8, 8, 3), np.uint8)
+    stripes[:, 1::2] = 100
+    assert blur_score(stripes) == 4 * 100**2
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[:, 1::2, 0] = 255
+    assert blur_score(red) == 4 * 76**2
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    """The orthonormal DCT-II matrix: row k is frequency k sampled at the n pixel centres."""
+    k, x = np.arange(n)[:, None], np.arange(n)[None, :]
+    c = np.sqrt(2 / n) * np.cos(np.pi * (2 * x + 1) * k / (2 * n))
+    c[0] /= np.sqrt(2)
+    return c
+
+
+def test_phash_follows_its_definition() -> None:
+    """The pHash as documented, written out in NumPy on 96-px crops: the grey image averaged down to 32 × 32,
+    its 8 × 8 lowest DCT frequencies (row-major, the first the most significant bit) above the median of
+    all but the DC term. The robustness checks above pass for many variants (BGR grey, a bilinear
+    thumbnail, ``>=``, another bit order), each of which changes every manifest's hashes."""
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    corner = np.zeros((96, 96, 3), np.uint8)  # dark but its corner: every low frequency beats the DC term
+    corner[:3, :6], corner[3:6, :3] = (255, 40, 0), (90, 90, 90)
+    c = _dct_matrix(32)
+    for rgb in (noise, corner):
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(float)
+        low = (c @ gray.reshape(32, 3, 32, 3).mean(axis=(1, 3)) @ c.T)[:8, :8].reshape(-1)
+        bits = "".join("1" if v > np.median(low[1:]) else "0" for v in low)
+        assert f"{phash(rgb):064b}" == bits
+
+
 @pytest.mark.parametrize("d", [0, 1, 2, 3, 7])
 def test_duplicates_in_clusters_and_chains(d: int) -> None:
     """Face hashes cluster: crowded blocks, exact repeats, chains (A kept, B near A dropped, C near B
@@ -944,6 +981,7 @@ def test_duplicates_bench_prints_its_numbers(capsys: pytest.CaptureFixture[str])
     (pd.DataFrame({"crop_id": ["a_000"]}), "no column phash; rerun `mcf crop`"),
     (pd.DataFrame({"phash": [None, None]}), "no crop has a phash"),
     (pd.DataFrame({"phash": ["00ff00ff00ff00fg"]}), "a phash that is not 16 hex digits"),
+    (pd.DataFrame({"phash": ["00ff"]}), "a phash that is not 16 hex digits"),
 ])
 def test_duplicates_bench_on_a_damaged_manifest_is_one_line(
     tmp_path: Path, table: pd.DataFrame | None, message: str, capsys: pytest.CaptureFixture[str]
@@ -961,6 +999,27 @@ def test_duplicates_bench_on_a_damaged_manifest_is_one_line(
     with pytest.raises(SystemExit) as exit_:
         bench_duplicates(["--manifest", str(tmp_path / "nope.parquet")])
     assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--hashes", "0"], ["--spread", "-0.1"], ["--distance", "32"]])
+def test_duplicates_bench_refuses_arguments_out_of_range(args: list[str]) -> None:
+    """The ranges its usage error states: no hashes ended in numpy's "need at least one array to
+    concatenate" traceback, and a negative spread or a distance past 31 ran on as if valid."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_duplicates(["--hashes", "10", *args])
+    assert exit_.value.code == 2
+
+
+def test_duplicates_bench_draws_as_many_hashes_as_asked_the_same_each_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With no bit flipped, 2,500 hashes drawn from 2,000 parents repeat some parents and no more than
+    2,500 are duplicates; a second run, seeded, finds the same count (a bench compared across commits)."""
+    counts = []
+    for _ in range(2):
+        bench_duplicates(["--hashes", "2500", "--spread", "0"])
+        counts.append(int(re.search(r": (\d+) duplicates in", capsys.readouterr().out)[1]))
+    assert 0 < counts[0] < 2500 and counts[0] == counts[1]
 
 
 def test_duplicates_bench_takes_its_parents_from_a_manifest(
