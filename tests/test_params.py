@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import math
 import os
 import pickle
 import re
@@ -36,7 +37,8 @@ class Outer:
 def test_build_defaults_and_types() -> None:
     cfg = build(Outer, {"rate": 0.25, "inner": {"size": 3}, "layers": [1, 2, 3]})
     assert cfg == Outer(rate=0.25, inner=Inner(size=3), layers=(1, 2, 3))
-    assert build(Outer, {"scale": 2}).scale == 2.0  # an int is a valid float
+    scale = build(Outer, {"scale": 2}).scale  # an int is a valid float, and becomes one
+    assert (scale, type(scale)) == (2.0, float)
 
 
 @pytest.mark.parametrize(
@@ -466,12 +468,15 @@ class Kinds:
     count: int = 1
     rate: float = 0.5
     flag: bool = False
+    name: str = "URL"
 
 
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
         ({"count": True}, "kinds.count: expected an integer, got bool True"),
+        ({"name": 5}, "kinds.name: expected a string, got int 5"),
+        ({"name": None}, "kinds.name: expected a string, got NoneType None"),
         ({"rate": False}, "kinds.rate: expected a number, got bool False"),
         ({"flag": 1}, "kinds.flag: expected true or false, got 1"),
         ({"flag": 0.0}, "kinds.flag: expected true or false, got 0.0"),
@@ -492,6 +497,47 @@ def test_a_pair_given_one_value_is_a_params_error() -> None:
         build(TrainConfig, {"betas": [0.9]}, "pretrain.train")
     with pytest.raises(ParamsError, match="expected 2 values, got 3"):
         build(TrainConfig, {"betas": [0.9, 0.95, 0.99]}, "pretrain.train")
+
+
+def test_a_single_value_where_a_list_belongs_is_refused() -> None:
+    """A string is iterable: unchecked, ``disallowed_header_directives: noai`` would become the four
+    directives n, o, a and i (every real one silently off), and ``layers: 5`` a TypeError traceback."""
+    from mcf.data.sources.laion import LaionFaceConfig
+
+    key = r"fetch\.laion_face\.disallowed_header_directives"
+    with pytest.raises(ParamsError, match=rf"^{key}: expected a list, got str 'noai'$"):
+        build(LaionFaceConfig, {"disallowed_header_directives": "noai"}, "fetch.laion_face")
+    with pytest.raises(ParamsError, match=r"^outer\.layers: expected a list, got int 5$"):
+        build(Outer, {"layers": 5}, "outer")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("crop: 64\n", "crop: expected a mapping, got int 64"),
+    ("crop:\n  detector: haar\n", "crop.detector: expected a mapping, got str 'haar'"),
+])
+def test_a_section_given_as_a_single_value_is_one_clear_error(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    """A section or sub-section written as one value (``crop: 64``, ``detector: haar``) would be a
+    TypeError traceback from taking the keys of an int or a str; it is the params error naming the key."""
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match="^" + re.escape(f"{tmp_path / 'params.yaml'}: {message}") + "$"):
+        load("crop", tmp_path / "params.yaml")
+
+
+def test_yaml_special_floats_read_as_dvc_reads_them(tmp_path: Path) -> None:
+    """DVC (YAML 1.2) reads ``.nan`` and ``.inf`` as floats: read as the strings '.nan' and '.inf', a
+    ``blr: .nan`` would be refused as 'expected a number, got str', not as the non-finite number it is."""
+    from dvc.utils.serialize import parse_yaml
+
+    text = "a: .nan\nb: -.Inf\nc: .INF\n"
+    (tmp_path / "p.yaml").write_text(text)
+    got, want = read_yaml(tmp_path / "p.yaml"), parse_yaml(text, "p.yaml")
+    assert isinstance(got["a"], float) and math.isnan(got["a"]) and math.isnan(want["a"])
+    assert (got["b"], got["c"]) == (want["b"], want["c"]) == (-math.inf, math.inf)
+    (tmp_path / "p.yaml").write_text("mask_ratio: .nan\n")
+    with pytest.raises(ParamsError, match=r"mask_ratio: expected a finite number, got nan$"):
+        load(None, tmp_path / "p.yaml")
 
 
 @pytest.mark.parametrize(
@@ -570,9 +616,11 @@ def test_an_unreadable_params_file_is_one_clear_error(
 
 
 def test_top_level_defaults_and_bounds(tmp_path: Path) -> None:
-    """A file that leaves ``mask_ratio`` out pretrains at the paper's 0.75; a negative seed, which numpy's
-    and torch's seeding refuse only mid-stage, is refused up front."""
+    """A file that leaves ``mask_ratio`` out pretrains at the paper's 0.75, one that leaves ``seed`` out runs
+    the committed seed 0; a negative seed, which numpy's and torch's seeding refuse only mid-stage, is
+    refused up front."""
     assert load(None, _write(tmp_path, {"seed": 3}))[0] == Common(seed=3, mask_ratio=0.75)
+    assert load(None, _write(tmp_path, {"mask_ratio": 0.5}))[0] == Common(seed=0, mask_ratio=0.5)
     with pytest.raises(ParamsError, match=r"params.yaml: seed: must be >= 0, got -1$"):
         load(None, _write(tmp_path, {"seed": -1}))
 
