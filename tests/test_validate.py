@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -599,3 +601,144 @@ def test_verbose_is_mcfs_debug_log_not_its_libraries(monkeypatch: pytest.MonkeyP
     with pytest.raises(SystemExit):
         gate.cli(["-v"])  # refused (no SUITE), after the level is set
     assert logging.getLogger().level == root and logging.getLogger("mcf").level == logging.DEBUG
+
+
+# Suite -> (row of its good table each broken row starts from, changes, the checks the notes say catch them).
+BREAKS: dict[str, list[tuple[int, dict[str, object], list[str]]]] = {
+    "fetch": [
+        (2, {"sample_id": None}, ["expect_column_values_to_not_be_null(column=sample_id)"]),
+        (2, {"source": None}, ["expect_column_values_to_not_be_null(column=source)"]),
+        (2, {"status": None}, ["expect_column_values_to_not_be_null(column=status)"]),
+        (2, {"height": None}, ["expect_column_values_to_not_be_null(column=height)"]),
+        (0, {"sha256": "1" * 64}, ["expect_column_values_to_be_unique(column=path)"] * 2),  # a's path: 2 rows
+        (1, {"path": "images/z.png", "width": 0},
+         ["expect_column_values_to_be_between(column=width, where status == success)"]),
+        (2, {"path": "images/c.jpg"},
+         ["expect_column_values_to_be_null(column=path, where status != success)"]),
+        (2, {"error": None}, ["expect_column_values_to_not_be_null(column=error, where status != success)"]),
+        (2, {"width": 5}, ["expect_column_values_to_be_between(column=width, where status != success)"]),
+        (2, {"width": -1}, ["expect_column_values_to_be_between(column=width, where status != success)"]),
+    ],
+    "crop": [
+        (0, {"crop_id": None}, ["expect_column_values_to_not_be_null(column=crop_id)"]),
+        (0, {"sample_id": None}, ["expect_column_values_to_not_be_null(column=sample_id)"]),
+        (1, {"status": None}, ["expect_column_values_to_not_be_null(column=status)"]),
+        (0, {"detector": "mtcnn"}, ["expect_column_values_to_be_in_set(column=detector)"]),
+        (1, {"reason": None},
+         ["expect_column_values_to_not_be_null(column=reason, where status == rejected)"]),
+        (1, {"reason": "ugly"}, ["expect_column_values_to_be_in_set(column=reason)"]),
+        (0, {"shard": None}, ["expect_column_values_to_not_be_null(column=shard, where status == kept)"]),
+        (1, {"shard": "crops-000001.tar"},
+         ["expect_column_values_to_be_null(column=shard, where status == rejected)"]),
+        (0, {"width": None}, ["expect_column_values_to_not_be_null(column=width, where status == kept)"]),
+        (0, {"height": None}, ["expect_column_values_to_not_be_null(column=height, where status == kept)"]),
+        (0, {"width": 65}, ["expect_column_values_to_be_between(column=width_off)"]),
+        (0, {"width": 63}, ["expect_column_values_to_be_between(column=width_off)"]),
+        (0, {"blur": None}, ["expect_column_values_to_not_be_null(column=blur, where status == kept)"]),
+        (0, {"phash": None}, ["expect_column_values_to_not_be_null(column=phash, where status == kept)"]),
+        (0, {"phash": "0123456789ABCDEF"}, ["expect_column_values_to_match_regex(column=phash)"]),
+        (0, {"mean": None}, ["expect_column_values_to_not_be_null(column=mean, where status == kept)"]),
+        (0, {"mean": 2.0}, ["expect_column_values_to_be_between(column=mean)"]),
+        (0, {"mean": 251.0}, ["expect_column_values_to_be_between(column=mean)"]),
+        (0, {"std": None}, ["expect_column_values_to_not_be_null(column=std, where status == kept)"]),
+        (0, {"std": 1.0}, ["expect_column_values_to_be_between(column=std)"]),
+        (0, {"std": 129.0}, ["expect_column_values_to_be_between(column=std)"]),
+    ],
+    "subset": [
+        (0, {"sample_id": None}, ["expect_column_values_to_not_be_null(column=sample_id)"]),
+        (0, {"status": None}, ["expect_column_values_to_not_be_null(column=status)"]),
+        (0, {"shard": None}, ["expect_column_values_to_not_be_null(column=shard)"]),
+        (0, {"shard": "crops-1.tar"}, ["expect_column_values_to_match_regex(column=shard)"]),
+        (0, {"crop_id": "not_in_crop"}, ["expect_column_values_to_not_be_null(column=width_off)",
+                                         "expect_column_values_to_not_be_null(column=height_off)"]),
+        (0, {"height": None}, ["expect_column_values_to_not_be_null(column=height)",
+                               "expect_column_values_to_not_be_null(column=height_off)"]),
+        (0, {"width": 65}, ["expect_column_values_to_be_between(column=width_off)",
+                            "expect_column_unique_value_count_to_be_between(column=width)"]),
+        (0, {"width": 63}, ["expect_column_values_to_be_between(column=width_off)"]),
+        (0, {"crop_id": "other_size", "height": 63},  # the crop manifest says 63 too: only the count sees it
+         ["expect_column_unique_value_count_to_be_between(column=height)"]),
+        (0, {"mean": None}, ["expect_column_values_to_not_be_null(column=mean)"]),
+        (0, {"mean": 251.0}, ["expect_column_values_to_be_between(column=mean)"]),
+        (0, {"mean": 2.0}, ["expect_column_values_to_be_between(column=mean)"]),
+        (0, {"std": None}, ["expect_column_values_to_not_be_null(column=std)"]),
+        (0, {"std": 129.0}, ["expect_column_values_to_be_between(column=std)"]),
+        (0, {"std": 1.0}, ["expect_column_values_to_be_between(column=std)"]),
+        (0, {"blur": None}, ["expect_column_values_to_not_be_null(column=blur)"]),
+        (0, {"phash": None}, ["expect_column_values_to_not_be_null(column=phash)"]),
+        (0, {"phash": "0123"}, ["expect_column_values_to_match_regex(column=phash)"]),
+    ],
+    "aflw19": [
+        (0, {"name": None}, ["expect_column_values_to_not_be_null(column=name)"]),
+        (0, {"height": None}, ["expect_column_values_to_not_be_null(column=height)"]),
+        (0, {"centre_in_box": None}, ["expect_column_values_to_not_be_null(column=centre_in_box)"]),
+        (0, {"box_h": None}, ["expect_column_values_to_not_be_null(column=box_h)"]),
+        (0, {"y_min": None}, ["expect_column_values_to_not_be_null(column=y_min)"]),
+        (0, {"y_max": None}, ["expect_column_values_to_not_be_null(column=y_max)"]),
+        (0, {"eye_gap": None}, ["expect_column_values_to_not_be_null(column=eye_gap)"]),
+        (0, {"width": 0}, ["expect_column_values_to_be_between(column=width)"]),
+        (0, {"height": 0}, ["expect_column_values_to_be_between(column=height)"]),
+        (0, {"box_w": 0.0}, ["expect_column_values_to_be_between(column=box_w)"]),
+        (0, {"box_h": 0.0}, ["expect_column_values_to_be_between(column=box_h)"]),
+        (0, {"x_min": -0.2}, ["expect_column_values_to_be_between(column=x_min)"]),
+        (0, {"x_min": 1.2}, ["expect_column_values_to_be_between(column=x_min)"]),
+        (0, {"y_min": -0.2}, ["expect_column_values_to_be_between(column=y_min)"]),
+        (0, {"y_min": 1.2}, ["expect_column_values_to_be_between(column=y_min)"]),
+        (0, {"y_max": 1.2}, ["expect_column_values_to_be_between(column=y_max)"]),
+        (0, {"y_max": -0.2}, ["expect_column_values_to_be_between(column=y_max)"]),
+        (0, {"visible": 20}, ["expect_column_values_to_be_between(column=visible)"]),
+        (0, {"visible": -1}, ["expect_column_values_to_be_between(column=visible)"]),
+    ],
+    "lapa": [
+        (0, {"has_label": None}, ["expect_column_values_to_not_be_null(column=has_label)"]),
+        (0, {"has_landmarks": None}, ["expect_column_values_to_not_be_null(column=has_landmarks)"]),
+        (0, {"label_min": None}, ["expect_column_values_to_not_be_null(column=label_min)"]),
+        (0, {"stem": "a"}, ["expect_column_values_to_be_unique(column=stem)"] * 2),
+        (0, {"has_label": False}, ["expect_column_values_to_be_in_set(column=has_label)"]),
+        (0, {"width": 0}, ["expect_column_values_to_be_between(column=width)"]),
+        (0, {"label_min": -1}, ["expect_column_values_to_be_between(column=label_min)"]),
+        (0, {"label_min": 11}, ["expect_column_values_to_be_between(column=label_min)"]),
+        (0, {"label_max": 11}, ["expect_column_values_to_be_between(column=label_max)"]),
+        (0, {"label_max": -1}, ["expect_column_values_to_be_between(column=label_max)"]),
+        (0, {"x_min": -0.2}, ["expect_column_values_to_be_between(column=x_min)"]),
+        (0, {"x_min": 1.2}, ["expect_column_values_to_be_between(column=x_min)"]),
+        (0, {"y_min": -0.2}, ["expect_column_values_to_be_between(column=y_min)"]),
+        (0, {"y_min": 1.2}, ["expect_column_values_to_be_between(column=y_min)"]),
+        (0, {"y_max": 1.2}, ["expect_column_values_to_be_between(column=y_max)"]),
+        (0, {"y_max": -0.2}, ["expect_column_values_to_be_between(column=y_max)"]),
+    ],
+}
+
+
+@pytest.mark.parametrize("suite", sorted(BREAKS))
+def test_each_rule_a_suite_states_catches_its_own_broken_row(suite: str, tmp_path: Path) -> None:
+    """The good table plus one row per break of a rule the suite's notes state (a null where one is ruled
+    out, a value past its range or set, a repeated id, a second crop size): the gate must list exactly the
+    checks meant for them. A check dropped from a suite, or its bound widened (``max_value`` gone, a
+    ``row_condition`` loosened), would let such a table through while every other test's table passed."""
+    good = GOOD[suite]()
+    ids = gate.ID_COLUMNS[suite]
+    rows = []
+    for i, (row, changes, _) in enumerate(BREAKS[suite]):
+        broken = good.iloc[[row]].copy().astype(object)
+        broken[ids] = f"x{i}"
+        for column, value in changes.items():
+            broken[column] = [value]
+        rows.append(broken)
+    table = pd.concat([good.astype(object), *rows], ignore_index=True)
+    for column, kind in good.dtypes.items():  # as a stage types them: a null int is Int64, a null flag object
+        nulls = table[column].isna().any()
+        if kind.name != "object" and not (kind.name == "bool" and nulls):
+            table[column] = table[column].astype("Int64" if kind.name == "int64" and nulls else kind)
+    config = _gate_config(suite, tmp_path)
+    if suite == "subset":  # the crop stage wrote every crop at 64², other_size at 64 x 63, not_in_crop never
+        crop = table[["crop_id", "width", "height"]].dropna(subset=["crop_id"]).assign(width=64, height=64)
+        crop.loc[crop["crop_id"] == "other_size", "height"] = 63
+        crop[crop["crop_id"] != "not_in_crop"].to_parquet(tmp_path / "manifest.parquet")
+    with pytest.raises(GateError) as err:
+        gate.run_gate(table, suite, stage="test", config=config, keep=False)
+    failed = {}  # check -> its unexpected rows (1 for a check on the whole column)
+    for line in str(err.value).splitlines()[1:]:
+        check, result = line[4:].split("): ", 1)
+        failed[check + ")"] = int(re.match(r"(\d+) unexpected", result)[1]) if "unexpected" in result else 1
+    assert failed == Counter(check for *_, checks in BREAKS[suite] for check in checks), str(err.value)
