@@ -60,6 +60,14 @@ def test_good_manifest_passes_and_stores_result() -> None:
     assert (gate.RESULTS_DIR.parent / ".gitignore").read_text().strip().endswith("*")
 
 
+def test_a_result_that_cannot_be_kept_does_not_fail_a_good_gate(caplog: pytest.LogCaptureFixture) -> None:
+    """The stored result is only for the report and Data Docs: a checkout where ``.mcf/validation`` cannot
+    be written (here ``.mcf`` is a file) must warn, not fail a stage whose data passed its gate."""
+    gate.RESULTS_DIR.parent.write_text("not a folder")
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    assert "could not keep the validation result of fetch" in caplog.text
+
+
 def test_missing_sha256_on_success_fails() -> None:
     df = _manifest()
     df.loc[1, "sha256"] = None
