@@ -107,10 +107,13 @@ class Handler(BaseHTTPRequestHandler):
     (slow body), /drip-gzip (gzip dripping bytes that decode to nothing), /drip-head (headers a byte at a
     time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png; /c<n> hops take
     0.3 s each), /loop (to itself), /leak (to a long ftp URL), /hang/<port> (to that port), /bad-gzip.jpg
-    (a JPEG sent as gzip) and /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name])."""
+    (a JPEG sent as gzip), /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name]),
+    /late.jpg (a JPEG after 0.4 s), /status/<code> (that error) and /bytes/<n> (n bytes; ``/unsized``:
+    without a Content-Length; ``/claims/<m>``: a Content-Length of m, then the n bytes and a close)."""
 
     counts: Counter = Counter()
     authorization: list[str | None] = []  # each request's Authorization header
+    user_agents: list[str | None] = []  # and User-Agent
     lock = threading.Lock()
     interrupt_once: set[str] = set()
 
@@ -121,6 +124,7 @@ class Handler(BaseHTTPRequestHandler):
         with self.lock:
             self.counts[self.path] += 1
             self.authorization.append(self.headers.get("Authorization"))
+            self.user_agents.append(self.headers.get("User-Agent"))
             interrupt = self.path in self.interrupt_once
             self.interrupt_once.discard(self.path)
         if interrupt:  # Ctrl-C while this image downloads: a real SIGINT wakes the waiting main thread
@@ -171,12 +175,21 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(JPEG)))
             self.end_headers()
             self.wfile.write(JPEG)
+        elif self.path.startswith("/status/"):
+            self.send_error(int(self.path.removeprefix("/status/")))
+        elif self.path.startswith("/bytes/"):
+            size, *rest = self.path.removeprefix("/bytes/").split("/")
+            self.send_response(200)
+            if rest != ["unsized"]:
+                self.send_header("Content-Length", rest[1] if rest[:1] == ["claims"] else size)
+            self.end_headers()
+            self.wfile.write(b"\xff" * int(size))
         elif self.path == "/broken":
             self.send_error(500)
         elif self.path == "/throttled":
             self.send_error(429)
-        elif self.path == "/slow":
-            time.sleep(1.0)
+        elif self.path in ("/slow", "/late.jpg"):
+            time.sleep(1.0 if self.path == "/slow" else 0.4)
             self._send(JPEG)
         elif self.path == "/drip-head":  # the headers a byte at a time: each read is in time, the whole not
             self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
@@ -225,7 +238,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[str]:
-    Handler.counts, Handler.authorization = Counter(), []
+    Handler.counts, Handler.authorization, Handler.user_agents = Counter(), [], []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -379,12 +392,14 @@ def test_total_timeout_holds_across_redirects(server: str, tmp_path: Path) -> No
 )
 def test_a_redirects_body_obeys_the_byte_and_time_bounds(server: str, path: str, status: str) -> None:
     """requests reads a redirect's body whole before it follows it: read so, 4 × max_bytes there went into
-    memory, and a body dripping a byte every 50 ms held the thread past total_timeout (for ever)."""
+    memory, and a body dripping a byte every 50 ms held the thread past total_timeout (for ever). The
+    timeout is retried, as any is."""
     fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"timeout": 1.0, "total_timeout": 0.5}), MAX_BYTES)
     start = time.monotonic()
     with pytest.raises(FetchFailure) as failed:
         fetch({"url": server + path})
     assert failed.value.status == status and "redirect" in failed.value.error
+    assert failed.value.retryable == (status == "timeout")
     assert time.monotonic() - start < 2.5 and Handler.counts["/good.png"] == 0
 
 
@@ -466,6 +481,47 @@ def test_a_body_its_content_encoding_does_not_decode_is_not_retried(server: str)
     assert "content-encoding: gzip" in failure.value.error
 
 
+def test_fetch_max_bytes_is_the_bound_exactly(server: str) -> None:
+    """An image of ``max_bytes`` is kept and one byte more is ``too_large``, announced or not; a
+    Content-Length over the bound is refused before any byte is read (read on, a body cut short after it was
+    ``truncated``); a body that ends before its Content-Length is ``truncated``, retried as a dropped
+    connection is."""
+    fetch = laion.HttpFetcher(laion.LaionFaceConfig(), MAX_BYTES)
+    assert fetch({"url": f"{server}/bytes/{MAX_BYTES}"}) == b"\xff" * MAX_BYTES
+    assert fetch({"url": f"{server}/bytes/{MAX_BYTES}/unsized"}) == b"\xff" * MAX_BYTES
+    announced = ("too_large", f"Content-Length {MAX_BYTES + 1} is over {MAX_BYTES} bytes")
+    expected = {
+        f"/bytes/{MAX_BYTES + 1}/unsized": ("too_large", f"more than {MAX_BYTES} bytes"),
+        f"/bytes/{MAX_BYTES + 1}": announced,
+        f"/bytes/10/claims/{MAX_BYTES + 1}": announced,
+        "/bytes/10/claims/1000": ("truncated", "body ended early: "),
+    }
+    for path, (status, error) in expected.items():
+        with pytest.raises(FetchFailure) as failed:
+            fetch({"url": server + path})
+        assert (failed.value.status, failed.value.retryable) == (status, status == "truncated"), path
+        assert failed.value.error.startswith(error), failed.value.error
+
+
+def test_only_a_failure_that_may_pass_next_time_is_retried(server: str) -> None:
+    """fetch.retries takes a timeout, a dropped connection, HTTP 5xx and 429, nothing else: a 4xx or a
+    redirect chain over max_redirects answers the same each time. Any HTTP status from 400 up fails its row
+    (read on, a 400's page was a ``not_image``)."""
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"timeout": 0.2}), MAX_BYTES)
+    expected = {
+        server + "/slow": ("timeout", "ReadTimeout", True),  # headers after 1 s: the read timeout
+        server + "/status/400": ("http_error", "HTTP 400", False),
+        server + "/status/503": ("http_error", "HTTP 503", True),
+        server + "/b5": ("http_error", "more than 5 redirects", False),
+        f"http://127.0.0.1:{_closed_port()}/x.jpg": ("connection_error", "ConnectionError: ", True),
+    }
+    for url, (status, error, retryable) in expected.items():
+        with pytest.raises(FetchFailure) as failed:
+            fetch({"url": url})
+        assert (failed.value.status, failed.value.retryable) == (status, retryable), url
+        assert failed.value.error.startswith(error), failed.value.error
+
+
 def test_total_timeout_holds_while_the_headers_drip(server: str, tmp_path: Path) -> None:
     """A byte every 50 ms never trips the read timeout: the deadline cuts the connection itself."""
     parquet = _laion_parquet(tmp_path / "part.parquet", [server + "/drip-head", server + "/good.jpg"])
@@ -531,6 +587,38 @@ def test_total_timeout_holds_behind_a_proxy(
         assert failed.value.status == "timeout" and time.monotonic() - start < 2.5  # 0.5 s, not 5 s
 
 
+class _KeepAlive(Handler):
+    """:class:`Handler` over HTTP/1.1: a connection stays open for the next request. ``connections`` counts
+    those accepted."""
+
+    protocol_version = "HTTP/1.1"
+    connections = 0
+
+    def setup(self) -> None:
+        super().setup()
+        with self.lock:
+            _KeepAlive.connections += 1
+
+
+def test_a_kept_alive_connection_is_not_cut_at_the_last_images_deadline() -> None:
+    """The watchdog holds a connection to its download's deadline until that download ends; a hold left
+    behind shut the connection the next image reused (HTTP keep-alive) at the previous image's deadline,
+    mid-request: a spurious connection_error, and a retry."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _KeepAlive)
+    httpd.daemon_threads, _KeepAlive.connections = True, 0
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"total_timeout": 0.6}), MAX_BYTES)
+    try:
+        assert fetch({"url": url + "/good.jpg"}) == JPEG  # its deadline: 0.6 s from now
+        time.sleep(0.3)
+        assert fetch({"url": url + "/late.jpg"}) == JPEG  # answered at 0.7 s, within its own 0.6 s
+        assert _KeepAlive.connections == 1  # the second image went over the first one's connection
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_robots_directives_scoped_to_another_crawler_do_not_refuse(server: str, tmp_path: Path) -> None:
     """img2dataset's reading of X-Robots-Tag: each header is ``[crawler:] directive, ...``; one scoped to
     another crawler does not address us, and directives match whole, not as substrings."""
@@ -546,6 +634,27 @@ def test_robots_directives_scoped_to_another_crawler_do_not_refuse(server: str, 
         "substring": "success",
     }
     assert manifest["error"][1] == "X-Robots-Tag: noimageai"
+
+
+def test_robots_directives_before_a_value_rule_address_everyone_once() -> None:
+    """Text before a header's first colon names a crawler only if it is one word: ``noai, unavailable_after:
+    <date>`` addresses everyone (read as a crawler's name, its ``noai`` was ignored). A directive given in
+    several headers is named once, and params' directives match in any case."""
+    agents, refusals = {"mcf-fetch", "img2dataset"}, laion.robots_refusals
+    assert refusals(["noai, unavailable_after: 25 Jun 2030 15:00:00 PST"], agents, ["noai"]) == ["noai"]
+    assert refusals(["noai", "NOAI", "mcf-fetch: noai"], agents, ["noai"]) == ["noai"]
+    assert refusals(["noimageai"], agents, ["NoImageAI"]) == ["NoImageAI"]
+
+
+def test_robots_header_naming_our_user_agent_in_another_case_refuses(server: str) -> None:
+    """X-Robots-Tag crawler names are case-insensitive: a ``user_agent`` of ``MCF-Fetch/2.0`` is addressed by
+    ``mcf-fetch: noai`` (its product token kept in its own case never matched the lowered header). It is
+    the User-Agent sent, not requests' own."""
+    cfg = build(laion.LaionFaceConfig, {"user_agent": "MCF-Fetch/2.0 (research)"})
+    with pytest.raises(FetchFailure) as failed:
+        laion.HttpFetcher(cfg, MAX_BYTES)({"url": server + "/robots/ours.jpg"})
+    assert (failed.value.status, failed.value.error) == ("disallowed", "X-Robots-Tag: noai")
+    assert Handler.user_agents == ["MCF-Fetch/2.0 (research)"]
 
 
 def test_laion_detections_json_keep_fetched_rows(server: str, tmp_path: Path) -> None:
@@ -744,6 +853,29 @@ def test_laion_pth_detections_cannot_crash_numpy(tmp_path: Path, dtype: str) -> 
     assert "det.pth: not a torch file of numbers" in done.stdout and "array state" in done.stdout
 
 
+def test_laion_pth_detections_refuse_a_flagged_dtype_even_with_bytes(tmp_path: Path) -> None:
+    """An array's state is refused unless its dtype has no flags, bytes or not: flags (as object dtypes
+    carry) tell numpy to read the bytes as references or a list, not numbers. A float64 flagged so, given
+    bytes, loaded as a face."""
+    points = np.zeros((5, 2), np.float32)
+    box = _Rebuilt((1, (4,), _Dtype(flags=1), False, bytes(range(1, 33))))
+    torch.save({7: [(box, points, 0.9)]}, tmp_path / "det.pth")
+    with pytest.raises(StageError, match=r"det.pth: not a torch file of numbers.*array state that is not"):
+        laion.read_detections([tmp_path / "det.pth"], {"7"})
+
+
+def test_laion_pth_detections_never_rebuild_an_array_at_a_shape_of_their_own(tmp_path: Path) -> None:
+    """numpy's pickles call ``_reconstruct`` at shape (0,) and fill the array from its state; a file calling
+    it at a shape of its own got an array of uninitialised memory (a box of whatever was there), and at
+    (10**9,) of objects gigabytes. Refused in one line."""
+    from numpy._core.multiarray import _reconstruct
+
+    points = np.zeros((5, 2), np.float32)
+    torch.save({7: [(_Calls(_reconstruct, np.ndarray, (4,), b"b"), points, 0.9)]}, tmp_path / "det.pth")
+    with pytest.raises(StageError, match=r"det.pth: not a torch file of numbers.*at a shape of its own"):
+        laion.read_detections([tmp_path / "det.pth"], {"7"})
+
+
 def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path) -> None:
     first = _laion_parquet(tmp_path / "a.parquet", ["u0", "u1"])  # ids 100, 101
     second = tmp_path / "b.parquet"
@@ -754,6 +886,14 @@ def test_laion_rows_keep_a_repeated_id_first_and_stop_at_max_rows(tmp_path: Path
     assert laion.read_rows(cfg)["url"].tolist() == ["u0", "u1", "v2", "v3"]  # 101's first row is kept
     capped = laion.read_rows(dataclasses.replace(cfg, max_rows=4))  # the first 4 rows, then unique ids
     assert capped["url"].tolist() == ["u0", "u1", "v2"]
+
+
+def test_laion_null_caption_is_empty(tmp_path: Path) -> None:
+    """A row without TEXT gets the caption ``""``: read as a string it was ``None`` (``nan`` for a part
+    whose captions are all null), a caption the image never had."""
+    part = tmp_path / "part.parquet"
+    pd.DataFrame({"SAMPLE_ID": [1, 2], "URL": ["u1", "u2"], "TEXT": ["a face", None]}).to_parquet(part)
+    assert laion.read_rows(laion.LaionFaceConfig(parquet=[str(part)]))["caption"].tolist() == ["a face", ""]
 
 
 def test_laion_detections_parquet_keep_fetched_rows(tmp_path: Path) -> None:
@@ -782,10 +922,23 @@ def test_laion_integer_ids_with_nulls_match_detections(
     assert "none of the 1 sample ids" in caplog.text and "'102' there, '102.0' here" in caplog.text
 
 
-@pytest.mark.parametrize("bad", ['[1, 2, NaN, 28]', '[1, 2, 30, Infinity]'])
-def test_laion_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: str) -> None:
+def test_laion_empty_detections_part_or_no_listed_rows_read_as_no_faces(tmp_path: Path) -> None:
+    """A part with no detections (``{}``), or no listed rows, has no ids to compare: the warning that none
+    match, which names the smallest of each, would fail on an empty set (``min()``) and end the stage."""
+    (tmp_path / "empty.json").write_text("{}")
+    (tmp_path / "det.json").write_text('{"7": []}')
+    assert laion.read_detections([tmp_path / "empty.json"], {"7"}).empty
+    assert laion.read_detections([tmp_path / "det.json"], set()).empty
+
+
+@pytest.mark.parametrize(("bad", "score"), [('[1, 2, NaN, 28]', "0.9"), ('[1, 2, 30, Infinity]', "0.9"),
+                                           ('[1, 2, 30, 28]', "NaN")])
+def test_laion_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: str, score: str) -> None:
+    """JSON allows NaN and Infinity, in the box or the score: either is refused naming the face, before it
+    reaches detections.parquet and the crop stage."""
     points = "[5, 6, 20, 6, 12, 14, 7, 22, 19, 22]"
-    (tmp_path / "det.json").write_text(f'{{"7": [[[1, 2, 30, 28], {points}, 0.9], [{bad}, {points}, 0.9]]}}')
+    faces = f"[[1, 2, 30, 28], {points}, 0.9], [{bad}, {points}, {score}]"
+    (tmp_path / "det.json").write_text(f'{{"7": [{faces}]}}')
     with pytest.raises(StageError, match=r"face 1 of '7' is malformed: .* must be finite"):
         laion.read_detections([tmp_path / "det.json"], {"7"})
 
@@ -1304,6 +1457,12 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
     parquet, extra = str(_laion_parquet(tmp_path / "part.parquet", ["ftp://a"])), ["NSFW", "width", "status"]
     with pytest.raises(ParamsError, match=r"fetch\.laion_face\.extra_columns: \['status', 'width'\] are "):
         _config(source="laion-face", laion_face={"parquet": [parquet], "extra_columns": extra})
+    extra = ["url", "caption", "source", "sample_id"]  # the caption's column replaced the TEXT read into it
+    with pytest.raises(ParamsError, match=r"\['caption', 'sample_id', 'source', 'url'\] are columns of the"):
+        _config(source="laion-face", laion_face={"parquet": [parquet], "extra_columns": extra})
+    Path("det.txt").write_text("{}")  # JSON, but no detections format's ending
+    with pytest.raises(ParamsError, match=r"detections\[0\]: expected a \.pth, \.json or \.parquet file"):
+        _config(source="laion-face", laion_face={"parquet": [parquet], "detections": ["det.txt"]})
     with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: takes no user, password or query"):
         _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://minio:s3cret@127.0.0.1:9000"})
     with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: expected http\(s\)://host\[:port\]"):
