@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -11,8 +12,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 for _key, _value in {
     "DVC_NO_ANALYTICS": "1",
@@ -73,6 +78,22 @@ def contract_types(heading: str) -> dict[str, str]:
         kind = re.sub(r"list<(\w+)>.*", r"list<element: \1>", cells[1])
         types |= dict.fromkeys(re.findall(r"`(\w+)`", cells[0]), kind)
     return types
+
+
+def suite_types(suite: str) -> dict[str, str]:
+    """The column -> ``type_`` of every type check in ``mcf/validate/suites/<suite>.json``."""
+    from mcf.validate.gate import SUITES_DIR, TYPE_CHECK
+
+    spec = json.loads((SUITES_DIR / f"{suite}.json").read_text())
+    return {e["kwargs"]["column"]: e["kwargs"]["type_"] for e in spec["expectations"]
+            if e["type"] == TYPE_CHECK}
+
+
+def frame_types(frame: pd.DataFrame) -> dict[str, str]:
+    """Each column's type as a type check names it: ``str`` for an object column of str values alone,
+    else the dtype's name (``bool``, ``int64``, ``float64``)."""
+    return {c: "str" if col.dtype == object and col.map(type).eq(str).all() else str(col.dtype)
+            for c, col in frame.items()}
 
 
 class PrefectServer:

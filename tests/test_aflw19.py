@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from conftest import frame_types, suite_types
 from PIL import Image
 
 from mcf.data import transforms as T
@@ -443,3 +444,10 @@ def test_table_counts_visible_points_and_checks_the_centre_on_each_axis(tree: tu
     boxes[row, :2] += boxes[row, 1] - boxes[row, 0]  # left and right, by the width
     scipy.io.savemat(str(root / "AFLWinfo_release.mat"), dict(fields, data=data, bbox=boxes))
     assert table(_cfg(root), "full")["centre_in_box"].tolist() == [True, False, True, True]
+
+
+def test_table_builds_each_column_as_its_suite_types_it(tree: tuple[Path, dict]) -> None:
+    """The suite's type checks and table() must name the same columns with the same types: a type check
+    dropped, renamed or changed in aflw19.json (``width`` as float64, a flag as int64) passed every other
+    test, and a table() column left untyped lets a 0/1 int pass ``in [true]`` as a flag."""
+    assert frame_types(table(_cfg(tree[0]), "full")) == suite_types("aflw19")

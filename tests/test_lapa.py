@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import frame_types, suite_types
 from PIL import Image
 
 from mcf.data import transforms as T
@@ -420,3 +421,10 @@ def test_training_samples_get_the_photometric_augmentations(root: Path) -> None:
     for augment, channels_agree in ((True, True), (False, False)):
         rgb = LaPa(_cfg(root, augment=gray), "train", augment=augment)[0]["image"] * std + mean
         assert bool((rgb.amax(0) - rgb.amin(0)).max() < 0.02) == channels_agree
+
+
+def test_table_builds_each_column_as_its_suite_types_it(root: Path) -> None:
+    """The suite's type checks and table() must name the same columns with the same types: a type check
+    dropped, renamed or changed in lapa.json (``label_max`` as float64, a flag as int64) passed every other
+    test, and a table() column left untyped lets a 0/1 int pass ``in [true]`` as a flag."""
+    assert frame_types(table(_cfg(root), "train")) == suite_types("lapa")
