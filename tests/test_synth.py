@@ -27,10 +27,11 @@ from mcf.synth import (
     write_lapa,
 )
 from mcf.synth.bench import bench_synth
-from mcf.synth.geometry import face_shapes, sample_expression
+from mcf.synth.geometry import face_shapes, inside_face, sample_expression
 from mcf.synth.head import Pose, project_surface
-from mcf.synth.identity import KIND_AFLW
-from mcf.synth.writers import _render_face, _render_scene, is_synthface
+from mcf.synth.identity import KIND_AFLW, KIND_LAPA
+from mcf.synth.texture import hair_streaks, paint_texture
+from mcf.synth.writers import _render_face, _render_scene, is_synthface, names_synthface
 
 SMALL = SynthConfig(
     n_scenes=6, scene_size=128, n_identities=4, aflw=AflwSynthConfig(n_train=5, n_test=3, image_size=96),
@@ -425,3 +426,129 @@ def test_a_scene_of_more_than_three_faces_gets_a_caption() -> None:
     cfg = dataclasses.replace(SMALL, difficulty=0.0)
     scene = render_scene(cfg, np.random.default_rng(8), [sample_identity(0, j) for j in range(4)], 256)
     assert len(scene.identities) == 4 and scene.caption.startswith("a synthetic photo of four people (")
+
+
+def _as_documented(cfg: SynthConfig, seed: int, kind: int, index: int, size: int) -> FaceSample:
+    """Image ``index`` of a set as writers.py documents it: ``default_rng([seed, kind, index])`` alone,
+    showing identity ``index mod n_identities`` of the pool of ``seed``."""
+    ident = sample_identity(seed, index % cfg.n_identities)
+    return render_face(cfg, np.random.default_rng([seed, kind, index]), ident, size)
+
+
+def _jpeg(image: np.ndarray, quality: int) -> bytes:
+    return cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
+
+
+def test_aflw_files_are_their_images_rendered_and_encoded_as_drawn(tmp_path: Path) -> None:
+    """Row i's image is face (seed, AFLW, i) of seed's identity pool, at its own JPEG quality, under the
+    real tree's folders 0, 2, 3 in turn: an identity drawn from seed 0's pool whatever the seed (seeds 1
+    and 2 then shared seed 0's people), a fixed quality (jpeg_quality unused) or one folder for all (the
+    real loader's sub-folder paths untried) passed every other test, as did ``ra`` or ``mask_new`` stored
+    as integers where the real file holds doubles."""
+    cfg = dataclasses.replace(SMALL, aflw=AflwSynthConfig(n_train=2, n_test=2, image_size=64))
+    write_aflw19(cfg, 1, tmp_path)
+    mat = scipy.io.loadmat(tmp_path / "AFLWinfo_release.mat")
+    assert all(mat[key].dtype == np.float64 for key in ("bbox", "data", "mask_new", "ra"))  # MATLAB doubles
+    names = [str(n[0]) for n in mat["nameList"][:, 0]]
+    assert names == ["0/image00000.jpg", "2/image00001.jpg", "3/image00002.jpg", "0/image00003.jpg"]
+    for i, name in enumerate(names):
+        s = _as_documented(cfg, 1, KIND_AFLW, i, 64)
+        assert (tmp_path / "data" / "flickr" / name).read_bytes() == _jpeg(s.image, s.jpeg_quality)
+
+
+def test_lapa_files_hold_each_render_exactly(tmp_path: Path) -> None:
+    """Each stem's JPEG (at its own quality), label PNG (lossless) and 106 points (to 3 decimals, + half a
+    pixel) are face (seed, LaPa, i): points written at one decimal (0.05 px off), a fixed JPEG quality or
+    another seed's identities passed the tree and pixel-centre tests."""
+    cfg = dataclasses.replace(SMALL, lapa=LapaSynthConfig(n_train=1, n_val=1, n_test=1, image_size=64))
+    write_lapa(cfg, 1, tmp_path)
+    for i, split in enumerate(("train", "val", "test")):
+        s, base, stem = _as_documented(cfg, 1, KIND_LAPA, i, 64), tmp_path / "LaPa" / split, f"synth_{i:06d}"
+        assert (base / "images" / f"{stem}.jpg").read_bytes() == _jpeg(s.image, s.jpeg_quality)
+        labels = cv2.imread(str(base / "labels" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(labels, s.labels)
+        points = np.loadtxt(base / "landmarks" / f"{stem}.txt", skiprows=1)
+        np.testing.assert_allclose(points, s.landmarks106 + 0.5, atol=5.1e-4, rtol=0)
+
+
+def test_corpus_rows_describe_their_own_scene(tmp_path: Path) -> None:
+    """A manifest row's file, size, identities (in detection ``face`` order) and caption are its scene's:
+    a fixed JPEG quality, a height one off, identities sorted (the probe's labels on the wrong faces) or an
+    empty caption passed the manifest test, which checked their count alone."""
+    cfg = dataclasses.replace(SMALL, n_scenes=4, scene_size=64)
+    manifest, _ = write_corpus(cfg, 1, tmp_path)
+    for i, row in enumerate(manifest.itertuples()):
+        _, scene = _render_scene(cfg, 1, i)
+        data = (tmp_path / row.path).read_bytes()
+        assert data == _jpeg(scene.image, scene.jpeg_quality)
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        assert image.shape == (row.height, row.width, 3)
+        assert row.identities == list(scene.identities) and row.caption == scene.caption
+
+
+def test_scenes_draw_the_pool_top_down_without_overlaps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scene faces come from the whole identity pool, never overlap, are drawn (and listed) top down so a
+    body covers no face drawn before it, get occluders at difficulty 1 and a caption that counts them:
+    the last identity never drawn, overlapping faces, drawing in placing order, scenes without
+    occluders or two faces captioned "a person" passed every other test."""
+    import mcf.synth.render as render
+
+    drawn = []
+    real = render.draw_occluder
+    monkeypatch.setattr(render, "draw_occluder", lambda *a: drawn.append(real(*a)))
+    cfg, seen = dataclasses.replace(SMALL, scene_size=64), set()
+    for i in range(12):
+        scene = _render_scene(cfg, 0, i)[1]
+        boxes = scene.boxes
+        seen |= set(scene.identities)
+        assert (np.diff(boxes[:, 3]) >= 0).all(), f"scene {i}: faces not in top-down order"
+        for a in range(len(boxes)):
+            for b in range(a):
+                assert not (boxes[a, :2] < boxes[b, 2:]).all() or not (boxes[b, :2] < boxes[a, 2:]).all()
+        who = {1: "a person", 2: "two people", 3: "three people"}[len(boxes)]
+        assert scene.caption.startswith(f"a synthetic photo of {who} (")
+    assert seen == set(range(SMALL.n_identities)) and drawn
+
+
+def test_texture_labels_are_lapa_s_class_ids() -> None:
+    """PROTOCOL §4's ids, painted where each region is: 1 skin, 2/3 left/right brow, 4/5 eyes, 6 nose,
+    7 upper lip, 8 inner mouth, 9 lower lip, 10 hair. Nose, inner mouth and hair ids swapped, the inner
+    mouth left skin-labelled or the forehead's hair left skin passed every other test, and the parsing
+    fine-tune learned the wrong classes against real LaPa."""
+    for i in range(6):
+        ident = sample_identity(0, i)
+        expr = dataclasses.replace(sample_expression(np.random.default_rng(i), 1.0), mouth_open=0.8)
+        s = face_shapes(ident, expr)
+        rng = np.random.default_rng(i)
+        tex = paint_texture(ident, s, 40.0, hair_streaks(rng), rng)
+        lm = s.lm106
+        where = {1: (0.6, 0.15), 2: s.lm19[1], 3: s.lm19[4], 4: s.lm19[7], 5: s.lm19[10], 6: s.lm19[13],
+                 7: (lm[87] + lm[98]) / 2, 8: s.lm19[16], 9: (lm[92] + lm[102]) / 2}
+        if ident.hair_style != "bald":
+            where[10] = (0.0, ident.hairline_at(np.zeros(1))[0] - 0.05)  # above the hairline's middle
+        for label, (x, y) in where.items():
+            col, row = (int(np.round(v[0])) for v in tex.coords(np.array([x]), np.array([y])))
+            assert tex.label[row, col] == label, f"identity {i}: {tex.label[row, col]} where {label} belongs"
+
+
+def test_chin_contour_and_mouth_points_sit_where_their_names_say() -> None:
+    """The chin (AFLW 18) and the 33 contour points lie on the face, inside its outline; AFLW's mouth
+    centre (16) is midway between the inner lips' middles (98, 102); the inner lip corners (96, 100)
+    lie inside the outer ones (84, 90). A chin moved below the outline (onto the neck, labelled
+    background), a mouth centre on the upper lip or inner corners on the outer ones passed the
+    layout tests."""
+    for i in range(8):
+        ident = sample_identity(0, i)
+        s = face_shapes(ident, sample_expression(np.random.default_rng(i), 1.0))
+        outline = np.concatenate([s.lm106[:33], s.lm19[[18]]])
+        assert inside_face(ident, outline[:, 0], outline[:, 1]).all(), f"identity {i}: a point off the face"
+        np.testing.assert_allclose(s.lm19[16], (s.lm106[98] + s.lm106[102]) / 2, atol=1e-12)
+        x = s.lm106[:, 0]
+        assert x[84] < x[96] < x[100] < x[90], f"identity {i}: inner lip corners not inside the outer"
+
+
+def test_a_label_names_synthface_in_any_case() -> None:
+    """evaluate refuses a SynthFace number whose label does not say SynthFace (and the reverse): the
+    check must not depend on case, or 'synthface-aflw19' on a SynthFace tree was refused."""
+    assert all(names_synthface(label) for label in ("SynthFace-AFLW19", "synthface-lapa", "SYNTHFACE"))
+    assert not names_synthface("AFLW-19") and not names_synthface("LaPa")
