@@ -41,6 +41,7 @@ from mcf.data.detect import (
     YuNetDetector,
     _downscale,
     _ordered,
+    box_misses,
     load_detections,
     make_detector,
 )
@@ -199,6 +200,17 @@ def test_yunet_model_path_is_checked(tmp_path: Path) -> None:
     cfg = build(CropConfig, {"detector": {"yunet_model": str(tmp_path / "damaged.onnx")}}, "crop")
     with pytest.raises(StageError, match=r"damaged.onnx: not a YuNet model OpenCV can load \(Failed to"):
         YuNetDetector(cfg.detector)
+    (tmp_path / "yunet.tar").touch()  # an existing file that is no .onnx: refused before any image is read
+    with pytest.raises(ParamsError, match=r"yunet_model: expected a YuNet .onnx file, got .*yunet.tar"):
+        build(CropConfig, {"detector": {"yunet_model": str(tmp_path / "yunet.tar")}}, "crop")
+
+
+def test_the_detector_defaults_are_the_crop_stages() -> None:
+    """``mcf predict`` runs "the crop stage's OpenCV detector" but reads no params.yaml: it builds
+    ``DetectorConfig()``, so a default that drifted from params.yaml's ``crop.detector`` would make its
+    Haar (or YuNet) faces silently differ from the ones the pipeline crops."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    assert build(DetectorConfig, params["crop"]["detector"], "crop.detector") == DetectorConfig()
 
 
 class _FakeYuNet:
@@ -211,6 +223,30 @@ class _FakeYuNet:
         x1, y1, x2, y2 = ASTRO_FACE
         row = [x1, y1, x2 - x1, y2 - y1, *ASTRO_LANDMARKS]
         return 1, np.array([[*row, 0.95]], np.float32)
+
+
+class _ManyYuNet(_FakeYuNet):
+    """Three faces, not in size order: one with its shorter side just under min_size (24), one at it, and
+    a large one whose score is a hair over 1 (float32 rounding)."""
+
+    def detect(self, bgr: np.ndarray) -> tuple[int, np.ndarray]:
+        rows = [[50, 0, 40, 23, *[60.0] * 10, 0.9], [0, 0, 24, 30, *[10.0] * 10, 0.8],
+                [100, 0, 60, 60, *[120.0] * 10, 1.0000001]]
+        return 3, np.array(rows, np.float32)
+
+
+def test_yunet_keeps_faces_of_min_size_largest_first_with_scores_in_0_1(tmp_path: Path) -> None:
+    """crop.detector.min_size is the smallest shorter side YuNet's faces keep (as Haar's search), faces are
+    indexed largest first as Haar's are, and a score is clipped into the table's 0..1; a config naming a
+    YuNet model must build YuNet, not Haar (a damaged model fails to load instead of being ignored)."""
+    yunet = YuNetDetector.__new__(YuNetDetector)
+    yunet.cfg, yunet.model = DetectorConfig(), _ManyYuNet()
+    faces = yunet(np.zeros((200, 300, 3), np.uint8))
+    assert [(f.face, f.box, f.score) for f in faces] == [
+        (0, (100.0, 0.0, 160.0, 60.0), 1.0), (1, (0.0, 0.0, 24.0, 30.0), pytest.approx(0.8))]
+    (tmp_path / "damaged.onnx").write_bytes(b"not a model")
+    with pytest.raises(StageError, match="not a YuNet model"):
+        make_detector(DetectorConfig(yunet_model=str(tmp_path / "damaged.onnx")))
 
 
 def test_yunet_faces_crop_and_shard(tmp_path: Path, monkeypatch: MonkeyPatch) -> None:
@@ -343,6 +379,29 @@ def test_detected_faces_are_indexed_largest_first_then_left_to_right() -> None:
     boxes = [(0.0, 0.0, 10.0, 10.0), (50.0, 0.0, 80.0, 30.0), (20.0, 0.0, 50.0, 30.0)]
     faces = _ordered([Face(0, box, None, None, "haar") for box in boxes])
     assert [(f.face, f.box) for f in faces] == [(0, boxes[2]), (1, boxes[1]), (2, boxes[0])]
+    # largest by area, not width; an equal area goes left to right before top to bottom
+    boxes = [(0.0, 0.0, 30.0, 10.0), (50.0, 0.0, 70.0, 20.0), (10.0, 0.0, 20.0, 10.0),
+             (0.0, 50.0, 10.0, 60.0)]
+    faces = _ordered([Face(0, box, None, None, "haar") for box in boxes])
+    assert [f.box for f in faces] == [boxes[1], boxes[0], boxes[3], boxes[2]]
+
+
+def test_haar_searches_with_the_configured_parameters(monkeypatch: MonkeyPatch) -> None:
+    """``crop.detector``'s haar_scale_factor, haar_min_neighbors and min_size must reach OpenCV's search (a
+    constant in their place went unseen), and the cascade's rectangles, which OpenCV lists in no size
+    order, come back indexed largest first."""
+    haar = HaarDetector(DetectorConfig(haar_scale_factor=1.3, haar_min_neighbors=2, min_size=30))
+    seen: dict = {}
+
+    def search(gray: np.ndarray, **kw: object) -> np.ndarray:
+        seen.update(kw)
+        return np.array([[0, 0, 10, 10], [20, 0, 40, 40]])
+
+    cascade = type("Cascade", (), {"detectMultiScale": lambda _, gray, **kw: search(gray, **kw)})()
+    monkeypatch.setattr(haar, "cascade", cascade)
+    faces = haar(np.zeros((100, 200, 3), np.uint8))
+    assert seen == {"scaleFactor": 1.3, "minNeighbors": 2, "minSize": (30, 30)}
+    assert [(f.face, f.box) for f in faces] == [(0, (20.0, 0.0, 60.0, 40.0)), (1, (0.0, 0.0, 10.0, 10.0))]
 
 
 def test_detection_input_is_downscaled_to_max_side() -> None:
@@ -540,6 +599,9 @@ def test_non_finite_detection_fails_naming_the_face(tmp_path: Path, bad: dict) -
         ({"box": None}, "box needs 4 values and landmarks 10, got 0"),
         ({"face": 0}, "face indices must be unique"),
         ({"face": -1}, "face indices must be unique"),
+        ({"box": [1.0, 28.0, 30.0, 2.0]}, r"box \[1.0, 28.0, 30.0, 2.0\] is not x1, y1, x2, y2"),
+        ({"score": -0.5}, r"score -0.5 is outside 0..1"),
+        ({"landmarks": [1.0] * 4}, "box needs 4 values and landmarks 10, got 4 and 4"),
     ],
 )
 def test_detection_the_gate_would_reject_fails_at_load(tmp_path: Path, bad: dict, message: str) -> None:
@@ -549,6 +611,50 @@ def test_detection_the_gate_would_reject_fails_at_load(tmp_path: Path, bad: dict
     pd.DataFrame([good, good | {"face": 1} | bad]).to_parquet(tmp_path / "d.parquet")
     with pytest.raises(StageError, match=f"d.parquet: sample s1 face -?[01]: {message}"):
         load_detections(tmp_path / "d.parquet")
+
+
+def test_detections_at_the_contracts_bounds_load_in_sample_and_face_order(tmp_path: Path) -> None:
+    """docs/CONTRACTS.md: a null score or null/empty landmarks mean none, scores 0 and 1 are in range and a
+    box may be a point (the size filter rejects it later, with a reason); rows come back sorted by
+    sample_id, then face, whatever the file's order, so ``spans`` finds each image's faces in face order."""
+    lms = [float(v) for v in range(10)]
+    rows = [("s1", 2, [5.0, 5.0, 5.0, 5.0], [], 1.0), ("s1", 0, [1.0, 2.0, 30.0, 28.0], lms, None),
+            ("s0", 0, [0.0, 0.0, 9.0, 9.0], None, 0.5), ("s1", 1, [3.0, 4.0, 20.0, 24.0], None, 0.0)]
+    pd.DataFrame(rows, columns=["sample_id", "face", "box", "landmarks", "score"]).to_parquet(
+        tmp_path / "d.parquet")
+    table = load_detections(tmp_path / "d.parquet")
+    starts, stops = table.spans(np.array(["s0", "s1", "s2"], dtype=object))
+    assert (starts.tolist(), stops.tolist()) == ([0, 1, 4], [1, 4, 4])
+    assert [(f.face, f.box, f.landmarks, f.score, f.detector) for f in table.faces(1, 4)] == [
+        (0, (1.0, 2.0, 30.0, 28.0), tuple(lms), None, "table"),
+        (1, (3.0, 4.0, 20.0, 24.0), None, 0.0, "table"), (2, (5.0, 5.0, 5.0, 5.0), None, 1.0, "table")]
+
+
+def test_a_detection_table_with_several_bad_rows_names_the_first_in_sample_order(tmp_path: Path) -> None:
+    """The table is checked in (sample_id, face) order, so the row named is the first a reader of the
+    sorted table meets, not the file's last or first bad row."""
+    good = {"box": [1.0, 2.0, 30.0, 28.0], "landmarks": None, "score": 1.0}
+    rows = [{"sample_id": "s2", "face": 0} | good | {"score": 2.0}, {"sample_id": "s1", "face": 0} | good,
+            {"sample_id": "s1", "face": 1} | good | {"box": [9.0, 2.0, 3.0, 28.0]}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(StageError, match=r"d.parquet: sample s1 face 1: box \[9.0, 2.0, 3.0, 28.0\] is not"):
+        load_detections(tmp_path / "d.parquet")
+
+
+@pytest.mark.parametrize(
+    ("box", "misses"),
+    [
+        ((30.0, 0.0, 40.0, 10.0), True), ((29.5, 0.0, 40.0, 10.0), False),  # x1 at / inside the width
+        ((-10.0, 0.0, 0.0, 10.0), True), ((-10.0, 0.0, 0.5, 10.0), False),  # x2 at / past 0
+        ((0.0, 20.0, 10.0, 30.0), True), ((0.0, 19.5, 10.0, 30.0), False),  # y1 at / inside the height
+        ((0.0, -10.0, 10.0, 0.0), True), ((0.0, -10.0, 10.0, 0.5), False),  # y2 at / past 0
+    ],
+)
+def test_a_box_misses_an_image_only_when_it_covers_none_of_its_pixels(box: tuple, misses: bool) -> None:
+    """On a 30 x 20 image (not square, so width and height cannot stand in for each other), a box ending
+    at an edge covers no pixel and is ``outside_image`` (and warned of by ``mcf predict``); half a pixel
+    in, it is cropped."""
+    assert box_misses(box, 30, 20) is misses
 
 
 @pytest.mark.parametrize("out", [".", "..", "../.."])
