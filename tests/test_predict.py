@@ -27,7 +27,7 @@ from mcf.errors import StageError
 from mcf.evaluate.plots import read_png
 from mcf.evaluate.scoring import predict_landmarks, predict_parsing
 from mcf.params import Common
-from mcf.predict import align_face, list_images, load_task, parse_face, predict, read_image
+from mcf.predict import _box, align_face, list_images, load_task, parse_face, predict, read_image, under
 from mcf.train.finetune import main_alignment, main_parsing
 
 
@@ -154,9 +154,10 @@ def test_a_box_outside_an_image_is_warned_of(
     around the image, which reads like any other row of faces.csv unless the log says so (a box partly
     out, a face at the edge, is not warned of)."""
     root, align_pt, _ = models
-    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    image = tmp_path / "wide.png"  # not square: the image's width and height cannot stand in for each other
+    cv2.imwrite(str(image), cv2.imread(str(next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))))[:40])
     h, w = read_image(image).shape[:2]
-    for box, warned in ((f"{w},0,{w + 50},50", True), ("-50,-50,10,10", False)):
+    for box, warned in ((f"{w},0,{w + 50},50", True), ("-50,-50,10,10", False), (f"0,{h},50,{w}", True)):
         caplog.clear()
         argv = ["predict", str(image), "--alignment", str(align_pt), f"--box={box}", "--out",
                 str(tmp_path / "out"), "--no-overlays"]
@@ -188,7 +189,9 @@ def test_a_jpeg_cut_short_is_listed_as_unreadable(models: tuple[Path, Path, Path
             str(out), "--no-overlays"]
     assert cli_main(argv) == 0  # the other image is still predicted
     assert set(pd.read_csv(out / "faces.csv")["image"]) == {str(image)}
-    images = pd.read_csv(out / "images.csv", keep_default_na=False).set_index("image")
+    images = pd.read_csv(out / "images.csv", keep_default_na=False)
+    assert list(images.columns) == ["image", "faces", "error"]  # as the module docstring lists them
+    images = images.set_index("image")
     assert images.loc[str(cut), "faces"] == 0 and "image file is truncated" in images.loc[str(cut), "error"]
     assert images.loc[str(image), "error"] == ""
 
@@ -378,12 +381,17 @@ def test_an_image_name_too_long_for_its_outputs_is_refused_before_the_work(tmp_p
     assert list_images([fits]) == [fits]
     with pytest.raises(StageError, match=r"1 image names are too long for their outputs .*: b{250}\.jpg"):
         list_images([tmp_path])
+    accents = tmp_path / f"{'é' * 124}.jpg"  # 128 characters, but 252 bytes: 257 for parsing/<stem>_9999.png
+    accents.touch()
+    with pytest.raises(StageError, match="1 image names are too long"):
+        list_images([accents])
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--box", "0,5,9,5"], "need x2 > x1 and y2 > y1"),  # no height
+        (["--box", "0,5,9,5.5"], "need sides of 1 px or more"),  # half a pixel high
         (["--box", "4,6,60,62", "--yunet", "YUNET"], "--box and --yunet exclude each other"),
         (["--yunet", "NOT_ONNX"], "expected an existing YuNet .onnx file"),
     ],
@@ -399,6 +407,11 @@ def test_usage_errors_are_exit_2_before_any_work(
         cli_main([*argv, *(names.get(a, a) for a in args)])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_box_of_one_pixel_is_taken() -> None:
+    """``--box`` needs "sides of 1 px or more": a side of exactly 1 px is a valid box."""
+    assert _box("3,4,4,5") == (3.0, 4.0, 4.0, 5.0)
 
 
 def test_faces_csv_holds_x0_to_x18_then_y0_to_y18_and_the_overlay_draws_them(
@@ -443,6 +456,42 @@ def test_parsing_alone_aligns_by_the_detectors_five_points(
     assert np.array_equal(read_png(tmp_path / "out" / "parsing" / f"{image.stem}_0.png"), want)
 
 
+def test_parsing_aligns_every_face_by_the_alignment_models_five_points_over_yunets(
+    models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With --alignment, parsing aligns by its AFLW-19 points 7, 10, 13, 15 and 17 (docs/PROTOCOL.md), not by
+    YuNet's five (mirrored here, so using them shows); --yunet's config reaches the detector; and a second
+    face is predicted on the photo itself, not on the overlay the first face's colours and dots were
+    drawn on."""
+    _, align_pt, parse_pt = models
+    (aligner, align_meta), (parser, parse_meta) = (load_task(align_pt, "alignment"),
+                                                    load_task(parse_pt, "parsing"))
+    acfg, pcfg = AFLW19Config(**align_meta["data"]), LaPaConfig(**parse_meta["data"])
+    image = sorted((LaPa(pcfg, "test").dir / "images").glob("*.jpg"))[0]
+    rgb = read_image(image)
+    h, w = rgb.shape[:2]
+    box = (0.1 * w, 0.1 * h, 0.9 * w, 0.9 * h)
+    mirrored = tuple(v for x, y in ((0.8 * w, 0.3 * h), (0.2 * w, 0.3 * h), (0.5 * w, 0.5 * h),
+                                    (0.7 * w, 0.7 * h), (0.3 * w, 0.7 * h)) for v in (x, y))
+    faces = [Face(i, box, mirrored, 0.9, "yunet") for i in range(2)]
+    (tmp_path / "y.onnx").touch()
+    yunet = DetectorConfig(yunet_model=str(tmp_path / "y.onnx"))
+    built = []
+    monkeypatch.setattr("mcf.predict.make_detector", lambda cfg: built.append(cfg) or (lambda rgb: faces))
+    table = predict([image], tmp_path / "out", alignment=align_pt, parsing=parse_pt, detector=yunet)
+    assert built == [yunet]
+    # Haar gives no points to align parsing by
+    with pytest.raises(StageError, match="give --alignment MODEL .* or a YuNet detector"):
+        predict([image], tmp_path / "haar", parsing=parse_pt, detector=DetectorConfig())
+    points = align_face(aligner, acfg, rgb, box)
+    want = parse_face(parser, pcfg, rgb, points[[7, 10, 13, 15, 17]])
+    assert not np.array_equal(want, parse_face(parser, pcfg, rgb, np.reshape(mirrored, (5, 2))))
+    for i in range(2):
+        assert np.array_equal(read_png(tmp_path / "out" / "parsing" / f"{image.stem}_{i}.png"), want)
+        np.testing.assert_allclose(table.iloc[i][[f"x{j}" for j in range(19)]].to_numpy(float), points[:, 0],
+                                   atol=1e-4)
+
+
 def test_an_image_too_wide_for_opencvs_warps_is_listed_not_a_crash(
     models: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:
@@ -484,6 +533,16 @@ def test_a_header_declaring_a_huge_size_is_listed_not_a_crash(
     images = _predict_beside(image, damaged, align_pt, tmp_path / "out")
     assert images.loc[str(damaged), "faces"] == 0
     assert images.loc[str(damaged), "error"].startswith(f"cannot decode image: {damaged} ")
+
+
+def test_an_image_or_out_reached_through_a_link_is_still_found_under_out(tmp_path: Path) -> None:
+    """``link/mine.jpg``, with ``link`` a symlink to --out (or --out given as the link), is deleted when --out
+    is replaced all the same: ``under`` resolves both each image's folder and --out."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "work")
+    assert under([tmp_path / "link" / "mine.jpg", tmp_path / "other.jpg"], tmp_path / "work") == [
+        tmp_path / "link" / "mine.jpg"]
+    assert under([tmp_path / "work" / "mine.jpg"], tmp_path / "link") == [tmp_path / "work" / "mine.jpg"]
 
 
 def test_an_image_under_out_is_refused_not_deleted(
