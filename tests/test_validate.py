@@ -12,7 +12,7 @@ from typing import get_args, get_type_hints
 import pandas as pd
 import pytest
 import yaml
-from conftest import contract_types
+from conftest import contract_types, suite_types
 
 from mcf.cli import main as cli_main
 from mcf.data.crop import CropConfig
@@ -543,10 +543,7 @@ def test_type_checks_follow_the_contract(suite: str, heading: str) -> None:
     pandas_name = {"string": "str", "double": "float64", "int64": "int64"}
     documented = {c: pandas_name[t] for c, t in contract_types(f"{heading}: `manifest.parquet`").items()
                   if not t.startswith("list")}
-    spec = json.loads((gate.SUITES_DIR / f"{suite}.json").read_text())
-    checked = {e["kwargs"]["column"]: e["kwargs"]["type_"] for e in spec["expectations"]
-               if e["type"] == gate.TYPE_CHECK}
-    assert checked == documented
+    assert suite_types(suite) == documented
 
 
 @pytest.mark.parametrize(
