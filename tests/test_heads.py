@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import pytest
@@ -10,7 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcf.models.backbone import BackboneConfig, create_backbone
-from mcf.models.heads import DenseFaceModel, HeadConfig, UPerHead, gaussian_heatmaps, soft_argmax
+from mcf.models.heads import (
+    DenseFaceModel,
+    HeadConfig,
+    Neck,
+    PyramidPooling,
+    UPerHead,
+    conv_bn_relu,
+    gaussian_heatmaps,
+    parsing_logits,
+    soft_argmax,
+)
 from mcf.train.ema import EMA
 
 TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
@@ -47,12 +58,85 @@ def test_the_classifier_sees_the_decoder_through_channel_dropout() -> None:
     assert torch.equal(state, torch.get_rng_state())
 
 
-@pytest.mark.parametrize("blocks", [(0, 1, 2, 9), (3, 2, 1, 0), (0, 2, 1, 3)])
+@pytest.mark.parametrize("blocks", [(0, 1, 2, 9), (0, 1, 2, 4), (3, 2, 1, 0), (0, 2, 1, 3), (0, 0, 1, 2),
+                                    (0, 1, 2)])
 def test_dense_model_rejects_bad_blocks(blocks: tuple[int, ...]) -> None:
-    """Out of range, or out of depth order: timm returns the blocks in depth order whatever order is
-    asked, so (3, 2, 1, 0) would silently train the same model as (0, 1, 2, 3)."""
+    """Out of range (4 is one past a depth-4 backbone's last block), out of depth order, repeated, or not
+    four: timm returns the blocks in depth order whatever order is asked, so (3, 2, 1, 0) would silently
+    train the same model as (0, 1, 2, 3), and the neck's four levels need four distinct maps."""
     with pytest.raises(ValueError, match="blocks"):
         DenseFaceModel(create_backbone(TINY), HeadConfig(blocks, 16, 19))
+
+
+def test_param_groups_are_the_backbone_the_neck_and_the_rest_with_the_head_last() -> None:
+    """Each part trains at its own lr (PROTOCOL §3–4: backbone 1e-4, neck and head 1e-2 or 1e-3), and the
+    fine-tune logs ``lr/head`` from the last group: a neck and head swapped kept every count right."""
+    model = DenseFaceModel(create_backbone(TINY), HeadConfig((0, 1, 2, 3), 16, 19))
+    groups = model.param_groups()
+    ids = [{id(p) for p in groups[name]} for name in ("backbone", "neck", "head")]
+    assert list(groups) == ["backbone", "neck", "head"]
+    assert ids[0] == {id(p) for p in model.backbone.parameters()}
+    assert ids[1] == {id(p) for p in model.neck.parameters()}
+    assert ids[2] == {id(p) for p in model.parameters()} - ids[0] - ids[1]
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv_bn_relu_keeps_the_size_without_a_conv_bias(kernel: int) -> None:
+    """UPerNet's block as its docstring states: a bias-free conv (the BatchNorm's shift makes a bias
+    redundant), BatchNorm, then ReLU, padded to keep the map's size. A conv bias or a dropped ReLU kept
+    every shape right."""
+    block = conv_bn_relu(4, 6, kernel)
+    out = block(torch.randn(2, 4, 5, 7))
+    assert out.shape == (2, 6, 5, 7) and block[0].bias is None and isinstance(block[1], nn.BatchNorm2d)
+    assert out.min() == 0  # training-mode BatchNorm centres each channel: about half of it is clipped
+
+
+def test_neck_levels_are_beits() -> None:
+    """PROTOCOL §3 (FaRL's neck, BEiT's): ×4 = transposed conv, BatchNorm, GELU, transposed conv; ×2 one
+    2×2 stride-2 transposed conv; ×1 the map itself; ÷2 a 2×2 max-pool. The shape pin passed an average
+    pool, a dropped BatchNorm or GELU, and ×2 by plain upsampling."""
+    torch.manual_seed(0)
+    neck = Neck(4).eval()
+    maps = [torch.randn(1, 4, 6, 6) for _ in range(4)]
+    with torch.no_grad():
+        _, x2, x1, half = neck(maps)
+    x4 = [nn.ConvTranspose2d, nn.BatchNorm2d, nn.GELU, nn.ConvTranspose2d]
+    assert [type(m) for m in neck.scales[0]] == x4
+    assert all(m.kernel_size == m.stride == (2, 2) for m in (neck.scales[0][0], neck.scales[0][3]))
+    up = neck.scales[1]
+    torch.testing.assert_close(x2, F.conv_transpose2d(maps[1], up.weight, up.bias, stride=2))
+    assert torch.equal(x1, maps[2])
+    torch.testing.assert_close(half, F.max_pool2d(maps[3], 2))
+
+
+def test_pyramid_pooling_fuses_the_input_with_its_average_pooled_context() -> None:
+    """PSPNet's PPM as FaRL's UPerHead runs it: each branch average-pools to s×s bins, then a 1×1 conv and
+    ReLU with no BatchNorm (PROTOCOL §3), upsampled bilinearly (half-pixel centres); the input comes
+    first, and a 3×3 block fuses them. Shapes alone passed max-pooling, a dropped ReLU, corner-aligned
+    upsampling, the input last and a 1×1 fuse."""
+    torch.manual_seed(0)
+    scales = (1, 2, 3, 6)
+    ppm = PyramidPooling(3, 5, scales).eval()
+    x = torch.randn(2, 3, 12, 12)
+    seen: list[torch.Tensor] = []
+    branches = ppm.branches
+    ppm.fuse.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.no_grad():
+        ppm(x)
+        pooled = [F.relu(b[1](F.adaptive_avg_pool2d(x, s))) for s, b in zip(scales, branches, strict=True)]
+        want = [x, *(F.interpolate(p, size=(12, 12), mode="bilinear", align_corners=False) for p in pooled)]
+    torch.testing.assert_close(seen[0], torch.cat(want, dim=1))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in ppm.branches.modules())
+    assert ppm.fuse[0].kernel_size == (3, 3)
+
+
+def test_uperhead_kernels() -> None:
+    """UPerNet (mmseg's UPerHead, which FaRL runs): 1×1 lateral convs, 3×3 convs on the top-down maps,
+    and a 3×3 conv fusing the concatenated levels. A 1×1 fuse kept every shape."""
+    head = UPerHead(cin=4, channels=8)
+    assert [block[0].kernel_size for block in head.lateral] == [(1, 1)] * 3
+    assert [block[0].kernel_size for block in head.smooth] == [(3, 3)] * 3
+    assert head.fuse[0].kernel_size == (3, 3)
 
 
 def test_soft_argmax_finds_the_peak() -> None:
@@ -73,6 +157,27 @@ def test_gaussian_target_peaks_at_the_landmark_and_decodes_back() -> None:
     assert maps[0, 0, 0, 0] == 0  # beyond the radius
     logits = torch.logit(maps.clamp(1e-6, 1 - 1e-6))
     torch.testing.assert_close(soft_argmax(logits), points, atol=2e-3, rtol=0)
+
+
+def test_gaussian_target_keeps_the_radius_and_cuts_beyond_it() -> None:
+    """``exp(-d² / 2σ²)``, zero only beyond ``radius`` (the docstring): a point on a pixel centre of a 16²
+    map keeps the 29 pixels with d² <= 9 at radius 3 (``d < radius`` kept 25), each at its Gaussian
+    value."""
+    maps = gaussian_heatmaps(torch.tensor([[[4.5 / 16, 8.5 / 16]]]), 16, sigma=1.0, radius=3.0)
+    assert int((maps > 0).sum()) == 29
+    assert maps[0, 0, 8, 4] == 1 and maps[0, 0, 8, 7].item() == pytest.approx(math.exp(-4.5))
+    assert maps[0, 0, 10, 6].item() == pytest.approx(math.exp(-4)) and maps[0, 0, 10, 7] == 0
+
+
+def test_parsing_logits_upsample_bilinearly_on_pixel_centres() -> None:
+    """Bilinear with half-pixel centres (align_corners False), the convention soft_argmax and the heatmaps
+    use (pixel j spans [j, j + 1)): a 2-px row 0, 4 upsampled ×4 ramps between the two old centres and is
+    flat beyond them. align_corners True shifts every class boundary toward the centre; nearest is
+    blocky."""
+    logits = torch.tensor([0.0, 4.0]).view(1, 1, 1, 2).expand(1, 3, 2, 2)
+    up = parsing_logits(logits, (2, 8))
+    assert up.shape == (1, 3, 2, 8)
+    torch.testing.assert_close(up[0, :, 1], torch.tensor([0, 0, 0.5, 1.5, 2.5, 3.5, 4, 4]).expand(3, 8))
 
 
 def test_ema_update_rule() -> None:
