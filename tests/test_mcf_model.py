@@ -58,6 +58,33 @@ def test_config_validation_names_keys() -> None:
         MCF(tiny_cfg(feature_layers=(0, 3)), load_teacher("random", TINY))
 
 
+
+def test_config_bounds_are_the_documented_ones() -> None:
+    """``decoder_dim`` need only be a multiple of 4 (the 2-D sin-cos splits it in four), not of 8; a
+    negative teacher block is refused, where Python would silently read block -1 as the last one."""
+    assert MCF(tiny_cfg(objective="pixel_mae", decoder_dim=20)).decoder_pos_embed.shape == (1, 17, 20)
+    with pytest.raises(ParamsError, match="decoder_dim"):
+        tiny_cfg(decoder_dim=18)
+    with pytest.raises(ParamsError, match="feature_layers"):
+        tiny_cfg(feature_layers=(-1, 2))
+
+
+def test_mask_ratio_must_keep_one_patch_and_hide_one() -> None:
+    """``check_mask_ratio`` against ``random_masking``'s keep count ``int(L (1 - r))`` on 16 patches:
+    keeping 1 or 15 passes; keeping 0 (0.95 rounds 0.8 down) leaves the encoder CLS alone, keeping all
+    16 leaves the losses nothing to average over (NaN). A bound off by one, or a check that rounds where
+    the masking truncates, lets such a ratio through to a run that fails hours later."""
+    cfg, model = tiny_cfg(), tiny_model(feature_loss=False)
+    for ratio, keep in ((0.9375, 1), (0.0625, 15)):
+        cfg.check_mask_ratio(ratio)
+        assert model.random_masking(torch.zeros(1, 16, 1), ratio)[0].shape[1] == keep
+    for ratio in (0.95, 1.0):
+        with pytest.raises(ParamsError, match="hides all 16"):
+            cfg.check_mask_ratio(ratio)
+    with pytest.raises(ParamsError, match="hides none"):
+        cfg.check_mask_ratio(0.0)
+
+
 def test_sincos_table() -> None:
     table = sincos_2d(8, 3)  # [1, 1 + 9, 8]
     assert table.shape == (1, 10, 8) and not table[0, 0].any()
@@ -86,6 +113,16 @@ def test_random_masking_follows_noise_and_rng() -> None:
     torch.manual_seed(7)
     _, mask_b, _ = model.random_masking(x, 0.75)
     assert torch.equal(mask_a, mask_b)
+
+
+
+def test_noise_of_another_shape_is_refused() -> None:
+    """``noise`` must be [N, L]: a [1, L] row would mask (and keep) one sample of the batch only, and an
+    [N, L + 1] one would index past the patches; both are refused up front with the expected shape."""
+    model = tiny_model(feature_loss=False)
+    for shape in ((1, 16), (2, 17)):
+        with pytest.raises(ValueError, match=r"noise must have shape \(2, 16\)"):
+            model.random_masking(torch.zeros(2, 16, 1), 0.75, torch.rand(shape))
 
 
 def test_patchify_round_trip_and_pixel_loss() -> None:
@@ -251,6 +288,15 @@ def test_momentum_update_and_schedule() -> None:
     assert tiny_model(contrastive=False).momentum_at(0, 100) is None  # no momentum encoder to step
 
 
+
+def test_cosine_momentum_stays_at_one_past_the_end_and_an_empty_run_gets_m() -> None:
+    """MoCo v3's ramp ends at 1 and stays there: a step past ``total_steps`` must not swing back down the
+    cosine (0.995 at 1.5 × total unclamped); a run of 0 steps gets m, not a division by zero."""
+    cosine = tiny_model(feature_loss=False, momentum_schedule="cosine")
+    assert cosine.momentum_at(150, 100) == 1.0
+    assert cosine.momentum_at(0, 0) == 0.99
+
+
 def test_the_momentum_update_pairs_the_same_parameters_after_sync_bn() -> None:
     """``train.sync_bn`` swaps the projectors' BatchNorms for SyncBatchNorm (on CUDA, so no test trains
     it here) before the first momentum update, which pairs the online and momentum parameters by their
@@ -281,6 +327,20 @@ def test_keys_use_an_independent_mask() -> None:
     key = torch.rand(4, 16)  # the forward draws the online mask first, then the key mask
     torch.manual_seed(5)
     torch.testing.assert_close(model(x, 0.75)["loss"], model(x, 0.75, online, key)["loss"])
+
+
+
+def test_keys_come_from_the_momentum_encoder_and_projector() -> None:
+    """§1's key path: unmasked and in patch order, a key is the momentum projector on the CLS of the
+    momentum encoder's own forward. Keys from the online encoder (set apart from the momentum one here)
+    would leave the momentum encoder unused and the contrastive target moving with every step."""
+    model = tiny_model(feature_loss=False).eval()
+    x = imgs(2)
+    with torch.no_grad():
+        for p in model.momentum_encoder.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(13)))
+        expect = model.momentum_projector(model.momentum_encoder.forward_features(x)[:, 0])
+    torch.testing.assert_close(model.momentum_keys(x, 0.0, torch.arange(16.0).expand(2, 16)), expect)
 
 
 def test_linear_patch_embedding_is_timm_convolution() -> None:
@@ -363,3 +423,29 @@ def test_patch_embedding_bias_is_torchs_convolution_default() -> None:
     model = tiny_model(feature_loss=False)
     bias, bound = model.encoder.patch_embed.proj.bias, 1 / math.sqrt(3 * 8 * 8)
     assert bias.abs().max() <= bound and bias.abs().max() > bound / 2
+
+
+
+def test_init_is_maes_recipe_part_by_part() -> None:
+    """``_init_weights``' recipe: every Linear (encoder, decoder, heads) and the patch embedding read as a
+    [D, 3·p·p] matrix are xavier-uniform, their |w| reaching into the top 5% of ±√(6 / (fan_in + fan_out))
+    and not past it; Linear biases 0; LayerNorms 1 and 0; CLS and mask tokens N(0, 0.02). Catches a part
+    left at torch's or timm's init, a convolution's fans for the patch embedding (a bound 4× smaller
+    here), a bias left as drawn, a mask token left at 0 or a token drawn at another scale."""
+    model = tiny_model()
+    w = model.encoder.patch_embed.proj.weight
+    matrices = [("patch_embed", w.reshape(w.shape[0], -1))]
+    for name, m in model.named_modules():
+        if name.startswith("teacher"):
+            continue
+        if isinstance(m, torch.nn.Linear):
+            matrices.append((name, m.weight))
+            assert m.bias is None or not m.bias.any(), name
+        elif isinstance(m, torch.nn.LayerNorm):
+            assert bool((m.weight == 1).all()) and not m.bias.any(), name
+    assert len(matrices) > 10
+    for name, weight in matrices:
+        bound = math.sqrt(6 / sum(weight.shape))
+        assert 0.95 * bound < weight.abs().max() <= bound, name
+    for token in (model.encoder.cls_token, model.mask_token):
+        assert 0.015 < token.std() < 0.025 and abs(token.mean()) < 0.01
