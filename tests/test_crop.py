@@ -5,6 +5,7 @@ Inputs are a small fetch-like folder built here from photographs that scikit-ima
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ from mcf.data.detect import (
 from mcf.data.quality import bench_duplicates, blur_score, duplicates, phash
 from mcf.data.shards import iter_samples, shard_urls
 from mcf.errors import GateError, StageError
-from mcf.io import atomic_dir, atomic_file, check_replaceable
+from mcf.io import atomic_dir, atomic_file, check_replaceable, read_table, unwritable
 from mcf.params import ParamsError, build
 from mcf.validate.gate import SUITES_DIR
 
@@ -846,6 +848,169 @@ def test_another_users_live_writer_is_left_alone(tmp_path: Path, monkeypatch: py
     with atomic_dir(tmp_path / "crop", sign="manifest.parquet") as tmp:
         (tmp / "manifest.parquet").write_bytes(b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["crop", other.name])
+
+
+def test_an_output_folder_under_a_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    """An ``out`` below one of your files (a mistyped parent) is one line naming the ``out``, the file kept:
+    listing that file for killed writers' leftovers, or making the folder, raises NotADirectoryError, which
+    would end the stage in a traceback."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    line = rf"^cannot write {re.escape(str(mine / 'crop'))}: Not a directory$"
+    refused = pytest.raises(StageError, match=line)
+    with refused, atomic_dir(mine / "crop", sign="manifest.parquet"):
+        pass
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+SWAP_THEN = """
+import os, signal, sys
+from pathlib import Path
+from mcf.io import atomic_dir
+
+out, then = Path(sys.argv[1]), sys.argv[2]
+real = Path.rename
+
+def killed_before_the_new_output_moves_in(self, target):
+    if self.name.startswith(f".{out.name}.tmp-"):  # the previous output is aside, the new one not in yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, target)
+
+if then == "killed":
+    Path.rename = killed_before_the_new_output_moves_in
+with atomic_dir(out, sign="manifest.parquet") as tmp:
+    (tmp / "manifest.parquet").write_bytes(b"new")
+    if then == "fails":
+        sys.exit(3)
+"""
+
+
+def test_a_writer_killed_mid_swap_leaves_the_previous_output_for_the_next_run(tmp_path: Path) -> None:
+    """Killed after renaming the previous output aside and before moving the new one in: the next run, a
+    process of its own, puts the previous output back. The aside copy must carry the killed writer's pid:
+    named after a process still alive (its parent, the shell), it would be left aside for good, the output
+    gone though dvc.lock still describes it."""
+    out = tmp_path / "crop"
+    out.mkdir()
+    (out / "manifest.parquet").write_bytes(b"previous")
+
+    def writer(then: str) -> int:
+        return subprocess.run([sys.executable, "-c", SWAP_THEN, str(out), then], env=os.environ).returncode
+
+    assert writer("killed") == -signal.SIGKILL and not out.exists()
+    assert writer("fails") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crop"]
+    assert (out / "manifest.parquet").read_bytes() == b"previous"
+
+
+def test_ctrl_c_in_an_atomic_file_keeps_the_previous_file_and_no_temporary_one(tmp_path: Path) -> None:
+    """Removed on an Exception only, the temporary file of a Ctrl-C (KeyboardInterrupt) would stay, half
+    written, beside the metrics file, and in a dvclive folder be published with the curves."""
+    path = tmp_path / "m.json"
+    path.write_text("previous")
+    with pytest.raises(KeyboardInterrupt), atomic_file(path) as tmp:
+        tmp.write_text('{"half')
+        raise KeyboardInterrupt
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"] and path.read_text() == "previous"
+
+
+def test_atomic_file_syncs_the_file_before_the_rename_and_its_folder_after(
+    tmp_path: Path, monkeypatch: MonkeyPatch
+) -> None:
+    """Without the first sync a power cut can leave the new name on an empty file (the rename reached the
+    disk, the data did not); without the second the rename itself can be lost. Reading the file back
+    cannot tell, so the real calls are recorded as they are made."""
+    calls: list[tuple[str, int | str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: Path, dst: Path) -> None:
+        calls.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with atomic_file(tmp_path / "m.json") as tmp:
+        tmp.write_text("{}")
+    inode = (tmp_path / "m.json").stat().st_ino
+    assert calls == [("fsync", inode), ("replace", "m.json"), ("fsync", tmp_path.stat().st_ino)]
+
+
+def test_unwritable_names_a_read_only_folder(tmp_path: Path) -> None:
+    """evaluate and the gate check where they write before their long work: a read-only folder (a
+    read-only mount; chmod 555 for a user) taken as writable would fail the write at the end. Mounting
+    needs root, as on CI; skipped elsewhere."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)]
+    done = subprocess.run(mount, capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        assert unwritable(ro / "metrics" / "evaluate.json") == f"{ro} is not writable"
+    finally:
+        subprocess.run(["umount", "--lazy", str(ro)], check=True)
+    assert unwritable(ro / "metrics" / "evaluate.json") is None
+
+
+@contextlib.contextmanager
+def _as_nobody() -> Iterator[None]:
+    """File permissions as an ordinary user sees them (root reads a chmod 000 file)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_read_table_reads_the_named_columns_once_or_every_column(tmp_path: Path) -> None:
+    """``only`` reads just the named columns (a LAION part has 15+), each once though named twice (laion's
+    extra_columns may name its caption column again: a doubled column reads as a frame, not a Series);
+    without ``only`` every column is read."""
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"a": [1], "b": [2], "c": [3]}).to_parquet(path)
+    assert list(read_table(path, ["c", "a", "c"], "fix it", only=True).columns) == ["c", "a"]
+    assert list(read_table(path, ["c"], "fix it").columns) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize(("damage", "problem"), [
+    ("columns", "no column b, c"),
+    ("cut short", r"not a readable parquet table \(ArrowInvalid: .+\)"),
+    ("footer", r"not a readable parquet table \(OSError: Couldn't deserialize thrift: .+\)"),
+], ids=["columns", "cut short", "footer"])
+def test_read_table_names_the_file_what_is_wrong_and_the_fix_on_one_line(
+    tmp_path: Path, damage: str, problem: str
+) -> None:
+    """Every missing column is named, not the first alone. A damaged footer is pyarrow's plain OSError, not
+    an Arrow error, and its message ends in a line break: it must neither escape as a traceback nor split
+    the CLI's one line."""
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"a": [1]}).to_parquet(path)
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[:20])
+    elif damage == "footer":
+        path.write_bytes(path.read_bytes()[:-8] + b"\0\0\0\0PAR1")  # the footer's length zeroed
+    with pytest.raises(StageError) as err:
+        read_table(path, ["a", "b", "c"], "rerun `mcf fetch`")
+    assert re.fullmatch(rf"{re.escape(str(path))}: {problem}; rerun `mcf fetch`", str(err.value))
+
+
+def test_read_table_leaves_an_unreadable_file_to_the_clis_permission_line(tmp_path: Path) -> None:
+    """A table the user may not read is a PermissionError, which the CLI prints as "Permission denied:
+    <file>"; taken for a damaged table, it would say "not a readable parquet table; rerun `mcf fetch`",
+    and rerunning fetch does not fix a permission."""
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"a": [1]}).to_parquet(path)
+    path.chmod(0)
+    with _as_nobody(), pytest.raises(PermissionError):
+        read_table(path, ["a"], "rerun `mcf fetch`")
+
 
 def test_missing_inputs_fail_clearly(fetch_dir: Path, tmp_path: Path) -> None:
     missing = r"crop.input: path does not exist: .*manifest.parquet \(run `mcf fetch` first\)"

@@ -492,6 +492,32 @@ def test_a_full_disk_is_the_file_systems_error_and_other_failures_stay_torchs(
         save_tensors({"w": torch.ones(4)}, tmp_path / "x.pt")
 
 
+def test_a_full_disk_is_found_though_torch_left_its_last_block_part_empty(
+    full_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's write can stop inside a block: a probe that fits in the rest of it (a small one, or one
+    write returning short and taken as done) would succeed, and the full disk go out as torch's
+    "unexpected pos". The probe writes until the file system refuses, naming the file."""
+    path = full_disk / "x.pt"
+    path.write_bytes(b"x" * 100)  # what torch wrote: the rest of its block is free, and nothing else is
+    fd = os.open(full_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError as full:
+        assert full.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+    def stopped(obj: object, f: Path) -> None:
+        raise RuntimeError("unexpected pos 4224 vs 100")  # torch's words for its short write
+
+    monkeypatch.setattr(torch, "save", stopped)
+    with pytest.raises(OSError, match="No space left on device") as err:
+        save_tensors({"w": torch.ones(4)}, path)
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(path)
+
+
 def test_checkpoint_refuses_other_params_and_restores_rng(tmp_path: Path) -> None:
     state = rng_state()
     expected = (torch.rand(3), np.random.rand(2), random.random())
