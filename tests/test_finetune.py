@@ -12,13 +12,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
-from mcf.data.aflw19 import AFLW19Config
-from mcf.data.lapa import LaPaConfig
+from mcf.data.aflw19 import AFLW19, AFLW19Config
+from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import GateError, StageError
+from mcf.evaluate import metrics as M
+from mcf.evaluate.scoring import predict_landmarks, predict_parsing
 from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
-from mcf.models.heads import gaussian_heatmaps
+from mcf.models.heads import DenseFaceModel, HeadConfig, gaussian_heatmaps
 from mcf.params import Common, ParamsError, load
 from mcf.synth import write_aflw19, write_lapa
 from mcf.synth.config import AflwSynthConfig, LapaSynthConfig, SynthConfig
@@ -34,6 +37,7 @@ from mcf.train.finetune import (
     main_alignment,
     main_parsing,
     make_optimizer,
+    parsing_loss,
 )
 
 TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
@@ -86,7 +90,8 @@ def test_params_sections_build_from_yaml(tmp_path: Path) -> None:
     assert (cfg.epochs, cfg.data.size, cfg.data.augment.rotation, cfg.lr_neck) == (2, 64, 5.0, 1e-2)
     _, parsing = load("finetune_parsing", tmp_path / "params.yaml")
     assert (parsing.lr_neck, parsing.lr_head, parsing.out) == (1e-3, 0.01, "outputs/finetune_parsing")
-    for blocks in ([1, 1, 2, 3], [5, 3, 2, 1]):  # the neck's levels are positional: blocks go in depth order
+    # the neck's levels are positional: blocks go in depth order; -1 would be timm's last block, out of it
+    for blocks in ([1, 1, 2, 3], [5, 3, 2, 1], [-1, 0, 1, 2]):
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune_parsing": {"blocks": blocks}}))
         with pytest.raises(ParamsError, match="finetune_parsing.blocks"):
             load("finetune_parsing", tmp_path / "params.yaml")
@@ -152,6 +157,14 @@ def test_a_model_file_whose_weights_do_not_fit_its_backbone_names_the_whole_shap
                                          r"torch.Size\(\[1, \d+, \d+\]\)\."):
         load_finetuned(path, "alignment")
 
+def test_default_optimiser_is_the_protocols() -> None:
+    """PROTOCOL §3–4: AdamW at wd 1e-5 with lrs backbone / neck / head 1e-4 / 1e-2 / 1e-2 (AFLW-19) and
+    1e-4 / 1e-3 / 1e-3 (LaPa). The YAML test sets LaPa's lr_head itself, so its default went unchecked."""
+    align, parse = AlignmentConfig(), ParsingConfig()
+    assert (align.lr_backbone, align.lr_neck, align.lr_head, align.weight_decay) == (1e-4, 1e-2, 1e-2, 1e-5)
+    assert (parse.lr_backbone, parse.lr_neck, parse.lr_head, parse.weight_decay) == (1e-4, 1e-3, 1e-3, 1e-5)
+
+
 def test_alignment_loss_is_small_at_the_target() -> None:
     cfg = AlignmentConfig()
     points = torch.rand(2, 19, 2) * 0.8 + 0.1
@@ -171,6 +184,26 @@ def test_alignment_l1_is_the_point_distance() -> None:
     assert l1.item() == pytest.approx(5 / 32, rel=1e-5)
 
 
+def test_heatmap_weight_scales_the_bce_alone() -> None:
+    """loss = L1 + heatmap_weight × BCE: the protocol's weight is 1, so a dropped weight passed the pins."""
+    torch.manual_seed(0)
+    points, logits = torch.rand(2, 19, 2), torch.randn(2, 19, 16, 16)
+    one = alignment_loss(AlignmentConfig())(logits, {"landmarks": points})
+    quarter = alignment_loss(AlignmentConfig(heatmap_weight=0.25))(logits, {"landmarks": points})
+    assert torch.equal(one["l1"], quarter["l1"]) and torch.equal(one["bce"], quarter["bce"])
+    torch.testing.assert_close(quarter["loss"], one["l1"] + 0.25 * one["bce"])
+
+
+def test_parsing_loss_is_the_mean_cross_entropy_of_the_upsampled_logits() -> None:
+    """PROTOCOL §4: the 112² logits are upsampled (bilinear) to the label size, then per-pixel cross-entropy,
+    averaged; labels shrunk to the logits, or a label smoothing, passed every test."""
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 11, 4, 4), torch.randint(0, 11, (2, 16, 16))
+    up = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+    want = -up.log_softmax(dim=1).gather(1, label[:, None]).mean()
+    torch.testing.assert_close(parsing_loss(logits, {"label": label.to(torch.uint8)})["loss"], want)
+
+
 def test_step_schedule_is_farls_epochwise_multistep() -> None:
     cfg = FinetuneConfig(epochs=300, schedule="step", milestones=[200], gamma=0.1)
     total = 300 * 7  # 7 steps per epoch
@@ -179,6 +212,18 @@ def test_step_schedule_is_farls_epochwise_multistep() -> None:
     assert lr_factor(total - 1, total, cfg) == pytest.approx(0.1)
     flat = FinetuneConfig(epochs=150, schedule="step", milestones=[200])  # FaRL's AFLW-19: never reached
     assert {lr_factor(s, 150 * 7, flat) for s in range(150 * 7)} == {1.0}
+
+
+def test_step_schedule_matches_torchs_multisteplr_per_epoch() -> None:
+    """Milestones compound (×gamma at each one passed) and a milestone 0 drops from the first epoch, as
+    torch's MultiStepLR does; one drop at most, or a refused 0, passed the single-milestone test."""
+    cfg = FinetuneConfig(epochs=6, schedule="step", milestones=[0, 2, 4], gamma=0.5)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, cfg.milestones, cfg.gamma)
+    for epoch in range(cfg.epochs):
+        assert [lr_factor(3 * epoch + k, 18, cfg) for k in range(3)] == [optimizer.param_groups[0]["lr"]] * 3
+        optimizer.step()
+        scheduler.step()
 
 
 @pytest.mark.parametrize("milestones", [[-1], [100, -5]])
@@ -233,6 +278,70 @@ def test_optimizer_step_k_trains_at_the_schedule_factor_of_step_k() -> None:
         for _ in range(cfg.epochs):  # counted from 1, as the pre-training loop's message counts them
             _, step = finetune.train_epoch(model, batches, nan_at_fifth, optimizer, EMA(model, 0.9), lr_at,
                                            step, total, torch.float32)
+
+
+def test_each_step_follows_its_own_gradient_and_the_epoch_reports_mean_losses() -> None:
+    """With ``loss = mean(w·x + b)`` over inputs of ones, every step's gradient is 1 per weight: three SGD
+    steps at lr 0.1 move each weight by exactly 0.3 (without zeroing the gradients 0.6), the EMA is updated
+    once a step, and the epoch's loss is the mean over its batches (not their sum, nor another count)."""
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+        model.bias.fill_(0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer.param_groups[0]["initial_lr"] = 0.1
+    ema = EMA(model, 0.5, warmup=False)
+
+    def loss_fn(logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss": logits.mean(), "double": 2 * logits.mean()}
+
+    lr_at = functools.partial(lr_factor, total=3, cfg=FinetuneConfig(schedule="constant"))
+    batches = [{"image": torch.ones(4, 2)} for _ in range(3)]
+    means, step = finetune.train_epoch(model, batches, loss_fn, optimizer, ema, lr_at, 0, 3, torch.float32)
+    torch.testing.assert_close(model.weight, torch.full((1, 2), 0.7))
+    torch.testing.assert_close(model.bias, torch.tensor([0.2]))
+    assert step == 3 and ema.updates == 3
+    assert means == pytest.approx({"loss": (2.5 + 2.2 + 1.9) / 3, "double": 2 * (2.5 + 2.2 + 1.9) / 3})
+
+
+def test_the_per_epoch_test_score_is_the_number_farl_selects_by(fixture_root: Path) -> None:
+    """FaRL picks its epoch by NME_diag on AFLW-19's full test set (6 images here, 3 of them frontal) and by
+    LaPa's test F1 mean (PROTOCOL §3–4): the frontal subset, NME_box or LaPa's val split passed every test,
+    which compare the per-epoch scores only with themselves."""
+    align, parse = (dataclasses.replace(cfg, batch_size=8) for cfg in tiny_configs(fixture_root))  # 1 batch
+    torch.manual_seed(0)
+    model = finetune.build_model("alignment", "mcf", align).eval()
+    name, score = finetune.test_scorer("alignment", align)
+    p = predict_landmarks(model, AFLW19(align.data, "full"), 8)
+    assert name == "nme_diag_full" and len(p["pred"]) == 6
+    assert score(model) == pytest.approx(100 * M.nme(p["pred"], p["gt"], "diag", p["box"]).mean())
+    model = finetune.build_model("parsing", "mcf", parse).eval()
+    name, score = finetune.test_scorer("parsing", parse)
+    conf, names = predict_parsing(model, LaPa(parse.data, "test"), 8)
+    assert name == "f1_mean" and len(names) == 3
+    assert score(model) == pytest.approx(100 * M.f1_mean(M.f1_per_class(conf)))
+
+
+def test_train_shuffles_and_trains_a_set_smaller_than_a_batch(tmp_path: Path) -> None:
+    """The loader draws a new order each epoch, and drops a short last batch only when a full one exists:
+    3 images at batch 4 train one step an epoch, not none (an EMA never updated, published as the model).
+    A frozen backbone runs in eval mode throughout (build_model's "eval, no grad"), though each epoch
+    opens with model.train()."""
+    torch.manual_seed(0)
+    model = DenseFaceModel(create_backbone(TINY, img_size=16), HeadConfig((0, 1, 2, 3), 4, 2))
+    seen: list[tuple[list[int], bool]] = []
+
+    def loss_fn(logits: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        seen.append((batch["index"].tolist(), model.backbone.training))
+        return {"loss": logits.mean()}
+
+    items = [{"image": torch.zeros(3, 16, 16), "index": torch.tensor(i)} for i in range(3)]
+    cfg = FinetuneConfig(epochs=2, batch_size=4, freeze_backbone=True)
+    ema, _ = finetune.train(model, items, loss_fn, cfg, tmp_path / "resume", seed=0, run_id="run")
+    orders = [order for order, _ in seen]
+    assert ema.updates == 2 and [sorted(order) for order in orders] == [[0, 1, 2]] * 2
+    assert orders[0] != orders[1] and [0, 1, 2] not in orders  # seed 0 draws (2, 1, 0), then (1, 2, 0)
+    assert not any(training for _, training in seen)
 
 
 def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
@@ -303,6 +412,10 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     assert json.loads((live / "metrics.json").read_text())["step"] == 2
     test_curve = pd.read_csv(live / "plots" / "metrics" / "test" / "nme_diag_full.tsv", sep="\t")
     assert test_curve["nme_diag_full"].tolist() == pytest.approx(meta["test_by_epoch"])  # one per epoch, 3
+    # the published EMA model scores what the last epoch logged: the scores are the EMA's (evaluate's weights)
+    assert finetune.test_scorer("alignment", align)[1](model) == pytest.approx(meta["test_by_epoch"][-1])
+    lr_head = pd.read_csv(live / "plots" / "metrics" / "lr" / "head.tsv", sep="\t")["head"].tolist()
+    assert lr_head == pytest.approx([1e-2 * lr_factor(4 * e + 3, 12, align) for e in range(3)])  # the head's
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # curves only at the committed path
 
 
