@@ -719,3 +719,97 @@ def test_fine_tune_curves_on_synthface_never_take_a_real_runs_label(run: Path) -
     for stage in ("finetune_alignment", "finetune_parsing"):
         caption = next(c for c in captions if c.startswith(f"{stage}:"))
         assert "SynthFace-" not in caption and "not SynthFace" in caption, caption
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The figures the report's plot functions draw, kept open to be read instead of rendered."""
+    from mcf.report import figures
+
+    figs: list = []
+    monkeypatch.setattr(figures, "to_png", lambda fig: figs.append(fig) or PNG_SIGNATURE)
+    return figs
+
+
+def test_curves_draw_one_panel_per_series_total_loss_first_and_schedules_last(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One panel per series of any run (a series only one run logged too), the total loss first, then its
+    parts and the test scores, then lr and momentum; each run drawn by name with the series' values (the
+    file's last column, not its step), and no empty panel left in the grid."""
+    from mcf.report import figures
+
+    figs = _drawn(monkeypatch)
+
+    def curve(name: str, values: list[float]) -> pd.DataFrame:
+        return pd.DataFrame({"step": [5, 10], name.rsplit("/", 1)[-1]: values})
+
+    names = ["train/momentum", "lr/head", "train/loss_pixel", "train/lr", "test/nme", "train/loss_feature"]
+    mcf = {name: curve(name, [float(i), float(i) / 2]) for i, name in enumerate(names)}
+    runs = {"mcf": mcf | {"train/loss": curve("train/loss", [9.0, 8.0])},
+            "scratch": {"train/loss": curve("train/loss", [7.0, 6.0])}}
+    figures.curves_png(runs, "finetune_parsing: training curves, test scores on SynthFace-LaPa")
+    (fig,) = figs
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["train/loss", "test/nme", "train/loss_feature",
+                                                 "train/loss_pixel", "lr/head", "train/lr", "train/momentum"]
+    assert fig.get_suptitle() == "finetune_parsing: training curves, test scores on SynthFace-LaPa"
+    loss = panels[0]
+    assert [line.get_label() for line in loss.get_lines()] == ["mcf", "scratch"]
+    assert [list(line.get_ydata()) for line in loss.get_lines()] == [[9.0, 8.0], [7.0, 6.0]]
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["mcf", "scratch"]
+    assert [list(line.get_ydata()) for line in panels[-1].get_lines()] == [[0.0, 0.0]]
+    figures.plt.close("all")
+
+
+def test_ced_and_f1_figures_name_the_variant_and_dataset_of_every_curve_and_bar(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The page shows SynthFace numbers beside the paper's AFLW-19 and LaPa ones: each curve and bar set
+    says its variant and dataset, each figure its dataset, and each axis spans its quantity (a fraction,
+    an F1 in %)."""
+    from mcf.report import figures
+
+    figs = _drawn(monkeypatch)
+    figures.ced_png(pd.DataFrame({"threshold": [0.0, 0.07], "mcf": [0.0, 1.0]}), "SynthFace-AFLW19")
+    figures.f1_png(pd.DataFrame({"class": ["skin"], "mcf": [85.0], "scratch": [80.0]}), "SynthFace-LaPa")
+    ced, f1 = (fig.axes[0] for fig in figs)
+    assert [t.get_text() for t in ced.get_legend().get_texts()] == ["mcf (SynthFace-AFLW19)"]
+    assert "SynthFace-AFLW19" in ced.get_title() and ced.get_ylim() == (0, 1)
+    assert [t.get_text() for t in f1.get_legend().get_texts()] == ["mcf (SynthFace-LaPa)",
+                                                                  "scratch (SynthFace-LaPa)"]
+    assert "SynthFace-LaPa" in f1.get_title() and f1.get_ylim() == (0, 100)
+    figures.plt.close("all")
+
+
+def test_f1_bars_sit_side_by_side_at_their_class_and_only_a_null_f1_reads_n_a(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each class's bars (one a variant) sit side by side, centred on its labelled tick and clear of the
+    next class's; a null F1 is a zero bar marked "n/a", an F1 of 0 a zero bar alone."""
+    from mcf.report import figures
+
+    figs = _drawn(monkeypatch)
+    table = pd.DataFrame({"class": ["skin", "hair"], "mcf": [85.0, None], "scratch": [80.0, 0.0]})
+    figures.f1_png(table, "SynthFace-LaPa")
+    ax = figs[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["skin", "hair"]
+    assert list(ax.get_xticks()) == [0, 1]
+    mcf, scratch = ([(bar.get_x(), bar.get_x() + bar.get_width()) for bar in c] for c in ax.containers)
+    for tick, ((left, middle), (start, right)) in enumerate(zip(mcf, scratch, strict=True)):
+        assert middle <= start + 1e-9 and (left + right) / 2 == pytest.approx(tick) and right - left < 1
+    assert [[bar.get_height() for bar in c] for c in ax.containers] == [[85.0, 0.0], [80.0, 0.0]]
+    marks = [(t.get_text(), t.get_position()[0]) for t in ax.texts]
+    assert marks == [("n/a", pytest.approx(sum(mcf[1]) / 2))]
+    figures.plt.close("all")
+
+
+def test_report_figures_are_closed_once_drawn_and_take_dollars_as_text() -> None:
+    """Each figure is closed once rendered (left open, every report drawn in one process keeps its
+    figures); a "$" in the curves' title (a data root's path is quoted in it) is text, not mathtext that
+    fails the page."""
+    from mcf.report import figures
+
+    before = figures.plt.get_fignums()
+    curves = {"mcf": {"train/loss": pd.DataFrame({"step": [5, 10], "loss": [2.0, 1.0]})}}
+    png = figures.curves_png(curves, "finetune_parsing: test scores on SynthFace data at /data/$\\foo$")
+    assert png.startswith(PNG_SIGNATURE) and figures.plt.get_fignums() == before
