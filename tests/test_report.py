@@ -504,6 +504,46 @@ def test_an_out_in_a_read_only_folder_is_a_usage_error_before_the_page(
     assert "--out ro/r.html: cannot be written there (Read-only file system)" in capsys.readouterr().err
 
 
+def test_report_with_no_arguments_writes_the_page_the_readme_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: ``mcf report`` in a run's checkout reads ./params.yaml and writes outputs/report/index.html,
+    making the folders it needs; ``build_report``'s default is the same page."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["report"]) == 0
+    page = tmp_path / "outputs" / "report" / "index.html"
+    assert capsys.readouterr().out == "outputs/report/index.html\n"
+    assert '<section id="paper">' in page.read_text(encoding="utf-8")
+    page.unlink()
+    assert build_report(tmp_path) == page and page.is_file()
+
+
+@pytest.mark.parametrize("out", ["r.htm", "R.HTML"])
+def test_an_existing_page_named_htm_or_in_capitals_is_replaced(tmp_path: Path, out: str) -> None:
+    """``.htm`` and an upper-case suffix name HTML pages too: refused as "a file other than an HTML page",
+    a report written there could not be drawn again."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / out).write_text("old page")
+    assert cli_main(["report", "--root", str(tmp_path), "--out", out]) == 0
+    assert '<section id="paper">' in (tmp_path / out).read_text(encoding="utf-8")
+
+
+def test_the_params_file_is_never_replaced_by_its_page_whatever_its_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A params file with an .html suffix passes the suffix check: the page drawn from it would replace
+    it, also when ``--out`` spells its path another way."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "run.html").write_text("seed: 0\n")
+    for out in ("run.html", "sub/../run.html"):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["report", "--root", str(tmp_path), "--params", "run.html", "--out", out])
+        assert exit_.value.code == 2
+        assert f"--out {out}: is a file other than an HTML page" in capsys.readouterr().err
+    assert (tmp_path / "run.html").read_text() == "seed: 0\n"
+
+
 def test_f1_bars_tell_a_class_without_f1_from_an_f1_of_zero() -> None:
     """A class absent from labels and predictions has a null F1; drawn as a zero bar alone, the figure
     showed it as a failed class."""
@@ -813,3 +853,4 @@ def test_report_figures_are_closed_once_drawn_and_take_dollars_as_text() -> None
     curves = {"mcf": {"train/loss": pd.DataFrame({"step": [5, 10], "loss": [2.0, 1.0]})}}
     png = figures.curves_png(curves, "finetune_parsing: test scores on SynthFace data at /data/$\\foo$")
     assert png.startswith(PNG_SIGNATURE) and figures.plt.get_fignums() == before
+
