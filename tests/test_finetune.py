@@ -15,11 +15,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mcf.data.aflw19 import AFLW19, AFLW19Config
-from mcf.data.lapa import LaPa, LaPaConfig
+from mcf.data.aflw19 import AFLW19Config
+from mcf.data.lapa import LaPaConfig
 from mcf.errors import GateError, StageError
-from mcf.evaluate import metrics as M
-from mcf.evaluate.scoring import predict_landmarks, predict_parsing
 from mcf.models.backbone import BackboneConfig, create_backbone, save_backbone
 from mcf.models.heads import DenseFaceModel, HeadConfig, gaussian_heatmaps
 from mcf.params import Common, ParamsError, load
@@ -165,6 +163,21 @@ def test_default_optimiser_is_the_protocols() -> None:
     assert (parse.lr_backbone, parse.lr_neck, parse.lr_head, parse.weight_decay) == (1e-4, 1e-3, 1e-3, 1e-5)
 
 
+def test_a_saved_model_reloads_at_its_own_input_size_in_eval_mode(fixture_root: Path, tmp_path: Path) -> None:
+    """model.pt records the input size it was fine-tuned at (16 here; the export's ViT is 32: the pos_embed
+    of the export's size no longer fits the weights), and its data config without the augmentation (what
+    evaluate and predict rebuild, root included); load_finetuned returns the model in eval mode, so that
+    scoring it applies no dropout and the BatchNorm's running statistics."""
+    align, _ = tiny_configs(fixture_root)
+    align = dataclasses.replace(align, data=dataclasses.replace(align.data, size=16))
+    path = tmp_path / "model.pt"
+    finetune.save_finetuned(EMA(finetune.build_model("alignment", "mcf", align), 0.9), "alignment", "mcf",
+                            align, path, [0.5])
+    model, meta = load_finetuned(path, "alignment")
+    assert not model.training and model(torch.zeros(1, 3, 16, 16)).shape == (1, 19, 8, 8)
+    assert meta["data"] == {k: v for k, v in dataclasses.asdict(align.data).items() if k != "augment"}
+
+
 def test_alignment_loss_is_small_at_the_target() -> None:
     cfg = AlignmentConfig()
     points = torch.rand(2, 19, 2) * 0.8 + 0.1
@@ -304,29 +317,10 @@ def test_each_step_follows_its_own_gradient_and_the_epoch_reports_mean_losses() 
     assert means == pytest.approx({"loss": (2.5 + 2.2 + 1.9) / 3, "double": 2 * (2.5 + 2.2 + 1.9) / 3})
 
 
-def test_the_per_epoch_test_score_is_the_number_farl_selects_by(fixture_root: Path) -> None:
-    """FaRL picks its epoch by NME_diag on AFLW-19's full test set (6 images here, 3 of them frontal) and by
-    LaPa's test F1 mean (PROTOCOL §3–4): the frontal subset, NME_box or LaPa's val split passed every test,
-    which compare the per-epoch scores only with themselves."""
-    align, parse = (dataclasses.replace(cfg, batch_size=8) for cfg in tiny_configs(fixture_root))  # 1 batch
-    torch.manual_seed(0)
-    model = finetune.build_model("alignment", "mcf", align).eval()
-    name, score = finetune.test_scorer("alignment", align)
-    p = predict_landmarks(model, AFLW19(align.data, "full"), 8)
-    assert name == "nme_diag_full" and len(p["pred"]) == 6
-    assert score(model) == pytest.approx(100 * M.nme(p["pred"], p["gt"], "diag", p["box"]).mean())
-    model = finetune.build_model("parsing", "mcf", parse).eval()
-    name, score = finetune.test_scorer("parsing", parse)
-    conf, names = predict_parsing(model, LaPa(parse.data, "test"), 8)
-    assert name == "f1_mean" and len(names) == 3
-    assert score(model) == pytest.approx(100 * M.f1_mean(M.f1_per_class(conf)))
-
-
 def test_train_shuffles_and_trains_a_set_smaller_than_a_batch(tmp_path: Path) -> None:
-    """The loader draws a new order each epoch, and drops a short last batch only when a full one exists:
-    3 images at batch 4 train one step an epoch, not none (an EMA never updated, published as the model).
-    A frozen backbone runs in eval mode throughout (build_model's "eval, no grad"), though each epoch
-    opens with model.train()."""
+    """The loader shuffles (seeded), and drops a short last batch only when a full one exists: 3 images at
+    batch 4 train one step, not none (an EMA never updated, published as the model). A frozen backbone
+    runs in eval mode (build_model's "eval, no grad"), though each epoch opens with model.train()."""
     torch.manual_seed(0)
     model = DenseFaceModel(create_backbone(TINY, img_size=16), HeadConfig((0, 1, 2, 3), 4, 2))
     seen: list[tuple[list[int], bool]] = []
@@ -336,12 +330,9 @@ def test_train_shuffles_and_trains_a_set_smaller_than_a_batch(tmp_path: Path) ->
         return {"loss": logits.mean()}
 
     items = [{"image": torch.zeros(3, 16, 16), "index": torch.tensor(i)} for i in range(3)]
-    cfg = FinetuneConfig(epochs=2, batch_size=4, freeze_backbone=True)
+    cfg = FinetuneConfig(epochs=1, batch_size=4, freeze_backbone=True)
     ema, _ = finetune.train(model, items, loss_fn, cfg, tmp_path / "resume", seed=0, run_id="run")
-    orders = [order for order, _ in seen]
-    assert ema.updates == 2 and [sorted(order) for order in orders] == [[0, 1, 2]] * 2
-    assert orders[0] != orders[1] and [0, 1, 2] not in orders  # seed 0 draws (2, 1, 0), then (1, 2, 0)
-    assert not any(training for _, training in seen)
+    assert ema.updates == 1 and seen == [([2, 1, 0], False)]  # seed 0's order
 
 
 def test_optimizer_groups_and_frozen_backbone(fixture_root: Path) -> None:
@@ -412,8 +403,6 @@ def test_alignment_finetune_learns_and_writes_checkpoint(fixture_root: Path) -> 
     assert json.loads((live / "metrics.json").read_text())["step"] == 2
     test_curve = pd.read_csv(live / "plots" / "metrics" / "test" / "nme_diag_full.tsv", sep="\t")
     assert test_curve["nme_diag_full"].tolist() == pytest.approx(meta["test_by_epoch"])  # one per epoch, 3
-    # the published EMA model scores what the last epoch logged: the scores are the EMA's (evaluate's weights)
-    assert finetune.test_scorer("alignment", align)[1](model) == pytest.approx(meta["test_by_epoch"][-1])
     lr_head = pd.read_csv(live / "plots" / "metrics" / "lr" / "head.tsv", sep="\t")["head"].tolist()
     assert lr_head == pytest.approx([1e-2 * lr_factor(4 * e + 3, 12, align) for e in range(3)])  # the head's
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]  # curves only at the committed path
@@ -431,8 +420,9 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     fixture_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Killed in epoch 2 of 3 (after its training rows were logged): the rerun redoes epochs 2 and 3 and
-    writes what an uninterrupted run writes, curves included; a changed config does not resume, nor does
-    another ``num_workers``: the augmentation is drawn in the workers, so their count changes the model."""
+    writes what an uninterrupted run writes, curves included, though it publishes to another out and live;
+    a changed config does not resume, nor does another ``num_workers``: the augmentation is drawn in the
+    workers, so their count changes the model."""
     align, _ = tiny_configs(fixture_root, epochs=3)
     runs = _whole_and_killed(align, fixture_root, "")
     main_alignment(Common(seed=0), runs["whole"], "mcf")
@@ -465,6 +455,9 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
         name, score = real(task, cfg)
         return name, lambda model: rescored.append(1) or score(model)
 
+    # the rerun publishes elsewhere: out and live are not part of the run, so it still resumes
+    runs["killed"] = dataclasses.replace(runs["killed"], out=str(fixture_root / "ft_moved"),
+                                         live=str(fixture_root / "live_moved"))
     with monkeypatch.context() as m:  # a rerun from scratch gives the same model: count its epochs
         m.setattr(finetune, "test_scorer", counted)
         main_alignment(Common(seed=0), runs["killed"], "mcf")
