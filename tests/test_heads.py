@@ -194,6 +194,41 @@ def test_ema_update_rule() -> None:
     assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
 
 
+
+def test_ema_warm_up_decay_is_the_one_each_update_applies() -> None:
+    """Update n (from 0) averages with min(d, (1 + n) / (10 + n)): 0.1 first, then rising until it meets
+    d = 0.5 at n = 8 and stays there. Catches a count that never advances or advances before its update,
+    a warm-up without its cap, or an update that applies d whatever the warm-up. Float64 weights are
+    averaged too (only integer buffers are copied)."""
+    model = nn.Linear(3, 2).double()
+    ema = EMA(model, decay=0.5)
+    for n in range(12):
+        d = min(0.5, (1 + n) / (10 + n))
+        assert ema.current_decay() == pytest.approx(d)
+        before = ema.model.weight.clone()
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update(model)
+        torch.testing.assert_close(ema.model.weight, d * before + (1 - d) * model.weight)
+    assert ema.updates == 12 and ema.current_decay() == 0.5
+
+
+def test_ema_copy_is_in_eval_mode_and_decay_bounds() -> None:
+    """The fine-tune scores the EMA copy after each epoch as it is (the scorer calls no ``eval()``): a copy
+    in train mode would score with dropout on and BatchNorm on batch statistics. The model it copies stays
+    as it was. Decay 0 (the copy follows the weights) is accepted, 1 (it never moves) refused."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2), nn.Dropout(0.5)).train()
+    ema = EMA(model, 0.0, warmup=False)
+    assert not any(m.training for m in ema.model.modules())
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update(model)
+    assert torch.equal(ema.model[0].weight, model[0].weight)
+    with pytest.raises(ValueError, match=r"in \[0, 1\), got 1.0"):
+        EMA(model, 1.0)
+
+
 def test_uperhead_fuses_every_level_bilinearly_upsampled() -> None:
     """UPerNet's data flow, pinned: top-down each level adds the coarser one bilinearly upsampled, and the
     final fuse reads all four levels at the finest size. Shapes alone cannot see a level zeroed before the
