@@ -19,6 +19,8 @@ import pytest
 from mcf.errors import StageError
 from mcf.pools import cancelled_on_error, ignore_ctrl_c, on_death, worker_init, workers_ignore_ctrl_c
 
+pytestmark = pytest.mark.usefixtures("ctrl_c")  # CI's background job starts with SIGINT ignored
+
 
 def _sigint_blocked() -> bool:
     return signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
