@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -169,20 +170,25 @@ def ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-@pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real full disk: a 256 KiB tmpfs. Mounting needs root, as on CI and the dev machines; skipped
-    elsewhere."""
-    mount = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A real small file system at ``mount`` (a full disk, a read-only mount), unmounted on leaving.
+    Mounting needs root, as on CI and the dev machines; skipped elsewhere."""
     mount.mkdir()
-    mount_tmpfs = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)]
-    done = subprocess.run(mount_tmpfs, capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "--lazy", str(mount)], check=True)  # a test may still map a file
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real full disk: a 256 KiB tmpfs."""
+    with tmpfs(tmp_path / "small", "size=256k") as mount:
+        yield mount
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 import yaml
-from conftest import contract_types
+from conftest import contract_types, tmpfs
 from pytest import MonkeyPatch
 from skimage import data as skdata
 
@@ -943,16 +943,8 @@ def test_unwritable_names_a_read_only_folder(tmp_path: Path) -> None:
     """evaluate and the gate check where they write before their long work: a read-only folder (a
     read-only mount; chmod 555 for a user) taken as writable would fail the write at the end. Mounting
     needs root, as on CI; skipped elsewhere."""
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)]
-    done = subprocess.run(mount, capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         assert unwritable(ro / "metrics" / "evaluate.json") == f"{ro} is not writable"
-    finally:
-        subprocess.run(["umount", "--lazy", str(ro)], check=True)
     assert unwritable(ro / "metrics" / "evaluate.json") is None
 
 
