@@ -796,7 +796,6 @@ def test_out_guard_counts_files_not_folders(tmp_path: Path) -> None:
     check_replaceable(live, "metrics.json")
 
 
-
 def test_out_guard_passes_the_gitignore_dvc_leaves(tmp_path: Path) -> None:
     """pretrain's outs are files in its folder: where git does not ignore them already, DVC writes
     ``<out>/.gitignore`` naming them, and leaves it when it deletes them before a rerun."""
@@ -1025,7 +1024,6 @@ def test_a_fetch_output_without_a_fetched_image_fails_the_gate(tmp_path: Path) -
     with pytest.raises(GateError, match=r"expect_table_row_count_to_be_between\(\): observed 0"):
         crop(_cfg(tmp_path / "fetch", tmp_path / "crop"))
     _assert_no_output(tmp_path / "crop")
-
 
 
 @pytest.mark.parametrize("name", ["manifest.parquet", "detections.parquet"])

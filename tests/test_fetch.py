@@ -1043,7 +1043,6 @@ def test_a_bomb_is_refused_before_any_pixel_is_decoded(monkeypatch: pytest.Monke
         inspect(PNG[: len(PNG) * 2 // 3], MAX_PIXELS)
 
 
-
 def test_formats_opencv_may_not_read_are_not_images() -> None:
     """Pillow opens GIF, BMP, TIFF ...: only JPEG, PNG and WebP are kept (docs/CONTRACTS.md), and the format
     check is what turns the others into a row; without it a GIF ended the stage in a KeyError."""
@@ -2047,7 +2046,6 @@ def test_detections_without_a_fetched_face_keep_the_documented_types(server: str
         "sample_id": "string", "face": "int64", "box": "list<element: double>",
         "landmarks": "list<element: double>", "score": "double",
     }
-
 
 
 @pytest.mark.parametrize("killed_resolved", [False, True], ids=["mcf-fetch-then-dask", "dask-then-mcf-fetch"])

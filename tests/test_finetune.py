@@ -108,7 +108,6 @@ def test_a_model_file_with_bad_head_blocks_is_refused_naming_it(tmp_path: Path, 
         load_finetuned(tmp_path / "model.pt")
 
 
-
 @pytest.mark.parametrize("damage", ["no data", "data another version wrote", "data size 0",
                                     "test_by_epoch not a list"])
 def test_a_model_file_whose_metadata_is_damaged_is_refused_naming_it(

@@ -779,7 +779,6 @@ def test_a_run_killed_inside_the_swap_is_undone_by_the_next_unless_edited_since(
         assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
 
 
-
 def test_params_yaml_edited_during_a_swapped_run_is_kept(
     project: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -194,7 +194,6 @@ def test_ema_update_rule() -> None:
     assert warm.current_decay() == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
 
 
-
 def test_ema_warm_up_decay_is_the_one_each_update_applies() -> None:
     """Update n (from 0) averages with min(d, (1 + n) / (10 + n)): 0.1 first, then rising until it meets
     d = 0.5 at n = 8 and stays there. Catches a count that never advances or advances before its update,

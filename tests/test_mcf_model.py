@@ -58,7 +58,6 @@ def test_config_validation_names_keys() -> None:
         MCF(tiny_cfg(feature_layers=(0, 3)), load_teacher("random", TINY))
 
 
-
 def test_config_bounds_are_the_documented_ones() -> None:
     """``decoder_dim`` need only be a multiple of 4 (the 2-D sin-cos splits it in four), not of 8; a
     negative teacher block is refused, where Python would silently read block -1 as the last one."""
@@ -113,7 +112,6 @@ def test_random_masking_follows_noise_and_rng() -> None:
     torch.manual_seed(7)
     _, mask_b, _ = model.random_masking(x, 0.75)
     assert torch.equal(mask_a, mask_b)
-
 
 
 def test_noise_of_another_shape_is_refused() -> None:
@@ -288,7 +286,6 @@ def test_momentum_update_and_schedule() -> None:
     assert tiny_model(contrastive=False).momentum_at(0, 100) is None  # no momentum encoder to step
 
 
-
 def test_cosine_momentum_stays_at_one_past_the_end_and_an_empty_run_gets_m() -> None:
     """MoCo v3's ramp ends at 1 and stays there: a step past ``total_steps`` must not swing back down the
     cosine (0.995 at 1.5 × total unclamped); a run of 0 steps gets m, not a division by zero."""
@@ -327,7 +324,6 @@ def test_keys_use_an_independent_mask() -> None:
     key = torch.rand(4, 16)  # the forward draws the online mask first, then the key mask
     torch.manual_seed(5)
     torch.testing.assert_close(model(x, 0.75)["loss"], model(x, 0.75, online, key)["loss"])
-
 
 
 def test_keys_come_from_the_momentum_encoder_and_projector() -> None:
@@ -423,7 +419,6 @@ def test_patch_embedding_bias_is_torchs_convolution_default() -> None:
     model = tiny_model(feature_loss=False)
     bias, bound = model.encoder.patch_embed.proj.bias, 1 / math.sqrt(3 * 8 * 8)
     assert bias.abs().max() <= bound and bias.abs().max() > bound / 2
-
 
 
 def test_init_is_maes_recipe_part_by_part() -> None:

@@ -232,7 +232,6 @@ def test_an_undecodable_crop_read_by_a_worker_is_one_line(
     assert f"crop {samples[20][0]} in {shards / 'crops-000000.tar'}: not a decodable image" in err
 
 
-
 def test_a_shard_gone_since_indexing_is_one_line_naming_it(tmp_path: Path) -> None:
     """Crops not cached are read from their shard at each access: a shard removed while training (a
     rerun of the subset stage, a ``dvc checkout``) was a FileNotFoundError, rebuilt by torch from a
