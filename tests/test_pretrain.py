@@ -52,7 +52,7 @@ from mcf.train.checkpoint import (
     weights_digest,
 )
 from mcf.train.loop import Run, TrainConfig, Trainer, accumulate, data_identity, param_groups
-from mcf.train.schedule import lr_at, scaled_lr
+from mcf.train.schedule import lr_at, scaled_lr, set_lr
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -124,6 +124,31 @@ def test_lr_schedule_formula() -> None:
         1e-5 + (peak - 1e-5) * 0.5 * (1 + math.cos(math.pi * 89 / 90))
     )
     assert lr_at(3, total, 0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 3 / 100)))
+
+
+
+def test_lr_curve_where_its_pieces_meet() -> None:
+    """``lr_at`` at the seams the loop reaches: the warm-up starts at 0 whatever ``min_lr`` (the release's
+    lr × epoch / warmup) and is linear to its last step; without warm-up step 0 is the peak (not 0 / 0); a
+    fractional warm-up of 1.5 steps is used unrounded, in the decay's length too; the half-cosine ends at
+    ``min_lr`` exactly and stays there past the end instead of climbing back."""
+    peak, min_lr = 1e-3, 1e-5
+    assert lr_at(0, 100, 10, peak, min_lr) == 0.0
+    assert lr_at(9, 100, 10, peak, min_lr) == pytest.approx(9e-4)
+    assert lr_at(0, 100, 0, peak) == peak
+    assert lr_at(1, 24, 1.5, peak) == pytest.approx(peak / 1.5)
+    assert lr_at(12, 24, 1.5, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 10.5 / 22.5)))
+    assert [lr_at(s, 100, 10, peak, min_lr) for s in (100, 150)] == [min_lr, min_lr]
+
+
+def test_set_lr_writes_every_param_group() -> None:
+    """The weight-decay and no-decay groups (MAE's) train at one lr: a ``set_lr`` that wrote only the
+    first would leave the norms and biases at the lr the optimizer was built with."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1.0)
+    set_lr(optimizer, 2.5e-4)
+    assert len(optimizer.param_groups) == 2
+    assert [group["lr"] for group in optimizer.param_groups] == [2.5e-4, 2.5e-4]
 
 
 def test_crops_of_another_size_are_resized_as_the_release_resizes_them(workspace: Path) -> None:
