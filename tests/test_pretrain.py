@@ -126,7 +126,6 @@ def test_lr_schedule_formula() -> None:
     assert lr_at(3, total, 0, peak) == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * 3 / 100)))
 
 
-
 def test_lr_curve_where_its_pieces_meet() -> None:
     """``lr_at`` at the seams the loop reaches: the warm-up starts at 0 whatever ``min_lr`` (the release's
     lr × epoch / warmup) and is linear to its last step; without warm-up step 0 is the peak (not 0 / 0); a
