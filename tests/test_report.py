@@ -19,7 +19,7 @@ from mcf.io import PNG_SIGNATURE
 from mcf.params import ParamsError
 from mcf.report import build_report, markdown_summary
 from mcf.report.figures import f1_png
-from mcf.report.runfiles import open_run, read_gates
+from mcf.report.runfiles import Missing, f1_comparison, open_run, read_gates
 
 PARAMS = """\
 seed: 0
@@ -854,3 +854,90 @@ def test_report_figures_are_closed_once_drawn_and_take_dollars_as_text() -> None
     png = figures.curves_png(curves, "finetune_parsing: test scores on SynthFace data at /data/$\\foo$")
     assert png.startswith(PNG_SIGNATURE) and figures.plt.get_fignums() == before
 
+
+
+def test_a_metrics_path_that_is_no_string_is_a_note(run: Path) -> None:
+    """`evaluate.metrics: null` (hand-edited) joined None onto the checkout: a TypeError lost the summary."""
+    params = run / "params.yaml"
+    params.write_text(params.read_text().replace("metrics: metrics/evaluate.json", "metrics: null"))
+    text = markdown_summary(run)
+    assert "No metrics yet: params.yaml: `evaluate.metrics` is not a path: None." in text and "0.932" in text
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda path: path.mkdir(), "has not reached `evaluate`"),  # a folder where the file belongs
+    (lambda path: path.write_text("[1, 2]"), "evaluate.json: expected a JSON object"),
+])
+def test_a_metrics_file_that_is_no_json_object_is_a_note(
+    run: Path, damage: Callable[[Path], None], message: str
+) -> None:
+    """A folder at the metrics path (IsADirectoryError) or a JSON list (AttributeError on `.get`) ended
+    the summary in a traceback; each is a note, the paper's rows kept."""
+    path = run / "metrics" / "evaluate.json"
+    path.unlink()
+    damage(path)
+    text = markdown_summary(run)
+    assert message in text and "this run:" not in text and "0.932" in text
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("step\tloss\n", "no dvclive series under"),  # a header alone: a run killed before its first step
+    ("step\tloss\nfirst\t1.0\n", "column `step` holds text where dvclive writes numbers"),
+])
+def test_a_curve_file_with_no_rows_or_a_text_step_is_a_note(run: Path, content: str, message: str) -> None:
+    """A series with no rows is no series (it was named "text where dvclive writes numbers", or drawn as an
+    empty panel when it was the only one); a text step would be drawn as a categorical x axis."""
+    tsv = run / "metrics" / "teacher" / "plots" / "metrics" / "train" / "loss.tsv"
+    tsv.write_text(content)
+    curves = _sections(_page(run))["curves"]
+    teacher = curves.split("<h3>pretrain</h3>")[0]
+    assert message in teacher and "<figure>" not in teacher and "pretrain: training curves" in curves
+
+
+def _write_metrics(run: Path, metrics: dict) -> None:
+    (run / "metrics" / "evaluate.json").write_text(json.dumps(metrics))
+
+
+def test_the_mcf_variant_comes_first_whatever_the_others_are_named(run: Path) -> None:
+    """The `mcf` rows and F1 column lead, beside the paper's MCF row: sorting by name put a variant named
+    "baseline" first (the scratch one sorts after mcf by chance)."""
+    metrics = _metrics()
+    metrics["alignment"]["baseline"] = metrics["alignment"]["scratch"]
+    metrics["parsing"]["baseline"] = metrics["parsing"]["scratch"]
+    _write_metrics(run, metrics)
+    names = re.findall(r"^\| this run: (\w+) \|", markdown_summary(run), flags=re.M)
+    assert names == ["mcf", "baseline", "scratch"]
+    headers, _ = f1_comparison(metrics)
+    assert headers[1:4] == [f"this run: {v} (SynthFace-LaPa)" for v in ("mcf", "baseline", "scratch")]
+
+
+def test_a_best_epoch_for_parsing_alone_still_gets_its_row(run: Path) -> None:
+    """FaRL's best-epoch selection scored for parsing only (alignment not fine-tuned with test_each_epoch)
+    lost its row: both tasks' best epochs were read off the alignment part."""
+    metrics = _metrics()
+    del metrics["alignment"]["mcf"]["best_epoch_on_test"]
+    _write_metrics(run, metrics)
+    row = _row(markdown_summary(run), "this run, best epoch on test: mcf")
+    assert row == "| this run, best epoch on test: mcf | SynthFace-AFLW19 | — | — | SynthFace-LaPa | 15.55 |"
+
+
+def test_per_class_f1_without_parsing_results_is_missing_not_an_empty_column() -> None:
+    """Metrics scored for alignment only: the F1 table would hold FaRL's column alone, as if compared."""
+    with pytest.raises(Missing, match="the metrics have no parsing results"):
+        f1_comparison({"dataset": {"parsing": "SynthFace-LaPa"}, "alignment": _metrics()["alignment"]})
+
+
+def test_the_summary_table_has_one_delimiter_cell_per_column(run: Path) -> None:
+    """GitHub-flavoured markdown renders a table only when its delimiter row has a cell per header cell:
+    with fewer, Prefect's artifact showed the table as lines of text."""
+    lines = [line for line in markdown_summary(run).splitlines() if line.startswith("|")]
+    assert lines[1] == "| " + " | ".join(["---"] * 6) + " |" and lines[0].count(" | ") == 5
+
+
+def test_an_empty_gate_results_folder_is_a_note(run: Path) -> None:
+    """A results folder with no results (cleared by hand) drew an empty gate table that read as "no gate
+    failed"; it is a note saying so."""
+    for path in (run / ".mcf" / "validation").glob("*.json"):
+        path.unlink()
+    with pytest.raises(Missing, match="no data-gate results in .*validation"):
+        read_gates(open_run(run))
