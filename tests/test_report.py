@@ -941,3 +941,62 @@ def test_an_empty_gate_results_folder_is_a_note(run: Path) -> None:
         path.unlink()
     with pytest.raises(Missing, match="no data-gate results in .*validation"):
         read_gates(open_run(run))
+
+
+def test_page_text_from_the_run_is_escaped_in_cells_notes_and_attributes(run: Path) -> None:
+    """A dataset label and a teacher source are free text from the run's files: unescaped, a `<b>` in a
+    table cell or a note became markup, and a quote ended an image's alt attribute early."""
+    metrics = _metrics()
+    metrics["dataset"]["alignment"] = 'Synth<b>"Face</b>'
+    _write_metrics(run, metrics)
+    params = run / "params.yaml"
+    params.write_text(params.read_text().replace("source: train", "source: moco<v3>"))
+    page = _page(run)
+    label = "Synth&lt;b&gt;&quot;Face&lt;/b&gt;"
+    assert f'alt="CED of NME_box on {label}"' in page
+    assert ["this run: mcf", label, "5.432", "4.432", "SynthFace-LaPa", "14.81"] in _cells(
+        _sections(page)["paper"])
+    assert "teacher: loaded from &#x27;moco&lt;v3&gt;&#x27;, not trained" in _sections(page)["curves"]
+    assert "<b>" not in page and "<v3>" not in page
+
+
+def test_an_image_that_is_no_png_is_a_note_not_an_inlined_image(run: Path) -> None:
+    """A confusion matrix that is not PNG bytes (cut short, or another format) was inlined as a broken
+    image/png data URI; it is a note naming it."""
+    (run / "outputs" / "evaluate" / "confusion_scratch.png").write_bytes(b"GIF89a not a png")
+    f1 = _sections(_page(run))["f1"]
+    assert "scratch: confusion matrix on SynthFace-LaPa: not a PNG image" in f1
+    assert len(re.findall(r"<img ", f1)) == 2  # the F1 bars and mcf's confusion matrix
+
+
+def test_a_fine_tune_data_root_not_here_keeps_evaluates_label(run: Path) -> None:
+    """A data root named in params but absent here (a clone without the data) is no evidence of its kind:
+    the curves keep evaluate's label rather than call the data "not SynthFace"."""
+    params = run / "params.yaml"
+    live = "  live: metrics/finetune_parsing\n"
+    params.write_text(params.read_text().replace(live, f"{live}  data:\n    root: absent\n"))
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", _sections(_page(run))["curves"])
+    assert "finetune_parsing: training curves, test scores on SynthFace-LaPa" in captions
+
+
+def test_no_alignment_scores_or_no_overlay_images_are_notes(run: Path) -> None:
+    """Metrics scored for parsing only drew an alignment table of headers alone, and an overlays folder
+    with no images an empty section: each says what is missing."""
+    from mcf.report import page
+
+    metrics = _metrics()
+    del metrics["alignment"]
+    _write_metrics(run, metrics)
+    assert '<p class="note">the metrics have no alignment scores</p>' in page.ced_section(open_run(run))
+    for png in (run / "outputs" / "evaluate" / "overlays").glob("*.png"):
+        png.unlink()
+    with pytest.raises(Missing, match="no overlay images in .*overlays"):
+        page.overlays_section(open_run(run))
+
+
+def test_contents_link_to_their_sections_and_overlays_are_thumbnails(page: str) -> None:
+    """Each contents entry must jump to its section (an href that is no section id goes nowhere), and
+    overlays are drawn at thumbnail size (a few pixels wide each, inlined at full width they fill pages)."""
+    assert re.findall(r'<a href="#(\w+)">', page) == list(_sections(page))
+    overlays = _sections(page)["overlays"]
+    assert len(re.findall(r'<img class="thumb" ', overlays)) == 2 and "<img alt" not in overlays
