@@ -855,7 +855,6 @@ def test_report_figures_are_closed_once_drawn_and_take_dollars_as_text() -> None
     assert png.startswith(PNG_SIGNATURE) and figures.plt.get_fignums() == before
 
 
-
 def test_a_metrics_path_that_is_no_string_is_a_note(run: Path) -> None:
     """`evaluate.metrics: null` (hand-edited) joined None onto the checkout: a TypeError lost the summary."""
     params = run / "params.yaml"
