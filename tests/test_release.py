@@ -390,6 +390,20 @@ def test_heads_default_to_64_channels_each() -> None:
     assert infer_backbone_config(create_backbone(wide).state_dict()) == wide
 
 
+def test_a_hidden_width_that_float_division_rounds_down_still_exports(tmp_path: Path) -> None:
+    """timm builds ``int(width * mlp_ratio)`` hidden units: a ratio read as 488 / 224 builds 487, and the
+    export of such a ViT failed with a size mismatch for blocks.0.mlp.fc1.weight."""
+    size = BackboneConfig(img_size=32, patch_size=8, embed_dim=224, depth=1, num_heads=4,
+                          mlp_ratio=488.5 / 224)
+    vit = create_backbone(size)
+    assert vit.blocks[0].mlp.fc1.out_features == 488
+    cfg = export_backbone(vit.state_dict(), tmp_path / "out", num_heads=4)
+    assert cfg.mlp_ratio == pytest.approx(488 / 224)
+    assert load_backbone(tmp_path / "out").blocks[0].mlp.fc1.out_features == 488
+    mlp = dataclasses.replace(TINY, mlp_ratio=2.5)  # a fractional ratio read as such, not floored
+    assert infer_backbone_config(create_backbone(mlp).state_dict()) == dataclasses.replace(mlp, num_heads=1)
+
+
 @pytest.mark.parametrize(("width", "heads"), [(384, 6), (768, 12), (1024, 16), (1280, 16), (1408, 16)])
 def test_heads_of_the_published_vits_of_each_width(width: int, heads: int) -> None:
     """ViT-H (MAE's mae_pretrain_vit_huge, timm's vit_huge_*) has 16 heads of 80 channels, not 20 of 64."""

@@ -124,9 +124,13 @@ def infer_backbone_config(state: Mapping[str, Tensor], num_heads: int | None = N
     heads = (WIDE_VIT_HEADS.get(embed) or max(1, embed // 64)) if num_heads is None else num_heads
     if heads < 1 or embed % heads:
         raise ValueError(f"{heads} attention heads do not divide the embedding width {embed}")
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    mlp_ratio = hidden / embed
+    while int(embed * mlp_ratio) < hidden:  # timm builds int(embed * ratio): 224 * (488 / 224) gives 487
+        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
     return BackboneConfig(
         img_size=grid * patch, patch_size=patch, embed_dim=embed, depth=depth, num_heads=heads,
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed,
+        mlp_ratio=mlp_ratio,
     )
 
 
