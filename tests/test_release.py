@@ -313,6 +313,39 @@ def test_export_into_the_folder_holding_its_checkpoint_is_refused(tmp_path: Path
     assert (tmp_path / "first" / "last.pt").is_file() and (tmp_path / "first" / "backbone.json").is_file()
 
 
+def test_the_checkpoints_folder_is_refused_however_the_paths_are_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check compares resolved paths: a relative --out or --checkpoint, or an --out through a symlink,
+    naming the folder that holds the checkpoint passed a plain comparison, and the export then replaced
+    that folder, checkpoint and all."""
+    first = tmp_path / "first"
+    save_backbone(create_backbone(TINY), TINY, first)  # an earlier export: atomic_dir would replace it
+    torch.save({"model": tiny_model(0).state_dict(), "backbone": dataclasses.asdict(TINY)}, first / "last.pt")
+    (tmp_path / "link").symlink_to(first)
+    monkeypatch.chdir(tmp_path)
+    for checkpoint, out in (("first/last.pt", str(first)), (str(first / "last.pt"), "first"),
+                            (str(first / "last.pt"), "link")):
+        with pytest.raises(SystemExit) as exit_:
+            cli(["--checkpoint", checkpoint, "--out", out])
+        assert exit_.value.code == 2
+    assert (first / "last.pt").is_file()
+
+
+def test_export_cli_takes_a_single_head_and_needs_both_paths(tmp_path: Path) -> None:
+    """One head is a valid count (only 0 and below are usage errors), and it overrides the width's usual 2;
+    a missing --checkpoint or --out is a usage error (exit 2), not a TypeError from Path(None)."""
+    wide = dataclasses.replace(TINY, embed_dim=128)
+    torch.save(create_backbone(wide).state_dict(), tmp_path / "w.pth")
+    argv = ["--checkpoint", str(tmp_path / "w.pth"), "--out", str(tmp_path / "one")]
+    assert cli([*argv, "--num-heads", "1"]) == 0
+    assert load_backbone(tmp_path / "one").blocks[0].attn.num_heads == 1
+    for argv in (["--out", str(tmp_path / "x")], ["--checkpoint", str(tmp_path / "w.pth")]):
+        with pytest.raises(SystemExit) as exit_:
+            cli(argv)
+        assert exit_.value.code == 2
+
+
 def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
     """MoCo v3 names its ViT in ``arch``; its ViT-S has 12 heads at width 384 (64 channels a head would
     give 6), so the exported backbone computes the trained attention, not another one."""
