@@ -97,6 +97,15 @@ def test_backbone_mismatch_fails(release_sd: dict) -> None:
         load_release_state_dict(meta_vit_b_mcf(), {"online_encoder.cls_token": torch.zeros(1, 1, 64)})
 
 
+def test_a_backbone_weight_the_model_lacks_fails(release_sd: dict) -> None:
+    """A release file whose online encoder holds a weight this ViT has no place for (a 13th block, a
+    classifier head) is another backbone: loading the rest and reporting the weight as merely unexpected
+    would train from a silently truncated encoder."""
+    deeper = release_sd | {"online_encoder.blocks.12.norm1.weight": torch.zeros(768)}
+    with pytest.raises(ValueError, match=r"does not match the model: \['online_encoder.blocks.12.norm1"):
+        load_release_state_dict(meta_vit_b_mcf(), deeper, assign=True)
+
+
 class _Exploit:
     def __reduce__(self) -> tuple:
         return (print, ("a checkpoint ran code",))
@@ -250,6 +259,15 @@ def test_round_trip_between_models_and_partial_models() -> None:
     assert torch.equal(pixel.encoder.pos_embed, source.encoder.pos_embed)
 
 
+def test_a_weight_without_a_release_name_is_refused() -> None:
+    """The release layout has no place for a weight outside its table: writing it under a key of None
+    (or dropping it) would give a file that silently loads without it."""
+    model = tiny_model(0, objective="pixel_mae")
+    model.add_module("extra", torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="extra.weight: no release name for this weight"):
+        to_release_state_dict(model)
+
+
 def test_module_prefix_is_stripped_only_when_every_key_has_it() -> None:
     """A DDP wrapper prefixes every key with ``module.``; where only some keys carry it, it is a name,
     not a wrapper: nothing is cut (cutting 7 characters off every key would lose the backbone)."""
@@ -377,6 +395,22 @@ def test_re_exporting_an_export_keeps_its_heads(tmp_path: Path) -> None:
     assert load_backbone(tmp_path / "told").blocks[0].attn.num_heads == 4
 
 
+def test_only_an_exports_backbone_pth_takes_its_heads_from_the_json_beside_it(tmp_path: Path) -> None:
+    """Heads come from backbone.json only for the backbone.pth it describes, and only as an integer: a
+    release file kept in an export folder (or a hand-edited ``"num_heads": true``) took the folder's
+    count, and exported another attention than its own width's without a word."""
+    wide = dataclasses.replace(TINY, embed_dim=128, num_heads=4)
+    save_backbone(create_backbone(wide), wide, tmp_path / "first")
+    shutil.copy(tmp_path / "first" / "backbone.pth", tmp_path / "first" / "release.pth")
+    assert cli(["--checkpoint", str(tmp_path / "first" / "release.pth"), "--out", str(tmp_path / "a")]) == 0
+    assert load_backbone(tmp_path / "a").blocks[0].attn.num_heads == 2  # the width's, not the folder's 4
+    spec = json.loads((tmp_path / "first" / "backbone.json").read_text())
+    spec["kwargs"]["num_heads"] = True
+    (tmp_path / "first" / "backbone.json").write_text(json.dumps(spec))
+    assert cli(["--checkpoint", str(tmp_path / "first" / "backbone.pth"), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "backbone.json").read_text())["kwargs"]["num_heads"] == 2
+
+
 def test_an_mae_training_checkpoint_exports_and_loads_as_a_teacher(tmp_path: Path) -> None:
     """MAE's training script saves its whole model under ``model`` (the encoder under timm names beside
     ``decoder_*`` and ``mask_token``) with its ``args`` Namespace, which read_weights admits for it: the
@@ -437,13 +471,39 @@ def test_a_hidden_width_that_float_division_rounds_down_still_exports(tmp_path: 
     assert infer_backbone_config(create_backbone(mlp).state_dict()) == dataclasses.replace(mlp, num_heads=1)
 
 
-@pytest.mark.parametrize(("width", "heads"), [(384, 6), (768, 12), (1024, 16), (1280, 16), (1408, 16)])
+@pytest.mark.parametrize(("width", "heads"), [
+    (384, 6), (768, 12), (1024, 16), (1280, 16), (1408, 16), (1664, 16),
+])
 def test_heads_of_the_published_vits_of_each_width(width: int, heads: int) -> None:
-    """ViT-H (MAE's mae_pretrain_vit_huge, timm's vit_huge_*) has 16 heads of 80 channels, not 20 of 64."""
+    """ViT-H (MAE's mae_pretrain_vit_huge, timm's vit_huge_*) has 16 heads of 80 channels, not 20 of 64;
+    ViT-g (1408) and ViT-G (1664, timm's vit_gigantic_*) have 16 too, not 22 or 26."""
     shapes = {"patch_embed.proj.weight": (width, 3, 14, 14), "pos_embed": (1, 257, width),
               "blocks.0.mlp.fc1.weight": (4 * width, width)}
     state = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     assert infer_backbone_config(state).num_heads == heads
+
+
+def test_a_head_count_below_one_is_a_value_error() -> None:
+    """An explicit count of 0 (the API does not go through --num-heads' check) was a ZeroDivisionError
+    traceback from ``embed % heads``; a negative one divides the width and built a ViT of -2 heads."""
+    state = create_backbone(TINY).state_dict()
+    for heads in (0, -2):
+        with pytest.raises(ValueError, match=f"{heads} attention heads do not divide the embedding width 64"):
+            infer_backbone_config(state, heads)
+
+
+def test_metadata_beside_a_top_level_state_dict_is_left_out(tmp_path: Path) -> None:
+    """A state dict saved at the top level may carry an epoch or arch beside its tensors: only tensors are
+    weights, else the export refuses 'epoch' as an unexpected key, and the DDP prefix of every weight
+    is kept because 'epoch' lacks it."""
+    vit = create_backbone(TINY)
+    plain = dict(vit.state_dict())
+    wrapped = {f"module.{k}": v for k, v in plain.items()}
+    for state in (plain, wrapped):
+        cfg = export_backbone(state | {"epoch": 300, "arch": "vit_tiny"}, tmp_path / "out")
+        assert cfg == dataclasses.replace(TINY, num_heads=1)
+        exported = load_backbone(tmp_path / "out").state_dict()
+        assert all(torch.equal(v, exported[k]) for k, v in plain.items())
 
 
 def test_a_backbone_loaded_at_another_size_resamples_only_the_patch_positions(tmp_path: Path) -> None:
