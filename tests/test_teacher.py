@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 
 from mcf.models.backbone import BackboneConfig, create_backbone, read_spec, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec, weights_path
-from mcf.params import ParamsError
+from mcf.params import ParamsError, load
 from mcf.train.teacher import TeacherConfig
 
 TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
@@ -66,12 +67,27 @@ def test_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
         ("teacher.pth", "random"),
         ("timm:", "is not valid"),
         ("timm:vit_tiny_patch16_224", "needs weights"),
+        ("timm:vit_tiny_patch16_224:", "needs weights"),
         ("timm:no_such_model_xyz:w.pth", "no model"),
     ],
 )
 def test_bad_specs_fail_early(spec: str, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         validate_teacher_spec(spec)
+
+
+def test_a_misspelt_timm_name_fails_every_stage_not_only_teacher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only ``timm:<weights file>`` waits for the teacher stage (its file may not exist yet): a name with
+    weights that timm does not have is a typo, caught by the first stage run, not by teacher after fetch
+    and crop have run for hours."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["teacher"] |= {"source": "timm:vit_tiny_patch16_2244:data/w.pth", "data": "data/w.pth"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match="timm has no model 'vit_tiny_patch16_2244'"):
+        load("crop", tmp_path / "params.yaml", every_section=True)
 
 
 def test_random_must_be_explicit() -> None:
@@ -202,6 +218,23 @@ def test_under_autocast_the_residual_stream_is_carried_in_its_dtype() -> None:
         assert (a.float() - b).norm() / b.norm() < 2e-2
 
 
+def test_under_float16_autocast_the_residual_stream_is_float16() -> None:
+    """The stream takes autocast's own dtype, not a fixed bf16: under fp16 autocast, bf16 tokens added to the
+    blocks' fp16 outputs promote to fp32, so the stream would run at full width after all."""
+    teacher = load_teacher("random", TINY)
+    with torch.autocast("cpu", torch.float16):
+        assert all(t.dtype == torch.float16 for t in teacher(torch.randn(2, 3, 32, 32), [0, 2]))
+
+
+def test_a_pre_norm_teachers_maps_follow_its_pre_norm() -> None:
+    """CLIP-style ViTs (timm's ``pre_norm``) normalise the embedded tokens before the first block: without
+    it every map is of another network. The last map, through the final norm, is timm's forward_features."""
+    model = timm.create_model("test_vit", pre_norm=True, num_classes=0, img_size=32, depth=2)
+    teacher = FeatureTeacher(model)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.norm(teacher(x, [1])[0]), model.forward_features(x))
+
+
 def test_a_timm_name_whose_weights_expect_other_normalisation_warns(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -222,6 +255,17 @@ def test_a_timm_weights_file_missing_a_weight_is_refused(tmp_path: Path) -> None
     del state["blocks.1.attn.qkv.weight"]
     torch.save(state, tmp_path / "w.pth")
     with pytest.raises(ValueError, match=r"missing \['blocks.1.attn.qkv.weight'\]"):
+        load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'w.pth'}", TINY)
+
+
+def test_a_timm_weights_file_with_an_extra_weight_is_refused(tmp_path: Path) -> None:
+    """A weight the named model has no place for (a deeper or another model's file) means the name and the
+    file disagree: loaded regardless, the teacher would compute something the file was never trained as,
+    and looked up in the model's own weights it was a KeyError traceback."""
+    state = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict()
+    state["blocks.12.norm1.weight"] = torch.ones(192)
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['blocks.12.norm1.weight'\]"):
         load_teacher(f"timm:vit_tiny_patch16_224:{tmp_path / 'w.pth'}", TINY)
 
 
