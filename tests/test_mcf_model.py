@@ -363,6 +363,22 @@ def test_linear_patch_embedding_is_timm_convolution() -> None:
         ours.patch_embed(torch.randn(1, 3, 40, 40, dtype=torch.float64))
 
 
+def test_linear_patch_embedding_keeps_timms_embedding_norm() -> None:
+    """A timm ViT built with ``embed_norm_layer`` (a teacher or an export's kwargs may ask for it) normalises
+    each patch embedding: the linear form must too, or the teacher computes another network."""
+    import timm
+
+    from mcf.models.backbone import create_backbone
+
+    cfg = BackboneConfig(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2)
+    ours = create_backbone(cfg, embed_norm_layer="layernorm")
+    conv = timm.create_model("vit_base_patch16_224", pretrained=False, embed_norm_layer="layernorm",
+                             **cfg.timm_kwargs())
+    conv.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours.patch_embed(x), conv.patch_embed(x))
+
+
 def test_the_init_draws_nothing_a_rank_draws_later() -> None:
     """pretrain seeds its model and its ranks' streams from one seed: an init stream keyed like a rank
     would make that rank's masks a rescaling of the initial weights."""

@@ -307,6 +307,14 @@ def test_vit_layernorm_eps_and_keep_count() -> None:
     assert kept.shape == (2, 49, 1) and mask.sum(dim=1).tolist() == [147, 147]
 
 
+def test_the_default_backbone_has_vit_b16s_12_heads() -> None:
+    """§1: ViT-B/16 attends with 12 heads of 64 channels. Heads are not in the weights' shapes: a default of
+    6 would load the release's file without a word and compute another attention."""
+    with torch.device("meta"):
+        vit = create_backbone(BackboneConfig())
+    assert [(b.attn.num_heads, b.attn.head_dim) for b in vit.blocks] == [(12, 64)] * 12
+
+
 def test_alignment_crop_and_augmentation_defaults() -> None:
     """§3: the box maps onto 512², resized to 448; training rows ra[:20000]; shift ±5%, rotation ±10°,
     scale 0.9–1.1, a black occlusion, noise, gray, gamma and blur, and no flip."""

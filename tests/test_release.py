@@ -33,6 +33,7 @@ from mcf.models.release import (
     to_release_state_dict,
 )
 from mcf.models.teacher import FeatureTeacher, load_teacher
+from mcf.params import ParamsError
 from mcf.train.finetune import load_finetuned
 
 # Every key and shape of the public release's ViT-B/16 model (a copy of the team's reference list).
@@ -146,6 +147,35 @@ def test_a_folder_given_as_weights_is_named_a_folder(tmp_path: Path) -> None:
         read_weights(tmp_path / "nope.pt")
 
 
+def test_a_download_folder_given_as_weights_names_the_moco_and_timm_files_inside(tmp_path: Path) -> None:
+    """MoCo v3 saves ``checkpoint_0299.pth.tar`` and timm ``model.safetensors``: given the folder they were
+    downloaded to, the hint names those files (and not the readme beside them)."""
+    for name in ("readme.txt", "model.safetensors", "checkpoint_0299.pth.tar"):
+        (tmp_path / name).touch()
+    holds = r"is a folder, not a weights file \(it holds checkpoint_0299.pth.tar, model.safetensors\)$"
+    with pytest.raises(WeightsError, match=holds):
+        read_weights(tmp_path)
+
+
+def test_safetensors_weights_are_read_as_such(tmp_path: Path) -> None:
+    """timm's hub weights come as ``model.safetensors``: read as weights (not refused as a damaged pickle),
+    every tensor arrives exactly."""
+    from safetensors.torch import save_file
+
+    state = create_backbone(TINY).state_dict()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    read = read_weights(tmp_path / "model.safetensors")
+    assert read.keys() == state.keys() and all(torch.equal(read[k], v) for k, v in state.items())
+
+
+def test_a_checkpoint_that_is_no_mapping_is_refused_naming_it(tmp_path: Path) -> None:
+    """A file holding a bare tensor or list (a torch.save of the wrong object) is no checkpoint: refused in
+    one line naming it, not an AttributeError traceback at the first ``.get`` or ``.items()``."""
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(WeightsError, match=r"list.pt: expected a dict checkpoint, got list"):
+        read_weights(tmp_path / "list.pt")
+
+
 class _BlockedModule:
     def __reduce__(self) -> tuple:
         return (os.getcwd, ())  # harmless, but from os (posix), a module torch's weights-only loader blocks
@@ -172,6 +202,17 @@ def test_export_whose_json_and_weights_disagree_is_refused_naming_it(tmp_path: P
     (tmp_path / "tiny" / "backbone.json").write_text('{"model_name": "vit')
     with pytest.raises(WeightsError, match=r"tiny/backbone.json: not a backbone spec \(JSONDecodeError"):
         load_backbone(tmp_path / "tiny")
+
+
+def test_an_export_missing_a_weight_is_refused_naming_it(tmp_path: Path) -> None:
+    """A backbone.pth lacking a weight (cut down by hand, or another model's) loads strictly: the weight
+    would otherwise keep its random init inside a fine-tuned or teacher backbone, without a word."""
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "export")
+    state = torch.load(tmp_path / "export" / "backbone.pth", weights_only=True)
+    del state["norm.weight"]
+    torch.save(state, tmp_path / "export" / "backbone.pth")
+    with pytest.raises(WeightsError, match=r"export: backbone.pth does not fit backbone.json .*norm.weight"):
+        load_backbone(tmp_path / "export")
 
 
 def test_a_folder_that_holds_exports_names_them(tmp_path: Path) -> None:
@@ -206,6 +247,31 @@ def test_an_export_whose_json_builds_no_vit_is_refused_naming_it(
     spec.write_text(json.dumps({"model_name": model_name, "kwargs": kwargs}))
     with pytest.raises(WeightsError, match=rf"export/backbone.json: {model_name} is not a ViT .*\({why}"):
         load_backbone(tmp_path / "export")
+
+
+def test_a_backbone_json_that_is_binary_or_incomplete_is_refused_naming_it(tmp_path: Path) -> None:
+    """A backbone.json overwritten with binary data, holding a JSON list or lacking its kwargs is a
+    WeightsError naming the file (exit 1 in one line), not a UnicodeDecodeError, AttributeError or KeyError
+    traceback."""
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "export")
+    spec = tmp_path / "export" / "backbone.json"
+    for content, why in ((b"\xff\xfe\x00\x81", "UnicodeDecodeError"),
+                         (b'["model_name", "kwargs"]', "expected keys"),
+                         (b'{"model_name": "vit_base_patch16_224"}', "expected keys")):
+        spec.write_bytes(content)
+        with pytest.raises(WeightsError, match=rf"export/backbone.json: not a backbone spec \({why}"):
+            load_backbone(tmp_path / "export")
+
+
+def test_an_export_whose_model_name_is_no_text_is_refused_naming_it(tmp_path: Path) -> None:
+    """A hand-edited backbone.json's ``"model_name": null`` (or a number) is refused as no timm name, in one
+    line naming the file, not as a TypeError traceback from looking for a ':' in it."""
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "export")
+    spec = tmp_path / "export" / "backbone.json"
+    for name in (None, 123):
+        spec.write_text(json.dumps({"model_name": name, "kwargs": TINY.timm_kwargs()}))
+        with pytest.raises(WeightsError, match=rf"export/backbone.json: {name} is not a timm model name"):
+            load_backbone(tmp_path / "export")
 
 
 @pytest.mark.parametrize("name", ["hf-hub:someone/vit_tiny", "local-dir:/somewhere"])
@@ -449,6 +515,15 @@ def test_export_of_a_backbone_missing_weights_is_refused_in_one_line(tmp_path: P
     assert not (tmp_path / "out").exists()
 
 
+def test_a_backbone_size_timm_cannot_build_is_a_params_error() -> None:
+    """An image that is no whole number of patches, or a width the heads do not divide: timm would drop the
+    border pixels or assert deep in its constructor, so the size is refused up front, naming the key."""
+    with pytest.raises(ParamsError, match="img_size.*must be a multiple of patch_size 16"):
+        BackboneConfig(img_size=100)
+    with pytest.raises(ParamsError, match="embed_dim.*must be a multiple of num_heads 5"):
+        BackboneConfig(num_heads=5)
+
+
 def test_heads_default_to_64_channels_each() -> None:
     """A checkpoint without a backbone entry, arch or --num-heads: timm's and MAE's ViTs' 64 per head."""
     from mcf.models.release import infer_backbone_config
@@ -532,6 +607,20 @@ def test_the_position_grid_is_resampled_with_farls_plain_bicubic(tmp_path: Path)
     plain = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
     expect = plain.permute(0, 2, 3, 1).reshape(1, 64, -1)
     torch.testing.assert_close(load_backbone(tmp_path / "export", img_size=64).pos_embed[:, 1:], expect)
+
+
+def test_a_size_of_another_aspect_resamples_rows_and_columns_apart(tmp_path: Path) -> None:
+    """A downstream size of 32 x 64 px takes the 4 x 4 grid to 4 rows of 8 columns: read the other way round,
+    the table has as many rows, and loads without a word as the transposed grid."""
+    torch.manual_seed(0)
+    vit = create_backbone(TINY)
+    with torch.no_grad():
+        vit.pos_embed.normal_()
+    save_backbone(vit, TINY, tmp_path / "export")
+    grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    plain = torch.nn.functional.interpolate(grid, size=(4, 8), mode="bicubic", align_corners=False)
+    wide = load_backbone(tmp_path / "export", img_size=(32, 64))
+    torch.testing.assert_close(wide.pos_embed[:, 1:], plain.permute(0, 2, 3, 1).reshape(1, 32, -1))
 
 
 @pytest.mark.parametrize("kwargs", [
