@@ -39,7 +39,7 @@ from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, 
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import export_backbone
 from mcf.models.teacher import FeatureTeacher, load_teacher
-from mcf.params import load
+from mcf.params import ParamsError, load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import (
     load_checkpoint,
@@ -638,6 +638,15 @@ def test_the_data_manifest_is_part_of_the_run_identity(tmp_path: Path) -> None:
     assert data_identity(a) != data_identity(b)
 
 
+def test_shards_of_the_same_names_but_other_sizes_are_other_data(tmp_path: Path) -> None:
+    """Without a manifest beside them the shards' sizes are what tells a re-cut subset (other crops under
+    the same shard names) from the data a checkpoint trained on: a resume on it must be refused."""
+    for root, size in (("a", 10240), ("b", 20480)):
+        (tmp_path / root / "shards").mkdir(parents=True)
+        (tmp_path / root / "shards" / "crops-000000.tar").write_bytes(bytes(size))
+    assert data_identity(tmp_path / "a") != data_identity(tmp_path / "b")
+
+
 def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Path) -> None:
     metrics = tmp_path / "plots" / "metrics"
     (metrics / "train").mkdir(parents=True)
@@ -825,6 +834,69 @@ def test_optimizer_step_k_uses_and_logs_the_lr_and_momentum_of_step_k(
     assert lrs[0] == 0.0 and len(applied) == total
     assert applied == [pytest.approx([lr, lr]) for lr in lrs]
     assert tsv_column(plots / "lr.tsv", "lr") == pytest.approx(lrs)
+
+
+def test_train_config_takes_its_edges_and_refuses_past_them() -> None:
+    """The recipe's checks draw these lines: a warm-up as long as the run, and a min_lr equal to the peak
+    lr (a constant lr), are valid; a beta of 1 (an average that never moves) is not, and neither is a
+    run whose processes reach a larger batch than ``effective_batch`` asks (another recipe, as a smaller
+    one is)."""
+    TrainConfig(epochs=2, warmup_epochs=2)
+    TrainConfig(batch_size=256, blr=1.5e-4, min_lr=1.5e-4, effective_batch=256)
+    with pytest.raises(ParamsError, match=r"each must be in \[0, 1\), got \[0.9, 1.0\]"):
+        TrainConfig(betas=(0.9, 1.0))
+    cfg = TrainConfig(batch_size=8, effective_batch=16)
+    cfg.check_processes(2)
+    with pytest.raises(ParamsError, match=r"16 asked, .* is 8: accum_steps: 2 reaches it with 1 process"):
+        cfg.check_processes(1)
+    with pytest.raises(ParamsError, match=r"16 asked, .* is 32: pick a batch_size and accum_steps"):
+        cfg.check_processes(4)
+
+
+def test_the_run_identity_holds_what_changes_the_computation() -> None:
+    """The run hash guards a resume: a field left out of it (min_lr, say) would let a run resume under
+    another recipe, and one put in (ckpt_every, how often it saves) would refuse a resume that computes
+    the same run. Precision joins as the dtype it resolves to (the Trainer's hash)."""
+    assert set(TrainConfig().identity()) == {
+        "epochs", "warmup_epochs", "batch_size", "accum_steps", "blr", "min_lr", "weight_decay", "betas",
+        "sync_bn",
+    }
+
+
+def test_the_last_step_is_logged_and_checkpointed_off_the_intervals(workspace: Path, tmp_path: Path) -> None:
+    """12 steps at log_every and ckpt_every 5: rows at 5, 10 and 12, and the checkpoint of step 12, though
+    5 does not divide it. Without them the curves and metrics.json end at step 10, and a run killed while
+    exporting resumes from step 10 and trains two steps again. An fp32 run scales no loss (its scaler
+    state is empty): a scaler would silently skip the steps whose gradients overflow."""
+    cfg = TrainConfig(epochs=1, warmup_epochs=0, batch_size=8, ckpt_every=5, log_every=5)
+    run = Run(seed=0, mask_ratio=0.75, resume_dir=tmp_path, identity={})
+    Trainer(_CosineRamp(), CropDataset(workspace / "subset" / "shards", 32, cache_mb=64), cfg, run).fit()
+    assert tsv_column(tmp_path / "live" / "plots" / "metrics" / "train" / "lr.tsv", "step") == [5, 10, 12]
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert (state["step"], state["epoch"], state["index"]) == (12, 1, 0)
+    assert state["scaler"] == {}
+
+
+def test_a_checkpoint_that_fits_neither_the_model_nor_its_step_is_refused(
+    workspace: Path, tmp_path: Path
+) -> None:
+    """The model loads non-strictly (the frozen teacher is left out): a checkpoint lacking a weight would
+    resume with that weight as initialised. A data position other than its step's would train on other
+    crops than the uninterrupted run. Both are refused, naming what is wrong; the checkpoint as written
+    resumes."""
+    crops = CropDataset(workspace / "subset" / "shards", 32, cache_mb=64)
+    cfg = TrainConfig(epochs=1, warmup_epochs=0, batch_size=8, ckpt_every=5)
+    run = Run(seed=0, mask_ratio=0.75, resume_dir=tmp_path, identity={})
+    Trainer(_CosineRamp(), crops, cfg, run).fit()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    save_checkpoint({**state, "model": {}}, tmp_path)
+    with pytest.raises(StageError, match=r"does not fit the model: missing \['w'\], unexpected \[\]"):
+        Trainer(_CosineRamp(), crops, cfg, run)
+    save_checkpoint({**state, "index": 1}, tmp_path)
+    with pytest.raises(StageError, match=r"data position \(1, 1\) != step 12"):
+        Trainer(_CosineRamp(), crops, cfg, run)
+    save_checkpoint(state, tmp_path)
+    assert Trainer(_CosineRamp(), crops, cfg, run).step == 12
 
 
 def test_a_micro_batchs_keys_come_from_the_momentum_encoder_it_has_just_stepped() -> None:
