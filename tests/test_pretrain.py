@@ -569,6 +569,14 @@ def test_a_checkpoint_from_before_world_size_was_saved_resumes_and_stale_writes_
         load_checkpoint(tmp_path, "bbbb", world_size=2)
 
 
+def test_a_checkpoint_of_fewer_processes_is_refused_as_one_of_more(tmp_path: Path) -> None:
+    """A checkpoint holds its ranks' RNG states and splits of the data: resumed by more processes (a run
+    moved to a larger allocation), as by fewer, it is refused, naming both counts."""
+    save_checkpoint({"run_hash": "aaaa", "step": 3, "world_size": 1}, tmp_path)
+    with pytest.raises(StageError, match="written by 1 processes, this run has 2: resume it with 1"):
+        load_checkpoint(tmp_path, "aaaa", world_size=2)
+
+
 def test_run_hash_is_of_the_identity_not_its_key_order() -> None:
     """A stable digest: the same identity built in another key order (code refactored) is the same run."""
     a = {"seed": 0, "train": {"lr": 1e-4, "epochs": 2}, "data": Path("x")}
@@ -586,6 +594,15 @@ def test_weights_digest_is_of_the_trainable_weights() -> None:
         assert weights_digest(model) == before
         model[0].weight.add_(1.0)
     assert weights_digest(model) != before
+
+
+def test_weights_digest_names_each_weight() -> None:
+    """Code that registers two weights in the other order and hands each the other's initial values
+    gives the same bytes in the same order, and loads the checkpoint by name: the names tell it apart."""
+    a, b = torch.nn.Module(), torch.nn.Module()
+    a.q, a.k = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.zeros(2))
+    b.k, b.q = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.zeros(2))
+    assert weights_digest(a) != weights_digest(b)
 
 
 def test_nonfinite_names_float_tensors_with_a_nan_or_an_infinity() -> None:
@@ -613,9 +630,11 @@ def test_cuda_rng_resumes_where_fewer_gpus_are_visible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process draws on its current GPU alone: a checkpoint written where 2 GPUs were visible resumes
-    where 1 is (another allocation, CUDA_VISIBLE_DEVICES), that GPU's stream restored."""
+    where 1 is (another allocation, CUDA_VISIBLE_DEVICES), that GPU's stream restored. The run has drawn
+    on it before the checkpoint: a fresh process's stream, at its seed, is not the one saved."""
     with monkeypatch.context() as m:
         gpu = fake_cuda(m, gpus=2)[0]
+        torch.rand(2, generator=gpu)
         save_checkpoint({"run_hash": "aaaa", "step": 0, "rng": [rng_state()]}, tmp_path)
         expected = torch.rand(3, generator=gpu)
     with monkeypatch.context() as m:
@@ -662,6 +681,64 @@ def test_truncate_live_drops_rows_past_the_checkpoint_and_torn_ones(tmp_path: Pa
     assert [p.name for p in metrics.rglob("*.tsv")] == ["loss.tsv"]
     # the torn summary is what dvclive wrote at the last row kept
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"train": {"loss": 0.3}, "step": 3}
+
+
+def test_numpys_cached_normal_resumes_with_the_rng(tmp_path: Path) -> None:
+    """NumPy's legacy normals come in pairs, the second cached in the state (``has_gauss``, ``gauss``): a
+    checkpoint that dropped it would draw the next normal afresh, off the uninterrupted run's numbers."""
+    np.random.seed(0)
+    np.random.standard_normal()  # draws a pair: the second waits in the state
+    save_checkpoint({"run_hash": "aaaa", "step": 3, "rng": [rng_state()]}, tmp_path)
+    expected = np.random.standard_normal(3)
+    np.random.seed(1)
+    set_rng_state(load_checkpoint(tmp_path, "aaaa")["rng"][0])
+    assert np.array_equal(np.random.standard_normal(3), expected)
+
+
+def test_a_resume_folder_a_killed_write_left_is_taken_and_the_working_folder_is_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed while writing its checkpoint leaves ``.last.pt.tmp-<pid>`` beside last.pt and live/:
+    the rerun must take the folder as its own, or one kill at the wrong moment stops the run for good;
+    anything else in it is refused. With the params file elsewhere the working folder can be empty, and
+    ``.`` is refused all the same: the finished run would delete it."""
+    from mcf.train.checkpoint import check_resume_dir
+
+    folder = tmp_path / "resume"
+    (folder / "live").mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"")
+    (folder / ".last.pt.tmp-123").write_bytes(b"")
+    check_resume_dir(folder, "pretrain.resume_dir")
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(ParamsError, match="holds 'notes.txt', not a run's resume state"):
+        check_resume_dir(folder, "pretrain.resume_dir")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    with pytest.raises(ParamsError, match="holds the working folder"):
+        check_resume_dir(".", "pretrain.resume_dir")
+
+
+def test_truncate_live_drops_a_row_cut_short_inside_its_step(tmp_path: Path) -> None:
+    """A kill while dvclive appended step 12's row can leave ``1012<TAB>1``: a step that reads 1, before
+    the checkpoint's. The row has too few fields and goes, or the curve would gain a point at step 1. The
+    rows kept end in a newline, so dvclive's next row starts a line of its own."""
+    train = tmp_path / "plots" / "metrics" / "train"
+    train.mkdir(parents=True)
+    (train / "loss.tsv").write_text("timestamp\tstep\tloss\n1001\t1\t0.1\n1002\t2\t0.2\n1012\t1")
+    truncate_live(tmp_path, 11)
+    assert (train / "loss.tsv").read_text() == "timestamp\tstep\tloss\n1001\t1\t0.1\n1002\t2\t0.2\n"
+
+
+def test_a_rebuilt_summary_names_the_latest_step_of_any_series(tmp_path: Path) -> None:
+    """Series can end at different steps (one logged less often, as a fine-tune's): a torn summary is
+    rebuilt at the latest step a kept row holds, as dvclive wrote it, not the step of the file read last."""
+    metrics = tmp_path / "plots" / "metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "a.tsv").write_text("step\ta\n1\t0.1\n2\t0.2\n")
+    (metrics / "b.tsv").write_text("step\tb\n1\t0.5\n")
+    (tmp_path / "metrics.json").write_text('{"a": 0.')
+    truncate_live(tmp_path, 5)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"a": 0.2, "b": 0.5, "step": 2}
 
 
 def test_a_summary_torn_after_the_last_checkpoint_is_published_whole(
@@ -1066,3 +1143,18 @@ def test_a_resume_folder_that_is_a_link_is_emptied_not_left(tmp_path: Path) -> N
     save_checkpoint({"run_hash": "aaaa", "step": 3}, plain)
     discard_resume(plain)
     assert not plain.exists()
+
+
+def test_a_link_inside_a_linked_resume_folder_is_unlinked_not_followed(tmp_path: Path) -> None:
+    """A linked resume folder is emptied entry by entry: a link in it (curves kept on other storage) is
+    unlinked and its target left whole; rmtree refuses a link, and its ignore_errors would leave it."""
+    from mcf.train.checkpoint import discard_resume
+
+    elsewhere, target, link = tmp_path / "elsewhere", tmp_path / "scratch", tmp_path / "resume"
+    elsewhere.mkdir()
+    (elsewhere / "loss.tsv").write_text("step\tloss\n")
+    target.mkdir()
+    (target / "live").symlink_to(elsewhere, target_is_directory=True)
+    link.symlink_to(target, target_is_directory=True)
+    discard_resume(link)
+    assert list(target.iterdir()) == [] and (elsewhere / "loss.tsv").is_file()
