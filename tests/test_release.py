@@ -595,32 +595,23 @@ def test_a_backbone_loaded_at_another_size_resamples_only_the_patch_positions(tm
     assert big.forward_features(torch.randn(1, 3, 64, 64)).shape == (1, 65, 64)
 
 
-def test_the_position_grid_is_resampled_with_farls_plain_bicubic(tmp_path: Path) -> None:
+@pytest.mark.parametrize("img_size, grid_size", [(64, (8, 8)), ((32, 64), (4, 8))])
+def test_the_position_grid_is_resampled_with_farls_plain_bicubic(
+    tmp_path: Path, img_size: int | tuple[int, int], grid_size: tuple[int, int]
+) -> None:
     """FaRL grows its 224-px table to 448 px with plain bicubic (align_corners False, no antialias);
-    timm's default antialiased bicubic is another kernel (PIL's a = -0.5, not -0.75)."""
+    timm's default antialiased bicubic is another kernel (PIL's a = -0.5, not -0.75). A size of 32 x 64 px
+    takes the 4 x 4 grid to 4 rows of 8 columns: read the other way round, the table has as many rows, and
+    loads without a word as the transposed grid."""
     torch.manual_seed(0)
     vit = create_backbone(TINY)
     with torch.no_grad():
         vit.pos_embed.normal_()
     save_backbone(vit, TINY, tmp_path / "export")
     grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    plain = torch.nn.functional.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False)
-    expect = plain.permute(0, 2, 3, 1).reshape(1, 64, -1)
-    torch.testing.assert_close(load_backbone(tmp_path / "export", img_size=64).pos_embed[:, 1:], expect)
-
-
-def test_a_size_of_another_aspect_resamples_rows_and_columns_apart(tmp_path: Path) -> None:
-    """A downstream size of 32 x 64 px takes the 4 x 4 grid to 4 rows of 8 columns: read the other way round,
-    the table has as many rows, and loads without a word as the transposed grid."""
-    torch.manual_seed(0)
-    vit = create_backbone(TINY)
-    with torch.no_grad():
-        vit.pos_embed.normal_()
-    save_backbone(vit, TINY, tmp_path / "export")
-    grid = vit.pos_embed[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
-    plain = torch.nn.functional.interpolate(grid, size=(4, 8), mode="bicubic", align_corners=False)
-    wide = load_backbone(tmp_path / "export", img_size=(32, 64))
-    torch.testing.assert_close(wide.pos_embed[:, 1:], plain.permute(0, 2, 3, 1).reshape(1, 32, -1))
+    plain = torch.nn.functional.interpolate(grid, size=grid_size, mode="bicubic", align_corners=False)
+    expect = plain.permute(0, 2, 3, 1).reshape(1, grid_size[0] * grid_size[1], -1)
+    torch.testing.assert_close(load_backbone(tmp_path / "export", img_size=img_size).pos_embed[:, 1:], expect)
 
 
 @pytest.mark.parametrize("kwargs", [
