@@ -42,6 +42,8 @@ from mcf.models.teacher import FeatureTeacher, load_teacher
 from mcf.params import ParamsError, load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import (
+    check_resume_dir,
+    discard_resume,
     load_checkpoint,
     nonfinite,
     rng_state,
@@ -702,8 +704,6 @@ def test_a_resume_folder_a_killed_write_left_is_taken_and_the_working_folder_is_
     the rerun must take the folder as its own, or one kill at the wrong moment stops the run for good;
     anything else in it is refused. With the params file elsewhere the working folder can be empty, and
     ``.`` is refused all the same: the finished run would delete it."""
-    from mcf.train.checkpoint import check_resume_dir
-
     folder = tmp_path / "resume"
     (folder / "live").mkdir(parents=True)
     (folder / "last.pt").write_bytes(b"")
@@ -1127,8 +1127,6 @@ def test_an_ablation_runs_as_a_stage_and_keeps_the_scratch_baseline(
 def test_a_resume_folder_that_is_a_link_is_emptied_not_left(tmp_path: Path) -> None:
     """rmtree refuses a symlink and ignore_errors hid it: a published run's curves stayed in the folder a
     linked resume_dir names (on other storage, say). Its contents go; the link stays, as the user made it."""
-    from mcf.train.checkpoint import discard_resume
-
     target, link = tmp_path / "scratch", tmp_path / "resume"
     (target / "live" / "plots").mkdir(parents=True)
     (target / "live" / "plots" / "loss.tsv").write_text("step\tloss\n1\t2\n")
@@ -1148,8 +1146,6 @@ def test_a_resume_folder_that_is_a_link_is_emptied_not_left(tmp_path: Path) -> N
 def test_a_link_inside_a_linked_resume_folder_is_unlinked_not_followed(tmp_path: Path) -> None:
     """A linked resume folder is emptied entry by entry: a link in it (curves kept on other storage) is
     unlinked and its target left whole; rmtree refuses a link, and its ignore_errors would leave it."""
-    from mcf.train.checkpoint import discard_resume
-
     elsewhere, target, link = tmp_path / "elsewhere", tmp_path / "scratch", tmp_path / "resume"
     elsewhere.mkdir()
     (elsewhere / "loss.tsv").write_text("step\tloss\n")
