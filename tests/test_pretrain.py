@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -39,7 +40,7 @@ from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, 
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.release import export_backbone
 from mcf.models.teacher import FeatureTeacher, load_teacher
-from mcf.params import ParamsError, load
+from mcf.params import Common, ParamsError, load
 from mcf.train import pretrain, teacher
 from mcf.train.checkpoint import (
     check_resume_dir,
@@ -308,6 +309,7 @@ def test_pretrain_stage_outputs_and_lr_curve(workspace: Path) -> None:
     assert not torch.equal(init.blocks[0].attn.qkv.weight, backbone.blocks[0].attn.qkv.weight)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not any(k.startswith("teacher.") for k in ckpt["model"])
+    assert ckpt["backbone"] == dataclasses.asdict(cfg.model.backbone)  # the heads: not in the shapes
     assert {"momentum_encoder.cls_token", "projector.0.weight", "predictor.0.weight"} <= set(ckpt["model"])
     export_backbone(out / "checkpoint.pt", workspace / "exported")  # the model engineer's reader
     assert torch.equal(load_backbone(workspace / "exported").pos_embed, backbone.pos_embed)
@@ -1060,6 +1062,71 @@ def test_the_teacher_config_is_part_of_the_run_identity(
         pretrain.main(common, dataclasses.replace(cfg, teacher=str(tmp_path / f"heads{heads}")))
     pth = [(tmp_path / f"heads{h}" / "backbone.pth").read_bytes() for h in (2, 4)]
     assert pth[0] == pth[1] and identities[0] != identities[1]
+
+
+def test_the_pretrain_run_identity_holds_the_stage_seed_ratio_model_recipe_and_only_a_read_teacher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run hash guards a resume: left out of it, the seed, the mask ratio or a model field would let a
+    run go on from weights that other settings trained; a run that reads no teacher must not be refused
+    because the teacher export changed, and the stage name keeps teacher's checkpoints apart."""
+    make_workspace(tmp_path, n=16)
+    identities: list[dict[str, Any]] = []
+    monkeypatch.setattr(pretrain, "train_and_export", lambda build, data, cfg, run, *a: identities.append(
+        run.identity))
+    common, cfg = load("pretrain", write_params(tmp_path))
+    pretrain.main(common, cfg)
+    pretrain.main(common, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, feature_loss=False)))
+    assert identities[0] == {
+        "stage": "pretrain", "seed": common.seed, "mask_ratio": common.mask_ratio,
+        "model": dataclasses.asdict(cfg.model), "train": cfg.train.identity(),
+        "teacher": pretrain.teacher_identity(cfg.teacher),
+    }
+    assert "teacher" not in identities[1] and identities[1]["model"]["feature_loss"] is False
+
+
+def test_pretrain_checks_its_inputs_and_resume_folder_before_it_starts(tmp_path: Path) -> None:
+    """`mcf` runs check_inputs before torchrun starts: a data folder without the subset's shards/, or a
+    teacher folder without its export, would fail in every worker only after they started, and a
+    resume_dir holding other files would be deleted with them when the run finishes."""
+    (tmp_path / "subset" / "shards").mkdir(parents=True)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "backbone.pth").touch()
+    cfg = load("pretrain", write_params(tmp_path))[1]
+    pretrain.check_inputs(cfg)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "keep.txt").touch()
+    refusals = {
+        "pretrain.resume_dir: ": dataclasses.replace(cfg, resume_dir=str(tmp_path / "outputs")),
+        "(run `mcf subset` first)": dataclasses.replace(cfg, data=str(tmp_path)),
+        "(run `mcf teacher` first)": dataclasses.replace(cfg, teacher=str(tmp_path / "subset")),
+    }
+    for fragment, bad in refusals.items():
+        with pytest.raises(ParamsError, match=re.escape(fragment)):
+            pretrain.check_inputs(bad)
+
+
+def test_pretrain_refuses_a_mask_ratio_that_leaves_no_patch_visible_though_not_loaded_with_load(
+    tmp_path: Path,
+) -> None:
+    """A caller that builds Common itself skips mcf.params.load's check: main checks the ratio against
+    the model's size again, so 0.99 on a 16-patch image is a params error before any crop is read, not a
+    model that trains on nothing."""
+    (tmp_path / "subset" / "shards").mkdir(parents=True)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "backbone.pth").touch()
+    cfg = load("pretrain", write_params(tmp_path))[1]
+    with pytest.raises(ParamsError, match="mask_ratio: 0.99 hides all 16 patches"):
+        pretrain.main(Common(seed=0, mask_ratio=0.99), cfg)
+
+
+def test_the_default_paths_chain_the_stages_and_keep_resume_state_outside_their_outputs() -> None:
+    """pretrain reads what subset and teacher write; DVC deletes a stage's outputs before it runs it, so
+    a resume folder inside them would lose a killed run's checkpoint."""
+    pre, teach = pretrain.PretrainConfig(), teacher.TeacherConfig()
+    assert (pre.data, pre.teacher) == (teach.data, teach.out)
+    for cfg in (pre, teach):
+        assert not Path(cfg.resume_dir).is_relative_to(cfg.out) and cfg.resume_dir.startswith("outputs/")
 
 
 def test_each_stage_masks_at_its_own_ratio(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
