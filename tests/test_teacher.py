@@ -13,7 +13,9 @@ import yaml
 from mcf.models.backbone import BackboneConfig, create_backbone, read_spec, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec, weights_path
-from mcf.params import ParamsError, load
+from mcf.params import Common, ParamsError, load
+from mcf.train import teacher as stage
+from mcf.train.loop import Run
 from mcf.train.teacher import TeacherConfig
 
 TINY = BackboneConfig(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2)
@@ -376,3 +378,69 @@ def test_a_timm_model_that_is_not_a_vision_transformer_is_refused_by_the_teacher
     with pytest.raises(ValueError, match=rf"teacher must be a timm VisionTransformer, not Eva \({name}\)"):
         import_teacher(f"timm:{name}:random", TINY, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_teacher_run_identity_holds_its_own_mask_ratio_and_the_mae(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The teacher's MAE masks at teacher.mask_ratio, not the top-level one (pretrain's): its run hash
+    must hold that ratio and the MAE's config, or a resume after `-S teacher.mask_ratio=...` or a decoder
+    change would go on from weights that the old settings trained."""
+    (tmp_path / "subset" / "shards").mkdir(parents=True)
+    runs: list[Run] = []
+    monkeypatch.setattr(stage, "train_and_export", lambda build, data, cfg, run, *a: runs.append(run))
+    cfg = TeacherConfig(data=str(tmp_path / "subset"), out=str(tmp_path / "out"), backbone=TINY,
+                        resume_dir=str(tmp_path / "resume"), decoder_dim=16, mask_ratio=0.625)
+    stage.main(Common(seed=3, mask_ratio=0.5), cfg)
+    assert runs[0].mask_ratio == 0.625 and runs[0].identity == {
+        "stage": "teacher", "seed": 3, "mask_ratio": 0.625, "model": dataclasses.asdict(cfg.mae_config()),
+        "train": cfg.train.identity(),
+    }
+
+
+def test_the_teacher_stage_checks_its_inputs_and_resume_folder_before_it_starts(tmp_path: Path) -> None:
+    """`mcf` runs check_inputs before torchrun starts: a data folder without the subset's shards/ would
+    fail in every worker only after they started, and a resume_dir holding other files would be deleted
+    with them when the run finishes."""
+    (tmp_path / "subset" / "shards").mkdir(parents=True)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "keep.txt").touch()
+    cfg = TeacherConfig(data=str(tmp_path / "subset"), resume_dir=str(tmp_path / "resume"))
+    stage.check_inputs(cfg)
+    with pytest.raises(ParamsError, match="teacher.resume_dir: "):
+        stage.check_inputs(dataclasses.replace(cfg, resume_dir=str(tmp_path / "outputs")))
+    with pytest.raises(ParamsError, match=r"teacher.data: .*\(run `mcf subset` first\)"):
+        stage.check_inputs(dataclasses.replace(cfg, data=str(tmp_path)))
+
+
+def test_a_random_teacher_is_the_seeds_whatever_ran_before_and_drops_stale_resume_state(
+    tmp_path: Path,
+) -> None:
+    """`random` is reproducible from params.yaml's seed (dvc repro twice gives one teacher, one pretrain
+    run), not from whatever the process drew before; an imported teacher publishes like a trained one, so
+    a trained run's resume state left in resume_dir goes."""
+    exports = []
+    for before in (1, 2):
+        torch.manual_seed(before)
+        resume = tmp_path / f"resume{before}"
+        resume.mkdir()
+        (resume / "last.pt").touch()
+        cfg = TeacherConfig(source="random", data="unused", out=str(tmp_path / f"out{before}"), backbone=TINY,
+                            resume_dir=str(resume), decoder_dim=16)
+        stage.main(Common(seed=5), cfg)
+        exports.append((tmp_path / f"out{before}" / "backbone.pth").read_bytes())
+        assert not (resume / "last.pt").exists()
+    assert exports[0] == exports[1]
+
+
+def test_the_mae_takes_the_teacher_sections_decoder_and_loss_and_masks_as_maes_defaults() -> None:
+    """mae_config builds the teacher's MAE from the section's keys (a key passed over trains another
+    teacher than params.yaml names); the defaults are MAE's (PROTOCOL.md §1: 512 wide, 8 blocks, 16 heads,
+    mask ratio 0.75)."""
+    cfg = TeacherConfig(backbone=TINY, decoder_dim=16, decoder_depth=2, decoder_heads=4, norm_pix_loss=False)
+    mae = cfg.mae_config()
+    assert (mae.backbone, mae.decoder_dim, mae.decoder_depth, mae.decoder_heads) == (TINY, 16, 2, 4)
+    assert (mae.objective, mae.norm_pix_loss, mae.uses_teacher) == ("pixel_mae", False, False)
+    default = TeacherConfig()
+    assert (default.decoder_dim, default.decoder_depth, default.decoder_heads, default.mask_ratio) == (
+        512, 8, 16, 0.75)
