@@ -1120,6 +1120,23 @@ def test_pretrain_refuses_a_mask_ratio_that_leaves_no_patch_visible_though_not_l
         pretrain.main(Common(seed=0, mask_ratio=0.99), cfg)
 
 
+def test_pretrain_refuses_an_out_folder_without_its_checkpoint_though_it_holds_a_backbone(
+    tmp_path: Path,
+) -> None:
+    """Only a folder holding checkpoint.pt, which every pretrain output holds, is an earlier output to
+    replace: a mistyped out naming a folder of another writer's backbone/ and notes must not be deleted."""
+    (tmp_path / "subset" / "shards").mkdir(parents=True)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "backbone.pth").touch()
+    common, cfg = load("pretrain", write_params(tmp_path))
+    (tmp_path / "mine" / "backbone").mkdir(parents=True)
+    (tmp_path / "mine" / "backbone" / "backbone.pth").touch()
+    (tmp_path / "mine" / "notes.txt").touch()
+    with pytest.raises(StageError, match="mine"):
+        pretrain.main(common, dataclasses.replace(cfg, out=str(tmp_path / "mine")))
+    assert (tmp_path / "mine" / "notes.txt").is_file()
+
+
 def test_the_default_paths_chain_the_stages_and_keep_resume_state_outside_their_outputs() -> None:
     """pretrain reads what subset and teacher write; DVC deletes a stage's outputs before it runs it, so
     a resume folder inside them would lose a killed run's checkpoint."""
