@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import timm
 import torch
 import yaml
 
+from mcf.errors import StageError
 from mcf.models.backbone import BackboneConfig, create_backbone, read_spec, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec, weights_path
@@ -444,3 +446,15 @@ def test_the_mae_takes_the_teacher_sections_decoder_and_loss_and_masks_as_maes_d
     default = TeacherConfig()
     assert (default.decoder_dim, default.decoder_depth, default.decoder_heads, default.mask_ratio) == (
         512, 8, 16, 0.75)
+
+
+def test_a_damaged_teacher_file_is_a_stage_error_naming_the_source(tmp_path: Path) -> None:
+    """A weights file that is not a checkpoint is the user's input: one line naming teacher.source (a
+    StageError, exit 1 without a traceback), not a ValueError from deep inside the loader."""
+    (tmp_path / "w.pth").write_bytes(b"not a checkpoint")
+    spec = f"moco_v3:{tmp_path / 'w.pth'}"
+    cfg = TeacherConfig(source=spec, data=str(tmp_path / "w.pth"), out=str(tmp_path / "out"), backbone=TINY,
+                        resume_dir=str(tmp_path / "resume"), decoder_dim=16)
+    with pytest.raises(StageError, match=re.escape(f"teacher.source {spec!r}: ")):
+        stage.main(Common(), cfg)
+    assert not (tmp_path / "out").exists()
