@@ -458,3 +458,28 @@ def test_a_damaged_teacher_file_is_a_stage_error_naming_the_source(tmp_path: Pat
     with pytest.raises(StageError, match=re.escape(f"teacher.source {spec!r}: ")):
         stage.main(Common(), cfg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["train", "random"])
+def test_the_teacher_stage_replaces_only_its_own_output(tmp_path: Path, source: str) -> None:
+    """Only a folder holding teacher.json is an earlier teacher output: a mistyped out naming another
+    writer's export (backbone.pth and backbone.json, as `mcf export` writes) must be refused and kept,
+    whether the stage trains its MAE or re-saves a given teacher."""
+    (tmp_path / "subset" / "shards").mkdir(parents=True)
+    mine = tmp_path / "mine"
+    save_backbone(create_backbone(TINY), TINY, mine)
+    before = sorted(p.name for p in mine.iterdir())
+    cfg = TeacherConfig(source=source, data=str(tmp_path / "subset"), out=str(mine), backbone=TINY,
+                        resume_dir=str(tmp_path / "resume"), decoder_dim=16)
+    with pytest.raises(StageError, match="holds no teacher.json"):
+        stage.main(Common(seed=0), cfg)
+    assert sorted(p.name for p in mine.iterdir()) == before
+
+
+def test_a_re_saved_teacher_keeps_its_head_count(tmp_path: Path) -> None:
+    """Heads are not in the weights' shapes: a teacher re-saved with heads guessed from its width (64 wide:
+    one head of 64) would load without a word as another attention than the 2-head model it was."""
+    cfg = TeacherConfig(source="random", out=str(tmp_path / "out"), backbone=TINY,
+                        resume_dir=str(tmp_path / "resume"))
+    stage.main(Common(seed=0), cfg)
+    assert read_spec(tmp_path / "out")["kwargs"]["num_heads"] == 2
