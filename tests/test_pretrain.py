@@ -1085,14 +1085,20 @@ def test_the_pretrain_run_identity_holds_the_stage_seed_ratio_model_recipe_and_o
     assert "teacher" not in identities[1] and identities[1]["model"]["feature_loss"] is False
 
 
+def inputs_in_place(root: Path) -> tuple[Common, pretrain.PretrainConfig]:
+    """The params of :func:`write_params`, with the files pretrain's input checks look for (the subset's
+    shards/ folder, the teacher's backbone.pth) present but empty: for tests that stop before training."""
+    (root / "subset" / "shards").mkdir(parents=True)
+    (root / "teacher").mkdir()
+    (root / "teacher" / "backbone.pth").touch()
+    return load("pretrain", write_params(root))
+
+
 def test_pretrain_checks_its_inputs_and_resume_folder_before_it_starts(tmp_path: Path) -> None:
     """`mcf` runs check_inputs before torchrun starts: a data folder without the subset's shards/, or a
     teacher folder without its export, would fail in every worker only after they started, and a
     resume_dir holding other files would be deleted with them when the run finishes."""
-    (tmp_path / "subset" / "shards").mkdir(parents=True)
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "backbone.pth").touch()
-    cfg = load("pretrain", write_params(tmp_path))[1]
+    cfg = inputs_in_place(tmp_path)[1]
     pretrain.check_inputs(cfg)
     (tmp_path / "outputs").mkdir()
     (tmp_path / "outputs" / "keep.txt").touch()
@@ -1112,10 +1118,7 @@ def test_pretrain_refuses_a_mask_ratio_that_leaves_no_patch_visible_though_not_l
     """A caller that builds Common itself skips mcf.params.load's check: main checks the ratio against
     the model's size again, so 0.99 on a 16-patch image is a params error before any crop is read, not a
     model that trains on nothing."""
-    (tmp_path / "subset" / "shards").mkdir(parents=True)
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "backbone.pth").touch()
-    cfg = load("pretrain", write_params(tmp_path))[1]
+    cfg = inputs_in_place(tmp_path)[1]
     with pytest.raises(ParamsError, match="mask_ratio: 0.99 hides all 16 patches"):
         pretrain.main(Common(seed=0, mask_ratio=0.99), cfg)
 
@@ -1125,10 +1128,7 @@ def test_pretrain_refuses_an_out_folder_without_its_checkpoint_though_it_holds_a
 ) -> None:
     """Only a folder holding checkpoint.pt, which every pretrain output holds, is an earlier output to
     replace: a mistyped out naming a folder of another writer's backbone/ and notes must not be deleted."""
-    (tmp_path / "subset" / "shards").mkdir(parents=True)
-    (tmp_path / "teacher").mkdir()
-    (tmp_path / "teacher" / "backbone.pth").touch()
-    common, cfg = load("pretrain", write_params(tmp_path))
+    common, cfg = inputs_in_place(tmp_path)
     (tmp_path / "mine" / "backbone").mkdir(parents=True)
     (tmp_path / "mine" / "backbone" / "backbone.pth").touch()
     (tmp_path / "mine" / "notes.txt").touch()
