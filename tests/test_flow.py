@@ -151,6 +151,14 @@ def test_plan_follows_the_dag_and_pulls_in_upstream(project: Path) -> None:
     with pytest.raises(ValueError, match=r"no stage given \(an empty list\)"):
         plan(project, [])
 
+def test_plan_of_a_checkout_without_stages_is_refused(tmp_path: Path) -> None:
+    """A checkout whose dvc.yaml has no stages (or is missing) planned nothing: the flow run then
+    succeeded having run nothing, instead of saying the checkout holds no pipeline."""
+    _git(tmp_path, "init", "-q")
+    Repo.init(str(tmp_path)).close()
+    with pytest.raises(ValueError, match="no pipeline stages in"):
+        plan(tmp_path)
+
 
 def test_stage_tasks_retry_io_and_tag_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.states import Failed
@@ -178,6 +186,8 @@ def test_stage_tasks_retry_io_and_tag_gpu(monkeypatch: pytest.MonkeyPatch) -> No
 def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert {"gpu", "gpu-3"} <= stage_task("teacher").tags
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # a worker that sees every GPU: README's `gpu-all` limit
+    assert {"gpu", "gpu-all"} <= stage_task("teacher").tags
 
 
 def _gone(pid: int) -> bool:
@@ -212,6 +222,20 @@ def test_a_cancelled_stage_hears_sigterm_at_once() -> None:
     began = time.monotonic()
     stop_group(proc, grace=30.0)
     assert proc.returncode == -signal.SIGTERM and time.monotonic() - began < 10
+
+def test_a_stopped_run_starts_no_stage_command() -> None:
+    """A stage whose upstream finished as the run was being stopped started its command after
+    ``stop_all`` had stopped the others, so it trained on, unseen, after the run ended."""
+    from flows.pipeline import _Running
+
+    running = _Running()
+    running.stop_all()
+    with pytest.raises(StageFailed, match="stage 'train@a' failed: the flow run was stopped before"):
+        running.start("train@a", [sys.executable, "-c", "pass"])
+    assert running.procs == set()
+    running.reset()  # the next run starts its stages again
+    proc = running.start("train@a", [sys.executable, "-c", "pass"])
+    assert proc.wait() == 0 and running.procs == {proc}
 
 
 def _wait_gone(*pids: int, timeout: float) -> bool:
@@ -260,6 +284,7 @@ def test_a_stage_guard_exits_with_its_commands_status() -> None:
     assert killed.returncode == 128 + signal.SIGKILL
     assert "start it as a process group leader" in subprocess.run([*guard, "true"], text=True,
                                                                   capture_output=True).stderr
+
 
 
 def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None, project: Path) -> None:
@@ -314,6 +339,11 @@ def test_metric_rows_leave_out_the_files_of_stages_this_run_did_not_complete(pro
     (project / "metrics.json").write_text(json.dumps({"total": 99}))  # an earlier run's
     assert metric_rows(project, {"fetch", "train@a", "train@b"}) == []
     assert metric_rows(project, {"evaluate"}) == [{"file": "metrics.json", "metric": "total", "value": 99}]
+    # a metrics file no stage writes (dvc.yaml's top-level `metrics`) is no earlier run's: always shown
+    with (project / "dvc.yaml").open("a") as dvc_yaml:
+        dvc_yaml.write("metrics: [by_hand.json]\n")
+    (project / "by_hand.json").write_text(json.dumps({"faces": 7}))
+    assert metric_rows(project, set()) == [{"file": "by_hand.json", "metric": "faces", "value": 7}]
 
 
 def test_a_run_that_stops_before_evaluate_publishes_no_earlier_metrics(
@@ -349,6 +379,22 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     assert "| `train@a` | **failed** |" in table and "| `train@b` | ran |" in table
     assert "| `evaluate` | not run (upstream failed) |" in table
 
+def test_several_failed_stages_are_each_named_in_the_run_failure() -> None:
+    """Independent stages that fail in one run (train@a and train@b) each say why, with the profile
+    that stood in for params.yaml: reporting only the first would hide the second until a rerun."""
+    from prefect.states import Completed, Failed
+
+    from flows.pipeline import StageRun, _raise_failures
+
+    states = {"fetch": Completed(data=StageRun("fetch", "ran", 1.0)),
+              "train@a": Failed(data=StageFailed("train@a", "diverged", 1)),
+              "train@b": Failed(data=StageFailed("train@b", "out of memory", 1))}
+    with pytest.raises(RuntimeError) as caught:
+        _raise_failures(states, "params.tiny.yaml")
+    note = "with params.tiny.yaml in place as params.yaml"
+    assert str(caught.value) == (f"stage 'train@a' failed: {note}, diverged\n\n"
+                                 f"stage 'train@b' failed: {note}, out of memory")
+
 
 def test_a_stage_printing_bytes_that_are_not_utf8_runs_to_its_end(prefect_api: None, project: Path) -> None:
     """A stage's output is read as text: a byte that is not UTF-8 (a latin-1 file name, printed as
@@ -359,6 +405,49 @@ def test_a_stage_printing_bytes_that_are_not_utf8_runs_to_its_end(prefect_api: N
     runs = mcf(params_file="params.latin1.yaml", stages=["train@a"])
     assert _outcomes(runs) == {"fetch": "ran", "train@a": "ran"}
     assert (project / "out/train_a.txt").exists()
+
+def test_a_stage_whose_output_the_task_fails_to_read_is_stopped(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error in the task's read of the stage's log (the strict decoder once raised there) failed the
+    task but left its ``dvc repro`` and the stage's command training on, unseen: the task stops them
+    before it fails."""
+    import flows.pipeline
+    from flows.pipeline import repro
+
+    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "train": {"fail": [], "hang": ["a"],
+                                                                              "deaf": False}}))
+    (project / "out").mkdir()
+    (project / "out/fetch.txt").write_text("0\n")  # train@a's dep, as fetch leaves it
+    pid = project / "hang.pid"
+
+    class Unreadable:  # the run's logger: its first line raises once the stage's command runs
+        def info(self, line: str) -> None:
+            deadline = time.monotonic() + 30
+            while not pid.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            raise UnicodeDecodeError("utf-8", b"\xe9", 0, 1, "invalid continuation byte")
+
+    monkeypatch.setattr(flows.pipeline, "get_run_logger", Unreadable)
+    raised: queue.Queue[BaseException] = queue.Queue()
+
+    def read() -> None:
+        try:
+            repro.fn("train@a")
+        except BaseException as err:  # handed to the test's thread
+            raised.put(err)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        reader.join(20)
+        assert not reader.is_alive()  # it waited on the stage's command, which trained on
+        assert isinstance(raised.get_nowait(), UnicodeDecodeError)
+        assert _wait_gone(int(pid.read_text()), timeout=5)
+    finally:
+        if pid.exists() and not _gone(stage := int(pid.read_text())):
+            os.kill(stage, signal.SIGKILL)
+        reader.join(30)
 
 
 PREFECT_KILL_GRACE_S = 30  # a worker SIGKILLs a cancelled flow run's process group this long after SIGTERM
@@ -507,6 +596,21 @@ def test_a_stage_on_dask_whose_flow_run_was_stopped_meanwhile_is_not_recorded(
     finally:
         RUNNING.reset()
     assert not (project / "dvc.lock").exists()
+
+def test_a_stage_on_dask_whose_dvc_status_fails_fails_naming_it(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`dvc status` that fails prints nothing on stdout, which read as "no changes" would report the
+    stage unchanged and never fan it out: the stage fails with DVC's exit status and message."""
+    import flows.fetch_dask
+    from flows.pipeline import dask_stage
+
+    calls: list[str | None] = []
+    monkeypatch.setattr(flows.fetch_dask, "fetch_dask", calls.append)
+    (project / "dvc.yaml").write_text("stages: [fetch]\n")  # a list where DVC wants a mapping
+    with pytest.raises(RuntimeError, match=r"`dvc status --json fetch` exited [1-9]\d*: .*dvc\.yaml"):
+        dask_stage.fn("fetch", None)
+    assert calls == []
 
 
 def _stopping_slice(i: int, folder: str) -> int:
@@ -806,6 +910,10 @@ def test_params_yaml_edited_during_a_swapped_run_is_kept(
     saved.unlink()
     with pytest.raises(KeyError), applied_params(project, "params.tiny.yaml"):
         raise KeyError("a stage failed")
+    assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
+    # params.yaml deleted during the run (a `git stash`): no edit to keep, the original is put back
+    with applied_params(project, "params.tiny.yaml"):
+        (project / "params.yaml").unlink()
     assert (project / "params.yaml").read_bytes() == committed and not saved.exists()
 
 
