@@ -279,12 +279,35 @@ def test_a_stage_guard_stops_what_its_killed_command_left_running(tmp_path: Path
 
 def test_a_stage_guard_exits_with_its_commands_status() -> None:
     guard = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace", "1", "--"]
+    assert subprocess.run([*guard, "true"], start_new_session=True).returncode == 0
     assert subprocess.run([*guard, "bash", "-c", "exit 3"], start_new_session=True).returncode == 3
     killed = subprocess.run([*guard, "bash", "-c", "kill -9 $$"], start_new_session=True)
     assert killed.returncode == 128 + signal.SIGKILL
     assert "start it as a process group leader" in subprocess.run([*guard, "true"], text=True,
                                                                   capture_output=True).stderr
+    bare = subprocess.run(guard, text=True, capture_output=True, start_new_session=True)
+    assert bare.returncode == 2 and "no command after --" in bare.stderr  # a usage error, no traceback
 
+
+GUARD_UNDER_A_SUBREAPER = """
+import ctypes, os, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of the stage come to this process
+guard = [sys.executable, sys.argv[1], "--parent", str(os.getpid()), "--grace", "5", "--"]
+began = time.monotonic()
+done = subprocess.run([*guard, "bash", "-c", "sleep 300 & exit 0"], start_new_session=True,
+                      capture_output=True, text=True)
+print(done.returncode, time.monotonic() - began, done.stderr.strip())
+"""
+
+
+def test_a_stage_guard_takes_a_stopped_leftover_its_reaper_has_not_reaped_for_gone() -> None:
+    """A worker that is PID 1 of its container (no init) or another subreaper adopts what a stage leaves
+    and may never reap it: counted as live, that zombie held the guard for the whole grace and a round of
+    SIGKILLs, then drew a false "outlived SIGKILL" alarm in the stage's log."""
+    done = subprocess.run([sys.executable, "-c", GUARD_UNDER_A_SUBREAPER, str(GUARD)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    code, seconds, stderr = done.stdout.split(" ", 2)
+    assert (code, stderr.strip()) == ("0", "") and float(seconds) < 4  # not the 5 s grace
 
 
 def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None, project: Path) -> None:
