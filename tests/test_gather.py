@@ -98,3 +98,56 @@ def test_single_process_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert distributed.get_rank() == 0 and distributed.get_world_size() == 1
     distributed.barrier()
     distributed.cleanup()
+
+
+def test_a_stray_rank_or_world_size_alone_is_not_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun sets both; one alone (another tool's variable left in a shell) must leave the stage one
+    process holding its lock, not fail joining a group on the missing other."""
+    for present, absent in (("RANK", "WORLD_SIZE"), ("WORLD_SIZE", "RANK")):
+        monkeypatch.setenv(present, "1")
+        monkeypatch.delenv(absent, raising=False)
+        assert not distributed.under_torchrun() and distributed.takes_stage_lock()
+        assert distributed.init_distributed()[:3] == (0, 1, 0) and not distributed.is_initialized()
+        monkeypatch.delenv(present)
+
+
+def test_derived_seeds_keep_runs_and_streams_apart() -> None:
+    """Neighbouring runs' streams differ: ``seed + key`` gave run 0's rank 1 the masks of run 1's rank 0,
+    and run 1's init stream run 0's."""
+    keys = (0, 1, 2, distributed.INIT_KEY, distributed.MAE_INIT_KEY)
+    assert len({distributed.derive_seed(seed, key) for seed in range(4) for key in keys}) == 4 * len(keys)
+
+
+def test_each_precision_names_its_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 is not bf16 (its range overflows where bf16's does not), and a single-process stage runs on
+    the GPU where there is one."""
+    cpu = torch.device("cpu")
+    got = {p: distributed.resolve_dtype(p, cpu) for p in ("auto", "fp32", "bf16", "fp16")}
+    assert got == {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16,
+                   "fp16": torch.float16}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.default_device() == torch.device("cuda")
+
+
+def _lone_rank(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      GLOO_SOCKET_IFNAME="lo")
+    os.environ.pop("LOCAL_RANK", None)
+    first = distributed.init_distributed()
+    again = distributed.init_distributed()
+    joined = distributed.is_initialized()
+    distributed.cleanup()
+    torch.save({"first": first, "again": again, "joined": joined, "left": not distributed.is_initialized()},
+               Path(out_dir) / "lone.pt")
+
+
+@pytest.mark.timeout(60)
+def test_joining_twice_is_one_group_and_cleanup_leaves_it(tmp_path: Path) -> None:
+    """A process that joins again (a stage calling into another that joins) keeps its group rather than
+    failing to initialise it twice; an environment without LOCAL_RANK (torchrun's alone sets it) is local
+    rank 0; cleanup leaves the group, which a stage ending in the process must not keep."""
+    mp.start_processes(_lone_rank, args=(free_port(), str(tmp_path)), nprocs=1, start_method="fork")
+    got = torch.load(tmp_path / "lone.pt", weights_only=False)
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert got["first"] == got["again"] == (0, 1, 0, device)
+    assert got["joined"] and got["left"]
