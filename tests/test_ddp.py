@@ -232,6 +232,55 @@ def test_sigterm_to_the_launcher_reaches_torchrun(tmp_path: Path) -> None:
     assert proc.wait(30) == 7 and (tmp_path / "stopped").exists()
 
 
+def test_the_launchers_sigterm_is_its_own_again_once_torchrun_ends() -> None:
+    """Once torchrun has ended, a SIGTERM to the launcher (a stop of the stage) must stop it, not be passed
+    on to a child already gone."""
+    before = signal.getsignal(signal.SIGTERM)
+    assert distributed.run_forwarding_sigterm([sys.executable, "-c", "raise SystemExit(3)"]) == 3
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_ctrl_c_in_the_launcher_waits_for_torchrun_to_stop(tmp_path: Path) -> None:
+    """Ctrl-C reaches the launcher and torchrun alike: the launcher waits while torchrun stops its workers,
+    so that its one line comes last and nothing trains on once `mcf` has exited (leaving the ``with``
+    block, Popen waits a quarter of a second)."""
+    child = (
+        "import os, pathlib, signal, sys, time\n"
+        f"p = pathlib.Path({str(tmp_path)!r})\n"
+        "def stop(*_):\n    time.sleep(0.6)\n    p.joinpath('stopped').touch()\n    sys.exit(1)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "os.kill(os.getppid(), signal.SIGINT)\n"  # a terminal's Ctrl-C: the launcher and torchrun
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(60)\n"
+    )
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a CI's background job ignores it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            distributed.run_forwarding_sigterm([sys.executable, "-c", child])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert (tmp_path / "stopped").exists()
+
+
+def test_a_worker_leaves_its_status_and_error_for_its_launcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What launch reads back to keep `mcf`'s exit status (2: params) through torchrun's 1 and to repeat
+    each rank's one line last; a process outside torchrun leaves nothing."""
+    monkeypatch.setenv(distributed.EXIT_DIR_ENV, str(tmp_path))
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    distributed.record_exit(2)
+    distributed.record_error("mcf: invalid params: x")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    distributed.record_exit(2)
+    distributed.record_error("mcf: invalid params: x")
+    left = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    assert left == {"rank1": "2", "rank1.err": "mcf: invalid params: x"}
+
+
 def test_more_processes_than_gpus_is_refused_as_params(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
