@@ -15,7 +15,7 @@ import yaml
 from mcf import cli
 from mcf.errors import GateError, StageError
 from mcf.io import atomic_file, stage_lock
-from mcf.params import SECTIONS
+from mcf.params import SECTIONS, ParamsError
 from mcf.train.distributed import LAUNCHER_ENV
 
 
@@ -43,6 +43,31 @@ def test_verbose_is_mcfs_own_debug_log(monkeypatch: pytest.MonkeyPatch) -> None:
             x.setLevel(logging.NOTSET)
 
 
+@pytest.mark.parametrize(("env", "level"), [
+    ({}, logging.INFO), ({"WORLD_SIZE": "2", "RANK": "0"}, logging.INFO),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, logging.WARNING),
+])
+def test_torchruns_other_ranks_log_warnings_alone(
+    env: dict[str, str], level: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rank 0 says what every rank does: rank 1's info lines repeated each one (it said that it wrote the
+    output too), while one process and rank 0 keep theirs."""
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda argv: 0)
+    root = logging.getLogger()
+    handlers, before = root.handlers, root.level
+    root.handlers = []  # basicConfig sets up a root without handlers alone (pytest's capture is one)
+    try:
+        assert cli.main(["report"]) == 0
+        assert root.level == level
+    finally:
+        root.handlers = handlers
+        root.setLevel(before)
+
+
 @pytest.mark.parametrize("argv", [["-v", "subset"], ["subset", "-v"], ["subset"]])
 def test_verbose_before_or_after_the_stage(argv: list[str]) -> None:
     args = cli.parser().parse_args(argv)
@@ -64,6 +89,10 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     text = " ".join(capsys.readouterr().out.split())
     assert "section `crop` of the params file (it reads no top-level key)" in text
     assert "2 params rejected or an input missing, 3 a data gate failed, 130 interrupted (Ctrl-C)" in text
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "section `pretrain` of the params file plus the top-level `seed` and `mask_ratio`;" in text
 
 
 @pytest.mark.parametrize("tool", ["duplicates", "crop", "fetch", "pretrain"])
@@ -291,6 +320,57 @@ def test_a_worker_of_mcfs_own_torchrun_trains_instead_of_starting_another(
     monkeypatch.setattr(cli, "_resolve", lambda target: lambda *_, **__: ran.append(target))
     assert cli.main(["pretrain", "--params", "p.yaml"]) == 0
     assert ran == ["mcf.train.pretrain:main"]
+
+
+def test_one_process_trains_here_and_two_start_torchrun_checked_at_their_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.processes: 1 trains in this process, not under a torchrun of one. 2 start torchrun once
+    min_lr is checked against the peak lr of their effective batch, twice one process's: a min_lr
+    between the two peaks is a valid run of 2, not refused."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    train = params["pretrain"]["train"]
+    monkeypatch.chdir(tmp_path)
+    for key in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(key, raising=False)
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda *_, **__: ran.append(target))
+    launched: list[tuple[list[str], int]] = []
+    monkeypatch.setattr("mcf.train.distributed.launch", lambda *args: launched.append(args) or 0)
+    one_peak = train["blr"] * train["batch_size"] * train["accum_steps"] / 256
+    for processes, stage in ((1, "mcf.train.pretrain:main"), (2, "mcf.train.pretrain:check_inputs")):
+        train.update(processes=processes, min_lr=one_peak * 1.5 if processes > 1 else 0.0)
+        Path("p.yaml").write_text(yaml.safe_dump(params))
+        ran.clear()
+        assert cli.main(["pretrain", "--params", "p.yaml"]) == 0
+        assert ran == [stage]
+    assert launched == [(["pretrain", "--params", "p.yaml"], 2)]
+
+
+@pytest.mark.parametrize(("command", "key", "named"), [
+    ("pretrain", "train.min_lr", "p.yaml: pretrain.train.min_lr"),
+    ("pretrain", "pretrain.train.min_lr", "p.yaml: pretrain.train.min_lr"),
+    ("pretrain", "mask_ratio", "p.yaml: mask_ratio"),
+    ("pretrain", "seed", "p.yaml: seed"),
+    ("report", "out", "out"),
+])
+def test_a_params_error_raised_as_a_command_runs_names_its_key_as_the_file_does(
+    command: str, key: str, named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A stage's own check names its key under the stage's section, a top-level key (seed, mask_ratio) as
+    the file has it; a tool's has no params file of mcf's to name, and is exit 2 on one line all the same."""
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    Path("p.yaml").write_text(yaml.safe_dump(params))
+
+    def stage(*_: object, **__: object) -> None:
+        raise ParamsError(key, "too big")
+
+    monkeypatch.setattr(cli, "_resolve", lambda target: stage)
+    argv = [command, "--params", "p.yaml"] if command in cli.STAGES else [command]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"mcf: invalid params: {named}: too big\n"
 
 
 def test_sync_bn_on_the_cpu_is_refused_once_before_torchrun(
