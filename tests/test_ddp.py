@@ -249,6 +249,7 @@ def test_ctrl_c_in_the_launcher_waits_for_torchrun_to_stop(tmp_path: Path) -> No
         f"p = pathlib.Path({str(tmp_path)!r})\n"
         "def stop(*_):\n    time.sleep(0.6)\n    p.joinpath('stopped').touch()\n    sys.exit(1)\n"
         "signal.signal(signal.SIGINT, stop)\n"
+        "time.sleep(0.2)\n"  # the launcher waits by then
         "os.kill(os.getppid(), signal.SIGINT)\n"  # a terminal's Ctrl-C: the launcher and torchrun
         "os.kill(os.getpid(), signal.SIGINT)\n"
         "time.sleep(60)\n"
