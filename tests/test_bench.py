@@ -36,7 +36,9 @@ def test_equivalence_uses_one_set_of_masks_and_catches_a_difference() -> None:
     # batch 8: at 4 this tiny model's contrastive term moves up to 4 % in bf16, depending on the init
     model, imgs = _model(), torch.randn(8, 3, 32, 32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
     ok, pairs = equivalence(model, model, imgs, 0.75, torch.float32, rtol=1e-6)
+    assert torch.equal(torch.get_rng_state(), rng)  # the RNG put back: the timed steps draw as without it
     assert ok and all(a == b for a, b in pairs.values())  # the same masks: fp32 against fp32 is exact
     assert {"loss", "loss_feature", "loss_contrastive"} <= pairs.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # BN statistics put back
@@ -100,6 +102,123 @@ def test_equivalence_fails_a_path_that_draws_other_masks() -> None:
     ok, pairs = equivalence(model, _OwnMasks(model), imgs, 0.75, torch.bfloat16, rtol=3e-2)
     assert all(abs(b - a) <= 3e-2 * abs(a) for a, b in pairs.values())  # the losses alone would pass
     assert not ok
+
+
+def test_time_steps_times_exactly_the_steps_after_the_warm_up() -> None:
+    """The warm-up's steps (compilation, AdamW's first moments) must run but stay off the clock, and the
+    clock must cover exactly ``steps`` calls: the rate divides batch x steps by these seconds. A dropped
+    warm-up timed cold steps; a clock started before it, or one step short, read a wrong images/s."""
+    calls = []
+
+    def step() -> None:
+        calls.append(None)
+        time.sleep(0.3 if len(calls) <= 2 else 0.02)
+
+    seconds, peak = bench.time_steps(step, torch.device("cpu"), 3, 2)
+    assert len(calls) == 5 and peak == 0.0
+    assert 0.06 <= seconds < 0.6
+
+
+def test_the_bench_step_is_the_pretrain_loops_step() -> None:
+    """What is timed must be what the loop computes: the momentum update, forward and backward
+    (:func:`accumulate`), the AdamW step and clearing the gradients. A step without the momentum update,
+    the optimizer step or the ``zero_grad`` (gradients summed over the timed steps) ran fast and wrong."""
+    from mcf.train.loop import accumulate
+
+    imgs = torch.randn(8, 3, 32, 32)
+    timed, ref = _model(), _model()
+    step = make_step(timed, timed, imgs, 0.75, torch.float32, torch.optim.AdamW(timed.parameters(), lr=1e-3))
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for seed in range(2):  # the second step sees the first's gradients if they are not cleared
+        torch.manual_seed(seed)
+        step()
+        torch.manual_seed(seed)
+        accumulate(ref, ref, [imgs], 0.75, ref.momentum_at(0, 1), torch.float32, scaler)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert ref.momentum_at(0, 1) is not None
+    assert all(p.grad is None for p in timed.parameters())
+    ours, theirs = timed.state_dict(), ref.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in ours.items())
+
+
+def test_the_printed_rates_are_the_timed_seconds_arithmetic(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """images/s is batch x steps over the timed seconds, ms/step those seconds over the steps, TFLOP/s the
+    whole batch's step FLOPs (counted on FLOP_BATCH images) times the steps over the seconds, and the
+    speed-up fast over baseline: each read from the seconds :func:`time_steps` returned and the FLOPs
+    :func:`step_flops` counted. A rate that dropped the step count, or FLOPs of the counted slice alone,
+    printed numbers off by that factor."""
+    seconds: list[float] = []
+    counted: list[int] = []
+    timed, count = bench.time_steps, bench.step_flops
+    monkeypatch.setattr(bench, "time_steps", lambda *a: seconds.append(timed(*a)[0]) or (seconds[-1], 0.0))
+    monkeypatch.setattr(bench, "step_flops", lambda *a: counted.append(count(*a)) or counted[-1])
+    monkeypatch.setattr(bench, "FLOP_BATCH", 4)
+    params = Path(__file__).parents[1] / "params.yaml"
+    with caplog.at_level(logging.INFO, logger="mcf.train.bench"):
+        assert bench_pretrain(["--params", str(params), "--batch", "8", "--steps", "2", "--warmup", "0"]) == 0
+    flops = counted[0] / 4 * 8
+    for name, s in zip(("fast", "baseline"), seconds, strict=True):
+        line = f"{8 * 2 / s:.1f} images/s, {1000 * s / 2:.1f} ms/step, {flops * 2 / s / 1e12:.3g} TFLOP/s"
+        assert f"{name} (float32, eager, unfused AdamW): {line}" in caplog.text
+    assert f"speed-up over the eager baseline: {seconds[1] / seconds[0]:.2f}x" in caplog.text
+    assert "equivalence check: passed (rtol 1e-04)" in caplog.text
+
+
+class _Compiled(torch.nn.Module):
+    """Stands in for ``torch.compile``'s module (a real compile of the tiny step takes minutes here)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: object) -> dict[str, torch.Tensor]:
+        return self.model(*args)
+
+
+def test_only_the_fast_path_runs_compiled_pinned_and_with_its_teacher_residual(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The equivalence check and the fast path's timing must run the module --compile made, under the
+    kernel --attention pins and with the teacher residual --teacher-residual asks; the baseline runs the
+    eager model on torch's own kernel. A check on another kernel than the timed one, a baseline timed on
+    the pinned kernel, or a fast path timing the eager model compared other steps than it printed."""
+    seen: list[tuple[str, object, bool, bool | None]] = []
+    flash = torch.backends.cuda.flash_sdp_enabled  # off under the pin: only the efficient and math kernels
+    check, new_step, timed = bench.equivalence, bench.make_step, bench.time_steps
+
+    def checked(model: MCF, fast: torch.nn.Module, *args: object) -> tuple[bool, dict]:
+        seen.append(("check", fast, flash(), model.teacher.low_precision_residual))
+        return check(model, fast, *args)
+
+    def stepped(model: MCF, net: torch.nn.Module, *args: object) -> object:
+        seen.append(("step", net, flash(), model.teacher.low_precision_residual))
+        return new_step(model, net, *args)
+
+    def clocked(*args: object) -> tuple[float, float]:
+        seen.append(("time", None, flash(), None))
+        return timed(*args)
+
+    monkeypatch.setattr(bench, "compile_model", _Compiled)
+    monkeypatch.setattr(bench, "equivalence", checked)
+    monkeypatch.setattr(bench, "make_step", stepped)
+    monkeypatch.setattr(bench, "time_steps", clocked)
+    params = Path(__file__).parents[1] / "params.yaml"
+    argv = ["--params", str(params), "--batch", "8", "--steps", "1", "--warmup", "0", "--compile",
+            "--attention", "efficient", "--teacher-residual", "fp32"]
+    with caplog.at_level(logging.INFO, logger="mcf.train.bench"):
+        assert bench_pretrain(argv) == 0
+    [check_, flops, fast, fast_time, base, base_time] = seen
+    assert isinstance(check_[1], _Compiled) and fast[1] is check_[1] and not isinstance(base[1], _Compiled)
+    assert flops[1] is base[1]  # the FLOPs are counted on the eager model
+    # the FLOPs are counted on math; each step is built before its clock's context
+    assert [s[2] for s in seen] == [False, False, True, False, True, True]
+    assert check_[3] is fast[3] is False
+    how = "float32, compiled, unfused AdamW, efficient attention, teacher residual fp32"
+    assert f"fast ({how}):" in caplog.text
 
 
 def test_step_flops_count_attention_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,7 +394,8 @@ def test_a_batch_below_four_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
-    ("flag", "least"), [("--steps", 1), ("--warmup", 0), ("--workers", 0), ("--profile", 0)]
+    ("flag", "least"),
+    [("--steps", 1), ("--warmup", 0), ("--workers", 0), ("--profile", 0), ("--loader-batches", 1)],
 )
 def test_counts_below_their_least_are_usage_errors(
     flag: str, least: int, capsys: pytest.CaptureFixture[str]
@@ -295,6 +415,7 @@ def test_shards_too_few_for_a_batch_are_a_usage_error(
     with pytest.raises(SystemExit):
         parse(["--shards", str(tmp_path / "subset" / "shards"), "--batch", "64"])
     assert "40 crops are fewer than one batch of 64" in capsys.readouterr().err
+    assert parse(["--shards", str(tmp_path / "subset" / "shards"), "--batch", "40"]).batch == 40  # one batch
 
 
 def test_gpu_bench_without_shards_stops_before_any_run(tmp_path: Path) -> None:
