@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -2134,10 +2135,36 @@ def test_the_fetch_bench_downloads_every_row_over_http(capsys: pytest.CaptureFix
     """`mcf bench fetch` runs the stage's laion-face path against its own server on 127.0.0.1."""
     from mcf.data.fetch_bench import bench_fetch
 
-    assert bench_fetch(["--images", "24", "--threads", "4", "--latency", "0.01", "--image-size", "64"]) == 0
+    assert bench_fetch(["--images", "24", "--threads", "4", "--latency", "0", "--image-size", "64"]) == 0
     out = capsys.readouterr().out
-    assert "24 of 24 images fetched" in out and "threads=4" in out and "0.01 s latency" in out
+    assert "24 of 24 images fetched" in out and "threads=4" in out and "0 s latency" in out
+    assert "wait out the latency" not in out  # no bound on what threads hide at no latency (nor a / 0)
     assert "ms an image in the fetch process" in out and "20,000,000 images at this rate" in out
+
+
+def test_the_fetch_bench_counts_only_the_rows_it_fetched(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Half the served payloads are not images, so the downloader rejects every other row: images/s and MB/s
+    must count the fetched rows alone (row i was served payload i % 8), the 20M-image hours follow that
+    rate, the server must wait out its latency on every request, and the failures make the bench exit 1.
+    Rates over every row read twice what the stage fetched, and failed rows passed as a clean run."""
+    from mcf.data import fetch_bench
+
+    good = fetch_bench.payloads(512)
+    served = [body if i % 2 == 0 else b"not a jpeg" for i, body in enumerate(good)]
+    monkeypatch.setattr(fetch_bench, "payloads", lambda size: served)
+    assert fetch_bench.bench_fetch(["--images", "16", "--threads", "4", "--latency", "0.1"]) == 1  # 512 px
+    out = capsys.readouterr().out
+    found = re.search(r"(\d+) of 16 images fetched .* ([\d.]+) s = ([\d.]+) images/s, ([\d.]+) MB/s", out)
+    assert found, out
+    fetched, wall, rate, mb_s = int(found[1]), *map(float, found.groups()[1:])
+    assert fetched == 8 and wall >= 16 / 4 * 0.1  # 4 rounds of 4 threads, each request 0.1 s late
+    assert rate == pytest.approx(8 / wall, rel=0.03)  # the wall is printed to 10 ms
+    assert mb_s == pytest.approx(2 * sum(map(len, good[::2])) / 1e6 / wall, rel=0.03, abs=0.05)
+    assert "wait out the latency at up to 40 images/s" in out and "fetch bench: failures {" in out
+    hours = float(re.search(r"20,000,000 images at this rate: ([\d.]+) h", out)[1])
+    assert hours == pytest.approx(20e6 / rate / 3600, rel=0.01)
 
 
 @pytest.mark.parametrize("flag", ["--images", "--threads", "--image-size", "--latency"])
