@@ -104,6 +104,13 @@ def test_bench_help_is_plain_text(tool: str, capsys: pytest.CaptureFixture[str])
     assert "``" not in text and ":func:" not in text and ":class:" not in text
 
 
+def test_bench_without_a_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """A bare ``mcf bench`` must name the benchmarks and exit 2, not index an empty argument list."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["bench"])
+    assert done.value.code == 2 and "{crop,duplicates,fetch,pretrain,synth}" in capsys.readouterr().err
+
+
 def test_describe_drops_roles_and_backquotes() -> None:
     doc = "Rejects (:func:`duplicates`, :class:`~mcf.Foo`) at ``--spread``.\n\nNot this."
     assert cli.describe(doc) == "Rejects (duplicates, mcf.Foo) at --spread."
