@@ -23,6 +23,7 @@ from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import load_teacher
 from mcf.train import bench
 from mcf.train.bench import bench_pretrain, equivalence, loader_rate, make_step, parse, step_flops
+from mcf.train.loop import accumulate
 
 
 def _model() -> MCF:
@@ -123,8 +124,6 @@ def test_the_bench_step_is_the_pretrain_loops_step() -> None:
     """What is timed must be what the loop computes: the momentum update, forward and backward
     (:func:`accumulate`), the AdamW step and clearing the gradients. A step without the momentum update,
     the optimizer step or the ``zero_grad`` (gradients summed over the timed steps) ran fast and wrong."""
-    from mcf.train.loop import accumulate
-
     imgs = torch.randn(8, 3, 32, 32)
     timed, ref = _model(), _model()
     step = make_step(timed, timed, imgs, 0.75, torch.float32, torch.optim.AdamW(timed.parameters(), lr=1e-3))

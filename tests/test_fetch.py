@@ -35,6 +35,7 @@ import torch
 import yaml
 from PIL import Image, ImageFile, PngImagePlugin
 
+from mcf.data import fetch_bench
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
 from mcf.data.sources import laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
@@ -2133,9 +2134,8 @@ def test_a_refresh_interval_tqdm_cannot_read_is_one_line_naming_it(tmp_path: Pat
 
 def test_the_fetch_bench_downloads_every_row_over_http(capsys: pytest.CaptureFixture[str]) -> None:
     """`mcf bench fetch` runs the stage's laion-face path against its own server on 127.0.0.1."""
-    from mcf.data.fetch_bench import bench_fetch
-
-    assert bench_fetch(["--images", "24", "--threads", "4", "--latency", "0", "--image-size", "64"]) == 0
+    argv = ["--images", "24", "--threads", "4", "--latency", "0", "--image-size", "64"]
+    assert fetch_bench.bench_fetch(argv) == 0
     out = capsys.readouterr().out
     assert "24 of 24 images fetched" in out and "threads=4" in out and "0 s latency" in out
     assert "wait out the latency" not in out  # no bound on what threads hide at no latency (nor a / 0)
@@ -2149,8 +2149,6 @@ def test_the_fetch_bench_counts_only_the_rows_it_fetched(
     must count the fetched rows alone (row i was served payload i % 8), the 20M-image hours follow that
     rate, the server must wait out its latency on every request, and the failures make the bench exit 1.
     Rates over every row read twice what the stage fetched, and failed rows passed as a clean run."""
-    from mcf.data import fetch_bench
-
     good = fetch_bench.payloads(512)
     served = [body if i % 2 == 0 else b"not a jpeg" for i, body in enumerate(good)]
     monkeypatch.setattr(fetch_bench, "payloads", lambda size: served)
@@ -2169,8 +2167,6 @@ def test_the_fetch_bench_counts_only_the_rows_it_fetched(
 
 @pytest.mark.parametrize("flag", ["--images", "--threads", "--image-size", "--latency"])
 def test_the_fetch_bench_refuses_a_bad_setting_before_starting_its_server(flag: str) -> None:
-    from mcf.data.fetch_bench import bench_fetch
-
     with pytest.raises(SystemExit) as exit_:
-        bench_fetch([flag, "-1"])
+        fetch_bench.bench_fetch([flag, "-1"])
     assert exit_.value.code == 2
