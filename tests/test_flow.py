@@ -799,6 +799,45 @@ def test_a_dask_address_a_scheduler_answers_at_runs_the_tasks(prefect_api: None)
         assert fan.with_options(task_runner=runner)() == [1, 2, 3]
 
 
+def test_a_dask_address_over_tls_is_checked_and_one_dask_reaches_otherwise_is_left_to_it() -> None:
+    """tls:// is TCP too: a wrong one failed after Dask's 30 s connect timeout and the flow's retries, as
+    tcp:// did. An address not over TCP (ucx://, inproc://) or without a port is Dask's to reach: a plain
+    connect to it would refuse a scheduler that answers there."""
+    from flows.dask_runner import SchedulerUnreachable, probe
+
+    port = _closed_port()
+    with pytest.raises(SchedulerUnreachable, match=f"no Dask scheduler answers at tls://127.0.0.1:{port}: "):
+        probe(f"tls://127.0.0.1:{port}")
+    for address in (f"ucx://127.0.0.1:{port}", "inproc://127.0.0.1/1/1", "tcp://127.0.0.1"):
+        probe(address)  # no connect: refused as the port is, each would raise
+
+
+def test_a_dask_address_that_does_not_answer_fails_after_the_probes_timeout() -> None:
+    """A host that drops the connect (a firewall, a full listen queue) held the probe for the kernel's
+    SYN retries, about two minutes, not the timeout given. A listener whose queue a first connect fills
+    drops the next one, as such a host does."""
+    from flows.dask_runner import SchedulerUnreachable, probe
+
+    raised: list[BaseException] = []
+
+    def probed(address: str) -> None:
+        try:
+            probe(address, timeout=0.2)
+        except SchedulerUnreachable as err:
+            raised.append(err)
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+        with socket.create_connection(listener.getsockname(), timeout=5):  # fills the queue: never accepted
+            prober = threading.Thread(target=probed, args=(address,), daemon=True)
+            prober.start()
+            prober.join(10)
+    assert not prober.is_alive() and len(raised) == 1
+    assert "a TCP connect (0.2 s timeout) got timed out" in str(raised[0]), raised
+
+
 def test_a_second_flow_run_in_the_same_checkout_is_refused(tmp_path: Path) -> None:
     """Two runs in one checkout would swap params.yaml under each other: the second is refused at once."""
     from flows.pipeline import workspace_lock
@@ -1204,6 +1243,77 @@ def test_a_ctrl_c_during_a_submit_stops_the_fan_out_at_once(ctrl_c: None) -> Non
     with pytest.raises(KeyboardInterrupt):
         submit_in_order(task, [(i,) for i in range(6)], window=5)  # type: ignore[arg-type]
     assert task.waited == []
+
+
+class _Done:
+    """A future whose task has finished."""
+
+    def __init__(self, result: int) -> None:
+        self.value = result
+
+    def result(self) -> int:
+        return self.value
+
+
+class _AtOnce:
+    """A task whose futures are done as it is submitted."""
+
+    def submit(self, i: int) -> _Done:
+        return _Done(i)
+
+
+def test_a_stop_reaches_the_fan_outs_of_its_own_body_only() -> None:
+    """A nested ``stop_on`` that put back no stop on leaving let the outer run, stopped, go on submitting;
+    one left in place on leaving refused every later fan-out of the process, its run long over."""
+    from flows.dask_runner import Stopped, stop_on, submit_in_order
+
+    outer, inner = threading.Event(), threading.Event()
+    calls = [(i,) for i in range(3)]
+    with stop_on(outer):
+        with stop_on(inner):
+            inner.set()
+            with pytest.raises(Stopped, match="the flow run was stopped: no more tasks submitted"):
+                submit_in_order(_AtOnce(), calls)  # type: ignore[arg-type]
+        assert submit_in_order(_AtOnce(), calls) == [0, 1, 2]  # type: ignore[arg-type]
+        outer.set()
+        with pytest.raises(Stopped):
+            submit_in_order(_AtOnce(), calls)  # type: ignore[arg-type]
+    assert submit_in_order(_AtOnce(), calls) == [0, 1, 2]  # type: ignore[arg-type]
+
+
+class _Terminated(Exception):
+    """What this test's SIGTERM handler raises, as Prefect's raises its TerminationSignal."""
+
+
+def _terminate(_sig: int, _frame: Any) -> None:
+    raise _Terminated
+
+
+@pytest.mark.parametrize(("sig", "raised"),
+                         [(signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, _Terminated)])
+def test_a_stop_signal_is_held_through_a_submit_and_a_second_one_is_not(
+    sig: int, raised: type[BaseException], ctrl_c: None
+) -> None:
+    """A cancel's SIGTERM, as a Ctrl-C, must wait for the submit it lands in (pydantic turns it into an
+    ordinary error there); a second one must not wait: the first submit starts the cluster, which may
+    hang."""
+    from flows.dask_runner import stops_held
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    reached = []
+    try:
+        with pytest.raises(raised):
+            with stops_held():
+                os.kill(os.getpid(), sig)
+                reached.append("held")
+        with pytest.raises(raised):
+            with stops_held():
+                os.kill(os.getpid(), sig)
+                os.kill(os.getpid(), sig)  # raised here
+                reached.append("held twice")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reached == ["held"]
 
 
 def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
