@@ -1334,6 +1334,28 @@ def test_crop_on_dask_is_refused_while_mcf_crop_runs(tmp_path: Path, monkeypatch
     assert not list(tmp_path.glob("*crop*"))
 
 
+def test_fetch_on_dask_is_refused_while_mcf_fetch_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flow and `mcf fetch` write the same output and journal folder: with another stage's lock both
+    ran, each resuming from the other's journal files as they were written, the first done deleting them."""
+    import flows.fetch_dask
+    from mcf.errors import StageError
+    from mcf.io import stage_lock
+
+    def fan_out(**_: Any) -> None:
+        raise AssertionError("fanned out while `mcf fetch` runs")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    section = {"source": "local", "data": "images", "out": "out", "local": {"root": "images"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": section}))
+    monkeypatch.setattr(flows.fetch_dask.fan_out, "with_options", fan_out)
+    with stage_lock("fetch"), pytest.raises(StageError, match="stage fetch is already running"):
+        flows.fetch_dask.fetch_dask.fn(params_file="params.yaml", processes=False)
+    assert not list(tmp_path.glob("*out*"))
+
+
 def _handed_to_the_fan_out(module: Any, fan_out_flow: Any, monkeypatch: pytest.MonkeyPatch) -> tuple:
     """What ``fan_out_flow`` hands its first fan-out task, which stops it there (no Prefect server)."""
     seen = []
@@ -1400,6 +1422,90 @@ def test_fetch_on_dask_hands_its_workers_absolute_paths(
     cfg, staging, _ = _handed_to_the_fan_out(flows.fetch_dask, flows.fetch_dask.fetch_dask, monkeypatch)
     assert [cfg.out, cfg.local.root] == [str(tmp_path / "out"), str(tmp_path / "images")]
     assert Path(staging).is_absolute()
+
+
+def _runner_handed_to_the_fan_out(module: Any, fan_out_flow: Any, monkeypatch: pytest.MonkeyPatch,
+                                  **params: Any) -> Any:
+    """The task runner ``fan_out_flow`` (its body, given ``params``) runs its fan-out on; it stops there."""
+    runners = []
+
+    def with_options(task_runner: Any) -> None:
+        runners.append(task_runner)
+        raise RuntimeError("stop before the fan-out")
+
+    monkeypatch.setattr(module.fan_out, "with_options", with_options)
+    with pytest.raises(RuntimeError, match="stop before the fan-out"):
+        fan_out_flow.fn(params_file="params.yaml", **params)
+    return runners[0]
+
+
+@pytest.mark.parametrize("stage", ["fetch", "crop"])
+def test_a_stage_on_dask_starts_the_local_cluster_it_is_given(
+    stage: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``n_workers`` and ``processes`` size the local cluster; left out, fetch has a worker per CPU and
+    crop ``crop.workers``. Ignored, a flow sized for a shared host took every core of it."""
+    import flows.crop_dask
+    import flows.fetch_dask
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    sections = {"fetch": {"source": "local", "data": "images", "out": "out", "local": {"root": "images"}},
+                "crop": {"input": "fetch", "out": "crop", "workers": 3}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(sections))
+    module = flows.fetch_dask if stage == "fetch" else flows.crop_dask
+    fan_out_flow = module.fetch_dask if stage == "fetch" else module.crop_dask
+    for n_workers, processes in ((5, False), (1, True)):
+        cluster = _runner_handed_to_the_fan_out(module, fan_out_flow, monkeypatch, n_workers=n_workers,
+                                                processes=processes).cluster_kwargs
+        assert (cluster["n_workers"], cluster["processes"]) == (n_workers, processes)
+    cluster = _runner_handed_to_the_fan_out(module, fan_out_flow, monkeypatch).cluster_kwargs
+    assert cluster["n_workers"] == (os.cpu_count() if stage == "fetch" else 3)
+
+
+def test_a_crop_chunk_on_a_dask_worker_runs_opencv_on_one_thread(tmp_path: Path) -> None:
+    """The cluster's workers are the parallelism: OpenCV's own thread pool in each of them oversubscribed
+    the host's cores (a worker per core, each with a pool as large)."""
+    import cv2
+
+    from flows.crop_dask import crop_part
+    from mcf.data.crop import CropConfig
+
+    threads = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(4)
+        assert crop_part.fn([], CropConfig(), str(tmp_path / "part-000000")).rows.empty
+        assert cv2.getNumThreads() == 1
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def test_fetch_on_dask_refuses_slices_of_no_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rows_per_task=0`` is refused by name before the params are read (here there are none), not by
+    the slicing's ``range() arg 3 must not be zero`` after the listing."""
+    from flows.fetch_dask import fetch_dask
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="rows_per_task must be at least 1, not 0"):
+        fetch_dask.fn(rows_per_task=0)
+
+
+def test_fetch_on_dask_with_nothing_to_fetch_fails_naming_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `mcf fetch`: an empty listing is a stage error naming the folder, before any slice; without the
+    check the fan-out returned an empty manifest for the gate to refuse without saying why."""
+    import flows.fetch_dask
+    from mcf.errors import StageError
+    from mcf.params import load
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "images").mkdir()
+    section = {"source": "local", "data": "images", "out": "out", "local": {"root": "images"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": section}))
+    _, cfg = load("fetch", "params.yaml")
+    with pytest.raises(StageError, match="the local source lists no rows: nothing in images"):
+        flows.fetch_dask.fan_out.fn(cfg, str(tmp_path / "staging"), 1)
 
 
 @pytest.mark.parametrize("stage", ["fetch", "crop"])
