@@ -1149,6 +1149,29 @@ def test_fan_out_keeps_a_bounded_window_of_tasks_in_flight(prefect_api: None) ->
         assert (_GATE.most_in_flight, _GATE.most_running) == (window, running), window
 
 
+def _cluster_shape() -> tuple[int, int]:
+    """The threads of the Dask worker this runs on, and the count of its cluster's workers."""
+    from distributed import get_client, get_worker
+
+    return get_worker().state.nthreads, len(get_client().scheduler_info()["workers"])
+
+
+def test_a_local_cluster_has_the_workers_asked_for_of_one_thread_each(prefect_api: None) -> None:
+    """A worker of several threads, or one worker too many, runs more slices at once than the host was
+    sized for (each slice downloads on ``fetch.threads`` threads); the window test above cannot see that:
+    its gate releases a task as soon as ``workers`` of them run."""
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    from flows.dask_runner import task_runner
+
+    @flow
+    def shape() -> tuple[int, int]:
+        return task(_cluster_shape, cache_policy=NO_CACHE).submit().result()
+
+    assert shape.with_options(task_runner=task_runner(None, n_workers=2, processes=False))() == (1, 2)
+
+
 _LATE_DONE: queue.Queue[int] = queue.Queue()  # module state, by name, as _GATE: each late slice once done
 
 
