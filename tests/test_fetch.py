@@ -2091,6 +2091,7 @@ class Recorded(download.tqdm):
         print("mininterval", self.mininterval)
         super().close()
 
+
 def fetch(row):
     raise FetchFailure("failed_to_download", "404")
 

@@ -151,6 +151,7 @@ def test_plan_follows_the_dag_and_pulls_in_upstream(project: Path) -> None:
     with pytest.raises(ValueError, match=r"no stage given \(an empty list\)"):
         plan(project, [])
 
+
 def test_plan_of_a_checkout_without_stages_is_refused(tmp_path: Path) -> None:
     """A checkout whose dvc.yaml has no stages (or is missing) planned nothing: the flow run then
     succeeded having run nothing, instead of saying the checkout holds no pipeline."""
@@ -222,6 +223,7 @@ def test_a_cancelled_stage_hears_sigterm_at_once() -> None:
     began = time.monotonic()
     stop_group(proc, grace=30.0)
     assert proc.returncode == -signal.SIGTERM and time.monotonic() - began < 10
+
 
 def test_a_stopped_run_starts_no_stage_command() -> None:
     """A stage whose upstream finished as the run was being stopped started its command after
@@ -402,6 +404,7 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     assert "| `train@a` | **failed** |" in table and "| `train@b` | ran |" in table
     assert "| `evaluate` | not run (upstream failed) |" in table
 
+
 def test_several_failed_stages_are_each_named_in_the_run_failure() -> None:
     """Independent stages that fail in one run (train@a and train@b) each say why, with the profile
     that stood in for params.yaml: reporting only the first would hide the second until a rerun."""
@@ -428,6 +431,7 @@ def test_a_stage_printing_bytes_that_are_not_utf8_runs_to_its_end(prefect_api: N
     runs = mcf(params_file="params.latin1.yaml", stages=["train@a"])
     assert _outcomes(runs) == {"fetch": "ran", "train@a": "ran"}
     assert (project / "out/train_a.txt").exists()
+
 
 def test_a_stage_whose_output_the_task_fails_to_read_is_stopped(
     project: Path, monkeypatch: pytest.MonkeyPatch
@@ -619,6 +623,7 @@ def test_a_stage_on_dask_whose_flow_run_was_stopped_meanwhile_is_not_recorded(
     finally:
         RUNNING.reset()
     assert not (project / "dvc.lock").exists()
+
 
 def test_a_stage_on_dask_whose_dvc_status_fails_fails_naming_it(
     project: Path, monkeypatch: pytest.MonkeyPatch

@@ -147,7 +147,7 @@ def test_joining_twice_is_one_group_and_cleanup_leaves_it(tmp_path: Path) -> Non
     failing to initialise it twice; an environment without LOCAL_RANK (torchrun's alone sets it) is local
     rank 0; cleanup leaves the group, which a stage ending in the process must not keep."""
     mp.start_processes(_lone_rank, args=(free_port(), str(tmp_path)), nprocs=1, start_method="fork")
-    got = torch.load(tmp_path / "lone.pt", weights_only=False)
+    got = torch.load(tmp_path / "lone.pt", weights_only=True)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     assert got["first"] == got["again"] == (0, 1, 0, device)
     assert got["joined"] and got["left"]
