@@ -405,6 +405,16 @@ def test_counts_below_their_least_are_usage_errors(
     assert f"{flag} must be at least {least}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("rtol", ["0", "-1e-4", "nan"])
+def test_a_tolerance_not_above_zero_is_a_usage_error(rtol: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The equivalence check passes within ``rtol``: at 0 or below (or NaN) it failed every run, after
+    minutes of device time under --compile, as if the fast path computed something else."""
+    with pytest.raises(SystemExit):
+        parse([f"--rtol={rtol}"])
+    assert "--rtol must be above 0" in capsys.readouterr().err
+    assert parse(["--rtol", "1e-9"]).rtol == 1e-9
+
+
 def test_shards_too_few_for_a_batch_are_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

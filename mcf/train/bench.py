@@ -101,6 +101,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         ("profile", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}")
+    if args.rtol is not None and not args.rtol > 0:  # 0 or less failed every check, timings and all
+        p.error(f"--rtol must be above 0, got {args.rtol}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
