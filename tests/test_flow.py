@@ -1384,17 +1384,22 @@ def test_fetch_on_dask_is_refused_while_mcf_fetch_runs(
     assert not list(tmp_path.glob("*out*"))
 
 
-def _handed_to_the_fan_out(module: Any, fan_out_flow: Any, monkeypatch: pytest.MonkeyPatch) -> tuple:
-    """What ``fan_out_flow`` hands its first fan-out task, which stops it there (no Prefect server)."""
+def _handed_to_the_fan_out(module: Any, fan_out_flow: Any, monkeypatch: pytest.MonkeyPatch,
+                           **params: Any) -> tuple[Any, tuple]:
+    """The task runner ``fan_out_flow`` (its body, given ``params``) runs its fan-out on, and what it hands
+    the first fan-out task, which stops it there (no Prefect server)."""
     seen = []
 
-    def fan_out(*args: Any) -> None:
-        seen.append(args)
-        raise RuntimeError("stop before the fan-out")
+    def with_options(task_runner: Any) -> Any:
+        def fan_out(*args: Any) -> None:
+            seen.append((task_runner, args))
+            raise RuntimeError("stop before the fan-out")
 
-    monkeypatch.setattr(module.fan_out, "with_options", lambda **_: fan_out)
+        return fan_out
+
+    monkeypatch.setattr(module.fan_out, "with_options", with_options)
     with pytest.raises(RuntimeError, match="stop before the fan-out"):
-        fan_out_flow.fn(params_file="params.yaml", processes=False)
+        fan_out_flow.fn(params_file="params.yaml", **params)
     return seen[0]
 
 
@@ -1409,7 +1414,8 @@ def test_crop_on_dask_hands_its_workers_absolute_paths(
     (tmp_path / "yunet.onnx").touch()
     section = {"input": "fetch", "out": "crop", "detector": {"yunet_model": "yunet.onnx"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"crop": section}))
-    cfg, parts_dir = _handed_to_the_fan_out(flows.crop_dask, flows.crop_dask.crop_dask, monkeypatch)
+    cfg, parts_dir = _handed_to_the_fan_out(flows.crop_dask, flows.crop_dask.crop_dask, monkeypatch,
+                                            processes=False)[1]
     assert [cfg.input, cfg.out, cfg.detector.yunet_model] == [
         str(tmp_path / "fetch"), str(tmp_path / "crop"), str(tmp_path / "yunet.onnx")]
     assert Path(parts_dir).is_absolute()
@@ -1447,24 +1453,10 @@ def test_fetch_on_dask_hands_its_workers_absolute_paths(
     (tmp_path / "images").mkdir()
     section = {"source": "local", "data": "images", "out": "out", "local": {"root": "images"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": section}))
-    cfg, staging, _ = _handed_to_the_fan_out(flows.fetch_dask, flows.fetch_dask.fetch_dask, monkeypatch)
+    cfg, staging, _ = _handed_to_the_fan_out(flows.fetch_dask, flows.fetch_dask.fetch_dask, monkeypatch,
+                                             processes=False)[1]
     assert [cfg.out, cfg.local.root] == [str(tmp_path / "out"), str(tmp_path / "images")]
     assert Path(staging).is_absolute()
-
-
-def _runner_handed_to_the_fan_out(module: Any, fan_out_flow: Any, monkeypatch: pytest.MonkeyPatch,
-                                  **params: Any) -> Any:
-    """The task runner ``fan_out_flow`` (its body, given ``params``) runs its fan-out on; it stops there."""
-    runners = []
-
-    def with_options(task_runner: Any) -> None:
-        runners.append(task_runner)
-        raise RuntimeError("stop before the fan-out")
-
-    monkeypatch.setattr(module.fan_out, "with_options", with_options)
-    with pytest.raises(RuntimeError, match="stop before the fan-out"):
-        fan_out_flow.fn(params_file="params.yaml", **params)
-    return runners[0]
 
 
 @pytest.mark.parametrize("stage", ["fetch", "crop"])
@@ -1484,10 +1476,10 @@ def test_a_stage_on_dask_starts_the_local_cluster_it_is_given(
     module = flows.fetch_dask if stage == "fetch" else flows.crop_dask
     fan_out_flow = module.fetch_dask if stage == "fetch" else module.crop_dask
     for n_workers, processes in ((5, False), (1, True)):
-        cluster = _runner_handed_to_the_fan_out(module, fan_out_flow, monkeypatch, n_workers=n_workers,
-                                                processes=processes).cluster_kwargs
+        cluster = _handed_to_the_fan_out(module, fan_out_flow, monkeypatch, n_workers=n_workers,
+                                         processes=processes)[0].cluster_kwargs
         assert (cluster["n_workers"], cluster["processes"]) == (n_workers, processes)
-    cluster = _runner_handed_to_the_fan_out(module, fan_out_flow, monkeypatch).cluster_kwargs
+    cluster = _handed_to_the_fan_out(module, fan_out_flow, monkeypatch)[0].cluster_kwargs
     assert cluster["n_workers"] == (os.cpu_count() if stage == "fetch" else 3)
 
 
@@ -1555,7 +1547,7 @@ def test_a_stage_on_dask_checks_every_section_before_any_work(
     module = flows.fetch_dask if stage == "fetch" else flows.crop_dask
     fan_out_flow = module.fetch_dask if stage == "fetch" else module.crop_dask
     with pytest.raises(ParamsError, match="evaluate.batchsize: unknown key"):
-        _handed_to_the_fan_out(module, fan_out_flow, monkeypatch)
+        _handed_to_the_fan_out(module, fan_out_flow, monkeypatch, processes=False)
 
 
 def _six_local_photos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Any]:
