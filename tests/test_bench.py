@@ -25,6 +25,8 @@ from mcf.train import bench
 from mcf.train.bench import bench_pretrain, equivalence, loader_rate, make_step, parse, step_flops
 from mcf.train.loop import accumulate
 
+PARAMS = Path(__file__).parents[1] / "params.yaml"  # the tiny model of the CPU default
+
 
 def _model() -> MCF:
     torch.manual_seed(0)
@@ -89,8 +91,7 @@ def test_the_eager_reference_keeps_no_activations_and_the_flops_take_a_slice(
             assert bench_pretrain(argv) == 0
         return float(caplog.text.split("step FLOPs: ")[1].split(" GFLOP")[0])
 
-    params = Path(__file__).parents[1] / "params.yaml"  # the tiny model of the CPU default
-    argv = ["--params", str(params), "--batch", "8", "--steps", "1", "--warmup", "0", "--baseline", "none"]
+    argv = ["--params", str(PARAMS), "--batch", "8", "--steps", "1", "--warmup", "0", "--baseline", "none"]
     whole = per_image(argv)
     monkeypatch.setattr(bench, "FLOP_BATCH", 2)
     assert per_image(argv) == pytest.approx(whole, rel=1e-3) and "(counted on 2 images)" in caplog.text
@@ -156,9 +157,8 @@ def test_the_printed_rates_are_the_timed_seconds_arithmetic(
     monkeypatch.setattr(bench, "time_steps", lambda *a: seconds.append(timed(*a)[0]) or (seconds[-1], 0.0))
     monkeypatch.setattr(bench, "step_flops", lambda *a: counted.append(count(*a)) or counted[-1])
     monkeypatch.setattr(bench, "FLOP_BATCH", 4)
-    params = Path(__file__).parents[1] / "params.yaml"
     with caplog.at_level(logging.INFO, logger="mcf.train.bench"):
-        assert bench_pretrain(["--params", str(params), "--batch", "8", "--steps", "2", "--warmup", "0"]) == 0
+        assert bench_pretrain(["--params", str(PARAMS), "--batch", "8", "--steps", "2", "--warmup", "0"]) == 0
     flops = counted[0] / 4 * 8
     for name, s in zip(("fast", "baseline"), seconds, strict=True):
         line = f"{8 * 2 / s:.1f} images/s, {1000 * s / 2:.1f} ms/step, {flops * 2 / s / 1e12:.3g} TFLOP/s"
@@ -205,8 +205,7 @@ def test_only_the_fast_path_runs_compiled_pinned_and_with_its_teacher_residual(
     monkeypatch.setattr(bench, "equivalence", checked)
     monkeypatch.setattr(bench, "make_step", stepped)
     monkeypatch.setattr(bench, "time_steps", clocked)
-    params = Path(__file__).parents[1] / "params.yaml"
-    argv = ["--params", str(params), "--batch", "8", "--steps", "1", "--warmup", "0", "--compile",
+    argv = ["--params", str(PARAMS), "--batch", "8", "--steps", "1", "--warmup", "0", "--compile",
             "--attention", "efficient", "--teacher-residual", "fp32"]
     with caplog.at_level(logging.INFO, logger="mcf.train.bench"):
         assert bench_pretrain(argv) == 0
