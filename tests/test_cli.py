@@ -18,6 +18,8 @@ from mcf.io import atomic_file, stage_lock
 from mcf.params import SECTIONS, ParamsError
 from mcf.train.distributed import LAUNCHER_ENV
 
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"  # the default, CPU params
+
 
 def test_every_params_section_is_a_stage_command() -> None:
     assert set(cli.STAGES) == set(SECTIONS) == set(cli.TOP_LEVEL)
@@ -119,7 +121,7 @@ def test_describe_drops_roles_and_backquotes() -> None:
 def test_a_full_disk_is_one_line_and_leaves_nothing(
     tmp_path: Path, full_disk: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params["fetch"]["out"] = str(full_disk / "fetch")
     params["fetch"]["synthetic"].update(n_scenes=200, workers=1)  # ~500 KiB of JPEGs
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -134,7 +136,7 @@ def test_a_second_run_of_a_stage_is_refused_while_one_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """It would resume from the first's live checkpoint and delete its resume folder when done."""
-    params = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = str(PARAMS)
     monkeypatch.chdir(tmp_path)
     scratch = ["finetune_parsing", "--variant", "scratch", "--params", params]
     with stage_lock("finetune_parsing@scratch"):
@@ -152,7 +154,7 @@ def test_a_torchrun_started_by_hand_holds_the_lock_in_its_rank_0(
     """README's several-node run is ``torchrun ... -m mcf.cli pretrain`` by hand: no mcf launcher holds
     the lock for its workers, so rank 0 takes it, and a second run is refused rather than resuming from
     its live checkpoint. The workers of mcf's own torchrun (train.processes) leave it to their launcher."""
-    params = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = str(PARAMS)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
@@ -179,7 +181,7 @@ def test_a_missing_teacher_checkpoint_is_an_input_missing_whatever_the_spec(
 ) -> None:
     """Every spec that names a weights file you supply (teacher.data) refuses a missing one as the help
     says, exit 2 naming the key, before any import: not a stage failure (exit 1)."""
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params["teacher"] |= {"source": spec.format("data/w.pth"), "data": "data/w.pth"}
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
@@ -239,7 +241,7 @@ def test_a_stage_stopped_by_its_disk_ctrl_c_or_a_gate_is_one_line(
         raise raised
 
     monkeypatch.setattr(cli, "_resolve", lambda target: stage)
-    params = str(Path(__file__).resolve().parents[1] / "params.yaml")
+    params = str(PARAMS)
     assert cli.main(["fetch", "--params", params]) == code
     assert capsys.readouterr().err == line
 
@@ -250,7 +252,7 @@ def test_another_os_error_is_not_taken_for_a_full_disk(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(cli, "_resolve", lambda target: stage)
     with pytest.raises(OSError, match="Input/output error"):
-        cli.main(["fetch", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")])
+        cli.main(["fetch", "--params", str(PARAMS)])
 
 
 @pytest.mark.parametrize("error", [
@@ -266,7 +268,7 @@ def test_an_input_it_may_not_read_or_a_file_it_may_not_write_is_one_line(
         raise error
 
     monkeypatch.setattr(cli, "_resolve", lambda target: stage)
-    assert cli.main(["subset", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]) == 1
+    assert cli.main(["subset", "--params", str(PARAMS)]) == 1
     assert capsys.readouterr().err == f"mcf subset: {error.strerror}: outputs/crop/manifest.parquet\n"
 
 
@@ -302,7 +304,7 @@ def test_an_output_path_through_a_file_or_onto_a_folder_is_one_line(
     monkeypatch.chdir(tmp_path)
     Path("ff").write_text("a file where a folder belongs")
     monkeypatch.setattr(cli, "_resolve", lambda target: lambda *_, **__: write(Path("ff")))
-    assert cli.main(["evaluate", "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")]) == 1
+    assert cli.main(["evaluate", "--params", str(PARAMS)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("mcf evaluate: ") and err.endswith(f": {named}\n") and err.count("\n") == 1, err
 
@@ -312,7 +314,7 @@ def test_a_worker_of_mcfs_own_torchrun_trains_instead_of_starting_another(
 ) -> None:
     """train.processes: 2 starts torchrun once; each worker it starts reads the same params and must run
     the stage, not launch a torchrun of its own."""
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params["pretrain"]["train"]["processes"] = 2
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
@@ -335,7 +337,7 @@ def test_one_process_trains_here_and_two_start_torchrun_checked_at_their_batch(
     """train.processes: 1 trains in this process, not under a torchrun of one. 2 start torchrun once
     min_lr is checked against the peak lr of their effective batch, twice one process's: a min_lr
     between the two peaks is a valid run of 2, not refused."""
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     train = params["pretrain"]["train"]
     monkeypatch.chdir(tmp_path)
     for key in ("WORLD_SIZE", "RANK"):
@@ -367,7 +369,7 @@ def test_a_params_error_raised_as_a_command_runs_names_its_key_as_the_file_does(
 ) -> None:
     """A stage's own check names its key under the stage's section, a top-level key (seed, mask_ratio) as
     the file has it; a tool's has no params file of mcf's to name, and is exit 2 on one line all the same."""
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     monkeypatch.chdir(tmp_path)
     Path("p.yaml").write_text(yaml.safe_dump(params))
 
@@ -384,7 +386,7 @@ def test_sync_bn_on_the_cpu_is_refused_once_before_torchrun(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each worker would refuse it, one message each amid torchrun's report: the launcher refuses it once."""
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params["pretrain"]["train"].update(processes=2, sync_bn=True)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
@@ -620,7 +622,7 @@ def test_a_resume_dir_holding_other_files_is_refused_before_it_is_deleted(
     """A finished run deletes its resume folder whole (a fine-tune's <resume_dir>/<variant>): `.` or ``''``
     deleted the working folder (params.yaml, the checkout), `outputs` every stage's output, and for a
     fine-tune `.` the `mcf/` folder beside it. Refused before any work, exit 2 naming the key."""
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load(PARAMS.read_text())
     params[stage]["resume_dir"] = resume_dir
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params))
