@@ -160,6 +160,14 @@ def check_replaceable(path: str | Path, sign: str) -> None:
         )
 
 
+def check_output(path: str | Path, sign: str) -> None:
+    """:func:`check_replaceable`, and the folder can be made: an output written after long work (a
+    training run) under a file or a read-only folder is refused before that work, not by its rename."""
+    check_replaceable(path, sign)
+    if (why := unwritable(output_target(path).parent)) is not None:
+        raise StageError(f"cannot write {path}: {why}")
+
+
 def unwritable(path: str | Path) -> str | None:
     """Why no folder can be made at ``path`` nor files written in it, else None: ``path`` or a folder above
     it is a file, or the nearest existing one is read-only. For outputs written at the end of long work,

@@ -511,6 +511,23 @@ def test_an_out_folder_of_other_files_is_refused_before_training(fixture_root: P
     assert (tmp_path / "out" / "mcf" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("under", ["out", "live"])
+def test_an_out_or_live_folder_under_a_file_is_refused_before_training(
+    fixture_root: Path, tmp_path: Path, under: str
+) -> None:
+    """``out: notes.txt`` puts ``<out>/<variant>`` under a file: the folder can never be made, but only
+    the rename after the whole fine-tune found it (`mcf finetune_alignment`: an hour of paper-scale
+    training, then "cannot write notes.txt/mcf: Not a directory"). Refused at once (no resume state)."""
+    align, _ = tiny_configs(fixture_root)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    paths = {"out": str(tmp_path / "out"), "live": str(tmp_path / "live"), under: str(mine)}
+    cfg = dataclasses.replace(align, **paths, resume_dir=str(tmp_path / "resume"))
+    with pytest.raises(StageError, match=f"cannot write {mine / 'mcf'}: {mine} is a file"):
+        main_alignment(Common(seed=0), cfg, "mcf")
+    assert not (tmp_path / "resume").exists() and mine.read_text() == "mine"
+
+
 def test_weights_that_diverge_under_a_finite_loss_are_not_published(
     fixture_root: Path, tmp_path: Path
 ) -> None:

@@ -1137,6 +1137,21 @@ def test_pretrain_refuses_an_out_folder_without_its_checkpoint_though_it_holds_a
     assert (tmp_path / "mine" / "notes.txt").is_file()
 
 
+@pytest.mark.parametrize("key", ["out", "live"])
+def test_pretrain_refuses_an_out_or_live_folder_under_a_file_before_training(
+    tmp_path: Path, key: str
+) -> None:
+    """``out: notes.txt/pretrain`` can never be made, but only the rename after the last step found it:
+    the whole pre-training ran first. Refused before any crop is read, naming the path and the file."""
+    common, cfg = inputs_in_place(tmp_path)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    bad = dataclasses.replace(cfg, **{key: str(mine / "pretrain")})
+    with pytest.raises(StageError, match=f"cannot write {mine / 'pretrain'}: {mine} is a file"):
+        pretrain.main(common, bad)
+    assert mine.read_text() == "mine"
+
+
 def test_the_default_paths_chain_the_stages_and_keep_resume_state_outside_their_outputs() -> None:
     """pretrain reads what subset and teacher write; DVC deletes a stage's outputs before it runs it, so
     a resume folder inside them would lose a killed run's checkpoint."""

@@ -41,7 +41,7 @@ from mcf.data.aflw19 import AFLW19, AFLW19Config
 from mcf.data.lapa import LaPa, LaPaConfig
 from mcf.errors import StageError
 from mcf.evaluate.scoring import alignment_scores, parsing_scores, predict_landmarks, predict_parsing
-from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_replaceable, file_sha256, save_tensors
+from mcf.io import LIVE_SIGN, atomic_dir, atomic_file, check_output, file_sha256, save_tensors
 from mcf.models.backbone import build_vit, load_backbone, read_spec, read_weights
 from mcf.models.heads import DenseFaceModel, HeadConfig, Variant, parsing_logits, soft_argmax
 from mcf.models.heads import gaussian_heatmaps as heatmap_targets
@@ -400,6 +400,8 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     check_resume_dir(Path(cfg.resume_dir) / variant, f"{stage}.resume_dir")
     require_path(export_dir(variant, cfg), f"{stage}.{key}", made_by="pretrain")
     require_path(cfg.data.root, f"{stage}.data.root")
+    check_output(Path(cfg.out) / variant, "model.pt")  # before training, not after it
+    check_output(Path(cfg.live) / variant, LIVE_SIGN)
     torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
     device = default_device()  # initialised on the CPU, then moved: the same start on any device
     model = build_model(task, variant, cfg).to(device)  # before the gate: a bad `blocks` fails at once
@@ -416,8 +418,6 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     log.info("%s/%s: %d training images, %d steps, on %s in %s", stage, variant, len(dataset),
              cfg.epochs * max(len(dataset) // cfg.batch_size, 1), device, str(dtype).removeprefix("torch."))
     start = time.perf_counter()
-    check_replaceable(Path(cfg.out) / variant, "model.pt")  # before training, not after it
-    check_replaceable(Path(cfg.live) / variant, LIVE_SIGN)
     resume_dir = Path(cfg.resume_dir) / variant
     # what defines the run: a checkpoint of another is refused, not resumed. num_workers belongs to it:
     # each worker draws the augmentation from a seed of its own, so the worker count changes the model

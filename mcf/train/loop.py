@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mcf.data.pretrain_data import CropDataset, EpochView, raised_as_in_workers, steps_per_epoch
 from mcf.errors import StageError
-from mcf.io import LIVE_SIGN, atomic_dir, check_replaceable, file_sha256
+from mcf.io import LIVE_SIGN, atomic_dir, check_output, file_sha256
 from mcf.params import ParamsError, param
 from mcf.train.checkpoint import (
     discard_resume,
@@ -418,9 +418,9 @@ def train_and_export(
     ``live_out`` (a committed metrics path) or, without one, joins the output as ``live/``. The
     resume folder is removed once both exist, so the next run starts afresh.
     """
-    check_replaceable(out, sign)
+    check_output(out, sign)
     if live_out is not None:
-        check_replaceable(live_out, LIVE_SIGN)
+        check_output(live_out, LIVE_SIGN)
     rank, world_size, _, device = init_distributed()
     try:
         cfg.check_processes(world_size)
