@@ -232,6 +232,14 @@ def test_bench_runs() -> None:
     assert bench_synth(["--n", "2", "--size", "64"]) == 0
 
 
+def test_bench_refuses_a_negative_seed_as_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--seed -1`` passed the checks and numpy's seed sequence raised a ValueError traceback (exit 1)
+    after the bench started; the params file refuses a negative seed the same way (exit 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_synth(["--n", "1", "--seed", "-1"])
+    assert exit_.value.code == 2 and "--seed >= 0" in capsys.readouterr().err
+
+
 def test_any_worker_count_writes_the_same_files(tmp_path: Path) -> None:
     outputs = []
     for workers in (1, 2):

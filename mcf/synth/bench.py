@@ -24,8 +24,9 @@ def bench_synth(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=160, help="image side in pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="SynthFace seed (default: %(default)s)")
     args = p.parse_args(argv)
-    if args.n < 1 or args.size < 32:
-        p.error(f"need --n >= 1 and --size >= 32, got --n {args.n} --size {args.size}")
+    if args.n < 1 or args.size < 32 or args.seed < 0:  # numpy's seed sequences take no negative seed
+        p.error(f"need --n >= 1, --size >= 32 and --seed >= 0, got --n {args.n} --size {args.size} "
+                f"--seed {args.seed}")
     cv2.setNumThreads(1)
     cfg = SynthConfig()
     wall, cpu = time.perf_counter(), time.process_time()
