@@ -2171,3 +2171,14 @@ def test_the_fetch_bench_refuses_a_bad_setting_before_starting_its_server(flag: 
     with pytest.raises(SystemExit) as exit_:
         fetch_bench.bench_fetch([flag, "-1"])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("latency", ["nan", "inf"])
+def test_the_fetch_bench_refuses_a_latency_that_is_not_a_finite_number(
+    latency: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--latency nan`` or ``inf`` passed ``< 0``: the server's sleep raised in every request thread, a
+    traceback per image (thousands), and the bench ended in exit 1. A usage error, before the server."""
+    with pytest.raises(SystemExit) as exit_:
+        fetch_bench.bench_fetch(["--latency", latency])
+    assert exit_.value.code == 2 and "--latency must be a finite number of seconds" in capsys.readouterr().err

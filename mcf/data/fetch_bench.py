@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import multiprocessing
 import tempfile
 import time
@@ -98,8 +99,8 @@ def bench_fetch(argv: list[str]) -> int:
     for name in ("images", "image_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.latency < 0:
-        p.error("--latency must be at least 0")
+    if not 0 <= args.latency < math.inf:  # nan or inf: the server's sleep raises in every request
+        p.error(f"--latency must be a finite number of seconds, at least 0, got {args.latency}")
 
     served = payloads(args.image_size)
     spawn = multiprocessing.get_context("spawn")  # no thread or lock of this process goes with it
