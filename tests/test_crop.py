@@ -1375,3 +1375,11 @@ def test_bench_input_without_a_manifest_is_a_usage_error(
         bench_crop(["--input", str(tmp_path / "nope")])
     err = " ".join(capsys.readouterr().err.split())
     assert exit_.value.code == 2 and f"--input {tmp_path / 'nope'}: no manifest.parquet there" in err
+
+
+def test_bench_refuses_generated_images_too_small_to_texture(capsys: pytest.CaptureFixture[str]) -> None:
+    """The generated images are an (image-size / 8)² noise upscaled: below 8 px that is empty, and
+    OpenCV's resize raised an assertion traceback (exit 1) once the bench ran. A usage error instead."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_crop(["--images", "1", "--image-size", "7"])
+    assert exit_.value.code == 2 and "--image-size must be at least 8" in capsys.readouterr().err

@@ -456,6 +456,8 @@ def bench_crop(argv: list[str]) -> None:
     for name in ("images", "image_size", "workers", "size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.image_size < 8:  # the texture is an (image-size / 8)² noise, upscaled
+        p.error(f"--image-size must be at least 8, got {args.image_size}")
     if args.input and not (Path(args.input) / "manifest.parquet").is_file():
         p.error(f"--input {args.input}: no manifest.parquet there; give a fetch output folder (mcf fetch)")
     with tempfile.TemporaryDirectory(prefix="mcf-bench-crop-") as tmp:
