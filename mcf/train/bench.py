@@ -59,7 +59,10 @@ ATTENTION = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTE
 
 
 def _ratio(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:  # else argparse names this function: "invalid _ratio value"
+        value = float("nan")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text}")
     return value
@@ -101,8 +104,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         ("profile", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be at least {least}")
-    if args.rtol is not None and not args.rtol > 0:  # 0 or less failed every check, timings and all
-        p.error(f"--rtol must be above 0, got {args.rtol}")
+    if args.rtol is not None and not 0 < args.rtol < float("inf"):  # 0 failed every check, inf passed any
+        p.error(f"--rtol must be a finite number above 0, got {args.rtol}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
