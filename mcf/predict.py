@@ -51,7 +51,7 @@ from mcf.data.shards import decode_jpeg
 from mcf.data.sources.image import TRANSPOSED
 from mcf.errors import StageError
 from mcf.evaluate import plots
-from mcf.io import atomic_dir, check_replaceable
+from mcf.io import atomic_dir, check_output
 from mcf.models.heads import DenseFaceModel, parsing_logits, soft_argmax
 from mcf.synth.geometry import FIVE_FROM_19
 from mcf.train.finetune import Task, load_finetuned
@@ -226,7 +226,7 @@ def predict(
     if not_utf8([out]):
         raise StageError(f"--out {not_utf8([out])[0]} is not UTF-8, which OpenCV cannot write under; name "
                          "another folder")
-    check_replaceable(out, "faces.csv")  # before any model is loaded
+    check_output(out, "faces.csv")  # before any model is loaded or image read
     if inside := under(images, out):
         raise StageError(f"{inside[0]} lies in --out {out}, which is replaced whole and would delete it "
                          f"({len(inside)} images in all); name another folder")

@@ -263,6 +263,20 @@ def test_cli_errors_leave_no_output(
     assert not (tmp_path / "out").exists() and sorted(image.parent.iterdir()) == before
 
 
+def test_an_out_under_a_file_is_refused_before_any_model_loads(
+    models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --out under a file was refused only by the final rename, after every image's prediction."""
+
+    def loaded(*args: object) -> None:
+        raise AssertionError("a model was loaded before --out was checked")
+
+    monkeypatch.setattr("mcf.predict.load_task", loaded)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(StageError, match="cannot write .*afile is a file"):
+        predict([tmp_path], tmp_path / "afile" / "out", alignment=models[1])
+
+
 @pytest.mark.parametrize("out", [".", ".."])
 def test_an_out_holding_the_working_folder_is_refused(
     models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str,
