@@ -270,6 +270,8 @@ ParamsLoader.add_implicit_resolver(
 
 def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read a params file, failing with one clear line when it is missing or not a mapping."""
+    if not str(path):  # Path("") is ".", which read as "is a folder"
+        raise ParamsError("", "an empty path (an unset variable?): give a params file (YAML)", '""')
     path = Path(path)
     try:  # Path.is_dir() raises on a name too long or a folder this user may not enter: one stat, all caught
         mode = path.stat().st_mode

@@ -561,6 +561,15 @@ def test_a_folder_given_as_params_is_one_clear_error(tmp_path: Path) -> None:
         read_yaml(tmp_path)
 
 
+def test_an_empty_params_path_is_named_as_empty(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--params "$PARAMS"`` with the variable unset read as the working folder: "is a folder"."""
+    from mcf import cli
+
+    assert cli.main(["fetch", "--params", ""]) == 2
+    assert capsys.readouterr().err == ('mcf: invalid params: "": an empty path (an unset variable?): give a '
+                                       "params file (YAML)\n")
+
+
 def test_a_params_path_that_cannot_be_looked_at_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -419,6 +419,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "<section id=\"paper\">" in (tmp_path / "r.html").read_text(encoding="utf-8")
     assert cli_main(["report", "--root", str(tmp_path), "--params", "missing.yaml"]) == 2
     assert "params file not found" in capsys.readouterr().err
+    assert cli_main(["report", "--root", str(tmp_path), "--params", ""]) == 2  # an unset variable
+    assert '"": an empty path' in capsys.readouterr().err  # not "is a folder", of --root
     with pytest.raises(SystemExit) as exit_:
         cli_main(["report", "--root", str(tmp_path), "--out", "."])
     assert exit_.value.code == 2 and "is a folder" in capsys.readouterr().err

@@ -96,7 +96,7 @@ class Run:
 def open_run(root: Path, params_file: str | Path = "params.yaml") -> Run:
     """Read the params file (relative to ``root``); a missing file is a :class:`ParamsError`."""
     path = root / params_file
-    return Run(root, path, read_yaml(path))
+    return Run(root, path, read_yaml(path if str(params_file) else ""))  # "" is empty, not root's folder
 
 
 def existing(path: Path, what: str) -> Path:
