@@ -88,6 +88,9 @@ def parse_face(model: DenseFaceModel, cfg: LaPaConfig, rgb: np.ndarray, points5:
 
 def load_task(path: str | Path, task: Task) -> tuple[DenseFaceModel, dict]:
     """A fine-tuned ``model.pt`` that must be of ``task`` (alignment or parsing)."""
+    if Path(path).is_dir():  # the fine-tune's output folder: "no such file" read as a wrong path
+        such = f": {Path(path) / 'model.pt'}" if (Path(path) / "model.pt").is_file() else ""
+        raise StageError(f"--{task} {path}: a folder, not a model: give the fine-tuned model.pt itself{such}")
     if not Path(path).is_file():
         raise StageError(f"--{task} {path}: no such file (a fine-tune writes <out>/<variant>/model.pt)")
     return load_finetuned(path, task)

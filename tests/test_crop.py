@@ -1260,6 +1260,9 @@ def test_duplicates_bench_on_a_damaged_manifest_is_one_line(
     with pytest.raises(SystemExit) as exit_:
         bench_duplicates(["--manifest", str(tmp_path / "nope.parquet")])
     assert exit_.value.code == 2 and "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # crop's output folder, not its manifest: not "no such file"
+        bench_duplicates(["--manifest", str(tmp_path)])
+    assert exit_.value.code == 2 and "a folder, not a parquet file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["--hashes", "0"], ["--spread", "-0.1"], ["--distance", "32"]])

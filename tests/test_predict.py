@@ -221,6 +221,8 @@ def test_an_image_past_pillows_size_limit_is_still_predicted(
         (["IMG", "--out", "OUT"], 1, "nothing to predict"),
         (["missing.jpg", "--alignment", "ALIGN", "--out", "OUT"], 1, "missing.jpg: no such image or folder"),
         (["IMG", "--alignment", "missing.pt", "--out", "OUT"], 1, "missing.pt: no such file"),
+        (["IMG", "--alignment", "ALIGN_DIR", "--out", "OUT"], 1,
+         "a folder, not a model: give the fine-tuned model.pt itself: "),  # was "no such file"
         (["IMG", "--alignment", "CUT", "--out", "OUT"], 1, "cut.pt: cannot be read as a PyTorch checkpoint"),
         (["IMG", "--alignment", "OTHER", "--out", "OUT"], 1, "other.pt: not a fine-tuned model.pt (KeyError"),
         (["IMG", "--alignment", "ALIGN", "--box", "5,5,1,9", "--out", "OUT"], 2, "need x2 > x1"),
@@ -243,7 +245,8 @@ def test_cli_errors_leave_no_output(
 ) -> None:
     root, align_pt, parse_pt = models
     image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
-    names = {"IMG": str(image), "ALIGN": str(align_pt), "PARSE": str(parse_pt), "OUT": str(tmp_path / "out"),
+    names = {"IMG": str(image), "ALIGN": str(align_pt), "ALIGN_DIR": str(align_pt.parent),
+             "PARSE": str(parse_pt), "OUT": str(tmp_path / "out"),
              "missing.jpg": str(tmp_path / "missing.jpg"), "missing.pt": str(tmp_path / "missing.pt"),
              "PHOTOS": str(image.parent), "CUT": str(tmp_path / "cut.pt"),
              "OTHER": str(tmp_path / "other.pt"), "UNDER_A_FILE": str(tmp_path / "cut.pt" / "out"),

@@ -111,7 +111,9 @@ def bench_duplicates(argv: list[str]) -> None:
     rng = np.random.default_rng(0)
     if args.manifest:
         if not Path(args.manifest).is_file():
-            p.error(f"--manifest {args.manifest}: no such file")
+            folder = Path(args.manifest).is_dir()
+            p.error(f"--manifest {args.manifest}: "
+                    + ("a folder, not a parquet file: give the file itself" if folder else "no such file"))
         parents = manifest_hashes(args.manifest)
     else:
         parents = rng.integers(0, 2**64, 2000, dtype=np.uint64)
