@@ -132,10 +132,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def resolved(path: str | Path) -> Path:
+    """``Path.resolve()``, but a symlink loop stays unresolved (as on Python 3.13) rather than raising 3.11's
+    RuntimeError, a traceback from a params check: the checks that follow find no such path, or
+    :func:`check_replaceable` refuses it as an output."""
+    return Path(os.path.realpath(path))
+
+
 def holds_working_folder(path: str | Path) -> bool:
     """``path`` is the working folder or one above it (``.``, ``''``, ``..``): deleting or replacing it
     takes the checkout, params.yaml with it."""
-    return Path(path).resolve() in (Path.cwd(), *Path.cwd().parents)
+    return resolved(path) in (Path.cwd(), *Path.cwd().parents)
 
 
 def check_replaceable(path: str | Path, sign: str) -> None:
@@ -146,6 +153,8 @@ def check_replaceable(path: str | Path, sign: str) -> None:
     the ``.gitignore`` it wrote there to name them (pretrain's outs).
     """
     path = Path(path)
+    if output_target(path).is_symlink():  # followed as far as it goes, still a link: no rename replaces it
+        raise StageError(f"{path} is a symbolic link that leads back to itself; name another folder")
     if holds_working_folder(path):  # `.` or `..`: replaced whole, from under us
         raise StageError(f"{path} holds the working folder, which replacing it would delete; name a folder "
                          "below it")

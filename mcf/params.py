@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
-from mcf.io import holds_working_folder
+from mcf.io import holds_working_folder, resolved
 
 T = TypeVar("T")
 DEFAULT_PARAMS = Path("params.yaml")
@@ -83,7 +83,7 @@ def require_path(path: str | Path, key: str, made_by: str | None = None) -> None
 def require_apart(out: str, given: str, key: str, made_by: str) -> None:
     """Refuse an ``out`` folder that is the stage's input ``given`` (params ``key``): the input's own
     manifest.parquet passes as the sign of an earlier output, and the stage would replace its input."""
-    if Path(out).resolve() == Path(given).resolve():
+    if resolved(out) == resolved(given):
         raise ParamsError("out", f"is {key}, the {made_by} stage's output ({given}), which this stage would "
                           "replace; name another folder")
 
@@ -325,11 +325,11 @@ def _check_outs_apart(outs: dict[str, str]) -> None:
     fine-tunes' model.pt, passes for its own). DVC refuses such outs in dvc.yaml; ``mcf <stage>`` must too."""
     for name, out in outs.items():  # before the pairs: it holds every other out, named as the culprit
         require_below_cwd(out, f"{name}.out", "the stage replaces it whole")
-    resolved = {name: Path(out).resolve() for name, out in outs.items()}
+    real = {name: resolved(out) for name, out in outs.items()}
     names = list(outs)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
-            a, b = resolved[first], resolved[second]
+            a, b = real[first], real[second]
             if a == b:
                 raise ParamsError(f"{second}.out", f"is {first}.out ({outs[first]}): each stage replaces its "
                                   "whole out folder, deleting the other's output; name another folder")

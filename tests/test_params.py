@@ -17,6 +17,8 @@ from typing import Literal
 import pytest
 import yaml
 
+from mcf.errors import StageError
+from mcf.io import check_output
 from mcf.params import SECTIONS, Common, ParamsError, build, load, param, read_yaml
 
 
@@ -157,6 +159,28 @@ def test_an_out_that_is_the_working_folder_is_named_as_such(
     path = _write(tmp_path, {"pretrain": {"out": out}})
     with pytest.raises(ParamsError, match=re.escape(f"pretrain.out: {out!r} holds the working folder")):
         load("fetch", path, every_section=True)
+
+
+def test_a_symlink_loop_in_a_path_is_a_params_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link to itself (``ln -s loop loop``) as fetch's root or data, or as any section's out, ended every
+    command in Python 3.11's ``RuntimeError: Symlink loop`` traceback from ``Path.resolve()``, exit 1."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop").symlink_to("loop")
+    local = _write(tmp_path, {"fetch": {"source": "local", "data": "loop", "local": {"root": "loop"}}})
+    with pytest.raises(ParamsError, match=re.escape("fetch.local.root: path does not exist: loop")):
+        load("fetch", local, every_section=True)
+    load("fetch", _write(tmp_path, {"pretrain": {"out": "loop"}}), every_section=True)  # refused as it writes
+
+
+def test_an_out_that_is_a_symlink_loop_is_refused_before_the_work(tmp_path: Path) -> None:
+    """A looped link stays a link however far it is followed: the final rename of the output onto it
+    failed (ENOTDIR) after all the work. Refused by the check made before it."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    with pytest.raises(StageError, match=f"{loop} is a symbolic link that leads back to itself"):
+        check_output(loop, "model.pt")
 
 
 def test_unknown_top_level_key_lists_every_valid_one(tmp_path: Path) -> None:

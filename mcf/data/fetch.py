@@ -33,7 +33,7 @@ from mcf.data.sources.image import PILLOW_MAX_PIXELS
 from mcf.data.sources.laion import LaionFaceConfig
 from mcf.data.sources.local import LocalConfig
 from mcf.data.sources.s3 import S3Config
-from mcf.io import atomic_dir, output_target
+from mcf.io import atomic_dir, output_target, resolved
 from mcf.params import Common, ParamsError, checking_paths, param
 from mcf.synth.config import SynthConfig
 from mcf.validate.gate import run_gate
@@ -69,20 +69,20 @@ class FetchConfig:
                 raise err.under(section) from None
         self._check_data()
         if self.source == "local" and checking_paths():
-            root, out = Path(self.local.root).resolve(), Path(self.out).resolve()
+            root, out = resolved(self.local.root), resolved(self.out)
             if root in out.parents:  # out == root is refused when writing: it holds no earlier manifest
                 raise ParamsError("out", f"{self.out} is inside local.root {self.local.root}: each run would "
                                   "list the previous output's images as new photos")
 
     def _check_data(self) -> None:
         """What the source reads lies in ``data``: else an edit to it would leave DVC's fetch up to date."""
-        data = Path(self.data).resolve()
-        if self.source == "local" and Path(self.local.root).resolve() != data:
+        data = resolved(self.data)
+        if self.source == "local" and resolved(self.local.root) != data:
             raise ParamsError("data", f"must be local.root {self.local.root!r} (not {self.data!r}): dvc.yaml "
                               "watches fetch.data, so new or changed photos rerun fetch")
         if self.source == "laion-face":
             files = [*self.laion_face.parquet, *self.laion_face.detections]
-            outside = [f for f in files if not Path(f).resolve().is_relative_to(data)]
+            outside = [f for f in files if not resolved(f).is_relative_to(data)]
             if outside:
                 raise ParamsError("data", f"must hold every laion_face.parquet and detections file, not "
                                   f"{outside[:3]}: dvc.yaml watches fetch.data, so a new part reruns fetch")

@@ -53,7 +53,7 @@ from mcf.evaluate.scoring import (
     predict_landmarks,
     predict_parsing,
 )
-from mcf.io import atomic_dir, atomic_file, unwritable
+from mcf.io import atomic_dir, atomic_file, resolved, unwritable
 from mcf.models.heads import DenseFaceModel
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.synth.writers import is_synthface, names_synthface
@@ -86,7 +86,7 @@ class EvaluateConfig:
         if bad or not self.variants or len(set(self.variants)) != len(self.variants):
             raise ParamsError("variants", f"expected distinct names of mcf, scratch; got {self.variants}")
         # checked before scoring: the JSON is written last, and replacing ``out`` deletes what is inside it
-        metrics, out = Path(self.metrics).resolve(), Path(self.out).resolve()
+        metrics, out = resolved(self.metrics), resolved(self.out)
         if Path(self.metrics).is_dir() or not Path(self.metrics).name:
             raise ParamsError("metrics", f"{self.metrics!r} is a folder: name the JSON file to write")
         if metrics == out or out in metrics.parents:
