@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.dask_runner import submit_in_order, task_runner
 from mcf.data.crop import ChunkResult, CropConfig, Source, crop_chunk, finish, load_sources, merge
-from mcf.io import atomic_dir, stage_lock
+from mcf.io import atomic_dir, resolved, stage_lock
 from mcf.params import load
 
 
@@ -56,8 +56,8 @@ def crop_dask(
     """
     _, cfg = load("crop", params_file, every_section=True)  # as `mcf crop`: any section, before work
     # absolute paths: a worker on another host resolves them the same way
-    yunet = cfg.detector.yunet_model and str(Path(cfg.detector.yunet_model).resolve())
-    cfg = dataclasses.replace(cfg, input=str(Path(cfg.input).resolve()), out=str(Path(cfg.out).resolve()),
+    yunet = cfg.detector.yunet_model and str(resolved(cfg.detector.yunet_model))
+    cfg = dataclasses.replace(cfg, input=str(resolved(cfg.input)), out=str(resolved(cfg.out)),
                               detector=dataclasses.replace(cfg.detector, yunet_model=yunet))
     runner = task_runner(address, n_workers or cfg.workers, processes)
     with stage_lock("crop"), atomic_dir(cfg.out, sign="manifest.parquet") as tmp:  # shared with `mcf crop`

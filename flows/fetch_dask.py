@@ -42,7 +42,7 @@ from mcf.data.sources.download import (
     require_rows,
     to_manifest,
 )
-from mcf.io import atomic_dir, stage_lock
+from mcf.io import atomic_dir, resolved, stage_lock
 from mcf.params import ParamsError, load
 
 
@@ -125,8 +125,8 @@ def fan_out(cfg: FetchConfig, staging: str, rows_per_task: int) -> tuple[pd.Data
 
 def absolute(cfg: FetchConfig) -> FetchConfig:
     """The paths a worker reads or writes, made absolute: a worker on another host resolves them alike."""
-    local = dataclasses.replace(cfg.local, root=str(Path(cfg.local.root).resolve()))
-    return dataclasses.replace(cfg, out=str(Path(cfg.out).resolve()), local=local)
+    local = dataclasses.replace(cfg.local, root=str(resolved(cfg.local.root)))
+    return dataclasses.replace(cfg, out=str(resolved(cfg.out)), local=local)
 
 
 @flow(name="fetch_dask")

@@ -41,7 +41,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.futures import PrefectFuture, wait
 
 from mcf.errors import EXIT_GATE, EXIT_PARAMS
-from mcf.io import atomic_file, file_sha256
+from mcf.io import atomic_file, file_sha256, resolved
 from mcf.params import ParamsError
 from mcf.report import markdown_summary
 
@@ -419,15 +419,15 @@ def applied_params(root: Path, params_file: str) -> Iterator[None]:
         get_run_logger().warning("%s was left swapped by a killed flow run: restoring it", target)
         os.replace(saved, target)
         placed.unlink(missing_ok=True)
-    source = (root / params_file).resolve()
-    if not source.is_relative_to(root.resolve()):  # links followed: a link leading out is out too
+    source = resolved(root / params_file)
+    if not source.is_relative_to(resolved(root)):  # links followed: a link leading out is out too
         raise ValueError(f"params_file {params_file!r} is outside the checkout {root}: the run's params "
                          "must be a file of the repository, versioned with the code it runs")
     if source.is_dir():
         raise ValueError(f"params_file {params_file!r} is a folder under {root}: give the YAML file in it")
     if not source.is_file():
         raise ValueError(f"params_file {params_file!r} not found under {root}")
-    if source == target.resolve():
+    if source == resolved(target):
         yield
         return
     _save(target, saved)
@@ -569,6 +569,6 @@ def mcf(
     evaluated = "evaluate" in states and states["evaluate"].is_completed()
     create_markdown_artifact(markdown_summary(root, params_file, evaluated), key="mcf-report",
                              description="mcf report's summary; `mcf report` draws the full page")
-    swapped = (root / params_file).resolve() != (root / PARAMS).resolve()
+    swapped = resolved(root / params_file) != resolved(root / PARAMS)
     _raise_failures(states, params_file if swapped else None)
     return [asdict(state.result()) for state in states.values()]

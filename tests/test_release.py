@@ -430,6 +430,15 @@ def test_export_cli_takes_a_single_head_and_needs_both_paths(tmp_path: Path) -> 
         assert exit_.value.code == 2
 
 
+def test_export_to_a_symlink_loop_is_one_clear_error(tmp_path: Path) -> None:
+    """``--out loop`` (a link to itself) was Python 3.11's ``RuntimeError: Symlink loop`` traceback from the
+    check that --out does not hold --checkpoint; it is refused as an output, naming the link."""
+    torch.save(create_backbone(TINY).state_dict(), tmp_path / "w.pth")
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(StageError, match="loop is a symbolic link that leads back to itself"):
+        cli(["--checkpoint", str(tmp_path / "w.pth"), "--out", str(tmp_path / "loop")])
+
+
 def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
     """MoCo v3 names its ViT in ``arch``; its ViT-S has 12 heads at width 384 (64 channels a head would
     give 6), so the exported backbone computes the trained attention, not another one."""

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from mcf.cli import describe
 from mcf.errors import StageError
-from mcf.io import atomic_dir
+from mcf.io import atomic_dir, resolved
 from mcf.models.release import export_backbone
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ def cli(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.num_heads is not None and args.num_heads < 1:
         p.error(f"--num-heads must be at least 1, got {args.num_heads}")
-    if Path(args.out).resolve() in Path(args.checkpoint).resolve().parents:  # replaced whole, it goes too
+    if resolved(args.out) in resolved(args.checkpoint).parents:  # replaced whole, it goes too
         p.error(f"--out {args.out} holds --checkpoint {args.checkpoint}, which replacing the folder would "
                 "delete; name another folder")
     try:

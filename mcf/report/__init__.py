@@ -13,6 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from mcf.io import resolved
 from mcf.report.runfiles import Run, markdown_summary, open_run
 
 __all__ = ["build_report", "cli", "markdown_summary", "write_report"]
@@ -57,7 +58,7 @@ def cli(argv: list[str]) -> int:
     if target.is_dir():
         p.error(f"--out {args.out}: is a folder; name the HTML file to write, e.g. {args.out}/index.html")
     if target.is_file() and (target.suffix.lower() not in (".html", ".htm")
-                             or target.resolve() == (args.root / args.params).resolve()):
+                             or resolved(target) == resolved(args.root / args.params)):
         p.error(f"--out {args.out}: is a file other than an HTML page (the params file, a metrics JSON?), "
                 "which the page would replace; name an .html file")
     run = open_run(args.root, args.params)  # a missing or broken params file is refused before --out is made
