@@ -199,7 +199,7 @@ def output_target(path: str | Path) -> Path:
     the link was not the one a writer given the resolved path (fetch_dask) looked in.
     """
     path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
+    return resolved(path) if path.is_symlink() else path
 
 
 @contextmanager
