@@ -65,7 +65,7 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 log = logging.getLogger("mcf")
-VERBOSE_LOGGERS = ("mcf", "flows")  # what -v turns to DEBUG
+OWN_LOGGERS = ("mcf", "flows")  # INFO, DEBUG under -v; every other logger WARNING
 VERBOSE_HELP = "debug logging (mcf's own, not its libraries')"
 
 
@@ -130,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser().parse_known_args(argv[: split + 1] if is_tool else argv)
     # torchrun's workers but rank 0 log warnings and errors alone: rank 0 says what every rank does
     other_rank = "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0"
-    logging.basicConfig(level=logging.WARNING if other_rank else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.verbose:  # ours only: a library's debug log quotes request lines and headers (a signed URL's
-        for name in VERBOSE_LOGGERS:  # signature, botocore's access key id and session token) and floods
-            logging.getLogger(name).setLevel(logging.DEBUG)
+    # ours say what a stage does; libraries say warnings alone: their INFO lines (botocore's "Found
+    # credentials in environment variables") are not the stage's, and their DEBUG lines under -v would quote
+    # request lines and headers (a signed URL's signature, botocore's access key id and session token)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(
+            logging.DEBUG if args.verbose else logging.WARNING if other_rank else logging.INFO)
     try:  # tqdm converts its TQDM_* environment on import: a bad value is a traceback naming none of them
         import tqdm  # noqa: F401
     except ValueError as err:

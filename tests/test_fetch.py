@@ -1819,6 +1819,7 @@ def test_verbose_logs_keep_s3_credentials_out(s3_endpoint: str, tmp_path: Path) 
                           text=True, timeout=120, env={**os.environ, **secrets})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "INFO mcf" in done.stderr and "DEBUG botocore" not in done.stderr
+    assert "Found credentials" not in done.stderr  # botocore's INFO line about where they came from
     assert not [v for v in secrets.values() if v in done.stderr + done.stdout]
 
 
