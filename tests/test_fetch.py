@@ -1722,6 +1722,20 @@ def test_empty_local_folder_fails_naming_it(tmp_path: Path) -> None:
     assert not Path("out").exists()
 
 
+def test_a_fetch_where_no_row_succeeds_says_why_before_the_gate_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gate says no row has 'success' and the log gave status counts alone: why every download failed
+    (a dead proxy, a wrong bucket, a folder of text files) was in the manifest only, which is not written."""
+    for name, body in (("a.jpg", b"plain text"), ("b.jpg", b"plain text"), ("c.png", _image("PNG"))):
+        _write(tmp_path / "photos" / name, body)
+    with caplog.at_level("WARNING", logger="mcf.data.sources.download"), \
+            pytest.raises(StageError, match="no row has"):
+        main(Common(), _config(source="local", local={"root": str(tmp_path / "photos")}, max_bytes=20))
+    assert re.search(r"no row succeeded; the most common errors: not_image: .+ \(2 rows\); too_large: .+ "
+                     r"\(1 row\)$", caplog.text, re.MULTILINE)
+
+
 def test_out_naming_the_photos_folder_deletes_nothing(tmp_path: Path) -> None:
     """fetch.out = fetch.local.root would have replaced the user's photos by the fetch output."""
     photos = tmp_path / "photos"

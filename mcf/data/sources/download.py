@@ -291,4 +291,8 @@ def to_manifest(source: Source, records: list[Record]) -> pd.DataFrame:
     manifest = pd.concat([manifest, extra], axis=1)
     counts = manifest["status"].value_counts().to_dict()
     log.info("fetch %s: %d rows, statuses %s", source.name, len(manifest), counts)
+    if "success" not in counts:  # the gate then says no row succeeded: here is why, before it
+        common = manifest.groupby(["status", "error"], dropna=False).size().nlargest(3)
+        reasons = [f"{status}: {error} ({n} row{'s' * (n != 1)})" for (status, error), n in common.items()]
+        log.warning("fetch %s: no row succeeded; the most common errors: %s", source.name, "; ".join(reasons))
     return manifest
