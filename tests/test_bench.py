@@ -428,6 +428,18 @@ def test_shards_too_few_for_a_batch_are_a_usage_error(
     assert parse(["--shards", str(tmp_path / "subset" / "shards"), "--batch", "40"]).batch == 40  # one batch
 
 
+def test_shards_that_are_not_a_folder_of_shards_say_what_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped --shards said 'no crops-*.tar shards there', as if the folder were there but empty."""
+    (tmp_path / "a.tar").touch()
+    for given, found in (("nowhere", "no such folder"), ("a.tar", "a file, not a folder of shards"),
+                         (".", "no crops-*.tar shards in this folder")):
+        with pytest.raises(SystemExit):
+            parse(["--shards", str(tmp_path / given)])
+        assert f"{found} (build some: tools/bench_shards.yaml)" in capsys.readouterr().err
+
+
 def test_gpu_bench_without_shards_stops_before_any_run(tmp_path: Path) -> None:
     """tools/gpu_bench.sh in a checkout at ``tmp_path``, with stubs of nvidia-smi and python3 that log their
     calls: without the shards it used to go on, the main run stopping at its --shards usage error and b512 and

@@ -109,7 +109,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device on this machine (use --device cpu or auto)")
     if args.shards is not None and not list(args.shards.glob("crops-*.tar")):
-        p.error(f"--shards {args.shards}: no crops-*.tar shards there (build some: tools/bench_shards.yaml)")
+        found = ("no such folder" if not args.shards.exists() else "a file, not a folder of shards"
+                 if not args.shards.is_dir() else "no crops-*.tar shards in this folder")
+        p.error(f"--shards {args.shards}: {found} (build some: tools/bench_shards.yaml)")
     if args.shards is not None and (crops := len(index_shards(args.shards)[1])) < args.batch:  # timed last
         p.error(f"--shards {args.shards}: {crops} crops are fewer than one batch of {args.batch}")
     return args
