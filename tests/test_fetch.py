@@ -1494,6 +1494,15 @@ def test_params_check_the_active_source(tmp_path: Path) -> None:
     assert _config(source="local", local={"root": str(photos)}).local.root == str(photos)
 
 
+def test_a_local_root_that_is_a_file_is_a_params_error(tmp_path: Path) -> None:
+    """``local.root`` naming one photo (or any file) passed the params check, and the stage then ended in
+    "cannot list ...: Not a directory", exit 1 instead of 2."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"x")
+    with pytest.raises(ParamsError, match=r"fetch\.local\.root: not a folder: .*photo\.jpg \(name the"):
+        _config(source="local", local={"root": str(photo)})
+
+
 @pytest.mark.parametrize(
     "endpoint",
     ["s3://AKIAEXAMPLE:s3cret@127.0.0.1:9000", "http://AKIAEXAMPLE:s3cret@", "AKIAEXAMPLE:s3cret/x@127.0.0.1",

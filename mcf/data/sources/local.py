@@ -19,7 +19,7 @@ import pandas as pd
 from mcf.data.sources.download import Source
 from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions
 from mcf.errors import StageError
-from mcf.params import param, require_path
+from mcf.params import ParamsError, checking_paths, param, require_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +32,8 @@ class LocalConfig:
     def check_inputs(self) -> None:
         """Called when this source is active."""
         require_path(self.root, "root")
+        if checking_paths() and not Path(self.root).is_dir():  # else found by the listing, once the stage ran
+            raise ParamsError("root", f"not a folder: {self.root} (name the folder that holds the images)")
         check_extensions(self.extensions)
 
 
