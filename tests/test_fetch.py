@@ -1527,6 +1527,21 @@ def test_an_endpoint_boto3_cannot_use_is_a_params_error(endpoint: str) -> None:
     assert _config(source="s3", s3={"bucket": "b", "endpoint_url": "http://[::1]:9000"}).s3.endpoint_url
 
 
+@pytest.mark.parametrize(
+    ("bucket", "message"),
+    [("s3://my-bucket", "not a URL (bucket: my-bucket)"),
+     ("s3://AKIAEXAMPLE:s3cret@my-bucket/faces/", "not a URL (bucket: my-bucket, prefix: faces/)"),
+     ("my-bucket/faces", "not a path: the rest goes in prefix (bucket: my-bucket, prefix: faces)")],
+)
+def test_an_s3_bucket_given_as_a_url_or_a_path_is_a_params_error(bucket: str, message: str) -> None:
+    """``bucket: s3://my-bucket`` or ``my-bucket/faces`` passed the params check, and boto3's "Invalid
+    bucket name" ended the stage once it listed, exit 1 instead of 2, with no word of ``prefix``."""
+    with pytest.raises(ParamsError, match=rf"^fetch\.s3\.bucket: takes a bucket name, {re.escape(message)}$"):
+        _config(source="s3", s3={"bucket": bucket, "endpoint_url": "http://127.0.0.1:9000"})
+    arn = "arn:aws:s3:us-east-1:123456789012:accesspoint/faces"  # boto3 takes an access point for a bucket
+    assert _config(source="s3", s3={"bucket": arn}).s3.bucket == arn
+
+
 def test_a_region_boto3_refuses_is_a_params_error() -> None:
     """A region with a space or a slash passed the params check, then boto3's InvalidRegionError ended
     the stage in a traceback (exit 1, not 2); ``""`` passed botocore's check and its client raised a

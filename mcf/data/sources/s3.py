@@ -60,6 +60,10 @@ class S3Config:
         """Called when this source is active."""
         if not self.bucket:
             raise ParamsError("bucket", "give the bucket to read from")
+        # boto3 refused a URL or a path only once the stage listed; an access point's ARN
+        # (arn:...:accesspoint/name) is a bucket to it
+        if "://" in self.bucket or ("/" in self.bucket and not self.bucket.startswith("arn:")):
+            raise ParamsError("bucket", _bucket_hint(self.bucket))
         check_extensions(self.extensions)
         url = self.endpoint_url or ""
         # before any message quotes the value: "@" and "?" mark credentials however the rest is malformed
@@ -74,6 +78,14 @@ class S3Config:
             validate_region_name(self.region)
         except InvalidRegionError:  # raised by boto3's client, as a traceback, once the stage ran
             raise ParamsError("region", f"{self.region!r} is not a region name (e.g. us-east-1)") from None
+
+
+def _bucket_hint(bucket: str) -> str:
+    """What to write for ``s3://bucket/prefix`` or ``bucket/prefix``, without a URL's ``user:password@``."""
+    url = "://" in bucket
+    netloc, _, prefix = bucket.split("://", 1)[-1].partition("/")
+    hint = f"bucket: {netloc.rpartition('@')[2]}" + (f", prefix: {prefix}" if prefix else "")
+    return f"takes a bucket name, not {'a URL' if url else 'a path: the rest goes in prefix'} ({hint})"
 
 
 def _valid_endpoint(url: str) -> bool:
