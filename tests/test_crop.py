@@ -1360,6 +1360,14 @@ def test_an_out_that_is_the_fetch_output_is_refused(tmp_path: Path) -> None:
     build(CropConfig, {"input": str(tmp_path / "fetch"), "out": str(tmp_path / "crop")}, "crop")
 
 
+def test_a_crop_size_past_the_bound_is_a_params_error() -> None:
+    """An unbounded ``crop.size`` (a typo'd 64000) passed the params check, and the stage then died in
+    OpenCV's out-of-memory traceback on its first face, exit 1 instead of 2."""
+    with pytest.raises(ParamsError, match=r"^crop\.size: must be <= 1024, got 64000$"):
+        build(CropConfig, {"size": 64000}, "crop")
+    assert build(CropConfig, {"size": 1024}, "crop").size == 1024
+
+
 def test_bench_sizes_the_image_list_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--list-only``: the image list's load time and bytes an image, on tables without JPEGs (the
     paper's 20M images cannot be generated here, their list can)."""

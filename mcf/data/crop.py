@@ -69,7 +69,11 @@ class CropConfig:
 
     input: str = "outputs/fetch"  # the fetch stage's output folder (fetch.out)
     out: str = "outputs/crop"
-    size: int = param(64, ge=16)  # crop side in pixels: the pre-training resolution
+    # crop side in pixels: the pre-training resolution. Each worker holds its chunk's crops (as JPEGs) until
+    # its part shard is written, so memory grows as size²; an unbounded size ended in OpenCV's out-of-memory
+    # traceback. 1024 is 4.6× the paper's 224 and above FaRL's 448-512 inputs; the backbone's img_size is
+    # not tied to it (the crops are resized to it as they are read).
+    size: int = param(64, ge=16, le=1024)
     margin: float = param(0.25, ge=0.0, le=2.0)  # context added on each side, as a share of the face box
     align: bool = False  # warp the 5 landmarks onto TEMPLATE (similarity) when the face has landmarks
     pad: Literal["constant", "reflect"] = "constant"  # how crops reaching outside the image are filled
