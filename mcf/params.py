@@ -161,6 +161,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(key, f"expected a string, got {type(value).__name__} {value!r}")
+        if value and not value.strip():  # no path or name: "  " was a folder named by two spaces
+            raise ParamsError(key, f"{value!r} is only white space: an empty value (an unset variable?)")
         return value
     raise TypeError(f"unsupported params annotation {tp!r} at {key}")
 
@@ -270,8 +272,8 @@ ParamsLoader.add_implicit_resolver(
 
 def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Read a params file, failing with one clear line when it is missing or not a mapping."""
-    if not str(path):  # Path("") is ".", which read as "is a folder"
-        raise ParamsError("", "an empty path (an unset variable?): give a params file (YAML)", '""')
+    if not str(path).strip():  # Path("") is ".", which read as "is a folder"; "  " as "not found", unseen
+        raise ParamsError("", "an empty path (an unset variable?): give a params file (YAML)", f'"{path}"')
     path = Path(path)
     try:  # Path.is_dir() raises on a name too long or a folder this user may not enter: one stat, all caught
         mode = path.stat().st_mode

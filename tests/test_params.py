@@ -585,13 +585,32 @@ def test_a_folder_given_as_params_is_one_clear_error(tmp_path: Path) -> None:
         read_yaml(tmp_path)
 
 
-def test_an_empty_params_path_is_named_as_empty(capsys: pytest.CaptureFixture[str]) -> None:
-    """``--params "$PARAMS"`` with the variable unset read as the working folder: "is a folder"."""
+@pytest.mark.parametrize("path", ["", "  "])
+def test_an_empty_params_path_is_named_as_empty(capsys: pytest.CaptureFixture[str], path: str) -> None:
+    """``--params "$PARAMS"`` with the variable unset read as the working folder: "is a folder"; spaces
+    alone as "params file not found" with the name invisible."""
     from mcf import cli
 
-    assert cli.main(["fetch", "--params", ""]) == 2
-    assert capsys.readouterr().err == ('mcf: invalid params: "": an empty path (an unset variable?): give a '
-                                       "params file (YAML)\n")
+    assert cli.main(["fetch", "--params", path]) == 2
+    assert capsys.readouterr().err == (f'mcf: invalid params: "{path}": an empty path (an unset variable?): '
+                                       "give a params file (YAML)\n")
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [({"crop": {"out": "  "}}, "crop.out"), ({"pretrain": {"data": "\t"}}, "pretrain.data"),
+     ({"fetch": {"laion_face": {"parquet": [" "]}}}, "fetch.laion_face.parquet[0]")],
+)
+def test_a_value_of_only_white_space_is_refused_naming_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: dict, key: str
+) -> None:
+    """``crop.out: "  "`` (``-S crop.out="$OUT  "`` with OUT unset) passed every check, and crop wrote its
+    output into a folder named by two spaces; an input path of spaces was found only when its own stage ran.
+    Refused where every string is converted, for every section, by `mcf fetch` already."""
+    monkeypatch.chdir(tmp_path)
+    message = rf"params\.yaml: {re.escape(key)}: '.+' is only white space: an empty value \(an unset variable"
+    with pytest.raises(ParamsError, match=message):
+        load("fetch", _write(tmp_path, data), every_section=True)
 
 
 def test_a_params_path_that_cannot_be_looked_at_is_one_clear_error(
