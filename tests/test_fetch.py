@@ -37,7 +37,7 @@ from PIL import Image, ImageFile, PngImagePlugin
 
 from mcf.data import fetch_bench
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
-from mcf.data.sources import laion, s3
+from mcf.data.sources import download, laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
 from mcf.data.sources.image import (
     PILLOW_MAX_PIXELS,
@@ -379,6 +379,158 @@ def test_killed_run_resumes_from_journal(server: str, tmp_path: Path, ctrl_c: No
     assert manifest["status"].tolist() == ["success", "success", "http_error"]
     assert Path("out", manifest["path"][1]).read_bytes() == PNG
     assert not journal.exists()
+
+
+# `mcf fetch` as a terminal runs it; SIGINT raises KeyboardInterrupt even where the tests run as a background
+# job (CI's `cmd &`), which starts a process with SIGINT ignored
+CTRL_C_CLI = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = ['mcf', 'fetch', '--params', sys.argv[1]]; runpy.run_module('mcf.cli', run_name='__main__')"
+)
+
+
+def test_ctrl_c_ends_a_fetch_hung_on_silent_servers_at_once(server: str, tmp_path: Path) -> None:
+    """Ctrl-C on `mcf fetch` while every download hangs (a server that takes the connection and never
+    answers) waited for each running request's read timeout and then its retry (2 x 20 s here; 2 x 10 s at
+    the defaults): the pool joined its threads and the retries went on. It ends within seconds now, exit 130
+    with the CLI's line, nothing published, and a rerun reuses what the journal kept."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes each connect; no request is ever read
+        silent.settimeout(30)
+        hung = [f"http://127.0.0.1:{silent.getsockname()[1]}/{i}.jpg" for i in range(4)]
+        urls = [server + "/good.jpg", server + "/good.png", *hung]
+        parquet = _laion_parquet(tmp_path / "part.parquet", urls)
+        section = {"parquet": [str(parquet)], "timeout": 20.0, "total_timeout": 20.0}
+        fetch = {"source": "laion-face", "data": str(tmp_path), "out": "out", "threads": 4, "retries": 1}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": fetch | {"laion_face": section}}))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.Popen([sys.executable, "-c", CTRL_C_CLI, "params.yaml"], cwd=tmp_path, env=env,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            accepted = [silent.accept()[0] for _ in hung]  # every hung request is in flight
+            journal = journal_dir(tmp_path / "out") / "journal.jsonl"
+            deadline = time.monotonic() + 30
+            while len(Journal(journal.parent).load()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)  # and both answered images are journaled
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+            _, err = proc.communicate(timeout=8)  # the interpreter's own exit takes 1-2 s of it here
+        except subprocess.TimeoutExpired:
+            pytest.fail("`mcf fetch` still running 8 s after Ctrl-C")
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.communicate()
+        for conn in accepted:
+            conn.close()
+    assert (proc.returncode, err.splitlines()[-1:]) == (130, ["mcf: interrupted"])
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    assert sorted(json.loads(line)["url"] for line in journal.read_text().splitlines()) == urls[:2]
+
+    _laion_parquet(parquet, urls[:2] + [server + "/late.jpg"] * len(hung))  # the hosts answer now
+    main(Common(), _config(source="laion-face", threads=4, out=str(tmp_path / "out"),
+                           laion_face=section | {"timeout": 2.0, "total_timeout": 5.0}))
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert set(manifest["status"]) == {"success"}
+    assert Handler.counts["/good.jpg"] == Handler.counts["/good.png"] == 1  # reused from the journal
+
+
+def test_a_download_that_ends_after_ctrl_c_is_journaled_but_not_staged(tmp_path: Path, ctrl_c: None) -> None:
+    """Ctrl-C no longer waits for the downloads under way, so one may end after fetch_records has raised
+    and its caller has deleted the staging folder: linking the image there made that folder again (under
+    the same pid: a later run's staging in the same process, a flow's retry, would hold a stray file). The
+    image is journaled for the next run, and staging is left alone."""
+    started, release = threading.Event(), threading.Event()
+
+    def fetch(row: dict[str, Any]) -> bytes:
+        if row["url"] == "slow":
+            started.set()
+            release.wait(10)
+            return PNG
+        started.wait(10)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while "slow" downloads
+        release.wait(10)  # the caller must not wait for this one either
+        raise FetchFailure("timeout", "ReadTimeout")
+
+    rows = pd.DataFrame({"sample_id": ["a", "b"], "url": ["ctrl-c", "slow"]})
+    source = Source("test", rows, fetch, ("url",), "a test")
+    staging, limits = tmp_path / "new", Limits(2, 0, MAX_BYTES, MAX_PIXELS)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        fetch_records(source, tmp_path / "old", tmp_path / "journal", staging, limits)
+    assert time.monotonic() - start < 5
+    release.set()
+    journal = Journal(tmp_path / "journal")
+    deadline = time.monotonic() + 10
+    while not journal.load() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    [entry] = journal.load()
+    assert entry["url"] == "slow" and (tmp_path / "journal" / entry["path"]).read_bytes() == PNG
+    time.sleep(0.2)  # the link, had it come, follows the journal line at once
+    assert not staging.exists()
+
+
+def test_the_fetch_pool_keeps_its_bound_and_raises_a_call_s_error() -> None:
+    """The pool fetch_records runs on (its own daemon threads): every item once, no more than 4 x threads
+    taken from the iterator ahead of the results (20M rows must not be queued at once), and an error of a
+    call raised in the caller's thread."""
+    taken = []
+
+    def items() -> Iterator[int]:
+        for i in range(40):
+            taken.append(i)
+            yield i
+
+    results = []
+    for result in download._bounded_map(lambda i: i * i, items(), 2, threading.Event()):
+        assert len(taken) - len(results) <= 8
+        results.append(result)
+    assert sorted(results) == [i * i for i in range(40)]
+    with pytest.raises(ZeroDivisionError):
+        list(download._bounded_map(lambda i: 1 / (i - 3), range(8), 2, threading.Event()))
+
+
+def test_the_fetch_pool_left_early_waits_for_no_running_call() -> None:
+    """Closing the pool's results early (Ctrl-C, an error) waited for every running call
+    (ThreadPoolExecutor's shutdown, and its join of the threads at exit): a download hung on a silent
+    server held Ctrl-C for its timeouts. Now the stop event is set, the running calls are left to end
+    on daemon threads, and no queued item starts."""
+    release, stop, started = threading.Event(), threading.Event(), []
+
+    def call(i: int) -> int:
+        started.append(i)
+        if i:
+            release.wait(10)
+        return i
+
+    before = set(threading.enumerate())
+    results = download._bounded_map(call, range(20), 2, stop)
+    assert next(results) == 0
+    start = time.monotonic()
+    results.close()
+    assert time.monotonic() - start < 1 and stop.is_set()
+    workers = [t for t in threading.enumerate() if t not in before]
+    assert len(workers) == 2 and all(t.daemon for t in workers)
+    release.set()
+    for worker in workers:
+        worker.join(5)
+    assert not any(t.is_alive() for t in workers) and len(started) <= 3  # 0, then the one or two running
+
+
+def test_no_retry_once_the_run_has_stopped() -> None:
+    """A retry after Ctrl-C waited out another timeout (a silent server: twice the read timeout); the
+    pause before a retry ends when the run stops, and no further try is made."""
+    calls, stop = [], threading.Event()
+
+    def fetch(row: dict[str, Any]) -> bytes:
+        calls.append(row)
+        threading.Timer(0.1, stop.set).start()  # Ctrl-C while the first try is timing out
+        raise FetchFailure("timeout", "ReadTimeout", retryable=True)
+
+    start = time.monotonic()
+    with pytest.raises(FetchFailure):
+        download._fetch_with_retries(fetch, {"url": "u"}, 5, stop)
+    assert len(calls) == 1 and time.monotonic() - start < 1  # 6 tries and 6.2 s of pauses had it gone on
 
 
 def test_total_timeout_holds_across_redirects(server: str, tmp_path: Path) -> None:

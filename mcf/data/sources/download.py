@@ -13,7 +13,10 @@ the rows differently or not at all). At the end every success is hard-linked (co
 from there, or from the previous output, into the staging folder. A later run reuses a row when the
 previous output's manifest or the journal has it as a success with the same source columns (URL, key,
 ...) and the file on disk still has the recorded sha256; everything else (missing, failed, changed) is
-fetched again. The caller deletes the journal folder once the new output is published.
+fetched again. The caller deletes the journal folder once the new output is published. Ctrl-C (or an
+error) stops a run at once: no queued row starts, and no download under way is waited for, retried or
+linked into the staging folder the caller then deletes (they run on daemon threads, which hold no exit);
+one cut short is never reused, as its image appears by a rename and its journal line only after that.
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import threading
-import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -171,34 +173,66 @@ def _reuse(
     return Record("success", None, old["path"], old["sha256"], int(old["width"]), int(old["height"]))
 
 
-def _fetch_with_retries(fetch: Fetch, row: dict[str, Any], retries: int) -> bytes:
-    """Retry only what may pass next time (timeouts, dropped connections, HTTP 5xx/429)."""
+def _fetch_with_retries(fetch: Fetch, row: dict[str, Any], retries: int, stop: threading.Event) -> bytes:
+    """Retry only what may pass next time (timeouts, dropped connections, HTTP 5xx/429), and not once the
+    run has stopped (``stop``): a Ctrl-C must not wait out another timeout."""
     attempt = 0
     while True:
         try:
             return fetch(row)
-        except FetchFailure as failure:
-            if not failure.retryable or attempt >= retries:
+        except FetchFailure as failure:  # the pause ends at once when the run stops
+            if not failure.retryable or attempt >= retries or stop.wait(min(0.2 * 2**attempt, 5.0)):
                 raise
-        time.sleep(min(0.2 * 2**attempt, 5.0))
         attempt += 1
 
 
-def _bounded_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
-    """``fn`` over ``items`` on a thread pool, at most ``4 * threads`` in flight (20M rows fit)."""
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
-    pending: set[Future] = set()
+_END = object()  # a worker's last item
+
+
+def _bounded_map(
+    fn: Callable[[Any], Any], items: Iterable[Any], threads: int, stop: threading.Event
+) -> Iterator[Any]:
+    """``fn`` over ``items`` on ``threads`` threads, at most ``4 * threads`` in flight (20M rows fit); the
+    results as they come, an error of ``fn`` raised as it comes.
+
+    Left early (an error, Ctrl-C, closed unfinished) it sets ``stop``: queued items are dropped and the
+    running calls are not waited for. The threads are daemons, so a call hung on a silent server (a read
+    timeout, a retry) holds no exit either; ThreadPoolExecutor joins its threads when the interpreter ends.
+    """
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    done: queue.SimpleQueue = queue.SimpleQueue()
+
+    def work() -> None:
+        while (item := todo.get()) is not _END and not stop.is_set():
+            try:
+                done.put((True, fn(item)))
+            except BaseException as err:  # raised in the caller's thread
+                done.put((False, err))
+
+    def take() -> Any:
+        ok, result = done.get()
+        if not ok:
+            raise result
+        return result
+
+    workers: list[threading.Thread] = []
+    pending = 0
     try:
         for item in items:
-            pending.add(pool.submit(fn, item))
-            if len(pending) >= 4 * threads:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                yield from (f.result() for f in done)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            yield from (f.result() for f in done)
+            todo.put(item)
+            pending += 1
+            if len(workers) < threads:  # a thread an item up to ``threads``: a short slice starts a few
+                workers.append(threading.Thread(target=work, name=f"fetch_{len(workers)}", daemon=True))
+                workers[-1].start()
+            if pending >= 4 * threads:
+                yield take()
+                pending -= 1
+        for _ in range(pending):
+            yield take()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        stop.set()
+        for _ in workers:
+            todo.put(_END)
 
 
 def download(
@@ -240,6 +274,13 @@ def fetch_records(
     entries = journal.load() if journaled is None else journaled
     wanted = {str(row["sample_id"]) for row in rows}
     stored = _candidates(previous, journal_dir, entries, source.match, wanted, reusable)
+    stop, staged = threading.Event(), threading.Lock()
+
+    def stage(root: Path, record: Record) -> None:
+        """Link a success into ``staging``, unless the run has stopped: its caller may be deleting that."""
+        with staged:
+            if not stop.is_set():
+                _link(root / record.path, staging / record.path)
 
     def one(index: int) -> tuple[int, Record, bool]:
         row = rows[index]
@@ -247,10 +288,10 @@ def fetch_records(
         hit = stored.get(sample_id)
         record = _reuse(row, hit, source.match, limits)
         if record is not None:
-            _link(hit[0] / record.path, staging / record.path)
+            stage(hit[0], record)
             return index, record, True
         try:
-            data = _fetch_with_retries(source.fetch, row, limits.retries)
+            data = _fetch_with_retries(source.fetch, row, limits.retries, stop)
         except FetchFailure as failure:
             return index, Record(failure.status, failure.error), False
         except Exception as err:  # never lose a row to an unforeseen source error
@@ -263,7 +304,7 @@ def fetch_records(
         except FetchFailure as failure:
             return index, Record(failure.status, failure.error), False
         journal.append({**{c: row.get(c) for c in source.match}, "sample_id": sample_id, **record.columns()})
-        _link(journal_dir / record.path, staging / record.path)
+        stage(journal_dir, record)
         return index, record, False
 
     records: list[Record | None] = [None] * len(rows)
@@ -272,11 +313,15 @@ def fetch_records(
     # a line a second at most, unless TQDM_MININTERVAL says otherwise (the Prefect flow: every 30 s)
     every = float(os.environ.get("TQDM_MININTERVAL", 1.0))
     bar = tqdm(total=len(rows), desc=desc, unit="img", mininterval=every)
-    with bar:
-        for index, record, was_reused in _bounded_map(one, range(len(rows)), limits.threads):
-            records[index] = record
-            reused += was_reused
-            bar.update()
+    try:
+        with bar:
+            for index, record, was_reused in _bounded_map(one, range(len(rows)), limits.threads, stop):
+                records[index] = record
+                reused += was_reused
+                bar.update()
+    finally:  # once this lock is ours, no thread still downloading will link into staging
+        with staged:
+            stop.set()
     log.info("%s: %d rows, %d reused from an earlier run", desc, len(rows), reused)
     return records  # type: ignore[return-value]  # every index was filled
 
