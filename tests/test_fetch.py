@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -515,6 +516,28 @@ def test_the_fetch_pool_left_early_waits_for_no_running_call() -> None:
     for worker in workers:
         worker.join(5)
     assert not any(t.is_alive() for t in workers) and len(started) <= 3  # 0, then the one or two running
+
+
+def test_ctrl_c_that_the_kernel_gives_a_fetch_thread_still_stops_the_pool(ctrl_c: None) -> None:
+    """The kernel may hand a process's SIGINT to any of its threads. Given to a fetch thread hung on a
+    silent server, Python's handler waited for the main thread, which slept on the results until some
+    download ended (a read timeout or more later): a rare Ctrl-C held the run for the full timeout."""
+    hung, release, stop = queue.SimpleQueue(), threading.Event(), threading.Event()
+
+    def call(i: int) -> int:
+        hung.put(threading.get_ident())
+        release.wait(10)
+        return i
+
+    results = download._bounded_map(call, range(2), 2, stop)
+    threading.Timer(0.2, lambda: signal.pthread_kill(hung.get(timeout=5), signal.SIGINT)).start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(results)
+        assert time.monotonic() - start < 2 and stop.is_set()
+    finally:
+        release.set()
 
 
 def test_no_retry_once_the_run_has_stopped() -> None:

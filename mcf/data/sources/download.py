@@ -187,6 +187,7 @@ def _fetch_with_retries(fetch: Fetch, row: dict[str, Any], retries: int, stop: t
 
 
 _END = object()  # a worker's last item
+SIGNAL_POLL_S = 0.1  # longest wait for a result between two looks at a pending signal
 
 
 def _bounded_map(
@@ -210,7 +211,12 @@ def _bounded_map(
                 done.put((False, err))
 
     def take() -> Any:
-        ok, result = done.get()
+        while True:  # a wait without end missed Ctrl-C when the kernel gave the signal to a fetch thread:
+            try:  # Python runs a handler in the main thread, once that one wakes (a download's timeout)
+                ok, result = done.get(timeout=SIGNAL_POLL_S)
+                break
+            except queue.Empty:
+                continue
         if not ok:
             raise result
         return result
