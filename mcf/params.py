@@ -191,6 +191,8 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
                 raise ParamsError(key, "missing required key")
             continue
         value = _convert(data[name], hints[name], key)
+        if value == "" and isinstance(f.default, str) and f.default:  # a path or a name, never ""
+            raise ParamsError(key, f"an empty value (an unset variable?): give one (default {f.default!r})")
         for bound, limit in f.metadata.get("bounds", {}).items():
             ok, sign = _BOUND_CHECKS[bound]
             if value is not None and not ok(value, limit):

@@ -12,7 +12,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -113,7 +113,8 @@ def test_a_seed_torch_cannot_take_is_refused_before_any_stage(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("metrics", "fragment"),
-    [("metrics", "is a folder"), ("", "is a folder"), ("outputs/evaluate/m.json", "inside evaluate.out")],
+    [("metrics", "is a folder"), ("", r"an empty value \(an unset variable\?\)"),
+     ("outputs/evaluate/m.json", "inside evaluate.out")],
 )
 def test_evaluate_metrics_must_be_a_file_outside_out(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metrics: str, fragment: str
@@ -149,16 +150,39 @@ def test_two_stages_cannot_share_an_output_folder(
     load("fetch", path)  # the section alone does not know the others
 
 
-@pytest.mark.parametrize("out", ["", ".", ".."])
+@pytest.mark.parametrize(("out", "fragment"), [
+    ("", "pretrain.out: an empty value (an unset variable?): give one (default 'outputs/pretrain')"),
+    (".", "pretrain.out: '.' holds the working folder"),
+    ("..", "pretrain.out: '..' holds the working folder"),
+])
 def test_an_out_that_is_the_working_folder_is_named_as_such(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str, fragment: str
 ) -> None:
     """`pretrain.out: ''` was reported as `fetch.out: is inside pretrain.out ()`: the error named another
     stage's key, and the empty value as ``()``."""
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path, {"pretrain": {"out": out}})
-    with pytest.raises(ParamsError, match=re.escape(f"pretrain.out: {out!r} holds the working folder")):
+    with pytest.raises(ParamsError, match=re.escape(fragment)):
         load("fetch", path, every_section=True)
+
+
+@pytest.mark.parametrize("key", ["crop.input", "fetch.local.root", "pretrain.live", "evaluate.out",
+                                 "fetch.laion_face.url_col", "evaluate.alignment_label"])
+def test_an_empty_path_or_name_is_refused_naming_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    """An empty string where a path or a column name goes (an unset variable in a generated params file)
+    passed, or failed naming another key: `crop.input: ''` as 'path does not exist: manifest.parquet',
+    `fetch.local.root: ''` as fetch.out being inside it, `evaluate.out: ''` under evaluate.metrics, and
+    `pretrain.live: ''` only once pretrain ran. Keys whose default is '' (fetch.s3.prefix) still take it."""
+    monkeypatch.chdir(tmp_path)
+    *sections, name = key.split(".")
+    params: dict[str, Any] = {name: ""}
+    for section in reversed(sections):
+        params = {section: params}
+    with pytest.raises(ParamsError, match=re.escape(f"{key}: an empty value (an unset variable?)")):
+        load("fetch", _write(tmp_path, params), every_section=True)
+    load("fetch", _write(tmp_path, {"fetch": {"s3": {"prefix": ""}}}), every_section=True)
 
 
 def test_a_symlink_loop_in_a_path_is_a_params_error_not_a_traceback(
