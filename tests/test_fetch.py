@@ -1717,6 +1717,24 @@ def test_an_s3_bucket_given_as_a_url_or_a_path_is_a_params_error(bucket: str, me
     assert _config(source="s3", s3={"bucket": arn}).s3.bucket == arn
 
 
+@pytest.mark.parametrize(
+    ("bucket", "message"),
+    [("https://my-bucket.s3.amazonaws.com/faces/a.jpg?X-Amz-Signature=f00d", "not a URL (its server goes in "
+      "endpoint_url, null for AWS's; the bucket's name here and the folder in prefix)"),
+     ("http://127.0.0.1:9000/my-bucket/faces", "not a URL (its server goes in endpoint_url, null for AWS's; "
+      "the bucket's name here and the folder in prefix)"),
+     ("s3://my-bucket/faces/a.jpg?X-Amz-Signature=f00d", "not a URL"),
+     ("s3://AKIAEXAMPLE:s3/cret@my-bucket/faces", "not a URL"),
+     ("s3a://my-bucket/faces", "not a URL (bucket: my-bucket, prefix: faces)")],
+)
+def test_an_s3_bucket_hint_quotes_no_secret_and_no_server_as_the_bucket(bucket: str, message: str) -> None:
+    """The hint quoted a signed URL's query (``X-Amz-Signature``) and both halves of a password holding a
+    ``/``, which the manifest's errors and endpoint_url's check never quote; and it named an http(s) URL's
+    server as the bucket (a MinIO ``http://127.0.0.1:9000/my-bucket/faces`` as ``bucket: 127.0.0.1:9000``);
+    Hadoop's s3a:// names the bucket as s3:// does."""
+    with pytest.raises(ParamsError, match=rf"^fetch\.s3\.bucket: takes a bucket name, {re.escape(message)}$"):
+        _config(source="s3", s3={"bucket": bucket})
+
 def test_a_region_boto3_refuses_is_a_params_error() -> None:
     """A region with a space or a slash passed the params check, then boto3's InvalidRegionError ended
     the stage in a traceback (exit 1, not 2); ``""`` passed botocore's check and its client raised a

@@ -81,11 +81,21 @@ class S3Config:
 
 
 def _bucket_hint(bucket: str) -> str:
-    """What to write for ``s3://bucket/prefix`` or ``bucket/prefix``, without a URL's ``user:password@``."""
-    url = "://" in bucket
-    netloc, _, prefix = bucket.split("://", 1)[-1].partition("/")
+    """What to write for ``s3://bucket/prefix`` or ``bucket/prefix``, without a URL's ``user:password@``.
+
+    An http(s) URL's host is a server (or holds the bucket), never the bucket; a value with a ``?`` (a
+    signed URL's query) or an ``@`` past its first ``/`` (a password holding a ``/``) is not quoted.
+    """
+    scheme, url, rest = bucket.partition("://")
+    netloc, _, prefix = (rest if url else bucket).partition("/")
+    if url and scheme.lower() in ("http", "https"):  # s3://, s3a://, gs://: the host is the bucket
+        return ("takes a bucket name, not a URL (its server goes in endpoint_url, null for AWS's; the "
+                "bucket's name here and the folder in prefix)")
+    kind = "a URL" if url else "a path: the rest goes in prefix"
+    if "?" in bucket or "@" in prefix:
+        return f"takes a bucket name, not {kind}"
     hint = f"bucket: {netloc.rpartition('@')[2]}" + (f", prefix: {prefix}" if prefix else "")
-    return f"takes a bucket name, not {'a URL' if url else 'a path: the rest goes in prefix'} ({hint})"
+    return f"takes a bucket name, not {kind} ({hint})"
 
 
 def _valid_endpoint(url: str) -> bool:
