@@ -280,13 +280,22 @@ def fetch_records(
     entries = journal.load() if journaled is None else journaled
     wanted = {str(row["sample_id"]) for row in rows}
     stored = _candidates(previous, journal_dir, entries, source.match, wanted, reusable)
-    stop, staged = threading.Event(), threading.Lock()
+    stop, linking = threading.Event(), threading.Condition()
+    in_flight = 0  # links under way: a stopped run waits for them, the threads link side by side
 
     def stage(root: Path, record: Record) -> None:
         """Link a success into ``staging``, unless the run has stopped: its caller may be deleting that."""
-        with staged:
-            if not stop.is_set():
-                _link(root / record.path, staging / record.path)
+        nonlocal in_flight
+        with linking:
+            if stop.is_set():
+                return
+            in_flight += 1
+        try:
+            _link(root / record.path, staging / record.path)
+        finally:
+            with linking:
+                in_flight -= 1
+                linking.notify_all()
 
     def one(index: int) -> tuple[int, Record, bool]:
         row = rows[index]
@@ -325,9 +334,10 @@ def fetch_records(
                 records[index] = record
                 reused += was_reused
                 bar.update()
-    finally:  # once this lock is ours, no thread still downloading will link into staging
-        with staged:
-            stop.set()
+    finally:  # once no link is under way, no thread still downloading starts one: staging is the caller's
+        stop.set()
+        with linking:
+            linking.wait_for(lambda: not in_flight)
     log.info("%s: %d rows, %d reused from an earlier run", desc, len(rows), reused)
     return records  # type: ignore[return-value]  # every index was filled
 
@@ -343,7 +353,10 @@ def to_manifest(source: Source, records: list[Record]) -> pd.DataFrame:
     counts = manifest["status"].value_counts().to_dict()
     log.info("fetch %s: %d rows, statuses %s", source.name, len(manifest), counts)
     if "success" not in counts:  # the gate then says no row succeeded: here is why, before it
-        common = manifest.groupby(["status", "error"], dropna=False).size().nlargest(3)
-        reasons = [f"{status}: {error} ({n} row{'s' * (n != 1)})" for (status, error), n in common.items()]
-        log.warning("fetch %s: no row succeeded; the most common errors: %s", source.name, "; ".join(reasons))
+        # by status, each with its most common error: many errors quote their row (a size, a file name)
+        examples = manifest.groupby("status")["error"].agg(lambda errors: errors.mode().iloc[0])
+        reasons = [f"{status} ({n} row{'s' * (n != 1)}), e.g. {examples[status]}"
+                   for status, n in list(counts.items())[:3]]
+        log.warning("fetch %s: no row succeeded; the most common failures: %s", source.name,
+                    "; ".join(reasons))
     return manifest

@@ -21,6 +21,7 @@ import io
 import os
 import re
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -210,7 +211,8 @@ def save_image(data: bytes, sample_id: str, root: Path, max_pixels: int) -> Reco
     rel = image_path(sample_id, suffix)
     dest = root / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
+    # a name of its own: a stopped run's thread may still be writing the row a rerun in this process fetches
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.part")
     tmp.write_bytes(data)
     os.replace(tmp, dest)
     return Record("success", None, rel, hashlib.sha256(data).hexdigest(), width, height)
