@@ -1388,6 +1388,21 @@ def test_bench_input_without_a_manifest_is_a_usage_error(
     assert exit_.value.code == 2 and f"--input {tmp_path / 'nope'}: no manifest.parquet there" in err
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--size", "100000"], "--size must be <= 1024, got 100000"),
+    (["--size", "8"], "--size must be >= 16, got 8"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+])
+def test_bench_takes_the_stage_s_bounds_on_size_and_workers(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bench built its CropConfig past the params check: --size 100000 ended in OpenCV's out-of-memory
+    traceback once the images were generated, and --size 8 ran a size the stage refuses."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_crop(["--images", "1", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_bench_refuses_generated_images_too_small_to_texture(capsys: pytest.CaptureFixture[str]) -> None:
     """The generated images are an (image-size / 8)² noise upscaled: below 8 px that is empty, and
     OpenCV's resize raised an assertion traceback (exit 1) once the bench ran. A usage error instead."""

@@ -47,7 +47,7 @@ from mcf.data.quality import blur_score, duplicates, phash
 from mcf.data.shards import encode_jpeg, iter_encoded, read_back, write_manifest, write_shards
 from mcf.errors import StageError
 from mcf.io import atomic_dir, read_table
-from mcf.params import Common, param, require_apart, require_path
+from mcf.params import Common, ParamsError, build, param, require_apart, require_path
 from mcf.pools import cancelled_on_error, submit_in_order, worker_init, workers_ignore_ctrl_c
 
 log = logging.getLogger(__name__)
@@ -457,9 +457,13 @@ def bench_crop(argv: list[str]) -> None:
     p.add_argument("--list-only", action="store_true",
                    help="time and size the image list alone (load_sources), on generated tables: no JPEGs")
     args = p.parse_args(argv)
-    for name in ("images", "image_size", "workers", "size"):
+    for name in ("images", "image_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    try:  # the stage's own bounds: crop.size at 100000 was OpenCV's out-of-memory traceback
+        build(CropConfig, {"size": args.size, "workers": args.workers})
+    except ParamsError as err:
+        p.error(f"--{err.key} {err.message}")
     if args.image_size < 8:  # the texture is an (image-size / 8)² noise, upscaled
         p.error(f"--image-size must be at least 8, got {args.image_size}")
     if args.input and not (Path(args.input) / "manifest.parquet").is_file():
