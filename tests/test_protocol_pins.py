@@ -30,6 +30,7 @@ from mcf.models.heads import DenseFaceModel, HeadConfig, Neck, UPerHead, soft_ar
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import load, read_yaml
+from mcf.report.runfiles import FARL_EP16_F1, PAPER
 from mcf.train.finetune import AlignmentConfig, FinetuneConfig, alignment_loss, lr_factor
 from mcf.train.loop import TrainConfig, make_optimizer, resolve_dtype
 from mcf.train.schedule import scaled_lr
@@ -359,6 +360,29 @@ def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     lapa = parsing.data
     assert (lapa.warp_size, lapa.warp_factor, lapa.size, lapa.label_size) == (512, 0.8, 448, 512)
     assert (lapa.augment.rotation_std, lapa.augment.scale_std, lapa.augment.shift) == (0.314, 0.1, 0.01)
+
+
+def test_heatmap_prior_is_on_in_both_params_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """§3: the classifier's −log(H·W) bias (ours, not FaRL's) is on in params.yaml and params.paper.yaml.
+    Turned off in either, the soft-argmax would start pinned to the map's centre and that file's
+    figures would no longer be the protocol's run."""
+    monkeypatch.chdir(tmp_path)  # the stages' inputs are not checked for another stage's section
+    for name in ("params.yaml", "params.paper.yaml"):
+        assert load("finetune_alignment", ROOT / name)[1].heatmap_prior is True, name
+
+
+def test_the_reports_paper_numbers_are_section_5s() -> None:
+    """§5: every number `mcf report` sets a run beside, with its system and class. A digit slipped in one
+    (0.923 for 0.932) or FaRL's per-class F1 shifted by one class would misstate the paper on the page."""
+    assert [(r.system, r.nme_full, r.nme_frontal, r.f1_mean) for r in PAPER] == [
+        ("MCF ViT-B/16, 16 ep (paper)", 0.932, None, 93.96),
+        ("FaRL-B ep16 (paper)", 0.943, 0.821, 93.88),
+        ("FaRL-B ep64 (paper)", 0.938, 0.818, 94.04),
+    ]
+    assert FARL_EP16_F1 == {
+        "skin": 98.00, "left_brow": 92.70, "right_brow": 92.65, "left_eye": 93.97, "right_eye": 93.91,
+        "nose": 97.92, "upper_lip": 90.15, "inner_mouth": 91.74, "lower_lip": 91.21, "hair": 96.52,
+    }
 
 
 def test_dense_model_reads_raw_blocks_and_gives_112_logits() -> None:
