@@ -263,7 +263,8 @@ def test_alignment_loss_is_l1_plus_bce_on_gaussians() -> None:
 
 
 def test_finetune_cosine_and_ema() -> None:
-    """§3: the EMA decay is 0.999; the cosine schedule is §1's per-step half-cosine (1, ½ mid-run, 0)."""
+    """§3: the EMA decay is 0.999. §3 names no schedule (the paper profile runs FaRL's MultiStepLR); the
+    default params' cosine is §1's per-step half-cosine (1, ½ mid-run, 0)."""
     cfg = FinetuneConfig(schedule="cosine", warmup_steps=0)
     assert [lr_factor(step, 100, cfg) for step in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
     assert FinetuneConfig().ema_decay == 0.999
