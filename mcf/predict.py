@@ -314,10 +314,10 @@ def cli(argv: list[str]) -> int:
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
                "    image path, an image or --out path that is not UTF-8, image names too long for their\n"
-               "    outputs, a model missing, damaged or of\n"
-               "    the other task, a --yunet file OpenCV cannot load, an --out that is not a predict\n"
-               "    output, holds an input image or cannot be written; 2 a usage error\n"
-               "    (a bad --box, a --yunet that is no .onnx file, no --out)",
+               "    outputs, two images whose stems differ only in letter case or accent encoding, a\n"
+               "    model missing, damaged or of the other task, a --yunet file OpenCV cannot load, an\n"
+               "    --out that is not a predict output, holds an input image or cannot be written;\n"
+               "  2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, metavar="DIR",

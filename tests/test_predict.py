@@ -308,6 +308,7 @@ def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -
     help_ = " ".join(capsys.readouterr().out.split())
     for case in ("no model given", "parsing without --alignment or --yunet", "a missing image path",
                  "image names too long for their outputs",
+                 "two images whose stems differ only in letter case or accent encoding",
                  "a model missing, damaged or of the other task", "a --yunet file OpenCV cannot load",
                  "an --out that is not a predict output, holds an input image or cannot be written",
                  "2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)"):
