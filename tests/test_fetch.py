@@ -1714,6 +1714,14 @@ def test_an_endpoint_refused_for_its_form_does_not_quote_its_credentials(endpoin
     assert "takes no user, password or query" in str(err.value)
 
 
+def test_credentials_in_an_unused_s3_section_are_refused_too() -> None:
+    """dvc.yaml's fetch stage records the whole fetch section in dvc.lock: a password left in s3's
+    endpoint_url while another source runs passed the check, and went into a committed file."""
+    with pytest.raises(ParamsError, match=r"fetch\.s3\.endpoint_url: takes no user, password or query"):
+        _config(s3={"endpoint_url": "http://minio:s3cret@127.0.0.1:9000"})
+    assert _config(s3={"endpoint_url": "http://127.0.0.1:9000"}).source == "synthetic"  # unused, not checked
+
+
 @pytest.mark.parametrize("endpoint", ["http://[::1", "http://mini o:9000", "http://127.0.0.1:9OOO",
                                       "http://127.0.0.1:90000", "", "ftp://127.0.0.1:9000"])
 def test_an_endpoint_boto3_cannot_use_is_a_params_error(endpoint: str) -> None:

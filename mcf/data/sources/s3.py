@@ -56,6 +56,14 @@ class S3Config:
     timeout: float = param(10.0, gt=0)  # seconds, connect and read
     total_timeout: float = param(30.0, gt=0)  # seconds for an object's body (as laion_face.total_timeout)
 
+    def __post_init__(self) -> None:
+        """Whichever source is active: dvc.lock and `dvc params diff` record the whole fetch section."""
+        url = self.endpoint_url or ""
+        # before any message quotes the value: "@" and "?" mark credentials however the rest is malformed
+        if "@" in url or "?" in url:
+            raise ParamsError("endpoint_url", "takes no user, password or query: credentials come from "
+                              "boto3's chain (AWS_ACCESS_KEY_ID ..., a profile), never from params")
+
     def check_inputs(self) -> None:
         """Called when this source is active."""
         if not self.bucket:
@@ -66,10 +74,6 @@ class S3Config:
             raise ParamsError("bucket", _bucket_hint(self.bucket))
         check_extensions(self.extensions)
         url = self.endpoint_url or ""
-        # before any message quotes the value: "@" and "?" mark credentials however the rest is malformed
-        if "@" in url or "?" in url:
-            raise ParamsError("endpoint_url", "takes no user, password or query: credentials come from "
-                              "boto3's chain (AWS_ACCESS_KEY_ID ..., a profile), never from params")
         if self.endpoint_url is not None and not _valid_endpoint(url):  # "" too: boto3's ValueError
             raise ParamsError("endpoint_url", f"expected http(s)://host[:port] (null: AWS's), got {url!r}")
         try:
