@@ -55,7 +55,8 @@ elif stage == "train":
         import os, signal, time
         if params["train"].get("deaf", True):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # deaf to SIGTERM, as a stuck stage is
-        Path("hang.pid").write_text(str(os.getpid()))
+        Path("hang.pid.tmp").write_text(str(os.getpid()))  # whole, or the test may read it empty
+        os.replace("hang.pid.tmp", "hang.pid")
         time.sleep(300)
     if sys.argv[2] in params["train"].get("latin1", []):  # a file name in an older encoding, as printed
         sys.stdout.buffer.write(b"train: skipping caf\\xe9.jpg\\n")
