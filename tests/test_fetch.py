@@ -808,11 +808,13 @@ def test_a_kept_alive_connection_is_not_cut_at_the_last_images_deadline() -> Non
     httpd.daemon_threads, _KeepAlive.connections = True, 0
     threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"total_timeout": 0.6}), MAX_BYTES)
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"total_timeout": 1.5}), MAX_BYTES)
     try:
-        assert fetch({"url": url + "/good.jpg"}) == JPEG  # its deadline: 0.6 s from now
-        time.sleep(0.3)
-        assert fetch({"url": url + "/late.jpg"}) == JPEG  # answered at 0.7 s, within its own 0.6 s
+        start = time.monotonic()
+        assert fetch({"url": url + "/good.jpg"}) == JPEG  # its deadline: 1.5 s from start
+        time.sleep(max(0.0, start + 1.3 - time.monotonic()))
+        # asked at 1.3 s, answered 0.4 s later: the first deadline falls mid-request, its own is 1.1 s after
+        assert fetch({"url": url + "/late.jpg"}) == JPEG
         assert _KeepAlive.connections == 1  # the second image went over the first one's connection
     finally:
         httpd.shutdown()
