@@ -214,9 +214,14 @@ def test_workers_stop_when_torchrun_is_killed_outright(tmp_path: Path) -> None:
 def test_sigterm_to_the_launcher_reaches_torchrun(tmp_path: Path) -> None:
     """`train.processes` re-runs the stage under torchrun: stopping the parent stops the child too."""
     child = (
-        "import pathlib, signal, sys, time\n"
+        "import os, pathlib, signal, sys, time\n"
         f"p = pathlib.Path({str(tmp_path)!r})\n"
         "signal.signal(signal.SIGTERM, lambda *_: (p.joinpath('stopped').touch(), sys.exit(7)))\n"
+        # ready once the launcher forwards SIGTERM (it sets its handler after starting this process): a
+        # SIGTERM before that would end the launcher alone, leaving this process running
+        "status = pathlib.Path(f'/proc/{os.getppid()}/status')\n"
+        "while not int(status.read_text().split('SigCgt:')[1].split()[0], 16) & 1 << signal.SIGTERM - 1:\n"
+        "    time.sleep(0.01)\n"
         "p.joinpath('ready').touch()\n"
         "time.sleep(60)\n"
     )
