@@ -270,8 +270,9 @@ def test_a_stage_guard_stops_what_its_killed_command_left_running(tmp_path: Path
     """A ``dvc repro`` killed outright leaves its stage's command behind: the guard stops it, SIGKILL
     after ``grace`` for one deaf to SIGTERM, and still exits with the killed command's status."""
     pids = tmp_path / "pids"
-    stage = (f"sleep 300 & echo $! > {pids}; (trap '' TERM; exec sleep 300) & echo $! >> {pids}; "
-             "sleep 0.5; kill -9 $$")
+    # killed once the deaf one has its trap (it says so), not after a fixed pause it might not be run within
+    stage = (f"sleep 300 & echo $! > {pids}; (trap '' TERM; echo $BASHPID >> {pids}; exec sleep 300) & "
+             f"while [ $(wc -l < {pids}) -lt 2 ]; do sleep 0.05; done; kill -9 $$")
     guard = [sys.executable, str(GUARD), "--parent", str(os.getpid()), "--grace", "2", "--"]
     began = time.monotonic()
     done = subprocess.run([*guard, "bash", "-c", stage], start_new_session=True, timeout=30)
