@@ -67,15 +67,18 @@ class StageFailed(RuntimeError):
     """A stage failed; the message names it and says why (for ``dvc repro``, the tail of its log).
 
     ``exit_code`` is the stage command's own exit status, as DVC reports it, when it got that far.
+    ``dvc_refused``: DVC failed the stage itself, not its command (a missing dependency, an output the
+    command did not write): a rerun would fail the same way.
     """
 
-    def __init__(self, stage: str, detail: str, exit_code: int | None = None) -> None:
-        self.stage, self.detail, self.exit_code = stage, detail, exit_code
+    def __init__(self, stage: str, detail: str, exit_code: int | None = None,
+                 dvc_refused: bool = False) -> None:
+        self.stage, self.detail, self.exit_code, self.dvc_refused = stage, detail, exit_code, dvc_refused
         super().__init__(f"stage {stage!r} failed: {detail}")
 
-    def __reduce__(self) -> tuple[type, tuple[str, str, int | None]]:
+    def __reduce__(self) -> tuple[type, tuple[str, str, int | None, bool]]:
         """Rebuilt from its parts when pickled (a result Prefect persists, a process boundary)."""
-        return StageFailed, (self.stage, self.detail, self.exit_code)
+        return StageFailed, (self.stage, self.detail, self.exit_code, self.dvc_refused)
 
 
 @dataclass(frozen=True)
@@ -244,19 +247,23 @@ def repro(stage: str) -> StageRun:
             RUNNING.done(proc)
     if proc.returncode:
         lines = "\n".join(tail)
-        # DVC's StageCmdFailedError: "failed to run: <cmd>, exited with <status>"
+        # DVC's StageCmdFailedError: "failed to run: <cmd>, exited with <status>"; without it, its
+        # ReproductionError ("failed to reproduce '<stage>': <why>") is DVC's own (a missing dependency)
         status = re.findall(r"failed to run: .*, exited with (-?\d+)", lines)
+        refused = not status and "failed to reproduce" in lines
         raise StageFailed(stage, f"`dvc repro` exited {proc.returncode}; its last lines:\n{lines}",
-                          int(status[-1]) if status else None)
+                          int(status[-1]) if status else None, refused)
     return StageRun(stage, outcome, round(time.monotonic() - start, 1))
 
 
 def retry_condition(_task: Task, _task_run: TaskRun, state: State) -> bool:
-    """Retry a failed I/O stage unless its command rejected its params or its data gate failed (a typo
-    or bad data is not a transient error), or the run is being stopped: its stopped command, or one it
-    refused to start, failed for that, and a retry's delay would hold the process past the worker's kill."""
+    """Retry a failed I/O stage unless its command rejected its params or its data gate failed, or DVC
+    refused it (a typo, bad data or a missing input is not a transient error), or the run is being
+    stopped: its stopped command, or one it refused to start, failed for that, and a retry's delay would
+    hold the process past the worker's kill."""
     error = state.result(raise_on_failure=False)
-    return not (RUNNING.stopped or isinstance(error, StageFailed) and error.exit_code in NO_RETRY)
+    refused = isinstance(error, StageFailed) and (error.dvc_refused or error.exit_code in NO_RETRY)
+    return not (RUNNING.stopped or refused)
 
 
 def stage_task(stage: str) -> Task[[str], StageRun]:
@@ -525,7 +532,7 @@ def _raise_failures(states: dict[str, State], swapped_in: str | None = None) -> 
               if state.is_final() and not state.is_completed()]
     if swapped_in:
         note = f"with {swapped_in} in place as {PARAMS}"
-        errors = [StageFailed(err.stage, f"{note}, {err.detail}", err.exit_code)
+        errors = [StageFailed(err.stage, f"{note}, {err.detail}", err.exit_code, err.dvc_refused)
                   if isinstance(err, StageFailed) else err for err in errors]
     if len(errors) == 1:
         raise errors[0]

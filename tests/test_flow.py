@@ -174,6 +174,8 @@ def test_stage_tasks_retry_io_and_tag_gpu(monkeypatch: pytest.MonkeyPatch) -> No
     assert fetch.retry_condition_fn is retry_condition
     assert retry_condition(fetch, None, failed[1]) and retry_condition(fetch, None, failed[None])
     assert not retry_condition(fetch, None, failed[2]) and not retry_condition(fetch, None, failed[3])
+    refused = Failed(data=StageFailed("fetch", "missing data", None, dvc_refused=True))  # by DVC itself
+    assert not retry_condition(fetch, None, refused)
     monkeypatch.setattr(flows.pipeline, "RUNNING", flows.pipeline._Running())
     flows.pipeline.RUNNING.stop_all()  # a stopped run: its stopped or unstarted stage is not retried
     assert not retry_condition(fetch, None, failed[1]) and not retry_condition(fetch, None, failed[None])
@@ -181,8 +183,9 @@ def test_stage_tasks_retry_io_and_tag_gpu(monkeypatch: pytest.MonkeyPatch) -> No
     assert "gpu" in stage_task("pretrain").tags and "gpu" not in stage_task("crop").tags
     assert "gpu" in stage_task("evaluate").tags  # it scores on the GPU too
     # pickled (a persisted result), a failure keeps the status its retry is decided on
-    again = pickle.loads(pickle.dumps(StageFailed("fetch", "...", 2)))
-    assert (again.stage, again.exit_code, str(again)) == ("fetch", 2, "stage 'fetch' failed: ...")
+    again = pickle.loads(pickle.dumps(StageFailed("fetch", "...", None, dvc_refused=True)))
+    assert (again.stage, again.exit_code, again.dvc_refused, str(again)) == (
+        "fetch", None, True, "stage 'fetch' failed: ...")
 
 
 def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -405,6 +408,31 @@ def test_failed_stage_names_itself_with_its_log_tail(prefect_api: None, project:
     table = Artifact.get("mcf-summary").data
     assert "| `train@a` | **failed** |" in table and "| `train@b` | ran |" in table
     assert "| `evaluate` | not run (upstream failed) |" in table
+
+
+def test_fetch_missing_a_dependency_fails_once_naming_it(
+    prefect_api: None, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DVC refuses a stage whose dependency is missing (the LAION-Face parts not pulled) before its command
+    runs: fetch's retries, meant for a network's hiccups, would only wait twice to fail the same way."""
+    import flows.pipeline
+
+    (project / "dvc.yaml").write_text(DVC_YAML.replace("deps: [stage.py]", "deps: [stage.py, parts.txt]"))
+    monkeypatch.setattr(flows.pipeline, "RETRY_DELAY_S", 0)
+    starts: list[str] = []
+    start = flows.pipeline.RUNNING.start
+
+    def counted(stage: str, cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+        starts.append(stage)
+        return start(stage, cmd, **kwargs)
+
+    monkeypatch.setattr(flows.pipeline.RUNNING, "start", counted)
+    state = mcf(stages=["fetch"], return_state=True)
+    with pytest.raises(StageFailed, match="parts.txt") as caught:
+        state.result()
+    assert caught.value.dvc_refused and caught.value.exit_code is None
+    assert starts == ["fetch"]  # tried once
+    assert not (project / "out/fetch.txt").exists()  # the command never ran
 
 
 def test_several_failed_stages_are_each_named_in_the_run_failure() -> None:
