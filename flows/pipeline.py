@@ -38,6 +38,7 @@ from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture, wait
 
 from mcf.errors import EXIT_GATE, EXIT_PARAMS
@@ -48,7 +49,7 @@ from mcf.report import markdown_summary
 PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks params in
 GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing", "evaluate"})
 RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a transient error
-RETRY_DELAY_S = 30
+RETRY_DELAY_S = 30  # waited in the task (_pause_before_retry), not Prefect's retry_delay_seconds
 NO_RETRY = (EXIT_PARAMS, EXIT_GATE)  # `mcf <stage>`'s exits for rejected params, a failed data gate
 TAIL_LINES = 40
 STOP_GRACE_S = 60  # a cancelled stage's group gets this long to stop after SIGTERM (torchrun: 30 s)
@@ -213,9 +214,23 @@ class _Running:
 RUNNING = _Running()
 
 
+def _pause_before_retry(stage: str) -> None:
+    """On a retry, wait ``RETRY_DELAY_S`` first, unless the run is stopped meanwhile.
+
+    Not Prefect's own retry delay: that is a sleep in the task's thread, which a cancel never reaches, so
+    a run cancelled during it kept its process, and its worker's slot, until the delay was over.
+    """
+    context = TaskRunContext.get()  # none when called as a plain function (``.fn``)
+    if context and context.task_run.run_count > 1:
+        get_run_logger().info("%s: retrying in %d s", stage, RETRY_DELAY_S)
+        if RUNNING.stop_event.wait(RETRY_DELAY_S):
+            raise StageFailed(stage, "the flow run was stopped before the stage's retry")
+
+
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
 def repro(stage: str) -> StageRun:
     """Run one stage through DVC, streaming its output to the run's log."""
+    _pause_before_retry(stage)
     logger = get_run_logger()
     start, outcome = time.monotonic(), "unchanged"
     tail: deque[str] = deque(maxlen=TAIL_LINES)
@@ -277,8 +292,7 @@ def stage_task(stage: str) -> Task[[str], StageRun]:
     if base in GPU_STAGES:
         tags |= {"gpu", f"gpu-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"}
     retries = RETRIES.get(base, 0)
-    return repro.with_options(tags=sorted(tags), retries=retries, retry_delay_seconds=RETRY_DELAY_S,
-                              retry_condition_fn=retry_condition)
+    return repro.with_options(tags=sorted(tags), retries=retries, retry_condition_fn=retry_condition)
 
 
 def _dvc(*args: str) -> str:
@@ -318,6 +332,7 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     no more, :func:`flows.dask_runner.stop_on`), so a commit then would record this profile's output
     under the other's params.
     """
+    _pause_before_retry(stage)
     start = time.monotonic()
     if not json.loads(_dvc("status", "--json", stage) or "{}"):
         return StageRun(stage, "unchanged", round(time.monotonic() - start, 1))
@@ -498,7 +513,6 @@ def run_stages(
             after = [futures[u] for u in upstream]
             if stage in on_dask:  # retried as the stage's own task is
                 tagged = dask_stage.with_options(tags=["dvc", "dask", stage], retries=RETRIES.get(stage, 0),
-                                                 retry_delay_seconds=RETRY_DELAY_S,
                                                  retry_condition_fn=retry_condition)
                 futures[stage] = tagged.submit(stage, dask_address, wait_for=after)
             else:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,10 @@ stage = sys.argv[1]
 out = Path("out")
 out.mkdir(exist_ok=True)
 if stage == "fetch":
+    if params["fetch"].get("fail"):  # a download that failed: fetch is retried
+        with open("fetch.tried", "a") as tried:
+            tried.write("tried\\n")
+        sys.exit("fetch: connection reset")
     (out / "fetch.txt").write_text("".join(f"{i}\\n" for i in range(params["fetch"]["n"])))
 elif stage == "train":
     if sys.argv[2] in params["train"].get("hang", []):
@@ -551,6 +556,36 @@ def test_a_stopped_flow_run_stops_its_running_stages(prefect_server: PrefectServ
         assert (project / "params.yaml").read_text() == yaml.safe_dump(PARAMS)
 
 
+def test_a_flow_run_stopped_while_fetch_waits_to_retry_ends_at_once(
+    prefect_server: PrefectServer, project: Path
+) -> None:
+    """Prefect's own retry delay is a sleep in the task's thread, which a cancel never reaches: the
+    cancelled run's process, and its worker's slot, stayed until the 30 s were over."""
+    import httpx
+
+    (project / "params.flaky.yaml").write_text(yaml.safe_dump({**PARAMS, "fetch": {"n": 3, "fail": True}}))
+    env = {**prefect_server.env, "PYTHONPATH": str(ROOT)}
+    code = "from flows.pipeline import mcf; mcf(params_file='params.flaky.yaml', stages=['fetch'])"
+    since = datetime.now(UTC).isoformat()  # not other tests' on the shared server
+    query = {"task_runs": {"expected_start_time": {"after_": since}}}
+    flow_run = subprocess.Popen([sys.executable, "-c", code], cwd=project, env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, states = time.monotonic() + 60, set[str]()
+        while not states & {"AwaitingRetry", "Retrying"}:  # its first try failed; it waits to retry
+            assert flow_run.poll() is None and time.monotonic() < deadline, (flow_run.returncode, states)
+            time.sleep(0.2)
+            runs = httpx.post(f"{prefect_server.api}/task_runs/filter", json=query, timeout=10).json()
+            states = {run["state_name"] for run in runs}
+        flow_run.send_signal(signal.SIGTERM)  # as a worker cancels a run
+        assert flow_run.wait(10) == -signal.SIGTERM
+        assert (project / "fetch.tried").read_text() == "tried\n"  # and not tried again once stopped
+        assert (project / "params.yaml").read_text() == yaml.safe_dump(PARAMS)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(flow_run.pid, signal.SIGKILL)
+
+
 def test_a_killed_flow_runs_stages_are_stopped(prefect_server: PrefectServer, project: Path) -> None:
     """A flow process killed outright (SIGKILL, the OOM killer) cannot stop its stages: each one's guard
     sees it gone and stops the stage, which would otherwise train on unseen, holding its lock."""
@@ -579,11 +614,13 @@ def test_fetch_on_dask_is_retried_as_fetch_is(
     from mcf.errors import GateError
     from mcf.params import ParamsError
 
-    monkeypatch.setattr(flows.pipeline, "RETRY_DELAY_S", 0)
+    monkeypatch.setattr(flows.pipeline, "RETRY_DELAY_S", 1)
     calls: list[str] = []
+    times: list[float] = []
 
     def flaky(address: str | None) -> None:
         calls.append("flaky")
+        times.append(time.monotonic())
         if len(calls) == 1:
             raise ConnectionError("the scheduler went away")
         (project / "out").mkdir(exist_ok=True)
@@ -591,6 +628,7 @@ def test_fetch_on_dask_is_retried_as_fetch_is(
 
     monkeypatch.setattr(flows.fetch_dask, "fetch_dask", flaky)
     assert _outcomes(mcf(fetch_on_dask=True, stages=["fetch"])) == {"fetch": "ran"} and len(calls) == 2
+    assert times[1] - times[0] >= 1  # after the retry delay
     for error, code in ((ParamsError("fetch.source", "no"), 2), (GateError("manifest: bad rows"), 3)):
         (project / "out/fetch.txt").unlink(missing_ok=True)  # fetch is to do again, not to restore:
         (project / "dvc.lock").unlink(missing_ok=True)  # neither as dvc.lock has it nor from the run-cache
