@@ -578,3 +578,28 @@ def test_an_image_under_out_is_refused_not_deleted(
     assert cli_main(["predict", str(work), *argv]) == 1
     assert f"{work / 'mine.jpg'} lies in --out {work}" in capsys.readouterr().err
     assert sorted(work.rglob("*")) == before
+
+def _predict_boxes(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python tools/predict_boxes.py ARGS``, as the README has a user run it after ``dvc repro``."""
+    tool = Path(__file__).resolve().parents[1] / "tools" / "predict_boxes.py"
+    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_predict_boxes_names_synthface_data_as_synthface(models: tuple[Path, Path, Path]) -> None:
+    """The tool's numbers on the default run are SynthFace's: they must say so, not pass for AFLW-19's
+    (the data root is .../aflw19, and the figures go into the README)."""
+    _, align_pt, _ = models
+    done = _predict_boxes(str(align_pt))
+    assert done.returncode == 0, done.stderr
+    assert "SynthFace-AFLW19" in done.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize("which", ["missing", "parsing"])
+def test_predict_boxes_refuses_a_bad_model_on_one_line(which: str, models: tuple[Path, Path, Path],
+                                                       tmp_path: Path) -> None:
+    """A missing model or one of the other task: one line naming it, exit 1, no traceback."""
+    _, _, parse_pt = models
+    path = str(tmp_path / "nope.pt") if which == "missing" else str(parse_pt)
+    done = _predict_boxes(path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and path in done.stderr
