@@ -579,6 +579,7 @@ def test_an_image_under_out_is_refused_not_deleted(
     assert f"{work / 'mine.jpg'} lies in --out {work}" in capsys.readouterr().err
     assert sorted(work.rglob("*")) == before
 
+
 def _predict_boxes(*args: str) -> subprocess.CompletedProcess[str]:
     """``python tools/predict_boxes.py ARGS``, as the README has a user run it after ``dvc repro``."""
     tool = Path(__file__).resolve().parents[1] / "tools" / "predict_boxes.py"
