@@ -347,12 +347,12 @@ def test_bench_imports_only_the_training_stack() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "1", "nan", "abc"])
+@pytest.mark.parametrize("ratio", ["1.5", "-0.1", "0", "1", "nan", "abc"])
 def test_a_mask_ratio_outside_0_1_is_a_usage_error(ratio: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Not a number read "invalid _ratio value": argparse's message names the private type function."""
     with pytest.raises(SystemExit):
         parse(["--mask-ratio", ratio])
-    assert f"expected a ratio in [0, 1), got {ratio}" in capsys.readouterr().err
+    assert f"expected a ratio in (0, 1), got {ratio}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("model", "ratio", "patches"), [("tiny", "0.95", 16), ("base", "0.995", 196)])

@@ -63,8 +63,8 @@ def _ratio(text: str) -> float:
         value = float(text)
     except ValueError:  # else argparse names this function: "invalid _ratio value"
         value = float("nan")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a ratio in [0, 1), got {text}")
+    if not 0 < value < 1:  # at 0 no patch is hidden, and the losses average over the hidden ones
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1), got {text}")
     return value
 
 
@@ -92,7 +92,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    help="the fast path's SDPA kernel (math where it does not apply); auto: torch's choice")
     p.add_argument("--teacher-residual", choices=("autocast", "fp32"), default="autocast",
                    help="the teacher's residual stream under autocast (default: %(default)s)")
-    p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="in [0, 1) (default: %(default)s)")
+    p.add_argument("--mask-ratio", type=_ratio, default=0.75, help="in (0, 1) (default: %(default)s)")
     p.add_argument("--shards", type=Path, default=None, help="time the data loader on these JPEG shards too")
     p.add_argument("--workers", type=int, default=8, help="data-loader processes (default: %(default)s)")
     p.add_argument("--loader-batches", type=int, default=50,
@@ -289,9 +289,9 @@ def bench_pretrain(argv: list[str]) -> int:
     except ParamsError as err:  # exit 2, as a usage error
         raise ParamsError("--mask-ratio", f"{err.message} of --model {args.model}") from None
     if cfg.uses_contrastive and args.batch < 4:  # see equivalence(); at 1 the BatchNorm raises outright
-        raise ParamsError("--batch", f"{args.batch}: use 4 or more; with 2 images the contrastive "
-                          "projector's BatchNorm leaves each feature at ±1, and the equivalence check fails "
-                          "on rounding")
+        raise ParamsError("--batch", f"{args.batch}: use 4 or more; with fewer images the contrastive "
+                          "projector's BatchNorm leaves each feature near ±1 (at 2 exactly; at 1 it raises), "
+                          "and the equivalence check fails on rounding")
     torch.manual_seed(0)
     model = build(cfg, teacher_size).to(device).train()
     dtype = resolve_dtype(args.precision, device)
