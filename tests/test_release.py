@@ -126,9 +126,17 @@ def test_weights_files_load_safely(tmp_path: Path, capsys: pytest.CaptureFixture
     with pytest.raises(ValueError, match="exploit.pth: not a weights-only PyTorch checkpoint"):
         read_weights(tmp_path / "exploit.pth")
     (tmp_path / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
-    for name in ("damaged.pth", "empty.pth", "damaged.safetensors"):  # a stage error: no traceback
+    (tmp_path / "notes.pt").write_text("# not a checkpoint\n")
+    for name in ("damaged.pth", "empty.pth", "damaged.safetensors", "notes.pt"):  # stage errors: no traceback
         with pytest.raises(WeightsError, match=f"{name}: cannot be read as a PyTorch checkpoint .*cut short"):
             read_weights(tmp_path / name)
+    # torch's reason, not its advice to load the file with full unpickling (cut off mid-sentence before)
+    reason = r"\(UnpicklingError: Unsupported operand \d+\): cut short"
+    with pytest.raises(WeightsError, match=reason) as caught:
+        read_weights(tmp_path / "notes.pt")
+    assert "weights_only" not in str(caught.value)
+    with pytest.raises(WeightsError, match=r"empty.pth: cannot be read as a PyTorch checkpoint \(EOFError\)"):
+        read_weights(tmp_path / "empty.pth")
     assert "ran code" not in capsys.readouterr().out
 
 

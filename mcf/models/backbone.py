@@ -161,7 +161,10 @@ def read_weights(path: str | Path) -> dict[str, Any]:
                 f"{path}: not a weights-only PyTorch checkpoint ({foreign[0]}); it is not loaded with full "
                 "unpickling, which could run code from the file"
             ) from None
-        why = f"{type(err).__name__}: {str(err)[:160]}"
+        # torch's weights-only refusal of a file that is no pickle at all ("Unsupported operand 35") comes
+        # after two sentences of advice to load it unsafely: keep the reason only
+        reason = str(err).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+        why = " ".join(f"{type(err).__name__}: {reason}".split()).removesuffix(":")[:160]
         raise WeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({why}): cut short, damaged, "
                            "or another format") from None
     if not isinstance(obj, dict):

@@ -41,7 +41,9 @@ def cli(argv: list[str]) -> int:
         with atomic_dir(args.out, sign="backbone.json") as tmp:  # both files or neither
             cfg = export_backbone(args.checkpoint, tmp, num_heads=args.num_heads)
     except ValueError as err:
-        raise StageError(f"cannot export {args.checkpoint}: {err}") from err
+        # a weights error names the file already
+        raise StageError(f"cannot export {args.checkpoint}: {str(err).removeprefix(f'{args.checkpoint}: ')}"
+                         ) from err
     log.info("wrote %s (ViT %dx%d, patch %d, %d px)", args.out, cfg.embed_dim, cfg.depth, cfg.patch_size,
              cfg.img_size)
     return 0
