@@ -6,6 +6,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -389,6 +390,19 @@ def test_export_cli_reads_our_checkpoint_and_the_release_layout(tmp_path: Path) 
                  "--num-heads", heads])
         assert exit_.value.code == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_cli_logs_the_folder_it_wrote_not_its_temporary_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The export is written beside --out and renamed into place: the temporary name means nothing to the
+    user, and is gone once the command ends."""
+    torch.save({"model": tiny_model(3).state_dict(), "backbone": dataclasses.asdict(TINY)}, tmp_path / "c.pt")
+    with caplog.at_level(logging.INFO, logger="mcf"):
+        assert cli(["--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "out")]) == 0
+    written = [record.getMessage() for record in caplog.records]
+    assert any(f"wrote {tmp_path / 'out'} (ViT" in line for line in written), written
+    assert not any(".tmp" in line for line in written), written
 
 
 def test_export_into_the_folder_holding_its_checkpoint_is_refused(tmp_path: Path) -> None:

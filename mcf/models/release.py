@@ -238,6 +238,5 @@ def export_backbone(
         except RuntimeError as err:  # a weight missing or extra: one line for the user, not a traceback
             first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
             raise ValueError(f"its backbone does not fit a timm ViT ({first[:200]})") from None
-    save_backbone(encoder, cfg, out_dir)
-    log.info("exported %s backbone to %s", cfg, out_dir)
+    save_backbone(encoder, cfg, out_dir)  # the caller names what it wrote (`mcf export`: a temporary dir)
     return cfg
