@@ -274,8 +274,8 @@ def repro(stage: str) -> StageRun:
 def retry_condition(_task: Task, _task_run: TaskRun, state: State) -> bool:
     """Retry a failed I/O stage unless its command rejected its params or its data gate failed, or DVC
     refused it (a typo, bad data or a missing input is not a transient error), or the run is being
-    stopped: its stopped command, or one it refused to start, failed for that, and a retry's delay would
-    hold the process past the worker's kill."""
+    stopped: its stopped command, or one it refused to start, failed for that, and a retry would be
+    refused too."""
     error = state.result(raise_on_failure=False)
     refused = isinstance(error, StageFailed) and (error.dvc_refused or error.exit_code in NO_RETRY)
     return not (RUNNING.stopped or refused)
