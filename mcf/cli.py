@@ -83,7 +83,7 @@ def describe(doc: str | None) -> str:
 def parser() -> argparse.ArgumentParser:
     """The ``mcf`` argument parser (stage commands take ``--params``; tools parse the rest)."""
     p = argparse.ArgumentParser(prog="mcf", description=describe(__doc__))
-    p.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    p.add_argument("-v", "--verbose", action="store_true", help=f"{VERBOSE_HELP}; after COMMAND too")
     p.add_argument("--version", action="version", version=f"mcf {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_) in STAGES.items():
@@ -122,12 +122,23 @@ def _error(line: str) -> None:
         record_error(line)
 
 
+def _without_verbose(argv: list[str]) -> tuple[list[str], bool]:
+    """A tool's arguments without ``-v``/``--verbose`` (up to a ``--``), and whether it was among them:
+    ``mcf report -v`` is ``mcf -v report``, as a stage takes it after its name too."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a not in ("-v", "--verbose")] + argv[end:]
+    return kept, len(kept) < len(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # A tool parses its own arguments: hand them over untouched (argparse would reorder options).
     split = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     is_tool = split < len(argv) and argv[split] in TOOLS
     args, rest = parser().parse_known_args(argv[: split + 1] if is_tool else argv)
+    if is_tool:
+        rest, verbose = _without_verbose(argv[split + 1 :])
+        args.verbose = args.verbose or verbose
     # torchrun's workers but rank 0 log warnings and errors alone: rank 0 says what every rank does
     other_rank = "WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0"
     # ours say what a stage does; libraries say warnings alone: their INFO lines (botocore's "Found
@@ -145,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PARAMS
     try:
         if args.command in TOOLS:
-            return int(_resolve(TOOLS[args.command][0])(argv[split + 1 :]) or 0)
+            return int(_resolve(TOOLS[args.command][0])(rest) or 0)
         if rest:
             args.usage_error(f"unrecognized arguments: {' '.join(rest)}")
         common, config = load(args.command, args.params, every_section=True)

@@ -32,17 +32,30 @@ def test_tool_receives_its_options_in_order(monkeypatch: pytest.MonkeyPatch) -> 
     assert seen == [["--checkpoint", "a.pt", "--out", "b"]]
 
 
-def test_verbose_is_mcfs_own_debug_log(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("argv", [["-v", "report"], ["report", "-v"], ["bench", "pretrain", "--verbose"]])
+def test_verbose_is_mcfs_own_debug_log(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """-v turns mcf's loggers to DEBUG, not the root's: a library's debug log quotes credentials
-    (test_fetch runs `mcf -v fetch` on S3 for that)."""
-    monkeypatch.setattr(cli, "_resolve", lambda target: lambda argv: 0)
+    (test_fetch runs `mcf -v fetch` on S3 for that). After a tool's name as after a stage's: the tool
+    refused it ("unrecognized arguments: -v")."""
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda argv: seen.append(argv) or 0)
     loggers = [logging.getLogger(name) for name in cli.OWN_LOGGERS]
+    root = logging.getLogger().level
     try:
-        assert cli.main(["-v", "report"]) == 0
+        assert cli.main(argv) == 0
         assert [x.level for x in loggers] == [logging.DEBUG] * len(loggers)
+        assert logging.getLogger().level == root  # GX's and its libraries' debug lines stay off
+        assert seen == [["pretrain"] if "bench" in argv else []]
     finally:
         for x in loggers:
             x.setLevel(logging.NOTSET)
+
+
+def test_a_tools_argument_after_a_double_dash_is_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cli, "_resolve", lambda target: lambda argv: seen.append(argv) or 0)
+    assert cli.main(["predict", "--out", "o", "--", "-v"]) == 0
+    assert seen == [["--out", "o", "--", "-v"]]
 
 
 @pytest.mark.parametrize(("env", "level"), [

@@ -595,19 +595,6 @@ def test_a_null_flag_or_count_fails_its_not_null_check(suite: str, column: str) 
     assert f"  - expect_column_values_to_not_be_null(column={column}): 1 unexpected" in str(err.value)
 
 
-def test_verbose_is_mcfs_debug_log_not_its_libraries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`mcf validate -v` turned the root logger to DEBUG, so GX's and its libraries' debug lines flooded
-    the gate's own (`mcf -v` turns on mcf's loggers only: a library's may quote credentials)."""
-    import logging
-
-    for name in (None, "mcf"):  # put back after the test
-        monkeypatch.setattr(logging.getLogger(name), "level", logging.getLogger(name).level)
-    root = logging.getLogger().level
-    with pytest.raises(SystemExit):
-        gate.cli(["-v"])  # refused (no SUITE), after the level is set
-    assert logging.getLogger().level == root and logging.getLogger("mcf").level == logging.DEBUG
-
-
 # Suite -> (row of its good table each broken row starts from, changes, the checks the notes say catch them).
 BREAKS: dict[str, list[tuple[int, dict[str, object], list[str]]]] = {
     "fetch": [

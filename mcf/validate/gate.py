@@ -339,11 +339,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--docs", action="store_true", help="build Data Docs HTML for the latest results")
     p.add_argument("--out", type=Path, default=Path("outputs/validation_docs"),
                    help="Data Docs folder (default: %(default)s)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="debug logging (mcf's own, not its libraries')")
-    args = p.parse_args(argv)
-    if args.verbose:  # as `mcf -v`: GX's and its libraries' debug logs flooded the gate's lines
-        logging.getLogger("mcf").setLevel(logging.DEBUG)
+    args = p.parse_args(argv)  # -v: `mcf` takes it, after the command too (mcf/cli.py)
     if args.docs:
         if args.suite or args.parquet:  # else the gate would be skipped and exit 0 read as a pass
             p.error("--docs builds the docs alone: run SUITE PARQUET and --docs as two commands")
