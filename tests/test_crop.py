@@ -1310,6 +1310,15 @@ def test_bench_rates_faces_and_kept_crops_apart(fetch_dir: Path, capsys: pytest.
     faces, kept = map(int, re.search(r"(\d+) faces, (\d+) crops kept", line).groups())
     face_rate, kept_rate = map(float, re.search(r"([\d.]+) faces/s \(([\d.]+) crops kept/s\)", line).groups())
     assert 0 < kept < faces and kept_rate / face_rate == pytest.approx(kept / faces, rel=0.05)
+    # and why the others went, each reason counted
+    rejected = re.search(r"crops kept \(rejected: ([^)]+)\)", line).group(1).split(", ")
+    assert sum(int(part.split()[0]) for part in rejected) == faces - kept, line
+
+
+def test_bench_says_why_no_crop_was_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    """At 10-px images every face is too small to crop: "0 crops kept" alone left the user guessing."""
+    bench_crop(["--images", "3", "--image-size", "10", "--workers", "1"])
+    assert re.search(r"3 faces, 0 crops kept \(rejected: 3 too_small\)", capsys.readouterr().out)
 
 
 def test_an_image_the_stage_may_not_read_fails_it_naming_the_file(
