@@ -3,10 +3,10 @@
 The flow starts each stage's ``dvc repro`` in a process group of its own, so that a cancelled stage is
 stopped as a whole (flows/pipeline.py). A flow process killed outright (SIGKILL, the OOM killer, a worker
 that gave up waiting) stops nothing: its stage would train on unseen and hold the stage's lock. This
-guard leads that group and runs CMD in it; once its parent is gone, it sends the group SIGTERM and, after
-``grace`` seconds, SIGKILL. It exits with CMD's status otherwise, after stopping the same way whatever CMD
-left running in the group: a ``dvc repro`` killed outright (the OOM killer) would leave its stage's command
-training unseen, holding the stage's lock against the flow's retry.
+guard leads that group and runs CMD in it; once its parent is gone, it sends the group SIGTERM and, to
+what is still there ``grace`` seconds later, SIGKILL. It exits with CMD's status otherwise, after stopping
+the same way whatever CMD left running in the group: a ``dvc repro`` killed outright (the OOM killer)
+would leave its stage's command training unseen, holding the stage's lock against the flow's retry.
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ import time
 from pathlib import Path
 
 POLL_S = 1.0  # how soon a dead parent is noticed
-
-
-def stop_own_group(grace: float) -> None:
-    """SIGTERM to this process's group, SIGKILL to it (this process too) ``grace`` seconds later."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.killpg(0, signal.SIGTERM)
-    time.sleep(grace)  # no one waits on an orphan; the group id stays ours while this process lives
-    os.killpg(0, signal.SIGKILL)
 
 
 def left_in_group() -> list[int]:
@@ -76,15 +68,19 @@ def guard(parent: int, grace: float, cmd: list[str]) -> int:
     if os.getpgrp() != os.getpid():  # the group to stop would be the caller's
         raise SystemExit("stage_guard: start it as a process group leader (Popen(start_new_session=True))")
     child = subprocess.Popen(cmd)
-    while True:
+    while os.getppid() == parent:  # else re-parented: the flow process is gone, so CMD is stopped too
         try:
-            code = child.wait(POLL_S)
+            child.wait(POLL_S)
+            break
         except subprocess.TimeoutExpired:
-            if os.getppid() != parent:  # re-parented: the flow process is gone
-                stop_own_group(grace)
             continue
-        stop_leftovers(grace)
-        return code if code >= 0 else 128 - code  # killed by signal n: the shell's 128 + n
+    # the group id stays ours while this process lives: stopped at once if all of it heeds SIGTERM, where a
+    # fixed wait of ``grace`` seconds kept a killed flow's guard idling on
+    stop_leftovers(grace)
+    code = child.poll()  # None: stuck in the kernel past SIGKILL (stop_leftovers said so)
+    if code is None:
+        return 128 + signal.SIGKILL
+    return code if code >= 0 else 128 - code  # killed by signal n: the shell's 128 + n
 
 
 def main(argv: list[str] | None = None) -> int:

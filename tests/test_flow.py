@@ -274,6 +274,24 @@ def test_a_stage_guard_stops_its_group_when_its_parent_is_killed(tmp_path: Path)
     assert _wait_gone(stubborn, timeout=10)
 
 
+def test_a_stage_guard_whose_parent_is_killed_exits_once_its_group_has_stopped(tmp_path: Path) -> None:
+    """A stage that heeds SIGTERM ends at once; its guard then waited out the whole grace (60 s in the
+    flow) before exiting, an idle leftover in ``ps`` long after the killed run's stage was gone."""
+    pid_file = tmp_path / "guard"
+    guard = [sys.executable, str(GUARD), "--parent", "{pid}", "--grace", "30", "--", "sleep", "300"]
+    code = (f"import os, pathlib, subprocess, time; g = subprocess.Popen([a.format(pid=os.getpid()) for a in "
+            f"{guard!r}], start_new_session=True); pathlib.Path({str(pid_file)!r}).write_text(str(g.pid)); "
+            "time.sleep(300)")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 20
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    guard_pid = int(pid_file.read_text())
+    parent.kill()
+    parent.wait()
+    assert _wait_gone(guard_pid, timeout=10)  # not the 30 s grace
+
+
 def test_a_stage_guard_stops_what_its_killed_command_left_running(tmp_path: Path) -> None:
     """A ``dvc repro`` killed outright leaves its stage's command behind: the guard stops it, SIGKILL
     after ``grace`` for one deaf to SIGTERM, and still exits with the killed command's status."""
