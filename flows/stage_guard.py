@@ -12,6 +12,7 @@ would leave its stage's command training unseen, holding the stage's lock agains
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -68,12 +69,9 @@ def guard(parent: int, grace: float, cmd: list[str]) -> int:
     if os.getpgrp() != os.getpid():  # the group to stop would be the caller's
         raise SystemExit("stage_guard: start it as a process group leader (Popen(start_new_session=True))")
     child = subprocess.Popen(cmd)
-    while os.getppid() == parent:  # else re-parented: the flow process is gone, so CMD is stopped too
-        try:
+    while child.poll() is None and os.getppid() == parent:  # else re-parented: the flow process is gone
+        with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(POLL_S)
-            break
-        except subprocess.TimeoutExpired:
-            continue
     # the group id stays ours while this process lives: stopped at once if all of it heeds SIGTERM, where a
     # fixed wait of ``grace`` seconds kept a killed flow's guard idling on
     stop_leftovers(grace)
