@@ -41,7 +41,7 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture, wait
 
-from mcf.errors import EXIT_GATE, EXIT_PARAMS
+from mcf.errors import EXIT_ACCESS, EXIT_GATE, EXIT_PARAMS
 from mcf.io import atomic_file, file_sha256, resolved
 from mcf.params import ParamsError
 from mcf.report import markdown_summary
@@ -50,7 +50,7 @@ PARAMS = "params.yaml"  # the one file DVC templates dvc.yaml from and tracks pa
 GPU_STAGES = frozenset({"teacher", "pretrain", "finetune_alignment", "finetune_parsing", "evaluate"})
 RETRIES = {"fetch": 2}  # I/O stages only: a failed training step is not a transient error
 RETRY_DELAY_S = 30  # waited in the task (_pause_before_retry), not Prefect's retry_delay_seconds
-NO_RETRY = (EXIT_PARAMS, EXIT_GATE)  # `mcf <stage>`'s exits for rejected params, a failed data gate
+NO_RETRY = (EXIT_PARAMS, EXIT_GATE, EXIT_ACCESS)  # `mcf <stage>`'s: rejected params, a failed gate, no access
 TAIL_LINES = 40
 STOP_GRACE_S = 60  # a cancelled stage's group gets this long to stop after SIGTERM (torchrun: 30 s)
 # ... and in a cancelled run, less than the 30 s a worker gives the run's process before its SIGKILL,
@@ -272,10 +272,10 @@ def repro(stage: str) -> StageRun:
 
 
 def retry_condition(_task: Task, _task_run: TaskRun, state: State) -> bool:
-    """Retry a failed I/O stage unless its command rejected its params or its data gate failed, or DVC
-    refused it (a typo, bad data or a missing input is not a transient error), or the run is being
-    stopped: its stopped command, or one it refused to start, failed for that, and a retry would be
-    refused too."""
+    """Retry a failed I/O stage unless its command rejected its params, its data gate failed or it had no
+    access to its data, or DVC refused it (a typo, bad data, missing credentials or a missing input is
+    not a transient error), or the run is being stopped: its stopped command, or one it refused to
+    start, failed for that, and a retry would be refused too."""
     error = state.result(raise_on_failure=False)
     refused = isinstance(error, StageFailed) and (error.dvc_refused or error.exit_code in NO_RETRY)
     return not (RUNNING.stopped or refused)

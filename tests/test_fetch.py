@@ -51,7 +51,7 @@ from mcf.data.sources.image import (
     save_image,
 )
 from mcf.data.sources.local import FileReader
-from mcf.errors import StageError
+from mcf.errors import AccessError, StageError
 from mcf.io import file_sha256
 from mcf.params import Common, ParamsError, build
 
@@ -1786,7 +1786,7 @@ def test_an_aws_set_up_boto3_refuses_ends_the_stage_in_one_line(monkeypatch: pyt
     list_rows' handler: a traceback, not the one-line stage error."""
     monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
     cfg = _config(source="s3", s3={"bucket": "b", "endpoint_url": f"http://127.0.0.1:{_closed_port()}"})
-    with pytest.raises(StageError, match=r"fetch\.s3: cannot set up an S3 client: .*\(no-such-profile\)"):
+    with pytest.raises(AccessError, match=r"fetch\.s3: cannot set up an S3 client: .*\(no-such-profile\)"):
         s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries)
 
 
@@ -1852,17 +1852,23 @@ def test_a_local_folder_that_cannot_be_listed_ends_the_stage(
     root = tmp_path / "photos"
     _write(root / "a.jpg", JPEG)
     _write(root / "locked" / "b.jpg", JPEG)
-    scandir = os.scandir
+    scandir, error = os.scandir, PermissionError(13, "Permission denied")
 
     def refuse_locked(path: Any = ".") -> Any:  # shutil.rmtree passes file descriptors
         if isinstance(path, str) and Path(path).name == "locked":
-            raise PermissionError(13, "Permission denied", str(path))
+            error.filename = path
+            raise error
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refuse_locked)
-    with pytest.raises(StageError, match=r"fetch\.local: cannot list .*photos/locked: Permission denied$"):
+    # no access, which the flow does not retry (exit 4); another error may pass on a rerun (exit 1)
+    with pytest.raises(AccessError, match=r"fetch\.local: cannot list .*photos/locked: Permission denied$"):
         main(Common(), _config(source="local", local={"root": str(root)}))
     assert not Path("out").exists()
+    error = OSError(5, "Input/output error")
+    with pytest.raises(StageError, match=r"cannot list .*photos/locked: Input/output error$") as failed:
+        main(Common(), _config(source="local", local={"root": str(root)}))
+    assert failed.value.exit_code == 1
 
 
 def test_a_local_listing_is_in_sorted_order_whatever_the_folder_s(tmp_path: Path) -> None:
@@ -2073,6 +2079,32 @@ def test_an_s3_object_replaced_after_listing_is_not_stored_under_its_listed_etag
     assert row["etag"] == client.head_object(Bucket="replaced", Key="raw/a.jpg")["ETag"]
 
 
+def test_s3_without_access_ends_the_stage_with_exit_4(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No credentials, or a bucket the store does not have, failed as a 5xx does (exit 1), so the flow
+    retried fetch twice, 30 s apart, to fail the same way; exit 4 names what is missing instead."""
+    section = {"bucket": "nobody", "endpoint_url": s3_endpoint, "region": "us-east-1"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"fetch": {"source": "s3", "s3": section}}))
+    done = subprocess.run([sys.executable, "-m", "mcf.cli", "fetch"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 4, done.stderr[-2000:]
+    assert re.fullmatch(r"mcf fetch: fetch\.s3: cannot list s3://nobody/: .*\(NoSuchBucket\).*\n",
+                        done.stderr)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    for key in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "BOTO_CONFIG"):  # not the user's own
+        monkeypatch.setenv(key, str(tmp_path / "none"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.boto, ~/.aws
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never 169.254.169.254, the instance role's
+    for key in ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(AccessError, match=r"Unable to locate credentials \(boto3 reads AWS_ACCESS_KEY_ID"):
+        main(Common(), _config(source="s3", s3=section | {"bucket": "faces"}))
+    assert not Path("out").exists()
+
+
 def test_verbose_logs_keep_s3_credentials_out(s3_endpoint: str, tmp_path: Path) -> None:
     """`mcf -v` turned every library's DEBUG on: botocore's shows each request's headers, the access key
     id in its Authorization and the session token. -v is mcf's own debug log now."""
@@ -2192,9 +2224,10 @@ def test_an_s3_listing_that_fails_ends_the_stage_naming_the_prefix(slow_down: st
     reaches the listing's client through the stage (threads is the argument beside it)."""
     SlowDown.fail = 1
     cfg = _config(source="s3", s3={"bucket": "faces", "prefix": "raw/", "endpoint_url": slow_down}, retries=0)
-    with pytest.raises(StageError, match=r"^fetch\.s3: cannot list s3://faces/raw/: .*\(SlowDown\)"):
+    with pytest.raises(StageError, match=r"^fetch\.s3: cannot list s3://faces/raw/: .*\(SlowDown\)") as err:
         main(Common(), cfg)
     assert SlowDown.requests == 1 and not Path("out").exists()
+    assert err.value.exit_code == 1  # a 5xx may pass on a rerun: the flow retries it
 
 
 def test_s3_downloads_obey_the_listed_size_and_retry_a_5xx(slow_down: str, tmp_path: Path) -> None:

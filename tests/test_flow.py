@@ -174,11 +174,12 @@ def test_stage_tasks_retry_io_and_tag_gpu(monkeypatch: pytest.MonkeyPatch) -> No
 
     fetch, finetune = stage_task("fetch"), stage_task("finetune_alignment@scratch")
     assert fetch.retries == 2 and "gpu" not in fetch.tags
-    # a transient failure is retried; rejected params (`mcf` exits 2) or a failed data gate (3) fail at once
-    failed = {code: Failed(data=StageFailed("fetch", "...", code)) for code in (1, 2, 3, None)}
+    # a transient failure is retried; rejected params (`mcf` exits 2), a failed data gate (3) or no access
+    # to the data (4: no credentials, say) fail at once
+    failed = {code: Failed(data=StageFailed("fetch", "...", code)) for code in (1, 2, 3, 4, None)}
     assert fetch.retry_condition_fn is retry_condition
     assert retry_condition(fetch, None, failed[1]) and retry_condition(fetch, None, failed[None])
-    assert not retry_condition(fetch, None, failed[2]) and not retry_condition(fetch, None, failed[3])
+    assert not any(retry_condition(fetch, None, failed[code]) for code in (2, 3, 4))
     refused = Failed(data=StageFailed("fetch", "missing data", None, dvc_refused=True))  # by DVC itself
     assert not retry_condition(fetch, None, refused)
     monkeypatch.setattr(flows.pipeline, "RUNNING", flows.pipeline._Running())

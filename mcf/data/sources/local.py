@@ -9,6 +9,7 @@ folder that cannot be listed (no permission, an I/O error) ends the stage: its f
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import stat
 from pathlib import Path
@@ -18,7 +19,7 @@ import pandas as pd
 
 from mcf.data.sources.download import Source
 from mcf.data.sources.image import IMAGE_EXTENSIONS, FetchFailure, check_extensions
-from mcf.errors import StageError
+from mcf.errors import AccessError, StageError
 from mcf.params import ParamsError, checking_paths, param, require_path
 
 
@@ -66,7 +67,8 @@ def list_rows(cfg: LocalConfig) -> pd.DataFrame:
 
 def _unlistable(err: OSError) -> None:
     """os.walk's default drops a folder it cannot read, and with it every image inside, without a word."""
-    raise StageError(f"fetch.local: cannot list {err.filename}: {err.strerror}")
+    denied = err.errno in (errno.EACCES, errno.EPERM)
+    raise (AccessError if denied else StageError)(f"fetch.local: cannot list {err.filename}: {err.strerror}")
 
 
 def _is_utf8(name: str) -> bool:

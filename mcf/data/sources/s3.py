@@ -26,6 +26,8 @@ from botocore.exceptions import (
     ConnectTimeoutError,
     EndpointConnectionError,
     InvalidRegionError,
+    NoCredentialsError,
+    PartialCredentialsError,
     ReadTimeoutError,
 )
 from botocore.utils import is_valid_endpoint_url, is_valid_ipv6_endpoint_url, validate_region_name
@@ -39,7 +41,7 @@ from mcf.data.sources.image import (
     read_bounded,
     redact,
 )
-from mcf.errors import StageError
+from mcf.errors import AccessError, StageError
 from mcf.params import ParamsError, param
 
 
@@ -128,7 +130,7 @@ def _client(cfg: S3Config, threads: int, retries: int) -> Any:
             "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config
         )
     except BotoCoreError as err:  # the environment's set-up, e.g. an AWS_PROFILE that no file defines
-        raise StageError(f"fetch.s3: cannot set up an S3 client: {redact(str(err))}") from None
+        raise AccessError(f"fetch.s3: cannot set up an S3 client: {redact(str(err))}") from None
 
 
 def _keys(client: Any, cfg: S3Config) -> Any:
@@ -151,9 +153,22 @@ def list_rows(client: Any, cfg: S3Config) -> pd.DataFrame:
             key, etag, size = obj["Key"], obj.get("ETag", ""), int(obj.get("Size", 0))
             rows.append({"sample_id": key, "caption": "", "key": key, "etag": etag, "size": size})
     except (ClientError, BotoCoreError) as err:
-        where = f"s3://{cfg.bucket}/{cfg.prefix}"
-        raise StageError(f"fetch.s3: cannot list {where}: {redact(str(err))}") from None
+        message = f"fetch.s3: cannot list s3://{cfg.bucket}/{cfg.prefix}: {redact(str(err))}"
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            message += (" (boto3 reads AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an "
+                        "instance role where the stage runs)")
+        raise (AccessError if _refused(err) else StageError)(message) from None
     return pd.DataFrame(rows, columns=["sample_id", "caption", "key", "etag", "size"])
+
+
+def _refused(err: Exception) -> bool:
+    """Whether a rerun would be refused the same way: no credentials to sign with, or a 4xx (access
+    denied, no such bucket, a bad key) but a timeout or throttling, which a later run may get past."""
+    if not isinstance(err, ClientError):
+        return isinstance(err, (NoCredentialsError, PartialCredentialsError))
+    status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    code = err.response.get("Error", {}).get("Code", "")
+    return 400 <= status < 500 and status not in (408, 429) and code != "RequestTimeout"  # S3's is a 400
 
 
 def _shut_at(deadline: float, body: Any) -> threading.Timer:
