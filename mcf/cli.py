@@ -89,12 +89,16 @@ def parser() -> argparse.ArgumentParser:
     for name, (_, help_) in STAGES.items():
         keys = " and ".join(f"`{key}`" for key in TOP_LEVEL[name])
         top = f" plus the top-level {keys}" if keys else " (it reads no top-level key)"
+        # the one stage that reaches a store or a folder that may refuse it (mcf.errors.AccessError)
+        access = (" 4 no access to the source (no S3 credentials, access denied, no such bucket),"
+                  if name == "fetch" else "")
         epilog = (
             f"Settings: section `{name}` of the params file{top}; the whole file is checked before any "
             "work. Paths in it are relative to the working directory; the section's input keys name what it "
             "reads and `out` what it writes (dvc.yaml lists them as the stage's deps and outs). Exit status: "
-            "0 done, 1 the stage failed, 2 params rejected or an input missing, 3 a data gate failed, "
-            "130 interrupted (Ctrl-C); a TQDM_* variable tqdm cannot read is exit 2 too, before any work."
+            "0 done, 1 the stage failed, 2 params rejected or an input missing, 3 a data gate failed,"
+            f"{access} 130 interrupted (Ctrl-C); a TQDM_* variable tqdm cannot read is exit 2 too, before "
+            "any work."
         )
         sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.", epilog=epilog)
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")

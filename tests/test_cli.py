@@ -107,6 +107,10 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     assert "section `crop` of the params file (it reads no top-level key)" in text
     assert "2 params rejected or an input missing, 3 a data gate failed, 130 interrupted (Ctrl-C)" in text
     with pytest.raises(SystemExit):
+        cli.main(["fetch", "--help"])  # the one stage a store or a folder may refuse
+    text = " ".join(capsys.readouterr().out.split())
+    assert "3 a data gate failed, 4 no access to the source (no S3 credentials, access denied, no" in text
+    with pytest.raises(SystemExit):
         cli.main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "section `pretrain` of the params file plus the top-level `seed` and `mask_ratio`;" in text
