@@ -43,7 +43,8 @@ def torchrun(params: Path) -> list[str]:
         port = s.getsockname()[1]
     return [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(port), "-m", "mcf.cli", "pretrain", "--params", str(params),
+        "--master_port", str(port), "--log-dir", str(params.parent / "torchrun-logs"),  # not in /tmp
+        "-m", "mcf.cli", "pretrain", "--params", str(params),
     ]
 
 
@@ -165,9 +166,11 @@ def test_torchrun_and_its_workers_end_when_the_launcher_is_killed_outright(tmp_p
     so whatever read that to its end (dvc repro, a CI runner) hung. torchrun stops them, and itself."""
     root = make_workspace(tmp_path)
     params = write_params(root, **{**TRAIN, "epochs": 2000, "processes": 2})  # minutes of training left
+    scratch = tmp_path / "tmp"  # the launcher's exit-status folder, which a SIGKILL leaves behind
+    scratch.mkdir()
     with (tmp_path / "stderr").open("w") as err:  # a file: torchrun's log would fill an unread pipe
         launcher = subprocess.Popen([sys.executable, "-m", "mcf.cli", "pretrain", "--params", str(params)],
-                                    env=ENV, stdout=subprocess.PIPE, stderr=err)
+                                    env={**ENV, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE, stderr=err)
     agents: list[int] = []
     workers: list[int] = []
     try:
@@ -182,6 +185,7 @@ def test_torchrun_and_its_workers_end_when_the_launcher_is_killed_outright(tmp_p
         except subprocess.TimeoutExpired:
             pytest.fail("the stage's output did not end within 60 s of its process being killed")
         assert await_gone(agents + workers, 10)  # torchrun, handed to another parent, may not be reaped yet
+        assert [p.name[:9] for p in scratch.iterdir()] == ["mcf-exit-"]  # in the test's folder, not /tmp
     finally:
         for pid in [*agents, *workers]:
             with contextlib.suppress(ProcessLookupError):
@@ -310,8 +314,13 @@ def test_a_params_error_in_the_workers_exits_2_through_torchrun(tmp_path: Path) 
     save_backbone(create_backbone(shallow), shallow, root / "teacher")
     params = write_params(root, processes=2)
     command = [sys.executable, "-m", "mcf.cli", "pretrain", "--params", str(params)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**ENV, "TMPDIR": str(scratch)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert "starting 2 processes under torchrun" in done.stderr
+    # torchrun's log folder goes with the launcher's own: each run left an empty torchelastic_* in /tmp
+    assert list(scratch.iterdir()) == []
     assert "[1] out of range for a teacher of depth 1" in done.stderr
     assert done.returncode == 2, done.stderr[-3000:]
     # repeated once, last, after torchrun's report of the failure (the flow keeps a log's last 40 lines)

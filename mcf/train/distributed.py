@@ -137,18 +137,20 @@ def launch(argv: list[str], processes: int) -> int:
     as one command, train with DDP: one worker per GPU (NCCL), or gloo processes on the CPU. The
     rendezvous stays on 127.0.0.1 with a free port. torchrun exits 1 whatever its workers' statuses
     were, so the workers' own status (:func:`record_exit`) is returned when they agree on one: params
-    the workers reject still exit 2.
+    the workers reject still exit 2. torchrun's log folder, which it never removes (one more
+    ``torchelastic_*`` in the temp folder each run), goes in the launcher's own, removed on its return.
     """
     gpus = torch.cuda.device_count()
     if gpus and processes > gpus:
         # the machine, not a fault of the run: a rerun here fails the same way, so a params error (exit 2)
         raise ParamsError("train.processes", f"{processes} asked, but this process sees {gpus} GPU(s)")
     log.info("starting %d processes under torchrun", processes)
-    command = [
-        sys.executable, "-c", TORCHRUN, "--nnodes", "1", "--nproc_per_node", str(processes),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "mcf.cli", *argv,
-    ]
     with tempfile.TemporaryDirectory(prefix="mcf-exit-") as exits:
+        command = [
+            sys.executable, "-c", TORCHRUN, "--nnodes", "1", "--nproc_per_node", str(processes),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--log-dir", str(Path(exits, "logs")),
+            "-m", "mcf.cli", *argv,
+        ]
         env = {**os.environ, LAUNCHER_ENV: str(os.getpid()), EXIT_DIR_ENV: exits}
         code = run_forwarding_sigterm(command, env)
         failed = {int(p.read_text()) for p in Path(exits).glob("rank*[0-9]")} - {0}
