@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcf.data.aflw19 import AFLW19Config
+from mcf.data.aflw19 import sample_augment as alignment_augment
 from mcf.data.crop import CropConfig, face_transform
 from mcf.data.detect import Face
 from mcf.data.lapa import ALIGN_POINTS, LaPaConfig
@@ -361,6 +362,32 @@ def test_paper_finetune_recipes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     lapa = parsing.data
     assert (lapa.warp_size, lapa.warp_factor, lapa.size, lapa.label_size) == (512, 0.8, 448, 512)
     assert (lapa.augment.rotation_std, lapa.augment.scale_std, lapa.augment.shift) == (0.314, 0.1, 0.01)
+
+
+class _Shares:
+    """A stand-in for the generator whose ``uniform`` gives the queued shares of ``[low, high)``, in order."""
+
+    def __init__(self, *shares: float) -> None:
+        self.shares = list(shares)
+
+    def uniform(self, low: float, high: float, size: int | None = None) -> float | np.ndarray:
+        u = np.array([self.shares.pop(0) for _ in range(size or 1)])
+        return low + (high - low) * (u if size else u[0])
+
+
+def test_paper_alignment_augmentation_draws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """§3 as params.paper.yaml's AFLW-19 augmentation draws it on the 512² crop: rotation uniform in ±10
+    degrees (FaRL's rot_sigma 0.174 rad, uniform), scale uniform in 0.9–1.1, shift uniform in ±5% of the
+    crop's side per axis, about the crop's centre. The YAML's numbers alone are pinned above; a rotation
+    read as radians, or a shift as pixels, would pass them."""
+    monkeypatch.chdir(tmp_path)  # the stages' inputs are not checked for another stage's section
+    data = load("finetune_alignment", ROOT / "params.paper.yaml")[1].data
+    # shares of each range: rotation 0.75 → +5°, scale 0.25 → 0.95, shift (0.9, 0.2) → (+4%, -3%)
+    m = alignment_augment(data.augment, data.crop_size, _Shares(0.75, 0.25, 0.9, 0.2))
+    c, s = 0.95 * math.cos(math.radians(5)), 0.95 * math.sin(math.radians(5))
+    np.testing.assert_allclose(m[:, :2], [[c, -s], [s, c]], rtol=0, atol=1e-12)
+    centre = m @ [256.0, 256.0, 1.0]  # moved by the shift alone
+    np.testing.assert_allclose(centre, [256 + 0.04 * 512, 256 - 0.03 * 512], rtol=0, atol=1e-9)
 
 
 def test_heatmap_prior_is_on_in_both_params_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
