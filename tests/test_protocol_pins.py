@@ -33,8 +33,8 @@ from mcf.models.teacher import FeatureTeacher
 from mcf.params import load, read_yaml
 from mcf.report.runfiles import FARL_EP16_F1, PAPER
 from mcf.train.finetune import AlignmentConfig, FinetuneConfig, alignment_loss, lr_factor
-from mcf.train.loop import TrainConfig, make_optimizer, resolve_dtype
-from mcf.train.schedule import scaled_lr
+from mcf.train.loop import Run, TrainConfig, Trainer, make_optimizer, resolve_dtype
+from mcf.train.schedule import lr_at, scaled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])
@@ -105,6 +105,27 @@ def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     t = teacher.backbone
     assert teacher.source.startswith("moco_v3:")
     assert (t.img_size, t.patch_size, t.embed_dim, t.depth, t.num_heads) == (224, 16, 768, 12, 12)
+
+
+class _Crops:
+    """The paper's 20M crops, as many as the trainer counts (it reads none before its first step)."""
+
+    def __len__(self) -> int:
+        return 20_000_000
+
+
+def test_paper_schedule_in_optimizer_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """§1 as the paper profile's trainer counts it under its 8 processes: an epoch of 20M crops is
+    20M / (64 × 8 × 8) = 4,882 optimizer steps (not micro-batches, not one process's share), 16 epochs
+    of them; one warm-up epoch of those steps; lr 0 at the first, 2.4e-3 after the warm-up, about 0 at
+    the last step (per-step half-cosine)."""
+    monkeypatch.chdir(tmp_path)
+    train = load("pretrain", ROOT / "params.paper.yaml")[1].train
+    run = Run(0, 0.75, tmp_path / "resume", {}, world_size=train.processes)
+    t = Trainer(nn.Linear(2, 2), _Crops(), train, run)
+    assert (t.spe, t.total, t.warmup, t.effective_batch) == (4882, 16 * 4882, 4882, 4096)
+    lrs = [lr_at(step, t.total, t.warmup, t.peak_lr, train.min_lr) for step in (0, 4882, t.total - 1)]
+    assert lrs == pytest.approx([0.0, 2.4e-3, 0.0], rel=0, abs=1e-11)
 
 
 def test_forward_contrastive_loss_by_hand() -> None:
