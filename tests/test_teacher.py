@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from mcf.errors import StageError
-from mcf.models.backbone import BackboneConfig, create_backbone, read_spec, save_backbone
+from mcf.models.backbone import BackboneConfig, create_backbone, load_backbone, read_spec, save_backbone
 from mcf.models.mcf import MCF, MCFConfig
 from mcf.models.teacher import FeatureTeacher, load_teacher, validate_teacher_spec, weights_path
 from mcf.params import Common, ParamsError, load
@@ -483,3 +483,36 @@ def test_a_re_saved_teacher_keeps_its_head_count(tmp_path: Path) -> None:
                         resume_dir=str(tmp_path / "resume"))
     stage.main(Common(seed=0), cfg)
     assert read_spec(tmp_path / "out")["kwargs"]["num_heads"] == 2
+
+
+def test_a_teacher_checkpoint_of_another_size_than_teacher_backbone_is_refused(tmp_path: Path) -> None:
+    """The paper's params name the teacher ViT-B/16; a MoCo v3 ViT-S file in its place was re-saved as the
+    teacher with an info line, and days of pre-training ran against another teacher than the params said.
+    The checkpoint's size must be the section's: a params error (exit 2) naming what differs, no output.
+    A checkpoint of the section's size is re-saved as before."""
+    torch.manual_seed(0)
+    small = dataclasses.replace(TINY, embed_dim=48, depth=2)
+    for size, name in ((small, "small.pth"), (TINY, "tiny.pth")):
+        state = {f"module.base_encoder.{k}": v for k, v in create_backbone(size).state_dict().items()}
+        torch.save({"state_dict": state}, tmp_path / name)
+
+    def cfg(name: str) -> TeacherConfig:
+        return TeacherConfig(source=f"moco_v3:{tmp_path / name}", data=str(tmp_path / name), backbone=TINY,
+                             out=str(tmp_path / "out"), resume_dir=str(tmp_path / "resume"), decoder_dim=16)
+
+    with pytest.raises(ParamsError) as err:
+        stage.main(Common(), cfg("small.pth"))
+    assert err.value.key == "backbone"
+    assert f"moco_v3:{tmp_path / 'small.pth'} holds a ViT of embed_dim 48, depth 2" in str(err.value)
+    assert "not this section's embed_dim 64, depth 3" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    stage.main(Common(), cfg("tiny.pth"))
+    assert read_spec(tmp_path / "out")["kwargs"]["embed_dim"] == 64
+
+
+def test_a_random_teacher_of_an_mlp_ratio_the_weights_round_is_of_its_own_size(tmp_path: Path) -> None:
+    """Width 48 × MLP ratio 4.1 builds a hidden width of 196, which the weights read back as ratio 4.083:
+    the same ViT, so the size check must pass it."""
+    size = dataclasses.replace(TINY, embed_dim=48, mlp_ratio=4.1)
+    stage.import_teacher("random", size, tmp_path / "out")
+    assert load_backbone(tmp_path / "out").blocks[0].mlp.fc1.out_features == 196

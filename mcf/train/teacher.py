@@ -97,17 +97,35 @@ def export_trained(model: MCF, out: Path) -> None:
     (out / "teacher.json").write_text(json.dumps({"source": "train"}))
 
 
+def check_size(spec: str, size: BackboneConfig, backbone: BackboneConfig) -> None:
+    """A plain ViT teacher must be of ``teacher.backbone``'s size, which the paper's params name ViT-B/16:
+    the weights size the model, so a MoCo v3 ViT-S file in the ViT-B's place would otherwise become the
+    teacher of days of pre-training with one info line."""
+    def shape(cfg: BackboneConfig) -> dict[str, float]:  # an MLP ratio as the hidden width it builds
+        return dataclasses.asdict(cfg) | {"mlp_ratio": int(cfg.embed_dim * cfg.mlp_ratio)}
+
+    differ = [key for key, value in shape(size).items() if value != shape(backbone)[key]]
+    if differ:
+        def say(cfg: BackboneConfig) -> str:
+            return ", ".join(f"{key} {getattr(cfg, key):g}" for key in differ)
+
+        message = f"{spec} holds a ViT of {say(size)}, not this section's {say(backbone)}"
+        raise ParamsError("backbone", f"{message}: set teacher.backbone to the checkpoint's size")
+
+
 def import_teacher(spec: str, backbone: BackboneConfig, out: str | Path) -> None:
     """Load a given teacher and re-save it; the export is read back before the rename."""
     model = load_teacher(spec, backbone).model
     name, weights = timm_name(spec), weights_path(spec)
+    size = functools.partial(infer_backbone_config, model.state_dict(), model.blocks[0].attn.num_heads)
     if name is not None:  # the name rebuilds timm's architecture, which the weights' shapes alone do not tell
         export = {"model_name": name, "kwargs": {"num_classes": 0}}
     elif spec.startswith("mcf:") and Path(weights).is_dir():  # an export already names its architecture
         export = read_spec(weights)
     else:
-        size = infer_backbone_config(model.state_dict(), num_heads=model.blocks[0].attn.num_heads)
-        export = {"model_name": MODEL_NAME, "kwargs": size.timm_kwargs()}
+        export = {"model_name": MODEL_NAME, "kwargs": size().timm_kwargs()}
+    if export["model_name"] == MODEL_NAME:  # a plain ViT, which teacher.backbone describes
+        check_size(spec, size(), backbone)
     with atomic_dir(out, sign="teacher.json") as tmp:
         save_export(model, export, tmp)
         reloaded = load_backbone(tmp)
@@ -138,6 +156,8 @@ def main(common: Common, cfg: TeacherConfig) -> None:
                 torch.manual_seed(common.seed)  # a `random` teacher is reproducible
                 try:
                     import_teacher(cfg.source, cfg.backbone, cfg.out)
+                except ParamsError:  # a checkpoint of another size than teacher.backbone's
+                    raise
                 except ValueError as err:  # a missing, damaged or ill-fitting weights file
                     raise StageError(f"teacher.source {cfg.source!r}: {err}") from None
                 discard_resume(cfg.resume_dir)
