@@ -148,9 +148,9 @@ def holds_working_folder(path: str | Path) -> bool:
 def check_replaceable(path: str | Path, sign: str) -> None:
     """Refuse an existing ``path`` that holds files but not ``sign``, a file or folder every output of
     this writer holds: a mistyped ``out`` must not delete a folder the pipeline did not write, nor the
-    working folder or one above it (even empty: the command runs in it). Empty folders and ``.gitignore``
-    files do not count: ``dvc repro`` deletes a stage's declared files and may leave their folders, and
-    the ``.gitignore`` it wrote there to name them (pretrain's outs).
+    working folder or one above it (even empty: the command runs in it), nor a mount point. Empty folders
+    and ``.gitignore`` files do not count: ``dvc repro`` deletes a stage's declared files and may leave
+    their folders, and the ``.gitignore`` it wrote there to name them (pretrain's outs).
     """
     path = Path(path)
     if output_target(path).is_symlink():  # followed as far as it goes, still a link: no rename replaces it
@@ -158,6 +158,8 @@ def check_replaceable(path: str | Path, sign: str) -> None:
     if holds_working_folder(path):  # `.` or `..`: replaced whole, from under us
         raise StageError(f"{path} holds the working folder, which replacing it would delete; name a folder "
                          "below it")
+    if os.path.ismount(output_target(path)):  # a volume mounted there: renaming it aside fails (EBUSY)
+        raise StageError(f"{path} is a mount point, which no rename can replace; name a folder inside it")
     if path.is_file() or (
         path.is_dir()
         and not (path / sign).exists()

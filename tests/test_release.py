@@ -461,6 +461,24 @@ def test_export_to_a_symlink_loop_is_one_clear_error(tmp_path: Path) -> None:
         cli(["--checkpoint", str(tmp_path / "w.pth"), "--out", str(tmp_path / "loop")])
 
 
+def test_export_to_a_mount_point_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out /out`` where a volume is mounted (``docker run -v $PWD/out:/out``): the export was written
+    beside it, then renaming the mount point aside failed, an OSError EBUSY traceback. It is refused before
+    the checkpoint is read, in one line, and nothing is left beside it."""
+    from mcf import cli as mcf_cli
+
+    torch.save(create_backbone(TINY).state_dict(), tmp_path / "w.pth")
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount)
+    assert mcf_cli.main(["export", "--checkpoint", str(tmp_path / "w.pth"), "--out", str(mount)]) == 1
+    refused = f"mcf export: {mount} is a mount point, which no rename can replace; name a folder inside it\n"
+    assert capsys.readouterr().err == refused
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "w.pth"] and not any(mount.iterdir())
+
+
 def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
     """MoCo v3 names its ViT in ``arch``; its ViT-S has 12 heads at width 384 (64 channels a head would
     give 6), so the exported backbone computes the trained attention, not another one."""
