@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 # OpenMP threads that spin while waiting make torch ~10x slower on a shared 2-core machine; this must
 # be set before torch is imported.
@@ -152,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(
             logging.DEBUG if args.verbose else logging.WARNING if other_rank else logging.INFO)
+    # torch's weights-only loader warns of any pickle protocol above 2 ("please file an issue") and then
+    # refuses the file, which read_weights reports in one line naming it: the warning adds two lines only
+    warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
     try:  # tqdm converts its TQDM_* environment on import: a bad value is a traceback naming none of them
         import tqdm  # noqa: F401
     except ValueError as err:

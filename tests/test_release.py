@@ -479,6 +479,24 @@ def test_export_to_a_mount_point_is_one_clear_error(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt", "w.pth"] and not any(mount.iterdir())
 
 
+def test_export_of_a_plain_pickle_says_one_line_without_torchs_warning(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pickle that is no torch file (``pickle.dump``'s protocol 4 and up) is refused by the weights-only
+    loader in one line, but torch first warned "Detected pickle protocol 4 ... please file an issue", two
+    more lines on stderr (the second a line of torch's source) ahead of the refusal."""
+    import pickle
+
+    from mcf import cli as mcf_cli
+
+    (tmp_path / "notes.pkl").write_bytes(pickle.dumps({"lr": 0.1, "steps": [1, 2]}, protocol=4))
+    argv = ["export", "--checkpoint", str(tmp_path / "notes.pkl"), "--out", str(tmp_path / "o")]
+    assert mcf_cli.main(argv) == 1
+    assert "cannot be read as a PyTorch checkpoint" in capsys.readouterr().err
+    assert [str(w.message) for w in recwarn if "pickle protocol" in str(w.message)] == []
+    assert not (tmp_path / "o").exists()
+
+
 def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
     """MoCo v3 names its ViT in ``arch``; its ViT-S has 12 heads at width 384 (64 channels a head would
     give 6), so the exported backbone computes the trained attention, not another one."""
