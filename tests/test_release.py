@@ -497,6 +497,21 @@ def test_export_of_a_plain_pickle_says_one_line_without_torchs_warning(
     assert not (tmp_path / "o").exists()
 
 
+def test_export_help_names_what_it_reads_and_what_it_does_to_an_existing_out(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--help said "pretrain checkpoint or release state dict (.pth)", where pretrain writes checkpoint.pt
+    and the command reads MoCo v3, MAE and timm files too; and not that an --out holding an earlier export
+    is replaced whole while any other non-empty folder is refused."""
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "pretrain's checkpoint.pt (e.g. outputs/pretrain/checkpoint.pt), the release's .pth" in text
+    assert "MoCo v3, MAE or timm ViT checkpoint (.safetensors too)" in text
+    assert "an earlier export there is replaced whole; a file, or a folder holding other files, is refused" \
+        in text
+
+
 def test_export_of_a_moco_v3_vit_small_keeps_its_12_heads(tmp_path: Path) -> None:
     """MoCo v3 names its ViT in ``arch``; its ViT-S has 12 heads at width 384 (64 channels a head would
     give 6), so the exported backbone computes the trained attention, not another one."""

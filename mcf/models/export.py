@@ -22,8 +22,16 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mcf export", description=describe(__doc__),
                                 epilog="Exit status: 0 written, 1 the checkpoint or output folder refused, "
                                 "2 a usage error.")
-    p.add_argument("--checkpoint", required=True, help="pretrain checkpoint or release state dict (.pth)")
-    p.add_argument("--out", required=True, help="output folder for backbone.pth and backbone.json")
+    p.add_argument(
+        "--checkpoint", required=True,
+        help="pretrain's checkpoint.pt (e.g. outputs/pretrain/checkpoint.pt), the release's .pth, a MoCo v3, "
+        "MAE or timm ViT checkpoint (.safetensors too), or an export's backbone.pth",
+    )
+    p.add_argument(
+        "--out", required=True,
+        help="output folder for backbone.pth and backbone.json (the README shows how timm loads them); an "
+        "earlier export there is replaced whole; a file, or a folder holding other files, is refused",
+    )
     p.add_argument(
         "--num-heads", type=int, default=None,
         help="attention heads, when the checkpoint does not record its backbone size "
