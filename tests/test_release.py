@@ -461,6 +461,25 @@ def test_export_to_a_symlink_loop_is_one_clear_error(tmp_path: Path) -> None:
         cli(["--checkpoint", str(tmp_path / "w.pth"), "--out", str(tmp_path / "loop")])
 
 
+def test_export_of_non_finite_weights_is_refused(tmp_path: Path) -> None:
+    """A diverged run's checkpoint (the release's script has no guard against it) exported with exit 0, and
+    fine-tuning or evaluating the export was where it failed. Refused here, naming the first bad tensor,
+    with no export written and an earlier one kept."""
+    state = create_backbone(TINY).state_dict()
+    cli(["--checkpoint", str(_save(tmp_path / "good.pth", state)), "--out", str(tmp_path / "out")])
+    before = (tmp_path / "out" / "backbone.pth").read_bytes()
+    state["blocks.1.mlp.fc2.weight"][0, 0] = float("nan")
+    with pytest.raises(StageError, match=r"bad.pth: 1 tensors hold NaN or infinite weights, e\.g\. "
+                       r"\['blocks\.1\.mlp\.fc2\.weight'\]"):
+        cli(["--checkpoint", str(_save(tmp_path / "bad.pth", state)), "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "backbone.pth").read_bytes() == before
+
+
+def _save(path: Path, state: dict[str, torch.Tensor]) -> Path:
+    torch.save(state, path)
+    return path
+
+
 def test_export_to_a_mount_point_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

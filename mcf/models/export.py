@@ -13,7 +13,9 @@ import logging
 from mcf.cli import describe
 from mcf.errors import StageError
 from mcf.io import atomic_dir, resolved
+from mcf.models.backbone import read_weights
 from mcf.models.release import export_backbone
+from mcf.train.checkpoint import nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ def cli(argv: list[str]) -> int:
     try:
         with atomic_dir(args.out, sign="backbone.json") as tmp:  # both files or neither
             cfg = export_backbone(args.checkpoint, tmp, num_heads=args.num_heads)
+            # a diverged run's weights (the release's script has no guard): fine-tuning would fail on them
+            if bad := nonfinite(read_weights(tmp / "backbone.pth")):
+                raise ValueError(f"{len(bad)} tensors hold NaN or infinite weights, e.g. {bad[:3]}")
     except ValueError as err:
         # a weights error names the file already
         raise StageError(f"cannot export {args.checkpoint}: {str(err).removeprefix(f'{args.checkpoint}: ')}"
