@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from scipy.integrate import simpson
 from test_finetune import tiny_configs, write_fixture
 
@@ -101,6 +105,45 @@ def test_plots_and_overlays_are_written(evaluated: tuple[EvaluateConfig, dict, P
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
     tasks = ("alignment", "parsing")
     assert overlays == sorted(f"{t}_{v}_{i}.png" for t in tasks for v in VARIANTS for i in (0, 1))
+
+
+def _quantitative_fields(spec: Any) -> set[str]:
+    """The fields a Vega-Lite spec encodes as numbers, wherever they sit (encoding, layers)."""
+    if isinstance(spec, list):
+        return set().union(*map(_quantitative_fields, spec))
+    if not isinstance(spec, dict):
+        return set()
+    own = {spec["field"]} if spec.get("type") == "quantitative" and "field" in spec else set()
+    return own.union(*(_quantitative_fields(v) for k, v in spec.items() if k != "data"))
+
+
+def test_dvc_plots_of_evaluate_encode_numbers_as_numbers(
+    evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path
+) -> None:
+    """dvc.yaml's plots of the CSVs evaluate writes, rendered by `dvc plots show`: every axis the template
+    reads as a quantity holds numbers. bar_horizontal reads x as the quantity and y as the category, so
+    ``x: class`` drew the class names on a number axis and the F1 values as categories."""
+    cfg, _, _ = evaluated
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(root / name, tmp_path / name)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    shutil.copytree(Path(cfg.out) / "plots", tmp_path / params["evaluate"]["out"] / "plots")
+    ids = [next(iter(p)) for p in yaml.safe_load((root / "dvc.yaml").read_text())["plots"]]
+    proc = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json", *ids], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    shown = json.loads(proc.stdout)
+    assert not shown.get("errors") and sorted(shown["data"]) == sorted(ids)
+    for plot_id, renders in shown["data"].items():
+        for render in renders:
+            spec = render["content"]
+            points = spec["data"]["values"]
+            assert points, plot_id
+            for field in _quantitative_fields(spec):
+                values = [point[field] for point in points]  # "" where a class has no F1 (null): no bar
+                assert all(re.fullmatch(r"|-?\d+(\.\d*)?(e[+-]?\d+)?", v) for v in values), (plot_id, field)
 
 
 def test_overlays_leave_out_points_that_have_no_pixel() -> None:
