@@ -1119,6 +1119,35 @@ def test_reflect_padding_mirrors_the_image_not_the_region_cropped() -> None:
     assert got[0, :, 0].tolist() == whole[0, :, 0].tolist() == [*range(160, 200, 2), *range(196, 116, -2)]
 
 
+@pytest.mark.parametrize(("shape", "box", "offset"), [
+    ((40, 33000), (-10.0, 4.0, 30.0, 36.0), (0, 0)),  # a banner's left edge
+    ((40, 33000), (32970.0, 4.0, 33010.0, 36.0), (32800, 0)),  # its right edge
+    ((33000, 40), (4.0, 32970.0, 36.0, 33010.0), (0, 32800)),  # a tall image's bottom edge
+])
+def test_a_reflect_padded_crop_at_an_edge_of_a_huge_image_reads_only_what_the_mirror_needs(
+    shape: tuple[int, int], box: tuple[float, ...], offset: tuple[int, int]
+) -> None:
+    """OpenCV's warps refuse a side of 32767 px or more: a face at an edge of an image that long, with
+    crop.pad reflect, failed the whole stage, as the crop warped the image's full width or height to
+    mirror it. The mirror reads only as far inside the edge as the crop reaches outside, so the crop is
+    the one of the 200-px piece at that edge."""
+    rgb = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    m = face_transform(Face(0, box, None, 0.99, "table"), CropConfig(size=32, margin=0.25))
+    (x, y), (h, w) = offset, shape
+    piece = rgb[y : min(y + 200, h), x : min(x + 200, w)]
+    in_piece = m.copy()
+    in_piece[:, 2] += m[:, :2] @ np.array(offset, np.float64)
+    assert np.array_equal(warp_crop(rgb, m, 32, "reflect"), warp_crop(piece, in_piece, 32, "reflect"))
+
+
+def test_a_crop_wholly_outside_a_huge_image_is_all_pad() -> None:
+    """An aligned crop goes where the landmarks are, which may be off the image: it is black, and was
+    OpenCV's assertion on an image with a side of 32767 px or more, the whole of which was warped."""
+    rgb = np.full((40, 33000, 3), 200, np.uint8)
+    m = np.array([[1.0, 0.0, 100.0], [0.0, 1.0, 0.0]])  # the crop sees x -100..-68, left of the image
+    assert not warp_crop(rgb, m, 32, "constant").any()
+
+
 def test_downscaled_crop_matches_area_resize() -> None:
     rgb = _rgb("astronaut")
     m = face_transform(Face(0, (0.0, 0.0, 512.0, 512.0), None, None, "haar"), CropConfig(size=64, margin=0))

@@ -133,27 +133,33 @@ def face_transform(face: Face, cfg: CropConfig) -> np.ndarray:
 def warp_crop(rgb: np.ndarray, m: np.ndarray, size: int, pad: str) -> np.ndarray:
     """Warp ``rgb`` by the continuous-coordinate affine ``m`` into a ``size``-square crop.
 
-    Only the region the crop sees is touched (with ``reflect``, the image's full width or height along an
-    axis where the crop reaches an edge, as the mirror reads beyond it), and it is first shrunk with area
-    averaging when the warp would shrink it by 2× or more (a bilinear warp alone aliases). Outside the
-    image: ``pad``.
+    Only the region the crop sees is touched (with ``reflect``, also the pixels the mirror at an image edge
+    reads, as far inside it as the crop reaches outside), and it is first shrunk with area averaging when
+    the warp would shrink it by 2× or more (a bilinear warp alone aliases). Outside the image: ``pad``.
+    What reaches the warp stays small however large the image: OpenCV's warps refuse a side of 32767 px
+    or more.
     """
     m = m.copy()
     m[:, 2] += m[:, :2].sum(axis=1) * 0.5 - 0.5  # OpenCV samples at pixel centres
     edge = [-0.5, size - 0.5]  # the crop's outer pixel edges, in pixel-centre coordinates
     corners = cv2.invertAffineTransform(m) @ np.array([[x, y, 1.0] for x in edge for y in edge]).T
-    h, w = rgb.shape[:2]
-    x0, y0 = (max(int(np.floor(v.min())) - 2, 0) for v in corners)
-    x1, y1 = (min(int(np.ceil(v.max())) + 3, n) for v, n in zip(corners, (w, h), strict=True))
-    if x0 >= x1 or y0 >= y1:  # the crop lies wholly outside the image
-        x0, y0, x1, y1 = 0, 0, w, h
-    if pad == "reflect":  # the mirror at an image edge reads pixels the crop does not cover
-        x0, x1 = (0, w) if x0 == 0 or x1 == w else (x0, x1)
-        y0, y1 = (0, h) if y0 == 0 or y1 == h else (y0, y1)
-    roi = rgb[y0:y1, x0:x1]
-    m[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64)
     scale = np.sqrt(abs(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]))
     k = int(1.0 / scale + 1e-9)  # shrink by k first: the warp's remaining scale is then in (0.5, 1]
+    h, w = rgb.shape[:2]
+    spans = []
+    for v, n in zip(corners, (w, h), strict=True):
+        lo, hi = int(np.floor(v.min())) - 2, int(np.ceil(v.max())) + 3  # pixels lo..hi-1, unclipped
+        if pad == "reflect":  # BORDER_REFLECT_101 reads pixel -i for i and n-1+i for n-1-i (in the image
+            # shrunk by k, up to a shrunk pixel further)
+            below = 1 - lo + 2 * k if lo < 0 else hi  # what mirrors the pixels the crop reaches below 0
+            above = 2 * n - 1 - hi - 2 * k if hi > n else lo  # and beyond n - 1
+            lo, hi = min(lo, above), max(hi, below)
+        spans.append((max(lo, 0), min(hi, n)))
+    (x0, x1), (y0, y1) = spans
+    if x0 >= x1 or y0 >= y1:  # the crop lies wholly outside the image (never with reflect): all pad
+        return np.zeros((size, size, *rgb.shape[2:]), rgb.dtype)
+    roi = rgb[y0:y1, x0:x1]
+    m[:, 2] += m[:, :2] @ np.array([x0, y0], dtype=np.float64)
     if k >= 2:
         small = cv2.resize(roi, (-(-roi.shape[1] // k), -(-roi.shape[0] // k)), interpolation=cv2.INTER_AREA)
         kx, ky = roi.shape[1] / small.shape[1], roi.shape[0] / small.shape[0]
