@@ -195,6 +195,18 @@ def test_list_column_is_refused_as_stratum(crop_dir: Path, tmp_path: Path) -> No
     assert not (tmp_path / "s").exists()
 
 
+def test_a_stratum_column_of_more_values_than_n_is_refused(crop_dir: Path, tmp_path: Path) -> None:
+    """`stratify: face_size` (or crop_id, a score): nearly every row a value of its own, so each quota
+    rounded to 0 or 1 and the ties went to the earlier values: the n smallest faces, the same for every
+    seed, with no word. More values than crops to pick is a params error naming the counts (here crop_id:
+    this manifest's face sizes take 3 values)."""
+    with pytest.raises(ParamsError, match=r"stratify: 'crop_id' has 100 values among the 100 kept crops, "
+                       r"more than the n=12 to pick, so the pick would be its 12 smallest values whatever "
+                       r"the seed"):
+        subset(_cfg(crop_dir, tmp_path / "s", stratify="crop_id", n=12), seed=0)
+    assert not (tmp_path / "s").exists()
+
+
 def test_n_beyond_the_kept_crops_takes_them_all(
     crop_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -154,6 +154,11 @@ def subset(cfg: SubsetConfig, seed: int) -> pd.DataFrame:
     if n > len(kept):
         log.warning("subset.n=%d but the crop stage kept %d crops: taking them all", n, len(kept))
         n = len(kept)
+    if cfg.stratify and (values := kept[cfg.stratify].nunique(dropna=False)) > n:
+        # each value's quota rounds to 0 or 1 and ties go to the earlier values: the n smallest, any seed
+        counts = f"{cfg.stratify!r} has {values} values among the {len(kept)} kept crops, more than the n={n}"
+        raise ParamsError("stratify", f"{counts} to pick, so the pick would be its {n} smallest values "
+                          f"whatever the seed: stratify by {FACE_SIZE_BIN} or a column of fewer values")
     chosen = kept.loc[pick(kept, n, seed, cfg.stratify)]
     with atomic_dir(cfg.out, sign="manifest.parquet") as tmp:
         manifest = write_subset(chosen, cfg, tmp)
