@@ -284,7 +284,7 @@ def test_the_index_counts_the_jpg_members_webdataset_reads(tmp_path: Path) -> No
 
     write_shards(_samples(2), tmp_path / "shards", shard_size=10)
     shard = tmp_path / "shards" / "crops-000000.tar"
-    _append_member(shard, "c0.seg.jpg")
+    _append_member(shard, "img-0001_000.seg.jpg")  # the last sample's, as webdataset groups members
     read = list(wds.WebDataset(str(shard), shardshuffle=False))
     assert sum("jpg" in sample for sample in read) == 2 and any("seg.jpg" in sample for sample in read)
     assert len(pretrain_data.index_shards(tmp_path / "shards")[1]) == 2
@@ -360,6 +360,30 @@ def test_a_malformed_sample_of_a_foreign_shard_is_one_line(
     _write_tar(shard, members)
     with pytest.raises(StageError, match=rf"^{re.escape(str(shard))}: {message}"):
         list(iter_encoded(str(shard)))
+
+
+@pytest.mark.parametrize("damage", ["zero-filled", "jpg-only"])
+def test_pretraining_refuses_a_sample_the_stages_refuse(tmp_path: Path, damage: str) -> None:
+    """A shard whose tail is zeros (a copy preallocated and cut short, a file a crash left zero-filled) ends
+    quietly for tarfile at the first zero header, and a foreign shard may hold a crop without its json. The
+    stages' reader refuses the sample left without its json; pre-training's index, counting jpg members
+    alone, trained on the crops before the zeros (3 of 6 here) or on the lone jpg without a word."""
+    write_shards(_samples(6), tmp_path / "shards", 10)
+    shard = tmp_path / "shards" / "crops-000000.tar"
+    with tarfile.open(shard) as tar:
+        infos = tar.getmembers()
+        members = [(info.name, tar.extractfile(info).read()) for info in infos]
+    if damage == "zero-filled":  # from inside the 3rd crop's jpg data on, as long as the shard was
+        data = shard.read_bytes()
+        cut = infos[4].offset_data + tarfile.BLOCKSIZE
+        shard.write_bytes(data[:cut] + bytes(len(data) - cut))
+    else:
+        _write_tar(shard, [(name, data) for name, data in members if name != "img-0002_000.json"])
+    message = rf"^{re.escape(str(shard))}: sample 'img-0002_000' lacks a jpg or json member \(has \['jpg'\]\)"
+    with pytest.raises(StageError, match=message):
+        list(iter_encoded(str(shard)))
+    with pytest.raises(StageError, match=message):
+        CropDataset(shard.parent, 8, cache_mb=0)
 
 
 def test_a_greyscale_jpeg_crop_is_read_as_rgb(tmp_path: Path) -> None:

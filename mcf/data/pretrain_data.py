@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from mcf.data.shards import decode_jpeg, file_members, member_key, open_shard, shard_urls
+from mcf.data.shards import decode_jpeg, file_members, iter_groups, member_key, open_shard, shard_urls
 from mcf.errors import StageError
 from mcf.train.distributed import get_rank
 
@@ -47,12 +47,10 @@ def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarr
     # minutes at the paper's 20M crops; rank 0's bar alone, as in training
     quiet = {"disable": True} if get_rank() else {}
     for i, url in enumerate(tqdm(urls, desc="index shards", unit="shard", leave=False, **quiet)):
-        with open_shard(url) as tar:
-            for info in file_members(tar):
-                if member_key(info.name)[1] == "jpg":  # as webdataset: c.seg.jpg is c's "seg.jpg"
-                    shard.append(i)
-                    offset.append(info.offset_data)
-                    size.append(info.size)
+        for _, group in iter_groups(url, lambda _, info: info):  # as webdataset: c.seg.jpg is c's "seg.jpg"
+            shard.append(i)
+            offset.append(group["jpg"].offset_data)
+            size.append(group["jpg"].size)
     return urls, np.asarray(shard), np.asarray(offset), np.asarray(size)
 
 

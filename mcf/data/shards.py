@@ -19,12 +19,12 @@ import contextlib
 import io
 import json
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,7 @@ from mcf.pools import cancelled_on_error, worker_init, workers_ignore_ctrl_c
 if TYPE_CHECKING:
     import pandas as pd
 
+T = TypeVar("T")
 SHARD_PATTERN = "crops-%06d.tar"
 READ_BACK = ["shard", "width", "height", "mean", "std"]
 # The Arrow type of each crop-manifest column that can be null in every row (docs/CONTRACTS.md): no
@@ -166,8 +167,16 @@ def member_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {extension: bytes})`` per sample of one shard, grouping members as webdataset does."""
+def iter_groups(
+    url: str | Path, read: Callable[[tarfile.TarFile, tarfile.TarInfo], T]
+) -> Iterator[tuple[str, dict[str, T]]]:
+    """``(key, {extension: read(tar, member)})`` per sample of one shard, grouping members as webdataset
+    does; a sample without its jpg or json member fails naming the shard.
+
+    Pre-training's index reads the same groups as the stages: counting jpg members alone, it trained
+    quietly on the crops before a zero-filled tail (tarfile's end of archive), which leaves a sample
+    without its json, where the stages refused the shard.
+    """
     key, group = None, {}
     with open_shard(url) as tar:
         for info in file_members(tar):
@@ -175,11 +184,23 @@ def _iter_members(url: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
             if not ext:
                 raise StageError(f"{url}: member {info.name!r} has no extension")
             if name != key and group:
-                yield key, group
+                yield _whole(url, key, group)
                 group = {}
-            key, group[ext] = name, tar.extractfile(info).read()
-    if group:
-        yield key, group
+            key, group[ext] = name, read(tar, info)
+    if group:  # after open_shard's end-of-archive check: a shard cut short inside its last sample says so
+        yield _whole(url, key, group)
+
+
+def _whole(url: str | Path, key: str, group: dict[str, T]) -> tuple[str, dict[str, T]]:
+    """``(key, group)`` of a sample that holds both members every sample has (docs/CONTRACTS.md)."""
+    if not {"jpg", "json"} <= group.keys():
+        raise StageError(f"{url}: sample {key!r} lacks a jpg or json member (has {sorted(group)})")
+    return key, group
+
+
+def _read(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+    """A member's bytes, for the stages' reader (pre-training keeps its offset and size instead)."""
+    return tar.extractfile(info).read()
 
 
 def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, np.ndarray, dict[str, Any]]]:
@@ -191,9 +212,7 @@ def iter_samples(urls: str | list[str]) -> Iterator[tuple[str, np.ndarray, dict[
 def iter_encoded(urls: str | list[str]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """Stream ``(crop_id, jpeg_bytes, meta)`` without decoding, to re-shard crops with no JPEG loss."""
     for url in [urls] if isinstance(urls, str) else urls:
-        for key, group in _iter_members(url):
-            if not {"jpg", "json"} <= group.keys():
-                raise StageError(f"{url}: sample {key!r} lacks a jpg or json member (has {sorted(group)})")
+        for key, group in iter_groups(url, _read):
             try:
                 meta = json.loads(group["json"])
             except ValueError as err:  # JSONDecodeError and UnicodeDecodeError: tar checks headers only
