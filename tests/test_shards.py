@@ -386,6 +386,34 @@ def test_pretraining_refuses_a_sample_the_stages_refuse(tmp_path: Path, damage: 
         CropDataset(shard.parent, 8, cache_mb=0)
 
 
+@pytest.mark.parametrize("change", ["a copy", "a shard gone", "zeros from a sample on"])
+def test_pretraining_refuses_shards_that_disagree_with_their_manifest(tmp_path: Path, change: str) -> None:
+    """Shards a copy, a partial `dvc pull` or a crash changed after the stage wrote them, each still a
+    well-formed tar: a copy beside them (crops-000000 copy.tar) matched crops-*.tar and was trained on
+    twice, a shard gone left the rest to train on, and zeros from a sample's first header on end a tar
+    cleanly. The manifest beside the shards says how many crops each holds: pre-training checks it."""
+    shards = tmp_path / "subset" / "shards"
+    names = write_shards(_samples(6), shards, 2)
+    manifest = {"crop_id": [f"img-{i:04d}_000" for i in range(6)], "shard": [names[i // 2] for i in range(6)]}
+    pd.DataFrame(manifest).to_parquet(tmp_path / "subset" / "manifest.parquet")
+    assert len(CropDataset(shards, 8, cache_mb=0)) == 6
+    first = shards / names[0]
+    if change == "a copy":
+        (shards / "crops-000000 copy.tar").write_bytes(first.read_bytes())
+        expected = "crops-000000 copy.tar holds 2 crops, the manifest lists 0"
+    elif change == "a shard gone":
+        (shards / names[1]).unlink()
+        expected = "crops-000001.tar holds 0 crops, the manifest lists 2"
+    else:
+        with tarfile.open(first) as tar:
+            cut = tar.getmembers()[2].offset  # the second sample's first header
+        data = first.read_bytes()
+        first.write_bytes(data[:cut] + bytes(len(data) - cut))
+        expected = "crops-000000.tar holds 1 crops, the manifest lists 2"
+    with pytest.raises(StageError, match=re.escape(f"{shards}: {expected}")):
+        CropDataset(shards, 8, cache_mb=0)
+
+
 def test_a_greyscale_jpeg_crop_is_read_as_rgb(tmp_path: Path) -> None:
     """A crop is RGB wherever it is read: a greyscale JPEG (a foreign shard's; ``mcf predict``'s input also
     goes through decode_jpeg) decoded to ``[H, W]``, which pre-training's ``[3, S, S]`` permute refused with

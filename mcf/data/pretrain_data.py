@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mcf.data.shards import decode_jpeg, file_members, iter_groups, member_key, open_shard, shard_urls
 from mcf.errors import StageError
+from mcf.io import read_table
 from mcf.train.distributed import get_rank
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,28 @@ def index_shards(shard_dir: str | Path) -> tuple[list[str], np.ndarray, np.ndarr
             shard.append(i)
             offset.append(group["jpg"].offset_data)
             size.append(group["jpg"].size)
+    check_manifest(shard_dir, urls, np.bincount(np.asarray(shard, dtype=np.int64), minlength=len(urls)))
     return urls, np.asarray(shard), np.asarray(offset), np.asarray(size)
+
+
+def check_manifest(shard_dir: str | Path, urls: list[str], counts: np.ndarray) -> None:
+    """Refuse shards that disagree with the ``manifest.parquet`` beside them (its ``shard`` column), which
+    the stage that wrote them wrote last: each still a well-formed tar, a copy beside them (``crops-000000
+    copy.tar``) was trained on twice, a shard a partial ``dvc pull`` left out was not missed, and zeros
+    from a sample's first header on (a crash) end a tar cleanly. Shards without a manifest are not checked.
+    """
+    path = Path(shard_dir).parent / "manifest.parquet"
+    if not path.is_file():
+        return
+    listed = read_table(path, ["shard"], "rerun the stage that wrote it", only=True)["shard"].value_counts()
+    found = dict(zip((Path(u).name for u in urls), counts.tolist(), strict=True))
+    for name in sorted(found.keys() | set(listed.index)):
+        held, lists = found.get(name, 0), listed.get(name, 0)
+        if held != lists:
+            totals = f"{int(counts.sum())} crops in the shards, {int(listed.sum())} in the manifest"
+            raise StageError(f"{shard_dir}: {name} holds {held} crops, the manifest lists {lists} "
+                             f"({totals}): shards added, removed or damaged since they were written; rerun "
+                             "the stage that wrote them")
 
 
 def _crop_id_at(url: str, offset: int) -> str:
