@@ -448,6 +448,17 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     for changed in ({"lr_head": 0.5}, {"num_workers": 1}):
         with pytest.raises(StageError, match="belongs to a run with other params"):
             main_alignment(Common(seed=0), dataclasses.replace(runs["killed"], **changed), "mcf")
+    built = finetune.build_model
+
+    def other_heads(*args: object) -> torch.nn.Module:  # code pulled since the kill that builds other heads
+        model = built(*args)
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).add_(1.0)
+        return model
+
+    with monkeypatch.context() as m, pytest.raises(StageError, match="belongs to a run with other params"):
+        m.setattr(finetune, "build_model", other_heads)
+        main_alignment(Common(seed=0), runs["killed"], "mcf")
     rescored: list[int] = []
 
     def counted(task: str, cfg: AlignmentConfig) -> finetune.Scorer:

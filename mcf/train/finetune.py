@@ -56,6 +56,7 @@ from mcf.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
     truncate_live,
+    weights_digest,
 )
 from mcf.train.distributed import default_device, resolve_dtype
 from mcf.train.ema import EMA
@@ -427,6 +428,7 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in where},
         "backbone": file_sha256(Path(export_dir(variant, cfg)) / "backbone.pth"),
         "data": int(pd.util.hash_pandas_object(table, index=False).sum()),
+        "init": weights_digest(model),  # the heads as this code builds them: pulled code may draw others
     })
     scorer = test_scorer(task, cfg) if cfg.test_each_epoch else None
     ema, test_by_epoch = train(model, dataset, loss_fn, cfg, resume_dir, common.seed, run_id, scorer)
