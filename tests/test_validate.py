@@ -489,6 +489,27 @@ def test_a_crop_manifest_the_subset_gate_cannot_read_is_one_line(
                           f"crop manifest {path} (ArrowInvalid: ") and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("width", [64.5, "wide"])
+def test_a_crop_manifest_size_that_is_no_whole_number_fails_the_subset_gate_by_hand_on_one_line(
+    width: object, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`mcf validate subset` takes each crop's size from the crop manifest subset.input names: one written by
+    other code with a width of 64.5 or text ended in pandas' TypeError or ValueError traceback. The crop gate
+    refuses such a manifest; here it is the subset gate failing (exit 3) on one line naming the file."""
+    (tmp_path / "crop").mkdir()
+    _crop_manifest().assign(width=[width, None]).to_parquet(tmp_path / "crop" / "manifest.parquet")
+    _subset_manifest().to_parquet(tmp_path / "subset.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"subset": {"input": str(tmp_path / "crop")}}))
+    args = ["validate", "--params", str(tmp_path / "params.yaml"), "subset", str(tmp_path / "subset.parquet")]
+    assert cli_main(args) == 3
+    path = tmp_path / "crop" / "manifest.parquet"
+    kind = "float64" if isinstance(width, float) else "object"
+    assert capsys.readouterr().err == (
+        f"mcf validate: data gate 'subset': the crop manifest {path} holds sizes that are no whole numbers "
+        f"(width {kind}, height Int64), so the size each crop should have is unknown; "
+        "`mcf validate crop` on it lists what else is wrong\n")
+
+
 def _as(kind: str) -> Callable[[pd.Series], pd.Series]:
     return lambda column: column.astype(kind)
 

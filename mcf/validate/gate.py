@@ -203,7 +203,13 @@ def _expected_size(df: pd.DataFrame, suite: str, config: Any) -> tuple[Any, Any]
                         f"{sorted(repeated)[:EXAMPLES]}, so the size each crop should have is unknown; "
                         "`mcf validate crop` on it lists what else is wrong")
     ids, crop = df["crop_id"], crop.set_index("crop_id")
-    return ids.map(crop["width"]).astype("Int64"), ids.map(crop["height"]).astype("Int64")
+    try:
+        return ids.map(crop["width"]).astype("Int64"), ids.map(crop["height"]).astype("Int64")
+    except (TypeError, ValueError):  # 64.5 or text, which the crop gate refuses: pandas' error is a traceback
+        types = f"width {crop['width'].dtype}, height {crop['height'].dtype}"
+        raise GateError(f"data gate {suite!r}: the crop manifest {path} holds sizes that are no whole "
+                        f"numbers ({types}), so the size each crop should have is unknown; "
+                        "`mcf validate crop` on it lists what else is wrong") from None
 
 
 def derive(df: pd.DataFrame, suite: str, config: Any = None) -> pd.DataFrame:
