@@ -29,8 +29,8 @@ def _flat(tree: dict, prefix: str = "") -> list[str]:
 
 
 def test_every_committed_glob_gates_a_committed_metric() -> None:
-    """A metric renamed in the code and the committed files alike would leave its glob matching nothing:
-    the gate would then pass it unchecked, with no word about the glob."""
+    """A metric renamed in the code and the committed files alike would leave its glob matching nothing,
+    which fails the gate only after the whole pipeline has run; this fails first."""
     files = sorted((ROOT / "metrics").rglob("*.json"))
     names = [f"{f.relative_to(ROOT).as_posix()}:{key}" for f in files
              for key in _flat(json.loads(f.read_text()))]
@@ -100,6 +100,21 @@ def _git(repo: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True)
 
 
+def _committed_metrics(repo: Path, tolerance: str, committed: dict) -> Path:
+    """A git and DVC repository at ``repo`` whose HEAD holds ``committed`` as metrics/evaluate.json and
+    ``tolerance`` as metrics/tolerance.yaml; returns the metrics file."""
+    _git(repo, "init", "-q")
+    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
+    (repo / "metrics").mkdir()
+    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\n")
+    (repo / "metrics" / "tolerance.yaml").write_text(tolerance)
+    metrics = repo / "metrics" / "evaluate.json"
+    metrics.write_text(json.dumps(committed))
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "metrics")
+    return metrics
+
+
 @pytest.mark.parametrize(("new", "expected_rc"), [(0.931, 0), (1.2, 1)])
 @pytest.mark.parametrize("where", [".", "metrics"])
 def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int, where: str) -> None:
@@ -107,15 +122,8 @@ def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int, where: 
     (`../metrics/evaluate.json` from metrics/), which no tolerance glob matched, so every move went
     unchecked and the gate blamed the tolerance file ("no metric matches a glob")."""
     repo = tmp_path
-    _git(repo, "init", "-q")
-    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
-    (repo / "metrics").mkdir()
-    (repo / "dvc.yaml").write_text("metrics:\n  - metrics/evaluate.json\n")
-    (repo / "metrics" / "tolerance.yaml").write_text("tolerance:\n  'metrics/evaluate.json:*nme*': 0.01\n")
-    metrics = repo / "metrics" / "evaluate.json"
-    metrics.write_text(json.dumps({"alignment": {"mcf": {"nme_diag": 0.93}}}))
-    _git(repo, "add", "-A")
-    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "metrics")
+    metrics = _committed_metrics(repo, "tolerance:\n  'metrics/evaluate.json:*nme*': 0.01\n",
+                                 {"alignment": {"mcf": {"nme_diag": 0.93}}})
     metrics.write_text(json.dumps({"alignment": {"mcf": {"nme_diag": new}}}))
     # a change that loosens its own tolerance does not pass: the gate reads the committed one
     (repo / "metrics" / "tolerance.yaml").write_text("tolerance:\n  '*': 100\n")
@@ -124,6 +132,20 @@ def test_check_metrics_cli(tmp_path: Path, new: float, expected_rc: int, where: 
     assert proc.returncode == expected_rc, proc.stdout + proc.stderr
     assert "nme_diag" in proc.stdout  # the markdown table is printed either way
     assert f"metric gate: {1 - expected_rc} within tolerance, {expected_rc} outside" in proc.stdout
+
+
+def test_a_glob_that_matches_no_metric_fails_the_gate(tmp_path: Path) -> None:
+    """A typo in one glob (`nme_dig`) left its metric ungated: NME 0.93 -> 5.0 passed with exit 0, as
+    long as another glob matched something."""
+    committed = {"alignment": {"mcf": {"nme_diag": 0.93}}, "dataset": {"alignment": "SynthFace-AFLW19"}}
+    metrics = _committed_metrics(tmp_path, "tolerance:\n  'metrics/evaluate.json:*.nme_dig': 0.01\n"
+                                 "  'metrics/evaluate.json:dataset.*': 0\n", committed)
+    metrics.write_text(json.dumps({**committed, "alignment": {"mcf": {"nme_diag": 5.0}}}))
+    proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert ("FAIL metrics/evaluate.json:*.nme_dig: this glob of metrics/tolerance.yaml at HEAD matches no "
+            "metric") in proc.stdout
 
 
 def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
