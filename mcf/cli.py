@@ -91,8 +91,8 @@ def parser() -> argparse.ArgumentParser:
         keys = " and ".join(f"`{key}`" for key in TOP_LEVEL[name])
         top = f" plus the top-level {keys}" if keys else " (it reads no top-level key)"
         # the one stage that reaches a store or a folder that may refuse it (mcf.errors.AccessError)
-        access = (" 4 no access to the source (no S3 credentials, access denied, no such bucket),"
-                  if name == "fetch" else "")
+        access = (" 4 no access to the source (no S3 credentials, access denied, no such bucket, a local "
+                  "folder it may not read)," if name == "fetch" else "")
         epilog = (
             f"Settings: section `{name}` of the params file{top}; the whole file is checked before any "
             "work. Paths in it are relative to the working directory; the section's input keys name what it "

@@ -109,7 +109,8 @@ def test_stage_help_says_where_its_settings_and_files_are(capsys: pytest.Capture
     with pytest.raises(SystemExit):
         cli.main(["fetch", "--help"])  # the one stage a store or a folder may refuse
     text = " ".join(capsys.readouterr().out.split())
-    assert "3 a data gate failed, 4 no access to the source (no S3 credentials, access denied, no" in text
+    assert ("3 a data gate failed, 4 no access to the source (no S3 credentials, access denied, no such "
+            "bucket, a local folder it may not read)") in text
     with pytest.raises(SystemExit):
         cli.main(["pretrain", "--help"])
     text = " ".join(capsys.readouterr().out.split())
