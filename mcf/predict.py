@@ -264,7 +264,7 @@ def predict(
             if box is not None and box_misses(box, w, h):
                 log.warning("%s: --box lies outside the %dx%d image; its prediction is of blank padding",
                             path, w, h)
-            canvas = rgb.copy()
+            canvas, dots = rgb.copy(), []
             for face in faces:
                 points, labels = predict_face(rgb, face, aligner, parser)
                 row = {"image": str(path), "face": face.face, "detector": face.detector,
@@ -275,9 +275,11 @@ def predict(
                     canvas = plots.blend_labels(canvas, labels)
                 if points is not None:
                     row |= dict(zip(LANDMARK_COLUMNS, points.T.ravel(), strict=True))
-                    canvas = plots.draw_landmarks(canvas, points)  # over the class colours
+                    dots.append(points)
                 rows.append(row)
             if overlays:
+                if dots:  # over every face's class colours: a face's map reaches past it, over the others
+                    canvas = plots.draw_landmarks(canvas, np.concatenate(dots))
                 (tmp / "overlays").mkdir(exist_ok=True)
                 plots.write_png(tmp / "overlays" / f"{path.stem}.png", canvas)
         landmarks = LANDMARK_COLUMNS if aligner is not None else ()

@@ -604,3 +604,28 @@ def test_predict_boxes_refuses_a_bad_model_on_one_line(which: str, models: tuple
     done = _predict_boxes(path)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and path in done.stderr
+
+
+def test_every_faces_points_are_drawn_over_every_faces_class_colours(
+    models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two faces in one photo (a group, or a detector's second box on the same face): each face's class map
+    covers pixels beyond it, and the second face's colours were blended over the first face's points,
+    fading them to half their red."""
+    _, align_pt, parse_pt = models
+    aligner, meta = load_task(align_pt, "alignment")
+    image = sorted((LaPa(LaPaConfig(**load_task(parse_pt, "parsing")[1]["data"]), "test").dir / "images")
+                   .glob("*.jpg"))[0]
+    rgb = read_image(image)
+    h, w = rgb.shape[:2]
+    boxes = [(0.1 * w, 0.1 * h, 0.7 * w, 0.7 * h), (0.3 * w, 0.3 * h, 0.9 * w, 0.9 * h)]
+    faces = [Face(i, box, None, None, "haar") for i, box in enumerate(boxes)]
+    monkeypatch.setattr("mcf.predict.make_detector", lambda cfg: lambda rgb: faces)
+    predict([image], tmp_path / "out", alignment=align_pt, parsing=parse_pt)
+    overlay = read_png(tmp_path / "out" / "overlays" / f"{image.stem}.png")
+    for box in boxes:
+        points = align_face(aligner, AFLW19Config(**meta["data"]), rgb, box)
+        cols, rows = np.round(points - 0.5).astype(int).T  # the pixel each dot is centred on
+        inside = (cols >= 0) & (cols < w) & (rows >= 0) & (rows < h)
+        assert inside.sum() > 10
+        assert (overlay[rows[inside], cols[inside]] == (255, 0, 0)).all()
