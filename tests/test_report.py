@@ -587,6 +587,16 @@ def test_a_gate_file_that_is_no_json_object_is_a_note(run: Path) -> None:
         read_gates(open_run(run))
 
 
+@pytest.mark.parametrize("damage", [b'{"success": ', b"\xff\xfe\x00"], ids=["cut-short", "not-text"])
+def test_a_gate_file_that_does_not_parse_is_a_note_naming_it(run: Path, damage: bytes) -> None:
+    """A gate result cut short or not text: the note was json's or the codec's message alone ("Expecting
+    value: line 1 column 12"), which named no file among the suites' results."""
+    (run / ".mcf" / "validation" / "odd.json").write_bytes(damage)
+    gates = _sections(_page(run))["gates"]
+    assert re.search(r'<p class="note">could not read this part of the run: \S*odd\.json: not a data-gate '
+                     r"result \(", gates), gates
+
+
 @pytest.mark.parametrize(("where", "damage"), [
     ("alignment", lambda m: m.update(alignment=[1])),
     ("alignment.mcf.full", lambda m: m["alignment"]["mcf"].update(full=5.4)),

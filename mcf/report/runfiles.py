@@ -368,7 +368,10 @@ def read_gates(run: Run) -> list[GateResult]:
     folder = existing(run.root / RESULTS_DIR, "data-gate results (no stage has run a gate here)")
     results = []
     for path in sorted(folder.glob("*.json")):
-        doc = json.loads(path.read_text())
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:  # cut short, or not text: json's message alone names no file
+            raise ValueError(f"{path}: not a data-gate result ({err})") from None
         if not isinstance(doc, dict):  # the page notes a ValueError; an AttributeError crashed it
             raise ValueError(f"{path}: not a data-gate result (a JSON object)")
         problem = misshapen(doc, GATE_SHAPE)
