@@ -125,10 +125,11 @@ def _write_run(tmp_path: Path) -> Path:
     plots = tmp_path / "outputs" / "evaluate" / "plots"
     plots.mkdir(parents=True)
     thresholds = np.arange(0, 0.0701, 0.01)
-    ced = "\n".join(f"{t},{min(1, 10 * t)},{min(1, 8 * t)}" for t in thresholds)
+    ced = "\n".join(f"{t},{min(0.6, 10 * t)},{min(0.6, 9 * t)}" for t in thresholds)  # at 0.07: 100 - FR
     (plots / "ced.csv").write_text(f"threshold,mcf,scratch\n{ced}\n")
-    f1 = "\n".join(f"{c},{50 + i},{40 + i}" for i, c in enumerate(CLASSES))
-    (plots / "f1.csv").write_text(f"class,mcf,scratch\n{f1}\n")
+    f1 = _metrics()["parsing"]  # the bars are the per-class F1 the metrics hold, as `evaluate` writes them
+    pd.DataFrame({"class": CLASSES, **{v: [f1[v]["f1"][c] for c in CLASSES] for v in f1}}).to_csv(
+        plots / "f1.csv", index=False)
     for name in ("alignment_mcf_0", "parsing_scratch_1"):
         _png(tmp_path / "outputs" / "evaluate" / "overlays" / f"{name}.png")
     _png(tmp_path / "outputs" / "evaluate" / "confusion_mcf.png")
@@ -350,6 +351,31 @@ def test_report_of_a_checkout_whose_evaluate_outputs_were_not_pulled(run: Path) 
     assert sorted(splits) == [(v, s) for v in ("mcf", "scratch") for s in ("frontal", "full")]
     assert "5.432" in sections["ced"] and "SynthFace-AFLW19" in sections["ced"]
     assert "FaRL-B ep16 (LaPa)" in sections["f1"] and "14.81" in sections["f1"]
+
+
+@pytest.mark.parametrize("newer", [
+    lambda m: m["parsing"]["mcf"]["f1"].update(skin=20.5),  # another run's F1 bars
+    lambda m: m["alignment"]["scratch"]["full"].update({"fr_box_0.07": 35.0}),  # another run's CED
+    lambda m: [m[task].pop("scratch") for task in ("alignment", "parsing")],  # another run's variants
+], ids=["f1", "ced", "variants"])
+def test_evaluate_outputs_of_another_run_than_the_metrics_are_left_out(
+    run: Path, newer: Callable[[dict], None]
+) -> None:
+    """The metrics file is committed, `evaluate.out` DVC-cached: after a `git pull` or `git checkout`
+    without `dvc pull` / `dvc checkout` the folder holds another run's CED and F1 data, confusion matrices
+    and overlays, which the page drew beside these numbers as theirs. Its CSVs repeat numbers the metrics
+    hold (the CED's share at 0.07 is 100 - FR@0.07, the bars the per-class F1): where they disagree, a note
+    stands in place of every plot and image from that folder; the numbers of the metrics still show."""
+    metrics = _metrics()
+    newer(metrics)
+    _write_metrics(run, metrics)
+    sections = _sections(_page(run))
+    for key in ("ced", "f1", "overlays"):
+        assert re.search(r"outputs/evaluate is not from the run that wrote \S*metrics/evaluate\.json",
+                         sections[key]) and "<img" not in sections[key], sections[key]
+    assert ["mcf", "full", "SynthFace-AFLW19", "5.432"] in [row[:4] for row in _cells(sections["ced"])]
+    assert ["skin", "20.50" if metrics["parsing"]["mcf"]["f1"]["skin"] == 20.5 else "14.81"] in [
+        row[:2] for row in _cells(sections["f1"])]
 
 
 @pytest.mark.parametrize(("ced", "f1"), [
@@ -999,6 +1025,7 @@ def test_no_alignment_scores_or_no_overlay_images_are_notes(run: Path) -> None:
     del metrics["alignment"]
     _write_metrics(run, metrics)
     assert '<p class="note">the metrics have no alignment scores</p>' in page.ced_section(open_run(run))
+    _write_metrics(run, _metrics())  # with the outputs' own metrics: they are not another run's
     for png in (run / "outputs" / "evaluate" / "overlays").glob("*.png"):
         png.unlink()
     with pytest.raises(Missing, match="no overlay images in .*overlays"):

@@ -29,6 +29,7 @@ from mcf.report.runfiles import (
     read_curves,
     read_gates,
     read_table,
+    stale_outputs,
     variant_label,
 )
 from mcf.synth.writers import is_synthface, names_synthface
@@ -175,6 +176,8 @@ def ced_section(run: Run) -> str:
                            numeric_key=True)
     except Missing as gap:  # the metrics are committed, the outputs DVC-cached: a clone not yet pulled
         return note(str(gap)) + numbers
+    if stale := stale_outputs(run, metrics):
+        return note(stale) + numbers
     curve = curve.rename(columns=lambda c: c if c == "threshold" else variant_label(c, pretrained))
     return figure(figures.ced_png(curve, label), f"CED of NME_box on {label}") + numbers
 
@@ -185,7 +188,10 @@ def f1_section(run: Run) -> str:
     label = dataset_label(metrics, "parsing")
     pretrained = pretrained_with(run.params)
     out = run.path("evaluate.out")
+    stale = stale_outputs(run, metrics)
     try:
+        if stale:
+            raise Missing(stale)
         bars = read_table(out / "plots" / "f1.csv", "F1 data", "class")
         bars = bars.rename(columns=lambda c: c if c == "class" else variant_label(c, pretrained))
         parts = [figure(figures.f1_png(bars, label), f"Per-class F1 on {label}")]
@@ -195,7 +201,7 @@ def f1_section(run: Run) -> str:
         parts.append(table(*f1_comparison(metrics, pretrained)))
     except Missing as gap:
         parts.append(note(str(gap)))
-    for path in sorted(out.glob("confusion_*.png")):
+    for path in [] if stale else sorted(out.glob("confusion_*.png")):
         variant = variant_label(path.stem.removeprefix("confusion_"), pretrained)
         parts.append(figure(path.read_bytes(), f"{variant}: confusion matrix on {label}"))
     return "".join(parts)
@@ -205,6 +211,8 @@ def overlays_section(run: Run) -> str:
     """Prediction overlays written by ``evaluate`` (landmarks: red predicted, green ground truth)."""
     metrics = load_metrics(run)
     folder = existing(run.path("evaluate.out") / "overlays", "overlays")
+    if stale := stale_outputs(run, metrics):
+        raise Missing(stale)
     parts = []
     for task in ("alignment", "parsing"):
         paths = sorted(folder.glob(f"{task}_*.png"))

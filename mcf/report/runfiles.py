@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from mcf.params import read_yaml
@@ -214,6 +215,39 @@ def read_table(path: Path, what: str, key: str, numeric_key: bool = False) -> pd
     if text:
         raise Missing(f"{path}: column `{text[0]}` holds text where `evaluate` writes numbers")
     return table
+
+
+def stale_outputs(run: Run, metrics: dict[str, Any]) -> str | None:
+    """Why ``evaluate.out`` is not from the run that wrote the metrics, or None where nothing says so.
+
+    The metrics file is committed and ``evaluate.out`` DVC-cached: a ``git pull`` or ``git checkout``
+    without ``dvc pull`` / ``dvc checkout`` leaves another run's plots, confusion matrices and overlays
+    beside these numbers. ``evaluate`` writes both at once, and its CSVs repeat what the metrics hold: the
+    CED's share at 0.07 is 1 - FR@0.07, the F1 bars the per-class F1. A CSV that cannot be read tells
+    nothing here (its own section notes it).
+    """
+    def numbers(scores: dict[str, Any]) -> pd.DataFrame:
+        return pd.DataFrame(scores).apply(pd.to_numeric, errors="coerce")
+
+    fr = numbers({v: {0.07: (a.get("full") or {}).get("fr_box_0.07")}
+                  for v, a in (metrics.get("alignment") or {}).items()})
+    f1 = numbers({v: p.get("f1") or {} for v, p in (metrics.get("parsing") or {}).items()})
+    plots = run.path("evaluate.out") / "plots"
+    for name, what, key, want in (("ced.csv", "CED data", "threshold", 1 - fr / 100),
+                                  ("f1.csv", "F1 data", "class", f1)):
+        try:
+            found = read_table(plots / name, what, key, numeric_key=key == "threshold").set_index(key)
+        except Missing:
+            continue
+        if key == "threshold":
+            found = found[np.isclose(found.index, 0.07)].iloc[:1].rename(lambda _: 0.07)
+        if sorted(found.columns) != sorted(want.columns) or not np.allclose(
+                found.to_numpy(float), want.reindex(index=found.index, columns=found.columns).to_numpy(float),
+                atol=1e-6, equal_nan=True):
+            return (f"{plots.parent} is not from the run that wrote {run.path('evaluate.metrics')}: its "
+                    f"{name} disagrees with the metrics (a `git pull` or `git checkout` without `dvc pull` "
+                    "or `dvc checkout`?), so its plots and images are left out")
+    return None
 
 
 # ---------------------------------------------------------------- tables
