@@ -395,16 +395,18 @@ def test_probe_fits_recover_linear_structure(caplog: pytest.LogCaptureFixture) -
 
 def test_best_epoch_on_test_picks_the_lowest_nme_and_the_highest_f1(
         evaluated: tuple[EvaluateConfig, dict, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """NME is better low and F1 high: recorded scores of three epochs, the best is the middle one."""
+    """NME is better low and F1 high: recorded scores of three epochs, the best is the middle one. The
+    validation scores pick another epoch (the earliest of a tie), and the test score after it stands."""
     import mcf.evaluate.evaluate as E
 
     cfg, _, root = evaluated
     recorded = {"alignment": [9.0, 1.0, 5.0], "parsing": [1.0, 9.0, 5.0]}
+    val = {"alignment": [4.0, 6.0, 3.0], "parsing": [8.0, 2.0, 8.0]}
     real = E.load_finetuned
 
     def with_scores(path: Path, task: str | None = None) -> tuple[Any, dict[str, Any]]:
         model, meta = real(path, task)
-        return model, meta | {"test_by_epoch": recorded[meta["task"]]}
+        return model, meta | {"test_by_epoch": recorded[meta["task"]], "val_by_epoch": val[meta["task"]]}
 
     monkeypatch.setattr(E, "load_finetuned", with_scores)
     out = dataclasses.replace(cfg, out=str(root / "best"), metrics=str(root / "best.json"),
@@ -414,6 +416,23 @@ def test_best_epoch_on_test_picks_the_lowest_nme_and_the_highest_f1(
     for task, score in (("alignment", "nme_diag_full"), ("parsing", "f1_mean")):
         assert metrics[task]["mcf"]["best_epoch_on_test"] == {score: 1.0 if task == "alignment" else 9.0,
                                                               "epoch": 2, "epochs": 3}
+    assert metrics["alignment"]["mcf"]["best_epoch_on_val"] == {"nme_diag_val": 3.0, "nme_diag_full": 5.0,
+                                                                "epoch": 3, "epochs": 3}
+    assert metrics["parsing"]["mcf"]["best_epoch_on_val"] == {"f1_mean_val": 8.0, "f1_mean": 1.0,
+                                                              "epoch": 1, "epochs": 3}
+
+
+def test_best_epoch_on_val_without_test_scores_names_the_epoch_alone() -> None:
+    """Validation scored, the test split not (test_each_epoch false): the pick has no test score to
+    stand beside; an epoch whose score is None (F1 of no class) is never picked."""
+    from mcf.evaluate.evaluate import best_epochs
+
+    meta = {"task": "alignment", "test_by_epoch": [], "val_by_epoch": [3.0, 2.0, 2.5]}
+    assert best_epochs(meta, min) == {"best_epoch_on_val": {"nme_diag_val": 2.0, "epoch": 2, "epochs": 3}}
+    meta = {"task": "parsing", "test_by_epoch": [4.0, None], "val_by_epoch": [None, 1.0]}
+    assert best_epochs(meta, max) == {"best_epoch_on_test": {"f1_mean": 4.0, "epoch": 1, "epochs": 2},
+                                      "best_epoch_on_val": {"f1_mean_val": 1.0, "epoch": 2, "epochs": 2}}
+    assert best_epochs({"task": "parsing"}, max) == {}
 
 
 def test_probe_features_are_the_mean_patch_token_and_cls() -> None:

@@ -93,6 +93,13 @@ def test_params_sections_build_from_yaml(tmp_path: Path) -> None:
         (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune_parsing": {"blocks": blocks}}))
         with pytest.raises(ParamsError, match="finetune_parsing.blocks"):
             load("finetune_parsing", tmp_path / "params.yaml")
+    # AFLW-19 has no validation split but the training rows n_val holds out: none to score
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"finetune_alignment": {"val_each_epoch": True}}))
+    with pytest.raises(ParamsError, match=r"finetune_alignment.val_each_epoch: needs data.n_val > 0"):
+        load("finetune_alignment", tmp_path / "params.yaml")
+    held_out = {"finetune_alignment": {"val_each_epoch": True, "data": {"n_val": 10}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(held_out))
+    assert load("finetune_alignment", tmp_path / "params.yaml")[1].data.n_val == 10
 
 
 @pytest.mark.parametrize("blocks", [[0, 1, 2, 9], [3, 2, 1, 0]])
@@ -109,18 +116,20 @@ def test_a_model_file_with_bad_head_blocks_is_refused_naming_it(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("damage", ["no data", "data another version wrote", "data size 0",
-                                    "test_by_epoch not a list"])
+                                    "test_by_epoch not a list", "val_by_epoch not a list"])
 def test_a_model_file_whose_metadata_is_damaged_is_refused_naming_it(
     fixture_root: Path, tmp_path: Path, damage: str
 ) -> None:
     """``mcf evaluate`` and ``mcf predict`` rebuild the data config from a model.pt's ``data``, and evaluate
-    reads its ``test_by_epoch``: a file without ``data``, with a key the task's data config lacks, or with
-    a ``test_by_epoch`` that is no list loaded, then ended those commands in a KeyError or TypeError
-    traceback; a size of 0 crashed predict in OpenCV. It is a bad file, refused on load naming it."""
+    reads its ``test_by_epoch`` and ``val_by_epoch``: a file without ``data``, with a key the task's data
+    config lacks, or with a ``test_by_epoch`` that is no list loaded, then ended those commands in a
+    KeyError or TypeError traceback; a size of 0 crashed predict in OpenCV. It is a bad file, refused on
+    load naming it."""
     align, _ = tiny_configs(fixture_root)
     path = tmp_path / "model.pt"
     model = finetune.build_model("alignment", "mcf", align)
-    finetune.save_finetuned(EMA(model, 0.9), "alignment", "mcf", align, path, [0.5])
+    scores = {"test": [0.5], "val": [0.4]}
+    finetune.save_finetuned(EMA(model, 0.9), "alignment", "mcf", align, path, scores)
     ckpt = torch.load(path, weights_only=True)
     if damage == "no data":
         del ckpt["data"]
@@ -129,9 +138,10 @@ def test_a_model_file_whose_metadata_is_damaged_is_refused_naming_it(
     elif damage == "data size 0":
         ckpt["data"]["size"] = 0
     else:
-        ckpt["test_by_epoch"] = 0.5
+        ckpt[damage.split()[0]] = 0.5
     torch.save(ckpt, path)
     why = {"no data": "KeyError", "test_by_epoch not a list": "TypeError",
+           "val_by_epoch not a list": "TypeError",
            "data another version wrote": "ParamsError: data.n_identities: unknown key",
            "data size 0": "ParamsError: data.size: must be >= 8, got 0"}
     with pytest.raises(StageError, match=rf"model.pt: not a fine-tuned model.pt \({why[damage]}"):
@@ -146,7 +156,7 @@ def test_a_model_file_whose_weights_do_not_fit_its_backbone_names_the_whole_shap
     align, _ = tiny_configs(fixture_root)
     path = tmp_path / "model.pt"
     finetune.save_finetuned(EMA(finetune.build_model("alignment", "mcf", align), 0.9), "alignment", "mcf",
-                            align, path, [0.5])
+                            align, path, {"test": [0.5]})
     ckpt = torch.load(path, weights_only=True)
     ckpt["backbone"]["kwargs"]["img_size"] *= 2
     torch.save(ckpt, path)
@@ -171,7 +181,7 @@ def test_a_saved_model_reloads_at_its_own_input_size_in_eval_mode(fixture_root: 
     align = dataclasses.replace(align, data=dataclasses.replace(align.data, size=16))
     path = tmp_path / "model.pt"
     finetune.save_finetuned(EMA(finetune.build_model("alignment", "mcf", align), 0.9), "alignment", "mcf",
-                            align, path, [0.5])
+                            align, path, {"test": [0.5]})
     model, meta = load_finetuned(path, "alignment")
     assert not model.training and model(torch.zeros(1, 3, 16, 16)).shape == (1, 19, 8, 8)
     assert meta["data"] == {k: v for k, v in dataclasses.asdict(align.data).items() if k != "augment"}
@@ -423,12 +433,15 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
     a changed config does not resume, nor does another ``num_workers``: the augmentation is drawn in the
     workers, so their count changes the model."""
     align, _ = tiny_configs(fixture_root, epochs=3)
+    align = dataclasses.replace(align, val_each_epoch=True, data=dataclasses.replace(align.data, n_val=4))
     runs = _whole_and_killed(align, fixture_root, "")
     main_alignment(Common(seed=0), runs["whole"], "mcf")
-    real, calls = finetune.test_scorer, []
+    real, calls = finetune.epoch_scorer, []
 
-    def killed_in_epoch_2(task: str, cfg: AlignmentConfig) -> finetune.Scorer:
-        name, score = real(task, cfg)
+    def killed_in_epoch_2(task: str, cfg: AlignmentConfig, scored: str) -> finetune.Scorer:
+        name, score = real(task, cfg, scored)
+        if scored == "val":
+            return name, score
 
         def once(model: torch.nn.Module) -> float | None:
             calls.append(1)
@@ -439,7 +452,7 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
         return name, once
 
     with monkeypatch.context() as m:
-        m.setattr(finetune, "test_scorer", killed_in_epoch_2)
+        m.setattr(finetune, "epoch_scorer", killed_in_epoch_2)
         with pytest.raises(KeyboardInterrupt):
             main_alignment(Common(seed=0), runs["killed"], "mcf")
     resume = Path(runs["killed"].resume_dir) / "mcf"
@@ -461,19 +474,22 @@ def test_a_killed_finetune_resumes_at_its_last_epoch_exactly(
         main_alignment(Common(seed=0), runs["killed"], "mcf")
     rescored: list[int] = []
 
-    def counted(task: str, cfg: AlignmentConfig) -> finetune.Scorer:
-        name, score = real(task, cfg)
+    def counted(task: str, cfg: AlignmentConfig, scored: str) -> finetune.Scorer:
+        name, score = real(task, cfg, scored)
+        if scored == "val":
+            return name, score
         return name, lambda model: rescored.append(1) or score(model)
 
     # the rerun publishes elsewhere: out and live are not part of the run, so it still resumes
     runs["killed"] = dataclasses.replace(runs["killed"], out=str(fixture_root / "ft_moved"),
                                          live=str(fixture_root / "live_moved"))
     with monkeypatch.context() as m:  # a rerun from scratch gives the same model: count its epochs
-        m.setattr(finetune, "test_scorer", counted)
+        m.setattr(finetune, "epoch_scorer", counted)
         main_alignment(Common(seed=0), runs["killed"], "mcf")
     assert len(rescored) == 2  # epochs 2 and 3 alone: epoch 1 came back from last.pt
     whole, killed = (torch.load(Path(r.out) / "mcf" / "model.pt", weights_only=True) for r in runs.values())
     assert whole["test_by_epoch"] == killed["test_by_epoch"] and whole["steps"] == killed["steps"]
+    assert whole["val_by_epoch"] == killed["val_by_epoch"] and len(killed["val_by_epoch"]) == 3
     assert all(torch.equal(v, killed["state_dict"][k]) for k, v in whole["state_dict"].items())
     curves = [pd.read_csv(Path(r.live) / "mcf" / "plots" / "metrics" / "train" / "loss.tsv", sep="\t")
               for r in runs.values()]
@@ -588,13 +604,22 @@ def test_parsing_finetune_is_deterministic(fixture_root: Path) -> None:
     _, parse = tiny_configs(fixture_root)
     parse = dataclasses.replace(parse, backbone=str(fixture_root / "nowhere"))  # scratch never reads mcf's
     states, scores = [], []
-    for out, test_each_epoch in (("a", True), ("b", False)):  # scoring on the test split changes nothing
-        cfg = dataclasses.replace(parse, out=str(fixture_root / out), test_each_epoch=test_each_epoch)
+    # scoring the test or the validation split after each epoch changes nothing
+    for out, test, val in (("a", True, False), ("b", False, False), ("c", False, True)):
+        cfg = dataclasses.replace(parse, out=str(fixture_root / out), live=str(fixture_root / f"live_{out}"),
+                                  test_each_epoch=test, val_each_epoch=val)
         main_parsing(Common(seed=3), cfg, "scratch")
         checkpoint = torch.load(fixture_root / out / "scratch" / "model.pt", weights_only=True)
         states.append(checkpoint["state_dict"])
-        scores.append(checkpoint["test_by_epoch"])
-    assert len(scores[0]) == parse.epochs and 0 <= scores[0][0] <= 100 and scores[1] == []
+        scores.append((checkpoint["test_by_epoch"], checkpoint["val_by_epoch"]))
+    assert len(scores[0][0]) == parse.epochs and 0 <= scores[0][0][0] <= 100 and scores[0][1] == []
+    assert scores[1] == ([], [])
+    assert scores[2][0] == [] and len(scores[2][1]) == parse.epochs and 0 <= scores[2][1][0] <= 100
+    curves = fixture_root / "live_c" / "scratch" / "plots" / "metrics"
+    val_curve = pd.read_csv(curves / "val" / "f1_mean_val.tsv", sep="\t")
+    assert val_curve["f1_mean_val"].tolist() == pytest.approx(scores[2][1])
+    assert not (curves / "test").exists()
+    states.pop(1)
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert states[0]["classifier.weight"].shape[0] == 11

@@ -958,6 +958,24 @@ def test_a_best_epoch_for_parsing_alone_still_gets_its_row(run: Path) -> None:
     assert row == "| this run, best epoch on test: mcf | SynthFace-AFLW19 | — | — | SynthFace-LaPa | 15.55 |"
 
 
+def test_the_epoch_picked_on_validation_gets_its_row_after_farls(run: Path) -> None:
+    """With val_each_epoch, evaluate records the epoch picked on the validation split and the test score
+    after it: the honest pick stands in its own row, after FaRL's, with the test numbers; a metrics file
+    whose pick is of the wrong kind is a note, as every other part of it."""
+    metrics = _metrics()
+    metrics["alignment"]["mcf"]["best_epoch_on_val"] = {"nme_diag_val": 4.9, "nme_diag_full": 5.2468,
+                                                         "epoch": 1, "epochs": 3}
+    _write_metrics(run, metrics)
+    text = markdown_summary(run)
+    row = _row(text, "this run, epoch picked on validation: mcf")
+    assert row == ("| this run, epoch picked on validation: mcf | SynthFace-AFLW19 | 5.247 | — "
+                   "| SynthFace-LaPa | — |")
+    assert text.index("best epoch on test: mcf") < text.index("epoch picked on validation: mcf")
+    metrics["parsing"]["mcf"]["best_epoch_on_val"] = [15.0]
+    _write_metrics(run, metrics)
+    assert "parsing.mcf.best_epoch_on_val" in markdown_summary(run)
+
+
 def test_per_class_f1_without_parsing_results_is_missing_not_an_empty_column() -> None:
     """Metrics scored for alignment only: the F1 table would hold FaRL's column alone, as if compared."""
     with pytest.raises(Missing, match="the metrics have no parsing results"):

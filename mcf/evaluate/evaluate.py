@@ -4,7 +4,9 @@ Every variant's checkpoint (``<alignment>/<variant>/model.pt``, ``<parsing>/<var
 is scored on its dataset's test split, rebuilt from the data config saved in the checkpoint: the
 last epoch, no epoch picked on the test set. Beside it, labelled ``best_epoch_on_test``, the FaRL-style
 number PROTOCOL §3 asks for: the best of the test scores the fine-tune recorded after each epoch
-(optimistic, as the epoch is chosen on the test set; the paper's numbers are of this kind).
+(optimistic, as the epoch is chosen on the test set; the paper's numbers are of this kind). With
+``val_each_epoch``, ``best_epoch_on_val``: the epoch chosen on the validation split instead, and the
+test score the fine-tune recorded after it (PROTOCOL §3's honest alternative to the last epoch).
 
 Outputs:
 
@@ -13,9 +15,11 @@ Outputs:
     {"dataset": {"alignment": "SynthFace-AFLW19", "parsing": "SynthFace-LaPa"},
      "alignment": {"<variant>": {"full": {"nme_diag", "nme_box", "nme_inter_ocular", "auc_box_0.07",
                                           "fr_box_0.07", "images"}, "frontal": {...},
-                                 "best_epoch_on_test": {"nme_diag_full", "epoch", "epochs"}}},
+                                 "best_epoch_on_test": {"nme_diag_full", "epoch", "epochs"},
+                                 "best_epoch_on_val": {"nme_diag_val", "nme_diag_full", "epoch", "epochs"}}},
      "parsing": {"<variant>": {"f1_mean", "f1": {"<class>": ...}, "pixels",
-                               "best_epoch_on_test": {"f1_mean", "epoch", "epochs"}}},
+                               "best_epoch_on_test": {"f1_mean", "epoch", "epochs"},
+                               "best_epoch_on_val": {"f1_mean_val", "f1_mean", "epoch", "epochs"}}},
      "probe": {"<variant>": {"nme_diag", "identity_accuracy"}}}
 
 - ``out``/: ``plots/ced.csv`` (threshold, one column per variant; full split), ``plots/f1.csv`` (class,
@@ -58,7 +62,7 @@ from mcf.models.heads import DenseFaceModel
 from mcf.params import Common, ParamsError, param, require_path
 from mcf.synth.writers import is_synthface, names_synthface
 from mcf.train.distributed import default_device
-from mcf.train.finetune import TEST_SCORE, Task, load_finetuned
+from mcf.train.finetune import TEST_SCORE, VAL_SCORE, Task, load_finetuned
 from mcf.validate.gate import run_gate
 
 log = logging.getLogger(__name__)
@@ -130,19 +134,27 @@ def _checkpoints(folder: str, variants: list[str], key: Task) -> Loaded:
     return loaded
 
 
-def best_epoch_on_test(meta: dict[str, Any], best: Callable[..., Any]) -> dict[str, Any]:
-    """FaRL's number: the best of the test scores the fine-tune recorded after each epoch (PROTOCOL §3).
+def best_epochs(meta: dict[str, Any], best: Callable[..., Any]) -> dict[str, Any]:
+    """The epochs picked by the scores the fine-tune recorded after each one (PROTOCOL §3).
 
-    The epoch is chosen on the test set itself, so this is optimistic; the honest number is the last
-    epoch's, which this stage scores itself. Returns ``{"best_epoch_on_test": {TEST_SCORE[task],
-    "epoch", "epochs"}}``, or nothing when the fine-tune recorded no scores (``test_each_epoch: false``).
+    ``best_epoch_on_test``, FaRL's number: the best test score. The epoch is chosen on the test set
+    itself, so it is optimistic; the honest number is the last epoch's, which this stage scores itself.
+    ``best_epoch_on_val``: the epoch with the best validation score, and the test score after it (when
+    both were recorded), an honest pick too. Each entry is left out when its scores were not recorded
+    (``test_each_epoch``, ``val_each_epoch``); ``best`` is ``min`` or ``max``, the earliest epoch of a tie.
     """
-    scored = [(v, epoch) for epoch, v in enumerate(meta.get("test_by_epoch") or [], 1) if v is not None]
-    if not scored:
-        return {}
-    value, epoch = best(scored, key=lambda pair: pair[0])
-    name = TEST_SCORE[meta["task"]]
-    return {"best_epoch_on_test": {name: value, "epoch": epoch, "epochs": len(meta["test_by_epoch"])}}
+    task, test = meta["task"], meta.get("test_by_epoch") or []
+    picked = {}
+    for key, name, scores in (("best_epoch_on_test", TEST_SCORE[task], test),
+                              ("best_epoch_on_val", VAL_SCORE[task], meta.get("val_by_epoch") or [])):
+        scored = [(v, epoch) for epoch, v in enumerate(scores, 1) if v is not None]
+        if scored:
+            value, epoch = best(scored, key=lambda pair: pair[0])
+            picked[key] = {name: value, "epoch": epoch, "epochs": len(scores)}
+    if "best_epoch_on_val" in picked and (epoch := picked["best_epoch_on_val"]["epoch"]) <= len(test):
+        if test[epoch - 1] is not None:
+            picked["best_epoch_on_val"][TEST_SCORE[task]] = test[epoch - 1]
+    return picked
 
 
 # ---------------------------------------------------------------- alignment
@@ -175,7 +187,7 @@ def evaluate_alignment(cfg: EvaluateConfig, out: Path, models: Loaded, dataset: 
         results[variant] = {
             "full": alignment_scores(p["pred"], p["gt"], p["box"]),
             "frontal": alignment_scores(p["pred"][frontal], p["gt"][frontal], p["box"][frontal]),
-            **best_epoch_on_test(meta, min),
+            **best_epochs(meta, min),
         }
         table = landmark_table(p["name"], p["pred"])
         table.insert(1, "nme_diag", 100 * M.nme(p["pred"], p["gt"], "diag", p["box"]))  # ×100, as reported
@@ -213,7 +225,7 @@ def evaluate_parsing(cfg: EvaluateConfig, out: Path, models: Loaded, dataset: La
     for variant, (model, meta) in models.items():
         pred_dir = out / "predictions" / f"parsing_{variant}"
         conf, names = predict_parsing(model, dataset, cfg.batch_size, pred_dir)
-        results[variant] = {**parsing_scores(conf), **best_epoch_on_test(meta, max)}
+        results[variant] = {**parsing_scores(conf), **best_epochs(meta, max)}
         plots.plot_confusion(conf, CLASSES, out / f"confusion_{variant}.png",
                              f"{cfg.parsing_label} test, {variant}")
         for i, name in enumerate(names[: cfg.overlays]):

@@ -2,7 +2,7 @@
 NME / AUC / FR (AFLW-19) and per-class F1 (LaPa), ×100.
 
 The evaluate stage reports them for the last epoch; the fine-tunes record the same numbers after each
-epoch for FaRL's best-epoch selection (:func:`mcf.train.finetune.test_scorer`). One piece of code for
+epoch for the best-epoch selections (:func:`mcf.train.finetune.epoch_scorer`). One piece of code for
 both, so the two agree, to float rounding: the fine-tunes score at their training batch size and
 evaluate at its own, and a batch of another size may sum in another order (NME_diag 18.42084996 at
 batch 4, 18.42084960 at batch 1, on one tiny model).

@@ -9,12 +9,13 @@ Output folder ``<out>/<variant>/``:
 - ``model.pt``: the EMA weights and everything needed to rebuild the model (:func:`load_finetuned`):
   ``{"task", "variant", "data" (the dataset config without augmentation: root, size, ...), "backbone":
   {"model_name", "kwargs"}, "head" (HeadConfig fields), "state_dict", "epochs", "steps",
-  "test_by_epoch"}`` (with ``test_each_epoch``, the :data:`TEST_SCORE` after each epoch, from which the
-  evaluate stage picks ``best_epoch_on_test``; empty without it), with no wall time or date, so that
-  equal weights give equal bytes (and DVC skips what depends on them);
+  "test_by_epoch", "val_by_epoch"}`` (with ``test_each_epoch``, the :data:`TEST_SCORE` after each epoch,
+  from which the evaluate stage picks ``best_epoch_on_test``; with ``val_each_epoch``, the
+  :data:`VAL_SCORE`, from which it picks ``best_epoch_on_val``; each empty without its switch), with no
+  wall time or date, so that equal weights give equal bytes (and DVC skips what depends on them);
 
 and ``<live>/<variant>/``: dvclive curves per epoch (``train/loss`` and its parts, ``lr/head`` and, with
-``test_each_epoch``, ``test/<TEST_SCORE>``), a committed path.
+the switches, ``test/<TEST_SCORE>`` and ``val/<VAL_SCORE>``), a committed path.
 """
 
 from __future__ import annotations
@@ -98,6 +99,9 @@ class FinetuneConfig:
     # FaRL picks its epoch on the test set: score the EMA model there after each epoch, so evaluate can
     # report that optimistic number beside the last epoch's, labelled (PROTOCOL §3); training is unchanged
     test_each_epoch: bool = True
+    # score the validation split after each epoch too (AFLW-19: data.n_val rows held out of training; LaPa:
+    # val/), so evaluate can report the epoch picked without the test set: PROTOCOL §3's honest alternative
+    val_each_epoch: bool = False
 
     def __post_init__(self) -> None:
         if len(self.blocks) != 4 or self.blocks != sorted(set(self.blocks)) or self.blocks[0] < 0:
@@ -116,6 +120,11 @@ class AlignmentConfig(FinetuneConfig):
     heatmap_radius: float = param(5.0, gt=0)  # cut-off, pixels on a 128² heatmap, scaled likewise
     heatmap_weight: float = param(1.0, ge=0)
     heatmap_prior: bool = True  # classifier bias starts at -log(H·W): initial heatmap mass ~1, not H·W/2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.val_each_epoch and self.data.n_val == 0:  # AFLW-19 has no validation split of its own
+            raise ParamsError("val_each_epoch", "needs data.n_val > 0: the training rows held out to score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,39 +249,44 @@ def train_epoch(
 
 
 TEST_SCORE: dict[str, str] = {"alignment": "nme_diag_full", "parsing": "f1_mean"}  # what FaRL selects by
+VAL_SCORE: dict[str, str] = {"alignment": "nme_diag_val", "parsing": "f1_mean_val"}  # the same, on val
+Scored = Literal["test", "val"]  # the splits scored after each epoch, by their switches' names
+SPLIT: dict[Scored, dict[str, str]] = {"test": {"alignment": "full", "parsing": "test"},
+                                       "val": {"alignment": "val", "parsing": "val"}}
 Scorer = tuple[str, Callable[[DenseFaceModel], float | None]]
 
 
-def test_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig) -> Scorer:
-    """The number FaRL selects its epoch by, on the test split, and its name (:data:`TEST_SCORE`):
-    NME_diag on AFLW-19's full test set or LaPa's F1 mean, both ×100.
+def epoch_scorer(task: Task, cfg: AlignmentConfig | ParsingConfig, scored: Scored) -> Scorer:
+    """The number FaRL selects its epoch by (NME_diag on AFLW-19 or LaPa's F1 mean, both ×100) on the
+    test or validation split, and its name (:data:`TEST_SCORE`, :data:`VAL_SCORE`).
 
     Computed with the evaluate stage's own functions (:mod:`mcf.evaluate.scoring`); it reads the model
     and no random state, so the run trains exactly as without it.
     """
+    name, split = (TEST_SCORE if scored == "test" else VAL_SCORE)[task], SPLIT[scored][task]
     if task == "alignment":
-        full = AFLW19(cfg.data, "full")
+        aflw = AFLW19(cfg.data, split)
 
         def nme_diag(model: DenseFaceModel) -> float:
-            p = predict_landmarks(model, full, cfg.batch_size)
+            p = predict_landmarks(model, aflw, cfg.batch_size)
             return alignment_scores(p["pred"], p["gt"], p["box"])["nme_diag"]
 
-        return TEST_SCORE[task], nme_diag
-    test = LaPa(cfg.data, "test")
+        return name, nme_diag
+    data = LaPa(cfg.data, split)
 
     def f1_mean(model: DenseFaceModel) -> float | None:
-        return parsing_scores(predict_parsing(model, test, cfg.batch_size)[0])["f1_mean"]
+        return parsing_scores(predict_parsing(model, data, cfg.batch_size)[0])["f1_mean"]
 
-    return TEST_SCORE[task], f1_mean
+    return name, f1_mean
 
 
 def train(
     model: DenseFaceModel, dataset: Dataset, loss_fn: LossFn, cfg: FinetuneConfig, resume_dir: Path,
-    seed: int, run_id: str, scorer: Scorer | None = None,
-) -> tuple[EMA, list[float | None]]:
-    """The fine-tuning loop, on the model's device; returns the EMA whose weights are evaluated, and the
-    ``scorer``'s score of the EMA model after each epoch (empty without one), logged as
-    ``test/<name>``. Deterministic for ``seed`` (bit for bit on the CPU).
+    seed: int, run_id: str, scorers: dict[Scored, Scorer] | None = None,
+) -> tuple[EMA, dict[Scored, list[float | None]]]:
+    """The fine-tuning loop, on the model's device; returns the EMA whose weights are evaluated, and each
+    of ``scorers``' scores of the EMA model after each epoch, logged as ``<split>/<name>``.
+    Deterministic for ``seed`` (bit for bit on the CPU).
 
     After each epoch the whole state (weights, EMA, optimizer, data order, RNGs, scores) goes to
     ``resume_dir/last.pt`` and the curves to ``resume_dir/live``: a killed run resumes at its last
@@ -295,7 +309,8 @@ def train(
         raise ParamsError("warmup_steps", f"must be <= the run's {total} steps ({cfg.epochs} epochs of "
                           f"{len(loader)}), got {cfg.warmup_steps}")
     lr_at = functools.partial(lr_factor, total=total, cfg=cfg)
-    scores: list[float | None] = []
+    scorers = scorers or {}
+    scores: dict[Scored, list[float | None]] = {split: [] for split in scorers}
     state = load_checkpoint(resume_dir, run_id)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -306,7 +321,7 @@ def train(
         set_rng_state(state["rng"])
         if state["data_rng"] is not None:  # augmentation draws in this process (num_workers 0)
             dataset.rng().bit_generator.state = state["data_rng"]
-        first, step, scores = state["epoch"], state["step"], list(state["scores"])
+        first, step, scores = state["epoch"], state["step"], {k: list(v) for k, v in state["scores"].items()}
         truncate_live(resume_dir / "live", first - 1)  # rows of an epoch the kill cut short go
     from dvclive import Live  # imported here: it is slow to import and only this loop needs it
 
@@ -324,12 +339,11 @@ def train(
             for k, v in means.items():
                 live.log_metric(f"train/{k}", v)
             live.log_metric("lr/head", optimizer.param_groups[-1]["lr"])
-            if scorer is not None:
-                name, score = scorer
-                scores.append(score(ema.model))
-                if scores[-1] is not None:
-                    live.log_metric(f"test/{name}", scores[-1])
-                means = {**means, f"test {name}": scores[-1]}
+            for split, (name, score) in scorers.items():
+                scores[split].append(score(ema.model))
+                if scores[split][-1] is not None:
+                    live.log_metric(f"{split}/{name}", scores[split][-1])
+                means = {**means, f"{split} {name}": scores[split][-1]}
             live.next_step()
             save_checkpoint({
                 "run_hash": run_id, "epoch": epoch + 1, "step": step, "scores": scores,
@@ -344,10 +358,10 @@ def train(
 
 def save_finetuned(
     ema: EMA, task: Task, variant: Variant, cfg: AlignmentConfig | ParsingConfig, path: Path,
-    test_by_epoch: list[float | None],
+    scores: dict[Scored, list[float | None]],
 ) -> None:
-    """Write the EMA weights with the architecture that rebuilds them (atomically), and the test score
-    after each epoch (:func:`test_scorer`)."""
+    """Write the EMA weights with the architecture that rebuilds them (atomically), and the test and
+    validation scores after each epoch (:func:`epoch_scorer`)."""
     spec = read_spec(export_dir(variant, cfg))
     kwargs = {**spec["kwargs"], "img_size": cfg.data.size}
     checkpoint = {
@@ -359,7 +373,8 @@ def save_finetuned(
         "state_dict": {k: v.detach().cpu() for k, v in ema.model.state_dict().items()},
         "epochs": cfg.epochs,
         "steps": ema.updates,
-        "test_by_epoch": test_by_epoch,  # TEST_SCORE[task] after each epoch
+        "test_by_epoch": scores.get("test", []),  # TEST_SCORE[task] after each epoch
+        "val_by_epoch": scores.get("val", []),  # VAL_SCORE[task] after each epoch
     }
     with atomic_file(path) as tmp:
         save_tensors(checkpoint, tmp)
@@ -377,10 +392,11 @@ def load_finetuned(path: str | Path, task: Task | None = None) -> tuple[DenseFac
         model = DenseFaceModel(build_vit(spec["model_name"], **spec["kwargs"]), head_cfg)
         model.load_state_dict(ckpt["state_dict"], strict=True)
         # what evaluate and predict read next: the data config, checked as params are (a size of 0 crashed
-        # in OpenCV), and the per-epoch test scores
+        # in OpenCV), and the per-epoch scores
         build({"alignment": AFLW19Config, "parsing": LaPaConfig}[ckpt["task"]], ckpt["data"], "data")
-        if not isinstance(ckpt.get("test_by_epoch", []), list):
-            raise TypeError(f"test_by_epoch is a {type(ckpt['test_by_epoch']).__name__}, not a list")
+        for key in ("test_by_epoch", "val_by_epoch"):
+            if not isinstance(ckpt.get(key, []), list):
+                raise TypeError(f"{key} is a {type(ckpt[key]).__name__}, not a list")
     except (KeyError, TypeError, ValueError, RuntimeError) as err:  # ValueError: the head's blocks refused
         # load_state_dict's lines, one a mismatched tensor: the first whole (a shape cut short told nothing)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()][:2]
@@ -406,11 +422,12 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
     torch.manual_seed(common.seed)  # the same head initialisation and data order for both variants
     device = default_device()  # initialised on the CPU, then moved: the same start on any device
     model = build_model(task, variant, cfg).to(device)  # before the gate: a bad `blocks` fails at once
-    reader, suite, test_split = (aflw19, "aflw19", "full") if task == "alignment" else (lapa, "lapa", "test")
+    reader, suite = (aflw19, "aflw19") if task == "alignment" else (lapa, "lapa")
     table = reader.table(cfg.data, "train")
     run_gate(table, suite, stage=stage)
-    if cfg.test_each_epoch:  # scored after every epoch: a damaged test file fails now, not an epoch in
-        run_gate(reader.table(cfg.data, test_split), suite, stage=stage)
+    scored: list[Scored] = [s for s, on in (("test", cfg.test_each_epoch), ("val", cfg.val_each_epoch)) if on]
+    for split in scored:  # scored after every epoch: a damaged (or empty) split fails now, not an epoch in
+        run_gate(reader.table(cfg.data, SPLIT[split][task]), suite, stage=stage)
     if task == "alignment":
         dataset, loss_fn = AFLW19(cfg.data, "train", augment=True), alignment_loss(cfg)
     else:
@@ -430,10 +447,10 @@ def finetune(task: Task, common: Common, cfg: AlignmentConfig | ParsingConfig, v
         "data": int(pd.util.hash_pandas_object(table, index=False).sum()),
         "init": weights_digest(model),  # the heads as this code builds them: pulled code may draw others
     })
-    scorer = test_scorer(task, cfg) if cfg.test_each_epoch else None
-    ema, test_by_epoch = train(model, dataset, loss_fn, cfg, resume_dir, common.seed, run_id, scorer)
+    scorers = {split: epoch_scorer(task, cfg, split) for split in scored}
+    ema, scores = train(model, dataset, loss_fn, cfg, resume_dir, common.seed, run_id, scorers)
     with atomic_dir(Path(cfg.out) / variant, sign="model.pt") as tmp:
-        save_finetuned(ema, task, variant, cfg, tmp / "model.pt", test_by_epoch)
+        save_finetuned(ema, task, variant, cfg, tmp / "model.pt", scores)
         # before the model: no model, no stale curves
         with atomic_dir(Path(cfg.live) / variant, LIVE_SIGN) as live:
             shutil.copytree(resume_dir / "live", live, dirs_exist_ok=True)
