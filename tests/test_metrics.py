@@ -73,6 +73,26 @@ def test_ced_auc_fr_on_a_known_distribution() -> None:
     assert auc_fr(np.zeros(5)) == pytest.approx((1.0, 0.0))
 
 
+def test_alignment_scores_by_hand() -> None:
+    """PROTOCOL §3 on two images worked by hand: the dataset NME is the mean of the per-image NMEs (not
+    pooled error ÷ pooled unit), ×100; AUC is composite Simpson's rule on 0, 1e-4, …, 0.07 (weights 1, 4,
+    2, …, 4, 1 times h/3), not the trapezoid rule (44.82) nor the exact area under the steps (44.845)."""
+    gt, box = _landmarks()  # boxes 30×40 (diagonal 50) and 60×80 (diagonal 100), eye corners 20 px apart
+    pred = gt + np.array([[[3.0, 4.0]], [[0.3, 0.4]]])  # every point 5 px off, then 0.5 px off
+    scores = alignment_scores(pred, gt, box)
+    # NME_box 5/√1200 = 0.144 fails; 0.5/√4800 = 0.00722 passes, and the CED is 1/2 from grid point 73 on:
+    # Simpson's weights over points 73..700 sum to 4·314 + 2·313 + 1 = 1883
+    want = {
+        "nme_diag": 100 * (5 / 50 + 0.5 / 100) / 2,  # 5.25; pooled: 100 · 5.5 / 150 = 3.67
+        "nme_box": 100 * (5 / np.sqrt(1200) + 0.5 / np.sqrt(4800)) / 2,
+        "nme_inter_ocular": 100 * (5 / 20 + 0.5 / 20) / 2,
+        "auc_box_0.07": 100 * 0.5 * 1883 * 1e-4 / 3 / 0.07,  # 44.833
+        "fr_box_0.07": 50.0,
+        "images": 2,
+    }
+    assert scores == pytest.approx(want, rel=1e-9)
+
+
 def test_confusion_and_f1_on_a_known_label_map() -> None:
     gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 10, 10], [2, 2, 10, 10]])
     pred = gt.copy()
