@@ -148,6 +148,30 @@ def test_a_glob_that_matches_no_metric_fails_the_gate(tmp_path: Path) -> None:
             "metric") in proc.stdout
 
 
+def test_a_metrics_file_that_is_not_json_is_named_so(tmp_path: Path) -> None:
+    """dvc reads a metrics file that is not valid JSON as holding no metrics, and its diff gives each of
+    them as null: the gate said only "absent or null", as for metrics removed. At HEAD, then in the
+    workspace."""
+    committed, cut = {"alignment": {"mcf": {"nme_diag": 0.93}}}, '{"alignment": {"mcf": {"nme_diag": 0.9'
+    metrics = _committed_metrics(tmp_path, "tolerance:\n  'metrics/evaluate.json:*': 0.01\n", committed)
+
+    def gate() -> str:
+        proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        return proc.stdout
+
+    metrics.write_text(cut)
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "cut short")
+    metrics.write_text(json.dumps(committed))
+    assert "FAIL metrics/evaluate.json at HEAD: not valid JSON (Expecting" in gate()
+    _git(tmp_path, "reset", "-q", "--hard", "HEAD~1")  # the valid file at HEAD, the cut one in the workspace
+    metrics.write_text(cut)
+    out = gate()
+    assert "FAIL metrics/evaluate.json in the workspace: not valid JSON (Expecting" in out
+    assert "at HEAD" not in out
+
+
 def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     """A missing or malformed tolerance file, or a revision dvc cannot read, is one clear line."""
     bad = tmp_path / "bad.yaml"

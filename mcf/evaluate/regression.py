@@ -115,6 +115,32 @@ def unmatched(diff: dict, tolerances: dict[str, float]) -> list[str]:
     return [glob for glob in tolerances if not any(fnmatch.fnmatch(name, glob) for name in names)]
 
 
+def not_json(diff: dict, tolerances: dict[str, float], rev: str, root: Path) -> list[str]:
+    """``"<file> at <rev>: not valid JSON (why)"`` (or ``in the workspace``) for each JSON metrics file
+    of ``diff`` with a tracked metric null on that side: dvc reads a file that is not valid JSON as
+    holding no metrics, and its diff gives each of them as null, as for metrics removed."""
+    found = []
+    for file, metrics in sorted(diff.items()):
+        tracked = [c for k, c in metrics.items() if tolerance_for(f"{file}:{k}", tolerances) is not None]
+        for side, where in (("old", f"at {rev}"), ("new", "in the workspace")):
+            if not file.endswith(".json") or all(c.get(side) is not None for c in tracked):
+                continue
+            try:
+                if side == "new":
+                    text = (root / file).read_text(encoding="utf-8")
+                else:
+                    done = _run(["git", "show", f"{rev}:./{file}"], cwd=root)
+                    if done.returncode:
+                        continue  # no such file at rev: its metrics are absent, as the moves say
+                    text = done.stdout
+                json.loads(text)
+            except OSError:
+                continue  # no such file in the workspace
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                found.append(f"{file} {where}: not valid JSON ({err})")
+    return found
+
+
 def _run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(command, capture_output=True, text=True, cwd=cwd)
@@ -157,6 +183,8 @@ def cli(argv: list[str]) -> int:
     failed = [m for m in moves if m.failed]
     for m in failed:
         print(f"FAIL {m}")
+    for line in not_json(diff, tolerances, args.rev, dvc_root(Path.cwd().resolve())):
+        print(f"FAIL {line}")
     idle = unmatched(diff, tolerances)
     source = f"--tolerance {args.tolerance}" if args.tolerance else f"{TOLERANCE} at {args.rev}"
     for glob in idle:
