@@ -343,6 +343,37 @@ def _check_outs_apart(outs: dict[str, str]) -> None:
                                   "replaces whole, deleting this one's output; name a folder outside it")
 
 
+# The trees fetch_synthetic writes under fetch.out, by the fine-tune that reads each
+SYNTH_TREES = {"finetune_alignment": "aflw19", "finetune_parsing": "lapa"}
+
+
+def _reads_synthface(sections: dict[str, Any], stage: str) -> bool:
+    """Whether fine-tune ``stage`` reads the SynthFace tree that fetch (source synthetic) writes."""
+    fetch, root = sections["fetch"], sections[stage].data.root
+    return fetch.source == "synthetic" and resolved(root) == resolved(fetch.out) / SYNTH_TREES[stage]
+
+
+def _check_across(sections: dict[str, Any], given: set[str]) -> None:
+    """Keys of two sections that must agree, where a mismatch would surface only in the later stage, after
+    the ones before it had run. A check that reads a section the file leaves out is skipped: the sections'
+    defaults are no profile (AFLW-19's n_train is the paper's, its root SynthFace's), and a file written for
+    another stage alone would be refused."""
+    _check_synthetic_split(sections, given)
+
+
+def _check_synthetic_split(sections: dict[str, Any], given: set[str]) -> None:
+    """A fine-tune of fetch's SynthFace AFLW-19 tree splits it as fetch wrote it, fetch.synthetic.aflw.n_train
+    training images: :func:`mcf.data.aflw19.check_written_split` finds another only in finetune."""
+    stage = "finetune_alignment"
+    if stage not in given or not _reads_synthface(sections, stage):
+        return
+    data, written = sections[stage].data, sections["fetch"].synthetic.aflw.n_train
+    if data.n_train != written:
+        raise ParamsError(f"{stage}.data.n_train", f"is {data.n_train}, but fetch.synthetic.aflw.n_train "
+                          f"writes {written} training images into {data.root}: another split would test on "
+                          "training images; set both to the same number")
+
+
 def _config_class(stage: str) -> type:
     module, name = SECTIONS[stage].split(":")
     return getattr(importlib.import_module(module), name)
@@ -355,9 +386,9 @@ def load(
 
     ``every_section`` also builds the other sections (all but their input paths, which an earlier
     stage may still have to write), so a typo in ``evaluate`` fails ``mcf fetch`` instead of the last
-    stage after days of training; the stage commands ask for it. A section whose limits on a top-level
-    key depend on its own values (pretrain's patch count on ``mask_ratio``) checks them in a
-    ``check_common(common)`` method, called for every section built here.
+    stage after days of training, and checks the keys of two sections that must agree; the stage commands
+    ask for it. A section whose limits on a top-level key depend on its own values (pretrain's patch count
+    on ``mask_ratio``) checks them in a ``check_common(common)`` method, called for every section built here.
     """
     data = read_yaml(path)
     try:
@@ -377,6 +408,8 @@ def load(
             if hasattr(section, "check_common"):
                 section.check_common(common)
         _check_outs_apart({name: section.out for name, section in zip(others, built, strict=True)})
+        if every_section:
+            _check_across(dict(zip(others, built, strict=True)), set(data))
     except ParamsError as err:
         raise err.under("", path) from None
     return common, config

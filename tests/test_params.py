@@ -751,3 +751,37 @@ def test_a_min_lr_above_a_known_peak_lr_is_refused_up_front(
         assert cli.main([section, "--params", "p.yaml"]) == 2
         refused = f"p.yaml: {section}.train.min_lr: {train['min_lr']:g} is above the peak lr"
         assert refused in capsys.readouterr().err
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _profile(name: str = "params.yaml") -> dict[str, Any]:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def test_the_synthetic_aflw_split_is_checked_against_the_fine_tunes_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """SynthFace writes fetch.synthetic.aflw.n_train training images into the tree finetune_alignment reads;
+    another data.n_train failed only in finetune (check_written_split), after fetch, crop, subset, teacher
+    and pretrain had run."""
+    from mcf import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("mcf.data.fetch.main", lambda *_: pytest.fail("fetch ran"))
+    params = _profile()
+    params["finetune_alignment"]["data"]["n_train"] = 500
+    _write(tmp_path, params)
+    assert cli.main(["fetch", "--params", "params.yaml"]) == 2
+    refused = ("params.yaml: finetune_alignment.data.n_train: is 500, but fetch.synthetic.aflw.n_train "
+               "writes 600 training images into outputs/fetch/aflw19")
+    assert refused in capsys.readouterr().err
+    params["fetch"]["synthetic"]["aflw"]["n_train"] = 500  # both changed: agreed
+    load("fetch", _write(tmp_path, params), every_section=True)
+    params["fetch"]["synthetic"]["aflw"]["n_train"] = 600
+    params["finetune_alignment"]["data"]["root"] = "data/AFLW"  # the real AFLW-19: its own split
+    load("fetch", _write(tmp_path, params), every_section=True)
+    load("fetch", _write(tmp_path, {"fetch": params["fetch"]}), every_section=True)  # section left out
+    load("fetch", REPO / "params.yaml", every_section=True)
+    load("teacher", REPO / "params.paper.yaml", every_section=True)
