@@ -358,7 +358,24 @@ def _check_across(sections: dict[str, Any], given: set[str]) -> None:
     the ones before it had run. A check that reads a section the file leaves out is skipped: the sections'
     defaults are no profile (AFLW-19's n_train is the paper's, its root SynthFace's), and a file written for
     another stage alone would be refused."""
+    _check_fetched_roots(sections, given)
     _check_synthetic_split(sections, given)
+
+
+def _check_fetched_roots(sections: dict[str, Any], given: set[str]) -> None:
+    """A fine-tune data root inside fetch.out must be the SynthFace tree fetch writes there (fetch replaces
+    its out whole): any other was found missing only in finetune, after every stage before it."""
+    fetch = sections["fetch"]
+    out = resolved(fetch.out)
+    for stage, tree in SYNTH_TREES.items():
+        root = sections[stage].data.root
+        inside = resolved(root) == out or out in resolved(root).parents
+        if stage not in given or not inside or _reads_synthface(sections, stage):
+            continue
+        writes = (f"SynthFace's tree is {Path(fetch.out) / tree}" if fetch.source == "synthetic"
+                  else f"source {fetch.source} writes its images alone")
+        raise ParamsError(f"{stage}.data.root", f"{root} is inside fetch.out ({fetch.out}), which fetch "
+                          f"replaces whole and where {writes}: name the tree {stage} reads")
 
 
 def _check_synthetic_split(sections: dict[str, Any], given: set[str]) -> None:

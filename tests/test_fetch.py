@@ -1630,6 +1630,8 @@ def test_dvc_sees_a_new_photo_as_a_change_to_fetch(tmp_path: Path) -> None:
     shutil.copy(root / "dvc.yaml", repo / "dvc.yaml")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["fetch"] |= {"source": "local", "data": "photos", "local": {"root": "photos"}}
+    for stage, tree in (("finetune_alignment", "data/AFLW"), ("finetune_parsing", "data/lapa")):
+        params[stage]["data"]["root"] = tree  # fetch of photos writes no SynthFace tree to fine-tune on
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     (repo / "photos").mkdir()
     cv2.imwrite(str(repo / "photos" / "a.jpg"), np.full((40, 40, 3), 128, np.uint8))

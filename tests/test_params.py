@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -785,3 +786,34 @@ def test_the_synthetic_aflw_split_is_checked_against_the_fine_tunes_up_front(
     load("fetch", _write(tmp_path, {"fetch": params["fetch"]}), every_section=True)  # section left out
     load("fetch", REPO / "params.yaml", every_section=True)
     load("teacher", REPO / "params.paper.yaml", every_section=True)
+
+
+@pytest.mark.parametrize(("edits", "fragment"), [
+    ({"fetch.source": "local", "fetch.data": "photos", "fetch.local.root": "photos"},
+     "finetune_alignment.data.root: outputs/fetch/aflw19 is inside fetch.out (outputs/fetch), which fetch "
+     "replaces whole and where source local writes its images alone"),
+    ({"finetune_parsing.data.root": "outputs/fetch"},
+     "finetune_parsing.data.root: outputs/fetch is inside fetch.out (outputs/fetch), which fetch replaces "
+     "whole and where SynthFace's tree is outputs/fetch/lapa"),
+    ({"finetune_alignment.data.root": "outputs/fetch/lapa"},
+     "SynthFace's tree is outputs/fetch/aflw19: name the tree finetune_alignment reads"),
+])
+def test_a_fine_tune_root_inside_fetch_out_must_be_the_tree_fetch_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edits: dict[str, str], fragment: str
+) -> None:
+    """fetch replaces its out whole: a fine-tune reading anything in it but the SynthFace tree there found
+    it missing (or no AFLW-19/LaPa tree) only in finetune, after fetch, crop, subset, teacher and pretrain."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    params = _profile()
+    for key, value in edits.items():
+        *sections, name = key.split(".")
+        functools.reduce(dict.__getitem__, sections, params)[name] = value
+    path = _write(tmp_path, params)
+    with pytest.raises(ParamsError, match=re.escape(fragment)):
+        load("fetch", path, every_section=True)
+    load("fetch", path)  # the section alone does not know the others
+    for stage, tree in (("finetune_alignment", "data/AFLW"), ("finetune_parsing", "data/lapa")):
+        params[stage]["data"]["root"] = tree  # the real data, read where the user keeps it
+    load("fetch", _write(tmp_path, params), every_section=True)
+    load("fetch", _write(tmp_path, {"fetch": params["fetch"]}), every_section=True)  # fine-tunes left out
