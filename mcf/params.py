@@ -360,6 +360,7 @@ def _check_across(sections: dict[str, Any], given: set[str]) -> None:
     another stage alone would be refused."""
     _check_fetched_roots(sections, given)
     _check_synthetic_split(sections, given)
+    _check_synthetic_labels(sections, given)
 
 
 def _check_fetched_roots(sections: dict[str, Any], given: set[str]) -> None:
@@ -389,6 +390,22 @@ def _check_synthetic_split(sections: dict[str, Any], given: set[str]) -> None:
         raise ParamsError(f"{stage}.data.n_train", f"is {data.n_train}, but fetch.synthetic.aflw.n_train "
                           f"writes {written} training images into {data.root}: another split would test on "
                           "training images; set both to the same number")
+
+
+def _check_synthetic_labels(sections: dict[str, Any], given: set[str]) -> None:
+    """Numbers of models fine-tuned on fetch's SynthFace tree are filed under a SynthFace label, which
+    evaluate checked only after scoring, the last stage (:func:`mcf.evaluate.evaluate.check_label`)."""
+    from mcf.synth.writers import names_synthface  # mcf.synth imports this module
+
+    evaluate = sections["evaluate"]
+    for stage in SYNTH_TREES:
+        task = stage.removeprefix("finetune_")
+        label = getattr(evaluate, f"{task}_label")
+        scored = resolved(getattr(evaluate, task)) == resolved(sections[stage].out)
+        if stage in given and scored and _reads_synthface(sections, stage) and not names_synthface(label):
+            raise ParamsError(f"evaluate.{task}_label", f"{label!r} must contain 'SynthFace': "
+                              f"evaluate.{task} scores {stage}, whose data.root is fetch's SynthFace tree "
+                              f"({sections[stage].data.root})")
 
 
 def _config_class(stage: str) -> type:

@@ -817,3 +817,20 @@ def test_a_fine_tune_root_inside_fetch_out_must_be_the_tree_fetch_writes(
         params[stage]["data"]["root"] = tree  # the real data, read where the user keeps it
     load("fetch", _write(tmp_path, params), every_section=True)
     load("fetch", _write(tmp_path, {"fetch": params["fetch"]}), every_section=True)  # fine-tunes left out
+
+
+@pytest.mark.parametrize("task", ["alignment", "parsing"])
+def test_a_real_data_label_on_synthface_fine_tunes_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: str
+) -> None:
+    """evaluate refused the label only after scoring both tasks, the last stage of the pipeline."""
+    monkeypatch.chdir(tmp_path)
+    params = _profile()
+    params["evaluate"][f"{task}_label"] = {"alignment": "AFLW-19", "parsing": "LaPa"}[task]
+    path = _write(tmp_path, params)
+    refused = (f"evaluate.{task}_label: {params['evaluate'][f'{task}_label']!r} must contain 'SynthFace': "
+               f"evaluate.{task} scores finetune_{task}, whose data.root is fetch's SynthFace tree")
+    with pytest.raises(ParamsError, match=re.escape(refused)):
+        load("fetch", path, every_section=True)
+    params["evaluate"][task] = "elsewhere"  # another run's models: their data is not known here
+    load("fetch", _write(tmp_path, params), every_section=True)
