@@ -361,6 +361,7 @@ def _check_across(sections: dict[str, Any], given: set[str]) -> None:
     _check_fetched_roots(sections, given)
     _check_synthetic_split(sections, given)
     _check_synthetic_labels(sections, given)
+    _check_teacher_layers(sections, given)
 
 
 def _check_fetched_roots(sections: dict[str, Any], given: set[str]) -> None:
@@ -406,6 +407,24 @@ def _check_synthetic_labels(sections: dict[str, Any], given: set[str]) -> None:
             raise ParamsError(f"evaluate.{task}_label", f"{label!r} must contain 'SynthFace': "
                               f"evaluate.{task} scores {stage}, whose data.root is fetch's SynthFace tree "
                               f"({sections[stage].data.root})")
+
+
+def _check_teacher_layers(sections: dict[str, Any], given: set[str]) -> None:
+    """pretrain's feature layers are blocks of the teacher stage's export when pretrain.teacher names it;
+    where that stage builds or checks its ViT at teacher.backbone's size (train, random, moco_v3:), a layer
+    past its depth was found only in pretrain, after fetch, crop, subset and teacher (a timm name or an mcf:
+    export folder brings its own depth)."""
+    teacher, pretrain = sections["teacher"], sections["pretrain"]
+    sized = teacher.source in ("train", "random") or teacher.source.startswith("moco_v3:")
+    if not ("pretrain" in given and pretrain.model.uses_teacher and sized
+            and resolved(pretrain.teacher) == resolved(teacher.out)):
+        return
+    depth = teacher.backbone.depth
+    bad = [layer for layer in pretrain.model.feature_layers if layer >= depth]
+    if bad:
+        raise ParamsError("pretrain.model.feature_layers", f"{bad} out of range for teacher.backbone.depth "
+                          f"{depth}: pretrain.teacher is the teacher stage's export ({pretrain.teacher}); "
+                          f"name blocks in 0..{depth - 1}")
 
 
 def _config_class(stage: str) -> type:

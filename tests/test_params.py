@@ -834,3 +834,30 @@ def test_a_real_data_label_on_synthface_fine_tunes_is_refused_up_front(
         load("fetch", path, every_section=True)
     params["evaluate"][task] = "elsewhere"  # another run's models: their data is not known here
     load("fetch", _write(tmp_path, params), every_section=True)
+
+
+def test_feature_layers_past_the_teachers_depth_are_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MCF found a feature layer past the teacher's depth only as pretrain built its model, after fetch,
+    crop, subset and teacher had run (at the paper's scale, LAION-Face's download)."""
+    monkeypatch.chdir(tmp_path)
+    params = _profile()
+    params["pretrain"]["model"]["feature_layers"] = [1, 4]
+    path = _write(tmp_path, params)
+    refused = ("pretrain.model.feature_layers: [4] out of range for teacher.backbone.depth 4: "
+               "pretrain.teacher is the teacher stage's export (outputs/teacher)")
+    with pytest.raises(ParamsError, match=re.escape(refused)):
+        load("fetch", path, every_section=True)
+    paper = _profile("params.paper.yaml")
+    paper["teacher"]["backbone"]["depth"] = 8  # a MoCo v3 ViT of 8 blocks: the paper's layer 11 is not there
+    with pytest.raises(ParamsError, match=re.escape("[8, 11] out of range for teacher.backbone.depth 8")):
+        load("teacher", _write(tmp_path, paper), every_section=True)
+    for edit in ({"feature_loss": False}, {"objective": "pixel_mae"}):  # no teacher read
+        load("fetch", _write(tmp_path, {**params, "pretrain": {**params["pretrain"], "model": {
+            **params["pretrain"]["model"], **edit}}}), every_section=True)
+    params["teacher"]["backbone"]["depth"] = 5
+    load("fetch", _write(tmp_path, params), every_section=True)
+    params["teacher"]["backbone"]["depth"] = 4
+    params["pretrain"]["teacher"] = "elsewhere"  # an export of another run: its depth is its own
+    load("fetch", _write(tmp_path, params), every_section=True)
