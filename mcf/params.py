@@ -362,6 +362,7 @@ def _check_across(sections: dict[str, Any], given: set[str]) -> None:
     _check_synthetic_split(sections, given)
     _check_synthetic_labels(sections, given)
     _check_teacher_layers(sections, given)
+    _check_pretrained_backbone(sections, given)
 
 
 def _check_fetched_roots(sections: dict[str, Any], given: set[str]) -> None:
@@ -425,6 +426,27 @@ def _check_teacher_layers(sections: dict[str, Any], given: set[str]) -> None:
         raise ParamsError("pretrain.model.feature_layers", f"{bad} out of range for teacher.backbone.depth "
                           f"{depth}: pretrain.teacher is the teacher stage's export ({pretrain.teacher}); "
                           f"name blocks in 0..{depth - 1}")
+
+
+def _check_pretrained_backbone(sections: dict[str, Any], given: set[str]) -> None:
+    """A fine-tune of pretrain's exports taps blocks of pretrain.model.backbone and cuts its input into that
+    ViT's patches: a block past its depth, or an input size no whole number of patches (or under two), was
+    found only as finetune built its model (:func:`mcf.train.finetune.build_model`), after pretraining."""
+    pretrain = sections["pretrain"]
+    out, vit = resolved(pretrain.out), pretrain.model.backbone
+    for stage in ("finetune_alignment", "finetune_parsing"):
+        cfg = sections[stage]
+        if stage not in given or not (resolved(cfg.backbone) == out / "backbone"
+                                      or resolved(cfg.scratch_backbone) == out / "backbone_init"):
+            continue
+        why = f"{stage} fine-tunes pretrain's exports ({pretrain.out})"
+        if max(cfg.blocks) >= vit.depth:
+            raise ParamsError(f"{stage}.blocks", f"{cfg.blocks} reach past pretrain.model.backbone.depth "
+                              f"{vit.depth}: {why}; name blocks in 0..{vit.depth - 1}")
+        size, patch = cfg.data.size, vit.patch_size
+        if size % patch or size < 2 * patch:
+            raise ParamsError(f"{stage}.data.size", f"must be a multiple of pretrain.model.backbone."
+                              f"patch_size {patch}, at least two patches ({2 * patch}), got {size}: {why}")
 
 
 def _config_class(stage: str) -> type:

@@ -861,3 +861,26 @@ def test_feature_layers_past_the_teachers_depth_are_refused_up_front(
     params["teacher"]["backbone"]["depth"] = 4
     params["pretrain"]["teacher"] = "elsewhere"  # an export of another run: its depth is its own
     load("fetch", _write(tmp_path, params), every_section=True)
+
+
+@pytest.mark.parametrize(("stage", "key", "value", "fragment"), [
+    ("finetune_alignment", "blocks", [1, 2, 3, 6], "finetune_alignment.blocks: [1, 2, 3, 6] reach past "
+     "pretrain.model.backbone.depth 6: finetune_alignment fine-tunes pretrain's exports (outputs/pretrain)"),
+    ("finetune_parsing", "size", 60, "finetune_parsing.data.size: must be a multiple of "
+     "pretrain.model.backbone.patch_size 8, at least two patches (16), got 60"),
+    ("finetune_alignment", "size", 8, "finetune_alignment.data.size: must be a multiple of "
+     "pretrain.model.backbone.patch_size 8, at least two patches (16), got 8"),
+])
+def test_a_fine_tune_that_does_not_fit_the_pretrained_vit_is_refused_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str, key: str, value: Any, fragment: str
+) -> None:
+    """Blocks past the pre-trained ViT's depth, or an input that is no whole number of its patches, were
+    found only as finetune built its model, after every stage before it had run."""
+    monkeypatch.chdir(tmp_path)
+    params = _profile()
+    (params[stage]["data"] if key == "size" else params[stage])[key] = value
+    params[stage]["backbone"] = "released/backbone"  # the scratch variant still reads pretrain's
+    with pytest.raises(ParamsError, match=re.escape(fragment)):
+        load("fetch", _write(tmp_path, params), every_section=True)
+    params[stage]["scratch_backbone"] = "released/backbone_init"  # another ViT: its own size
+    load("fetch", _write(tmp_path, params), every_section=True)
