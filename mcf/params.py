@@ -394,17 +394,21 @@ def _check_synthetic_split(sections: dict[str, Any], given: set[str]) -> None:
                           "training images; set both to the same number")
 
 
+def says_synthface(label: str) -> bool:
+    """:func:`mcf.synth.writers.names_synthface`'s rule (tests/test_params.py holds them equal), not imported:
+    every stage would then run mcf/synth, which only fetch and the SynthFace readers depend on in dvc.yaml."""
+    return "synthface" in label.lower()
+
+
 def _check_synthetic_labels(sections: dict[str, Any], given: set[str]) -> None:
     """Numbers of models fine-tuned on fetch's SynthFace tree are filed under a SynthFace label, which
     evaluate checked only after scoring, the last stage (:func:`mcf.evaluate.evaluate.check_label`)."""
-    from mcf.synth.writers import names_synthface  # mcf.synth imports this module
-
     evaluate = sections["evaluate"]
     for stage in SYNTH_TREES:
         task = stage.removeprefix("finetune_")
         label = getattr(evaluate, f"{task}_label")
         scored = resolved(getattr(evaluate, task)) == resolved(sections[stage].out)
-        if stage in given and scored and _reads_synthface(sections, stage) and not names_synthface(label):
+        if stage in given and scored and _reads_synthface(sections, stage) and not says_synthface(label):
             raise ParamsError(f"evaluate.{task}_label", f"{label!r} must contain 'SynthFace': "
                               f"evaluate.{task} scores {stage}, whose data.root is fetch's SynthFace tree "
                               f"({sections[stage].data.root})")

@@ -884,3 +884,11 @@ def test_a_fine_tune_that_does_not_fit_the_pretrained_vit_is_refused_up_front(
         load("fetch", _write(tmp_path, params), every_section=True)
     params[stage]["scratch_backbone"] = "released/backbone_init"  # another ViT: its own size
     load("fetch", _write(tmp_path, params), every_section=True)
+
+
+def test_the_params_check_reads_a_label_as_evaluate_does() -> None:
+    from mcf.params import says_synthface
+    from mcf.synth.writers import names_synthface
+
+    for label in ("SynthFace-AFLW19", "synthface", "my SYNTHFACE run", "AFLW-19", "LaPa", "Synth Face", ""):
+        assert says_synthface(label) == names_synthface(label), label
