@@ -24,11 +24,11 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec
 
 import networkx as nx
 from dvc.repo import Repo
@@ -40,6 +40,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture, wait
+from prefect.states import Cancelled
 
 from mcf.errors import EXIT_ACCESS, EXIT_GATE, EXIT_PARAMS
 from mcf.io import atomic_file, file_sha256, resolved
@@ -62,6 +63,7 @@ RUN_STOP_GRACE_S = 20
 DVC = [sys.executable, "-m", "dvc", "--wait-for-lock"]
 GUARD = Path(__file__).with_name("stage_guard.py")  # leads each stage's process group (stdlib only)
 Outcome = Literal["ran", "restored", "unchanged"]
+P = ParamSpec("P")
 
 
 class StageFailed(RuntimeError):
@@ -227,9 +229,32 @@ def _pause_before_retry(stage: str) -> None:
             raise StageFailed(stage, "the flow run was stopped before the stage's retry")
 
 
+def cancelled_when_stopped(
+    body: Callable[P, StageRun], *args: P.args, **kwargs: P.kwargs
+) -> StageRun | State:
+    """``body(...)``, whose :class:`StageFailed` while the run is being stopped ends the task ``Cancelled``.
+
+    The stop ended the stage's command, or kept it from starting or being recorded: raised, that was
+    logged as a failure with a traceback, as if the stage had broken. The state keeps the error as its
+    data, so the run's failure still names the stage where the flow's thread goes on (a stop of its own).
+    A module-level call, not a wrapper: Dask pickles the task's function by value with what it names.
+    """
+    try:
+        return body(*args, **kwargs)
+    except StageFailed as err:
+        if not RUNNING.stopped:
+            raise
+        return Cancelled(message=f"stage {err.stage!r} stopped with the flow run: {err.detail}", data=err)
+
+
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
-def repro(stage: str) -> StageRun:
+def repro(stage: str) -> StageRun | State:
     """Run one stage through DVC, streaming its output to the run's log."""
+    return cancelled_when_stopped(_repro, stage)
+
+
+def _repro(stage: str) -> StageRun:
+    """:func:`repro`'s body."""
     _pause_before_retry(stage)
     logger = get_run_logger()
     start, outcome = time.monotonic(), "unchanged"
@@ -281,7 +306,7 @@ def retry_condition(_task: Task, _task_run: TaskRun, state: State) -> bool:
     return not (RUNNING.stopped or refused)
 
 
-def stage_task(stage: str) -> Task[[str], StageRun]:
+def stage_task(stage: str) -> Task[[str], StageRun | State]:
     """The ``repro`` task configured for ``stage``: retries on I/O stages, tags ``gpu`` on GPU stages.
 
     A GPU stage also gets ``gpu-<CUDA_VISIBLE_DEVICES>`` (the worker's device), so tag concurrency
@@ -320,7 +345,7 @@ def _restored(stage: str) -> bool:
 
 
 @task(task_run_name="{stage}", cache_policy=NO_CACHE)
-def dask_stage(stage: str, address: str | None) -> StageRun:
+def dask_stage(stage: str, address: str | None) -> StageRun | State:
     """Stage ``fetch`` or ``crop`` fanned out on Dask (flows/fetch_dask.py, flows/crop_dask.py), then
     recorded in dvc.lock.
 
@@ -332,6 +357,11 @@ def dask_stage(stage: str, address: str | None) -> StageRun:
     no more, :func:`flows.dask_runner.stop_on`), so a commit then would record this profile's output
     under the other's params.
     """
+    return cancelled_when_stopped(_dask_stage, stage, address)
+
+
+def _dask_stage(stage: str, address: str | None) -> StageRun:
+    """:func:`dask_stage`'s body."""
     _pause_before_retry(stage)
     start = time.monotonic()
     if not json.loads(_dvc("status", "--json", stage) or "{}"):

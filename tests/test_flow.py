@@ -531,6 +531,60 @@ def test_a_stage_whose_output_the_task_fails_to_read_is_stopped(
         reader.join(30)
 
 
+def test_a_stage_stopped_with_its_run_ends_cancelled_without_a_traceback(
+    prefect_api: None, project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage whose command the run's stop ended, or that the stop kept from starting, was logged as a
+    failure with a traceback (``Task run failed with exception: StageFailed(...)``), as if it had broken."""
+    import logging
+
+    from prefect import flow
+    from prefect.client.schemas.objects import State
+
+    import flows.pipeline
+
+    (project / "params.yaml").write_text(yaml.safe_dump({**PARAMS, "train": {"fail": [], "hang": ["a"],
+                                                                              "deaf": False}}))
+    (project / "out").mkdir()
+    (project / "out/fetch.txt").write_text("0\n")  # train@a's dep, as fetch leaves it
+    monkeypatch.setattr(flows.pipeline, "RUNNING", flows.pipeline._Running())
+    pid = project / "hang.pid"
+
+    def stop_once_it_runs() -> None:  # as the flow's thread does when the run is cancelled
+        deadline = time.monotonic() + 60
+        while not pid.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        flows.pipeline.RUNNING.stop_all()
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("prefect.task_runs")
+    logger.addHandler(handler)
+    stopper = threading.Thread(target=stop_once_it_runs, daemon=True)
+    stopper.start()
+    states: list[State] = []
+
+    @flow
+    def stopped_run() -> None:
+        for stage in ("train@a", "fetch"):  # fetch: retried on a failure
+            states.append(stage_task(stage)(stage, return_state=True))
+
+    try:
+        stopped_run()
+    finally:
+        logger.removeHandler(handler)
+        stopper.join()
+        if pid.exists() and not _gone(stage := int(pid.read_text())):
+            os.kill(stage, signal.SIGKILL)
+    in_flight, refused = states
+    assert in_flight.is_cancelled() and in_flight.message.startswith(
+        "stage 'train@a' stopped with the flow run: `dvc repro` exited")
+    assert refused.is_cancelled() and "stopped before the stage started" in refused.message
+    assert _wait_gone(int(pid.read_text()), timeout=5)
+    assert not [r for r in records if r.exc_info], [r.getMessage() for r in records if r.exc_info]
+
+
 PREFECT_KILL_GRACE_S = 30  # a worker SIGKILLs a cancelled flow run's process group this long after SIGTERM
 
 
@@ -705,10 +759,10 @@ def test_a_stage_on_dask_whose_flow_run_was_stopped_meanwhile_is_not_recorded(
 
     monkeypatch.setattr(flows.fetch_dask, "fetch_dask", stopped_meanwhile)
     try:
-        with pytest.raises(StageFailed, match="the flow run was stopped"):
-            dask_stage.fn("fetch", None)
+        state = dask_stage.fn("fetch", None)
     finally:
         RUNNING.reset()
+    assert state.is_cancelled() and "the flow run was stopped" in state.message
     assert not (project / "dvc.lock").exists()
 
 
