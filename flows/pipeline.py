@@ -42,6 +42,7 @@ from prefect.context import TaskRunContext
 from prefect.futures import PrefectFuture, wait
 from prefect.states import Cancelled
 
+from flows.stage_guard import left_in_group
 from mcf.errors import EXIT_ACCESS, EXIT_GATE, EXIT_PARAMS
 from mcf.io import atomic_file, file_sha256, resolved
 from mcf.params import ParamsError
@@ -159,11 +160,9 @@ def stop_groups(procs: list[subprocess.Popen], grace: float = STOP_GRACE_S) -> N
     deadline = time.monotonic() + grace
     while left and time.monotonic() < deadline:
         for proc in list(left):
-            try:
-                os.killpg(proc.pid, 0)  # anyone left in the group?
-            except ProcessLookupError:
+            proc.poll()  # reap the leader
+            if not left_in_group(proc.pid):  # not killpg(pid, 0), which zombies answer as live members
                 left.remove(proc)
-            proc.poll()  # reap the leader, or it stays a zombie member
         time.sleep(0.2)
     for proc in left:
         with contextlib.suppress(ProcessLookupError):

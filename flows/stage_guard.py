@@ -23,9 +23,10 @@ from pathlib import Path
 POLL_S = 1.0  # how soon a dead parent is noticed
 
 
-def left_in_group() -> list[int]:
-    """The live processes of this process's group other than itself (Linux's /proc; zombies are not live)."""
-    me, group = os.getpid(), os.getpgrp()
+def left_in_group(group: int | None = None) -> list[int]:
+    """The live processes of process group ``group`` (default: this process's) other than this process
+    (Linux's /proc; zombies are not live: a reaper that never reaps keeps them, flows/pipeline.py too)."""
+    me, group = os.getpid(), os.getpgrp() if group is None else group
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:

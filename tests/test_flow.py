@@ -341,6 +341,29 @@ def test_a_stage_guard_takes_a_stopped_leftover_its_reaper_has_not_reaped_for_go
     assert (code, stderr.strip()) == ("0", "") and float(seconds) < 4  # not the 5 s grace
 
 
+STOP_UNDER_A_SUBREAPER = """
+import ctypes, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+from flows.pipeline import stop_group
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans of the stage come to this process
+stage = subprocess.Popen(["bash", "-c", "sleep 300 & sleep 300 & wait"], start_new_session=True)
+time.sleep(0.5)  # its sleeps started
+began = time.monotonic()
+stop_group(stage, grace=5)
+print(stage.returncode, time.monotonic() - began)
+"""
+
+
+def test_a_cancelled_stage_whose_leftovers_a_reaper_leaves_unreaped_is_stopped_at_once() -> None:
+    """Under a worker that is PID 1 of its container or another subreaper that does not reap, a stopped
+    stage's processes stay zombies of its group: taken for live, they held a cancel for the whole grace
+    (20 s of the 30 s a worker gives the run) and the task's own stop for 60 s, all of it heeding SIGTERM."""
+    done = subprocess.run([sys.executable, "-c", STOP_UNDER_A_SUBREAPER, str(ROOT)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    code, seconds = done.stdout.split()
+    assert code == str(-signal.SIGTERM) and float(seconds) < 4, done.stdout  # not the 5 s grace
+
+
 def test_flow_runs_once_then_skips_and_restores_from_run_cache(prefect_api: None, project: Path) -> None:
     from prefect.artifacts import Artifact
 
