@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from mcf.data.aflw19 import AFLW19Config
@@ -28,12 +29,12 @@ from mcf.evaluate.metrics import auc_fr
 from mcf.evaluate.scoring import CLASSES, THRESHOLD
 from mcf.models.backbone import BackboneConfig, create_backbone
 from mcf.models.heads import DenseFaceModel, HeadConfig, Neck, UPerHead, soft_argmax
-from mcf.models.mcf import MCF, MCFConfig
+from mcf.models.mcf import MCF, MCFConfig, sincos_2d
 from mcf.models.teacher import FeatureTeacher
 from mcf.params import load, read_yaml
 from mcf.report.runfiles import FARL_EP16_F1, PAPER
 from mcf.train.finetune import AlignmentConfig, FinetuneConfig, alignment_loss, lr_factor
-from mcf.train.loop import Run, TrainConfig, Trainer, make_optimizer, resolve_dtype
+from mcf.train.loop import Run, TrainConfig, Trainer, make_optimizer, param_groups, resolve_dtype
 from mcf.train.schedule import lr_at, scaled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,7 @@ def test_paper_profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert train.betas == (0.9, 0.95) and train.weight_decay == 0.05
     assert (train.epochs, train.warmup_epochs, train.min_lr) == (16, 1, 0)
     assert train.precision == "auto"  # mixed precision on: bf16 on CUDA
+    assert not train.sync_bn  # the release's projector BatchNorms are per process (no SyncBatchNorm)
     model = pretrain.model  # the section restates every MCFConfig default, so each is pinned here too
     b = model.backbone
     assert (b.img_size, b.patch_size, b.embed_dim, b.depth, b.num_heads) == (224, 16, 768, 12, 12)
@@ -181,6 +183,99 @@ def test_forward_feature_loss_by_hand() -> None:
     torch.testing.assert_close(out["loss_feature"], expected)
     torch.testing.assert_close(out["loss"], 1000 * expected)
 
+
+SMALL = BackboneConfig(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2)
+
+
+def small_mcf(**changes: object) -> MCF:
+    """§1's model at a size the CPU runs in milliseconds (4 × 4 patches), seeded."""
+    cfg = MCFConfig(backbone=SMALL, decoder_dim=16, decoder_depth=1, decoder_heads=2, feature_layers=(0, 1),
+                    proj_hidden=32, proj_dim=8, pred_hidden=32, **changes)
+    return MCF(cfg, FeatureTeacher(create_backbone(SMALL)) if cfg.uses_teacher else None, seed=0)
+
+
+def test_projector_and_predictor_layers() -> None:
+    """§1: projector 768 → 4096 → 256 and predictor 256 → 4096 → 256, Linears without bias, BN + ReLU
+    between the layers, an affine-free BN after the projector's last Linear and none after the
+    predictor's; the momentum projector is the projector's twin. The release's key list shows the Linears
+    and BNs, not the ReLUs."""
+
+    def layers(mlp: nn.Module) -> list[tuple]:
+        out: list[tuple] = []
+        for m in mlp:
+            if isinstance(m, nn.Linear):
+                out.append(("linear", m.in_features, m.out_features, m.bias is not None))
+            elif isinstance(m, nn.BatchNorm1d):
+                out.append(("bn", m.num_features, m.affine))
+            else:
+                out.append((type(m).__name__,))
+        return out
+
+    with torch.device("meta"):
+        model = MCF(MCFConfig(feature_loss=False))
+    projector = [("linear", 768, 4096, False), ("bn", 4096, True), ("ReLU",), ("linear", 4096, 256, False),
+                 ("bn", 256, False)]
+    assert layers(model.projector) == layers(model.momentum_projector) == projector
+    assert layers(model.predictor) == [("linear", 256, 4096, False), ("bn", 4096, True), ("ReLU",),
+                                       ("linear", 4096, 256, False)]
+
+
+def test_keys_are_a_stop_gradient_target_normalised_by_their_batch() -> None:
+    """§1's key path in training: the momentum projector is in training mode, as the release's target
+    ``fc`` is under ``model.train()``, so its affine-free last BN gives each key feature mean 0 and
+    variance 1 over the batch (not running statistics); the keys carry no gradient and no gradient reaches
+    the momentum encoder or projector, while the online encoder's CLS gets one through the queries."""
+    model = small_mcf(feature_loss=False).train()
+    imgs = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    keys = model.momentum_keys(imgs, 0.75)
+    assert not keys.requires_grad
+    torch.testing.assert_close(keys.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(keys.var(0, unbiased=False), torch.ones(8), atol=1e-2, rtol=0)
+    model(imgs, 0.75)["loss"].backward()
+    momentum = [*model.momentum_encoder.parameters(), *model.momentum_projector.parameters()]
+    assert all(p.grad is None and not p.requires_grad for p in momentum)
+    assert model.encoder.cls_token.grad.abs().sum() > 0
+
+
+def test_the_encoder_sees_only_the_kept_patches_and_cls() -> None:
+    """§1: per sample, the 25% of patches of lowest noise (4 of 16), each with its own position row, go
+    through the blocks and the final norm after CLS with its row; the 12 masked patches never do."""
+    model = small_mcf(feature_loss=False)
+    vit = model.encoder
+    g = torch.Generator().manual_seed(2)
+    imgs, noise = torch.randn(2, 3, 16, 16, generator=g), torch.rand(2, 16, generator=g)
+    with torch.no_grad():
+        latent, mask, _ = model.forward_encoder(imgs, 0.75, noise)
+        assert latent.shape == (2, 1 + 4, 16) and mask.sum(1).tolist() == [12, 12]
+        for n in range(2):
+            keep = noise[n].argsort()[:4]
+            assert not mask[n, keep].any()
+            patches = vit.patch_embed(imgs[n:n + 1])[0, keep] + vit.pos_embed[0, 1 + keep]
+            tokens = torch.cat([vit.cls_token[0] + vit.pos_embed[0, :1], patches])
+            torch.testing.assert_close(latent[n], vit.norm(vit.blocks(tokens[None]))[0])
+
+
+def test_the_decoder_adds_a_fixed_sincos_position_table() -> None:
+    """§1 (the MAE decoder): a fixed 2-D sin-cos table of the decoder's width, CLS row first, that no
+    optimiser step moves (a buffer, not a parameter), as the encoder's own table is fixed."""
+    model = small_mcf(contrastive=False)
+    torch.testing.assert_close(model.decoder_pos_embed, sincos_2d(16, 4), rtol=0, atol=0)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert "decoder_pos_embed" not in trainable and "encoder.pos_embed" not in trainable
+
+
+def test_pretrain_weight_decay_groups_are_the_releases() -> None:
+    """§1: the release builds AdamW's groups with timm's ``add_weight_decay`` over the whole model (today
+    ``param_groups_weight_decay``): 1-D tensors and biases undecayed, every other trainable tensor (CLS
+    and mask tokens too) decayed by 0.05, nothing frozen (teacher, momentum copies, position tables)."""
+    model = small_mcf()
+
+    def by_decay(groups: list[dict]) -> dict[float, set[int]]:
+        return {g["weight_decay"]: {id(p) for p in g["params"]} for g in groups}
+
+    ours = by_decay(param_groups(model, 0.05))
+    assert ours == by_decay(param_groups_weight_decay(model, 0.05))
+    assert id(model.mask_token) in ours[0.05] and id(model.projector[1].weight) in ours[0.0]
 
 def test_auc_and_fr_at_0_07() -> None:
     """§3: FR_box@0.07 is the share with NME > 0.07 (0.07 itself is no failure); AUC_box@0.07 is
