@@ -383,6 +383,10 @@ class _Session(requests.Session):
     A redirect's body is read within the image's bounds (``max_bytes``, the deadline) before requests reads
     it whole to free the connection: unbounded, a hop's body went into memory however large, and one
     dripping a byte within each read timeout held the thread for ever.
+    No cookie outlives its download (a redirect's hop still sends the next hop those set before it, as
+    requests does within a chain): kept, a host could tell our downloads apart, and requests copies the
+    whole jar into every request, 0.1 s of CPU, the GIL held, once a thread had met 10,000 hosts that set
+    one.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -394,7 +398,10 @@ class _Session(requests.Session):
         CPU (see :meth:`prepare_get` and :meth:`merge_environment_settings`)."""
         prepared = self.prepare_get(url)
         settings = self.merge_environment_settings(prepared.url, {}, True, None, None)
-        return self.send(prepared, timeout=timeout, allow_redirects=True, **settings)
+        try:
+            return self.send(prepared, timeout=timeout, allow_redirects=True, **settings)
+        finally:  # send stored the cookies of every hop in the session's jar
+            self.cookies.clear()
 
     def prepare_get(self, url: str) -> requests.PreparedRequest:
         """What ``prepare_request`` makes of ``Request("GET", url)``: the session's headers and cookies, the
