@@ -38,7 +38,7 @@ from PIL import Image, ImageFile, PngImagePlugin
 
 from mcf.data import fetch_bench
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
-from mcf.data.sources import download, laion, s3
+from mcf.data.sources import download, image, laion, s3
 from mcf.data.sources.download import Journal, Limits, Source, fetch_records
 from mcf.data.sources.image import (
     PILLOW_MAX_PIXELS,
@@ -1270,6 +1270,24 @@ def test_a_bomb_is_refused_before_any_pixel_is_decoded(monkeypatch: pytest.Monke
             inspect(_png_bomb(), MAX_PIXELS)
     with pytest.raises(FetchFailure, match="^truncated: "):
         inspect(PNG[: len(PNG) * 2 // 3], MAX_PIXELS)
+
+
+def test_a_jpeg_of_too_many_scans_is_a_bomb_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A progressive JPEG's decoder passes over every coefficient in each scan, at a 1/8 draft too: its
+    last scan repeated 400 times (31 bytes each) took 5 s at 4000x4000, max_bytes of them hours."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "JPEG", progressive=True)
+    progressive = buf.getvalue()
+    assert inspect(progressive, MAX_PIXELS) == (".jpg", 64, 64)  # 10 scans
+    last_scan = progressive[progressive.rindex(b"\xff\xda"):-2]
+    bomb = progressive[:-2] + last_scan * image.MAX_JPEG_SCANS + b"\xff\xd9"
+
+    def decode(self: ImageFile.ImageFile) -> None:
+        raise AssertionError(f"{self.size} pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    with pytest.raises(FetchFailure, match=f"^decompression_bomb: more than {image.MAX_JPEG_SCANS} JPEG"):
+        inspect(bomb, MAX_PIXELS)
 
 
 def test_formats_opencv_may_not_read_are_not_images() -> None:

@@ -10,7 +10,8 @@ exception out of the stage (link rot on LAION-Face reaches 25-99%). Statuses:
 - ``not_image``: the bytes are not an image of a supported format.
 - ``truncated``: an image header, but the pixel data does not decode (cut short or corrupt).
 - ``too_large``: more than ``max_bytes`` bytes.
-- ``decompression_bomb``: more than ``max_pixels`` pixels declared in the header; nothing is decoded.
+- ``decompression_bomb``: more than ``max_pixels`` pixels declared in the header, or a JPEG of more than
+  :data:`MAX_JPEG_SCANS` scans; nothing is decoded.
 - ``error``: anything unexpected, with the exception in ``error``; the row is kept.
 """
 
@@ -48,6 +49,10 @@ STATUSES = (
 )
 # what OpenCV in the crop stage reads; MPO is a JPEG with more images after the first
 FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+# A progressive JPEG's decoder passes over every coefficient in each scan: a 31-byte scan that changes
+# nothing cost 12 ms at 16 megapixels, so max_bytes of them held a thread for hours (djpeg's -maxscans is
+# for this). Encoders write about 10.
+MAX_JPEG_SCANS = 500
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open a larger image, whatever max_pixels
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
@@ -189,6 +194,10 @@ def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         raise FetchFailure("not_image", f"unsupported image format {fmt}")
     if width * height > max_pixels:
         raise FetchFailure("decompression_bomb", f"{width}x{height} is over {max_pixels} pixels")
+    # each scan starts with the bytes FF DA, which entropy-coded data never holds (it stuffs each FF with
+    # 00): an upper bound, counting a second MPO image's scans and such bytes in metadata too
+    if fmt in ("JPEG", "MPO") and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+        raise FetchFailure("decompression_bomb", f"more than {MAX_JPEG_SCANS} JPEG scans")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
