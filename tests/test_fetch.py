@@ -1290,6 +1290,25 @@ def test_a_jpeg_of_too_many_scans_is_a_bomb_refused_before_decoding(monkeypatch:
         inspect(bomb, MAX_PIXELS)
 
 
+@pytest.mark.parametrize("stray", [b"\xff\xfe\x00\x02", b"\xff", b"\x00"], ids=["comments", "fill", "junk"])
+def test_a_jpeg_header_of_too_many_steps_is_a_bomb_refused_before_pillow_opens_it(
+    stray: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow parses a JPEG's header in Python, a turn per segment or stray byte, keeping every segment:
+    4 MB of empty comments took 15 s and 130 MB (all threads waiting on the GIL), 20 MB five times that."""
+    at = JPEG.index(b"\xff\xdb")  # after SOI and APP0
+    assert inspect(JPEG[:at] + stray * 100 + JPEG[at:], MAX_PIXELS)[0] == ".jpg"
+    bomb = JPEG[:at] + stray * (image.MAX_JPEG_HEADER_STEPS + 1) + JPEG[at:]
+
+    def opened(*args: Any) -> None:
+        raise AssertionError("Pillow opened it")
+
+    monkeypatch.setattr(Image, "open", opened)
+    with pytest.raises(FetchFailure, match=f"^decompression_bomb: a JPEG header of more than "
+                       f"{image.MAX_JPEG_HEADER_STEPS} segments"):
+        inspect(bomb, MAX_PIXELS)
+
+
 def test_formats_opencv_may_not_read_are_not_images() -> None:
     """Pillow opens GIF, BMP, TIFF ...: only JPEG, PNG and WebP are kept (docs/CONTRACTS.md), and the format
     check is what turns the others into a row; without it a GIF ended the stage in a KeyError."""

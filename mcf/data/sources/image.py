@@ -11,7 +11,8 @@ exception out of the stage (link rot on LAION-Face reaches 25-99%). Statuses:
 - ``truncated``: an image header, but the pixel data does not decode (cut short or corrupt).
 - ``too_large``: more than ``max_bytes`` bytes.
 - ``decompression_bomb``: more than ``max_pixels`` pixels declared in the header, or a JPEG of more than
-  :data:`MAX_JPEG_SCANS` scans; nothing is decoded.
+  :data:`MAX_JPEG_SCANS` scans, or a JPEG header of more than :data:`MAX_JPEG_HEADER_STEPS` segments and
+  stray bytes; nothing is decoded.
 - ``error``: anything unexpected, with the exception in ``error``; the row is kept.
 """
 
@@ -53,6 +54,10 @@ FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 # nothing cost 12 ms at 16 megapixels, so max_bytes of them held a thread for hours (djpeg's -maxscans is
 # for this). Encoders write about 10.
 MAX_JPEG_SCANS = 500
+# Pillow parses a JPEG's header in Python, a turn of its loop per segment and per stray byte between
+# segments, and keeps every segment: 4 MB of empty comments took 15 s and 130 MB, opened thrice. Real
+# headers have tens of segments (a few hundred with a large ICC profile or extended XMP).
+MAX_JPEG_HEADER_STEPS = 10_000
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses to open a larger image, whatever max_pixels
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp"]  # file names the s3 and local sources list
@@ -173,6 +178,28 @@ def exif_orientation(im: Image.Image) -> int | None:
         return None
 
 
+def jpeg_header_steps(data: bytes) -> int:
+    """The turns of Pillow's JPEG header loop, from SOI to the first scan: one per segment and one per
+    stray byte (junk or 0xFF fill) between them; counted up to one past :data:`MAX_JPEG_HEADER_STEPS`."""
+    i, steps = 2, 0
+    while i < len(data) - 1 and steps <= MAX_JPEG_HEADER_STEPS:
+        if data[i] != 0xFF:  # junk up to the next 0xFF, which Pillow skips a byte at a time
+            end = data.find(b"\xff", i)
+            steps, i = steps + ((end if end >= 0 else len(data)) - i), end if end >= 0 else len(data)
+            continue
+        marker = data[i + 1]
+        if marker == 0xDA:  # start of scan
+            break
+        steps += 1
+        if marker in (0x00, 0xFF):  # an escaped or fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD9:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return steps
+
+
 def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """Return (suffix, width, height) of a fully decodable image, else raise :class:`FetchFailure`.
 
@@ -183,6 +210,10 @@ def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     it: Pillow decodes a whole PNG to find its EXIF); ``verify`` catches structural damage and a
     ``load`` catches truncated pixel data (a JPEG's at 1/8 scale, which reads every coefficient too).
     """
+    # Pillow's test for a JPEG (and an MPO): its header is walked here before Pillow walks it in Python
+    if data.startswith(b"\xff\xd8\xff") and jpeg_header_steps(data) > MAX_JPEG_HEADER_STEPS:
+        raise FetchFailure("decompression_bomb", f"a JPEG header of more than {MAX_JPEG_HEADER_STEPS} "
+                           "segments and stray bytes")
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
