@@ -67,16 +67,17 @@ def _image(fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
     return buf.getvalue()
 
 
+def _chunk(kind: bytes, data: bytes = b"") -> bytes:
+    """A PNG chunk: length, type, data and CRC."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def _png_bomb(side: int = 8_000) -> bytes:
     """A valid 1-bit PNG of side x side black pixels: 8 KB that decodes to 64 megapixels."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     row = b"\x00" + bytes((side + 7) // 8)
     raw = zlib.compress(row * side, 9)
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", raw) + _chunk(b"IEND")
 
 
 JPEG, PNG = _image("JPEG"), _image("PNG", (24, 36))
@@ -1307,6 +1308,97 @@ def test_a_jpeg_header_of_too_many_steps_is_a_bomb_refused_before_pillow_opens_i
     with pytest.raises(FetchFailure, match=f"^decompression_bomb: a JPEG header of more than "
                        f"{image.MAX_JPEG_HEADER_STEPS} segments"):
         inspect(bomb, MAX_PIXELS)
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A well-formed PNG's chunks as (type, data), IEND included."""
+    chunks, at = [], 8
+    while at < len(data):
+        length, kind = struct.unpack_from(">I4s", data, at)
+        chunks.append((kind, data[at + 8 : at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+def _rechunked(png: bytes, idats: int, before: bytes = b"", after: bytes = b"") -> bytes:
+    """``png`` with its image data cut into ``idats`` IDAT chunks (empty ones once the bytes run out), and
+    the chunks ``before`` ahead of them and ``after`` behind them."""
+    chunks = _png_chunks(png)
+    head = b"".join(_chunk(kind, data) for kind, data in chunks if kind not in (b"IDAT", b"IEND"))
+    pixels = b"".join(data for kind, data in chunks if kind == b"IDAT")
+    step = -(-len(pixels) // idats)
+    body = b"".join(_chunk(b"IDAT", pixels[i * step : (i + 1) * step]) for i in range(idats))
+    return b"\x89PNG\r\n\x1a\n" + head + before + body + after + _chunk(b"IEND")
+
+
+@pytest.mark.parametrize("where", ["unknown before", "text before", "unknown after", "IDAT"])
+def test_a_png_of_too_many_chunks_is_a_bomb_refused_before_pillow_opens_it(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow walks a PNG's chunks in Python: those up to the image data on each of inspect's three opens,
+    all of them in verify, the IDATs and those after them in load. 300,000 empty ones (3.6 MB) took 2-2.6 s
+    ahead of the image data, 1 s behind it or as IDATs; max_bytes of them up to 13 s, all threads waiting on
+    the GIL meanwhile. A bound holds at its value (the IHDR counts among the chunks besides image data)."""
+
+    def png(chunks: int) -> bytes:
+        if where == "IDAT":
+            return _rechunked(PNG, chunks)
+        kind, side = where.split()
+        extra = _chunk(b"tEXt" if kind == "text" else b"quUx") * (chunks - 1)
+        return _rechunked(PNG, 1, **{side: extra})
+
+    bound = image.MAX_PNG_DATA_CHUNKS if where == "IDAT" else image.MAX_PNG_CHUNKS
+    assert inspect(png(bound), MAX_PIXELS) == (".png", 24, 36)
+    bomb = png(bound + 1)
+
+    def opened(*args: Any) -> None:
+        raise AssertionError("Pillow opened it")
+
+    monkeypatch.setattr(Image, "open", opened)
+    what = "image data chunks" if where == "IDAT" else "chunks besides its image data"
+    with pytest.raises(FetchFailure, match=f"^decompression_bomb: a PNG of more than {bound} {what}$"):
+        inspect(bomb, MAX_PIXELS)
+
+
+def test_a_png_of_many_small_idats_or_an_apng_of_many_frames_is_no_bomb() -> None:
+    """Encoders cut a PNG's image data into IDATs of 8 KB (libpng) or less (some a row each): a large image
+    has thousands. An APNG has two chunks a frame (fcTL, fdAT); inspect checks its first. Both count against
+    the bound on image data chunks, not the one on other chunks."""
+    pixels = np.random.default_rng(3).integers(0, 255, (100, 100, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    many = _rechunked(buf.getvalue(), 2 * image.MAX_PNG_CHUNKS)
+    assert len(_png_chunks(many)) > 2 * image.MAX_PNG_CHUNKS
+    assert inspect(many, MAX_PIXELS) == (".png", 100, 100)
+    decoded = cv2.imdecode(np.frombuffer(many, np.uint8), cv2.IMREAD_COLOR)
+    assert np.array_equal(decoded[..., ::-1], pixels)  # a PNG OpenCV reads, pixel for pixel
+
+    frames = image.MAX_PNG_CHUNKS  # fcTL, fdAT, IHDR, acTL: twice the bound on other chunks, and more
+    ihdr, idat = (data for kind, data in _png_chunks(PNG) if kind in (b"IHDR", b"IDAT"))
+    dot = zlib.compress(b"\x00\x7f\x7f\x7f")  # a 1x1 RGB frame
+
+    def fctl(seq: int, width: int, height: int) -> bytes:
+        return _chunk(b"fcTL", struct.pack(">IIIIIHHBB", seq, width, height, 0, 0, 1, 10, 0, 0))
+
+    apng = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"acTL", struct.pack(">II", frames, 0))
+            + fctl(0, 24, 36) + _chunk(b"IDAT", idat)
+            + b"".join(fctl(2 * i - 1, 1, 1) + _chunk(b"fdAT", struct.pack(">I", 2 * i) + dot)
+                       for i in range(1, frames))
+            + _chunk(b"IEND"))
+    with Image.open(io.BytesIO(apng)) as im:
+        assert im.format == "PNG" and im.n_frames == frames  # an APNG is a PNG to Pillow (FORMATS)
+    assert inspect(apng, MAX_PIXELS) == (".png", 24, 36)
+
+
+def test_a_png_cut_anywhere_is_truncated_or_not_an_image() -> None:
+    """The chunk walk ahead of Pillow stops quietly where the chunks run out or make no sense: Pillow's own
+    checks say what such a file is."""
+    png = _rechunked(PNG, 3, before=_chunk(b"tEXt", b"k\0v"), after=_chunk(b"quUx", b"1234"))
+    garbled = png[:33] + b"\xff\xff\xff\xf0" + png[37:]  # the first chunk after IHDR claims 4 GB
+    for case in [png[:cut] for cut in range(len(png) - 12)] + [garbled]:
+        with pytest.raises(FetchFailure) as failure:
+            inspect(case, MAX_PIXELS)
+        assert failure.value.status in ("truncated", "not_image"), case
 
 
 def test_formats_opencv_may_not_read_are_not_images() -> None:
