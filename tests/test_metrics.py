@@ -124,9 +124,17 @@ def test_an_empty_subset_has_only_its_count() -> None:
     assert alignment_scores(gt, gt, box)["nme_diag"] == 0.0
 
 
-def test_confusion_rejects_out_of_range_labels() -> None:
-    with pytest.raises(ValueError, match="gt labels must be in 0..10"):
-        confusion_matrix(np.zeros((2, 2), int), np.full((2, 2), 11))
+@pytest.mark.parametrize(("side", "bad"), [("gt", 11), ("gt", -1), ("pred", 11), ("pred", -1)])
+def test_confusion_rejects_out_of_range_labels(side: str, bad: int) -> None:
+    """Either map, either end: unchecked, a pred label of 11 with gt 0 lands on cell 11, gt 1's background
+    column, counted there without a word; a negative one is numpy's bincount error, naming no map."""
+    good = np.zeros((2, 2), int)
+    wrong = good.copy()
+    wrong[1, 0] = bad
+    maps = {"pred": wrong, "gt": good} if side == "pred" else {"pred": good, "gt": wrong}
+    named = rf"^{side} labels must be in 0..10, got {min(bad, 0)}..{max(bad, 0)}$"
+    with pytest.raises(ValueError, match=named):
+        confusion_matrix(**maps)
 
 
 def test_fr_counts_a_nan_nme_as_a_failure_as_the_ced_does() -> None:
