@@ -419,20 +419,22 @@ def test_a_random_teacher_is_the_seeds_whatever_ran_before_and_drops_stale_resum
     tmp_path: Path,
 ) -> None:
     """`random` is reproducible from params.yaml's seed (dvc repro twice gives one teacher, one pretrain
-    run), not from whatever the process drew before; an imported teacher publishes like a trained one, so
-    a trained run's resume state left in resume_dir goes."""
+    run), not from whatever the process drew before, and another seed is another teacher (a fixed seed
+    would pass for reproducible); an imported teacher publishes like a trained one, so a trained run's
+    resume state left in resume_dir goes."""
     exports = []
-    for before in (1, 2):
+    for before, seed in ((1, 5), (2, 5), (1, 6)):
         torch.manual_seed(before)
-        resume = tmp_path / f"resume{before}"
+        resume = tmp_path / f"resume{len(exports)}"
         resume.mkdir()
         (resume / "last.pt").touch()
-        cfg = TeacherConfig(source="random", data="unused", out=str(tmp_path / f"out{before}"), backbone=TINY,
+        out = tmp_path / f"out{len(exports)}"
+        cfg = TeacherConfig(source="random", data="unused", out=str(out), backbone=TINY,
                             resume_dir=str(resume), decoder_dim=16)
-        stage.main(Common(seed=5), cfg)
-        exports.append((tmp_path / f"out{before}" / "backbone.pth").read_bytes())
+        stage.main(Common(seed=seed), cfg)
+        exports.append((out / "backbone.pth").read_bytes())
         assert not (resume / "last.pt").exists()
-    assert exports[0] == exports[1]
+    assert exports[0] == exports[1] != exports[2]
 
 
 def test_the_mae_takes_the_teacher_sections_decoder_and_loss_and_masks_as_maes_defaults() -> None:
