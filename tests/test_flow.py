@@ -691,6 +691,17 @@ def test_a_killed_flow_runs_stages_are_stopped(prefect_server: PrefectServer, pr
         assert _wait_gone(stage, timeout=10)
 
 
+def _subflows(state: Any) -> list[str]:
+    """The names of the flows that ran as subflows of the flow run that ended in ``state``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    parent = FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+        return [client.read_flow(run.flow_id).name for run in runs]
+
+
 def test_fetch_on_dask_runs_the_fan_out_flow_for_fetch(prefect_api: None, project: Path) -> None:
     """``fetch_on_dask`` routes the fetch stage to flows/fetch_dask.py, which reads mcf's params: the
     toy project's params.yaml is not an mcf one, and the failure says so."""
@@ -699,6 +710,7 @@ def test_fetch_on_dask_runs_the_fan_out_flow_for_fetch(prefect_api: None, projec
     with pytest.raises(StageFailed, match="on Dask: ParamsError: params.yaml: train: unknown top-level key"):
         state.result()
     assert not (project / "out").exists()
+    assert _subflows(state) == ["fetch_dask"]  # crop_dask fails on these params with the same message
 
 
 def test_fetch_on_dask_is_retried_as_fetch_is(
