@@ -722,7 +722,21 @@ def test_fetch_on_dask_is_retried_as_fetch_is(
     from mcf.errors import GateError
     from mcf.params import ParamsError
 
+    class Waits(threading.Event):
+        """The run's stop event, recording the waits on it: the retry's pause is one."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.timeouts: list[float | None] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.timeouts.append(timeout)
+            return super().wait(timeout)
+
     monkeypatch.setattr(flows.pipeline, "RETRY_DELAY_S", 1)
+    running = flows.pipeline._Running()
+    running.stop_event = waits = Waits()
+    monkeypatch.setattr(flows.pipeline, "RUNNING", running)
     calls: list[str] = []
     times: list[float] = []
 
@@ -736,7 +750,8 @@ def test_fetch_on_dask_is_retried_as_fetch_is(
 
     monkeypatch.setattr(flows.fetch_dask, "fetch_dask", flaky)
     assert _outcomes(mcf(fetch_on_dask=True, stages=["fetch"])) == {"fetch": "ran"} and len(calls) == 2
-    assert times[1] - times[0] >= 1  # after the retry delay
+    # after the retry delay: paused for it, not only apart by the retry's `dvc status` (0.6 s unloaded)
+    assert waits.timeouts == [1] and times[1] - times[0] >= 1
     for error, code in ((ParamsError("fetch.source", "no"), 2), (GateError("manifest: bad rows"), 3)):
         (project / "out/fetch.txt").unlink(missing_ok=True)  # fetch is to do again, not to restore:
         (project / "dvc.lock").unlink(missing_ok=True)  # neither as dvc.lock has it nor from the run-cache
