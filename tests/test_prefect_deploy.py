@@ -301,6 +301,11 @@ def test_full_deployment_runs_the_pipeline_on_a_worker(prefect: Prefect, tiny_ru
     assert pull["directory"] == "{{ $MCF_REPO }}"
     summary = prefect.artifact(run, "mcf-summary")
     assert summary and "| `fetch` | ran |" in summary["data"] and "| `crop` | ran |" in summary["data"]
+    # crop ran as its fan-out flow (`dvc repro crop` reads the same in the summary, dvc.lock and status)
+    query = {"flow_runs": {"parent_flow_run_id": {"any_": [run["id"]]}}}
+    subflows = httpx.post(f"{prefect.api}/flow_runs/filter", json=query, timeout=10).json()
+    names = [httpx.get(f"{prefect.api}/flows/{s['flow_id']}", timeout=10).json()["name"] for s in subflows]
+    assert names == ["crop_dask"], names
     # with the tiny profile back in place, plain DVC finds nothing to do (crop on Dask included)
     shutil.copyfile(prefect.repo / "params.tiny.yaml", prefect.repo / "params.yaml")
     try:
