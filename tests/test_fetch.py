@@ -2625,11 +2625,21 @@ def test_the_fetch_bench_counts_only_the_rows_it_fetched(
     assert hours == pytest.approx(20e6 / rate / 3600, rel=0.01)
 
 
-@pytest.mark.parametrize("flag", ["--images", "--threads", "--image-size", "--latency"])
-def test_the_fetch_bench_refuses_a_bad_setting_before_starting_its_server(flag: str) -> None:
+@pytest.mark.parametrize(("flag", "value"), [("--images", "0"), ("--threads", "0"), ("--image-size", "0"),
+                                           ("--latency", "-0.01")])
+def test_the_fetch_bench_refuses_a_bad_setting_before_starting_its_server(
+    flag: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each bound at its edge is a usage error naming the flag, before the payloads are made and the server
+    started: ``-1`` passed with a bound moved to 0, and exit 2 alone is argparse's for any bad command."""
+
+    def payloads(size: int) -> list[bytes]:
+        raise AssertionError("the bench went on to make its payloads")
+
+    monkeypatch.setattr(fetch_bench, "payloads", payloads)
     with pytest.raises(SystemExit) as exit_:
-        fetch_bench.bench_fetch([flag, "-1"])
-    assert exit_.value.code == 2
+        fetch_bench.bench_fetch([flag, value])
+    assert exit_.value.code == 2 and f"{flag} must be" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("latency", ["nan", "inf"])
