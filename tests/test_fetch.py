@@ -2412,8 +2412,10 @@ def test_an_s3_store_that_refuses_connections_gives_connection_error_rows(tmp_pa
 
 
 class Dripping(BaseHTTPRequestHandler):
+    """An S3 endpoint whose objects arrive 64 bytes every 0.1 s: each read is in time, the whole takes 6 s;
+    ``late.jpg`` sends its first bytes 2 s after its headers."""
+
     protocol_version = "HTTP/1.1"  # kept alive, as S3 does
-    """An S3 endpoint whose objects arrive 64 bytes every 0.1 s: each read is in time, the whole takes 6 s."""
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -2424,6 +2426,8 @@ class Dripping(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(60 * 64))
         self.end_headers()
         try:
+            if self.path.endswith("/late.jpg"):
+                time.sleep(2.0)
             for _ in range(60):
                 self.wfile.write(b"\xff" * 64)
                 self.wfile.flush()
@@ -2432,17 +2436,20 @@ class Dripping(BaseHTTPRequestHandler):
             pass
 
 
-def test_s3_total_timeout_holds_while_the_body_drips(tmp_path: Path) -> None:
+@pytest.mark.parametrize("key", ["a.jpg", "late.jpg"])
+def test_s3_total_timeout_holds_while_the_body_drips(tmp_path: Path, key: str) -> None:
     """The read timeout restarts with every byte: a store trickling an object held a worker for as long as
-    it liked, where laion-face's downloads end at their total_timeout."""
+    it liked, where laion-face's downloads end at their total_timeout. A body cut before its first byte
+    (``late.jpg``) ends in botocore's IncompleteReadError, not in a chunk: a timeout too, not a
+    connection_error."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Dripping)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         section = {"bucket": "faces", "endpoint_url": f"http://127.0.0.1:{httpd.server_address[1]}",
-                   "timeout": 0.5, "total_timeout": 1.0}
+                   "timeout": 3.0, "total_timeout": 1.0}  # the read timeout outlasts late.jpg's 2 s wait
         cfg = _config(source="s3", s3=section, retries=0)
-        row = {"sample_id": "a.jpg", "caption": "", "key": "a.jpg", "etag": "e", "size": 60 * 64}
+        row = {"sample_id": key, "caption": "", "key": key, "etag": "e", "size": 60 * 64}
         source = s3.source(cfg.s3, cfg.max_bytes, 1, cfg.retries, pd.DataFrame([row]))
         start = time.monotonic()
         (record,) = fetch_records(source, tmp_path / "old", tmp_path / "part", tmp_path / "new", limits(cfg))
@@ -2451,7 +2458,7 @@ def test_s3_total_timeout_holds_while_the_body_drips(tmp_path: Path) -> None:
         httpd.shutdown()
         httpd.server_close()
     assert (record.status, record.error) == ("timeout", "total time per image exceeded")
-    assert took < 2.5  # about 1 s, not the 6 s drip
+    assert took < 2.5  # about 1 s, not the 6 s drip (8 s for late.jpg)
 
 
 def test_synthetic_source_end_to_end() -> None:
