@@ -110,13 +110,13 @@ BAD_LOCATIONS = {"/to-bad-ipv6": "http://[::1/x.jpg", "/to-latin1": "caf\u00e9.j
 
 class Handler(BaseHTTPRequestHandler):
     """Serves BODIES, plus /missing (404), /broken (500), /throttled (429), /slow (late headers), /drip
-    (slow body), /drip-gzip (gzip dripping bytes that decode to nothing), /drip-head (headers a byte at a
-    time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png; /c<n> hops take
-    0.3 s each), /loop (to itself), /leak (to a long ftp URL), /hang/<port> (to that port), /bad-gzip.jpg
-    (a JPEG sent as gzip), /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of ROBOTS[name]),
-    /cookie-hop (to /good.png, setting a cookie), /late.jpg (a JPEG after 0.4 s), /status/<code> (that
-    error) and /bytes/<n> (n bytes; ``/unsized``: without a Content-Length; ``/claims/<m>``: a
-    Content-Length of m, then the n bytes and a close)."""
+    (slow body), /drip-gzip (gzip dripping bytes that decode to nothing), /drip-head (a 404's headers a
+    byte at a time), /a<n>, /b<n> and /c<n> (redirect chains: to /a<n-1>, and from /a0 to /good.png; /c<n>
+    hops take 0.3 s each), /loop (to itself), /leak (to a long ftp URL), /hang/<port> (to that port),
+    /bad-gzip.jpg (a JPEG sent as gzip), /robots/<name>.jpg (a JPEG with the X-Robots-Tag headers of
+    ROBOTS[name]), /cookie-hop (to /good.png, setting a cookie), /late.jpg (a JPEG after 0.4 s),
+    /status/<code> (that error) and /bytes/<n> (n bytes; ``/unsized``: without a Content-Length;
+    ``/claims/<m>``: a Content-Length of m, then the n bytes and a close)."""
 
     counts: Counter = Counter()
     authorization: list[str | None] = []  # each request's Authorization header
@@ -206,8 +206,9 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path in ("/slow", "/late.jpg"):
             time.sleep(1.0 if self.path == "/slow" else 0.4)
             self._send(JPEG)
-        elif self.path == "/drip-head":  # the headers a byte at a time: each read is in time, the whole not
-            self.wfile.write(b"HTTP/1.1 200 OK\r\nX-Pad: ")
+        elif self.path == "/drip-head":  # the headers a byte at a time: each read is in time, the whole not;
+            # a 404's, which cut short would read as the server's own answer (an http_error, not retried)
+            self.wfile.write(b"HTTP/1.1 404 Not Found\r\nX-Pad: ")
             for _ in range(200):
                 self.wfile.write(b"a")
                 self.wfile.flush()
