@@ -151,9 +151,9 @@ def best_epochs(meta: dict[str, Any], best: Callable[..., Any]) -> dict[str, Any
         if scored:
             value, epoch = best(scored, key=lambda pair: pair[0])
             picked[key] = {name: value, "epoch": epoch, "epochs": len(scores)}
-    if "best_epoch_on_val" in picked and (epoch := picked["best_epoch_on_val"]["epoch"]) <= len(test):
-        if test[epoch - 1] is not None:
-            picked["best_epoch_on_val"][TEST_SCORE[task]] = test[epoch - 1]
+    val = picked.get("best_epoch_on_val")
+    if val and val["epoch"] <= len(test) and test[val["epoch"] - 1] is not None:
+        val[TEST_SCORE[task]] = test[val["epoch"] - 1]
     return picked
 
 
