@@ -309,12 +309,14 @@ def stage_task(stage: str) -> Task[[str], StageRun | State]:
     """The ``repro`` task configured for ``stage``: retries on I/O stages, tags ``gpu`` on GPU stages.
 
     A GPU stage also gets ``gpu-<CUDA_VISIBLE_DEVICES>`` (the worker's device), so tag concurrency
-    limits bound GPU stages overall (``gpu``) or per device (``gpu-0``), while CPU stages run freely.
+    limits bound GPU stages overall (``gpu``) or per device (``gpu-0``), while CPU stages run freely:
+    ``gpu-all`` where the variable is unset (every GPU), ``gpu-none`` where it is empty (no GPU: the
+    stage runs on the CPU; it was ``gpu-``, a tag no limit would name).
     """
     base = _base(stage)
     tags = {"dvc", base}
     if base in GPU_STAGES:
-        tags |= {"gpu", f"gpu-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}"}
+        tags |= {"gpu", f"gpu-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all') or 'none'}"}
     retries = RETRIES.get(base, 0)
     return repro.with_options(tags=sorted(tags), retries=retries, retry_condition_fn=retry_condition)
 

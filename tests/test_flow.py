@@ -199,6 +199,8 @@ def test_gpu_stages_are_tagged_with_the_workers_device(monkeypatch: pytest.Monke
     assert {"gpu", "gpu-3"} <= stage_task("teacher").tags
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # a worker that sees every GPU: README's `gpu-all` limit
     assert {"gpu", "gpu-all"} <= stage_task("teacher").tags
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a worker that sees no GPU (the stage runs on the CPU)
+    assert {"gpu", "gpu-none"} <= stage_task("teacher").tags
 
 
 def _gone(pid: int) -> bool:
