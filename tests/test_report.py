@@ -325,6 +325,16 @@ def test_report_labels_the_fine_tunes_test_curves_with_their_dataset(page: str, 
     assert "finetune_parsing: training curves, test scores on unlabelled data" in html
 
 
+def test_fine_tune_curves_with_validation_scores_say_so(run: Path) -> None:
+    """A fine-tune run with val_each_epoch logs val/ series beside the test ones: the title named test
+    scores alone."""
+    _live(run / "metrics" / "finetune_parsing" / "scratch", {"val/f1_mean_val": [10.0, 12.0]})
+    html = build_report(run, out="report/index.html").read_text(encoding="utf-8")
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", _sections(html)["curves"])
+    assert "finetune_parsing: training curves, test and validation scores on SynthFace-LaPa" in captions
+    assert "finetune_alignment: training curves, test scores on SynthFace-AFLW19" in captions
+
+
 def test_report_of_a_run_that_stopped_early(run: Path) -> None:
     """Before evaluate (and with a teacher loaded, not trained): notes, not a crash."""
     (run / "metrics" / "evaluate.json").unlink()

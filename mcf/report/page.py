@@ -109,9 +109,10 @@ def gates_section(run: Run) -> str:
     return "".join(parts)
 
 
-def _curves_title(run: Run, stage: str) -> str:
-    """A fine-tune's curves hold its test scores (``test_each_epoch``): they name their data as the
-    evaluate stage labels it, so a SynthFace score never reads as an AFLW-19 or LaPa one.
+def _curves_title(run: Run, stage: str, curves: set[str]) -> str:
+    """A fine-tune's curves hold its test scores (``test_each_epoch``), and its validation scores where
+    ``curves`` has ``val/`` series (``val_each_epoch``): they name their data as the evaluate stage labels
+    it, so a SynthFace score never reads as an AFLW-19 or LaPa one.
 
     evaluate's label is of the data it last scored, which need not be what the fine-tune has since read
     (fine-tunes rerun on SynthFace under a real run's "AFLW-19", evaluate then refusing that label). So
@@ -127,7 +128,8 @@ def _curves_title(run: Run, stage: str) -> str:
     root = run.path(f"{stage}.data.root") if run.has(f"{stage}.data.root") else None
     if root is not None and root.exists() and (synthetic := is_synthface(root)) != names_synthface(label):
         label = f"{'SynthFace' if synthetic else 'not SynthFace'} data at {root}"
-    return f"{stage}: training curves, test scores on {label}"
+    scores = "test and validation scores" if any(c.startswith("val/") for c in curves) else "test scores"
+    return f"{stage}: training curves, {scores} on {label}"
 
 
 def _stage_curves(run: Run, stage: str) -> str:
@@ -144,7 +146,7 @@ def _stage_curves(run: Run, stage: str) -> str:
             found[label] = read_curves(folder)
         except Missing as gap:
             gaps.append(f"{stage} ({label}): {gap}")
-    title = _curves_title(run, stage)
+    title = _curves_title(run, stage, {name for series in found.values() for name in series})
     parts = [figure(figures.curves_png(found, title), title)] if found else []
     return "".join(parts + [note(g) for g in gaps])
 
