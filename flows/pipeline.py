@@ -556,12 +556,18 @@ def run_stages(
 
 
 def summary(params_file: str, states: dict[str, State]) -> str:
-    """The run as markdown: each planned stage with what DVC did, or that it failed or never started."""
+    """The run as markdown: each planned stage with what DVC did, or that it failed, was cancelled (stopped
+    with the run: no error of its own to look for in its log) or never started."""
     lines = [f"# mcf pipeline run\n\nparams file: `{params_file}`\n", "| stage | outcome | seconds |"]
     lines.append("|---|---|---|")
     for stage, state in states.items():
         run = state.result() if state.is_completed() else None
-        outcome = run.outcome if run else ("**failed**" if state.is_final() else "not run (upstream failed)")
+        if run:
+            outcome = run.outcome
+        elif state.is_cancelled():
+            outcome = "**cancelled**"
+        else:
+            outcome = "**failed**" if state.is_final() else "not run (upstream failed)"
         lines.append(f"| `{stage}` | {outcome} | {run.seconds if run else ''} |")
     return "\n".join(lines)
 

@@ -501,6 +501,25 @@ def test_several_failed_stages_are_each_named_in_the_run_failure() -> None:
                                  f"stage 'train@b' failed: {note}, out of memory")
 
 
+def test_the_summary_tells_a_cancelled_stage_from_a_failed_one() -> None:
+    """A stage stopped with the run (its task ``Cancelled``) did not break: the summary said **failed**
+    for it as for a stage whose command failed, which sent a reader to its log for an error it never had."""
+    from prefect.states import Cancelled, Completed, Failed, Pending
+
+    from flows.pipeline import StageRun, summary
+
+    stopped = StageFailed("train@b", "the flow run was stopped before the stage started")  # as RUNNING raises
+    states = {"fetch": Completed(data=StageRun("fetch", "ran", 1.0)),
+              "train@a": Failed(data=StageFailed("train@a", "diverged", 1)),
+              "train@b": Cancelled(data=stopped),  # as cancelled_when_stopped returns it
+              "train@c": Cancelled(),
+              "evaluate": Pending()}
+    table = summary("params.yaml", states)
+    assert "| `fetch` | ran | 1.0 |" in table and "| `train@a` | **failed** |  |" in table
+    assert "| `train@b` | **cancelled** |  |" in table and "| `train@c` | **cancelled** |  |" in table
+    assert "| `evaluate` | not run (upstream failed) |  |" in table
+
+
 def test_a_stage_printing_bytes_that_are_not_utf8_runs_to_its_end(prefect_api: None, project: Path) -> None:
     """A stage's output is read as text: a byte that is not UTF-8 (a latin-1 file name, printed as
     Python prints undecodable names) raised UnicodeDecodeError in the reading task, which stopped the
