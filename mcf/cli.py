@@ -53,6 +53,10 @@ TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "evaluate": (),
 }
 
+# The stages whose code runs a data gate (mcf.validate.gate.run_gate): only they can exit 3. teacher and
+# pretrain read the subset's gated shards and run none (tests/test_stage_deps.py follows the calls).
+GATED = frozenset({"fetch", "crop", "subset", "finetune_alignment", "finetune_parsing", "evaluate"})
+
 VARIANTS = ("mcf", "scratch")
 
 # Tool name -> "module:function(argv)". Each parses its own arguments.
@@ -93,13 +97,13 @@ def parser() -> argparse.ArgumentParser:
         # the one stage that reaches a store or a folder that may refuse it (mcf.errors.AccessError)
         access = (" 4 no access to the source (no S3 credentials, access denied, no such bucket, a local "
                   "folder it may not read)," if name == "fetch" else "")
+        gate = " 3 a data gate failed," if name in GATED else ""
         epilog = (
             f"Settings: section `{name}` of the params file{top}; the whole file is checked before any "
             "work. Paths in it are relative to the working directory; the section's input keys name what it "
             "reads and `out` what it writes (dvc.yaml lists them as the stage's deps and outs). Exit status: "
-            "0 done, 1 the stage failed, 2 params rejected or an input missing, 3 a data gate failed,"
-            f"{access} 130 interrupted (Ctrl-C); a TQDM_* variable tqdm cannot read is exit 2 too, before "
-            "any work."
+            f"0 done, 1 the stage failed, 2 params rejected or an input missing,{gate}{access} 130 "
+            "interrupted (Ctrl-C); a TQDM_* variable tqdm cannot read is exit 2 too, before any work."
         )
         sp = sub.add_parser(name, help=help_, description=f"Stage `{name}`: {help_}.", epilog=epilog)
         sp.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")

@@ -2,7 +2,7 @@
 
 EXIT_STAGE = 1  # StageError: bad input, a non-finite loss, an unreachable source (a rerun may pass)
 EXIT_PARAMS = 2  # ParamsError: the stage rejected its params (a rerun fails the same way)
-EXIT_GATE = 3  # GateError: a data gate failed on the stage's output (a rerun fails the same way)
+EXIT_GATE = 3  # GateError: a data gate failed on a table the stage writes or reads (a rerun fails alike)
 EXIT_ACCESS = 4  # AccessError: no access to the stage's data, no credentials (a rerun fails the same way)
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mcf.cli import STAGES, TOP_LEVEL
+from mcf import cli
+from mcf.cli import GATED, STAGES, TOP_LEVEL
 from mcf.params import Common
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,19 @@ def test_stage_params_are_its_section_and_the_top_level_keys_it_reads(stage: str
     spec = STAGE_SPECS[stage].get("do", STAGE_SPECS[stage])
     assert set(TOP_LEVEL[stage]) == set(spec["params"]) & {f.name for f in dataclasses.fields(Common)}
     assert set(spec["params"]) == {stage, *TOP_LEVEL[stage]}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_help_names_exit_3_where_the_stage_runs_a_data_gate(
+    stage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``mcf teacher --help`` and ``mcf pretrain --help`` listed "3 a data gate failed", which neither can
+    exit with: they run no gate (they read the subset's gated shards)."""
+    runs_a_gate = bool(_suites(_closure(STAGES[stage][0].split(":")[0]) - PLUMBING))
+    assert (stage in GATED) == runs_a_gate
+    with pytest.raises(SystemExit):
+        cli.main([stage, "--help"])
+    assert ("3 a data gate failed" in " ".join(capsys.readouterr().out.split())) == runs_a_gate
 
 
 def test_closure_follows_function_level_imports() -> None:
