@@ -35,6 +35,7 @@ import requests
 import torch
 import yaml
 from PIL import Image, ImageFile, PngImagePlugin
+from urllib3.response import GzipDecoder
 
 from mcf.data import fetch_bench
 from mcf.data.fetch import FetchConfig, journal_dir, limits, main, remote_source
@@ -695,6 +696,35 @@ def test_a_body_its_content_encoding_does_not_decode_is_not_retried(server: str)
     assert (failure.value.status, failure.value.retryable) == ("not_image", False)
     assert failure.value.error.startswith("the body does not decode as its Content-Encoding says")
     assert "content-encoding: gzip" in failure.value.error
+
+
+def test_a_body_that_fails_to_decode_past_the_deadline_is_a_timeout(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode error met once total_timeout has passed is a timeout, retried, not a not_image: the
+    watchdog may have cut the body mid-stream (urllib3 reports a cut zstd body as undecodable), and the
+    image took longer than it may whatever its bytes. Here the gzip decoder spends the deadline on the
+    bytes it is handed, as it would on a long run of received bytes that decode to nothing; /bad-gzip.jpg's
+    then fail to decode."""
+    total_timeout = 0.3
+    decompress, errors = GzipDecoder.decompress, []
+
+    def slow(self: GzipDecoder, data: bytes, max_length: int = -1) -> bytes:
+        if data and not errors:
+            time.sleep(total_timeout)
+        try:
+            return decompress(self, data, max_length)
+        except zlib.error as err:
+            errors.append(err)
+            raise
+
+    monkeypatch.setattr(GzipDecoder, "decompress", slow)
+    fetch = laion.HttpFetcher(build(laion.LaionFaceConfig, {"total_timeout": total_timeout}), MAX_BYTES)
+    with pytest.raises(FetchFailure) as failure:
+        fetch({"url": server + "/bad-gzip.jpg"})
+    assert len(errors) == 1  # the body reached the decoder, which refused it
+    assert (failure.value.status, failure.value.retryable) == ("timeout", True)
+    assert failure.value.error == "total time per image exceeded"
 
 
 def test_fetch_max_bytes_is_the_bound_exactly(server: str) -> None:
