@@ -378,6 +378,43 @@ def test_laion_statuses_and_resume(server: str, tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(rerun, manifest)  # error texts too: no memory addresses in them
 
 
+def _bombs() -> dict[str, tuple[str, bytes]]:
+    """An image just over each bound on the header work of inspect, by the bound's name."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "JPEG", progressive=True)
+    progressive = buf.getvalue()
+    last_scan = progressive[progressive.rindex(b"\xff\xda") : -2]
+    at = JPEG.index(b"\xff\xdb")  # after SOI and APP0
+    fill = b"\xff" * (image.MAX_JPEG_HEADER_STEPS + 1)
+    return {
+        "MAX_JPEG_SCANS": (".jpg", progressive[:-2] + last_scan * image.MAX_JPEG_SCANS + b"\xff\xd9"),
+        "MAX_JPEG_HEADER_STEPS": (".jpg", JPEG[:at] + fill + JPEG[at:]),
+        "MAX_PNG_CHUNKS": (".png", _rechunked(PNG, 1, before=_chunk(b"quUx") * image.MAX_PNG_CHUNKS)),
+    }
+
+
+@pytest.mark.parametrize("bound", ["MAX_JPEG_SCANS", "MAX_JPEG_HEADER_STEPS", "MAX_PNG_CHUNKS"])
+def test_a_bomb_an_earlier_run_stored_is_not_reused(
+    bound: str, server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run before a bound on header work existed stored a file over it as a success; the next run reused
+    it on its sha256, and the crop stage's decoder met the bomb. A stored file must pass the checks a
+    download passes on its bytes (fetched again, it is the decompression_bomb it is)."""
+    suffix, bomb = _bombs()[bound]
+    monkeypatch.setitem(BODIES, f"/bomb{suffix}", bomb)
+    urls = [f"{server}/bomb{suffix}", f"{server}/good.jpg"]
+    cfg = _laion_config(_laion_parquet(tmp_path / "part.parquet", urls), total_timeout=5.0)
+    cfg = dataclasses.replace(cfg, max_bytes=2 * len(bomb))
+    with monkeypatch.context() as earlier:
+        earlier.setattr(image, bound, 10**9)
+        main(Common(), cfg)
+    assert pd.read_parquet("out/manifest.parquet")["status"].tolist() == ["success", "success"]
+    main(Common(), cfg)
+    manifest = pd.read_parquet("out/manifest.parquet")
+    assert manifest["status"].tolist() == ["decompression_bomb", "success"]
+    assert Handler.counts[f"/bomb{suffix}"] == 2 and Handler.counts["/good.jpg"] == 1  # the good one reused
+
+
 def test_killed_run_resumes_from_journal(server: str, tmp_path: Path, ctrl_c: None) -> None:
     urls = [server + "/good.jpg", server + "/good.png", server + "/crash"]
     cfg = _laion_config(_laion_parquet(tmp_path / "part.parquet", urls), threads=1)

@@ -12,15 +12,17 @@ flows/fetch_dask.py splits the rows over Dask workers; a run reads them all, so 
 the rows differently or not at all). At the end every success is hard-linked (copied across devices)
 from there, or from the previous output, into the staging folder. A later run reuses a row when the
 previous output's manifest or the journal has it as a success with the same source columns (URL, key,
-...) and the file on disk still has the recorded sha256; everything else (missing, failed, changed) is
-fetched again. The caller deletes the journal folder once the new output is published. Ctrl-C (or an
-error) stops a run at once: no queued row starts, and no download under way is waited for, retried or
-linked into the staging folder the caller then deletes (they run on daemon threads, which hold no exit);
-one cut short is never reused, as its image appears by a rename and its journal line only after that.
+...) and the file on disk still has the recorded sha256 and passes today's bounds, a bound added since
+the run that stored it included; everything else (missing, failed, changed) is fetched again. The caller
+deletes the journal folder once the new output is published. Ctrl-C (or an error) stops a run at once:
+no queued row starts, and no download under way is waited for, retried or linked into the staging folder
+the caller then deletes (they run on daemon threads, which hold no exit); one cut short is never reused,
+as its image appears by a rename and its journal line only after that.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +39,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from mcf.data.sources.image import FetchFailure, Record, image_path, redact, save_image, stored_sha256
+from mcf.data.sources.image import FetchFailure, Record, check_header_work, image_path, redact, save_image
 from mcf.errors import StageError
 
 log = logging.getLogger(__name__)
@@ -154,8 +156,9 @@ def _link(src: Path, dest: Path) -> None:
 def _reuse(
     row: dict[str, Any], stored: tuple[Path, dict] | None, match: tuple[str, ...], limits: Limits
 ) -> Record | None:
-    """A stored success, when its source columns, its file's sha256 and today's limits still hold
-    (a file over a lowered bound is fetched again, and the fetch records why it fails)."""
+    """A stored success, when its source columns, its file's sha256 and today's limits still hold: the byte
+    and pixel bounds, and the bounds on header work (:func:`check_header_work`), which an earlier run may
+    have stored it without. A file over one is fetched again, and the fetch records why it fails."""
     if stored is None:
         return None
     root, old = stored
@@ -168,7 +171,15 @@ def _reuse(
     path = root / old["path"]
     if not path.is_file() or path.stat().st_size > limits.max_bytes:
         return None
-    if stored_sha256(path) != old.get("sha256"):
+    try:
+        data = path.read_bytes()  # at most max_bytes, read once for the sha256 and the header checks
+    except OSError:  # unreadable: fetched again
+        return None
+    if hashlib.sha256(data).hexdigest() != old.get("sha256"):
+        return None
+    try:
+        check_header_work(data)
+    except FetchFailure:
         return None
     return Record("success", None, old["path"], old["sha256"], int(old["width"]), int(old["height"]))
 

@@ -33,7 +33,6 @@ from typing import Any
 
 from PIL import ExifTags, Image
 
-from mcf.io import file_sha256
 from mcf.params import ParamsError
 
 STATUSES = (
@@ -226,6 +225,29 @@ def png_chunks(data: bytes) -> tuple[int, int]:
     return image_data, others
 
 
+def check_header_work(data: bytes) -> None:
+    """Raise a ``decompression_bomb`` :class:`FetchFailure` for bytes over a bound on the work their header
+    or scans cost a decoder (:data:`MAX_JPEG_HEADER_STEPS`, :data:`MAX_JPEG_SCANS`, :data:`MAX_PNG_CHUNKS`,
+    :data:`MAX_PNG_DATA_CHUNKS`). Read off the raw bytes, nothing decoded: cheap enough to rerun on a stored
+    file that a later run reuses, which an earlier run may have stored before a bound existed."""
+    if data.startswith(b"\xff\xd8\xff"):  # Pillow's test for a JPEG (and an MPO): walked here before Pillow
+        if jpeg_header_steps(data) > MAX_JPEG_HEADER_STEPS:
+            raise FetchFailure("decompression_bomb", f"a JPEG header of more than {MAX_JPEG_HEADER_STEPS} "
+                               "segments and stray bytes")
+        # each scan starts with the bytes FF DA, which entropy-coded data never holds (it stuffs each FF
+        # with 00): an upper bound, counting a second MPO image's scans and such bytes in metadata too
+        if data.count(b"\xff\xda") > MAX_JPEG_SCANS:
+            raise FetchFailure("decompression_bomb", f"more than {MAX_JPEG_SCANS} JPEG scans")
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):  # Pillow's test for a PNG
+        image_data, others = png_chunks(data)
+        if image_data > MAX_PNG_DATA_CHUNKS:
+            raise FetchFailure("decompression_bomb",
+                               f"a PNG of more than {MAX_PNG_DATA_CHUNKS} image data chunks")
+        if others > MAX_PNG_CHUNKS:
+            raise FetchFailure("decompression_bomb",
+                               f"a PNG of more than {MAX_PNG_CHUNKS} chunks besides its image data")
+
+
 def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     """Return (suffix, width, height) of a fully decodable image, else raise :class:`FetchFailure`.
 
@@ -236,18 +258,7 @@ def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
     it: Pillow decodes a whole PNG to find its EXIF); ``verify`` catches structural damage and a
     ``load`` catches truncated pixel data (a JPEG's at 1/8 scale, which reads every coefficient too).
     """
-    # Pillow's test for a JPEG (and an MPO): its header is walked here before Pillow walks it in Python
-    if data.startswith(b"\xff\xd8\xff") and jpeg_header_steps(data) > MAX_JPEG_HEADER_STEPS:
-        raise FetchFailure("decompression_bomb", f"a JPEG header of more than {MAX_JPEG_HEADER_STEPS} "
-                           "segments and stray bytes")
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):  # Pillow's test for a PNG
-        image_data, others = png_chunks(data)
-        if image_data > MAX_PNG_DATA_CHUNKS:
-            raise FetchFailure("decompression_bomb",
-                               f"a PNG of more than {MAX_PNG_DATA_CHUNKS} image data chunks")
-        if others > MAX_PNG_CHUNKS:
-            raise FetchFailure("decompression_bomb",
-                               f"a PNG of more than {MAX_PNG_CHUNKS} chunks besides its image data")
+    check_header_work(data)
     try:
         with Image.open(io.BytesIO(data)) as im:
             fmt, (width, height) = im.format, im.size
@@ -259,10 +270,6 @@ def inspect(data: bytes, max_pixels: int) -> tuple[str, int, int]:
         raise FetchFailure("not_image", f"unsupported image format {fmt}")
     if width * height > max_pixels:
         raise FetchFailure("decompression_bomb", f"{width}x{height} is over {max_pixels} pixels")
-    # each scan starts with the bytes FF DA, which entropy-coded data never holds (it stuffs each FF with
-    # 00): an upper bound, counting a second MPO image's scans and such bytes in metadata too
-    if fmt in ("JPEG", "MPO") and data.count(b"\xff\xda") > MAX_JPEG_SCANS:
-        raise FetchFailure("decompression_bomb", f"more than {MAX_JPEG_SCANS} JPEG scans")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.verify()
@@ -290,11 +297,3 @@ def save_image(data: bytes, sample_id: str, root: Path, max_pixels: int) -> Reco
     tmp.write_bytes(data)
     os.replace(tmp, dest)
     return Record("success", None, rel, hashlib.sha256(data).hexdigest(), width, height)
-
-
-def stored_sha256(path: Path) -> str | None:
-    """The sha256 of a stored file, or None when it cannot be read (then it is fetched again)."""
-    try:
-        return file_sha256(path)
-    except OSError:
-        return None
