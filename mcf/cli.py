@@ -201,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(f"mcf {args.command}: {err}")
         return err.exit_code
     except OSError as err:
-        # a chmod 000 input, a read-only folder; an output path through a file or onto a folder
-        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR):
+        # a chmod 000 input, a read-only folder; an output path through a file or onto a folder, or with a
+        # name past the file system's limit (which the first stat of it raised)
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR,
+                         errno.ENAMETOOLONG):
             named = err.filename2 or err.filename  # a rename's target, not the temporary file beside it
             _error(f"mcf {args.command}: {err.strerror}" + (f": {named}" if named else ""))
             return EXIT_STAGE

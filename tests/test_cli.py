@@ -292,6 +292,22 @@ def test_an_input_it_may_not_read_or_a_file_it_may_not_write_is_one_line(
     assert capsys.readouterr().err == f"mcf subset: {error.strerror}: outputs/crop/manifest.parquet\n"
 
 
+@pytest.mark.parametrize("argv", [
+    ["export", "--checkpoint", "a.pt", "--out", "x" * 300],
+    ["predict", "face.jpg", "--alignment", "a.pt", "--out", "x" * 300],
+])
+def test_an_output_name_too_long_for_the_file_system_is_one_line(
+    argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name past the file system's 255 bytes (ENAMETOOLONG) was an OSError traceback from the first stat
+    of the output path, in every command that writes one: the command fails (exit 1) on one line."""
+    monkeypatch.chdir(tmp_path)
+    Path("face.jpg").write_bytes(b"")
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mcf {argv[0]}: {os.strerror(errno.ENAMETOOLONG)}: ") and err.count("\n") == 1, err
+
+
 def _metrics_under_a_file(blocker: Path) -> None:  # evaluate's metrics path, as it writes it
     with atomic_file(blocker / "evaluate.json") as tmp:
         tmp.write_text("{}")
