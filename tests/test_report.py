@@ -499,6 +499,19 @@ def test_an_out_that_cannot_be_written_is_a_usage_error(
         capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("out", ["x" * 300 + ".html", "x" * 300 + "/r.html"], ids=["file", "folder"])
+def test_an_out_named_past_the_file_systems_limit_is_a_usage_error(
+    out: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A name over 255 bytes (ENAMETOOLONG) raised from the first look at --out: exit 1 and the OS's words
+    alone, where the help says 2 for an --out that cannot be written."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["report", "--root", str(tmp_path), "--out", out])
+    assert exit_.value.code == 2
+    assert f"--out {out}: cannot be written there (File name too long)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("out", ["params.yaml", "metrics/evaluate.json", "./params.yaml"])
 def test_an_out_that_would_replace_a_run_file_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str

@@ -55,10 +55,14 @@ def cli(argv: list[str]) -> int:
                    help="HTML file to write, relative to --root (default: %(default)s)")
     args = p.parse_args(argv)
     target = args.root / args.out
-    if target.is_dir():
+    try:  # a name past the file system's limit (ENAMETOOLONG) is refused by the first look at it
+        is_dir, is_file = target.is_dir(), target.is_file()
+    except OSError as err:
+        p.error(f"--out {args.out}: cannot be written there ({err.strerror})")
+    if is_dir:
         p.error(f"--out {args.out}: is a folder; name the HTML file to write, e.g. {args.out}/index.html")
-    if target.is_file() and (target.suffix.lower() not in (".html", ".htm")
-                             or resolved(target) == resolved(args.root / args.params)):
+    if is_file and (target.suffix.lower() not in (".html", ".htm")
+                    or resolved(target) == resolved(args.root / args.params)):
         p.error(f"--out {args.out}: is a file other than an HTML page (the params file, a metrics JSON?), "
                 "which the page would replace; name an .html file")
     run = open_run(args.root, args.params)  # a missing or broken params file is refused before --out is made
