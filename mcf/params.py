@@ -163,6 +163,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ParamsError(key, f"expected a string, got {type(value).__name__} {value!r}")
         if value and not value.strip():  # no path or name: "  " was a folder named by two spaces
             raise ParamsError(key, f"{value!r} is only white space: an empty value (an unset variable?)")
+        # YAML's "\0" and "\udc80" escapes: no file name holds them (os calls raise ValueError on a NUL,
+        # pyarrow and OpenCV fail on a lone surrogate, after the work)
+        if "\0" in value:
+            raise ParamsError(key, f"{value!r} holds a NUL character, which no path or name may")
+        if any("\ud800" <= c <= "\udfff" for c in value):
+            raise ParamsError(key, f"{value!r} is not UTF-8 text (a lone surrogate escape)")
         return value
     raise TypeError(f"unsupported params annotation {tp!r} at {key}")
 

@@ -638,6 +638,24 @@ def test_a_value_of_only_white_space_is_refused_naming_its_key(
         load("fetch", _write(tmp_path, data), every_section=True)
 
 
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [({"crop": {"out": "outputs/a\0b"}}, "crop.out", "holds a NUL character"),
+     ({"subset": {"input": "outputs/\0"}}, "subset.input", "holds a NUL character"),
+     ({"subset": {"out": "outputs/x\udc80"}}, "subset.out", "is not UTF-8 text"),
+     ({"evaluate": {"alignment_label": "\ud800"}}, "evaluate.alignment_label", "is not UTF-8 text")],
+)
+def test_a_value_no_path_or_name_can_hold_is_refused_naming_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: dict, key: str, fragment: str
+) -> None:
+    """YAML's ``"\\0"`` and ``"\\udc80"`` escapes make strings no file name holds: a NUL was a ValueError
+    traceback ("embedded null byte") from the first look at the path, a lone surrogate one from pyarrow as
+    the stage wrote its manifest, after the work. Refused where every string is converted."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ParamsError, match=rf"params\.yaml: {re.escape(key)}: .* {fragment}"):
+        load("fetch", _write(tmp_path, data), every_section=True)
+
+
 def test_a_params_path_that_cannot_be_looked_at_is_one_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
