@@ -303,6 +303,8 @@ def read_yaml(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
         data = yaml.load(text, Loader=ParamsLoader)
     except yaml.YAMLError as err:
         raise ParamsError("", yaml_problem(err), path) from None
+    except RecursionError:  # PyYAML composes nested nodes recursively: thousands of brackets deep
+        raise ParamsError("", "not valid YAML: nested too deeply to read", path) from None
     if not isinstance(data, dict):
         raise ParamsError("", "expected a mapping at the top level", path)
     return data

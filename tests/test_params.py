@@ -228,6 +228,15 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
         read_yaml(tmp_path / "bad.yaml")
 
 
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000])
+def test_yaml_nested_past_the_recursion_limit_is_one_clear_error(tmp_path: Path, value: str) -> None:
+    """PyYAML composes a node's children recursively: thousands of brackets deep was a RecursionError
+    traceback from every stage command and from `mcf report`."""
+    (tmp_path / "deep.yaml").write_text(f"seed: {value}\n")
+    with pytest.raises(ParamsError, match=r"deep.yaml: not valid YAML: nested too deeply to read"):
+        read_yaml(tmp_path / "deep.yaml")
+
+
 def test_binary_params_file_is_one_clear_error(tmp_path: Path) -> None:
     """An image or other binary file passed as --params is refused by name, not a UnicodeDecodeError."""
     (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)))
