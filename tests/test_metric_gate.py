@@ -5,12 +5,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mcf.errors import StageError
 from mcf.evaluate.regression import TOLERANCE, compare, load_tolerances, tolerance_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,6 +172,22 @@ def test_a_metrics_file_that_is_not_json_is_named_so(tmp_path: Path) -> None:
     out = gate()
     assert "FAIL metrics/evaluate.json in the workspace: not valid JSON (Expecting" in out
     assert "at HEAD" not in out
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("1" + "0" * 400, "every tolerance must be a number (int too large to convert to float)"),
+    ("true", "m.json:*: a tolerance must be a number >= 0, got the boolean True"),
+    ("no", "m.json:*: a tolerance must be a number >= 0, got the boolean False"),
+])
+def test_a_tolerance_that_is_no_number_is_refused_in_one_line(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    """An integer past a float's range was an OverflowError traceback; ``true`` (or YAML 1.1's ``no``) was
+    read as a tolerance of 1 (or 0), gating every metric it matched by a number nobody wrote."""
+    path = tmp_path / "t.yaml"
+    path.write_text(f"tolerance:\n  'm.json:*': {value}\n")
+    with pytest.raises(StageError, match=re.escape(message)):
+        load_tolerances(path, "HEAD")
 
 
 def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:

@@ -81,9 +81,13 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
     table = data.get("tolerance") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
         raise StageError(f"{where}: expected a 'tolerance:' mapping of metric globs to numbers")
+    # float() takes a bool (`true`, YAML 1.1's `no`) for 1 or 0, which gated metrics by a number nobody wrote
+    if flags := [k for k, v in table.items() if isinstance(v, bool)]:
+        raise StageError(f"{where}: {flags[0]}: a tolerance must be a number >= 0, got the boolean "
+                         f"{table[flags[0]]}")
     try:
         tolerances = {str(k): float(v) for k, v in table.items()}
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: an integer past a float's range
         raise StageError(f"{where}: every tolerance must be a number ({err})") from None
     for glob, tol in tolerances.items():
         if not tol >= 0:  # NaN would pass every move (no difference exceeds it), a negative fail every one
