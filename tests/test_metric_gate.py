@@ -190,6 +190,14 @@ def test_a_tolerance_that_is_no_number_is_refused_in_one_line(
         load_tolerances(path, "HEAD")
 
 
+def test_a_tolerance_file_nested_past_the_recursion_limit_is_refused_in_one_line(tmp_path: Path) -> None:
+    """PyYAML composes nested nodes recursively: thousands of brackets deep was a RecursionError traceback."""
+    path = tmp_path / "t.yaml"
+    path.write_text("tolerance: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(StageError, match="t.yaml: not valid YAML: nested too deeply to read"):
+        load_tolerances(path, "HEAD")
+
+
 def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     """A missing or malformed tolerance file, or a revision dvc cannot read, is one clear line."""
     bad = tmp_path / "bad.yaml"

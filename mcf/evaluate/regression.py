@@ -78,6 +78,8 @@ def load_tolerances(path: str | Path | None, rev: str) -> dict[str, float]:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise StageError(f"{where}: {yaml_problem(err)}") from None
+    except RecursionError:  # PyYAML composes nested nodes recursively: thousands of brackets deep
+        raise StageError(f"{where}: not valid YAML: nested too deeply to read") from None
     table = data.get("tolerance") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
         raise StageError(f"{where}: expected a 'tolerance:' mapping of metric globs to numbers")
