@@ -149,6 +149,9 @@ def read_image(path: Path) -> np.ndarray:
     whole: OpenCV decodes a JPEG cut short in part, with only libjpeg's warning on stderr, so it would
     pass for a whole image. An image with a side of 32767 px or more (a panorama) is refused: OpenCV's
     warps, which crop and align every face, assert sides below that."""
+    # a folder's entry named like an image may be a named pipe, which Pillow's open waited on for ever
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise StageError(f"{path}: not a regular file (a pipe or a device)")
     if _turned_tiff(path):  # OpenCV 4.14 cannot read these; Pillow turns them upright as it decodes
         rgb = _read_turned_tiff(path)
     else:

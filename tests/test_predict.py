@@ -390,6 +390,17 @@ def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
         list_images([photos, tmp_path / nfd])
 
 
+@pytest.mark.timeout(60)
+def test_a_pipe_under_an_image_name_is_a_row_not_a_hang(tmp_path: Path) -> None:
+    """A folder's entries are listed by suffix: a named pipe ``pipe.jpg`` among them blocked predict for ever
+    (Pillow's open waits for a writer). read_image refuses it, so it becomes its images.csv row and the other
+    images are predicted."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    assert list_images([tmp_path]) == [tmp_path / "pipe.jpg"]
+    with pytest.raises(StageError, match=r"pipe.jpg: not a regular file \(a pipe or a device\)"):
+        read_image(tmp_path / "pipe.jpg")
+
+
 def test_an_image_name_too_long_for_its_outputs_is_refused_before_the_work(tmp_path: Path) -> None:
     """A 250-byte stem is a valid file name, but parsing/<stem>_0.png is not: the write failed with an
     OSError traceback after every image was predicted, and nothing was kept."""
