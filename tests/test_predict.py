@@ -390,6 +390,20 @@ def test_image_folders_are_listed_in_order_whatever_the_suffix_case(
         list_images([photos, tmp_path / nfd])
 
 
+def test_a_full_disk_is_one_line_and_leaves_nothing(
+    models: tuple[Path, Path, Path], tmp_path: Path, full_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OpenCV's imwrite says only False when the disk fills: predict's first overlay raised an OSError
+    without an errno, a traceback, where the CLI has one line for a full disk."""
+    _, align_pt, _ = models
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), np.uint8)  # ~480 KiB as a PNG
+    cv2.imwrite(str(tmp_path / "noise.png"), noise)
+    argv = ["predict", str(tmp_path / "noise.png"), "--alignment", str(align_pt), "--box", "10,10,200,200"]
+    assert cli_main([*argv, "--out", str(full_disk / "out")]) == 1
+    assert capsys.readouterr().err.endswith(": free some space and run it again\n")
+    assert list(full_disk.iterdir()) == []
+
+
 @pytest.mark.timeout(60)
 def test_a_pipe_under_an_image_name_is_a_row_not_a_hang(tmp_path: Path) -> None:
     """A folder's entries are listed by suffix: a named pipe ``pipe.jpg`` among them blocked predict for ever

@@ -96,8 +96,10 @@ def blend_labels(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> n
 def write_png(path: Path, image: np.ndarray) -> None:
     """Write an RGB (``[H, W, 3]``) or label (``[H, W]``) uint8 image losslessly."""
     data = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if image.ndim == 3 else image
-    if not cv2.imwrite(str(path), data):
-        raise OSError(f"could not write {path}")
+    ok, png = cv2.imencode(".png", data)  # imwrite's bytes; its write said only False on a full disk
+    if not ok:
+        raise ValueError(f"could not encode {path} as PNG")
+    Path(path).write_bytes(png.tobytes())  # the OS's error (ENOSPC), which the CLI names in one line
 
 
 def read_png(path: Path) -> np.ndarray:
