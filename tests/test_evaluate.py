@@ -333,6 +333,25 @@ def test_models_of_the_other_task_are_refused_by_name(
     assert not (root / "bad").exists() and not (root / "bad.json").exists()
 
 
+def test_a_model_filed_under_the_other_variant_is_refused_by_name(
+    evaluated: tuple[EvaluateConfig, dict, Path], scored: list[str], tmp_path: Path
+) -> None:
+    """The scratch model copied into mcf/ was scored and filed as MCF's, exit 0: a scratch score published
+    as the pre-trained one. model.pt records its variant, so the folder must agree with it."""
+    cfg, _, root = evaluated
+    for variant in VARIANTS:  # each folder holds the other variant's model
+        other = next(v for v in VARIANTS if v != variant)
+        (tmp_path / "alignment" / variant).mkdir(parents=True)
+        shutil.copy(Path(cfg.alignment) / other / "model.pt", tmp_path / "alignment" / variant / "model.pt")
+    bad = dataclasses.replace(cfg, alignment=str(tmp_path / "alignment"), out=str(tmp_path / "bad"),
+                              metrics=str(tmp_path / "bad.json"))
+    with pytest.raises(StageError, match=r"mcf/model.pt: this model was fine-tuned as variant 'scratch', "
+                                         r"not 'mcf'"):
+        main(Common(seed=0), bad)
+    assert scored == []
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.json").exists()
+
+
 def test_a_missing_probe_backbone_is_refused_before_scoring(evaluated: tuple[EvaluateConfig, dict, Path],
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """The probes read the pre-training exports; one missing failed only after every model was scored."""

@@ -122,11 +122,16 @@ Loaded = dict[str, tuple[DenseFaceModel, dict[str, Any]]]
 
 
 def _checkpoints(folder: str, variants: list[str], key: Task) -> Loaded:
-    """Load ``<folder>/<variant>/model.pt`` for each variant, fine-tuned for ``key`` (the task), onto the
-    GPU when there is one; all must share one data config."""
+    """Load ``<folder>/<variant>/model.pt`` for each variant, fine-tuned for ``key`` (the task) as that
+    variant (a model copied into another variant's folder would be filed as it), onto the GPU when there
+    is one; all must share one data config."""
     loaded = {}
     for variant in variants:
-        model, meta = load_finetuned(Path(folder) / variant / "model.pt", key)
+        path = Path(folder) / variant / "model.pt"
+        model, meta = load_finetuned(path, key)
+        if meta.get("variant") != variant:
+            raise StageError(f"{path}: this model was fine-tuned as variant {meta.get('variant')!r}, "
+                             f"not {variant!r}")
         loaded[variant] = model.to(default_device()), meta
     datas = {json.dumps(meta["data"], sort_keys=True) for _, meta in loaded.values()}
     if len(datas) != 1:
