@@ -41,13 +41,20 @@ def test_dense_model_shapes(size: int, outputs: int) -> None:
 
 def test_the_classifier_sees_the_decoder_through_channel_dropout() -> None:
     """FaRL's UPerHead drops whole channels (p 0.1) before its 1×1 classifier, in training only; at 0 the
-    forward draws nothing, so a run without it keeps its random stream."""
+    forward draws nothing, so a run without it keeps its random stream. The training forward is pinned
+    against the classifier on the dropped features under one seed: checks of the dropout module alone
+    passed a forward that skipped it."""
     torch.manual_seed(0)
     model = DenseFaceModel(create_backbone(TINY), HeadConfig((0, 1, 2, 3), 16, 11, dropout=0.5))
     x = torch.randn(2, 3, 32, 32)
     features = model.decode(model.neck(model.forward_features(x)))
     kept = model.dropout(features).abs().sum(dim=(2, 3)) > 0  # [N, C]: whole channels go
     assert 0 < kept.float().mean() < 1
+    torch.manual_seed(1)
+    trained = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(trained, model.classifier(model.dropout(features)))
+    assert not torch.allclose(trained, model.classifier(features))
     model.eval()
     plain = model.classifier(model.decode(model.neck(model.forward_features(x))))
     torch.testing.assert_close(model(x), plain)
@@ -146,6 +153,15 @@ def test_soft_argmax_finds_the_peak() -> None:
     points = soft_argmax(logits)
     torch.testing.assert_close(points[0, 0], torch.tensor([7.5 / 20, 5.5 / 16]), atol=1e-4, rtol=0)
     torch.testing.assert_close(points[0, 1], torch.tensor([3 / 20, 11 / 16]), atol=1e-4, rtol=0)
+
+
+def test_soft_argmax_weights_each_pixel_by_its_sigmoid() -> None:
+    """Each heatmap pixel is an independent sigmoid (the Gaussian targets are per-pixel probabilities), not
+    a softmax over the map: a one-hot peak reads the same under both. Logits (0, ln 3) on a 1×2 map weigh
+    the centres 0.25 and 0.75 by sigmoid 1/2 and 3/4: x = (0.125 + 0.5625) / 1.25 = 0.55 (softmax's
+    1/4, 3/4 give 0.625)."""
+    points = soft_argmax(torch.tensor([0.0, math.log(3.0)]).view(1, 1, 1, 2))
+    torch.testing.assert_close(points, torch.tensor([[[0.55, 0.5]]]))
 
 
 def test_gaussian_target_peaks_at_the_landmark_and_decodes_back() -> None:
