@@ -53,10 +53,12 @@ def test_nme_refuses_boxes_not_one_row_per_image() -> None:
             nme(gt + 1.0, gt, "diag", bad)
 
 
-def test_nme_inter_ocular_needs_the_eye_corners() -> None:
+@pytest.mark.parametrize("points", [5, 11])
+def test_nme_inter_ocular_needs_the_eye_corners(points: int) -> None:
+    """Point 11 is the twelfth: 11 points lack it, refused by name rather than an IndexError."""
     gt, _ = _landmarks()
-    with pytest.raises(ValueError, match="needs points 6 and 11"):
-        nme(gt[:, :5], gt[:, :5], "inter_ocular")
+    with pytest.raises(ValueError, match=f"needs points 6 and 11 .* got {points} points"):
+        nme(gt[:, :points], gt[:, :points], "inter_ocular")
 
 
 def test_ced_auc_fr_on_a_known_distribution() -> None:
@@ -74,21 +76,23 @@ def test_ced_auc_fr_on_a_known_distribution() -> None:
 
 
 def test_alignment_scores_by_hand() -> None:
-    """PROTOCOL §3 on two images worked by hand: the dataset NME is the mean of the per-image NMEs (not
-    pooled error ÷ pooled unit), ×100; AUC is composite Simpson's rule on 0, 1e-4, …, 0.07 (weights 1, 4,
-    2, …, 4, 1 times h/3), not the trapezoid rule (44.82) nor the exact area under the steps (44.845)."""
+    """PROTOCOL §3 on three images worked by hand: the dataset NME is the mean of the per-image NMEs (not
+    pooled error ÷ pooled unit, nor their median, which two images cannot tell from the mean), ×100; AUC
+    is composite Simpson's rule on 0, 1e-4, …, 0.07 (weights 1, 4, 2, …, 4, 1 times h/3), not the
+    trapezoid rule (29.88) nor the exact area under the steps (29.897)."""
     gt, box = _landmarks()  # boxes 30×40 (diagonal 50) and 60×80 (diagonal 100), eye corners 20 px apart
-    pred = gt + np.array([[[3.0, 4.0]], [[0.3, 0.4]]])  # every point 5 px off, then 0.5 px off
+    gt, box = np.concatenate([gt, gt[:1]]), np.concatenate([box, box[:1]])  # a third image like the first
+    pred = gt + np.array([[[3.0, 4.0]], [[0.3, 0.4]], [[6.0, 8.0]]])  # every point 5, 0.5, then 10 px off
     scores = alignment_scores(pred, gt, box)
-    # NME_box 5/√1200 = 0.144 fails; 0.5/√4800 = 0.00722 passes, and the CED is 1/2 from grid point 73 on:
-    # Simpson's weights over points 73..700 sum to 4·314 + 2·313 + 1 = 1883
+    # NME_box 5/√1200 = 0.144 and 10/√1200 = 0.289 fail; 0.5/√4800 = 0.00722 passes, and the CED is 1/3
+    # from grid point 73 on: Simpson's weights over points 73..700 sum to 4·314 + 2·313 + 1 = 1883
     want = {
-        "nme_diag": 100 * (5 / 50 + 0.5 / 100) / 2,  # 5.25; pooled: 100 · 5.5 / 150 = 3.67
-        "nme_box": 100 * (5 / np.sqrt(1200) + 0.5 / np.sqrt(4800)) / 2,
-        "nme_inter_ocular": 100 * (5 / 20 + 0.5 / 20) / 2,
-        "auc_box_0.07": 100 * 0.5 * 1883 * 1e-4 / 3 / 0.07,  # 44.833
-        "fr_box_0.07": 50.0,
-        "images": 2,
+        "nme_diag": 100 * (5 / 50 + 0.5 / 100 + 10 / 50) / 3,  # 10.17; median 10; pooled 100 · 15.5 / 200
+        "nme_box": 100 * (15 / np.sqrt(1200) + 0.5 / np.sqrt(4800)) / 3,
+        "nme_inter_ocular": 100 * (5 / 20 + 0.5 / 20 + 10 / 20) / 3,
+        "auc_box_0.07": 100 / 3 * 1883 * 1e-4 / 3 / 0.07,  # 29.889
+        "fr_box_0.07": 100 * 2 / 3,
+        "images": 3,
     }
     assert scores == pytest.approx(want, rel=1e-9)
 
@@ -146,6 +150,14 @@ def test_fr_counts_a_nan_nme_as_a_failure_as_the_ced_does() -> None:
     assert fr == 0.75 and fr == 1 - fractions[-1]
 
 
+def test_an_nme_at_the_threshold_passes_in_the_fr_as_in_the_ced() -> None:
+    """The CED counts NME <= t, so an NME of exactly 0.07 (the grid's last point) is a pass there and in
+    FR@0.07: of 0.07 and 0.08, one fails (FR 1/2, not 1)."""
+    values = np.array([0.07, 0.08])
+    _, fractions = ced_curve(values)
+    assert fractions[-1] == 0.5 and auc_fr(values)[1] == 0.5
+
+
 def test_nme_refuses_a_zero_unit() -> None:
     """A unit of 0 (outer eye corners at one point, a box of no width) made every NME of the image inf,
     and the dataset's mean with it: refused, naming the image (the data gates' eye_gap and box_w > 0)."""
@@ -179,7 +191,8 @@ def test_one_non_finite_output_value_refuses_the_batch_naming_its_image(bad: flo
     output[1, 4, 2, 5] = bad
     with pytest.raises(StageError, match=r"output on b is not finite \(1 of 3 images"):
         finite(output, ["a", "b", "c"])
-    assert finite(output[[0, 2]], ["a", "c"]) is not None
+    kept = output[[0, 2]]
+    assert finite(kept, ["a", "c"]) is kept  # a finite batch passes through as it is
 
 
 def test_parsing_scores_write_a_class_absent_from_both_maps_as_null() -> None:
