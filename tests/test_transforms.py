@@ -62,6 +62,8 @@ def test_tanh_warp_forward_inverse_exact_and_shape() -> None:
     v = 256 * (0.2 + 0.8 * np.tanh(0.375))  # half way out, by hand: 0.2 + 0.8 tanh((0.5 - 0.2) / 0.8)
     half_way = T.tanh_warp_forward(np.array([[384.0, 128.0]]), 0.8, 512)
     np.testing.assert_allclose(half_way, [[256 + v, 256 - v]])
+    rim = T.tanh_warp_inverse(np.array([[0.0, 512.0]]), 0.8, 512)  # atanh(1) is inf: capped, far out
+    assert np.isfinite(rim).all() and rim[0, 0] < -2000 and rim[0, 1] > 2500
 
 
 def test_tanh_warp_warp_places_a_dot_where_the_points_go() -> None:
@@ -107,13 +109,30 @@ def test_tanh_warp_unwarp_reads_each_pixel_where_the_warp_sends_its_centre(map_s
     np.testing.assert_allclose(back[:, inside], expect[:, inside], atol=1e-3)
 
 
+def test_tanh_warp_unwarp_reads_the_outer_map_pixel_beyond_the_maps_centres() -> None:
+    """Original pixels far outside the aligned square warp into the rim of the maps, past their outer
+    pixel centres: they read the outer pixel's value (the ramp clamped to its first and last centre), not
+    a blend toward zero that pulls every class logit to 0 there."""
+    h, w, warp_size = 90, 70, 64
+    c = (np.arange(32) + 0.5) * 2.0
+    ramps = torch.from_numpy(np.stack(np.broadcast_arrays(c[None, :], c[:, None])).astype(np.float32))
+    m = T.around((35.0, 45.0), 0.4, 3.0, (-73.0, -103.0))  # 3× zoom on the centre: most pixels warp far out
+    back = T.tanh_warp_unwarp(ramps, m, 0.8, warp_size, (h, w)).numpy()
+    ys, xs = np.mgrid[:h, :w] + 0.5
+    centres = np.stack([xs, ys], axis=-1).reshape(-1, 2)
+    expect = T.tanh_warp_forward(T.apply(m, centres), 0.8, warp_size).reshape(h, w, 2).transpose(2, 0, 1)
+    assert ((expect < c[0]) | (expect > c[-1])).any(axis=0).mean() > 0.2
+    np.testing.assert_allclose(back, np.clip(expect, c[0], c[-1]), atol=1e-3)
+
+
 def test_photometric_switches() -> None:
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     off = T.Photometric(gray_p=0.0, gamma_p=0.0, blur_p=0.0)
     np.testing.assert_array_equal(T.photometric(img, off, rng), img)
     gray = T.photometric(img, T.Photometric(gray_p=1.0, gamma_p=0.0, blur_p=0.0), rng)
-    assert (gray[..., 0] == gray[..., 2]).all()
+    luma = img.astype(float) @ [0.299, 0.587, 0.114]  # ITU-R BT.601, as OpenCV's RGB2GRAY
+    assert (gray[..., 0] == gray[..., 2]).all() and np.abs(gray[..., 1] - luma).max() <= 1
     blurred = T.photometric(img, T.Photometric(gray_p=0.0, gamma_p=0.0, blur_p=1.0, blur_sigma=2.0), rng)
     assert blurred.std() < img.std()
     before = img.copy()
@@ -136,8 +155,12 @@ class _Draws:
         value = self.values.pop(0)
         return np.full(size, value) if size is not None else value
 
-    def integers(self, n: int) -> int:
-        return int(self.values.pop(0))
+    def integers(self, low: int, high: int | None = None) -> int:
+        """The value queued, which must lie in the range asked (``[0, low)`` when one bound is given)."""
+        low, high = (0, low) if high is None else (low, high)
+        value = int(self.values.pop(0))
+        assert low <= value < high, f"queued {value} outside [{low}, {high})"
+        return value
 
     def random(self) -> float:
         return self.values.pop(0)
@@ -155,6 +178,8 @@ def test_farl_kinds_of_gamma_blur_occlusion_and_noise() -> None:
     # mean side 50 × 0.09 = 4.5 -> a 4-pixel box; 50 × 0.03 = 1.5 -> 1 pixel, no blur
     np.testing.assert_array_equal(T.photometric(img, box, _Draws(0.5, 0.5, 0.0, 0.09)), cv2.blur(img, (4, 4)))
     np.testing.assert_array_equal(T.photometric(img, box, _Draws(0.5, 0.5, 0.0, 0.03)), img)
+    # 50 × 0.05 = 2.5 -> 2 pixels, the smallest box that blurs
+    np.testing.assert_array_equal(T.photometric(img, box, _Draws(0.5, 0.5, 0.0, 0.05)), cv2.blur(img, (2, 2)))
     # height 0.3 × 40 = 12 rows, width (0.3 + 0.1) × 60 = 24 columns, centred at (55, 4): cut at the edges
     out = T.occlude_clipped(img, _Draws(0.3, 0.1, 55.0, 4.0), 0.4)
     dark = np.zeros((40, 60), bool)
@@ -163,6 +188,26 @@ def test_farl_kinds_of_gamma_blur_occlusion_and_noise() -> None:
     np.testing.assert_array_equal(out[~dark], img[~dark])
     mixed = T.blend_noise(img, _Draws(0.25, 255.0), 0.5)
     np.testing.assert_array_equal(mixed, np.rint(0.75 * img + 0.25 * 255.0).astype(np.uint8))
+
+
+def test_a_drawn_gamma_raises_intensities_to_its_power() -> None:
+    """Without gamma_choices the gamma is drawn from [gamma_min, gamma_max] and applied as (v/255)^gamma:
+    a draw of 1.5 darkens 128 to 255 · (128/255)^1.5 = 90.7 -> 91 (its inverse, 1/1.5, would give 161)."""
+    img = np.array([[[0, 128, 255]]], np.uint8)
+    cfg = T.Photometric(gray_p=0.0, gamma_p=1.0, blur_p=0.0)
+    np.testing.assert_array_equal(T.photometric(img, cfg, _Draws(0.5, 0.0, 1.5, 0.5)), [[[0, 91, 255]]])
+
+
+def test_occlusion_is_the_drawn_rectangle_inside_the_image() -> None:
+    """Sides drawn as shares of the image's own width and height, the corner within ``[0, w - bw]`` ×
+    ``[0, h - bh]``: on a 60×40 (h × w) image, shares 0.25 give 10 columns and 15 rows, and the last
+    corner allowed, (30, 45), blacks exactly the bottom-right 15×10 block. A square image could not tell
+    the width from the height."""
+    img = np.full((60, 40, 3), 200, np.uint8)
+    out = T.occlude(img, _Draws(0.25, 0.25, 30, 45), 0.5)
+    dark = np.zeros((60, 40), bool)
+    dark[45:, 30:] = True
+    np.testing.assert_array_equal((out == 0).all(-1), dark)
 
 
 def test_photometric_params_are_checked() -> None:
