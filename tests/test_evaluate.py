@@ -93,13 +93,18 @@ def test_metrics_are_labelled_and_complete(evaluated: tuple[EvaluateConfig, dict
 
 
 def test_plots_and_overlays_are_written(evaluated: tuple[EvaluateConfig, dict, Path]) -> None:
-    cfg, _, _ = evaluated
+    """ced.csv and f1.csv hold what the metrics say: f1.csv's row for each class is that class's F1 (a
+    check of its class column alone passed values one class off)."""
+    cfg, metrics, _ = evaluated
     out = Path(cfg.out)
     ced = pd.read_csv(out / "plots" / "ced.csv")
     assert list(ced.columns) == ["threshold", *VARIANTS] and len(ced) == 701
     assert ced["threshold"].iloc[-1] == pytest.approx(0.07) and (np.diff(ced["mcf"]) >= 0).all()
     f1 = pd.read_csv(out / "plots" / "f1.csv")
     assert list(f1["class"]) == list(CLASSES[1:])
+    for variant in VARIANTS:
+        want = [metrics["parsing"][variant]["f1"][c] for c in CLASSES[1:]]
+        assert f1[variant].tolist() == pytest.approx([np.nan if v is None else v for v in want], nan_ok=True)
     for name in ["ced.png", *(f"confusion_{v}.png" for v in VARIANTS)]:
         assert read_png(out / name).ndim == 3
     overlays = sorted(p.name for p in (out / "overlays").glob("*.png"))
@@ -409,6 +414,8 @@ def test_probe_fits_recover_linear_structure(caplog: pytest.LogCaptureFixture) -
     feats = 0.3 * rng.normal(size=(200, 6)) + 5 * np.eye(6)[ids]
     assert identity_accuracy(feats[::2], ids[::2], feats[1::2], ids[1::2], c=1.0) == 1.0
     assert identity_accuracy(feats[:100], ids[:100], feats[100:], ids[100:], c=1.0) is None  # unseen ids
+    # scored over the test images of seen identities alone: ids 0, 1 train; ids 1, 2 test, half unseen
+    assert identity_accuracy(feats[:100], ids[:100], feats[75:125], ids[75:125], c=1.0) == 1.0
     assert "identity probe not scored: no test image has a training identity" in caplog.text
 
 
@@ -472,6 +479,30 @@ def test_probe_features_are_the_mean_patch_token_and_cls() -> None:
     feats, _ = pooled_features(plain, items, batch_size=2)
     tokens = plain.eval().forward_features(images).detach().double()
     np.testing.assert_allclose(feats, tokens.mean(1).numpy(), atol=1e-5)
+
+
+def test_probes_fitted_on_the_images_they_score_recover_each_images_landmarks_and_identity(
+    tmp_path: Path,
+) -> None:
+    """run_probes pairs each image's features with its own landmarks, crop matrix and identity: fitted on
+    the very images it scores, a ridge of alpha 1e-8 on more features (64) than images (6) interpolates
+    their crop landmarks, which map back to the GT (NME_diag ~0), and a barely regularised logistic
+    regression names every identity (100%). The stage's own metrics, a random tiny backbone's, were
+    checked only for being numbers in range."""
+    from test_finetune import SYNTH, TINY
+
+    from mcf.evaluate.probe import ProbeConfig, ProbeData, probe_inputs, run_probes
+    from mcf.models.backbone import create_backbone, save_backbone
+    from mcf.synth import write_aflw19
+
+    write_aflw19(SYNTH, 0, tmp_path / "aflw19")
+    inputs = probe_inputs(AFLW19Config(root=str(tmp_path / "aflw19"), n_train=16, size=32, crop_size=48))
+    torch.manual_seed(0)
+    save_backbone(create_backbone(TINY), TINY, tmp_path / "export")
+    same = ProbeData(inputs.test, inputs.test, inputs.identities)
+    cfg = ProbeConfig(ridge_alpha=1e-8, logreg_c=1e4, logreg_max_iter=1000)
+    scores = run_probes({"mcf": str(tmp_path / "export")}, same, cfg, batch_size=4)["mcf"]
+    assert scores["nme_diag"] < 1e-3 and scores["identity_accuracy"] == 100.0
 
 
 def test_identity_probe_with_one_training_identity_is_none(caplog: pytest.LogCaptureFixture) -> None:
