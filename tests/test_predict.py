@@ -196,6 +196,22 @@ def test_a_jpeg_cut_short_is_listed_as_unreadable(models: tuple[Path, Path, Path
     assert images.loc[str(image), "error"] == ""
 
 
+def test_a_jpeg_cut_short_within_twice_pillows_size_limit_is_still_checked(
+    models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow decodes, with a warning, images up to twice its MAX_IMAGE_PIXELS, and refuses only those
+    past it: a JPEG cut short of 1.5× the limit is still decoded strictly and listed as truncated."""
+    root, align_pt, _ = models
+    image = next((root / "aflw19" / "data" / "flickr").rglob("*.jpg"))
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    h, w = read_rgb(image).shape[:2]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", h * w * 2 // 3)
+    with pytest.warns(Image.DecompressionBombWarning):
+        images = _predict_beside(image, cut, align_pt, tmp_path / "out")
+    assert images.loc[str(cut), "faces"] == 0 and "image file is truncated" in images.loc[str(cut), "error"]
+
+
 def test_an_image_past_pillows_size_limit_is_still_predicted(
     models: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -416,13 +432,14 @@ def test_a_pipe_under_an_image_name_is_a_row_not_a_hang(tmp_path: Path) -> None:
 
 
 def test_an_image_name_too_long_for_its_outputs_is_refused_before_the_work(tmp_path: Path) -> None:
-    """A 250-byte stem is a valid file name, but parsing/<stem>_0.png is not: the write failed with an
-    OSError traceback after every image was predicted, and nothing was kept."""
-    fits, too_long = tmp_path / f"{'a' * 246}.jpg", tmp_path / f"{'b' * 250}.jpg"
+    """A 247-byte stem is a valid file name, but parsing/<stem>_9999.png (256 bytes) is not: the write
+    failed with an OSError traceback after every image was predicted, and nothing was kept. 246 bytes
+    is the longest stem that fits."""
+    fits, too_long = tmp_path / f"{'a' * 246}.jpg", tmp_path / f"{'b' * 247}.jpg"
     fits.touch()
     too_long.touch()
     assert list_images([fits]) == [fits]
-    with pytest.raises(StageError, match=r"1 image names are too long for their outputs .*: b{250}\.jpg"):
+    with pytest.raises(StageError, match=r"1 image names are too long for their outputs .*: b{247}\.jpg"):
         list_images([tmp_path])
     accents = tmp_path / f"{'é' * 124}.jpg"  # 128 characters, but 252 bytes: 257 for parsing/<stem>_9999.png
     accents.touch()
