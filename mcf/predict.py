@@ -192,10 +192,12 @@ def _turned_tiff(path: Path) -> bool:
 
 
 def under(images: Sequence[Path], out: Path) -> list[Path]:
-    """Those of ``images`` inside ``out`` (through any symlinks): replacing an earlier output would delete
-    them (photos copied into it, its own overlays)."""
+    """Those of ``images`` inside ``out`` (through any symlinks), as an entry there or a link to a file
+    there: replacing an earlier output would delete them (photos copied into it, its own overlays)."""
     target = Path(os.path.realpath(out))
-    return [p for p in images if Path(os.path.realpath(p.parent), p.name).is_relative_to(target)]
+    return [p for p in images
+            if any(q.is_relative_to(target) for q in (Path(os.path.realpath(p.parent), p.name),
+                                                      Path(os.path.realpath(p))))]
 
 
 Aligner = tuple[DenseFaceModel, AFLW19Config]

@@ -597,12 +597,19 @@ def test_a_header_declaring_a_huge_size_is_listed_not_a_crash(
 
 def test_an_image_or_out_reached_through_a_link_is_still_found_under_out(tmp_path: Path) -> None:
     """``link/mine.jpg``, with ``link`` a symlink to --out (or --out given as the link), is deleted when --out
-    is replaced all the same: ``under`` resolves both each image's folder and --out."""
+    is replaced all the same: ``under`` resolves both each image's folder and --out. A photo given as a
+    link whose file lies in --out was not found (only its folder was resolved), and replacing --out
+    deleted the file."""
     (tmp_path / "work").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "work")
     assert under([tmp_path / "link" / "mine.jpg", tmp_path / "other.jpg"], tmp_path / "work") == [
         tmp_path / "link" / "mine.jpg"]
     assert under([tmp_path / "work" / "mine.jpg"], tmp_path / "link") == [tmp_path / "work" / "mine.jpg"]
+    (tmp_path / "photos").mkdir()  # a photo kept in --out, given through a link beside it: replacing --out
+    (tmp_path / "photos" / "a.jpg").symlink_to(tmp_path / "work" / "mine.jpg")  # deletes the photo itself
+    assert under([tmp_path / "photos" / "a.jpg"], tmp_path / "work") == [tmp_path / "photos" / "a.jpg"]
+    (tmp_path / "work" / "b.jpg").symlink_to(tmp_path / "elsewhere.jpg")  # an entry in --out all the same
+    assert under([tmp_path / "work" / "b.jpg"], tmp_path / "work") == [tmp_path / "work" / "b.jpg"]
 
 
 def test_an_image_under_out_is_refused_not_deleted(
