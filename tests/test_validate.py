@@ -53,11 +53,16 @@ def _failure(df: pd.DataFrame) -> str:
 
 
 def test_good_manifest_passes_and_stores_result() -> None:
+    """The result is kept under the suite's name, run_name the stage that ran it (evaluate runs the aflw19
+    suite: the fetch suite in stage fetch could not tell the two apart)."""
     gate.run_gate(_manifest(), "fetch", stage="fetch")
     stored = json.loads((gate.RESULTS_DIR / "fetch.json").read_text())
     assert stored["success"] is True
     assert stored["meta"]["run_id"]["run_name"] == "fetch"
     assert (gate.RESULTS_DIR.parent / ".gitignore").read_text().strip().endswith("*")
+    gate.run_gate(_aflw19_table(), "aflw19", stage="evaluate")
+    stored = json.loads((gate.RESULTS_DIR / "aflw19.json").read_text())
+    assert stored["meta"]["run_id"]["run_name"] == "evaluate"
 
 
 def test_a_result_that_cannot_be_kept_does_not_fail_a_good_gate(caplog: pytest.LogCaptureFixture) -> None:
@@ -94,6 +99,15 @@ def test_failed_checks_name_their_rows_by_id() -> None:
     assert f"{check} (sample_id: ['b'])" in msg
     msg = _failure(df.drop(columns=["sample_id"]))  # no id column: the other checks still run
     assert msg.endswith(check)
+
+
+def test_a_failed_check_shows_five_examples_and_their_rows() -> None:
+    """Seven successes without a hash: the line counts all seven and shows the first five (EXAMPLES), each
+    with its row's id; the failing rows of the manifest's three would not tell five from fewer."""
+    df = pd.concat([_manifest().iloc[[0]]] * 7, ignore_index=True).assign(sample_id=list("defghij"),
+                                                                         sha256=None)
+    check = "(column=sha256, where status == success): 7 unexpected of 7, e.g. [None, None, None, None, None]"
+    assert f"{check} (sample_id: ['d', 'e', 'f', 'g', 'h'])" in _failure(df)
 
 
 def test_a_failed_null_check_names_its_rows_too() -> None:
@@ -656,6 +670,11 @@ BREAKS: dict[str, list[tuple[int, dict[str, object], list[str]]]] = {
         (0, {"std": None}, ["expect_column_values_to_not_be_null(column=std, where status == kept)"]),
         (0, {"std": 1.0}, ["expect_column_values_to_be_between(column=std)"]),
         (0, {"std": 129.0}, ["expect_column_values_to_be_between(column=std)"]),
+        (0, {"score": 1.5}, ["expect_column_values_to_be_between(column=score)"]),
+        (1, {"reason": "too_small", "face_size": 24.0},  # crop.min_face_size itself is no shortfall
+         ["expect_column_values_to_be_between(column=face_size_margin, where reason == too_small)"]),
+        (1, {"reason": "low_score", "score": 0.9},
+         ["expect_column_values_to_be_between(column=score_margin, where reason == low_score)"]),
     ],
     "subset": [
         (0, {"sample_id": None}, ["expect_column_values_to_not_be_null(column=sample_id)"]),
@@ -699,6 +718,8 @@ BREAKS: dict[str, list[tuple[int, dict[str, object], list[str]]]] = {
         (0, {"y_min": 1.2}, ["expect_column_values_to_be_between(column=y_min)"]),
         (0, {"y_max": 1.2}, ["expect_column_values_to_be_between(column=y_max)"]),
         (0, {"y_max": -0.2}, ["expect_column_values_to_be_between(column=y_max)"]),
+        (0, {"x_max": 1.2}, ["expect_column_values_to_be_between(column=x_max)"]),
+        (0, {"x_max": -0.2}, ["expect_column_values_to_be_between(column=x_max)"]),
         (0, {"visible": 20}, ["expect_column_values_to_be_between(column=visible)"]),
         (0, {"visible": -1}, ["expect_column_values_to_be_between(column=visible)"]),
     ],
@@ -719,6 +740,8 @@ BREAKS: dict[str, list[tuple[int, dict[str, object], list[str]]]] = {
         (0, {"y_min": 1.2}, ["expect_column_values_to_be_between(column=y_min)"]),
         (0, {"y_max": 1.2}, ["expect_column_values_to_be_between(column=y_max)"]),
         (0, {"y_max": -0.2}, ["expect_column_values_to_be_between(column=y_max)"]),
+        (0, {"x_max": 1.2}, ["expect_column_values_to_be_between(column=x_max)"]),
+        (0, {"x_max": -0.2}, ["expect_column_values_to_be_between(column=x_max)"]),
     ],
 }
 
