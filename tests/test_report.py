@@ -89,7 +89,7 @@ def _png(path: Path) -> None:
     write_png(path, np.full((8, 8, 3), 200, dtype=np.uint8))
 
 
-def _gate(folder: Path, suite: str, success: bool) -> None:
+def _gate(folder: Path, suite: str, stage: str, success: bool) -> None:
     failed = {
         "success": False,
         "expectation_config": {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "path"}},
@@ -103,7 +103,7 @@ def _gate(folder: Path, suite: str, success: bool) -> None:
         "success": success, "suite_name": suite, "results": results,
         "statistics": {"evaluated_expectations": len(results),
                        "successful_expectations": sum(r["success"] for r in results)},
-        "meta": {"run_id": {"run_name": suite, "run_time": "2026-01-01T00:00:00+00:00"}},
+        "meta": {"run_id": {"run_name": stage, "run_time": "2026-01-01T00:00:00+00:00"}},
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{suite}.json").write_text(json.dumps(doc))
@@ -133,8 +133,8 @@ def _write_run(tmp_path: Path) -> Path:
     for name in ("alignment_mcf_0", "parsing_scratch_1"):
         _png(tmp_path / "outputs" / "evaluate" / "overlays" / f"{name}.png")
     _png(tmp_path / "outputs" / "evaluate" / "confusion_mcf.png")
-    _gate(tmp_path / ".mcf" / "validation", "fetch", success=True)
-    _gate(tmp_path / ".mcf" / "validation", "lapa", success=False)
+    _gate(tmp_path / ".mcf" / "validation", "fetch", "fetch", success=True)
+    _gate(tmp_path / ".mcf" / "validation", "lapa", "evaluate", success=False)  # a stage of another name
     return tmp_path
 
 
@@ -364,7 +364,7 @@ def test_report_of_a_checkout_whose_evaluate_outputs_were_not_pulled(run: Path) 
 
 
 @pytest.mark.parametrize("newer", [
-    lambda m: m["parsing"]["mcf"]["f1"].update(skin=20.5),  # another run's F1 bars
+    lambda m: m["parsing"]["mcf"]["f1"].update(skin=14.82),  # another run's F1 bars, 0.01 apart
     lambda m: m["alignment"]["scratch"]["full"].update({"fr_box_0.07": 35.0}),  # another run's CED
     lambda m: [m[task].pop("scratch") for task in ("alignment", "parsing")],  # another run's variants
 ], ids=["f1", "ced", "variants"])
@@ -384,7 +384,7 @@ def test_evaluate_outputs_of_another_run_than_the_metrics_are_left_out(
         assert re.search(r"outputs/evaluate is not from the run that wrote \S*metrics/evaluate\.json",
                          sections[key]) and "<img" not in sections[key], sections[key]
     assert ["mcf", "full", "SynthFace-AFLW19", "5.432"] in [row[:4] for row in _cells(sections["ced"])]
-    assert ["skin", "20.50" if metrics["parsing"]["mcf"]["f1"]["skin"] == 20.5 else "14.81"] in [
+    assert ["skin", "14.82" if metrics["parsing"]["mcf"]["f1"]["skin"] == 14.82 else "14.81"] in [
         row[:2] for row in _cells(sections["f1"])]
 
 
@@ -739,10 +739,12 @@ def test_a_params_section_that_is_no_mapping_is_a_note(
 
 
 def test_report_gate_table_shows_a_failed_suite_as_failed(page: str) -> None:
+    """Each suite with the stage that ran it (evaluate ran lapa's): a suite shown as its own stage passed
+    while every result's run_name was its suite's."""
     rows = _cells(_sections(page)["gates"])
     when = "2026-01-01T00:00:00+00:00"
     assert rows[1:] == [["fetch", "fetch", when, "passed", "1 / 1"],
-                        ["lapa", "lapa", when, "FAILED", "1 / 2"]]
+                        ["lapa", "evaluate", when, "FAILED", "1 / 2"]]
 
 
 def test_report_captions_name_the_data_of_every_plot_and_image(page: str) -> None:
@@ -761,6 +763,17 @@ def test_each_fine_tune_variant_reads_its_own_curves(run: Path) -> None:
     curves = _sections(_page(run))["curves"]
     assert "finetune_alignment (scratch): no dvclive curves" in curves
     assert "finetune_alignment (mcf)" not in curves
+
+
+def test_only_the_variants_the_params_name_have_curves_to_read(run: Path) -> None:
+    """`evaluate.variants: [mcf]`: the fine-tunes ran mcf alone, and no scratch curves are looked for (the
+    default pair noted every scratch folder missing)."""
+    for task in ("alignment", "parsing"):
+        shutil.rmtree(run / "metrics" / f"finetune_{task}" / "scratch")
+    params = run / "params.yaml"
+    params.write_text(params.read_text().replace("variants: [mcf, scratch]", "variants: [mcf]"))
+    curves = _sections(_page(run))["curves"]
+    assert "scratch" not in curves and "finetune_parsing: training curves" in curves
 
 
 def test_summary_names_both_datasets_and_every_variant(run: Path) -> None:
