@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -323,10 +324,36 @@ def test_a_params_error_in_the_workers_exits_2_through_torchrun(tmp_path: Path) 
     assert list(scratch.iterdir()) == []
     assert "[1] out of range for a teacher of depth 1" in done.stderr
     assert done.returncode == 2, done.stderr[-3000:]
+    # the workers' one line, not torchrun's ChildFailedError traceback and its table of failures
+    for noise in ("Traceback", "ChildFailedError", "Root Cause", "failed (exitcode"):
+        assert noise not in done.stderr, done.stderr[-3000:]
     # repeated once, last, after torchrun's report of the failure (the flow keeps a log's last 40 lines)
     last = done.stderr.splitlines()[-1]
     assert last == (f"mcf: invalid params: {params}: pretrain.model.feature_layers: [1] out of range for a "
                     "teacher of depth 1 (rank 0, 1)"), last
+
+
+@pytest.mark.parametrize(
+    ("crash", "report", "tracebacks"),
+    [("raise RuntimeError('a bug')", "exited 1", 1),
+     ("os.kill(os.getpid(), signal.SIGKILL)", "was killed by SIGKILL", 0)],
+)
+def test_a_worker_that_crashes_is_reported_in_one_line(
+    tmp_path: Path, crash: str, report: str, tracebacks: int
+) -> None:
+    """A worker that leaves no error line of its own (a bug, whose traceback names no rank, or a signal):
+    torchrun's ChildFailedError traceback and table give way to one line, last, naming the rank and how
+    it ended; a bug's traceback is the worker's own."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(f"import os, signal, time\nif os.environ['RANK'] == '1':\n    {crash}\n"
+                      "time.sleep(60)\n")  # rank 0 until torchrun stops it
+    command = [sys.executable, "-c", distributed.TORCHRUN, "--nnodes", "1", "--nproc_per_node", "2",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+               "--log-dir", str(tmp_path / "logs"), str(worker)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=ENV)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "ChildFailedError" not in done.stderr and done.stderr.count("Traceback") == tracebacks, done.stderr
+    assert re.fullmatch(rf"mcf: rank 1 \(pid \d+\) {report}", done.stderr.splitlines()[-1]), done.stderr
 
 
 def test_resume_under_another_world_size_names_the_process_counts(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ import torch.distributed as dist
 
 from mcf.params import ParamsError
 from mcf.pools import on_death
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +186,32 @@ def torchrun_main(argv: list[str]) -> int:
     launcher = int(os.environ.get(LAUNCHER_ENV, os.getppid()))
     on_death(launcher, partial(os.kill, os.getpid(), signal.SIGTERM))
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main
 
+    # its log line of the first failed worker: report_failure says it, or leaves it to the worker's own
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: not record.getMessage().startswith("failed (exitcode"))
     try:
         main(argv)
     except SignalException as err:
         return 128 + int(err.sigval)
+    except ChildFailedError as err:  # uncaught, a 40-line traceback and table above the workers' one line
+        report_failure(err)
+        return 1
     return 0
+
+
+def report_failure(err: ChildFailedError) -> None:
+    """Say in one line how torchrun's first failed worker ended, unless it left its own error line (which
+    :func:`launch` repeats): killed by a signal, it could say nothing, and an uncaught exception's
+    traceback, which the worker printed above, names no rank."""
+    rank, failure = err.get_first_failure()
+    folder = os.environ.get(EXIT_DIR_ENV)
+    if folder and Path(folder, f"rank{rank}.err").exists():
+        return
+    how = f"was killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exited {failure.exitcode}"
+    print(f"mcf: rank {rank} (pid {failure.pid}) {how}", file=sys.stderr)
 
 
 def record_exit(status: int) -> None:
