@@ -555,19 +555,30 @@ def run_stages(
     return {stage: future.state for stage, future in futures.items()}
 
 
-def summary(params_file: str, states: dict[str, State]) -> str:
+def summary(params_file: str, planned: dict[str, list[str]], states: dict[str, State]) -> str:
     """The run as markdown: each planned stage with what DVC did, or that it failed, was cancelled (stopped
-    with the run: no error of its own to look for in its log) or never started."""
+    with the run: no error of its own to look for in its log) or never started, and then what stopped it.
+
+    A stage that never started names its nearest stopped upstream stages (``planned``'s edges, not the
+    table's order): "upstream cancelled" when each was cancelled, else "upstream failed", since a stage
+    downstream of a failure would not have run without the cancel either.
+    """
     lines = [f"# mcf pipeline run\n\nparams file: `{params_file}`\n", "| stage | outcome | seconds |"]
     lines.append("|---|---|---|")
-    for stage, state in states.items():
+    stopped: dict[str, str] = {}  # stage not completed -> "failed" or "cancelled", its own or its upstream's
+    for stage, upstream in planned.items():  # dependency order: a stage's upstream is in stopped already
+        state = states[stage]
         run = state.result() if state.is_completed() else None
         if run:
             outcome = run.outcome
         elif state.is_cancelled():
-            outcome = "**cancelled**"
+            stopped[stage], outcome = "cancelled", "**cancelled**"
+        elif state.is_final():
+            stopped[stage], outcome = "failed", "**failed**"
         else:
-            outcome = "**failed**" if state.is_final() else "not run (upstream failed)"
+            causes = {stopped[u] for u in upstream if u in stopped}
+            stopped[stage] = "cancelled" if causes == {"cancelled"} else "failed"
+            outcome = f"not run (upstream {stopped[stage]})"
         lines.append(f"| `{stage}` | {outcome} | {run.seconds if run else ''} |")
     return "\n".join(lines)
 
@@ -622,7 +633,7 @@ def mcf(
         rows = metric_rows(root, completed)  # under the run's params: dvc.yaml's metrics paths come from them
     # published even when empty: the key's latest version must not stay an earlier run's numbers
     create_table_artifact(rows, key="mcf-metrics", description="metrics files of this run's completed stages")
-    create_markdown_artifact(summary(params_file, states), key="mcf-summary")
+    create_markdown_artifact(summary(params_file, planned, states), key="mcf-summary")
     # the run's metrics beside the paper's, each labelled with its dataset (a note when evaluate did not run)
     evaluated = "evaluate" in states and states["evaluate"].is_completed()
     create_markdown_artifact(markdown_summary(root, params_file, evaluated), key="mcf-report",

@@ -514,10 +514,35 @@ def test_the_summary_tells_a_cancelled_stage_from_a_failed_one() -> None:
               "train@b": Cancelled(data=stopped),  # as cancelled_when_stopped returns it
               "train@c": Cancelled(),
               "evaluate": Pending()}
-    table = summary("params.yaml", states)
+    planned = {"fetch": [], "train@a": ["fetch"], "train@b": ["fetch"], "train@c": ["fetch"],
+               "evaluate": ["train@a", "train@b", "train@c"]}
+    table = summary("params.yaml", planned, states)
     assert "| `fetch` | ran | 1.0 |" in table and "| `train@a` | **failed** |  |" in table
     assert "| `train@b` | **cancelled** |  |" in table and "| `train@c` | **cancelled** |  |" in table
+    # train@a's failure alone would have kept it from starting
     assert "| `evaluate` | not run (upstream failed) |  |" in table
+
+
+def test_the_summary_says_a_stage_after_a_cancelled_one_was_not_run_for_the_cancel() -> None:
+    """A stage that never started because the run was cancelled upstream of it said "not run (upstream
+    failed)", though nothing failed. It names what stopped its own upstream (the plan's edges, through
+    stages that never started either), not whatever stopped last before it in the table."""
+    from prefect.states import Cancelled, Completed, Failed, Pending
+
+    from flows.pipeline import StageRun, summary
+
+    planned = {"fetch": [], "train@a": ["fetch"], "train@b": ["fetch"], "eval@a": ["train@a"],
+               "eval@b": ["train@b"], "report@b": ["eval@b"], "report@a": ["eval@a"]}
+    states = {"fetch": Completed(data=StageRun("fetch", "ran", 1.0)),
+              "train@a": Failed(data=StageFailed("train@a", "diverged", 1)),
+              "train@b": Cancelled(),
+              "eval@a": Pending(), "eval@b": Pending(), "report@b": Pending(), "report@a": Pending()}
+    table = summary("params.yaml", planned, states)
+    assert "| `train@b` | **cancelled** |  |" in table
+    assert "| `eval@b` | not run (upstream cancelled) |  |" in table  # after eval@a in the table
+    assert "| `report@b` | not run (upstream cancelled) |  |" in table  # through eval@b, not run either
+    assert "| `eval@a` | not run (upstream failed) |  |" in table
+    assert "| `report@a` | not run (upstream failed) |  |" in table  # after report@b in the table
 
 
 def test_a_stage_printing_bytes_that_are_not_utf8_runs_to_its_end(prefect_api: None, project: Path) -> None:
