@@ -111,7 +111,8 @@ def not_utf8(paths: Iterable[Path]) -> list[str]:
 
 def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     """Files as given, folders expanded to their images (sorted; subfolders are named in a warning, not
-    searched, so a photo under one is not silently left out); a missing path is an error."""
+    searched, so a photo under one is not silently left out); a missing path, or a pipe or a device
+    given by name, is an error."""
     images: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -124,6 +125,7 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
         elif item.is_file():
             images.append(item)
         else:
+            refuse_special(item)  # one given by name (/dev/stdin, a shell's <(...)) exists all the same
             raise StageError(f"{item}: no such image or folder")
     if not images:
         raise StageError(f"no images in {', '.join(map(str, inputs))} ({', '.join(IMAGE_SUFFIXES)})")
@@ -144,14 +146,18 @@ def list_images(inputs: Sequence[str | Path]) -> list[Path]:
     return images
 
 
+def refuse_special(path: Path) -> None:
+    """Refuse a named pipe or a device, unopened: Pillow's open of a pipe waits for a writer for ever."""
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise StageError(f"{path}: not a regular file (a pipe or a device)")
+
+
 def read_image(path: Path) -> np.ndarray:
     """:func:`read_rgb`'s pixels, turned upright by EXIF as a viewer shows them, of a file Pillow decodes
     whole: OpenCV decodes a JPEG cut short in part, with only libjpeg's warning on stderr, so it would
     pass for a whole image. An image with a side of 32767 px or more (a panorama) is refused: OpenCV's
     warps, which crop and align every face, assert sides below that."""
-    # a folder's entry named like an image may be a named pipe, which Pillow's open waited on for ever
-    if path.exists() and not (path.is_file() or path.is_dir()):
-        raise StageError(f"{path}: not a regular file (a pipe or a device)")
+    refuse_special(path)  # a folder's entry named like an image may be a named pipe
     if _turned_tiff(path):  # OpenCV 4.14 cannot read these; Pillow turns them upright as it decodes
         rgb = _read_turned_tiff(path)
     else:
@@ -320,10 +326,11 @@ def cli(argv: list[str]) -> int:
                "      --parsing outputs/finetune_parsing/mcf/model.pt --out outputs/predict/\n\n"
                "exit status: 0 done (an unreadable image is listed in images.csv),\n"
                "  1 the inputs refused: no model given, parsing without --alignment or --yunet, a missing\n"
-               "    image path, an image or --out path that is not UTF-8, image names too long for their\n"
-               "    outputs, two images whose stems differ only in letter case or accent encoding, a\n"
-               "    model missing, damaged or of the other task, a --yunet file OpenCV cannot load, an\n"
-               "    --out that is not a predict output, holds an input image or cannot be written;\n"
+               "    image path or one that is a pipe or a device, an image or --out path that is not UTF-8,\n"
+               "    image names too long for their outputs, two images whose stems differ only in letter\n"
+               "    case or accent encoding, a model missing, damaged or of the other task, a --yunet file\n"
+               "    OpenCV cannot load, an --out that is not a predict output, holds an input image or\n"
+               "    cannot be written;\n"
                "  2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)",
     )
     p.add_argument("images", nargs="+", help="image files or folders of images")

@@ -322,7 +322,8 @@ def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -
         cli_main(["predict", "--help"])
     assert exit_.value.code == 0
     help_ = " ".join(capsys.readouterr().out.split())
-    for case in ("no model given", "parsing without --alignment or --yunet", "a missing image path",
+    for case in ("no model given", "parsing without --alignment or --yunet",
+                 "a missing image path or one that is a pipe or a device",
                  "image names too long for their outputs",
                  "two images whose stems differ only in letter case or accent encoding",
                  "a model missing, damaged or of the other task", "a --yunet file OpenCV cannot load",
@@ -429,6 +430,17 @@ def test_a_pipe_under_an_image_name_is_a_row_not_a_hang(tmp_path: Path) -> None:
     assert list_images([tmp_path]) == [tmp_path / "pipe.jpg"]
     with pytest.raises(StageError, match=r"pipe.jpg: not a regular file \(a pipe or a device\)"):
         read_image(tmp_path / "pipe.jpg")
+
+
+@pytest.mark.timeout(60)
+def test_a_pipe_given_as_an_input_is_named_so_not_missing(tmp_path: Path) -> None:
+    """A named pipe given by name (``mcf predict <(cat face.jpg)``, /dev/stdin) was "no such image or
+    folder", though it exists: it is refused as what it is, before any work and without opening it."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(StageError, match=r"pipe.jpg: not a regular file \(a pipe or a device\)"):
+        list_images([tmp_path / "pipe.jpg"])
+    with pytest.raises(StageError, match="gone.jpg: no such image or folder"):
+        list_images([tmp_path / "gone.jpg"])
 
 
 def test_an_image_name_too_long_for_its_outputs_is_refused_before_the_work(tmp_path: Path) -> None:
