@@ -85,6 +85,14 @@ def describe(doc: str | None) -> str:
     return " ".join(re.sub(r":\w+:`~?([^`]+)`", r"\1", first).replace("``", "").split())
 
 
+def given(text: str) -> str:
+    """A tool's path or revision argument, refused when empty or only white space (an unset variable):
+    ``Path("")`` is the working folder, and ``git show ":file"`` reads git's index, not a revision."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty value (an unset variable?)")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     """The ``mcf`` argument parser (stage commands take ``--params``; tools parse the rest)."""
     p = argparse.ArgumentParser(prog="mcf", description=describe(__doc__))

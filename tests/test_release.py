@@ -460,6 +460,22 @@ def test_export_cli_takes_a_single_head_and_needs_both_paths(tmp_path: Path) -> 
         assert exit_.value.code == 2
 
 
+@pytest.mark.parametrize("flag", ["--checkpoint", "--out"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_path_is_a_usage_error_naming_its_flag(
+    flag: str, value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--checkpoint "$CKPT"`` with the variable unset read the working folder: exit 1, "cannot export :
+    . is a folder"; an empty --out was "--out  holds --checkpoint". Each is argparse's exit 2 naming the
+    flag."""
+    paths = {"--checkpoint": str(tmp_path / "w.pth"), "--out": str(tmp_path / "out"), flag: value}
+    with pytest.raises(SystemExit) as exit_:
+        cli([arg for pair in paths.items() for arg in pair])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {flag}: an empty value (an unset variable?)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_to_a_symlink_loop_is_one_clear_error(tmp_path: Path) -> None:
     """``--out loop`` (a link to itself) was Python 3.11's ``RuntimeError: Symlink loop`` traceback from the
     check that --out does not hold --checkpoint; it is refused as an output, naming the link."""

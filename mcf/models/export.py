@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from mcf.cli import describe
+from mcf.cli import describe, given
 from mcf.errors import StageError
 from mcf.io import atomic_dir, resolved
 from mcf.models.backbone import read_weights
@@ -25,12 +25,12 @@ def cli(argv: list[str]) -> int:
                                 epilog="Exit status: 0 written, 1 the checkpoint or output folder refused, "
                                 "2 a usage error.")
     p.add_argument(
-        "--checkpoint", required=True,
+        "--checkpoint", required=True, type=given,
         help="pretrain's checkpoint.pt (e.g. outputs/pretrain/checkpoint.pt), the release's .pth, a MoCo v3, "
         "MAE or timm ViT checkpoint (.safetensors too), or an export's backbone.pth",
     )
     p.add_argument(
-        "--out", required=True,
+        "--out", required=True, type=given,
         help="output folder for backbone.pth and backbone.json (the README shows how timm loads them); an "
         "earlier export there is replaced whole; a file, or a folder holding other files, is refused",
     )
