@@ -198,6 +198,19 @@ def test_a_tolerance_file_nested_past_the_recursion_limit_is_refused_in_one_line
         load_tolerances(path, "HEAD")
 
 
+@pytest.mark.parametrize("args", [["--rev", ""], ["--rev", " "], ["--tolerance", ""]])
+def test_an_empty_rev_or_tolerance_is_a_usage_error_naming_its_flag(
+    args: list[str], tmp_path: Path
+) -> None:
+    """``--rev ""`` (an unset variable) compared with git's index and the workspace and printed "at "
+    where the revision belongs; ``--tolerance ""`` said "a folder, not a tolerance file". Each is exit 2
+    in one line naming the flag."""
+    proc = subprocess.run([sys.executable, "-m", "mcf.cli", "check-metrics", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.endswith(f"error: argument {args[0]}: an empty value (an unset variable?)\n")
+
+
 def test_check_metrics_errors_are_one_line(tmp_path: Path) -> None:
     """A missing or malformed tolerance file, or a revision dvc cannot read, is one clear line."""
     bad = tmp_path / "bad.yaml"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from mcf.cli import describe
+from mcf.cli import describe, given
 from mcf.errors import StageError
 from mcf.params import yaml_problem
 
@@ -178,8 +178,9 @@ def cli(argv: list[str]) -> int:
         "vanished, a glob of the tolerance file matched no metric, or the comparison could not run (dvc or "
         "the tolerance file failed); 2 bad arguments.",
     )
-    p.add_argument("--rev", default="HEAD", help="committed revision to compare with (default: %(default)s)")
-    p.add_argument("--tolerance", default=None,
+    p.add_argument("--rev", default="HEAD", type=given,
+                   help="committed revision to compare with (default: %(default)s)")
+    p.add_argument("--tolerance", default=None, type=given,
                    help=f"tolerance file (default: {TOLERANCE} as committed at --rev)")
     args = p.parse_args(argv)
     tolerances = load_tolerances(args.tolerance, args.rev)
