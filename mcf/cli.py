@@ -26,7 +26,7 @@ from typing import Any
 
 from mcf import __version__
 from mcf.errors import EXIT_PARAMS, EXIT_STAGE, StageError
-from mcf.io import stage_lock
+from mcf.io import FULL_DISK, stage_lock
 from mcf.params import ParamsError, load
 
 # Stage name -> "module:function(common, config)". Names match dvc.yaml, params.yaml and the flow.
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             named = err.filename2 or err.filename  # a rename's target, not the temporary file beside it
             _error(f"mcf {args.command}: {err.strerror}" + (f": {named}" if named else ""))
             return EXIT_STAGE
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno not in FULL_DISK:
             raise
         where = f" under {os.path.dirname(err.filename) or os.curdir}" if err.filename else ""
         # outputs are written to temporary siblings, so the previous ones and the last checkpoint stand

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 LIVE_SIGN = "metrics.json"  # dvclive's summary: every dvclive folder holds it (check_replaceable's sign)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # a PNG file's first eight bytes (read by lapa and report)
+# a full disk or a spent quota: the CLI's "free some space and run it again", exit 1, wherever it is met
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 LOCAL_DIR = Path(".mcf")  # this checkout's own state (validation results, stage locks), kept out of git
 
 
@@ -288,6 +290,6 @@ def save_tensors(obj: Any, path: Path) -> None:
             finally:
                 os.close(fd)
         except OSError as probe:
-            if probe.errno in (errno.ENOSPC, errno.EDQUOT):
+            if probe.errno in FULL_DISK:
                 raise OSError(probe.errno, probe.strerror, str(path)) from err
         raise

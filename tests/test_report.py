@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import errno
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -476,12 +478,14 @@ def test_a_rejected_params_file_leaves_nothing_behind(
 
 
 def test_help_states_the_exit_codes_test_cli_pins(capsys: pytest.CaptureFixture[str]) -> None:
-    """0 even when parts of the run are missing; 2 for a bad --out or params file, as the other tools."""
+    """0 even when parts of the run are missing; 1 for a full disk and 2 for a bad --out or params file, as
+    the other tools."""
     with pytest.raises(SystemExit) as exit_:
         cli_main(["report", "--help"])
     assert exit_.value.code == 0
     help_ = " ".join(capsys.readouterr().out.split())
     for part in ("Exit status: 0 written (a part of the run that is missing or unreadable is a note",
+                 "1 a full disk or a spent quota (one line: free some space and run it again)",
                  "2 bad arguments (an --out that is a folder, an existing file other than an HTML page, or "
                  "cannot be written) or a params file that is missing or not YAML"):
         assert part in help_
@@ -553,6 +557,41 @@ def test_an_out_in_a_read_only_folder_is_a_usage_error_before_the_page(
         subprocess.run(["umount", "--lazy", str(tmp_path / "ro")], check=True)
     assert exit_.value.code == 2
     assert "--out ro/r.html: cannot be written there (Read-only file system)" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_exit_1_as_in_every_command(
+    tmp_path: Path, full_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page's write on a full disk: the CLI's one line and exit 1 (a rerun passes once there is
+    room), as every stage and tool ends on one; the earlier page stays and no temporary file is left."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (full_disk / "r.html").write_text("old page")
+    (full_disk / "fill").write_bytes(b"\0" * (256 * 1024 - 4096))
+    assert cli_main(["report", "--root", str(tmp_path), "--out", str(full_disk / "r.html")]) == 1
+    # the write of an open file: the OS names no file, and the CLI no folder (as for fetch's full disk)
+    err = capsys.readouterr().err
+    assert err == f"mcf report: {os.strerror(errno.ENOSPC)}: free some space and run it again\n"
+    assert sorted(p.name for p in full_disk.iterdir()) == ["fill", "r.html"]
+    assert (full_disk / "r.html").read_text() == "old page"
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_at_the_check_of_out_is_exit_1_too(
+    code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder whose file system has no inode left, or a user past an inode quota, fails the probe file
+    made before the page is drawn: that was exit 2, "cannot be written there", where the page's own
+    write on a full disk is exit 1. The probe's full disk is the CLI's one line and exit 1 too."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+
+    def full(*_: object, dir: Path, **__: object) -> None:  # noqa: A002 (tempfile's keyword)
+        raise OSError(code, os.strerror(code), str(dir / "tmpabc"))
+
+    monkeypatch.setattr("mcf.report.tempfile.TemporaryFile", full)
+    assert cli_main(["report", "--root", str(tmp_path), "--out", "r.html"]) == 1
+    assert capsys.readouterr().err == (f"mcf report: {os.strerror(code)} under {tmp_path}: free some space "
+                                       "and run it again\n")
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_report_with_no_arguments_writes_the_page_the_readme_names(

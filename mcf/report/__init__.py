@@ -13,7 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from mcf.io import resolved
+from mcf.io import FULL_DISK, resolved
 from mcf.report.runfiles import Run, markdown_summary, open_run
 
 __all__ = ["build_report", "cli", "markdown_summary", "write_report"]
@@ -44,8 +44,9 @@ def cli(argv: list[str]) -> int:
         "params, data-gate results, training curves, CED curve, per-class F1, overlays, and its numbers "
         "beside the paper's, each labelled with its dataset. Missing pieces become notes in the page.",
         epilog="Exit status: 0 written (a part of the run that is missing or unreadable is a note in the "
-        "page); 2 bad arguments (an --out that is a folder, an existing file other than an HTML page, or "
-        "cannot be written) or a params file that is missing or not YAML.",
+        "page); 1 a full disk or a spent quota (one line: free some space and run it again); 2 bad "
+        "arguments (an --out that is a folder, an existing file other than an HTML page, or cannot be "
+        "written) or a params file that is missing or not YAML.",
     )
     p.add_argument("--root", type=Path, default=Path("."),
                    help="the run's checkout; params paths are relative to it (default: %(default)s)")
@@ -74,6 +75,8 @@ def cli(argv: list[str]) -> int:
     except FileExistsError:
         p.error(f"--out {args.out}: cannot be written there ({folder} is a file)")
     except OSError as err:
+        if err.errno in FULL_DISK:  # no inode left: not the caller's path, as at the page's own write
+            raise
         p.error(f"--out {args.out}: cannot be written there ({err.strerror})")
     print(write_report(run, target))
     return 0
