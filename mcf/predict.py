@@ -42,7 +42,7 @@ import torch
 from PIL import ExifTags, Image
 from tqdm import tqdm
 
-from mcf.cli import describe
+from mcf.cli import describe, given
 from mcf.data import transforms as T
 from mcf.data.aflw19 import AFLW19Config, crop_matrix, read_rgb, to_original
 from mcf.data.detect import DetectorConfig, Face, box_misses, make_detector
@@ -333,15 +333,17 @@ def cli(argv: list[str]) -> int:
                "    cannot be written;\n"
                "  2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)",
     )
-    p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("images", nargs="+", type=given, help="image files or folders of images")
+    p.add_argument("--out", required=True, type=given, metavar="DIR",
                    help="output folder: new, or an earlier predict output (then replaced)")
-    p.add_argument("--alignment", metavar="MODEL", help="finetune_alignment's model.pt: 19 landmarks a face")
-    p.add_argument("--parsing", metavar="MODEL", help="finetune_parsing's model.pt: a class map a face")
+    p.add_argument("--alignment", type=given, metavar="MODEL",
+                   help="finetune_alignment's model.pt: 19 landmarks a face")
+    p.add_argument("--parsing", type=given, metavar="MODEL",
+                   help="finetune_parsing's model.pt: a class map a face")
     p.add_argument("--box", type=_box, metavar="X1,Y1,X2,Y2",
                    help="one face box in pixels for every image, instead of the detector "
                         "(a negative first value needs the = form: --box=-5,10,90,120)")
-    p.add_argument("--yunet", metavar="ONNX",
+    p.add_argument("--yunet", type=given, metavar="ONNX",
                    help="detect with this YuNet model (boxes and five landmarks) instead of Haar")
     p.add_argument("--no-overlays", action="store_true", help="skip overlays/<stem>.png")
     args = p.parse_args(argv)

@@ -443,6 +443,24 @@ def test_a_pipe_given_as_an_input_is_named_so_not_missing(tmp_path: Path) -> Non
         list_images([tmp_path / "gone.jpg"])
 
 
+@pytest.mark.parametrize("args", [
+    ["", "--out", "x"], ["a.jpg", "--out", " "], ["a.jpg", "--out", "x", "--alignment", ""],
+    ["a.jpg", "--out", "x", "--parsing", ""], ["a.jpg", "--out", "x", "--yunet", ""],
+])
+def test_an_empty_argument_is_a_usage_error_naming_it(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unset variable (``mcf predict "$IMG"``, ``--out "$OUT"``) read as a path: "no images in " or the
+    image's "no such image or folder" named the wrong argument. Each is argparse's exit 2 naming it."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["predict", *args])
+    named = next((flag for flag, value in zip(args, args[1:], strict=False) if not value.strip()), "images")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"argument {named}: an empty value (an unset variable?)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_image_name_too_long_for_its_outputs_is_refused_before_the_work(tmp_path: Path) -> None:
     """A 247-byte stem is a valid file name, but parsing/<stem>_9999.png (256 bytes) is not: the write
     failed with an OSError traceback after every image was predicted, and nothing was kept. 246 bytes

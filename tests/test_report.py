@@ -464,6 +464,21 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_.value.code == 2 and "is a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--root", "--out"])
+def test_an_empty_root_or_out_is_a_usage_error_naming_it(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--root "$RUN"`` with the variable unset read the working folder's params.yaml, and ``--out ''``
+    said "is a folder ... e.g. /index.html": each is argparse's exit 2 naming its flag."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["report", "--root", str(tmp_path), flag, ""])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"argument {flag}: an empty value (an unset variable?)\n")
+    assert not (tmp_path / "outputs").exists()
+
+
 def test_a_rejected_params_file_leaves_nothing_behind(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

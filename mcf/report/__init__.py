@@ -13,6 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from mcf.cli import given
 from mcf.io import FULL_DISK, resolved
 from mcf.report.runfiles import Run, markdown_summary, open_run
 
@@ -48,11 +49,11 @@ def cli(argv: list[str]) -> int:
         "arguments (an --out that is a folder, an existing file other than an HTML page, or cannot be "
         "written) or a params file that is missing or not YAML.",
     )
-    p.add_argument("--root", type=Path, default=Path("."),
+    p.add_argument("--root", type=lambda text: Path(given(text)), default=Path("."),
                    help="the run's checkout; params paths are relative to it (default: %(default)s)")
     p.add_argument("--params", default="params.yaml",
                    help="params file, relative to --root (default: %(default)s)")
-    p.add_argument("--out", default="outputs/report/index.html",
+    p.add_argument("--out", default="outputs/report/index.html", type=given,
                    help="HTML file to write, relative to --root (default: %(default)s)")
     args = p.parse_args(argv)
     target = args.root / args.out
