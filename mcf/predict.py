@@ -331,7 +331,8 @@ def cli(argv: list[str]) -> int:
                "    case or accent encoding, a model missing, damaged or of the other task, a --yunet file\n"
                "    OpenCV cannot load, an --out that is not a predict output, holds an input image or\n"
                "    cannot be written;\n"
-               "  2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)",
+               "  2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out, an empty\n"
+               "    argument)",
     )
     p.add_argument("images", nargs="+", type=given, help="image files or folders of images")
     p.add_argument("--out", required=True, type=given, metavar="DIR",

@@ -328,7 +328,8 @@ def test_help_states_which_refusals_exit_1(capsys: pytest.CaptureFixture[str]) -
                  "two images whose stems differ only in letter case or accent encoding",
                  "a model missing, damaged or of the other task", "a --yunet file OpenCV cannot load",
                  "an --out that is not a predict output, holds an input image or cannot be written",
-                 "2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out)"):
+                 "2 a usage error (a bad --box, a --yunet that is no .onnx file, no --out, an empty "
+                 "argument)"):
         assert case in help_
 
 
