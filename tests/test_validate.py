@@ -203,7 +203,7 @@ def test_docs_out_that_is_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest
     with pytest.raises(SystemExit) as exit_:
         gate.cli(["--docs", "--out", str(tmp_path / "docs")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"docs: {tmp_path / 'docs'} is a file; give a folder" in err
+    assert exit_.value.code == 2 and f"--out: {tmp_path / 'docs'} exists and holds no {gate.DOCS_SIGN}" in err
 
 
 def test_docs_out_under_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -214,8 +214,78 @@ def test_docs_out_under_a_file_is_a_usage_error(tmp_path: Path, capsys: pytest.C
     with pytest.raises(SystemExit) as exit_:
         gate.cli(["--docs", "--out", str(tmp_path / "notes.txt" / "docs")])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and f"docs: {tmp_path / 'notes.txt'} is a file; give a folder" in err
+    out = tmp_path / "notes.txt" / "docs"
+    assert exit_.value.code == 2 and f"--out: cannot write {out}: {tmp_path / 'notes.txt'} is a file\n" in err
     assert "Traceback" not in err
+
+
+def _docs_files(out: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize("out", ["HOME", ".", "SITE"])
+def test_docs_refuse_an_out_that_holds_other_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str
+) -> None:
+    """`--out ~` or `--out .` mixed Data Docs into that folder, over any index.html or static/ already
+    there; now a folder that is neither new, empty nor an earlier Data Docs build is refused before GX
+    runs, in one line naming it, exit 2, and left as it was (a web site with its own index.html too)."""
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    home, site = tmp_path / "home", tmp_path / "site"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "todo.txt").write_text("keep me")
+    (site / "static").mkdir(parents=True)
+    (site / "index.html").write_text("<html>my site</html>")
+    folder = {"HOME": home, ".": Path("."), "SITE": site}[out]
+    before = _docs_files(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        gate.cli(["--docs", "--out", str(folder)])
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and f"mcf validate: error: --out: {folder} " in line
+    assert ("holds the working folder" if out == "." else "is not an earlier output") in line
+    assert _docs_files(tmp_path) == before and "Traceback" not in err
+
+
+def test_docs_replace_an_earlier_build_whole_and_fill_an_empty_folder(tmp_path: Path) -> None:
+    """An empty folder is taken, and an earlier build (GX's own layout in it) replaced whole: GX built into
+    it, read the pages there and ended in an IndexError traceback on a file it had not written."""
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    (tmp_path / "docs").mkdir()
+    assert gate.cli(["--docs", "--out", "docs"]) == 0
+    (tmp_path / "docs" / "validations" / "notes.html").write_text("not a page GX wrote")
+    assert gate.cli(["--docs", "--out", "docs"]) == 0
+    assert not (tmp_path / "docs" / "validations" / "notes.html").exists()
+    assert "fetch" in (tmp_path / "docs" / "index.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".docs")) == []
+
+
+def test_docs_interrupted_leave_the_earlier_build_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GX wrote its pages straight into --out: a build stopped half-way (Ctrl-C, a full disk) left a mix
+    of old and new pages. Now it is built beside --out and swapped in whole."""
+    gate.run_gate(_manifest(), "fetch", stage="fetch")
+    assert gate.cli(["--docs", "--out", "docs"]) == 0
+    before = _docs_files(tmp_path / "docs")
+    gate.run_gate(_manifest(), "fetch", stage="fetch")  # a newer result: new pages, a new index
+    build = gate._context
+
+    def interrupted() -> object:
+        context = build()
+
+        def build_then_stop(**kwargs: object) -> None:
+            type(context).build_data_docs(context, **kwargs)
+            raise KeyboardInterrupt
+
+        context.build_data_docs = build_then_stop
+        return context
+
+    monkeypatch.setattr(gate, "_context", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gate.cli(["--docs", "--out", "docs"])
+    assert _docs_files(tmp_path / "docs") == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".docs")] == []
 
 
 @pytest.mark.parametrize(("damage", "cause"), [

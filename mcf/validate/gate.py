@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from mcf.errors import GateError, StageError
-from mcf.io import LOCAL_DIR, atomic_file, local_dir, unwritable
+from mcf.io import LOCAL_DIR, atomic_dir, atomic_file, check_output, local_dir
 from mcf.params import DEFAULT_PARAMS, ParamsError, load, require_path
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -47,6 +47,9 @@ TARGETS = {
 # Suite -> the column that names a row, so a failed check on another column (``exists: False``) says
 # which image or crop broke it (tests check every suite has one among the columns it expects).
 ID_COLUMNS = {"aflw19": "name", "crop": "crop_id", "fetch": "sample_id", "lapa": "stem", "subset": "crop_id"}
+# A file every Data Docs build holds (GX's site layout; a web site's own index.html is not one): --out is
+# replaced whole only when it holds this, so `--out ~` or a folder of other files is refused
+DOCS_SIGN = "static/styles/data_docs_default_styles.css"
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +279,11 @@ def run_gate(df: pd.DataFrame, suite: str, *, stage: str, config: Any = None, ke
 
 
 def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
-    """Build GX Data Docs HTML for the stored results with GX's site builder; return the index page."""
+    """Build GX Data Docs HTML for the stored results with GX's site builder; return the index page.
+
+    ``out`` must be new, empty or an earlier build (:data:`DOCS_SIGN`); the site is built beside it and
+    swapped in whole, so a build stopped half-way leaves the earlier one as it was.
+    """
     _import_gx()
     from great_expectations.core.expectation_validation_result import (
         ExpectationSuiteValidationResultSchema,
@@ -293,16 +300,6 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
         raise StageError(f"no validation results under {results_dir}: run a stage (mcf fetch, crop, subset, "
                          "finetune_*, evaluate) first; `mcf validate SUITE PARQUET` stores no result")
     context = _context()
-    context.variables.data_docs_sites = {
-        "mcf": {
-            "class_name": "SiteBuilder",
-            "store_backend": {
-                "class_name": "TupleFilesystemStoreBackend",
-                "base_directory": str(out.resolve()),  # GX requires an absolute path here
-            },
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        }
-    }
     for path in paths:
         try:  # a stored result cut short or hand-edited: JSON's, the schema's or our error, not a traceback
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -317,7 +314,18 @@ def build_docs(out: Path, results_dir: Path = RESULTS_DIR) -> Path:
         run_id = RunIdentifier(run_name=run.get("run_name"), run_time=run.get("run_time"))
         key = ValidationResultIdentifier(ExpectationSuiteIdentifier(name=result.suite_name), run_id, "latest")
         context.validation_results_store.set(key, result)
-    context.build_data_docs(site_names=["mcf"])
+    with atomic_dir(out, sign=DOCS_SIGN) as tmp:
+        context.variables.data_docs_sites = {
+            "mcf": {
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(tmp.resolve()),  # GX requires an absolute path here
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            }
+        }
+        context.build_data_docs(site_names=["mcf"])
     log.info("Data Docs for %d suite(s) written to %s", len(paths), out / "index.html")
     return out / "index.html"
 
@@ -335,8 +343,8 @@ def cli(argv: list[str]) -> int:
         description="Run a data gate on a parquet file by hand (the pipeline's stored results stay as they\n"
         "are), or build Data Docs HTML from the results the stages stored.",
         epilog=f"suites, and the table each is meant for:\n{targets}\n\nexit status: 0 passed (or docs "
-        "written), 1 no stored results for --docs or one\nthat is damaged, 2 bad arguments or params, "
-        "3 the gate failed",
+        "written), 1 no stored results for --docs or one\nthat is damaged, 2 bad arguments or params (an "
+        "--out holding other files\nthan an earlier Data Docs build), 3 the gate failed",
     )
     p.add_argument("suite", nargs="?", help=f"the gate to run: {', '.join(known)}")
     p.add_argument("parquet", nargs="?", type=Path, help="parquet file to validate")
@@ -344,14 +352,18 @@ def cli(argv: list[str]) -> int:
                    help="params file the crop and subset suites read (default: %(default)s)")
     p.add_argument("--docs", action="store_true", help="build Data Docs HTML for the latest results")
     p.add_argument("--out", type=Path, default=Path("outputs/validation_docs"),
-                   help="Data Docs folder (default: %(default)s)")
+                   help="Data Docs folder: new, empty or an earlier Data Docs build, which is replaced "
+                   "whole; one that holds other files is refused (default: %(default)s)")
     args = p.parse_args(argv)  # -v: `mcf` takes it, after the command too (mcf/cli.py)
     if args.docs:
         if args.suite or args.parquet:  # else the gate would be skipped and exit 0 read as a pass
             p.error("--docs builds the docs alone: run SUITE PARQUET and --docs as two commands")
-        # checked before GX, which logs a traceback per page it fails to write and then raises its own
-        if (why := unwritable(args.out)) is not None:
-            p.error(f"--out {args.out}: {why}; give a folder the Data Docs can be written in")
+        # checked before GX, which logs a traceback per page it fails to write and then raises its own, and
+        # before the results are read: usage, exit 2, like every other bad argument here
+        try:
+            check_output(args.out, DOCS_SIGN)
+        except StageError as err:
+            p.error(f"--out: {err}")
         build_docs(args.out)
         return 0
     if not args.suite or not args.parquet:
