@@ -560,3 +560,18 @@ def test_a_label_names_synthface_in_any_case() -> None:
     check must not depend on case, or 'synthface-aflw19' on a SynthFace tree was refused."""
     assert all(names_synthface(label) for label in ("SynthFace-AFLW19", "synthface-lapa", "SYNTHFACE"))
     assert not names_synthface("AFLW-19") and not names_synthface("LaPa")
+
+
+@pytest.mark.parametrize("kept", ["train", "val", "test"])
+def test_a_lapa_tree_of_one_split_without_its_table_is_still_synthface(tmp_path: Path, kept: str) -> None:
+    """Any one split's ``synth_`` names say SynthFace: a copy of the test split alone, its table left
+    behind, is what evaluate reads, and looking at one split (train or not test) only passed it as
+    real LaPa (writers.py mutation-testing gaps)."""
+    import shutil
+
+    write_lapa(SMALL, 0, tmp_path)
+    (tmp_path / "synthface_identities.csv").unlink()
+    for split in {"train", "val", "test"} - {kept}:
+        shutil.rmtree(tmp_path / "LaPa" / split)
+    assert is_synthface(tmp_path)
+
