@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from pathlib import Path
 
 import cv2
@@ -574,4 +575,15 @@ def test_a_lapa_tree_of_one_split_without_its_table_is_still_synthface(tmp_path:
     for split in {"train", "val", "test"} - {kept}:
         shutil.rmtree(tmp_path / "LaPa" / split)
     assert is_synthface(tmp_path)
+
+
+def test_lapa_landmark_lines_are_x_space_y(tmp_path: Path) -> None:
+    """LaPa's landmark file (PROTOCOL §4): a "106" line, then one "x y" line per point, the two numbers
+    split by one space as in the real files; a tab passed the tests that read the files with
+    ``np.loadtxt`` (writers.py mutation-testing gaps)."""
+    cfg = dataclasses.replace(SMALL, lapa=LapaSynthConfig(n_train=1, n_val=1, n_test=1, image_size=64))
+    write_lapa(cfg, 0, tmp_path)
+    lines = (tmp_path / "LaPa" / "val" / "landmarks" / "synth_000001.txt").read_text().splitlines()
+    assert lines[0] == "106" and len(lines) == 107
+    assert all(re.fullmatch(r"\d+\.\d{3} \d+\.\d{3}", line) for line in lines[1:]), lines[1:3]
 
