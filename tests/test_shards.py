@@ -459,3 +459,18 @@ def test_a_shard_whose_file_is_gone_is_one_line(tmp_path: Path) -> None:
         list(iter_encoded(shard_urls(tmp_path)))
     with pytest.raises(StageError, match=message):
         CropDataset(tmp_path, 8, cache_mb=0)
+
+
+# shards.py mutation-testing gaps
+
+
+def test_every_member_has_no_owner_mtime_0_and_mode_0444(tmp_path: Path) -> None:
+    """docs/CONTRACTS.md: members have mtime 0, mode 0444 and no owner, so the same crops give
+    byte-identical shards on any machine (DVC hashes them); a uid or group name set passed unseen."""
+    write_shards(_samples(3), tmp_path, 2)
+    for url in shard_urls(tmp_path):
+        with tarfile.open(url) as tar:
+            for info in tar.getmembers():
+                assert info.isfile() and (info.mtime, info.mode) == (0, 0o444), info.name
+                assert (info.uid, info.gid, info.uname, info.gname) == (0, 0, "", ""), info.name
+
