@@ -474,3 +474,14 @@ def test_every_member_has_no_owner_mtime_0_and_mode_0444(tmp_path: Path) -> None
                 assert info.isfile() and (info.mtime, info.mode) == (0, 0o444), info.name
                 assert (info.uid, info.gid, info.uname, info.gname) == (0, 0, "", ""), info.name
 
+
+def test_encode_jpeg_uses_the_quality_it_is_given() -> None:
+    """The crop stage encodes at ``crop.jpeg_quality`` through encode_jpeg: a fixed quality ignored the
+    setting and passed the shard, crop and subset tests."""
+    from mcf.data.shards import decode_jpeg
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    low, high = encode_jpeg(rgb, 30), encode_jpeg(rgb, 95)
+    assert len(low) < len(high)
+    errors = [np.abs(decode_jpeg(data).astype(int) - rgb).mean() for data in (low, high)]
+    assert errors[0] > errors[1]
