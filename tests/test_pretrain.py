@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -231,6 +232,42 @@ def test_the_crops_are_cached_when_they_fit_in_cache_mb(tmp_path: Path) -> None:
     write_shards([("c0", jpeg, {}), ("c1", jpeg, {})], tmp_path / "two", shard_size=10)
     assert CropDataset(tmp_path / "one", 580, cache_mb=1).cache is not None  # 1,009,200 bytes <= 1 MiB
     assert CropDataset(tmp_path / "two", 512, cache_mb=1).cache is None  # 1,572,864 bytes > 1 MiB
+    assert CropDataset(tmp_path / "one", 1024, cache_mb=3).cache is not None  # exactly 3 MiB: it fits
+
+
+def test_steps_per_epoch_drop_a_partial_accumulation_group() -> None:
+    """Each rank's slice in whole optimizer steps, the tail dropped as EpochView drops it: 97 crops on 2
+    ranks are 48 a rank, 3 steps of 8 × 2 and none of a rounded-up fourth (whose micro-batches would read
+    past the rank's slice)."""
+    assert steps_per_epoch(97, 8, 2, 2) == 3
+    assert steps_per_epoch(95, 8, 2, 2) == 2  # 47 a rank: 15 crops short of a third step
+    assert steps_per_epoch(31, 8, 2, 1) == 1
+
+
+def test_crops_are_read_in_rgb_order(tmp_path: Path) -> None:
+    """§1's ImageNet mean/std are per RGB channel: a crop read as BGR (OpenCV's order) would be normalised
+    with the blue statistics in its red channel. A red crop is channel 0, from disk and from the cache."""
+    red_crop = encode_jpeg(np.full((8, 8, 3), (255, 0, 0), np.uint8))
+    write_shards([("c0", red_crop, {})], tmp_path, shard_size=10)
+    for cache_mb in (0, 1):
+        red, green, blue = CropDataset(tmp_path, 8, cache_mb=cache_mb)[0].float().flatten(1).mean(dim=1)
+        assert red > 240 and green < 15 and blue < 15, (cache_mb, red, green, blue)
+
+
+def test_rank_zero_alone_shows_the_index_and_decode_bars(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every rank indexes and decodes the shards: a bar on each would interleave W bars on one terminal,
+    so rank 0's alone is shown, as in training."""
+    from mcf.data import pretrain_data
+
+    write_shards([("c0", encode_jpeg(np.zeros((8, 8, 3), np.uint8)), {})], tmp_path, shard_size=10)
+    monkeypatch.setattr(pretrain_data, "tqdm", functools.partial(pretrain_data.tqdm, disable=False))
+    for rank, shown in ((1, False), (0, True)):
+        monkeypatch.setattr(pretrain_data, "get_rank", lambda rank=rank: rank)
+        CropDataset(tmp_path, 8, cache_mb=1)
+        err = capsys.readouterr().err
+        assert ("index shards:" in err, "decode crops:" in err) == (shown, shown), (rank, err)
 
 
 def test_a_crop_that_is_not_square_is_resized_to_the_input_size(tmp_path: Path) -> None:
