@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1258,10 +1259,20 @@ def test_merge_counts_a_phash_distance_of_dup_hamming_as_a_duplicate(
     assert manifest["reason"].tolist() == [None, None if status == "kept" else "duplicate"]
 
 
-def test_duplicates_bench_prints_its_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+def test_duplicates_bench_prints_its_numbers(
+    capsys: pytest.CaptureFixture[str], monkeypatch: MonkeyPatch
+) -> None:
+    """Its distance defaults to the crop stage's ``crop.dup_hamming``, and its rate is the hashes over the
+    timed seconds, not the duplicates found over them."""
+    from mcf.data import quality
+
+    ticks = itertools.count(0.0, 2.0)
+    monkeypatch.setattr(quality, "time", types.SimpleNamespace(perf_counter=lambda: next(ticks)))
     bench_duplicates(["--hashes", "3000", "--spread", "0.05"])
     out = capsys.readouterr().out
     assert out.startswith("duplicates bench: 3000 hashes from 2000 parents") and "hashes/s" in out
+    assert f", distance {CropConfig().dup_hamming}: " in out
+    assert re.search(r": \d+ duplicates in 2\.00 s = 1,500 hashes/s$", out.strip()), out
     with pytest.raises(SystemExit):
         bench_duplicates(["--spread", "0.7"])
 
@@ -1272,6 +1283,8 @@ def test_duplicates_bench_prints_its_numbers(capsys: pytest.CaptureFixture[str])
     (pd.DataFrame({"phash": [None, None]}), "no crop has a phash"),
     (pd.DataFrame({"phash": ["00ff00ff00ff00fg"]}), "a phash that is not 16 hex digits"),
     (pd.DataFrame({"phash": ["00ff"]}), "a phash that is not 16 hex digits"),
+    (pd.DataFrame({"phash": ["00ff00ff00ff00f"]}), "a phash that is not 16 hex digits"),  # the gate's regex
+    (pd.DataFrame({"phash": ["00FF00FF00FF00FF"]}), "a phash that is not 16 hex digits"),  # lower case only
 ])
 def test_duplicates_bench_on_a_damaged_manifest_is_one_line(
     tmp_path: Path, table: pd.DataFrame | None, message: str, capsys: pytest.CaptureFixture[str]
@@ -1301,6 +1314,18 @@ def test_duplicates_bench_refuses_arguments_out_of_range(args: list[str]) -> Non
     with pytest.raises(SystemExit) as exit_:
         bench_duplicates(["--hashes", "10", *args])
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "args", [["--hashes", "1"], ["--spread", "0.5"], ["--distance", "0"], ["--distance", "31"]]
+)
+def test_duplicates_bench_takes_the_ends_of_its_ranges(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ranges its usage error states are closed: 0.5 (every bit a coin toss), distance 0 (exact
+    repeats alone, as ``crop.dup_hamming: 0``) and 31 run."""
+    bench_duplicates(["--hashes", "10", *args])
+    assert capsys.readouterr().out.startswith("duplicates bench: ")
 
 
 def test_duplicates_bench_draws_as_many_hashes_as_asked_the_same_each_run(
