@@ -126,6 +126,8 @@ def test_an_empty_subset_has_only_its_count() -> None:
     gt, box = _landmarks()
     assert alignment_scores(gt[:0], gt[:0], box[:0]) == {"images": 0}
     assert alignment_scores(gt, gt, box)["nme_diag"] == 0.0
+    one = alignment_scores(gt[:1] + np.array([3.0, 4.0]), gt[:1], box[:1])  # a subset of one image is scored
+    assert one["images"] == 1 and one["nme_diag"] == pytest.approx(100 * 5 / 50)
 
 
 @pytest.mark.parametrize(("side", "bad"), [("gt", 11), ("gt", -1), ("pred", 11), ("pred", -1)])
