@@ -582,6 +582,43 @@ def test_a_model_whose_output_is_not_finite_is_refused_naming_the_image(
             predict_parsing(model, dataset, 4)
 
 
+def test_the_parsing_confusion_has_ground_truth_rows(evaluated: tuple[EvaluateConfig, dict, Path],
+                                                     tmp_path: Path) -> None:
+    """predict_parsing's matrix, which confusion_<variant>.png plots with ground truth down the side, is
+    the written maps' against the labels, GT as rows: transposed, every F1 stays the same (2·TP / (#GT +
+    #pred) is symmetric), so the F1 checks could not tell."""
+    cfg, _, root = evaluated
+    (model, meta), = evaluate_module._checkpoints(cfg.parsing, ["mcf"], "parsing").values()
+    dataset = LaPa(LaPaConfig(**meta["data"]), "test")
+    conf, names = predict_parsing(model, dataset, 4, tmp_path)
+    want = sum(M.confusion_matrix(read_png(tmp_path / f"{name}.png"),
+                                  read_label(dataset.dir / "labels" / f"{name.split('/')[1]}.png"))
+               for name in names)
+    assert not np.array_equal(want, want.T)  # else a transposition would pass
+    np.testing.assert_array_equal(conf, want)
+
+
+def test_parsing_logits_are_upsampled_to_the_label_size(evaluated: tuple[EvaluateConfig, dict, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """§4: the 112² logits are upsampled to 512² (``label_size``), the size the model trained against,
+    then warped back to each image; not to the input size (448), which the tiny fixtures share with it."""
+    from mcf.evaluate import scoring
+
+    cfg, _, _ = evaluated
+    (model, meta), = evaluate_module._checkpoints(cfg.parsing, ["mcf"], "parsing").values()
+    dataset = LaPa(LaPaConfig(**{**meta["data"], "label_size": 40}), "test")
+    assert dataset.cfg.size != 40
+    sizes, real = [], scoring.parsing_logits
+
+    def spy(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        sizes.append(size)
+        return real(logits, size)
+
+    monkeypatch.setattr(scoring, "parsing_logits", spy)
+    predict_parsing(model, dataset, 4)
+    assert sizes and set(sizes) == {(40, 40)}
+
+
 def test_a_model_pt_with_non_finite_weights_is_refused_at_load(
     evaluated: tuple[EvaluateConfig, dict, Path], tmp_path: Path
 ) -> None:
