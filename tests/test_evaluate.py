@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -669,3 +670,107 @@ def test_non_finite_probe_features_fail_naming_the_export_and_image(tmp_path: Pa
     first = inputs.train.ann.names[inputs.train.indices[0]]
     with pytest.raises(StageError, match=rf"{tmp_path / 'export'}: .*not finite.*{re.escape(first)}"):
         run_probes({"mcf": str(tmp_path / "export")}, inputs, ProbeConfig(), batch_size=4)
+
+
+@pytest.fixture
+def kept_figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The figures the plot functions draw, kept open (they close them once saved) for their contents."""
+    from mcf.evaluate import plots
+
+    figures: list[Any] = []
+    close = plots.plt.close
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    yield figures
+    for fig in figures:
+        close(fig)
+
+
+def test_the_confusion_plot_is_row_normalised_with_ground_truth_down_the_side(
+    tmp_path: Path, kept_figures: list[Any]
+) -> None:
+    """Each row is a ground-truth class's pixels shared over the predicted classes (its cells sum to 1;
+    a class absent from the labels is a row of zeros, not NaN), on a fixed 0..1 colour scale, each share
+    of 0.5% or more written as a whole percentage in its cell; shares over 50% in white."""
+    from mcf.evaluate.plots import plot_confusion
+
+    matrix = np.array([[6, 2, 0, 0], [0, 0, 0, 0], [10, 0, 989, 1], [0, 1, 0, 3]])  # rows: GT
+    plot_confusion(matrix, ["a", "b", "c", "d"], tmp_path / "confusion.png", "title")
+    (fig,) = kept_figures
+    (ax,) = fig.axes
+    share = np.array([[0.75, 0.25, 0, 0], [0, 0, 0, 0], [0.01, 0, 0.989, 0.001], [0, 0.25, 0, 0.75]])
+    np.testing.assert_allclose(np.ma.filled(ax.images[0].get_array(), np.nan), share)  # NaN is masked
+    assert ax.images[0].get_clim() == (0, 1)
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_title()) == ("predicted", "ground truth", "title")
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c", "d"]
+    cells = {(t.get_position(), t.get_text(), t.get_color()) for t in ax.texts}
+    assert cells == {((0, 0), "75", "white"), ((1, 0), "25", "black"), ((0, 2), "1", "black"),
+                     ((2, 2), "99", "white"), ((1, 3), "25", "black"), ((3, 3), "75", "white")}  # (x, y)
+
+
+def test_the_ced_plot_draws_each_curve_as_given(tmp_path: Path, kept_figures: list[Any]) -> None:
+    """One line per variant, NME thresholds across and the share of images up, labelled for the legend,
+    on a 0..1 scale whatever the curves reach."""
+    from mcf.evaluate.plots import plot_ced
+
+    curves = {"mcf": (np.linspace(0, 0.07, 8), np.linspace(0, 0.5, 8)), "scratch": (np.linspace(0, 0.07, 8),
+                                                                                     np.zeros(8))}
+    plot_ced(curves, tmp_path / "ced.png", "CED")
+    (fig,) = kept_figures
+    (ax,) = fig.axes
+    for line, (label, (thresholds, fractions)) in zip(ax.get_lines(), curves.items(), strict=True):
+        assert line.get_label() == label
+        np.testing.assert_array_equal(line.get_xdata(), thresholds)
+        np.testing.assert_array_equal(line.get_ydata(), fractions)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mcf", "scratch"]
+    assert ax.get_ylim() == (0, 1) and ax.get_title() == "CED" and "NME_box" in ax.get_xlabel()
+
+
+def test_overlay_dots_sit_on_continuous_coordinates_gt_green_under_red_predictions() -> None:
+    """Points are continuous coordinates, in which pixel column x spans x..x+1: a dot's centre of mass lies
+    within half a pixel of its point. The ground truth is green, the prediction red and drawn over it; a
+    dot that only partly touches the image is drawn."""
+    image = np.zeros((200, 320, 3), np.uint8)  # a dot of radius 2
+    for point in ((11.5, 5.5), (25.3, 17.8), (200.2, 100.7)):
+        red = draw_landmarks(image, np.array([point]))[..., 0].astype(float)
+        ys, xs = np.mgrid[: red.shape[0], : red.shape[1]] + 0.5
+        centre = ((red * xs).sum() / red.sum(), (red * ys).sum() / red.sum())
+        assert np.abs(np.subtract(centre, point)).max() <= 0.5, (point, centre)
+    both = draw_landmarks(image, np.array([[100.5, 100.5]]), np.array([[100.5, 100.5], [200.5, 50.5]]))
+    assert both[100, 100].tolist() == [255, 0, 0] and both[50, 200].tolist() == [0, 255, 0]
+    edge = draw_landmarks(image, np.array([[-1.0, 60.5], [320.5, 80.5], [100.5, 200.5]]))
+    assert edge[60, 0, 0] > 0 and edge[80, 319, 0] > 0 and edge[199, 100, 0] > 0
+    assert not image.any()  # drawn on a copy
+
+
+def test_label_overlays_blend_half_the_class_colour_and_leave_background_as_it_is() -> None:
+    """``alpha`` is the class colour's weight: half by default, the colour alone at 1."""
+    from mcf.evaluate.plots import PALETTE, blend_labels
+
+    image = np.full((2, 2, 3), 100, np.uint8)
+    labels = np.array([[0, 1], [10, 4]])
+    out, opaque = blend_labels(image, labels).astype(int), blend_labels(image, labels, alpha=1.0)
+    assert out[0, 0].tolist() == opaque[0, 0].tolist() == [100, 100, 100]
+    for y, x in ((0, 1), (1, 0), (1, 1)):
+        assert np.abs(out[y, x] - (100 + PALETTE[labels[y, x]].astype(int)) / 2).max() <= 1
+        assert opaque[y, x].tolist() == PALETTE[labels[y, x]].tolist()
+
+
+def test_pngs_are_rgb_and_label_files_others_read(tmp_path: Path) -> None:
+    """write_png's files are ordinary PNGs (RGB, not OpenCV's BGR; labels one channel of class ids), as the
+    report, ``dvc plots`` and people open them; read_png reads back what any writer wrote."""
+    from PIL import Image
+
+    from mcf.evaluate.plots import write_png
+
+    rgb = np.zeros((3, 4, 3), np.uint8)
+    rgb[..., 0] = 200  # red
+    labels = np.arange(12, dtype=np.uint8).reshape(3, 4) % 11
+    write_png(tmp_path / "rgb.png", rgb)
+    write_png(tmp_path / "labels.png", labels)
+    with Image.open(tmp_path / "rgb.png") as im:
+        assert im.mode == "RGB" and np.array_equal(np.asarray(im), rgb)
+    with Image.open(tmp_path / "labels.png") as im:
+        assert im.mode == "L" and np.array_equal(np.asarray(im), labels)
+    Image.fromarray(rgb).save(tmp_path / "pil.png")
+    assert np.array_equal(read_png(tmp_path / "pil.png"), rgb)
+    assert np.array_equal(read_png(tmp_path / "labels.png"), labels)
