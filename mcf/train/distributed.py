@@ -204,8 +204,8 @@ def torchrun_main(argv: list[str]) -> int:
 
 def report_failure(err: ChildFailedError) -> None:
     """Say in one line how torchrun's first failed worker ended, unless it left its own error line (which
-    :func:`launch` repeats): killed by a signal, it could say nothing, and an uncaught exception's
-    traceback, which the worker printed above, names no rank."""
+    :func:`launch` repeats): a worker killed by a signal says nothing itself, and the traceback of an
+    uncaught exception, printed above, names no rank."""
     rank, failure = err.get_first_failure()
     folder = os.environ.get(EXIT_DIR_ENV)
     if folder and Path(folder, f"rank{rank}.err").exists():
