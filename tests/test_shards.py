@@ -22,6 +22,7 @@ from PIL import Image
 
 from mcf.data.pretrain_data import CropDataset
 from mcf.data.shards import (
+    decode_jpeg,
     encode_jpeg,
     iter_encoded,
     iter_samples,
@@ -481,8 +482,6 @@ def test_every_member_has_no_owner_mtime_0_and_mode_0444(tmp_path: Path) -> None
 def test_encode_jpeg_uses_the_quality_it_is_given() -> None:
     """The crop stage encodes at ``crop.jpeg_quality`` through encode_jpeg: a fixed quality ignored the
     setting and passed the shard, crop and subset tests."""
-    from mcf.data.shards import decode_jpeg
-
     rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     low, high = encode_jpeg(rgb, 30), encode_jpeg(rgb, 95)
     assert len(low) < len(high)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -568,8 +569,6 @@ def test_a_lapa_tree_of_one_split_without_its_table_is_still_synthface(tmp_path:
     """Any one split's ``synth_`` names say SynthFace: a copy of the test split alone, its table left
     behind, is what evaluate reads, and looking at one split (train or not test) only passed it as
     real LaPa (writers.py mutation-testing gaps)."""
-    import shutil
-
     write_lapa(SMALL, 0, tmp_path)
     (tmp_path / "synthface_identities.csv").unlink()
     for split in {"train", "val", "test"} - {kept}:
